@@ -1,0 +1,1 @@
+"""The reusable StorageBackend conformance suite (see ``suite.BackendTests``)."""

@@ -1,0 +1,435 @@
+"""One typed configuration system for lmcache and every backend.
+
+Settings are plain dataclasses whose fields carry a :func:`setting` spec (parser, bounds,
+choices, whether the value is a secret). The same machinery serves two places:
+
+* :class:`LMCacheConfig`, the engine-level config: defaults < YAML file named by
+  ``LMCACHE_CONFIG_FILE`` < ``LMCACHE_<FIELD>`` environment variables < keyword arguments.
+* Backend configs built from URLs (:func:`resolve_settings`): defaults <
+  ``LMCACHE_<SCHEME>_<FIELD>`` environment < URL query options < keyword overrides.
+
+An unknown key or a value that does not parse is a :class:`~lmcache.errors.ConfigError` that
+names the key and what is valid. This module imports nothing from the rest of lmcache except
+``errors``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from lmcache.errors import ConfigError
+
+__all__ = [
+    "LMCacheConfig",
+    "format_size",
+    "parse_bool",
+    "parse_duration",
+    "parse_size",
+    "redact",
+    "resolve_settings",
+    "setting",
+]
+
+T = TypeVar("T")
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1 << 10,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1 << 20,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1 << 30,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1 << 40,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "m": 60.0, "min": 60.0, "h": 3600.0}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$")
+
+
+def parse_size(value: object) -> int:
+    """Parse a byte size such as ``8GiB``, ``512MB``, ``4096`` or an int.
+
+    Raises:
+        ValueError: The value is not a non-negative size.
+    """
+    if isinstance(value, bool):
+        raise ValueError("a size, not a boolean")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a non-negative size")
+        return value
+    if isinstance(value, float) and value >= 0 and value.is_integer():
+        return int(value)
+    m = _SIZE_RE.match(str(value))
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError("a size such as 4096, 512MiB or 8GiB")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def format_size(n: int) -> str:
+    """Format a byte count with a binary unit, exact where possible (``8GiB``)."""
+    for unit, mult in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= mult and n % mult == 0:
+            return f"{n // mult}{unit}"
+    return str(n)
+
+
+def parse_duration(value: object) -> float:
+    """Parse seconds: ``5``, ``2.5``, ``250ms``, ``1m``.
+
+    Raises:
+        ValueError: The value is not a non-negative duration.
+    """
+    if isinstance(value, bool):
+        raise ValueError("a duration, not a boolean")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("a non-negative duration")
+        return float(value)
+    m = _DURATION_RE.match(str(value).lower())
+    if not m or m.group(2) not in _DURATION_UNITS:
+        raise ValueError("a duration such as 5, 2.5s or 250ms")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def parse_bool(value: object) -> bool:
+    """Parse ``true/false/1/0/yes/no/on/off`` (any case) or a bool."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("true or false")
+
+
+def _parse_str_list(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [part for part in re.split(r"[\s;]+", value.strip()) if part]
+    if isinstance(value, Iterable):
+        items = list(value)
+        if not all(isinstance(v, str) for v in items):
+            raise ValueError("a list of strings")
+        return items
+    raise ValueError("a list of strings (YAML list, or separated by spaces or ';')")
+
+
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    doc: str,
+    parse: Callable[[object], Any] | None = None,
+    choices: Iterable[Any] | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    secret: bool = False,
+    default_factory: Callable[[], Any] | None = None,
+) -> Any:
+    """Declare a config field with its parser, bounds and documentation.
+
+    Args:
+        default: The default value.
+        doc: One line saying what the setting does.
+        parse: Converts a raw value (str from env/URL, or a YAML/kwarg value); raises
+            ``ValueError`` whose message says what is valid. Defaults to the field's type.
+        choices: The only valid values.
+        min: Lower bound (inclusive).
+        max: Upper bound (inclusive).
+        secret: Redact in ``repr``, logs and error messages.
+        default_factory: For mutable defaults.
+    """
+    meta = {
+        "doc": doc,
+        "parse": parse,
+        "choices": tuple(choices) if choices is not None else None,
+        "min": min,
+        "max": max,
+        "secret": secret,
+    }
+    if default_factory is not None:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _type_parser(tp: Any) -> Callable[[object], Any]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        inner = _type_parser(args[0])
+
+        def parse_optional(v: object) -> Any:
+            if v is None or (isinstance(v, str) and v.strip().lower() in ("", "none", "null")):
+                return None
+            return inner(v)
+
+        return parse_optional
+    if tp is bool:
+        return parse_bool
+    if tp is int:
+        return _parse_int
+    if tp is float:
+        return _parse_float
+    if tp is str:
+        return _parse_str
+    if origin is list:
+        return _parse_str_list
+    if origin is dict or tp is dict:
+        return _parse_dict
+    raise TypeError(f"no parser for config type {tp!r}")
+
+
+def _parse_int(v: object) -> int:
+    if isinstance(v, bool):
+        raise ValueError("an integer")
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    try:
+        return int(str(v).strip())
+    except ValueError:
+        raise ValueError("an integer") from None
+
+
+def _parse_float(v: object) -> float:
+    if isinstance(v, bool):
+        raise ValueError("a number")
+    try:
+        return float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError("a number") from None
+
+
+def _parse_str(v: object) -> str:
+    if isinstance(v, (str, int, float)) and not isinstance(v, bool):
+        return str(v)
+    raise ValueError("a string")
+
+
+def _parse_dict(v: object) -> dict[str, Any]:
+    if isinstance(v, Mapping):
+        return dict(v)
+    raise ValueError("a mapping")
+
+
+def _coerce(owner: str, f: dataclasses.Field[Any], raw: object, source: str, hints: dict[str, Any]) -> Any:
+    meta = f.metadata
+    parser = meta.get("parse") or _type_parser(hints[f.name])
+    shown = "<redacted>" if meta.get("secret") else repr(raw)
+    try:
+        value = parser(raw)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{owner}: {f.name}={shown} (from {source}) is invalid: expected {exc}") from None
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        valid = ", ".join(repr(c) for c in choices)
+        raise ConfigError(f"{owner}: {f.name}={shown} (from {source}) is invalid: expected one of {valid}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if value is not None and lo is not None and value < lo:
+        raise ConfigError(f"{owner}: {f.name}={shown} (from {source}) is invalid: must be >= {lo}")
+    if value is not None and hi is not None and value > hi:
+        raise ConfigError(f"{owner}: {f.name}={shown} (from {source}) is invalid: must be <= {hi}")
+    return value
+
+
+def resolve_settings(
+    cls: type[T],
+    layers: Iterable[tuple[str, Mapping[str, object]]],
+    *,
+    owner: str,
+    strict: Iterable[str] = (),
+) -> T:
+    """Build a settings dataclass from layered sources, later layers winning.
+
+    Args:
+        cls: A dataclass whose fields are declared with :func:`setting`.
+        layers: ``(source_name, mapping)`` pairs from lowest to highest precedence. Keys may
+            use ``-`` or ``_``.
+        owner: Names the thing being configured in error messages (e.g. ``"redis://"``).
+        strict: Source names in which an unknown key is an error (environment layers are
+            usually lenient because unrelated variables share the prefix).
+
+    Raises:
+        ConfigError: An unknown key in a strict layer, or a value that does not parse.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls)
+    strict_sources = set(strict)
+    values: dict[str, Any] = {}
+    for source, mapping in layers:
+        for raw_key, raw in mapping.items():
+            key = raw_key.replace("-", "_").lower()
+            f = fields.get(key)
+            if f is None or not f.init:
+                if source in strict_sources:
+                    valid = ", ".join(sorted(n for n, fl in fields.items() if fl.init))
+                    raise ConfigError(f"{owner}: unknown option {raw_key!r} (from {source}); valid options: {valid}")
+                continue
+            values[key] = _coerce(owner, f, raw, source, hints)
+    return cls(**values)
+
+
+def env_layer(prefix: str, cls: type[Any], environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Collect ``<PREFIX><FIELD>`` environment variables that name a field of ``cls``."""
+    env = os.environ if environ is None else environ
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    out: dict[str, str] = {}
+    for name in names:
+        var = f"{prefix}{name.upper()}"
+        if var in env:
+            out[name] = env[var]
+    return out
+
+
+def redact(cls_instance: Any) -> str:
+    """``repr`` of a settings dataclass with secret fields replaced by ``'***'``."""
+    parts = []
+    for f in dataclasses.fields(cls_instance):
+        if not f.repr:
+            continue
+        value = getattr(cls_instance, f.name)
+        shown = "'***'" if f.metadata.get("secret") and value else repr(value)
+        parts.append(f"{f.name}={shown}")
+    return f"{type(cls_instance).__name__}({', '.join(parts)})"
+
+
+def settings_docs(cls: type[Any]) -> list[tuple[str, str, str]]:
+    """``(name, default, doc)`` rows for documentation and ``--help`` output."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "(required)"
+        rows.append((f.name, default, f.metadata.get("doc", "")))
+    return rows
+
+
+def _check_tiers(value: object) -> list[str]:
+    tiers = _parse_str_list(value)
+    if not tiers:
+        raise ValueError("at least one backend URL")
+    for url in tiers:
+        if "://" not in url and not url.startswith(("memory:", "file:")):
+            raise ValueError(f"backend URLs such as memory://?capacity=2GiB (got {url!r})")
+    return tiers
+
+
+@dataclasses.dataclass(frozen=True)
+class LMCacheConfig:
+    """Engine-level lmcache settings.
+
+    Build with :meth:`load` to get the documented precedence: defaults < YAML file
+    (``LMCACHE_CONFIG_FILE`` or ``path``) < ``LMCACHE_<FIELD>`` env < keyword arguments.
+    """
+
+    chunk_size: int = setting(256, doc="Tokens per KV chunk (the unit of storage and hashing).", min=1, max=1 << 20)
+    save_partial_chunks: bool = setting(
+        False, doc="Also key and store the trailing chunk of fewer than chunk_size tokens."
+    )
+    hash_seed: str = setting(
+        "lmcache-v1", doc="Seed mixed into every chunk hash; instances sharing a cache must agree."
+    )
+    tiers: list[str] = setting(
+        default_factory=lambda: ["memory://?capacity=2GiB"],
+        doc="Backend URLs, fastest first (e.g. memory://?capacity=8GiB file:///var/lib/lmcache).",
+        parse=_check_tiers,
+    )
+    eviction_policy: str = setting(
+        "lru", doc="Eviction policy for tiers with a capacity.", choices=("lru", "fifo", "lfu")
+    )
+    promote_on_hit: bool = setting(True, doc="Copy a hit from a slower tier into the faster tiers.")
+    write_back_queue: int = setting(
+        256, doc="Puts waiting to reach slower tiers; when full new ones are dropped and counted.", min=1
+    )
+    tier_timeout: float = setting(
+        5.0,
+        doc="Seconds an operation on one tier may take before it counts as a miss.",
+        parse=parse_duration,
+        min=0.001,
+    )
+    model_name: str | None = setting(None, doc="Model identity used in cache keys (engines fill it in).")
+    kv_dtype: str | None = setting(None, doc="Dtype of stored KV chunks (default: the engine's KV dtype).")
+    tags: dict[str, str] = setting(default_factory=dict, doc="Key tags that isolate caches (tenant, LoRA adapter).")
+    log_level: str = setting(
+        "WARNING", doc="Log level of the lmcache logger.", choices=("DEBUG", "INFO", "WARNING", "ERROR")
+    )
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+        **overrides: Any,
+    ) -> LMCacheConfig:
+        """Load settings with precedence defaults < YAML < env < ``overrides``.
+
+        Args:
+            path: A YAML file; defaults to ``$LMCACHE_CONFIG_FILE`` when set.
+            environ: The environment to read (defaults to ``os.environ``).
+            **overrides: Field values that win over every other source.
+
+        Raises:
+            ConfigError: An unknown key, a bad value, or an unreadable YAML file.
+        """
+        env = os.environ if environ is None else environ
+        layers: list[tuple[str, Mapping[str, object]]] = []
+        file = path if path is not None else env.get("LMCACHE_CONFIG_FILE")
+        strict = ["keyword arguments"]
+        if file:
+            source = f"config file {os.fspath(file)}"
+            layers.append((source, _read_yaml(Path(file))))
+            strict.append(source)
+        layers.append(("environment", env_layer("LMCACHE_", cls, env)))
+        layers.append(("keyword arguments", overrides))
+        return resolve_settings(cls, layers, owner="lmcache config", strict=strict)
+
+    def replace(self, **changes: Any) -> LMCacheConfig:
+        """A copy with ``changes`` applied and validated like keyword arguments."""
+        current = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return resolve_settings(
+            LMCacheConfig,
+            [("current", current), ("keyword arguments", changes)],
+            owner="lmcache config",
+            strict=["keyword arguments"],
+        )
+
+
+def _read_yaml(path: Path) -> Mapping[str, object]:
+    import yaml
+
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings, not {type(data).__name__}")
+    return data

@@ -1,0 +1,247 @@
+"""Cache keys and deterministic chained prefix hashing of token sequences.
+
+A chunk's hash covers every token before it: ``h_i = H(h_{i-1} || tokens_i || extra)`` with
+keyed BLAKE2b (a fixed seed, 32-byte digests). Python's ``hash()`` is never used, so two
+processes, engines or machines agree on every key. Token ids are hashed as little-endian
+int64, whatever container they arrive in (list, numpy array, torch tensor).
+
+This module imports only ``errors``; it knows nothing of backends or engines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+from urllib.parse import quote, unquote
+
+import numpy as np
+
+from lmcache.errors import InvalidArgumentError
+
+__all__ = ["CacheKey", "Chunk", "ChunkHasher", "KeyScope"]
+
+_DIGEST = 32
+_SEP = "@"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CacheKey:
+    """The identity of one stored KV chunk.
+
+    Attributes:
+        model: Identifies the model and its KV geometry (layers, KV heads, head dim).
+        world_size: Tensor-parallel world size of the engine that produced the chunk.
+        rank: The worker's rank within ``world_size``.
+        chunk_hash: The chained prefix hash (32 bytes).
+        dtype: Dtype of the stored KV (``"float16"``, ``"bfloat16"``…).
+        tags: Sorted ``(name, value)`` pairs that isolate keys (tenant, LoRA adapter).
+    """
+
+    model: str
+    world_size: int
+    rank: int
+    chunk_hash: bytes
+    dtype: str
+    tags: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.chunk_hash, bytes) or len(self.chunk_hash) != _DIGEST:
+            raise InvalidArgumentError(f"chunk_hash must be {_DIGEST} bytes")
+        if not self.model:
+            raise InvalidArgumentError("CacheKey.model must not be empty")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise InvalidArgumentError(f"rank {self.rank} is not within world_size {self.world_size}")
+
+    def to_string(self) -> str:
+        """A canonical, URL- and filename-safe text form; :meth:`from_string` reverses it."""
+        parts = [
+            quote(self.model, safe=""),
+            str(self.world_size),
+            str(self.rank),
+            quote(self.dtype, safe=""),
+            self.chunk_hash.hex(),
+        ]
+        if self.tags:
+            parts.append("&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in self.tags))
+        return _SEP.join(parts)
+
+    @classmethod
+    def from_string(cls, text: str) -> CacheKey:
+        """Parse the form written by :meth:`to_string`.
+
+        Raises:
+            InvalidArgumentError: ``text`` is not a key string.
+        """
+        parts = text.split(_SEP)
+        try:
+            if len(parts) not in (5, 6):
+                raise ValueError
+            tags: tuple[tuple[str, str], ...] = ()
+            if len(parts) == 6:
+                pairs = [p.split("=", 1) for p in parts[5].split("&")]
+                tags = tuple((unquote(k), unquote(v)) for k, v in pairs)
+            return cls(
+                model=unquote(parts[0]),
+                world_size=int(parts[1]),
+                rank=int(parts[2]),
+                dtype=unquote(parts[3]),
+                chunk_hash=bytes.fromhex(parts[4]),
+                tags=tags,
+            )
+        except (ValueError, InvalidArgumentError):
+            raise InvalidArgumentError(f"not a cache key string: {text[:120]!r}") from None
+
+    def digest(self) -> str:
+        """A fixed-length hex name for this key (for file names and size-limited stores)."""
+        return hashlib.blake2b(self.to_string().encode(), digest_size=20).hexdigest()
+
+    def __str__(self) -> str:
+        return self.to_string()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KeyScope:
+    """The part of a key shared by all chunks of one engine worker."""
+
+    model: str
+    world_size: int = 1
+    rank: int = 0
+    dtype: str = "float16"
+    tags: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def create(
+        cls,
+        model: str,
+        *,
+        world_size: int = 1,
+        rank: int = 0,
+        dtype: str = "float16",
+        tags: Mapping[str, str] | None = None,
+    ) -> KeyScope:
+        """Build a scope, sorting ``tags`` so equal tag sets give equal keys."""
+        return cls(model, world_size, rank, dtype, tuple(sorted((tags or {}).items())))
+
+    def key(self, chunk_hash: bytes) -> CacheKey:
+        """The key of the chunk with ``chunk_hash`` in this scope."""
+        return CacheKey(self.model, self.world_size, self.rank, chunk_hash, self.dtype, self.tags)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Chunk:
+    """One chunk of a token sequence: tokens ``[start, end)`` and its chained hash."""
+
+    start: int
+    end: int
+    hash: bytes
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens covered by this chunk."""
+        return self.end - self.start
+
+
+def as_token_array(tokens: Any) -> np.ndarray:
+    """Return ``tokens`` as a 1-D little-endian int64 array.
+
+    Accepts lists/tuples of ints, numpy integer arrays and integer torch tensors (any device).
+
+    Raises:
+        InvalidArgumentError: Not a 1-D sequence of non-negative integers.
+    """
+    if hasattr(tokens, "detach") and hasattr(tokens, "cpu"):  # torch.Tensor without importing torch
+        if tokens.is_floating_point() or tokens.is_complex() or str(tokens.dtype) == "torch.bool":
+            raise InvalidArgumentError(f"token ids must be integers, got a tensor of {tokens.dtype}")
+        tokens = tokens.detach().cpu().numpy()
+    if isinstance(tokens, np.ndarray):
+        arr = tokens
+    else:
+        if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Iterable):
+            raise InvalidArgumentError(f"token ids must be a sequence of ints, got {type(tokens).__name__}")
+        seq = tokens if isinstance(tokens, Sequence) else list(tokens)
+        if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in seq):
+            raise InvalidArgumentError("token ids must all be integers")
+        arr = np.asarray(seq, dtype=np.int64) if len(seq) else np.zeros(0, dtype=np.int64)
+    if arr.dtype.kind not in "iu":
+        raise InvalidArgumentError(f"token ids must be integers, got dtype {arr.dtype}")
+    if arr.ndim != 1:
+        raise InvalidArgumentError(f"token ids must be 1-D, got shape {tuple(arr.shape)}")
+    if arr.size and int(arr.min()) < 0:
+        raise InvalidArgumentError("token ids must be non-negative")
+    if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+        raise InvalidArgumentError("token ids must fit in int64")
+    return np.ascontiguousarray(arr, dtype="<i8")
+
+
+class ChunkHasher:
+    """Splits token sequences into chunks and computes chained prefix hashes.
+
+    Args:
+        chunk_size: Tokens per chunk (default 256).
+        save_partial_chunks: Also return the trailing chunk with fewer than ``chunk_size``
+            tokens. Its hash differs from any full chunk's (the length is hashed).
+        seed: Mixed into every hash; caches shared between engines must use the same seed.
+        extra: Bytes mixed into every chunk (e.g. a multimodal input hash); rarely needed, as
+            tags in :class:`KeyScope` are the usual way to isolate caches.
+    """
+
+    def __init__(
+        self,
+        chunk_size: int = 256,
+        *,
+        save_partial_chunks: bool = False,
+        seed: str | bytes = "lmcache-v1",
+        extra: bytes = b"",
+    ) -> None:
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+            raise InvalidArgumentError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        self.chunk_size = chunk_size
+        self.save_partial_chunks = save_partial_chunks
+        seed_bytes = seed.encode() if isinstance(seed, str) else bytes(seed)
+        # BLAKE2b keys are at most 64 bytes: derive one of fixed length from any seed.
+        self._key = hashlib.blake2b(seed_bytes, digest_size=32, person=b"lmcache-seed").digest()
+        self._extra = bytes(extra)
+        self._root = hashlib.blake2b(b"root", key=self._key, digest_size=_DIGEST).digest()
+
+    def __repr__(self) -> str:
+        return f"ChunkHasher(chunk_size={self.chunk_size}, save_partial_chunks={self.save_partial_chunks})"
+
+    def chunks(self, tokens: Any) -> list[Chunk]:
+        """Chunks of ``tokens`` with their chained hashes, in order.
+
+        Args:
+            tokens: A 1-D sequence of token ids.
+
+        Returns:
+            One :class:`Chunk` per full chunk, plus the partial tail when configured.
+        """
+        arr = as_token_array(tokens)
+        raw = arr.tobytes()
+        n = arr.shape[0]
+        size = self.chunk_size
+        end_full = n - n % size
+        stop = n if self.save_partial_chunks else end_full
+        out: list[Chunk] = []
+        prev = self._root
+        key = self._key
+        extra = self._extra
+        for start in range(0, stop, size):
+            end = min(start + size, n)
+            h = hashlib.blake2b(prev, key=key, digest_size=_DIGEST)
+            h.update(raw[start * 8 : end * 8])
+            h.update((end - start).to_bytes(4, "little"))
+            if extra:
+                h.update(extra)
+            prev = h.digest()
+            out.append(Chunk(start, end, prev))
+        return out
+
+    def hashes(self, tokens: Any) -> list[bytes]:
+        """Only the chained hashes of :meth:`chunks`."""
+        return [c.hash for c in self.chunks(tokens)]
+
+    def keys(self, tokens: Any, scope: KeyScope) -> list[CacheKey]:
+        """Cache keys of every chunk of ``tokens`` within ``scope``."""
+        return [scope.key(c.hash) for c in self.chunks(tokens)]

@@ -1,0 +1,33 @@
+# lmcache developer entry points. `make demo` runs the main job; `make test` passes the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+# torch is pinned first: any other torch request would download a multi-GB CUDA build.
+$(STAMP): pyproject.toml tests/plugins/lmcache-example-plugin/pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev,torch,redis,bench]'
+	$(PIP) install -q -e tests/plugins/lmcache-example-plugin
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/lmcache bench backend --url 'memory://?capacity=1GiB'
+	$(VENV)/bin/lmcache bench backend --url "file://$(CURDIR)/.lmcache-demo"
+
+# pytest exits 5 when it collected nothing; that is not a failure of the project.
+test: setup
+	$(PY) -m pytest -q -ra; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+
+lint: setup
+	$(VENV)/bin/ruff check lmcache conformance tests
+	$(VENV)/bin/ruff format --check lmcache conformance tests
+
+clean:
+	rm -rf $(VENV) .lmcache-demo .pytest_cache bench-results

@@ -84,7 +84,7 @@ def _import_target(target: str, scheme: str, extra: str | None) -> type[StorageB
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         missing = exc.name or "?"
-        if missing == module_name or missing == "lmcache" or missing.startswith("lmcache."):
+        if missing in (module_name, "lmcache") or missing.startswith("lmcache."):
             raise UnknownSchemeError(
                 f"the {scheme}:// backend ({target}) is not part of this lmcache installation"
             ) from None

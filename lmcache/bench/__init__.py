@@ -1,0 +1,62 @@
+"""Benchmark workloads behind ``lmcache bench <workload>``.
+
+Every workload is a module with three names:
+
+* ``DESCRIPTION``: one line for ``lmcache bench --help``;
+* ``add_parser(subparsers) -> argparse.ArgumentParser``: registers ``bench <name>`` and its options;
+* ``run_cli(args: argparse.Namespace) -> int``: runs it, prints a table, writes JSON, returns the
+  exit status.
+
+To add a workload (``long-doc-qa``, ``multi-round-qa``…), write ``lmcache/bench/<name>.py`` with
+those names and add one line to :data:`WORKLOADS`; the CLI imports a workload module only to build
+its parser. Shared output (tables, JSON files, machine info, medians and ratios) lives in
+:mod:`lmcache.bench.report`. Performance goals are ratios against a baseline measured in the same
+run, never absolute thresholds.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from lmcache.config import format_size, parse_size
+
+__all__ = ["WORKLOADS", "positive_int", "size_arg"]
+
+#: ``bench`` subcommand name → module implementing it (imported when the CLI parser is built).
+WORKLOADS: dict[str, str] = {
+    "backend": "lmcache.bench.backend",
+    "keys": "lmcache.bench.keys",
+}
+
+
+def positive_int(text: str) -> int:
+    """Parse an integer ≥ 1 (an argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """Parse an integer ≥ 0 (an argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def size_arg(text: str) -> int:
+    """Parse a positive byte size (an argparse type) such as ``2MiB``, ``512KiB`` or ``4096``."""
+    try:
+        value = parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {exc}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {format_size(value)}")
+    return value

@@ -1,0 +1,765 @@
+"""``lmcache bench backend``: put/get throughput and latency of one backend against a raw baseline.
+
+What it measures
+----------------
+Each round puts ``count`` values of ``value_size`` bytes in batches of ``batch`` keys, with
+``concurrency`` batches in flight, then reads them all back with ``get_into`` into preallocated
+destination buffers. Throughput is bytes moved over the wall time of the phase (decimal GB/s);
+latency is the time of each batch call (p50/p99 in ms). The same bytes go through a *baseline* in
+the same round: the raw operation the backend is built on (a memcpy for ``memory://``, plain file
+writes and reads for ``file://``), so the reported ratio ``backend / baseline`` says how much the
+backend costs over the hardware floor on this machine, whatever the machine.
+
+Method, and why
+---------------
+* Rounds alternate which system goes first (backend then baseline, then the other way), and the
+  report gives medians over rounds: shared, noisy machines drift within seconds, and interleaving
+  spreads the drift over both sides. ``--warmup`` rounds (default 1) run first and are kept in the
+  JSON but left out of the medians: they pay first-touch page faults of pools and buffers.
+* Every round uses fresh keys (values are immutable: re-putting a held key is an ``EXISTS``
+  no-op that would post an impossibly fast number) and deletes them afterwards, so the store only
+  ever holds one round's working set. A put that is not ``STORED`` stops the run with an error.
+  For a bounded backend whose URL sets no capacity, capacity is raised to fit the working set.
+* Every value of every get (backend and baseline) is compared byte for byte with what was put,
+  outside the timed region; destination buffers are poisoned before each get phase, and each
+  round stamps its values differently, so a backend returning stale, foreign or no bytes fails
+  the run with :class:`~lmcache.errors.IntegrityError` instead of posting a fast number.
+* Source and destination buffers are allocated and touched once, up front: an engine copies
+  between its preallocated KV buffers and the cache, never into fresh allocations.
+
+The default value size, 2 MiB, is one 256-token chunk of a small GQA model in fp16: 256 tokens
+x 16 layers x 2 (K and V) x 2 KV heads x 64 head dim x 2 bytes. For scale, Llama-3-8B's
+256-token chunk is 32 MiB (32 layers x 8 KV heads x 128 dim); pass ``--value-size 32MiB`` for it.
+
+Baselines (the extension point)
+-------------------------------
+Baselines are registered by URL scheme with :func:`register_baseline`, either as a factory or as
+a lazy ``"package.module:factory"`` path (so registering one imports no SDK). A factory takes the
+backend under test (built, not yet opened: read its settings for paths, servers, fsync policy)
+and the :class:`Workload`, and returns a :class:`Baseline` or None when no raw equivalent exists
+for that configuration. A baseline implements ``put_batch``/``get_batch`` over the same slots and
+buffers the backend sees, plus optional ``open``/``end_round``/``aclose``. Built in:
+
+* ``memory``: :class:`MemcpyBaseline`, ``numpy.copyto`` into / out of a preallocated pool.
+* ``file``: :class:`RawFileBaseline`, open/write/(fsync)/close of one file per value in a scratch
+  directory inside the backend's root (same file system), and open/readinto/close to read.
+
+Later work adds e.g. ``register_baseline("redis", "lmcache.bench.baselines.redis:make")`` for raw
+redis-py SET/GET, raw aioboto3 for ``s3``, or a memcpy over shared memory for ``lm+unix``.
+Schemes without a baseline report the backend alone (ratio ``-``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import importlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import parse_qsl
+
+import numpy as np
+
+from lmcache.backends.base import PutStatus, StorageBackend, redact_url, split_url
+from lmcache.backends.registry import backend_class
+from lmcache.bench import non_negative_int, positive_int, report, size_arg
+from lmcache.config import format_size
+from lmcache.errors import BackendError, CapacityError, ConfigError, IntegrityError
+from lmcache.keys import CacheKey
+
+__all__ = [
+    "DEFAULT_TOTAL",
+    "DEFAULT_VALUE_SIZE",
+    "Baseline",
+    "BaselineFactory",
+    "BenchParams",
+    "MemcpyBaseline",
+    "RawFileBaseline",
+    "Workload",
+    "add_parser",
+    "baseline_schemes",
+    "register_baseline",
+    "run_backend_bench",
+    "run_cli",
+]
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTION = "put/get throughput and latency of a backend URL against a raw baseline"
+#: One 256-token fp16 chunk of a small GQA model (16 layers, 2 KV heads, head dim 64).
+DEFAULT_VALUE_SIZE = 2 << 20
+#: Bytes per round when neither --count nor --total is given: fits the default memory:// pool.
+DEFAULT_TOTAL = 256 << 20
+# Per-value allowance for headers/alignment when sizing a bounded backend (frames pad to 4 KiB).
+_PER_VALUE_OVERHEAD = 8 << 10
+_POISON = 0xA5
+_STAMP_BYTES = 16
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters and the workload
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchParams:
+    """Options of one ``bench backend`` run (see ``lmcache bench backend --help``)."""
+
+    url: str
+    value_size: int = DEFAULT_VALUE_SIZE
+    count: int | None = None
+    total: int | None = None
+    batch: int = 16
+    concurrency: int = 4
+    repeat: int = 5
+    warmup: int = 1
+    baseline: str = "auto"
+    keys_tokens: int = 1_000_000
+    seed: int = 0
+
+    def resolved_count(self) -> int:
+        """Values per round: ``count``, else ``total / value_size`` rounded up, else the default."""
+        if self.count is not None:
+            return self.count
+        total = self.total if self.total is not None else DEFAULT_TOTAL
+        return max(1, -(-total // self.value_size))
+
+
+class Workload:
+    """The buffers and keys one run moves: ``count`` slots of ``value_size`` bytes.
+
+    ``srcs`` and ``dsts`` are ``(count, value_size)`` uint8 arrays, allocated and touched once;
+    row ``i`` is slot ``i``. Each round stamps its id into every source row so that values differ
+    between rounds, and gets fresh keys.
+    """
+
+    def __init__(self, value_size: int, count: int, batch: int, concurrency: int = 1, seed: int = 0) -> None:
+        self.value_size = value_size
+        self.count = count
+        self.batch = batch
+        self.concurrency = concurrency
+        self.run_id = uuid.uuid4().hex  # keys never collide with an earlier run on a persistent store
+        rng = np.random.default_rng(seed)
+        # Random bytes: a compressing or deduplicating backend gets no unfair advantage.
+        self.srcs = rng.integers(0, 256, size=(count, value_size), dtype=np.uint8)
+        self.dsts = np.empty((count, value_size), dtype=np.uint8)
+        self.dsts.fill(_POISON)  # touch every page now, not inside a timed get
+        self.batches: list[range] = [range(i, min(i + batch, count)) for i in range(0, count, batch)]
+
+    @property
+    def round_bytes(self) -> int:
+        """Bytes moved per phase (one put or one get of every slot)."""
+        return self.value_size * self.count
+
+    def stamp(self, round_no: int) -> None:
+        """Make this round's values unique: write the round number and slot into each row."""
+        n = min(_STAMP_BYTES, self.value_size)
+        for slot in range(self.count):
+            tag = np.frombuffer(
+                round_no.to_bytes(8, "little") + slot.to_bytes(8, "little"),
+                dtype=np.uint8,
+            )
+            self.srcs[slot, :n] = tag[:n]
+
+    def keys(self, round_no: int) -> list[CacheKey]:
+        """Fresh keys for every slot of ``round_no``."""
+        return [
+            CacheKey(
+                "lmcache-bench",
+                1,
+                0,
+                hashlib.blake2b(f"{self.run_id}:{round_no}:{slot}".encode(), digest_size=32).digest(),
+                "uint8",
+            )
+            for slot in range(self.count)
+        ]
+
+    def poison(self) -> None:
+        """Overwrite every destination so that bytes left over from an earlier get cannot pass."""
+        self.dsts.fill(_POISON)
+
+    def verify(self, what: str, lengths: Sequence[int | None]) -> None:
+        """Check every slot came back whole and equal to its source.
+
+        Raises:
+            IntegrityError: A miss, a wrong length or different bytes.
+        """
+        bad: list[str] = []
+        for slot in range(self.count):
+            n = lengths[slot]
+            if n is None:
+                bad.append(f"slot {slot}: miss")
+            elif n != self.value_size:
+                bad.append(f"slot {slot}: {n} bytes instead of {self.value_size}")
+            elif not np.array_equal(self.dsts[slot], self.srcs[slot]):
+                bad.append(f"slot {slot}: bytes differ from what was put")
+        if bad:
+            raise IntegrityError(
+                f"{what}: {len(bad)} of {self.count} values read back wrong ({'; '.join(bad[:3])}); "
+                "refusing to report numbers for a backend that returns wrong data"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines
+
+
+class Baseline(ABC):
+    """The raw operation a backend is measured against, run on the same slots and buffers.
+
+    Subclasses set :attr:`name` and implement :meth:`put_batch` and :meth:`get_batch`. A round
+    calls ``put_batch`` for every batch of slots, then ``get_batch`` for every batch, then
+    :meth:`end_round`; batches of one phase may run concurrently (up to ``--concurrency``).
+    """
+
+    #: Short name for tables and JSON, e.g. ``"memcpy"``.
+    name: ClassVar[str] = "baseline"
+
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Acquire resources (connections, scratch space); called once before the first round."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release everything; called once, also after a failure."""
+
+    async def end_round(self) -> None:  # noqa: B027 - optional hook
+        """Drop what this round stored (the backend's keys are deleted at the same point)."""
+
+    @abstractmethod
+    async def put_batch(self, slots: range, srcs: Sequence[np.ndarray]) -> None:
+        """Store ``srcs[i]`` as the value of ``slots[i]``."""
+
+    @abstractmethod
+    async def get_batch(self, slots: range, dsts: Sequence[np.ndarray]) -> list[int | None]:
+        """Read the value of ``slots[i]`` into ``dsts[i]``; return bytes read per slot."""
+
+    def describe(self) -> dict[str, Any]:
+        """What exactly this baseline does, for the JSON report."""
+        return {"name": self.name, "doc": (type(self).__doc__ or "").strip().split("\n")[0]}
+
+
+#: A factory gets the backend under test (built, not opened) and the workload.
+BaselineFactory = Callable[[StorageBackend, Workload], "Baseline | None"]
+_BASELINES: dict[str, BaselineFactory | str] = {}
+
+
+def register_baseline(scheme: str, factory: BaselineFactory | str, *, replace: bool = False) -> None:
+    """Register the raw baseline of a URL scheme.
+
+    Args:
+        scheme: The scheme, e.g. ``"redis"``.
+        factory: ``factory(backend, workload) -> Baseline | None``, or a lazy
+            ``"package.module:attr"`` path to one (imported only when that scheme is benchmarked).
+        replace: Allow replacing an existing registration (otherwise it is an error).
+
+    Raises:
+        ConfigError: ``scheme`` already has a baseline and ``replace`` is false.
+    """
+    if scheme in _BASELINES and not replace:
+        raise ConfigError(f"a benchmark baseline for {scheme}:// is already registered")
+    _BASELINES[scheme] = factory
+
+
+def baseline_schemes() -> list[str]:
+    """Schemes with a registered baseline."""
+    return sorted(_BASELINES)
+
+
+def _make_baseline(scheme: str, backend: StorageBackend, workload: Workload) -> Baseline | None:
+    entry = _BASELINES.get(scheme)
+    if entry is None:
+        return None
+    if isinstance(entry, str):
+        module, _, attr = entry.partition(":")
+        entry = getattr(importlib.import_module(module), attr)
+        _BASELINES[scheme] = entry
+    return entry(backend, workload)
+
+
+class MemcpyBaseline(Baseline):
+    """``numpy.copyto`` from the source buffer into a preallocated pool, and back out."""
+
+    name = "memcpy"
+
+    def __init__(self, workload: Workload) -> None:
+        self._pool = np.empty((workload.count, workload.value_size), dtype=np.uint8)
+        self._pool.fill(0)  # touched once, like a long-lived pool after its first use
+
+    async def put_batch(self, slots: range, srcs: Sequence[np.ndarray]) -> None:
+        for slot, src in zip(slots, srcs, strict=True):
+            np.copyto(self._pool[slot], src)
+
+    async def get_batch(self, slots: range, dsts: Sequence[np.ndarray]) -> list[int | None]:
+        out: list[int | None] = []
+        for slot, dst in zip(slots, dsts, strict=True):
+            np.copyto(dst, self._pool[slot])
+            out.append(dst.nbytes)
+        return out
+
+    async def aclose(self) -> None:
+        self._pool = np.empty((0, 0), dtype=np.uint8)
+
+
+class RawFileBaseline(Baseline):
+    """One file per value: open/write/(fsync)/close, and open/readinto/close, on a thread pool.
+
+    Files go to a scratch directory inside the backend's root, so both write to the same file
+    system; the directory is removed at the end. Each batch runs as one job on a pool of
+    ``concurrency`` threads, which is how a file backend keeps blocking I/O off the event loop.
+
+    Args:
+        root: Directory on the file system under test.
+        fsync: ``"none"`` (no sync), ``"data"`` (``fdatasync`` each file) or ``"full"``
+            (``fsync`` each file and its directory after the batch): match the backend's default.
+        concurrency: Worker threads.
+    """
+
+    name = "raw-file"
+
+    def __init__(self, root: Path, fsync: str, concurrency: int) -> None:
+        if fsync not in ("none", "data", "full"):
+            raise ConfigError(f"raw file baseline: fsync must be none, data or full, not {fsync!r}")
+        self._root = Path(root)
+        self._fsync = fsync
+        self._threads = concurrency
+        self._dir: Path | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._written: list[Path] = []
+        self._round = 0
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "fsync": self._fsync, "threads": self._threads, "root": str(self._root)}
+
+    async def open(self) -> None:
+        self._root.mkdir(parents=True, exist_ok=True)
+        self._dir = Path(tempfile.mkdtemp(prefix=".lmcache-bench-baseline-", dir=self._root))
+        self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="lmcache-bench-file")
+
+    async def aclose(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def _path(self, slot: int) -> Path:
+        assert self._dir is not None
+        return self._dir / f"r{self._round}-{slot}.bin"
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, fn, *args)
+
+    def _write_files(self, slots: range, srcs: Sequence[np.ndarray]) -> None:
+        for slot, src in zip(slots, srcs, strict=True):
+            path = self._path(slot)
+            view = memoryview(src).cast("B")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                done = 0
+                while done < view.nbytes:
+                    done += os.write(fd, view[done:])
+                if self._fsync == "data":
+                    os.fdatasync(fd)
+                elif self._fsync == "full":
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._written.append(path)
+        if self._fsync == "full" and self._dir is not None:
+            dfd = os.open(self._dir, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
+    def _read_files(self, slots: range, dsts: Sequence[np.ndarray]) -> list[int | None]:
+        out: list[int | None] = []
+        for slot, dst in zip(slots, dsts, strict=True):
+            view = memoryview(dst).cast("B")
+            fd = os.open(self._path(slot), os.O_RDONLY)
+            try:
+                done = 0
+                while done < view.nbytes:
+                    n = os.readv(fd, [view[done:]])
+                    if n == 0:
+                        break
+                    done += n
+            finally:
+                os.close(fd)
+            out.append(done)
+        return out
+
+    async def put_batch(self, slots: range, srcs: Sequence[np.ndarray]) -> None:
+        await self._run(self._write_files, slots, srcs)
+
+    async def get_batch(self, slots: range, dsts: Sequence[np.ndarray]) -> list[int | None]:
+        return await self._run(self._read_files, slots, dsts)
+
+    async def end_round(self) -> None:
+        paths, self._written = self._written, []
+        await self._run(_unlink_all, paths)
+        self._round += 1
+
+
+def _unlink_all(paths: Sequence[Path]) -> None:
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def _memory_baseline(backend: StorageBackend, workload: Workload) -> Baseline:
+    return MemcpyBaseline(workload)
+
+
+def _file_baseline(backend: StorageBackend, workload: Workload) -> Baseline | None:
+    settings = getattr(backend, "settings", None)
+    root = getattr(settings, "root", None) or getattr(settings, "path", None) or getattr(backend, "root", None)
+    if root is None:
+        return None
+    fsync = str(getattr(settings, "fsync", "none")).lower()
+    fsync = {"false": "none", "off": "none", "0": "none", "true": "full", "on": "full"}.get(fsync, fsync)
+    if fsync not in ("none", "data", "full"):
+        logger.warning("file:// fsync policy %r has no raw equivalent; the baseline syncs nothing", fsync)
+        fsync = "none"
+    return RawFileBaseline(Path(root), fsync, workload.concurrency)
+
+
+register_baseline("memory", _memory_baseline)
+register_baseline("file", _file_baseline)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclasses.dataclass
+class PhaseResult:
+    """One timed phase: every batch of a round through one system, one direction."""
+
+    nbytes: int
+    wall_s: float
+    latencies_s: list[float]
+
+    def as_dict(self) -> dict[str, Any]:
+        lat_ms = [x * 1e3 for x in self.latencies_s]
+        return {
+            "gbps": self.nbytes / self.wall_s / 1e9 if self.wall_s > 0 else None,
+            "wall_s": self.wall_s,
+            "p50_ms": report.percentile(lat_ms, 50),
+            "p99_ms": report.percentile(lat_ms, 99),
+            "batches": len(lat_ms),
+        }
+
+
+async def _timed_phase(
+    batches: Sequence[range], concurrency: int, value_size: int, op: Callable[[range], Awaitable[None]]
+) -> PhaseResult:
+    """Run ``op`` over every batch of slots with ``concurrency`` workers; time each call and the whole."""
+    latencies: list[float] = []
+    pending = iter(batches)
+
+    async def worker() -> None:
+        for b in pending:  # a shared iterator: each batch is taken by exactly one worker
+            t0 = time.perf_counter()
+            await op(b)
+            latencies.append(time.perf_counter() - t0)
+
+    workers = min(concurrency, len(batches))
+    start = time.perf_counter()
+    tasks = [asyncio.ensure_future(worker()) for _ in range(workers)]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    wall = time.perf_counter() - start
+    nbytes = sum(len(b) for b in batches) * value_size
+    return PhaseResult(nbytes=nbytes, wall_s=wall, latencies_s=latencies)
+
+
+def _fit_capacity(url: str, cls: type[StorageBackend], needed: int) -> dict[str, Any]:
+    """Overrides that make a bounded backend hold ``needed`` bytes (empty when it already does).
+
+    Raises:
+        ConfigError: The URL sets a capacity smaller than the working set.
+    """
+    if not cls.capabilities.bounded:
+        return {}
+    probe = cls.from_url(url)  # no I/O: only to read the effective settings
+    capacity = getattr(getattr(probe, "settings", None), "capacity", None)
+    query = dict(parse_qsl(split_url(url).query, keep_blank_values=True))
+    if "capacity" in query:
+        if isinstance(capacity, int) and capacity < needed:
+            raise ConfigError(
+                f"the benchmark's working set needs about {format_size(needed)} but the URL sets "
+                f"capacity={query['capacity']}; raise capacity or lower --total/--count"
+            )
+        return {}
+    if capacity is None or (isinstance(capacity, int) and capacity < needed):
+        return {"capacity": needed}
+    return {}
+
+
+async def run_backend_bench(params: BenchParams) -> dict[str, Any]:
+    """Run the benchmark and return the JSON-ready result (see the module docstring).
+
+    Raises:
+        ConfigError: Bad URL or options, or a capacity too small for the working set.
+        IntegrityError: A get returned bytes different from those put.
+        CapacityError: The backend rejected a put for lack of room.
+        BackendError: The backend failed or reported ``EXISTS`` for a fresh key.
+    """
+    if params.baseline not in ("auto", "none"):
+        raise ConfigError(f"--baseline must be auto or none, not {params.baseline!r}")
+    scheme = split_url(params.url).scheme
+    cls = backend_class(scheme)
+    count = params.resolved_count()
+    # Aligned to 4 KiB so that block-granular allocators (pools, frames, file systems) fit too.
+    needed = count * (-(-params.value_size // 4096) * 4096 + _PER_VALUE_OVERHEAD) + (1 << 20)
+    overrides = _fit_capacity(params.url, cls, needed)
+    backend = cls.from_url(params.url, **overrides)
+    shown_url = redact_url(backend.url, cls.secret_options)
+
+    workload = Workload(params.value_size, count, params.batch, params.concurrency, seed=params.seed)
+    baseline = _make_baseline(scheme, backend, workload) if params.baseline == "auto" else None
+
+    rounds: list[dict[str, Any]] = []
+    total_rounds = params.warmup + params.repeat
+    async with backend:
+        if baseline is not None:
+            await baseline.open()
+        try:
+            for r in range(total_rounds):
+                rounds.append(await _one_round(r, r < params.warmup, backend, baseline, workload))
+                logger.info("round %s/%s done", r + 1, total_rounds)
+        finally:
+            if baseline is not None:
+                await baseline.aclose()
+        stats = backend.stats()
+
+    measured = [r for r in rounds if not r["warmup"]]
+    systems = ["backend"] + (["baseline"] if baseline is not None else [])
+    medians: dict[str, dict[str, dict[str, float | None]]] = {}
+    for system in systems:
+        medians[system] = {}
+        for op in ("put", "get"):
+            medians[system][op] = {
+                metric: report.median(r[system][op][metric] for r in measured)
+                for metric in ("gbps", "p50_ms", "p99_ms")
+            }
+    ratios: dict[str, float | None] = {}
+    for op in ("put", "get"):
+        b = medians["backend"][op]
+        base = medians.get("baseline", {}).get(op, {})
+        ratios[f"{op}_gbps"] = report.ratio(b["gbps"], base.get("gbps"))
+        # Latency ratio > 1 means the backend is slower per batch than the baseline.
+        ratios[f"{op}_p50_ms"] = report.ratio(b["p50_ms"], base.get("p50_ms"))
+    result: dict[str, Any] = {
+        "workload": "backend",
+        "url": shown_url,
+        "scheme": scheme,
+        "backend_class": f"{cls.__module__}.{cls.__qualname__}",
+        "params": {
+            "value_size": params.value_size,
+            "count": count,
+            "round_bytes": workload.round_bytes,
+            "batch": params.batch,
+            "concurrency": params.concurrency,
+            "repeat": params.repeat,
+            "warmup": params.warmup,
+            "baseline": params.baseline,
+            "capacity_override": overrides.get("capacity"),
+            "seed": params.seed,
+        },
+        "baseline": baseline.describe() if baseline is not None else None,
+        "units": {
+            "gbps": "1e9 bytes/s over the wall time of a phase",
+            "p50_ms": "per batch call",
+            "ratio": "backend / baseline",
+        },
+        "verified": "every value of every get, byte for byte",
+        "rounds": rounds,
+        "median": medians,
+        "ratio": ratios,
+        "backend_stats": stats,
+    }
+    return result
+
+
+async def _one_round(
+    r: int,
+    warmup: bool,
+    backend: StorageBackend,
+    baseline: Baseline | None,
+    w: Workload,
+) -> dict[str, Any]:
+    w.stamp(r)
+    keys = w.keys(r)
+    # Alternate who goes first so slow drift of a shared machine does not always favour one side.
+    order = ["backend", "baseline"] if r % 2 == 0 else ["baseline", "backend"]
+    if baseline is None:
+        order = ["backend"]
+    out: dict[str, Any] = {"round": r, "warmup": warmup, "order": order}
+    for name in order:
+        out[name] = {}
+    lengths: dict[str, list[int | None]] = {}
+
+    async def backend_put(b: range) -> None:
+        results = await backend.put([keys[s] for s in b], [w.srcs[s] for s in b])
+        for s, res in zip(b, results, strict=True):
+            if res.status is PutStatus.STORED:
+                continue
+            if res.status is PutStatus.EXISTS:
+                raise BackendError(f"{backend!r} reported EXISTS for a fresh key (slot {s}); numbers would be inflated")
+            if res.reason in ("capacity", "too_large"):
+                raise CapacityError(
+                    f"{backend!r} rejected a put ({res.reason}) in round {r}: the working set of "
+                    f"{format_size(w.round_bytes)} does not fit; raise its capacity or lower --total/--count"
+                )
+            raise BackendError(f"{backend!r} rejected a put: {res.reason}")
+
+    async def backend_get(b: range) -> None:
+        got = await backend.get_into([keys[s] for s in b], [w.dsts[s] for s in b])
+        for s, n in zip(b, got, strict=True):
+            lengths["backend"][s] = n
+
+    async def baseline_put(b: range) -> None:
+        assert baseline is not None
+        await baseline.put_batch(b, [w.srcs[s] for s in b])
+
+    async def baseline_get(b: range) -> None:
+        assert baseline is not None
+        got = await baseline.get_batch(b, [w.dsts[s] for s in b])
+        for s, n in zip(b, got, strict=True):
+            lengths["baseline"][s] = n
+
+    puts = {"backend": backend_put, "baseline": baseline_put}
+    gets = {"backend": backend_get, "baseline": baseline_get}
+    for name in order:
+        phase = await _timed_phase(w.batches, w.concurrency, w.value_size, puts[name])
+        out[name]["put"] = phase.as_dict()
+    for name in order:
+        w.poison()
+        lengths[name] = [None] * w.count
+        phase = await _timed_phase(w.batches, w.concurrency, w.value_size, gets[name])
+        out[name]["get"] = phase.as_dict()
+        w.verify(f"round {r}: {name} get", lengths[name])
+    await backend.delete(keys)
+    if baseline is not None:
+        await baseline.end_round()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Output and CLI
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    """Print the result as a table on stdout."""
+    p = result["params"]
+    base = result["baseline"]
+    title = (
+        f"lmcache bench backend: {result['url']}\n"
+        f"{format_size(p['value_size'])} values x {p['count']} per round ({format_size(p['round_bytes'])}), "
+        f"batch {p['batch']}, concurrency {p['concurrency']}, median of {p['repeat']} rounds "
+        f"(+{p['warmup']} warmup), every get verified\n"
+        f"baseline: {base['name'] + ' - ' + base['doc'] if base else 'none'}"
+    )
+    rows = []
+    for op in ("put", "get"):
+        for system in ("backend", "baseline"):
+            m = result["median"].get(system, {}).get(op)
+            if m is None:
+                continue
+            ratio = result["ratio"][f"{op}_gbps"] if system == "backend" else None
+            rows.append([op, system, m["gbps"], m["p50_ms"], m["p99_ms"], ratio])
+    headers = ["op", "system", "GB/s", "p50 ms/batch", "p99 ms/batch", "ratio (GB/s vs baseline)"]
+    print(report.render_table(headers, rows, title=title))
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``bench backend`` on the ``bench`` subparsers."""
+    p = subparsers.add_parser(
+        "backend",
+        help=DESCRIPTION,
+        description=(
+            "Measure put/get throughput (GB/s) and per-batch latency of a backend against a raw "
+            "baseline run in the same process on the same bytes (memcpy for memory://, raw file "
+            "I/O for file://). Every get is verified. Prints a table and writes JSON."
+        ),
+    )
+    p.add_argument("--url", required=True, help="backend URL, e.g. 'memory://?capacity=1GiB' or file:///tmp/lmc")
+    p.add_argument(
+        "--value-size",
+        type=size_arg,
+        default=DEFAULT_VALUE_SIZE,
+        help="bytes per value (default 2MiB: one 256-token fp16 chunk of a 16-layer, 2-KV-head, dim-64 model)",
+    )
+    amount = p.add_mutually_exclusive_group()
+    amount.add_argument("--count", type=positive_int, help="values per round")
+    amount.add_argument("--total", type=size_arg, help=f"bytes per round (default {format_size(DEFAULT_TOTAL)})")
+    p.add_argument("--batch", type=positive_int, default=16, help="keys per put/get call (default 16)")
+    p.add_argument("--concurrency", type=positive_int, default=4, help="batches in flight (default 4)")
+    p.add_argument("--repeat", type=positive_int, default=5, help="measured rounds; medians reported (default 5)")
+    p.add_argument("--warmup", type=non_negative_int, default=1, help="unreported first rounds (default 1)")
+    p.add_argument(
+        "--baseline", choices=("auto", "none"), default="auto", help="run the scheme's raw baseline (default auto)"
+    )
+    p.add_argument(
+        "--keys-tokens",
+        type=non_negative_int,
+        default=1_000_000,
+        help="also time ChunkHasher on this many tokens (default 1000000; 0 skips)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random values (default 0)")
+    p.add_argument(
+        "--json",
+        dest="json_path",
+        metavar="PATH",
+        help="write results here (default bench-results/backend-<scheme>-<timestamp>.json)",
+    )
+    return p
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Run ``bench backend`` from parsed arguments."""
+    from lmcache.bench import keys as keys_bench
+
+    params = BenchParams(
+        url=args.url,
+        value_size=args.value_size,
+        count=args.count,
+        total=args.total,
+        batch=args.batch,
+        concurrency=args.concurrency,
+        repeat=args.repeat,
+        warmup=args.warmup,
+        baseline=args.baseline,
+        keys_tokens=args.keys_tokens,
+        seed=args.seed,
+    )
+    result = asyncio.run(run_backend_bench(params))
+    if params.keys_tokens:
+        result["keys"] = keys_bench.bench_keys(tokens=params.keys_tokens, repeat=params.repeat)
+    result["machine"] = report.machine_info()
+    print_summary(result)
+    if "keys" in result:
+        print()
+        keys_bench.print_summary(result["keys"])
+    path = report.write_json(args.json_path or report.default_json_path("backend", result["scheme"]), result)
+    print(f"\nresults: {path}")
+    return 0

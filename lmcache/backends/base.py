@@ -331,7 +331,12 @@ def redact_url(url: str, secret_options: Sequence[str] = ()) -> str:
     if query and secret_options:
         pairs = parse_qsl(query, keep_blank_values=True)
         query = urlencode([(k, "***" if k in secret_options else v) for k, v in pairs], safe="*")
-    return parts._replace(netloc=netloc, query=query).geturl()
+    if netloc == parts.netloc and query == parts.query:
+        return url  # nothing to hide; urlsplit/geturl would drop the "//" of "memory://?…"
+    out = parts._replace(netloc=netloc, query=query).geturl()
+    if "://" in url and "://" not in out:
+        out = out.replace(":", "://", 1)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -580,6 +580,21 @@ class StorageBackend(ABC):
         async for key in self._list_keys():
             yield key
 
+    async def list_entries(self) -> AsyncIterator[tuple[CacheKey, int | None]]:
+        """Iterate over held keys with their value sizes in bytes (only where ``capabilities.listing``).
+
+        A size is None where the backend cannot tell it without reading the value; backends
+        that know sizes cheaply override ``_list_entries``.
+
+        Raises:
+            UnsupportedOperationError: The backend cannot list.
+        """
+        if not self.capabilities.listing:
+            raise UnsupportedOperationError(f"{type(self).__name__} cannot list its keys")
+        await self._ensure_open()
+        async for entry in self._list_entries():
+            yield entry
+
     # -- helpers for subclasses --------------------------------------------------------------
 
     def record_corrupt(self, key: CacheKey, exc: Exception) -> None:
@@ -617,6 +632,11 @@ class StorageBackend(ABC):
     async def _list_keys(self) -> AsyncIterator[CacheKey]:
         raise UnsupportedOperationError(f"{type(self).__name__} cannot list its keys")
         yield  # pragma: no cover - makes this an async generator
+
+    async def _list_entries(self) -> AsyncIterator[tuple[CacheKey, int | None]]:
+        """Held keys and value sizes; by default the keys of ``_list_keys`` with unknown sizes."""
+        async for key in self._list_keys():
+            yield key, None
 
     @abstractmethod
     async def _contains(self, keys: list[CacheKey]) -> list[bool]: ...

@@ -1,0 +1,758 @@
+"""``TieredBackend``: an ordered stack of backends (fastest first) behind one StorageBackend.
+
+This is where cache policy lives (rule 7 in :mod:`lmcache.backends.base`): tiers only store
+bytes; this module decides where values go, when they move and what is given up.
+
+* **Reads** ask tier 0 for every key, then each slower tier for the keys still missing (one
+  batch per tier). A hit in a slower tier is *promoted*: after the value is in the caller's
+  ``dst``, it is put into tier 0 from that ``dst`` (the caller's buffer is borrowed for the call
+  only, so this happens before ``get_into`` returns; for a memory tier it costs one copy) and
+  queued for write-back to the tiers between. Promotion is best-effort and bounded by
+  ``tier_timeout``; its failure never changes the read's result.
+* **Writes** go to tier 0 synchronously (the put result is tier 0's) and reach each slower
+  tier through a bounded write-back queue drained by one background writer task per slower
+  tier. A full queue drops the write-back and counts it (``writeback_dropped``); memory never
+  grows without bound.
+* **Write-back staging: read back from tier 0.** The caller's source buffer is borrowed, so the
+  queue holds only keys and sizes, and each writer reads a batch back from tier 0 into its own
+  small pool of reusable staging buffers (``write_back_batch`` buffers, grown to the largest
+  value seen, so no allocation in steady state), then puts that batch into its tier. Compared
+  with copying into staging at put time, this keeps the put path at exactly one copy (into
+  tier 0), bounds staging memory by ``write_back_batch`` values per slower tier instead of
+  ``write_back_queue`` values, and lets the queue be deep. The price is one extra tier-0 read
+  per write-back and a rule: a key waiting for write-back is *pinned* in tier 0 (eviction skips
+  it) until every writer it was queued for has copied it. A pinned key deleted by the user is
+  not resurrected: its write-back is cancelled (and undone if it was in flight).
+* **Faults.** Every tier call runs under ``asyncio.wait_for(…, tier_timeout)``. A tier that
+  raises (any ``Exception`` except a caller error such as a too-small ``dst``) or times out is
+  a miss for reads / a rejected put (``"error"``), counted per tier (``errors``/``timeouts``)
+  and logged once per tier, operation and kind; serving goes on. Timeouts cancel the tier call
+  and wait for it to unwind (rule 3: nothing may write into a ``dst`` after we return), so a
+  tier blocked in an executor thread is bounded by its own SDK timeouts, not by ours.
+* **Eviction.** For tiers with ``capabilities.bounded`` an :class:`~lmcache.policies.EvictionPolicy`
+  instance tracks the keys and sizes this backend stored there (on put, promotion and
+  write-back; seeded from ``list_keys()`` at open for persistent, listable tiers). Before a put
+  the tier's ``stats()`` (``capacity_bytes``/``used_bytes``) allow proactive eviction; a
+  ``rejected("capacity")`` result triggers eviction of policy victims and a retry
+  (``evict_retries`` times at most).
+* **Ownership.** Tiers built from URLs (:meth:`TieredBackend.from_urls`, :meth:`from_url`,
+  :meth:`from_config`) are owned and closed by :meth:`aclose`. Backend instances passed to the
+  constructor are *borrowed* by default (like a connection pool handed to a client): they are
+  opened on first use (``open`` is idempotent) but left open for their owner to close; pass
+  ``own_tiers=True`` to hand them over.
+* **Health.** :meth:`ping` pings every tier; failing tiers are marked unhealthy in
+  :meth:`stats` and only when *no* tier answers does ``ping`` raise.
+
+URL form (tier URLs are percent-encoded, repeated in speed order)::
+
+    tiered://?tier=memory%3A%2F%2F%3Fcapacity%3D8GiB&tier=file%3A%2F%2F%2Fvar%2Flib%2Flmcache&tier_timeout=2
+
+This module imports ``backends.base`` (and the registry lazily to build tiers from URLs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from urllib.parse import parse_qsl, quote, urlencode
+
+from lmcache.backends.base import (
+    Capabilities,
+    PutResult,
+    PutStatus,
+    StorageBackend,
+    parse_backend_url,
+    redact_url,
+    rejected,
+    settings_query,
+    split_url,
+)
+from lmcache.config import LMCacheConfig, parse_duration, resolve_settings, setting
+from lmcache.errors import (
+    BackendError,
+    BackendUnavailableError,
+    ConfigError,
+    InvalidArgumentError,
+)
+from lmcache.keys import CacheKey
+from lmcache.policies import EvictionPolicy, PolicyFactory, make_policy, policy_names
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = ["TierStats", "TieredBackend", "TieredSettings"]
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_FAILED: Any = object()  # sentinel: the guarded tier call failed or timed out
+
+
+def _parse_policy_name(value: object) -> str:
+    name = str(value).strip().lower()
+    if name not in policy_names():
+        raise ValueError(f"one of {', '.join(policy_names())}")
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class TieredSettings:
+    """Settings of a :class:`TieredBackend` (names match :class:`~lmcache.config.LMCacheConfig`)."""
+
+    eviction_policy: str = setting(
+        "lru", doc="Eviction policy for capacity-bounded tiers (a registered name).", parse=_parse_policy_name
+    )
+    promote_on_hit: bool = setting(True, doc="Copy a hit from a slower tier into the faster tiers.")
+    write_back_queue: int = setting(
+        256, doc="Write-backs waiting per slower tier; when full new ones are dropped and counted.", min=1
+    )
+    write_back_batch: int = setting(
+        16, doc="Values a writer copies per batch (also its number of staging buffers).", min=1, max=4096
+    )
+    tier_timeout: float = setting(
+        5.0, doc="Seconds one tier call may take before it counts as a miss.", parse=parse_duration, min=0.001
+    )
+    close_timeout: float = setting(
+        30.0, doc="Seconds aclose() waits for pending write-backs before dropping them.", parse=parse_duration, min=0
+    )
+    evict_retries: int = setting(3, doc="Evict-and-retry rounds after a tier rejects a put as full.", min=0, max=64)
+
+
+@dataclasses.dataclass
+class TierStats:
+    """Per-tier counters kept by :class:`TieredBackend` (reads, faults, movement between tiers)."""
+
+    hits: int = 0
+    misses: int = 0
+    errors: int = 0
+    timeouts: int = 0
+    promotions: int = 0
+    writeback_queued: int = 0
+    writeback_written: int = 0
+    writeback_dropped: int = 0
+    writeback_failed: int = 0
+    evictions: int = 0
+
+
+@dataclasses.dataclass(eq=False)
+class _WriteBack:
+    """One value waiting to be copied from tier 0 into slower tiers."""
+
+    key: CacheKey
+    size: int
+    tiers: set[int] = dataclasses.field(default_factory=set)  # writers that still have to copy it
+    cancelled: bool = False
+
+
+class _StagingPool:
+    """A writer's reusable staging buffers: buffer ``i`` holds the ``i``-th value of a batch.
+
+    Buffers only grow (to the largest value seen), so with fixed-size KV chunks a writer
+    allocates ``write_back_batch`` buffers once and then only copies.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: list[bytearray] = []
+
+    def views(self, sizes: Sequence[int]) -> list[memoryview]:
+        out = []
+        for i, size in enumerate(sizes):
+            if i == len(self._bufs):
+                self._bufs.append(bytearray(size))
+            elif len(self._bufs[i]) < size:
+                self._bufs[i] = bytearray(size)
+            out.append(memoryview(self._bufs[i])[:size])
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(b) for b in self._bufs)
+
+
+@dataclasses.dataclass(eq=False)
+class _Tier:
+    index: int
+    backend: StorageBackend
+    owned: bool
+    policy: EvictionPolicy | None
+    stats: TierStats = dataclasses.field(default_factory=TierStats)
+    healthy: bool = True
+    queue: asyncio.Queue[_WriteBack] | None = None
+    writer: asyncio.Task[None] | None = None
+    staging: _StagingPool = dataclasses.field(default_factory=_StagingPool)
+
+    def label(self) -> str:
+        return f"tier {self.index} ({redact_url(self.backend.url, self.backend.secret_options)})"
+
+
+class TieredBackend(StorageBackend):
+    """Backends stacked fastest first, with promotion, write-back and eviction.
+
+    Args:
+        tiers: Backend instances, fastest first (at least one).
+        settings: Behaviour settings (defaults: :class:`TieredSettings`).
+        policy: An eviction policy name or factory; overrides ``settings.eviction_policy``
+            (a factory is not part of :attr:`url`).
+        own_tiers: Close the given tiers in :meth:`aclose` (one flag for all, or one per tier).
+            Default: borrowed, i.e. the caller closes them.
+
+    Raises:
+        ConfigError: No tiers, the same backend twice, or an unknown policy.
+    """
+
+    schemes: ClassVar[tuple[str, ...]] = ("tiered",)
+    capabilities: ClassVar[Capabilities] = Capabilities(bounded=False)  # per instance: see _combine
+
+    def __init__(
+        self,
+        tiers: Sequence[StorageBackend],
+        settings: TieredSettings | None = None,
+        *,
+        policy: str | PolicyFactory | None = None,
+        own_tiers: bool | Sequence[bool] = False,
+    ) -> None:
+        super().__init__()
+        tiers = list(tiers)
+        if not tiers:
+            raise ConfigError("tiered://: at least one tier is needed")
+        for b in tiers:
+            if not isinstance(b, StorageBackend):
+                raise ConfigError(f"tiered://: tiers must be StorageBackend instances, got {type(b).__name__}")
+        if len({id(b) for b in tiers}) != len(tiers) or any(b is self for b in tiers):
+            raise ConfigError("tiered://: the same backend instance appears twice")
+        owned = [own_tiers] * len(tiers) if isinstance(own_tiers, bool) else list(own_tiers)
+        if len(owned) != len(tiers):
+            raise ConfigError(f"tiered://: own_tiers has {len(owned)} flags for {len(tiers)} tiers")
+        self.settings = settings if settings is not None else TieredSettings()
+        self._policy_factory = make_policy(policy if policy is not None else self.settings.eviction_policy)
+        self._tiers = [
+            _Tier(i, b, bool(o), self._policy_factory() if b.capabilities.bounded else None)
+            for i, (b, o) in enumerate(zip(tiers, owned, strict=True))
+        ]
+        # Capabilities describe the stack, not the class, so they are set per instance.
+        self.capabilities = _combine([b.capabilities for b in tiers])  # type: ignore[misc]
+        self._pending: dict[CacheKey, _WriteBack] = {}
+
+    # -- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def from_urls(
+        cls, urls: Sequence[str], *, policy: str | PolicyFactory | None = None, **settings: Any
+    ) -> TieredBackend:
+        """Build (without I/O) a stack of owned tiers from backend URLs, fastest first.
+
+        Args:
+            urls: Backend URLs such as ``memory://?capacity=8GiB``, ``file:///var/lib/lmcache``.
+            policy: An eviction policy factory or name (overrides ``eviction_policy``).
+            **settings: :class:`TieredSettings` fields.
+
+        Raises:
+            ConfigError: A bad URL, an unknown setting or value.
+            MissingDependencyError: A tier's SDK is not installed.
+        """
+        if isinstance(urls, str):
+            raise ConfigError("tiered://: from_urls takes a list of URLs")
+        parsed = resolve_settings(
+            TieredSettings, [("keyword arguments", settings)], owner="tiered://", strict=("keyword arguments",)
+        )
+        return cls(_build_tiers(urls), parsed, policy=policy, own_tiers=True)
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: Any) -> Self:
+        """Build from ``tiered://?tier=<urlencoded url>&tier=…&tier_timeout=…`` (no I/O).
+
+        Raises:
+            ConfigError: No ``tier``, a host or path in the URL, or a bad option.
+        """
+        parts = split_url(url)
+        if parts.scheme not in cls.schemes:
+            raise ConfigError(f"URL scheme {parts.scheme!r} is not served here; expected one of {list(cls.schemes)}")
+        if parts.netloc or parts.path not in ("", "/"):
+            raise ConfigError("tiered:// takes no host or path; give tiers as ?tier=<urlencoded url>&tier=…")
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        urls = [v for k, v in pairs if k == "tier"]
+        if not urls:
+            raise ConfigError("tiered:// needs at least one ?tier=<urlencoded backend url>")
+        rest = urlencode([(k, v) for k, v in pairs if k != "tier"])
+        settings = parse_backend_url(url, cls.schemes, TieredSettings, {}, overrides, split=parts._replace(query=rest))
+        return cls(_build_tiers(urls), settings, own_tiers=True)
+
+    @classmethod
+    def from_config(cls, config: LMCacheConfig, **overrides: Any) -> TieredBackend:
+        """Build the stack described by ``config.tiers`` and its tiering settings (no I/O)."""
+        settings: dict[str, Any] = {
+            "eviction_policy": config.eviction_policy,
+            "promote_on_hit": config.promote_on_hit,
+            "write_back_queue": config.write_back_queue,
+            "tier_timeout": config.tier_timeout,
+        }
+        settings.update(overrides)
+        return cls.from_urls(config.tiers, **settings)
+
+    @property
+    def url(self) -> str:
+        """``tiered://?tier=…`` (one per tier, fastest first) plus non-default settings."""
+        query = "&".join("tier=" + quote(t.backend.url, safe="") for t in self._tiers)
+        extra = settings_query(self.settings)
+        return f"tiered://?{query}" + (f"&{extra}" if extra else "")
+
+    def __repr__(self) -> str:
+        # The tier URLs may hold credentials; show each one redacted instead of the encoded URL.
+        shown = ", ".join(repr(redact_url(t.backend.url, t.backend.secret_options)) for t in self._tiers)
+        return f"TieredBackend([{shown}], state={self._state.value})"
+
+    @property
+    def tiers(self) -> list[StorageBackend]:
+        """The tier backends, fastest first."""
+        return [t.backend for t in self._tiers]
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        outcomes = await asyncio.gather(*(t.backend.open() for t in self._tiers), return_exceptions=True)
+        failures: list[BaseException] = []
+        for tier, out in zip(self._tiers, outcomes, strict=True):
+            if isinstance(out, BaseException):
+                if not isinstance(out, Exception):
+                    raise out
+                failures.append(out)
+                self._record_failure(tier, "open", out)
+        if len(failures) == len(self._tiers):
+            # Nothing can serve: close what we own and fail like any backend that cannot connect.
+            await self._close_owned()
+            first = failures[0]
+            if isinstance(first, BackendError):
+                raise first
+            raise BackendUnavailableError(f"{self!r}: no tier could be opened: {first}") from first
+        for tier in self._tiers:
+            if tier.policy is not None and tier.backend.is_open:
+                await self._seed(tier)
+        loop = asyncio.get_running_loop()
+        for tier in self._tiers[1:]:
+            tier.queue = asyncio.Queue(self.settings.write_back_queue)
+            tier.writer = loop.create_task(self._writer(tier), name=f"lmcache-writeback-{tier.index}")
+
+    async def _seed(self, tier: _Tier) -> None:
+        """Teach the policy what a persistent tier already holds, so old values can be evicted.
+
+        Listed keys have no size; each gets the tier's average (``used_bytes / keys``) when the
+        tier reports ``used_bytes``, which is good enough to size eviction rounds.
+        """
+        caps = tier.backend.capabilities
+        if tier.policy is None or not (caps.listing and caps.persistent):
+            return
+        keys: list[CacheKey] = []
+        try:
+            async for key in tier.backend.list_keys():
+                keys.append(key)
+        except Exception as exc:
+            self._record_failure(tier, "list", exc)
+        if not keys:
+            return
+        used = self._tier_gauges(tier)[1]
+        size = max(1, used // len(keys)) if used else 1
+        for key in keys:
+            if key not in tier.policy:
+                tier.policy.on_insert(key, size)
+
+    async def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued write-back has been attempted.
+
+        Args:
+            timeout: Seconds to wait at most (None: no limit).
+
+        Returns:
+            True when the queues drained, False on timeout (or when never opened: True).
+        """
+        queues = [t.queue for t in self._tiers if t.queue is not None]
+        if not queues:
+            return True
+        try:
+            await asyncio.wait_for(asyncio.gather(*(q.join() for q in queues)), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def _close(self) -> None:
+        if not await self.flush(self.settings.close_timeout):
+            logger.warning(
+                "%r: write-back did not drain within %ss; dropping the rest", self, self.settings.close_timeout
+            )
+        writers = [t.writer for t in self._tiers if t.writer is not None]
+        for w in writers:
+            w.cancel()
+        await asyncio.gather(*writers, return_exceptions=True)
+        for tier in self._tiers:
+            q = tier.queue
+            while q is not None and not q.empty():
+                q.get_nowait()
+                q.task_done()
+                tier.stats.writeback_dropped += 1
+            tier.writer = None
+        self._pending.clear()
+        await self._close_owned()
+
+    async def _close_owned(self) -> None:
+        for tier in self._tiers:
+            if tier.owned:
+                try:
+                    await tier.backend.aclose()
+                except Exception as exc:
+                    self._record_failure(tier, "close", exc)
+
+    # -- guarded tier calls ------------------------------------------------------------------
+
+    async def _guard(self, tier: _Tier, op: str, call: Awaitable[T]) -> T:
+        """Run one tier call under the tier timeout; a failure returns ``_FAILED`` (counted).
+
+        Caller errors (:class:`InvalidArgumentError`, e.g. a ``dst`` smaller than the value)
+        propagate: they are not the tier's fault and retrying elsewhere would not help.
+        """
+        try:
+            out = await asyncio.wait_for(call, self.settings.tier_timeout)
+        except InvalidArgumentError:
+            raise
+        except Exception as exc:
+            self._record_failure(tier, op, exc)
+            return _FAILED  # type: ignore[no-any-return]
+        tier.healthy = True
+        return out
+
+    def _record_failure(self, tier: _Tier, op: str, exc: BaseException) -> None:
+        tier.healthy = False
+        if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):  # ours, or the tier's BackendTimeoutError
+            tier.stats.timeouts += 1
+            self.log_once(
+                f"{tier.index}:{op}:timeout",
+                "%r: %s %s timed out (tier_timeout=%ss); treating it as a miss",
+                self,
+                tier.label(),
+                op,
+                self.settings.tier_timeout,
+            )
+        else:
+            tier.stats.errors += 1
+            self.log_once(
+                f"{tier.index}:{op}:error",
+                "%r: %s %s failed (%s: %s); treating it as a miss",
+                self,
+                tier.label(),
+                op,
+                type(exc).__name__,
+                exc,
+            )
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def _contains(self, keys: list[CacheKey]) -> list[bool]:
+        found = [False] * len(keys)
+        todo = list(range(len(keys)))
+        for tier in self._tiers:
+            if not todo:
+                break
+            got = await self._guard(tier, "contains", tier.backend.contains([keys[i] for i in todo]))
+            if got is _FAILED:
+                continue
+            rest = []
+            for i, hit in zip(todo, got, strict=True):
+                if hit:
+                    found[i] = True
+                else:
+                    rest.append(i)
+            todo = rest
+        return found
+
+    async def _get_into(self, keys: list[CacheKey], dsts: list[memoryview]) -> list[int | None]:
+        results: list[int | None] = [None] * len(keys)
+        hit_tier = [0] * len(keys)
+        todo = list(range(len(keys)))
+        for tier in self._tiers:
+            if not todo:
+                break
+            sub_keys = [keys[i] for i in todo]
+            got = await self._guard(tier, "get", tier.backend.get_into(sub_keys, [dsts[i] for i in todo]))
+            if got is _FAILED:
+                continue
+            rest = []
+            for i, n in zip(todo, got, strict=True):
+                if n is None:
+                    tier.stats.misses += 1
+                    rest.append(i)
+                else:
+                    tier.stats.hits += 1
+                    results[i] = n
+                    hit_tier[i] = tier.index
+                    if tier.policy is not None:
+                        tier.policy.on_access(keys[i])
+            todo = rest
+        if self.settings.promote_on_hit and len(self._tiers) > 1:
+            await self._promote(keys, dsts, results, hit_tier)
+        return results
+
+    async def _promote(
+        self, keys: list[CacheKey], dsts: list[memoryview], results: list[int | None], hit_tier: list[int]
+    ) -> None:
+        """Put slower-tier hits into tier 0 from their ``dst``; queue them for the tiers between."""
+        seen: set[CacheKey] = set()
+        p_keys: list[CacheKey] = []
+        p_views: list[memoryview] = []
+        p_from: list[int] = []
+        for i, key in enumerate(keys):
+            n = results[i]
+            if n is None or hit_tier[i] == 0 or key in seen:
+                continue
+            seen.add(key)
+            p_keys.append(key)
+            p_views.append(dsts[i][:n])
+            p_from.append(hit_tier[i])
+        if not p_keys:
+            return
+        top = self._tiers[0]
+        for key, view, src_tier, r in zip(
+            p_keys, p_views, p_from, await self._store(top, p_keys, p_views), strict=True
+        ):
+            if r.status is PutStatus.STORED:
+                top.stats.promotions += 1
+                if src_tier > 1:
+                    self._enqueue(key, view.nbytes, range(1, src_tier))
+
+    # -- writes ------------------------------------------------------------------------------
+
+    async def _put(self, keys: list[CacheKey], srcs: list[memoryview]) -> list[PutResult]:
+        results = await self._store(self._tiers[0], keys, srcs)
+        if len(self._tiers) > 1:
+            slower = range(1, len(self._tiers))
+            for key, src, r in zip(keys, srcs, results, strict=True):
+                if r.status is PutStatus.STORED:
+                    self._enqueue(key, src.nbytes, slower)
+        return results
+
+    async def _store(self, tier: _Tier, keys: list[CacheKey], views: list[memoryview]) -> list[PutResult]:
+        """Put into one tier, evicting policy victims and retrying when it is full."""
+        policy = tier.policy
+        if policy is not None:
+            incoming = sum(v.nbytes for k, v in zip(keys, views, strict=True) if k not in policy)
+            capacity, used = self._tier_gauges(tier)
+            if capacity is not None and used is not None and used + incoming > capacity and incoming <= capacity:
+                await self._evict(tier, used + incoming - capacity)
+        got = await self._guard(tier, "put", tier.backend.put(keys, views))
+        if got is _FAILED:
+            return [rejected("error")] * len(keys)
+        results: list[PutResult] = list(got)
+        if policy is not None:
+            capacity = self._tier_gauges(tier)[0]
+            for _ in range(self.settings.evict_retries):
+                full = [
+                    i
+                    for i, r in enumerate(results)
+                    if r.status is PutStatus.REJECTED
+                    and r.reason == "capacity"
+                    and (capacity is None or views[i].nbytes <= capacity)  # too big ever to fit
+                ]
+                if not full or not await self._evict(tier, sum(views[i].nbytes for i in full)):
+                    break
+                retry = await self._guard(
+                    tier, "put", tier.backend.put([keys[i] for i in full], [views[i] for i in full])
+                )
+                if retry is _FAILED:
+                    break
+                for i, r in zip(full, retry, strict=True):
+                    results[i] = r
+            for key, view, r in zip(keys, views, results, strict=True):
+                if r.status is PutStatus.STORED or (r.status is PutStatus.EXISTS and key not in policy):
+                    policy.on_insert(key, view.nbytes)
+        return results
+
+    async def _evict(self, tier: _Tier, n_bytes: int) -> bool:
+        """Delete policy victims worth ``n_bytes`` from ``tier``; False when nothing could go."""
+        assert tier.policy is not None
+        # Values still waiting to be copied out of tier 0 must stay there until they are.
+        protected = self._pending if tier.index == 0 else ()
+        victims = tier.policy.victims(n_bytes, protected)
+        if not victims:
+            self.log_once(f"{tier.index}:evict:none", "%r: %s is full and has nothing to evict", self, tier.label())
+            return False
+        if await self._guard(tier, "evict", tier.backend.delete(victims)) is _FAILED:
+            return False
+        for key in victims:
+            tier.policy.on_remove(key)
+        tier.stats.evictions += len(victims)
+        return True
+
+    def _tier_gauges(self, tier: _Tier) -> tuple[int | None, int | None]:
+        """``(capacity_bytes, used_bytes)`` from the tier's stats, where it reports them."""
+        try:
+            st = tier.backend.stats()
+        except Exception:
+            return None, None
+        cap, used = st.get("capacity_bytes"), st.get("used_bytes")
+        return (cap if isinstance(cap, int) else None), (used if isinstance(used, int) else None)
+
+    def _enqueue(self, key: CacheKey, size: int, tiers: range) -> None:
+        job = self._pending.get(key)
+        if job is None:
+            job = _WriteBack(key, size)
+        for t in tiers:
+            tier = self._tiers[t]
+            if t in job.tiers or tier.queue is None:
+                continue
+            try:
+                tier.queue.put_nowait(job)
+            except asyncio.QueueFull:
+                tier.stats.writeback_dropped += 1
+                self.log_once(
+                    f"{t}:writeback:full",
+                    "%r: write-back queue of %s is full (%d); dropping write-backs (counted)",
+                    self,
+                    tier.label(),
+                    self.settings.write_back_queue,
+                )
+                continue
+            job.tiers.add(t)
+            tier.stats.writeback_queued += 1
+        if job.tiers:
+            self._pending[key] = job
+
+    async def _writer(self, tier: _Tier) -> None:
+        """Background task: copy queued values from tier 0 into ``tier``, a batch at a time."""
+        queue = tier.queue
+        assert queue is not None
+        while True:
+            batch = [await queue.get()]
+            while len(batch) < self.settings.write_back_batch and not queue.empty():
+                batch.append(queue.get_nowait())
+            try:
+                await self._write_back(tier, batch)
+            except Exception as exc:
+                # A bug or a caller-class error from a tier: never let the writer die.
+                tier.stats.writeback_failed += len(batch)
+                self._record_failure(tier, "write-back", exc)
+            finally:
+                for job in batch:
+                    job.tiers.discard(tier.index)
+                    if not job.tiers and self._pending.get(job.key) is job:
+                        del self._pending[job.key]
+                    queue.task_done()
+
+    async def _write_back(self, tier: _Tier, batch: list[_WriteBack]) -> None:
+        live = [j for j in batch if not j.cancelled]
+        if not live:
+            return
+        top = self._tiers[0]
+        views = tier.staging.views([j.size for j in live])
+        got = await self._guard(top, "write-back read", top.backend.get_into([j.key for j in live], views))
+        if got is _FAILED:
+            tier.stats.writeback_failed += len(live)
+            return
+        jobs: list[_WriteBack] = []
+        ready: list[memoryview] = []
+        for job, view, n in zip(live, views, got, strict=True):
+            if n is None:
+                tier.stats.writeback_failed += 1  # it left tier 0 (deleted elsewhere) first
+            else:
+                jobs.append(job)
+                ready.append(view[:n])
+        if not jobs:
+            return
+        results = await self._store(tier, [j.key for j in jobs], ready)
+        for r in results:
+            if r.ok:
+                tier.stats.writeback_written += 1
+            else:
+                tier.stats.writeback_failed += 1
+        undo = [j.key for j in jobs if j.cancelled]
+        if undo:  # deleted while we were copying: do not resurrect it in this tier
+            await self._guard(tier, "delete", tier.backend.delete(undo))
+            if tier.policy is not None:
+                for key in undo:
+                    tier.policy.on_remove(key)
+
+    async def _delete(self, keys: list[CacheKey]) -> None:
+        for key in keys:
+            job = self._pending.pop(key, None)
+            if job is not None:
+                job.cancelled = True
+
+        async def one(tier: _Tier) -> None:
+            await self._guard(tier, "delete", tier.backend.delete(keys))
+            if tier.policy is not None:
+                for key in keys:
+                    tier.policy.on_remove(key)
+
+        await asyncio.gather(*(one(t) for t in self._tiers))
+
+    # -- health, stats, listing --------------------------------------------------------------
+
+    async def _ping(self) -> None:
+        outcomes = await asyncio.gather(*(self._guard(t, "ping", t.backend.ping()) for t in self._tiers))
+        if all(o is _FAILED for o in outcomes):
+            raise BackendUnavailableError(f"{self!r}: no tier answered a ping")
+
+    def _extra_stats(self) -> dict[str, Any]:
+        tiers = []
+        totals = TierStats()
+        for tier in self._tiers:
+            entry: dict[str, Any] = dataclasses.asdict(tier.stats)
+            for name, value in entry.items():
+                setattr(totals, name, getattr(totals, name) + value)
+            try:
+                backend_stats: dict[str, Any] = tier.backend.stats()
+            except Exception as exc:
+                backend_stats = {"error": f"{type(exc).__name__}: {exc}"}
+            entry.update(
+                url=redact_url(tier.backend.url, tier.backend.secret_options),
+                owned=tier.owned,
+                healthy=tier.healthy,
+                writeback_pending=tier.queue.qsize() if tier.queue is not None else 0,
+                staging_bytes=tier.staging.nbytes,
+                tracked_keys=len(tier.policy) if tier.policy is not None else None,
+                tracked_bytes=tier.policy.tracked_bytes if tier.policy is not None else None,
+                backend=backend_stats,
+            )
+            tiers.append(entry)
+        out: dict[str, Any] = {f"tier_{k}": v for k, v in dataclasses.asdict(totals).items()}
+        out["writeback_pending"] = sum(t["writeback_pending"] for t in tiers)
+        out["healthy_tiers"] = sum(1 for t in self._tiers if t.healthy)
+        out["tiers"] = tiers
+        return out
+
+    async def _list_keys(self) -> AsyncIterator[CacheKey]:
+        seen: set[CacheKey] = set()
+        for tier in self._tiers:
+            if not tier.backend.capabilities.listing:
+                continue
+            try:
+                async for key in tier.backend.list_keys():
+                    if key not in seen:
+                        seen.add(key)
+                        yield key
+            except Exception as exc:
+                self._record_failure(tier, "list", exc)
+
+
+def _combine(caps: list[Capabilities]) -> Capabilities:
+    """What a stack can promise: reads may come from any tier, writes enter through tier 0."""
+    return Capabilities(
+        # Survives a restart once written back (aclose() flushes the write-back queues).
+        persistent=any(c.persistent for c in caps),
+        # Other processes see a value at once only if every tier, tier 0 included, is shared.
+        shared=all(c.shared for c in caps),
+        device_buffers=all(c.device_buffers for c in caps),
+        listing=all(c.listing for c in caps),
+        integrity_checked=all(c.integrity_checked for c in caps),
+        # Full tiers evict instead of rejecting, so the stack itself is not "bounded".
+        bounded=False,
+        max_value_bytes=caps[0].max_value_bytes,
+    )
+
+
+def _build_tiers(urls: Sequence[str]) -> list[StorageBackend]:
+    from lmcache.backends.registry import open_backend
+
+    urls = list(urls)
+    if not urls:
+        raise ConfigError("tiered://: at least one tier URL is needed")
+    return [open_backend(u) for u in urls]

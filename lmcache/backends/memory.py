@@ -87,7 +87,7 @@ from lmcache.backends.base import (
     split_url,
 )
 from lmcache.config import format_size, parse_size, setting
-from lmcache.errors import BackendClosedError, ConfigError, map_os_errors
+from lmcache.errors import BackendClosedError, CapacityError, ConfigError, map_os_errors
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -107,6 +107,18 @@ ALIGNMENT = 64
 _PAGE = mmap.PAGESIZE
 # Linux >= 5.14; Python 3.11's mmap module has no constant for it.
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23 if sys.platform.startswith("linux") else None)
+
+
+def _available_memory() -> int | None:
+    """``MemAvailable`` in bytes on Linux, else None (unknown)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,8 +244,10 @@ class PoolAllocator:
 class _Entry:
     offset: int
     nbytes: int
+    ready: bool = False  # the copy is complete and the key published
     readers: int = 0  # get_into calls copying out of this block right now
     dead: bool = False  # deleted while read: the last reader frees the block
+    waiter: asyncio.Future[None] | None = None  # made only when a second put of the key waits
 
 
 class _Pacer:
@@ -276,8 +290,9 @@ class MemoryBackend(StorageBackend):
         self._alloc = PoolAllocator(self._capacity)
         self._mmap: mmap.mmap | None = None
         self._pool: memoryview | None = None
-        self._entries: dict[CacheKey, _Entry] = {}
-        self._pending: dict[CacheKey, asyncio.Future[bool]] = {}
+        # Published values and puts still copying (``ready`` False), under one hash per lookup.
+        self._index: dict[CacheKey, _Entry] = {}
+        self._entries = 0  # published values
 
     # -- construction ------------------------------------------------------------------------
 
@@ -321,6 +336,14 @@ class MemoryBackend(StorageBackend):
         self._pool = memoryview(self._mmap)
 
     def _map_pool(self, prefault: bool) -> mmap.mmap:
+        available = _available_memory()
+        if prefault and available is not None and self._capacity > available:
+            # Populating more than the host has would summon the OOM killer, not an error.
+            raise CapacityError(
+                f"memory://: prefault=true would commit the whole {format_size(self._capacity)} pool "
+                f"now, but only {format_size(available)} of memory is available; lower capacity or "
+                "set prefault=false"
+            )
         with map_os_errors(f"memory://: mapping a {format_size(self._capacity)} pool"):
             # Private: a forked child gets copy-on-write pages, never a window into our pool.
             m = mmap.mmap(-1, self._capacity, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -350,7 +373,8 @@ class MemoryBackend(StorageBackend):
             view.release()
 
     async def _close(self) -> None:
-        self._entries.clear()
+        self._index.clear()
+        self._entries = 0
         self._pool = None
         m, self._mmap = self._mmap, None
         if m is not None:
@@ -361,12 +385,13 @@ class MemoryBackend(StorageBackend):
     # -- operations --------------------------------------------------------------------------
 
     async def _contains(self, keys: list[CacheKey]) -> list[bool]:
-        entries = self._entries
-        return [k in entries for k in keys]
+        get = self._index.get
+        return [(e := get(k)) is not None and e.ready for k in keys]
 
     async def _get_into(self, keys: list[CacheKey], dsts: list[memoryview]) -> list[int | None]:
         pool = self._live_pool()
-        hits = [self._entries.get(k) for k in keys]
+        get = self._index.get
+        hits = [e if (e := get(k)) is not None and e.ready else None for k in keys]
         for k, e, dst in zip(keys, hits, dsts, strict=True):
             if e is not None:
                 check_dst_size(k, dst, e.nbytes)
@@ -392,56 +417,69 @@ class MemoryBackend(StorageBackend):
         results: list[PutResult | None] = [None] * len(keys)
         waiting: list[int] = []
         pacer = _Pacer(self.settings.yield_every)
+        index = self._index
         for i, (k, src) in enumerate(zip(keys, srcs, strict=True)):
-            if k in self._pending:
-                waiting.append(i)  # another put is copying this key; settle it after the rest
-                continue
-            results[i] = await self._put_one(k, src, pacer)
+            e = index.get(k)
+            if e is None:
+                results[i] = await self._store(k, src, pacer)
+            elif e.ready:
+                results[i] = EXISTS
+            else:
+                waiting.append(i)  # another put is copying this key: settle it after the rest
         for i in waiting:
             k = keys[i]
-            while (fut := self._pending.get(k)) is not None:
-                # wait() rather than awaiting fut: our cancellation must not cancel their put.
-                await asyncio.wait([fut])
-            results[i] = await self._put_one(k, srcs[i], pacer)
+            while (e := index.get(k)) is not None and not e.ready:
+                if e.waiter is None:
+                    e.waiter = asyncio.get_running_loop().create_future()
+                # wait() rather than awaiting the future: our cancellation must not cancel theirs.
+                await asyncio.wait([e.waiter])
+            # Ready: the other put stored it. Gone: it was cancelled (or deleted), so store ours.
+            results[i] = EXISTS if e is not None else await self._store(k, srcs[i], pacer)
         return results  # type: ignore[return-value]
 
-    async def _put_one(self, key: CacheKey, src: memoryview, pacer: _Pacer) -> PutResult:
-        if key in self._entries:
-            return EXISTS
+    async def _store(self, key: CacheKey, src: memoryview, pacer: _Pacer) -> PutResult:
+        """Reserve a block, copy ``src`` into it, then publish ``key`` (it is absent now)."""
         nbytes = src.nbytes
         if nbytes > self._capacity:
             return rejected("too_large")
+        pool = self._live_pool()
         offset = self._alloc.alloc(nbytes)
         if offset is None:
             return rejected("capacity")
-        pool = self._live_pool()
-        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._pending[key] = fut
-        published = False
+        entry = _Entry(offset, nbytes)
+        self._index[key] = entry  # not ready: readers miss, a second put of key waits
         try:
             await self._copy(pool[offset : offset + nbytes], src, pacer)
-            if self._mmap is not None:  # not closed while we copied
-                self._entries[key] = _Entry(offset, nbytes)
-                published = True
+            if self._pool is None:
+                raise BackendClosedError(f"{self!r} was closed during the operation")
+            entry.ready = True
+            self._entries += 1
         finally:
-            del self._pending[key]
-            if not published:
+            if not entry.ready:  # cancelled, closed or failed: give the block back
+                if self._index.get(key) is entry:
+                    del self._index[key]
                 self._alloc.free(offset, nbytes)
-            fut.set_result(published)
+            if entry.waiter is not None:
+                entry.waiter.set_result(None)
+                entry.waiter = None
         return STORED
 
     async def _delete(self, keys: list[CacheKey]) -> None:
+        index = self._index
         for k in keys:
-            e = self._entries.pop(k, None)
-            if e is None:
-                continue
+            e = index.get(k)
+            if e is None or not e.ready:
+                continue  # absent, or still being copied: that put publishes after this delete
+            del index[k]
+            self._entries -= 1
             if e.readers:
                 e.dead = True  # the last reader frees it
             else:
                 self._alloc.free(e.offset, e.nbytes)
 
     async def _list_keys(self) -> AsyncIterator[CacheKey]:
-        for k in list(self._entries):  # a snapshot: the caller may delete while iterating
+        # A snapshot: the caller may delete (or put) while iterating.
+        for k in [k for k, e in self._index.items() if e.ready]:
             yield k
 
     def _extra_stats(self) -> dict[str, Any]:
@@ -452,7 +490,7 @@ class MemoryBackend(StorageBackend):
             "free_bytes": a.free_bytes,
             "largest_free_block": a.largest_free,
             "free_blocks": a.free_blocks,
-            "entries": len(self._entries),
+            "entries": self._entries,
         }
 
     # -- internals ---------------------------------------------------------------------------

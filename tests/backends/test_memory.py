@@ -14,7 +14,7 @@ import pytest
 from lmcache.backends.base import PutStatus
 from lmcache.backends.memory import DEFAULT_CAPACITY, MemoryBackend, MemorySettings, PoolAllocator
 from lmcache.backends.registry import open_backend
-from lmcache.errors import BackendClosedError, ConfigError, InvalidBufferError
+from lmcache.errors import BackendClosedError, CapacityError, ConfigError, InvalidBufferError
 from lmcache.keys import CacheKey
 
 KiB = 1 << 10
@@ -539,3 +539,21 @@ async def test_page_options_open_a_working_pool(query: str) -> None:
         dst = bytearray(MiB)
         assert await b.get_into([key(1)], [dst]) == [MiB]
         assert bytes(dst) == data
+
+
+async def test_prefault_beyond_available_memory_is_refused() -> None:
+    b = MemoryBackend.from_url("memory://?capacity=1TiB&prefault=true")
+    with pytest.raises(CapacityError, match="prefault"):
+        await b.open()
+    await b.aclose()
+
+
+async def test_closing_during_a_put_fails_that_put() -> None:
+    b = await opened("memory://?capacity=1MiB&yield_every=4KiB")
+    put = asyncio.create_task(b.put([key(1)], [bytes(256 * KiB)]))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert not put.done()
+    await b.aclose()
+    with pytest.raises(BackendClosedError):
+        await put

@@ -482,6 +482,10 @@ class MemoryBackend(StorageBackend):
         for k in [k for k, e in self._index.items() if e.ready]:
             yield k
 
+    async def _list_entries(self) -> AsyncIterator[tuple[CacheKey, int | None]]:
+        for k, n in [(k, e.nbytes) for k, e in self._index.items() if e.ready]:
+            yield k, n
+
     def _extra_stats(self) -> dict[str, Any]:
         a = self._alloc
         return {

@@ -183,6 +183,7 @@ async def test_undersized_buffer_raises_before_writing_any(mem: MemoryBackend) -
 async def test_list_keys_and_stats(mem: MemoryBackend) -> None:
     await mem.put([key(i) for i in range(3)], [value(i, 100) for i in range(3)])
     assert {k async for k in mem.list_keys()} == {key(0), key(1), key(2)}
+    assert {e async for e in mem.list_entries()} == {(key(0), 100), (key(1), 100), (key(2), 100)}
     s = mem.stats()
     assert s["capacity_bytes"] == 64 * KiB
     assert s["entries"] == 3

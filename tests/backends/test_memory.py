@@ -327,6 +327,8 @@ async def test_a_put_publishes_its_key_only_after_the_copy() -> None:
             # Until the put has finished, readers see a miss, never a partly copied value.
             assert await b.contains([key(1)]) == [False]
             assert await b.get_into([key(1)], [dst]) == [None]
+            assert [k async for k in b.list_keys()] == []
+            assert b.stats()["entries"] == 0
             polls += 1
             await asyncio.sleep(0)
         assert dst == bytearray(size)

@@ -560,3 +560,15 @@ async def test_closing_during_a_put_fails_that_put() -> None:
     await b.aclose()
     with pytest.raises(BackendClosedError):
         await put
+
+
+@pytest.mark.parametrize("advice", [None, 9999], ids=["no-populate-advice", "kernel-refuses-advice"])
+async def test_prefault_falls_back_to_touching_pages(monkeypatch: pytest.MonkeyPatch, advice: int | None) -> None:
+    import lmcache.backends.memory as memory_module
+
+    monkeypatch.setattr(memory_module, "_MADV_POPULATE_WRITE", advice)
+    async with MemoryBackend.from_url("memory://?capacity=1MiB&prefault=true") as b:
+        await b.put([key(1)], [b"abc"])
+        dst = bytearray(3)
+        assert await b.get_into([key(1)], [dst]) == [3]
+        assert dst == b"abc"

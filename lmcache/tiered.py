@@ -338,25 +338,28 @@ class TieredBackend(StorageBackend):
     async def _seed(self, tier: _Tier) -> None:
         """Teach the policy what a persistent tier already holds, so old values can be evicted.
 
-        Listed keys have no size; each gets the tier's average (``used_bytes / keys``) when the
-        tier reports ``used_bytes``, which is good enough to size eviction rounds.
+        Sizes come from ``list_entries()``; where a tier cannot tell a size, the key gets the
+        average of the unknown ones (``used_bytes`` minus the known sizes), which is good
+        enough to size eviction rounds. Seeded keys rank as the oldest.
         """
         caps = tier.backend.capabilities
         if tier.policy is None or not (caps.listing and caps.persistent):
             return
-        keys: list[CacheKey] = []
+        entries: list[tuple[CacheKey, int | None]] = []
         try:
-            async for key in tier.backend.list_keys():
-                keys.append(key)
+            async for entry in tier.backend.list_entries():
+                entries.append(entry)
         except Exception as exc:
             self._record_failure(tier, "list", exc)
-        if not keys:
-            return
-        used = self._tier_gauges(tier)[1]
-        size = max(1, used // len(keys)) if used else 1
-        for key in keys:
+        unknown = sum(1 for _, size in entries if size is None)
+        guess = 1
+        if unknown:
+            used = self._tier_gauges(tier)[1] or 0
+            known = sum(size for _, size in entries if size is not None)
+            guess = max(1, (used - known) // unknown)
+        for key, size in entries:
             if key not in tier.policy:
-                tier.policy.on_insert(key, size)
+                tier.policy.on_insert(key, size if size is not None else guess)
 
     async def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued write-back has been attempted.
@@ -626,6 +629,9 @@ class TieredBackend(StorageBackend):
                 batch.append(queue.get_nowait())
             try:
                 await self._write_back(tier, batch)
+            except asyncio.CancelledError:
+                tier.stats.writeback_dropped += len(batch)  # aclose() gave up on this batch
+                raise
             except Exception as exc:
                 # A bug or a caller-class error from a tier: never let the writer die.
                 tier.stats.writeback_failed += len(batch)
@@ -720,15 +726,20 @@ class TieredBackend(StorageBackend):
         return out
 
     async def _list_keys(self) -> AsyncIterator[CacheKey]:
+        async for key, _ in self._list_entries():
+            yield key
+
+    async def _list_entries(self) -> AsyncIterator[tuple[CacheKey, int | None]]:
+        # The union over tiers, each key once (from the fastest tier that lists it).
         seen: set[CacheKey] = set()
         for tier in self._tiers:
             if not tier.backend.capabilities.listing:
                 continue
             try:
-                async for key in tier.backend.list_keys():
+                async for key, size in tier.backend.list_entries():
                     if key not in seen:
                         seen.add(key)
-                        yield key
+                        yield key, size
             except Exception as exc:
                 self._record_failure(tier, "list", exc)
 

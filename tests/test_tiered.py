@@ -1,0 +1,566 @@
+"""Tests of TieredBackend: URLs, reads across tiers, promotion, write-back, faults, eviction."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, ClassVar
+from urllib.parse import quote
+
+import pytest
+
+from lmcache.backends.base import PutResult, PutStatus, StorageBackend
+from lmcache.backends.memory import MemoryBackend
+from lmcache.backends.registry import open_backend
+from lmcache.config import LMCacheConfig
+from lmcache.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    InvalidBufferError,
+    PermanentBackendError,
+)
+from lmcache.keys import CacheKey
+from lmcache.policies import LRUPolicy
+from lmcache.tiered import TieredBackend, TieredSettings
+
+KiB = 1 << 10
+
+
+def key(i: int) -> CacheKey:
+    return CacheKey("test-model", 1, 0, i.to_bytes(32, "big"), "float16")
+
+
+def value(i: int, n: int = 1 * KiB) -> bytes:
+    return random.Random(i).randbytes(n)
+
+
+async def read(backend: StorageBackend, keys: Sequence[CacheKey], n: int = 1 * KiB) -> list[bytes | None]:
+    bufs = [bytearray(n) for _ in keys]
+    got = await backend.get_into(keys, bufs)
+    return [None if g is None else bytes(b[:g]) for g, b in zip(got, bufs, strict=True)]
+
+
+async def holds(backend: StorageBackend, keys: Sequence[CacheKey]) -> list[bool]:
+    return await backend.contains(keys)
+
+
+class Faulty(StorageBackend):
+    """Fault injection only: wraps a real backend and raises, hangs or blocks on demand."""
+
+    schemes: ClassVar[tuple[str, ...]] = ("faulty",)
+
+    def __init__(self, inner: StorageBackend) -> None:
+        super().__init__()
+        self.inner = inner
+        self.capabilities = inner.capabilities  # type: ignore[misc]
+        self.mode = "ok"  # "ok" | "raise" | "hang"
+        self.ops: set[str] = {"contains", "get", "put", "delete", "ping"}
+        self.put_gate: asyncio.Event | None = None  # when set, puts wait for it
+        self.put_entered = asyncio.Event()
+        self.calls: list[str] = []
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: Any) -> Faulty:
+        raise ConfigError("test-only backend")
+
+    @property
+    def url(self) -> str:
+        return "faulty://?inner=" + quote(self.inner.url, safe="")
+
+    async def _fault(self, op: str) -> None:
+        self.calls.append(op)
+        if op not in self.ops:
+            return
+        if self.mode == "raise":
+            raise PermanentBackendError(f"injected {op} failure")
+        if self.mode == "hang":
+            await asyncio.Event().wait()
+
+    async def _open(self) -> None:
+        await self.inner.open()
+
+    async def _close(self) -> None:
+        await self.inner.aclose()
+
+    async def _contains(self, keys: list[CacheKey]) -> list[bool]:
+        await self._fault("contains")
+        return await self.inner.contains(keys)
+
+    async def _get_into(self, keys: list[CacheKey], dsts: list[memoryview]) -> list[int | None]:
+        await self._fault("get")
+        return await self.inner.get_into(keys, dsts)
+
+    async def _put(self, keys: list[CacheKey], srcs: list[memoryview]) -> list[PutResult]:
+        await self._fault("put")
+        self.put_entered.set()
+        if self.put_gate is not None:
+            await self.put_gate.wait()
+        return await self.inner.put(keys, srcs)
+
+    async def _delete(self, keys: list[CacheKey]) -> None:
+        await self._fault("delete")
+        await self.inner.delete(keys)
+
+    async def _ping(self) -> None:
+        await self._fault("ping")
+        await self.inner.ping()
+
+    def _extra_stats(self) -> dict[str, Any]:
+        return self.inner.stats()
+
+    async def _list_keys(self) -> AsyncIterator[CacheKey]:
+        async for k in self.inner.list_keys():
+            yield k
+
+
+def mem(capacity: str = "1MiB") -> MemoryBackend:
+    return MemoryBackend.from_url(f"memory://?capacity={capacity}")
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[tuple[TieredBackend, MemoryBackend, MemoryBackend]]:
+    """Two real memory tiers, borrowed by the TieredBackend (the test closes them)."""
+    fast, slow = mem(), mem()
+    t = TieredBackend([fast, slow])
+    async with fast, slow, t:
+        yield t, fast, slow
+
+
+def tier_stats(t: TieredBackend, i: int) -> dict[str, Any]:
+    return t.stats()["tiers"][i]
+
+
+# ---------------------------------------------------------------------------------------------
+# Construction and URLs
+
+
+def test_url_round_trip_with_encoded_tier_urls() -> None:
+    inner = ["memory://?capacity=2MiB", "memory://?capacity=8MiB&hugepages=false"]
+    t = TieredBackend.from_urls(inner, tier_timeout=0.5, write_back_queue=7, eviction_policy="fifo")
+    url = t.url
+    assert url.startswith("tiered://?tier=memory%3A%2F%2F%3Fcapacity%3D2MiB&tier=")
+    again = TieredBackend.from_url(url)
+    assert again.url == url
+    assert [b.url for b in again.tiers] == [b.url for b in t.tiers] == inner
+    assert again.settings == t.settings == TieredSettings(tier_timeout=0.5, write_back_queue=7, eviction_policy="fifo")
+    # The registry serves the scheme, and a defaults-only URL has nothing but tiers.
+    via_registry = open_backend(url)
+    assert isinstance(via_registry, TieredBackend) and via_registry.url == url
+    plain = TieredBackend.from_urls(inner)
+    assert "tier_timeout" not in plain.url and TieredBackend.from_url(plain.url).url == plain.url
+
+
+def test_url_overrides_and_errors() -> None:
+    tier = "tier=" + quote("memory://?capacity=1MiB", safe="")
+    t = TieredBackend.from_url(f"tiered://?{tier}&tier_timeout=2", tier_timeout="250ms")
+    assert t.settings.tier_timeout == 0.25  # keyword overrides win over the query
+    with pytest.raises(ConfigError, match="at least one"):
+        TieredBackend.from_url("tiered://?tier_timeout=2")
+    with pytest.raises(ConfigError, match="given twice"):
+        TieredBackend.from_url(f"tiered://?{tier}&tier_timeout=1&tier_timeout=2")
+    with pytest.raises(ConfigError, match="unknown option 'bogus'"):
+        TieredBackend.from_url(f"tiered://?{tier}&bogus=1")
+    with pytest.raises(ConfigError, match="eviction_policy"):
+        TieredBackend.from_url(f"tiered://?{tier}&eviction_policy=mru")
+    with pytest.raises(ConfigError, match="no host or path"):
+        TieredBackend.from_url(f"tiered://somehost/?{tier}")
+    with pytest.raises(ConfigError):  # a bad inner URL is a config error too
+        TieredBackend.from_url("tiered://?tier=" + quote("memory://?capacity=lots", safe=""))
+    with pytest.raises(ConfigError, match="list of URLs"):
+        TieredBackend.from_urls("memory://")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="at least one"):
+        TieredBackend([])
+    m = mem()
+    with pytest.raises(ConfigError, match="twice"):
+        TieredBackend([m, m])
+
+
+def test_from_config_uses_the_tiering_fields() -> None:
+    cfg = LMCacheConfig.load(
+        environ={},
+        tiers=["memory://?capacity=4MiB", "memory://?capacity=16MiB"],
+        eviction_policy="lfu",
+        promote_on_hit=False,
+        write_back_queue=9,
+        tier_timeout="1.5s",
+    )
+    t = TieredBackend.from_config(cfg)
+    assert [b.url for b in t.tiers] == cfg.tiers
+    s = t.settings
+    assert (s.eviction_policy, s.promote_on_hit, s.write_back_queue, s.tier_timeout) == ("lfu", False, 9, 1.5)
+
+
+def test_capabilities_describe_the_stack() -> None:
+    t = TieredBackend([mem(), mem()])
+    assert t.capabilities.listing and not t.capabilities.persistent and not t.capabilities.shared
+    assert not t.capabilities.bounded  # it evicts rather than rejecting
+    assert type(t).capabilities is not t.capabilities  # the class default is untouched
+
+
+def test_repr_redacts_tier_credentials() -> None:
+    m = mem()
+
+    class Secretive(Faulty):
+        @property
+        def url(self) -> str:
+            return "faulty://user:hunter2@host/"
+
+    t = TieredBackend([m, Secretive(mem())])
+    assert "hunter2" not in repr(t)
+    assert "user:***@host" in repr(t)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reads, writes, promotion
+
+
+async def test_put_lands_in_tier0_and_reaches_tier1_after_flush(stack) -> None:
+    t, fast, slow = stack
+    keys = [key(i) for i in range(4)]
+    results = await t.put(keys, [value(i) for i in range(4)])
+    assert [r.status for r in results] == [PutStatus.STORED] * 4
+    assert await holds(fast, keys) == [True] * 4
+    assert await t.flush(timeout=30)
+    assert await read(slow, keys) == [value(i) for i in range(4)]
+    st = tier_stats(t, 1)
+    assert st["writeback_queued"] == 4 and st["writeback_written"] == 4 and st["writeback_dropped"] == 0
+    # A second put of the same keys is EXISTS (tier 0's answer) and queues nothing new.
+    assert [r.status for r in await t.put(keys, [value(i) for i in range(4)])] == [PutStatus.EXISTS] * 4
+    assert tier_stats(t, 1)["writeback_queued"] == 4
+
+
+async def test_put_result_is_tier0s_and_the_source_may_be_reused(stack) -> None:
+    t, fast, slow = stack
+    src = bytearray(value(1))
+    assert (await t.put([key(1)], [src]))[0].status is PutStatus.STORED
+    src[:] = b"\0" * len(src)  # the caller reuses its buffer before write-back ran
+    await t.flush()
+    assert await read(slow, [key(1)]) == [value(1)]
+    # A value tier 0 can never hold is rejected (tier 0's verdict) without evicting anything.
+    big = bytes(2 << 20)
+    r = (await t.put([key(2)], [big]))[0]
+    assert r.status is PutStatus.REJECTED and r.reason in ("too_large", "capacity")
+    assert await holds(fast, [key(1)]) == [True]
+    assert tier_stats(t, 0)["evictions"] == 0
+
+
+async def test_reads_fall_through_tiers_in_batches_and_promote(stack) -> None:
+    t, fast, slow = stack
+    await fast.put([key(0)], [value(0)])
+    await slow.put([key(1), key(2)], [value(1), value(2)])
+    got = await read(t, [key(0), key(1), key(3), key(2)])
+    assert got == [value(0), value(1), None, value(2)]
+    st0, st1 = tier_stats(t, 0), tier_stats(t, 1)
+    assert (st0["hits"], st0["misses"]) == (1, 3)
+    assert (st1["hits"], st1["misses"]) == (2, 1)
+    assert st0["promotions"] == 2
+    # Promoted: now in tier 0 with the same bytes.
+    assert await read(fast, [key(1), key(2)]) == [value(1), value(2)]
+    assert slow.stats()["get_requests"] == 3  # one batch of the three tier-0 misses
+
+
+async def test_promotion_can_be_turned_off() -> None:
+    fast, slow = mem(), mem()
+    async with fast, slow, TieredBackend([fast, slow], TieredSettings(promote_on_hit=False)) as t:
+        await slow.put([key(1)], [value(1)])
+        assert await read(t, [key(1)]) == [value(1)]
+        assert await holds(fast, [key(1)]) == [False]
+        assert tier_stats(t, 0)["promotions"] == 0
+
+
+async def test_a_hit_in_tier2_is_promoted_to_tier0_and_written_back_to_tier1() -> None:
+    a, b, c = mem(), mem(), mem()
+    async with a, b, c, TieredBackend([a, b, c]) as t:
+        await c.put([key(5)], [value(5)])
+        assert await read(t, [key(5), key(5)]) == [value(5), value(5)]  # duplicates are fine
+        assert await holds(a, [key(5)]) == [True]
+        await t.flush()
+        assert await read(b, [key(5)]) == [value(5)]
+        assert tier_stats(t, 1)["writeback_written"] == 1
+        assert tier_stats(t, 2)["writeback_queued"] == 0  # it already held the value
+
+
+async def test_contains_and_lookup_prefix_see_the_union(stack) -> None:
+    t, fast, slow = stack
+    await fast.put([key(0), key(2)], [value(0), value(2)])
+    await slow.put([key(1), key(4)], [value(1), value(4)])
+    keys = [key(i) for i in range(5)]
+    assert await t.contains(keys) == [True, True, True, False, True]
+    assert await t.lookup_prefix(keys) == 3
+    assert await t.lookup_prefix([key(3)]) == 0
+
+
+async def test_delete_removes_from_every_tier(stack) -> None:
+    t, fast, slow = stack
+    await t.put([key(1), key(2)], [value(1), value(2)])
+    await t.flush()
+    await t.delete([key(1), key(9)])
+    assert await holds(fast, [key(1), key(2)]) == [False, True]
+    assert await holds(slow, [key(1), key(2)]) == [False, True]
+    assert await t.contains([key(1)]) == [False]
+
+
+async def test_a_delete_cancels_a_pending_write_back() -> None:
+    fast, inner = mem(), mem()
+    slow = Faulty(inner)
+    slow.put_gate = asyncio.Event()
+    async with fast, slow, TieredBackend([fast, slow], TieredSettings(write_back_batch=1)) as t:
+        await t.put([key(1), key(2)], [value(1), value(2)])
+        await slow.put_entered.wait()  # the writer is now inside tier 1's put of key(1)
+        await t.delete([key(1), key(2)])  # key(1) is in flight, key(2) still queued
+        slow.put_gate.set()
+        await t.flush()
+        assert await holds(inner, [key(1), key(2)]) == [False, False]
+        assert await t.contains([key(1), key(2)]) == [False, False]
+
+
+async def test_too_small_dst_is_the_callers_error(stack) -> None:
+    t, _, slow = stack
+    await slow.put([key(1)], [value(1)])
+    with pytest.raises(InvalidBufferError):
+        await t.get_into([key(1)], [bytearray(10)])
+
+
+async def test_aclose_flushes_write_back_and_closes_owned_tiers_only() -> None:
+    t = TieredBackend.from_urls(["memory://?capacity=1MiB", "memory://?capacity=1MiB"])
+    await t.open()
+    fast, slow = t.tiers
+    await t.put([key(1)], [value(1)])
+    # Keep the slow tier alive past aclose to check it got the value: borrow it in a 2nd stack.
+    await t.aclose()
+    assert fast.is_closed and slow.is_closed
+    assert tier_stats(t, 1)["writeback_written"] == 1
+
+    borrowed_fast, borrowed_slow = mem(), mem()
+    t2 = TieredBackend([borrowed_fast, borrowed_slow])
+    async with t2:
+        await t2.put([key(1)], [value(1)])
+    assert borrowed_fast.is_open and borrowed_slow.is_open  # borrowed: left to their owner
+    assert await read(borrowed_slow, [key(1)]) == [value(1)]  # aclose flushed first
+    await borrowed_fast.aclose()
+    await borrowed_slow.aclose()
+
+    owned = [mem(), mem()]
+    async with TieredBackend(owned, own_tiers=True) as t3:
+        await t3.ping()
+    assert all(b.is_closed for b in owned)
+
+
+async def test_aclose_gives_up_on_a_stuck_write_back_within_close_timeout() -> None:
+    fast, inner = mem(), mem()
+    slow = Faulty(inner)
+    slow.put_gate = asyncio.Event()  # never set: the writer is stuck
+    settings = TieredSettings(close_timeout=0.05, tier_timeout=60)
+    t = TieredBackend([fast, slow], settings, own_tiers=True)
+    await t.open()
+    await t.put([key(i) for i in range(3)], [value(i) for i in range(3)])
+    await t.aclose()
+    st = tier_stats(t, 1)
+    assert st["writeback_written"] == 0
+    assert st["writeback_dropped"] >= 1  # what was still queued is counted as dropped
+    assert fast.is_closed and slow.is_closed
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults
+
+
+async def test_a_raising_tier0_is_a_counted_miss_and_reads_go_on(caplog: pytest.LogCaptureFixture) -> None:
+    inner, slow = mem(), mem()
+    fast = Faulty(inner)
+    async with fast, slow, TieredBackend([fast, slow]) as t:
+        await inner.put([key(1)], [value(1)])
+        await slow.put([key(1), key(2)], [value(1), value(2)])
+        fast.mode = "raise"
+        with caplog.at_level(logging.WARNING, logger="lmcache"):
+            for _ in range(3):
+                assert await read(t, [key(1), key(2), key(3)]) == [value(1), value(2), None]
+        st0 = tier_stats(t, 0)
+        assert st0["errors"] >= 3 and st0["healthy"] is False
+        assert t.stats()["tier_errors"] == st0["errors"]
+        assert tier_stats(t, 1)["hits"] == 6
+        # Logged once per tier and operation, however often it happened.
+        get_logs = [r for r in caplog.records if "get failed" in r.getMessage()]
+        assert len(get_logs) == 1 and "PermanentBackendError" in get_logs[0].getMessage()
+        # A put into a failing tier 0 is rejected as an error, not raised.
+        r = (await t.put([key(7)], [value(7)]))[0]
+        assert r.status is PutStatus.REJECTED and r.reason == "error"
+        assert await t.contains([key(2)]) == [True]
+        fast.mode = "ok"
+        assert await read(t, [key(1)]) == [value(1)]
+        assert tier_stats(t, 0)["healthy"] is True
+
+
+async def test_a_raising_slower_tier_is_a_miss() -> None:
+    fast, inner = mem(), mem()
+    slow = Faulty(inner)
+    async with fast, slow, TieredBackend([fast, slow]) as t:
+        await inner.put([key(1)], [value(1)])
+        slow.mode = "raise"
+        assert await read(t, [key(1)]) == [None]
+        assert await t.contains([key(1)]) == [False]
+        await t.delete([key(1)])  # does not raise either
+        assert tier_stats(t, 1)["errors"] == 3
+
+
+async def test_a_hanging_tier_becomes_a_miss_within_the_timeout() -> None:
+    fast, inner = mem(), mem()
+    slow = Faulty(inner)
+    async with fast, slow, TieredBackend([fast, slow], TieredSettings(tier_timeout=0.05)) as t:
+        await inner.put([key(1)], [value(1)])
+        await fast.put([key(0)], [value(0)])
+        slow.mode = "hang"
+        # pytest-timeout would catch a hang; the per-tier counter proves the timeout path ran.
+        assert await read(t, [key(0), key(1)]) == [value(0), None]
+        assert await t.contains([key(0), key(1)]) == [True, False]
+        assert await t.lookup_prefix([key(0), key(1)]) == 1
+        st = tier_stats(t, 1)
+        assert st["timeouts"] == 3 and st["errors"] == 0 and st["healthy"] is False
+        await t.ping()  # tier 0 answers, so the stack is up; tier 1 is reported unhealthy
+        assert tier_stats(t, 1)["timeouts"] == 4
+        slow.mode = "ok"
+
+
+async def test_ping_fails_only_when_no_tier_answers() -> None:
+    a, b = Faulty(mem()), Faulty(mem())
+    async with a, b, TieredBackend([a, b]) as t:
+        a.mode = "raise"
+        await t.ping()
+        assert t.stats()["healthy_tiers"] == 1
+        b.mode = "raise"
+        with pytest.raises(BackendUnavailableError, match="no tier answered"):
+            await t.ping()
+
+
+async def test_open_survives_a_tier_that_cannot_open() -> None:
+    class Broken(Faulty):
+        async def _open(self) -> None:
+            raise PermanentBackendError("disk gone")
+
+    fast, broken = mem(), Broken(mem())
+    async with fast, TieredBackend([fast, broken]) as t:
+        await t.put([key(1)], [value(1)])
+        assert await read(t, [key(1), key(2)]) == [value(1), None]
+        assert tier_stats(t, 1)["errors"] >= 2
+    with pytest.raises(PermanentBackendError, match="disk gone"):
+        async with TieredBackend([Broken(mem())]):
+            pass
+
+
+async def test_a_full_write_back_queue_drops_and_counts() -> None:
+    fast, inner = mem(), mem()
+    slow = Faulty(inner)
+    slow.put_gate = asyncio.Event()
+    settings = TieredSettings(write_back_queue=2, write_back_batch=1)
+    async with fast, slow, TieredBackend([fast, slow], settings) as t:
+        keys = [key(i) for i in range(6)]
+        results = await t.put(keys, [value(i) for i in range(6)])
+        assert all(r.status is PutStatus.STORED for r in results)  # puts never wait for tier 1
+        st = tier_stats(t, 1)
+        assert st["writeback_queued"] == 2 and st["writeback_dropped"] == 4
+        assert t.stats()["writeback_pending"] == 2
+        slow.put_gate.set()
+        assert await t.flush(timeout=30)
+        assert await holds(inner, keys) == [True, True, False, False, False, False]
+        assert tier_stats(t, 1)["writeback_written"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Eviction
+
+
+async def lru_stack(policy: Any = None) -> tuple[TieredBackend, MemoryBackend, MemoryBackend]:
+    # 4 KiB of pool: exactly four 1 KiB values (1 KiB is a multiple of the 64-byte alignment).
+    fast, slow = mem("4KiB"), mem()
+    t = TieredBackend([fast, slow], policy=policy)
+    await t.open()
+    return t, fast, slow
+
+
+async def close_all(*backends: StorageBackend) -> None:
+    for b in backends:
+        await b.aclose()
+
+
+async def test_lru_keeps_recently_used_keys_and_evicts_the_oldest() -> None:
+    t, fast, slow = await lru_stack()
+    try:
+        await t.put([key(i) for i in range(4)], [value(i) for i in range(4)])
+        await t.flush()
+        assert await read(t, [key(0)]) == [value(0)]  # key 0 is now the most recent
+        await t.put([key(4), key(5)], [value(4), value(5)])
+        assert await holds(fast, [key(i) for i in range(6)]) == [True, False, False, True, True, True]
+        assert tier_stats(t, 0)["evictions"] == 2
+        # Evicted from the fast tier, still served from the slow one (and promoted back).
+        await t.flush()
+        assert await read(t, [key(1)]) == [value(1)]
+        assert tier_stats(t, 1)["hits"] == 1
+        assert await holds(fast, [key(1), key(3)]) == [True, False]  # key 3 was now the oldest
+    finally:
+        await close_all(t, fast, slow)
+
+
+async def test_fifo_policy_ignores_reads() -> None:
+    t, fast, slow = await lru_stack(policy="fifo")
+    try:
+        await t.put([key(i) for i in range(4)], [value(i) for i in range(4)])
+        await t.flush()
+        await read(t, [key(0)])
+        await t.put([key(4)], [value(4)])
+        assert await holds(fast, [key(0), key(1), key(4)]) == [False, True, True]
+    finally:
+        await close_all(t, fast, slow)
+
+
+async def test_a_policy_factory_is_used_per_bounded_tier() -> None:
+    made: list[LRUPolicy] = []
+
+    def factory() -> LRUPolicy:
+        made.append(LRUPolicy())
+        return made[-1]
+
+    fast, slow = mem("4KiB"), mem("4KiB")
+    async with fast, slow, TieredBackend([fast, slow], policy=factory) as t:
+        assert len(made) == 2
+        await t.put([key(1)], [value(1)])
+        await t.flush()
+        assert key(1) in made[0] and key(1) in made[1]
+        assert tier_stats(t, 0)["tracked_bytes"] == 1 * KiB
+
+
+async def test_pinned_keys_are_not_evicted_before_their_write_back() -> None:
+    fast, inner = mem("4KiB"), mem()
+    slow = Faulty(inner)
+    slow.put_gate = asyncio.Event()
+    async with fast, slow, TieredBackend([fast, slow]) as t:
+        await t.put([key(i) for i in range(4)], [value(i) for i in range(4)])
+        # Tier 0 is full of values not yet copied to tier 1: the new put cannot take their place.
+        r = (await t.put([key(4)], [value(4)]))[0]
+        assert r.status is PutStatus.REJECTED and r.reason == "capacity"
+        assert tier_stats(t, 0)["evictions"] == 0
+        slow.put_gate.set()
+        await t.flush()
+        assert await holds(inner, [key(i) for i in range(4)]) == [True] * 4
+        # Once written back they may go.
+        assert (await t.put([key(4)], [value(4)]))[0].status is PutStatus.STORED
+        assert tier_stats(t, 0)["evictions"] >= 1
+        assert await read(t, [key(i) for i in range(5)]) == [value(i) for i in range(5)]
+
+
+async def test_capacity_rejection_without_proactive_gauges_evicts_and_retries() -> None:
+    class NoGauges(Faulty):
+        def _extra_stats(self) -> dict[str, Any]:
+            return {}  # forces the reactive path: put, rejected("capacity"), evict, retry
+
+    inner = mem("4KiB")
+    fast, slow = NoGauges(inner), mem()
+    async with fast, slow, TieredBackend([fast, slow], TieredSettings(eviction_policy="fifo")) as t:
+        await t.put([key(i) for i in range(4)], [value(i) for i in range(4)])
+        await t.flush()
+        puts_before = fast.calls.count("put")
+        assert (await t.put([key(4)], [value(4)]))[0].status is PutStatus.STORED
+        assert fast.calls.count("put") == puts_before + 2  # the rejected try and the retry
+        assert await holds(inner, [key(0), key(4)]) == [False, True]
+        assert tier_stats(t, 0)["evictions"] == 1

@@ -1,0 +1,680 @@
+"""``redis://``, ``rediss://``, ``unix://``, ``valkey://``, ``valkeys://``: a Redis or Valkey server.
+
+URL forms (options below; the password may also come from ``LMCACHE_REDIS_PASSWORD``)::
+
+    redis://[user[:password]@]host[:port][/db][?option=value&…]
+    rediss://…?ssl_ca_certs=/etc/ssl/redis-ca.pem           TLS (verifies the server by default)
+    unix:///run/redis/redis.sock?db=0                       a Unix socket
+    valkey://…, valkeys://…                                 the same, for a Valkey server
+
+Storage layout
+--------------
+*One key per value.* A value is stored as a single Redis string: the shared
+:mod:`lmcache.serde.frame` header (format version, length, xxh3 checksum, the key itself)
+followed by the payload, under the key ``prefix + CacheKey.to_string()`` (default prefix
+``lmcache:``). There is no separate metadata key, so a value can never be half there, and the
+readable key name makes ``redis-cli --scan --pattern 'lmcache:*'`` and :meth:`list_keys` work.
+Values are immutable: a put is ``SET key value NX [PX ttl]``, so the first writer wins and a
+second put reports ``EXISTS``.
+
+*Integrity.* ``get_into`` checks the header, the key binding and the payload checksum on the reply
+before copying a byte into ``dst``: a truncated, corrupted or foreign value is a counted miss and
+leaves ``dst`` untouched.
+
+*Capacity is the server's business.* The backend declares ``bounded=False``: how much a server
+holds and what it drops when full is its ``maxmemory`` and ``maxmemory-policy``. Use
+``allkeys-lru`` (or ``volatile-lru`` with ``ttl=``) for a cache; with ``noeviction`` a full server
+refuses writes with ``OOM``, which a put reports as ``REJECTED`` (reason ``capacity``).
+
+Batching and flow control
+-------------------------
+A batch is split into sub-batches of at most ``max_batch_bytes`` (and ``max_batch_keys`` keys);
+each sub-batch is one ``MGET`` or one pipeline on one connection, so per-key round trips vanish
+while every reply stays small enough to arrive within ``timeout``. Sub-batches run concurrently,
+at most ``max_connections`` at a time, and all operations of a backend share a budget of
+``max_inflight_bytes``: a batch of 64 x 32 MiB values runs as a stream of 64 MiB steps that never
+holds more than the budget in memory. Read sizes are planned from the destination buffers (a value
+cannot be larger than its ``dst`` plus the frame header). A single value larger than the budget
+still runs, alone.
+
+Connections come from a ``BlockingConnectionPool`` of ``max_connections`` (redis-py's default pool
+raises ``MaxConnectionsError`` when busy; this one waits).
+
+Failures
+--------
+Transient errors (connection loss, timeouts) are retried by redis-py's ``Retry`` with exponential
+backoff (``retries``, ``retry_backoff``, ``retry_backoff_max``); nothing else is retried. A retried
+``SET NX`` whose first reply was lost reports ``EXISTS``, which is still correct: the value is held.
+Errors are mapped at the boundary: authentication → :class:`~lmcache.errors.AuthError`, connection
+failures → :class:`~lmcache.errors.BackendUnavailableError`, timeouts →
+:class:`~lmcache.errors.BackendTimeoutError`, other server errors →
+:class:`~lmcache.errors.PermanentBackendError`. An unreachable server fails after about
+``(retries + 1) x connect_timeout`` plus backoff. A restarted server is picked up by itself: the
+pool drops broken connections and the retry opens new ones.
+
+The same code serves Valkey (it speaks the same protocol) and, through
+:mod:`lmcache.backends.redis_cluster`, a Redis Cluster. This module may not touch policy
+(eviction, promotion): that is :class:`~lmcache.tiered.TieredBackend`'s job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import logging
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from urllib.parse import quote, unquote
+
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from lmcache.backends.base import (
+    EXISTS,
+    STORED,
+    Capabilities,
+    PutResult,
+    StorageBackend,
+    check_dst_size,
+    parse_backend_url,
+    rejected,
+    settings_query,
+    split_url,
+)
+from lmcache.config import parse_duration, parse_size, setting
+from lmcache.errors import (
+    AuthError,
+    BackendError,
+    BackendTimeoutError,
+    BackendUnavailableError,
+    CapacityError,
+    ConfigError,
+    IntegrityError,
+    PermanentBackendError,
+)
+from lmcache.keys import CacheKey
+from lmcache.serde.frame import decode_frame, encode_header, header_size
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = ["RedisBackend", "RedisSettings", "map_redis_errors"]
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_PORT = 6379
+_TLS_SCHEMES = frozenset({"rediss", "valkeys"})
+_SSL_FIELDS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
+# Settings that live in the URL's netloc/path rather than its query.
+_LOCATION_FIELDS = ("host", "port", "path", "db", "username", "password")
+
+
+def _optional_duration(value: object) -> float | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        return None
+    return parse_duration(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisSettings:
+    """Options of the Redis/Valkey backends (URL query, ``LMCACHE_<SCHEME>_<NAME>`` env, overrides).
+
+    ``host``, ``port``, ``db``, ``username`` and ``password`` normally come from the URL itself.
+    """
+
+    host: str = setting("127.0.0.1", doc="Server host (from the URL).")
+    port: int = setting(DEFAULT_PORT, doc="Server port (from the URL).", min=1, max=65535)
+    path: str | None = setting(None, doc="Unix socket path (unix:// URLs).")
+    db: int = setting(0, doc="Database number (the URL path, e.g. redis://host/2).", min=0)
+    username: str | None = setting(None, doc="ACL user name (from the URL).")
+    password: str | None = setting(None, doc="Password (from the URL or the environment).", secret=True)
+    prefix: str = setting("lmcache:", doc="Prepended to every key name; namespaces caches sharing a server.")
+    ttl: float | None = setting(
+        None, doc="Expire values this long after they are stored (e.g. 1h); none = never.", parse=_optional_duration
+    )
+    connect_timeout: float = setting(2.0, doc="Seconds to connect (and authenticate).", parse=parse_duration, min=0.001)
+    timeout: float = setting(
+        10.0, doc="Seconds one command or sub-batch may take to answer.", parse=parse_duration, min=0.001
+    )
+    retries: int = setting(2, doc="Retries of a command after a connection error or timeout.", min=0, max=100)
+    retry_backoff: float = setting(
+        0.05, doc="First retry backoff in seconds (doubles each time).", parse=parse_duration
+    )
+    retry_backoff_max: float = setting(1.0, doc="Longest retry backoff in seconds.", parse=parse_duration)
+    max_connections: int = setting(16, doc="Connections in the pool; also the sub-batches run at once.", min=1)
+    max_batch_bytes: int = setting(
+        64 << 20, doc="Largest sub-batch (one MGET or pipeline) in bytes.", parse=parse_size, min=1
+    )
+    max_batch_keys: int = setting(512, doc="Most keys in one sub-batch.", min=1)
+    max_inflight_bytes: int = setting(
+        256 << 20, doc="Bytes of values in flight at once over all operations.", parse=parse_size, min=1
+    )
+    health_check_interval: float = setting(
+        0.0, doc="PING a pooled connection idle this long before using it (0 = off).", parse=parse_duration
+    )
+    ssl_ca_certs: str | None = setting(None, doc="CA bundle that verifies the server (rediss:// only).")
+    ssl_certfile: str | None = setting(None, doc="Client certificate for mutual TLS (rediss:// only).")
+    ssl_keyfile: str | None = setting(None, doc="Client key for mutual TLS (rediss:// only).")
+    ssl_cert_reqs: str = setting(
+        "required", doc="Server certificate check (rediss:// only).", choices=("required", "optional", "none")
+    )
+    ssl_check_hostname: bool = setting(True, doc="Check the server certificate names the host (rediss:// only).")
+
+
+# ---------------------------------------------------------------------------------------------
+# Error mapping
+
+_OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
+    t for t in (getattr(rexc, "OutOfMemoryError", None),) if t is not None
+)
+_AUTH_ERRORS: tuple[type[BaseException], ...] = tuple(
+    t
+    for t in (
+        rexc.AuthenticationError,
+        getattr(rexc, "AuthenticationWrongNumberOfArgsError", None),
+        getattr(rexc, "AuthorizationError", None),
+        getattr(rexc, "NoPermissionError", None),
+    )
+    if t is not None
+)
+# Server states that pass: loading a dataset, a failover in progress, a cluster reconfiguring.
+_UNAVAILABLE_RESPONSES: tuple[type[BaseException], ...] = (
+    rexc.ReadOnlyError,
+    rexc.ClusterDownError,
+    rexc.TryAgainError,
+)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, _OOM_ERRORS) or (isinstance(exc, rexc.ResponseError) and str(exc).startswith("OOM"))
+
+
+def _cert_failure(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, ssl.SSLCertVerificationError):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return "CERTIFICATE_VERIFY_FAILED" in str(exc)
+
+
+def translate_error(exc: BaseException, what: str) -> BaseException:
+    """The :mod:`lmcache.errors` exception for a redis-py (or socket) exception.
+
+    Returns ``exc`` itself when it is already an lmcache error or not a lower-layer failure.
+    """
+    if isinstance(exc, BackendError):
+        return exc
+    msg = f"{what}: {type(exc).__name__}: {exc}"
+    if isinstance(exc, _AUTH_ERRORS):
+        return AuthError(msg)
+    if _cert_failure(exc):
+        return AuthError(f"{what}: the server's TLS certificate was not accepted: {exc}")
+    if _is_oom(exc):
+        return CapacityError(msg)
+    if isinstance(exc, rexc.TimeoutError) and "connect" in str(exc).lower():
+        # A connect that times out means the host cannot be reached, not a slow command.
+        return BackendUnavailableError(msg)
+    if isinstance(exc, (rexc.TimeoutError, asyncio.TimeoutError, TimeoutError)):
+        return BackendTimeoutError(msg)
+    if isinstance(exc, (rexc.ConnectionError, ConnectionError, *_UNAVAILABLE_RESPONSES)):
+        return BackendUnavailableError(msg)
+    if isinstance(exc, rexc.RedisClusterException) and not isinstance(exc, rexc.CrossSlotTransactionError):
+        # "Redis Cluster cannot be connected", slots not covered: the cluster is not reachable/ready.
+        return BackendUnavailableError(msg)
+    if isinstance(exc, OSError):
+        return BackendUnavailableError(msg)
+    if isinstance(exc, rexc.RedisError):
+        return PermanentBackendError(msg)
+    return exc
+
+
+@contextlib.contextmanager
+def map_redis_errors(what: str) -> Iterator[None]:
+    """Map redis-py exceptions raised in the block into :mod:`lmcache.errors` (``from`` the original).
+
+    Args:
+        what: The operation and target, used in the message (must not contain secrets).
+    """
+    try:
+        yield
+    except (rexc.RedisError, rexc.RedisClusterException, OSError) as exc:
+        mapped = translate_error(exc, what)
+        if mapped is exc:
+            raise
+        raise mapped from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Flow control
+
+
+class _ByteBudget:
+    """A FIFO async semaphore counted in bytes; a request larger than the whole budget runs alone."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    def _fits(self, n: int) -> bool:
+        return self.used == 0 or self.used + n <= self.limit
+
+    async def acquire(self, n: int) -> None:
+        if not self._waiters and self._fits(n):
+            self.used += n
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (n, fut)
+        self._waiters.append(entry)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release(n)  # granted just as we were cancelled: hand it on
+            else:
+                self._waiters.remove(entry)
+                self._wake()
+            raise
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self._fits(self._waiters[0][0]):
+            n, fut = self._waiters.popleft()
+            if fut.done():
+                continue
+            self.used += n
+            fut.set_result(None)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, n: int) -> AsyncIterator[None]:
+        await self.acquire(n)
+        try:
+            yield
+        finally:
+            self.release(n)
+
+
+def _split_batches(sizes: Sequence[int], max_bytes: int, max_keys: int) -> list[range]:
+    """Contiguous index ranges whose sizes sum to at most ``max_bytes`` (a lone big item is allowed)."""
+    out: list[range] = []
+    start = 0
+    acc = 0
+    for i, n in enumerate(sizes):
+        if i > start and (acc + n > max_bytes or i - start >= max_keys):
+            out.append(range(start, i))
+            start, acc = i, 0
+        acc += n
+    if start < len(sizes):
+        out.append(range(start, len(sizes)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend
+
+
+class RedisBackend(StorageBackend):
+    """Values in a Redis or Valkey server, one string key per value (see the module docstring).
+
+    Args:
+        settings: Parsed options; build with :meth:`from_url`.
+        scheme: The URL scheme it was built from (kept so :attr:`url` round trips).
+    """
+
+    schemes: ClassVar[tuple[str, ...]] = ("redis", "rediss", "unix", "valkey", "valkeys")
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        persistent=True,
+        shared=True,
+        device_buffers=False,
+        listing=True,
+        integrity_checked=True,
+        bounded=False,
+        # Redis's default proto-max-bulk-len is 512 MiB per value, frame header included.
+        max_value_bytes=(512 << 20) - (64 << 10),
+    )
+    secret_options: ClassVar[tuple[str, ...]] = ("password",)
+
+    def __init__(self, settings: RedisSettings, scheme: str = "redis") -> None:
+        super().__init__()
+        self.settings = settings
+        self.scheme = scheme
+        self._prefix = settings.prefix.encode()
+        self._client: Any = None
+        self._budget: _ByteBudget | None = None
+        self._slots: asyncio.Semaphore | None = None
+
+    # -- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: Any) -> Self:
+        """Build from a ``redis://``/``rediss://``/``unix://``/``valkey://``/``valkeys://`` URL; no I/O.
+
+        Raises:
+            ConfigError: An unknown option, a bad value or port, or TLS options on a plain scheme.
+        """
+        parts = split_url(url)
+        if parts.fragment:
+            raise ConfigError(f"{parts.scheme}:// URLs take no #fragment")
+        location: dict[str, object] = {}
+        if parts.scheme == "unix":
+            if parts.hostname or parts.port:
+                raise ConfigError("unix:// URLs name a socket path, e.g. unix:///run/redis/redis.sock?db=0")
+            if not parts.path or parts.path == "/":
+                raise ConfigError("unix:// URL has no socket path, e.g. unix:///run/redis/redis.sock")
+            location["path"] = unquote(parts.path)
+        elif parts.scheme in cls.schemes:
+            if "path" in overrides or "path=" in parts.query:
+                raise ConfigError(f"{parts.scheme}:// takes no socket path; use unix:///path/to/redis.sock")
+            if parts.hostname:
+                location["host"] = parts.hostname
+            if parts.port is not None:
+                location["port"] = parts.port
+            elif parts.netloc.rsplit("@", 1)[-1].endswith(":"):
+                raise ConfigError(f"{parts.scheme}:// URL has an empty port")
+            db = parts.path.strip("/")
+            if db:
+                if not db.isdigit():
+                    raise ConfigError(f"{parts.scheme}:// URL path must be a database number, got {db!r}")
+                location["db"] = int(db)
+        if parts.username:
+            location["username"] = unquote(parts.username)
+        if parts.password is not None:
+            location["password"] = unquote(parts.password)
+        settings = parse_backend_url(url, cls.schemes, RedisSettings, location, overrides, split=parts)
+        cls._check_tls(parts.scheme, settings)
+        return cls(settings, parts.scheme)
+
+    @staticmethod
+    def _check_tls(scheme: str, settings: RedisSettings) -> None:
+        if scheme in _TLS_SCHEMES:
+            return
+        defaults = RedisSettings()
+        given = [f for f in _SSL_FIELDS if getattr(settings, f) != getattr(defaults, f)]
+        if given:
+            tls = "valkeys" if scheme.startswith("valkey") else "rediss"
+            raise ConfigError(f"{scheme}:// does not use TLS; {', '.join(given)} need a {tls}:// URL")
+
+    @property
+    def url(self) -> str:
+        """A URL that rebuilds this backend (includes the password, if any: do not log it)."""
+        s = self.settings
+        query = settings_query(s, skip=_LOCATION_FIELDS)
+        if self.scheme == "unix":
+            extra = f"db={s.db}" if s.db else ""
+            q = "&".join(p for p in (extra, query) if p)
+            base = f"unix://{_userinfo(s)}{quote(s.path or '')}"
+            return base + (f"?{q}" if q else "")
+        return f"{self.scheme}://{_userinfo(s)}{_host(s.host)}:{s.port}/{s.db}" + (f"?{query}" if query else "")
+
+    def _target(self) -> str:
+        """Where the server is, for messages (never includes credentials)."""
+        s = self.settings
+        if self.scheme == "unix":
+            return f"unix://{s.path}"
+        return f"{self.scheme}://{_host(s.host)}:{s.port}/{s.db}"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def _retry(self) -> Retry:
+        s = self.settings
+        return Retry(
+            ExponentialBackoff(cap=s.retry_backoff_max, base=s.retry_backoff),
+            s.retries,
+            supported_errors=(rexc.ConnectionError, rexc.TimeoutError),
+        )
+
+    def _connection_kwargs(self) -> dict[str, Any]:
+        """Arguments every connection (standalone or per cluster node) is made with."""
+        s = self.settings
+        kw: dict[str, Any] = {
+            "username": s.username,
+            "password": s.password,
+            "socket_timeout": s.timeout,
+            "socket_connect_timeout": s.connect_timeout,
+            "retry": self._retry(),
+            "health_check_interval": s.health_check_interval,
+            "protocol": 2,  # RESP2: understood by every Redis/Valkey version
+        }
+        if self.scheme in _TLS_SCHEMES:
+            kw.update(
+                ssl_ca_certs=s.ssl_ca_certs,
+                ssl_certfile=s.ssl_certfile,
+                ssl_keyfile=s.ssl_keyfile,
+                ssl_cert_reqs=s.ssl_cert_reqs,
+                ssl_check_hostname=s.ssl_check_hostname and s.ssl_cert_reqs != "none",
+            )
+        return kw
+
+    def _make_client(self) -> Any:
+        s = self.settings
+        kw = self._connection_kwargs()
+        if self.scheme == "unix":
+            kw.update(connection_class=aioredis.UnixDomainSocketConnection, path=s.path)
+        else:
+            kw.update(host=s.host, port=s.port)
+            if self.scheme in _TLS_SCHEMES:
+                kw["connection_class"] = aioredis.SSLConnection
+            else:
+                for f in _SSL_FIELDS:
+                    kw.pop(f, None)
+        kw["db"] = s.db
+        # Waits for a free connection instead of raising MaxConnectionsError; our own semaphore
+        # keeps concurrent sub-batches at max_connections, so the wait is short.
+        pool = aioredis.BlockingConnectionPool(max_connections=s.max_connections, timeout=None, **kw)
+        return aioredis.Redis(connection_pool=pool)
+
+    async def _open(self) -> None:
+        s = self.settings
+        self._budget = _ByteBudget(s.max_inflight_bytes)
+        self._slots = asyncio.Semaphore(s.max_connections)
+        client = self._make_client()
+        try:
+            with map_redis_errors(f"connecting to {self._target()}"):
+                await client.ping()
+        except BaseException:
+            await self._close_client(client)
+            raise
+        self._client = client
+        logger.debug("%r: connected", self)
+
+    async def _close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await self._close_client(client)
+
+    @staticmethod
+    async def _close_client(client: Any) -> None:
+        with contextlib.suppress(Exception):
+            await client.aclose()
+        pool = getattr(client, "connection_pool", None)
+        if pool is not None:
+            with contextlib.suppress(Exception):
+                await pool.disconnect()
+
+    async def _ping(self) -> None:
+        with map_redis_errors(f"PING {self._target()}"):
+            await self._client.ping()
+
+    def _extra_stats(self) -> dict[str, Any]:
+        return {
+            "target": self._target(),
+            "prefix": self.settings.prefix,
+            "inflight_bytes": self._budget.used if self._budget is not None else 0,
+        }
+
+    # -- key names ---------------------------------------------------------------------------
+
+    def key_name(self, key: CacheKey) -> bytes:
+        """The Redis key a value is stored under (``prefix + key.to_string()``)."""
+        return self._prefix + key.to_string().encode()
+
+    # -- batching ----------------------------------------------------------------------------
+
+    async def _run_batches(
+        self,
+        sizes: Sequence[int],
+        step: Callable[[range], Awaitable[None]],
+        what: str,
+    ) -> None:
+        """Run ``step`` over byte-bounded sub-batches, concurrently within the budget.
+
+        On the first failure the other sub-batches are cancelled (and awaited) before it is
+        raised, so nothing of this call still runs when it returns.
+        """
+        s = self.settings
+        batches = _split_batches(sizes, s.max_batch_bytes, s.max_batch_keys)
+        assert self._budget is not None and self._slots is not None
+        budget, slots = self._budget, self._slots
+
+        async def run(r: range) -> None:
+            nbytes = sum(sizes[i] for i in r)
+            async with budget.hold(nbytes), slots:
+                with map_redis_errors(f"{what} on {self._target()}"):
+                    await step(r)
+
+        if len(batches) == 1:
+            await run(batches[0])
+            return
+        tasks = [asyncio.ensure_future(run(r)) for r in batches]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    # -- commands a cluster subclass overrides ----------------------------------------------
+
+    async def _mget(self, names: list[bytes]) -> list[Any]:
+        return await self._client.mget(names)
+
+    async def _pipeline(self, build: Callable[[Any], None]) -> list[Any]:
+        """Run the commands ``build`` queues on a non-transactional pipeline; errors come back as items."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            build(pipe)
+            return await pipe.execute(raise_on_error=False)
+
+    async def _unlink(self, names: list[bytes]) -> None:
+        await self._client.unlink(*names)
+
+    def _scan(self, match: bytes) -> AsyncIterator[bytes]:
+        return self._client.scan_iter(match=match, count=1000)
+
+    # -- operations --------------------------------------------------------------------------
+
+    async def _contains(self, keys: list[CacheKey]) -> list[bool]:
+        out = [False] * len(keys)
+        names = [self.key_name(k) for k in keys]
+
+        async def step(r: range) -> None:
+            replies = await self._pipeline(lambda p: [p.exists(names[i]) for i in r])
+            for i, reply in zip(r, replies, strict=True):
+                if isinstance(reply, BaseException):
+                    raise reply
+                out[i] = bool(reply)
+
+        await self._run_batches([64] * len(keys), step, "EXISTS")
+        return out
+
+    async def _get_into(self, keys: list[CacheKey], dsts: list[memoryview]) -> list[int | None]:
+        out: list[int | None] = [None] * len(keys)
+        names = [self.key_name(k) for k in keys]
+        # A stored frame is at most dst + header bytes; anything larger cannot fit its dst anyway.
+        sizes = [d.nbytes + header_size(len(n), 0) for d, n in zip(dsts, names, strict=True)]
+
+        async def step(r: range) -> None:
+            replies = await self._mget([names[i] for i in r])
+            for i, reply in zip(r, replies, strict=True):
+                if isinstance(reply, BaseException):
+                    raise reply
+                if reply is None:
+                    continue
+                try:
+                    header, payload = decode_frame(reply, keys[i])
+                except IntegrityError as exc:
+                    self.record_corrupt(keys[i], exc)
+                    continue
+                check_dst_size(keys[i], dsts[i], header.payload_len)
+                dsts[i][: header.payload_len] = payload
+                out[i] = header.payload_len
+
+        await self._run_batches(sizes, step, "GET")
+        return out
+
+    async def _put(self, keys: list[CacheKey], srcs: list[memoryview]) -> list[PutResult]:
+        out: list[PutResult] = [rejected("error")] * len(keys)
+        names = [self.key_name(k) for k in keys]
+        sizes = [s.nbytes + header_size(len(n), 0) for s, n in zip(srcs, names, strict=True)]
+        px = None if self.settings.ttl is None else max(1, round(self.settings.ttl * 1000))
+
+        async def step(r: range) -> None:
+            # One copy per value: the frame header and payload must travel as one bulk string.
+            # Frames are built per sub-batch so at most max_inflight_bytes of them exist at once.
+            frames = {i: b"".join((encode_header(keys[i], srcs[i]), srcs[i])) for i in r}
+            replies = await self._pipeline(lambda p: [p.set(names[i], frames[i], nx=True, px=px) for i in r])
+            frames.clear()
+            for i, reply in zip(r, replies, strict=True):
+                if isinstance(reply, BaseException):
+                    if _is_oom(reply):
+                        self.log_once("oom", "%r: the server is full (OOM); puts are rejected", self)
+                        out[i] = rejected("capacity")
+                        continue
+                    raise reply
+                out[i] = STORED if reply else EXISTS
+
+        await self._run_batches(sizes, step, "SET")
+        return out
+
+    async def _delete(self, keys: list[CacheKey]) -> None:
+        names = [self.key_name(k) for k in keys]
+
+        async def step(r: range) -> None:
+            # UNLINK frees big values on a server thread instead of blocking the server.
+            await self._unlink([names[i] for i in r])
+
+        await self._run_batches([64] * len(keys), step, "UNLINK")
+
+    async def _list_keys(self) -> AsyncIterator[CacheKey]:
+        match = _glob_escape(self._prefix) + b"*"
+        n = len(self._prefix)
+        with map_redis_errors(f"SCAN on {self._target()}"):
+            async for name in self._scan(match):
+                try:
+                    yield CacheKey.from_string(bytes(name[n:]).decode())
+                except (UnicodeDecodeError, ValueError):
+                    continue  # not one of ours: a foreign key that shares the prefix
+
+
+def _glob_escape(text: bytes) -> bytes:
+    out = bytearray()
+    for b in text:
+        if b in b"*?[]\\":
+            out.append(ord("\\"))
+        out.append(b)
+    return bytes(out)
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _userinfo(s: RedisSettings) -> str:
+    if s.username is None and s.password is None:
+        return ""
+    user = quote(s.username or "", safe="")
+    if s.password is None:
+        return f"{user}@"
+    return f"{user}:{quote(s.password, safe='')}@"

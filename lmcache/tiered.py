@@ -28,7 +28,10 @@ bytes; this module decides where values go, when they move and what is given up.
   a miss for reads / a rejected put (``"error"``), counted per tier (``errors``/``timeouts``)
   and logged once per tier, operation and kind; serving goes on. Timeouts cancel the tier call
   and wait for it to unwind (rule 3: nothing may write into a ``dst`` after we return), so a
-  tier blocked in an executor thread is bounded by its own SDK timeouts, not by ours.
+  tier blocked in an executor thread is bounded by its own SDK timeouts, not by ours. After a
+  timeout the tier is skipped (an immediate miss, counted as ``skipped``) for
+  ``tier_retry_after`` seconds, so a hung tier costs one timeout, not one per request; pings
+  always probe it, and background writers wait the pause out instead of failing.
 * **Eviction.** For tiers with ``capabilities.bounded`` an :class:`~lmcache.policies.EvictionPolicy`
   instance tracks the keys and sizes this backend stored there (on put, promotion and
   write-back; seeded from ``list_keys()`` at open for persistent, listable tiers). Before a put
@@ -55,7 +58,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode
 
@@ -115,6 +118,12 @@ class TieredSettings:
     tier_timeout: float = setting(
         5.0, doc="Seconds one tier call may take before it counts as a miss.", parse=parse_duration, min=0.001
     )
+    tier_retry_after: float = setting(
+        1.0,
+        doc="Seconds a tier that timed out is skipped (a miss at once) before it is tried again; 0: never skip.",
+        parse=parse_duration,
+        min=0,
+    )
     close_timeout: float = setting(
         30.0, doc="Seconds aclose() waits for pending write-backs before dropping them.", parse=parse_duration, min=0
     )
@@ -129,6 +138,7 @@ class TierStats:
     misses: int = 0
     errors: int = 0
     timeouts: int = 0
+    skipped: int = 0
     promotions: int = 0
     writeback_queued: int = 0
     writeback_written: int = 0
@@ -180,6 +190,7 @@ class _Tier:
     policy: EvictionPolicy | None
     stats: TierStats = dataclasses.field(default_factory=TierStats)
     healthy: bool = True
+    suspended_until: float = 0.0  # loop time before which calls are skipped (after a timeout)
     queue: asyncio.Queue[_WriteBack] | None = None
     writer: asyncio.Task[None] | None = None
     staging: _StagingPool = dataclasses.field(default_factory=_StagingPool)
@@ -408,12 +419,19 @@ class TieredBackend(StorageBackend):
 
     # -- guarded tier calls ------------------------------------------------------------------
 
-    async def _guard(self, tier: _Tier, op: str, call: Awaitable[T]) -> T:
+    async def _guard(self, tier: _Tier, op: str, call: Coroutine[Any, Any, T], *, probe: bool = False) -> T:
         """Run one tier call under the tier timeout; a failure returns ``_FAILED`` (counted).
 
         Caller errors (:class:`InvalidArgumentError`, e.g. a ``dst`` smaller than the value)
-        propagate: they are not the tier's fault and retrying elsewhere would not help.
+        propagate: they are not the tier's fault and retrying elsewhere would not help. A tier
+        that timed out less than ``tier_retry_after`` seconds ago is skipped at once (counted
+        as ``skipped``), so one hung tier costs a request at most one timeout, not one per
+        call; ``probe`` calls (pings) are always made and a success lifts the suspension.
         """
+        if not probe and tier.suspended_until and asyncio.get_running_loop().time() < tier.suspended_until:
+            call.close()  # never started: nothing to cancel or await
+            tier.stats.skipped += 1
+            return _FAILED  # type: ignore[no-any-return]
         try:
             out = await asyncio.wait_for(call, self.settings.tier_timeout)
         except InvalidArgumentError:
@@ -422,12 +440,15 @@ class TieredBackend(StorageBackend):
             self._record_failure(tier, op, exc)
             return _FAILED  # type: ignore[no-any-return]
         tier.healthy = True
+        tier.suspended_until = 0.0
         return out
 
     def _record_failure(self, tier: _Tier, op: str, exc: BaseException) -> None:
         tier.healthy = False
         if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):  # ours, or the tier's BackendTimeoutError
             tier.stats.timeouts += 1
+            if self.settings.tier_retry_after > 0:
+                tier.suspended_until = asyncio.get_running_loop().time() + self.settings.tier_retry_after
             self.log_once(
                 f"{tier.index}:{op}:timeout",
                 "%r: %s %s timed out (tier_timeout=%ss); treating it as a miss",
@@ -471,6 +492,7 @@ class TieredBackend(StorageBackend):
     async def _get_into(self, keys: list[CacheKey], dsts: list[memoryview]) -> list[int | None]:
         results: list[int | None] = [None] * len(keys)
         hit_tier = [0] * len(keys)
+        top_failed = False
         todo = list(range(len(keys)))
         for tier in self._tiers:
             if not todo:
@@ -478,6 +500,7 @@ class TieredBackend(StorageBackend):
             sub_keys = [keys[i] for i in todo]
             got = await self._guard(tier, "get", tier.backend.get_into(sub_keys, [dsts[i] for i in todo]))
             if got is _FAILED:
+                top_failed = top_failed or tier.index == 0
                 continue
             rest = []
             for i, n in zip(todo, got, strict=True):
@@ -491,7 +514,8 @@ class TieredBackend(StorageBackend):
                     if tier.policy is not None:
                         tier.policy.on_access(keys[i])
             todo = rest
-        if self.settings.promote_on_hit and len(self._tiers) > 1:
+        # Promoting into a tier 0 that just failed this read would only add a second wait.
+        if self.settings.promote_on_hit and len(self._tiers) > 1 and not top_failed:
             await self._promote(keys, dsts, results, hit_tier)
         return results
 
@@ -625,6 +649,11 @@ class TieredBackend(StorageBackend):
         assert queue is not None
         while True:
             batch = [await queue.get()]
+            # A suspended tier is waited out rather than skipped: the queue absorbs the pause
+            # (and drops, counted, when it fills) instead of losing the batch in hand.
+            delay = tier.suspended_until - asyncio.get_running_loop().time()
+            if delay > 0:
+                await asyncio.sleep(delay)
             while len(batch) < self.settings.write_back_batch and not queue.empty():
                 batch.append(queue.get_nowait())
             try:
@@ -693,7 +722,7 @@ class TieredBackend(StorageBackend):
     # -- health, stats, listing --------------------------------------------------------------
 
     async def _ping(self) -> None:
-        outcomes = await asyncio.gather(*(self._guard(t, "ping", t.backend.ping()) for t in self._tiers))
+        outcomes = await asyncio.gather(*(self._guard(t, "ping", t.backend.ping(), probe=True) for t in self._tiers))
         if all(o is _FAILED for o in outcomes):
             raise BackendUnavailableError(f"{self!r}: no tier answered a ping")
 

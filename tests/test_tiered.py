@@ -412,15 +412,42 @@ async def test_a_hanging_tier_becomes_a_miss_within_the_timeout() -> None:
         await inner.put([key(1)], [value(1)])
         await fast.put([key(0)], [value(0)])
         slow.mode = "hang"
-        # pytest-timeout would catch a hang; the per-tier counter proves the timeout path ran.
+        # pytest-timeout would catch a hang; the per-tier counters prove which path ran.
         assert await read(t, [key(0), key(1)]) == [value(0), None]
+        assert tier_stats(t, 1)["timeouts"] == 1
+        # Within tier_retry_after the hung tier is not waited for again: an immediate miss.
         assert await t.contains([key(0), key(1)]) == [True, False]
         assert await t.lookup_prefix([key(0), key(1)]) == 1
         st = tier_stats(t, 1)
-        assert st["timeouts"] == 3 and st["errors"] == 0 and st["healthy"] is False
-        await t.ping()  # tier 0 answers, so the stack is up; tier 1 is reported unhealthy
-        assert tier_stats(t, 1)["timeouts"] == 4
+        assert (st["timeouts"], st["skipped"], st["errors"], st["healthy"]) == (1, 2, 0, False)
+        await t.ping()  # pings always probe; tier 0 answers, so the stack is up
+        assert tier_stats(t, 1)["timeouts"] == 2
         slow.mode = "ok"
+        await t.ping()  # a successful probe lifts the suspension
+        assert await read(t, [key(1)]) == [value(1)]
+        assert tier_stats(t, 1)["healthy"] is True
+
+
+async def test_without_retry_after_every_call_waits_for_the_timeout() -> None:
+    fast, slow = mem(), Faulty(mem())
+    settings = TieredSettings(tier_timeout=0.02, tier_retry_after=0)
+    async with fast, slow, TieredBackend([fast, slow], settings) as t:
+        slow.mode = "hang"
+        for _ in range(2):
+            assert await read(t, [key(1)]) == [None]
+        st = tier_stats(t, 1)
+        assert (st["timeouts"], st["skipped"]) == (2, 0)
+
+
+async def test_a_timed_out_tier0_is_not_promoted_into() -> None:
+    inner, slow = mem(), mem()
+    fast = Faulty(inner)
+    async with fast, slow, TieredBackend([fast, slow], TieredSettings(tier_timeout=0.02)) as t:
+        await slow.put([key(1)], [value(1)])
+        fast.mode = "hang"
+        assert await read(t, [key(1)]) == [value(1)]
+        assert fast.calls == ["get"]  # no promotion put into the tier that just hung
+        assert tier_stats(t, 0)["timeouts"] == 1
 
 
 async def test_ping_fails_only_when_no_tier_answers() -> None:

@@ -591,3 +591,43 @@ async def test_capacity_rejection_without_proactive_gauges_evicts_and_retries() 
         assert fast.calls.count("put") == puts_before + 2  # the rejected try and the retry
         assert await holds(inner, [key(0), key(4)]) == [False, True]
         assert tier_stats(t, 0)["evictions"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# A memory + file stack (the usual CPU + SSD deployment)
+
+
+def file_url(path: Any, capacity: str | None = None) -> str:
+    return f"file://{path}" + (f"?capacity={capacity}" if capacity else "")
+
+
+async def test_memory_file_stack_persists_through_a_restart(tmp_path) -> None:
+    urls = ["memory://?capacity=1MiB", file_url(tmp_path / "kv")]
+    async with TieredBackend.from_urls(urls) as t:
+        await t.put([key(i) for i in range(3)], [value(i) for i in range(3)])
+        url = t.url
+    # aclose() flushed the write-back: a fresh process-like stack finds the values on disk.
+    async with TieredBackend.from_url(url) as again:
+        assert again.capabilities.persistent
+        assert await again.lookup_prefix([key(0), key(1), key(2), key(3)]) == 3
+        assert await read(again, [key(1)]) == [value(1)]
+        assert tier_stats(again, 1)["hits"] == 1 and tier_stats(again, 0)["promotions"] == 1
+        assert await read(again.tiers[0], [key(1)]) == [value(1)]
+
+
+async def test_a_persistent_tier_is_seeded_so_old_values_are_evicted_first(tmp_path) -> None:
+    root = tmp_path / "kv"
+    async with TieredBackend.from_urls([file_url(root)]) as first:
+        await first.put([key(i) for i in range(3)], [value(i) for i in range(3)])
+    # Restart with a 4 KiB file tier: it holds the 3 old values and must evict them before new ones.
+    async with TieredBackend.from_urls(["memory://?capacity=1MiB", file_url(root, "4KiB")]) as t:
+        st = tier_stats(t, 1)
+        assert st["tracked_keys"] == 3 and st["tracked_bytes"] == 3 * KiB  # sizes from used_bytes
+        await t.put([key(10), key(11)], [value(10), value(11)])
+        await t.flush()
+        disk = t.tiers[1]
+        old = await holds(disk, [key(0), key(1), key(2)])
+        assert sorted(old) == [False, True, True]  # one old value (in listing order) made room
+        assert await holds(disk, [key(10), key(11)]) == [True, True]
+        assert tier_stats(t, 1)["evictions"] == 1
+        assert tier_stats(t, 1)["writeback_written"] == 2

@@ -58,7 +58,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode
 
@@ -73,7 +73,7 @@ from lmcache.backends.base import (
     settings_query,
     split_url,
 )
-from lmcache.config import LMCacheConfig, parse_duration, resolve_settings, setting
+from lmcache.config import LMCacheConfig, env_layer, parse_duration, resolve_settings, setting
 from lmcache.errors import (
     BackendError,
     BackendUnavailableError,
@@ -258,7 +258,7 @@ class TieredBackend(StorageBackend):
         Args:
             urls: Backend URLs such as ``memory://?capacity=8GiB``, ``file:///var/lib/lmcache``.
             policy: An eviction policy factory or name (overrides ``eviction_policy``).
-            **settings: :class:`TieredSettings` fields.
+            **settings: :class:`TieredSettings` fields (over ``LMCACHE_TIERED_<FIELD>`` env).
 
         Raises:
             ConfigError: A bad URL, an unknown setting or value.
@@ -266,9 +266,11 @@ class TieredBackend(StorageBackend):
         """
         if isinstance(urls, str):
             raise ConfigError("tiered://: from_urls takes a list of URLs")
-        parsed = resolve_settings(
-            TieredSettings, [("keyword arguments", settings)], owner="tiered://", strict=("keyword arguments",)
-        )
+        layers: list[tuple[str, Mapping[str, object]]] = [
+            ("environment", env_layer("LMCACHE_TIERED_", TieredSettings)),  # as from_url reads it
+            ("keyword arguments", settings),
+        ]
+        parsed = resolve_settings(TieredSettings, layers, owner="tiered://", strict=("keyword arguments",))
         return cls(_build_tiers(urls), parsed, policy=policy, own_tiers=True)
 
     @classmethod

@@ -177,6 +177,15 @@ def test_url_overrides_and_errors() -> None:
         TieredBackend([m, m])
 
 
+def test_environment_settings_apply_below_keywords(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LMCACHE_TIERED_WRITE_BACK_BATCH", "3")
+    monkeypatch.setenv("LMCACHE_TIERED_TIER_TIMEOUT", "9")
+    t = TieredBackend.from_urls(["memory://"], tier_timeout=2)
+    assert (t.settings.write_back_batch, t.settings.tier_timeout) == (3, 2.0)
+    u = TieredBackend.from_url("tiered://?tier=memory%3A%2F%2F")
+    assert (u.settings.write_back_batch, u.settings.tier_timeout) == (3, 9.0)
+
+
 def test_from_config_uses_the_tiering_fields() -> None:
     cfg = LMCacheConfig.load(
         environ={},

@@ -20,7 +20,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from lmcache.errors import LMCacheError
 
@@ -77,8 +77,7 @@ async def _ls(url: str, limit: int | None, as_json: bool) -> int:
     backend = open_backend(url)
     shown = 0
     async with backend:
-        entries = _list_entries(backend)
-        async for key, size in entries:
+        async for key, size in backend.list_entries():
             if limit is not None and shown >= limit:
                 break
             if as_json:
@@ -88,17 +87,6 @@ async def _ls(url: str, limit: int | None, as_json: bool) -> int:
             shown += 1
     print(f"{shown} key(s)" + (f" (limit {limit})" if limit is not None and shown >= limit else ""), file=sys.stderr)
     return 0
-
-
-async def _list_entries(backend: Any) -> Any:
-    """Keys with sizes: ``list_entries`` where the backend offers it, else keys with size None."""
-    list_entries = getattr(backend, "list_entries", None)
-    if list_entries is not None:
-        async for key, size in list_entries():
-            yield key, size
-        return
-    async for key in backend.list_keys():
-        yield key, None
 
 
 def _register_stats(sub: argparse._SubParsersAction) -> None:

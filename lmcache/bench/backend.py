@@ -41,8 +41,9 @@ for that configuration. A baseline implements ``put_batch``/``get_batch`` over t
 buffers the backend sees, plus optional ``open``/``end_round``/``aclose``. Built in:
 
 * ``memory``: :class:`MemcpyBaseline`, ``numpy.copyto`` into / out of a preallocated pool.
-* ``file``: :class:`RawFileBaseline`, open/write/(fsync)/close of one file per value in a scratch
-  directory inside the backend's root (same file system), and open/readinto/close to read.
+* ``file``: :class:`RawFileBaseline`, open/write/close of one file per value in a scratch
+  directory inside the backend's root (same file system), with the backend's ``fsync`` policy,
+  ``o_direct`` flag and worker count, and open/readinto/close to read.
 
 Later work adds e.g. ``register_baseline("redis", "lmcache.bench.baselines.redis:make")`` for raw
 redis-py SET/GET, raw aioboto3 for ``s3``, or a memcpy over shared memory for ``lm+unix``.
@@ -58,6 +59,7 @@ import dataclasses
 import hashlib
 import importlib
 import logging
+import mmap
 import os
 import shutil
 import tempfile
@@ -73,7 +75,7 @@ from urllib.parse import parse_qsl
 import numpy as np
 
 from lmcache.backends.base import PutStatus, StorageBackend, redact_url, split_url
-from lmcache.backends.registry import backend_class
+from lmcache.backends.registry import open_backend
 from lmcache.bench import non_negative_int, positive_int, report, size_arg
 from lmcache.config import format_size
 from lmcache.errors import BackendError, CapacityError, ConfigError, IntegrityError
@@ -152,8 +154,9 @@ class Workload:
         self.run_id = uuid.uuid4().hex  # keys never collide with an earlier run on a persistent store
         rng = np.random.default_rng(seed)
         # Random bytes: a compressing or deduplicating backend gets no unfair advantage.
-        self.srcs = rng.integers(0, 256, size=(count, value_size), dtype=np.uint8)
-        self.dsts = np.empty((count, value_size), dtype=np.uint8)
+        self.srcs = _page_aligned(count, value_size)
+        self.srcs[...] = rng.integers(0, 256, size=(count, value_size), dtype=np.uint8)
+        self.dsts = _page_aligned(count, value_size)
         self.dsts.fill(_POISON)  # touch every page now, not inside a timed get
         self.batches: list[range] = [range(i, min(i + batch, count)) for i in range(0, count, batch)]
 
@@ -209,6 +212,18 @@ class Workload:
                 f"{what}: {len(bad)} of {self.count} values read back wrong ({'; '.join(bad[:3])}); "
                 "refusing to report numbers for a backend that returns wrong data"
             )
+
+
+def _page_aligned(rows: int, cols: int) -> np.ndarray:
+    """A ``(rows, cols)`` uint8 array starting on a page boundary, like a pinned KV pool.
+
+    Rows are page aligned too when ``cols`` is a multiple of the page size, which O_DIRECT
+    paths (raw or in a backend) need to skip a staging copy.
+    """
+    page = mmap.PAGESIZE
+    raw = np.empty(rows * cols + page, dtype=np.uint8)
+    offset = (-raw.ctypes.data) % page
+    return raw[offset : offset + rows * cols].reshape(rows, cols)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,34 +326,43 @@ class MemcpyBaseline(Baseline):
 
 
 class RawFileBaseline(Baseline):
-    """One file per value: open/write/(fsync)/close, and open/readinto/close, on a thread pool.
+    """One file per value: open/write/(sync)/close, and open/readinto/close, on a thread pool.
 
     Files go to a scratch directory inside the backend's root, so both write to the same file
-    system; the directory is removed at the end. Each batch runs as one job on a pool of
-    ``concurrency`` threads, which is how a file backend keeps blocking I/O off the event loop.
+    system; the directory is removed at the end. Every file is its own job on a pool of
+    ``threads`` threads (set to the backend's worker count), the parallelism a file backend has.
 
     Args:
         root: Directory on the file system under test.
-        fsync: ``"none"`` (no sync), ``"data"`` (``fdatasync`` each file) or ``"full"``
-            (``fsync`` each file and its directory after the batch): match the backend's default.
-        concurrency: Worker threads.
+        fsync: ``"none"`` (no sync), ``"data"`` (``fdatasync`` each file) or ``"always"``
+            (``fdatasync`` each file, then ``fsync`` the directory): the backend's policy.
+        threads: Worker threads.
+        o_direct: Open files with ``O_DIRECT`` (needs page-aligned buffers and a value size
+            that is a multiple of 4096, which :class:`Workload` provides).
     """
 
     name = "raw-file"
 
-    def __init__(self, root: Path, fsync: str, concurrency: int) -> None:
-        if fsync not in ("none", "data", "full"):
-            raise ConfigError(f"raw file baseline: fsync must be none, data or full, not {fsync!r}")
+    def __init__(self, root: Path, fsync: str, threads: int, o_direct: bool = False) -> None:
+        if fsync not in ("none", "data", "always"):
+            raise ConfigError(f"raw file baseline: fsync must be none, data or always, not {fsync!r}")
         self._root = Path(root)
         self._fsync = fsync
-        self._threads = concurrency
+        self._threads = threads
+        self._flags = getattr(os, "O_DIRECT", 0) if o_direct else 0
         self._dir: Path | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._written: list[Path] = []
         self._round = 0
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "fsync": self._fsync, "threads": self._threads, "root": str(self._root)}
+        return {
+            **super().describe(),
+            "fsync": self._fsync,
+            "threads": self._threads,
+            "o_direct": bool(self._flags),
+            "root": str(self._root),
+        }
 
     async def open(self) -> None:
         self._root.mkdir(parents=True, exist_ok=True)
@@ -357,59 +381,56 @@ class RawFileBaseline(Baseline):
         assert self._dir is not None
         return self._dir / f"r{self._round}-{slot}.bin"
 
-    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def _each(self, fn: Callable[[Path, memoryview], int], slots: range, bufs: Sequence[np.ndarray]) -> list[int]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, fn, *args)
+        jobs = [
+            loop.run_in_executor(self._pool, fn, self._path(slot), memoryview(buf).cast("B"))
+            for slot, buf in zip(slots, bufs, strict=True)
+        ]
+        return list(await asyncio.gather(*jobs))
 
-    def _write_files(self, slots: range, srcs: Sequence[np.ndarray]) -> None:
-        for slot, src in zip(slots, srcs, strict=True):
-            path = self._path(slot)
-            view = memoryview(src).cast("B")
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                done = 0
-                while done < view.nbytes:
-                    done += os.write(fd, view[done:])
-                if self._fsync == "data":
-                    os.fdatasync(fd)
-                elif self._fsync == "full":
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            self._written.append(path)
-        if self._fsync == "full" and self._dir is not None:
-            dfd = os.open(self._dir, os.O_RDONLY)
+    def _write_one(self, path: Path, view: memoryview) -> int:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | self._flags, 0o644)
+        try:
+            done = 0
+            while done < view.nbytes:
+                done += os.write(fd, view[done:])
+            if self._fsync != "none":
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        if self._fsync == "always":
+            dfd = os.open(path.parent, os.O_RDONLY)
             try:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
+        return done
 
-    def _read_files(self, slots: range, dsts: Sequence[np.ndarray]) -> list[int | None]:
-        out: list[int | None] = []
-        for slot, dst in zip(slots, dsts, strict=True):
-            view = memoryview(dst).cast("B")
-            fd = os.open(self._path(slot), os.O_RDONLY)
-            try:
-                done = 0
-                while done < view.nbytes:
-                    n = os.readv(fd, [view[done:]])
-                    if n == 0:
-                        break
-                    done += n
-            finally:
-                os.close(fd)
-            out.append(done)
-        return out
+    def _read_one(self, path: Path, view: memoryview) -> int:
+        fd = os.open(path, os.O_RDONLY | self._flags)
+        try:
+            done = 0
+            while done < view.nbytes:
+                n = os.readv(fd, [view[done:]])
+                if n == 0:
+                    break
+                done += n
+        finally:
+            os.close(fd)
+        return done
 
     async def put_batch(self, slots: range, srcs: Sequence[np.ndarray]) -> None:
-        await self._run(self._write_files, slots, srcs)
+        await self._each(self._write_one, slots, srcs)
+        self._written.extend(self._path(s) for s in slots)
 
     async def get_batch(self, slots: range, dsts: Sequence[np.ndarray]) -> list[int | None]:
-        return await self._run(self._read_files, slots, dsts)
+        return list(await self._each(self._read_one, slots, dsts))
 
     async def end_round(self) -> None:
         paths, self._written = self._written, []
-        await self._run(_unlink_all, paths)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._pool, _unlink_all, paths)
         self._round += 1
 
 
@@ -424,16 +445,21 @@ def _memory_baseline(backend: StorageBackend, workload: Workload) -> Baseline:
 
 
 def _file_baseline(backend: StorageBackend, workload: Workload) -> Baseline | None:
+    # Mirrors lmcache.backends.file.FileSettings: path, fsync (none|data|always), o_direct, workers.
     settings = getattr(backend, "settings", None)
-    root = getattr(settings, "root", None) or getattr(settings, "path", None) or getattr(backend, "root", None)
-    if root is None:
+    root = getattr(settings, "path", None)
+    if not root:
         return None
-    fsync = str(getattr(settings, "fsync", "none")).lower()
-    fsync = {"false": "none", "off": "none", "0": "none", "true": "full", "on": "full"}.get(fsync, fsync)
-    if fsync not in ("none", "data", "full"):
-        logger.warning("file:// fsync policy %r has no raw equivalent; the baseline syncs nothing", fsync)
-        fsync = "none"
-    return RawFileBaseline(Path(root), fsync, workload.concurrency)
+    fsync = str(getattr(settings, "fsync", "none"))
+    if fsync not in ("none", "data", "always"):
+        logger.warning("file:// fsync policy %r has no raw equivalent here; no baseline", fsync)
+        return None
+    o_direct = bool(getattr(settings, "o_direct", False))
+    if o_direct and (workload.value_size % 4096 or not hasattr(os, "O_DIRECT")):
+        logger.warning("raw O_DIRECT baseline needs a value size that is a multiple of 4096; no baseline")
+        return None
+    threads = int(getattr(settings, "workers", 0) or workload.concurrency)
+    return RawFileBaseline(Path(root), fsync, threads, o_direct=o_direct)
 
 
 register_baseline("memory", _memory_baseline)
@@ -491,21 +517,27 @@ async def _timed_phase(
     return PhaseResult(nbytes=nbytes, wall_s=wall, latencies_s=latencies)
 
 
-def _fit_capacity(url: str, cls: type[StorageBackend], needed: int) -> dict[str, Any]:
-    """Overrides that make a bounded backend hold ``needed`` bytes (empty when it already does).
+def _fit_capacity(url: str, probe: StorageBackend, payload: int, needed: int) -> dict[str, Any]:
+    """Overrides that make a bounded backend hold the working set (empty when it already does).
+
+    Args:
+        url: The backend URL as given.
+        probe: The backend built from ``url`` (not opened), to read its effective settings.
+        payload: Bytes of the working set's values alone.
+        needed: A generous estimate of what they take stored (headers, alignment).
 
     Raises:
-        ConfigError: The URL sets a capacity smaller than the working set.
+        ConfigError: The URL sets a capacity smaller than the values alone.
     """
-    if not cls.capabilities.bounded:
+    if not probe.capabilities.bounded:
         return {}
-    probe = cls.from_url(url)  # no I/O: only to read the effective settings
     capacity = getattr(getattr(probe, "settings", None), "capacity", None)
     query = dict(parse_qsl(split_url(url).query, keep_blank_values=True))
     if "capacity" in query:
-        if isinstance(capacity, int) and capacity < needed:
+        # Only what cannot possibly fit fails here; a near miss surfaces as a rejected put.
+        if isinstance(capacity, int) and capacity < payload:
             raise ConfigError(
-                f"the benchmark's working set needs about {format_size(needed)} but the URL sets "
+                f"the benchmark's working set is {format_size(payload)} but the URL sets "
                 f"capacity={query['capacity']}; raise capacity or lower --total/--count"
             )
         return {}
@@ -526,12 +558,13 @@ async def run_backend_bench(params: BenchParams) -> dict[str, Any]:
     if params.baseline not in ("auto", "none"):
         raise ConfigError(f"--baseline must be auto or none, not {params.baseline!r}")
     scheme = split_url(params.url).scheme
-    cls = backend_class(scheme)
+    probe = open_backend(params.url)  # no I/O: validates the URL and shows the effective settings
+    cls = type(probe)
     count = params.resolved_count()
     # Aligned to 4 KiB so that block-granular allocators (pools, frames, file systems) fit too.
     needed = count * (-(-params.value_size // 4096) * 4096 + _PER_VALUE_OVERHEAD) + (1 << 20)
-    overrides = _fit_capacity(params.url, cls, needed)
-    backend = cls.from_url(params.url, **overrides)
+    overrides = _fit_capacity(params.url, probe, count * params.value_size, needed)
+    backend = cls.from_url(params.url, **overrides) if overrides else probe
     shown_url = redact_url(backend.url, cls.secret_options)
 
     workload = Workload(params.value_size, count, params.batch, params.concurrency, seed=params.seed)

@@ -1,0 +1,168 @@
+"""The ``lmcache`` command line, run as a real subprocess (console script and ``python -m``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lmcache
+from lmcache.backends.registry import open_backend
+from lmcache.keys import ChunkHasher, KeyScope
+
+CONSOLE_SCRIPT = Path(sys.executable).parent / "lmcache"
+
+
+def run_cli(*args: str, cwd: Path | None = None, module: str = "lmcache") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("lmcache"), lines[0]
+    assert "error:" in lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def test_version_via_python_m() -> None:
+    proc = run_cli("version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"lmcache {lmcache.__version__} ")
+
+
+def test_version_via_cli_module() -> None:
+    proc = run_cli("version", module="lmcache.cli")
+    assert proc.returncode == 0, proc.stderr
+    assert lmcache.__version__ in proc.stdout
+
+
+@pytest.mark.skipif(not CONSOLE_SCRIPT.exists(), reason="the lmcache console script is not installed in this venv")
+def test_console_script_runs() -> None:
+    proc = subprocess.run([str(CONSOLE_SCRIPT), "version"], check=False, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert lmcache.__version__ in proc.stdout
+
+
+def test_help_lists_every_subcommand() -> None:
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for name in ("bench", "ls", "stats", "version"):
+        assert name in proc.stdout
+    proc = run_cli("bench", "--help")
+    assert proc.returncode == 0
+    assert "backend" in proc.stdout
+    assert "keys" in proc.stdout
+
+
+def test_unknown_scheme_is_one_line_exit_2() -> None:
+    proc = run_cli("bench", "backend", "--url", "nosuch://host/x")
+    assert_one_line_error(proc, "nosuch", "known schemes")
+
+
+@pytest.mark.parametrize("command", ["ls", "stats"])
+def test_malformed_url_is_one_line_exit_2(command: str) -> None:
+    proc = run_cli(command, "not-a-url")
+    assert_one_line_error(proc, "not a backend URL")
+
+
+def test_unknown_backend_option_is_one_line_exit_2() -> None:
+    proc = run_cli("stats", "memory://?capacity=1MiB&frobnicate=1")
+    assert_one_line_error(proc, "frobnicate")
+
+
+def test_bad_cli_option_value_is_one_line_exit_2() -> None:
+    proc = run_cli("bench", "backend", "--url", "memory://", "--batch", "0")
+    assert_one_line_error(proc, "--batch")
+    proc = run_cli("bench", "backend", "--url", "memory://", "--value-size", "lots")
+    assert_one_line_error(proc, "--value-size")
+
+
+def test_unknown_cli_option_and_missing_command_exit_2() -> None:
+    assert_one_line_error(run_cli("bench", "backend", "--url", "memory://", "--frobnicate"), "--frobnicate")
+    assert_one_line_error(run_cli())
+    assert_one_line_error(run_cli("bench"))
+    assert_one_line_error(run_cli("bench", "nosuchworkload"), "nosuchworkload")
+
+
+def test_capacity_too_small_for_the_working_set_is_one_line_exit_2(tmp_path: Path) -> None:
+    proc = run_cli(
+        "bench",
+        "backend",
+        "--url",
+        "memory://?capacity=1MiB",
+        "--value-size",
+        "1MiB",
+        "--count",
+        "4",
+        "--json",
+        str(tmp_path / "out.json"),
+    )
+    assert_one_line_error(proc, "capacity")
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_stats_prints_json() -> None:
+    proc = run_cli("stats", "memory://?capacity=4MiB")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["url"] == "memory://?capacity=4MiB"
+    assert data["backend"].endswith("MemoryBackend")
+    assert data["capabilities"]["listing"] is True
+    assert data["stats"]["capacity_bytes"] == 4 << 20
+    assert data["stats"]["hits"] == 0
+
+
+def test_ls_empty_memory_backend() -> None:
+    proc = run_cli("ls", "memory://?capacity=1MiB")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    assert "0 key(s)" in proc.stderr
+
+
+async def _fill(url: str, n: int, size: int) -> list[str]:
+    keys = ChunkHasher(4).keys(list(range(4 * n)), KeyScope.create("cli-test"))
+    async with open_backend(url) as backend:
+        values = [np.full(size, i, dtype=np.uint8) for i in range(n)]
+        results = await backend.put(keys, values)
+        assert all(r.ok for r in results)
+    return sorted(k.to_string() for k in keys)
+
+
+def test_ls_and_stats_on_a_file_store(tmp_path: Path) -> None:
+    url = f"file://{tmp_path / 'store'}"
+    expected = asyncio.run(_fill(url, 3, 1000))
+
+    proc = run_cli("ls", url)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("\t") for line in proc.stdout.splitlines()]
+    assert sorted(r[0] for r in rows) == expected
+    assert all(r[1] == "-" or int(r[1]) >= 1000 for r in rows)
+    assert "3 key(s)" in proc.stderr
+
+    proc = run_cli("ls", url, "--json", "--limit", "2")
+    assert proc.returncode == 0, proc.stderr
+    entries = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(entries) == 2
+    assert {e["key"] for e in entries} <= set(expected)
+
+    proc = run_cli("stats", url)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["capabilities"]["persistent"] is True
+    assert isinstance(data["stats"], dict)

@@ -334,8 +334,8 @@ class TieredBackend(StorageBackend):
                 failures.append(out)
                 self._record_failure(tier, "open", out)
         if len(failures) == len(self._tiers):
-            # Nothing can serve: close what we own and fail like any backend that cannot connect.
-            await self._close_owned()
+            # Nothing can serve: fail like any backend that cannot connect. No tier is open, so
+            # nothing leaks, and a later open() may retry (every tier is still NEW).
             first = failures[0]
             if isinstance(first, BackendError):
                 raise first

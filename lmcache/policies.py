@@ -8,7 +8,8 @@ tested and swapped on its own; backends never evict on their own (rule 7 in
 :mod:`lmcache.backends.base`).
 
 Built-in policies are registered by the names :class:`~lmcache.config.LMCacheConfig` accepts
-for ``eviction_policy``: ``"lru"``, ``"fifo"`` and ``"lfu"``. Others can be registered with
+for ``eviction_policy``: ``"lru"``, ``"fifo"`` and ``"lfu"``, plus ``"s3fifo"``
+(:class:`S3FIFOPolicy`, scan-resistant; usable in ``tiered://`` URLs and as a factory). Others can be registered with
 :func:`register_policy`, or passed to ``TieredBackend`` directly as a factory.
 
 Policies are not thread-safe; they are used from one event loop.
@@ -17,7 +18,7 @@ Policies are not thread-safe; they are used from one event loop.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Container, Iterator
 
 from lmcache.errors import ConfigError
@@ -29,6 +30,7 @@ __all__ = [
     "LFUPolicy",
     "LRUPolicy",
     "PolicyFactory",
+    "S3FIFOPolicy",
     "make_policy",
     "policy_names",
     "register_policy",
@@ -221,7 +223,128 @@ class LFUPolicy(EvictionPolicy):
         return self._bytes
 
 
-_REGISTRY: dict[str, PolicyFactory] = {"lru": LRUPolicy, "fifo": FIFOPolicy, "lfu": LFUPolicy}
+class S3FIFOPolicy(EvictionPolicy):
+    """S3-FIFO (Yang et al., SOSP 2023): a small probationary FIFO, a main FIFO and a ghost list.
+
+    New keys enter the small queue. Evicting from it, a key read since insert moves to the
+    main queue; an unread one is evicted and remembered in the ghost list, and a ghost key that
+    comes back is inserted straight into main. Evicting from main, a key read since it was
+    last passed over gets another round (its count decremented, to at most 3 rounds), others
+    go. The small queue is drained first while it holds at least ``small_ratio`` of the bytes.
+    One-hit scans therefore wash through the small queue without pushing the hot set out.
+
+    :meth:`victims` performs the queue moves described above (small to main, another round in
+    main: they are state, not removals); proposed keys keep their places and are forgotten only
+    in :meth:`on_remove`.
+
+    Args:
+        small_ratio: Share of tracked bytes the small queue may hold before it is drained first.
+    """
+
+    _MAX_FREQ = 3
+
+    def __init__(self, small_ratio: float = 0.1) -> None:
+        if not 0.0 < small_ratio < 1.0:
+            raise ConfigError(f"S3-FIFO small_ratio must be between 0 and 1, got {small_ratio}")
+        self._ratio = small_ratio
+        self._small: OrderedDict[CacheKey, int] = OrderedDict()
+        self._main: OrderedDict[CacheKey, int] = OrderedDict()
+        self._ghost: OrderedDict[CacheKey, None] = OrderedDict()
+        self._freq: dict[CacheKey, int] = {}
+        self._small_bytes = 0
+        self._bytes = 0
+
+    def on_insert(self, key: CacheKey, size: int) -> None:
+        for queue in (self._small, self._main):
+            old = queue.get(key)
+            if old is not None:  # a re-insert: update the size in place, count it as a read
+                queue[key] = size
+                self._bytes += size - old
+                if queue is self._small:
+                    self._small_bytes += size - old
+                self.on_access(key)
+                return
+        self._freq[key] = 0
+        self._bytes += size
+        if key in self._ghost:  # seen recently and evicted too early: straight to main
+            del self._ghost[key]
+            self._main[key] = size
+        else:
+            self._small[key] = size
+            self._small_bytes += size
+
+    def on_access(self, key: CacheKey) -> None:
+        f = self._freq.get(key)
+        if f is not None and f < self._MAX_FREQ:
+            self._freq[key] = f + 1
+
+    def on_remove(self, key: CacheKey) -> None:
+        size = self._small.pop(key, None)
+        if size is not None:
+            self._small_bytes -= size
+            # Left the small queue unread: remember it, so a quick return goes to main.
+            if self._freq.get(key, 0) == 0:
+                self._ghost[key] = None
+                while len(self._ghost) > max(len(self._main), 1):
+                    self._ghost.popitem(last=False)
+        else:
+            size = self._main.pop(key, None)
+            if size is None:
+                return
+        self._bytes -= size
+        self._freq.pop(key, None)
+
+    def victims(self, n_bytes: int, protected: Container[CacheKey] = _NOTHING) -> list[CacheKey]:
+        out: list[CacheKey] = []
+        freed = 0
+        # Walk snapshots of both queues; proposed and protected keys keep their places. Every
+        # key is revisited only after its count dropped, so the walk ends.
+        small = deque(self._small)
+        main = deque(self._main)
+        small_left = self._small_bytes  # small-queue bytes not yet walked past
+        while freed < n_bytes:
+            if small and (small_left >= self._ratio * self._bytes or not main):
+                key = small.popleft()
+                size = self._small[key]
+                small_left -= size
+                if key in protected:
+                    continue
+                if self._freq[key] > 0:  # read while on probation: promote to main
+                    del self._small[key]
+                    self._small_bytes -= size
+                    self._main[key] = size
+                    self._freq[key] = 0
+                    main.append(key)
+                    continue
+                out.append(key)
+                freed += size
+            elif main:
+                key = main.popleft()
+                if key in protected:
+                    continue
+                if self._freq[key] > 0:  # another round in main
+                    self._freq[key] -= 1
+                    self._main.move_to_end(key)
+                    main.append(key)
+                    continue
+                out.append(key)
+                freed += self._main[key]
+            else:
+                break
+        return out
+
+    def __len__(self) -> int:
+        return len(self._small) + len(self._main)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._small or key in self._main
+
+    @property
+    def tracked_bytes(self) -> int:
+        return self._bytes
+
+
+_REGISTRY: dict[str, PolicyFactory] = {"lru": LRUPolicy, "fifo": FIFOPolicy, "lfu": LFUPolicy, "s3fifo": S3FIFOPolicy}
 
 
 def register_policy(name: str, factory: PolicyFactory, *, replace: bool = False) -> None:

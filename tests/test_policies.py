@@ -15,6 +15,7 @@ from lmcache.policies import (
     FIFOPolicy,
     LFUPolicy,
     LRUPolicy,
+    S3FIFOPolicy,
     make_policy,
     policy_names,
     register_policy,
@@ -31,7 +32,7 @@ def filled(policy: EvictionPolicy, n: int, size: int = 10) -> EvictionPolicy:
     return policy
 
 
-@pytest.mark.parametrize("cls", [LRUPolicy, FIFOPolicy, LFUPolicy])
+@pytest.mark.parametrize("cls", [LRUPolicy, FIFOPolicy, LFUPolicy, S3FIFOPolicy])
 def test_victims_cover_the_bytes_asked_for_in_insert_order_when_untouched(cls: type[EvictionPolicy]) -> None:
     p = filled(cls(), 5)
     assert p.victims(25) == [key(0), key(1), key(2)]  # 30 bytes >= 25
@@ -42,7 +43,7 @@ def test_victims_cover_the_bytes_asked_for_in_insert_order_when_untouched(cls: t
     assert len(p) == 5 and p.tracked_bytes == 50
 
 
-@pytest.mark.parametrize("cls", [LRUPolicy, FIFOPolicy, LFUPolicy])
+@pytest.mark.parametrize("cls", [LRUPolicy, FIFOPolicy, LFUPolicy, S3FIFOPolicy])
 def test_byte_accounting_through_insert_reinsert_and_remove(cls: type[EvictionPolicy]) -> None:
     p = cls()
     p.on_insert(key(1), 100)
@@ -58,7 +59,7 @@ def test_byte_accounting_through_insert_reinsert_and_remove(cls: type[EvictionPo
     assert len(p) == 0 and p.tracked_bytes == 0 and p.victims(1) == []
 
 
-@pytest.mark.parametrize("cls", [LRUPolicy, FIFOPolicy, LFUPolicy])
+@pytest.mark.parametrize("cls", [LRUPolicy, FIFOPolicy, LFUPolicy, S3FIFOPolicy])
 def test_protected_keys_are_never_proposed(cls: type[EvictionPolicy]) -> None:
     p = filled(cls(), 4)
     assert p.victims(20, protected={key(0), key(2)}) == [key(1), key(3)]
@@ -102,16 +103,59 @@ def test_lfu_reinsert_keeps_the_count() -> None:
     assert p.tracked_bytes == 109
 
 
+def run_cache(policy: EvictionPolicy, capacity: int, trace: list[int], size: int = 10) -> set[int]:
+    """Replay ``trace`` through a cache of ``capacity`` bytes; return the ids held at the end."""
+    held: set[int] = set()
+    for i in trace:
+        if i in held:
+            policy.on_access(key(i))
+            continue
+        if policy.tracked_bytes + size > capacity:
+            for victim in policy.victims(policy.tracked_bytes + size - capacity):
+                policy.on_remove(victim)
+                held.discard(int.from_bytes(victim.chunk_hash, "big"))
+        policy.on_insert(key(i), size)
+        held.add(i)
+        assert policy.tracked_bytes <= capacity and len(policy) == len(held)
+    return held
+
+
+def test_s3fifo_keeps_a_hot_set_through_a_one_hit_scan() -> None:
+    hot = list(range(5))
+    warm = hot * 3  # inserted, then read twice: they graduate to the main queue
+    scan = list(range(100, 160))  # sixty keys seen once, far more than fit
+    assert set(hot) <= run_cache(S3FIFOPolicy(), 100, warm + scan)  # washed through the small queue
+    assert not set(hot) & run_cache(LRUPolicy(), 100, warm + scan)  # LRU lost them all
+    assert not set(hot) & run_cache(FIFOPolicy(), 100, warm + scan)
+
+
+def test_s3fifo_ghost_hits_go_straight_to_main() -> None:
+    p = S3FIFOPolicy()
+    for i in range(10):
+        p.on_insert(key(i), 10)
+    (victim,) = p.victims(10)
+    assert victim == key(0)
+    p.on_remove(victim)  # evicted unread: remembered as a ghost
+    p.on_insert(key(0), 10)  # back quickly: main queue, so the small queue is drained first
+    assert key(0) not in p.victims(90)
+
+
+def test_s3fifo_rejects_a_bad_ratio() -> None:
+    with pytest.raises(ConfigError):
+        S3FIFOPolicy(small_ratio=1.5)
+
+
 def test_registered_names_match_the_config_choices() -> None:
     choices = next(f for f in dataclasses.fields(LMCacheConfig) if f.name == "eviction_policy").metadata["choices"]
     for name in choices:
         assert isinstance(make_policy(name)(), EvictionPolicy)
-    assert {"lru", "fifo", "lfu"} <= set(policy_names())
+    assert {"lru", "fifo", "lfu", "s3fifo"} <= set(policy_names())
+    assert isinstance(make_policy("s3fifo")(), S3FIFOPolicy)
     assert isinstance(make_policy("LRU")(), LRUPolicy)
 
 
 def test_unknown_policy_names_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match=r"unknown eviction policy 'mru'.*fifo.*lfu.*lru"):
+    with pytest.raises(ConfigError, match=r"unknown eviction policy .mru.*fifo.*lfu.*lru.*s3fifo"):
         make_policy("mru")
 
 

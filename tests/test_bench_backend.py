@@ -357,3 +357,10 @@ def test_write_json_creates_directories_and_rejects_nan(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         report.write_json(tmp_path / "c.json", {"x": float("nan")})
     assert report.default_json_path("backend", "redis+cluster").name.startswith("backend-redis_cluster-")
+
+
+async def test_unloadable_lazy_baseline_runs_without_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench_backend, "_BASELINES", {"memory": "lmcache.bench.no_such_module:make"})
+    result = await run_backend_bench(tiny("memory://?capacity=1MiB"))
+    assert result["baseline"] is None
+    assert result["median"]["backend"]["put"]["gbps"] > 0

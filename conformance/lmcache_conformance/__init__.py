@@ -1,1 +1,31 @@
-"""The reusable StorageBackend conformance suite (see ``suite.BackendTests``)."""
+"""The reusable StorageBackend conformance suite, shipped as a pytest plugin.
+
+Subclass :class:`BackendTests` in a backend's test module (see :mod:`lmcache_conformance.suite`),
+or run it with no code against any URL::
+
+    pytest --pyargs lmcache_conformance --lmcache-backend-url='memory://?capacity=1GiB'
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+# Rewrite the suite's asserts (readable failures) even where it is imported as a library.
+pytest.register_assert_rewrite("lmcache_conformance.suite")
+
+if TYPE_CHECKING:
+    from lmcache_conformance.suite import BackendTests
+
+__all__ = ["BackendTests"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: the pytest11 entry point imports this package in every pytest run of every project
+    # where lmcache is installed; lmcache, numpy and the suite load only when someone uses them.
+    if name == "BackendTests":
+        from lmcache_conformance.suite import BackendTests
+
+        return BackendTests
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

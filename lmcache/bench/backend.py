@@ -67,6 +67,7 @@ import logging
 import mmap
 import os
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -160,7 +161,8 @@ class Workload:
         rng = np.random.default_rng(seed)
         # Random bytes: a compressing or deduplicating backend gets no unfair advantage.
         self.srcs = _page_aligned(count, value_size)
-        self.srcs[...] = rng.integers(0, 256, size=(count, value_size), dtype=np.uint8)
+        for row in self.srcs:  # row by row: no temporary the size of the working set
+            row[...] = rng.integers(0, 256, size=value_size, dtype=np.uint8)
         self.dsts = _page_aligned(count, value_size)
         self.dsts.fill(_POISON)  # touch every page now, not inside a timed get
         self.batches: list[range] = [range(i, min(i + batch, count)) for i in range(0, count, batch)]
@@ -694,18 +696,28 @@ async def _one_round(
 
     puts = {"backend": backend_put, "baseline": baseline_put}
     gets = {"backend": backend_get, "baseline": baseline_get}
-    for name in order:
-        phase = await _timed_phase(w.batches, w.concurrency, w.value_size, puts[name])
-        out[name]["put"] = phase.as_dict()
-    for name in order:
-        w.poison()
-        lengths[name] = [None] * w.count
-        phase = await _timed_phase(w.batches, w.concurrency, w.value_size, gets[name])
-        out[name]["get"] = phase.as_dict()
-        w.verify(f"round {r}: {name} get", lengths[name])
-    await backend.delete(keys)
-    if baseline is not None:
-        await baseline.end_round()
+    ok = False
+    try:
+        for name in order:
+            phase = await _timed_phase(w.batches, w.concurrency, w.value_size, puts[name])
+            out[name]["put"] = phase.as_dict()
+        for name in order:
+            w.poison()
+            lengths[name] = [None] * w.count
+            phase = await _timed_phase(w.batches, w.concurrency, w.value_size, gets[name])
+            out[name]["get"] = phase.as_dict()
+            w.verify(f"round {r}: {name} get", lengths[name])
+        ok = True
+    finally:
+        # Leave nothing behind in a persistent store, also when the round failed.
+        try:
+            await backend.delete(keys)
+            if baseline is not None:
+                await baseline.end_round()
+        except Exception:
+            if ok:
+                raise
+            logger.warning("cleaning up after failed round %s also failed: %r", r, sys.exc_info()[1])
     return out
 
 

@@ -46,8 +46,11 @@ and get would roughly halve throughput against the memcpy baseline, so values ar
 Concurrency
 -----------
 Every method runs on the event loop (copies are memcpy-fast), but a batch yields to the loop
-(``await asyncio.sleep(0)``) after every ``yield_every`` bytes copied (default 32 MiB, a few ms),
-splitting huge values, so a big batch cannot starve other tasks. Consistency across those yields:
+(``await asyncio.sleep(0)``) after every ``yield_every`` bytes copied (default 16 MiB, under a
+millisecond of copying), so a big batch cannot starve other tasks. A value larger than that is
+copied in slices with yields between them; a cancelled ``get_into`` may therefore leave the
+destination of such a value partly written (smaller values land whole or not at all).
+Consistency across those yields:
 
 * A put reserves its block first, copies, and publishes the key only when the copy is complete:
   a concurrent ``contains``/``get_into`` never sees a half-written value. A second put of a key
@@ -142,7 +145,7 @@ class MemorySettings:
     prefault: bool = setting(False, doc="Populate every page of the pool at open (0.05-0.3 s/GiB, off the event loop).")
     hugepages: bool = setting(True, doc="Ask for transparent huge pages on the pool (best effort).")
     yield_every: int = setting(
-        32 << 20,
+        16 << 20,
         doc="Yield to the event loop after this many bytes copied within one call.",
         parse=parse_size,
         min=1,

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
+from lmcache_conformance import BackendTests
 
 from lmcache.backends.base import PutStatus
 from lmcache.backends.memory import DEFAULT_CAPACITY, MemoryBackend, MemorySettings, PoolAllocator
@@ -40,6 +41,18 @@ async def opened(url: str, **overrides: object) -> MemoryBackend:
     b = MemoryBackend.from_url(url, **overrides)
     await b.open()
     return b
+
+
+# ---------------------------------------------------------------------------------------------
+# The conformance suite
+
+
+class TestMemoryConformance(BackendTests):
+    """The shared suite; the pool fits its largest working set (a 64 MiB batch) with room."""
+
+    @pytest.fixture
+    def backend_url(self) -> str:
+        return "memory://?capacity=160MiB"
 
 
 # ---------------------------------------------------------------------------------------------

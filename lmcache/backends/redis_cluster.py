@@ -1,0 +1,153 @@
+"""``redis+cluster://``: a Redis (or Valkey) Cluster, values spread over its shards by key slot.
+
+URL form::
+
+    redis+cluster://[user[:password]@]host1:port1,host2:port2[/][?option=value&…]
+
+The hosts are startup nodes: any reachable one is enough to discover the whole cluster (the
+client follows ``MOVED``/``ASK`` redirections and refreshes its slot map on its own). Options are
+those of :mod:`lmcache.backends.redis` (``prefix``, ``ttl``, timeouts, retries, batch sizes…),
+read from the URL query or ``LMCACHE_REDIS_CLUSTER_<NAME>``; ``max_connections`` applies per
+node. A cluster has only database 0.
+
+Storage is the same as for a single server (one framed string per value under
+``prefix + CacheKey.to_string()``). Key names carry no hash tag, so chunks spread evenly over
+the shards. Batched reads, writes and deletes use cluster pipelines, which group commands by node
+and send each node's share over one connection (a multi-key ``MGET`` would need every key in one
+slot). Listing runs ``SCAN`` on every primary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import quote, unquote, urlsplit
+
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+from lmcache.backends.base import parse_backend_url, settings_query
+from lmcache.backends.redis import _LOCATION_FIELDS, RedisBackend, RedisSettings, _userinfo
+from lmcache.config import setting
+from lmcache.errors import ConfigError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = ["RedisClusterBackend", "RedisClusterSettings"]
+
+
+def _parse_nodes(value: object) -> tuple[tuple[str, int], ...]:
+    items = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[call-overload]
+    nodes = []
+    for item in items:
+        if isinstance(item, tuple):
+            host, port = item
+        else:
+            text = str(item).strip()
+            host, sep, port_text = text.rpartition(":")
+            if not sep or not host or not port_text.isdigit():
+                raise ValueError(f"host:port pairs separated by commas (got {text!r})")
+            port = int(port_text)
+        host = host.strip("[]")
+        if not 1 <= int(port) <= 65535:
+            raise ValueError(f"ports between 1 and 65535 (got {port})")
+        nodes.append((host, int(port)))
+    if not nodes:
+        raise ValueError("at least one host:port")
+    return tuple(nodes)
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisClusterSettings(RedisSettings):
+    """Options of ``redis+cluster://``: those of :class:`RedisSettings` plus the startup nodes."""
+
+    nodes: tuple[tuple[str, int], ...] = setting(
+        (("127.0.0.1", 7000),), doc="Startup nodes, host:port[,host:port…] (from the URL).", parse=_parse_nodes
+    )
+
+
+class RedisClusterBackend(RedisBackend):
+    """Values in a Redis Cluster, one framed string key per value (see the module docstring)."""
+
+    schemes: ClassVar[tuple[str, ...]] = ("redis+cluster",)
+    settings: RedisClusterSettings
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: Any) -> Self:
+        """Build from ``redis+cluster://h1:p1,h2:p2?…``; no I/O.
+
+        Raises:
+            ConfigError: No or malformed nodes, a database other than 0, or a bad option.
+        """
+        if not isinstance(url, str) or "://" not in url:
+            raise ConfigError(f"not a backend URL: {url!r} (expected redis+cluster://host:port,host:port)")
+        try:
+            # urlsplit alone: its .port cannot parse a comma-separated node list.
+            parts = urlsplit(url)
+        except ValueError as exc:
+            raise ConfigError(f"malformed redis+cluster:// URL: {exc}") from None
+        if parts.fragment:
+            raise ConfigError("redis+cluster:// URLs take no #fragment")
+        creds, at, hosts = parts.netloc.rpartition("@")
+        location: dict[str, object] = {}
+        if hosts:
+            location["nodes"] = hosts
+        elif "nodes" not in overrides and "nodes=" not in parts.query:
+            raise ConfigError("redis+cluster:// URL names no nodes, e.g. redis+cluster://h1:7000,h2:7001")
+        if at:
+            user, colon, password = creds.partition(":")
+            if user:
+                location["username"] = unquote(user)
+            if colon:
+                location["password"] = unquote(password)
+        db = parts.path.strip("/")
+        if db not in ("", "0"):
+            raise ConfigError(f"a Redis Cluster has only database 0; the URL path says {db!r}")
+        for name in ("host", "port", "path", "db"):
+            if name in overrides or f"{name}=" in parts.query:
+                raise ConfigError(f"redis+cluster:// takes no {name!r}; name nodes as host:port,host:port")
+        settings = parse_backend_url(url, cls.schemes, RedisClusterSettings, location, overrides, split=parts)
+        return cls(settings, parts.scheme)
+
+    @property
+    def url(self) -> str:
+        """A URL that rebuilds this backend (includes the password, if any: do not log it)."""
+        s = self.settings
+        query = settings_query(s, skip=(*_LOCATION_FIELDS, "nodes"))
+        return f"redis+cluster://{_userinfo(s)}{self._nodes_text()}" + (f"/?{query}" if query else "")
+
+    def _nodes_text(self) -> str:
+        return ",".join(f"[{h}]:{p}" if ":" in h else f"{quote(h, safe='')}:{p}" for h, p in self.settings.nodes)
+
+    def _target(self) -> str:
+        return f"redis+cluster://{self._nodes_text()}"
+
+    def _make_client(self) -> Any:
+        s = self.settings
+        kw = self._connection_kwargs()
+        return RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in s.nodes],
+            max_connections=s.max_connections,
+            require_full_coverage=True,
+            **kw,
+        )
+
+    # -- commands: one pipeline per call, which the client splits by node --------------------
+
+    async def _mget(self, names: list[bytes]) -> list[Any]:
+        return await self._pipeline(lambda p: [p.get(n) for n in names])
+
+    async def _pipeline(self, build: Callable[[Any], None]) -> list[Any]:
+        async with self._client.pipeline() as pipe:
+            build(pipe)
+            return await pipe.execute(raise_on_error=False)
+
+    async def _unlink(self, names: list[bytes]) -> None:
+        replies = await self._pipeline(lambda p: [p.unlink(n) for n in names])
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+
+    def _scan(self, match: bytes) -> AsyncIterator[bytes]:
+        return self._client.scan_iter(match=match, count=1000)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from lmcache_conformance import BackendTests
 
-from lmcache.backends.base import PutStatus
+from lmcache.backends.base import PutStatus, StorageBackend
 from lmcache.backends.file import FileBackend
 from lmcache.backends.registry import open_backend
 from lmcache.errors import BackendClosedError, ConfigError, InvalidBufferError
@@ -465,3 +466,26 @@ async def test_cancelled_put_keeps_accounting_exact(tmp_path: Path) -> None:
         assert backend.stats()["entries"] == len(stored)
         assert backend.stats()["used_bytes"] == len(stored) << 20
         assert not leftovers(tmp_path)
+
+
+# -- the conformance suite ---------------------------------------------------------------------
+
+
+class TestFileConformance(BackendTests):
+    @pytest.fixture
+    def backend_url(self, tmp_path: Path) -> str:
+        return f"file://{tmp_path}/kv?capacity=2GiB"
+
+    async def corrupt_value(self, backend: StorageBackend, key: CacheKey) -> None:
+        assert isinstance(backend, FileBackend)
+        await corrupt_on_disk(backend, key, "flip_payload")
+
+
+class TestFileConformanceODirect(TestFileConformance):
+    @pytest.fixture
+    def backend_url(self, tmp_path: Path) -> str:
+        return f"file://{tmp_path}/kv?o_direct=true&fsync=data&workers=2"
+
+    async def corrupt_value(self, backend: StorageBackend, key: CacheKey) -> None:
+        assert isinstance(backend, FileBackend)
+        await corrupt_on_disk(backend, key, "truncate")

@@ -215,7 +215,7 @@ class TieredBackend(StorageBackend):
     """
 
     schemes: ClassVar[tuple[str, ...]] = ("tiered",)
-    capabilities: ClassVar[Capabilities] = Capabilities(bounded=False)  # per instance: see _combine
+    capabilities: ClassVar[Capabilities] = Capabilities()  # per instance: see _combine
 
     def __init__(
         self,
@@ -785,8 +785,9 @@ def _combine(caps: list[Capabilities]) -> Capabilities:
         device_buffers=all(c.device_buffers for c in caps),
         listing=all(c.listing for c in caps),
         integrity_checked=all(c.integrity_checked for c in caps),
-        # Full tiers evict instead of rejecting, so the stack itself is not "bounded".
-        bounded=False,
+        # Tier 0 takes every put. When it is bounded the stack evicts to make room, yet can
+        # still reject: a batch larger than tier 0, or room held by values awaiting write-back.
+        bounded=caps[0].bounded,
         max_value_bytes=caps[0].max_value_bytes,
     )
 

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 from urllib.parse import quote
 
 import pytest
+from lmcache_conformance import BackendTests
 
 from lmcache.backends.base import PutResult, PutStatus, StorageBackend
 from lmcache.backends.memory import MemoryBackend
@@ -132,6 +133,27 @@ def tier_stats(t: TieredBackend, i: int) -> dict[str, Any]:
     return t.stats()["tiers"][i]
 
 
+def tiered_url(*tiers: str, **options: object) -> str:
+    query = ["tier=" + quote(u, safe="") for u in tiers] + [f"{k}={v}" for k, v in options.items()]
+    return "tiered://?" + "&".join(query)
+
+
+class TestTieredMemoryFileConformance(BackendTests):
+    """The whole conformance suite against a memory + file stack."""
+
+    @pytest.fixture
+    def backend_url(self, tmp_path) -> str:
+        return tiered_url("memory://?capacity=256MiB", f"file://{tmp_path}/kv")
+
+
+class TestTieredSmallMemoryConformance(BackendTests):
+    """The suite again with an 8 MiB memory tier: eviction and promotion run under its checks."""
+
+    @pytest.fixture
+    def backend_url(self, tmp_path) -> str:
+        return tiered_url("memory://?capacity=8MiB", f"file://{tmp_path}/kv", eviction_policy="s3fifo")
+
+
 # ---------------------------------------------------------------------------------------------
 # Construction and URLs
 
@@ -204,7 +226,9 @@ def test_from_config_uses_the_tiering_fields() -> None:
 def test_capabilities_describe_the_stack() -> None:
     t = TieredBackend([mem(), mem()])
     assert t.capabilities.listing and not t.capabilities.persistent and not t.capabilities.shared
-    assert not t.capabilities.bounded  # it evicts rather than rejecting
+    assert t.capabilities.bounded  # tier 0 is: the stack evicts, but may still reject a put
+    unbounded_top = TieredBackend.from_urls(["file:///tmp/lmcache-never-opened", "memory://"])
+    assert not unbounded_top.capabilities.bounded and unbounded_top.capabilities.persistent
     assert type(t).capabilities is not t.capabilities  # the class default is untouched
 
 

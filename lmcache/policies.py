@@ -143,8 +143,10 @@ class LRUPolicy(_OrderedPolicy):
     """Least recently used first: a read or re-insert makes a key the last to go."""
 
     def on_access(self, key: CacheKey) -> None:
-        if key in self._sizes:
+        try:  # noqa: SIM105 - one hash lookup, no context manager: this runs on every hit
             self._sizes.move_to_end(key)
+        except KeyError:
+            pass
 
     def _reinsert(self, key: CacheKey) -> None:
         self._sizes.move_to_end(key)

@@ -1,0 +1,228 @@
+"""Shared machinery of the engine workloads (``long-doc-qa``, ``multi-round-qa``).
+
+A workload is a list of prompts (token id lists). Each prompt runs through a transformers model
+three ways, interleaved so machine noise hits all of them alike:
+
+* ``recompute``: the model alone (no lmcache);
+* ``lmcache``: through :class:`~lmcache.integrations.transformers.CachedCausalLM`; whether a
+  prompt finds a cold or a warm cache depends on the workload's order (recorded per prompt).
+
+TTFT is the time from the request to the first token's logits (cache lookup, KV load and the
+forward pass of the uncached tokens; storing new chunks happens after it, as in an engine).
+Outputs must match: the last-token logits with and without lmcache are compared (``torch.equal``
+with one thread, allclose + same argmax otherwise).
+
+The default model is a randomly initialised Llama built from a config with a fixed seed (fp32:
+this CPU has no bf16 hardware), so nothing is downloaded; ``--model PATH`` loads a local
+checkpoint directory or a GGUF file instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmcache.bench import positive_int
+from lmcache.bench.report import median, percentile
+from lmcache.errors import ConfigError, MissingDependencyError
+
+__all__ = ["PromptRun", "QASetup", "add_model_args", "build_model", "run_prompt_pair"]
+
+#: The default random model: a ~125M-parameter Llama (12 layers, hidden 768, 4 KV heads).
+DEFAULT_MODEL = {
+    "vocab_size": 32000,
+    "hidden_size": 768,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 32768,
+}
+TINY_MODEL = {
+    "vocab_size": 1000,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32768,
+}
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by the engine workloads."""
+    p.add_argument("--model", default=None, help="local checkpoint dir or .gguf file (default: random Llama)")
+    p.add_argument(
+        "--model-size",
+        choices=("125m", "tiny"),
+        default="125m",
+        help="size of the random default model (125m: 12 layers, hidden 768, 4 KV heads)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for the random model and prompts")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads (1 gives bit-exact logits)")
+    p.add_argument(
+        "--tier",
+        action="append",
+        default=None,
+        help="storage tier URL, fastest first (repeatable; default memory:// then file:// in a temp dir)",
+    )
+    p.add_argument("--chunk-size", type=positive_int, default=256, help="tokens per KV chunk")
+    p.add_argument("--json", type=Path, default=None, help="write results here (default bench-results/…)")
+    p.add_argument("--plot", type=Path, default=None, help="write a PNG plot of TTFT here (default beside JSON)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_model(args: argparse.Namespace) -> tuple[Any, str]:
+    """The model to benchmark and a description of it."""
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    except ImportError as exc:
+        raise MissingDependencyError(exc.name or "transformers", "hf", "lmcache bench (engine workloads)") from None
+    torch.set_num_threads(args.threads)
+    if args.model:
+        path = Path(args.model)
+        if not path.exists():
+            raise ConfigError(f"--model {args.model}: no such file or directory")
+        if path.suffix == ".gguf":
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        return model.eval(), str(path)
+    torch.manual_seed(args.seed)
+    spec = DEFAULT_MODEL if args.model_size == "125m" else TINY_MODEL
+    model = LlamaForCausalLM(LlamaConfig(**spec)).eval()
+    params = sum(p.numel() for p in model.parameters())
+    return model, f"random Llama {args.model_size} ({params / 1e6:.0f}M params, seed {args.seed}, fp32)"
+
+
+def default_tiers(args: argparse.Namespace) -> tuple[list[str], tempfile.TemporaryDirectory[str] | None]:
+    """The tiers to use: ``--tier`` URLs, else memory:// then file:// in a temporary directory."""
+    if args.tier:
+        return list(args.tier), None
+    tmp = tempfile.TemporaryDirectory(prefix="lmcache-bench-")
+    return ["memory://?capacity=4GiB", f"file://{tmp.name}"], tmp
+
+
+def vocab_size(model: Any) -> int:
+    """Token ids to draw random prompts from (skipping the first few special ids)."""
+    return int(model.config.get_text_config(decoder=True).vocab_size)
+
+
+def random_tokens(rng: np.random.Generator, n: int, vocab: int) -> list[int]:
+    """``n`` random token ids in ``[10, vocab)``."""
+    return rng.integers(10, vocab, size=n).tolist()
+
+
+@dataclasses.dataclass
+class PromptRun:
+    """One prompt's measurements."""
+
+    label: str
+    prompt_tokens: int
+    recompute_ttft_s: float
+    lmcache_ttft_s: float
+    cached_tokens: int
+    cache_state: str  # "cold" (nothing of its prefix cached before) or "warm"
+    outputs_match: bool
+
+
+@dataclasses.dataclass
+class QASetup:
+    """A model, its lmcache wrapper and how to compare outputs."""
+
+    model: Any
+    cached: Any  # CachedCausalLM
+    exact: bool  # compare logits bit for bit (one thread) or allclose + argmax
+
+
+def run_prompt_pair(setup: QASetup, tokens: list[int], label: str, cache_state: str) -> PromptRun:
+    """Run one prompt with recompute and with lmcache, back to back; compare the outputs."""
+    import torch
+
+    ids = torch.tensor([tokens], dtype=torch.int64)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        ref = setup.model(ids, use_cache=True).logits[:, -1]
+    recompute = time.perf_counter() - t0
+    res = setup.cached.prefill(ids)
+    if setup.exact:
+        same = bool(torch.equal(ref, res.logits))
+    else:
+        same = bool(torch.allclose(ref, res.logits, rtol=1e-3, atol=1e-3)) and bool(
+            torch.equal(ref.argmax(-1), res.logits.argmax(-1))
+        )
+    return PromptRun(label, len(tokens), recompute, res.ttft_s, res.cached_tokens, cache_state, same)
+
+
+def summarize(runs: list[PromptRun]) -> dict[str, Any]:
+    """Median/p90 TTFT per mode and cache state, hit rate and the output check."""
+    out: dict[str, Any] = {"prompts": len(runs)}
+
+    def stats(values: list[float]) -> dict[str, float | None]:
+        return {"median_s": median(values), "p90_s": percentile(values, 90), "n": len(values)}
+
+    out["recompute"] = stats([r.recompute_ttft_s for r in runs])
+    for state in ("cold", "warm"):
+        sel = [r for r in runs if r.cache_state == state]
+        out[f"lmcache_{state}"] = stats([r.lmcache_ttft_s for r in sel])
+        out[f"recompute_{state}_prompts"] = stats([r.recompute_ttft_s for r in sel])
+    total = sum(r.prompt_tokens for r in runs)
+    out["hit_rate_tokens"] = sum(r.cached_tokens for r in runs) / total if total else 0.0
+    out["outputs_match"] = all(r.outputs_match for r in runs)
+    warm = out["lmcache_warm"]["median_s"]
+    cold = out["lmcache_cold"]["median_s"]
+    rw = out["recompute_warm_prompts"]["median_s"]
+    rc = out["recompute_cold_prompts"]["median_s"]
+    out["warm_speedup"] = rw / warm if warm and rw else None
+    out["cold_overhead"] = cold / rc - 1.0 if cold and rc else None
+    return out
+
+
+def progress(iterable: Any, total: int, desc: str, disable: bool) -> Any:
+    """A tqdm progress bar when tqdm is installed and stderr is a terminal (or forced)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, disable=disable or not os.isatty(2), leave=False)
+
+
+def plot_ttft(path: Path, by_length: dict[int, dict[str, Any]], title: str) -> Path | None:
+    """A PNG of median TTFT (recompute, cold, warm) against context length; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    lengths = sorted(by_length)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, name in (
+        ("recompute", "recompute (no lmcache)"),
+        ("lmcache_cold", "lmcache, cold"),
+        ("lmcache_warm", "lmcache, warm"),
+    ):
+        ys = [by_length[n][key]["median_s"] for n in lengths]
+        pts = [(x, y) for x, y in zip(lengths, ys, strict=True) if y is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("median TTFT (s)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,1 @@
+"""Engine integrations: transformers (runs on the CPU here) and vLLM."""

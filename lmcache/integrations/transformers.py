@@ -1,0 +1,224 @@
+"""Hugging Face transformers integration: reuse cached prefix KV for any causal LM.
+
+:class:`CachedCausalLM` wraps a ``PreTrainedModel``. For each prompt it loads the longest cached
+prefix (whole chunks, always leaving at least one token to compute), seeds a ``DynamicCache``
+with it, runs only the new tokens, and stores the new chunks. With
+``torch.set_num_threads(1)`` the logits equal a full prefill bit for bit; with more threads they
+are allclose with the same argmax (floating-point reduction order differs).
+
+Batch size 1 per call; models whose cache is not a plain per-layer K/V cache (sliding-window
+or recurrent layers) are rejected with :class:`~lmcache.errors.UnsupportedOperationError`.
+This module imports ``engine`` and transformers; nothing in lmcache imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from typing import Any
+
+import torch
+
+from lmcache.config import LMCacheConfig
+from lmcache.engine import CacheEngine
+from lmcache.errors import InvalidArgumentError, MissingDependencyError, UnsupportedOperationError
+from lmcache.layouts import HF_CONTIGUOUS, KVGeometry, chunk_to_hf, dtype_name, hf_to_chunk
+
+try:
+    from transformers import DynamicCache, PreTrainedModel
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise MissingDependencyError("transformers", "hf", "lmcache.integrations.transformers") from exc
+
+__all__ = ["CachedCausalLM", "ContiguousKV", "PrefillResult", "geometry_of", "model_fingerprint"]
+
+
+class ContiguousKV:
+    """Per-layer K and V tensors shaped ``[1, kv_heads, seq, head_dim]`` (transformers' layout).
+
+    Serves as both a KV source (gather into chunk buffers) and destination (scatter).
+    """
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        if len(keys) != len(values) or not keys:
+            raise InvalidArgumentError("ContiguousKV needs one K and one V tensor per layer")
+        self.keys = keys
+        self.values = values
+        self.geometry, _, self.seq_len = HF_CONTIGUOUS.geometry(list(zip(keys, values, strict=True)))
+
+    @classmethod
+    def empty(cls, geometry: KVGeometry, seq: int, device: torch.device | str = "cpu") -> ContiguousKV:
+        """Fresh tensors for ``seq`` tokens."""
+        shape = (1, geometry.num_kv_heads, seq, geometry.head_dim)
+        dtype = geometry.torch_dtype
+        keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(geometry.num_layers)]
+        values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(geometry.num_layers)]
+        return cls(keys, values)
+
+    def gather(self, start: int, end: int, out: torch.Tensor) -> None:
+        """Copy tokens ``[start, end)`` into ``out`` shaped ``[layers, 2, tokens, heads, dim]``."""
+        hf_to_chunk(list(zip(self.keys, self.values, strict=True)), start, end, out)
+
+    def scatter(self, start: int, end: int, src: torch.Tensor) -> None:
+        """Copy ``src`` shaped ``[layers, 2, tokens, heads, dim]`` into tokens ``[start, end)``."""
+        for k, v, (src_k, src_v) in zip(self.keys, self.values, chunk_to_hf(src), strict=True):
+            k[:, :, start:end].copy_(src_k)
+            v[:, :, start:end].copy_(src_v)
+
+    def prefix(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(K, V)`` per layer for the first ``n`` tokens (views)."""
+        return [(k[:, :, :n], v[:, :, :n]) for k, v in zip(self.keys, self.values, strict=True)]
+
+
+def geometry_of(model: PreTrainedModel) -> KVGeometry:
+    """The KV geometry of a transformers causal LM."""
+    cfg = model.config.get_text_config(decoder=True)
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    dtype = next(model.parameters()).dtype
+    return KVGeometry(cfg.num_hidden_layers, kv_heads, head_dim, dtype_name(dtype))
+
+
+def model_fingerprint(model: PreTrainedModel) -> str:
+    """A model identity for cache keys: its name plus a hash of its config and some weights.
+
+    Hashing a slice of the weights keeps two randomly initialised models (or two fine-tunes
+    with one config) from sharing chunks by accident.
+    """
+    h = hashlib.blake2b(digest_size=8)
+    h.update(model.config.to_json_string(use_diff=False).encode())
+    for _, p in list(model.named_parameters())[:4]:
+        h.update(p.detach().reshape(-1)[:256].float().cpu().numpy().tobytes())
+    name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+    return f"{name}#{h.hexdigest()}"
+
+
+@dataclasses.dataclass
+class PrefillResult:
+    """What :meth:`CachedCausalLM.prefill` returns.
+
+    Attributes:
+        logits: Logits of the last prompt token, shaped ``[1, vocab]``.
+        past_key_values: The model's cache after the prompt (for decoding on).
+        cached_tokens: Prompt tokens loaded from lmcache instead of computed.
+        prompt_tokens: Tokens in the prompt.
+        ttft_s: Seconds from the call to the last token's logits (before storing new chunks).
+    """
+
+    logits: torch.Tensor
+    past_key_values: Any
+    cached_tokens: int
+    prompt_tokens: int
+    ttft_s: float
+
+
+class CachedCausalLM:
+    """A causal LM whose prompt prefill reuses lmcache's cached KV.
+
+    Args:
+        model: A transformers causal LM (eval mode is set).
+        engine: The cache engine; built from ``config`` when omitted (then owned and closed
+            by :meth:`close`).
+        config: lmcache settings for a new engine.
+        model_id: Key identity of the model; default :func:`model_fingerprint`.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        engine: CacheEngine | None = None,
+        *,
+        config: LMCacheConfig | None = None,
+        model_id: str | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.geometry = geometry_of(model)
+        self._owns_engine = engine is None
+        if engine is None:
+            engine = CacheEngine(self.geometry, model_id or model_fingerprint(model), config=config)
+        elif engine.geometry != self.geometry:
+            raise InvalidArgumentError(
+                f"the engine's KV geometry {engine.geometry.identity} does not match the model's "
+                f"{self.geometry.identity}"
+            )
+        self.engine = engine
+
+    def _new_cache(self, data: list[tuple[torch.Tensor, torch.Tensor]] | None) -> Any:
+        cache = DynamicCache(ddp_cache_data=data, config=self.model.config)
+        for layer in cache.layers:
+            if type(layer).__name__ != "DynamicLayer":
+                raise UnsupportedOperationError(
+                    f"{type(self.model).__name__} uses {type(layer).__name__} cache layers; "
+                    "lmcache's transformers integration supports full-attention KV caches only"
+                )
+        return cache
+
+    def _load_prefix(self, tokens: torch.Tensor) -> tuple[Any, int]:
+        n = tokens.shape[0]
+        hit = self.engine.lookup(tokens[: n - 1]) if n > 1 else 0
+        loaded = 0
+        data = None
+        if hit:
+            kv = ContiguousKV.empty(self.geometry, hit, device=self.model.device)
+            loaded = self.engine.retrieve(tokens, kv, max_tokens=hit)
+            if loaded:
+                data = kv.prefix(loaded)
+        return self._new_cache(data), loaded
+
+    def _check_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise InvalidArgumentError("input_ids must be a [1, seq] tensor (batch size 1)")
+        if input_ids.shape[1] == 0:
+            raise InvalidArgumentError("input_ids must hold at least one token")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise InvalidArgumentError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        return input_ids[0]
+
+    def _store(self, tokens: torch.Tensor, cache: Any, start: int) -> None:
+        kv = ContiguousKV([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
+        self.engine.store(tokens, kv, start=start)
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor) -> PrefillResult:
+        """Run the prompt, loading its cached prefix and storing its new chunks.
+
+        Args:
+            input_ids: ``[1, seq]`` token ids.
+        """
+        t0 = time.perf_counter()
+        tokens = self._check_ids(input_ids)
+        cache, loaded = self._load_prefix(tokens)
+        out = self.model(input_ids[:, loaded:], past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1]
+        ttft = time.perf_counter() - t0
+        self._store(tokens, out.past_key_values, loaded)
+        return PrefillResult(logits, out.past_key_values, loaded, tokens.shape[0], ttft)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """``model.generate`` with the prompt's cached prefix loaded first.
+
+        Args:
+            input_ids: ``[1, seq]`` prompt token ids.
+            **kwargs: Passed to ``model.generate`` (``max_new_tokens``, ``do_sample``…).
+
+        Returns:
+            The generated sequences, prompt included, as ``model.generate`` returns them.
+        """
+        tokens = self._check_ids(input_ids)
+        cache, loaded = self._load_prefix(tokens)
+        out = self.model.generate(input_ids, past_key_values=cache, use_cache=True, **kwargs)
+        self._store(tokens, cache, loaded)
+        return out
+
+    def close(self) -> None:
+        """Close the engine if this wrapper built it."""
+        if self._owns_engine:
+            self.engine.close()
+
+    def __enter__(self) -> CachedCausalLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -13,6 +13,7 @@ Triton is optional (``pip install 'lmcache[triton]'``); importing this module ne
 from __future__ import annotations
 
 import functools
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,92 +23,33 @@ if TYPE_CHECKING:
 
 __all__ = ["available", "copy"]
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # Triton is an optional extra
-    triton = None
-    tl = None
-
 
 def available() -> bool:
-    """Whether Triton is installed."""
-    return triton is not None
+    """Whether Triton is installed (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
 
 
-if triton is not None:
+@functools.cache
+def _kernels() -> tuple[Any, Any]:
+    """Import the kernels on first use.
 
-    @triton.jit
-    def _gather_kernel(  # noqa: PLR0917 - Triton kernels take positional arguments
-        ptrs,
-        slots,
-        out,
-        num_tokens,
-        hd,
-        head_dim,
-        block_size,
-        s_block,
-        s_token,
-        s_head,
-        s_dim,
-        BLOCK_T: tl.constexpr,
-        BLOCK_HD: tl.constexpr,
-    ):
-        entry = tl.program_id(0)
-        tile = tl.program_id(1)
-        # The entry's base address, typed like the output's elements.
-        base = tl.load(ptrs + entry).to(out.dtype)
-        tok = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-        tok_mask = tok < num_tokens
-        slot = tl.load(slots + tok, mask=tok_mask, other=0)
-        src_tok = (slot // block_size) * s_block + (slot % block_size) * s_token
-        dst_tok = (entry * num_tokens + tok).to(tl.int64) * hd
-        for start in range(0, hd, BLOCK_HD):
-            col = start + tl.arange(0, BLOCK_HD)
-            col_mask = col < hd
-            src_col = (col // head_dim).to(tl.int64) * s_head + (col % head_dim).to(tl.int64) * s_dim
-            mask = tok_mask[:, None] & col_mask[None, :]
-            vals = tl.load(base + src_tok[:, None] + src_col[None, :], mask=mask)
-            tl.store(out + dst_tok[:, None] + col[None, :], vals, mask=mask)
+    Deferred so that importing lmcache does not import Triton, and so that ``TRITON_INTERPRET``
+    is read when the kernels are first needed rather than at import.
+    """
+    from lmcache.kernels import _triton_jit
 
-    @triton.jit
-    def _scatter_kernel(  # noqa: PLR0917 - Triton kernels take positional arguments
-        ptrs,
-        slots,
-        src,
-        num_tokens,
-        hd,
-        head_dim,
-        block_size,
-        s_block,
-        s_token,
-        s_head,
-        s_dim,
-        BLOCK_T: tl.constexpr,
-        BLOCK_HD: tl.constexpr,
-    ):
-        entry = tl.program_id(0)
-        tile = tl.program_id(1)
-        base = tl.load(ptrs + entry).to(src.dtype)
-        tok = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-        tok_mask = tok < num_tokens
-        slot = tl.load(slots + tok, mask=tok_mask, other=0)
-        dst_tok = (slot // block_size) * s_block + (slot % block_size) * s_token
-        src_tok = (entry * num_tokens + tok).to(tl.int64) * hd
-        for start in range(0, hd, BLOCK_HD):
-            col = start + tl.arange(0, BLOCK_HD)
-            col_mask = col < hd
-            dst_col = (col // head_dim).to(tl.int64) * s_head + (col % head_dim).to(tl.int64) * s_dim
-            mask = tok_mask[:, None] & col_mask[None, :]
-            vals = tl.load(src + src_tok[:, None] + col[None, :], mask=mask)
-            tl.store(base + dst_tok[:, None] + dst_col[None, :], vals, mask=mask)
+    return _triton_jit.gather_kernel, _triton_jit.scatter_kernel
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 @functools.lru_cache(maxsize=64)
 def _tiles(num_tokens: int, hd: int) -> tuple[int, int]:
     # ~4K elements per program: wide rows get fewer tokens per tile.
-    block_hd = min(triton.next_power_of_2(hd), 1024)
-    block_t = max(1, min(triton.next_power_of_2(max(num_tokens, 1)), 4096 // block_hd, 64))
+    block_hd = min(_next_pow2(hd), 1024)
+    block_t = max(1, min(_next_pow2(num_tokens), 4096 // block_hd, 64))
     return block_t, block_hd
 
 
@@ -125,8 +67,9 @@ def copy(op: str, kv: PagedKV, slots: torch.Tensor, buf: torch.Tensor) -> None:
     hd = heads * head_dim
     raw = buf.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[buf.element_size()])
     block_t, block_hd = _tiles(num_tokens, hd)
-    grid = (len(kv.entries), triton.cdiv(num_tokens, block_t))
-    kernel: Any = _gather_kernel if op == "gather" else _scatter_kernel
+    grid = (len(kv.entries), -(-num_tokens // block_t))
+    gather_kernel, scatter_kernel = _kernels()
+    kernel: Any = gather_kernel if op == "gather" else scatter_kernel
     kernel[grid](
         kv.pointer_table(),
         slots.contiguous(),

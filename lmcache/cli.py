@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from lmcache.errors import LMCacheError
+from lmcache.errors import LMCacheError, MissingDependencyError
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -132,10 +132,25 @@ def _register_bench(sub: argparse._SubParsersAction) -> None:
     )
     workloads = p.add_subparsers(dest="workload", metavar="WORKLOAD", parser_class=_OneLineErrorParser)
     workloads.required = True
-    for module_name in WORKLOADS.values():
-        module = importlib.import_module(module_name)
+    for name, module_name in WORKLOADS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            # One broken or under-installed workload must not take the whole CLI down.
+            _register_unavailable(workloads, name, module_name, exc)
+            continue
         wp = module.add_parser(workloads)
         wp.set_defaults(func=module.run_cli)
+
+
+def _register_unavailable(sub: argparse._SubParsersAction, name: str, module_name: str, exc: ImportError) -> None:
+    reason = f"{module_name} cannot be imported: {exc}"
+    p = sub.add_parser(name, help=f"(unavailable: {reason})")
+
+    def fail(args: argparse.Namespace) -> int:
+        raise MissingDependencyError(exc.name or module_name, None, f"lmcache bench {name}") from exc
+
+    p.set_defaults(func=fail)
 
 
 #: Registration functions of the top-level subcommands, in help order.

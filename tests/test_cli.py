@@ -166,3 +166,19 @@ def test_ls_and_stats_on_a_file_store(tmp_path: Path) -> None:
     data = json.loads(proc.stdout)
     assert data["capabilities"]["persistent"] is True
     assert isinstance(data["stats"], dict)
+
+
+def test_a_workload_that_cannot_import_does_not_break_the_cli(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import lmcache.bench
+    from lmcache.cli import main
+
+    monkeypatch.setitem(lmcache.bench.WORKLOADS, "broken", "lmcache.bench.no_such_workload_module")
+    assert main(["version"]) == 0
+    assert lmcache.__version__ in capsys.readouterr().out
+    assert main(["bench", "broken"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("lmcache: error:")
+    assert "lmcache bench broken" in err[0]

@@ -17,9 +17,10 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 import redis
+from lmcache_conformance import BackendTests
 from servers import RedisServer
 
-from lmcache.backends.base import PutStatus
+from lmcache.backends.base import PutStatus, StorageBackend
 from lmcache.backends.redis import RedisBackend, RedisSettings
 from lmcache.backends.registry import open_backend
 from lmcache.errors import (
@@ -97,6 +98,53 @@ def server(request: pytest.FixtureRequest) -> RedisServer:
 async def backend(server: RedisServer) -> AsyncIterator[RedisBackend]:
     async with opened(server.url, prefix=unique_prefix()) as b:
         yield b
+
+
+# ---------------------------------------------------------------------------------------------
+# The conformance suite, on Redis, Valkey and Redis over TLS
+
+
+class RedisConformance(BackendTests):
+    """The shared suite against a real server; each test gets its own key prefix."""
+
+    server_fixture: str = "redis_server"
+
+    @pytest.fixture
+    def backend_url(self, request: pytest.FixtureRequest) -> str:
+        server: RedisServer = request.getfixturevalue(self.server_fixture)
+        b = RedisBackend.from_url(server.url, prefix=unique_prefix(), **self.url_overrides(server))
+        return b.url
+
+    def url_overrides(self, server: RedisServer) -> dict[str, object]:
+        return {}
+
+    @pytest.fixture
+    def secret_url(self) -> str:
+        return "redis://alice:conformance-pw@127.0.0.1:6379/0?prefix=x"
+
+    async def corrupt_value(self, backend: StorageBackend, key: CacheKey) -> None:
+        assert isinstance(backend, RedisBackend)
+        name = backend.key_name(key)
+        with raw_client(backend) as raw:
+            stored = raw.get(name)
+            assert stored is not None
+            raw.setrange(name, len(stored) - 1, bytes([stored[-1] ^ 0xFF]))
+
+
+class TestRedisConformance(RedisConformance):
+    server_fixture = "redis_server"
+
+
+class TestValkeyConformance(RedisConformance):
+    server_fixture = "valkey_server"
+
+
+class TestRedisTLSConformance(RedisConformance):
+    server_fixture = "redis_tls_server"
+
+    def url_overrides(self, server: RedisServer) -> dict[str, object]:
+        ca = server.extra.get("ca")
+        return {"ssl_ca_certs": ca} if ca else {}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -364,3 +364,13 @@ async def test_unloadable_lazy_baseline_runs_without_one(monkeypatch: pytest.Mon
     result = await run_backend_bench(tiny("memory://?capacity=1MiB"))
     assert result["baseline"] is None
     assert result["median"]["backend"]["put"]["gbps"] > 0
+
+
+async def test_composite_backend_without_capacity_setting_runs(tmp_path: Path) -> None:
+    # tiered:// is bounded through its tiers and has no capacity option of its own: the
+    # benchmark must not try to override one, and reports it without a baseline.
+    url = f"tiered://?tier=memory://&tier=file://{tmp_path / 'store'}"
+    result = await run_backend_bench(tiny(url))
+    assert result["params"]["capacity_override"] is None
+    assert result["baseline"] is None
+    assert result["median"]["backend"]["get"]["gbps"] > 0

@@ -543,9 +543,10 @@ def _fit_capacity(url: str, probe: StorageBackend, payload: int, needed: int) ->
     Raises:
         ConfigError: The URL sets a capacity smaller than the values alone.
     """
-    if not probe.capabilities.bounded:
-        return {}
-    capacity = getattr(getattr(probe, "settings", None), "capacity", None)
+    settings = getattr(probe, "settings", None)
+    if not probe.capabilities.bounded or not hasattr(settings, "capacity"):
+        return {}  # unbounded, or bounded through parts it configures itself (tiered:// tiers)
+    capacity = settings.capacity
     query = dict(parse_qsl(split_url(url).query, keep_blank_values=True))
     if "capacity" in query:
         # Only what cannot possibly fit fails here; a near miss surfaces as a rejected put.

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             length_tiers = [t if not t.startswith("file://") else f"{t}/L{length}" for t in tiers]
             config = LMCacheConfig.load(tiers=length_tiers, chunk_size=args.chunk_size)
             with CachedCausalLM(model, config=config) as cached:
-                setup = QASetup(model, cached, exact=args.threads == 1)
+                setup = QASetup(model, cached)
                 runs: list[PromptRun] = []
                 todo = [(d, q) for q in range(args.questions) for d in range(args.docs)]
                 for d, q in progress(todo, len(todo), f"long-doc-qa L={length}", args.no_progress):

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         config = LMCacheConfig.load(tiers=tiers, chunk_size=args.chunk_size)
         with CachedCausalLM(model, config=config) as cached:
-            setup = QASetup(model, cached, exact=args.threads == 1)
+            setup = QASetup(model, cached)
             todo = [(r, u) for r in range(args.rounds) for u in range(args.users)]
             for r, u in progress(todo, len(todo), "multi-round-qa", args.no_progress):
                 prompt = histories[u] + random_tokens(rng, args.question_tokens, vocab)

@@ -9,8 +9,8 @@ three ways, interleaved so machine noise hits all of them alike:
 
 TTFT is the time from the request to the first token's logits (cache lookup, KV load and the
 forward pass of the uncached tokens; storing new chunks happens after it, as in an engine).
-Outputs must match: the last-token logits with and without lmcache are compared (``torch.equal``
-with one thread, allclose + same argmax otherwise).
+Outputs must match: the last-token logits with and without lmcache are allclose with the same
+argmax; how many are bit-exact is reported too.
 
 The default model is a randomly initialised Llama built from a config with a fixed seed (fp32:
 this CPU has no bf16 hardware), so nothing is downloaded; ``--model PATH`` loads a local
@@ -132,6 +132,7 @@ class PromptRun:
     cached_tokens: int
     cache_state: str  # "cold" (nothing of its prefix cached before) or "warm"
     outputs_match: bool
+    bit_exact: bool
 
 
 @dataclasses.dataclass
@@ -140,7 +141,6 @@ class QASetup:
 
     model: Any
     cached: Any  # CachedCausalLM
-    exact: bool  # compare logits bit for bit (one thread) or allclose + argmax
 
 
 def run_prompt_pair(setup: QASetup, tokens: list[int], label: str, cache_state: str) -> PromptRun:
@@ -153,13 +153,15 @@ def run_prompt_pair(setup: QASetup, tokens: list[int], label: str, cache_state: 
         ref = setup.model(ids, use_cache=True).logits[:, -1]
     recompute = time.perf_counter() - t0
     res = setup.cached.prefill(ids)
-    if setup.exact:
-        same = bool(torch.equal(ref, res.logits))
-    else:
-        same = bool(torch.allclose(ref, res.logits, rtol=1e-3, atol=1e-3)) and bool(
-            torch.equal(ref.argmax(-1), res.logits.argmax(-1))
-        )
-    return PromptRun(label, len(tokens), recompute, res.ttft_s, res.cached_tokens, cache_state, same)
+    exact = bool(torch.equal(ref, res.logits))
+    # KV that was itself computed over a cached prefix differs from a full prefill's in the last
+    # float bits (different kernel blocking), so "match" means allclose with the same argmax;
+    # bit-exact equality is recorded separately (it holds for one thread and a single reuse level).
+    same = exact or (
+        bool(torch.allclose(ref, res.logits, rtol=1e-4, atol=1e-4))
+        and bool(torch.equal(ref.argmax(-1), res.logits.argmax(-1)))
+    )
+    return PromptRun(label, len(tokens), recompute, res.ttft_s, res.cached_tokens, cache_state, same, exact)
 
 
 def summarize(runs: list[PromptRun]) -> dict[str, Any]:
@@ -177,6 +179,7 @@ def summarize(runs: list[PromptRun]) -> dict[str, Any]:
     total = sum(r.prompt_tokens for r in runs)
     out["hit_rate_tokens"] = sum(r.cached_tokens for r in runs) / total if total else 0.0
     out["outputs_match"] = all(r.outputs_match for r in runs)
+    out["bit_exact_fraction"] = sum(r.bit_exact for r in runs) / len(runs) if runs else None
     warm = out["lmcache_warm"]["median_s"]
     cold = out["lmcache_cold"]["median_s"]
     rw = out["recompute_warm_prompts"]["median_s"]

@@ -61,11 +61,14 @@ class S3Target:
         name: ``moto``, ``seaweedfs`` or ``env``.
         base_url: An ``s3://bucket[/prefix]?…`` URL with endpoint and credentials.
         enforces_auth: The server rejects wrong credentials (moto accepts any).
+        atomic_conditional_writes: Racing ``If-None-Match: *`` writes of one key let exactly one
+            win. moto checks and writes without a lock, so two racing writers can both succeed.
     """
 
     name: str
     base_url: str
     enforces_auth: bool
+    atomic_conditional_writes: bool = True
 
     def url(self, **options: Any) -> str:
         """A URL with a fresh, unique prefix (so tests never see each other's objects)."""
@@ -333,7 +336,9 @@ def s3_moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Target]:
         pytest.skip("moto's S3 server is not installed: pip install 'moto[server]>=5.1'")
     proc, endpoint = start_moto(tmp_path_factory.mktemp("moto"))
     try:
-        yield S3Target("moto", _target_url(endpoint, "testing", "testing"), enforces_auth=False)
+        yield S3Target(
+            "moto", _target_url(endpoint, "testing", "testing"), enforces_auth=False, atomic_conditional_writes=False
+        )
     finally:
         proc.stop(grace=2)
 

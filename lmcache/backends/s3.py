@@ -89,7 +89,7 @@ except ImportError as _exc:  # pragma: no cover - exercised only without the ext
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["S3Backend", "S3Settings"]
+__all__ = ["S3Backend", "S3Settings", "s3_client"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -287,38 +287,10 @@ class S3Backend(StorageBackend):
 
     async def _open(self) -> None:
         s = self.settings
-        region = s.region or ("us-east-1" if s.endpoint_url else None)
-        addressing = s.addressing_style or ("path" if s.endpoint_url else "auto")
-        config = AioConfig(
-            region_name=region,
-            connect_timeout=s.connect_timeout,
-            read_timeout=s.read_timeout,
-            retries={"max_attempts": s.max_attempts, "mode": "standard"},
-            # Parts run under the same semaphore, so this many connections is always enough.
-            max_pool_connections=s.max_concurrency,
-            s3={"addressing_style": addressing},
-            # The frame carries an xxh3 checksum; skip botocore's extra CRC pass (and the
-            # aws-chunked uploads that some S3-compatible servers reject) where S3 allows it.
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-            user_agent_extra="lmcache",
-        )
         stack = contextlib.AsyncExitStack()
         try:
             with self._mapped("open"):
-                try:
-                    session = aioboto3.Session(
-                        aws_access_key_id=s.aws_access_key_id,
-                        aws_secret_access_key=s.aws_secret_access_key,
-                        aws_session_token=s.aws_session_token,
-                        profile_name=s.profile,
-                        region_name=region,
-                    )
-                except bce.ProfileNotFound as exc:
-                    raise ConfigError(f"s3://: AWS profile {s.profile!r} is not configured") from exc
-                self._client = await stack.enter_async_context(
-                    session.client("s3", endpoint_url=s.endpoint_url, config=config, verify=s.verify_tls)
-                )
+                self._client = await stack.enter_async_context(s3_client(s))
                 self._sem = asyncio.Semaphore(s.max_concurrency)
                 await self._check_bucket()
         except BaseException:
@@ -678,6 +650,45 @@ class S3Backend(StorageBackend):
                     logger.debug("%r: skipping foreign object %s", self, obj["Key"])
                     continue
                 yield key
+
+
+def s3_client(settings: S3Settings) -> Any:
+    """An aioboto3 S3 client configured from ``settings`` (an async context manager).
+
+    The backend and the raw benchmark baseline both use this, so they talk to S3 the same way:
+    timeouts, retries (botocore ``standard`` mode), pool size, addressing style and checksums.
+
+    Raises:
+        ConfigError: ``settings.profile`` names a profile that is not configured.
+    """
+    s = settings
+    region = s.region or ("us-east-1" if s.endpoint_url else None)
+    addressing = s.addressing_style or ("path" if s.endpoint_url else "auto")
+    config = AioConfig(
+        region_name=region,
+        connect_timeout=s.connect_timeout,
+        read_timeout=s.read_timeout,
+        retries={"max_attempts": s.max_attempts, "mode": "standard"},
+        # Parts run under the same semaphore, so this many connections is always enough.
+        max_pool_connections=s.max_concurrency,
+        s3={"addressing_style": addressing},
+        # The frame carries an xxh3 checksum; skip botocore's extra CRC pass (and the
+        # aws-chunked uploads that some S3-compatible servers reject) where S3 allows it.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        user_agent_extra="lmcache",
+    )
+    try:
+        session = aioboto3.Session(
+            aws_access_key_id=s.aws_access_key_id,
+            aws_secret_access_key=s.aws_secret_access_key,
+            aws_session_token=s.aws_session_token,
+            profile_name=s.profile,
+            region_name=region,
+        )
+    except bce.ProfileNotFound as exc:
+        raise ConfigError(f"s3://: AWS profile {s.profile!r} is not configured") from exc
+    return session.client("s3", endpoint_url=s.endpoint_url, config=config, verify=s.verify_tls)
 
 
 class _Corrupt(Exception):

@@ -285,7 +285,8 @@ def split_url(url: str) -> SplitResult:
         raise ConfigError(f"not a backend URL: {url!r} (expected scheme://…, e.g. memory://?capacity=1GiB)")
     try:
         parts = urlsplit(url)
-        _ = parts.port  # validates the port
+        if "," not in parts.netloc:  # multi-host URLs (redis+cluster://h1:p1,h2:p2) check their own ports
+            _ = parts.port  # validates the port
     except ValueError as exc:
         raise ConfigError(f"malformed backend URL {redact_url(url)!r}: {exc}") from None
     if not parts.scheme:

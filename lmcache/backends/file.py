@@ -60,13 +60,16 @@ and checking afterwards would leave corrupt bytes in it, and there is nothing to
 from; the only ways to check bytes before they land in ``dst`` are a staging copy, a snapshot of
 ``dst`` (the same copy), reading the file twice (a second pass over the page cache) or
 ``mmap``-ing the file (no kernel copy, but page-table setup and teardown per read, and a SIGBUS
-if anyone truncates a file while it is mapped). Measured here on 2 MiB values in the page cache:
-``preadv`` into ``dst`` + checksum ~19-20 GB/s (the unsafe bound), staging + checksum + copy ~14
-GB/s, two passes ~13 GB/s, ``mmap`` + checksum + copy ~13 GB/s (9 with ``MAP_POPULATE``). Staging
-wins among the correct designs, and against the device (about 1-2 GB/s on this class of host)
-its extra memcpy is a few percent. With O_DIRECT the staging buffer is where the device's DMA
-lands anyway (``dst`` is rarely page aligned), so the CPU copies each value exactly once there
-too. Staging buffers up to 64 MiB are kept per worker thread; larger values use a one-off buffer.
+if anyone truncates a file while it is mapped). Measured here on 2 MiB values in the page cache, per CPU
+second, reading into 256 distinct (cache-cold) destination buffers: ``preadv`` into ``dst`` +
+checksum 12.5 GB/s (the unsafe bound), staging + checksum + copy 11.3 GB/s, ``mmap`` + checksum
++ copy 10.5 GB/s (a bare ``preadv`` with no checksum: 15.8). Into one reused, cache-hot
+destination: 19-20, 14, 13 (9 with ``MAP_POPULATE``), and reading the file twice 13. Staging
+wins among the correct designs at ~10% more CPU than the unsafe bound, and against the device
+(about 1-2 GB/s on this class of host) its extra memcpy is noise. With O_DIRECT the staging
+buffer is where the device's DMA lands anyway (``dst`` is rarely page aligned), so the CPU
+copies each value exactly once there too. Staging buffers up to 64 MiB are kept per worker
+thread; larger values use a one-off buffer.
 
 Truncated files, flipped bits, a foreign key in the frame: each is a counted corrupt miss, and
 the file is removed (if it is still the same inode) so a later put can store the value again.
@@ -400,9 +403,12 @@ class FileBackend(StorageBackend):
 
     def _prepare_dir(self) -> None:
         with map_os_errors(f"file://: creating {self._root}"):
+            created = not os.path.exists(self._root)
             os.makedirs(self._root, exist_ok=True)
             if not os.path.isdir(self._root):
                 raise NotADirectoryError(errno.ENOTDIR, "not a directory", self._root)
+            if created and self.settings.fsync == "always":
+                _fsync_dir(os.path.dirname(self._root))
         if self.settings.o_direct:
             self._o_direct = self._probe_o_direct()
 
@@ -808,7 +814,15 @@ class FileBackend(StorageBackend):
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC | (_O_DIRECT if direct else 0)
         for _attempt in range(3):
             tmp = os.path.join(shard, f".{digest}.{self._pid}.{secrets.token_hex(6)}{_TMP_SUFFIX}")
-            fd = os.open(tmp, flags, 0o644)
+            try:
+                fd = os.open(tmp, flags, 0o644)
+            except FileNotFoundError:
+                # The shard (or the whole cache directory) was removed behind our back:
+                # recreate it rather than failing every later put into it.
+                with self._lock:
+                    self._shards.discard(os.path.basename(shard))
+                os.makedirs(shard, exist_ok=True)
+                continue
             try:
                 # Held until the temp name is gone: open() of another process treats a temp
                 # file it can lock as stale and removes it.
@@ -836,7 +850,7 @@ class FileBackend(StorageBackend):
                 _fsync_dir(shard)
             self._add_entry(key, src.nbytes, total)
             return STORED
-        raise OSError(errno.EAGAIN, "temp file was removed repeatedly by a concurrent cleaner")
+        raise OSError(errno.EAGAIN, "the temp file or its directory was removed repeatedly while writing")
 
     def _write_direct(self, fd: int, header: bytes, src: memoryview, total: int) -> None:
         hlen = len(header)  # a multiple of DIRECT_ALIGN (the frame pads it)

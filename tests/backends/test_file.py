@@ -241,6 +241,17 @@ async def test_concurrent_puts_of_one_key(store: FileBackend) -> None:
     assert not leftovers(Path(store.settings.path))
 
 
+async def test_put_recreates_a_removed_directory(store: FileBackend) -> None:
+    import shutil
+
+    await store.put([make_key(1)], [b"a" * 100])
+    shutil.rmtree(store.settings.path)
+    assert (await store.put([make_key(1)], [b"a" * 100]))[0].status is PutStatus.STORED
+    dst = bytearray(100)
+    assert await store.get_into([make_key(1)], [dst]) == [100]
+    assert dst == b"a" * 100
+
+
 # -- integrity ---------------------------------------------------------------------------------
 
 

@@ -108,6 +108,7 @@ class RedisClusterBackend(RedisBackend):
             if name in overrides or f"{name}=" in parts.query:
                 raise ConfigError(f"redis+cluster:// takes no {name!r}; name nodes as host:port,host:port")
         settings = parse_backend_url(url, cls.schemes, RedisClusterSettings, location, overrides, split=parts)
+        cls._check_tls(parts.scheme, settings)
         return cls(settings, parts.scheme)
 
     @property
@@ -144,7 +145,8 @@ class RedisClusterBackend(RedisBackend):
             return await pipe.execute(raise_on_error=False)
 
     async def _unlink(self, names: list[bytes]) -> None:
-        replies = await self._pipeline(lambda p: [p.unlink(n) for n in names])
+        # A queued raw command: ClusterPipeline.unlink is a slot-splitting coroutine, not a queued one.
+        replies = await self._pipeline(lambda p: [p.execute_command("UNLINK", n) for n in names])
         for reply in replies:
             if isinstance(reply, BaseException):
                 raise reply

@@ -54,6 +54,30 @@ _CHILD = _COMMON + textwrap.dedent(
     """
 )
 
+_RACER = _COMMON + textwrap.dedent(
+    """
+    import asyncio, sys
+    from lmcache.backends.file import FileBackend
+
+    async def main(url, n, go_file, reverse):
+        import os, time
+        async with FileBackend.from_url(url) as backend:
+            print("ready", flush=True)
+            while not os.path.exists(go_file):  # start both writers together
+                time.sleep(0.001)
+            stored = []
+            order = list(range(n))[::-1] if reverse else list(range(n))
+            for i in range(0, n, 4):
+                idx = order[i : i + 4]
+                results = await backend.put([key_of(j) for j in idx], [value_of(j) for j in idx])
+                stored += [j for j, r in zip(idx, results) if r.status.value == "stored"]
+                assert all(r.ok for r in results), results
+            print(*stored, flush=True)
+
+    asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "reverse"))
+    """
+)
+
 namespace: dict[str, object] = {}
 exec(_COMMON, namespace)
 key_of = namespace["key_of"]
@@ -126,4 +150,45 @@ async def test_sigkill_mid_burst_leaves_only_intact_values(tmp_path: Path, optio
         assert backend.stats()["corrupt"] == 0
         assert backend.stats()["entries"] == len(on_disk) == len(hits)
     # Stale temp files of the killed writers (no lock holds them any more) were cleaned at open.
+    assert not list(root.rglob("*.tmp"))
+
+
+def _race(url: str, n: int, go: Path) -> list[set[int]]:
+    """Run two writers of the same ``n`` keys at once, in opposite orders; what each stored."""
+    racers = [
+        subprocess.Popen([sys.executable, "-c", _RACER, url, str(n), str(go), order], stdout=subprocess.PIPE, text=True)
+        for order in ("forward", "reverse")
+    ]
+    try:
+        for r in racers:
+            assert r.stdout is not None
+            assert r.stdout.readline().strip() == "ready"
+        go.touch()
+        outputs = [r.communicate(timeout=120)[0] for r in racers]
+    finally:
+        for r in racers:
+            if r.poll() is None:
+                r.kill()
+                r.wait()
+    assert [r.returncode for r in racers] == [0, 0]
+    return [{int(x) for x in out.split()} for out in outputs]
+
+
+async def test_two_processes_racing_on_the_same_keys(tmp_path: Path) -> None:
+    root = tmp_path / "kv"
+    url = f"file://{root}?workers=2"
+    n = 48
+    stored = _race(url, n, tmp_path / "go")
+    # First writer wins: every key was stored by exactly one of the two processes.
+    assert stored[0].isdisjoint(stored[1])
+    assert stored[0] | stored[1] == set(range(n))
+    assert stored[0] and stored[1]  # opposite orders: each got some keys first
+    async with FileBackend.from_url(url) as backend:
+        keys = [key_of(i) for i in range(n)]  # type: ignore[operator]
+        dsts = [bytearray(512 * 1024) for _ in keys]
+        got = await backend.get_into(keys, dsts)
+        for i, size in enumerate(got):
+            assert size is not None
+            assert bytes(dsts[i][:size]) == value_of(i)  # type: ignore[operator]
+        assert backend.stats()["entries"] == n
     assert not list(root.rglob("*.tmp"))

@@ -177,6 +177,8 @@ _NO_LINK_ERRNOS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _FSYNC_CHOICES = ("none", "data", "always")
+# macOS has no fdatasync; a full fsync gives the same guarantee there.
+_fdatasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
 
 
 def _parse_capacity(value: object) -> int | None:
@@ -835,7 +837,7 @@ class FileBackend(StorageBackend):
                     else:
                         _writev_full(fd, [memoryview(header), src])
                     if self.settings.fsync != "none":
-                        os.fdatasync(fd)
+                        _fdatasync(fd)
                     if cancel.is_set():
                         return rejected("cancelled")  # the finally below removes the temp file
                     stored = self._publish(tmp, final)

@@ -169,13 +169,18 @@ def wait_for_bucket(proc: ServerProcess, endpoint: str, access_key: str, secret_
         if not proc.alive:
             raise RuntimeError(f"{proc.argv[0]} exited early:\n{proc.log_tail()}")
         try:
-            client.create_bucket(Bucket=bucket)
-            return
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+            try:
+                client.create_bucket(Bucket=bucket)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
+            # The bucket can exist before objects can be stored (SeaweedFS registers its volume
+            # server a moment later): a write and a read must work too.
+            client.put_object(Bucket=bucket, Key=".ready-probe", Body=b"ok")
+            if client.get_object(Bucket=bucket, Key=".ready-probe")["Body"].read() == b"ok":
+                client.delete_object(Bucket=bucket, Key=".ready-probe")
                 return
-            last = exc
-        except BotoCoreError as exc:
+        except (ClientError, BotoCoreError) as exc:
             last = exc
         time.sleep(0.2)
     raise RuntimeError(f"{proc.argv[0]} not ready after {READY_TIMEOUT}s ({last}):\n{proc.log_tail()}")

@@ -934,6 +934,13 @@ class FileBackend(StorageBackend):
         for key in keys:
             yield key
 
+    async def _list_entries(self) -> AsyncIterator[tuple[CacheKey, int | None]]:
+        # Sizes are the value (payload) bytes, the unit of capacity and used_bytes.
+        with self._lock:
+            entries = [(key, entry.payload) for key, entry in self._index.items()]
+        for entry in entries:
+            yield entry
+
 
 def _mapped(exc: OSError, what: str) -> BackendError:
     """``exc`` mapped into the lmcache error tree (see :func:`lmcache.errors.map_os_errors`)."""

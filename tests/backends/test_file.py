@@ -211,6 +211,7 @@ async def test_reopen_keeps_values_and_sizes(tmp_path: Path) -> None:
         assert await second.get_into(keys, dsts) == [len(v) for v in vals]
         assert [bytes(d) for d in dsts] == vals
         assert sorted([k async for k in second.list_keys()], key=str) == sorted(keys, key=str)
+        assert dict([e async for e in second.list_entries()]) == {k: len(v) for k, v in zip(keys, vals, strict=True)}
 
 
 async def test_two_instances_share_a_directory(tmp_path: Path) -> None:

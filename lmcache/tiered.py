@@ -56,6 +56,7 @@ This module imports ``backends.base`` (and the registry lazily to build tiers fr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import sys
@@ -133,7 +134,11 @@ class TieredSettings:
 
 @dataclasses.dataclass
 class TierStats:
-    """Per-tier counters kept by :class:`TieredBackend` (reads, faults, movement between tiers)."""
+    """Per-tier counters kept by :class:`TieredBackend` (reads, faults, movement between tiers).
+
+    ``writeback_stalls`` (tier 0): puts that found tier 0 full of values still waiting for
+    write-back and waited (up to ``tier_timeout``) for the writers to free room.
+    """
 
     hits: int = 0
     misses: int = 0
@@ -146,6 +151,7 @@ class TierStats:
     writeback_dropped: int = 0
     writeback_failed: int = 0
     evictions: int = 0
+    writeback_stalls: int = 0
 
 
 @dataclasses.dataclass(eq=False)
@@ -156,6 +162,8 @@ class _WriteBack:
     size: int
     tiers: set[int] = dataclasses.field(default_factory=set)  # writers that still have to copy it
     cancelled: bool = False
+    busy: int = 0  # writers copying it right now
+    idle: asyncio.Event | None = None  # set when busy drops to 0 (a delete waits on it)
 
 
 class _StagingPool:
@@ -247,6 +255,7 @@ class TieredBackend(StorageBackend):
         # Capabilities describe the stack, not the class, so they are set per instance.
         self.capabilities = _combine([b.capabilities for b in tiers])  # type: ignore[misc]
         self._pending: dict[CacheKey, _WriteBack] = {}
+        self._progress: asyncio.Event | None = None  # set (and replaced) after each write-back batch
 
     # -- construction ------------------------------------------------------------------------
 
@@ -563,11 +572,13 @@ class TieredBackend(StorageBackend):
     async def _store(self, tier: _Tier, keys: list[CacheKey], views: list[memoryview]) -> list[PutResult]:
         """Put into one tier, evicting policy victims and retrying when it is full."""
         policy = tier.policy
+        # Waiting for write-back to free room (see _evict) is bounded once per call, not per round.
+        deadline = asyncio.get_running_loop().time() + self.settings.tier_timeout
         if policy is not None:
             incoming = sum(v.nbytes for k, v in zip(keys, views, strict=True) if k not in policy)
             capacity, used = self._tier_gauges(tier)
             if capacity is not None and used is not None and used + incoming > capacity and incoming <= capacity:
-                await self._evict(tier, used + incoming - capacity)
+                await self._evict(tier, used + incoming - capacity, deadline)
         got = await self._guard(tier, "put", tier.backend.put(keys, views))
         if got is _FAILED:
             return [rejected("error")] * len(keys)
@@ -582,7 +593,7 @@ class TieredBackend(StorageBackend):
                     and r.reason == "capacity"
                     and (capacity is None or views[i].nbytes <= capacity)  # too big ever to fit
                 ]
-                if not full or not await self._evict(tier, sum(views[i].nbytes for i in full)):
+                if not full or not await self._evict(tier, sum(views[i].nbytes for i in full), deadline):
                     break
                 retry = await self._guard(
                     tier, "put", tier.backend.put([keys[i] for i in full], [views[i] for i in full])
@@ -596,12 +607,31 @@ class TieredBackend(StorageBackend):
                     policy.on_insert(key, view.nbytes)
         return results
 
-    async def _evict(self, tier: _Tier, n_bytes: int) -> bool:
-        """Delete policy victims worth ``n_bytes`` from ``tier``; False when nothing could go."""
+    async def _evict(self, tier: _Tier, n_bytes: int, deadline: float) -> bool:
+        """Delete policy victims worth ``n_bytes`` from ``tier``; False when nothing could go.
+
+        Values still waiting to be copied out of tier 0 are protected. When they are all that
+        is left to evict, the put waits (until ``deadline``) for the writers to copy some: that
+        is the backpressure of a tier 0 filled faster than the slower tiers drain it, and
+        it also lets writers run when callers never yield to the event loop.
+        """
         assert tier.policy is not None
-        # Values still waiting to be copied out of tier 0 must stay there until they are.
         protected = self._pending if tier.index == 0 else ()
         victims = tier.policy.victims(n_bytes, protected)
+        if not victims and tier.index == 0 and self._pending:
+            loop = asyncio.get_running_loop()
+            stalled = False
+            while not victims and self._pending and (remaining := deadline - loop.time()) > 0:
+                if not stalled:
+                    stalled = True
+                    tier.stats.writeback_stalls += 1
+                if self._progress is None:
+                    self._progress = asyncio.Event()
+                try:
+                    await _with_timeout(self._progress.wait(), remaining)
+                except (TimeoutError, asyncio.TimeoutError):
+                    break
+                victims = tier.policy.victims(n_bytes, protected)
         if not victims:
             self.log_once(f"{tier.index}:evict:none", "%r: %s is full and has nothing to evict", self, tier.label())
             return False
@@ -659,6 +689,8 @@ class TieredBackend(StorageBackend):
                 await asyncio.sleep(delay)
             while len(batch) < self.settings.write_back_batch and not queue.empty():
                 batch.append(queue.get_nowait())
+            for job in batch:
+                job.busy += 1
             try:
                 await self._write_back(tier, batch)
             except asyncio.CancelledError:
@@ -670,10 +702,16 @@ class TieredBackend(StorageBackend):
                 self._record_failure(tier, "write-back", exc)
             finally:
                 for job in batch:
+                    job.busy -= 1
+                    if job.busy == 0 and job.idle is not None:
+                        job.idle.set()
                     job.tiers.discard(tier.index)
                     if not job.tiers and self._pending.get(job.key) is job:
                         del self._pending[job.key]
                     queue.task_done()
+                if self._progress is not None:  # wake puts waiting for room in tier 0
+                    self._progress.set()
+                    self._progress = None
 
     async def _write_back(self, tier: _Tier, batch: list[_WriteBack]) -> None:
         live = [j for j in batch if not j.cancelled]
@@ -709,10 +747,21 @@ class TieredBackend(StorageBackend):
                     tier.policy.on_remove(key)
 
     async def _delete(self, keys: list[CacheKey]) -> None:
+        # Cancel queued write-backs, and wait for ones being copied right now: otherwise their
+        # put could land in a slower tier after our delete and the key would be visible there
+        # until the writer undoes it. A batch in flight ends within a few tier timeouts.
+        busy: list[asyncio.Event] = []
         for key in keys:
             job = self._pending.pop(key, None)
             if job is not None:
                 job.cancelled = True
+                if job.busy:
+                    if job.idle is None:
+                        job.idle = asyncio.Event()
+                    busy.append(job.idle)
+        if busy:
+            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+                await _with_timeout(asyncio.gather(*(e.wait() for e in busy)), 3 * self.settings.tier_timeout)
 
         async def one(tier: _Tier) -> None:
             await self._guard(tier, "delete", tier.backend.delete(keys))

@@ -590,22 +590,44 @@ async def test_a_policy_factory_is_used_per_bounded_tier() -> None:
         assert tier_stats(t, 0)["tracked_bytes"] == 1 * KiB
 
 
-async def test_pinned_keys_are_not_evicted_before_their_write_back() -> None:
+async def test_pinned_keys_become_evictable_only_when_their_write_back_ends() -> None:
+    fast, inner = mem("4KiB"), mem()
+    slow = Faulty(inner)
+    slow.put_gate = asyncio.Event()  # never set: tier 1 hangs on puts, its write-back times out
+    async with fast, slow, TieredBackend([fast, slow], TieredSettings(tier_timeout=0.05)) as t:
+        await t.put([key(i) for i in range(4)], [value(i) for i in range(4)])
+        # Tier 0 is full of values not yet copied out. The put waits (up to tier_timeout) for
+        # write-back to free room, none comes, and it is rejected: nothing unwritten is evicted.
+        r = (await t.put([key(4)], [value(4)]))[0]
+        assert r.status is PutStatus.REJECTED and r.reason == "capacity"
+        assert tier_stats(t, 0)["writeback_stalls"] == 1 and tier_stats(t, 0)["evictions"] == 0
+        assert await holds(fast, [key(i) for i in range(4)]) == [True] * 4
+        # The write-back ends in a timeout (counted); then the values may go to make room.
+        await t.flush()
+        st1 = tier_stats(t, 1)
+        assert st1["timeouts"] == 1 and st1["writeback_failed"] == 4 and st1["writeback_written"] == 0
+        assert (await t.put([key(4)], [value(4)]))[0].status is PutStatus.STORED
+        assert tier_stats(t, 0)["evictions"] >= 1
+
+
+async def test_a_put_into_a_tier0_full_of_unwritten_values_waits_for_write_back() -> None:
     fast, inner = mem("4KiB"), mem()
     slow = Faulty(inner)
     slow.put_gate = asyncio.Event()
     async with fast, slow, TieredBackend([fast, slow]) as t:
         await t.put([key(i) for i in range(4)], [value(i) for i in range(4)])
-        # Tier 0 is full of values not yet copied to tier 1: the new put cannot take their place.
-        r = (await t.put([key(4)], [value(4)]))[0]
-        assert r.status is PutStatus.REJECTED and r.reason == "capacity"
-        assert tier_stats(t, 0)["evictions"] == 0
-        slow.put_gate.set()
-        await t.flush()
+        await slow.put_entered.wait()  # the writer holds the first batch, stuck at the gate
+        pending_put = asyncio.ensure_future(t.put([key(4)], [value(4)]))
+        for _ in range(100):  # let the put run until it waits for write-back
+            if tier_stats(t, 0)["writeback_stalls"]:
+                break
+            await asyncio.sleep(0)
+        assert not pending_put.done()
+        slow.put_gate.set()  # tier 1 can take writes again: the waiting put gets its room
+        assert (await pending_put)[0].status is PutStatus.STORED
+        st = tier_stats(t, 0)
+        assert st["writeback_stalls"] == 1 and st["evictions"] >= 1
         assert await holds(inner, [key(i) for i in range(4)]) == [True] * 4
-        # Once written back they may go.
-        assert (await t.put([key(4)], [value(4)]))[0].status is PutStatus.STORED
-        assert tier_stats(t, 0)["evictions"] >= 1
         assert await read(t, [key(i) for i in range(5)]) == [value(i) for i in range(5)]
 
 

@@ -786,16 +786,17 @@ class BackendTests:
         url = self._fixture("secret_url")
         if url is None:
             pytest.skip("no secret_url fixture: define one returning a URL with a password or secret option")
-        cls = lmcache.backend_class(urlsplit(url).scheme)
+        async with self.fresh_backend() as probe:
+            cls = type(probe)  # the class under test, which make_backend may choose
         parts = urlsplit(url)
         secrets = [parts.password] if parts.password else []
         secrets += [v for k, v in parse_qsl(parts.query) if k in cls.secret_options and v]
         assert secrets, f"secret_url {url!r} holds no password and no option listed in {cls.__name__}.secret_options"
-        b = lmcache.open_backend(url)
+        b = cls.from_url(url)
         try:
-            for text in (repr(b), str(b)):
+            for text in (repr(b), str(b), f"{b!r:>10}"):
                 for secret in secrets:
-                    assert secret not in text, f"{cls.__name__} repr shows a secret"
+                    assert secret not in text, f"{cls.__name__}'s repr shows a secret"
         finally:
             await b.aclose()
 

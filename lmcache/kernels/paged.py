@@ -52,6 +52,31 @@ def _as_raw(t: torch.Tensor) -> torch.Tensor:
     return t.view(_INT_OF_WIDTH[t.element_size()])
 
 
+def _widen(views: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Reinterpret ``[blocks, tokens, heads, dim]`` views as the widest integer words that fit.
+
+    Moving a 128-wide bf16 row as 32 int64 words instead of 128 int16 elements makes torch's
+    index kernels ~1.6x faster on the CPU. Possible when the head dim is contiguous and every
+    stride and offset is a whole number of words.
+    """
+    esz = views[0].element_size()
+    for word in (8, 4, 2):
+        ratio = word // esz
+        if ratio <= 1:
+            break
+        v0 = views[0]
+        fits = (
+            v0.stride(3) == 1
+            and v0.shape[3] % ratio == 0
+            and all(s % ratio == 0 for s in v0.stride()[:3])
+            and all(v.storage_offset() % ratio == 0 for v in views)
+            and v0.untyped_storage().data_ptr() % word == 0
+        )
+        if fits:
+            return [v.view(_INT_OF_WIDTH[word]) for v in views]
+    return views
+
+
 class CopyHandle:
     """Completion of one gather or scatter.
 
@@ -83,7 +108,15 @@ class CopyHandle:
 class _Group:
     """Entries sharing one storage, addressed through one row view."""
 
-    __slots__ = ("first", "last", "raw_rows", "row_offsets", "row_offsets_cpu", "slot_block", "slot_token")
+    __slots__ = (
+        "first",
+        "last",
+        "raw_rows",
+        "row_offsets",
+        "row_offsets_cpu",
+        "slot_block",
+        "slot_token",
+    )
 
     def __init__(
         self,
@@ -160,6 +193,12 @@ class PagedKV:
         strides = {tuple(e.stride()) for e in self.entries}
         self.shared_strides: tuple[int, ...] | None = strides.pop() if len(strides) == 1 else None
         self._groups = self._build_groups()
+        # Usually every group steps the same number of rows per block and per token: then the
+        # row numbers of all entries come from one broadcast add per copy, not ops per group.
+        steps = {(g.slot_block, g.slot_token) for g in self._groups}
+        self._uniform_steps: tuple[int, int] | None = steps.pop() if len(steps) == 1 else None
+        self._all_offsets_cpu = torch.cat([g.row_offsets_cpu for g in self._groups])
+        self._all_offsets = self._all_offsets_cpu.to(self.device)
         self._ptr_table: torch.Tensor | None = None
         self._streams: dict[int, Any] = {}
         self._lock = threading.Lock()
@@ -193,6 +232,7 @@ class PagedKV:
 
     def _make_group(self, entries: list[int]) -> _Group:
         views = [_as_raw(self.entries[i]) for i in entries]
+        views = _widen(views)
         s_block, s_token, s_head, s_dim = views[0].stride()
         offsets = [v.storage_offset() for v in views]
         base = min(offsets)
@@ -203,7 +243,8 @@ class PagedKV:
         row_span = (heads - 1) * s_head + (head_dim - 1) * s_dim + 1
         num_rows = (storage_elems - base - row_span) // unit + 1
         rows = views[0].as_strided((num_rows, heads, head_dim), (unit, s_head, s_dim), base)
-        return _Group(entries, rows, [(o - base) // unit for o in offsets], s_block // unit, s_token // unit)
+        group = _Group(entries, rows, [(o - base) // unit for o in offsets], s_block // unit, s_token // unit)
+        return group
 
     # -- validation ----------------------------------------------------------------------------
 
@@ -372,14 +413,29 @@ class PagedKV:
             triton_kernels.copy(op, self, slots, buf)
             return
         num_tokens = buf.shape[2]
-        raw = _as_raw(buf).view(len(self.entries), num_tokens, buf.shape[3], buf.shape[4])
         if num_tokens == 0:
             return
         blocks = torch.div(slots, self.block_size, rounding_mode="floor")
         offsets = slots - blocks * self.block_size
+        all_rows: torch.Tensor | None = None
+        if self._uniform_steps is not None:
+            step_block, step_token = self._uniform_steps
+            token_rows = blocks * step_block + offsets * step_token
+            entry_rows = self._all_offsets if token_rows.device == self._all_offsets.device else self._all_offsets_cpu
+            all_rows = entry_rows[:, None] + token_rows[None, :]
+        words_by_dtype: dict[torch.dtype, torch.Tensor] = {}
         for group in self._groups:
-            rows = group.rows(blocks, offsets)
-            part = raw[group.first : group.last + 1].view(-1, buf.shape[3], buf.shape[4])
+            if all_rows is not None:
+                rows = all_rows[group.first : group.last + 1].reshape(-1)
+            else:
+                rows = group.rows(blocks, offsets)
+            heads, width = group.raw_rows.shape[1], group.raw_rows.shape[2]
+            words = words_by_dtype.get(group.raw_rows.dtype)
+            if words is None:
+                # The chunk buffer seen in the group's words; its rows are contiguous, so this is a view.
+                words = buf.view(group.raw_rows.dtype).view(len(self.entries), num_tokens, heads, width)
+                words_by_dtype[group.raw_rows.dtype] = words
+            part = words[group.first : group.last + 1].view(-1, heads, width)
             if op == "gather":
                 torch.index_select(group.raw_rows, 0, rows, out=part)
             else:

@@ -328,3 +328,22 @@ def test_cuda_round_trip_through_pinned_host_buffer(layout, backend):
     back = torch.empty_like(host)
     fresh.gather(slots, back, backend="torch").synchronize()
     assert torch.equal(bits(back), bits(ref))
+
+
+# -- benchmark function (no timing assertions: it must run and report consistent numbers) ----------
+
+
+@pytest.mark.parametrize("layout", ["flash_attn", "mla"])
+def test_bench_kernels_reports_ratios(layout):
+    from lmcache.bench.kernels import bench_kernels
+
+    result = bench_kernels(layout=layout, layers=2, heads=2, head_dim=8, chunk_tokens=32, block_size=8, repeat=2)
+    p = result["params"]
+    assert p["chunk_bytes"] == KVGeometry(
+        2, 1 if layout == "mla" else 2, 8, "bfloat16", is_mla=layout == "mla"
+    ).chunk_nbytes(32)
+    assert len(result["rounds"]) == 2
+    for name in ("gather", "scatter", "numpy_copy", "numpy_copy_cold"):
+        assert result["gbps"][name] > 0
+    expected = result["gbps"]["gather"] / result["gbps"]["numpy_copy"]
+    assert result["ratio_vs_numpy_copy"]["gather"] == pytest.approx(expected)

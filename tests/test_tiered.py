@@ -56,7 +56,7 @@ class Faulty(StorageBackend):
         super().__init__()
         self.inner = inner
         self.capabilities = inner.capabilities  # type: ignore[misc]
-        self.mode = "ok"  # "ok" | "raise" | "hang"
+        self.mode = "ok"  # "ok" | "raise" (a BackendError) | "bug" (any other exception) | "hang"
         self.ops: set[str] = {"contains", "get", "put", "delete", "ping"}
         self.put_gate: asyncio.Event | None = None  # when set, puts wait for it
         self.put_entered = asyncio.Event()
@@ -76,6 +76,8 @@ class Faulty(StorageBackend):
             return
         if self.mode == "raise":
             raise PermanentBackendError(f"injected {op} failure")
+        if self.mode == "bug":
+            raise KeyError(f"injected {op} bug")
         if self.mode == "hang":
             await asyncio.Event().wait()
 
@@ -172,6 +174,11 @@ def test_url_round_trip_with_encoded_tier_urls() -> None:
     assert isinstance(via_registry, TieredBackend) and via_registry.url == url
     plain = TieredBackend.from_urls(inner)
     assert "tier_timeout" not in plain.url and TieredBackend.from_url(plain.url).url == plain.url
+    # Characters that mean something in a query ('+', '&', '=', '%') survive the nesting.
+    odd = ["file:///tmp/a+b%20c&d=e?capacity=1MiB&fsync=data", "memory://"]
+    nested = TieredBackend.from_urls(odd)
+    assert [b.url for b in TieredBackend.from_url(nested.url).tiers] == [b.url for b in nested.tiers]
+    assert nested.tiers[0].url == open_backend(odd[0]).url
 
 
 def test_url_overrides_and_errors() -> None:
@@ -426,12 +433,13 @@ async def test_a_raising_tier0_is_a_counted_miss_and_reads_go_on(caplog: pytest.
         assert tier_stats(t, 0)["healthy"] is True
 
 
-async def test_a_raising_slower_tier_is_a_miss() -> None:
+@pytest.mark.parametrize("mode", ["raise", "bug"])
+async def test_a_raising_slower_tier_is_a_miss(mode: str) -> None:
     fast, inner = mem(), mem()
     slow = Faulty(inner)
     async with fast, slow, TieredBackend([fast, slow]) as t:
         await inner.put([key(1)], [value(1)])
-        slow.mode = "raise"
+        slow.mode = mode
         assert await read(t, [key(1)]) == [None]
         assert await t.contains([key(1)]) == [False]
         await t.delete([key(1)])  # does not raise either
@@ -743,3 +751,22 @@ async def test_concurrent_traffic_with_eviction_never_loses_a_stored_value() -> 
         assert ids and tier_stats(t, 0)["evictions"] > 0
         assert await read(t, [key(i) for i in ids]) == [value(i) for i in ids]
         assert t.stats()["tier_writeback_dropped"] == 0
+
+
+async def test_each_slower_tier_has_its_own_writer() -> None:
+    # A stuck tier 2 must not hold back write-back to tier 1.
+    a, b, inner_c = mem(), mem(), mem()
+    c = Faulty(inner_c)
+    c.put_gate = asyncio.Event()
+    async with a, b, c, TieredBackend([a, b, c]) as t:
+        await t.put([key(1), key(2)], [value(1), value(2)])
+        await c.put_entered.wait()  # tier 2's writer is stuck inside its put
+        for _ in range(100):
+            if tier_stats(t, 1)["writeback_written"] == 2:
+                break
+            await asyncio.sleep(0)
+        assert await read(b, [key(1), key(2)]) == [value(1), value(2)]
+        assert await holds(inner_c, [key(1)]) == [False]
+        c.put_gate.set()
+        await t.flush()
+        assert await read(inner_c, [key(1), key(2)]) == [value(1), value(2)]

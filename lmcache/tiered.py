@@ -21,9 +21,14 @@ bytes; this module decides where values go, when they move and what is given up.
   tier 0), bounds staging memory by ``write_back_batch`` values per slower tier instead of
   ``write_back_queue`` values, and lets the queue be deep. The price is one extra tier-0 read
   per write-back and a rule: a key waiting for write-back is *pinned* in tier 0 (eviction skips
-  it) until every writer it was queued for has copied it. A pinned key deleted by the user is
-  not resurrected: its write-back is cancelled (and undone if it was in flight).
-* **Faults.** Every tier call runs under ``asyncio.wait_for(…, tier_timeout)``. A tier that
+  it) until every writer it was queued for has tried to copy it. When only pinned keys are left
+  to evict, a put waits (up to ``tier_timeout``, counted as ``writeback_stalls``) for a writer
+  to finish a batch, then is rejected: that is the backpressure of writing faster than the
+  slower tiers drain. Pinned bytes are bounded by roughly ``write_back_queue +
+  write_back_batch`` values, so tier 0 should be a good deal larger than that. A deleted key is
+  not resurrected: its queued write-back is cancelled and ``delete`` waits for one in flight.
+* **Faults.** Every tier call runs under a ``tier_timeout`` deadline (``asyncio.timeout``; one
+  deadline per call, which is one batch: size batches for the slowest tier). A tier that
   raises (any ``Exception`` except a caller error such as a too-small ``dst``) or times out is
   a miss for reads / a rejected put (``"error"``), counted per tier (``errors``/``timeouts``)
   and logged once per tier, operation and kind; serving goes on. Timeouts cancel the tier call
@@ -31,10 +36,12 @@ bytes; this module decides where values go, when they move and what is given up.
   tier blocked in an executor thread is bounded by its own SDK timeouts, not by ours. After a
   timeout the tier is skipped (an immediate miss, counted as ``skipped``) for
   ``tier_retry_after`` seconds, so a hung tier costs one timeout, not one per request; pings
-  always probe it, and background writers wait the pause out instead of failing.
+  always probe it, and background writers wait the pause out instead of failing. A tier that
+  fails part-way through a ``get_into`` may have written into some ``dst`` before it raised;
+  such a key is then read from the next tier or reported as a miss.
 * **Eviction.** For tiers with ``capabilities.bounded`` an :class:`~lmcache.policies.EvictionPolicy`
   instance tracks the keys and sizes this backend stored there (on put, promotion and
-  write-back; seeded from ``list_keys()`` at open for persistent, listable tiers). Before a put
+  write-back; seeded from ``list_entries()`` at open for persistent, listable tiers). Before a put
   the tier's ``stats()`` (``capacity_bytes``/``used_bytes``) allow proactive eviction; a
   ``rejected("capacity")`` result triggers eviction of policy victims and a retry
   (``evict_retries`` times at most).
@@ -45,6 +52,9 @@ bytes; this module decides where values go, when they move and what is given up.
   ``own_tiers=True`` to hand them over.
 * **Health.** :meth:`ping` pings every tier; failing tiers are marked unhealthy in
   :meth:`stats` and only when *no* tier answers does ``ping`` raise.
+* **Consistency.** First writer wins per tier. A key evicted from tier 0 and put again is
+  ``STORED`` there even though a slower tier still holds it (asking every tier on each put would
+  cost a slow round trip); with content-hash keys both copies are the same bytes.
 
 URL form (tier URLs are percent-encoded, repeated in speed order)::
 

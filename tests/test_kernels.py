@@ -347,3 +347,28 @@ def test_bench_kernels_reports_ratios(layout):
         assert result["gbps"][name] > 0
     expected = result["gbps"]["gather"] / result["gbps"]["numpy_copy"]
     assert result["ratio_vs_numpy_copy"]["gather"] == pytest.approx(expected)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: pip install 'lmcache[triton]'")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="kernels are interpreted in this process")
+@pytest.mark.parametrize("kernel", ["gather_kernel", "scatter_kernel"])
+@pytest.mark.parametrize("word", ["u8", "i16", "i32"])
+def test_triton_kernels_compile_for_cuda_without_a_gpu(kernel, word, tmp_path, monkeypatch):
+    """Ahead-of-time compile for sm_90: catches code the interpreter accepts but the compiler does not."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lmcache.kernels import _triton_jit
+
+    buf = "out" if kernel == "gather_kernel" else "src"
+    ints = ("num_tokens", "hd", "head_dim", "block_size")
+    strides = ("s_block", "s_token", "s_head", "s_dim")
+    signature = {"ptrs": "*i64", "slots": "*i64", buf: f"*{word}"}
+    signature |= {name: "i32" for name in ints} | {name: "i64" for name in strides}
+    signature |= {"BLOCK_T": "constexpr", "BLOCK_HD": "constexpr"}
+    src = ASTSource(fn=getattr(_triton_jit, kernel), signature=signature, constexprs={"BLOCK_T": 4, "BLOCK_HD": 1024})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+    ptx = compiled.asm["ptx"]
+    assert "ld.global" in ptx and "st.global" in ptx

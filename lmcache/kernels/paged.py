@@ -343,7 +343,9 @@ class PagedKV:
         """Copy the chunk buffer ``src`` (all layers) into the KV of ``slots``.
 
         Arguments and errors as in :meth:`gather`; a scatter also rejects duplicate slots.
-        On CUDA, make the attention stream wait (:meth:`CopyHandle.wait`) before it reads the KV.
+        On CUDA, make the attention stream wait (:meth:`CopyHandle.wait`) before it reads the KV,
+        and keep a host ``src`` (and its pool lease) untouched until :meth:`CopyHandle.done`: the
+        upload from pinned memory is asynchronous.
         """
         self._check_buffer(src, "chunk buffer")
         slots = self._slots(slots, src.shape[2], check=validate, unique=True)

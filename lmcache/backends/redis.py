@@ -190,6 +190,11 @@ _UNAVAILABLE_RESPONSES: tuple[type[BaseException], ...] = (
     rexc.TryAgainError,
 )
 
+# redis-py >= 6 only; a caller's mistake rather than an unreachable cluster.
+_CROSS_SLOT: tuple[type[BaseException], ...] = tuple(
+    t for t in (getattr(rexc, "CrossSlotTransactionError", None),) if t is not None
+)
+
 
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, _OOM_ERRORS) or (isinstance(exc, rexc.ResponseError) and str(exc).startswith("OOM"))
@@ -227,7 +232,7 @@ def translate_error(exc: BaseException, what: str) -> BaseException:
         return BackendTimeoutError(msg)
     if isinstance(exc, (rexc.ConnectionError, ConnectionError, *_UNAVAILABLE_RESPONSES)):
         return BackendUnavailableError(msg)
-    if isinstance(exc, rexc.RedisClusterException) and not isinstance(exc, rexc.CrossSlotTransactionError):
+    if isinstance(exc, rexc.RedisClusterException) and not isinstance(exc, _CROSS_SLOT):
         # "Redis Cluster cannot be connected", slots not covered: the cluster is not reachable/ready.
         return BackendUnavailableError(msg)
     if isinstance(exc, OSError):

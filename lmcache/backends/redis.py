@@ -653,14 +653,45 @@ class RedisBackend(StorageBackend):
         await self._run_batches([64] * len(keys), step, "UNLINK")
 
     async def _list_keys(self) -> AsyncIterator[CacheKey]:
+        async for key, _name in self._scan_keys():
+            yield key
+
+    async def _list_entries(self) -> AsyncIterator[tuple[CacheKey, int | None]]:
+        # Sizes from STRLEN, one pipeline per page of SCAN results: the frame header's length is
+        # fixed by the key (no metadata is stored), so payload = STRLEN - header, without a read.
+        page: list[tuple[CacheKey, bytes]] = []
+
+        async def sizes() -> list[tuple[CacheKey, int | None]]:
+            with map_redis_errors(f"STRLEN on {self._target()}"):
+                replies = await self._pipeline(lambda p: [p.strlen(name) for _, name in page])
+            out: list[tuple[CacheKey, int | None]] = []
+            for (key, _), n in zip(page, replies, strict=True):
+                if isinstance(n, BaseException) or not n:
+                    continue  # deleted since the scan (or not a string): not held
+                head = header_size(len(key.to_string().encode()), 0)
+                out.append((key, n - head if n >= head else None))
+            return out
+
+        async for entry in self._scan_keys():
+            page.append(entry)
+            if len(page) >= 500:
+                for item in await sizes():
+                    yield item
+                page = []
+        if page:
+            for item in await sizes():
+                yield item
+
+    async def _scan_keys(self) -> AsyncIterator[tuple[CacheKey, bytes]]:
         match = _glob_escape(self._prefix) + b"*"
         n = len(self._prefix)
         with map_redis_errors(f"SCAN on {self._target()}"):
             async for name in self._scan(match):
                 try:
-                    yield CacheKey.from_string(bytes(name[n:]).decode())
+                    key = CacheKey.from_string(bytes(name[n:]).decode())
                 except (UnicodeDecodeError, ValueError):
                     continue  # not one of ours: a foreign key that shares the prefix
+                yield key, bytes(name)
 
 
 def _glob_escape(text: bytes) -> bytes:

@@ -257,6 +257,11 @@ async def test_list_keys_sees_only_own_prefix(backend: RedisBackend) -> None:
         raw.set(unique_prefix() + key(1).to_string(), b"x")  # another cache's key
     listed = [k async for k in backend.list_keys()]
     assert sorted(listed, key=str) == sorted(keys, key=str)
+    await backend.put([key(100)], [b"x" * 12345])
+    entries = {k: n async for k, n in backend.list_entries()}
+    assert entries[key(100)] == 12345
+    assert entries[key(1)] == 1
+    assert len(entries) == 26
 
 
 async def test_glob_characters_in_prefix_are_literal(server: RedisServer) -> None:

@@ -103,7 +103,10 @@ Concurrency
 -----------
 Batches are split into at most ``workers`` contiguous groups, each run on the executor through
 :func:`~lmcache.backends.base.run_blocking`; the index and byte counts are updated by the worker
-threads under one lock, so they stay exact even when the awaiting task is cancelled. A
+threads under one lock, so they stay exact even when the awaiting task is cancelled. A put batch
+is admitted against the capacity in input order on the event loop, before any I/O, so which
+values fit does not depend on thread scheduling; each admitted value's reservation is settled
+by the worker that handles it. A
 cancellation sets a ``threading.Event`` that every worker checks between values (and before
 copying into a ``dst`` or publishing a file), and the call returns only once the workers have
 stopped: no late writes into ``dst``, no half-published values.
@@ -583,8 +586,10 @@ class FileBackend(StorageBackend):
             local.buf = fresh
         return fresh
 
-    def _add_entry(self, key: CacheKey, payload: int, disk: int) -> None:
+    def _add_entry(self, key: CacheKey, payload: int, disk: int, release: int = 0) -> None:
+        """Index a value; ``release`` moves that many reserved bytes into use atomically."""
         with self._lock:
+            self._reserved -= release
             if key not in self._index:
                 self._index[key] = _Entry(payload, disk)
                 self._used += payload
@@ -728,29 +733,49 @@ class FileBackend(StorageBackend):
         return _Failure("corrupt", exc)
 
     async def _put(self, keys: list[CacheKey], srcs: list[memoryview]) -> list[PutResult]:
-        cancel = threading.Event()
-        items = list(zip(keys, srcs, strict=True))
-        groups = _split(items, self.settings.workers)
-        parts = await self._gather(self._write_group, groups, cancel, cancel=cancel)
-        results: list[PutResult] = []
-        for outcome in (o for part in parts for o in part):
-            if isinstance(outcome, _Failure):
-                self.record_error("write", outcome.exc)  # type: ignore[arg-type]
-                results.append(rejected("error"))
-            else:
-                results.append(outcome)
-        return results
+        # Capacity is admitted here, in input order and before any I/O, so which values of a
+        # batch fit does not depend on how the workers happen to be scheduled. Each admitted
+        # value carries its reservation to a worker, which always releases it (stored or not),
+        # so the accounting stays exact even when this task is cancelled.
+        results: list[PutResult | None] = [None] * len(keys)
+        todo: list[tuple[int, CacheKey, memoryview, int]] = []
+        cap = self.settings.capacity
+        with self._lock:
+            for i, (key, src) in enumerate(zip(keys, srcs, strict=True)):
+                nbytes = src.nbytes
+                if cap is None or key in self._index:
+                    todo.append((i, key, src, 0))  # unbounded, or most likely EXISTS
+                elif nbytes > cap:
+                    results[i] = rejected("too_large")
+                elif self._used + self._reserved + nbytes > cap:
+                    results[i] = rejected("capacity")
+                else:
+                    self._reserved += nbytes
+                    todo.append((i, key, src, nbytes))
+        if todo:
+            cancel = threading.Event()
+            groups = _split([t[1:] for t in todo], self.settings.workers)
+            parts = await self._gather(self._write_group, groups, cancel, cancel=cancel)
+            for (i, *_), outcome in zip(todo, (o for part in parts for o in part), strict=True):
+                if isinstance(outcome, _Failure):
+                    self.record_error("write", outcome.exc)  # type: ignore[arg-type]
+                    results[i] = rejected("error")
+                else:
+                    results[i] = outcome
+        return results  # type: ignore[return-value]
 
     def _write_group(
-        self, items: Sequence[tuple[CacheKey, memoryview]], cancel: threading.Event
+        self, items: Sequence[tuple[CacheKey, memoryview, int]], cancel: threading.Event
     ) -> list[PutResult | _Failure]:
         out: list[PutResult | _Failure] = []
-        for key, src in items:
+        for key, src, reserved in items:
             if cancel.is_set():
+                with self._lock:
+                    self._reserved -= reserved
                 out.append(rejected("cancelled"))
                 continue
             try:
-                out.append(self._write_one(key, src, cancel))
+                out.append(self._write_one(key, src, reserved, cancel))  # settles ``reserved``
             except CapacityError:
                 out.append(rejected("capacity"))  # the device is full (ENOSPC, EDQUOT…)
             except BackendError as exc:
@@ -759,31 +784,28 @@ class FileBackend(StorageBackend):
                 out.append(_Failure("error", exc))
         return out
 
-    def _write_one(self, key: CacheKey, src: memoryview, cancel: threading.Event) -> PutResult:
+    def _write_one(self, key: CacheKey, src: memoryview, reserved: int, cancel: threading.Event) -> PutResult:
+        """Store one value; settles its capacity ``reserved`` bytes on every path."""
         final = self._path(key)[2]
-        nbytes = src.nbytes
         try:
-            os.stat(final)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise _mapped(exc, f"file://: checking {final}") from exc
-        else:
-            return self._exists(key, final, nbytes)
-        cap = self.settings.capacity
-        with self._lock:
-            if cap is not None and key not in self._index:
-                if nbytes > cap:
-                    return rejected("too_large")
-                if self._used + self._reserved + nbytes > cap:
-                    return rejected("capacity")
-            self._reserved += nbytes
-        try:
+            try:
+                os.stat(final)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise _mapped(exc, f"file://: checking {final}") from exc
+            else:
+                return self._exists(key, final, src.nbytes)
             with map_os_errors(f"file://: writing {final}"):
-                return self._write_file(key, src, cancel)
+                result, disk = self._write_file(key, src, cancel)
+            if result is STORED:
+                self._add_entry(key, src.nbytes, disk, release=reserved)
+                reserved = 0
+            return result
         finally:
-            with self._lock:
-                self._reserved -= nbytes
+            if reserved:
+                with self._lock:
+                    self._reserved -= reserved
 
     def _exists(self, key: CacheKey, final: str, nbytes: int) -> PutResult:
         # Values are immutable: a file under this key holds this value (same size), possibly
@@ -807,7 +829,8 @@ class FileBackend(StorageBackend):
         with self._lock:
             self._shards.add(name)
 
-    def _write_file(self, key: CacheKey, src: memoryview, cancel: threading.Event) -> PutResult:
+    def _write_file(self, key: CacheKey, src: memoryview, cancel: threading.Event) -> tuple[PutResult, int]:
+        """Write and publish one value: ``(STORED, file size)``, ``(EXISTS, 0)`` or cancelled."""
         shard, digest, final = self._path(key)
         self._ensure_shard(shard)
         direct = self._o_direct
@@ -839,7 +862,7 @@ class FileBackend(StorageBackend):
                     if self.settings.fsync != "none":
                         _fdatasync(fd)
                     if cancel.is_set():
-                        return rejected("cancelled")  # the finally below removes the temp file
+                        return rejected("cancelled"), 0  # the finally below removes the temp file
                     stored = self._publish(tmp, final)
                 finally:
                     with contextlib.suppress(FileNotFoundError):
@@ -847,11 +870,10 @@ class FileBackend(StorageBackend):
             finally:
                 os.close(fd)
             if not stored:
-                return self._exists(key, final, src.nbytes)
+                return self._exists(key, final, src.nbytes), 0
             if self.settings.fsync == "always":
                 _fsync_dir(shard)
-            self._add_entry(key, src.nbytes, total)
-            return STORED
+            return STORED, total
         raise OSError(errno.EAGAIN, "the temp file or its directory was removed repeatedly while writing")
 
     def _write_direct(self, fd: int, header: bytes, src: memoryview, total: int) -> None:

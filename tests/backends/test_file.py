@@ -377,6 +377,31 @@ async def test_capacity_with_concurrent_batches(tmp_path: Path) -> None:
         assert backend.stats()["used_bytes"] == 9000
 
 
+@pytest.mark.parametrize(("code", "reason"), [(errno.EIO, "error"), (errno.ENOSPC, "capacity")])
+async def test_write_failure_is_rejected_and_releases_capacity(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, reason: str
+) -> None:
+    real_writev = os.writev
+    failures = {"left": 1}
+
+    def failing_writev(fd, buffers):  # type: ignore[no-untyped-def]
+        if failures["left"]:
+            failures["left"] -= 1
+            raise OSError(code, os.strerror(code))
+        return real_writev(fd, buffers)
+
+    monkeypatch.setattr(os, "writev", failing_writev)  # fault injection: one failed write
+    async with FileBackend.from_url(f"file://{tmp_path}/kv?capacity=9000") as backend:
+        result = (await backend.put([make_key(0)], [make_value(0, 3000)]))[0]
+        assert (result.status, result.reason) == (PutStatus.REJECTED, reason)
+        assert backend.stats()["errors"] == (1 if reason == "error" else 0)
+        # Nothing leaked: neither the reservation nor the temp file.
+        assert not leftovers(tmp_path)
+        results = await backend.put([make_key(i) for i in range(1, 4)], [make_value(i, 3000) for i in range(1, 4)])
+        assert [r.status for r in results] == [PutStatus.STORED] * 3
+        assert backend.stats()["used_bytes"] == 9000
+
+
 # -- durability and I/O modes ------------------------------------------------------------------
 
 

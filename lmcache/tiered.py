@@ -266,6 +266,7 @@ class TieredBackend(StorageBackend):
         self.capabilities = _combine([b.capabilities for b in tiers])  # type: ignore[misc]
         self._pending: dict[CacheKey, _WriteBack] = {}
         self._progress: asyncio.Event | None = None  # set (and replaced) after each write-back batch
+        self._delete_epoch = 0  # bumped by every delete; a promotion that raced one is dropped
 
     # -- construction ------------------------------------------------------------------------
 
@@ -515,6 +516,7 @@ class TieredBackend(StorageBackend):
         results: list[int | None] = [None] * len(keys)
         hit_tier = [0] * len(keys)
         top_failed = False
+        epoch = self._delete_epoch
         todo = list(range(len(keys)))
         for tier in self._tiers:
             if not todo:
@@ -538,13 +540,25 @@ class TieredBackend(StorageBackend):
             todo = rest
         # Promoting into a tier 0 that just failed this read would only add a second wait.
         if self.settings.promote_on_hit and len(self._tiers) > 1 and not top_failed:
-            await self._promote(keys, dsts, results, hit_tier)
+            await self._promote(keys, dsts, results, hit_tier, epoch)
         return results
 
     async def _promote(
-        self, keys: list[CacheKey], dsts: list[memoryview], results: list[int | None], hit_tier: list[int]
+        self,
+        keys: list[CacheKey],
+        dsts: list[memoryview],
+        results: list[int | None],
+        hit_tier: list[int],
+        epoch: int,
     ) -> None:
-        """Put slower-tier hits into tier 0 from their ``dst``; queue them for the tiers between."""
+        """Put slower-tier hits into tier 0 from their ``dst``; queue them for the tiers between.
+
+        A delete that ran since the read began (``epoch`` changed) may have removed these keys:
+        promotion is best-effort, so it is skipped, or undone when the delete ran during it,
+        rather than bring a deleted value back.
+        """
+        if self._delete_epoch != epoch:
+            return
         seen: set[CacheKey] = set()
         p_keys: list[CacheKey] = []
         p_views: list[memoryview] = []
@@ -560,9 +574,16 @@ class TieredBackend(StorageBackend):
         if not p_keys:
             return
         top = self._tiers[0]
-        for key, view, src_tier, r in zip(
-            p_keys, p_views, p_from, await self._store(top, p_keys, p_views), strict=True
-        ):
+        stored = await self._store(top, p_keys, p_views)
+        if self._delete_epoch != epoch:
+            undo = [k for k, r in zip(p_keys, stored, strict=True) if r.status is PutStatus.STORED]
+            if undo:
+                await self._guard(top, "delete", top.backend.delete(undo))
+                if top.policy is not None:
+                    for key in undo:
+                        top.policy.on_remove(key)
+            return
+        for key, view, src_tier, r in zip(p_keys, p_views, p_from, stored, strict=True):
             if r.status is PutStatus.STORED:
                 top.stats.promotions += 1
                 if src_tier > 1:
@@ -760,6 +781,7 @@ class TieredBackend(StorageBackend):
         # Cancel queued write-backs, and wait for ones being copied right now: otherwise their
         # put could land in a slower tier after our delete and the key would be visible there
         # until the writer undoes it. A batch in flight ends within a few tier timeouts.
+        self._delete_epoch += 1
         busy: list[asyncio.Event] = []
         for key in keys:
             job = self._pending.pop(key, None)

@@ -356,6 +356,21 @@ async def test_a_delete_cancels_a_pending_write_back() -> None:
         assert await t.contains([key(1), key(2)]) == [False, False]
 
 
+async def test_a_promotion_racing_a_delete_does_not_bring_the_value_back() -> None:
+    inner, slow = mem(), mem()
+    fast = Faulty(inner)
+    fast.put_gate = asyncio.Event()  # the promotion put into tier 0 waits here
+    async with fast, slow, TieredBackend([fast, slow]) as t:
+        await slow.put([key(1)], [value(1)])
+        reading = asyncio.ensure_future(read(t, [key(1)]))
+        await fast.put_entered.wait()  # the read has its value and is promoting it
+        await t.delete([key(1)])
+        fast.put_gate.set()
+        assert await reading == [value(1)]  # the read itself came before the delete
+        assert await t.contains([key(1)]) == [False]
+        assert await holds(inner, [key(1)]) == [False]
+
+
 async def test_too_small_dst_is_the_callers_error(stack) -> None:
     t, _, slow = stack
     await slow.put([key(1)], [value(1)])

@@ -92,7 +92,9 @@ Index
 ``open()`` rebuilds an in-memory index (key → payload and file size) by scanning the shard
 directories on the executor, reading each file's header only (one ``pread`` of 4 KiB), so a
 restarted process keeps its cache and ``used_bytes`` is exact. The scan removes stale temp files
-and files whose header is invalid, truncated, or names a key whose digest is not the file's name.
+and files whose header is invalid, truncated, or names a key whose digest is not the file's name;
+it only ever judges names this backend creates (``<40 hex>.kv`` and its temp-file pattern), so
+other files in the directory are left alone.
 The index backs ``used_bytes``, ``entries``, the capacity bound and :meth:`list_keys`.
 ``contains`` and ``get_into`` still ask the filesystem, so values that other processes stored
 after this one opened are found (and adopted into the index when read or re-put). With several
@@ -122,6 +124,7 @@ import fcntl
 import logging
 import mmap
 import os
+import re
 import secrets
 import threading
 from collections.abc import Callable, Sequence
@@ -176,6 +179,11 @@ SCAN_READ = 4096
 _SUFFIX = ".kv"
 _TMP_SUFFIX = ".tmp"
 _HEX = frozenset("0123456789abcdef")
+# Only names this backend creates are ever judged or removed, so pointing file:// at a directory
+# that also holds other files never deletes them.
+_VALUE_NAME = re.compile(r"[0-9a-f]{40}\.kv")
+_TEMP_NAME = re.compile(r"\.[0-9a-f]{40}\.\d+\.[0-9a-f]+\.tmp")
+_PROBE_NAME = re.compile(r"\.probe\.\d+\.[0-9a-f]+\.tmp")
 _NO_LINK_ERRNOS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK})
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -482,7 +490,7 @@ class FileBackend(StorageBackend):
                 name = entry.name
                 if len(name) == 2 and set(name) <= _HEX and entry.is_dir(follow_symlinks=False):
                     shards.append(name)
-                elif name.startswith(".") and name.endswith(_TMP_SUFFIX):
+                elif _PROBE_NAME.fullmatch(name):
                     self._remove_if_stale(entry.path)  # an O_DIRECT probe left by a killed process
         return sorted(shards)
 
@@ -503,9 +511,9 @@ class FileBackend(StorageBackend):
                 continue
             for name in names:
                 path = os.path.join(shard_dir, name)
-                if name.startswith(".") and name.endswith(_TMP_SUFFIX):
+                if _TEMP_NAME.fullmatch(name):
                     n_tmp += self._remove_if_stale(path)
-                elif name.endswith(_SUFFIX):
+                elif _VALUE_NAME.fullmatch(name):
                     stem = name[: -len(_SUFFIX)]
                     verdict = self._scan_file(path, stem, shard)
                     if isinstance(verdict, tuple):

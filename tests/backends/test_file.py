@@ -305,15 +305,16 @@ async def test_open_removes_stale_temp_and_invalid_files(tmp_path: Path) -> None
     shard = file_of(root, good).parent
     stale = shard / f".{good.digest()}.12345.abcdef.tmp"
     stale.write_bytes(b"partial")
-    live = shard / f".{good.digest()}.12345.live.tmp"
+    live = shard / f".{good.digest()}.12346.beef.tmp"
     live.write_bytes(b"being written")
     other = file_of(root, make_key(99))
     other.parent.mkdir(exist_ok=True)
     os.rename(file_of(root, renamed), other)
     data = file_of(root, damaged).read_bytes()
     file_of(root, damaged).write_bytes(data[:100])
-    unrelated = shard / "README"
-    unrelated.write_text("not ours")
+    unrelated = [shard / "README", shard / ".editor.tmp", shard / "notes.kv", root / ".swap.tmp"]
+    for path in unrelated:
+        path.write_text("not ours")
     fd = os.open(live, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # a live writer holds its temp file locked
@@ -327,7 +328,7 @@ async def test_open_removes_stale_temp_and_invalid_files(tmp_path: Path) -> None
     assert live.exists()
     assert not other.exists()
     assert not file_of(root, damaged).exists()
-    assert unrelated.exists()
+    assert all(path.exists() for path in unrelated)
 
 
 async def test_foreign_frame_version_is_left_alone(tmp_path: Path) -> None:

@@ -157,7 +157,7 @@ class KVGeometry:
     @property
     def element_size(self) -> int:
         """Bytes per KV element."""
-        return torch.empty((), dtype=self.torch_dtype).element_size()
+        return self.torch_dtype.itemsize
 
     @property
     def identity(self) -> str:

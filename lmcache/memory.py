@@ -133,7 +133,7 @@ class ChunkLease:
         """
         dtype = dtype or self.dtype
         shape = tuple(shape) if shape is not None else self.shape
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         nbytes = math.prod(shape) * itemsize
         if nbytes > self.nbytes:
             raise InvalidArgumentError(f"a {shape} {dtype} view needs {nbytes} bytes; the lease holds {self.nbytes}")
@@ -352,7 +352,7 @@ class ChunkBufferPool:
             shape = tuple(int(s) for s in shape)
             if dtype is None:
                 dtype = self.geometry.torch_dtype if self.geometry is not None else torch.uint8
-            need = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            need = math.prod(shape) * dtype.itemsize
             if nbytes is not None and nbytes != need:
                 raise InvalidArgumentError(f"nbytes={nbytes} disagrees with shape {shape} of {dtype} ({need} bytes)")
             nbytes = need
@@ -362,7 +362,7 @@ class ChunkBufferPool:
             raise InvalidArgumentError(f"a lease holds 0..{self.slot_nbytes} bytes, asked for {nbytes!r}")
         if shape is None:
             if dtype is not None and dtype != torch.uint8:
-                itemsize = torch.empty((), dtype=dtype).element_size()
+                itemsize = dtype.itemsize
                 if nbytes % itemsize:
                     raise InvalidArgumentError(f"{nbytes} bytes is not a whole number of {dtype} elements")
                 shape = (nbytes // itemsize,)

@@ -574,7 +574,8 @@ class TieredBackend(StorageBackend):
         if not p_keys:
             return
         top = self._tiers[0]
-        stored = await self._store(top, p_keys, p_views)
+        # No waiting for write-back room here: the caller's read is done and should return.
+        stored = await self._store(top, p_keys, p_views, may_wait=False)
         if self._delete_epoch != epoch:
             undo = [k for k, r in zip(p_keys, stored, strict=True) if r.status is PutStatus.STORED]
             if undo:
@@ -600,11 +601,13 @@ class TieredBackend(StorageBackend):
                     self._enqueue(key, src.nbytes, slower)
         return results
 
-    async def _store(self, tier: _Tier, keys: list[CacheKey], views: list[memoryview]) -> list[PutResult]:
+    async def _store(
+        self, tier: _Tier, keys: list[CacheKey], views: list[memoryview], *, may_wait: bool = True
+    ) -> list[PutResult]:
         """Put into one tier, evicting policy victims and retrying when it is full."""
         policy = tier.policy
         # Waiting for write-back to free room (see _evict) is bounded once per call, not per round.
-        deadline = asyncio.get_running_loop().time() + self.settings.tier_timeout
+        deadline = asyncio.get_running_loop().time() + (self.settings.tier_timeout if may_wait else 0.0)
         if policy is not None:
             incoming = sum(v.nbytes for k, v in zip(keys, views, strict=True) if k not in policy)
             capacity, used = self._tier_gauges(tier)

@@ -633,6 +633,20 @@ async def test_pinned_keys_become_evictable_only_when_their_write_back_ends() ->
         assert tier_stats(t, 0)["evictions"] >= 1
 
 
+async def test_promotion_never_waits_for_write_back_room() -> None:
+    fast, inner = mem("4KiB"), mem()
+    slow = Faulty(inner)
+    slow.put_gate = asyncio.Event()
+    async with fast, slow, TieredBackend([fast, slow], TieredSettings(tier_timeout=60)) as t:
+        await t.put([key(i) for i in range(4)], [value(i) for i in range(4)])  # tier 0 full, pinned
+        await slow.put_entered.wait()  # and the writer is stuck
+        await inner.put([key(9)], [value(9)])
+        assert await read(t, [key(9)]) == [value(9)]  # returns now, not after 60 s
+        st0 = tier_stats(t, 0)
+        assert (st0["promotions"], st0["writeback_stalls"], st0["evictions"]) == (0, 0, 0)
+        slow.put_gate.set()
+
+
 async def test_a_put_into_a_tier0_full_of_unwritten_values_waits_for_write_back() -> None:
     fast, inner = mem("4KiB"), mem()
     slow = Faulty(inner)

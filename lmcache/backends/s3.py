@@ -668,7 +668,7 @@ def s3_client(settings: S3Settings) -> Any:
         region_name=region,
         connect_timeout=s.connect_timeout,
         read_timeout=s.read_timeout,
-        retries={"max_attempts": s.max_attempts, "mode": "standard"},
+        retries={"total_max_attempts": s.max_attempts, "mode": "standard"},  # first try included
         # Parts run under the same semaphore, so this many connections is always enough.
         max_pool_connections=s.max_concurrency,
         s3={"addressing_style": addressing},

@@ -210,9 +210,8 @@ class BackendTests:
             return None
 
     @pytest_asyncio.fixture
-    async def backend(self, request: pytest.FixtureRequest) -> AsyncIterator[StorageBackend]:
+    async def backend(self, _lmcache_conformance_bind: None) -> AsyncIterator[StorageBackend]:
         """An opened backend, always closed after the test."""
-        self._request = request  # pytest-asyncio may hand fixtures their own instance
         b = self.make_backend()
         try:
             await b.open()
@@ -389,6 +388,26 @@ class BackendTests:
         dst = make_dest(dst_kind, n)
         assert await backend.get_into([key], [dst]) == [n]
         assert dest_bytes(dst) == value
+
+    @pytest.mark.asyncio
+    async def test_device_buffers(self, backend: StorageBackend) -> None:
+        torch = _import_torch()
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA device: device buffers are checked on a GPU machine")
+        key, value = random_key(), random_value(64 * KiB)
+        src = torch.frombuffer(bytearray(value), dtype=torch.uint8).cuda()
+        if not backend.capabilities.device_buffers:
+            with pytest.raises(InvalidBufferError):
+                await backend.put([key], [src])
+            await self.put_all(backend, [key], [value])
+            with pytest.raises(InvalidBufferError):
+                await backend.get_into([key], [torch.zeros(64 * KiB, dtype=torch.uint8, device="cuda")])
+            return
+        await self.put_all(backend, [key], [src])
+        dst = torch.full((64 * KiB + 7,), SENTINEL, dtype=torch.uint8, device="cuda")
+        assert await backend.get_into([key], [dst]) == [64 * KiB]
+        host = dst.cpu().numpy().tobytes()
+        assert host[: 64 * KiB] == value and _untouched(host[64 * KiB :])
 
     @pytest.mark.asyncio
     async def test_get_into_larger_dst_writes_only_the_value(self, backend: StorageBackend) -> None:

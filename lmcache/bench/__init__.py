@@ -26,6 +26,7 @@ __all__ = ["WORKLOADS", "positive_int", "size_arg"]
 WORKLOADS: dict[str, str] = {
     "backend": "lmcache.bench.backend",
     "keys": "lmcache.bench.keys",
+    "kernels": "lmcache.bench.kernels",
     "long-doc-qa": "lmcache.bench.long_doc_qa",
     "multi-round-qa": "lmcache.bench.multi_round_qa",
 }

@@ -26,7 +26,8 @@ Layout and protocol:
   ranges are fetched concurrently (``If-Match`` on the first ETag so a replaced object is never
   stitched together). The frame is checked before a single byte reaches ``dst``.
 * ``contains`` is a HEAD per key. Every request, parts included, holds a slot of one semaphore of
-  ``max_concurrency``.
+  ``max_concurrency``. On AWS grant ``s3:ListBucket`` as well as ``s3:GetObject``: without it S3
+  answers 403 instead of 404 for an absent key, which reads as :class:`AuthError`, not a miss.
 * Retries are botocore's ``standard`` mode (``max_attempts``): throttling (SlowDown, 503), 5xx,
   timeouts and connection errors only, with exponential backoff and jitter. An unreachable
   endpoint fails after roughly ``max_attempts`` x ``connect_timeout`` plus backoff, never hangs.
@@ -62,6 +63,7 @@ from lmcache.backends.base import (
     StorageBackend,
     check_dst_size,
     parse_backend_url,
+    redact_url,
     split_url,
 )
 from lmcache.config import format_size, parse_duration, parse_size, redact, setting
@@ -283,7 +285,7 @@ class S3Backend(StorageBackend):
 
     def _where(self) -> str:
         s = self.settings
-        return f"s3://{s.bucket}" + (f" at {s.endpoint_url}" if s.endpoint_url else "")
+        return f"s3://{s.bucket}" + (f" at {redact_url(s.endpoint_url)}" if s.endpoint_url else "")
 
     async def _open(self) -> None:
         s = self.settings

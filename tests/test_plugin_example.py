@@ -79,6 +79,23 @@ async def test_open_backend_builds_the_plugin_backend() -> None:
 
 
 @requires_plugin
+async def test_backends_with_one_name_share_values() -> None:
+    name = f"shared-{uuid.uuid4().hex}"
+    key = CacheKey("m", 1, 0, uuid.uuid4().bytes * 2, "float16")
+    async with (
+        lmcache.open_backend(f"example://{name}") as a,
+        lmcache.open_backend(f"example://{name}") as b,
+        lmcache.open_backend(f"example://other-{name}") as other,
+    ):
+        assert [r.status.value for r in await a.put([key], [b"shared value"])] == ["stored"]
+        dst = bytearray(32)
+        assert await b.get_into([key], [dst]) == [12]
+        assert bytes(dst[:12]) == b"shared value"
+        assert await other.contains([key]) == [False]
+        assert b.stats()["entries"] >= 1
+
+
+@requires_plugin
 def test_plugin_options_are_validated() -> None:
     with pytest.raises(ConfigError, match="no_such_option"):
         lmcache.open_backend("example://x?no_such_option=1")

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
+import signal
 import tracemalloc
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -625,6 +627,30 @@ async def test_server_killed_mid_workload_then_restarted(redis_private_server: R
             await asyncio.gather(*tasks)
         assert all(isinstance(e, (BackendUnavailableError, BackendTimeoutError)) for e in errors)
         assert len(errors) == errors_before, "operations kept failing after the restart"
+
+
+async def test_frozen_server_times_out_instead_of_hanging(redis_private_server: RedisServer) -> None:
+    proc = redis_private_server.process
+    assert proc is not None and proc.pid is not None
+    async with opened(redis_private_server.url, timeout=0.5, connect_timeout=0.5, retries=0) as b:
+        await b.put([key(1)], [b"v"])
+        os.kill(proc.pid, signal.SIGSTOP)  # alive, connected, but never answers
+        try:
+            async with hang_guard():
+                with pytest.raises(BackendTimeoutError):
+                    await b.get_into([key(1)], [bytearray(4)])
+                with pytest.raises(TransientBackendError):
+                    await b.put([key(2)], [b"v"])
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        # Once it answers again, so does the backend, on the same pool.
+        async with hang_guard():
+            while True:
+                try:
+                    assert await b.get_into([key(1)], [bytearray(4)]) == [1]
+                    break
+                except TransientBackendError:
+                    await asyncio.sleep(0.05)
 
 
 async def test_tiered_serves_from_memory_while_redis_is_down(redis_private_server: RedisServer) -> None:

@@ -9,6 +9,7 @@ from lmcache.backends.registry import backend_class, known_schemes, open_backend
 from lmcache.config import LMCacheConfig
 from lmcache.errors import LMCacheError
 from lmcache.keys import CacheKey, ChunkHasher, KeyScope
+from lmcache.tiered import TieredBackend
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,7 @@ __all__ = [
     "PutResult",
     "PutStatus",
     "StorageBackend",
+    "TieredBackend",
     "__version__",
     "backend_class",
     "known_schemes",

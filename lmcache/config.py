@@ -357,7 +357,7 @@ class LMCacheConfig:
         parse=_check_tiers,
     )
     eviction_policy: str = setting(
-        "lru", doc="Eviction policy for tiers with a capacity.", choices=("lru", "fifo", "lfu")
+        "lru", doc="Eviction policy for tiers with a capacity.", choices=("lru", "fifo", "lfu", "s3fifo")
     )
     promote_on_hit: bool = setting(True, doc="Copy a hit from a slower tier into the faster tiers.")
     write_back_queue: int = setting(

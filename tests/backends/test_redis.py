@@ -353,22 +353,33 @@ async def test_large_batch_is_split_and_bounded_in_memory(server: RedisServer) -
 
 @pytest.mark.slow
 async def test_64_values_of_32_mib_in_one_batch(redis_private_server: RedisServer) -> None:
+    """The batch from the issue: 2 GiB in one call, default budget, a short op timeout."""
     n, size = 64, 32 * MiB
     src = bytearray(value(0, size))
     keys = [key(i) for i in range(n)]
     async with opened(redis_private_server.url, timeout=5) as b:
-        # One put batch of 64 x 32 MiB = 2 GiB of values, all from the same bytes (memory stays small).
-        results = await b.put(keys, [src] * n)
+        budget = b.settings.max_inflight_bytes
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            # Every value from the same 32 MiB buffer, so the sources themselves stay small.
+            results = await b.put(keys, [src] * n)
+            put_peak = tracemalloc.get_traced_memory()[1] - base
+            # Read all 64 into 4 reused 32 MiB slots (2 GiB of replies through a bounded window).
+            big = bytearray(size * 4)
+            views = [memoryview(big)[(i % 4) * size : (i % 4 + 1) * size] for i in range(n)]
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+            got = await b.get_into(keys, views)
+            get_peak = tracemalloc.get_traced_memory()[1] - base
+        finally:
+            tracemalloc.stop()
         assert all(r.status is PutStatus.STORED for r in results)
-        dst = [bytearray(size) for _ in range(2)]
-        for i in range(0, n, 2):
-            assert await b.get_into(keys[i : i + 2], dst) == [size, size]
-        assert dst[0] == src
-        # And one read batch of all 64 into reused destination views (2 GiB of replies, bounded).
-        big = bytearray(size * 4)
-        views = [memoryview(big)[(i % 4) * size : (i % 4 + 1) * size] for i in range(n)]
-        assert await b.get_into(keys, views) == [size] * n
+        assert got == [size] * n
         assert big[:size] == src
+        # Unbounded, either direction would hold 2 GiB at once.
+        assert put_peak < 3 * budget, f"put held {put_peak / MiB:.0f} MiB"
+        assert get_peak < 3 * budget, f"get_into held {get_peak / MiB:.0f} MiB"
 
 
 async def test_pool_waits_instead_of_failing_when_busy(server: RedisServer) -> None:

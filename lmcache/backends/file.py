@@ -103,15 +103,17 @@ per process, not across them.
 
 Concurrency
 -----------
-Batches are split into at most ``workers`` contiguous groups, each run on the executor through
-:func:`~lmcache.backends.base.run_blocking`; the index and byte counts are updated by the worker
-threads under one lock, so they stay exact even when the awaiting task is cancelled. A put batch
-is admitted against the capacity in input order on the event loop, before any I/O, so which
-values fit does not depend on thread scheduling; each admitted value's reservation is settled
-by the worker that handles it. A
-cancellation sets a ``threading.Event`` that every worker checks between values (and before
-copying into a ``dst`` or publishing a file), and the call returns only once the workers have
-stopped: no late writes into ``dst``, no half-published values.
+A get or put batch runs on at most ``workers`` executor threads through
+:func:`~lmcache.backends.base.run_blocking`, each thread taking the next value of the batch as
+soon as it is free, so one slow value does not hold back a fixed share of the batch (contains,
+delete and the open-time scan split their cheap work into contiguous groups instead). The index
+and byte counts are updated by the worker threads under one lock, so they stay exact even when
+the awaiting task is cancelled. A put batch is admitted against the capacity in input order on
+the event loop, before any I/O, so which values fit does not depend on thread scheduling; each
+admitted value's reservation is settled by the worker that handles it. A cancellation sets a
+``threading.Event`` that every worker checks between values (and before copying into a ``dst``
+or publishing a file), and the call returns only once the workers have stopped: no late writes
+into ``dst``, no half-published values.
 """
 
 from __future__ import annotations
@@ -167,6 +169,7 @@ __all__ = ["FileBackend", "FileSettings"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+R = TypeVar("R")
 
 #: Block size O_DIRECT I/O is aligned to (covers 512-byte and 4 KiB logical sectors).
 DIRECT_ALIGN = 4096
@@ -629,6 +632,45 @@ class FileBackend(StorageBackend):
                 raise r
         return results  # type: ignore[return-value]
 
+    async def _map_items(
+        self,
+        fn: Callable[[Any, threading.Event], R],
+        skipped: Callable[[Any], R],
+        items: Sequence[Any],
+    ) -> list[R]:
+        """``fn(item, cancel)`` for every item, on up to ``workers`` executor threads.
+
+        Each thread takes the next unclaimed item as soon as it is free, so one slow value (a
+        cold read, a large file) does not hold back a whole share of the batch. ``fn`` must not
+        raise. After a cancellation the remaining items get ``skipped(item)`` and the call
+        waits for the items in progress before ``CancelledError`` propagates.
+        """
+        n = len(items)
+        results: list[Any] = [None] * n
+        cancel = threading.Event()
+        claim = threading.Lock()
+        next_index = 0
+
+        def drain() -> None:
+            nonlocal next_index
+            while True:
+                with claim:
+                    i = next_index
+                    next_index += 1
+                if i >= n:
+                    return
+                results[i] = skipped(items[i]) if cancel.is_set() else fn(items[i], cancel)
+
+        executor = self._executor
+        done = await asyncio.gather(
+            *(run_blocking(executor, drain, on_cancel=cancel.set) for _ in range(min(n, self.settings.workers))),
+            return_exceptions=True,
+        )
+        for r in done:
+            if isinstance(r, BaseException):
+                raise r
+        return results
+
     # -- operations --------------------------------------------------------------------------
 
     async def _contains(self, keys: list[CacheKey]) -> list[bool]:
@@ -657,13 +699,11 @@ class FileBackend(StorageBackend):
         for key, dst, entry in zip(keys, dsts, known, strict=True):
             if entry is not None:
                 check_dst_size(key, dst, entry.payload)
-        cancel = threading.Event()
         items = list(zip(keys, dsts, strict=True))
-        groups = _split(items, self.settings.workers)
-        parts = await self._gather(self._read_group, groups, cancel, cancel=cancel)
+        outcomes = await self._map_items(self._read_item, self._skip_read, items)
         results: list[int | None] = []
         too_small: tuple[CacheKey, memoryview, int] | None = None
-        for (key, dst), outcome in zip(items, (o for part in parts for o in part), strict=True):
+        for (key, dst), outcome in zip(items, outcomes, strict=True):
             if isinstance(outcome, _Failure):
                 if outcome.kind == "corrupt":
                     self.record_corrupt(key, outcome.exc)  # type: ignore[arg-type]
@@ -678,17 +718,15 @@ class FileBackend(StorageBackend):
             check_dst_size(*too_small)  # raises InvalidBufferError
         return results
 
-    def _read_group(self, items: Sequence[tuple[CacheKey, memoryview]], cancel: threading.Event) -> list[_ReadOutcome]:
-        out: list[_ReadOutcome] = []
-        for key, dst in items:
-            if cancel.is_set():
-                out.append(_MISS)
-                continue
-            try:
-                out.append(self._read_one(key, dst, cancel))
-            except Exception as exc:  # never let a worker raise: gather must wait for every group
-                out.append(_Failure("error", exc))
-        return out
+    def _read_item(self, item: tuple[CacheKey, memoryview], cancel: threading.Event) -> _ReadOutcome:
+        try:
+            return self._read_one(item[0], item[1], cancel)
+        except Exception as exc:  # never let a worker raise: the call must wait for every item
+            return _Failure("error", exc)
+
+    @staticmethod
+    def _skip_read(item: tuple[CacheKey, memoryview]) -> _ReadOutcome:
+        return _MISS
 
     def _read_one(self, key: CacheKey, dst: memoryview, cancel: threading.Event) -> _ReadOutcome:
         _shard, _digest, path = self._path(key)
@@ -761,10 +799,8 @@ class FileBackend(StorageBackend):
                     self._reserved += nbytes
                     todo.append((i, key, src, nbytes))
         if todo:
-            cancel = threading.Event()
-            groups = _split([t[1:] for t in todo], self.settings.workers)
-            parts = await self._gather(self._write_group, groups, cancel, cancel=cancel)
-            for (i, *_), outcome in zip(todo, (o for part in parts for o in part), strict=True):
+            outcomes = await self._map_items(self._write_item, self._skip_write, [t[1:] for t in todo])
+            for (i, *_), outcome in zip(todo, outcomes, strict=True):
                 if isinstance(outcome, _Failure):
                     self.record_error("write", outcome.exc)  # type: ignore[arg-type]
                     results[i] = rejected("error")
@@ -772,25 +808,19 @@ class FileBackend(StorageBackend):
                     results[i] = outcome
         return results  # type: ignore[return-value]
 
-    def _write_group(
-        self, items: Sequence[tuple[CacheKey, memoryview, int]], cancel: threading.Event
-    ) -> list[PutResult | _Failure]:
-        out: list[PutResult | _Failure] = []
-        for key, src, reserved in items:
-            if cancel.is_set():
-                with self._lock:
-                    self._reserved -= reserved
-                out.append(rejected("cancelled"))
-                continue
-            try:
-                out.append(self._write_one(key, src, reserved, cancel))  # settles ``reserved``
-            except CapacityError:
-                out.append(rejected("capacity"))  # the device is full (ENOSPC, EDQUOT…)
-            except BackendError as exc:
-                out.append(_Failure("error", exc))
-            except Exception as exc:  # never let a worker raise: gather must wait for every group
-                out.append(_Failure("error", exc))
-        return out
+    def _write_item(self, item: tuple[CacheKey, memoryview, int], cancel: threading.Event) -> PutResult | _Failure:
+        key, src, reserved = item
+        try:
+            return self._write_one(key, src, reserved, cancel)  # settles ``reserved``
+        except CapacityError:
+            return rejected("capacity")  # the device is full (ENOSPC, EDQUOT…)
+        except Exception as exc:  # never let a worker raise: the call must wait for every item
+            return _Failure("error", exc)
+
+    def _skip_write(self, item: tuple[CacheKey, memoryview, int]) -> PutResult | _Failure:
+        with self._lock:
+            self._reserved -= item[2]
+        return rejected("cancelled")
 
     def _write_one(self, key: CacheKey, src: memoryview, reserved: int, cancel: threading.Event) -> PutResult:
         """Store one value; settles its capacity ``reserved`` bytes on every path."""

@@ -45,14 +45,22 @@ class CacheKey:
     chunk_hash: bytes
     dtype: str
     tags: tuple[tuple[str, str], ...] = ()
+    # Keys live in dicts on every hot path (indexes, policies): hash once, not per lookup.
+    _hash: int = dataclasses.field(init=False, repr=False, compare=False, default=0)
 
     def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "_hash", hash((self.model, self.world_size, self.rank, self.chunk_hash, self.dtype, self.tags))
+        )
         if not isinstance(self.chunk_hash, bytes) or len(self.chunk_hash) != _DIGEST:
             raise InvalidArgumentError(f"chunk_hash must be {_DIGEST} bytes")
         if not self.model:
             raise InvalidArgumentError("CacheKey.model must not be empty")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise InvalidArgumentError(f"rank {self.rank} is not within world_size {self.world_size}")
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def to_string(self) -> str:
         """A canonical, URL- and filename-safe text form; :meth:`from_string` reverses it."""

@@ -516,8 +516,10 @@ class RedisBackend(StorageBackend):
                 await pool.disconnect()
 
     async def _ping(self) -> None:
-        with map_redis_errors(f"PING {self._target()}"):
-            await self._client.ping()
+        assert self._slots is not None
+        async with self._slots:
+            with map_redis_errors(f"PING {self._target()}"):
+                await self._client.ping()
 
     def _extra_stats(self) -> dict[str, Any]:
         return {
@@ -669,8 +671,10 @@ class RedisBackend(StorageBackend):
         page: list[tuple[CacheKey, bytes]] = []
 
         async def sizes() -> list[tuple[CacheKey, int | None]]:
-            with map_redis_errors(f"STRLEN on {self._target()}"):
-                replies = await self._pipeline(lambda p: [p.strlen(name) for _, name in page])
+            assert self._slots is not None
+            async with self._slots:  # released before the caller sees an entry: no self-deadlock
+                with map_redis_errors(f"STRLEN on {self._target()}"):
+                    replies = await self._pipeline(lambda p: [p.strlen(name) for _, name in page])
             out: list[tuple[CacheKey, int | None]] = []
             for (key, _), n in zip(page, replies, strict=True):
                 if isinstance(n, BaseException) or not n:

@@ -129,7 +129,10 @@ class RedisClusterBackend(RedisBackend):
         kw = self._connection_kwargs()
         return RedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in s.nodes],
-            max_connections=s.max_connections,
+            # Per node. Unlike the standalone pool, a cluster node's pool raises when exhausted, so
+            # batches and pings take one of max_connections slots first; the headroom covers
+            # SCAN pages of list_keys, which cannot hold a slot while the caller iterates.
+            max_connections=s.max_connections + 4,
             require_full_coverage=True,
             **kw,
         )

@@ -158,3 +158,22 @@ async def test_unreachable_cluster_is_unavailable() -> None:
     with pytest.raises(BackendUnavailableError):
         await asyncio.wait_for(b.open(), 60)
     await b.aclose()
+
+
+async def test_busy_cluster_waits_instead_of_failing(redis_cluster_url: str) -> None:
+    # A cluster node's pool raises MaxConnectionsError when exhausted: the backend must queue.
+    async with opened(redis_cluster_url, prefix=unique_prefix(), max_connections=2) as b:
+
+        async def worker(i: int) -> None:
+            await b.put([key(i), key(1000 + i)], [value(i, 20_000), value(1000 + i, 100)])
+            dst = bytearray(20_000)
+            assert await b.get_into([key(i)], [dst]) == [20_000]
+            assert dst == value(i, 20_000)
+            await b.ping()
+
+        async def lister() -> int:
+            return sum([1 async for _ in b.list_entries()])
+
+        results = await asyncio.gather(*(worker(i) for i in range(48)), lister(), lister())
+        assert all(isinstance(n, int) for n in results[-2:])
+        assert b.stats()["hits"] == 48

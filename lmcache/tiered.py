@@ -44,7 +44,8 @@ bytes; this module decides where values go, when they move and what is given up.
   write-back; seeded from ``list_entries()`` at open for persistent, listable tiers). Before a put
   the tier's ``stats()`` (``capacity_bytes``/``used_bytes``) allow proactive eviction; a
   ``rejected("capacity")`` result triggers eviction of policy victims and a retry
-  (``evict_retries`` times at most).
+  (``evict_retries`` times at most). Keys pinned with :meth:`TieredBackend.pin` (a lease with a
+  TTL, used by the cache server's control API) are never chosen as victims until it lapses.
 * **Ownership.** Tiers built from URLs (:meth:`TieredBackend.from_urls`, :meth:`from_url`,
   :meth:`from_config`) are owned and closed by :meth:`aclose`. Backend instances passed to the
   constructor are *borrowed* by default (like a connection pool handed to a client): they are
@@ -70,6 +71,7 @@ import contextlib
 import dataclasses
 import logging
 import sys
+import time
 from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode
@@ -267,6 +269,7 @@ class TieredBackend(StorageBackend):
         self._pending: dict[CacheKey, _WriteBack] = {}
         self._progress: asyncio.Event | None = None  # set (and replaced) after each write-back batch
         self._delete_epoch = 0  # bumped by every delete; a promotion that raced one is dropped
+        self._pins: dict[CacheKey, float] = {}  # key -> time.monotonic() expiry; see pin()
 
     # -- construction ------------------------------------------------------------------------
 
@@ -342,6 +345,40 @@ class TieredBackend(StorageBackend):
     def tiers(self) -> list[StorageBackend]:
         """The tier backends, fastest first."""
         return [t.backend for t in self._tiers]
+
+    # -- pins (an eviction hook for operators) ----------------------------------------------
+
+    def pin(self, keys: Sequence[CacheKey], ttl: float) -> int:
+        """Keep ``keys`` from being chosen as eviction victims in any tier for ``ttl`` seconds.
+
+        A pin is a lease, not a count: pinning again extends it, and it lapses on its own, so a
+        forgotten pin cannot hold space forever. Pins do not stop :meth:`delete`.
+
+        Returns:
+            How many keys are pinned now (over all calls).
+
+        Raises:
+            InvalidArgumentError: ``ttl`` is not a positive number of seconds.
+        """
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0:
+            raise InvalidArgumentError(f"pin ttl must be a positive number of seconds, got {ttl!r}")
+        expiry = time.monotonic() + float(ttl)
+        for key in keys:
+            if not isinstance(key, CacheKey):
+                raise InvalidArgumentError(f"keys must be CacheKey instances, got {type(key).__name__}")
+            self._pins[key] = max(expiry, self._pins.get(key, 0.0))
+        return len(self.pinned())
+
+    def unpin(self, keys: Sequence[CacheKey]) -> int:
+        """Drop the pins of ``keys`` (unpinned keys are ignored); returns how many were dropped."""
+        return sum(1 for key in keys if self._pins.pop(key, None) is not None)
+
+    def pinned(self) -> dict[CacheKey, float]:
+        """Live pins: key -> seconds left (expired pins are dropped here)."""
+        now = time.monotonic()
+        for key in [k for k, t in self._pins.items() if t <= now]:
+            del self._pins[key]
+        return {k: t - now for k, t in self._pins.items()}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -650,7 +687,8 @@ class TieredBackend(StorageBackend):
         it also lets writers run when callers never yield to the event loop.
         """
         assert tier.policy is not None
-        protected = self._pending if tier.index == 0 else ()
+        pending = self._pending if tier.index == 0 else None
+        protected = _Protected(pending, self._pins) if self._pins else (pending if pending is not None else ())
         victims = tier.policy.victims(n_bytes, protected)
         if not victims and tier.index == 0 and self._pending:
             loop = asyncio.get_running_loop()
@@ -872,6 +910,23 @@ else:  # pragma: no cover - Python 3.10
 
     async def _with_timeout(call: Coroutine[Any, Any, T], seconds: float) -> T:
         return await asyncio.wait_for(call, seconds)
+
+
+class _Protected:
+    """Keys eviction must skip: values awaiting write-back (tier 0) and live operator pins."""
+
+    __slots__ = ("_now", "_pending", "_pins")
+
+    def __init__(self, pending: Mapping[CacheKey, Any] | None, pins: Mapping[CacheKey, float]) -> None:
+        self._pending = pending
+        self._pins = pins
+        self._now = time.monotonic()
+
+    def __contains__(self, key: object) -> bool:
+        if self._pending is not None and key in self._pending:
+            return True
+        expiry = self._pins.get(key)  # type: ignore[call-overload]
+        return expiry is not None and expiry > self._now
 
 
 def _combine(caps: list[Capabilities]) -> Capabilities:

@@ -478,9 +478,6 @@ class RedisBackend(StorageBackend):
             kw.update(host=s.host, port=s.port)
             if self.scheme in _TLS_SCHEMES:
                 kw["connection_class"] = aioredis.SSLConnection
-            else:
-                for f in _SSL_FIELDS:
-                    kw.pop(f, None)
         kw["db"] = s.db
         # Waits for a free connection instead of raising MaxConnectionsError; our own semaphore
         # keeps concurrent sub-batches at max_connections, so the wait is short.

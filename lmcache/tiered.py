@@ -380,6 +380,76 @@ class TieredBackend(StorageBackend):
             del self._pins[key]
         return {k: t - now for k, t in self._pins.items()}
 
+    async def move(
+        self,
+        keys: Sequence[CacheKey],
+        sizes: Sequence[int],
+        to_tier: int,
+        *,
+        from_tier: int | None = None,
+        keep_source: bool = False,
+    ) -> list[bool]:
+        """Copy values into tier ``to_tier`` (an operator action, e.g. pre-warming tier 0).
+
+        Each value is read from ``from_tier`` (default: the fastest tier holding it, other than
+        the target), put into ``to_tier`` through the same eviction bookkeeping as promotion,
+        and deleted from its source unless ``keep_source``.
+
+        Args:
+            keys: Keys to move.
+            sizes: An upper bound of each value's size in bytes (e.g. from ``list_entries``).
+            to_tier: Index of the target tier.
+            from_tier: Index of the source tier, or None to search.
+            keep_source: Copy instead of move.
+
+        Returns:
+            Per key, whether the value is now held by the target tier.
+
+        Raises:
+            InvalidArgumentError: A tier index that does not exist, or mismatched lengths.
+        """
+        keys = list(keys)
+        if len(keys) != len(sizes):
+            raise InvalidArgumentError(f"move got {len(keys)} keys but {len(sizes)} sizes")
+        n_tiers = len(self._tiers)
+        for name, idx in (("to_tier", to_tier), ("from_tier", from_tier)):
+            if idx is not None and (isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < n_tiers):
+                raise InvalidArgumentError(f"{name}={idx!r}: no such tier; this stack has tiers 0..{n_tiers - 1}")
+        if from_tier == to_tier:
+            raise InvalidArgumentError("from_tier and to_tier are the same tier")
+        await self._ensure_open()
+        target = self._tiers[to_tier]
+        done = [False] * len(keys)
+        sources = [from_tier] if from_tier is not None else [t.index for t in self._tiers if t.index != to_tier]
+        todo = [i for i in range(len(keys))]
+        held = await self._guard(target, "contains", target.backend.contains(keys))
+        if held is not _FAILED:
+            todo = [i for i in todo if not held[i]]
+            for i in range(len(keys)):
+                done[i] = bool(held[i])
+        for src_index in sources:
+            if not todo:
+                break
+            src = self._tiers[src_index]
+            bufs = [bytearray(max(0, int(sizes[i]))) for i in todo]
+            got = await self._guard(src, "get", src.backend.get_into([keys[i] for i in todo], bufs))
+            if got is _FAILED:
+                continue
+            hit = [(i, memoryview(b)[:n]) for i, b, n in zip(todo, bufs, got, strict=True) if n is not None]
+            if not hit:
+                continue
+            stored = await self._store(target, [keys[i] for i, _ in hit], [v for _, v in hit], may_wait=False)
+            moved = [keys[i] for (i, _), r in zip(hit, stored, strict=True) if r.ok]
+            for (i, _), r in zip(hit, stored, strict=True):
+                done[i] = r.ok
+            if moved and not keep_source:
+                await self._guard(src, "delete", src.backend.delete(moved))
+                if src.policy is not None:
+                    for key in moved:
+                        src.policy.on_remove(key)
+            todo = [i for i in todo if not done[i]]
+        return done
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def _open(self) -> None:

@@ -50,26 +50,37 @@ The policy only matters when the *machine* goes down (power loss, kernel panic):
   Costs a second flush per put. Deletes are not synced: a deleted value that reappears after a
   power loss is still a valid value.
 
-Reads, and why a corrupt value never touches ``dst``
-----------------------------------------------------
-A get opens the file, reads header and payload with one ``preadv`` into a per-worker staging
-buffer (reused, page aligned), checks the header, the key, the file length and the payload
-checksum there, and only then copies the payload into the caller's ``dst``. Rule: a miss leaves
-``dst`` untouched, and a value that fails its checksum is a miss. Reading straight into ``dst``
-and checking afterwards would leave corrupt bytes in it, and there is nothing to restore them
-from; the only ways to check bytes before they land in ``dst`` are a staging copy, a snapshot of
-``dst`` (the same copy), reading the file twice (a second pass over the page cache) or
-``mmap``-ing the file (no kernel copy, but page-table setup and teardown per read, and a SIGBUS
-if anyone truncates a file while it is mapped). Measured here on 2 MiB values in the page cache, per CPU
-second, reading into 256 distinct (cache-cold) destination buffers: ``preadv`` into ``dst`` +
-checksum 12.5 GB/s (the unsafe bound), staging + checksum + copy 11.3 GB/s, ``mmap`` + checksum
-+ copy 10.5 GB/s (a bare ``preadv`` with no checksum: 15.8). Into one reused, cache-hot
-destination: 19-20, 14, 13 (9 with ``MAP_POPULATE``), and reading the file twice 13. Staging
-wins among the correct designs at ~10% more CPU than the unsafe bound, and against the device
-(about 1-2 GB/s on this class of host) its extra memcpy is noise. With O_DIRECT the staging
-buffer is where the device's DMA lands anyway (``dst`` is rarely page aligned), so the CPU
-copies each value exactly once there too. Staging buffers up to 64 MiB are kept per worker
-thread; larger values use a one-off buffer.
+Reads, and what a corrupt value does to ``dst``
+-----------------------------------------------
+A get opens the file and reads its first 4 KiB into a per-worker staging buffer (reused, page
+aligned): the header, or the whole frame of a value up to 64 KiB. The header checksum, the key
+bound in the frame, the frame length against the file size and the size of ``dst`` are all
+checked there, before any byte reaches ``dst``. A small value is then checked against its
+payload checksum in staging and copied. A large one is read with ``preadv`` straight into
+``dst[:payload_len]`` (one copy out of the page cache; with O_DIRECT a DMA into ``dst`` when it is
+page aligned and the payload a whole number of 4 KiB blocks) and its checksum verified there.
+
+So every miss leaves ``dst`` untouched (absent key, truncated or renamed file, damaged header,
+foreign format version, undersized ``dst``, an error opening or reading the header) except one:
+a large value whose header checks out but whose payload fails its checksum (or whose payload
+read fails midway). Then ``dst`` may hold part of the bad bytes; the call still reports a miss,
+counts it, and removes the file. The conformance suite defines a corrupt value's ``dst`` as
+unspecified; the base class's "untouched on a miss" holds for every other miss. The only way to
+keep ``dst`` untouched on that path too is to check the bytes before they land in ``dst``: a
+staging copy, a snapshot of ``dst`` (the same copy), reading the file twice, or ``mmap`` (page-
+table setup and teardown per read, and a SIGBUS if a file is truncated while mapped). Measured
+here on 2 MiB values in the page cache, per CPU second, into 256 distinct (cache-cold) buffers:
+``preadv`` into ``dst`` + checksum 12.5 GB/s, staging + checksum + copy 11.3, ``mmap`` + checksum
++ copy 10.5 (a bare ``preadv``, no checksum: 15.8); in ``lmcache bench backend`` (4 batches in
+flight, 2 cores) the staging design reached ~0.6x the raw-read baseline against ~0.8x for reading
+straight into ``dst``, and with O_DIRECT it forgoes the DMA into ``dst``. A rare error path does
+not justify a copy on every hit. (Reverting is one line: send large values through
+``_read_staged`` too.)
+
+O_DIRECT into a ``dst`` that is not page aligned, or a payload that is not a whole number of
+blocks, goes through staging (the device's DMA lands there, then one copy), and is checked before
+the copy. Staging buffers up to 64 MiB are kept per worker thread; larger frames use a one-off
+buffer.
 
 Truncated files, flipped bits, a foreign key in the frame: each is a counted corrupt miss, and
 the file is removed (if it is still the same inode) so a later put can store the value again.
@@ -81,7 +92,8 @@ O_DIRECT
 With ``o_direct=true`` files are opened with ``O_DIRECT``: the frame header is padded to 4096
 bytes, writes go from a page-aligned staging buffer (or straight from the caller's buffer when it
 is page aligned and a multiple of 4096 bytes long) in whole 4096-byte blocks and the file is then
-truncated to its exact length; reads go into the aligned staging buffer. ``open()`` probes the
+truncated to its exact length; reads go straight into a page-aligned ``dst`` or through staging
+(see *Reads*). ``open()`` probes the
 directory with a real O_DIRECT write; where the filesystem refuses it (tmpfs, some FUSE and
 network filesystems) the backend logs a warning and downgrades to buffered I/O rather than
 failing: O_DIRECT is a performance hint, and a cache that refuses to start is worse than one
@@ -179,6 +191,12 @@ BUFFERED_ALIGN = 64
 STAGING_KEEP = 64 << 20
 #: How much of a file the open-time scan reads to parse its header.
 SCAN_READ = 4096
+#: A get reads this much first: the header of a large value (the frame pads it to 64 bytes, or
+#: to 4096 with O_DIRECT; keys are far shorter).
+HEADER_READ = 4096
+#: Values up to this many frame bytes are read whole into staging and checked before any byte
+#: reaches dst (one syscall, and the copy of a few KiB costs less than a second read).
+SMALL_VALUE = 64 << 10
 _SUFFIX = ".kv"
 _TMP_SUFFIX = ".tmp"
 _HEX = frozenset("0123456789abcdef")
@@ -264,11 +282,14 @@ def _split(items: Sequence[T], groups: int) -> list[Sequence[T]]:
     return out
 
 
-def _pread_full(fd: int, view: memoryview, want: int) -> int:
-    """Read from offset 0 into ``view`` until ``want`` bytes arrived or EOF; bytes read."""
+def _pread_full(fd: int, view: memoryview, offset: int, want: int) -> int:
+    """Read from ``offset`` into ``view`` until ``want`` bytes arrived or EOF; bytes read.
+
+    ``view`` may be longer than ``want`` (O_DIRECT reads whole blocks; EOF ends them early).
+    """
     got = 0
     while got < want:
-        n = os.preadv(fd, [view[got:]], got)
+        n = os.preadv(fd, [view[got:]], offset + got)
         if n == 0:
             break
         got += n
@@ -743,30 +764,71 @@ class FileBackend(StorageBackend):
             size = st.st_size
             if size < frame.MIN_HEADER_BYTES:
                 return self._corrupt(key, path, st, IntegrityError(f"value file {path} is truncated ({size} bytes)"))
-            want = _round_up(size, DIRECT_ALIGN) if self._o_direct else size
-            staging = self._staging(want)
-            got = _pread_full(fd, staging[:want], size)
+            # First read: the whole frame when it is small, else its first block (the header).
+            first = size if size <= SMALL_VALUE else HEADER_READ
+            want = _round_up(first, DIRECT_ALIGN) if self._o_direct else first
+            staging = self._staging(max(want, SMALL_VALUE))
+            got = _pread_full(fd, staging[:want], 0, first)
             view = staging[:got]
             if _foreign_version(view):
                 return _MISS
+            if frame.needed_header_bytes(view) > got:
+                return self._read_staged(fd, key, dst, size, cancel)  # an unusually long key
             header = frame.parse_header(view, expected_key=key)
-            if header.total_len != size or got != size:
+            n, offset = header.payload_len, header.payload_offset
+            if header.total_len != size:
                 raise IntegrityError(f"value file {path} has {size} bytes, its header says {header.total_len}")
-            if dst.nbytes < header.payload_len:
-                return _Failure("too_small", needed=header.payload_len)
-            payload = view[header.payload_offset : header.total_len]
-            header.verify_payload(payload)
+            if dst.nbytes < n:
+                return _Failure("too_small", needed=n)
             if cancel.is_set():
                 return _MISS  # the caller is gone: never write into its buffer now
-            dst[: header.payload_len] = payload
-            self._add_entry(key, header.payload_len, size)
-            return header.payload_len
+            if got == size:
+                # Small value: check it in staging, so even a corrupt one leaves dst untouched.
+                payload = view[offset:size]
+                header.verify_payload(payload)
+                dst[:n] = payload
+            elif self._o_direct and not (offset % DIRECT_ALIGN == 0 == n % DIRECT_ALIGN and _page_aligned(dst)):
+                return self._read_staged(fd, key, dst, size, cancel)  # O_DIRECT needs alignment
+            else:
+                # The hot path: the payload goes from the file straight into dst (one copy,
+                # or DMA with O_DIRECT), and is checked there. A checksum failure now leaves
+                # bytes in dst; the result is still a counted miss (see the module docstring).
+                out = dst[:n]
+                if _pread_full(fd, out, offset, n) != n:
+                    raise IntegrityError(f"value file {path} shrank while it was read")
+                header.verify_payload(out)
+            self._add_entry(key, n, size)
+            return n
         except IntegrityError as exc:
             return self._corrupt(key, path, st, exc)
         except OSError as exc:
             return _Failure("error", _mapped(exc, f"file://: reading {path}"))
         finally:
             os.close(fd)
+
+    def _read_staged(self, fd: int, key: CacheKey, dst: memoryview, size: int, cancel: threading.Event) -> _ReadOutcome:
+        """Read the whole frame into staging, check it, then copy (O_DIRECT into unaligned dst).
+
+        Raises:
+            IntegrityError: The frame is damaged (dst is untouched).
+            OSError: Reading failed.
+        """
+        want = _round_up(size, DIRECT_ALIGN) if self._o_direct else size
+        staging = self._staging(want)
+        got = _pread_full(fd, staging[:want], 0, size)
+        view = staging[:got]
+        header = frame.parse_header(view, expected_key=key)
+        if header.total_len != size or got != size:
+            raise IntegrityError(f"value file for {key} has {size} bytes, its header says {header.total_len}")
+        if dst.nbytes < header.payload_len:
+            return _Failure("too_small", needed=header.payload_len)
+        payload = view[header.payload_offset : size]
+        header.verify_payload(payload)
+        if cancel.is_set():
+            return _MISS
+        dst[: header.payload_len] = payload
+        self._add_entry(key, header.payload_len, size)
+        return header.payload_len
 
     def _corrupt(self, key: CacheKey, path: str, st: os.stat_result, exc: IntegrityError) -> _Failure:
         # Remove the bad file (only if the name still points at the inode we read) so a later

@@ -7,6 +7,7 @@ import errno
 import fcntl
 import hashlib
 import logging
+import mmap
 import os
 from pathlib import Path
 
@@ -48,6 +49,11 @@ async def corrupt_on_disk(backend: FileBackend, key: CacheKey, how: str = "flip_
     else:
         raise AssertionError(how)
     path.write_bytes(bytes(data))
+
+
+def page_aligned(nbytes: int) -> memoryview:
+    """A zeroed, page-aligned buffer (anonymous mmap), like an engine's preallocated KV buffers."""
+    return memoryview(mmap.mmap(-1, max(nbytes, 1)))[:nbytes]
 
 
 def leftovers(root: Path, pattern: str = "*.tmp") -> list[Path]:
@@ -256,22 +262,34 @@ async def test_put_recreates_a_removed_directory(store: FileBackend) -> None:
 # -- integrity ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("size", [10_000, 1 << 20], ids=["small", "large"])
 @pytest.mark.parametrize("how", ["flip_payload", "flip_header", "truncate"])
-async def test_damaged_file_is_a_counted_miss(store: FileBackend, how: str) -> None:
+@pytest.mark.parametrize("options", ["", "o_direct=true"])
+async def test_damaged_file_is_a_counted_miss(tmp_path: Path, how: str, size: int, options: str) -> None:
     key = make_key(1)
-    value = make_value(1, 10_000)
-    await store.put([key], [value])
-    await corrupt_on_disk(store, key, how)
-    dst = bytearray(b"\x55" * 10_000)
-    assert await store.get_into([key], [dst]) == [None]
-    assert dst == b"\x55" * 10_000
-    assert store.stats()["corrupt"] == 1
-    assert store.stats()["entries"] == 0
-    # The bad file is gone, so the value can be stored again and then reads back intact.
-    assert await store.contains([key]) == [False]
-    assert (await store.put([key], [value]))[0].status is PutStatus.STORED
-    assert await store.get_into([key], [dst]) == [10_000]
-    assert dst == value
+    value = make_value(1, size)
+    async with FileBackend.from_url(f"file://{tmp_path}/kv?{options}") as store:
+        await store.put([key], [value])
+        await corrupt_on_disk(store, key, how)
+        dst = page_aligned(size)
+        dst[:] = b"\x55" * size
+        assert await store.get_into([key], [dst]) == [None]
+        if size <= 10_000 or how != "flip_payload":
+            # Checked before any byte reaches dst: small values, and every header or length fault.
+            assert bytes(dst) == b"\x55" * size
+        else:
+            # A large value's payload is read straight into dst and checked there: its contents
+            # are unspecified after a checksum failure, but never handed out as data.
+            assert bytes(dst) != value
+        assert store.stats()["corrupt"] == 1
+        assert store.stats()["entries"] == 0
+        # The bad file is gone, so the value can be stored again and then reads back intact.
+        assert await store.contains([key]) == [False]
+        assert await store.get_into([key], [dst]) == [None]
+        assert store.stats()["corrupt"] == 1  # now a plain miss
+        assert (await store.put([key], [value]))[0].status is PutStatus.STORED
+        assert await store.get_into([key], [dst]) == [size]
+        assert bytes(dst) == value
 
 
 async def test_file_renamed_onto_another_key_is_a_miss(store: FileBackend) -> None:
@@ -410,8 +428,8 @@ async def test_write_failure_is_rejected_and_releases_capacity(
 async def test_modes_round_trip(tmp_path: Path, options: str) -> None:
     url = f"file://{tmp_path}/kv?{options}"
     keys = [make_key(i) for i in range(5)]
-    aligned = np.zeros(1 << 20, dtype=np.uint8)  # numpy allocations this large are page aligned
-    aligned[:] = np.frombuffer(make_value(4, 1 << 20), dtype=np.uint8)
+    aligned = page_aligned(1 << 20)  # lets O_DIRECT write straight from it
+    aligned[:] = make_value(4, 1 << 20)
     vals: list[object] = [make_value(i, n) for i, n in enumerate([1, 4095, 4096, 123_457])] + [aligned]
     async with FileBackend.from_url(url) as backend:
         assert all(r.ok for r in await backend.put(keys, vals))
@@ -419,6 +437,12 @@ async def test_modes_round_trip(tmp_path: Path, options: str) -> None:
         dsts = [bytearray(memoryview(v).nbytes) for v in vals]  # type: ignore[arg-type]
         assert await backend.get_into(keys, dsts) == [len(d) for d in dsts]
         assert [bytes(d) for d in dsts] == [bytes(memoryview(v)) for v in vals]  # type: ignore[arg-type]
+        # Page-aligned destinations take the O_DIRECT path straight into dst where lengths allow.
+        aligned_dsts = [page_aligned(len(d) + 8192) for d in dsts]
+        assert await backend.get_into(keys, aligned_dsts) == [len(d) for d in dsts]
+        for d, a in zip(dsts, aligned_dsts, strict=True):
+            assert bytes(a[: len(d)]) == bytes(d)
+            assert bytes(a[len(d) :]) == bytes(8192)  # nothing written past the value
         assert backend.stats()["o_direct"] == ("o_direct" in options)
         assert backend.stats()["used_bytes"] == sum(len(d) for d in dsts)
     for key, dst in zip(keys, dsts, strict=True):

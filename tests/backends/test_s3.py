@@ -814,6 +814,11 @@ class TestS3ConformanceMultipart(TestS3Conformance):
     cancel_batch_values = 4
     hypothesis_max_examples = 5  # small values only: the run above already covers this model
 
+    # One server is enough for this second pass: SeaweedFS, the stricter of the two.
+    @pytest.fixture(params=["env"] if os.environ.get(ENV_URL) else ["seaweedfs"], autouse=True)
+    def s3_conformance_target(self, request: pytest.FixtureRequest) -> S3Target:
+        return request.getfixturevalue(f"s3_{request.param}")
+
     @pytest.fixture
     def backend_url(self, s3_conformance_target: S3Target) -> Iterator[str]:
         url = s3_conformance_target.url(multipart_threshold="5MiB", part_size="5MiB")

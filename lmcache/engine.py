@@ -172,20 +172,24 @@ class CacheEngine:
         self.counters["lookup_hit_tokens"] += hit
         return hit
 
-    def retrieve(self, tokens: Any, dst: KVDestination, *, max_tokens: int | None = None) -> int:
+    def retrieve(self, tokens: Any, dst: KVDestination, *, max_tokens: int | None = None, start: int = 0) -> int:
         """Load the cached prefix of ``tokens`` into ``dst``.
 
         Args:
             tokens: The request's token ids.
             dst: Receives each hit chunk, in order.
             max_tokens: Load at most this many tokens (rounded down to a chunk boundary).
+            start: The caller already holds tokens ``[0, start)`` (e.g. an engine's own prefix
+                cache): chunks ending at or before ``start`` are neither fetched nor scattered.
+                A chunk straddling ``start`` is loaded whole; ``dst`` may skip its first tokens.
 
         Returns:
-            Tokens loaded: the chunks are contiguous from token 0 and stop at the first miss.
+            The end of the last chunk loaded (0 when none was): the chunks are contiguous from
+            the first one ending after ``start`` and stop at the first miss.
         """
         self._check_open()
         self._check_kv(dst)
-        chunks = self.chunks(tokens)
+        chunks = [c for c in self.chunks(tokens) if c.end > start]
         if max_tokens is not None:
             chunks = [c for c in chunks if c.end <= max_tokens]
         self.counters["retrieves"] += 1
@@ -198,7 +202,7 @@ class CacheEngine:
             if got < len(group):
                 break
         tokens_loaded = chunks[loaded - 1].end if loaded else 0
-        self.counters["retrieved_tokens"] += tokens_loaded
+        self.counters["retrieved_tokens"] += tokens_loaded - chunks[0].start if loaded else 0
         return tokens_loaded
 
     def _retrieve_group(self, group: Sequence[Chunk], dst: KVDestination) -> int:

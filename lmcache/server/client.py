@@ -1,0 +1,730 @@
+"""``lm://host:port`` and ``lm+unix:///path/to/sock``: the client of ``lmcache server``.
+
+URL forms and options (defaults < ``LMCACHE_LM_*`` / ``LMCACHE_LM_UNIX_*`` env < URL < kwargs)::
+
+    lm://127.0.0.1:8198?shm=true&shm_size=128MiB&timeout=30&connections=1&token=…
+    lm+unix:///run/lmcache.sock?shm=false
+
+Values are stored as lmcache value frames (:mod:`lmcache.serde.frame`: key bound in, xxh3
+checksum), built here and checked here, so the server and its tiers hold opaque bytes and
+corruption anywhere reads as a counted miss.
+
+Data paths:
+
+* **Shared memory** (same host: a Unix socket, or TCP to a loopback address, and ``shm=true``):
+  each connection creates a segment in ``/dev/shm`` that the server maps and unlinks at ``HELLO``
+  (ownership and crash safety: :mod:`lmcache.server.shm`). A put copies the frame into a region
+  of the segment and sends only the spans; the server's tier copies it from there. A get sends
+  spans sized by the destination buffers; the server's tier copies into them and the client
+  copies each checked payload into its ``dst``. The socket carries only control frames.
+* **Socket**: values follow the request frame on the socket; a get's payloads are received
+  straight into the caller's ``dst`` (no staging copy).
+
+Falls back to the socket when the server declines shared memory (remote, or ``--no-shm``) and
+for a request larger than the segment.
+
+Cancellation (rule 3): a cancelled put still finishes sending its frame (the stream must stay
+whole) before the cancellation propagates. A cancelled get whose reply is not being received
+yet is drained into scratch space when it arrives; one being received into its ``dst`` right
+now aborts the connection (the reader is cancelled and awaited), so nothing writes afterwards.
+The next call reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import unquote
+
+from lmcache.backends.base import (
+    Capabilities,
+    PutResult,
+    PutStatus,
+    StorageBackend,
+    parse_backend_url,
+    rejected,
+    settings_query,
+    split_url,
+)
+from lmcache.config import parse_duration, parse_size, setting
+from lmcache.errors import (
+    BackendTimeoutError,
+    BackendUnavailableError,
+    ConfigError,
+    IntegrityError,
+    InvalidBufferError,
+)
+from lmcache.keys import CacheKey
+from lmcache.serde.frame import encode_header, header_size, needed_header_bytes, parse_header
+from lmcache.server import protocol as P
+from lmcache.server.shm import Arena, Segment, create_segment, shm_available
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = ["LMServerBackend", "LMServerSettings"]
+
+logger = logging.getLogger(__name__)
+
+_SHM_REQUEST_BYTES = 16 << 20  # per shm request: small enough that client and server copies overlap
+_SOCKET_REQUEST_BYTES = 64 << 20
+_MAX_REPLY_META = 64 << 20
+_MAX_REPLY_DATA = 1 << 40
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclasses.dataclass(frozen=True)
+class LMServerSettings:
+    """Settings of an lm:// client."""
+
+    host: str = setting("127.0.0.1", doc="Server host (lm://).")
+    port: int = setting(P.DEFAULT_PORT, doc="Server TCP port (lm://).", min=1, max=65535)
+    path: str | None = setting(None, doc="Server Unix socket path (lm+unix://).")
+    token: str | None = setting(None, doc="Auth token the server expects in HELLO.", secret=True)
+    shm: bool = setting(True, doc="Use the shared-memory data path when the server is on this host.")
+    shm_size: int = setting(128 << 20, doc="Bytes of the shared-memory segment per connection.", parse=parse_size)
+    timeout: float = setting(30.0, doc="Seconds a request may wait for its reply.", parse=parse_duration, min=0.001)
+    connect_timeout: float = setting(5.0, doc="Seconds to connect and say HELLO.", parse=parse_duration, min=0.001)
+    connections: int = setting(1, doc="Connections per backend (requests are spread over them).", min=1, max=64)
+
+
+@dataclasses.dataclass(eq=False)
+class _Req:
+    op: int
+    future: asyncio.Future[Any]
+    keys: list[CacheKey] = dataclasses.field(default_factory=list)
+    dsts: list[memoryview] | None = None  # socket GET: payloads go straight here
+    region: tuple[int, int] | None = None  # shm: (offset, length) in the arena
+    cancelled: bool = False
+    receiving: bool = False
+
+
+class _Conn:
+    """One connection: a socket, its reader task, pending requests and maybe a shm arena."""
+
+    def __init__(self, owner: LMServerBackend, sock: socket.socket) -> None:
+        self.owner = owner
+        self.sock = sock
+        self.pending: dict[int, _Req] = {}
+        self.ids = itertools.count(1)
+        self.send_lock = asyncio.Lock()
+        self.reader: asyncio.Task[None] | None = None
+        self.closed = False
+        self.error: Exception | None = None
+        self.segment: Segment | None = None
+        self.arena: Arena | None = None
+        self._freed = asyncio.Event()
+        self.max_frame = P.DEFAULT_MAX_FRAME_BYTES
+        self._head = bytearray(P.HEADER_BYTES)
+
+    # -- setup and teardown ----------------------------------------------------------------
+
+    async def hello(self, want_shm: bool) -> None:
+        s = self.owner.settings
+        meta: dict[str, Any] = {"client": f"lmcache-py/{os.getpid()}"}
+        if s.token is not None:
+            meta["token"] = s.token
+        seg: Segment | None = None
+        if want_shm:
+            try:
+                seg = create_segment(s.shm_size)
+                meta["shm"] = {"name": seg.name, "size": seg.size}
+            except OSError as exc:
+                logger.info("lm://: no shared memory (%s); using the socket", exc)
+        self.reader = asyncio.get_running_loop().create_task(self._read_loop())
+        try:
+            reply, _ = await self.request(P.Op.HELLO, meta)
+        except BaseException:
+            if seg is not None:
+                seg.unlink()
+                seg.close()
+            raise
+        if seg is not None:
+            seg.unlink()  # the server unlinked it already when it attached; this covers a refusal
+            if reply.get("shm"):
+                self.segment, self.arena = seg, Arena(seg.size)
+            else:
+                logger.info("lm://: the server declined shared memory (%s)", reply.get("shm_error"))
+                seg.close()
+        self.max_frame = int(reply.get("max_frame_bytes", self.max_frame))
+
+    def _teardown(self, exc: Exception) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.error = exc
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        for req in self.pending.values():
+            if not req.future.done():
+                req.future.set_exception(exc)
+                req.future.exception()  # a cancelled caller may never look
+        self.pending.clear()
+        seg, self.segment, self.arena = self.segment, None, None
+        if seg is not None:
+            seg.close()
+        self._freed.set()
+
+    async def abort(self, exc: Exception) -> None:
+        """Close now; after this returns nothing writes into any caller's buffer."""
+        reader = self.reader
+        if reader is not None and not reader.done() and reader is not asyncio.current_task():
+            reader.cancel()
+            while not reader.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({reader})
+        self._teardown(exc)
+
+    # -- sending ---------------------------------------------------------------------------
+
+    async def _send(self, frame: bytes, data: Sequence[memoryview]) -> None:
+        loop = asyncio.get_running_loop()
+        async with self.send_lock:
+            if self.closed:
+                raise self.error or BackendUnavailableError("lm://: connection closed")
+            total = len(frame) + sum(d.nbytes for d in data)
+            if total <= (256 << 10):
+                await loop.sock_sendall(self.sock, frame + b"".join(bytes(d) for d in data))
+                return
+            await loop.sock_sendall(self.sock, frame)
+            for d in data:
+                if d.nbytes:
+                    await loop.sock_sendall(self.sock, d)
+
+    async def request(
+        self,
+        op: int,
+        meta: dict[str, Any],
+        data: Sequence[memoryview] = (),
+        *,
+        flags: int = 0,
+        keys: list[CacheKey] | None = None,
+        dsts: list[memoryview] | None = None,
+        region: tuple[int, int] | None = None,
+    ) -> tuple[dict[str, Any], Any]:
+        """Send one request and wait for its reply; returns ``(meta, values)``."""
+        if self.closed:
+            raise self.error or BackendUnavailableError("lm://: connection closed")
+        loop = asyncio.get_running_loop()
+        rid = next(self.ids)
+        req = _Req(op, loop.create_future(), keys or [], dsts, region)
+        self.pending[rid] = req
+        frame = P.encode_frame_head(op, rid, P.encode_meta(meta), sum(d.nbytes for d in data), flags)
+        send = loop.create_task(self._send(frame, data))
+        try:
+            await asyncio.shield(send)
+        except asyncio.CancelledError:
+            # Half a frame would break the stream, and `data` is borrowed: finish sending first.
+            while not send.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({send})
+            self._forget(req)
+            raise
+        except BaseException as exc:
+            self.pending.pop(rid, None)
+            if isinstance(exc, OSError):
+                await self.abort(BackendUnavailableError(f"lm://: sending failed: {exc}"))
+                raise self.error from exc  # type: ignore[misc]
+            raise
+        try:
+            async with asyncio.timeout(self.owner.settings.timeout):
+                return await asyncio.shield(req.future)
+        except TimeoutError:
+            await self._cancel(req)
+            raise BackendTimeoutError(
+                f"lm://: no reply within {self.owner.settings.timeout}s ({P.Op(op).name})"
+            ) from None
+        except asyncio.CancelledError:
+            await self._cancel(req)
+            raise
+        except BaseException:
+            self._forget(req)  # an error reply: the region (if any) is free again
+            raise
+
+    def _forget(self, req: _Req) -> None:
+        req.cancelled = True
+        if req.future.done():
+            if not req.future.cancelled():
+                req.future.exception()
+            self.release(req)
+
+    async def _cancel(self, req: _Req) -> None:
+        """The caller gave up on ``req``: make sure nothing writes into its buffers later."""
+        self._forget(req)
+        if req.receiving:
+            await self.abort(BackendUnavailableError("lm://: connection aborted by a cancelled read"))
+
+    def release(self, req: _Req) -> None:
+        """Give the request's shm region back (once)."""
+        region, req.region = req.region, None
+        if region is not None:
+            self.free_region(region)
+
+    def free_region(self, region: tuple[int, int]) -> None:
+        """Return a region after a successful request (a no-op once the connection closed)."""
+        if self.arena is not None:
+            self.arena.free(*region)
+            self._freed.set()
+
+    async def alloc(self, n: int) -> tuple[int, int] | None:
+        """A region of ``n`` bytes of the segment, waiting for room; None when it never fits."""
+        while True:
+            arena = self.arena
+            if arena is None or n > arena.size:
+                return None
+            off = arena.alloc(n)
+            if off is not None:
+                return off, n
+            self._freed.clear()
+            await self._freed.wait()
+
+    # -- receiving -------------------------------------------------------------------------
+
+    async def _recv_into(self, view: memoryview) -> None:
+        loop = asyncio.get_running_loop()
+        while view.nbytes:
+            n = await loop.sock_recv_into(self.sock, view)
+            if n == 0:
+                raise BackendUnavailableError("lm://: the server closed the connection")
+            view = view[n:]
+
+    async def _drain(self, n: int) -> None:
+        scratch = memoryview(bytearray(min(n, 1 << 20) or 1))
+        while n > 0:
+            chunk = min(n, scratch.nbytes)
+            await self._recv_into(scratch[:chunk])
+            n -= chunk
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                head = memoryview(self._head)
+                await self._recv_into(head)
+                fh = P.parse_frame_head(head, _MAX_REPLY_META, _MAX_REPLY_DATA)
+                raw = bytearray(fh.meta_len)
+                await self._recv_into(memoryview(raw))
+                meta = P.decode_meta(raw)
+                req = self.pending.pop(fh.request_id, None)
+                if fh.flags & P.FLAG_ERROR:
+                    await self._drain(fh.data_len)
+                    exc = P.error_from_reply(meta)
+                    if req is None:  # about the connection itself; the server closes it next
+                        self.error = exc
+                        continue
+                    self._settle(req, exc=exc)
+                    continue
+                if req is None:
+                    await self._drain(fh.data_len)
+                    continue
+                values = None
+                if req.op == P.Op.GET and not fh.flags & P.FLAG_SHM:
+                    values = await self._recv_values(req, meta, fh.data_len)
+                else:
+                    await self._drain(fh.data_len)
+                self._settle(req, result=(meta, values))
+        except asyncio.CancelledError:
+            self._teardown(self.error or BackendUnavailableError("lm://: connection aborted"))
+            raise
+        except Exception as exc:
+            if not isinstance(exc, BackendUnavailableError) or self.error is None:
+                self.error = self.error or (
+                    exc if isinstance(exc, BackendUnavailableError) else BackendUnavailableError(f"lm://: {exc}")
+                )
+            self._teardown(self.error)
+
+    def _settle(self, req: _Req, *, result: Any = None, exc: Exception | None = None) -> None:
+        if req.cancelled:
+            self.release(req)  # the caller is gone: the region is ours to free
+            return
+        if req.future.done():
+            return
+        if exc is not None:
+            req.future.set_exception(exc)
+        else:
+            req.future.set_result(result)
+
+    async def _recv_values(self, req: _Req, meta: dict[str, Any], data_len: int) -> list[int | None]:
+        """Receive a socket GET's frames, payloads straight into the caller's buffers."""
+        sizes = meta.get("sizes")
+        if not isinstance(sizes, list) or len(sizes) != len(req.keys):
+            raise P.ProtocolError("a GET reply without one size per key")
+        assert req.dsts is not None
+        out: list[int | None] = [None] * len(sizes)
+        left = data_len
+        head = bytearray(64 << 10)
+        for i, n in enumerate(sizes):
+            if n is None:
+                continue
+            if not isinstance(n, int) or n < 0 or n > left:
+                raise P.ProtocolError("a GET reply whose sizes do not match its data")
+            left -= n
+            if req.cancelled:
+                await self._drain(n)
+                continue
+            key, dst = req.keys[i], req.dsts[i]
+            got = 0  # bytes of this value taken off the socket
+            try:
+                if n < 48:
+                    raise IntegrityError(f"value for {key} is truncated ({n} bytes)")
+                hv = memoryview(head)
+                await self._recv_into(hv[:48])
+                need = needed_header_bytes(hv[:48])
+                if need > min(n, len(head)):
+                    raise IntegrityError("value header is malformed")
+                got = 48
+                await self._recv_into(hv[48:need])
+                got = need
+                header = parse_header(hv[:need], key)
+                if header.payload_offset > min(n, len(head)) or header.total_len != n:
+                    raise IntegrityError(f"value for {key} has {n} bytes, its header says {header.total_len}")
+                await self._recv_into(hv[need : header.payload_offset])
+                got = header.payload_offset
+                plen = header.payload_len
+                if plen > dst.nbytes:
+                    raise IntegrityError(f"value for {key} claims {plen} bytes, more than its buffer")
+                req.receiving = True
+                try:
+                    await self._recv_into(dst[:plen])
+                finally:
+                    req.receiving = False
+                got = n
+                header.verify_payload(dst[:plen])
+                out[i] = plen
+            except IntegrityError as exc:
+                self.owner.record_corrupt(key, exc)
+                await self._drain(n - got)
+        if left:
+            await self._drain(left)
+        return out
+
+
+class LMServerBackend(StorageBackend):
+    """A client of ``lmcache server`` over TCP or a Unix socket, with a shared-memory fast path."""
+
+    schemes: ClassVar[tuple[str, ...]] = ("lm", "lm+unix")
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        persistent=False, shared=True, listing=False, integrity_checked=True, bounded=True
+    )
+    secret_options: ClassVar[tuple[str, ...]] = ("token",)
+
+    def __init__(self, settings: LMServerSettings, scheme: str = "lm") -> None:
+        super().__init__()
+        if scheme == "lm+unix" and not settings.path:
+            raise ConfigError("lm+unix:// needs a socket path, e.g. lm+unix:///run/lmcache.sock")
+        self.settings = settings
+        self._scheme = scheme
+        self._conns: list[_Conn | None] = [None] * settings.connections
+        self._rr = itertools.count()
+        self._connect_lock: asyncio.Lock | None = None
+        self.shm_active = False
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: Any) -> Self:
+        """Build from ``lm://host:port?…`` or ``lm+unix:///path?…`` (no I/O)."""
+        parts = split_url(url)
+        location: dict[str, object] = {}
+        if parts.scheme == "lm+unix":
+            if parts.netloc not in ("", "localhost"):
+                raise ConfigError("lm+unix:// takes a path, e.g. lm+unix:///run/lmcache.sock")
+            if parts.path:
+                location["path"] = unquote(parts.path)
+        else:
+            if parts.path not in ("", "/"):
+                raise ConfigError("lm:// takes host:port only, e.g. lm://127.0.0.1:8198")
+            if parts.hostname:
+                location["host"] = parts.hostname
+            if parts.port:
+                location["port"] = parts.port
+        if parts.password:
+            location["token"] = unquote(parts.password)
+        settings = parse_backend_url(url, cls.schemes, LMServerSettings, location, overrides, split=parts)
+        return cls(settings, parts.scheme)
+
+    @property
+    def url(self) -> str:
+        s = self.settings
+        query = settings_query(s, skip=("host", "port", "path"))
+        if self._scheme == "lm+unix":
+            base = f"lm+unix://{s.path}"
+        else:
+            host = f"[{s.host}]" if ":" in s.host else s.host
+            base = f"lm://{host}:{s.port}"
+        return base + (f"?{query}" if query else "")
+
+    # -- connections -------------------------------------------------------------------------
+
+    def _local(self) -> bool:
+        return self._scheme == "lm+unix" or self.settings.host in _LOOPBACK or self.settings.host.startswith("127.")
+
+    async def _connect(self) -> _Conn:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        if self._scheme == "lm+unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            target: Any = s.path
+            where = f"lm+unix://{s.path}"
+        else:
+            infos = await loop.getaddrinfo(s.host, s.port, type=socket.SOCK_STREAM)
+            if not infos:
+                raise BackendUnavailableError(f"lm://{s.host}:{s.port}: cannot resolve the host")
+            family, _, _, _, target = infos[0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            where = f"lm://{s.host}:{s.port}"
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+        sock.setblocking(False)
+        conn = _Conn(self, sock)
+        try:
+            async with asyncio.timeout(s.connect_timeout):
+                await loop.sock_connect(sock, target)
+                await conn.hello(s.shm and self._local() and shm_available())
+        except TimeoutError:
+            await conn.abort(BackendTimeoutError(f"{where}: no answer within {s.connect_timeout}s"))
+            raise BackendTimeoutError(f"{where}: no answer within {s.connect_timeout}s") from None
+        except OSError as exc:
+            await conn.abort(BackendUnavailableError(f"{where}: {exc}"))
+            raise BackendUnavailableError(f"{where}: cannot connect: {exc.strerror or exc}") from exc
+        except BaseException as exc:
+            await conn.abort(BackendUnavailableError(f"{where}: {exc}"))
+            raise
+        self.shm_active = conn.segment is not None
+        return conn
+
+    async def _conn(self) -> _Conn:
+        i = next(self._rr) % len(self._conns)
+        conn = self._conns[i]
+        if conn is not None and not conn.closed:
+            return conn
+        if self._connect_lock is None:
+            self._connect_lock = asyncio.Lock()
+        async with self._connect_lock:
+            conn = self._conns[i]
+            if conn is None or conn.closed:
+                conn = await self._connect()
+                self._conns[i] = conn
+            return conn
+
+    async def _open(self) -> None:
+        await self._conn()
+
+    async def _close(self) -> None:
+        conns, self._conns = self._conns, [None] * len(self._conns)
+        for conn in conns:
+            if conn is not None:
+                await conn.abort(BackendUnavailableError("lm://: backend closed"))
+
+    async def _ping(self) -> None:
+        conn = await self._conn()
+        await conn.request(P.Op.PING, {})
+
+    def _extra_stats(self) -> dict[str, Any]:
+        live = [c for c in self._conns if c is not None and not c.closed]
+        return {
+            "connections": len(live),
+            "shm": any(c.segment is not None for c in live),
+            "shm_bytes_in_use": sum(c.arena.used for c in live if c.arena is not None),
+        }
+
+    async def server_stats(self) -> dict[str, Any]:
+        """The server's ``STATS`` reply (server counters and its tiered backend's stats)."""
+        await self._ensure_open()
+        conn = await self._conn()
+        reply, _ = await conn.request(P.Op.STATS, {})
+        stats: dict[str, Any] = reply.get("stats", {})
+        return stats
+
+    # -- operations --------------------------------------------------------------------------
+
+    async def _contains(self, keys: list[CacheKey]) -> list[bool]:
+        conn = await self._conn()
+        reply, _ = await conn.request(P.Op.CONTAINS, {"keys": [k.to_string() for k in keys]})
+        return [bool(x) for x in reply["found"]]
+
+    async def lookup_prefix(self, keys: Sequence[CacheKey]) -> int:
+        """Leading run of held keys, answered by the server in one round trip."""
+        keys = list(keys)
+        if not keys:
+            return 0
+        await self._ensure_open()
+        if any(not isinstance(k, CacheKey) for k in keys):
+            return await super().lookup_prefix(keys)  # raises the usual InvalidArgumentError
+        conn = await self._conn()
+        reply, _ = await conn.request(P.Op.LOOKUP_PREFIX, {"keys": [k.to_string() for k in keys]})
+        return int(reply["n"])
+
+    async def _delete(self, keys: list[CacheKey]) -> None:
+        conn = await self._conn()
+        await conn.request(P.Op.DELETE, {"keys": [k.to_string() for k in keys]})
+
+    async def _put(self, keys: list[CacheKey], srcs: list[memoryview]) -> list[PutResult]:
+        conn = await self._conn()
+        heads = [encode_header(k, s) for k, s in zip(keys, srcs, strict=True)]
+        results: list[PutResult | None] = [None] * len(keys)
+        shm = conn.arena is not None
+        limit = min(conn.max_frame, _SHM_REQUEST_BYTES if shm else _SOCKET_REQUEST_BYTES)
+        groups: list[list[int]] = []
+        cur: list[int] = []
+        cur_bytes = 0
+        for i, (h, s) in enumerate(zip(heads, srcs, strict=True)):
+            n = len(h) + s.nbytes
+            if n > conn.max_frame:
+                results[i] = rejected("too_large")
+                continue
+            if cur and cur_bytes + n > limit:
+                groups.append(cur)
+                cur, cur_bytes = [], 0
+            cur.append(i)
+            cur_bytes += n
+        if cur:
+            groups.append(cur)
+
+        async def one(group: list[int]) -> None:
+            got = await self._put_group(
+                conn, [keys[i] for i in group], [heads[i] for i in group], [srcs[i] for i in group]
+            )
+            for i, r in zip(group, got, strict=True):
+                results[i] = r
+
+        await _gather_all([one(g) for g in groups])
+        return results  # type: ignore[return-value]
+
+    async def _put_group(
+        self, conn: _Conn, keys: list[CacheKey], heads: list[bytes], srcs: list[memoryview]
+    ) -> list[PutResult]:
+        total = sum(len(h) + s.nbytes for h, s in zip(heads, srcs, strict=True))
+        skeys = [k.to_string() for k in keys]
+        region = await conn.alloc(total) if conn.arena is not None else None
+        if region is not None and conn.segment is not None:
+            seg = conn.segment.view
+            off = region[0]
+            spans = []
+            for h, s in zip(heads, srcs, strict=True):
+                n = len(h) + s.nbytes
+                seg[off : off + len(h)] = h
+                seg[off + len(h) : off + n] = s
+                spans.append([off, n])
+                off += n
+            # On failure or cancellation request() hands the region back (now or on the reply).
+            reply, _ = await conn.request(P.Op.PUT, {"keys": skeys, "spans": spans}, flags=P.FLAG_SHM, region=region)
+            conn.free_region(region)
+        else:
+            data: list[memoryview] = []
+            for h, s in zip(heads, srcs, strict=True):
+                data.append(memoryview(h))
+                data.append(s)
+            sizes = [len(h) + s.nbytes for h, s in zip(heads, srcs, strict=True)]
+            reply, _ = await conn.request(P.Op.PUT, {"keys": skeys, "sizes": sizes}, data)
+        out = []
+        for status, reason in reply["results"]:
+            out.append(PutResult(PutStatus(status), reason))
+        return out
+
+    async def _get_into(self, keys: list[CacheKey], dsts: list[memoryview]) -> list[int | None]:
+        conn = await self._conn()
+        caps = [
+            min(d.nbytes + header_size(len(k.to_string().encode()), 0), conn.max_frame)
+            for k, d in zip(keys, dsts, strict=True)
+        ]
+        shm = conn.arena is not None
+        limit = min(conn.max_frame, _SHM_REQUEST_BYTES if shm else _SOCKET_REQUEST_BYTES)
+        groups: list[list[int]] = []
+        cur: list[int] = []
+        cur_bytes = 0
+        for i, c in enumerate(caps):
+            if cur and cur_bytes + c > limit:
+                groups.append(cur)
+                cur, cur_bytes = [], 0
+            cur.append(i)
+            cur_bytes += c
+        if cur:
+            groups.append(cur)
+        results: list[int | None] = [None] * len(keys)
+
+        async def one(group: list[int]) -> None:
+            got = await self._get_group(
+                conn, [keys[i] for i in group], [dsts[i] for i in group], [caps[i] for i in group]
+            )
+            for i, n in zip(group, got, strict=True):
+                results[i] = n
+
+        await _gather_all([one(g) for g in groups])
+        return results
+
+    async def _get_group(
+        self, conn: _Conn, keys: list[CacheKey], dsts: list[memoryview], caps: list[int]
+    ) -> list[int | None]:
+        skeys = [k.to_string() for k in keys]
+        region = await conn.alloc(sum(caps)) if conn.arena is not None else None
+        if region is None:
+            _, values = await conn.request(P.Op.GET, {"keys": skeys, "caps": caps}, keys=keys, dsts=dsts)
+            return list(values)
+        spans, off = [], region[0]
+        for c in caps:
+            spans.append([off, c])
+            off += c
+        reply, _ = await conn.request(P.Op.GET, {"keys": skeys, "spans": spans}, flags=P.FLAG_SHM, region=region)
+        try:
+            sizes = reply["sizes"]
+            if not isinstance(sizes, list) or len(sizes) != len(keys):
+                raise P.ProtocolError("a GET reply without one size per key")
+            seg = conn.segment
+            assert seg is not None
+            out: list[int | None] = []
+            for key, dst, (o, c), n in zip(keys, dsts, spans, sizes, strict=True):
+                if n is None:
+                    out.append(None)
+                    continue
+                if not isinstance(n, int) or not 0 <= n <= c:
+                    raise P.ProtocolError("a GET reply size outside its span")
+                frame = seg.view[o : o + n]
+                try:
+                    header = parse_header(frame, key)
+                    if header.total_len != n:
+                        raise IntegrityError(f"value for {key} has {n} bytes, its header says {header.total_len}")
+                    payload = frame[header.payload_offset : n]
+                    if payload.nbytes > dst.nbytes:
+                        raise InvalidBufferError(
+                            f"buffer of {dst.nbytes} bytes is too small for the {payload.nbytes}-byte value of {key}"
+                        )
+                    header.verify_payload(payload)
+                except IntegrityError as exc:
+                    self.record_corrupt(key, exc)
+                    out.append(None)
+                    continue
+                dst[: payload.nbytes] = payload
+                out.append(payload.nbytes)
+            return out
+        finally:
+            conn.free_region(region)
+
+
+async def _gather_all(coros: list[Any]) -> None:
+    """Run ``coros`` concurrently; on failure or cancellation wait for every one to finish.
+
+    Each coroutine may hold borrowed buffers (rule 3): none may be left running behind us.
+    """
+    if len(coros) == 1:
+        await coros[0]
+        return
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        while not all(t.done() for t in tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait(tasks)
+        for t in tasks:
+            if not t.cancelled():
+                t.exception()
+        raise

@@ -1,0 +1,583 @@
+"""``lmcache server``: an engine-independent cache daemon that owns a TieredBackend.
+
+The daemon builds one :class:`~lmcache.tiered.TieredBackend` from the config (``--tier URL``
+repeated, or the ``tiers`` of an :class:`~lmcache.config.LMCacheConfig` YAML file) and serves it
+
+* to lm:// clients over the binary protocol of :mod:`lmcache.server.protocol`, on TCP
+  (``--host/--port``) and on a Unix socket (``--unix-socket``), with a shared-memory fast path
+  for same-host clients (:mod:`lmcache.server.shm`), and
+* to operators over HTTP (``--http-port``): health, lookup, pin/unpin, clear, move, stats and
+  Prometheus ``/metrics`` (:mod:`lmcache.server.http`).
+
+One connection is one session, served by one task that reads a request, runs it against the
+tiered backend and writes the reply, in order (clients pipeline many requests per connection
+and use several connections for parallelism). A session owns only per-connection state: its
+staging buffer and its mapping of the client's shared-memory segment. Both go when the
+connection closes, however the client died, so a killed client leaks nothing (see
+:mod:`lmcache.server.shm`).
+
+Misbehaving clients: a frame with a bad magic, version, opcode or an over-limit length, a first
+message that is not ``HELLO``, or a wrong token gets an error reply and the connection is
+closed; malformed meta in a well-framed request gets an error reply and the session goes on.
+Either way other sessions are not affected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lmcache.backends.base import PutResult
+from lmcache.config import LMCacheConfig, env_layer, parse_duration, parse_size, resolve_settings, setting
+from lmcache.errors import ConfigError, InvalidArgumentError, InvalidBufferError, LMCacheError
+from lmcache.keys import CacheKey
+from lmcache.server import protocol as P
+from lmcache.server.shm import Segment, attach_segment, shm_available, sweep_stale
+from lmcache.tiered import TieredBackend
+
+__all__ = ["CacheServer", "ServerSettings", "add_server_arguments", "run_server_cli"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    """Settings of ``lmcache server`` (CLI flags, or ``LMCACHE_SERVER_<FIELD>`` env)."""
+
+    host: str = setting("127.0.0.1", doc="TCP address to listen on (empty: no TCP listener).")
+    port: int = setting(P.DEFAULT_PORT, doc="TCP port (0: any free port, see ready_file).", min=0, max=65535)
+    unix_socket: str | None = setting(None, doc="Path of a Unix socket to listen on as well.")
+    http_host: str = setting("127.0.0.1", doc="Address of the HTTP control API and /metrics.")
+    http_port: int | None = setting(None, doc="Port of the HTTP control API (None: disabled; 0: any).", min=0)
+    token: str | None = setting(None, doc="Shared secret clients must send in HELLO / as a Bearer token.", secret=True)
+    max_frame_bytes: int = setting(
+        P.DEFAULT_MAX_FRAME_BYTES, doc="Largest data section of one frame.", parse=parse_size, min=1 << 16
+    )
+    max_meta_bytes: int = setting(P.DEFAULT_MAX_META_BYTES, doc="Largest meta section.", parse=parse_size, min=4096)
+    shm: bool = setting(True, doc="Offer the shared-memory fast path to same-host clients.")
+    shm_max_bytes: int = setting(4 << 30, doc="Largest client segment the server maps.", parse=parse_size, min=1)
+    hello_timeout: float = setting(10.0, doc="Seconds a new connection has to send HELLO.", parse=parse_duration)
+    sweep_interval: float = setting(
+        30.0, doc="Seconds between sweeps of stale segment names.", parse=parse_duration, min=0.1
+    )
+    ready_file: str | None = setting(None, doc="Write a JSON file with the bound addresses once serving.")
+
+
+@dataclasses.dataclass
+class ServerCounters:
+    """Server-wide counters (``STATS`` reply, ``/stats``)."""
+
+    sessions_opened: int = 0
+    sessions_closed: int = 0
+    requests: int = 0
+    protocol_errors: int = 0
+    auth_failures: int = 0
+    bad_requests: int = 0
+    shm_attached: int = 0
+    shm_released: int = 0
+
+
+class _Disconnect(Exception):
+    """The peer went away (EOF or reset)."""
+
+
+class _Session:
+    """One client connection."""
+
+    def __init__(self, server: CacheServer, sock: socket.socket, peer: str, local: bool) -> None:
+        self.server = server
+        self.sock = sock
+        self.peer = peer
+        self.local = local  # Unix socket or loopback: shared memory may work
+        self.client = "?"
+        self.segment: Segment | None = None
+        self._staging = bytearray(0)
+        self._head = bytearray(P.HEADER_BYTES)
+
+    # -- I/O -------------------------------------------------------------------------------
+
+    async def _recv_into(self, view: memoryview) -> None:
+        loop = asyncio.get_running_loop()
+        while view.nbytes:
+            n = await loop.sock_recv_into(self.sock, view)
+            if n == 0:
+                raise _Disconnect
+            view = view[n:]
+
+    async def _send(self, op: int, rid: int, meta: dict[str, Any], data: Sequence[memoryview] = (), flags: int = 0):
+        loop = asyncio.get_running_loop()
+        size = sum(d.nbytes for d in data)
+        head = P.encode_frame_head(op, rid, P.encode_meta(meta), size, flags | P.FLAG_REPLY)
+        if data and size < (256 << 10):  # small replies in one syscall
+            await loop.sock_sendall(self.sock, head + b"".join(data))
+            return
+        await loop.sock_sendall(self.sock, head)
+        for d in data:
+            if d.nbytes:
+                await loop.sock_sendall(self.sock, d)
+
+    async def _send_error(self, op: int, rid: int, kind: str, message: str) -> None:
+        self.server.metrics.error("server", kind)
+        with contextlib.suppress(OSError, _Disconnect):
+            await self._send(op, rid, {"kind": kind, "message": message}, flags=P.FLAG_ERROR)
+
+    def _staging_view(self, n: int) -> memoryview:
+        if len(self._staging) < n:
+            self._staging = bytearray(n)
+        return memoryview(self._staging)[:n]
+
+    # -- main loop -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        srv = self.server
+        s = srv.settings
+        hello_done = False
+        try:
+            while True:
+                head = memoryview(self._head)
+                if hello_done:
+                    await self._recv_into(head)
+                else:
+                    try:
+                        async with asyncio.timeout(s.hello_timeout):
+                            await self._recv_into(head)
+                    except TimeoutError:
+                        srv.counters.protocol_errors += 1
+                        await self._send_error(P.Op.HELLO, 0, "protocol", "no HELLO within hello_timeout")
+                        return
+                try:
+                    fh = P.parse_frame_head(head, s.max_meta_bytes, s.max_frame_bytes)
+                except P.ProtocolError as exc:
+                    srv.counters.protocol_errors += 1
+                    logger.warning("lm server: %s sent a bad frame (%s); disconnecting", self.peer, exc)
+                    await self._send_error(0, 0, "protocol", str(exc))
+                    return
+                meta_raw = bytearray(fh.meta_len)
+                await self._recv_into(memoryview(meta_raw))
+                if fh.flags & P.FLAG_SHM and fh.data_len:
+                    srv.counters.protocol_errors += 1
+                    await self._send_error(fh.op, fh.request_id, "protocol", "a shm frame carries no data")
+                    return
+                data = self._staging_view(fh.data_len)
+                if fh.data_len:
+                    await self._recv_into(data)
+                try:
+                    meta = P.decode_meta(meta_raw)
+                except P.ProtocolError as exc:
+                    srv.counters.protocol_errors += 1
+                    await self._send_error(fh.op, fh.request_id, "protocol", str(exc))
+                    return
+                if not hello_done:
+                    if fh.op != P.Op.HELLO:
+                        srv.counters.auth_failures += 1
+                        await self._send_error(fh.op, fh.request_id, "auth", "the first message must be HELLO")
+                        return
+                    if not await self._hello(fh, meta):
+                        return
+                    hello_done = True
+                    continue
+                await self._dispatch(fh, meta, data)
+        except (_Disconnect, ConnectionError, OSError):
+            pass
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        seg, self.segment = self.segment, None
+        if seg is not None:
+            seg.close()
+            self.server.counters.shm_released += 1
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    async def _hello(self, fh: P.FrameHead, meta: dict[str, Any]) -> bool:
+        srv = self.server
+        token = srv.settings.token
+        sent = meta.get("token")
+        if token is not None and not (isinstance(sent, str) and hmac.compare_digest(sent.encode(), token.encode())):
+            srv.counters.auth_failures += 1
+            logger.warning("lm server: %s sent a wrong or no token; disconnecting", self.peer)
+            await self._send_error(fh.op, fh.request_id, "auth", "wrong or missing token")
+            return False
+        self.client = str(meta.get("client", "?"))[:200]
+        reply: dict[str, Any] = {
+            "server": "lmcache",
+            "protocol": P.PROTOCOL_VERSION,
+            "max_frame_bytes": srv.settings.max_frame_bytes,
+            "max_meta_bytes": srv.settings.max_meta_bytes,
+            "shm": False,
+        }
+        shm = meta.get("shm")
+        if isinstance(shm, dict):
+            if not (srv.settings.shm and self.local):
+                reply["shm_error"] = "shared memory is off on this server or this client is not local"
+            else:
+                try:
+                    self.segment = attach_segment(shm.get("name"), shm.get("size"), srv.settings.shm_max_bytes)
+                    srv.counters.shm_attached += 1
+                    reply["shm"] = True
+                except (InvalidArgumentError, OSError) as exc:
+                    reply["shm_error"] = f"{type(exc).__name__}: {exc}"
+        await self._send(P.Op.HELLO, fh.request_id, reply)
+        return True
+
+    # -- requests --------------------------------------------------------------------------
+
+    def _keys(self, meta: dict[str, Any]) -> list[CacheKey]:
+        raw = meta.get("keys")
+        if not isinstance(raw, list) or not all(isinstance(k, str) for k in raw):
+            raise InvalidArgumentError("meta.keys must be a list of key strings")
+        try:
+            return [CacheKey.from_string(k) for k in raw]
+        except (ValueError, LMCacheError) as exc:
+            raise InvalidArgumentError(f"bad key: {exc}") from None
+
+    def _spans(self, meta: dict[str, Any], n: int, total: int, name: str) -> list[tuple[int, int]]:
+        raw = meta.get(name)
+        if not isinstance(raw, list) or len(raw) != n:
+            raise InvalidArgumentError(f"meta.{name} must be a list of {n} entries")
+        out: list[tuple[int, int]] = []
+        for item in raw:
+            if not (isinstance(item, list) and len(item) == 2 and all(type(x) is int for x in item)):
+                raise InvalidArgumentError(f"meta.{name} entries must be [offset, length]")
+            off, length = item
+            if off < 0 or length < 0 or off + length > total:
+                raise InvalidArgumentError(f"span [{off}, {length}] lies outside the {total}-byte region")
+            out.append((off, length))
+        return out
+
+    async def _dispatch(self, fh: P.FrameHead, meta: dict[str, Any], data: memoryview) -> None:
+        srv = self.server
+        srv.counters.requests += 1
+        op = fh.op
+        name = P.Op(op).name.lower()
+        t0 = time.perf_counter()
+        try:
+            reply, out = await self._execute(op, fh.flags, meta, data)
+        except InvalidBufferError as exc:
+            srv.counters.bad_requests += 1
+            await self._send_error(op, fh.request_id, "invalid_buffer", str(exc))
+            return
+        except InvalidArgumentError as exc:
+            srv.counters.bad_requests += 1
+            await self._send_error(op, fh.request_id, "bad_request", str(exc))
+            return
+        except LMCacheError as exc:
+            await self._send_error(op, fh.request_id, "unavailable", f"{type(exc).__name__}: {exc}")
+            return
+        except (ConnectionError, OSError):
+            raise
+        except Exception as exc:  # a bug: answer, log, keep serving
+            logger.exception("lm server: %s failed", name)
+            await self._send_error(op, fh.request_id, "internal", f"{type(exc).__name__}: {exc}")
+            return
+        srv.metrics.observe(name, time.perf_counter() - t0)
+        await self._send(op, fh.request_id, reply, out, flags=fh.flags & P.FLAG_SHM)
+
+    async def _execute(
+        self, op: int, flags: int, meta: dict[str, Any], data: memoryview
+    ) -> tuple[dict[str, Any], list[memoryview]]:
+        tiered = self.server.tiered
+        metrics = self.server.metrics
+        if op == P.Op.PING:
+            await tiered.ping()
+            return {}, []
+        if op == P.Op.STATS:
+            return {"stats": self.server.stats()}, []
+        if op == P.Op.HELLO:
+            raise InvalidArgumentError("HELLO was already sent on this connection")
+        keys = self._keys(meta)
+        if op == P.Op.CONTAINS:
+            return {"found": await tiered.contains(keys)}, []
+        if op == P.Op.LOOKUP_PREFIX:
+            n = await tiered.lookup_prefix(keys)
+            metrics.lookup(n, len(keys), self.server.chunk_size)
+            return {"n": n}, []
+        if op == P.Op.DELETE:
+            await tiered.delete(keys)
+            return {}, []
+        shm = bool(flags & P.FLAG_SHM)
+        if shm and self.segment is None:
+            raise InvalidArgumentError("a shm request on a connection without a shared-memory segment")
+        if op == P.Op.PUT:
+            if shm:
+                assert self.segment is not None
+                spans = self._spans(meta, len(keys), self.segment.size, "spans")
+                views = [self.segment.view[o : o + n] for o, n in spans]
+            else:
+                sizes = meta.get("sizes")
+                if not isinstance(sizes, list) or len(sizes) != len(keys) or not all(type(x) is int for x in sizes):
+                    raise InvalidArgumentError("meta.sizes must be a list of one int per key")
+                if any(x < 0 for x in sizes) or sum(sizes) != data.nbytes:
+                    raise InvalidArgumentError("meta.sizes do not add up to the data length")
+                views, off = [], 0
+                for n in sizes:
+                    views.append(data[off : off + n])
+                    off += n
+            results: list[PutResult] = await tiered.put(keys, views)
+            metrics.put(sum(v.nbytes for v, r in zip(views, results, strict=True) if r.ok))
+            return {"results": [[r.status.value, r.reason] for r in results]}, []
+        if op == P.Op.GET:
+            if shm:
+                assert self.segment is not None
+                spans = self._spans(meta, len(keys), self.segment.size, "spans")
+                dsts = [self.segment.view[o : o + n] for o, n in spans]
+            else:
+                caps = meta.get("caps")
+                if not isinstance(caps, list) or len(caps) != len(keys) or not all(type(x) is int for x in caps):
+                    raise InvalidArgumentError("meta.caps must be a list of one int per key")
+                if any(x < 0 for x in caps) or sum(caps) > self.server.settings.max_frame_bytes:
+                    raise InvalidArgumentError("meta.caps exceed the max frame size")
+                staging = self._staging_view(sum(caps))
+                dsts, off = [], 0
+                for n in caps:
+                    dsts.append(staging[off : off + n])
+                    off += n
+            sizes = await tiered.get_into(keys, dsts)
+            metrics.get(sizes, self.server.chunk_size)
+            out = [] if shm else [d[:n] for d, n in zip(dsts, sizes, strict=True) if n is not None]
+            return {"sizes": sizes}, out
+        raise InvalidArgumentError(f"opcode {op} is not a request")
+
+
+class CacheServer:
+    """The daemon: listeners, sessions, the tiered backend, the HTTP control API.
+
+    Args:
+        tiered: The backend to serve (owned: closed by :meth:`stop`).
+        settings: Listener and protocol settings.
+        chunk_size: Tokens per chunk (to report hits in tokens and to hash ``/lookup`` tokens).
+        hash_seed: The chunk-hash seed (``/lookup`` by tokens).
+    """
+
+    def __init__(
+        self,
+        tiered: TieredBackend,
+        settings: ServerSettings,
+        *,
+        chunk_size: int = 256,
+        hash_seed: str = "lmcache-v1",
+    ) -> None:
+        from lmcache.server.metrics import ServerMetrics
+
+        self.tiered = tiered
+        self.settings = settings
+        self.chunk_size = chunk_size
+        self.hash_seed = hash_seed
+        self.counters = ServerCounters()
+        self.metrics = ServerMetrics(self)
+        self.sessions: set[_Session] = set()
+        self._listeners: list[socket.socket] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._http: Any = None
+        self.addresses: dict[str, Any] = {}
+        self._stopped = asyncio.Event()
+
+    def stats(self) -> dict[str, Any]:
+        """Server counters, live sessions and shared memory, and the tiered backend's stats."""
+        server: dict[str, Any] = dataclasses.asdict(self.counters)
+        server["sessions"] = len(self.sessions)
+        server["shm_segments"] = sum(1 for s in self.sessions if s.segment is not None)
+        server["shm_bytes_mapped"] = sum(s.segment.size for s in self.sessions if s.segment is not None)
+        server["pinned_keys"] = len(self.tiered.pinned())
+        return {"server": server, "backend": self.tiered.stats()}
+
+    async def start(self) -> None:
+        """Open the backend, bind every listener and start serving."""
+        s = self.settings
+        await self.tiered.open()
+        if s.shm and shm_available():
+            sweep_stale()
+        if s.host:
+            lsock = socket.create_server((s.host, s.port), reuse_port=False)
+            lsock.setblocking(False)
+            self._listeners.append(lsock)
+            self.addresses["tcp"] = [s.host, lsock.getsockname()[1]]
+            self._spawn(self._accept(lsock, tcp=True))
+        if s.unix_socket:
+            usock = _bind_unix(s.unix_socket)
+            self._listeners.append(usock)
+            self.addresses["unix"] = s.unix_socket
+            self._spawn(self._accept(usock, tcp=False))
+        if not self._listeners:
+            raise ConfigError("lmcache server: neither a TCP host nor a Unix socket to listen on")
+        if s.http_port is not None:
+            from lmcache.server.http import start_http
+
+            self._http, port = await start_http(self, s.http_host, s.http_port)
+            self.addresses["http"] = [s.http_host, port]
+        if s.shm:
+            self._spawn(self._sweeper())
+        self.addresses["pid"] = os.getpid()
+        if s.ready_file:
+            _write_atomically(s.ready_file, json.dumps(self.addresses))
+        logger.info("lm server: serving %s on %s", self.tiered, self.addresses)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _accept(self, lsock: socket.socket, *, tcp: bool) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(lsock)
+            except OSError as exc:
+                if lsock.fileno() < 0:
+                    return
+                logger.warning("lm server: accept failed: %s", exc)
+                await asyncio.sleep(0.05)
+                continue
+            conn.setblocking(False)
+            if tcp:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                host = addr[0]
+                local = host in ("127.0.0.1", "::1") or host.startswith("127.")
+                peer = f"{host}:{addr[1]}"
+            else:
+                local, peer = True, "unix"
+            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                with contextlib.suppress(OSError):
+                    conn.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+            session = _Session(self, conn, peer, local)
+            self.sessions.add(session)
+            self.counters.sessions_opened += 1
+            self._spawn(self._serve(session))
+
+    async def _serve(self, session: _Session) -> None:
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)
+            self.counters.sessions_closed += 1
+
+    async def _sweeper(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval)
+            sweep_stale()
+
+    async def stop(self) -> None:
+        """Stop listening, close every session, flush and close the backend."""
+        for lsock in self._listeners:
+            with contextlib.suppress(OSError):
+                lsock.close()
+        for session in list(self.sessions):
+            session.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._http is not None:
+            await self._http.cleanup()
+        if self.settings.unix_socket:
+            with contextlib.suppress(OSError):
+                os.unlink(self.settings.unix_socket)
+        await self.tiered.aclose()
+        if self.settings.ready_file:
+            with contextlib.suppress(OSError):
+                os.unlink(self.settings.ready_file)
+        self._stopped.set()
+
+    async def serve_until_signalled(self) -> None:
+        """Start, then serve until SIGTERM or SIGINT, then stop."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, done.set)
+        try:
+            await done.wait()
+        finally:
+            await self.stop()
+
+
+def _bind_unix(path: str) -> socket.socket:
+    if Path(path).is_socket():
+        os.unlink(path)  # a stale socket left by a server that was killed
+    usock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    usock.bind(path)
+    os.chmod(path, 0o600)  # same-user clients only: the socket is the first line of access control
+    usock.listen(128)
+    usock.setblocking(False)
+    return usock
+
+
+def _write_atomically(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_server_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of ``lmcache server``."""
+    p.add_argument("--tier", action="append", default=None, metavar="URL", help="tier URL, fastest first (repeat)")
+    p.add_argument("--config", default=None, metavar="YAML", help="an lmcache config file (tiers, eviction policy…)")
+    p.add_argument("--host", default=None, help="TCP address (default 127.0.0.1; '' for none)")
+    p.add_argument("--port", type=int, default=None, help=f"TCP port (default {P.DEFAULT_PORT}; 0: any)")
+    p.add_argument("--unix-socket", default=None, metavar="PATH", help="also listen on this Unix socket")
+    p.add_argument("--http-host", default=None, help="HTTP control API address (default 127.0.0.1)")
+    p.add_argument("--http-port", type=int, default=None, help="HTTP control API + /metrics port (0: any)")
+    p.add_argument("--token-file", default=None, help="file holding the auth token (or LMCACHE_SERVER_TOKEN)")
+    p.add_argument("--max-frame-size", default=None, help="largest frame data section (e.g. 512MiB)")
+    p.add_argument("--no-shm", action="store_true", help="do not offer the shared-memory fast path")
+    p.add_argument("--ready-file", default=None, help="write the bound addresses (JSON) here once serving")
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    """Server settings: defaults < ``LMCACHE_SERVER_*`` env < command-line flags."""
+    flags: dict[str, Any] = {}
+    for name, attr in (
+        ("host", "host"),
+        ("port", "port"),
+        ("unix_socket", "unix_socket"),
+        ("http_host", "http_host"),
+        ("http_port", "http_port"),
+        ("max_frame_bytes", "max_frame_size"),
+        ("ready_file", "ready_file"),
+    ):
+        value = getattr(args, attr, None)
+        if value is not None:
+            flags[name] = value
+    if getattr(args, "no_shm", False):
+        flags["shm"] = False
+    if getattr(args, "token_file", None):
+        try:
+            flags["token"] = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --token-file {args.token_file}: {exc.strerror}") from None
+    layers = [("environment", env_layer("LMCACHE_SERVER_", ServerSettings)), ("command line", flags)]
+    return resolve_settings(ServerSettings, layers, owner="lmcache server", strict=("command line",))
+
+
+def build_server(args: argparse.Namespace) -> CacheServer:
+    """The server described by parsed ``lmcache server`` flags (no I/O)."""
+    config = LMCacheConfig.load(args.config) if args.config else LMCacheConfig.load()
+    if args.tier:
+        config = config.replace(tiers=list(args.tier))
+    tiered = TieredBackend.from_config(config)
+    return CacheServer(tiered, settings_from_args(args), chunk_size=config.chunk_size, hash_seed=config.hash_seed)
+
+
+def run_server_cli(args: argparse.Namespace) -> int:
+    """``lmcache server``: serve until SIGTERM/SIGINT."""
+    server = build_server(args)
+    asyncio.run(server.serve_until_signalled())
+    return 0

@@ -1,0 +1,184 @@
+"""The lm:// wire protocol: length-prefixed binary frames between a client and ``lmcache server``.
+
+Every message, in both directions, is one frame::
+
+    0   4s  magic  b"LMCS"
+    4   B   protocol version (1)
+    5   B   opcode (HELLO, PING, CONTAINS, GET, PUT, DELETE, LOOKUP_PREFIX, STATS)
+    6   H   flags: 1 = reply, 2 = error reply, 4 = the values live in the shared-memory segment
+    8   Q   request id (chosen by the client; a reply carries the id of its request)
+    16  I   meta length in bytes (a UTF-8 JSON object: keys, sizes, spans, results)
+    20  I   reserved (0)
+    24  Q   data length in bytes (values, concatenated, in key order; 0 on the shm path)
+    32  ..  meta, then data
+
+Rules both sides keep:
+
+* Lengths are checked against the receiver's limits (``max_meta_bytes``, ``max_frame_bytes``)
+  from the fixed header, *before* anything else is read: an oversized frame is refused without
+  allocating for it. A bad magic, version or length is a protocol error: the server answers with
+  an error reply and closes the connection.
+* Meta is JSON (``json.loads`` of a bounded UTF-8 string: no pickle, no object hooks); keys
+  travel as :meth:`CacheKey.to_string` strings. Values are opaque bytes; the client stores each
+  one as an lmcache value frame (:mod:`lmcache.serde.frame`: key bound in, xxh3 checksum), so
+  corruption anywhere between two clients reads as a counted miss.
+* Requests are pipelined: a client may send many before reading replies; each reply carries its
+  request's id. The server answers the requests of one connection in order.
+* The first message must be ``HELLO`` (with the token, when the server has one).
+
+This module holds only the frame codec and constants: it imports nothing from the server or
+the client, so both (and tests) can use it.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from typing import Any
+
+from lmcache.errors import (
+    AuthError,
+    BackendError,
+    BackendUnavailableError,
+    InvalidArgumentError,
+    InvalidBufferError,
+    PermanentBackendError,
+)
+
+__all__ = [
+    "DEFAULT_MAX_FRAME_BYTES",
+    "DEFAULT_MAX_META_BYTES",
+    "DEFAULT_PORT",
+    "FLAG_ERROR",
+    "FLAG_REPLY",
+    "FLAG_SHM",
+    "HEADER",
+    "HEADER_BYTES",
+    "MAGIC",
+    "PROTOCOL_VERSION",
+    "FrameHead",
+    "Op",
+    "ProtocolError",
+    "decode_meta",
+    "encode_frame_head",
+    "encode_meta",
+    "error_from_reply",
+    "parse_frame_head",
+]
+
+MAGIC = b"LMCS"
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct("<4sBBHQIIQ")
+HEADER_BYTES = HEADER.size  # 32
+FLAG_REPLY = 1
+FLAG_ERROR = 2
+FLAG_SHM = 4
+DEFAULT_PORT = 8198
+DEFAULT_MAX_FRAME_BYTES = 512 << 20
+DEFAULT_MAX_META_BYTES = 16 << 20
+
+
+class Op(enum.IntEnum):
+    """Operation codes."""
+
+    HELLO = 1
+    PING = 2
+    CONTAINS = 3
+    GET = 4
+    PUT = 5
+    DELETE = 6
+    LOOKUP_PREFIX = 7
+    STATS = 8
+
+
+class ProtocolError(PermanentBackendError):
+    """A frame broke the protocol (bad magic, version, opcode or an oversized length)."""
+
+
+class FrameHead:
+    """A decoded fixed header."""
+
+    __slots__ = ("data_len", "flags", "meta_len", "op", "request_id")
+
+    def __init__(self, op: int, flags: int, request_id: int, meta_len: int, data_len: int) -> None:
+        self.op = op
+        self.flags = flags
+        self.request_id = request_id
+        self.meta_len = meta_len
+        self.data_len = data_len
+
+    def __repr__(self) -> str:
+        return (
+            f"FrameHead(op={self.op}, flags={self.flags}, id={self.request_id}, "
+            f"meta={self.meta_len}, data={self.data_len})"
+        )
+
+
+def encode_frame_head(op: int, request_id: int, meta: bytes, data_len: int = 0, flags: int = 0) -> bytes:
+    """The fixed header followed by ``meta`` (the data is sent after it, unframed)."""
+    return HEADER.pack(MAGIC, PROTOCOL_VERSION, int(op), flags, request_id, len(meta), 0, data_len) + meta
+
+
+def parse_frame_head(buf: bytes | bytearray | memoryview, max_meta: int, max_data: int) -> FrameHead:
+    """Decode and check a fixed header against the receiver's limits.
+
+    Raises:
+        ProtocolError: Bad magic, version or opcode, or a length over a limit.
+    """
+    magic, version, op, flags, rid, meta_len, _reserved, data_len = HEADER.unpack_from(buf, 0)
+    if magic != MAGIC:
+        raise ProtocolError(f"not an lm:// frame (magic {bytes(magic)!r}, expected {MAGIC!r})")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version} is not supported (this side speaks {PROTOCOL_VERSION})")
+    if op not in _OPS:
+        raise ProtocolError(f"unknown opcode {op}")
+    if meta_len > max_meta:
+        raise ProtocolError(f"frame meta of {meta_len} bytes exceeds the limit of {max_meta} bytes")
+    if data_len > max_data:
+        raise ProtocolError(f"frame data of {data_len} bytes exceeds the max frame size of {max_data} bytes")
+    return FrameHead(op, flags, rid, meta_len, data_len)
+
+
+_OPS = frozenset(int(o) for o in Op)
+
+
+def encode_meta(obj: dict[str, Any]) -> bytes:
+    """Meta as compact UTF-8 JSON."""
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def decode_meta(raw: bytes | bytearray | memoryview) -> dict[str, Any]:
+    """Parse meta JSON; it must be an object.
+
+    Raises:
+        ProtocolError: Not UTF-8 JSON, or not an object.
+    """
+    if not raw:
+        return {}
+    try:
+        obj = json.loads(bytes(raw).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"frame meta is not UTF-8 JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"frame meta must be a JSON object, not {type(obj).__name__}")
+    return obj
+
+
+#: Error kinds the server sends, and the exception a client raises for each.
+_ERROR_TYPES: dict[str, type[Exception]] = {
+    "auth": AuthError,
+    "protocol": ProtocolError,
+    "bad_request": InvalidArgumentError,
+    "invalid_buffer": InvalidBufferError,
+    "unavailable": BackendUnavailableError,
+    "internal": BackendError,
+}
+
+
+def error_from_reply(meta: dict[str, Any]) -> Exception:
+    """The lmcache exception for an error reply's meta (``{"kind": …, "message": …}``)."""
+    kind = str(meta.get("kind", "internal"))
+    message = str(meta.get("message", "the server reported an error"))
+    cls = _ERROR_TYPES.get(kind, BackendError)
+    return cls(f"lm server: {message}")

@@ -1,4 +1,4 @@
-"""The ``lmcache`` command line: ``bench``, ``ls``, ``stats``, ``version``.
+"""The ``lmcache`` command line: ``bench``, ``ls``, ``server``, ``server-ctl``, ``stats``, ``version``.
 
 Each top-level subcommand is one ``_register_<name>(subparsers)`` function that adds its parser
 and sets ``func`` to a ``_cmd_<name>(args) -> int`` handler; :data:`COMMANDS` lists the
@@ -153,10 +153,44 @@ def _register_unavailable(sub: argparse._SubParsersAction, name: str, module_nam
     p.set_defaults(func=fail)
 
 
+def _register_server(sub: argparse._SubParsersAction) -> None:
+    # One registration for the daemon and its control client: both live in lmcache.server.
+    from lmcache.server.ctl import add_ctl_arguments
+    from lmcache.server.daemon import add_server_arguments
+
+    p = sub.add_parser(
+        "server",
+        help="run the standalone cache server (lm:// clients, HTTP control API, /metrics)",
+        description="Serve a tiered cache to lm:// and lm+unix:// clients; see docs/server.md.",
+    )
+    add_server_arguments(p)
+    p.set_defaults(func=_cmd_server)
+    c = sub.add_parser(
+        "server-ctl",
+        help="talk to a running server's HTTP control API",
+        description="health, stats, metrics, lookup, pin, unpin, clear and move on a running lmcache server.",
+    )
+    add_ctl_arguments(c)
+    c.set_defaults(func=_cmd_server_ctl)
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    from lmcache.server.daemon import run_server_cli
+
+    return run_server_cli(args)
+
+
+def _cmd_server_ctl(args: argparse.Namespace) -> int:
+    from lmcache.server.ctl import run_ctl_cli
+
+    return run_ctl_cli(args)
+
+
 #: Registration functions of the top-level subcommands, in help order.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_bench,
     _register_ls,
+    _register_server,
     _register_stats,
     _register_version,
 ]

@@ -14,7 +14,8 @@ normalise buffers, keep counters and enforce the rules below, then call the subc
 6. SDK exceptions are mapped into :mod:`lmcache.errors` at the boundary.
 7. Policy (eviction, promotion) is the job of :class:`~lmcache.tiered.TieredBackend`; a full
    backend rejects a put (``REJECTED``) rather than evicting on its own.
-8. A corrupted or truncated value is a counted miss, never data handed back.
+8. A corrupted or truncated value is a counted miss, never data handed back (its ``dst`` may
+   hold partial bytes, which the caller must ignore, as it does for any miss).
 
 Construction (``from_url``) performs no I/O. ``open()`` is explicit and also happens lazily on
 first use; ``aclose()`` is final.
@@ -461,7 +462,10 @@ class StorageBackend(ABC):
             dsts: One writable, contiguous host buffer per key, at least as large as the value.
 
         Returns:
-            Bytes written per key, or ``None`` on a miss (that ``dst`` is left untouched).
+            Bytes written per key, or ``None`` on a miss. A missing key leaves its ``dst``
+            untouched; a stored value that fails its integrity check is also a miss, but a
+            backend that verifies in place (to keep reads single-copy) may have written part of
+            it, so that ``dst``'s contents are unspecified and must not be used.
 
         Raises:
             InvalidArgumentError: ``keys`` and ``dsts`` differ in length.

@@ -219,6 +219,34 @@ async def test_silent_server_times_out() -> None:
         await server.wait_closed()
 
 
+def _isolated_aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """No ~/.aws files, no instance metadata, no AWS_* keys: the chain sees only what we set."""
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+async def test_no_credentials_is_auth_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    from s3_servers import free_port
+
+    _isolated_aws_env(monkeypatch, tmp_path)
+    b = S3Backend.from_url(f"s3://bucket?endpoint_url=http://127.0.0.1:{free_port()}&max_attempts=1")
+    with pytest.raises(AuthError) as info:
+        await asyncio.wait_for(b.open(), HANG_GUARD)
+    assert "credentials" in str(info.value)
+    await b.aclose()
+
+
+async def test_unknown_profile_is_config_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    _isolated_aws_env(monkeypatch, tmp_path)
+    b = S3Backend.from_url("s3://bucket?endpoint_url=http://127.0.0.1:9&profile=no-such-profile")
+    with pytest.raises(ConfigError):
+        await b.open()
+    await b.aclose()
+
+
 # ---------------------------------------------------------------------------------------------
 # Real servers
 
@@ -466,6 +494,37 @@ async def test_wrong_access_key_is_auth_error(s3_target: S3Target) -> None:
     await b.aclose()
 
 
+async def test_credentials_from_the_aws_chain(
+    s3_seaweedfs: S3Target, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    from s3_servers import SEAWEED_ACCESS_KEY, SEAWEED_SECRET_KEY
+
+    _isolated_aws_env(monkeypatch, tmp_path)
+    url = s3_seaweedfs.url(aws_access_key_id="none", aws_secret_access_key="none")
+    assert "aws_" not in url  # the URL holds no credentials at all
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", SEAWEED_ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SEAWEED_SECRET_KEY)
+    async with opened(url) as b:
+        assert b.settings.aws_secret_access_key is None
+        await b.put([make_key(70)], [b"chain"])
+        assert await b.contains([make_key(70)]) == [True]
+    # A credentials file with a named profile works the same way.
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    (tmp_path / "no-credentials").write_text(
+        f"[lmcache-test]\naws_access_key_id = {SEAWEED_ACCESS_KEY}\naws_secret_access_key = {SEAWEED_SECRET_KEY}\n"
+    )
+    async with opened(url, profile="lmcache-test") as b:
+        assert await b.contains([make_key(70)]) == [True]
+    # And a wrong secret in the environment is an AuthError.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", SEAWEED_ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    b = S3Backend.from_url(url)
+    with pytest.raises(AuthError):
+        await b.open()
+    await b.aclose()
+
+
 async def test_closed_backend_is_final(s3_target: S3Target) -> None:
     b = S3Backend.from_url(s3_target.url())
     async with b:
@@ -519,6 +578,9 @@ class FaultInjector:
         self.upstream = upstream
         self.script: list[tuple[int, str]] = []
         self.requests = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.delay = 0.0  # seconds each forwarded request is held, so concurrent ones overlap
         self.endpoint = ""
         self._runner: Any = None
         self._session: Any = None
@@ -554,6 +616,18 @@ class FaultInjector:
         if status:  # 0: forward this request
             xml = f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>injected</Message></Error>'
             return web.Response(status=status, body=xml.encode(), content_type="application/xml")
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await self._forward(request, body)
+        finally:
+            self.in_flight -= 1
+
+    async def _forward(self, request: Any, body: bytes) -> Any:
+        from aiohttp import web
+
+        if self.delay:
+            await asyncio.sleep(self.delay)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
         async with self._session.request(
             request.method, self.upstream + request.path_qs, headers=headers, data=body
@@ -601,6 +675,46 @@ async def test_retry_policy(
             assert proxy.requests == requests
             proxy.arm([])
             assert await b.contains([k]) == [error is None]
+
+
+@pytest.mark.parametrize("limit", [1, 3])
+async def test_requests_in_flight_are_bounded(s3_moto: S3Target, limit: int) -> None:
+    upstream = S3Backend.from_url(s3_moto.base_url).settings.endpoint_url
+    assert upstream is not None
+    async with FaultInjector(upstream) as proxy:
+        url = s3_moto.url(endpoint_url=proxy.endpoint, max_concurrency=limit)
+        async with opened(url) as b:
+            keys = [make_key(i) for i in range(24)]
+            proxy.delay = 0.02
+            proxy.max_in_flight = 0
+            await b.put(keys, [value(i, 100) for i in range(24)])
+            assert await b.contains(keys) == [True] * 24
+            assert await b.get_into(keys, [bytearray(100) for _ in keys]) == [100] * 24
+            assert proxy.max_in_flight == limit  # reached, never exceeded
+
+
+async def test_multipart_parts_share_the_bound(s3_moto: S3Target) -> None:
+    upstream = S3Backend.from_url(s3_moto.base_url).settings.endpoint_url
+    assert upstream is not None
+    async with FaultInjector(upstream) as proxy:
+        url = s3_moto.url(
+            endpoint_url=proxy.endpoint,
+            multipart_threshold="5MiB",
+            part_size="5MiB",
+            part_concurrency=2,
+            max_concurrency=8,
+        )
+        async with opened(url) as b:
+            proxy.delay = 0.05
+            proxy.max_in_flight = 0
+            big = os.urandom(21 * MiB)  # five parts, two at a time
+            assert (await b.put([make_key(62)], [big]))[0].status is PutStatus.STORED
+            assert proxy.max_in_flight == 2
+            proxy.max_in_flight = 0
+            dst = bytearray(len(big))
+            assert await b.get_into([make_key(62)], [dst]) == [len(big)]
+            assert dst == big
+            assert proxy.max_in_flight == 2  # remaining ranges, two at a time
 
 
 async def test_failed_multipart_upload_is_aborted(s3_moto: S3Target) -> None:

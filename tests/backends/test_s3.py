@@ -181,6 +181,24 @@ def test_env_layer_below_url(monkeypatch: pytest.MonkeyPatch) -> None:
     assert S3Backend.from_url("s3://bucket?region=eu-north-1", region="us-west-2").settings.region == "us-west-2"
 
 
+def test_missing_sdk_names_the_extra() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['aioboto3'] = None\n"
+        "import lmcache\n"
+        "from lmcache.errors import MissingDependencyError\n"
+        "try:\n"
+        "    lmcache.open_backend('s3://bucket/p')\n"
+        "except MissingDependencyError as exc:\n"
+        "    print('MISSING', exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert "MISSING" in out.stdout
+    assert "lmcache[s3]" in out.stdout
+
+
 def test_capabilities() -> None:
     caps = S3Backend.capabilities
     assert caps.persistent and caps.shared and caps.listing and caps.integrity_checked

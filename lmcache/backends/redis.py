@@ -484,6 +484,14 @@ class RedisBackend(StorageBackend):
         pool = aioredis.BlockingConnectionPool(max_connections=s.max_connections, timeout=None, **kw)
         return aioredis.Redis(connection_pool=pool)
 
+    def make_client(self) -> Any:
+        """A new, unconnected redis-py client with this backend's connection settings.
+
+        For tools that must reach the same server on the same terms (the raw redis-py baseline of
+        ``lmcache bench backend``); the caller closes it. Does no I/O.
+        """
+        return self._make_client()
+
     async def _open(self) -> None:
         s = self.settings
         self._budget = _ByteBudget(s.max_inflight_bytes)

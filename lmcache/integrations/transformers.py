@@ -121,7 +121,8 @@ class CachedCausalLM:
         engine: The cache engine; built from ``config`` when omitted (then owned and closed
             by :meth:`close`).
         config: lmcache settings for a new engine.
-        model_id: Key identity of the model; default :func:`model_fingerprint`.
+        model_id: Key identity of the model; default ``config.model_name``, else
+            :func:`model_fingerprint`.
     """
 
     def __init__(
@@ -136,7 +137,9 @@ class CachedCausalLM:
         self.geometry = geometry_of(model)
         self._owns_engine = engine is None
         if engine is None:
-            engine = CacheEngine(self.geometry, model_id or model_fingerprint(model), config=config)
+            config = config if config is not None else LMCacheConfig.load()
+            model_id = model_id or config.model_name or model_fingerprint(model)
+            engine = CacheEngine(self.geometry, model_id, config=config)
         elif engine.geometry != self.geometry:
             raise InvalidArgumentError(
                 f"the engine's KV geometry {engine.geometry.identity} does not match the model's "

@@ -341,6 +341,8 @@ class FileBackend(StorageBackend):
     """
 
     schemes: ClassVar[tuple[str, ...]] = ("file",)
+    #: The settings dataclass ``from_url`` parses (subclasses serving other schemes extend it).
+    settings_cls: ClassVar[type[FileSettings]] = FileSettings
     capabilities: ClassVar[Capabilities] = Capabilities(
         persistent=True,
         shared=True,
@@ -386,38 +388,45 @@ class FileBackend(StorageBackend):
                 option or a bad value.
         """
         parts = split_url(url)
-        form = "file:///absolute/dir?capacity=200GiB"
+        scheme = cls.schemes[0]
+        form = f"{scheme}:///absolute/dir?capacity=200GiB"
         if parts.netloc not in ("", "localhost"):
             raise ConfigError(
-                f"file://: the URL {url!r} names host {parts.netloc!r}; file:// stores on this host only "
+                f"{scheme}://: the URL {url!r} names host {parts.netloc!r}; {scheme}:// stores on this host only "
                 f"and takes an absolute path after three slashes: {form}"
             )
         if parts.fragment:
-            raise ConfigError(f"file://: the URL {url!r} has a fragment; expected {form}")
+            raise ConfigError(f"{scheme}://: the URL {url!r} has a fragment; expected {form}")
         path = unquote(parts.path)
         location: dict[str, object] = {}
         if path and path != "/":
             location["path"] = path
-        settings = parse_backend_url(url, cls.schemes, FileSettings, location, overrides, split=parts)
+        settings = parse_backend_url(url, cls.schemes, cls.settings_cls, location, overrides, split=parts)
         if not settings.path:
-            raise ConfigError(f"file://: the URL {url!r} has no directory path; expected {form}")
+            raise ConfigError(f"{scheme}://: the URL {url!r} has no directory path; expected {form}")
         return cls(settings)
 
     @property
     def url(self) -> str:
         """``file:///dir`` plus every option that differs from its default."""
+        items = self._url_items()
+        base = f"{self.schemes[0]}://" + quote(self._root)
+        return base + ("?" + urlencode(items, quote_via=quote) if items else "")
+
+    def _url_items(self) -> list[tuple[str, str]]:
+        """Query items of :attr:`url` (options that differ from the settings class's defaults)."""
         s = self.settings
+        defaults = type(s)
         items: list[tuple[str, str]] = []
         if s.capacity is not None:
             items.append(("capacity", format_size(s.capacity)))
-        if s.fsync != FileSettings.fsync:
+        if s.fsync != defaults.fsync:
             items.append(("fsync", s.fsync))
-        if s.o_direct:
-            items.append(("o_direct", "true"))
-        if s.workers != FileSettings.workers:
+        if s.o_direct != defaults.o_direct:
+            items.append(("o_direct", "true" if s.o_direct else "false"))
+        if s.workers != defaults.workers:
             items.append(("workers", str(s.workers)))
-        base = "file://" + quote(self._root)
-        return base + ("?" + urlencode(items, quote_via=quote) if items else "")
+        return items
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -768,7 +777,7 @@ class FileBackend(StorageBackend):
             first = size if size <= SMALL_VALUE else HEADER_READ
             want = _round_up(first, DIRECT_ALIGN) if self._o_direct else first
             staging = self._staging(max(want, SMALL_VALUE))
-            got = _pread_full(fd, staging[:want], 0, first)
+            got = self._read_at(fd, staging[:want], 0, first)
             view = staging[:got]
             if _foreign_version(view):
                 return _MISS
@@ -794,7 +803,7 @@ class FileBackend(StorageBackend):
                 # or DMA with O_DIRECT), and is checked there. A checksum failure now leaves
                 # bytes in dst; the result is still a counted miss (see the module docstring).
                 out = dst[:n]
-                if _pread_full(fd, out, offset, n) != n:
+                if self._read_at(fd, out, offset, n) != n:
                     raise IntegrityError(f"value file {path} shrank while it was read")
                 header.verify_payload(out)
             self._add_entry(key, n, size)
@@ -815,7 +824,7 @@ class FileBackend(StorageBackend):
         """
         want = _round_up(size, DIRECT_ALIGN) if self._o_direct else size
         staging = self._staging(want)
-        got = _pread_full(fd, staging[:want], 0, size)
+        got = self._read_at(fd, staging[:want], 0, size)
         view = staging[:got]
         header = frame.parse_header(view, expected_key=key)
         if header.total_len != size or got != size:
@@ -955,10 +964,7 @@ class FileBackend(StorageBackend):
                 if os.fstat(fd).st_nlink == 0:
                     continue  # a cleaner removed it between our create and our lock: start over
                 try:
-                    if direct:
-                        self._write_direct(fd, header, src, total)
-                    else:
-                        _writev_full(fd, [memoryview(header), src])
+                    self._write_frame(fd, header, src, total)
                     if self.settings.fsync != "none":
                         _fdatasync(fd)
                     if cancel.is_set():
@@ -975,6 +981,23 @@ class FileBackend(StorageBackend):
                 _fsync_dir(shard)
             return STORED, total
         raise OSError(errno.EAGAIN, "the temp file or its directory was removed repeatedly while writing")
+
+    # -- data-path hooks (subclasses that move the bytes another way override these) ----------
+
+    def _read_at(self, fd: int, view: memoryview, offset: int, want: int) -> int:
+        """Read up to ``want`` bytes at ``offset`` into ``view``; bytes read (short only at EOF).
+
+        ``view`` may be longer than ``want`` (O_DIRECT reads whole blocks). With O_DIRECT in
+        effect, ``offset`` and ``view`` are block aligned whenever ``view`` is longer than ``want``.
+        """
+        return _pread_full(fd, view, offset, want)
+
+    def _write_frame(self, fd: int, header: bytes, src: memoryview, total: int) -> None:
+        """Write a whole frame (``header`` then ``src``, ``total`` bytes) into the new temp file ``fd``."""
+        if self._o_direct:
+            self._write_direct(fd, header, src, total)
+        else:
+            _writev_full(fd, [memoryview(header), src])
 
     def _write_direct(self, fd: int, header: bytes, src: memoryview, total: int) -> None:
         hlen = len(header)  # a multiple of DIRECT_ALIGN (the frame pads it)

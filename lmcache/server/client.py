@@ -7,7 +7,8 @@ URL forms and options (defaults < ``LMCACHE_LM_*`` / ``LMCACHE_LM_UNIX_*`` env <
 
 Values are stored as lmcache value frames (:mod:`lmcache.serde.frame`: key bound in, xxh3
 checksum), built here and checked here, so the server and its tiers hold opaque bytes and
-corruption anywhere reads as a counted miss.
+corruption anywhere reads as a counted miss. A value found corrupt is deleted on the server
+right after the read (values are immutable, so it would otherwise block a good one for ever).
 
 Data paths:
 
@@ -25,9 +26,10 @@ for a request larger than the segment.
 
 Cancellation (rule 3): a cancelled put still finishes sending its frame (the stream must stay
 whole) before the cancellation propagates. A cancelled get whose reply is not being received
-yet is drained into scratch space when it arrives; one being received into its ``dst`` right
-now aborts the connection (the reader is cancelled and awaited), so nothing writes afterwards.
-The next call reconnects.
+yet is drained into scratch space when it arrives; a value being received into its ``dst``
+right now is finished first (so a ``dst`` holds all of its value or none of it), and the rest
+of the reply is drained. Only a server that stalls mid-value for ``timeout`` makes the
+connection abort (its reader is cancelled and awaited); the next call reconnects.
 """
 
 from __future__ import annotations
@@ -103,7 +105,8 @@ class _Req:
     dsts: list[memoryview] | None = None  # socket GET: payloads go straight here
     region: tuple[int, int] | None = None  # shm: (offset, length) in the arena
     cancelled: bool = False
-    receiving: bool = False
+    receiving: bool = False  # a payload is streaming into one of `dsts` right now
+    idle: asyncio.Event | None = None  # set when `receiving` drops (a cancelled caller waits on it)
 
 
 class _Conn:
@@ -225,7 +228,7 @@ class _Conn:
             while not send.done():
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait({send})
-            self._forget(req)
+            await self._cancel(req)  # its reply may be streaming into a dst already
             raise
         except BaseException as exc:
             self.pending.pop(rid, None)
@@ -258,7 +261,21 @@ class _Conn:
     async def _cancel(self, req: _Req) -> None:
         """The caller gave up on ``req``: make sure nothing writes into its buffers later."""
         self._forget(req)
-        if req.receiving:
+        if not req.receiving:
+            return
+        # Let the value being received finish (a dst then holds all of it or nothing, and the
+        # connection survives); if the server stalls mid-value, abort the connection instead.
+        req.idle = asyncio.Event()
+        waiter = asyncio.ensure_future(req.idle.wait())
+        deadline = asyncio.get_running_loop().time() + self.owner.settings.timeout
+        while not waiter.done():
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({waiter}, timeout=left)
+        if not waiter.done():
+            waiter.cancel()
             await self.abort(BackendUnavailableError("lm://: connection aborted by a cancelled read"))
 
     def release(self, req: _Req) -> None:
@@ -389,16 +406,22 @@ class _Conn:
                 plen = header.payload_len
                 if plen > dst.nbytes:
                     raise IntegrityError(f"value for {key} claims {plen} bytes, more than its buffer")
-                req.receiving = True
+                if req.cancelled:  # the caller left while we read the header: nothing into dst
+                    await self._drain(n - got)
+                    continue
+                req.receiving = True  # set with no await since the check above
                 try:
                     await self._recv_into(dst[:plen])
                 finally:
                     req.receiving = False
+                    if req.idle is not None:
+                        req.idle.set()
                 got = n
                 header.verify_payload(dst[:plen])
                 out[i] = plen
             except IntegrityError as exc:
                 self.owner.record_corrupt(key, exc)
+                self.owner.corrupt_seen.append(key)
                 await self._drain(n - got)
         if left:
             await self._drain(left)
@@ -424,6 +447,7 @@ class LMServerBackend(StorageBackend):
         self._rr = itertools.count()
         self._connect_lock: asyncio.Lock | None = None
         self.shm_active = False
+        self.corrupt_seen: list[CacheKey] = []  # corrupt values read, deleted after the get
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> Self:
@@ -657,6 +681,13 @@ class LMServerBackend(StorageBackend):
                 results[i] = n
 
         await _gather_all([one(g) for g in groups])
+        if self.corrupt_seen:
+            # First writer wins, so a corrupt value would block a good one for ever (and a
+            # socket read may have streamed it into its dst): remove it so it reads as a plain
+            # miss and the next put repairs it.
+            doomed, self.corrupt_seen = list(dict.fromkeys(self.corrupt_seen)), []
+            with contextlib.suppress(BackendUnavailableError, BackendTimeoutError):
+                await self._delete(doomed)
         return results
 
     async def _get_group(
@@ -698,6 +729,7 @@ class LMServerBackend(StorageBackend):
                     header.verify_payload(payload)
                 except IntegrityError as exc:
                     self.record_corrupt(key, exc)
+                    self.corrupt_seen.append(key)
                     out.append(None)
                     continue
                 dst[: payload.nbytes] = payload

@@ -1,0 +1,66 @@
+"""lm:// and lm+unix:// pass the backend conformance suite against a real server process.
+
+Variants: TCP over the socket, a Unix socket over the socket, and the shared-memory fast path
+over a Unix socket and over loopback TCP. The corrupt-value hook damages the stored frame
+through a raw protocol connection, not through the backend under test.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import LMServer
+from lmcache_conformance import BackendTests
+
+from lmcache.backends.base import StorageBackend
+from lmcache.keys import CacheKey
+from lmcache.server.client import LMServerBackend
+
+
+class _LMTests(BackendTests):
+    scheme = "lm"
+    query: dict[str, object] = {}  # noqa: RUF012 - per-class constant
+    expect_shm = False
+
+    @pytest.fixture
+    def backend_url(self, lm_server: LMServer) -> str:
+        self._server = lm_server
+        return lm_server.url(self.scheme, **self.query)
+
+    @pytest.fixture
+    def secret_url(self, lm_server: LMServer) -> str:
+        return lm_server.url(self.scheme, **self.query, token="not-a-real-s3cret")
+
+    async def corrupt_value(self, backend: StorageBackend, key: CacheKey) -> None:
+        with self._server.raw() as raw:
+            frame = raw.get_frame(key.to_string(), 1 << 24)
+            assert frame is not None
+            damaged = bytearray(frame)
+            damaged[-1] ^= 0xFF  # a payload byte: the checksum must catch it
+            raw.delete([key.to_string()])
+            assert raw.put_frame(key.to_string(), bytes(damaged)) == "stored"
+
+    async def test_data_path(self, backend: StorageBackend) -> None:
+        """The variant really uses the data path it claims to test."""
+        assert isinstance(backend, LMServerBackend)
+        await backend.ping()
+        assert backend.shm_active is self.expect_shm
+        assert backend.stats()["shm"] is self.expect_shm
+
+
+class TestLMTcp(_LMTests):
+    query = {"shm": "false"}  # noqa: RUF012
+
+
+class TestLMUnix(_LMTests):
+    scheme = "lm+unix"
+    query = {"shm": "false"}  # noqa: RUF012
+
+
+class TestLMUnixShm(_LMTests):
+    scheme = "lm+unix"
+    expect_shm = True
+
+
+class TestLMTcpShm(_LMTests):
+    expect_shm = True
+    query = {"shm_size": "64MiB"}  # noqa: RUF012

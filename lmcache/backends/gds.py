@@ -1,0 +1,315 @@
+"""``gds://``: framed files read straight into GPU buffers with GPUDirect Storage (kvikio/cuFile).
+
+URL form: ``gds:///mnt/nvme/kv?capacity=200GiB&gpu=auto`` plus every ``file://`` option
+(``fsync``, ``o_direct``, ``workers``; also ``LMCACHE_GDS_<NAME>`` environment variables or keyword
+overrides). A ``gds://`` directory *is* a ``file://`` directory opened with ``o_direct=true``: same
+layout, same :mod:`lmcache.serde.frame` frames with the payload at a 4096-byte offset, same index,
+atomic publication (hard link, first writer wins) and capacity rules, because
+:class:`GdsBackend` subclasses :class:`~lmcache.backends.file.FileBackend` and only changes how
+bytes reach device buffers. A directory written by one can be read by the other.
+
+Data paths
+----------
+* Host buffers (bytes, numpy, CPU tensors, :class:`~lmcache.memory.ChunkBufferPool` leases): the
+  ``file://`` O_DIRECT path, a DMA between the device and the page-aligned buffer when it is
+  aligned, else through an aligned staging buffer. This is the whole story on a host without a
+  GPU, and what the conformance suite checks here.
+* CUDA tensors, when kvikio and a CUDA driver are usable (``capabilities.device_buffers``):
+
+  - ``get_into``: the header is read and checked on the host first (key, lengths, the size of
+    ``dst``), then ``kvikio.CuFile.pread`` moves the payload from the file straight into the
+    device buffer (cuFile DMA, no host bounce when GDS is available; kvikio's compatibility mode
+    otherwise). The payload checksum is then verified on a pinned host copy of the device bytes:
+    the frame's checksum is xxh3 computed on the CPU, and rule 8 (a corrupt value is never handed
+    to an engine) is not optional. A corrupt value is a counted miss and its ``dst`` unspecified,
+    as for large ``file://`` values.
+  - ``put``: the value is copied once into pinned host memory (the checksum is computed there),
+    then written through the ``file://`` O_DIRECT path from that page-aligned copy. Writing the
+    payload a second time from the device with cuFile would move the same bytes again for no
+    gain once they are on the host.
+
+  Without kvikio or CUDA, a CUDA tensor is an :class:`~lmcache.errors.InvalidBufferError` (as in
+  every host-only backend); ``gpu=require`` makes ``open()`` fail instead.
+
+``gpu`` option: ``auto`` (default; device buffers when kvikio and CUDA are usable), ``off`` (host
+buffers only, kvikio is never imported) or ``require`` (``open()`` raises
+:class:`~lmcache.errors.MissingDependencyError` or :class:`~lmcache.errors.BackendUnavailableError`
+when the GPU path is not usable). kvikio is imported lazily, on the first device buffer, so a
+CPU-only host never loads it. Install it with ``pip install 'lmcache[gds]'`` (``kvikio-cu12``);
+its I/O needs the driver's ``libcuda.so.1``.
+
+Every kvikio call runs on the backend's own bounded executor (``workers`` threads), like every
+file operation.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import importlib.util
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from lmcache.backends.base import PutResult, run_blocking
+from lmcache.backends.file import (
+    _O_CLOEXEC,
+    _O_DIRECT,
+    FileBackend,
+    FileSettings,
+    _Failure,
+    _ReadOutcome,
+)
+from lmcache.config import setting
+from lmcache.errors import (
+    BackendUnavailableError,
+    IntegrityError,
+    InvalidArgumentError,
+    InvalidBufferError,
+    MissingDependencyError,
+)
+from lmcache.keys import CacheKey
+from lmcache.serde import frame
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["GdsBackend", "GdsSettings", "gpu_direct_usable"]
+
+logger = logging.getLogger(__name__)
+
+_GPU_CHOICES = ("auto", "off", "require")
+
+
+@dataclasses.dataclass(frozen=True)
+class GdsSettings(FileSettings):
+    """Options of ``gds://``: those of ``file://`` with ``o_direct`` on, plus ``gpu``."""
+
+    o_direct: bool = setting(
+        True, doc="Bypass the page cache with O_DIRECT (downgraded with a warning where unsupported)."
+    )
+    gpu: str = setting(
+        "auto",
+        doc="auto: CUDA buffers through kvikio/cuFile when usable; off: host buffers only; require: fail without it.",
+        choices=_GPU_CHOICES,
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def gpu_direct_usable() -> str | None:
+    """Why the kvikio device path cannot be used here, or None when it can.
+
+    Cheap probes only (no kvikio import): the CUDA driver library, torch's CUDA, kvikio installed.
+    """
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return "the CUDA driver (libcuda.so.1) is not loadable"
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    if importlib.util.find_spec("kvikio") is None:
+        return "kvikio is not installed (pip install 'lmcache[gds]')"
+    return None
+
+
+def _is_cuda_tensor(obj: Any) -> bool:
+    device = getattr(obj, "device", None)
+    return device is not None and getattr(device, "type", None) == "cuda" and hasattr(obj, "data_ptr")
+
+
+def _device_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of a contiguous device tensor."""
+    import torch
+
+    if not t.is_contiguous():
+        raise InvalidBufferError("tensor buffers must be contiguous")
+    flat = t.detach().reshape(-1)
+    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+
+
+class GdsBackend(FileBackend):
+    """``file://``'s store and format, with cuFile reads into CUDA buffers; see the module docstring."""
+
+    schemes: ClassVar[tuple[str, ...]] = ("gds",)
+    settings_cls: ClassVar[type[FileSettings]] = GdsSettings
+    settings: GdsSettings
+
+    def __init__(self, settings: FileSettings) -> None:
+        if not isinstance(settings, GdsSettings):
+            settings = GdsSettings(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(FileSettings)})
+        super().__init__(settings)
+        self._gpu_reason = "gpu=off" if settings.gpu == "off" else gpu_direct_usable()
+        if self._gpu_reason is None:
+            self.capabilities = dataclasses.replace(self.capabilities, device_buffers=True)  # type: ignore[misc]
+        self._kvikio: Any = None
+        self._kvikio_lock = threading.Lock()
+
+    def _url_items(self) -> list[tuple[str, str]]:
+        items = super()._url_items()
+        if self.settings.gpu != GdsSettings.gpu:
+            items.append(("gpu", self.settings.gpu))
+        return items
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        if self.settings.gpu == "require" and self._gpu_reason is not None:
+            if "not installed" in self._gpu_reason:
+                raise MissingDependencyError("kvikio", "gds", "gds:// with gpu=require")
+            raise BackendUnavailableError(f"gds://{self._root}: gpu=require, but {self._gpu_reason}")
+        await super()._open()
+        if self.settings.gpu == "require":
+            await self._run(self._load_kvikio)
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await run_blocking(self._executor, fn, *args)
+
+    def _load_kvikio(self) -> Any:
+        """Import kvikio once (lazily: a host that never sees a CUDA buffer never loads it)."""
+        with self._kvikio_lock:
+            if self._kvikio is None:
+                try:
+                    import kvikio
+                except ImportError as exc:
+                    raise MissingDependencyError("kvikio", "gds", "gds:// device buffers") from exc
+                self._kvikio = kvikio
+            return self._kvikio
+
+    def _extra_stats(self) -> dict[str, Any]:
+        out = super()._extra_stats()
+        out["gpu_direct"] = self._gpu_reason is None
+        if self._gpu_reason is not None:
+            out["gpu_direct_unavailable"] = self._gpu_reason
+        return out
+
+    # -- device buffers ----------------------------------------------------------------------
+
+    def _check_device_path(self) -> None:
+        if self._gpu_reason is not None:
+            raise InvalidBufferError(
+                f"a CUDA tensor was given to gds://{self._root}, but its device path is off: {self._gpu_reason}; "
+                "copy it to a (pinned) CPU buffer first"
+            )
+
+    async def put(self, keys: Sequence[CacheKey], srcs: Sequence[Any]) -> list[PutResult]:
+        """Store values; CUDA tensors are accepted when ``capabilities.device_buffers``.
+
+        A device value is copied once into pinned host memory (its checksum is computed there)
+        and written by the O_DIRECT file path; see the module docstring.
+        """
+        if not any(_is_cuda_tensor(s) for s in srcs):
+            return await super().put(keys, srcs)
+        self._check_device_path()
+        await self._ensure_open()
+        host = [self._pinned_copy(s) if _is_cuda_tensor(s) else s for s in srcs]
+        return await super().put(keys, host)
+
+    @staticmethod
+    def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        flat = _device_bytes(t)
+        out = torch.empty(flat.numel(), dtype=torch.uint8, pin_memory=True)
+        out.copy_(flat)  # synchronous: put() copies its sources before returning
+        return out
+
+    async def get_into(self, keys: Sequence[CacheKey], dsts: Sequence[Any]) -> list[int | None]:
+        """Read values; CUDA tensors are filled by cuFile when ``capabilities.device_buffers``."""
+        if not any(_is_cuda_tensor(d) for d in dsts):
+            return await super().get_into(keys, dsts)
+        self._check_device_path()
+        keys = list(keys)
+        if len(keys) != len(dsts):
+            raise InvalidArgumentError(f"get_into got {len(keys)} keys but {len(dsts)} buffers")
+        if not all(isinstance(k, CacheKey) for k in keys):
+            raise InvalidArgumentError("keys must be CacheKey instances")
+        await self._ensure_open()
+        await self._run(self._load_kvikio)
+        host_idx = [i for i, d in enumerate(dsts) if not _is_cuda_tensor(d)]
+        dev_idx = [i for i, d in enumerate(dsts) if _is_cuda_tensor(d)]
+        results: list[int | None] = [None] * len(keys)
+        if host_idx:
+            got = await super().get_into([keys[i] for i in host_idx], [dsts[i] for i in host_idx])
+            for i, n in zip(host_idx, got, strict=True):
+                results[i] = n
+        dev_dsts = [_device_bytes(dsts[i]) for i in dev_idx]
+        items = [(keys[i], d) for i, d in zip(dev_idx, dev_dsts, strict=True)]
+        outcomes = await self._map_items(self._read_device_item, self._skip_read, items)
+        too_small: tuple[CacheKey, int, int] | None = None
+        c = self.counters
+        for i, (key, d), outcome in zip(dev_idx, items, outcomes, strict=True):
+            c.get_requests += 1
+            n: int | None = None
+            if isinstance(outcome, _Failure):
+                if outcome.kind == "corrupt":
+                    self.record_corrupt(key, outcome.exc)  # type: ignore[arg-type]
+                elif outcome.kind == "error":
+                    self.record_error("read", outcome.exc)  # type: ignore[arg-type]
+                elif too_small is None:
+                    too_small = (key, d.numel(), outcome.needed)
+            else:
+                n = outcome
+            results[i] = n
+            if n is None:
+                c.misses += 1
+            else:
+                c.hits += 1
+                c.bytes_read += n
+        if too_small is not None:
+            key, have, need = too_small
+            raise InvalidBufferError(f"buffer of {have} bytes is too small for the {need}-byte value of {key}")
+        return results
+
+    def _read_device_item(self, item: tuple[CacheKey, torch.Tensor], cancel: threading.Event) -> _ReadOutcome:
+        try:
+            return self._read_device(item[0], item[1], cancel)
+        except Exception as exc:  # never let a worker raise: the call waits for every item
+            return _Failure("error", exc)
+
+    def _read_device(self, key: CacheKey, dst: torch.Tensor, cancel: threading.Event) -> _ReadOutcome:
+        """Header on the host, payload by cuFile into ``dst``, checksum on a pinned host copy."""
+        import torch
+
+        path = self._path(key)[2]
+        flags = os.O_RDONLY | _O_CLOEXEC | (_O_DIRECT if self._o_direct else 0)
+        try:
+            fd = os.open(path, flags)
+        except FileNotFoundError:
+            self._drop_entry(key)
+            return None
+        st = os.fstat(fd)
+        try:
+            size = st.st_size
+            want = 4096
+            staging = self._staging(want)
+            got = self._read_at(fd, staging[:want], 0, min(size, want))
+            view = staging[:got]
+            header = frame.parse_header(view, expected_key=key)
+            n, offset = header.payload_len, header.payload_offset
+            if header.total_len != size:
+                raise IntegrityError(f"value file {path} has {size} bytes, its header says {header.total_len}")
+            if dst.numel() < n:
+                return _Failure("too_small", needed=n)
+            if cancel.is_set():
+                return None
+            if n:
+                with self._kvikio.CuFile(path, "r") as f:
+                    done = f.pread(dst[:n], n, offset).get()
+                if done != n:
+                    raise IntegrityError(f"value file {path} shrank while it was read")
+                check = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+                check.copy_(dst[:n])
+                header.verify_payload(memoryview(check.numpy()))
+            self._add_entry(key, n, size)
+            return n
+        except IntegrityError as exc:
+            return self._corrupt(key, path, st, exc)
+        finally:
+            os.close(fd)

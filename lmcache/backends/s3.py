@@ -19,7 +19,12 @@ Layout and protocol:
   and on CompleteMultipartUpload; AWS, MinIO, SeaweedFS and moto honour it). Servers that
   answer ``501 NotImplemented`` are remembered and served with HEAD-then-PUT, which is
   best-effort under races; that is harmless because values are immutable and content-addressed.
-  ``conditional_put=false`` selects HEAD-then-PUT from the start.
+  ``conditional_put=false`` selects HEAD-then-PUT from the start. (A server that silently ignores
+  the header degrades the same way: a racing writer may overwrite a value with an equivalent
+  one.) ``412 PreconditionFailed`` and AWS's ``409 ConditionalRequestConflict`` (another write of
+  the key in progress) both report ``EXISTS``. A repeated put of a held small value re-sends its
+  body before the server refuses it; engines check ``contains`` before storing, and values above
+  the multipart threshold are HEAD-checked first.
 * Frames larger than ``multipart_threshold`` go up as a multipart upload of ``part_size`` parts,
   ``part_concurrency`` at a time, after a HEAD that skips the upload when the key already exists.
 * ``get_into`` reads the first ``part_size`` bytes with a ranged GET; a larger object's remaining
@@ -537,15 +542,18 @@ class S3Backend(StorageBackend):
                     return EXISTS
                 if code not in _NOT_IMPLEMENTED_CODES:
                     raise
-                self._conditional = False
-                self.log_once(
-                    "no-conditional-put",
-                    "%r: the server does not support If-None-Match on PUT; falling back to "
-                    "HEAD-then-PUT (best effort under concurrent writers)",
-                    self,
-                )
+                self._no_conditional_writes()
                 return await self._put_unconditional(name, body)
         return STORED
+
+    def _no_conditional_writes(self) -> None:
+        self._conditional = False
+        self.log_once(
+            "no-conditional-put",
+            "%r: the server does not support If-None-Match writes; falling back to HEAD-then-PUT "
+            "(best effort under concurrent writers)",
+            self,
+        )
 
     async def _put_unconditional(self, name: str, body: bytearray) -> PutResult:
         if await self._head(name):
@@ -594,9 +602,14 @@ class S3Backend(StorageBackend):
             try:
                 await self._request(self._client.complete_multipart_upload(**complete))
             except bce.ClientError as exc:
-                if _error_code(exc)[0] in _EXISTS_CODES:
+                code = _error_code(exc)[0]
+                if code in _EXISTS_CODES:
                     return EXISTS
-                raise
+                if "IfNoneMatch" not in complete or code not in _NOT_IMPLEMENTED_CODES:
+                    raise
+                self._no_conditional_writes()
+                del complete["IfNoneMatch"]  # the HEAD above already found the key absent
+                await self._request(self._client.complete_multipart_upload(**complete))
             completed = True
             self._multipart_puts += 1
             return STORED

@@ -735,6 +735,33 @@ async def test_multipart_parts_share_the_bound(s3_moto: S3Target) -> None:
             assert proxy.max_in_flight == 2  # remaining ranges, two at a time
 
 
+async def test_server_without_conditional_writes_falls_back(s3_moto: S3Target) -> None:
+    upstream = S3Backend.from_url(s3_moto.base_url).settings.endpoint_url
+    assert upstream is not None
+    async with FaultInjector(upstream) as proxy:
+        url = s3_moto.url(endpoint_url=proxy.endpoint, multipart_threshold="5MiB", part_size="5MiB", part_concurrency=1)
+        async with opened(url) as b:
+            k, big = make_key(63), make_key(64)
+            proxy.arm([(501, "NotImplemented")])  # the conditional PUT
+            assert (await b.put([k], [b"small"]))[0].status is PutStatus.STORED
+            assert proxy.requests == 3  # refused PUT, HEAD, plain PUT
+            assert b.stats()["conditional_put"] == 0
+            assert (await b.put([k], [b"other"]))[0].status is PutStatus.EXISTS
+            dst = bytearray(5)
+            assert await b.get_into([k], [dst]) == [5]
+            assert dst == bytearray(b"small")
+        async with opened(url) as b:
+            # HEAD, create, three parts go through; the conditional complete is refused once.
+            proxy.arm([(0, "")] * 5 + [(501, "NotImplemented")])
+            value_big = os.urandom(12 * MiB)
+            assert (await b.put([big], [value_big]))[0].status is PutStatus.STORED
+            assert proxy.requests == 7
+            assert b.stats()["conditional_put"] == 0
+            dst = bytearray(12 * MiB)
+            assert await b.get_into([big], [dst]) == [12 * MiB]
+            assert dst == value_big
+
+
 async def test_failed_multipart_upload_is_aborted(s3_moto: S3Target) -> None:
     upstream = S3Backend.from_url(s3_moto.base_url).settings.endpoint_url
     assert upstream is not None

@@ -393,7 +393,7 @@ class TieredBackend(StorageBackend):
 
         Each value is read from ``from_tier`` (default: the fastest tier holding it, other than
         the target), put into ``to_tier`` through the same eviction bookkeeping as promotion,
-        and deleted from its source unless ``keep_source``.
+        and, unless ``keep_source``, deleted from ``from_tier`` (default: from every other tier).
 
         Args:
             keys: Keys to move.
@@ -439,15 +439,18 @@ class TieredBackend(StorageBackend):
             if not hit:
                 continue
             stored = await self._store(target, [keys[i] for i, _ in hit], [v for _, v in hit], may_wait=False)
-            moved = [keys[i] for (i, _), r in zip(hit, stored, strict=True) if r.ok]
             for (i, _), r in zip(hit, stored, strict=True):
                 done[i] = r.ok
-            if moved and not keep_source:
+            todo = [i for i in todo if not done[i]]
+        moved = [k for k, ok in zip(keys, done, strict=True) if ok]
+        if moved and not keep_source:
+            # Also for keys the target held already: after a move the source no longer has them.
+            for src_index in sources:
+                src = self._tiers[src_index]
                 await self._guard(src, "delete", src.backend.delete(moved))
                 if src.policy is not None:
                     for key in moved:
                         src.policy.on_remove(key)
-            todo = [i for i in todo if not done[i]]
         return done
 
     # -- lifecycle ---------------------------------------------------------------------------

@@ -62,6 +62,7 @@ from lmcache.errors import (
     ConfigError,
     IntegrityError,
     InvalidBufferError,
+    LMCacheError,
 )
 from lmcache.keys import CacheKey
 from lmcache.serde.frame import encode_header, header_size, needed_header_bytes, parse_header
@@ -514,6 +515,9 @@ class LMServerBackend(StorageBackend):
         except TimeoutError:
             await conn.abort(BackendTimeoutError(f"{where}: no answer within {s.connect_timeout}s"))
             raise BackendTimeoutError(f"{where}: no answer within {s.connect_timeout}s") from None
+        except LMCacheError as exc:  # e.g. AuthError (a PermissionError, so before OSError)
+            await conn.abort(BackendUnavailableError(f"{where}: {exc}"))
+            raise
         except OSError as exc:
             await conn.abort(BackendUnavailableError(f"{where}: {exc}"))
             raise BackendUnavailableError(f"{where}: cannot connect: {exc.strerror or exc}") from exc

@@ -4,7 +4,8 @@ Every message, in both directions, is one frame::
 
     0   4s  magic  b"LMCS"
     4   B   protocol version (1)
-    5   B   opcode (HELLO, PING, CONTAINS, GET, PUT, DELETE, LOOKUP_PREFIX, STATS)
+    5   B   opcode (HELLO, PING, CONTAINS, GET, PUT, DELETE, LOOKUP_PREFIX, STATS; 0 only in an
+            error reply about the connection itself, request id 0, sent before closing it)
     6   H   flags: 1 = reply, 2 = error reply, 4 = the values live in the shared-memory segment
     8   Q   request id (chosen by the client; a reply carries the id of its request)
     16  I   meta length in bytes (a UTF-8 JSON object: keys, sizes, spans, results)
@@ -131,7 +132,7 @@ def parse_frame_head(buf: bytes | bytearray | memoryview, max_meta: int, max_dat
         raise ProtocolError(f"not an lm:// frame (magic {bytes(magic)!r}, expected {MAGIC!r})")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {version} is not supported (this side speaks {PROTOCOL_VERSION})")
-    if op not in _OPS:
+    if op not in _OPS and not (op == 0 and flags & FLAG_ERROR):  # 0: an error about the connection
         raise ProtocolError(f"unknown opcode {op}")
     if meta_len > max_meta:
         raise ProtocolError(f"frame meta of {meta_len} bytes exceeds the limit of {max_meta} bytes")

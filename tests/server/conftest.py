@@ -16,8 +16,8 @@ import pytest
 pytest.importorskip("aiohttp", reason="the server extra is not installed (pip install 'lmcache[server]')")
 pytest.importorskip("prometheus_client", reason="the server extra is not installed (pip install 'lmcache[server]')")
 
-from rawclient import RawClient  # noqa: E402
-from servers import ServerProcess, start_process  # noqa: E402
+from rawclient import RawClient
+from servers import ServerProcess, start_process
 
 
 class LMServer:

@@ -72,6 +72,8 @@ class RedisClusterBackend(RedisBackend):
 
     schemes: ClassVar[tuple[str, ...]] = ("redis+cluster",)
     settings: RedisClusterSettings
+    # RedisCluster picks its node connections' class itself, so frames are joined before SET.
+    _framed_pieces: ClassVar[bool] = False
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> Self:

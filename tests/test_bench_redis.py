@@ -1,0 +1,98 @@
+"""``lmcache bench backend`` on ``redis://`` and ``unix://``: the raw redis-py baseline runs next to the backend.
+
+Real server (the session ``redis_server`` fixture), real CLI in a subprocess; no timing thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from servers import RedisServer
+
+from lmcache.backends.registry import open_backend
+from lmcache.bench import backend as bench_backend
+from lmcache.bench.backend import Workload
+from lmcache.bench.baselines_redis import RawRedisBaseline, make
+
+SMALL = ["--value-size", "1MiB", "--total", "16MiB", "--repeat", "1", "--keys-tokens", "0"]
+
+
+def run_bench(url: str, out: Path) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmcache", "bench", "backend", "--url", url, *SMALL, "--json", str(out)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "raw-redis-py" in proc.stdout
+    return json.loads(out.read_text())
+
+
+def check_with_raw_baseline(data: dict[str, Any]) -> None:
+    assert data["baseline"]["name"] == "raw-redis-py"
+    assert data["params"]["value_size"] == 1 << 20
+    assert data["params"]["count"] == 16
+    for system in ("backend", "baseline"):
+        for op in ("put", "get"):
+            m = data["median"][system][op]
+            assert m["gbps"] > 0
+            assert 0 < m["p50_ms"] <= m["p99_ms"]
+    for op in ("put", "get"):
+        assert data["ratio"][f"{op}_gbps"] > 0
+    # Both systems ran in every round, warmup included.
+    assert len(data["rounds"]) == 2
+    for r in data["rounds"]:
+        assert sorted(r["order"]) == ["backend", "baseline"]
+
+
+def keys_left(url: str) -> list[bytes]:
+    client = redis.Redis.from_url(url)
+    try:
+        return list(client.scan_iter(match="lmcache:*"))
+    finally:
+        client.close()
+
+
+def test_redis_url_runs_raw_redis_py_baseline(redis_server: RedisServer, tmp_path: Path) -> None:
+    before = set(keys_left(redis_server.url))
+    data = run_bench(redis_server.url, tmp_path / "redis.json")
+    check_with_raw_baseline(data)
+    assert data["scheme"] == "redis"
+    assert data["baseline"]["max_connections"] == 16  # the backend's default pool size
+    # Neither the backend's nor the baseline's keys are left behind.
+    assert set(keys_left(redis_server.url)) <= before
+
+
+def test_unix_url_runs_raw_redis_py_baseline(redis_server: RedisServer, tmp_path: Path) -> None:
+    sock = redis_server.extra.get("unix")
+    if not sock:
+        pytest.skip("the Redis server under test has no local Unix socket")
+    data = run_bench(f"unix://{sock}?db=3&max_connections=4", tmp_path / "unix.json")
+    check_with_raw_baseline(data)
+    assert data["scheme"] == "unix"
+    assert data["baseline"]["max_connections"] == 4  # follows the URL's pool size
+
+
+def test_baseline_registered_for_every_standalone_scheme() -> None:
+    for scheme in ("redis", "rediss", "unix", "valkey", "valkeys"):
+        assert scheme in bench_backend.baseline_schemes()
+    assert "redis+cluster" not in bench_backend.baseline_schemes()
+
+
+def test_make_follows_backend_settings_and_declines_others() -> None:
+    w = Workload(4096, 2, 1)
+    b = open_backend("redis://127.0.0.1:6399/0?max_connections=3&max_batch_bytes=8KiB&max_batch_keys=7")
+    base = make(b, w)
+    assert isinstance(base, RawRedisBaseline)
+    info = base.describe()
+    assert (info["max_connections"], info["max_batch_bytes"], info["max_batch_keys"]) == (3, 8192, 7)
+    assert make(open_backend("redis+cluster://127.0.0.1:7000"), w) is None
+    assert make(open_backend("memory://"), w) is None

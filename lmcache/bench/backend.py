@@ -481,6 +481,8 @@ register_baseline("s3", "lmcache.bench.baselines_s3:make")
 register_baseline("redis", "lmcache.bench.baselines_redis:make")
 register_baseline("rediss", "lmcache.bench.baselines_redis:make")
 register_baseline("unix", "lmcache.bench.baselines_redis:make")
+register_baseline("lm", "lmcache.bench.baselines_lm:make")
+register_baseline("lm+unix", "lmcache.bench.baselines_lm:make")
 register_baseline("valkey", "lmcache.bench.baselines_redis:make")
 register_baseline("valkeys", "lmcache.bench.baselines_redis:make")
 

@@ -8,8 +8,9 @@ Usage::
 ``run`` takes a JSON spec (model dir, tiers, stats dir, prompts, steps) and prints one JSON line
 ``RESULT {...}`` with the generated token ids of every step and what the step observed. Each step
 is one of ``generate`` (all prompts, greedy), ``reset`` (``llm.reset_prefix_cache()``),
-``corrupt DIR`` (flip payload bytes of every stored chunk file) and ``break DIR`` (replace the
-tier's directory with a plain file, so every backend call fails).
+``corrupt DIR`` (flip payload bytes of every stored chunk file), ``poison DIR`` (replace the
+stored chunks by valid chunks of random KV: loads succeed, but feed wrong KV) and ``break DIR``
+(replace the tier's directory with a plain file, so every backend call fails).
 """
 
 from __future__ import annotations
@@ -56,6 +57,30 @@ def _break(root: str) -> None:
     Path(root).write_text("not a directory")
 
 
+def _poison(spec: dict[str, Any], root: str) -> int:
+    """Replace every stored chunk under ``root`` by valid chunks of random KV for the prompts."""
+    import torch
+
+    from lmcache.config import LMCacheConfig
+    from lmcache.engine import CacheEngine
+    from lmcache.integrations.transformers import ContiguousKV
+    from lmcache.layouts import KVGeometry
+
+    for p in Path(root).rglob("*.kv"):
+        p.unlink()
+    geo = KVGeometry(**spec["geometry"])
+    cfg = LMCacheConfig.load(environ={}, chunk_size=spec["extra"]["chunk_size"], tiers=[f"file://{root}"])
+    stored = 0
+    with CacheEngine(geo, spec["extra"].get("model_id", spec["model"]), config=cfg) as engine:
+        gen = torch.Generator().manual_seed(1)
+        for prompt in spec["prompts"]:
+            kv = ContiguousKV.empty(geo, len(prompt))
+            for t in kv.keys + kv.values:
+                t.copy_(torch.randn(t.shape, generator=gen))
+            stored += engine.store(prompt, kv).result(30)
+    return stored
+
+
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
@@ -93,6 +118,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             steps.append({"op": op, "ok": bool(llm.reset_prefix_cache())})
         elif op == "corrupt":
             steps.append({"op": op, "files": _corrupt(arg)})
+        elif op == "poison":
+            steps.append({"op": op, "chunks": _poison(spec, arg)})
         elif op == "break":
             _break(arg)
             steps.append({"op": op})

@@ -42,6 +42,7 @@ BUILTIN_BACKENDS: dict[str, _Builtin] = {
     "s3": _Builtin("lmcache.backends.s3:S3Backend", "s3"),
     "mooncake": _Builtin("lmcache.backends.mooncake:MooncakeBackend", "mooncake"),
     "nixl": _Builtin("lmcache.backends.nixl:NixlBackend", "nixl"),
+    "nixl+posix": _Builtin("lmcache.backends.nixl:NixlPosixBackend", "nixl"),
     "gds": _Builtin("lmcache.backends.gds:GdsBackend", "gds"),
     "infinistore": _Builtin("lmcache.backends.infinistore:InfiniStoreBackend", "infinistore"),
     "lm": _Builtin("lmcache.server.client:LMServerBackend", "server"),

@@ -1,0 +1,757 @@
+"""``nixl://``: values moved by NVIDIA NIXL transfers, to a peer store's memory or to files.
+
+Two forms:
+
+``nixl://host:port?timeout=30&workers=4``
+    A peer process (``python -m lmcache.backends.nixl_peer --port P --capacity 8GiB``, see
+    :mod:`lmcache.backends.nixl_peer`) holds a NIXL-registered DRAM pool and the index. This
+    backend talks to it over a small TCP control protocol (reserve, commit, lookup, release,
+    contains, delete, list) and moves the bytes itself with one-sided NIXL transfers over UCX: a
+    put WRITEs the frame header (from a per-batch buffer) and the caller's source buffer straight
+    into the reserved pool extent, a get READs the header and the payload straight into the
+    caller's destination buffer. The caller's buffers are registered with NIXL for the duration
+    of one batch (one registration call per batch; ~0.1-0.2 ms here), so no value is copied on
+    the host. Values are :mod:`lmcache.serde.frame` frames; the reading client verifies the
+    key, lengths and checksum, so a damaged value is a counted miss (and is deleted on the peer,
+    so it can be stored again). Like every large-value read that lands straight in ``dst``, the
+    ``dst`` of a corrupt value is unspecified.
+
+    A lookup takes a *lease* on each hit, released after the READ, so the peer never reuses the
+    bytes of a value that is being read even if it is deleted meanwhile; a reservation is
+    invisible to readers until its commit. A cancelled put aborts its reservations; a cancelled
+    get waits for its transfer (rule 3), then releases its leases. A lost control connection is
+    re-established on the next call (the peer frees what the old connection reserved or leased).
+
+``nixl+posix:///abs/dir`` (or ``nixl:///abs/dir?backend=posix``)
+    NIXL's POSIX backend as a file store: the ``file://`` layout, frames, index, atomic
+    publication and capacity rules (:class:`NixlPosixBackend` subclasses
+    :class:`~lmcache.backends.file.FileBackend`), with every read and write of file bytes done
+    as a NIXL DRAM↔FILE transfer. ``o_direct`` is not offered (the plugin does its own I/O).
+
+Every NIXL call (agent creation, registration, transfers, polling) runs on the backend's own
+bounded executor (``workers`` threads), never on the event loop. SDK failures are mapped to
+:class:`~lmcache.errors.BackendUnavailableError` / :class:`~lmcache.errors.BackendTimeoutError`.
+
+Install: ``pip install 'lmcache[nixl]'`` (``nixl-cu12``; the import name ``nixl`` comes from
+``pip install --no-deps nixl``, or ``nixl_cu12`` is used directly). UCX reads its configuration
+from the environment: on hosts without InfiniBand set ``UCX_MODULES=^ib`` (otherwise processes
+can crash at exit), and ``UCX_NET_DEVICES`` to the interfaces to use (``lo`` for a single host).
+The NIXL agent's listener is not used (metadata travels over the control socket).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import importlib
+import itertools
+import logging
+import os
+import secrets
+import struct
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import parse_qsl, quote, urlencode
+
+import numpy as np
+
+from lmcache.backends.base import (
+    EXISTS,
+    STORED,
+    Capabilities,
+    PutResult,
+    StorageBackend,
+    check_dst_size,
+    parse_backend_url,
+    rejected,
+    run_blocking,
+    settings_query,
+    split_url,
+)
+from lmcache.backends.file import FileBackend, FileSettings
+from lmcache.backends.nixl_peer import (
+    MAX_BATCH,
+    Op,
+    ProtocolError,
+    Reader,
+    Status,
+    pack_key,
+    pack_keys,
+    pack_message,
+    read_message,
+)
+from lmcache.config import setting
+from lmcache.errors import (
+    BackendError,
+    BackendTimeoutError,
+    BackendUnavailableError,
+    ConfigError,
+    IntegrityError,
+    MissingDependencyError,
+    PermanentBackendError,
+)
+from lmcache.keys import CacheKey
+from lmcache.serde import frame
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = ["NixlBackend", "NixlPosixBackend", "NixlPosixSettings", "NixlSettings", "import_nixl"]
+
+logger = logging.getLogger(__name__)
+
+_FRAME_ALIGN = 64
+_STATUS = struct.Struct("<BQ")
+_HIT = struct.Struct("<BQQQI")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+def import_nixl() -> Any:
+    """NIXL's Python API module (``nixl._api``, else ``nixl_cu12._api`` / ``nixl_cu13._api``).
+
+    Raises:
+        MissingDependencyError: NIXL is not installed.
+    """
+    for name in ("nixl._api", "nixl_cu12._api", "nixl_cu13._api"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise MissingDependencyError("nixl", "nixl", "the nixl:// backend")
+
+
+def _addr(view: memoryview | np.ndarray | bytes) -> int:
+    """Address of a contiguous host buffer (read-only ones included)."""
+    arr = view if isinstance(view, np.ndarray) else np.frombuffer(view, dtype=np.uint8)
+    return int(arr.ctypes.data)
+
+
+def _make_agent(name: str, backends: list[str], prog_thread: bool) -> Any:
+    api = import_nixl()
+    try:
+        sync = api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT  # executor threads share the agent
+        cfg = api.nixl_agent_config(
+            enable_prog_thread=prog_thread, enable_listen_thread=False, backends=backends, sync_mode=sync
+        )
+        agent = api.nixl_agent(name, cfg)
+    except Exception as exc:
+        raise BackendUnavailableError(f"NIXL: creating agent {name} failed: {type(exc).__name__}: {exc}") from None
+    missing = [b for b in backends if b not in agent.backends]
+    if missing:
+        raise BackendUnavailableError(f"NIXL: the {', '.join(missing)} backend plugin is not available here")
+    return agent
+
+
+def _transfer(
+    agent: Any,
+    op: str,
+    *,
+    local: list[tuple[int, int, int]],
+    local_type: str,
+    remote: list[tuple[int, int, int]],
+    remote_type: str,
+    remote_agent: str,
+    timeout: float,
+) -> None:
+    """One NIXL transfer, polled to completion (blocking; run it on an executor).
+
+    Raises:
+        BackendTimeoutError: Not done within ``timeout`` seconds.
+        BackendUnavailableError: NIXL refused or failed the transfer.
+    """
+    if not local:
+        return
+    try:
+        handle = agent.initialize_xfer(
+            op, agent.get_xfer_descs(local, local_type), agent.get_xfer_descs(remote, remote_type), remote_agent
+        )
+    except Exception as exc:
+        raise BackendUnavailableError(f"NIXL: preparing a {op} failed: {type(exc).__name__}: {exc}") from None
+    try:
+        state = agent.transfer(handle)
+        deadline = time.monotonic() + timeout
+        spins = 0
+        while state == "PROC":
+            spins += 1
+            if spins > 200:
+                # Past a short spin, yield the core: the progress thread needs it on small hosts.
+                time.sleep(0.00005)
+                if time.monotonic() > deadline:
+                    raise BackendTimeoutError(f"NIXL: a {op} did not finish within {timeout:g} s")
+            state = agent.check_xfer_state(handle)
+        if state != "DONE":
+            raise BackendUnavailableError(f"NIXL: a {op} to {remote_agent} failed ({state})")
+    except BackendError:
+        raise
+    except Exception as exc:
+        raise BackendUnavailableError(f"NIXL: a {op} failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        with contextlib.suppress(Exception):
+            agent.release_xfer_handle(handle)
+
+
+@contextlib.contextmanager
+def _registered(agent: Any, regions: list[tuple[int, int, int]], mem_type: str) -> Iterator[None]:
+    """Register ``(addr, len, dev)`` regions (deduplicated) for the duration of the block."""
+    unique = sorted({r for r in regions if r[1] > 0})
+    if not unique:
+        yield
+        return
+    try:
+        reg = agent.register_memory([(a, n, d, "") for a, n, d in unique], mem_type)
+    except Exception as exc:
+        raise BackendUnavailableError(
+            f"NIXL: registering {mem_type} memory failed: {type(exc).__name__}: {exc}"
+        ) from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            agent.deregister_memory(reg)
+
+
+# ---------------------------------------------------------------------------------------------
+# nixl://host:port — a peer store over UCX
+
+
+@dataclasses.dataclass(frozen=True)
+class NixlSettings:
+    """Options of ``nixl://host:port`` (URL query, ``LMCACHE_NIXL_<NAME>`` env, or keyword overrides)."""
+
+    host: str = setting("", doc="Host of the peer's control port (the URL's host).")
+    port: int = setting(0, doc="The peer's control port (the URL's port).", min=1, max=65535)
+    timeout: float = setting(30.0, doc="Seconds to wait for a control reply or a transfer.", min=0.001)
+    connect_timeout: float = setting(5.0, doc="Seconds to wait for the control connection.", min=0.001)
+    workers: int = setting(4, doc="Threads of the backend's executor (NIXL calls and transfers).", min=1, max=256)
+
+
+class NixlBackend(StorageBackend):
+    """Values in a NIXL peer's registered DRAM pool, moved by one-sided UCX transfers.
+
+    Args:
+        settings: Parsed options (``host`` and ``port`` are required).
+    """
+
+    schemes: ClassVar[tuple[str, ...]] = ("nixl",)
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        persistent=False, shared=True, device_buffers=False, listing=True, integrity_checked=True, bounded=True
+    )
+
+    def __init__(self, settings: NixlSettings) -> None:
+        super().__init__()
+        if not settings.host or not settings.port:
+            raise ConfigError("nixl://: a peer URL needs host and port, e.g. nixl://127.0.0.1:7400")
+        self.settings = settings
+        self._executor: ThreadPoolExecutor | None = None
+        self._agent: Any = None
+        self._remote: str | None = None
+        self._pool_addr = 0
+        self._pool_len = 0
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._waiters: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
+        self._ids = itertools.count(1)
+        self._conn_lock: asyncio.Lock | None = None
+        self._connects = 0
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: Any) -> Self:
+        """Build from ``nixl://host:port?…``, or a :class:`NixlPosixBackend` from ``nixl:///dir?backend=posix``.
+
+        Raises:
+            ConfigError: A malformed URL, an unknown option or a bad value.
+        """
+        parts = split_url(url)
+        if not parts.netloc:
+            query = parse_qsl(parts.query, keep_blank_values=True)
+            backend = [v for k, v in query if k == "backend"]
+            if backend and backend[-1].lower() == "posix":
+                rest = urlencode([(k, v) for k, v in query if k != "backend"], quote_via=quote)
+                return NixlPosixBackend.from_url(
+                    f"nixl+posix://{parts.path}" + (f"?{rest}" if rest else ""), **overrides
+                )  # type: ignore[return-value]
+            raise ConfigError(
+                f"nixl://: {url!r} names no peer; use nixl://host:port for a peer store or "
+                "nixl+posix:///abs/dir (nixl:///abs/dir?backend=posix) for files"
+            )
+        if parts.path not in ("", "/") or parts.fragment or parts.username:
+            raise ConfigError(f"nixl://: expected nixl://host:port?options, got {url!r}")
+        location: dict[str, object] = {"host": parts.hostname or ""}
+        if parts.port is not None:
+            location["port"] = parts.port
+        return cls(parse_backend_url(url, cls.schemes, NixlSettings, location, overrides, split=parts))
+
+    @property
+    def url(self) -> str:
+        """``nixl://host:port`` plus every option that differs from its default."""
+        s = self.settings
+        host = f"[{s.host}]" if ":" in s.host else s.host
+        query = settings_query(s, skip=("host", "port"))
+        return f"nixl://{host}:{s.port}" + (f"?{query}" if query else "")
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        import_nixl()  # a missing SDK is a MissingDependencyError before any thread starts
+        self._conn_lock = asyncio.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="lmcache-nixl")
+        try:
+            name = f"lmcache-nixl-{os.getpid()}-{secrets.token_hex(4)}"
+            self._agent = await run_blocking(self._executor, _make_agent, name, ["UCX"], True)
+            await self._connect()
+        except BaseException:
+            await self._close()
+            raise
+
+    async def _close(self) -> None:
+        self._drop_connection(BackendUnavailableError("nixl://: the backend was closed"))
+        executor, self._executor = self._executor, None
+        agent, self._agent = self._agent, None
+        remote, self._remote = self._remote, None
+        if executor is not None:
+            loop = asyncio.get_running_loop()
+            if agent is not None and remote is not None:
+                with contextlib.suppress(Exception):
+                    await loop.run_in_executor(executor, agent.remove_remote_agent, remote)
+            await loop.run_in_executor(None, executor.shutdown, True)
+
+    # -- control connection ------------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        s = self.settings
+        where = f"nixl://{s.host}:{s.port}"
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(s.host, s.port), s.connect_timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise BackendUnavailableError(f"{where}: cannot reach the peer's control port: {exc}") from None
+        self._reader, self._writer = reader, writer
+        self._reader_task = asyncio.get_running_loop().create_task(self._read_replies(reader))
+        body = await self._request(Op.HELLO, b"", connect=False)
+        try:
+            r = Reader(body)
+            pool_addr, pool_len = r.u64(), r.u64()
+            metadata = r.blob()
+            r.end()
+        except ProtocolError as exc:
+            self._drop_connection(BackendUnavailableError(f"{where}: bad HELLO reply"))
+            raise PermanentBackendError(f"{where}: the peer's HELLO reply is malformed: {exc}") from None
+        agent, old = self._agent, self._remote
+
+        def add_remote() -> str:
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    agent.remove_remote_agent(old)  # a restarted peer: its old metadata is stale
+            try:
+                name = agent.add_remote_agent(metadata)
+            except Exception as exc:
+                raise BackendUnavailableError(f"{where}: NIXL rejected the peer's metadata: {exc}") from None
+            return name.decode() if isinstance(name, bytes) else str(name)
+
+        self._remote = await run_blocking(self._executor, add_remote)
+        self._pool_addr, self._pool_len = pool_addr, pool_len
+        self._connects += 1
+        logger.debug("%s: connected (pool of %d bytes, agent %s)", where, pool_len, self._remote)
+
+    async def _ensure_connection(self) -> None:
+        if self._writer is not None and not self._writer.is_closing():
+            return
+        assert self._conn_lock is not None
+        async with self._conn_lock:
+            if self._writer is None or self._writer.is_closing():
+                await self._connect()
+
+    async def _read_replies(self, reader: asyncio.StreamReader) -> None:
+        exc: BaseException = BackendUnavailableError(
+            f"nixl://{self.settings.host}:{self.settings.port}: the control connection closed"
+        )
+        try:
+            while True:
+                op, req_id, body = await read_message(reader)
+                fut = self._waiters.pop(req_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result((op, body))
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        except ProtocolError as e:
+            exc = PermanentBackendError(f"nixl://{self.settings.host}:{self.settings.port}: {e}")
+        except asyncio.CancelledError:
+            return
+        finally:
+            if self._reader is reader:
+                self._drop_connection(exc)
+
+    def _drop_connection(self, exc: BaseException) -> None:
+        writer, self._writer, self._reader = self._writer, None, None
+        task, self._reader_task = self._reader_task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+        if writer is not None:
+            writer.close()
+        waiters, self._waiters = self._waiters, {}
+        for fut in waiters.values():
+            if not fut.done():
+                fut.set_exception(exc)
+                fut.exception()  # the waiter may be gone (cancelled): never warn about it
+
+    async def _request(self, op: int, body: bytes, *, connect: bool = True) -> bytes:
+        if connect:
+            await self._ensure_connection()
+        writer = self._writer
+        if writer is None:
+            raise BackendUnavailableError(f"nixl://{self.settings.host}:{self.settings.port}: not connected")
+        req_id = next(self._ids) & 0xFFFFFFFF or next(self._ids)
+        fut: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
+        self._waiters[req_id] = fut
+        try:
+            writer.write(pack_message(op, req_id, body))
+            await writer.drain()
+            reply_op, reply = await asyncio.wait_for(fut, self.settings.timeout)
+        except asyncio.TimeoutError:
+            # A reply may still arrive later and would be matched to nothing: drop the connection
+            # so the peer frees whatever this request held, and start clean on the next call.
+            self._drop_connection(BackendTimeoutError("nixl://: a control request timed out"))
+            raise BackendTimeoutError(
+                f"nixl://{self.settings.host}:{self.settings.port}: no reply within {self.settings.timeout:g} s"
+            ) from None
+        except (ConnectionError, OSError) as exc:
+            self._drop_connection(BackendUnavailableError(str(exc)))
+            raise BackendUnavailableError(
+                f"nixl://{self.settings.host}:{self.settings.port}: control connection failed: {exc}"
+            ) from None
+        finally:
+            self._waiters.pop(req_id, None)
+        if reply_op == Op.ERROR:
+            raise PermanentBackendError(
+                f"nixl://{self.settings.host}:{self.settings.port}: the peer refused a request: "
+                f"{reply.decode('utf-8', 'replace')}"
+            )
+        return reply
+
+    def _send_nowait(self, op: int, body: bytes) -> None:
+        """Send a request whose reply nobody waits for (releases, aborts; safe in ``finally``)."""
+        writer = self._writer
+        if writer is not None and not writer.is_closing():
+            writer.write(pack_message(op, 0, body))
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await run_blocking(self._executor, fn, *args)
+
+    # -- operations --------------------------------------------------------------------------
+
+    async def _contains(self, keys: list[CacheKey]) -> list[bool]:
+        out: list[bool] = []
+        for i in range(0, len(keys), MAX_BATCH):
+            part = keys[i : i + MAX_BATCH]
+            reply = await self._request(Op.CONTAINS, pack_keys([k.to_string().encode() for k in part]))
+            if len(reply) != len(part):
+                raise PermanentBackendError("nixl://: malformed CONTAINS reply")
+            out.extend(b == 1 for b in reply)
+        return out
+
+    async def _delete(self, keys: list[CacheKey]) -> None:
+        for i in range(0, len(keys), MAX_BATCH):
+            await self._request(Op.DELETE, pack_keys([k.to_string().encode() for k in keys[i : i + MAX_BATCH]]))
+
+    async def _ping(self) -> None:
+        await self._request(Op.PING, b"")
+
+    async def _list_entries(self) -> AsyncIterator[tuple[CacheKey, int | None]]:
+        r = Reader(await self._request(Op.LIST, b""))
+        entries = [(r.key(), r.u64()) for _ in range(r.count())]
+        r.end()
+        for raw, size in entries:
+            try:
+                key = CacheKey.from_string(raw.decode())
+            except Exception:  # a key another client stored in another format: not ours
+                continue
+            yield key, size
+
+    async def _list_keys(self) -> AsyncIterator[CacheKey]:
+        async for key, _size in self._list_entries():
+            yield key
+
+    def _extra_stats(self) -> dict[str, Any]:
+        return {
+            "peer": f"{self.settings.host}:{self.settings.port}",
+            "connected": self._writer is not None,
+            "pool_bytes": self._pool_len,
+            "connects": self._connects,
+        }
+
+    async def peer_stats(self) -> dict[str, int]:
+        """The peer's capacity, used bytes and entry count (one control round trip)."""
+        capacity, used, entries = struct.unpack("<QQQ", await self._request(Op.STATS, b""))
+        return {"capacity_bytes": capacity, "used_bytes": used, "entries": entries}
+
+    async def _put(self, keys: list[CacheKey], srcs: list[memoryview]) -> list[PutResult]:
+        results: list[PutResult | None] = [None] * len(keys)
+        for start in range(0, len(keys), MAX_BATCH):
+            end = start + MAX_BATCH
+            part = await self._put_part(keys[start:end], srcs[start:end])
+            results[start:end] = part
+        return results  # type: ignore[return-value]
+
+    async def _put_part(self, keys: list[CacheKey], srcs: list[memoryview]) -> list[PutResult]:
+        raw = [k.to_string().encode() for k in keys]
+        hlens = [frame.header_size(len(b), 0, _FRAME_ALIGN) for b in raw]
+        body = _U32.pack(len(keys)) + b"".join(
+            pack_key(b) + _U64.pack(h + s.nbytes) + _U32.pack(h) for b, h, s in zip(raw, hlens, srcs, strict=True)
+        )
+        reply = Reader(await self._request(Op.RESERVE, body))
+        if reply.count() != len(keys):
+            raise PermanentBackendError("nixl://: malformed RESERVE reply")
+        results: list[PutResult] = []
+        todo: list[int] = []
+        offsets: list[int] = []
+        for i in range(len(keys)):
+            status, offset = reply.unpack(_STATUS)
+            if status == Status.OK:
+                todo.append(i)
+                offsets.append(offset)
+                results.append(STORED)
+            elif status == Status.EXISTS:
+                results.append(EXISTS)
+            elif status == Status.TOO_LARGE:
+                results.append(rejected("too_large"))
+            else:
+                results.append(rejected("capacity"))
+        reply.end()
+        if not todo:
+            return results
+        settled = False
+        try:
+            try:
+                await self._call(
+                    self._write_values,
+                    [keys[i] for i in todo],
+                    [srcs[i] for i in todo],
+                    [hlens[i] for i in todo],
+                    offsets,
+                )
+                ok = 1
+            except BackendError as exc:
+                self.record_error("write", exc)
+                ok = 0
+                for i in todo:
+                    results[i] = rejected("error")
+            await self._request(
+                Op.COMMIT, _U32.pack(len(todo)) + b"".join(pack_key(raw[i]) + bytes([ok]) for i in todo)
+            )
+            settled = True
+        finally:
+            if not settled:  # cancelled or the connection failed: give the reservations back
+                self._send_nowait(Op.COMMIT, _U32.pack(len(todo)) + b"".join(pack_key(raw[i]) + b"\x00" for i in todo))
+        return results
+
+    def _write_values(self, keys: list[CacheKey], srcs: list[memoryview], hlens: list[int], offsets: list[int]) -> None:
+        headers = np.empty(max(sum(hlens), 1), dtype=np.uint8)
+        haddr = _addr(headers)
+        local: list[tuple[int, int, int]] = []
+        remote: list[tuple[int, int, int]] = []
+        regions = [(haddr, headers.nbytes, 0)]
+        pos = 0
+        pool = self._pool_addr
+        for key, src, h, off in zip(keys, srcs, hlens, offsets, strict=True):
+            head = frame.encode_header(key, src, alignment=_FRAME_ALIGN)  # checksums the payload
+            if len(head) != h:
+                raise PermanentBackendError(f"nixl://: header of {key} is {len(head)} bytes, reserved {h}")
+            headers[pos : pos + h] = np.frombuffer(head, dtype=np.uint8)
+            local.append((haddr + pos, h, 0))
+            remote.append((pool + off, h, 0))
+            if src.nbytes:
+                saddr = _addr(src)
+                regions.append((saddr, src.nbytes, 0))
+                local.append((saddr, src.nbytes, 0))
+                remote.append((pool + off + h, src.nbytes, 0))
+            pos += h
+        with _registered(self._agent, regions, "DRAM"):
+            self._xfer("WRITE", local, remote)
+
+    async def _get_into(self, keys: list[CacheKey], dsts: list[memoryview]) -> list[int | None]:
+        results: list[int | None] = []
+        for start in range(0, len(keys), MAX_BATCH):
+            end = start + MAX_BATCH
+            results.extend(await self._get_part(keys[start:end], dsts[start:end]))
+        return results
+
+    async def _get_part(self, keys: list[CacheKey], dsts: list[memoryview]) -> list[int | None]:
+        reply = Reader(await self._request(Op.LOOKUP, pack_keys([k.to_string().encode() for k in keys])))
+        if reply.count() != len(keys):
+            raise PermanentBackendError("nixl://: malformed LOOKUP reply")
+        hits: list[tuple[int, int, int, int]] = []  # index, offset, header length, payload length
+        leases: list[int] = []
+        for i in range(len(keys)):
+            found, lease, offset, frame_len, hlen = reply.unpack(_HIT)
+            if found:
+                leases.append(lease)
+                hits.append((i, offset, hlen, frame_len - hlen))
+        reply.end()
+        results: list[int | None] = [None] * len(keys)
+        if not hits:
+            return results
+        try:
+            for i, _off, _h, n in hits:
+                check_dst_size(keys[i], dsts[i], n)  # raises before any byte moves
+            headers = await self._call(self._read_values, [(dsts[i], off, h, n) for i, off, h, n in hits])
+        finally:
+            self._send_nowait(Op.RELEASE, _U32.pack(len(leases)) + b"".join(_U64.pack(x) for x in leases))
+        corrupt: list[CacheKey] = []
+        for (i, _off, h, n), head in zip(hits, headers, strict=True):
+            key = keys[i]
+            try:
+                header = frame.parse_header(head, expected_key=key)
+                if header.payload_offset != h or header.payload_len != n:
+                    raise IntegrityError(f"value for {key} has a header that disagrees with the peer's index")
+                if n:
+                    header.verify_payload(dsts[i][:n])
+            except IntegrityError as exc:
+                self.record_corrupt(key, exc)
+                corrupt.append(key)
+                continue
+            results[i] = n
+        if corrupt:
+            # Like file://, drop a damaged value so that a later put can store it again.
+            self._send_nowait(Op.DELETE, pack_keys([k.to_string().encode() for k in corrupt]))
+        return results
+
+    def _read_values(self, items: list[tuple[memoryview, int, int, int]]) -> list[memoryview]:
+        total = sum(h for _d, _o, h, _n in items)
+        headers = np.empty(max(total, 1), dtype=np.uint8)
+        haddr = _addr(headers)
+        local: list[tuple[int, int, int]] = []
+        remote: list[tuple[int, int, int]] = []
+        regions = [(haddr, headers.nbytes, 0)]
+        views: list[memoryview] = []
+        pos = 0
+        pool = self._pool_addr
+        for dst, off, h, n in items:
+            local.append((haddr + pos, h, 0))
+            remote.append((pool + off, h, 0))
+            views.append(memoryview(headers[pos : pos + h]))
+            if n:
+                daddr = _addr(dst)
+                regions.append((daddr, n, 0))
+                local.append((daddr, n, 0))
+                remote.append((pool + off + h, n, 0))
+            pos += h
+        with _registered(self._agent, regions, "DRAM"):
+            self._xfer("READ", local, remote)
+        return views
+
+    def _xfer(self, op: str, local: list[tuple[int, int, int]], remote: list[tuple[int, int, int]]) -> None:
+        _transfer(
+            self._agent,
+            op,
+            local=local,
+            local_type="DRAM",
+            remote=remote,
+            remote_type="DRAM",
+            remote_agent=self._remote or "",
+            timeout=self.settings.timeout,
+        )
+
+    async def corrupt_for_tests(self, key: CacheKey) -> bool:
+        """Flip a byte of ``key``'s stored value on the peer (needs ``--debug-ops``; tests only)."""
+        return (await self._request(Op.CORRUPT, pack_key(key.to_string().encode()))) == b"\x01"
+
+
+# ---------------------------------------------------------------------------------------------
+# nixl+posix:///dir — files through NIXL's POSIX backend
+
+
+@dataclasses.dataclass(frozen=True)
+class NixlPosixSettings(FileSettings):
+    """Options of ``nixl+posix://``: those of ``file://`` (``o_direct`` must stay false), plus ``timeout``."""
+
+    timeout: float = setting(30.0, doc="Seconds to wait for one NIXL file transfer.", min=0.001)
+
+
+class NixlPosixBackend(FileBackend):
+    """``file://``'s store and format, with file bytes moved by NIXL's POSIX backend (DRAM↔FILE)."""
+
+    schemes: ClassVar[tuple[str, ...]] = ("nixl+posix",)
+    settings_cls: ClassVar[type[FileSettings]] = NixlPosixSettings
+    settings: NixlPosixSettings
+
+    def __init__(self, settings: FileSettings) -> None:
+        if not isinstance(settings, NixlPosixSettings):
+            settings = NixlPosixSettings(
+                **{f.name: getattr(settings, f.name) for f in dataclasses.fields(FileSettings)}
+            )
+        if settings.o_direct:
+            raise ConfigError("nixl+posix://: o_direct is not supported (NIXL's POSIX backend does its own I/O)")
+        super().__init__(settings)
+        self._agent: Any = None
+        self._agent_name = ""
+
+    def _url_items(self) -> list[tuple[str, str]]:
+        items = super()._url_items()
+        if self.settings.timeout != NixlPosixSettings.timeout:
+            items.append(("timeout", f"{self.settings.timeout:g}"))
+        return items
+
+    async def _open(self) -> None:
+        import_nixl()
+        await super()._open()
+        self._agent_name = f"lmcache-nixl-posix-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            self._agent = await run_blocking(self._executor, _make_agent, self._agent_name, ["POSIX"], False)
+        except BaseException:
+            await super()._close()
+            raise
+
+    async def _close(self) -> None:
+        await super()._close()
+        self._agent = None
+
+    def _extra_stats(self) -> dict[str, Any]:
+        return {**super()._extra_stats(), "nixl_backend": "POSIX"}
+
+    def _xfer(self, agent: Any, op: str, local: list[tuple[int, int, int]], remote: list[tuple[int, int, int]]) -> None:
+        _transfer(
+            agent,
+            op,
+            local=local,
+            local_type="DRAM",
+            remote=remote,
+            remote_type="FILE",
+            remote_agent=self._agent_name,
+            timeout=self.settings.timeout,
+        )
+
+    def _read_at(self, fd: int, view: memoryview, offset: int, want: int) -> int:
+        size = os.fstat(fd).st_size
+        want = max(0, min(want, size - offset, view.nbytes))
+        if want == 0:
+            return 0
+        addr = _addr(view)
+        agent = self._agent
+        try:
+            with _registered(agent, [(addr, want, 0)], "DRAM"), _registered(agent, [(offset, want, fd)], "FILE"):
+                self._xfer(agent, "READ", [(addr, want, 0)], [(offset, want, fd)])
+        except BackendError as exc:
+            raise OSError(5, f"NIXL POSIX read failed: {exc}") from None  # the file path maps OSError
+        return want
+
+    def _write_frame(self, fd: int, header: bytes, src: memoryview, total: int) -> None:
+        head = np.frombuffer(header, dtype=np.uint8)
+        haddr, hlen = _addr(head), len(header)
+        local = [(haddr, hlen, 0)]
+        remote = [(0, hlen, fd)]
+        if src.nbytes:
+            local.append((_addr(src), src.nbytes, 0))
+            remote.append((hlen, src.nbytes, fd))
+        agent = self._agent
+        try:
+            with _registered(agent, local, "DRAM"), _registered(agent, [(0, total, fd)], "FILE"):
+                self._xfer(agent, "WRITE", local, remote)
+        except BackendError as exc:
+            raise OSError(5, f"NIXL POSIX write failed: {exc}") from None
+        size = os.fstat(fd).st_size
+        if size != total:
+            raise OSError(5, f"NIXL POSIX write left {size} of {total} bytes")

@@ -1,0 +1,548 @@
+"""The store behind ``nixl://host:port``: a registered DRAM pool, an index, and a small control protocol.
+
+Run it as ``python -m lmcache.backends.nixl_peer --port 7400 --capacity 8GiB`` (``--host`` defaults
+to 127.0.0.1). The peer allocates one pool of ``capacity`` bytes, registers it with a NIXL agent
+(UCX), and serves a TCP control protocol. Values never travel over that socket: clients move the
+bytes themselves with one-sided NIXL WRITE (put) and READ (get) transfers between their own
+registered buffers and the pool. The control protocol only decides *where*:
+
+* ``HELLO``: the peer's agent metadata and the pool's address and length (the client adds the
+  peer as a remote agent).
+* ``RESERVE`` (keys, frame lengths) → per key: an offset in the pool, ``EXISTS``, or a refusal
+  (``capacity``, ``too_large``). A reservation is invisible to readers until ``COMMIT``; a
+  commit with ``ok=0`` (the client failed or was cancelled) frees it; a dropped connection frees
+  all of its reservations.
+* ``LOOKUP`` (keys) → per key: a lease id, offset and lengths. A leased entry's bytes are not
+  reused while the lease is held, even if the key is deleted meanwhile (its space is freed on
+  ``RELEASE``, or when the connection drops), so a reader never sees another value's bytes.
+* ``CONTAINS``, ``DELETE``, ``LIST``, ``STATS``, ``PING``.
+* ``CORRUPT`` (only with ``--debug-ops``): flip the last byte of a stored value, for tests of
+  integrity checking.
+
+Values are stored as :mod:`lmcache.serde.frame` frames written by the client (the peer never
+decodes payloads; checksums are checked by the reading client). The peer is bounded: a full pool
+refuses reservations; it never evicts (eviction is the job of
+:class:`~lmcache.tiered.TieredBackend` on the client side).
+
+Wire format (little-endian): every message is a 12-byte head ``<IBBHI>`` (body length, protocol
+version, op, flags, request id) followed by the body. A reply carries the request's id and op
+(``ERROR``, op 255, with a UTF-8 message, when the request failed). Bodies are lists of
+length-prefixed fields; every length is checked against the body and against hard limits
+(:data:`MAX_BODY`, :data:`MAX_KEY`, :data:`MAX_BATCH`) before use; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import contextlib
+import dataclasses
+import itertools
+import logging
+import mmap
+import os
+import signal
+import struct
+import sys
+from collections.abc import Iterator, Sequence
+
+from lmcache.config import parse_size
+
+__all__ = [
+    "MAX_BATCH",
+    "MAX_BODY",
+    "MAX_KEY",
+    "Op",
+    "PeerStore",
+    "ProtocolError",
+    "Reader",
+    "Status",
+    "main",
+    "pack_keys",
+    "serve",
+]
+
+logger = logging.getLogger(__name__)
+
+VERSION = 1
+HEAD = struct.Struct("<IBBHI")  # body length, version, op, flags, request id
+#: Largest message body either side accepts.
+MAX_BODY = 64 << 20
+#: Longest key (bytes of ``CacheKey.to_string()``).
+MAX_KEY = 4096
+#: Most keys in one request.
+MAX_BATCH = 65536
+#: Pool allocations are aligned to this (frames are 64-byte aligned themselves).
+ALIGN = 64
+
+
+class Op:
+    """Request and reply operation codes."""
+
+    HELLO = 1
+    RESERVE = 2
+    COMMIT = 3
+    LOOKUP = 4
+    RELEASE = 5
+    CONTAINS = 6
+    DELETE = 7
+    LIST = 8
+    STATS = 9
+    PING = 10
+    CORRUPT = 126
+    ERROR = 255
+
+
+class Status:
+    """Per-key outcomes of ``RESERVE`` and ``COMMIT``."""
+
+    OK = 0
+    EXISTS = 1
+    CAPACITY = 2
+    TOO_LARGE = 3
+
+
+class ProtocolError(Exception):
+    """A malformed or oversized message (the connection is closed)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding helpers shared by the peer and the client (lmcache.backends.nixl)
+
+
+class Reader:
+    """Bounds-checked reads from one message body."""
+
+    __slots__ = ("_buf", "_pos")
+
+    def __init__(self, buf: bytes | memoryview) -> None:
+        self._buf = memoryview(buf)
+        self._pos = 0
+
+    def _take(self, n: int) -> memoryview:
+        end = self._pos + n
+        if n < 0 or end > len(self._buf):
+            raise ProtocolError(f"message body is truncated (wanted {n} bytes at {self._pos} of {len(self._buf)})")
+        out = self._buf[self._pos : end]
+        self._pos = end
+        return out
+
+    def unpack(self, st: struct.Struct) -> tuple[int, ...]:
+        return st.unpack(self._take(st.size))
+
+    def u8(self) -> int:
+        return self._take(1)[0]
+
+    def u32(self) -> int:
+        return _U32.unpack(self._take(4))[0]
+
+    def u64(self) -> int:
+        return _U64.unpack(self._take(8))[0]
+
+    def blob(self, limit: int = MAX_BODY) -> bytes:
+        n = self.u32()
+        if n > limit:
+            raise ProtocolError(f"field of {n} bytes exceeds the limit of {limit}")
+        return bytes(self._take(n))
+
+    def key(self) -> bytes:
+        n = _U16.unpack(self._take(2))[0]
+        if n == 0 or n > MAX_KEY:
+            raise ProtocolError(f"key of {n} bytes (1..{MAX_KEY} allowed)")
+        return bytes(self._take(n))
+
+    def count(self) -> int:
+        n = self.u32()
+        if n > MAX_BATCH:
+            raise ProtocolError(f"batch of {n} items exceeds the limit of {MAX_BATCH}")
+        return n
+
+    def keys(self) -> list[bytes]:
+        return [self.key() for _ in range(self.count())]
+
+    def end(self) -> None:
+        if self._pos != len(self._buf):
+            raise ProtocolError(f"{len(self._buf) - self._pos} unexpected trailing bytes in a message")
+
+
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+def pack_key(key: bytes) -> bytes:
+    """A key field: u16 length + bytes."""
+    if not 0 < len(key) <= MAX_KEY:
+        raise ValueError(f"key of {len(key)} bytes (1..{MAX_KEY} allowed)")
+    return _U16.pack(len(key)) + key
+
+
+def pack_keys(keys: Sequence[bytes]) -> bytes:
+    """A key list: u32 count + key fields."""
+    return _U32.pack(len(keys)) + b"".join(pack_key(k) for k in keys)
+
+
+def pack_message(op: int, req_id: int, body: bytes = b"") -> bytes:
+    """A whole message: head + body."""
+    if len(body) > MAX_BODY:
+        raise ValueError(f"message body of {len(body)} bytes exceeds {MAX_BODY}")
+    return HEAD.pack(len(body), VERSION, op, 0, req_id) + body
+
+
+async def read_message(reader: asyncio.StreamReader) -> tuple[int, int, bytes]:
+    """``(op, request id, body)`` of the next message.
+
+    Raises:
+        asyncio.IncompleteReadError: The connection closed.
+        ProtocolError: Wrong version or an oversized body.
+    """
+    head = await reader.readexactly(HEAD.size)
+    length, version, op, _flags, req_id = HEAD.unpack(head)
+    if version != VERSION:
+        raise ProtocolError(f"protocol version {version}; this side speaks {VERSION}")
+    if length > MAX_BODY:
+        raise ProtocolError(f"message body of {length} bytes exceeds {MAX_BODY}")
+    body = await reader.readexactly(length) if length else b""
+    return op, req_id, body
+
+
+# ---------------------------------------------------------------------------------------------
+# The store: allocator + index (event-loop thread only)
+
+
+@dataclasses.dataclass(eq=False)
+class _Entry:
+    key: bytes
+    offset: int
+    frame_len: int
+    header_len: int
+    lease_id: int
+    committed: bool = False
+    dead: bool = False  # deleted or aborted: freed once no reader or writer uses its bytes
+    leases: int = 0  # readers between LOOKUP and RELEASE
+    writing: bool = False  # reserved, not yet committed
+    freed: bool = False
+
+
+class _Allocator:
+    """First-fit allocation of aligned extents in ``[0, size)``, with coalescing frees."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._starts: list[int] = [0] if size else []
+        self._lens: dict[int, int] = {0: size} if size else {}
+        self.used = 0
+
+    def alloc(self, n: int) -> int | None:
+        n = -(-n // ALIGN) * ALIGN
+        for start in self._starts:
+            length = self._lens[start]
+            if length >= n:
+                i = bisect.bisect_left(self._starts, start)
+                del self._starts[i]
+                del self._lens[start]
+                if length > n:
+                    bisect.insort(self._starts, start + n)
+                    self._lens[start + n] = length - n
+                self.used += n
+                return start
+        return None
+
+    def free(self, start: int, n: int) -> None:
+        n = -(-n // ALIGN) * ALIGN
+        self.used -= n
+        i = bisect.bisect_left(self._starts, start)
+        # Merge with the following extent, then with the preceding one.
+        if i < len(self._starts) and self._starts[i] == start + n:
+            n += self._lens.pop(self._starts[i])
+            del self._starts[i]
+        if i > 0 and self._starts[i - 1] + self._lens[self._starts[i - 1]] == start:
+            prev = self._starts[i - 1]
+            self._lens[prev] += n
+            return
+        self._starts.insert(i, start)
+        self._lens[start] = n
+
+
+class PeerStore:
+    """The index and allocator of one peer; every method runs on the event loop thread.
+
+    Args:
+        capacity: Pool bytes.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._alloc = _Allocator(capacity)
+        self._index: dict[bytes, _Entry] = {}  # committed entries
+        self._pending: dict[bytes, _Entry] = {}  # reserved, not yet committed
+        self._leased: dict[int, _Entry] = {}
+        self._ids = itertools.count(1)
+
+    @property
+    def used(self) -> int:
+        """Bytes allocated (committed, pending and dead-but-leased values)."""
+        return self._alloc.used
+
+    @property
+    def entries(self) -> int:
+        """Committed values."""
+        return len(self._index)
+
+    def reserve(self, key: bytes, frame_len: int, header_len: int) -> tuple[int, _Entry | None]:
+        """``(Status, entry)``: a pending entry to write, or why not."""
+        if key in self._index or key in self._pending:
+            return Status.EXISTS, None
+        if frame_len > self.capacity:
+            return Status.TOO_LARGE, None
+        offset = self._alloc.alloc(frame_len)
+        if offset is None:
+            return Status.CAPACITY, None
+        entry = _Entry(key, offset, frame_len, header_len, next(self._ids))
+        entry.writing = True  # its space is the writer's until commit, even if deleted meanwhile
+        self._pending[key] = entry
+        return Status.OK, entry
+
+    def commit(self, entry: _Entry, ok: bool) -> None:
+        """Publish a pending entry (``ok``) or give its space back."""
+        entry.writing = False
+        if self._pending.get(entry.key) is entry:
+            del self._pending[entry.key]
+            if ok:
+                entry.committed = True
+                self._index[entry.key] = entry
+                return
+            entry.dead = True
+        self._maybe_free(entry)  # aborted, or deleted while it was being written
+
+    def lookup(self, key: bytes) -> _Entry | None:
+        """A committed entry with a lease taken (release it with :meth:`release`)."""
+        entry = self._index.get(key)
+        if entry is not None:
+            entry.leases += 1
+            self._leased[entry.lease_id] = entry
+        return entry
+
+    def release(self, lease_id: int) -> None:
+        """Drop one lease taken by :meth:`lookup`."""
+        entry = self._leased.get(lease_id)
+        if entry is None:
+            return
+        entry.leases -= 1
+        if entry.leases == 0:
+            del self._leased[lease_id]
+            self._maybe_free(entry)
+
+    def contains(self, key: bytes) -> bool:
+        return key in self._index
+
+    def delete(self, key: bytes) -> None:
+        entry = self._index.pop(key, None) or self._pending.pop(key, None)
+        if entry is not None:
+            entry.dead = True
+            self._maybe_free(entry)
+
+    def _maybe_free(self, entry: _Entry) -> None:
+        # A dead entry's bytes may still be in use: a reader copying them out (lease) or a writer
+        # whose transfer into them is in flight. Reusing them then would hand one value's bytes
+        # to another key; they are freed when the last user is done.
+        if entry.dead and not entry.leases and not entry.writing and not entry.freed:
+            entry.freed = True
+            self._alloc.free(entry.offset, entry.frame_len)
+
+    def items(self) -> Iterator[_Entry]:
+        return iter(list(self._index.values()))
+
+    def get_committed(self, key: bytes) -> _Entry | None:
+        return self._index.get(key)
+
+
+# ---------------------------------------------------------------------------------------------
+# The server
+
+
+class _Peer:
+    def __init__(self, store: PeerStore, pool: memoryview, pool_addr: int, metadata: bytes, debug_ops: bool) -> None:
+        self.store = store
+        self.pool = pool
+        self.pool_addr = pool_addr
+        self.metadata = metadata
+        self.debug_ops = debug_ops
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        pending: dict[bytes, _Entry] = {}  # this connection's reservations
+        leases: list[int] = []  # this connection's lease ids (one per lookup hit)
+        try:
+            while True:
+                try:
+                    op, req_id, body = await read_message(reader)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                try:
+                    reply = self.dispatch(op, body, pending, leases)
+                except ProtocolError as exc:
+                    writer.write(pack_message(Op.ERROR, req_id, str(exc).encode()))
+                    await writer.drain()
+                    return
+                if reply is not None:
+                    writer.write(pack_message(op, req_id, reply))
+                    await writer.drain()
+        except ProtocolError as exc:
+            logger.warning("nixl peer: closing a connection after a protocol error: %s", exc)
+        except ConnectionError:
+            pass
+        finally:
+            for entry in pending.values():
+                self.store.commit(entry, ok=False)
+            for lease in leases:
+                self.store.release(lease)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    def dispatch(self, op: int, body: bytes, pending: dict[bytes, _Entry], leases: list[int]) -> bytes | None:
+        r = Reader(body)
+        s = self.store
+        if op == Op.HELLO:
+            r.end()
+            return _U64.pack(self.pool_addr) + _U64.pack(len(self.pool)) + _U32.pack(len(self.metadata)) + self.metadata
+        if op == Op.RESERVE:
+            n = r.count()
+            items = [(r.key(), r.u64(), r.u32()) for _ in range(n)]
+            r.end()
+            out = [_U32.pack(n)]
+            for key, frame_len, header_len in items:
+                if header_len > frame_len:
+                    raise ProtocolError("a frame's header is longer than the frame")
+                status, entry = s.reserve(key, frame_len, header_len)
+                if entry is not None:
+                    pending[key] = entry
+                out.append(struct.pack("<BQ", status, entry.offset if entry else 0))
+            return b"".join(out)
+        if op == Op.COMMIT:
+            n = r.count()
+            items = [(r.key(), r.u8()) for _ in range(n)]
+            r.end()
+            for key, ok in items:
+                entry = pending.pop(key, None)
+                if entry is not None:
+                    s.commit(entry, bool(ok))
+            return b""
+        if op == Op.LOOKUP:
+            keys = r.keys()
+            r.end()
+            out = [_U32.pack(len(keys))]
+            for key in keys:
+                entry = s.lookup(key)
+                if entry is None:
+                    out.append(_MISS)
+                else:
+                    leases.append(entry.lease_id)
+                    out.append(_HIT.pack(1, entry.lease_id, entry.offset, entry.frame_len, entry.header_len))
+            return b"".join(out)
+        if op == Op.RELEASE:
+            n = r.count()
+            ids = [r.u64() for _ in range(n)]
+            r.end()
+            for lease in ids:
+                if lease in leases:  # a connection releases only leases it holds
+                    leases.remove(lease)
+                    s.release(lease)
+            return None  # fire and forget: the client does not wait
+        if op == Op.CONTAINS:
+            keys = r.keys()
+            r.end()
+            return bytes(1 if s.contains(k) else 0 for k in keys)
+        if op == Op.DELETE:
+            keys = r.keys()
+            r.end()
+            for key in keys:
+                pending.pop(key, None)
+                s.delete(key)
+            return b""
+        if op == Op.LIST:
+            r.end()
+            entries = list(s.items())
+            return _U32.pack(len(entries)) + b"".join(
+                pack_key(e.key) + _U64.pack(e.frame_len - e.header_len) for e in entries
+            )
+        if op == Op.STATS:
+            r.end()
+            return struct.pack("<QQQ", s.capacity, s.used, s.entries)
+        if op == Op.PING:
+            r.end()
+            return b""
+        if op == Op.CORRUPT and self.debug_ops:
+            key = r.key()
+            r.end()
+            entry = s.get_committed(key)
+            if entry is None:
+                return b"\x00"
+            self.pool[entry.offset + entry.frame_len - 1] ^= 0x01
+            return b"\x01"
+        raise ProtocolError(f"unknown operation {op}")
+
+
+_HIT = struct.Struct("<BQQQI")  # found, lease id, offset, frame length, header length
+_MISS = _HIT.pack(0, 0, 0, 0, 0)
+
+
+def _make_agent(name: str) -> object:
+    from lmcache.backends.nixl import import_nixl
+
+    api = import_nixl()
+    cfg = api.nixl_agent_config(enable_prog_thread=True, enable_listen_thread=False, backends=["UCX"])
+    return api.nixl_agent(name, cfg)
+
+
+async def serve(
+    host: str, port: int, capacity: int, *, debug_ops: bool = False, ready: asyncio.Event | None = None
+) -> None:
+    """Run a peer until cancelled (or SIGTERM/SIGINT when run as a program)."""
+    pool_map = mmap.mmap(-1, max(capacity, mmap.PAGESIZE))
+    pool = memoryview(pool_map)[:capacity]
+    import numpy as np
+
+    addr = int(np.frombuffer(pool_map, dtype=np.uint8).ctypes.data) if capacity else 0
+    agent = _make_agent(f"lmcache-nixl-peer-{os.getpid()}-{port}")
+    reg = agent.register_memory([(addr, max(capacity, 1), 0, "")], "DRAM")  # type: ignore[attr-defined]
+    metadata = agent.get_agent_metadata()  # type: ignore[attr-defined]
+    peer = _Peer(PeerStore(capacity), pool, addr, metadata, debug_ops)
+    server = await asyncio.start_server(peer.handle, host, port, limit=1 << 20)
+    logger.info("nixl peer: serving %d bytes on %s:%d", capacity, host, port)
+    print(f"lmcache nixl peer ready on {host}:{port} ({capacity} bytes)", flush=True)
+    if ready is not None:
+        ready.set()
+    try:
+        async with server:
+            await server.serve_forever()
+    finally:
+        agent.deregister_memory(reg)  # type: ignore[attr-defined]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m lmcache.backends.nixl_peer``."""
+    p = argparse.ArgumentParser(prog="python -m lmcache.backends.nixl_peer", description=__doc__.split("\n")[0])
+    p.add_argument("--host", default="127.0.0.1", help="control address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, required=True, help="control TCP port")
+    p.add_argument("--capacity", default="1GiB", help="pool bytes, e.g. 8GiB (default 1GiB)")
+    p.add_argument("--debug-ops", action="store_true", help="enable the CORRUPT op (tests only)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    capacity = parse_size(args.capacity)
+
+    async def run() -> None:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)  # type: ignore[union-attr]
+        with contextlib.suppress(asyncio.CancelledError):
+            await serve(args.host, args.port, capacity, debug_ops=args.debug_ops)
+
+    asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -110,7 +110,7 @@ async def test_move_between_tiers(two_tier_server: LMServer, client) -> None:
         look = _post(two_tier_server.http + "/lookup", {"keys": [k.to_string() for k in keys]})
         if look["tiers"][1]["hit_chunks"] == 2:
             break
-        await __import__("asyncio").sleep(0.05)
+        await asyncio.sleep(0.05)
     moved = _post(two_tier_server.http + "/move", {"keys": [k.to_string() for k in keys], "to_tier": 1, "from_tier": 0})
     assert moved["moved"] == 2
     look = _post(two_tier_server.http + "/lookup", {"keys": [k.to_string() for k in keys]})
@@ -168,6 +168,3 @@ def test_server_ctl_cli(two_tier_server: LMServer, capsys: pytest.CaptureFixture
     assert "no such tier" in capsys.readouterr().err
     assert cli_main(["server-ctl", "stats", "--url", two_tier_server.http]) == 0
     assert json.loads(capsys.readouterr().out)["server"]["pinned_keys"] >= 1
-
-
-_ = Path

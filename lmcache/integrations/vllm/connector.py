@@ -42,17 +42,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lmcache.engine import CacheEngine
-from lmcache.errors import LayoutMismatchError, MissingDependencyError, UnsupportedOperationError
+from lmcache.errors import MissingDependencyError, UnsupportedOperationError
 from lmcache.integrations.vllm.slots import (
     ConnectorSettings,
     SlotMappedKV,
     acquire_engine,
+    bind_paged_kv,
     blocks_covering,
     release_engine,
     write_stats,
 )
 from lmcache.kernels import PagedKV
-from lmcache.layouts import KVGeometry, KVLayout, detect_layout, dtype_name
+from lmcache.layouts import KVGeometry, dtype_name
 
 try:
     from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -73,13 +74,9 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-__all__ = ["VLLM_CPU_PACKED", "LMCacheConnectorMetadata", "LMCacheConnectorV1", "LoadSpec", "SaveSpec"]
+__all__ = ["LMCacheConnectorMetadata", "LMCacheConnectorV1", "LoadSpec", "SaveSpec"]
 
 logger = logging.getLogger(__name__)
-
-#: vLLM-CPU 0.32's per-layer KV ``[blocks, kv_heads, block_size, 2 * head_dim]`` viewed as
-#: ``[blocks, kv_heads, 2, block_size, head_dim]`` (see ``LMCacheConnectorV1._bind_layout``).
-VLLM_CPU_PACKED = KVLayout("vllm_cpu_packed", "BHKSD")
 
 
 @dataclasses.dataclass
@@ -348,35 +345,13 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Bind vLLM's paged KV (layout detected from the tensors) and open the engine."""
         names = sorted(kv_caches, key=_layer_order)
-        tensors, layout = self._bind_layout([kv_caches[n] for n in names])
-        self.kv = PagedKV(tensors, layout=layout, block_size=self.block_size, geometry=self.geometry)
+        self.kv = bind_paged_kv([kv_caches[n] for n in names], self.geometry, self.block_size)
         if self.world_size > 1:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
             self.rank = get_tensor_model_parallel_rank()
         self._get_engine()
         logger.info("lmcache connector bound %r", self.kv)
-
-    def _bind_layout(self, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], KVLayout]:
-        """The tensors (viewed if needed) and their layout.
-
-        vLLM's CPU attention (0.32) keeps each layer as ``[blocks, kv_heads, block_size,
-        2 * head_dim]`` and reads it as ``[blocks, kv_heads, 2 * block_size, head_dim]``: per block
-        and head, the K rows of the block's tokens, then their V rows. That packed form is viewed
-        here as ``[blocks, kv_heads, 2, block_size, head_dim]`` (:data:`VLLM_CPU_PACKED`).
-        """
-        g = self.geometry
-        try:
-            layout = detect_layout(
-                tensors, block_size=self.block_size, num_kv_heads=g.num_kv_heads, head_dim=g.head_dim, is_mla=g.is_mla
-            )
-            return tensors, layout
-        except LayoutMismatchError:
-            packed = (g.num_kv_heads, self.block_size, 2 * g.head_dim)
-            if g.is_mla or not all(t.dim() == 4 and tuple(t.shape[1:]) == packed for t in tensors):
-                raise
-        views = [t.view(t.shape[0], g.num_kv_heads, 2, self.block_size, g.head_dim) for t in tensors]
-        return views, VLLM_CPU_PACKED
 
     def _meta(self) -> LMCacheConnectorMetadata | None:
         if not self.has_connector_metadata():

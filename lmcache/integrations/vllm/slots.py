@@ -25,20 +25,53 @@ import torch
 
 from lmcache.config import LMCacheConfig
 from lmcache.engine import CacheEngine
-from lmcache.errors import ConfigError, InvalidArgumentError
+from lmcache.errors import ConfigError, InvalidArgumentError, LayoutMismatchError
 from lmcache.kernels import PagedKV
-from lmcache.layouts import KVGeometry
+from lmcache.layouts import KVGeometry, KVLayout, detect_layout
 
 __all__ = [
+    "VLLM_CPU_PACKED",
     "ConnectorSettings",
     "SlotMappedKV",
     "acquire_engine",
+    "bind_paged_kv",
     "blocks_covering",
     "release_engine",
     "write_stats",
 ]
 
 logger = logging.getLogger(__name__)
+
+#: vLLM-CPU 0.32's per-layer KV ``[blocks, kv_heads, block_size, 2 * head_dim]``, which its
+#: attention reads as ``[blocks, kv_heads, 2 * block_size, head_dim]`` (per block and head: the K
+#: rows of the block's tokens, then their V rows), viewed as ``[blocks, kv_heads, 2, block_size,
+#: head_dim]``. See :func:`bind_paged_kv`.
+VLLM_CPU_PACKED = KVLayout("vllm_cpu_packed", "BHKSD")
+
+
+def bind_paged_kv(tensors: Sequence[torch.Tensor], geometry: KVGeometry, block_size: int) -> PagedKV:
+    """Bind vLLM's per-layer KV tensors (in layer order) for chunk copies.
+
+    The layout is detected with :func:`lmcache.layouts.detect_layout`; vLLM-CPU's packed form,
+    which no shared layout describes, is recognised by its shape and viewed as
+    :data:`VLLM_CPU_PACKED`.
+
+    Raises:
+        LayoutMismatchError: The tensors fit no layout of ``geometry`` and ``block_size``.
+    """
+    g = geometry
+    tensors = list(tensors)
+    try:
+        layout = detect_layout(
+            tensors, block_size=block_size, num_kv_heads=g.num_kv_heads, head_dim=g.head_dim, is_mla=g.is_mla
+        )
+        return PagedKV(tensors, layout=layout, block_size=block_size, geometry=g)
+    except LayoutMismatchError:
+        packed = (g.num_kv_heads, block_size, 2 * g.head_dim)
+        if g.is_mla or not all(t.dim() == 4 and tuple(t.shape[1:]) == packed for t in tensors):
+            raise
+    views = [t.view(t.shape[0], g.num_kv_heads, 2, block_size, g.head_dim) for t in tensors]
+    return PagedKV(views, layout=VLLM_CPU_PACKED, block_size=block_size, geometry=g)
 
 
 class SlotMappedKV:

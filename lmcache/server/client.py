@@ -103,6 +103,7 @@ class _Req:
     op: int
     future: asyncio.Future[Any]
     keys: list[CacheKey] = dataclasses.field(default_factory=list)
+    skeys: list[bytes] = dataclasses.field(default_factory=list)  # UTF-8 key strings (socket GET)
     dsts: list[memoryview] | None = None  # socket GET: payloads go straight here
     region: tuple[int, int] | None = None  # shm: (offset, length) in the arena
     cancelled: bool = False
@@ -189,18 +190,10 @@ class _Conn:
     # -- sending ---------------------------------------------------------------------------
 
     async def _send(self, frame: bytes, data: Sequence[memoryview]) -> None:
-        loop = asyncio.get_running_loop()
         async with self.send_lock:
             if self.closed:
                 raise self.error or BackendUnavailableError("lm://: connection closed")
-            total = len(frame) + sum(d.nbytes for d in data)
-            if total <= (256 << 10):
-                await loop.sock_sendall(self.sock, frame + b"".join(bytes(d) for d in data))
-                return
-            await loop.sock_sendall(self.sock, frame)
-            for d in data:
-                if d.nbytes:
-                    await loop.sock_sendall(self.sock, d)
+            await P.sock_sendv(self.sock, [frame, *data])
 
     async def request(
         self,
@@ -212,13 +205,14 @@ class _Conn:
         keys: list[CacheKey] | None = None,
         dsts: list[memoryview] | None = None,
         region: tuple[int, int] | None = None,
+        skeys: list[bytes] | None = None,
     ) -> tuple[dict[str, Any], Any]:
         """Send one request and wait for its reply; returns ``(meta, values)``."""
         if self.closed:
             raise self.error or BackendUnavailableError("lm://: connection closed")
         loop = asyncio.get_running_loop()
         rid = next(self.ids)
-        req = _Req(op, loop.create_future(), keys or [], dsts, region)
+        req = _Req(op, loop.create_future(), keys or [], skeys or [], dsts, region)
         self.pending[rid] = req
         frame = P.encode_frame_head(op, rid, P.encode_meta(meta), sum(d.nbytes for d in data), flags)
         send = loop.create_task(self._send(frame, data))
@@ -392,18 +386,17 @@ class _Conn:
                 if n < 48:
                     raise IntegrityError(f"value for {key} is truncated ({n} bytes)")
                 hv = memoryview(head)
-                await self._recv_into(hv[:48])
-                need = needed_header_bytes(hv[:48])
-                if need > min(n, len(head)):
+                # We wrote the frame without metadata, so its header length follows from the key:
+                # take it in one read, then check it like any other header.
+                expect = min(n, header_size(len(req.skeys[i]), 0), len(head))
+                await self._recv_into(hv[:expect])
+                got = expect
+                need = needed_header_bytes(hv[:expect])
+                if need > expect:
                     raise IntegrityError("value header is malformed")
-                got = 48
-                await self._recv_into(hv[48:need])
-                got = need
                 header = parse_header(hv[:need], key)
-                if header.payload_offset > min(n, len(head)) or header.total_len != n:
+                if header.payload_offset != expect or header.total_len != n:
                     raise IntegrityError(f"value for {key} has {n} bytes, its header says {header.total_len}")
-                await self._recv_into(hv[need : header.payload_offset])
-                got = header.payload_offset
                 plen = header.payload_len
                 if plen > dst.nbytes:
                     raise IntegrityError(f"value for {key} claims {plen} bytes, more than its buffer")
@@ -700,7 +693,9 @@ class LMServerBackend(StorageBackend):
         skeys = [k.to_string() for k in keys]
         region = await conn.alloc(sum(caps)) if conn.arena is not None else None
         if region is None:
-            _, values = await conn.request(P.Op.GET, {"keys": skeys, "caps": caps}, keys=keys, dsts=dsts)
+            _, values = await conn.request(
+                P.Op.GET, {"keys": skeys, "caps": caps}, keys=keys, dsts=dsts, skeys=[k.encode() for k in skeys]
+            )
             return list(values)
         spans, off = [], region[0]
         for c in caps:

@@ -120,13 +120,10 @@ class _Session:
         loop = asyncio.get_running_loop()
         size = sum(d.nbytes for d in data)
         head = P.encode_frame_head(op, rid, P.encode_meta(meta), size, flags | P.FLAG_REPLY)
-        if data and size < (256 << 10):  # small replies in one syscall
-            await loop.sock_sendall(self.sock, head + b"".join(data))
+        if not data:
+            await loop.sock_sendall(self.sock, head)
             return
-        await loop.sock_sendall(self.sock, head)
-        for d in data:
-            if d.nbytes:
-                await loop.sock_sendall(self.sock, d)
+        await P.sock_sendv(self.sock, [head, *data])
 
     async def _send_error(self, op: int, rid: int, kind: str, message: str) -> None:
         self.server.metrics.error("server", kind)

@@ -33,9 +33,12 @@ the client, so both (and tests) can use it.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
+import socket
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 from lmcache.errors import (
@@ -66,6 +69,7 @@ __all__ = [
     "encode_meta",
     "error_from_reply",
     "parse_frame_head",
+    "sock_sendv",
 ]
 
 MAGIC = b"LMCS"
@@ -183,3 +187,35 @@ def error_from_reply(meta: dict[str, Any]) -> Exception:
     message = str(meta.get("message", "the server reported an error"))
     cls = _ERROR_TYPES.get(kind, BackendError)
     return cls(f"lm server: {message}")
+
+
+_IOV_MAX = 512
+
+
+async def sock_sendv(sock: socket.socket, buffers: Sequence[bytes | memoryview]) -> None:
+    """Send ``buffers`` in order on a non-blocking socket, gathered (``sendmsg``) where possible.
+
+    One ``sendmsg`` moves a frame head and many values in one syscall; when the socket buffer
+    fills, the rest of the current buffer goes through ``loop.sock_sendall`` (which waits for
+    the socket to drain) and gathering resumes.
+    """
+    loop = asyncio.get_running_loop()
+    views = [memoryview(b) for b in buffers if len(b)]
+    i = 0
+    while i < len(views):
+        try:
+            sent = sock.sendmsg(views[i : i + _IOV_MAX])
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        while sent and i < len(views):
+            n = views[i].nbytes
+            if sent >= n:
+                sent -= n
+                i += 1
+            else:
+                views[i] = views[i][sent:]
+                sent = 0
+        if i < len(views):
+            # Partly sent or would block: wait for room through the loop, then gather again.
+            await loop.sock_sendall(sock, views[i])
+            i += 1

@@ -510,10 +510,29 @@ class MooncakeBackend(StorageBackend):
         """Run ``fn(gate, arena_view, *args)`` with an arena of the staging region held."""
         assert self._arenas is not None and self._staging is not None
         arenas = self._arenas
-        idx = await arenas.get()
+        loop = asyncio.get_running_loop()
+        limit = self.settings.timeout
+        deadline = loop.time() + limit
+        try:
+            # Waiting for an arena counts against the timeout: calls abandoned earlier may still
+            # hold every arena.
+            idx = await asyncio.wait_for(arenas.get(), limit)
+        except asyncio.TimeoutError:
+            err = BackendTimeoutError(
+                f"{what} on mooncake master {self.master_address}: no free arena within {limit:g} s"
+            )
+            self.record_error(what, err)
+            raise err from None
         n = self._arena_bytes
         view = self._staging[idx * n : (idx + 1) * n]
-        return await self._call(fn, view, *args, what=what, on_done=lambda: arenas.put_nowait(idx))
+        return await self._call(
+            fn,
+            view,
+            *args,
+            what=what,
+            timeout=max(deadline - loop.time(), 0.001),
+            on_done=lambda: arenas.put_nowait(idx),
+        )
 
     def _plan(self, sizes: Sequence[int]) -> list[range]:
         """Contiguous index ranges whose frames fit one arena."""

@@ -345,7 +345,8 @@ class MooncakeBackend(StorageBackend):
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def _local_hostname(self) -> str:
+    def local_hostname(self) -> str:
+        """The address peers reach this process at (``local_hostname``, else derived from the master)."""
         s = self.settings
         if s.local_hostname:
             return s.local_hostname
@@ -403,7 +404,7 @@ class MooncakeBackend(StorageBackend):
         self._staging = staging
         try:
             self._store = await self._call(
-                self._setup, self._local_hostname(), staging, what="setup()", timeout=s.connect_timeout
+                self._setup, self.local_hostname(), staging, what="setup()", timeout=s.connect_timeout
             )
         except BackendTimeoutError as exc:
             await self._shutdown(wait=False)

@@ -478,11 +478,13 @@ register_baseline("memory", _memory_baseline)
 register_baseline("file", _file_baseline)
 # Baselines needing an SDK live in their own modules, imported only when that scheme is measured.
 register_baseline("s3", "lmcache.bench.baselines_s3:make")
+register_baseline("nixl", "lmcache.bench.baselines_nixl:make")
 register_baseline("redis", "lmcache.bench.baselines_redis:make")
 register_baseline("rediss", "lmcache.bench.baselines_redis:make")
 register_baseline("unix", "lmcache.bench.baselines_redis:make")
 register_baseline("lm", "lmcache.bench.baselines_lm:make")
 register_baseline("lm+unix", "lmcache.bench.baselines_lm:make")
+register_baseline("mooncake", "lmcache.bench.baselines_mooncake:make")
 register_baseline("valkey", "lmcache.bench.baselines_redis:make")
 register_baseline("valkeys", "lmcache.bench.baselines_redis:make")
 

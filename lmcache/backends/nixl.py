@@ -256,6 +256,7 @@ class NixlBackend(StorageBackend):
         self._reader_task: asyncio.Task[None] | None = None
         self._waiters: dict[int, asyncio.Future[tuple[int, bytes]]] = {}
         self._ids = itertools.count(1)
+        self._groups = itertools.count(1)
         self._conn_lock: asyncio.Lock | None = None
         self._connects = 0
 
@@ -499,9 +500,32 @@ class NixlBackend(StorageBackend):
     async def _put_part(self, keys: list[CacheKey], srcs: list[memoryview]) -> list[PutResult]:
         raw = [k.to_string().encode() for k in keys]
         hlens = [frame.header_size(len(b), 0, _FRAME_ALIGN) for b in raw]
-        body = _U32.pack(len(keys)) + b"".join(
-            pack_key(b) + _U64.pack(h + s.nbytes) + _U32.pack(h) for b, h, s in zip(raw, hlens, srcs, strict=True)
+        group = next(self._groups)
+        body = (
+            _U64.pack(group)
+            + _U32.pack(len(keys))
+            + b"".join(
+                pack_key(b) + _U64.pack(h + s.nbytes) + _U32.pack(h) for b, h, s in zip(raw, hlens, srcs, strict=True)
+            )
         )
+        try:
+            return await self._reserve_write_commit(group, keys=keys, srcs=srcs, hlens=hlens, body=body)
+        except BaseException:
+            # Cancelled or failed anywhere after the RESERVE was sent: abort the group. The peer
+            # handles one connection's requests in order, so the abort follows the reservation;
+            # aborting a group that reserved nothing, or was committed, changes nothing.
+            self._send_nowait(Op.COMMIT, _U64.pack(group) + b"\x00")
+            raise
+
+    async def _reserve_write_commit(
+        self,
+        group: int,
+        *,
+        keys: list[CacheKey],
+        srcs: list[memoryview],
+        hlens: list[int],
+        body: bytes,
+    ) -> list[PutResult]:
         reply = Reader(await self._request(Op.RESERVE, body))
         if reply.count() != len(keys):
             raise PermanentBackendError("nixl://: malformed RESERVE reply")
@@ -523,29 +547,21 @@ class NixlBackend(StorageBackend):
         reply.end()
         if not todo:
             return results
-        settled = False
         try:
-            try:
-                await self._call(
-                    self._write_values,
-                    [keys[i] for i in todo],
-                    [srcs[i] for i in todo],
-                    [hlens[i] for i in todo],
-                    offsets,
-                )
-                ok = 1
-            except BackendError as exc:
-                self.record_error("write", exc)
-                ok = 0
-                for i in todo:
-                    results[i] = rejected("error")
-            await self._request(
-                Op.COMMIT, _U32.pack(len(todo)) + b"".join(pack_key(raw[i]) + bytes([ok]) for i in todo)
+            await self._call(
+                self._write_values,
+                [keys[i] for i in todo],
+                [srcs[i] for i in todo],
+                [hlens[i] for i in todo],
+                offsets,
             )
-            settled = True
-        finally:
-            if not settled:  # cancelled or the connection failed: give the reservations back
-                self._send_nowait(Op.COMMIT, _U32.pack(len(todo)) + b"".join(pack_key(raw[i]) + b"\x00" for i in todo))
+            ok = 1
+        except BackendError as exc:
+            self.record_error("write", exc)
+            ok = 0
+            for i in todo:
+                results[i] = rejected("error")
+        await self._request(Op.COMMIT, _U64.pack(group) + bytes([ok]))
         return results
 
     def _write_values(self, keys: list[CacheKey], srcs: list[memoryview], hlens: list[int], offsets: list[int]) -> None:

@@ -8,10 +8,12 @@ registered buffers and the pool. The control protocol only decides *where*:
 
 * ``HELLO``: the peer's agent metadata and the pool's address and length (the client adds the
   peer as a remote agent).
-* ``RESERVE`` (keys, frame lengths) → per key: an offset in the pool, ``EXISTS``, or a refusal
-  (``capacity``, ``too_large``). A reservation is invisible to readers until ``COMMIT``; a
-  commit with ``ok=0`` (the client failed or was cancelled) frees it; a dropped connection frees
-  all of its reservations.
+* ``RESERVE`` (a client-chosen group id, keys, frame lengths) → per key: an offset in the pool,
+  ``EXISTS``, or a refusal (``capacity``, ``too_large``). Reservations are invisible to readers
+  until ``COMMIT`` of their group; a commit with ``ok=0`` (the client failed or was cancelled)
+  frees them; a dropped connection frees all of its open groups. Requests on one connection are
+  handled in order, so a client cancelled while waiting for a ``RESERVE`` reply can abort the
+  group at once, without knowing what was reserved.
 * ``LOOKUP`` (keys) → per key: a lease id, offset and lengths. A leased entry's bytes are not
   reused while the lease is held, even if the key is deleted meanwhile (its space is freed on
   ``RELEASE``, or when the connection drops), so a reader never sees another value's bytes.
@@ -48,6 +50,7 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from lmcache.config import parse_size
+from lmcache.errors import PermanentBackendError
 
 __all__ = [
     "MAX_BATCH",
@@ -103,8 +106,8 @@ class Status:
     TOO_LARGE = 3
 
 
-class ProtocolError(Exception):
-    """A malformed or oversized message (the connection is closed)."""
+class ProtocolError(PermanentBackendError):
+    """A malformed or oversized message (the peer answers ``ERROR`` and closes the connection)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,7 +374,7 @@ class _Peer:
         self.debug_ops = debug_ops
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        pending: dict[bytes, _Entry] = {}  # this connection's reservations
+        pending: dict[int, list[_Entry]] = {}  # this connection's reservations, by group
         leases: list[int] = []  # this connection's lease ids (one per lookup hit)
         try:
             while True:
@@ -393,41 +396,48 @@ class _Peer:
         except ConnectionError:
             pass
         finally:
-            for entry in pending.values():
-                self.store.commit(entry, ok=False)
+            for group in pending.values():
+                for entry in group:
+                    self.store.commit(entry, ok=False)
             for lease in leases:
                 self.store.release(lease)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    def dispatch(self, op: int, body: bytes, pending: dict[bytes, _Entry], leases: list[int]) -> bytes | None:
+    def dispatch(self, op: int, body: bytes, pending: dict[int, list[_Entry]], leases: list[int]) -> bytes | None:
         r = Reader(body)
         s = self.store
         if op == Op.HELLO:
             r.end()
             return _U64.pack(self.pool_addr) + _U64.pack(len(self.pool)) + _U32.pack(len(self.metadata)) + self.metadata
         if op == Op.RESERVE:
+            group_id = r.u64()
             n = r.count()
             items = [(r.key(), r.u64(), r.u32()) for _ in range(n)]
             r.end()
+            if group_id in pending:
+                raise ProtocolError(f"reservation group {group_id} is already open")
+            group: list[_Entry] = []
             out = [_U32.pack(n)]
             for key, frame_len, header_len in items:
                 if header_len > frame_len:
+                    for entry in group:
+                        s.commit(entry, ok=False)
                     raise ProtocolError("a frame's header is longer than the frame")
                 status, entry = s.reserve(key, frame_len, header_len)
                 if entry is not None:
-                    pending[key] = entry
+                    group.append(entry)
                 out.append(struct.pack("<BQ", status, entry.offset if entry else 0))
+            if group:
+                pending[group_id] = group
             return b"".join(out)
         if op == Op.COMMIT:
-            n = r.count()
-            items = [(r.key(), r.u8()) for _ in range(n)]
+            group_id = r.u64()
+            ok = r.u8()
             r.end()
-            for key, ok in items:
-                entry = pending.pop(key, None)
-                if entry is not None:
-                    s.commit(entry, bool(ok))
+            for entry in pending.pop(group_id, ()):
+                s.commit(entry, bool(ok))
             return b""
         if op == Op.LOOKUP:
             keys = r.keys()
@@ -458,8 +468,7 @@ class _Peer:
             keys = r.keys()
             r.end()
             for key in keys:
-                pending.pop(key, None)
-                s.delete(key)
+                s.delete(key)  # a pending entry is dropped at its commit
             return b""
         if op == Op.LIST:
             r.end()

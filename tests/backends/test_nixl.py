@@ -1,0 +1,445 @@
+"""nixl:// against a real peer process (two processes, NIXL over UCX), and nixl+posix:// files.
+
+NIXL's agents may listen on all interfaces, so the tests that create agents run only inside a
+private network namespace: outside one, :func:`test_nixl_in_private_network_namespace` re-runs
+this module under ``unshare --net --fork`` (loopback only) with ``LMCACHE_TEST_NIXL_NETNS=1`` and
+``UCX_MODULES=^ib UCX_NET_DEVICES=lo``, and reports its result; it skips when ``unshare`` is not
+permitted or NIXL is not installed. URL parsing, the control protocol's codec and the peer's
+index and allocator need neither and run everywhere.
+
+Bypass paths (corrupting a stored value, half-finished reservations, malformed messages) talk
+to the peer over a raw control socket or touch files directly, never through the backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+from lmcache_conformance import BackendTests
+from servers import ServerProcess, free_port, start_process
+
+from lmcache.backends.base import PutStatus, StorageBackend
+from lmcache.backends.file import FileBackend
+from lmcache.backends.nixl import NixlBackend, NixlPosixBackend
+from lmcache.backends.nixl_peer import (
+    HEAD,
+    MAX_BATCH,
+    Op,
+    PeerStore,
+    ProtocolError,
+    Reader,
+    Status,
+    pack_key,
+    pack_keys,
+    pack_message,
+)
+from lmcache.backends.registry import open_backend
+from lmcache.errors import BackendUnavailableError, ConfigError
+from lmcache.keys import CacheKey
+
+MiB = 1 << 20
+NETNS_ENV = "LMCACHE_TEST_NIXL_NETNS"
+IN_NETNS = os.environ.get(NETNS_ENV) == "1"
+REPO = Path(__file__).resolve().parents[2]
+NIXL_HINT = "pip install nixl-cu12 && pip install --no-deps nixl==1.5.1 (or pip install 'lmcache[nixl]')"
+HANG_GUARD = 120
+
+
+def _nixl_missing() -> str | None:
+    if any(importlib.util.find_spec(m) is not None for m in ("nixl_cu12", "nixl_cu13")):
+        return None
+    return f"NIXL is not installed: {NIXL_HINT}"
+
+
+if IN_NETNS:
+    # UCX reads these when NIXL loads it; without ^ib, processes on hosts without InfiniBand crash at exit.
+    os.environ.setdefault("UCX_MODULES", "^ib")
+    os.environ.setdefault("UCX_NET_DEVICES", "lo")
+
+
+def make_key(i: int) -> CacheKey:
+    return CacheKey("nixl-test", 1, 0, hashlib.blake2b(os.urandom(8) + i.to_bytes(8, "little")).digest()[:32], "uint8")
+
+
+def file_of(root: Path, key: CacheKey) -> Path:
+    digest = key.digest()
+    return root / digest[:2] / f"{digest}.kv"
+
+
+# ---------------------------------------------------------------------------------------------
+# No NIXL needed: URLs, the protocol codec, the peer's index and allocator
+
+
+@pytest.mark.parametrize(
+    "url", ["nixl://127.0.0.1:7400", "nixl://peer.example:7400?timeout=5.0&workers=2", "nixl://[::1]:7400"]
+)
+def test_peer_url_round_trip(url: str) -> None:
+    b = NixlBackend.from_url(url)
+    assert b.url == url
+    assert type(open_backend(url)) is NixlBackend
+
+
+def test_posix_url_forms() -> None:
+    b = NixlBackend.from_url("nixl:///var/lib/kv?backend=posix&capacity=1GiB")
+    assert isinstance(b, NixlPosixBackend)
+    assert b.url == "nixl+posix:///var/lib/kv?capacity=1GiB"
+    again = open_backend(b.url)
+    assert type(again) is NixlPosixBackend and again.url == b.url
+    assert NixlPosixBackend.from_url("nixl+posix:///d?timeout=2.5").settings.timeout == 2.5
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "nixl:///var/lib/kv",  # a path without backend=posix
+        "nixl://127.0.0.1",  # no port
+        "nixl://127.0.0.1:7400/path",
+        "nixl://127.0.0.1:7400?bogus=1",
+        "nixl://127.0.0.1:7400?timeout=0",
+        "nixl+posix:///d?o_direct=true",
+        "nixl+posix://",
+    ],
+)
+def test_bad_urls(url: str) -> None:
+    with pytest.raises(ConfigError):
+        open_backend(url)
+
+
+def test_reader_checks_every_length() -> None:
+    with pytest.raises(ProtocolError):
+        Reader(struct.pack("<I", 2) + pack_key(b"a")).keys()  # says two keys, holds one
+    with pytest.raises(ProtocolError):
+        Reader(struct.pack("<I", MAX_BATCH + 1)).count()
+    with pytest.raises(ProtocolError):
+        Reader(struct.pack("<H", 0)).key()  # empty key
+    with pytest.raises(ProtocolError):
+        Reader(struct.pack("<H", 10) + b"abc").key()  # truncated key
+    with pytest.raises(ProtocolError):
+        Reader(struct.pack("<I", 1 << 30)).blob(limit=1024)
+    r = Reader(pack_keys([b"k1", b"key2"]) + b"x")
+    assert r.keys() == [b"k1", b"key2"]
+    with pytest.raises(ProtocolError):
+        r.end()  # trailing bytes
+
+
+def test_store_reserve_commit_and_capacity() -> None:
+    s = PeerStore(1024)
+    st, a = s.reserve(b"a", 600, 64)
+    assert st == Status.OK and a is not None
+    assert not s.contains(b"a"), "a reservation is invisible until its commit"
+    assert s.reserve(b"a", 600, 64)[0] == Status.EXISTS
+    assert s.reserve(b"b", 600, 64)[0] == Status.CAPACITY
+    assert s.reserve(b"c", 2048, 64)[0] == Status.TOO_LARGE
+    s.commit(a, ok=True)
+    assert s.contains(b"a") and s.entries == 1
+    s.delete(b"a")
+    assert s.used == 0
+    st, b = s.reserve(b"b", 1024, 64)  # the whole pool again: frees coalesced
+    assert st == Status.OK and b is not None
+    s.commit(b, ok=False)  # an aborted write gives its space back
+    assert s.used == 0 and not s.contains(b"b")
+
+
+def test_store_never_reuses_bytes_still_being_read_or_written() -> None:
+    s = PeerStore(1024)
+    _, a = s.reserve(b"a", 1024, 64)
+    assert a is not None
+    s.commit(a, ok=True)
+    lease = s.lookup(b"a")
+    assert lease is not None
+    s.delete(b"a")
+    assert not s.contains(b"a")
+    assert s.reserve(b"b", 64, 64)[0] == Status.CAPACITY, "a leased value's bytes were handed out"
+    s.release(lease.lease_id)
+    assert s.used == 0
+    # Deleted while its writer is still transferring: the space stays reserved until the commit.
+    _, w = s.reserve(b"w", 1024, 64)
+    assert w is not None
+    s.delete(b"w")
+    assert s.reserve(b"x", 64, 64)[0] == Status.CAPACITY
+    s.commit(w, ok=True)
+    assert not s.contains(b"w"), "a value deleted during its write came back"
+    assert s.used == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The re-exec into a private network namespace
+
+
+def _unshare_works() -> str | None:
+    """None when ``unshare --net`` works here, else why not."""
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return "needs unshare (util-linux) and ip (iproute2)"
+    try:
+        proc = subprocess.run(
+            ["unshare", "--net", "--fork", "--", "true"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unshare failed: {exc}"
+    if proc.returncode != 0:
+        return f"unshare --net is not permitted here (needs root or CAP_SYS_ADMIN): {proc.stderr.strip()[:200]}"
+    return None
+
+
+@pytest.mark.skipif(IN_NETNS, reason="already inside the private network namespace")
+@pytest.mark.timeout(1500)
+def test_nixl_in_private_network_namespace() -> None:
+    """Run the NIXL tests of this module under ``unshare --net`` (NIXL/UCX may bind all interfaces)."""
+    why = _nixl_missing() or _unshare_works()
+    if why is not None:
+        pytest.skip(f"nixl:// transfer tests need NIXL and a private network namespace: {why}")
+    env = {**os.environ, NETNS_ENV: "1", "UCX_MODULES": "^ib", "UCX_NET_DEVICES": "lo"}
+    script = 'ip link set lo up && exec "$@"'
+    argv = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(Path(__file__))]
+    proc = subprocess.run(
+        ["unshare", "--net", "--fork", "--", "bash", "-c", script, "bash", *argv],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1400,
+        check=False,
+    )
+    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
+    assert proc.returncode == 0, f"nixl tests inside the namespace failed (exit {proc.returncode}):\n{tail}"
+    assert " passed" in proc.stdout, tail
+
+
+# ---------------------------------------------------------------------------------------------
+# With NIXL, inside the namespace
+
+needs_netns = pytest.mark.skipif(
+    not IN_NETNS or _nixl_missing() is not None,
+    reason=_nixl_missing() or "runs inside a private network namespace (see test_nixl_in_private_network_namespace)",
+)
+
+
+def _port_open(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        return True
+
+
+def _start_peer(workdir: Path, capacity: str, port: int | None = None) -> ServerProcess:
+    port = port or free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "lmcache.backends.nixl_peer",
+        "--port",
+        str(port),
+        "--capacity",
+        capacity,
+        "--debug-ops",
+    ]
+    return start_process("nixl-peer", argv, workdir, lambda: _port_open(port), port)
+
+
+@pytest.fixture(scope="module")
+def nixl_peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    if not IN_NETNS or _nixl_missing():
+        pytest.skip("needs NIXL inside a private network namespace")
+    peer = _start_peer(tmp_path_factory.mktemp("nixl-peer"), "1536MiB")
+    yield peer
+    peer.stop()
+
+
+@pytest.fixture
+def small_peer(tmp_path: Path) -> Iterator[ServerProcess]:
+    peer = _start_peer(tmp_path / "peer", "1MiB")
+    yield peer
+    peer.stop()
+
+
+class RawControl:
+    """A bare control connection to a peer (the bypass path of these tests)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self._id = 0
+
+    def call(self, op: int, body: bytes) -> tuple[int, bytes]:
+        self._id += 1
+        self.sock.sendall(pack_message(op, self._id, body))
+        return self.reply()
+
+    def reply(self) -> tuple[int, bytes]:
+        head = self._recv(HEAD.size)
+        length, _v, op, _f, _id = HEAD.unpack(head)
+        return op, self._recv(length)
+
+    def _recv(self, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = self.sock.recv(n - len(out))
+            if not chunk:
+                raise ConnectionError("peer closed the connection")
+            out += chunk
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def raw_corrupt(port: int, key: CacheKey) -> None:
+    raw = RawControl(port)
+    try:
+        op, body = raw.call(Op.CORRUPT, pack_key(key.to_string().encode()))
+        assert (op, body) == (Op.CORRUPT, b"\x01"), "the peer did not hold the value to corrupt"
+    finally:
+        raw.close()
+
+
+@needs_netns
+class TestNixlPeerConformance(BackendTests):
+    pytestmark: ClassVar[list[pytest.MarkDecorator]] = [*BackendTests.pytestmark, pytest.mark.timeout(HANG_GUARD)]
+
+    @pytest.fixture
+    def backend_url(self, nixl_peer: ServerProcess) -> str:
+        return f"nixl://127.0.0.1:{nixl_peer.port}?workers=2"
+
+    async def corrupt_value(self, backend: StorageBackend, key: CacheKey) -> None:
+        assert isinstance(backend, NixlBackend)
+        raw_corrupt(backend.settings.port, key)
+
+
+@needs_netns
+class TestNixlPosixConformance(BackendTests):
+    pytestmark: ClassVar[list[pytest.MarkDecorator]] = [*BackendTests.pytestmark, pytest.mark.timeout(HANG_GUARD)]
+
+    @pytest.fixture
+    def backend_url(self, tmp_path: Path) -> str:
+        return f"nixl+posix://{tmp_path}/kv?workers=2"
+
+    async def corrupt_value(self, backend: StorageBackend, key: CacheKey) -> None:
+        assert isinstance(backend, NixlPosixBackend)
+        path = file_of(Path(backend.settings.path), key)
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0x01
+        path.write_bytes(bytes(data))
+
+
+@needs_netns
+@pytest.mark.timeout(HANG_GUARD)
+async def test_two_clients_share_the_peer(nixl_peer: ServerProcess) -> None:
+    url = f"nixl://127.0.0.1:{nixl_peer.port}"
+    keys = [make_key(i) for i in range(8)]
+    values = [os.urandom(n) for n in (0, 1, 4095, 4096, 65537, MiB, 3 * MiB, 123)]
+    async with open_backend(url) as a, open_backend(url) as b:
+        assert [r.status for r in await a.put(keys, values)] == [PutStatus.STORED] * 8
+        assert [r.status for r in await b.put(keys[:2], values[:2])] == [PutStatus.EXISTS] * 2
+        dsts = [np.full(len(v) + 11, 0xA5, dtype=np.uint8) for v in values]
+        assert await b.get_into(keys, dsts) == [len(v) for v in values]
+        for d, v in zip(dsts, values, strict=True):
+            assert d[: len(v)].tobytes() == v and set(d[len(v) :].tobytes()) == {0xA5}
+        await b.delete(keys[::2])
+        assert await a.contains(keys) == [False, True] * 4
+        listed = {k async for k in a.list_keys()}
+        assert set(keys[1::2]) <= listed and not set(keys[::2]) & listed
+        await a.delete(keys)
+
+
+@needs_netns
+@pytest.mark.timeout(HANG_GUARD)
+async def test_a_bounded_peer_rejects_instead_of_evicting(small_peer: ServerProcess) -> None:
+    async with open_backend(f"nixl://127.0.0.1:{small_peer.port}") as b:
+        big = await b.put([make_key(0)], [os.urandom(2 * MiB)])
+        assert big[0].status is PutStatus.REJECTED and big[0].reason == "too_large"
+        keys = [make_key(i) for i in range(4)]
+        results = await b.put(keys, [os.urandom(300_000) for _ in keys])
+        assert [r.status for r in results[:3]] == [PutStatus.STORED] * 3
+        assert results[3].status is PutStatus.REJECTED and results[3].reason == "capacity"
+        assert await b.contains(keys) == [True, True, True, False]
+        await b.delete(keys[:1])
+        assert (await b.put(keys[3:], [os.urandom(300_000)]))[0].status is PutStatus.STORED
+
+
+@needs_netns
+@pytest.mark.timeout(HANG_GUARD)
+async def test_a_dropped_connection_frees_its_reservations_and_leases(small_peer: ServerProcess) -> None:
+    key = make_key(1)
+    raw = RawControl(small_peer.port)
+    body = struct.pack("<QI", 7, 1) + pack_key(key.to_string().encode()) + struct.pack("<QI", 900_000, 128)
+    op, reply = raw.call(Op.RESERVE, body)
+    assert op == Op.RESERVE and reply[4] == Status.OK
+    async with open_backend(f"nixl://127.0.0.1:{small_peer.port}") as b:
+        assert (await b.put([key], [b"x"]))[0].status is PutStatus.EXISTS, "the raw reservation holds the key"
+        raw.close()  # the peer frees what the connection reserved
+        for _ in range(100):
+            result = (await b.put([key], [os.urandom(900_000)]))[0]
+            if result.status is not PutStatus.EXISTS:
+                break
+        assert result.status is PutStatus.STORED
+
+
+@needs_netns
+@pytest.mark.timeout(HANG_GUARD)
+async def test_malformed_messages_are_refused_and_the_peer_keeps_serving(nixl_peer: ServerProcess) -> None:
+    raw = RawControl(nixl_peer.port)
+    # Two keys announced, one sent: the peer answers ERROR and closes this connection only.
+    op, reply = raw.call(Op.CONTAINS, struct.pack("<I", 2) + pack_key(b"k"))
+    assert op == Op.ERROR and b"truncated" in reply
+    raw.close()
+    raw = RawControl(nixl_peer.port)
+    op, reply = raw.call(99, b"")
+    assert op == Op.ERROR and b"unknown operation" in reply
+    raw.close()
+    raw = RawControl(nixl_peer.port)
+    raw.sock.sendall(HEAD.pack(1 << 30, 1, Op.PING, 0, 1))  # an oversized body is never read
+    with pytest.raises((ConnectionError, OSError)):
+        raw.reply()
+    raw.close()
+    async with open_backend(f"nixl://127.0.0.1:{nixl_peer.port}") as b:
+        await b.ping()
+
+
+@needs_netns
+@pytest.mark.timeout(HANG_GUARD)
+async def test_peer_restart_is_a_typed_error_then_a_reconnect(tmp_path: Path) -> None:
+    peer = _start_peer(tmp_path / "peer", "64MiB")
+    try:
+        async with open_backend(f"nixl://127.0.0.1:{peer.port}?timeout=10") as b:
+            key, value = make_key(1), os.urandom(100_000)
+            assert (await b.put([key], [value]))[0].ok
+            peer.kill()
+            with pytest.raises(BackendUnavailableError):
+                await b.contains([key])
+            peer.start()
+            assert await b.contains([key]) == [False], "a restarted peer starts empty"
+            assert (await b.put([key], [value]))[0].status is PutStatus.STORED
+            dst = bytearray(100_000)
+            assert await b.get_into([key], [dst]) == [100_000] and bytes(dst) == value
+            assert b.stats()["connects"] == 2
+    finally:
+        peer.stop()
+
+
+@needs_netns
+@pytest.mark.timeout(HANG_GUARD)
+async def test_nixl_posix_files_are_file_backend_files(tmp_path: Path) -> None:
+    root = tmp_path / "kv"
+    keys = [make_key(i) for i in range(3)]
+    values = [b"", os.urandom(70_000), os.urandom(2 * MiB + 5)]
+    async with open_backend(f"nixl+posix://{root}") as n:
+        assert [r.status for r in await n.put(keys, values)] == [PutStatus.STORED] * 3
+    async with FileBackend.from_url(f"file://{root}") as f:
+        dsts = [bytearray(len(v)) for v in values]
+        assert await f.get_into(keys, dsts) == [len(v) for v in values]
+        assert [bytes(d) for d in dsts] == values
+        extra, extra_value = make_key(9), os.urandom(12345)
+        assert (await f.put([extra], [extra_value]))[0].ok
+    async with open_backend(f"nixl:///{root}?backend=posix") as n:
+        assert n.stats()["entries"] == 4
+        dst = bytearray(12345)
+        assert await n.get_into([extra], [dst]) == [12345] and bytes(dst) == extra_value

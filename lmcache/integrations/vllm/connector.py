@@ -169,7 +169,7 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
             raise UnsupportedOperationError("lmcache's vLLM connector does not support pipeline parallelism yet")
         self.block_size: int = vllm_config.cache_config.block_size
         self.geometry = _geometry(vllm_config, kv_cache_config)
-        self.model_id = self.settings.model_id or str(vllm_config.model_config.model)
+        self.model_id = self.settings.model_id or self.settings.config.model_name or str(vllm_config.model_config.model)
         self.world_size = parallel.tensor_parallel_size
         backend = getattr(parallel, "distributed_executor_backend", None)
         # One worker under the in-process executor: scheduler and worker share a process.

@@ -41,8 +41,8 @@ import itertools
 import logging
 import os
 import socket
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import unquote
 
 from lmcache.backends.base import (
@@ -75,6 +75,7 @@ if TYPE_CHECKING:
 __all__ = ["LMServerBackend", "LMServerSettings"]
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _SHM_REQUEST_BYTES = 16 << 20  # per shm request: small enough that client and server copies overlap
 _SOCKET_REQUEST_BYTES = 64 << 20
@@ -119,6 +120,7 @@ class _Conn:
         self.sock = sock
         self.pending: dict[int, _Req] = {}
         self.ids = itertools.count(1)
+        self.created = asyncio.get_running_loop().time()
         self.send_lock = asyncio.Lock()
         self.reader: asyncio.Task[None] | None = None
         self.closed = False
@@ -534,6 +536,23 @@ class LMServerBackend(StorageBackend):
                 self._conns[i] = conn
             return conn
 
+    async def _retrying(self, call: Callable[[_Conn], Awaitable[T]]) -> T:
+        """Run ``call`` on a connection; retry once on a new one if an old one turns out dead.
+
+        Every operation is idempotent (values are immutable), so a request that met a
+        connection the server closed meanwhile (a server restart) is simply sent again.
+        """
+        started = asyncio.get_running_loop().time()
+        conn = await self._conn()
+        fresh = conn.created >= started  # made for this call: its failure is real news
+        try:
+            return await call(conn)
+        except BackendUnavailableError:
+            if fresh or not conn.closed:
+                raise
+            logger.info("lm://: the connection was closed by the server; reconnecting once")
+            return await call(await self._conn())
+
     async def _open(self) -> None:
         await self._conn()
 
@@ -544,8 +563,7 @@ class LMServerBackend(StorageBackend):
                 await conn.abort(BackendUnavailableError("lm://: backend closed"))
 
     async def _ping(self) -> None:
-        conn = await self._conn()
-        await conn.request(P.Op.PING, {})
+        await self._retrying(lambda conn: conn.request(P.Op.PING, {}))
 
     def _extra_stats(self) -> dict[str, Any]:
         live = [c for c in self._conns if c is not None and not c.closed]
@@ -566,8 +584,8 @@ class LMServerBackend(StorageBackend):
     # -- operations --------------------------------------------------------------------------
 
     async def _contains(self, keys: list[CacheKey]) -> list[bool]:
-        conn = await self._conn()
-        reply, _ = await conn.request(P.Op.CONTAINS, {"keys": [k.to_string() for k in keys]})
+        meta = {"keys": [k.to_string() for k in keys]}
+        reply, _ = await self._retrying(lambda conn: conn.request(P.Op.CONTAINS, meta))
         return [bool(x) for x in reply["found"]]
 
     async def lookup_prefix(self, keys: Sequence[CacheKey]) -> int:
@@ -578,16 +596,18 @@ class LMServerBackend(StorageBackend):
         await self._ensure_open()
         if any(not isinstance(k, CacheKey) for k in keys):
             return await super().lookup_prefix(keys)  # raises the usual InvalidArgumentError
-        conn = await self._conn()
-        reply, _ = await conn.request(P.Op.LOOKUP_PREFIX, {"keys": [k.to_string() for k in keys]})
+        meta = {"keys": [k.to_string() for k in keys]}
+        reply, _ = await self._retrying(lambda conn: conn.request(P.Op.LOOKUP_PREFIX, meta))
         return int(reply["n"])
 
     async def _delete(self, keys: list[CacheKey]) -> None:
-        conn = await self._conn()
-        await conn.request(P.Op.DELETE, {"keys": [k.to_string() for k in keys]})
+        meta = {"keys": [k.to_string() for k in keys]}
+        await self._retrying(lambda conn: conn.request(P.Op.DELETE, meta))
 
     async def _put(self, keys: list[CacheKey], srcs: list[memoryview]) -> list[PutResult]:
-        conn = await self._conn()
+        return await self._retrying(lambda conn: self._put_on(conn, keys, srcs))
+
+    async def _put_on(self, conn: _Conn, keys: list[CacheKey], srcs: list[memoryview]) -> list[PutResult]:
         heads = [encode_header(k, s) for k, s in zip(keys, srcs, strict=True)]
         results: list[PutResult | None] = [None] * len(keys)
         shm = conn.arena is not None
@@ -650,7 +670,17 @@ class LMServerBackend(StorageBackend):
         return out
 
     async def _get_into(self, keys: list[CacheKey], dsts: list[memoryview]) -> list[int | None]:
-        conn = await self._conn()
+        results = await self._retrying(lambda conn: self._get_on(conn, keys, dsts))
+        if self.corrupt_seen:
+            # First writer wins, so a corrupt value would block a good one for ever (and a
+            # socket read may have streamed it into its dst): remove it so it reads as a plain
+            # miss and the next put repairs it.
+            doomed, self.corrupt_seen = list(dict.fromkeys(self.corrupt_seen)), []
+            with contextlib.suppress(BackendUnavailableError, BackendTimeoutError):
+                await self._delete(doomed)
+        return results
+
+    async def _get_on(self, conn: _Conn, keys: list[CacheKey], dsts: list[memoryview]) -> list[int | None]:
         caps = [
             min(d.nbytes + header_size(len(k.to_string().encode()), 0), conn.max_frame)
             for k, d in zip(keys, dsts, strict=True)
@@ -678,13 +708,6 @@ class LMServerBackend(StorageBackend):
                 results[i] = n
 
         await _gather_all([one(g) for g in groups])
-        if self.corrupt_seen:
-            # First writer wins, so a corrupt value would block a good one for ever (and a
-            # socket read may have streamed it into its dst): remove it so it reads as a plain
-            # miss and the next put repairs it.
-            doomed, self.corrupt_seen = list(dict.fromkeys(self.corrupt_seen)), []
-            with contextlib.suppress(BackendUnavailableError, BackendTimeoutError):
-                await self._delete(doomed)
         return results
 
     async def _get_group(

@@ -28,6 +28,7 @@ WORKLOADS: dict[str, str] = {
     "keys": "lmcache.bench.keys",
     "kernels": "lmcache.bench.kernels",
     "long-doc-qa": "lmcache.bench.long_doc_qa",
+    "vllm-long-doc-qa": "lmcache.bench.vllm_long_doc_qa",
     "multi-round-qa": "lmcache.bench.multi_round_qa",
 }
 

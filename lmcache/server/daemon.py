@@ -37,15 +37,18 @@ import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lmcache.backends.base import PutResult
+from lmcache.backends.base import PutResult, StorageBackend
 from lmcache.config import LMCacheConfig, env_layer, parse_duration, parse_size, resolve_settings, setting
 from lmcache.errors import ConfigError, InvalidArgumentError, InvalidBufferError, LMCacheError
 from lmcache.keys import CacheKey
 from lmcache.server import protocol as P
 from lmcache.server.shm import Segment, attach_segment, shm_available, sweep_stale
 from lmcache.tiered import TieredBackend
+
+if TYPE_CHECKING:
+    from lmcache.server.metrics import ServerMetrics
 
 __all__ = ["CacheServer", "ServerSettings", "add_server_arguments", "run_server_cli"]
 
@@ -366,6 +369,7 @@ class CacheServer:
         *,
         chunk_size: int = 256,
         hash_seed: str = "lmcache-v1",
+        metrics: ServerMetrics | None = None,
     ) -> None:
         from lmcache.server.metrics import ServerMetrics
 
@@ -374,7 +378,8 @@ class CacheServer:
         self.chunk_size = chunk_size
         self.hash_seed = hash_seed
         self.counters = ServerCounters()
-        self.metrics = ServerMetrics(self)
+        self.metrics = metrics if metrics is not None else ServerMetrics()
+        self.metrics.bind(self)
         self.sessions: set[_Session] = set()
         self._listeners: list[socket.socket] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -565,12 +570,37 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 
 def build_server(args: argparse.Namespace) -> CacheServer:
-    """The server described by parsed ``lmcache server`` flags (no I/O)."""
+    """The server described by parsed ``lmcache server`` flags (no I/O).
+
+    Each tier is wrapped in a :class:`~lmcache.server.metrics.TimedTier` so that latency and
+    value sizes are measured per tier; the stack's settings come from the config exactly as
+    :meth:`TieredBackend.from_config` reads them.
+    """
+    from lmcache.backends.registry import open_backend
+    from lmcache.server.metrics import ServerMetrics, TimedTier
+    from lmcache.tiered import TieredSettings
+
     config = LMCacheConfig.load(args.config) if args.config else LMCacheConfig.load()
     if args.tier:
         config = config.replace(tiers=list(args.tier))
-    tiered = TieredBackend.from_config(config)
-    return CacheServer(tiered, settings_from_args(args), chunk_size=config.chunk_size, hash_seed=config.hash_seed)
+    settings = settings_from_args(args)  # validate flags before building anything
+    layers = [
+        ("environment", env_layer("LMCACHE_TIERED_", TieredSettings)),
+        (
+            "config",
+            {
+                "eviction_policy": config.eviction_policy,
+                "promote_on_hit": config.promote_on_hit,
+                "write_back_queue": config.write_back_queue,
+                "tier_timeout": config.tier_timeout,
+            },
+        ),
+    ]
+    tiered_settings = resolve_settings(TieredSettings, layers, owner="tiered://")
+    metrics = ServerMetrics()
+    tiers: list[StorageBackend] = [TimedTier(open_backend(u), metrics, i) for i, u in enumerate(config.tiers)]
+    tiered = TieredBackend(tiers, tiered_settings, own_tiers=True)
+    return CacheServer(tiered, settings, chunk_size=config.chunk_size, hash_seed=config.hash_seed, metrics=metrics)
 
 
 def run_server_cli(args: argparse.Namespace) -> int:

@@ -18,16 +18,21 @@ Each server has its own registry, so several servers (tests) can live in one pro
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from lmcache.backends.base import Capabilities, PutResult, StorageBackend
+from lmcache.errors import InvalidArgumentError, UnsupportedOperationError
+from lmcache.keys import CacheKey
+
 if TYPE_CHECKING:
     from lmcache.server.daemon import CacheServer
 
-__all__ = ["CONTENT_TYPE", "ServerMetrics"]
+__all__ = ["CONTENT_TYPE", "ServerMetrics", "TimedTier"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -47,7 +52,7 @@ _TIER_COUNTERS = (
 class ServerMetrics:
     """The metrics of one :class:`~lmcache.server.daemon.CacheServer`."""
 
-    def __init__(self, server: CacheServer) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
         self.requests = Counter("lmcache_requests", "Requests served, by operation.", ["op"], registry=r)
@@ -67,7 +72,27 @@ class ServerMetrics:
         self.hit_tokens = Counter("lmcache_hit_tokens", "Tokens found (chunks x chunk_size).", registry=r)
         self.miss_tokens = Counter("lmcache_miss_tokens", "Tokens not found (chunks x chunk_size).", registry=r)
         self.errors = Counter("lmcache_errors", "Errors, by backend and kind.", ["backend", "kind"], registry=r)
-        r.register(_TierCollector(server))
+        self.tier_latency = Histogram(
+            "lmcache_tier_seconds",
+            "Time of one call into a tier, by tier and operation.",
+            ["tier", "op"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tier_bytes = Histogram(
+            "lmcache_tier_value_bytes",
+            "Sizes of values moved into (put) and out of (get) each tier.",
+            ["tier", "op"],
+            buckets=_SIZE_BUCKETS,
+            registry=r,
+        )
+        self._bound = False
+
+    def bind(self, server: CacheServer) -> None:
+        """Export ``server``'s per-tier counters and gauges at scrape time (once)."""
+        if not self._bound:
+            self._bound = True
+            self.registry.register(_TierCollector(server))
 
     def observe(self, op: str, seconds: float) -> None:
         """One request of ``op`` took ``seconds``."""
@@ -169,3 +194,89 @@ def _rss_bytes() -> int:
     import os
 
     return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+class TimedTier(StorageBackend):
+    """A tier as the server's TieredBackend sees it: the real backend, timed per call.
+
+    Every call is delegated unchanged; latency and value sizes go to ``lmcache_tier_seconds``
+    and ``lmcache_tier_value_bytes`` (labels ``tier``, ``op``), exceptions to
+    ``lmcache_errors_total{backend="tier<i>", kind=<exception type>}``. ``stats()`` and
+    ``url`` are the inner backend's, so the stack reports exactly what it would without this.
+    """
+
+    capabilities: ClassVar[Capabilities] = Capabilities()  # per instance: the inner backend's
+
+    def __init__(self, inner: StorageBackend, metrics: ServerMetrics, index: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.capabilities = inner.capabilities  # type: ignore[misc]
+        self.secret_options = inner.secret_options  # type: ignore[misc]
+        self.schemes = inner.schemes  # type: ignore[misc]
+        self._m = metrics
+        self._tier = str(index)
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: Any) -> TimedTier:
+        raise UnsupportedOperationError("TimedTier wraps a built backend; it has no URL form of its own")
+
+    @property
+    def url(self) -> str:
+        return self.inner.url
+
+    def __repr__(self) -> str:
+        return repr(self.inner)
+
+    def stats(self) -> dict[str, Any]:
+        return self.inner.stats()
+
+    async def _timed(self, op: str, call: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return await call
+        except InvalidArgumentError:
+            raise  # the caller's mistake, not the tier's
+        except Exception as exc:
+            self._m.error(f"tier{self._tier}", type(exc).__name__)
+            raise
+        finally:
+            self._m.tier_latency.labels(self._tier, op).observe(time.perf_counter() - t0)
+
+    async def _open(self) -> None:
+        await self.inner.open()
+
+    async def _close(self) -> None:
+        await self.inner.aclose()
+
+    async def _ping(self) -> None:
+        await self._timed("ping", self.inner.ping())
+
+    async def _contains(self, keys: list[CacheKey]) -> list[bool]:
+        return await self._timed("contains", self.inner.contains(keys))  # type: ignore[no-any-return]
+
+    async def _get_into(self, keys: list[CacheKey], dsts: list[memoryview]) -> list[int | None]:
+        got: list[int | None] = await self._timed("get", self.inner.get_into(keys, dsts))
+        hist = self._m.tier_bytes.labels(self._tier, "get")
+        for n in got:
+            if n is not None:
+                hist.observe(n)
+        return got
+
+    async def _put(self, keys: list[CacheKey], srcs: list[memoryview]) -> list[PutResult]:
+        out: list[PutResult] = await self._timed("put", self.inner.put(keys, srcs))
+        hist = self._m.tier_bytes.labels(self._tier, "put")
+        for src, r in zip(srcs, out, strict=True):
+            if r.ok:
+                hist.observe(src.nbytes)
+        return out
+
+    async def _delete(self, keys: list[CacheKey]) -> None:
+        await self._timed("delete", self.inner.delete(keys))
+
+    async def _list_entries(self) -> AsyncIterator[tuple[CacheKey, int | None]]:
+        async for entry in self.inner.list_entries():
+            yield entry
+
+    async def _list_keys(self) -> AsyncIterator[CacheKey]:
+        async for key in self.inner.list_keys():
+            yield key

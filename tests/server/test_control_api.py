@@ -152,6 +152,13 @@ async def test_metrics_move_after_operations(two_tier_server: LMServer, client) 
         before, "lmcache_tier_bytes_written_total", tier="0"
     )
     assert _metric(after, "lmcache_tier_evictions_total", tier="0") >= 1  # earlier tests overfilled tier 0
+    assert _metric(after, "lmcache_tier_seconds_count", tier="0", op="put") > _metric(
+        before, "lmcache_tier_seconds_count", tier="0", op="put"
+    )
+    assert (
+        _metric(after, "lmcache_tier_value_bytes_sum", tier="0", op="get")
+        >= _metric(before, "lmcache_tier_value_bytes_sum", tier="0", op="get") + 3 * 4096
+    )
     assert _metric(after, "lmcache_server_resident_bytes") > 0
     assert re.search(r"^lmcache_server_sessions \d", after, re.M)
 

@@ -146,6 +146,74 @@ def _make_agent(name: str, backends: list[str], prog_thread: bool) -> Any:
     return agent
 
 
+def _post(
+    agent: Any,
+    op: str,
+    *,
+    local: list[tuple[int, int, int]],
+    local_type: str,
+    remote: list[tuple[int, int, int]],
+    remote_type: str,
+    remote_agent: str,
+) -> Any:
+    """Start one NIXL transfer; returns its handle (finish it with :func:`_wait`), or None if empty.
+
+    Raises:
+        BackendUnavailableError: NIXL refused the transfer.
+    """
+    if not local:
+        return None
+    try:
+        handle = agent.initialize_xfer(
+            op, agent.get_xfer_descs(local, local_type), agent.get_xfer_descs(remote, remote_type), remote_agent
+        )
+    except Exception as exc:
+        raise BackendUnavailableError(f"NIXL: preparing a {op} failed: {type(exc).__name__}: {exc}") from None
+    try:
+        state = agent.transfer(handle)
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            agent.release_xfer_handle(handle)
+        raise BackendUnavailableError(f"NIXL: posting a {op} failed: {type(exc).__name__}: {exc}") from None
+    if state == "ERR":
+        with contextlib.suppress(Exception):
+            agent.release_xfer_handle(handle)
+        raise BackendUnavailableError(f"NIXL: a {op} to {remote_agent} failed when posted")
+    return handle
+
+
+def _wait(agent: Any, handle: Any, timeout: float) -> None:
+    """Poll a posted transfer to completion and release its handle (always, even on failure).
+
+    Raises:
+        BackendTimeoutError: Not done within ``timeout`` seconds.
+        BackendUnavailableError: The transfer failed.
+    """
+    if handle is None:
+        return
+    try:
+        state = agent.check_xfer_state(handle)
+        deadline = time.monotonic() + timeout
+        spins = 0
+        while state == "PROC":
+            spins += 1
+            if spins > 200:
+                # Past a short spin, yield the core: the progress thread needs it on small hosts.
+                time.sleep(0.00005)
+                if time.monotonic() > deadline:
+                    raise BackendTimeoutError(f"NIXL: a transfer did not finish within {timeout:g} s")
+            state = agent.check_xfer_state(handle)
+        if state != "DONE":
+            raise BackendUnavailableError(f"NIXL: a transfer failed ({state})")
+    except BackendError:
+        raise
+    except Exception as exc:
+        raise BackendUnavailableError(f"NIXL: a transfer failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        with contextlib.suppress(Exception):
+            agent.release_xfer_handle(handle)
+
+
 def _transfer(
     agent: Any,
     op: str,
@@ -157,41 +225,22 @@ def _transfer(
     remote_agent: str,
     timeout: float,
 ) -> None:
-    """One NIXL transfer, polled to completion (blocking; run it on an executor).
+    """One NIXL transfer, posted and polled to completion (blocking; run it on an executor).
 
     Raises:
         BackendTimeoutError: Not done within ``timeout`` seconds.
         BackendUnavailableError: NIXL refused or failed the transfer.
     """
-    if not local:
-        return
-    try:
-        handle = agent.initialize_xfer(
-            op, agent.get_xfer_descs(local, local_type), agent.get_xfer_descs(remote, remote_type), remote_agent
-        )
-    except Exception as exc:
-        raise BackendUnavailableError(f"NIXL: preparing a {op} failed: {type(exc).__name__}: {exc}") from None
-    try:
-        state = agent.transfer(handle)
-        deadline = time.monotonic() + timeout
-        spins = 0
-        while state == "PROC":
-            spins += 1
-            if spins > 200:
-                # Past a short spin, yield the core: the progress thread needs it on small hosts.
-                time.sleep(0.00005)
-                if time.monotonic() > deadline:
-                    raise BackendTimeoutError(f"NIXL: a {op} did not finish within {timeout:g} s")
-            state = agent.check_xfer_state(handle)
-        if state != "DONE":
-            raise BackendUnavailableError(f"NIXL: a {op} to {remote_agent} failed ({state})")
-    except BackendError:
-        raise
-    except Exception as exc:
-        raise BackendUnavailableError(f"NIXL: a {op} failed: {type(exc).__name__}: {exc}") from None
-    finally:
-        with contextlib.suppress(Exception):
-            agent.release_xfer_handle(handle)
+    handle = _post(
+        agent,
+        op,
+        local=local,
+        local_type=local_type,
+        remote=remote,
+        remote_type=remote_type,
+        remote_agent=remote_agent,
+    )
+    _wait(agent, handle, timeout)
 
 
 @contextlib.contextmanager
@@ -212,6 +261,19 @@ def _registered(agent: Any, regions: list[tuple[int, int, int]], mem_type: str) 
     finally:
         with contextlib.suppress(Exception):
             agent.deregister_memory(reg)
+
+
+def _verify(key: CacheKey, head: np.ndarray, dst: memoryview, hlen: int, n: int) -> int | IntegrityError:
+    """``n`` when the frame header and the payload in ``dst`` check out, else the error."""
+    try:
+        header = frame.parse_header(memoryview(head), expected_key=key)
+        if header.payload_offset != hlen or header.payload_len != n:
+            raise IntegrityError(f"value for {key} has a header that disagrees with the peer's index")
+        if n:
+            header.verify_payload(dst[:n])
+    except IntegrityError as exc:
+        return exc
+    return n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -567,26 +629,35 @@ class NixlBackend(StorageBackend):
     def _write_values(self, keys: list[CacheKey], srcs: list[memoryview], hlens: list[int], offsets: list[int]) -> None:
         headers = np.empty(max(sum(hlens), 1), dtype=np.uint8)
         haddr = _addr(headers)
-        local: list[tuple[int, int, int]] = []
-        remote: list[tuple[int, int, int]] = []
-        regions = [(haddr, headers.nbytes, 0)]
-        pos = 0
         pool = self._pool_addr
-        for key, src, h, off in zip(keys, srcs, hlens, offsets, strict=True):
-            head = frame.encode_header(key, src, alignment=_FRAME_ALIGN)  # checksums the payload
-            if len(head) != h:
-                raise PermanentBackendError(f"nixl://: header of {key} is {len(head)} bytes, reserved {h}")
-            headers[pos : pos + h] = np.frombuffer(head, dtype=np.uint8)
-            local.append((haddr + pos, h, 0))
-            remote.append((pool + off, h, 0))
+        regions = [(haddr, headers.nbytes, 0)]
+        payload_local: list[tuple[int, int, int]] = []
+        payload_remote: list[tuple[int, int, int]] = []
+        for src, h, off in zip(srcs, hlens, offsets, strict=True):
             if src.nbytes:
                 saddr = _addr(src)
                 regions.append((saddr, src.nbytes, 0))
-                local.append((saddr, src.nbytes, 0))
-                remote.append((pool + off + h, src.nbytes, 0))
-            pos += h
+                payload_local.append((saddr, src.nbytes, 0))
+                payload_remote.append((pool + off + h, src.nbytes, 0))
         with _registered(self._agent, regions, "DRAM"):
-            self._xfer("WRITE", local, remote)
+            # The payloads move while their checksums are computed: a header is only needed by
+            # readers, and nobody reads a reservation before its commit.
+            payloads = self._post("WRITE", payload_local, payload_remote)
+            try:
+                header_local: list[tuple[int, int, int]] = []
+                header_remote: list[tuple[int, int, int]] = []
+                pos = 0
+                for key, src, h, off in zip(keys, srcs, hlens, offsets, strict=True):
+                    head = frame.encode_header(key, src, alignment=_FRAME_ALIGN)  # checksums the payload
+                    if len(head) != h:
+                        raise PermanentBackendError(f"nixl://: header of {key} is {len(head)} bytes, reserved {h}")
+                    headers[pos : pos + h] = np.frombuffer(head, dtype=np.uint8)
+                    header_local.append((haddr + pos, h, 0))
+                    header_remote.append((pool + off, h, 0))
+                    pos += h
+                _wait(self._agent, self._post("WRITE", header_local, header_remote), self.settings.timeout)
+            finally:
+                _wait(self._agent, payloads, self.settings.timeout)  # never deregister under a transfer
 
     async def _get_into(self, keys: list[CacheKey], dsts: list[memoryview]) -> list[int | None]:
         results: list[int | None] = []
@@ -599,68 +670,74 @@ class NixlBackend(StorageBackend):
         reply = Reader(await self._request(Op.LOOKUP, pack_keys([k.to_string().encode() for k in keys])))
         if reply.count() != len(keys):
             raise PermanentBackendError("nixl://: malformed LOOKUP reply")
-        hits: list[tuple[int, int, int, int]] = []  # index, offset, header length, payload length
+        hits: list[tuple[CacheKey, memoryview, int, int, int]] = []  # key, dst, offset, header, payload
+        index: list[int] = []
         leases: list[int] = []
         for i in range(len(keys)):
             found, lease, offset, frame_len, hlen = reply.unpack(_HIT)
             if found:
                 leases.append(lease)
-                hits.append((i, offset, hlen, frame_len - hlen))
+                index.append(i)
+                hits.append((keys[i], dsts[i], offset, hlen, frame_len - hlen))
         reply.end()
         results: list[int | None] = [None] * len(keys)
         if not hits:
             return results
         try:
-            for i, _off, _h, n in hits:
-                check_dst_size(keys[i], dsts[i], n)  # raises before any byte moves
-            headers = await self._call(self._read_values, [(dsts[i], off, h, n) for i, off, h, n in hits])
+            for key, dst, _off, _h, n in hits:
+                check_dst_size(key, dst, n)  # raises before any byte moves
+            outcomes = await self._call(self._read_values, hits)
         finally:
             self._send_nowait(Op.RELEASE, _U32.pack(len(leases)) + b"".join(_U64.pack(x) for x in leases))
         corrupt: list[CacheKey] = []
-        for (i, _off, h, n), head in zip(hits, headers, strict=True):
-            key = keys[i]
-            try:
-                header = frame.parse_header(head, expected_key=key)
-                if header.payload_offset != h or header.payload_len != n:
-                    raise IntegrityError(f"value for {key} has a header that disagrees with the peer's index")
-                if n:
-                    header.verify_payload(dsts[i][:n])
-            except IntegrityError as exc:
-                self.record_corrupt(key, exc)
+        for i, (key, *_), outcome in zip(index, hits, outcomes, strict=True):
+            if isinstance(outcome, IntegrityError):
+                self.record_corrupt(key, outcome)
                 corrupt.append(key)
-                continue
-            results[i] = n
+            else:
+                results[i] = outcome
         if corrupt:
             # Like file://, drop a damaged value so that a later put can store it again.
             self._send_nowait(Op.DELETE, pack_keys([k.to_string().encode() for k in corrupt]))
         return results
 
-    def _read_values(self, items: list[tuple[memoryview, int, int, int]]) -> list[memoryview]:
-        total = sum(h for _d, _o, h, _n in items)
-        headers = np.empty(max(total, 1), dtype=np.uint8)
-        haddr = _addr(headers)
-        local: list[tuple[int, int, int]] = []
-        remote: list[tuple[int, int, int]] = []
-        regions = [(haddr, headers.nbytes, 0)]
-        views: list[memoryview] = []
-        pos = 0
-        pool = self._pool_addr
-        for dst, off, h, n in items:
-            local.append((haddr + pos, h, 0))
-            remote.append((pool + off, h, 0))
-            views.append(memoryview(headers[pos : pos + h]))
-            if n:
-                daddr = _addr(dst)
-                regions.append((daddr, n, 0))
-                local.append((daddr, n, 0))
-                remote.append((pool + off + h, n, 0))
-            pos += h
-        with _registered(self._agent, regions, "DRAM"):
-            self._xfer("READ", local, remote)
-        return views
+    def _read_values(self, hits: list[tuple[CacheKey, memoryview, int, int, int]]) -> list[int | IntegrityError]:
+        """READ each hit's header and payload (payload straight into its dst), then verify it.
 
-    def _xfer(self, op: str, local: list[tuple[int, int, int]], remote: list[tuple[int, int, int]]) -> None:
-        _transfer(
+        Each value is its own transfer, all posted at once, so verifying one overlaps the
+        transfers of the next ones.
+        """
+        headers = np.empty(max(sum(h for *_, h, _n in hits), 1), dtype=np.uint8)
+        haddr = _addr(headers)
+        pool = self._pool_addr
+        regions = [(haddr, headers.nbytes, 0)] + [(_addr(dst), n, 0) for _k, dst, _o, _h, n in hits if n]
+        out: list[int | IntegrityError] = []
+        with _registered(self._agent, regions, "DRAM"):
+            handles: list[Any] = []
+            try:
+                pos = 0
+                for _key, dst, off, h, n in hits:
+                    local = [(haddr + pos, h, 0)]
+                    remote = [(pool + off, h, 0)]
+                    if n:
+                        local.append((_addr(dst), n, 0))
+                        remote.append((pool + off + h, n, 0))
+                    handles.append(self._post("READ", local, remote))
+                    pos += h
+                pos = 0
+                for j, (key, dst, _off, h, n) in enumerate(hits):
+                    handle, handles[j] = handles[j], None
+                    _wait(self._agent, handle, self.settings.timeout)
+                    out.append(_verify(key, headers[pos : pos + h], dst, h, n))
+                    pos += h
+            finally:
+                for handle in handles:  # a failure midway: finish the rest before deregistering
+                    with contextlib.suppress(BackendError):
+                        _wait(self._agent, handle, self.settings.timeout)
+        return out
+
+    def _post(self, op: str, local: list[tuple[int, int, int]], remote: list[tuple[int, int, int]]) -> Any:
+        return _post(
             self._agent,
             op,
             local=local,
@@ -668,7 +745,6 @@ class NixlBackend(StorageBackend):
             remote=remote,
             remote_type="DRAM",
             remote_agent=self._remote or "",
-            timeout=self.settings.timeout,
         )
 
     async def corrupt_for_tests(self, key: CacheKey) -> bool:

@@ -16,6 +16,7 @@ import dataclasses
 import os
 import shutil
 import sys
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,6 +77,7 @@ class MooncakeCluster:
     master: ServerProcess
     node: ServerProcess
     metrics_port: int
+    metadata_server: str = "P2PHANDSHAKE"
 
     @property
     def address(self) -> str:
@@ -84,8 +86,10 @@ class MooncakeCluster:
 
     def url(self, **options: object) -> str:
         """A ``mooncake://`` URL for this cluster; the client contributes no memory by default."""
-        opts = {"global_segment_size": 0, **options}
-        query = "&".join(f"{k}={v}" for k, v in opts.items())
+        opts: dict[str, object] = {"global_segment_size": 0, **options}
+        if self.metadata_server != "P2PHANDSHAKE":
+            opts.setdefault("metadata_server", self.metadata_server)
+        query = urllib.parse.urlencode({k: str(v) for k, v in opts.items()})
         return f"mooncake://{self.address}?{query}"
 
     def capacity(self) -> int:
@@ -106,8 +110,14 @@ def _require_namespace() -> None:
         )
 
 
-def start_mooncake_cluster(workdir: Path, segment: str = STORAGE_SEGMENT) -> MooncakeCluster:
-    """Start a master and one storage node of ``segment`` bytes in ``workdir``; skip without the binaries."""
+def start_mooncake_cluster(
+    workdir: Path, segment: str = STORAGE_SEGMENT, *, http_metadata: bool = False
+) -> MooncakeCluster:
+    """Start a master and one storage node of ``segment`` bytes in ``workdir``; skip without the binaries.
+
+    With ``http_metadata`` the master also serves the HTTP metadata service (instead of
+    P2PHANDSHAKE); processes using it should have ``MC_TCP_BIND_ADDRESS=127.0.0.1`` set.
+    """
     _require_namespace()
     master_bin, node_bin = mooncake_binary("mooncake_master"), mooncake_binary("mooncake_client")
     if master_bin is None or node_bin is None:
@@ -115,18 +125,27 @@ def start_mooncake_cluster(workdir: Path, segment: str = STORAGE_SEGMENT) -> Moo
             "no mooncake_master/mooncake_client: pip install 'lmcache[mooncake]' (and apt-get install libibverbs1)"
         )
     workdir.mkdir(parents=True, exist_ok=True)
-    rpc, metrics = free_port(), free_port()
+    rpc, metrics, http = free_port(), free_port(), free_port()
+    argv = [
+        master_bin,
+        "-rpc_address=127.0.0.1",
+        f"-rpc_port={rpc}",
+        "-metrics_host=127.0.0.1",
+        f"-metrics_port={metrics}",
+    ]
+    metadata = "P2PHANDSHAKE"
+    if http_metadata:
+        argv += [
+            "-enable_http_metadata_server=true",
+            "-http_metadata_server_host=127.0.0.1",
+            f"-http_metadata_server_port={http}",
+        ]
+        metadata = f"http://127.0.0.1:{http}/metadata"
     master = start_process(
         f"mooncake-master-{rpc}",
-        [
-            master_bin,
-            "-rpc_address=127.0.0.1",
-            f"-rpc_port={rpc}",
-            "-metrics_host=127.0.0.1",
-            f"-metrics_port={metrics}",
-        ],
+        argv,
         workdir,
-        lambda: _tcp_open(rpc),
+        lambda: _tcp_open(rpc) and (not http_metadata or _tcp_open(http)),
         rpc,
     )
     try:
@@ -138,7 +157,7 @@ def start_mooncake_cluster(workdir: Path, segment: str = STORAGE_SEGMENT) -> Moo
                 "-host=127.0.0.1",
                 f"-port={node_port}",
                 f"-master_server_address=127.0.0.1:{rpc}",
-                "-metadata_server=P2PHANDSHAKE",
+                f"-metadata_server={metadata}",
                 "-protocol=tcp",
                 f"-global_segment_size={segment}",
                 "-local_buffer_size=16MB",
@@ -152,7 +171,7 @@ def start_mooncake_cluster(workdir: Path, segment: str = STORAGE_SEGMENT) -> Moo
     except BaseException:
         master.stop()
         raise
-    return MooncakeCluster(master, node, metrics)
+    return MooncakeCluster(master, node, metrics, metadata)
 
 
 @pytest.fixture(scope="session")

@@ -458,6 +458,31 @@ async def test_storage_node_killed_mid_batch(mooncake_private_cluster: MooncakeC
         await b.aclose()
 
 
+@needs_netns
+@pytest.mark.timeout(HANG_GUARD)
+async def test_http_metadata_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mooncake_servers import start_mooncake_cluster
+
+    # Mooncake's advice for HTTP metadata: bind the transfer engine to the announced address.
+    monkeypatch.setenv("MC_TCP_BIND_ADDRESS", "127.0.0.1")
+    cluster = start_mooncake_cluster(tmp_path / "http", segment="64MB", http_metadata=True)
+    try:
+        url = cluster.url(staging_size="16MiB")
+        assert "metadata_server=http" in url
+        b = open_backend(url)
+        assert b.settings.metadata_server.startswith("http://127.0.0.1:")  # type: ignore[attr-defined]
+        try:
+            key, value = make_key(1), os.urandom(3 * MiB)
+            assert [r.status for r in await b.put([key], [value])] == [PutStatus.STORED]
+            dst = bytearray(3 * MiB)
+            assert await b.get_into([key], [dst]) == [3 * MiB]
+            assert bytes(dst) == value
+        finally:
+            await b.aclose()
+    finally:
+        cluster.stop()
+
+
 if not IN_NETNS:
     for _name in _NETNS_ONLY:
         del globals()[_name]

@@ -58,9 +58,12 @@ from lmcache.backends.base import PutResult, run_blocking
 from lmcache.backends.file import (
     _O_CLOEXEC,
     _O_DIRECT,
+    DIRECT_ALIGN,
     FileBackend,
     FileSettings,
     _Failure,
+    _foreign_version,
+    _mapped,
     _ReadOutcome,
 )
 from lmcache.config import setting
@@ -208,7 +211,8 @@ class GdsBackend(FileBackend):
             return await super().put(keys, srcs)
         self._check_device_path()
         await self._ensure_open()
-        host = [self._pinned_copy(s) if _is_cuda_tensor(s) else s for s in srcs]
+        # Device-to-host copies block until done: they run on the executor, not the event loop.
+        host = await self._run(lambda: [self._pinned_copy(s) if _is_cuda_tensor(s) else s for s in srcs])
         return await super().put(keys, host)
 
     @staticmethod
@@ -219,6 +223,17 @@ class GdsBackend(FileBackend):
         out = torch.empty(flat.numel(), dtype=torch.uint8, pin_memory=True)
         out.copy_(flat)  # synchronous: put() copies its sources before returning
         return out
+
+    def _pinned_staging(self, nbytes: int) -> torch.Tensor:
+        """A pinned host buffer of at least ``nbytes``, reused per worker thread (pinning is a driver call)."""
+        import torch
+
+        buf = getattr(self._local, "pinned", None)
+        if buf is None or buf.numel() < nbytes:
+            buf = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8, pin_memory=True)
+            if nbytes <= 64 << 20:
+                self._local.pinned = buf
+        return buf[:nbytes]
 
     async def get_into(self, keys: Sequence[CacheKey], dsts: Sequence[Any]) -> list[int | None]:
         """Read values; CUDA tensors are filled by cuFile when ``capabilities.device_buffers``."""
@@ -275,8 +290,6 @@ class GdsBackend(FileBackend):
 
     def _read_device(self, key: CacheKey, dst: torch.Tensor, cancel: threading.Event) -> _ReadOutcome:
         """Header on the host, payload by cuFile into ``dst``, checksum on a pinned host copy."""
-        import torch
-
         path = self._path(key)[2]
         flags = os.O_RDONLY | _O_CLOEXEC | (_O_DIRECT if self._o_direct else 0)
         try:
@@ -284,13 +297,22 @@ class GdsBackend(FileBackend):
         except FileNotFoundError:
             self._drop_entry(key)
             return None
-        st = os.fstat(fd)
+        st = None
         try:
+            st = os.fstat(fd)
             size = st.st_size
-            want = 4096
+            want = DIRECT_ALIGN
             staging = self._staging(want)
             got = self._read_at(fd, staging[:want], 0, min(size, want))
             view = staging[:got]
+            if _foreign_version(view):
+                return None  # another lmcache version's value: a plain miss, left in place
+            need = frame.needed_header_bytes(view)
+            if need > got:  # an unusually long key: read the whole header
+                want = -(-need // DIRECT_ALIGN) * DIRECT_ALIGN
+                staging = self._staging(want)
+                got = self._read_at(fd, staging[:want], 0, min(size, want))
+                view = staging[:got]
             header = frame.parse_header(view, expected_key=key)
             n, offset = header.payload_len, header.payload_offset
             if header.total_len != size:
@@ -304,12 +326,16 @@ class GdsBackend(FileBackend):
                     done = f.pread(dst[:n], n, offset).get()
                 if done != n:
                     raise IntegrityError(f"value file {path} shrank while it was read")
-                check = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+                check = self._pinned_staging(n)
                 check.copy_(dst[:n])
                 header.verify_payload(memoryview(check.numpy()))
             self._add_entry(key, n, size)
             return n
         except IntegrityError as exc:
+            if st is None:
+                raise
             return self._corrupt(key, path, st, exc)
+        except OSError as exc:
+            return _Failure("error", _mapped(exc, f"gds://: reading {path}"))
         finally:
             os.close(fd)

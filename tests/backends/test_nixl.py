@@ -439,7 +439,7 @@ async def test_nixl_posix_files_are_file_backend_files(tmp_path: Path) -> None:
         assert [bytes(d) for d in dsts] == values
         extra, extra_value = make_key(9), os.urandom(12345)
         assert (await f.put([extra], [extra_value]))[0].ok
-    async with open_backend(f"nixl:///{root}?backend=posix") as n:
+    async with open_backend(f"nixl://{root}?backend=posix") as n:
         assert n.stats()["entries"] == 4
         dst = bytearray(12345)
         assert await n.get_into([extra], [dst]) == [12345] and bytes(dst) == extra_value

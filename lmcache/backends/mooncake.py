@@ -43,7 +43,10 @@ Semantics
   ``force=True``: without it, an object read in the last lease period (``OBJECT_HAS_LEASE``)
   could not be deleted.
 * RPC and transfer failures (``RPC_FAIL``, ``TRANSFER_FAIL``…) raise
-  :class:`~lmcache.errors.BackendUnavailableError`; other SDK codes raise
+  :class:`~lmcache.errors.BackendUnavailableError`; an object that is busy (``OBJECT_HAS_LEASE``,
+  a replica still being written) raises :class:`~lmcache.errors.TransientBackendError` where it is
+  not simply a miss; ``NO_AVAILABLE_HANDLE`` outside a put is a
+  :class:`~lmcache.errors.CapacityError`; other SDK codes raise
   :class:`~lmcache.errors.PermanentBackendError`. The master is probed with a TCP connect
   (``connect_timeout``) before ``setup()``: the SDK's ``setup()`` against an unreachable master
   blocks for about 90 s.
@@ -89,10 +92,12 @@ from lmcache.errors import (
     BackendError,
     BackendTimeoutError,
     BackendUnavailableError,
+    CapacityError,
     ConfigError,
     IntegrityError,
     InvalidBufferError,
     PermanentBackendError,
+    TransientBackendError,
 )
 from lmcache.keys import CacheKey
 from lmcache.serde.frame import decode_frame, encode_header, header_size
@@ -119,6 +124,7 @@ OBJECT_NOT_FOUND = -704
 OBJECT_ALREADY_EXISTS = -705
 OBJECT_HAS_LEASE = -706
 LEASE_EXPIRED = -707
+REPLICA_IS_PROCESSING = -714
 _ERROR_NAMES = {
     -1: "INTERNAL_ERROR",
     -10: "BUFFER_OVERFLOW",
@@ -137,6 +143,8 @@ _ERROR_NAMES = {
     -705: "OBJECT_ALREADY_EXISTS",
     -706: "OBJECT_HAS_LEASE",
     -707: "LEASE_EXPIRED",
+    -708: "OBJECT_HAS_REPLICATION_TASK",
+    -714: "REPLICA_IS_PROCESSING",
     -800: "TRANSFER_FAIL",
     -900: "RPC_FAIL",
     -901: "RPC_TIMEOUT",
@@ -144,7 +152,9 @@ _ERROR_NAMES = {
     -1011: "UNAVAILABLE_IN_CURRENT_MODE",
 }
 # Codes after which retrying (or another node) may help: the master or a peer is unreachable.
-_TRANSIENT_CODES = frozenset({-1, -101, -103, -800, -900, -901, -902, -1010, -1011})
+_UNAVAILABLE_CODES = frozenset({-1, -101, -103, -800, -900, -901, -902, -1010, -1011})
+# Object states that pass (a lease held by a reader, a replica still being written or moved).
+_BUSY_CODES = frozenset({-703, -706, -707, -708, -714})
 
 
 def error_name(code: int) -> str:
@@ -155,8 +165,12 @@ def error_name(code: int) -> str:
 def mooncake_error(code: int, what: str) -> BackendError:
     """The :mod:`lmcache.errors` exception for a failed SDK call that returned ``code``."""
     msg = f"{what}: Mooncake returned {error_name(code)} ({code})"
-    if code in _TRANSIENT_CODES:
+    if code in _UNAVAILABLE_CODES:
         return BackendUnavailableError(msg)
+    if code in _BUSY_CODES:
+        return TransientBackendError(msg)
+    if code == NO_AVAILABLE_HANDLE:
+        return CapacityError(msg)
     return PermanentBackendError(msg)
 
 
@@ -645,8 +659,8 @@ class MooncakeBackend(StorageBackend):
                         f"{header.payload_len}-byte value of {keys[i]}"
                     )
                 payloads.append((pos, o + header.payload_offset, header.payload_len))
-            elif code in (OBJECT_NOT_FOUND, REPLICA_IS_NOT_READY):
-                continue
+            elif code in (OBJECT_NOT_FOUND, REPLICA_IS_NOT_READY, REPLICA_IS_PROCESSING):
+                continue  # absent, or still being written: a miss
             elif code == INVALID_PARAMS:
                 # The SDK's answer to a buffer smaller than the object: say so if that is the case.
                 size = store.get_size(names[i])
@@ -742,6 +756,8 @@ class MooncakeBackend(StorageBackend):
                 results[pos] = EXISTS
             elif code == NO_AVAILABLE_HANDLE:
                 results[pos] = rejected("capacity")
+            elif code in _BUSY_CODES:
+                results[pos] = rejected("busy")  # another client is writing this key right now
             else:
                 raise mooncake_error(code, f"batch_put_from on {self.master_address}")
         return results

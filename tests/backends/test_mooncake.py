@@ -38,6 +38,7 @@ from lmcache.backends.registry import open_backend
 from lmcache.errors import (
     BackendClosedError,
     BackendUnavailableError,
+    CapacityError,
     ConfigError,
     PermanentBackendError,
     TransientBackendError,
@@ -141,6 +142,9 @@ def test_environment_and_overrides_precedence(monkeypatch: pytest.MonkeyPatch) -
     [
         (-900, BackendUnavailableError, "RPC_FAIL"),
         (-800, BackendUnavailableError, "TRANSFER_FAIL"),
+        (-706, TransientBackendError, "OBJECT_HAS_LEASE"),
+        (-703, TransientBackendError, "REPLICA_IS_NOT_READY"),
+        (-200, CapacityError, "NO_AVAILABLE_HANDLE"),
         (-600, PermanentBackendError, "INVALID_PARAMS"),
         (-400, PermanentBackendError, "INVALID_KEY"),
         (-12345, PermanentBackendError, "code -12345"),

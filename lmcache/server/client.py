@@ -39,6 +39,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import mmap
 import os
 import socket
 from collections.abc import Awaitable, Callable, Sequence
@@ -67,7 +68,7 @@ from lmcache.errors import (
 from lmcache.keys import CacheKey
 from lmcache.serde.frame import encode_header, header_size, needed_header_bytes, parse_header
 from lmcache.server import protocol as P
-from lmcache.server.shm import Arena, Segment, create_segment, shm_available
+from lmcache.server.shm import Arena, Segment, create_segment, map_pool_readonly, shm_available
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -127,6 +128,9 @@ class _Conn:
         self.error: Exception | None = None
         self.segment: Segment | None = None
         self.arena: Arena | None = None
+        self.pool_mm: mmap.mmap | None = None  # the server's tier-0 pool, read-only
+        self.pool_view: memoryview | None = None
+        self._background: set[asyncio.Task[Any]] = set()
         self._freed = asyncio.Event()
         self.max_frame = P.DEFAULT_MAX_FRAME_BYTES
         self._head = bytearray(P.HEADER_BYTES)
@@ -161,6 +165,13 @@ class _Conn:
                 logger.info("lm://: the server declined shared memory (%s)", reply.get("shm_error"))
                 seg.close()
         self.max_frame = int(reply.get("max_frame_bytes", self.max_frame))
+        pool = reply.get("pool")
+        if self.segment is not None and isinstance(pool, dict):
+            try:
+                self.pool_mm = map_pool_readonly(pool.get("name"), pool.get("size"))
+                self.pool_view = memoryview(self.pool_mm)
+            except (OSError, LMCacheError) as exc:
+                logger.info("lm://: cannot map the server's pool (%s); tier-0 hits are copied", exc)
 
     def _teardown(self, exc: Exception) -> None:
         if self.closed:
@@ -177,6 +188,14 @@ class _Conn:
         seg, self.segment, self.arena = self.segment, None, None
         if seg is not None:
             seg.close()
+        view, self.pool_view = self.pool_view, None
+        if view is not None:
+            with contextlib.suppress(BufferError):
+                view.release()
+        mm, self.pool_mm = self.pool_mm, None
+        if mm is not None:
+            with contextlib.suppress(BufferError):
+                mm.close()
         self._freed.set()
 
     async def abort(self, exc: Exception) -> None:
@@ -251,8 +270,8 @@ class _Conn:
     def _forget(self, req: _Req) -> None:
         req.cancelled = True
         if req.future.done():
-            if not req.future.cancelled():
-                req.future.exception()
+            if not req.future.cancelled() and req.future.exception() is None:
+                self.release_lease(req.future.result()[0].get("lease"))  # replied, never read
             self.release(req)
 
     async def _cancel(self, req: _Req) -> None:
@@ -280,6 +299,22 @@ class _Conn:
         region, req.region = req.region, None
         if region is not None:
             self.free_region(region)
+
+    def release_lease(self, lease: object) -> None:
+        """Tell the server we are done with a leased GET's pool blocks (no reply, no waiting)."""
+        if not isinstance(lease, int) or self.closed:
+            return
+        frame = P.encode_frame_head(P.Op.RELEASE, 0, P.encode_meta({"leases": [lease]}), 0, P.FLAG_NOREPLY)
+        task = asyncio.get_running_loop().create_task(self._send(frame, []))
+        self._background.add(task)
+        task.add_done_callback(self._sent_in_background)
+
+    def _sent_in_background(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.debug(
+                "lm://: a lease release was not sent (%s); the server frees it at disconnect", task.exception()
+            )
 
     def free_region(self, region: tuple[int, int]) -> None:
         """Return a region after a successful request (a no-op once the connection closed)."""
@@ -355,7 +390,9 @@ class _Conn:
 
     def _settle(self, req: _Req, *, result: Any = None, exc: Exception | None = None) -> None:
         if req.cancelled:
-            self.release(req)  # the caller is gone: the region is ours to free
+            self.release(req)  # the caller is gone: the region and any lease are ours to free
+            if result is not None:
+                self.release_lease(result[0].get("lease"))
             return
         if req.future.done():
             return
@@ -442,7 +479,8 @@ class LMServerBackend(StorageBackend):
         self._conns: list[_Conn | None] = [None] * settings.connections
         self._rr = itertools.count()
         self._connect_lock: asyncio.Lock | None = None
-        self.shm_active = False
+        self.shm_active = False  # the last connection made uses a shared-memory segment
+        self.pool_active = False  # ... and reads tier-0 hits straight from the server's pool
         self.corrupt_seen: list[CacheKey] = []  # corrupt values read, deleted after the get
 
     @classmethod
@@ -520,6 +558,7 @@ class LMServerBackend(StorageBackend):
             await conn.abort(BackendUnavailableError(f"{where}: {exc}"))
             raise
         self.shm_active = conn.segment is not None
+        self.pool_active = conn.pool_view is not None
         return conn
 
     async def _conn(self) -> _Conn:
@@ -570,6 +609,7 @@ class LMServerBackend(StorageBackend):
         return {
             "connections": len(live),
             "shm": any(c.segment is not None for c in live),
+            "shm_pool": any(c.pool_view is not None for c in live),
             "shm_bytes_in_use": sum(c.arena.used for c in live if c.arena is not None),
         }
 
@@ -724,21 +764,32 @@ class LMServerBackend(StorageBackend):
         for c in caps:
             spans.append([off, c])
             off += c
-        reply, _ = await conn.request(P.Op.GET, {"keys": skeys, "spans": spans}, flags=P.FLAG_SHM, region=region)
+        meta: dict[str, Any] = {"keys": skeys, "spans": spans}
+        pool = conn.pool_view
+        if pool is not None:
+            meta["lease"] = True  # tier-0 hits: read them straight from the server's pool
+        reply, _ = await conn.request(P.Op.GET, meta, flags=P.FLAG_SHM, region=region)
         try:
             sizes = reply["sizes"]
             if not isinstance(sizes, list) or len(sizes) != len(keys):
                 raise P.ProtocolError("a GET reply without one size per key")
+            where = reply.get("where") or ["seg"] * len(keys)
+            offsets = reply.get("offsets") or [None] * len(keys)
             seg = conn.segment
             assert seg is not None
             out: list[int | None] = []
-            for key, dst, (o, c), n in zip(keys, dsts, spans, sizes, strict=True):
+            for key, dst, (o, c), n, w, po in zip(keys, dsts, spans, sizes, where, offsets, strict=True):
                 if n is None:
                     out.append(None)
                     continue
-                if not isinstance(n, int) or not 0 <= n <= c:
-                    raise P.ProtocolError("a GET reply size outside its span")
-                frame = seg.view[o : o + n]
+                if w == "pool" and pool is not None:
+                    if not isinstance(po, int) or not isinstance(n, int) or po < 0 or po + n > pool.nbytes:
+                        raise P.ProtocolError("a GET reply pool span outside the pool")
+                    frame = pool[po : po + n]
+                else:
+                    if not isinstance(n, int) or not 0 <= n <= c:
+                        raise P.ProtocolError("a GET reply size outside its span")
+                    frame = seg.view[o : o + n]
                 try:
                     header = parse_header(frame, key)
                     if header.total_len != n:
@@ -759,6 +810,7 @@ class LMServerBackend(StorageBackend):
             return out
         finally:
             conn.free_region(region)
+            conn.release_lease(reply.get("lease"))
 
 
 async def _gather_all(coros: list[Any]) -> None:

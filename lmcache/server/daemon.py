@@ -44,11 +44,13 @@ from lmcache.config import LMCacheConfig, env_layer, parse_duration, parse_size,
 from lmcache.errors import ConfigError, InvalidArgumentError, InvalidBufferError, LMCacheError
 from lmcache.keys import CacheKey
 from lmcache.server import protocol as P
+from lmcache.server.pool import MAX_LEASES
 from lmcache.server.shm import Segment, attach_segment, shm_available, sweep_stale
 from lmcache.tiered import TieredBackend
 
 if TYPE_CHECKING:
     from lmcache.server.metrics import ServerMetrics
+    from lmcache.server.pool import SharedPoolMemory
 
 __all__ = ["CacheServer", "ServerSettings", "add_server_arguments", "run_server_cli"]
 
@@ -106,6 +108,9 @@ class _Session:
         self.local = local  # Unix socket or loopback: shared memory may work
         self.client = "?"
         self.segment: Segment | None = None
+        self.leases: dict[int, list[Any]] = {}  # lease id -> pinned tier-0 blocks (see pool.py)
+        self.leased = 0
+        self._lease_ids = 0
         self._staging = bytearray(0)
         self._head = bytearray(P.HEADER_BYTES)
 
@@ -188,6 +193,13 @@ class _Session:
                         return
                     hello_done = True
                     continue
+                if fh.op == P.Op.RELEASE:
+                    leases = meta.get("leases")
+                    for lease_id in leases if isinstance(leases, list) else []:
+                        self.release(lease_id)
+                    if not fh.flags & P.FLAG_NOREPLY:
+                        await self._send(fh.op, fh.request_id, {})
+                    continue
                 await self._dispatch(fh, meta, data)
         except (_Disconnect, ConnectionError, OSError):
             pass
@@ -195,12 +207,27 @@ class _Session:
             self.close()
 
     def close(self) -> None:
+        self.release_all()
         seg, self.segment = self.segment, None
         if seg is not None:
             seg.close()
             self.server.counters.shm_released += 1
         with contextlib.suppress(OSError):
             self.sock.close()
+
+    def release(self, lease_id: object) -> None:
+        entries = self.leases.pop(lease_id, None) if isinstance(lease_id, int) else None
+        pool = self.server.pool
+        if entries is None or pool is None:
+            return
+        self.leased -= len(entries)
+        for e in entries:
+            pool.release(e)
+
+    def release_all(self) -> None:
+        """Give back every lease of this session (the connection is closing, however it died)."""
+        for lease_id in list(self.leases):
+            self.release(lease_id)
 
     async def _hello(self, fh: P.FrameHead, meta: dict[str, Any]) -> bool:
         srv = self.server
@@ -228,6 +255,9 @@ class _Session:
                     self.segment = attach_segment(shm.get("name"), shm.get("size"), srv.settings.shm_max_bytes)
                     srv.counters.shm_attached += 1
                     reply["shm"] = True
+                    pool = srv.pool
+                    if pool is not None and pool.pool_name is not None:
+                        reply["pool"] = {"name": pool.pool_name, "size": pool.pool_size}
                 except (InvalidArgumentError, OSError) as exc:
                     reply["shm_error"] = f"{type(exc).__name__}: {exc}"
         await self._send(P.Op.HELLO, fh.request_id, reply)
@@ -257,6 +287,47 @@ class _Session:
                 raise InvalidArgumentError(f"span [{off}, {length}] lies outside the {total}-byte region")
             out.append((off, length))
         return out
+
+    async def _leased_get(self, keys: list[CacheKey], dsts: list[memoryview]) -> dict[str, Any]:
+        """A shm GET served from the shared tier-0 pool where it hits (one copy, by the client).
+
+        Tier-0 hits are leased and answered with pool offsets; the rest is read through the
+        tiered backend into the client's segment as usual (slower tiers, promotion).
+        """
+        pool = self.server.pool
+        assert pool is not None
+        leased = pool.lease(keys) if self.leased + len(keys) <= MAX_LEASES else [None] * len(keys)
+        where: list[str | None] = [None] * len(keys)
+        sizes: list[int | None] = [None] * len(keys)
+        offsets: list[int | None] = [None] * len(keys)
+        held = [e for e in leased if e is not None]
+        for i, e in enumerate(leased):
+            if e is None:
+                continue
+            if e.nbytes > dsts[i].nbytes:
+                for x in held:
+                    pool.release(x)
+                raise InvalidBufferError(f"buffer too small for the {e.nbytes}-byte value of {keys[i]}")
+            where[i], sizes[i], offsets[i] = "pool", e.nbytes, e.offset
+        rest = [i for i, e in enumerate(leased) if e is None]
+        if rest:
+            try:
+                got = await self.server.tiered.get_into([keys[i] for i in rest], [dsts[i] for i in rest])
+            except BaseException:
+                for e in held:
+                    pool.release(e)
+                raise
+            for i, n in zip(rest, got, strict=True):
+                if n is not None:
+                    where[i], sizes[i] = "seg", n
+        self.server.metrics.get(sizes, self.server.chunk_size)
+        reply: dict[str, Any] = {"sizes": sizes, "where": where, "offsets": offsets}
+        if held:
+            self._lease_ids += 1
+            self.leases[self._lease_ids] = held
+            self.leased += len(held)
+            reply["lease"] = self._lease_ids
+        return reply
 
     async def _dispatch(self, fh: P.FrameHead, meta: dict[str, Any], data: memoryview) -> None:
         srv = self.server
@@ -345,6 +416,8 @@ class _Session:
                 for n in caps:
                     dsts.append(staging[off : off + n])
                     off += n
+            if shm and meta.get("lease") is True and self.server.pool is not None:
+                return await self._leased_get(keys, dsts), []
             sizes = await tiered.get_into(keys, dsts)
             metrics.get(sizes, self.server.chunk_size)
             out = [] if shm else [d[:n] for d, n in zip(dsts, sizes, strict=True) if n is not None]
@@ -370,11 +443,13 @@ class CacheServer:
         chunk_size: int = 256,
         hash_seed: str = "lmcache-v1",
         metrics: ServerMetrics | None = None,
+        pool: SharedPoolMemory | None = None,
     ) -> None:
         from lmcache.server.metrics import ServerMetrics
 
         self.tiered = tiered
         self.settings = settings
+        self.pool: SharedPoolMemory | None = pool
         self.chunk_size = chunk_size
         self.hash_seed = hash_seed
         self.counters = ServerCounters()
@@ -394,6 +469,7 @@ class CacheServer:
         server["shm_segments"] = sum(1 for s in self.sessions if s.segment is not None)
         server["shm_bytes_mapped"] = sum(s.segment.size for s in self.sessions if s.segment is not None)
         server["pinned_keys"] = len(self.tiered.pinned())
+        server["leases"] = sum(s.leased for s in self.sessions)
         return {"server": server, "backend": self.tiered.stats()}
 
     async def start(self) -> None:
@@ -576,8 +652,10 @@ def build_server(args: argparse.Namespace) -> CacheServer:
     value sizes are measured per tier; the stack's settings come from the config exactly as
     :meth:`TieredBackend.from_config` reads them.
     """
+    from lmcache.backends.memory import MemoryBackend
     from lmcache.backends.registry import open_backend
     from lmcache.server.metrics import ServerMetrics, TimedTier
+    from lmcache.server.pool import SharedPoolMemory
     from lmcache.tiered import TieredSettings
 
     config = LMCacheConfig.load(args.config) if args.config else LMCacheConfig.load()
@@ -598,9 +676,17 @@ def build_server(args: argparse.Namespace) -> CacheServer:
     ]
     tiered_settings = resolve_settings(TieredSettings, layers, owner="tiered://")
     metrics = ServerMetrics()
-    tiers: list[StorageBackend] = [TimedTier(open_backend(u), metrics, i) for i, u in enumerate(config.tiers)]
+    built = [open_backend(u) for u in config.tiers]
+    pool: SharedPoolMemory | None = None
+    if settings.shm and shm_available() and type(built[0]) is MemoryBackend:
+        # Tier 0 in shared memory: shm clients read hits straight from it (lmcache.server.pool).
+        pool = SharedPoolMemory(built[0].settings)
+        built[0] = pool
+    tiers: list[StorageBackend] = [TimedTier(b, metrics, i) for i, b in enumerate(built)]
     tiered = TieredBackend(tiers, tiered_settings, own_tiers=True)
-    return CacheServer(tiered, settings, chunk_size=config.chunk_size, hash_seed=config.hash_seed, metrics=metrics)
+    return CacheServer(
+        tiered, settings, chunk_size=config.chunk_size, hash_seed=config.hash_seed, metrics=metrics, pool=pool
+    )
 
 
 def run_server_cli(args: argparse.Namespace) -> int:

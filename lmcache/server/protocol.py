@@ -4,9 +4,10 @@ Every message, in both directions, is one frame::
 
     0   4s  magic  b"LMCS"
     4   B   protocol version (1)
-    5   B   opcode (HELLO, PING, CONTAINS, GET, PUT, DELETE, LOOKUP_PREFIX, STATS; 0 only in an
+    5   B   opcode (HELLO, PING, CONTAINS, GET, PUT, DELETE, LOOKUP_PREFIX, STATS, RELEASE; 0 only in an
             error reply about the connection itself, request id 0, sent before closing it)
-    6   H   flags: 1 = reply, 2 = error reply, 4 = the values live in the shared-memory segment
+    6   H   flags: 1 = reply, 2 = error reply, 4 = the values live in shared memory,
+            8 = no reply wanted (RELEASE only)
     8   Q   request id (chosen by the client; a reply carries the id of its request)
     16  I   meta length in bytes (a UTF-8 JSON object: keys, sizes, spans, results)
     20  I   reserved (0)
@@ -55,6 +56,7 @@ __all__ = [
     "DEFAULT_MAX_META_BYTES",
     "DEFAULT_PORT",
     "FLAG_ERROR",
+    "FLAG_NOREPLY",
     "FLAG_REPLY",
     "FLAG_SHM",
     "HEADER",
@@ -79,6 +81,7 @@ HEADER_BYTES = HEADER.size  # 32
 FLAG_REPLY = 1
 FLAG_ERROR = 2
 FLAG_SHM = 4
+FLAG_NOREPLY = 8
 DEFAULT_PORT = 8198
 DEFAULT_MAX_FRAME_BYTES = 512 << 20
 DEFAULT_MAX_META_BYTES = 16 << 20
@@ -95,6 +98,7 @@ class Op(enum.IntEnum):
     DELETE = 6
     LOOKUP_PREFIX = 7
     STATS = 8
+    RELEASE = 9
 
 
 class ProtocolError(PermanentBackendError):

@@ -32,13 +32,24 @@ from pathlib import Path
 
 from lmcache.errors import InvalidArgumentError
 
-__all__ = ["SHM_DIR", "Arena", "Segment", "attach_segment", "create_segment", "shm_available", "sweep_stale"]
+__all__ = [
+    "SHM_DIR",
+    "Arena",
+    "Segment",
+    "attach_segment",
+    "create_segment",
+    "map_pool_readonly",
+    "shm_available",
+    "sweep_stale",
+]
 
 logger = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "lmcache-shm-"
 _NAME_RE = re.compile(r"^lmcache-shm-(\d{1,10})-([0-9a-f]{8,32})$")
+_STALE_RE = re.compile(r"^lmcache-(?:shm|pool)-(\d{1,10})-([0-9a-f]{8,32})$")  # client segments, server pools
+_POOL_RE = re.compile(r"^lmcache-pool-(\d{1,10})-([0-9a-f]{8,32})$")
 ALIGN = 64
 
 
@@ -127,15 +138,34 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def map_pool_readonly(name: str, size: int) -> mmap.mmap:
+    """Client side: map the server's tier-0 pool read-only (see :mod:`lmcache.server.pool`).
+
+    Raises:
+        InvalidArgumentError: A bad name, or not a regular file of the stated size.
+        OSError: It cannot be opened (another host, another user).
+    """
+    if not isinstance(name, str) or not _POOL_RE.match(name) or not isinstance(size, int) or size <= 0:
+        raise InvalidArgumentError(f"bad pool name or size: {name!r}, {size!r}")
+    fd = os.open(SHM_DIR / name, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            raise InvalidArgumentError(f"{name} is not a {size}-byte regular file")
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+
+
 def sweep_stale() -> list[str]:
-    """Unlink segment names whose creating process is gone; returns the names removed."""
+    """Unlink segment and pool names whose creating process is gone; returns the names removed."""
     removed: list[str] = []
     try:
         names = os.listdir(SHM_DIR)
     except OSError:
         return removed
     for name in names:
-        m = _NAME_RE.match(name)
+        m = _STALE_RE.match(name)
         if m is None or _pid_alive(int(m.group(1))):
             continue
         with contextlib.suppress(FileNotFoundError):

@@ -35,7 +35,7 @@ def batch(i):
 async def main():
     b = lmcache.open_backend(url)
     async with b:
-        assert b.shm_active, "expected the shared-memory path"
+        assert b.shm_active and b.pool_active, "expected the shared-memory path"
         dsts = [bytearray(SIZE) for _ in range(BATCH)]
         if mode == "write":
             i = 0
@@ -94,6 +94,7 @@ def test_sigkilled_client_leaks_nothing_and_data_survives(lm_server: LMServer, t
         time.sleep(0.05)
     assert stats["shm_released"] >= before["shm_released"] + 1
     assert stats["pinned_keys"] == 0
+    assert stats["leases"] == before["leases"] == 0, "the killed client's pool leases were not released"
     assert _segments_of(writer.pid) == [], "a shared-memory segment name of the killed client is left"
     # A new client process gets hits for everything stored before the kill.
     out = subprocess.run(

@@ -45,6 +45,8 @@ class _LMTests(BackendTests):
         await backend.ping()
         assert backend.shm_active is self.expect_shm
         assert backend.stats()["shm"] is self.expect_shm
+        # The shared server's tier 0 is memory://, so shm clients read its hits from its pool.
+        assert backend.pool_active is self.expect_shm
 
 
 class TestLMTcp(_LMTests):

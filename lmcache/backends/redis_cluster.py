@@ -141,9 +141,6 @@ class RedisClusterBackend(RedisBackend):
 
     # -- commands: one pipeline per call, which the client splits by node --------------------
 
-    async def _mget(self, names: list[bytes]) -> list[Any]:
-        return await self._pipeline(lambda p: [p.get(n) for n in names])
-
     async def _pipeline(self, build: Callable[[Any], None]) -> list[Any]:
         async with self._client.pipeline() as pipe:
             build(pipe)

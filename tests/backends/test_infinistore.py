@@ -288,7 +288,16 @@ def infinistore_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ser
         proc.stop()
 
 
-@pytest.mark.skipif(not HAS_RDMA, reason="the InfiniStore server needs RDMA devices (/sys/class/infiniband is absent)")
+NO_RDMA = "the InfiniStore server needs RDMA devices (/sys/class/infiniband is absent)"
+
+
+@pytest.mark.skipif(HAS_RDMA, reason="RDMA devices present: TestInfiniStoreTcp runs the suite")
+def test_conformance_suite_needs_rdma() -> None:
+    """Stands in for the conformance suite where it cannot run, so the skip is one line with its reason."""
+    pytest.skip(NO_RDMA)
+
+
+@pytest.mark.skipif(not HAS_RDMA, reason=NO_RDMA)
 class TestInfiniStoreTcp(BackendTests):
     """The conformance suite over InfiniStore's TCP path (the server still needs an RDMA device)."""
 
@@ -299,7 +308,7 @@ class TestInfiniStoreTcp(BackendTests):
         return f"infinistore://127.0.0.1:{infinistore_server.port}?connection_type=tcp&staging_size=64MiB"
 
 
-@pytest.mark.skipif(not HAS_RDMA, reason="the InfiniStore server needs RDMA devices (/sys/class/infiniband is absent)")
+@pytest.mark.skipif(not HAS_RDMA, reason=NO_RDMA)
 async def test_rdma_round_trip(infinistore_server: ServerProcess) -> None:
     dev = f"&dev_name={RDMA_DEVICE}" if RDMA_DEVICE else ""
     b = open_backend(f"infinistore://127.0.0.1:{infinistore_server.port}?block_size=1MiB&staging_size=16MiB{dev}")
@@ -312,3 +321,8 @@ async def test_rdma_round_trip(infinistore_server: ServerProcess) -> None:
         assert all(bytes(d[: len(v)]) == v for d, v in zip(dsts, values, strict=True))
     finally:
         await b.aclose()
+
+
+if not HAS_RDMA:
+    # Collected, the ~100 suite tests would each report the same skip; the stand-in above reports it once.
+    del TestInfiniStoreTcp

@@ -369,6 +369,18 @@ class TieredBackend(StorageBackend):
             self._pins[key] = max(expiry, self._pins.get(key, 0.0))
         return len(self.pinned())
 
+    def record_hits(self, keys: Sequence[CacheKey], tier: int = 0) -> None:
+        """Account reads of ``tier`` served outside :meth:`get_into`.
+
+        A cache server that sends tier-0 values in place uses this: the reads count as that
+        tier's hits and refresh the keys in its eviction policy, as a ``get_into`` hit would.
+        """
+        t = self._tiers[tier]
+        t.stats.hits += len(keys)
+        if t.policy is not None:
+            for key in keys:
+                t.policy.on_access(key)
+
     def unpin(self, keys: Sequence[CacheKey]) -> int:
         """Drop the pins of ``keys`` (unpinned keys are ignored); returns how many were dropped."""
         return sum(1 for key in keys if self._pins.pop(key, None) is not None)

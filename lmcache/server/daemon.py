@@ -44,13 +44,12 @@ from lmcache.config import LMCacheConfig, env_layer, parse_duration, parse_size,
 from lmcache.errors import ConfigError, InvalidArgumentError, InvalidBufferError, LMCacheError
 from lmcache.keys import CacheKey
 from lmcache.server import protocol as P
-from lmcache.server.pool import MAX_LEASES
+from lmcache.server.pool import MAX_LEASES, LeasedMemory, SharedPoolMemory
 from lmcache.server.shm import Segment, attach_segment, shm_available, sweep_stale
 from lmcache.tiered import TieredBackend
 
 if TYPE_CHECKING:
     from lmcache.server.metrics import ServerMetrics
-    from lmcache.server.pool import SharedPoolMemory
 
 __all__ = ["CacheServer", "ServerSettings", "add_server_arguments", "run_server_cli"]
 
@@ -109,6 +108,7 @@ class _Session:
         self.client = "?"
         self.segment: Segment | None = None
         self.leases: dict[int, list[Any]] = {}  # lease id -> pinned tier-0 blocks (see pool.py)
+        self.sending: list[Any] = []  # blocks leased while a socket GET reply is being sent
         self.leased = 0
         self._lease_ids = 0
         self._staging = bytearray(0)
@@ -226,6 +226,7 @@ class _Session:
 
     def release_all(self) -> None:
         """Give back every lease of this session (the connection is closing, however it died)."""
+        self._release_sending()
         for lease_id in list(self.leases):
             self.release(lease_id)
 
@@ -256,7 +257,7 @@ class _Session:
                     srv.counters.shm_attached += 1
                     reply["shm"] = True
                     pool = srv.pool
-                    if pool is not None and pool.pool_name is not None:
+                    if isinstance(pool, SharedPoolMemory) and pool.pool_name is not None:
                         reply["pool"] = {"name": pool.pool_name, "size": pool.pool_size}
                 except (InvalidArgumentError, OSError) as exc:
                     reply["shm_error"] = f"{type(exc).__name__}: {exc}"
@@ -288,6 +289,34 @@ class _Session:
             out.append((off, length))
         return out
 
+    async def _socket_get(self, keys: list[CacheKey], caps: list[int]) -> tuple[dict[str, Any], list[memoryview]]:
+        """A socket GET whose tier-0 hits are sent from the pool in place (leased until sent)."""
+        pool = self.server.pool
+        assert pool is not None
+        leased = pool.lease(keys)
+        self.sending = [e for e in leased if e is not None]  # released once the reply is sent
+        self.server.tiered.record_hits([k for k, e in zip(keys, leased, strict=True) if e is not None])
+        sizes: list[int | None] = [None] * len(keys)
+        views: list[memoryview | None] = [None] * len(keys)
+        for i, e in enumerate(leased):
+            if e is not None:
+                if e.nbytes > caps[i]:
+                    raise InvalidBufferError(f"buffer too small for the {e.nbytes}-byte value of {keys[i]}")
+                sizes[i], views[i] = e.nbytes, pool.view(e)
+        rest = [i for i, e in enumerate(leased) if e is None]
+        if rest:
+            staging = self._staging_view(sum(caps[i] for i in rest))
+            dsts, off = [], 0
+            for i in rest:
+                dsts.append(staging[off : off + caps[i]])
+                off += caps[i]
+            got = await self.server.tiered.get_into([keys[i] for i in rest], dsts)
+            for i, d, n in zip(rest, dsts, got, strict=True):
+                if n is not None:
+                    sizes[i], views[i] = n, d[:n]
+        self.server.metrics.get(sizes, self.server.chunk_size)
+        return {"sizes": sizes}, [v for v in views if v is not None]
+
     async def _leased_get(self, keys: list[CacheKey], dsts: list[memoryview]) -> dict[str, Any]:
         """A shm GET served from the shared tier-0 pool where it hits (one copy, by the client).
 
@@ -301,6 +330,7 @@ class _Session:
         sizes: list[int | None] = [None] * len(keys)
         offsets: list[int | None] = [None] * len(keys)
         held = [e for e in leased if e is not None]
+        self.server.tiered.record_hits([k for k, e in zip(keys, leased, strict=True) if e is not None])
         for i, e in enumerate(leased):
             if e is None:
                 continue
@@ -336,26 +366,36 @@ class _Session:
         name = P.Op(op).name.lower()
         t0 = time.perf_counter()
         try:
-            reply, out = await self._execute(op, fh.flags, meta, data)
-        except InvalidBufferError as exc:
-            srv.counters.bad_requests += 1
-            await self._send_error(op, fh.request_id, "invalid_buffer", str(exc))
-            return
-        except InvalidArgumentError as exc:
-            srv.counters.bad_requests += 1
-            await self._send_error(op, fh.request_id, "bad_request", str(exc))
-            return
-        except LMCacheError as exc:
-            await self._send_error(op, fh.request_id, "unavailable", f"{type(exc).__name__}: {exc}")
-            return
-        except (ConnectionError, OSError):
-            raise
-        except Exception as exc:  # a bug: answer, log, keep serving
-            logger.exception("lm server: %s failed", name)
-            await self._send_error(op, fh.request_id, "internal", f"{type(exc).__name__}: {exc}")
-            return
-        srv.metrics.observe(name, time.perf_counter() - t0)
-        await self._send(op, fh.request_id, reply, out, flags=fh.flags & P.FLAG_SHM)
+            try:
+                reply, out = await self._execute(op, fh.flags, meta, data)
+            except InvalidBufferError as exc:
+                srv.counters.bad_requests += 1
+                await self._send_error(op, fh.request_id, "invalid_buffer", str(exc))
+                return
+            except InvalidArgumentError as exc:
+                srv.counters.bad_requests += 1
+                await self._send_error(op, fh.request_id, "bad_request", str(exc))
+                return
+            except LMCacheError as exc:
+                await self._send_error(op, fh.request_id, "unavailable", f"{type(exc).__name__}: {exc}")
+                return
+            except (ConnectionError, OSError):
+                raise
+            except Exception as exc:  # a bug: answer, log, keep serving
+                logger.exception("lm server: %s failed", name)
+                await self._send_error(op, fh.request_id, "internal", f"{type(exc).__name__}: {exc}")
+                return
+            srv.metrics.observe(name, time.perf_counter() - t0)
+            await self._send(op, fh.request_id, reply, out, flags=fh.flags & P.FLAG_SHM)
+        finally:
+            self._release_sending()  # blocks a socket GET sent in place (or failed part-way)
+
+    def _release_sending(self) -> None:
+        held, self.sending = self.sending, []
+        pool = self.server.pool
+        if pool is not None:
+            for e in held:
+                pool.release(e)
 
     async def _execute(
         self, op: int, flags: int, meta: dict[str, Any], data: memoryview
@@ -411,12 +451,14 @@ class _Session:
                     raise InvalidArgumentError("meta.caps must be a list of one int per key")
                 if any(x < 0 for x in caps) or sum(caps) > self.server.settings.max_frame_bytes:
                     raise InvalidArgumentError("meta.caps exceed the max frame size")
+                if self.server.pool is not None:
+                    return await self._socket_get(keys, caps)
                 staging = self._staging_view(sum(caps))
                 dsts, off = [], 0
                 for n in caps:
                     dsts.append(staging[off : off + n])
                     off += n
-            if shm and meta.get("lease") is True and self.server.pool is not None:
+            if shm and meta.get("lease") is True and isinstance(self.server.pool, SharedPoolMemory):
                 return await self._leased_get(keys, dsts), []
             sizes = await tiered.get_into(keys, dsts)
             metrics.get(sizes, self.server.chunk_size)
@@ -443,13 +485,13 @@ class CacheServer:
         chunk_size: int = 256,
         hash_seed: str = "lmcache-v1",
         metrics: ServerMetrics | None = None,
-        pool: SharedPoolMemory | None = None,
+        pool: LeasedMemory | None = None,
     ) -> None:
         from lmcache.server.metrics import ServerMetrics
 
         self.tiered = tiered
         self.settings = settings
-        self.pool: SharedPoolMemory | None = pool
+        self.pool: LeasedMemory | None = pool
         self.chunk_size = chunk_size
         self.hash_seed = hash_seed
         self.counters = ServerCounters()
@@ -655,7 +697,6 @@ def build_server(args: argparse.Namespace) -> CacheServer:
     from lmcache.backends.memory import MemoryBackend
     from lmcache.backends.registry import open_backend
     from lmcache.server.metrics import ServerMetrics, TimedTier
-    from lmcache.server.pool import SharedPoolMemory
     from lmcache.tiered import TieredSettings
 
     config = LMCacheConfig.load(args.config) if args.config else LMCacheConfig.load()
@@ -677,10 +718,12 @@ def build_server(args: argparse.Namespace) -> CacheServer:
     tiered_settings = resolve_settings(TieredSettings, layers, owner="tiered://")
     metrics = ServerMetrics()
     built = [open_backend(u) for u in config.tiers]
-    pool: SharedPoolMemory | None = None
-    if settings.shm and shm_available() and type(built[0]) is MemoryBackend:
-        # Tier 0 in shared memory: shm clients read hits straight from it (lmcache.server.pool).
-        pool = SharedPoolMemory(built[0].settings)
+    pool: LeasedMemory | None = None
+    if type(built[0]) is MemoryBackend:
+        # Tier 0 with leases: socket gets send its hits in place; in shared memory, shm clients
+        # copy them straight out of it (lmcache.server.pool).
+        shared = settings.shm and shm_available()
+        pool = (SharedPoolMemory if shared else LeasedMemory)(built[0].settings)
         built[0] = pool
     tiers: list[StorageBackend] = [TimedTier(b, metrics, i) for i, b in enumerate(built)]
     tiered = TieredBackend(tiers, tiered_settings, own_tiers=True)

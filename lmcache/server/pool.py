@@ -33,13 +33,48 @@ from lmcache.errors import map_os_errors
 from lmcache.keys import CacheKey
 from lmcache.server.shm import SHM_DIR
 
-__all__ = ["MAX_LEASES", "SharedPoolMemory"]
+__all__ = ["MAX_LEASES", "LeasedMemory", "SharedPoolMemory"]
 
 MAX_LEASES = 65536
 POOL_PREFIX = "lmcache-pool-"
 
 
-class SharedPoolMemory(MemoryBackend):
+class LeasedMemory(MemoryBackend):
+    """``memory://`` whose values can be leased: read in place while their blocks stay pinned.
+
+    The server uses this for its tier 0 (a plain ``memory://`` URL): a socket GET sends tier-0
+    hits straight from the pool (no staging copy), and with :class:`SharedPoolMemory` shm
+    clients copy them straight out of it.
+    """
+
+    def lease(self, keys: list[CacheKey]) -> list[Any]:
+        """Pin the blocks of the held keys: per key an opaque lease, or None on a miss.
+
+        Each lease must be given back once with :meth:`release`; :meth:`view` reads it.
+        """
+        if self._pool is None:
+            return [None] * len(keys)
+        get = self._index.get
+        out: list[Any] = []
+        for k in keys:
+            e = get(k)
+            if e is not None and e.ready:
+                e.readers += 1
+                out.append(e)
+            else:
+                out.append(None)
+        return out
+
+    def view(self, entry: Any) -> memoryview:
+        """The leased value's bytes, in place (valid until it is released)."""
+        return self._live_pool()[entry.offset : entry.offset + entry.nbytes]
+
+    def release(self, entry: Any) -> None:
+        """Give one lease back (a block deleted meanwhile is freed by its last reader)."""
+        self._unpin(entry)
+
+
+class SharedPoolMemory(LeasedMemory):
     """``memory://`` whose pool is a shared ``/dev/shm`` mapping clients can read."""
 
     pool_name: str | None = None
@@ -73,26 +108,3 @@ class SharedPoolMemory(MemoryBackend):
     def pool_size(self) -> int:
         """Bytes of the pool mapping."""
         return self._capacity
-
-    def lease(self, keys: list[CacheKey]) -> list[Any]:
-        """Pin the blocks of the held keys: per key an opaque lease, or None on a miss.
-
-        Each lease must be given back once with :meth:`release`; its ``offset``/``nbytes``
-        locate the value in the pool.
-        """
-        if self._pool is None:
-            return [None] * len(keys)
-        get = self._index.get
-        out: list[Any] = []
-        for k in keys:
-            e = get(k)
-            if e is not None and e.ready:
-                e.readers += 1
-                out.append(e)
-            else:
-                out.append(None)
-        return out
-
-    def release(self, entry: Any) -> None:
-        """Give one lease back (a block deleted meanwhile is freed by its last reader)."""
-        self._unpin(entry)

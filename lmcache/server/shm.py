@@ -12,8 +12,9 @@ Ownership (why a SIGKILLed client leaks nothing):
 * The only window with a name on disk is between the client creating the file and the server's
   reply to ``HELLO``. A client killed in that window leaves a name whose ``<pid>`` is dead: the
   server sweeps such names at start and every ``sweep_interval`` seconds (:func:`sweep_stale`).
-* No value is pinned on behalf of a client: the server copies values into and out of the
-  segment within one request, so a dead client holds no leases either.
+* Values a client reads in place from the server's tier-0 pool are leased to its connection
+  (:mod:`lmcache.server.pool`); the server releases every lease of a connection when it closes,
+  so a dead client holds no pins either.
 
 The segment is an arena: the client carves a region per request (:class:`Arena`), the request's
 meta carries ``[offset, length]`` spans, and the server checks every span against the segment.

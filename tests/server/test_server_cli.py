@@ -27,7 +27,10 @@ async def test_yaml_config_and_reconnect_after_restart(tmp_path: Path) -> None:
             keys = [CacheKey("restart", 1, 0, os.urandom(32), "uint8") for _ in range(4)]
             values = [os.urandom(10_000 + i) for i in range(4)]
             assert all(r.ok for r in await b.put(keys, values))
+            old_pid = server.pid
             server.proc.stop()  # SIGTERM: the server flushes write-back into the file tier
+            # ... and removes its shared tier-0 pool from /dev/shm.
+            assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"lmcache-pool-{old_pid}-")]
             server.proc.start()
             # The same backend reconnects on its next call (transparently: every operation is
             # idempotent) and reads the values back from the file tier.

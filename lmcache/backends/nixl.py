@@ -28,6 +28,14 @@ Two forms:
     :class:`~lmcache.backends.file.FileBackend`), with every read and write of file bytes done
     as a NIXL DRAM↔FILE transfer. ``o_direct`` is not offered (the plugin does its own I/O).
 
+Performance (``lmcache bench backend --url nixl://…`` against :mod:`lmcache.bench.baselines_nixl`,
+a raw NIXL WRITE/READ per batch between pre-registered arrays and one reserved extent; 2 MiB values,
+batches of 16, 2-core host under load, UCX over loopback): at 4 batches in flight the medians of six
+runs were ~0.88x the raw SDK for puts and ~0.97x for gets (single runs spread 0.64-1.23x); with
+one batch in flight 0.63x / 0.81x. What the backend adds per batch: the xxh3 checksum of every
+value (~2.3 ms per 32 MiB here; UCX completes shared-memory transfers inside the post call, so it
+does not overlap the copy), one or two control round trips, and registering the caller's buffers.
+
 Every NIXL call (agent creation, registration, transfers, polling) runs on the backend's own
 bounded executor (``workers`` threads), never on the event loop. SDK failures are mapped to
 :class:`~lmcache.errors.BackendUnavailableError` / :class:`~lmcache.errors.BackendTimeoutError`.

@@ -219,227 +219,203 @@ def test_nixl_in_private_network_namespace() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # With NIXL, inside the namespace
+# Defined (and so collected) only inside the namespace: outside it, the test above runs them.
 
-needs_netns = pytest.mark.skipif(
-    not IN_NETNS or _nixl_missing() is not None,
-    reason=_nixl_missing() or "runs inside a private network namespace (see test_nixl_in_private_network_namespace)",
-)
+if IN_NETNS and _nixl_missing() is None:
 
+    def _port_open(port: int) -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
 
-def _port_open(port: int) -> bool:
-    with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-        return True
+    def _start_peer(workdir: Path, capacity: str, port: int | None = None) -> ServerProcess:
+        port = port or free_port()
+        argv = [
+            sys.executable,
+            "-m",
+            "lmcache.backends.nixl_peer",
+            "--port",
+            str(port),
+            "--capacity",
+            capacity,
+            "--debug-ops",
+        ]
+        return start_process("nixl-peer", argv, workdir, lambda: _port_open(port), port)
 
-
-def _start_peer(workdir: Path, capacity: str, port: int | None = None) -> ServerProcess:
-    port = port or free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "lmcache.backends.nixl_peer",
-        "--port",
-        str(port),
-        "--capacity",
-        capacity,
-        "--debug-ops",
-    ]
-    return start_process("nixl-peer", argv, workdir, lambda: _port_open(port), port)
-
-
-@pytest.fixture(scope="module")
-def nixl_peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    if not IN_NETNS or _nixl_missing():
-        pytest.skip("needs NIXL inside a private network namespace")
-    peer = _start_peer(tmp_path_factory.mktemp("nixl-peer"), "1536MiB")
-    yield peer
-    peer.stop()
-
-
-@pytest.fixture
-def small_peer(tmp_path: Path) -> Iterator[ServerProcess]:
-    peer = _start_peer(tmp_path / "peer", "1MiB")
-    yield peer
-    peer.stop()
-
-
-class RawControl:
-    """A bare control connection to a peer (the bypass path of these tests)."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self._id = 0
-
-    def call(self, op: int, body: bytes) -> tuple[int, bytes]:
-        self._id += 1
-        self.sock.sendall(pack_message(op, self._id, body))
-        return self.reply()
-
-    def reply(self) -> tuple[int, bytes]:
-        head = self._recv(HEAD.size)
-        length, _v, op, _f, _id = HEAD.unpack(head)
-        return op, self._recv(length)
-
-    def _recv(self, n: int) -> bytes:
-        out = b""
-        while len(out) < n:
-            chunk = self.sock.recv(n - len(out))
-            if not chunk:
-                raise ConnectionError("peer closed the connection")
-            out += chunk
-        return out
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def raw_corrupt(port: int, key: CacheKey) -> None:
-    raw = RawControl(port)
-    try:
-        op, body = raw.call(Op.CORRUPT, pack_key(key.to_string().encode()))
-        assert (op, body) == (Op.CORRUPT, b"\x01"), "the peer did not hold the value to corrupt"
-    finally:
-        raw.close()
-
-
-@needs_netns
-class TestNixlPeerConformance(BackendTests):
-    pytestmark: ClassVar[list[pytest.MarkDecorator]] = [*BackendTests.pytestmark, pytest.mark.timeout(HANG_GUARD)]
-
-    @pytest.fixture
-    def backend_url(self, nixl_peer: ServerProcess) -> str:
-        return f"nixl://127.0.0.1:{nixl_peer.port}?workers=2"
-
-    async def corrupt_value(self, backend: StorageBackend, key: CacheKey) -> None:
-        assert isinstance(backend, NixlBackend)
-        raw_corrupt(backend.settings.port, key)
-
-
-@needs_netns
-class TestNixlPosixConformance(BackendTests):
-    pytestmark: ClassVar[list[pytest.MarkDecorator]] = [*BackendTests.pytestmark, pytest.mark.timeout(HANG_GUARD)]
-
-    @pytest.fixture
-    def backend_url(self, tmp_path: Path) -> str:
-        return f"nixl+posix://{tmp_path}/kv?workers=2"
-
-    async def corrupt_value(self, backend: StorageBackend, key: CacheKey) -> None:
-        assert isinstance(backend, NixlPosixBackend)
-        path = file_of(Path(backend.settings.path), key)
-        data = bytearray(path.read_bytes())
-        data[-1] ^= 0x01
-        path.write_bytes(bytes(data))
-
-
-@needs_netns
-@pytest.mark.timeout(HANG_GUARD)
-async def test_two_clients_share_the_peer(nixl_peer: ServerProcess) -> None:
-    url = f"nixl://127.0.0.1:{nixl_peer.port}"
-    keys = [make_key(i) for i in range(8)]
-    values = [os.urandom(n) for n in (0, 1, 4095, 4096, 65537, MiB, 3 * MiB, 123)]
-    async with open_backend(url) as a, open_backend(url) as b:
-        assert [r.status for r in await a.put(keys, values)] == [PutStatus.STORED] * 8
-        assert [r.status for r in await b.put(keys[:2], values[:2])] == [PutStatus.EXISTS] * 2
-        dsts = [np.full(len(v) + 11, 0xA5, dtype=np.uint8) for v in values]
-        assert await b.get_into(keys, dsts) == [len(v) for v in values]
-        for d, v in zip(dsts, values, strict=True):
-            assert d[: len(v)].tobytes() == v and set(d[len(v) :].tobytes()) == {0xA5}
-        await b.delete(keys[::2])
-        assert await a.contains(keys) == [False, True] * 4
-        listed = {k async for k in a.list_keys()}
-        assert set(keys[1::2]) <= listed and not set(keys[::2]) & listed
-        await a.delete(keys)
-
-
-@needs_netns
-@pytest.mark.timeout(HANG_GUARD)
-async def test_a_bounded_peer_rejects_instead_of_evicting(small_peer: ServerProcess) -> None:
-    async with open_backend(f"nixl://127.0.0.1:{small_peer.port}") as b:
-        big = await b.put([make_key(0)], [os.urandom(2 * MiB)])
-        assert big[0].status is PutStatus.REJECTED and big[0].reason == "too_large"
-        keys = [make_key(i) for i in range(4)]
-        results = await b.put(keys, [os.urandom(300_000) for _ in keys])
-        assert [r.status for r in results[:3]] == [PutStatus.STORED] * 3
-        assert results[3].status is PutStatus.REJECTED and results[3].reason == "capacity"
-        assert await b.contains(keys) == [True, True, True, False]
-        await b.delete(keys[:1])
-        assert (await b.put(keys[3:], [os.urandom(300_000)]))[0].status is PutStatus.STORED
-
-
-@needs_netns
-@pytest.mark.timeout(HANG_GUARD)
-async def test_a_dropped_connection_frees_its_reservations_and_leases(small_peer: ServerProcess) -> None:
-    key = make_key(1)
-    raw = RawControl(small_peer.port)
-    body = struct.pack("<QI", 7, 1) + pack_key(key.to_string().encode()) + struct.pack("<QI", 900_000, 128)
-    op, reply = raw.call(Op.RESERVE, body)
-    assert op == Op.RESERVE and reply[4] == Status.OK
-    async with open_backend(f"nixl://127.0.0.1:{small_peer.port}") as b:
-        assert (await b.put([key], [b"x"]))[0].status is PutStatus.EXISTS, "the raw reservation holds the key"
-        raw.close()  # the peer frees what the connection reserved
-        for _ in range(100):
-            result = (await b.put([key], [os.urandom(900_000)]))[0]
-            if result.status is not PutStatus.EXISTS:
-                break
-        assert result.status is PutStatus.STORED
-
-
-@needs_netns
-@pytest.mark.timeout(HANG_GUARD)
-async def test_malformed_messages_are_refused_and_the_peer_keeps_serving(nixl_peer: ServerProcess) -> None:
-    raw = RawControl(nixl_peer.port)
-    # Two keys announced, one sent: the peer answers ERROR and closes this connection only.
-    op, reply = raw.call(Op.CONTAINS, struct.pack("<I", 2) + pack_key(b"k"))
-    assert op == Op.ERROR and b"truncated" in reply
-    raw.close()
-    raw = RawControl(nixl_peer.port)
-    op, reply = raw.call(99, b"")
-    assert op == Op.ERROR and b"unknown operation" in reply
-    raw.close()
-    raw = RawControl(nixl_peer.port)
-    raw.sock.sendall(HEAD.pack(1 << 30, 1, Op.PING, 0, 1))  # an oversized body is never read
-    with pytest.raises((ConnectionError, OSError)):
-        raw.reply()
-    raw.close()
-    async with open_backend(f"nixl://127.0.0.1:{nixl_peer.port}") as b:
-        await b.ping()
-
-
-@needs_netns
-@pytest.mark.timeout(HANG_GUARD)
-async def test_peer_restart_is_a_typed_error_then_a_reconnect(tmp_path: Path) -> None:
-    peer = _start_peer(tmp_path / "peer", "64MiB")
-    try:
-        async with open_backend(f"nixl://127.0.0.1:{peer.port}?timeout=10") as b:
-            key, value = make_key(1), os.urandom(100_000)
-            assert (await b.put([key], [value]))[0].ok
-            peer.kill()
-            with pytest.raises(BackendUnavailableError):
-                await b.contains([key])
-            peer.start()
-            assert await b.contains([key]) == [False], "a restarted peer starts empty"
-            assert (await b.put([key], [value]))[0].status is PutStatus.STORED
-            dst = bytearray(100_000)
-            assert await b.get_into([key], [dst]) == [100_000] and bytes(dst) == value
-            assert b.stats()["connects"] == 2
-    finally:
+    @pytest.fixture(scope="module")
+    def nixl_peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+        if not IN_NETNS or _nixl_missing():
+            pytest.skip("needs NIXL inside a private network namespace")
+        peer = _start_peer(tmp_path_factory.mktemp("nixl-peer"), "1536MiB")
+        yield peer
         peer.stop()
 
+    @pytest.fixture
+    def small_peer(tmp_path: Path) -> Iterator[ServerProcess]:
+        peer = _start_peer(tmp_path / "peer", "1MiB")
+        yield peer
+        peer.stop()
 
-@needs_netns
-@pytest.mark.timeout(HANG_GUARD)
-async def test_nixl_posix_files_are_file_backend_files(tmp_path: Path) -> None:
-    root = tmp_path / "kv"
-    keys = [make_key(i) for i in range(3)]
-    values = [b"", os.urandom(70_000), os.urandom(2 * MiB + 5)]
-    async with open_backend(f"nixl+posix://{root}") as n:
-        assert [r.status for r in await n.put(keys, values)] == [PutStatus.STORED] * 3
-    async with FileBackend.from_url(f"file://{root}") as f:
-        dsts = [bytearray(len(v)) for v in values]
-        assert await f.get_into(keys, dsts) == [len(v) for v in values]
-        assert [bytes(d) for d in dsts] == values
-        extra, extra_value = make_key(9), os.urandom(12345)
-        assert (await f.put([extra], [extra_value]))[0].ok
-    async with open_backend(f"nixl://{root}?backend=posix") as n:
-        assert n.stats()["entries"] == 4
-        dst = bytearray(12345)
-        assert await n.get_into([extra], [dst]) == [12345] and bytes(dst) == extra_value
+    class RawControl:
+        """A bare control connection to a peer (the bypass path of these tests)."""
+
+        def __init__(self, port: int) -> None:
+            self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            self._id = 0
+
+        def call(self, op: int, body: bytes) -> tuple[int, bytes]:
+            self._id += 1
+            self.sock.sendall(pack_message(op, self._id, body))
+            return self.reply()
+
+        def reply(self) -> tuple[int, bytes]:
+            head = self._recv(HEAD.size)
+            length, _v, op, _f, _id = HEAD.unpack(head)
+            return op, self._recv(length)
+
+        def _recv(self, n: int) -> bytes:
+            out = b""
+            while len(out) < n:
+                chunk = self.sock.recv(n - len(out))
+                if not chunk:
+                    raise ConnectionError("peer closed the connection")
+                out += chunk
+            return out
+
+        def close(self) -> None:
+            self.sock.close()
+
+    def raw_corrupt(port: int, key: CacheKey) -> None:
+        raw = RawControl(port)
+        try:
+            op, body = raw.call(Op.CORRUPT, pack_key(key.to_string().encode()))
+            assert (op, body) == (Op.CORRUPT, b"\x01"), "the peer did not hold the value to corrupt"
+        finally:
+            raw.close()
+
+    class TestNixlPeerConformance(BackendTests):
+        pytestmark: ClassVar[list[pytest.MarkDecorator]] = [*BackendTests.pytestmark, pytest.mark.timeout(HANG_GUARD)]
+
+        @pytest.fixture
+        def backend_url(self, nixl_peer: ServerProcess) -> str:
+            return f"nixl://127.0.0.1:{nixl_peer.port}?workers=2"
+
+        async def corrupt_value(self, backend: StorageBackend, key: CacheKey) -> None:
+            assert isinstance(backend, NixlBackend)
+            raw_corrupt(backend.settings.port, key)
+
+    class TestNixlPosixConformance(BackendTests):
+        pytestmark: ClassVar[list[pytest.MarkDecorator]] = [*BackendTests.pytestmark, pytest.mark.timeout(HANG_GUARD)]
+
+        @pytest.fixture
+        def backend_url(self, tmp_path: Path) -> str:
+            return f"nixl+posix://{tmp_path}/kv?workers=2"
+
+        async def corrupt_value(self, backend: StorageBackend, key: CacheKey) -> None:
+            assert isinstance(backend, NixlPosixBackend)
+            path = file_of(Path(backend.settings.path), key)
+            data = bytearray(path.read_bytes())
+            data[-1] ^= 0x01
+            path.write_bytes(bytes(data))
+
+    @pytest.mark.timeout(HANG_GUARD)
+    async def test_two_clients_share_the_peer(nixl_peer: ServerProcess) -> None:
+        url = f"nixl://127.0.0.1:{nixl_peer.port}"
+        keys = [make_key(i) for i in range(8)]
+        values = [os.urandom(n) for n in (0, 1, 4095, 4096, 65537, MiB, 3 * MiB, 123)]
+        async with open_backend(url) as a, open_backend(url) as b:
+            assert [r.status for r in await a.put(keys, values)] == [PutStatus.STORED] * 8
+            assert [r.status for r in await b.put(keys[:2], values[:2])] == [PutStatus.EXISTS] * 2
+            dsts = [np.full(len(v) + 11, 0xA5, dtype=np.uint8) for v in values]
+            assert await b.get_into(keys, dsts) == [len(v) for v in values]
+            for d, v in zip(dsts, values, strict=True):
+                assert d[: len(v)].tobytes() == v and set(d[len(v) :].tobytes()) == {0xA5}
+            await b.delete(keys[::2])
+            assert await a.contains(keys) == [False, True] * 4
+            listed = {k async for k in a.list_keys()}
+            assert set(keys[1::2]) <= listed and not set(keys[::2]) & listed
+            await a.delete(keys)
+
+    @pytest.mark.timeout(HANG_GUARD)
+    async def test_a_bounded_peer_rejects_instead_of_evicting(small_peer: ServerProcess) -> None:
+        async with open_backend(f"nixl://127.0.0.1:{small_peer.port}") as b:
+            big = await b.put([make_key(0)], [os.urandom(2 * MiB)])
+            assert big[0].status is PutStatus.REJECTED and big[0].reason == "too_large"
+            keys = [make_key(i) for i in range(4)]
+            results = await b.put(keys, [os.urandom(300_000) for _ in keys])
+            assert [r.status for r in results[:3]] == [PutStatus.STORED] * 3
+            assert results[3].status is PutStatus.REJECTED and results[3].reason == "capacity"
+            assert await b.contains(keys) == [True, True, True, False]
+            await b.delete(keys[:1])
+            assert (await b.put(keys[3:], [os.urandom(300_000)]))[0].status is PutStatus.STORED
+
+    @pytest.mark.timeout(HANG_GUARD)
+    async def test_a_dropped_connection_frees_its_reservations_and_leases(small_peer: ServerProcess) -> None:
+        key = make_key(1)
+        raw = RawControl(small_peer.port)
+        body = struct.pack("<QI", 7, 1) + pack_key(key.to_string().encode()) + struct.pack("<QI", 900_000, 128)
+        op, reply = raw.call(Op.RESERVE, body)
+        assert op == Op.RESERVE and reply[4] == Status.OK
+        async with open_backend(f"nixl://127.0.0.1:{small_peer.port}") as b:
+            assert (await b.put([key], [b"x"]))[0].status is PutStatus.EXISTS, "the raw reservation holds the key"
+            raw.close()  # the peer frees what the connection reserved
+            for _ in range(100):
+                result = (await b.put([key], [os.urandom(900_000)]))[0]
+                if result.status is not PutStatus.EXISTS:
+                    break
+            assert result.status is PutStatus.STORED
+
+    @pytest.mark.timeout(HANG_GUARD)
+    async def test_malformed_messages_are_refused_and_the_peer_keeps_serving(nixl_peer: ServerProcess) -> None:
+        raw = RawControl(nixl_peer.port)
+        # Two keys announced, one sent: the peer answers ERROR and closes this connection only.
+        op, reply = raw.call(Op.CONTAINS, struct.pack("<I", 2) + pack_key(b"k"))
+        assert op == Op.ERROR and b"truncated" in reply
+        raw.close()
+        raw = RawControl(nixl_peer.port)
+        op, reply = raw.call(99, b"")
+        assert op == Op.ERROR and b"unknown operation" in reply
+        raw.close()
+        raw = RawControl(nixl_peer.port)
+        raw.sock.sendall(HEAD.pack(1 << 30, 1, Op.PING, 0, 1))  # an oversized body is never read
+        with pytest.raises((ConnectionError, OSError)):
+            raw.reply()
+        raw.close()
+        async with open_backend(f"nixl://127.0.0.1:{nixl_peer.port}") as b:
+            await b.ping()
+
+    @pytest.mark.timeout(HANG_GUARD)
+    async def test_peer_restart_is_a_typed_error_then_a_reconnect(tmp_path: Path) -> None:
+        peer = _start_peer(tmp_path / "peer", "64MiB")
+        try:
+            async with open_backend(f"nixl://127.0.0.1:{peer.port}?timeout=10") as b:
+                key, value = make_key(1), os.urandom(100_000)
+                assert (await b.put([key], [value]))[0].ok
+                peer.kill()
+                with pytest.raises(BackendUnavailableError):
+                    await b.contains([key])
+                peer.start()
+                assert await b.contains([key]) == [False], "a restarted peer starts empty"
+                assert (await b.put([key], [value]))[0].status is PutStatus.STORED
+                dst = bytearray(100_000)
+                assert await b.get_into([key], [dst]) == [100_000] and bytes(dst) == value
+                assert b.stats()["connects"] == 2
+        finally:
+            peer.stop()
+
+    @pytest.mark.timeout(HANG_GUARD)
+    async def test_nixl_posix_files_are_file_backend_files(tmp_path: Path) -> None:
+        root = tmp_path / "kv"
+        keys = [make_key(i) for i in range(3)]
+        values = [b"", os.urandom(70_000), os.urandom(2 * MiB + 5)]
+        async with open_backend(f"nixl+posix://{root}") as n:
+            assert [r.status for r in await n.put(keys, values)] == [PutStatus.STORED] * 3
+        async with FileBackend.from_url(f"file://{root}") as f:
+            dsts = [bytearray(len(v)) for v in values]
+            assert await f.get_into(keys, dsts) == [len(v) for v in values]
+            assert [bytes(d) for d in dsts] == values
+            extra, extra_value = make_key(9), os.urandom(12345)
+            assert (await f.put([extra], [extra_value]))[0].ok
+        async with open_backend(f"nixl://{root}?backend=posix") as n:
+            assert n.stats()["entries"] == 4
+            dst = bytearray(12345)
+            assert await n.get_into([extra], [dst]) == [12345] and bytes(dst) == extra_value

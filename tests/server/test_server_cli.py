@@ -54,3 +54,21 @@ def test_bench_backend_against_lm(lm_server: LMServer, tmp_path: Path, shm: str,
     assert result["baseline"]["name"] == baseline
     assert result["ratio"]["put_gbps"] is not None and result["ratio"]["get_gbps"] is not None
     assert result["backend_stats"]["shm"] is (shm == "true")
+
+
+async def test_no_shm_server_falls_back_to_the_socket(tmp_path: Path) -> None:
+    server = start_lm_server(tmp_path / "srv", ["memory://?capacity=32MiB"], extra=["--no-shm"])
+    try:
+        assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"lmcache-pool-{server.pid}-")]
+        b = lmcache.open_backend(server.url("lm+unix"))  # asks for shm; the server declines
+        async with b:
+            keys = [CacheKey("no-shm", 1, 0, os.urandom(32), "uint8") for _ in range(3)]
+            values = [os.urandom(100_000) for _ in keys]
+            assert all(r.ok for r in await b.put(keys, values))
+            dsts = [bytearray(100_000) for _ in keys]
+            assert await b.get_into(keys, dsts) == [100_000] * 3  # tier-0 hits sent in place
+            assert [bytes(d) for d in dsts] == values
+            assert not b.shm_active and b.stats()["shm"] is False
+            assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"lmcache-shm-{os.getpid()}-")]
+    finally:
+        server.proc.stop()

@@ -50,8 +50,9 @@ buffers the backend sees, plus optional ``open``/``end_round``/``aclose``. Built
   directory inside the backend's root (same file system), with the backend's ``fsync`` policy,
   ``o_direct`` flag and worker count, and open/readinto/close to read.
 
-Later work adds e.g. ``register_baseline("redis", "lmcache.bench.baselines.redis:make")`` for raw
-redis-py SET/GET, raw aioboto3 for ``s3``, or a memcpy over shared memory for ``lm+unix``.
+Other schemes register theirs lazily (``register_baseline(scheme, "module:make")``): raw
+redis-py pipelined SET/GET for the Redis schemes (``baselines_redis``), raw aioboto3 for ``s3``
+(``baselines_s3``), memcpy over shared memory or a raw socket for ``lm://`` (``baselines_lm``).
 Schemes without a baseline report the backend alone (ratio ``-``).
 """
 

@@ -648,15 +648,16 @@ class LMServerBackend(StorageBackend):
         return await self._retrying(lambda conn: self._put_on(conn, keys, srcs))
 
     async def _put_on(self, conn: _Conn, keys: list[CacheKey], srcs: list[memoryview]) -> list[PutResult]:
-        heads = [encode_header(k, s) for k, s in zip(keys, srcs, strict=True)]
+        # Header sizes follow from the keys (no metadata); checksums are taken later, per path.
+        hsizes = [header_size(len(k.to_string().encode()), 0) for k in keys]
         results: list[PutResult | None] = [None] * len(keys)
         shm = conn.arena is not None
         limit = min(conn.max_frame, _SHM_REQUEST_BYTES if shm else _SOCKET_REQUEST_BYTES)
         groups: list[list[int]] = []
         cur: list[int] = []
         cur_bytes = 0
-        for i, (h, s) in enumerate(zip(heads, srcs, strict=True)):
-            n = len(h) + s.nbytes
+        for i, (h, s) in enumerate(zip(hsizes, srcs, strict=True)):
+            n = h + s.nbytes
             if n > conn.max_frame:
                 results[i] = rejected("too_large")
                 continue
@@ -670,7 +671,7 @@ class LMServerBackend(StorageBackend):
 
         async def one(group: list[int]) -> None:
             got = await self._put_group(
-                conn, [keys[i] for i in group], [heads[i] for i in group], [srcs[i] for i in group]
+                conn, [keys[i] for i in group], [hsizes[i] for i in group], [srcs[i] for i in group]
             )
             for i, r in zip(group, got, strict=True):
                 results[i] = r
@@ -679,19 +680,22 @@ class LMServerBackend(StorageBackend):
         return results  # type: ignore[return-value]
 
     async def _put_group(
-        self, conn: _Conn, keys: list[CacheKey], heads: list[bytes], srcs: list[memoryview]
+        self, conn: _Conn, keys: list[CacheKey], hsizes: list[int], srcs: list[memoryview]
     ) -> list[PutResult]:
-        total = sum(len(h) + s.nbytes for h, s in zip(heads, srcs, strict=True))
+        total = sum(h + s.nbytes for h, s in zip(hsizes, srcs, strict=True))
         skeys = [k.to_string() for k in keys]
         region = await conn.alloc(total) if conn.arena is not None else None
         if region is not None and conn.segment is not None:
             seg = conn.segment.view
             off = region[0]
             spans = []
-            for h, s in zip(heads, srcs, strict=True):
-                n = len(h) + s.nbytes
-                seg[off : off + len(h)] = h
-                seg[off + len(h) : off + n] = s
+            for key, h, s in zip(keys, hsizes, srcs, strict=True):
+                n = h + s.nbytes
+                # Copy first, then checksum the copy while it is still in cache.
+                payload = seg[off + h : off + n]
+                payload[:] = s
+                head = encode_header(key, payload)
+                seg[off : off + h] = head
                 spans.append([off, n])
                 off += n
             # On failure or cancellation request() hands the region back (now or on the reply).
@@ -699,10 +703,10 @@ class LMServerBackend(StorageBackend):
             conn.free_region(region)
         else:
             data: list[memoryview] = []
-            for h, s in zip(heads, srcs, strict=True):
-                data.append(memoryview(h))
+            for key, s in zip(keys, srcs, strict=True):
+                data.append(memoryview(encode_header(key, s)))
                 data.append(s)
-            sizes = [len(h) + s.nbytes for h, s in zip(heads, srcs, strict=True)]
+            sizes = [h + s.nbytes for h, s in zip(hsizes, srcs, strict=True)]
             reply, _ = await conn.request(P.Op.PUT, {"keys": skeys, "sizes": sizes}, data)
         out = []
         for status, reason in reply["results"]:

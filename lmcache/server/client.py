@@ -725,9 +725,9 @@ class LMServerBackend(StorageBackend):
         return results
 
     async def _get_on(self, conn: _Conn, keys: list[CacheKey], dsts: list[memoryview]) -> list[int | None]:
+        skeys = [k.to_string() for k in keys]  # once per call: it is not free for MiB-rate gets
         caps = [
-            min(d.nbytes + header_size(len(k.to_string().encode()), 0), conn.max_frame)
-            for k, d in zip(keys, dsts, strict=True)
+            min(d.nbytes + header_size(len(sk.encode()), 0), conn.max_frame) for sk, d in zip(skeys, dsts, strict=True)
         ]
         shm = conn.arena is not None
         limit = min(conn.max_frame, _SHM_REQUEST_BYTES if shm else _SOCKET_REQUEST_BYTES)
@@ -746,7 +746,11 @@ class LMServerBackend(StorageBackend):
 
         async def one(group: list[int]) -> None:
             got = await self._get_group(
-                conn, [keys[i] for i in group], [dsts[i] for i in group], [caps[i] for i in group]
+                conn,
+                [keys[i] for i in group],
+                [skeys[i] for i in group],
+                [dsts[i] for i in group],
+                [caps[i] for i in group],
             )
             for i, n in zip(group, got, strict=True):
                 results[i] = n
@@ -755,9 +759,8 @@ class LMServerBackend(StorageBackend):
         return results
 
     async def _get_group(
-        self, conn: _Conn, keys: list[CacheKey], dsts: list[memoryview], caps: list[int]
+        self, conn: _Conn, keys: list[CacheKey], skeys: list[str], dsts: list[memoryview], caps: list[int]
     ) -> list[int | None]:
-        skeys = [k.to_string() for k in keys]
         region = await conn.alloc(sum(caps)) if conn.arena is not None else None
         if region is None:
             _, values = await conn.request(
@@ -782,7 +785,7 @@ class LMServerBackend(StorageBackend):
             seg = conn.segment
             assert seg is not None
             out: list[int | None] = []
-            for key, dst, (o, c), n, w, po in zip(keys, dsts, spans, sizes, where, offsets, strict=True):
+            for key, skey, dst, (o, c), n, w, po in zip(keys, skeys, dsts, spans, sizes, where, offsets, strict=True):
                 if n is None:
                     out.append(None)
                     continue
@@ -795,7 +798,9 @@ class LMServerBackend(StorageBackend):
                         raise P.ProtocolError("a GET reply size outside its span")
                     frame = seg.view[o : o + n]
                 try:
-                    header = parse_header(frame, key)
+                    header = parse_header(frame)
+                    if header.key != skey:
+                        raise IntegrityError(f"value stored under {skey[:80]} belongs to another key")
                     if header.total_len != n:
                         raise IntegrityError(f"value for {key} has {n} bytes, its header says {header.total_len}")
                     payload = frame[header.payload_offset : n]

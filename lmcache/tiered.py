@@ -381,6 +381,24 @@ class TieredBackend(StorageBackend):
             for key in keys:
                 t.policy.on_access(key)
 
+    def record_stored(self, keys: Sequence[CacheKey], sizes: Sequence[int]) -> None:
+        """Account values stored into tier 0 outside :meth:`put`.
+
+        A cache server that receives values straight into tier 0 uses this: tier 0's policy
+        tracks them and they are queued for write-back to the slower tiers, as a put would do.
+        """
+        top = self._tiers[0]
+        slower = range(1, len(self._tiers))
+        c = self.counters
+        for key, size in zip(keys, sizes, strict=True):
+            if top.policy is not None:
+                top.policy.on_insert(key, size)
+            if len(self._tiers) > 1:
+                self._enqueue(key, size, slower)
+            c.put_requests += 1
+            c.stored += 1
+            c.bytes_written += size
+
     def unpin(self, keys: Sequence[CacheKey]) -> int:
         """Drop the pins of ``keys`` (unpinned keys are ignored); returns how many were dropped."""
         return sum(1 for key in keys if self._pins.pop(key, None) is not None)

@@ -175,6 +175,15 @@ class _Session:
                     srv.counters.protocol_errors += 1
                     await self._send_error(fh.op, fh.request_id, "protocol", "a shm frame carries no data")
                     return
+                if (
+                    hello_done
+                    and fh.op == P.Op.PUT
+                    and not fh.flags & P.FLAG_SHM
+                    and srv.pool is not None
+                    and fh.data_len
+                ):
+                    await self._put_in_place(fh, meta_raw)
+                    continue
                 data = self._staging_view(fh.data_len)
                 if fh.data_len:
                     await self._recv_into(data)
@@ -288,6 +297,80 @@ class _Session:
                 raise InvalidArgumentError(f"span [{off}, {length}] lies outside the {total}-byte region")
             out.append((off, length))
         return out
+
+    async def _put_in_place(self, fh: P.FrameHead, meta_raw: bytearray) -> None:
+        """A socket PUT whose values are received straight into reserved tier-0 blocks.
+
+        Values that cannot be reserved (tier 0 full, a put of the key in flight) are received
+        into staging and stored through the tiered backend as usual (which evicts). A client
+        that disconnects mid-frame leaves no reservation behind.
+        """
+        srv = self.server
+        pool = srv.pool
+        assert pool is not None
+        srv.counters.requests += 1
+        t0 = time.perf_counter()
+        try:
+            meta = P.decode_meta(meta_raw)
+            keys = self._keys(meta)
+            sizes = meta.get("sizes")
+            if not isinstance(sizes, list) or len(sizes) != len(keys) or not all(type(x) is int for x in sizes):
+                raise InvalidArgumentError("meta.sizes must be a list of one int per key")
+            if any(x < 0 for x in sizes) or sum(sizes) != fh.data_len:
+                raise InvalidArgumentError("meta.sizes do not add up to the data length")
+        except (P.ProtocolError, InvalidArgumentError) as exc:
+            srv.counters.bad_requests += 1
+            await self._drain(fh.data_len)  # keep the stream in step, then answer
+            await self._send_error(fh.op, fh.request_id, "bad_request", str(exc))
+            return
+        slots: list[tuple[str, Any]] = []
+        staged: list[int] = []
+        try:
+            for key, n in zip(keys, sizes, strict=True):
+                slots.append(pool.reserve(key, n))
+            rest_bytes = sum(n for (state, _), n in zip(slots, sizes, strict=True) if state != "reserved")
+            staging = self._staging_view(rest_bytes)
+            views: list[memoryview] = []
+            off = 0
+            for i, ((state, entry), n) in enumerate(zip(slots, sizes, strict=True)):
+                if state == "reserved":
+                    await self._recv_into(pool.view(entry))
+                else:
+                    view = staging[off : off + n]
+                    off += n
+                    await self._recv_into(view)
+                    staged.append(i)
+                    views.append(view)
+            results: list[Any] = [None] * len(keys)
+            stored_keys, stored_sizes = [], []
+            for i, (state, entry) in enumerate(slots):
+                if state == "reserved":
+                    ok = pool.commit(keys[i], entry)
+                    results[i] = ["stored", None] if ok else ["rejected", "error"]
+                    if ok:
+                        stored_keys.append(keys[i])
+                        stored_sizes.append(sizes[i])
+            slots = []  # every reservation is settled
+        except BaseException:
+            for key, (state, entry) in zip(keys, slots, strict=False):
+                if state == "reserved":
+                    pool.abort(key, entry)
+            raise
+        srv.tiered.record_stored(stored_keys, stored_sizes)
+        if staged:
+            got = await srv.tiered.put([keys[i] for i in staged], views)
+            for i, r in zip(staged, got, strict=True):
+                results[i] = [r.status.value, r.reason]
+        srv.metrics.put(sum(sizes[i] for i, r in enumerate(results) if r[0] != "rejected"))
+        srv.metrics.observe("put", time.perf_counter() - t0)
+        await self._send(fh.op, fh.request_id, {"results": results})
+
+    async def _drain(self, n: int) -> None:
+        scratch = memoryview(bytearray(min(n, 1 << 20) or 1))
+        while n > 0:
+            chunk = min(n, scratch.nbytes)
+            await self._recv_into(scratch[:chunk])
+            n -= chunk
 
     async def _socket_get(self, keys: list[CacheKey], caps: list[int]) -> tuple[dict[str, Any], list[memoryview]]:
         """A socket GET whose tier-0 hits are sent from the pool in place (leased until sent)."""

@@ -28,7 +28,7 @@ import os
 import secrets
 from typing import Any
 
-from lmcache.backends.memory import MemoryBackend
+from lmcache.backends.memory import MemoryBackend, _Entry
 from lmcache.errors import map_os_errors
 from lmcache.keys import CacheKey
 from lmcache.server.shm import SHM_DIR
@@ -72,6 +72,59 @@ class LeasedMemory(MemoryBackend):
     def release(self, entry: Any) -> None:
         """Give one lease back (a block deleted meanwhile is freed by its last reader)."""
         self._unpin(entry)
+
+    # -- writing in place: reserve a block, fill it from outside, then commit or abort --------
+
+    def reserve(self, key: CacheKey, nbytes: int) -> tuple[str, Any]:
+        """Reserve a block for ``key`` to be filled in place (e.g. received from a socket).
+
+        Returns:
+            ``("reserved", entry)``, or ``("exists", None)`` when the key is held, or
+            ``("busy" | "full" | "too_large", None)`` when the caller should store it the usual
+            way (another put is copying it; no free block: the TieredBackend evicts on a put).
+            A reserved key reads as absent until :meth:`commit`.
+        """
+        if nbytes > self._capacity:
+            return "too_large", None
+        e = self._index.get(key)
+        if e is not None:
+            return ("exists", None) if e.ready else ("busy", None)
+        if self._pool is None:
+            return "full", None
+        offset = self._alloc.alloc(nbytes)
+        if offset is None:
+            return "full", None
+        entry = _Entry(offset, nbytes)
+        self._index[key] = entry  # not ready: readers miss, a second put of the key waits
+        return "reserved", entry
+
+    def commit(self, key: CacheKey, entry: Any) -> bool:
+        """Publish a filled reservation; False (and the block freed) if the pool was closed."""
+        if self._pool is None or self._index.get(key) is not entry:
+            self.abort(key, entry)
+            return False
+        entry.ready = True
+        self._entries += 1
+        c = self.counters
+        c.put_requests += 1
+        c.stored += 1
+        c.bytes_written += entry.nbytes
+        self._wake(entry)
+        return True
+
+    def abort(self, key: CacheKey, entry: Any) -> None:
+        """Drop an unfilled reservation and free its block."""
+        if self._index.get(key) is entry:
+            del self._index[key]
+        if self._pool is not None:
+            self._alloc.free(entry.offset, entry.nbytes)
+        self._wake(entry)
+
+    @staticmethod
+    def _wake(entry: Any) -> None:
+        if entry.waiter is not None:
+            entry.waiter.set_result(None)
+            entry.waiter = None
 
 
 class SharedPoolMemory(LeasedMemory):

@@ -109,7 +109,7 @@ from lmcache.errors import (
     TransientBackendError,
 )
 from lmcache.keys import CacheKey
-from lmcache.serde.frame import decode_frame, encode_header, header_size
+from lmcache.serde.frame import FrameHeader, encode_header, header_size, parse_header
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -123,6 +123,8 @@ DEFAULT_PORT = 50051
 _LOCATION_FIELDS = ("host", "port")
 # Room reserved in an arena for one frame header (48 bytes + key, padded to 64).
 _HEADER_RESERVE = 4096
+# Values at least this large are checked after their copy into dst (see _get_batch).
+_VERIFY_IN_PLACE_BYTES = 256 << 10
 
 # Mooncake Store's ErrorCode values (mooncake-store/include/types.h) that this backend handles.
 OK = 0
@@ -653,11 +655,15 @@ class MooncakeBackend(StorageBackend):
         lengths: list[int | None] = [None] * len(idx)
         corrupt: list[tuple[int, IntegrityError]] = []
         errors: list[tuple[int, int]] = []
-        payloads: list[tuple[int, int, int]] = []  # (position, offset in arena, length)
+        payloads: list[tuple[int, int, FrameHeader]] = []  # (position, offset in arena, header)
         for pos, (i, o, code) in enumerate(zip(idx, offsets, codes, strict=True)):
             if code >= 0:
                 try:
-                    header, _payload = decode_frame(memoryview(arena[o : o + code]), keys[i])
+                    header = parse_header(memoryview(arena[o : o + code]), keys[i])
+                    if header.total_len != code:
+                        raise IntegrityError(
+                            f"value for {keys[i]} has {code} bytes, its header says {header.total_len}"
+                        )
                 except IntegrityError as exc:
                     corrupt.append((i, exc))
                     continue
@@ -666,7 +672,7 @@ class MooncakeBackend(StorageBackend):
                         f"buffer of {dsts[i].nbytes} bytes is too small for the "
                         f"{header.payload_len}-byte value of {keys[i]}"
                     )
-                payloads.append((pos, o + header.payload_offset, header.payload_len))
+                payloads.append((pos, o + header.payload_offset, header))
             elif code in (OBJECT_NOT_FOUND, REPLICA_IS_NOT_READY, REPLICA_IS_PROCESSING):
                 continue  # absent, or still being written: a miss
             elif code == INVALID_PARAMS:
@@ -688,9 +694,25 @@ class MooncakeBackend(StorageBackend):
             if not gate.enter():
                 raise _Abandoned
             try:
-                for pos, o, n in payloads:
+                # Large values: copy first, then check the copy while it is still in cache (one
+                # pass over cold memory instead of two); one that fails leaves its bytes in dst,
+                # which the contract allows for a corrupt value. Small values stay in cache
+                # anyway and are checked before the copy.
+                for pos, o, header in payloads:
                     i = idx[pos]
-                    dsts[i][:n] = memoryview(arena[o : o + n])
+                    n = header.payload_len
+                    out = dsts[i][:n]
+                    src = memoryview(arena[o : o + n])
+                    try:
+                        if n < _VERIFY_IN_PLACE_BYTES:
+                            header.verify_payload(src)  # small: check first, a corrupt dst stays untouched
+                            out[:] = src
+                        else:
+                            out[:] = src
+                            header.verify_payload(out)
+                    except IntegrityError as exc:
+                        corrupt.append((i, exc))
+                        continue
                     lengths[pos] = n
             finally:
                 gate.leave()
@@ -736,21 +758,19 @@ class MooncakeBackend(StorageBackend):
         if not gate.enter():
             raise _Abandoned
         try:
-            # The only reads of caller buffers: one copy of each payload behind its header's room.
+            # The only reads of caller buffers: one copy of each payload behind its header's room,
+            # checksummed right after its copy while it is still in cache.
             for pos in new:
                 i = idx[pos]
                 n = srcs[i].nbytes
-                arena[off + heads[i] : off + heads[i] + n] = np.frombuffer(srcs[i], dtype=np.uint8)
+                payload = arena[off + heads[i] : off + heads[i] + n]
+                payload[:] = np.frombuffer(srcs[i], dtype=np.uint8)
+                arena[off : off + heads[i]] = np.frombuffer(encode_header(keys[i], memoryview(payload)), dtype=np.uint8)
                 spans.append((pos, off, heads[i] + n))
                 off += heads[i] + n
         finally:
             gate.leave()
         base = arena.ctypes.data
-        for pos, o, total in spans:
-            i = idx[pos]
-            payload = memoryview(arena[o + heads[i] : o + total])
-            head = encode_header(keys[i], payload)
-            arena[o : o + heads[i]] = np.frombuffer(head, dtype=np.uint8)
         codes = store.batch_put_from(
             [names[idx[pos]] for pos, _, _ in spans],
             [base + o for _, o, _ in spans],

@@ -330,6 +330,26 @@ async def test_foreign_and_misplaced_objects_are_counted_misses(
 
 
 @needs_netns
+@pytest.mark.parametrize("size", [4096, 3 * MiB], ids=["checked_before_copy", "checked_after_copy"])
+async def test_corrupt_payload_is_a_counted_miss(
+    mooncake: MooncakeBackend, mooncake_raw: _RawClient, size: int
+) -> None:
+    # Small values are checked before the copy, large ones in dst right after it: both are misses.
+    key, value = make_key(1), os.urandom(size)
+    await mooncake.put([key], [value])
+    name = mooncake.object_name(key)
+    frame = bytearray(mooncake_raw.read(name) or b"")
+    frame[len(frame) // 2 + 100] ^= 0x01  # a payload byte in the middle
+    mooncake_raw.replace(name, bytes(frame))
+    before = mooncake.stats()["corrupt"]
+    dst = bytearray(b"\xa5" * size)
+    assert await mooncake.get_into([key], [dst]) == [None]
+    assert mooncake.stats()["corrupt"] == before + 1
+    if size < 256 * 1024:
+        assert dst == bytearray(b"\xa5" * size)
+
+
+@needs_netns
 async def test_value_larger_than_an_arena_is_rejected(mooncake_cluster: MooncakeCluster) -> None:
     b = open_backend(mooncake_cluster.url(staging_size="4MiB", max_workers=2))
     try:

@@ -52,13 +52,13 @@ Semantics
   blocks for about 90 s.
 
 Measured (``lmcache bench backend``, 2 MiB values, 256 MiB per round, a ``mooncake_client``
-storage node on the same 2-core host over loopback TCP, median of 9 rounds, ratio against the raw
-SDK baseline of :mod:`lmcache.bench.baselines_mooncake`): batch 16 with 4 batches in flight, put
-0.61 GB/s (1.00x) and get 0.54 GB/s (0.93x); one batch at a time, put 0.93 GB/s (0.79x) and get
-1.09 GB/s (0.85x). The gap is the staging copy and the xxh3 checksum on the CPU, which the raw
-baseline (reading and writing registered workload buffers directly) does not pay; with several
-batches in flight the transfer engine is the bottleneck and the gap closes. Closing a backend takes
-about 1 s (the SDK's ``close()``).
+storage node on the same shared 2-core host over loopback TCP, medians of 7-9 rounds, ratio against
+the raw SDK baseline of :mod:`lmcache.bench.baselines_mooncake`; the range is over repeated runs,
+the host was busy with other work): one batch of 16 at a time, put 1.0-1.1 GB/s (0.79-0.89x) and
+get 1.05-1.2 GB/s (0.88-0.92x); 4 batches in flight, put 0.3-0.74 GB/s (1.0-1.2x) and get 0.46-0.69
+GB/s (0.77-1.07x). What the baseline does not pay is the staging copy and the xxh3 checksum on the
+CPU (it moves registered workload buffers directly). Closing a backend takes about 1 s (the SDK's
+``close()``).
 
 Memory: ``global_segment_size`` is what this process contributes to the cluster (0 by default:
 the data lives on storage nodes such as ``mooncake_client``; set it to pool this process's RAM),

@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml tests/plugins/lmcache-example-plugin/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev,hf,redis,s3,bench,server,nixl,mooncake]'
+	$(PIP) install -q -e '.[dev,hf,redis,s3,bench,server,nixl,mooncake,infinistore]'
 	$(PIP) install -q -e tests/plugins/lmcache-example-plugin
 	touch $(STAMP)
 

@@ -68,7 +68,7 @@ from lmcache.errors import (
 from lmcache.keys import CacheKey
 from lmcache.serde.frame import encode_header, header_size, needed_header_bytes, parse_header
 from lmcache.server import protocol as P
-from lmcache.server.shm import Arena, Segment, create_segment, map_pool_readonly, shm_available
+from lmcache.server.shm import Arena, Segment, create_segment, map_pool, shm_available
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -168,7 +168,7 @@ class _Conn:
         pool = reply.get("pool")
         if self.segment is not None and isinstance(pool, dict):
             try:
-                self.pool_mm = map_pool_readonly(pool.get("name"), pool.get("size"))
+                self.pool_mm = map_pool(pool.get("name"), pool.get("size"))
                 self.pool_view = memoryview(self.pool_mm)
             except (OSError, LMCacheError) as exc:
                 logger.info("lm://: cannot map the server's pool (%s); tier-0 hits are copied", exc)
@@ -271,7 +271,9 @@ class _Conn:
         req.cancelled = True
         if req.future.done():
             if not req.future.cancelled() and req.future.exception() is None:
-                self.release_lease(req.future.result()[0].get("lease"))  # replied, never read
+                reply = req.future.result()[0]  # replied, never read: give back what it holds
+                self.release_lease(reply.get("lease"))
+                self.abort_reservation(reply.get("reservation"))
             self.release(req)
 
     async def _cancel(self, req: _Req) -> None:
@@ -306,6 +308,19 @@ class _Conn:
             return
         frame = P.encode_frame_head(P.Op.RELEASE, 0, P.encode_meta({"leases": [lease]}), 0, P.FLAG_NOREPLY)
         task = asyncio.get_running_loop().create_task(self._send(frame, []))
+        self._background.add(task)
+        task.add_done_callback(self._sent_in_background)
+
+    def abort_reservation(self, rid: object) -> None:
+        """Drop a put reservation we will not fill (a failed or cancelled put), in the background."""
+        if not isinstance(rid, int) or self.closed:
+            return
+
+        async def abort() -> None:
+            with contextlib.suppress(Exception):
+                await self.request(P.Op.COMMIT, {"reservation": rid, "abort": True})
+
+        task = asyncio.get_running_loop().create_task(abort())
         self._background.add(task)
         task.add_done_callback(self._sent_in_background)
 
@@ -391,8 +406,9 @@ class _Conn:
     def _settle(self, req: _Req, *, result: Any = None, exc: Exception | None = None) -> None:
         if req.cancelled:
             self.release(req)  # the caller is gone: the region and any lease are ours to free
-            if result is not None:
+            if result is not None:  # a reply nobody will read: give back what it holds for us
                 self.release_lease(result[0].get("lease"))
+                self.abort_reservation(result[0].get("reservation"))
             return
         if req.future.done():
             return
@@ -680,6 +696,61 @@ class LMServerBackend(StorageBackend):
         return results  # type: ignore[return-value]
 
     async def _put_group(
+        self, conn: _Conn, keys: list[CacheKey], hsizes: list[int], srcs: list[memoryview]
+    ) -> list[PutResult]:
+        if conn.pool_view is not None and conn.segment is not None:
+            return await self._put_into_pool(conn, keys, hsizes, srcs)
+        return await self._put_copied(conn, keys, hsizes, srcs)
+
+    async def _put_into_pool(
+        self, conn: _Conn, keys: list[CacheKey], hsizes: list[int], srcs: list[memoryview]
+    ) -> list[PutResult]:
+        """A shm put in one copy: the server reserves tier-0 blocks, we fill them, it commits.
+
+        Keys it cannot reserve (tier 0 full, a put of the key in flight) go the copied way,
+        through our segment (the tiered backend evicts for those).
+        """
+        pool = conn.pool_view
+        assert pool is not None
+        sizes = [h + s.nbytes for h, s in zip(hsizes, srcs, strict=True)]
+        meta = {"keys": [k.to_string() for k in keys], "sizes": sizes, "reserve": True}
+        reply, _ = await conn.request(P.Op.PUT, meta, flags=P.FLAG_SHM)
+        states, offsets, rid = reply.get("states"), reply.get("offsets"), reply.get("reservation")
+        if not isinstance(states, list) or not isinstance(offsets, list) or len(states) != len(keys):
+            raise P.ProtocolError("a reserve reply without one state per key")
+        results: list[PutResult | None] = [None] * len(keys)
+        reserved = [i for i, st in enumerate(states) if st == "reserved"]
+        try:
+            for i in reserved:
+                off, h, n = offsets[i], hsizes[i], sizes[i]
+                if not isinstance(off, int) or off < 0 or off + n > pool.nbytes:
+                    raise P.ProtocolError("a reserved block outside the pool")
+                payload = pool[off + h : off + n]
+                payload[:] = srcs[i]  # the one copy; then checksum it while it is in cache
+                pool[off : off + h] = encode_header(keys[i], payload)
+            if reserved:
+                done, _ = await conn.request(P.Op.COMMIT, {"reservation": rid})
+                for i, (status, reason) in zip(reserved, done["results"], strict=True):
+                    results[i] = PutResult(PutStatus(status), reason)
+        except BaseException:
+            if reserved and not conn.closed:
+                conn.abort_reservation(rid)
+            raise
+        rest = []
+        for i, st in enumerate(states):
+            if st == "exists":
+                results[i] = PutResult(PutStatus.EXISTS)
+            elif st != "reserved":
+                rest.append(i)
+        if rest:
+            got = await self._put_copied(
+                conn, [keys[i] for i in rest], [hsizes[i] for i in rest], [srcs[i] for i in rest]
+            )
+            for i, r in zip(rest, got, strict=True):
+                results[i] = r
+        return results  # type: ignore[return-value]
+
+    async def _put_copied(
         self, conn: _Conn, keys: list[CacheKey], hsizes: list[int], srcs: list[memoryview]
     ) -> list[PutResult]:
         total = sum(h + s.nbytes for h, s in zip(hsizes, srcs, strict=True))

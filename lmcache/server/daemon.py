@@ -109,6 +109,7 @@ class _Session:
         self.segment: Segment | None = None
         self.leases: dict[int, list[Any]] = {}  # lease id -> pinned tier-0 blocks (see pool.py)
         self.sending: list[Any] = []  # blocks leased while a socket GET reply is being sent
+        self.reservations: dict[int, list[tuple[CacheKey, Any]]] = {}  # shm puts into the pool
         self.leased = 0
         self._lease_ids = 0
         self._staging = bytearray(0)
@@ -234,8 +235,13 @@ class _Session:
             pool.release(e)
 
     def release_all(self) -> None:
-        """Give back every lease of this session (the connection is closing, however it died)."""
+        """Give back every lease and reservation of this session (the connection is closing)."""
         self._release_sending()
+        pool = self.server.pool
+        for rid in list(self.reservations):
+            for key, entry in self.reservations.pop(rid):
+                if pool is not None:
+                    pool.abort(key, entry)
         for lease_id in list(self.leases):
             self.release(lease_id)
 
@@ -298,6 +304,53 @@ class _Session:
             out.append((off, length))
         return out
 
+    def _reserve(self, keys: list[CacheKey], meta: dict[str, Any]) -> dict[str, Any]:
+        """First half of a shm put into the pool: reserve blocks the client fills itself."""
+        pool = self.server.pool
+        assert isinstance(pool, SharedPoolMemory)
+        sizes = meta.get("sizes")
+        if not isinstance(sizes, list) or len(sizes) != len(keys) or not all(type(x) is int and x >= 0 for x in sizes):
+            raise InvalidArgumentError("meta.sizes must be a list of one non-negative int per key")
+        states: list[str] = []
+        offsets: list[int | None] = []
+        held: list[tuple[CacheKey, Any]] = []
+        for key, n in zip(keys, sizes, strict=True):
+            state, entry = pool.reserve(key, n)
+            states.append(state)
+            offsets.append(entry.offset if entry is not None else None)
+            if entry is not None:
+                held.append((key, entry))
+        reply: dict[str, Any] = {"states": states, "offsets": offsets}
+        if held:
+            self._lease_ids += 1
+            self.reservations[self._lease_ids] = held
+            reply["reservation"] = self._lease_ids
+        return reply
+
+    def _commit(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """Second half: publish the blocks the client filled (or drop them: ``abort``)."""
+        pool = self.server.pool
+        rid = meta.get("reservation")
+        held = self.reservations.pop(rid, None) if isinstance(rid, int) else None
+        if held is None or pool is None:
+            raise InvalidArgumentError(f"no open reservation {rid!r} on this connection")
+        if meta.get("abort") is True:
+            for key, entry in held:
+                pool.abort(key, entry)
+            return {"results": [["rejected", "aborted"]] * len(held)}
+        t0 = time.perf_counter()
+        results, stored_keys, stored_sizes = [], [], []
+        for key, entry in held:
+            ok = pool.commit(key, entry)
+            results.append(["stored", None] if ok else ["rejected", "error"])
+            if ok:
+                stored_keys.append(key)
+                stored_sizes.append(entry.nbytes)
+        self.server.tiered.record_stored(stored_keys, stored_sizes)
+        self.server.metrics.put(sum(stored_sizes))
+        self.server.metrics.tier0_in_place("put", stored_sizes, time.perf_counter() - t0)
+        return {"results": results}
+
     async def _put_in_place(self, fh: P.FrameHead, meta_raw: bytearray) -> None:
         """A socket PUT whose values are received straight into reserved tier-0 blocks.
 
@@ -357,6 +410,7 @@ class _Session:
                     pool.abort(key, entry)
             raise
         srv.tiered.record_stored(stored_keys, stored_sizes)
+        srv.metrics.tier0_in_place("put", stored_sizes, time.perf_counter() - t0)
         if staged:
             got = await srv.tiered.put([keys[i] for i in staged], views)
             for i, r in zip(staged, got, strict=True):
@@ -378,6 +432,7 @@ class _Session:
         assert pool is not None
         leased = pool.lease(keys)
         self.sending = [e for e in leased if e is not None]  # released once the reply is sent
+        self.server.metrics.tier0_in_place("get", [e.nbytes for e in self.sending], 0.0)
         self.server.tiered.record_hits([k for k, e in zip(keys, leased, strict=True) if e is not None])
         sizes: list[int | None] = [None] * len(keys)
         views: list[memoryview | None] = [None] * len(keys)
@@ -413,6 +468,7 @@ class _Session:
         sizes: list[int | None] = [None] * len(keys)
         offsets: list[int | None] = [None] * len(keys)
         held = [e for e in leased if e is not None]
+        self.server.metrics.tier0_in_place("get", [e.nbytes for e in held], 0.0)
         self.server.tiered.record_hits([k for k, e in zip(keys, leased, strict=True) if e is not None])
         for i, e in enumerate(leased):
             if e is None:
@@ -492,6 +548,8 @@ class _Session:
             return {"stats": self.server.stats()}, []
         if op == P.Op.HELLO:
             raise InvalidArgumentError("HELLO was already sent on this connection")
+        if op == P.Op.COMMIT:
+            return self._commit(meta), []
         keys = self._keys(meta)
         if op == P.Op.CONTAINS:
             return {"found": await tiered.contains(keys)}, []
@@ -505,6 +563,8 @@ class _Session:
         shm = bool(flags & P.FLAG_SHM)
         if shm and self.segment is None:
             raise InvalidArgumentError("a shm request on a connection without a shared-memory segment")
+        if op == P.Op.PUT and shm and meta.get("reserve") is True and isinstance(self.server.pool, SharedPoolMemory):
+            return self._reserve(keys, meta), []
         if op == P.Op.PUT:
             if shm:
                 assert self.segment is not None

@@ -103,6 +103,18 @@ class ServerMetrics:
         """Count an error of ``kind`` (``backend="server"`` for protocol/auth/request errors)."""
         self.errors.labels(backend, kind).inc()
 
+    def tier0_in_place(self, op: str, sizes: Sequence[int], seconds: float) -> None:
+        """Count tier-0 values moved in place (leased reads, reserved writes).
+
+        Those bypass the timed tier calls, so they are added to the same per-tier histograms here.
+        """
+        if not sizes:
+            return
+        self.tier_latency.labels("0", op).observe(seconds)
+        hist = self.tier_bytes.labels("0", op)
+        for n in sizes:
+            hist.observe(n)
+
     def put(self, nbytes: int) -> None:
         """Bytes stored by a put."""
         self.bytes.labels("put").inc(nbytes)

@@ -4,7 +4,7 @@ Every message, in both directions, is one frame::
 
     0   4s  magic  b"LMCS"
     4   B   protocol version (1)
-    5   B   opcode (HELLO, PING, CONTAINS, GET, PUT, DELETE, LOOKUP_PREFIX, STATS, RELEASE; 0 only in an
+    5   B   opcode (HELLO, PING, CONTAINS, GET, PUT, DELETE, LOOKUP_PREFIX, STATS, RELEASE, COMMIT; 0 in an
             error reply about the connection itself, request id 0, sent before closing it)
     6   H   flags: 1 = reply, 2 = error reply, 4 = the values live in shared memory,
             8 = no reply wanted (RELEASE only)
@@ -99,6 +99,7 @@ class Op(enum.IntEnum):
     LOOKUP_PREFIX = 7
     STATS = 8
     RELEASE = 9
+    COMMIT = 10
 
 
 class ProtocolError(PermanentBackendError):

@@ -39,7 +39,7 @@ __all__ = [
     "Segment",
     "attach_segment",
     "create_segment",
-    "map_pool_readonly",
+    "map_pool",
     "shm_available",
     "sweep_stale",
 ]
@@ -139,8 +139,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def map_pool_readonly(name: str, size: int) -> mmap.mmap:
-    """Client side: map the server's tier-0 pool read-only (see :mod:`lmcache.server.pool`).
+def map_pool(name: str, size: int) -> mmap.mmap:
+    """Client side: map the server's tier-0 pool (see :mod:`lmcache.server.pool`).
+
+    Clients read leased blocks from it and fill blocks the server reserved for their puts;
+    they never touch other blocks (and the value frames' checksums catch it if one does).
 
     Raises:
         InvalidArgumentError: A bad name, or not a regular file of the stated size.
@@ -148,12 +151,12 @@ def map_pool_readonly(name: str, size: int) -> mmap.mmap:
     """
     if not isinstance(name, str) or not _POOL_RE.match(name) or not isinstance(size, int) or size <= 0:
         raise InvalidArgumentError(f"bad pool name or size: {name!r}, {size!r}")
-    fd = os.open(SHM_DIR / name, os.O_RDONLY | os.O_NOFOLLOW)
+    fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_NOFOLLOW)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size != size:
             raise InvalidArgumentError(f"{name} is not a {size}-byte regular file")
-        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
 

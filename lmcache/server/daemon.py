@@ -655,6 +655,7 @@ class CacheServer:
         server["shm_bytes_mapped"] = sum(s.segment.size for s in self.sessions if s.segment is not None)
         server["pinned_keys"] = len(self.tiered.pinned())
         server["leases"] = sum(s.leased for s in self.sessions)
+        server["reservations"] = sum(len(r) for s in self.sessions for r in s.reservations.values())
         return {"server": server, "backend": self.tiered.stats()}
 
     async def start(self) -> None:

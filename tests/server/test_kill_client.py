@@ -95,6 +95,7 @@ def test_sigkilled_client_leaks_nothing_and_data_survives(lm_server: LMServer, t
     assert stats["shm_released"] >= before["shm_released"] + 1
     assert stats["pinned_keys"] == 0
     assert stats["leases"] == before["leases"] == 0, "the killed client's pool leases were not released"
+    assert stats["reservations"] == before["reservations"] == 0, "the killed client's put reservations remain"
     assert _segments_of(writer.pid) == [], "a shared-memory segment name of the killed client is left"
     # A new client process gets hits for everything stored before the kill.
     out = subprocess.run(

@@ -3,10 +3,13 @@
 When the server offers shared memory and its fastest tier is ``memory://``, that tier is a
 :class:`SharedPoolMemory`: the same :class:`~lmcache.backends.memory.MemoryBackend` (allocator,
 capacity, eviction by the TieredBackend), but its pool is a ``MAP_SHARED`` mapping of a file in
-``/dev/shm`` that shm clients map **read-only**. A GET that hits tier 0 then costs one copy:
+``/dev/shm`` that shm clients map. A GET that hits tier 0 then costs one copy:
 the server pins each value's block (a *lease*: the block is not reused while leased, even if
 the key is deleted or evicted), replies with pool offsets, and the client copies from the pool
-straight into its ``dst`` (checking the value frame's checksum) and releases the lease.
+straight into its ``dst`` (checking the value frame's checksum) and releases the lease. A
+PUT costs one copy as well: the server reserves blocks (:meth:`LeasedMemory.reserve`), the
+client (or, for socket puts, the server's own ``recv``) fills them in place, and a commit
+publishes them.
 
 Ownership and crash safety:
 
@@ -14,7 +17,7 @@ Ownership and crash safety:
   stays in ``/dev/shm`` while the server runs (clients attach at any time) and is unlinked at
   close; a SIGKILLed *server* leaves it behind, and the next server start sweeps names whose
   ``<pid>`` is dead (:func:`lmcache.server.shm.sweep_stale`).
-* Leases belong to a connection: a client releases each right after copying, and every lease
+* Leases and reservations belong to a connection: a client releases each right after copying, and every lease
   still held when the connection closes (a SIGKILLed client) is released then. A session holds
   at most ``MAX_LEASES`` blocks; beyond that a GET falls back to copying into the client's own
   segment.

@@ -137,6 +137,33 @@ def test_torch_round_trip_property(case):
     check_round_trip(spec, slots, seed, "torch")
 
 
+@st.composite
+def whole_block_cases(draw):
+    """Chunks made of whole engine blocks (the usual shape of a vLLM chunk): the block fast path."""
+    spec, _, seed = draw(cases())
+    blocks = draw(st.permutations(range(spec["nb"])))[: draw(st.integers(1, spec["nb"]))]
+    slots = [b * spec["bs"] + o for b in blocks for o in range(spec["bs"])]
+    return spec, slots, seed
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(whole_block_cases())
+def test_torch_round_trip_whole_blocks(case):
+    spec, slots, seed = case
+    check_round_trip(spec, slots, seed, "torch")
+
+
+def test_whole_block_fast_path_is_taken_for_token_major_layouts():
+    for layout in (FLASH_ATTN, FLASHINFER):
+        kv = PagedKV(make_kv(layout, layers=2, nb=4, bs=4, h=2, d=8, dtype=torch.float16), layout=layout)
+        assert kv._block_views is not None
+        assert kv._whole_blocks(torch.tensor([8, 9, 10, 11, 0, 1, 2, 3])).tolist() == [2, 0]
+        assert kv._whole_blocks(torch.tensor([8, 9, 10, 12])) is None
+        assert kv._whole_blocks(torch.tensor([9, 10, 11, 12])) is None
+    hnd = PagedKV(make_kv(FLASH_ATTN, layers=2, nb=4, bs=4, h=2, d=8, dtype=torch.float16, hnd=True), layout=FLASH_ATTN)
+    assert hnd._block_views is None  # blocks are head-major there: per-token rows
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
 def triton_round_trip_property(case):

@@ -200,6 +200,7 @@ class PagedKV:
         self._all_offsets_cpu = torch.cat([g.row_offsets_cpu for g in self._groups])
         self._all_offsets = self._all_offsets_cpu.to(self.device)
         self._ptr_table: torch.Tensor | None = None
+        self._block_views = self._build_block_views()
         self._streams: dict[int, Any] = {}
         self._lock = threading.Lock()
         logger.debug(
@@ -245,6 +246,47 @@ class PagedKV:
         rows = views[0].as_strided((num_rows, heads, head_dim), (unit, s_head, s_dim), base)
         group = _Group(entries, rows, [(o - base) // unit for o in offsets], s_block // unit, s_token // unit)
         return group
+
+    def _build_block_views(self) -> list[torch.Tensor] | None:
+        """Per entry, a ``[num_blocks, block_size * heads * head_dim]`` view, if every block is contiguous.
+
+        A chunk whose slots are whole blocks (the usual case: chunk boundaries are multiples of the
+        engine's block size) then moves as a few large rows per entry instead of one small row per
+        token; on the CPU that runs near memcpy speed, where per-token rows cost ~100 ns each.
+        """
+        views = []
+        for entry in self.entries:
+            raw = _widen([_as_raw(entry)])[0]
+            nb, bs, heads, width = raw.shape
+            s_block, s_token, s_head, s_dim = raw.stride()
+            if (s_dim, s_head, s_token) != (1, width, heads * width):
+                return None
+            views.append(raw.as_strided((nb, bs * heads * width), (s_block, 1)))
+        if len({v.dtype for v in views}) != 1:
+            return None
+        return views
+
+    def _whole_blocks(self, slots: torch.Tensor) -> torch.Tensor | None:
+        """The block ids when ``slots`` are whole blocks in order of their offsets, else None."""
+        bs = self.block_size
+        if slots.numel() == 0 or slots.numel() % bs:
+            return None
+        per_block = slots.view(-1, bs)
+        blocks = torch.div(per_block[:, 0], bs, rounding_mode="floor")
+        if per_block[:, 0].remainder(bs).any():
+            return None
+        expected = per_block[:, :1] + torch.arange(bs, dtype=slots.dtype, device=slots.device)
+        return blocks if torch.equal(per_block, expected) else None
+
+    def _copy_blocks(self, op: str, blocks: torch.Tensor, buf: torch.Tensor) -> None:
+        assert self._block_views is not None
+        dtype = self._block_views[0].dtype
+        words = buf.view(dtype).view(len(self.entries), blocks.numel(), -1)
+        for view, part in zip(self._block_views, words, strict=True):
+            if op == "gather":
+                torch.index_select(view, 0, blocks, out=part)
+            else:
+                view.index_copy_(0, blocks, part)
 
     # -- validation ----------------------------------------------------------------------------
 
@@ -417,6 +459,11 @@ class PagedKV:
         num_tokens = buf.shape[2]
         if num_tokens == 0:
             return
+        if self._block_views is not None and slots.device.type == "cpu":
+            whole = self._whole_blocks(slots)
+            if whole is not None:
+                self._copy_blocks(op, whole, buf)
+                return
         blocks = torch.div(slots, self.block_size, rounding_mode="floor")
         offsets = slots - blocks * self.block_size
         all_rows: torch.Tensor | None = None

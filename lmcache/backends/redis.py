@@ -163,9 +163,7 @@ class RedisSettings:
     )
     retry_backoff_max: float = setting(1.0, doc="Longest retry backoff in seconds.", parse=parse_duration)
     max_connections: int = setting(16, doc="Connections in the pool; also the sub-batches run at once.", min=1)
-    max_batch_bytes: int = setting(
-        64 << 20, doc="Largest sub-batch (one pipeline) in bytes.", parse=parse_size, min=1
-    )
+    max_batch_bytes: int = setting(64 << 20, doc="Largest sub-batch (one pipeline) in bytes.", parse=parse_size, min=1)
     max_batch_keys: int = setting(512, doc="Most keys in one sub-batch.", min=1)
     max_inflight_bytes: int = setting(
         256 << 20, doc="Bytes of values in flight at once over all operations.", parse=parse_size, min=1

@@ -279,14 +279,19 @@ class PagedKV:
         return blocks if torch.equal(per_block, expected) else None
 
     def _copy_blocks(self, op: str, blocks: torch.Tensor, buf: torch.Tensor) -> None:
+        """Copy whole blocks on the CPU (``blocks`` and ``buf`` are CPU tensors)."""
         assert self._block_views is not None
         dtype = self._block_views[0].dtype
         words = buf.view(dtype).view(len(self.entries), blocks.numel(), -1)
-        for view, part in zip(self._block_views, words, strict=True):
-            if op == "gather":
+        if op == "gather":
+            for view, part in zip(self._block_views, words, strict=True):
                 torch.index_select(view, 0, blocks, out=part)
-            else:
-                view.index_copy_(0, blocks, part)
+            return
+        # numpy's fancy assignment copies whole rows with memcpy; torch's index_copy_ runs at
+        # about 40% of that on the CPU (measured with 32 KiB block rows).
+        idx = blocks.numpy()
+        for view, part in zip(self._block_views, words, strict=True):
+            view.numpy()[idx] = part.numpy()
 
     # -- validation ----------------------------------------------------------------------------
 
@@ -459,7 +464,7 @@ class PagedKV:
         num_tokens = buf.shape[2]
         if num_tokens == 0:
             return
-        if self._block_views is not None and slots.device.type == "cpu":
+        if self._block_views is not None and slots.device.type == "cpu" and buf.device.type == "cpu":
             whole = self._whole_blocks(slots)
             if whole is not None:
                 self._copy_blocks(op, whole, buf)

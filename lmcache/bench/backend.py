@@ -320,7 +320,16 @@ class MemcpyBaseline(Baseline):
     name = "memcpy"
 
     def __init__(self, workload: Workload) -> None:
-        self._pool = np.empty((workload.count, workload.value_size), dtype=np.uint8)
+        self._count = workload.count
+        self._value_size = workload.value_size
+        self._pool = np.empty((0, 0), dtype=np.uint8)
+
+    def _allocate(self, nbytes: int) -> np.ndarray:
+        """The pool's flat bytes (subclasses map other memory)."""
+        return np.empty(nbytes, dtype=np.uint8)
+
+    async def open(self) -> None:
+        self._pool = self._allocate(self._count * self._value_size).reshape(self._count, self._value_size)
         self._pool.fill(0)  # touched once, like a long-lived pool after its first use
 
     async def put_batch(self, slots: range, srcs: Sequence[np.ndarray]) -> None:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from lmcache.backends.base import StorageBackend
-from lmcache.bench.backend import Baseline, Workload
+from lmcache.bench.backend import Baseline, MemcpyBaseline, Workload
 
 __all__ = ["RawSocketBaseline", "ShmMemcpyBaseline", "make"]
 
@@ -87,35 +87,21 @@ while True:
 """
 
 
-class ShmMemcpyBaseline(Baseline):
+class ShmMemcpyBaseline(MemcpyBaseline):
     """``numpy.copyto`` into and out of a preallocated pool mapped from ``/dev/shm``."""
 
     name = "memcpy-shm"
 
     def __init__(self, workload: Workload) -> None:
-        self._size = workload.count * workload.value_size
-        self._value_size = workload.value_size
+        super().__init__(workload)
         self._mm: mmap.mmap | None = None
-        self._pool = np.empty((0, 0), dtype=np.uint8)
 
-    async def open(self) -> None:
-        self._mm = _shm_mapping(max(1, self._size))
-        self._pool = np.frombuffer(self._mm, dtype=np.uint8)[: self._size].reshape(-1, self._value_size)
-        self._pool.fill(0)  # touched once, like a long-lived segment
-
-    async def put_batch(self, slots: range, srcs: Sequence[np.ndarray]) -> None:
-        for slot, src in zip(slots, srcs, strict=True):
-            np.copyto(self._pool[slot], src)
-
-    async def get_batch(self, slots: range, dsts: Sequence[np.ndarray]) -> list[int | None]:
-        out: list[int | None] = []
-        for slot, dst in zip(slots, dsts, strict=True):
-            np.copyto(dst, self._pool[slot])
-            out.append(dst.nbytes)
-        return out
+    def _allocate(self, nbytes: int) -> np.ndarray:
+        self._mm = _shm_mapping(max(1, nbytes))
+        return np.frombuffer(self._mm, dtype=np.uint8)[:nbytes]
 
     async def aclose(self) -> None:
-        self._pool = np.empty((0, 0), dtype=np.uint8)
+        await super().aclose()
         if self._mm is not None:
             with contextlib.suppress(BufferError):
                 self._mm.close()

@@ -255,6 +255,10 @@ class CacheEngine:
         except BackendError as exc:
             self._backend_failed("store", exc)
             present = [False] * len(fresh)
+        except BaseException:
+            with self._lock:
+                self._inflight.difference_update(k for _, k in fresh)
+            raise
         todo = [(c, k) for (c, k), there in zip(fresh, present, strict=True) if not there]
         self.counters["skipped_chunks"] += len(chunks) - len(todo)
         with self._lock:

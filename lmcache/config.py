@@ -310,22 +310,6 @@ def redact(cls_instance: Any) -> str:
     return f"{type(cls_instance).__name__}({', '.join(parts)})"
 
 
-def settings_docs(cls: type[Any]) -> list[tuple[str, str, str]]:
-    """``(name, default, doc)`` rows for documentation and ``--help`` output."""
-    rows = []
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        if f.default is not dataclasses.MISSING:
-            default = repr(f.default)
-        elif f.default_factory is not dataclasses.MISSING:
-            default = repr(f.default_factory())
-        else:
-            default = "(required)"
-        rows.append((f.name, default, f.metadata.get("doc", "")))
-    return rows
-
-
 def _check_tiers(value: object) -> list[str]:
     tiers = _parse_str_list(value)
     if not tiers:

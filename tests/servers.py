@@ -26,6 +26,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -45,6 +46,8 @@ __all__ = [
     "redis_tls_server",
     "start_process",
     "start_redis",
+    "run_pytest_in_netns",
+    "unshare_works",
     "valkey_server",
     "valkey_server_binary",
     "wait_for",
@@ -478,3 +481,38 @@ def redis_acl_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redis
         )
     finally:
         proc.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Private network namespaces, for servers that bind every interface (Mooncake, NIXL/UCX)
+
+
+def unshare_works() -> str | None:
+    """None when ``unshare --net`` works here, else why not."""
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return "needs unshare (util-linux) and ip (iproute2)"
+    try:
+        proc = subprocess.run(
+            ["unshare", "--net", "--fork", "--", "true"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unshare failed: {exc}"
+    if proc.returncode != 0:
+        return f"unshare --net is not permitted here (needs root or CAP_SYS_ADMIN): {proc.stderr.strip()[:200]}"
+    return None
+
+
+def run_pytest_in_netns(
+    test_file: str | Path, env: dict[str, str], cwd: Path, timeout: float, *pytest_args: str
+) -> subprocess.CompletedProcess[str]:
+    """Run pytest on ``test_file`` inside a fresh network namespace whose loopback is up."""
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args, str(test_file)]
+    return subprocess.run(
+        ["unshare", "--net", "--fork", "--", "bash", "-c", 'ip link set lo up && exec "$@"', "bash", *argv],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

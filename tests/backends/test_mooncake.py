@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +28,7 @@ pytest.importorskip(
 )
 
 from lmcache_conformance import BackendTests
+from servers import run_pytest_in_netns, unshare_works
 
 from lmcache.backends.base import PutStatus, StorageBackend
 from lmcache.backends.mooncake import MooncakeBackend, error_name, mooncake_error
@@ -177,49 +175,15 @@ async def test_unreachable_master_is_unavailable() -> None:
 # The re-exec into a private network namespace
 
 
-def _unshare_works() -> str | None:
-    """None when ``unshare --net`` works here, else why not."""
-    if shutil.which("unshare") is None or shutil.which("ip") is None:
-        return "needs unshare (util-linux) and ip (iproute2)"
-    try:
-        proc = subprocess.run(
-            ["unshare", "--net", "--fork", "--", "true"], capture_output=True, text=True, timeout=30, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"unshare failed: {exc}"
-    if proc.returncode != 0:
-        return f"unshare --net is not permitted here (needs root or CAP_SYS_ADMIN): {proc.stderr.strip()[:200]}"
-    return None
-
-
 @pytest.mark.skipif(IN_NETNS, reason="already inside the private network namespace")
 @pytest.mark.timeout(1200)
 def test_mooncake_in_private_network_namespace() -> None:
     """Run the server tests of this module under ``unshare --net`` (Mooncake binds all interfaces)."""
-    why = _unshare_works()
+    why = unshare_works()
     if why is not None:
         pytest.skip(f"mooncake server tests need a private network namespace: {why}")
     env = {**os.environ, MOONCAKE_NETNS_ENV: "1"}
-    script = 'ip link set lo up && exec "$0" -m pytest "$@"'
-    argv = [
-        sys.executable,
-        str(Path(__file__)),
-        "-q",
-        "-ra",
-        "-p",
-        "no:cacheprovider",
-        "-W",
-        "ignore::pytest.PytestUnknownMarkWarning",
-    ]
-    proc = subprocess.run(
-        ["unshare", "--net", "--fork", "--", "bash", "-c", script, *argv],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1150,
-        check=False,
-    )
+    proc = run_pytest_in_netns(Path(__file__), env, REPO, 1150, "-ra", "-W", "ignore::pytest.PytestUnknownMarkWarning")
     tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
     print(tail)
     assert proc.returncode == 0, f"mooncake tests inside the namespace failed (exit {proc.returncode}):\n{tail}"

@@ -16,10 +16,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
 import socket
 import struct
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +26,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 from lmcache_conformance import BackendTests
-from servers import ServerProcess, free_port, start_process
+from servers import ServerProcess, free_port, run_pytest_in_netns, start_process, unshare_works
 
 from lmcache.backends.base import PutStatus, StorageBackend
 from lmcache.backends.file import FileBackend
@@ -178,40 +176,15 @@ def test_store_never_reuses_bytes_still_being_read_or_written() -> None:
 # The re-exec into a private network namespace
 
 
-def _unshare_works() -> str | None:
-    """None when ``unshare --net`` works here, else why not."""
-    if shutil.which("unshare") is None or shutil.which("ip") is None:
-        return "needs unshare (util-linux) and ip (iproute2)"
-    try:
-        proc = subprocess.run(
-            ["unshare", "--net", "--fork", "--", "true"], capture_output=True, text=True, timeout=30, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"unshare failed: {exc}"
-    if proc.returncode != 0:
-        return f"unshare --net is not permitted here (needs root or CAP_SYS_ADMIN): {proc.stderr.strip()[:200]}"
-    return None
-
-
 @pytest.mark.skipif(IN_NETNS, reason="already inside the private network namespace")
 @pytest.mark.timeout(1500)
 def test_nixl_in_private_network_namespace() -> None:
     """Run the NIXL tests of this module under ``unshare --net`` (NIXL/UCX may bind all interfaces)."""
-    why = _nixl_missing() or _unshare_works()
+    why = _nixl_missing() or unshare_works()
     if why is not None:
         pytest.skip(f"nixl:// transfer tests need NIXL and a private network namespace: {why}")
     env = {**os.environ, NETNS_ENV: "1", "UCX_MODULES": "^ib", "UCX_NET_DEVICES": "lo"}
-    script = 'ip link set lo up && exec "$@"'
-    argv = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(Path(__file__))]
-    proc = subprocess.run(
-        ["unshare", "--net", "--fork", "--", "bash", "-c", script, "bash", *argv],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1400,
-        check=False,
-    )
+    proc = run_pytest_in_netns(Path(__file__), env, REPO, 1400, "-rs")
     tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
     assert proc.returncode == 0, f"nixl tests inside the namespace failed (exit {proc.returncode}):\n{tail}"
     assert " passed" in proc.stdout, tail

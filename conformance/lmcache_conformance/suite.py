@@ -150,6 +150,9 @@ class BackendTests:
             the whole value (never part of it). Late writes are always checked.
         hypothesis_max_examples: Examples of the stateful model test.
         hypothesis_steps: Steps per example of the stateful model test.
+        hypothesis_shrink: Shrink a failing sequence to a minimal one. Shrinking is unbounded
+            in steps and can take minutes on a slow machine; turn it off where only
+            "does it fail" matters (the suite's own mutant run).
 
     Hooks a subclass may override: :meth:`make_backend` and the bypass hook
     :meth:`corrupt_value`; fixtures ``backend_url`` (required unless ``make_backend`` is
@@ -169,6 +172,7 @@ class BackendTests:
     cancelled_dst_all_or_nothing: ClassVar[bool] = True
     hypothesis_max_examples: ClassVar[int] = 25
     hypothesis_steps: ClassVar[int] = 25
+    hypothesis_shrink: ClassVar[bool] = True
 
     _request: pytest.FixtureRequest | None = None
 
@@ -908,7 +912,7 @@ class BackendTests:
     def test_stateful_against_a_dict_model(self) -> None:
         """Random put/get/delete/contains sequences agree with a dict (first writer wins)."""
         pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install hypothesis)")
-        from hypothesis import HealthCheck, settings
+        from hypothesis import HealthCheck, Phase, settings
         from hypothesis import strategies as st
         from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
@@ -1021,6 +1025,16 @@ class BackendTests:
             def still_open(self) -> None:
                 self.check(self.backend.is_open, "the backend closed itself")
 
+            @invariant()
+            def holds_what_the_model_holds(self) -> None:
+                # After every step, not only when a rule happens to read the key back: a lost
+                # delete or a lost put shows up at the step that caused it.
+                if not self.exact:
+                    return
+                found = self.run(self.backend.contains(self.keys))
+                for k, hit in zip(self.keys, found, strict=True):
+                    self.check(hit == (k in self.model), f"contains({self.name(k)}) is {hit} after the last step")
+
             def teardown(self) -> None:
                 try:
                     self.run(self.backend.aclose())
@@ -1034,6 +1048,7 @@ class BackendTests:
                 stateful_step_count=self.hypothesis_steps,
                 deadline=None,
                 database=None,  # never write a .hypothesis folder into a user's project
+                phases=tuple(Phase) if self.hypothesis_shrink else tuple(p for p in Phase if p is not Phase.shrink),
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
             ),
         )

@@ -156,6 +156,8 @@ class ExampleSuite(BackendTests):
 
     backend_cls: ClassVar[type[ExampleBackend]] = ExampleBackend
     url_options: ClassVar[str] = ""
+    # A mutant only has to fail; shrinking its failing sequence took minutes on a slow CI box.
+    hypothesis_shrink: ClassVar[bool] = False
 
     def make_backend(self) -> StorageBackend:
         return self.backend_cls.from_url(f"example://mutant-{uuid.uuid4().hex}{self.url_options}")

@@ -32,14 +32,24 @@ def load_expected() -> dict[str, tuple[str, ...]]:
     return module.EXPECTED_FAILURES
 
 
+@pytest.mark.timeout(900)
 def test_each_mutant_fails_the_tests_that_target_it(tmp_path: Path) -> None:
     expected = load_expected()
     targets = sorted({name for names in expected.values() for name in names})
     node_ids = [f"{HERE / 'mutants.py'}::{cls}::{name}" for cls, names in expected.items() for name in names]
     node_ids += [f"{HERE / 'mutants.py'}::TestUnbroken::{name}" for name in targets]
     report = tmp_path / "report.xml"
-    cmd = [sys.executable, "-m", "pytest", *node_ids, "-q", "-p", "no:cacheprovider", f"--junitxml={report}"]
-    out = subprocess.run(cmd, check=False, cwd=HERE.parent.parent, capture_output=True, text=True, timeout=600)
+    # A per-test limit in the child: a hung mutant test is reported as that test failing, with
+    # its stack, instead of this whole run being killed with nothing to show.
+    cmd = [
+        sys.executable, "-m", "pytest", *node_ids, "-q", "-p", "no:cacheprovider",
+        "-o", "timeout=120", f"--junitxml={report}",
+    ]  # fmt: skip
+    try:
+        out = subprocess.run(cmd, check=False, cwd=HERE.parent.parent, capture_output=True, text=True, timeout=840)
+    except subprocess.TimeoutExpired as exc:
+        tail = (exc.stdout or b"")[-3000:]
+        pytest.fail(f"the mutant run did not finish in 840 s; its output ended with:\n{tail!r}")
     assert report.exists(), out.stdout[-3000:] + out.stderr[-3000:]
 
     outcomes: dict[tuple[str, str], list[str]] = defaultdict(list)

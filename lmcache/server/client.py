@@ -68,7 +68,7 @@ from lmcache.errors import (
 from lmcache.keys import CacheKey
 from lmcache.serde.frame import encode_header, header_size, needed_header_bytes, parse_header
 from lmcache.server import protocol as P
-from lmcache.server.shm import Arena, Segment, create_segment, map_pool, shm_available
+from lmcache.server.shm import Arena, Segment, create_segment, map_pool, populate, shm_available
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -170,6 +170,9 @@ class _Conn:
             try:
                 self.pool_mm = map_pool(pool.get("name"), pool.get("size"))
                 self.pool_view = memoryview(self.pool_mm)
+                if pool.get("resident") is True:
+                    # Its pages exist already; mapping them now keeps page faults out of copies.
+                    await asyncio.to_thread(populate, self.pool_mm)
             except (OSError, LMCacheError) as exc:
                 logger.info("lm://: cannot map the server's pool (%s); tier-0 hits are copied", exc)
 

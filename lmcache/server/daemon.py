@@ -273,7 +273,13 @@ class _Session:
                     reply["shm"] = True
                     pool = srv.pool
                     if isinstance(pool, SharedPoolMemory) and pool.pool_name is not None:
-                        reply["pool"] = {"name": pool.pool_name, "size": pool.pool_size}
+                        # resident: every page is allocated (prefault), so a client may map
+                        # them all up front instead of faulting them in one by one mid-copy.
+                        reply["pool"] = {
+                            "name": pool.pool_name,
+                            "size": pool.pool_size,
+                            "resident": bool(pool.settings.prefault),
+                        }
                 except (InvalidArgumentError, OSError) as exc:
                     reply["shm_error"] = f"{type(exc).__name__}: {exc}"
         await self._send(P.Op.HELLO, fh.request_id, reply)

@@ -40,6 +40,7 @@ __all__ = [
     "attach_segment",
     "create_segment",
     "map_pool",
+    "populate",
     "shm_available",
     "sweep_stale",
 ]
@@ -136,6 +137,26 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    return True
+
+
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
+
+
+def populate(mm: mmap.mmap) -> bool:
+    """Map every page of ``mm`` into this process now (``MADV_POPULATE_WRITE``).
+
+    A fresh mapping of pages another process already holds still takes one page fault per 4 KiB
+    page on first touch: copying 2 MiB into such a region ran at ~1.5 GB/s against ~20 GB/s
+    once mapped. Call it only on memory that is resident anyway (it allocates any page that is
+    not). Blocking (~0.1 s/GiB): run it off the event loop. Returns False where the kernel has
+    no such advice (older than 5.14); pages then fault in on first use, as before.
+    """
+    try:
+        mm.madvise(_MADV_POPULATE_WRITE)
+    except (OSError, ValueError) as exc:
+        logger.debug("lm://: cannot populate a shared mapping (%s); pages fault in on first use", exc)
+        return False
     return True
 
 

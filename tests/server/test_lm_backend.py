@@ -66,3 +66,38 @@ class TestLMUnixShm(_LMTests):
 class TestLMTcpShm(_LMTests):
     expect_shm = True
     query = {"shm_size": "64MiB"}  # noqa: RUF012
+
+
+def _pool_rss_bytes() -> int:
+    """Resident bytes of this process's mappings of server pools (from /proc/self/smaps)."""
+    total, in_pool = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            first = line.split(maxsplit=1)[0]
+            if "-" in first and not first.endswith(":"):  # a mapping's header line
+                in_pool = "lmcache-pool-" in line
+            elif in_pool and first == "Rss:":
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+@pytest.mark.parametrize("prefault", [True, False])
+async def test_a_resident_pool_is_mapped_up_front(tmp_path, prefault: bool) -> None:
+    """A prefaulted pool is mapped whole at connect (no page faults inside copies); a lazy one
+    is not (mapping it would allocate memory the server chose not to commit)."""
+    from conftest import start_lm_server
+
+    size = 64 << 20
+    server = start_lm_server(tmp_path / "srv", [f"memory://?capacity={size}&prefault={str(prefault).lower()}"])
+    try:
+        backend = LMServerBackend.from_url(server.url("lm+unix"))
+        async with backend:
+            await backend.ping()
+            assert backend.pool_active
+            rss = _pool_rss_bytes()
+            if prefault:
+                assert rss >= size * 0.95, f"only {rss} of {size} pool bytes mapped"
+            else:
+                assert rss < size // 4, f"{rss} pool bytes mapped for a lazy pool"
+    finally:
+        server.proc.stop()

@@ -47,6 +47,8 @@ class CacheKey:
     tags: tuple[tuple[str, str], ...] = ()
     # Keys live in dicts on every hot path (indexes, policies): hash once, not per lookup.
     _hash: int = dataclasses.field(init=False, repr=False, compare=False, default=0)
+    # Every remote request names its keys as strings (~6 us each to build): build once, on demand.
+    _str: str | None = dataclasses.field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -64,6 +66,8 @@ class CacheKey:
 
     def to_string(self) -> str:
         """A canonical, URL- and filename-safe text form; :meth:`from_string` reverses it."""
+        if self._str is not None:
+            return self._str
         parts = [
             quote(self.model, safe=""),
             str(self.world_size),
@@ -73,7 +77,9 @@ class CacheKey:
         ]
         if self.tags:
             parts.append("&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in self.tags))
-        return _SEP.join(parts)
+        text = _SEP.join(parts)
+        object.__setattr__(self, "_str", text)
+        return text
 
     @classmethod
     def from_string(cls, text: str) -> CacheKey:

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from lmcache.errors import IntegrityError
-from lmcache.keys import KeyScope
+from lmcache.keys import CacheKey, KeyScope
+from lmcache.serde import frame
 from lmcache.serde.frame import decode_frame, encode_header, frame_size, needed_header_bytes, parse_header
 
 KEY = KeyScope.create("m").key(b"\x07" * 32)
@@ -51,3 +52,28 @@ def test_truncation_and_wrong_key_are_detected() -> None:
         decode_frame(frame, OTHER)
     with pytest.raises(IntegrityError):
         decode_frame(b"not a frame at all, definitely not" * 3, KEY)
+
+
+@pytest.mark.parametrize("n", [0, 1, 4095, frame.COPY_CHUNK, frame.COPY_CHUNK + 1, 3 * frame.COPY_CHUNK - 7])
+def test_copy_with_checksum_copies_and_matches_the_one_pass_checksum(n: int) -> None:
+    src = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8)
+    dst = np.zeros(n, dtype=np.uint8)
+    got = frame.copy_with_checksum(dst, src)
+    assert dst.tobytes() == src.tobytes()
+    assert got == frame.payload_checksum(src.tobytes())
+
+
+def test_copy_with_checksum_refuses_a_length_mismatch() -> None:
+    with pytest.raises(ValueError):
+        frame.copy_with_checksum(np.zeros(10, dtype=np.uint8), np.zeros(11, dtype=np.uint8))
+
+
+def test_a_precomputed_checksum_makes_the_same_header_and_is_verified() -> None:
+    key = CacheKey("m", 1, 0, bytes(32), "float16")
+    payload = np.random.default_rng(1).integers(0, 256, 5000, dtype=np.uint8)
+    head = frame.encode_header(key, payload, checksum=frame.payload_checksum(payload))
+    assert head == frame.encode_header(key, payload.tobytes())
+    header = frame.parse_header(head, key)
+    header.verify_checksum(frame.payload_checksum(payload))
+    with pytest.raises(IntegrityError):
+        header.verify_checksum(frame.payload_checksum(payload) ^ 1)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 
+import numpy as np
 import xxhash
 
 from lmcache.errors import IntegrityError
@@ -48,6 +49,32 @@ def _align(n: int, alignment: int) -> int:
 def payload_checksum(payload: memoryview | bytes) -> int:
     """The checksum stored for ``payload`` (xxh3-64)."""
     return xxhash.xxh3_64_intdigest(payload)
+
+
+#: Bytes per step of :func:`copy_with_checksum`: copied, then hashed while still in L2.
+COPY_CHUNK = 512 << 10
+
+
+def copy_with_checksum(dst: np.ndarray, src: np.ndarray) -> int:
+    """Copy ``src`` into ``dst`` (1-D uint8 arrays of one length) and return the copy's checksum.
+
+    One pass over memory instead of two: each chunk is hashed right after it is copied, from
+    cache (~0.9x a bare copy here, against ~0.75x for a copy followed by a checksum of the
+    whole value). The checksum is of ``dst`` as written, so it also covers the copy itself.
+    Both steps release the GIL.
+    """
+    if dst.nbytes != src.nbytes:
+        raise ValueError(f"copy of {src.nbytes} bytes into {dst.nbytes}")
+    n = src.nbytes
+    if n <= COPY_CHUNK:
+        np.copyto(dst, src)
+        return payload_checksum(dst)
+    h = xxhash.xxh3_64()
+    for off in range(0, n, COPY_CHUNK):
+        d = dst[off : off + COPY_CHUNK]
+        np.copyto(d, src[off : off + COPY_CHUNK])
+        h.update(d)
+    return h.intdigest()
 
 
 def frame_size(key: CacheKey, payload_len: int, meta: bytes = b"", alignment: int = 64) -> int:
@@ -83,11 +110,26 @@ class FrameHeader:
         """
         if len(payload) != self.payload_len:
             raise IntegrityError(f"value for {self.key[:80]} is truncated: {len(payload)} of {self.payload_len} bytes")
-        if payload_checksum(payload) != self.checksum:
+        self.verify_checksum(payload_checksum(payload))
+
+    def verify_checksum(self, checksum: int) -> None:
+        """Check a payload checksum computed elsewhere (e.g. by :func:`copy_with_checksum`).
+
+        Raises:
+            IntegrityError: It differs from the stored one.
+        """
+        if checksum != self.checksum:
             raise IntegrityError(f"value for {self.key[:80]} failed its checksum")
 
 
-def encode_header(key: CacheKey, payload: memoryview | bytes, meta: bytes = b"", alignment: int = 64) -> bytes:
+def encode_header(
+    key: CacheKey,
+    payload: memoryview | bytes | np.ndarray,
+    meta: bytes = b"",
+    alignment: int = 64,
+    *,
+    checksum: int | None = None,
+) -> bytes:
     """The header bytes to write before ``payload`` (the payload itself is not copied).
 
     Args:
@@ -95,11 +137,20 @@ def encode_header(key: CacheKey, payload: memoryview | bytes, meta: bytes = b"",
         payload: The value.
         meta: Opaque metadata (e.g. KV geometry), at most 4 GiB.
         alignment: The payload offset is a multiple of this (a power of two >= 64).
+        checksum: ``payload``'s checksum when the caller computed it already (e.g. with
+            :func:`copy_with_checksum`); otherwise it is computed here.
     """
     key_bytes = key.to_string().encode()
     offset = header_size(len(key_bytes), len(meta), alignment)
     fixed = _FIXED.pack(
-        MAGIC, FRAME_VERSION, 0, len(key_bytes), len(meta), offset, len(payload), payload_checksum(payload)
+        MAGIC,
+        FRAME_VERSION,
+        0,
+        len(key_bytes),
+        len(meta),
+        offset,
+        memoryview(payload).nbytes,
+        payload_checksum(payload) if checksum is None else checksum,
     )
     hcheck = xxhash.xxh3_64_intdigest(fixed + key_bytes + meta)
     head = fixed + _HCHECK.pack(hcheck)

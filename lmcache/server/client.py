@@ -43,7 +43,6 @@ import mmap
 import os
 import socket
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import unquote
 
@@ -56,7 +55,6 @@ from lmcache.backends.base import (
     StorageBackend,
     parse_backend_url,
     rejected,
-    run_blocking,
     settings_query,
     split_url,
 )
@@ -105,15 +103,6 @@ class LMServerSettings:
     timeout: float = setting(30.0, doc="Seconds a request may wait for its reply.", parse=parse_duration, min=0.001)
     connect_timeout: float = setting(5.0, doc="Seconds to connect and say HELLO.", parse=parse_duration, min=0.001)
     connections: int = setting(1, doc="Connections per backend (requests are spread over them).", min=1, max=64)
-    copy_threads: int = setting(
-        0,
-        doc=(
-            "Threads that copy and checksum shared-memory values; 0 copies on the event loop "
-            "(measured faster on a 2-core host: no GIL hand-offs)."
-        ),
-        min=0,
-        max=16,
-    )
 
 
 @dataclasses.dataclass(eq=False)
@@ -517,7 +506,6 @@ class LMServerBackend(StorageBackend):
         self.shm_active = False  # the last connection made uses a shared-memory segment
         self.pool_active = False  # ... and reads tier-0 hits straight from the server's pool
         self.corrupt_seen: list[CacheKey] = []  # corrupt values read, deleted after the get
-        self._copier: ThreadPoolExecutor | None = None  # shm copies + checksums (numpy, xxhash drop the GIL)
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> Self:
@@ -628,15 +616,7 @@ class LMServerBackend(StorageBackend):
             logger.info("lm://: the connection was closed by the server; reconnecting once")
             return await call(await self._conn())
 
-    async def _copy(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a shared-memory copy: on the copy threads if there are any, else right here."""
-        if self._copier is None:
-            return fn(*args)
-        return await run_blocking(self._copier, fn, *args)
-
     async def _open(self) -> None:
-        if self.settings.copy_threads:
-            self._copier = ThreadPoolExecutor(self.settings.copy_threads, thread_name_prefix="lm-copy")
         await self._conn()
 
     async def _close(self) -> None:
@@ -644,9 +624,6 @@ class LMServerBackend(StorageBackend):
         for conn in conns:
             if conn is not None:
                 await conn.abort(BackendUnavailableError("lm://: backend closed"))
-        copier, self._copier = self._copier, None
-        if copier is not None:
-            copier.shutdown(wait=False)  # every copy was awaited by its (finished) operation
 
     async def _ping(self) -> None:
         await self._retrying(lambda conn: conn.request(P.Op.PING, {}))
@@ -759,7 +736,7 @@ class LMServerBackend(StorageBackend):
                 places.append((off, hsizes[i]))
             if reserved:
                 # The one copy, on the copy thread (the loop keeps serving other requests).
-                await self._copy(_write_frames, pool, places, [keys[i] for i in reserved], [srcs[i] for i in reserved])
+                _write_frames(pool, places, [keys[i] for i in reserved], [srcs[i] for i in reserved])
                 done, _ = await conn.request(P.Op.COMMIT, {"reservation": rid})
                 for i, (status, reason) in zip(reserved, done["results"], strict=True):
                     results[i] = PutResult(PutStatus(status), reason)
@@ -795,7 +772,7 @@ class LMServerBackend(StorageBackend):
                 places.append((off, h))
                 off += h + s.nbytes
             try:
-                await self._copy(_write_frames, conn.segment.view, places, keys, srcs)
+                _write_frames(conn.segment.view, places, keys, srcs)
             except BaseException:
                 conn.free_region(region)
                 raise
@@ -896,7 +873,7 @@ class LMServerBackend(StorageBackend):
                     if not isinstance(n, int) or not 0 <= n <= c:
                         raise P.ProtocolError("a GET reply size outside its span")
                     frames.append(seg.view[o : o + n])
-            got = await self._copy(_read_frames, frames, keys, skeys, dsts)
+            got = _read_frames(frames, keys, skeys, dsts)
             out: list[int | None] = []
             for key, r in zip(keys, got, strict=True):
                 if isinstance(r, IntegrityError):
@@ -923,10 +900,11 @@ def _request_bytes(conn: _Conn) -> int:
 def _write_frames(
     view: memoryview, places: list[tuple[int, int]], keys: list[CacheKey], srcs: list[memoryview]
 ) -> None:
-    """Write each value as a frame at ``(offset, header bytes)`` of ``view`` (a copy thread).
+    """Write each value as a frame at ``(offset, header bytes)`` of ``view``.
 
-    The payload is checksummed as it is copied (:func:`copy_with_checksum`: one pass over
-    memory); numpy and xxhash release the GIL, so the event loop runs meanwhile.
+    Each payload is checksummed as it is copied (:func:`copy_with_checksum`: one pass over
+    memory). This runs on the event loop: handing copies or checksums to threads measured
+    slower on a 2-core host (GIL hand-offs, and a second pass competing for memory bandwidth).
     """
     arr = np.frombuffer(view, dtype=np.uint8)
     for (off, h), key, src in zip(places, keys, srcs, strict=True):
@@ -938,7 +916,7 @@ def _write_frames(
 def _read_frames(
     frames: list[memoryview | None], keys: list[CacheKey], skeys: list[str], dsts: list[memoryview]
 ) -> list[int | IntegrityError | None]:
-    """Check each frame's header, copy its payload into its ``dst`` and verify the copy (a copy thread).
+    """Check each frame's header, copy its payload into its ``dst`` and verify it on the way.
 
     Per value: the payload length, None (a miss), or the IntegrityError that makes it a
     counted miss. The checksum is taken as the payload is copied (one pass over memory), so a
@@ -965,9 +943,8 @@ def _read_frames(
                     f"buffer of {dst.nbytes} bytes is too small for the {plen}-byte value of {key}"
                 )
             target = np.frombuffer(dst, dtype=np.uint8, count=plen)
-            header.verify_checksum(
-                copy_with_checksum(target, np.frombuffer(frame, dtype=np.uint8, offset=header.payload_offset))
-            )
+            payload = np.frombuffer(frame, dtype=np.uint8, offset=header.payload_offset)
+            header.verify_checksum(copy_with_checksum(target, payload))
         except IntegrityError as exc:
             out.append(exc)
             continue

@@ -109,7 +109,7 @@ from lmcache.errors import (
     TransientBackendError,
 )
 from lmcache.keys import CacheKey
-from lmcache.serde.frame import FrameHeader, encode_header, header_size, parse_header
+from lmcache.serde.frame import FrameHeader, copy_with_checksum, encode_header, header_size, parse_header
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -708,8 +708,9 @@ class MooncakeBackend(StorageBackend):
                             header.verify_payload(src)  # small: check first, a corrupt dst stays untouched
                             out[:] = src
                         else:
-                            out[:] = src
-                            header.verify_payload(out)
+                            header.verify_checksum(
+                                copy_with_checksum(np.frombuffer(out, dtype=np.uint8), arena[o : o + n])
+                            )
                     except IntegrityError as exc:
                         corrupt.append((i, exc))
                         continue
@@ -759,13 +760,14 @@ class MooncakeBackend(StorageBackend):
             raise _Abandoned
         try:
             # The only reads of caller buffers: one copy of each payload behind its header's room,
-            # checksummed right after its copy while it is still in cache.
+            # checksummed as it is copied (one pass over memory).
             for pos in new:
                 i = idx[pos]
                 n = srcs[i].nbytes
                 payload = arena[off + heads[i] : off + heads[i] + n]
-                payload[:] = np.frombuffer(srcs[i], dtype=np.uint8)
-                arena[off : off + heads[i]] = np.frombuffer(encode_header(keys[i], memoryview(payload)), dtype=np.uint8)
+                checksum = copy_with_checksum(payload, np.frombuffer(srcs[i], dtype=np.uint8))
+                head = encode_header(keys[i], payload, checksum=checksum)
+                arena[off : off + heads[i]] = np.frombuffer(head, dtype=np.uint8)
                 spans.append((pos, off, heads[i] + n))
                 off += heads[i] + n
         finally:

@@ -103,6 +103,13 @@ class LMServerSettings:
     timeout: float = setting(30.0, doc="Seconds a request may wait for its reply.", parse=parse_duration, min=0.001)
     connect_timeout: float = setting(5.0, doc="Seconds to connect and say HELLO.", parse=parse_duration, min=0.001)
     connections: int = setting(1, doc="Connections per backend (requests are spread over them).", min=1, max=64)
+    server_checksums: bool = setting(
+        True,
+        doc=(
+            "Values in the server's shared pool are checksummed (put) and verified (get) by the server, "
+            "so this process only copies; false: this process does both (end to end)."
+        ),
+    )
 
 
 @dataclasses.dataclass(eq=False)
@@ -735,9 +742,12 @@ class LMServerBackend(StorageBackend):
                     raise P.ProtocolError("a reserved block outside the pool")
                 places.append((off, hsizes[i]))
             if reserved:
-                # The one copy, on the copy thread (the loop keeps serving other requests).
-                _write_frames(pool, places, [keys[i] for i in reserved], [srcs[i] for i in reserved])
-                done, _ = await conn.request(P.Op.COMMIT, {"reservation": rid})
+                seal = self.settings.server_checksums
+                _write_frames(pool, places, [keys[i] for i in reserved], [srcs[i] for i in reserved], checksum=not seal)
+                commit: dict[str, Any] = {"reservation": rid}
+                if seal:
+                    commit["seal"] = True  # the server fills in the checksums before publishing
+                done, _ = await conn.request(P.Op.COMMIT, commit)
                 for i, (status, reason) in zip(reserved, done["results"], strict=True):
                     results[i] = PutResult(PutStatus(status), reason)
         except BaseException:
@@ -772,7 +782,7 @@ class LMServerBackend(StorageBackend):
                 places.append((off, h))
                 off += h + s.nbytes
             try:
-                _write_frames(conn.segment.view, places, keys, srcs)
+                _write_frames(conn.segment.view, places, keys, srcs, checksum=True)
             except BaseException:
                 conn.free_region(region)
                 raise
@@ -852,6 +862,8 @@ class LMServerBackend(StorageBackend):
         pool = conn.pool_view
         if pool is not None:
             meta["lease"] = True  # tier-0 hits: read them straight from the server's pool
+            if self.settings.server_checksums:
+                meta["verify"] = True  # ... checked by the server, so we only copy them
         reply, _ = await conn.request(P.Op.GET, meta, flags=P.FLAG_SHM, region=region)
         try:
             sizes = reply["sizes"]
@@ -873,7 +885,16 @@ class LMServerBackend(StorageBackend):
                     if not isinstance(n, int) or not 0 <= n <= c:
                         raise P.ProtocolError("a GET reply size outside its span")
                     frames.append(seg.view[o : o + n])
-            got = _read_frames(frames, keys, skeys, dsts)
+            verified = [False] * len(keys)
+            if reply.get("verified") is True:
+                verified = [w == "pool" for w in where]
+                bad = reply.get("corrupt") or []
+                if not isinstance(bad, list) or not all(type(i) is int and 0 <= i < len(keys) for i in bad):
+                    raise P.ProtocolError("a GET reply with a bad corrupt list")
+                for i in bad:
+                    self.record_corrupt(keys[i], IntegrityError(f"value for {keys[i]} failed its checksum"))
+                    self.corrupt_seen.append(keys[i])
+            got = _read_frames(frames, keys, skeys, dsts, verified)
             out: list[int | None] = []
             for key, r in zip(keys, got, strict=True):
                 if isinstance(r, IntegrityError):
@@ -898,35 +919,49 @@ def _request_bytes(conn: _Conn) -> int:
 
 
 def _write_frames(
-    view: memoryview, places: list[tuple[int, int]], keys: list[CacheKey], srcs: list[memoryview]
+    view: memoryview, places: list[tuple[int, int]], keys: list[CacheKey], srcs: list[memoryview], *, checksum: bool
 ) -> None:
     """Write each value as a frame at ``(offset, header bytes)`` of ``view``.
 
-    Each payload is checksummed as it is copied (:func:`copy_with_checksum`: one pass over
-    memory). This runs on the event loop: handing copies or checksums to threads measured
-    slower on a 2-core host (GIL hand-offs, and a second pass competing for memory bandwidth).
+    With ``checksum`` each payload is checksummed as it is copied (:func:`copy_with_checksum`:
+    one pass over memory); without, the header gets a placeholder that the server fills in
+    (``COMMIT`` with ``seal``). This runs on the event loop: handing copies or checksums to
+    threads measured slower on a 2-core host (GIL hand-offs, a second pass competing for
+    memory bandwidth).
     """
     arr = np.frombuffer(view, dtype=np.uint8)
     for (off, h), key, src in zip(places, keys, srcs, strict=True):
         payload = arr[off + h : off + h + src.nbytes]
-        checksum = copy_with_checksum(payload, np.frombuffer(src, dtype=np.uint8))
-        view[off : off + h] = encode_header(key, payload, checksum=checksum)
+        if checksum:
+            view[off : off + h] = encode_header(key, payload, checksum=copy_with_checksum(payload, _u8(src)))
+        else:
+            np.copyto(payload, _u8(src))
+            view[off : off + h] = encode_header(key, payload, checksum=0)
+
+
+def _u8(buf: memoryview) -> np.ndarray:
+    return np.frombuffer(buf, dtype=np.uint8)
 
 
 def _read_frames(
-    frames: list[memoryview | None], keys: list[CacheKey], skeys: list[str], dsts: list[memoryview]
+    frames: list[memoryview | None],
+    keys: list[CacheKey],
+    skeys: list[str],
+    dsts: list[memoryview],
+    verified: list[bool],
 ) -> list[int | IntegrityError | None]:
     """Check each frame's header, copy its payload into its ``dst`` and verify it on the way.
 
     Per value: the payload length, None (a miss), or the IntegrityError that makes it a
     counted miss. The checksum is taken as the payload is copied (one pass over memory), so a
-    corrupt value may land in its ``dst`` (allowed: it is reported as a miss).
+    corrupt value may land in its ``dst`` (allowed: it is reported as a miss); a value the
+    server ``verified`` already is only copied.
 
     Raises:
         InvalidBufferError: A ``dst`` is too small for its value.
     """
     out: list[int | IntegrityError | None] = []
-    for frame, key, skey, dst in zip(frames, keys, skeys, dsts, strict=True):
+    for frame, key, skey, dst, checked in zip(frames, keys, skeys, dsts, verified, strict=True):
         if frame is None:
             out.append(None)
             continue
@@ -944,7 +979,10 @@ def _read_frames(
                 )
             target = np.frombuffer(dst, dtype=np.uint8, count=plen)
             payload = np.frombuffer(frame, dtype=np.uint8, offset=header.payload_offset)
-            header.verify_checksum(copy_with_checksum(target, payload))
+            if checked:
+                np.copyto(target, payload)
+            else:
+                header.verify_checksum(copy_with_checksum(target, payload))
         except IntegrityError as exc:
             out.append(exc)
             continue

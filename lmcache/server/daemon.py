@@ -41,8 +41,9 @@ from typing import TYPE_CHECKING, Any
 
 from lmcache.backends.base import PutResult, StorageBackend
 from lmcache.config import LMCacheConfig, env_layer, parse_duration, parse_size, resolve_settings, setting
-from lmcache.errors import ConfigError, InvalidArgumentError, InvalidBufferError, LMCacheError
+from lmcache.errors import ConfigError, IntegrityError, InvalidArgumentError, InvalidBufferError, LMCacheError
 from lmcache.keys import CacheKey
+from lmcache.serde.frame import seal_frame, verify_frame
 from lmcache.server import protocol as P
 from lmcache.server.pool import MAX_LEASES, LeasedMemory, SharedPoolMemory
 from lmcache.server.shm import Segment, attach_segment, shm_available, sweep_stale
@@ -89,6 +90,7 @@ class ServerCounters:
     protocol_errors: int = 0
     auth_failures: int = 0
     bad_requests: int = 0
+    corrupt_in_pool: int = 0  # tier-0 values that failed their checksum when leased or sealed
     shm_attached: int = 0
     shm_released: int = 0
 
@@ -345,8 +347,19 @@ class _Session:
                 pool.abort(key, entry)
             return {"results": [["rejected", "aborted"]] * len(held)}
         t0 = time.perf_counter()
+        seal = meta.get("seal") is True
         results, stored_keys, stored_sizes = [], [], []
         for key, entry in held:
+            if seal:
+                # The client only copied (its header carries a placeholder checksum): checksum
+                # here, on the server's core, before anyone can read the value.
+                try:
+                    seal_frame(pool.view(entry), key.to_string())
+                except IntegrityError:
+                    self.server.counters.corrupt_in_pool += 1
+                    pool.abort(key, entry)
+                    results.append(["rejected", "invalid"])
+                    continue
             ok = pool.commit(key, entry)
             results.append(["stored", None] if ok else ["rejected", "error"])
             if ok:
@@ -461,11 +474,12 @@ class _Session:
         self.server.metrics.get(sizes, self.server.chunk_size)
         return {"sizes": sizes}, [v for v in views if v is not None]
 
-    async def _leased_get(self, keys: list[CacheKey], dsts: list[memoryview]) -> dict[str, Any]:
+    async def _leased_get(self, keys: list[CacheKey], dsts: list[memoryview], verify: bool) -> dict[str, Any]:
         """A shm GET served from the shared tier-0 pool where it hits (one copy, by the client).
 
         Tier-0 hits are leased and answered with pool offsets; the rest is read through the
-        tiered backend into the client's segment as usual (slower tiers, promotion).
+        tiered backend into the client's segment as usual (slower tiers, promotion). With
+        ``verify`` the leased values' checksums are checked here and the client skips them.
         """
         pool = self.server.pool
         assert pool is not None
@@ -484,6 +498,21 @@ class _Session:
                     pool.release(x)
                 raise InvalidBufferError(f"buffer too small for the {e.nbytes}-byte value of {keys[i]}")
             where[i], sizes[i], offsets[i] = "pool", e.nbytes, e.offset
+        corrupt: list[int] = []
+        if verify:
+            # Checked here, on the server's core, so the client's copy is a bare memcpy. A bad
+            # value is a miss the client counts (and deletes); its lease is given back now.
+            for i, e in enumerate(leased):
+                if e is None:
+                    continue
+                try:
+                    verify_frame(pool.view(e), keys[i].to_string())
+                except IntegrityError:
+                    self.server.counters.corrupt_in_pool += 1
+                    corrupt.append(i)
+                    held.remove(e)
+                    pool.release(e)
+                    where[i] = sizes[i] = offsets[i] = None
         rest = [i for i, e in enumerate(leased) if e is None]
         if rest:
             try:
@@ -497,6 +526,9 @@ class _Session:
                     where[i], sizes[i] = "seg", n
         self.server.metrics.get(sizes, self.server.chunk_size)
         reply: dict[str, Any] = {"sizes": sizes, "where": where, "offsets": offsets}
+        if verify:
+            reply["verified"] = True
+            reply["corrupt"] = corrupt
         if held:
             self._lease_ids += 1
             self.leases[self._lease_ids] = held
@@ -608,7 +640,7 @@ class _Session:
                     dsts.append(staging[off : off + n])
                     off += n
             if shm and meta.get("lease") is True and isinstance(self.server.pool, SharedPoolMemory):
-                return await self._leased_get(keys, dsts), []
+                return await self._leased_get(keys, dsts, verify=meta.get("verify") is True), []
             sizes = await tiered.get_into(keys, dsts)
             metrics.get(sizes, self.server.chunk_size)
             out = [] if shm else [d[:n] for d, n in zip(dsts, sizes, strict=True) if n is not None]

@@ -70,6 +70,12 @@ class TestLMTcpShm(_LMTests):
     query = {"shm_size": "64MiB"}  # noqa: RUF012
 
 
+class TestLMTcpClientChecksums(_LMTests):
+    """The socket path with the checksums taken and verified by the client (end to end)."""
+
+    query = {"shm": "false", "server_checksums": "false"}  # noqa: RUF012
+
+
 class TestLMUnixShmClientChecksums(_LMTests):
     """The pool path with the checksums taken and verified by the client (end to end)."""
 
@@ -113,17 +119,19 @@ async def test_a_resident_pool_is_mapped_up_front(tmp_path, prefault: bool) -> N
         server.proc.stop()
 
 
+@pytest.mark.parametrize("shm", [True, False])
 @pytest.mark.parametrize("server_checksums", [True, False])
-async def test_who_checksums_pool_values(lm_server: LMServer, server_checksums: bool) -> None:
+async def test_who_checksums_pool_values(lm_server: LMServer, server_checksums: bool, shm: bool) -> None:
     """With server checksums the server seals what the client copied and verifies what it
     leases; either way the stored frame is whole and a damaged one is a counted miss."""
     from lmcache.serde.frame import decode_frame
 
     key = CacheKey("who-checksums", 1, 0, os.urandom(32), "uint8")
     value = os.urandom(300_000)
-    url = lm_server.url("lm+unix", server_checksums=str(server_checksums).lower())
+    url = lm_server.url("lm+unix", server_checksums=str(server_checksums).lower(), shm=str(shm).lower())
     async with LMServerBackend.from_url(url) as b:
-        assert b.pool_active
+        await b.ping()
+        assert b.pool_active is shm
         assert (await b.put([key], [value]))[0].ok
         with lm_server.raw() as raw:
             frame = raw.get_frame(key.to_string(), 1 << 20)

@@ -81,7 +81,6 @@ from lmcache.backends.base import (
 )
 from lmcache.backends.file import FileBackend, FileSettings
 from lmcache.backends.nixl_peer import (
-    COMMIT_SEAL,
     MAX_BATCH,
     Op,
     ProtocolError,
@@ -272,15 +271,13 @@ def _registered(agent: Any, regions: list[tuple[int, int, int]], mem_type: str) 
             agent.deregister_memory(reg)
 
 
-def _verify(
-    key: CacheKey, head: np.ndarray, dst: memoryview, hlen: int, n: int, *, check_payload: bool = True
-) -> int | IntegrityError:
+def _verify(key: CacheKey, head: np.ndarray, dst: memoryview, hlen: int, n: int) -> int | IntegrityError:
     """``n`` when the frame header and the payload in ``dst`` check out, else the error."""
     try:
         header = frame.parse_header(memoryview(head), expected_key=key)
         if header.payload_offset != hlen or header.payload_len != n:
             raise IntegrityError(f"value for {key} has a header that disagrees with the peer's index")
-        if n and check_payload:
+        if n:
             header.verify_payload(dst[:n])
     except IntegrityError as exc:
         return exc
@@ -300,13 +297,6 @@ class NixlSettings:
     timeout: float = setting(30.0, doc="Seconds to wait for a control reply or a transfer.", min=0.001)
     connect_timeout: float = setting(5.0, doc="Seconds to wait for the control connection.", min=0.001)
     workers: int = setting(4, doc="Threads of the backend's executor (NIXL calls and transfers).", min=1, max=256)
-    peer_checksums: bool = setting(
-        True,
-        doc=(
-            "The peer checksums frames at commit and verifies them at lookup, so this process only "
-            "moves bytes; false: this process does both (end to end)."
-        ),
-    )
 
 
 class NixlBackend(StorageBackend):
@@ -641,8 +631,6 @@ class NixlBackend(StorageBackend):
             ok = 0
             for i in todo:
                 results[i] = rejected("error")
-        if ok and self.settings.peer_checksums:
-            ok = COMMIT_SEAL  # the headers carry placeholder checksums: the peer fills them in
         await self._request(Op.COMMIT, _U64.pack(group) + bytes([ok]))
         return results
 
@@ -668,9 +656,7 @@ class NixlBackend(StorageBackend):
                 header_remote: list[tuple[int, int, int]] = []
                 pos = 0
                 for key, src, h, off in zip(keys, srcs, hlens, offsets, strict=True):
-                    # The payload's checksum, or a placeholder the peer fills in at commit.
-                    checksum = 0 if self.settings.peer_checksums else None
-                    head = frame.encode_header(key, src, alignment=_FRAME_ALIGN, checksum=checksum)
+                    head = frame.encode_header(key, src, alignment=_FRAME_ALIGN)  # checksums the payload
                     if len(head) != h:
                         raise PermanentBackendError(f"nixl://: header of {key} is {len(head)} bytes, reserved {h}")
                     headers[pos : pos + h] = np.frombuffer(head, dtype=np.uint8)
@@ -689,36 +675,29 @@ class NixlBackend(StorageBackend):
         return results
 
     async def _get_part(self, keys: list[CacheKey], dsts: list[memoryview]) -> list[int | None]:
-        checked = self.settings.peer_checksums
-        op = Op.LOOKUP_CHECKED if checked else Op.LOOKUP
-        reply = Reader(await self._request(op, pack_keys([k.to_string().encode() for k in keys])))
+        reply = Reader(await self._request(Op.LOOKUP, pack_keys([k.to_string().encode() for k in keys])))
         if reply.count() != len(keys):
             raise PermanentBackendError("nixl://: malformed LOOKUP reply")
         hits: list[tuple[CacheKey, memoryview, int, int, int]] = []  # key, dst, offset, header, payload
         index: list[int] = []
         leases: list[int] = []
-        corrupt: list[CacheKey] = []
         for i in range(len(keys)):
             found, lease, offset, frame_len, hlen = reply.unpack(_HIT)
-            if found == 2:  # the peer found it damaged (and took no lease)
-                self.record_corrupt(keys[i], IntegrityError(f"value for {keys[i]} failed its checksum on the peer"))
-                corrupt.append(keys[i])
-            elif found:
+            if found:
                 leases.append(lease)
                 index.append(i)
                 hits.append((keys[i], dsts[i], offset, hlen, frame_len - hlen))
         reply.end()
         results: list[int | None] = [None] * len(keys)
         if not hits:
-            if corrupt:
-                self._send_nowait(Op.DELETE, pack_keys([k.to_string().encode() for k in corrupt]))
             return results
         try:
             for key, dst, _off, _h, n in hits:
                 check_dst_size(key, dst, n)  # raises before any byte moves
-            outcomes = await self._call(self._read_values, hits, not checked)
+            outcomes = await self._call(self._read_values, hits)
         finally:
             self._send_nowait(Op.RELEASE, _U32.pack(len(leases)) + b"".join(_U64.pack(x) for x in leases))
+        corrupt: list[CacheKey] = []
         for i, (key, *_), outcome in zip(index, hits, outcomes, strict=True):
             if isinstance(outcome, IntegrityError):
                 self.record_corrupt(key, outcome)
@@ -730,14 +709,11 @@ class NixlBackend(StorageBackend):
             self._send_nowait(Op.DELETE, pack_keys([k.to_string().encode() for k in corrupt]))
         return results
 
-    def _read_values(
-        self, hits: list[tuple[CacheKey, memoryview, int, int, int]], check_payloads: bool
-    ) -> list[int | IntegrityError]:
+    def _read_values(self, hits: list[tuple[CacheKey, memoryview, int, int, int]]) -> list[int | IntegrityError]:
         """READ each hit's header and payload (payload straight into its dst), then verify it.
 
         Each value is its own transfer, all posted at once, so verifying one overlaps the
-        transfers of the next ones. Headers are always checked; payload checksums only with
-        ``check_payloads`` (otherwise the peer verified them at lookup).
+        transfers of the next ones.
         """
         headers = np.empty(max(sum(h for *_, h, _n in hits), 1), dtype=np.uint8)
         haddr = _addr(headers)
@@ -760,7 +736,7 @@ class NixlBackend(StorageBackend):
                 for j, (key, dst, _off, h, n) in enumerate(hits):
                     handle, handles[j] = handles[j], None
                     _wait(self._agent, handle, self.settings.timeout)
-                    out.append(_verify(key, headers[pos : pos + h], dst, h, n, check_payload=check_payloads))
+                    out.append(_verify(key, headers[pos : pos + h], dst, h, n))
                     pos += h
             finally:
                 for handle in handles:  # a failure midway: finish the rest before deregistering

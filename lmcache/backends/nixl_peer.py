@@ -50,11 +50,9 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from lmcache.config import parse_size
-from lmcache.errors import IntegrityError, PermanentBackendError
-from lmcache.serde.frame import seal_frame, verify_frame
+from lmcache.errors import PermanentBackendError
 
 __all__ = [
-    "COMMIT_SEAL",
     "MAX_BATCH",
     "MAX_BODY",
     "MAX_KEY",
@@ -95,12 +93,8 @@ class Op:
     LIST = 8
     STATS = 9
     PING = 10
-    LOOKUP_CHECKED = 11  # LOOKUP that verifies each hit's frame first (found=2: corrupt, no lease)
     CORRUPT = 126
     ERROR = 255
-
-
-COMMIT_SEAL = 2  # COMMIT's ok byte: checksum the group's frames on the peer, then commit
 
 
 class Status:
@@ -379,26 +373,6 @@ class _Peer:
         self.metadata = metadata
         self.debug_ops = debug_ops
 
-    def _frame(self, entry: _Entry) -> memoryview:
-        return self.pool[entry.offset : entry.offset + entry.frame_len]
-
-    def _seal(self, entry: _Entry) -> bool:
-        """Fill in the checksums of a frame a client wrote with a placeholder (its core only copied)."""
-        try:
-            seal_frame(self._frame(entry), entry.key.decode("utf-8", errors="replace"))
-        except IntegrityError as exc:
-            logger.warning("nixl peer: not committing a malformed frame: %s", exc)
-            return False
-        return True
-
-    def _intact(self, entry: _Entry) -> bool:
-        """Check a committed frame before a client reads it (so the client need not)."""
-        try:
-            verify_frame(self._frame(entry), entry.key.decode("utf-8", errors="replace"))
-        except IntegrityError:
-            return False
-        return True
-
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         pending: dict[int, list[_Entry]] = {}  # this connection's reservations, by group
         leases: list[int] = []  # this connection's lease ids (one per lookup hit)
@@ -460,15 +434,12 @@ class _Peer:
             return b"".join(out)
         if op == Op.COMMIT:
             group_id = r.u64()
-            ok = r.u8()  # 0 abort, 1 commit, 2 checksum (seal) each frame here, then commit
+            ok = r.u8()
             r.end()
             for entry in pending.pop(group_id, ()):
-                if ok == COMMIT_SEAL and not self._seal(entry):
-                    s.commit(entry, False)
-                    continue
                 s.commit(entry, bool(ok))
             return b""
-        if op in (Op.LOOKUP, Op.LOOKUP_CHECKED):
+        if op == Op.LOOKUP:
             keys = r.keys()
             r.end()
             out = [_U32.pack(len(keys))]
@@ -476,13 +447,9 @@ class _Peer:
                 entry = s.lookup(key)
                 if entry is None:
                     out.append(_MISS)
-                    continue
-                if op == Op.LOOKUP_CHECKED and not self._intact(entry):
-                    s.release(entry.lease_id)
-                    out.append(_CORRUPT)
-                    continue
-                leases.append(entry.lease_id)
-                out.append(_HIT.pack(1, entry.lease_id, entry.offset, entry.frame_len, entry.header_len))
+                else:
+                    leases.append(entry.lease_id)
+                    out.append(_HIT.pack(1, entry.lease_id, entry.offset, entry.frame_len, entry.header_len))
             return b"".join(out)
         if op == Op.RELEASE:
             n = r.count()
@@ -528,7 +495,6 @@ class _Peer:
 
 _HIT = struct.Struct("<BQQQI")  # found, lease id, offset, frame length, header length
 _MISS = _HIT.pack(0, 0, 0, 0, 0)
-_CORRUPT = _HIT.pack(2, 0, 0, 0, 0)
 
 
 def _make_agent(name: str) -> object:

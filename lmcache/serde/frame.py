@@ -32,17 +32,7 @@ import xxhash
 from lmcache.errors import IntegrityError
 from lmcache.keys import CacheKey
 
-__all__ = [
-    "FRAME_VERSION",
-    "FrameHeader",
-    "copy_with_checksum",
-    "decode_frame",
-    "encode_header",
-    "frame_size",
-    "parse_header",
-    "seal_frame",
-    "verify_frame",
-]
+__all__ = ["FRAME_VERSION", "FrameHeader", "decode_frame", "encode_header", "frame_size", "parse_header"]
 
 FRAME_VERSION = 1
 MAGIC = b"LMCV"
@@ -199,50 +189,6 @@ def parse_header(buf: memoryview | bytes, expected_key: CacheKey | None = None) 
     if expected_key is not None and key != expected_key.to_string():
         raise IntegrityError(f"value stored under {expected_key.to_string()[:80]} belongs to another key")
     return FrameHeader(key=key, meta=meta, payload_offset=offset, payload_len=plen, checksum=check)
-
-
-def seal_frame(frame: memoryview, expected_key: str) -> None:
-    """Fill in the payload checksum and the header check of a whole frame, in place.
-
-    For a store that checksums on behalf of the process that wrote the frame: the cache
-    server seals frames its shared-memory clients copied into its pool (their header carries
-    a placeholder checksum), so those clients' cores only copy. Everything but the two checks
-    is validated first: a frame that is malformed, of another length or of another key is
-    refused.
-
-    Raises:
-        IntegrityError: ``frame`` is not a frame of its own length for ``expected_key``.
-    """
-    if frame.nbytes < _FIXED_SIZE:
-        raise IntegrityError("value is truncated: shorter than a frame header")
-    magic, version, flags, key_len, meta_len, offset, plen, _ = _FIXED.unpack_from(frame, 0)
-    end = _FIXED_SIZE + key_len + meta_len
-    if magic != MAGIC or version != FRAME_VERSION or offset < end or offset + plen != frame.nbytes:
-        raise IntegrityError("value header is malformed or does not match the value's length")
-    key_bytes = bytes(frame[_FIXED_SIZE : _FIXED_SIZE + key_len])
-    if key_bytes != expected_key.encode():
-        raise IntegrityError(f"value stored under {expected_key[:80]} names another key")
-    checksum = payload_checksum(frame[offset:])
-    _FIXED.pack_into(frame, 0, magic, version, flags, key_len, meta_len, offset, plen, checksum)
-    hcheck = xxhash.xxh3_64_intdigest(bytes(frame[:32]) + key_bytes + bytes(frame[_FIXED_SIZE + key_len : end]))
-    _HCHECK.pack_into(frame, 32, hcheck)
-
-
-def verify_frame(frame: memoryview, expected_key: str) -> FrameHeader:
-    """Check a whole frame held in memory (header, key, length and payload checksum).
-
-    Raises:
-        IntegrityError: It is truncated, corrupted or belongs to another key.
-    """
-    header = parse_header(frame)
-    if header.key != expected_key:
-        raise IntegrityError(f"value stored under {expected_key[:80]} belongs to another key")
-    if header.total_len != frame.nbytes:
-        raise IntegrityError(
-            f"value for {expected_key[:80]} has {frame.nbytes} bytes, its header says {header.total_len}"
-        )
-    header.verify_payload(frame[header.payload_offset :])
-    return header
 
 
 def needed_header_bytes(prefix: memoryview | bytes) -> int:

@@ -103,14 +103,6 @@ class LMServerSettings:
     timeout: float = setting(30.0, doc="Seconds a request may wait for its reply.", parse=parse_duration, min=0.001)
     connect_timeout: float = setting(5.0, doc="Seconds to connect and say HELLO.", parse=parse_duration, min=0.001)
     connections: int = setting(1, doc="Connections per backend (requests are spread over them).", min=1, max=64)
-    server_checksums: bool = setting(
-        True,
-        doc=(
-            "On this host (shared memory, a Unix socket, loopback TCP) the server checksums values "
-            "on put and verifies them on get, so this process only copies; false: this process does "
-            "both (end to end). Values to a remote server are always checksummed here."
-        ),
-    )
 
 
 @dataclasses.dataclass(eq=False)
@@ -439,7 +431,6 @@ class _Conn:
         if not isinstance(sizes, list) or len(sizes) != len(req.keys):
             raise P.ProtocolError("a GET reply without one size per key")
         assert req.dsts is not None
-        verified = meta.get("verified") is True  # a same-host server checked every value it sent
         out: list[int | None] = [None] * len(sizes)
         left = data_len
         head = bytearray(64 << 10)
@@ -483,8 +474,7 @@ class _Conn:
                     if req.idle is not None:
                         req.idle.set()
                 got = n
-                if not verified:
-                    header.verify_payload(dst[:plen])
+                header.verify_payload(dst[:plen])
                 out[i] = plen
             except IntegrityError as exc:
                 self.owner.record_corrupt(key, exc)
@@ -551,10 +541,6 @@ class LMServerBackend(StorageBackend):
         return base + (f"?{query}" if query else "")
 
     # -- connections -------------------------------------------------------------------------
-
-    def _seals_locally(self) -> bool:
-        """The server checksums and verifies values for us: enabled, and on this host."""
-        return self.settings.server_checksums and self._local()
 
     def _local(self) -> bool:
         return self._scheme == "lm+unix" or self.settings.host in _LOOPBACK or self.settings.host.startswith("127.")
@@ -749,12 +735,9 @@ class LMServerBackend(StorageBackend):
                     raise P.ProtocolError("a reserved block outside the pool")
                 places.append((off, hsizes[i]))
             if reserved:
-                seal = self.settings.server_checksums
-                _write_frames(pool, places, [keys[i] for i in reserved], [srcs[i] for i in reserved], checksum=not seal)
-                commit: dict[str, Any] = {"reservation": rid}
-                if seal:
-                    commit["seal"] = True  # the server fills in the checksums before publishing
-                done, _ = await conn.request(P.Op.COMMIT, commit)
+                # The one copy, on the copy thread (the loop keeps serving other requests).
+                _write_frames(pool, places, [keys[i] for i in reserved], [srcs[i] for i in reserved])
+                done, _ = await conn.request(P.Op.COMMIT, {"reservation": rid})
                 for i, (status, reason) in zip(reserved, done["results"], strict=True):
                     results[i] = PutResult(PutStatus(status), reason)
         except BaseException:
@@ -788,31 +771,21 @@ class LMServerBackend(StorageBackend):
                 spans.append([off, h + s.nbytes])
                 places.append((off, h))
                 off += h + s.nbytes
-            seal = self.settings.server_checksums
             try:
-                _write_frames(conn.segment.view, places, keys, srcs, checksum=not seal)
+                _write_frames(conn.segment.view, places, keys, srcs)
             except BaseException:
                 conn.free_region(region)
                 raise
-            meta: dict[str, Any] = {"keys": skeys, "spans": spans}
-            if seal:
-                meta["seal"] = True
             # On failure or cancellation request() hands the region back (now or on the reply).
-            reply, _ = await conn.request(P.Op.PUT, meta, flags=P.FLAG_SHM, region=region)
+            reply, _ = await conn.request(P.Op.PUT, {"keys": skeys, "spans": spans}, flags=P.FLAG_SHM, region=region)
             conn.free_region(region)
         else:
-            # Same host: the server fills in the checksums (the bytes never leave this machine);
-            # across the network this side checksums, so the wire is covered end to end.
-            seal = self._seals_locally()
             data: list[memoryview] = []
             for key, s in zip(keys, srcs, strict=True):
-                data.append(memoryview(encode_header(key, s, checksum=0 if seal else None)))
+                data.append(memoryview(encode_header(key, s)))
                 data.append(s)
             sizes = [h + s.nbytes for h, s in zip(hsizes, srcs, strict=True)]
-            put_meta: dict[str, Any] = {"keys": skeys, "sizes": sizes}
-            if seal:
-                put_meta["seal"] = True
-            reply, _ = await conn.request(P.Op.PUT, put_meta, data)
+            reply, _ = await conn.request(P.Op.PUT, {"keys": skeys, "sizes": sizes}, data)
         out = []
         for status, reason in reply["results"]:
             out.append(PutResult(PutStatus(status), reason))
@@ -867,15 +840,9 @@ class LMServerBackend(StorageBackend):
     ) -> list[int | None]:
         region = await conn.alloc(sum(caps)) if conn.arena is not None else None
         if region is None:
-            get_meta: dict[str, Any] = {"keys": skeys, "caps": caps}
-            if self._seals_locally():
-                get_meta["verify"] = True  # same host: the server checks the values it sends
-            reply, values = await conn.request(
-                P.Op.GET, get_meta, keys=keys, dsts=dsts, skeys=[k.encode() for k in skeys]
+            _, values = await conn.request(
+                P.Op.GET, {"keys": skeys, "caps": caps}, keys=keys, dsts=dsts, skeys=[k.encode() for k in skeys]
             )
-            for i in _corrupt_indices(reply, len(keys)):
-                self.record_corrupt(keys[i], IntegrityError(f"value for {keys[i]} failed its checksum"))
-                self.corrupt_seen.append(keys[i])
             return list(values)
         spans, off = [], region[0]
         for c in caps:
@@ -885,8 +852,6 @@ class LMServerBackend(StorageBackend):
         pool = conn.pool_view
         if pool is not None:
             meta["lease"] = True  # tier-0 hits: read them straight from the server's pool
-            if self.settings.server_checksums:
-                meta["verify"] = True  # ... checked by the server, so we only copy them
         reply, _ = await conn.request(P.Op.GET, meta, flags=P.FLAG_SHM, region=region)
         try:
             sizes = reply["sizes"]
@@ -908,13 +873,7 @@ class LMServerBackend(StorageBackend):
                     if not isinstance(n, int) or not 0 <= n <= c:
                         raise P.ProtocolError("a GET reply size outside its span")
                     frames.append(seg.view[o : o + n])
-            verified = [False] * len(keys)
-            if reply.get("verified") is True:
-                verified = [w == "pool" for w in where]
-            for i in _corrupt_indices(reply, len(keys)):
-                self.record_corrupt(keys[i], IntegrityError(f"value for {keys[i]} failed its checksum"))
-                self.corrupt_seen.append(keys[i])
-            got = _read_frames(frames, keys, skeys, dsts, verified)
+            got = _read_frames(frames, keys, skeys, dsts)
             out: list[int | None] = []
             for key, r in zip(keys, got, strict=True):
                 if isinstance(r, IntegrityError):
@@ -929,14 +888,6 @@ class LMServerBackend(StorageBackend):
             conn.release_lease(reply.get("lease"))
 
 
-def _corrupt_indices(reply: dict[str, Any], n: int) -> list[int]:
-    """The values a ``verify`` GET's server found damaged (left out of the reply)."""
-    bad = reply.get("corrupt") or []
-    if not isinstance(bad, list) or not all(type(i) is int and 0 <= i < n for i in bad):
-        raise P.ProtocolError("a GET reply with a bad corrupt list")
-    return bad
-
-
 def _request_bytes(conn: _Conn) -> int:
     """Bytes of values per request on ``conn``: a get's spans must fit its segment."""
     if conn.arena is None:
@@ -947,49 +898,35 @@ def _request_bytes(conn: _Conn) -> int:
 
 
 def _write_frames(
-    view: memoryview, places: list[tuple[int, int]], keys: list[CacheKey], srcs: list[memoryview], *, checksum: bool
+    view: memoryview, places: list[tuple[int, int]], keys: list[CacheKey], srcs: list[memoryview]
 ) -> None:
     """Write each value as a frame at ``(offset, header bytes)`` of ``view``.
 
-    With ``checksum`` each payload is checksummed as it is copied (:func:`copy_with_checksum`:
-    one pass over memory); without, the header gets a placeholder that the server fills in
-    (``COMMIT`` with ``seal``). This runs on the event loop: handing copies or checksums to
-    threads measured slower on a 2-core host (GIL hand-offs, a second pass competing for
-    memory bandwidth).
+    Each payload is checksummed as it is copied (:func:`copy_with_checksum`: one pass over
+    memory). This runs on the event loop: handing copies or checksums to threads measured
+    slower on a 2-core host (GIL hand-offs, and a second pass competing for memory bandwidth).
     """
     arr = np.frombuffer(view, dtype=np.uint8)
     for (off, h), key, src in zip(places, keys, srcs, strict=True):
         payload = arr[off + h : off + h + src.nbytes]
-        if checksum:
-            view[off : off + h] = encode_header(key, payload, checksum=copy_with_checksum(payload, _u8(src)))
-        else:
-            np.copyto(payload, _u8(src))
-            view[off : off + h] = encode_header(key, payload, checksum=0)
-
-
-def _u8(buf: memoryview) -> np.ndarray:
-    return np.frombuffer(buf, dtype=np.uint8)
+        checksum = copy_with_checksum(payload, np.frombuffer(src, dtype=np.uint8))
+        view[off : off + h] = encode_header(key, payload, checksum=checksum)
 
 
 def _read_frames(
-    frames: list[memoryview | None],
-    keys: list[CacheKey],
-    skeys: list[str],
-    dsts: list[memoryview],
-    verified: list[bool],
+    frames: list[memoryview | None], keys: list[CacheKey], skeys: list[str], dsts: list[memoryview]
 ) -> list[int | IntegrityError | None]:
     """Check each frame's header, copy its payload into its ``dst`` and verify it on the way.
 
     Per value: the payload length, None (a miss), or the IntegrityError that makes it a
     counted miss. The checksum is taken as the payload is copied (one pass over memory), so a
-    corrupt value may land in its ``dst`` (allowed: it is reported as a miss); a value the
-    server ``verified`` already is only copied.
+    corrupt value may land in its ``dst`` (allowed: it is reported as a miss).
 
     Raises:
         InvalidBufferError: A ``dst`` is too small for its value.
     """
     out: list[int | IntegrityError | None] = []
-    for frame, key, skey, dst, checked in zip(frames, keys, skeys, dsts, verified, strict=True):
+    for frame, key, skey, dst in zip(frames, keys, skeys, dsts, strict=True):
         if frame is None:
             out.append(None)
             continue
@@ -1007,10 +944,7 @@ def _read_frames(
                 )
             target = np.frombuffer(dst, dtype=np.uint8, count=plen)
             payload = np.frombuffer(frame, dtype=np.uint8, offset=header.payload_offset)
-            if checked:
-                np.copyto(target, payload)
-            else:
-                header.verify_checksum(copy_with_checksum(target, payload))
+            header.verify_checksum(copy_with_checksum(target, payload))
         except IntegrityError as exc:
             out.append(exc)
             continue

@@ -41,9 +41,8 @@ from typing import TYPE_CHECKING, Any
 
 from lmcache.backends.base import PutResult, StorageBackend
 from lmcache.config import LMCacheConfig, env_layer, parse_duration, parse_size, resolve_settings, setting
-from lmcache.errors import ConfigError, IntegrityError, InvalidArgumentError, InvalidBufferError, LMCacheError
+from lmcache.errors import ConfigError, InvalidArgumentError, InvalidBufferError, LMCacheError
 from lmcache.keys import CacheKey
-from lmcache.serde.frame import seal_frame, verify_frame
 from lmcache.server import protocol as P
 from lmcache.server.pool import MAX_LEASES, LeasedMemory, SharedPoolMemory
 from lmcache.server.shm import Segment, attach_segment, shm_available, sweep_stale
@@ -90,7 +89,6 @@ class ServerCounters:
     protocol_errors: int = 0
     auth_failures: int = 0
     bad_requests: int = 0
-    corrupt_in_pool: int = 0  # tier-0 values that failed their checksum when leased or sealed
     shm_attached: int = 0
     shm_released: int = 0
 
@@ -347,19 +345,8 @@ class _Session:
                 pool.abort(key, entry)
             return {"results": [["rejected", "aborted"]] * len(held)}
         t0 = time.perf_counter()
-        seal = meta.get("seal") is True
         results, stored_keys, stored_sizes = [], [], []
         for key, entry in held:
-            if seal:
-                # The client only copied (its header carries a placeholder checksum): checksum
-                # here, on the server's core, before anyone can read the value.
-                try:
-                    seal_frame(pool.view(entry), key.to_string())
-                except IntegrityError:
-                    self.server.counters.corrupt_in_pool += 1
-                    pool.abort(key, entry)
-                    results.append(["rejected", "invalid"])
-                    continue
             ok = pool.commit(key, entry)
             results.append(["stored", None] if ok else ["rejected", "error"])
             if ok:
@@ -369,34 +356,6 @@ class _Session:
         self.server.metrics.put(sum(stored_sizes))
         self.server.metrics.tier0_in_place("put", stored_sizes, time.perf_counter() - t0)
         return {"results": results}
-
-    def _seal(self, keys: list[CacheKey], views: list[memoryview]) -> list[bool]:
-        """Fill in the checksums of frames a same-host client sent with placeholders (``seal``).
-
-        Per value: sealed, or False for a malformed frame (rejected, never stored).
-        """
-        ok = []
-        for key, view in zip(keys, views, strict=True):
-            try:
-                seal_frame(view, key.to_string())
-                ok.append(True)
-            except IntegrityError:
-                self.server.counters.corrupt_in_pool += 1
-                ok.append(False)
-        return ok
-
-    def _verify(self, keys: list[CacheKey], views: list[memoryview | None]) -> list[int]:
-        """Indices of the frames among ``views`` that fail their checks (a ``verify`` GET)."""
-        bad = []
-        for i, (key, view) in enumerate(zip(keys, views, strict=True)):
-            if view is None:
-                continue
-            try:
-                verify_frame(view, key.to_string())
-            except IntegrityError:
-                self.server.counters.corrupt_in_pool += 1
-                bad.append(i)
-        return bad
 
     async def _put_in_place(self, fh: P.FrameHead, meta_raw: bytearray) -> None:
         """A socket PUT whose values are received straight into reserved tier-0 blocks.
@@ -443,13 +402,8 @@ class _Session:
                     views.append(view)
             results: list[Any] = [None] * len(keys)
             stored_keys, stored_sizes = [], []
-            seal = meta.get("seal") is True
             for i, (state, entry) in enumerate(slots):
                 if state == "reserved":
-                    if seal and not self._seal([keys[i]], [pool.view(entry)])[0]:
-                        pool.abort(keys[i], entry)
-                        results[i] = ["rejected", "invalid"]
-                        continue
                     ok = pool.commit(keys[i], entry)
                     results[i] = ["stored", None] if ok else ["rejected", "error"]
                     if ok:
@@ -463,13 +417,6 @@ class _Session:
             raise
         srv.tiered.record_stored(stored_keys, stored_sizes)
         srv.metrics.tier0_in_place("put", stored_sizes, time.perf_counter() - t0)
-        if staged and seal:
-            sealed = self._seal([keys[i] for i in staged], views)
-            for i, ok in zip(staged, sealed, strict=True):
-                if not ok:
-                    results[i] = ["rejected", "invalid"]
-            views = [v for v, ok in zip(views, sealed, strict=True) if ok]
-            staged = [i for i, ok in zip(staged, sealed, strict=True) if ok]
         if staged:
             got = await srv.tiered.put([keys[i] for i in staged], views)
             for i, r in zip(staged, got, strict=True):
@@ -485,14 +432,8 @@ class _Session:
             await self._recv_into(scratch[:chunk])
             n -= chunk
 
-    async def _socket_get(
-        self, keys: list[CacheKey], caps: list[int], verify: bool = False
-    ) -> tuple[dict[str, Any], list[memoryview]]:
-        """A socket GET whose tier-0 hits are sent from the pool in place (leased until sent).
-
-        With ``verify`` (a same-host client) every value is checked here first; damaged ones
-        are left out and listed in ``corrupt``.
-        """
+    async def _socket_get(self, keys: list[CacheKey], caps: list[int]) -> tuple[dict[str, Any], list[memoryview]]:
+        """A socket GET whose tier-0 hits are sent from the pool in place (leased until sent)."""
         pool = self.server.pool
         assert pool is not None
         leased = pool.lease(keys)
@@ -517,21 +458,14 @@ class _Session:
             for i, d, n in zip(rest, dsts, got, strict=True):
                 if n is not None:
                     sizes[i], views[i] = n, d[:n]
-        reply: dict[str, Any] = {"sizes": sizes}
-        if verify:
-            bad = self._verify(keys, views)
-            for i in bad:
-                sizes[i] = views[i] = None
-            reply["verified"], reply["corrupt"] = True, bad
         self.server.metrics.get(sizes, self.server.chunk_size)
-        return reply, [v for v in views if v is not None]
+        return {"sizes": sizes}, [v for v in views if v is not None]
 
-    async def _leased_get(self, keys: list[CacheKey], dsts: list[memoryview], verify: bool) -> dict[str, Any]:
+    async def _leased_get(self, keys: list[CacheKey], dsts: list[memoryview]) -> dict[str, Any]:
         """A shm GET served from the shared tier-0 pool where it hits (one copy, by the client).
 
         Tier-0 hits are leased and answered with pool offsets; the rest is read through the
-        tiered backend into the client's segment as usual (slower tiers, promotion). With
-        ``verify`` the leased values' checksums are checked here and the client skips them.
+        tiered backend into the client's segment as usual (slower tiers, promotion).
         """
         pool = self.server.pool
         assert pool is not None
@@ -550,15 +484,6 @@ class _Session:
                     pool.release(x)
                 raise InvalidBufferError(f"buffer too small for the {e.nbytes}-byte value of {keys[i]}")
             where[i], sizes[i], offsets[i] = "pool", e.nbytes, e.offset
-        corrupt: list[int] = []
-        if verify:
-            # Checked here, on the server's core, so the client's copy is a bare memcpy. A bad
-            # value is a miss the client counts (and deletes); its lease is given back now.
-            corrupt = self._verify(keys, [pool.view(e) if e is not None else None for e in leased])
-            for i in corrupt:
-                held.remove(leased[i])
-                pool.release(leased[i])
-                where[i] = sizes[i] = offsets[i] = None
         rest = [i for i, e in enumerate(leased) if e is None]
         if rest:
             try:
@@ -572,9 +497,6 @@ class _Session:
                     where[i], sizes[i] = "seg", n
         self.server.metrics.get(sizes, self.server.chunk_size)
         reply: dict[str, Any] = {"sizes": sizes, "where": where, "offsets": offsets}
-        if verify:
-            reply["verified"] = True
-            reply["corrupt"] = corrupt
         if held:
             self._lease_ids += 1
             self.leases[self._lease_ids] = held
@@ -664,15 +586,6 @@ class _Session:
                 for n in sizes:
                     views.append(data[off : off + n])
                     off += n
-            if meta.get("seal") is True:
-                sealed = self._seal(keys, views)
-                good = [i for i, ok in enumerate(sealed) if ok]
-                got = await tiered.put([keys[i] for i in good], [views[i] for i in good])
-                out: list[Any] = [["rejected", "invalid"]] * len(keys)
-                for i, r in zip(good, got, strict=True):
-                    out[i] = [r.status.value, r.reason]
-                metrics.put(sum(views[i].nbytes for i, r in zip(good, got, strict=True) if r.ok))
-                return {"results": out}, []
             results: list[PutResult] = await tiered.put(keys, views)
             metrics.put(sum(v.nbytes for v, r in zip(views, results, strict=True) if r.ok))
             return {"results": [[r.status.value, r.reason] for r in results]}, []
@@ -688,14 +601,14 @@ class _Session:
                 if any(x < 0 for x in caps) or sum(caps) > self.server.settings.max_frame_bytes:
                     raise InvalidArgumentError("meta.caps exceed the max frame size")
                 if self.server.pool is not None:
-                    return await self._socket_get(keys, caps, verify=meta.get("verify") is True)
+                    return await self._socket_get(keys, caps)
                 staging = self._staging_view(sum(caps))
                 dsts, off = [], 0
                 for n in caps:
                     dsts.append(staging[off : off + n])
                     off += n
             if shm and meta.get("lease") is True and isinstance(self.server.pool, SharedPoolMemory):
-                return await self._leased_get(keys, dsts, verify=meta.get("verify") is True), []
+                return await self._leased_get(keys, dsts), []
             sizes = await tiered.get_into(keys, dsts)
             metrics.get(sizes, self.server.chunk_size)
             out = [] if shm else [d[:n] for d, n in zip(dsts, sizes, strict=True) if n is not None]

@@ -276,28 +276,6 @@ if IN_NETNS and _nixl_missing() is None:
             assert isinstance(backend, NixlBackend)
             raw_corrupt(backend.settings.port, key)
 
-    class TestNixlPeerConformanceClientChecksums(TestNixlPeerConformance):
-        """Checksums taken and verified by the client (end to end) instead of by the peer."""
-
-        @pytest.fixture
-        def backend_url(self, nixl_peer: ServerProcess) -> str:
-            return f"nixl://127.0.0.1:{nixl_peer.port}?workers=2&peer_checksums=false"
-
-    @pytest.mark.timeout(HANG_GUARD)
-    @pytest.mark.parametrize("peer_checksums", [True, False])
-    async def test_stored_frames_carry_real_checksums(nixl_peer: ServerProcess, peer_checksums: bool) -> None:
-        """Whoever computes them, a stored frame checks out end to end when read back."""
-        url = f"nixl://127.0.0.1:{nixl_peer.port}?peer_checksums={str(peer_checksums).lower()}"
-        key, value = make_key(9001 + int(peer_checksums)), os.urandom(3 * MiB + 7)
-        async with open_backend(url) as b:
-            assert (await b.put([key], [value]))[0].status is PutStatus.STORED
-        # Read back by a client that verifies every payload itself.
-        async with open_backend(f"nixl://127.0.0.1:{nixl_peer.port}?peer_checksums=false") as reader:
-            dst = bytearray(len(value))
-            assert await reader.get_into([key], [dst]) == [len(value)]
-            assert bytes(dst) == value
-            assert reader.stats()["corrupt"] == 0
-
     class TestNixlPosixConformance(BackendTests):
         pytestmark: ClassVar[list[pytest.MarkDecorator]] = [*BackendTests.pytestmark, pytest.mark.timeout(HANG_GUARD)]
 

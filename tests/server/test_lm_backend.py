@@ -7,8 +7,6 @@ through a raw protocol connection, not through the backend under test.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from conftest import LMServer
 from lmcache_conformance import BackendTests
@@ -70,20 +68,6 @@ class TestLMTcpShm(_LMTests):
     query = {"shm_size": "64MiB"}  # noqa: RUF012
 
 
-class TestLMTcpClientChecksums(_LMTests):
-    """The socket path with the checksums taken and verified by the client (end to end)."""
-
-    query = {"shm": "false", "server_checksums": "false"}  # noqa: RUF012
-
-
-class TestLMUnixShmClientChecksums(_LMTests):
-    """The pool path with the checksums taken and verified by the client (end to end)."""
-
-    scheme = "lm+unix"
-    expect_shm = True
-    query = {"server_checksums": "false"}  # noqa: RUF012
-
-
 def _pool_rss_bytes() -> int:
     """Resident bytes of this process's mappings of server pools (from /proc/self/smaps)."""
     total, in_pool = 0, False
@@ -117,36 +101,3 @@ async def test_a_resident_pool_is_mapped_up_front(tmp_path, prefault: bool) -> N
                 assert rss < size // 4, f"{rss} pool bytes mapped for a lazy pool"
     finally:
         server.proc.stop()
-
-
-@pytest.mark.parametrize("shm", [True, False])
-@pytest.mark.parametrize("server_checksums", [True, False])
-async def test_who_checksums_pool_values(lm_server: LMServer, server_checksums: bool, shm: bool) -> None:
-    """With server checksums the server seals what the client copied and verifies what it
-    leases; either way the stored frame is whole and a damaged one is a counted miss."""
-    from lmcache.serde.frame import decode_frame
-
-    key = CacheKey("who-checksums", 1, 0, os.urandom(32), "uint8")
-    value = os.urandom(300_000)
-    url = lm_server.url("lm+unix", server_checksums=str(server_checksums).lower(), shm=str(shm).lower())
-    async with LMServerBackend.from_url(url) as b:
-        await b.ping()
-        assert b.pool_active is shm
-        assert (await b.put([key], [value]))[0].ok
-        with lm_server.raw() as raw:
-            frame = raw.get_frame(key.to_string(), 1 << 20)
-        assert frame is not None
-        _, payload = decode_frame(frame, key)  # a real checksum, not the placeholder
-        assert bytes(payload) == value
-        before = lm_server.server_stats()["server"]["corrupt_in_pool"]
-        with lm_server.raw() as raw:  # damage it in place, through the socket path
-            damaged = bytearray(frame)
-            damaged[-1] ^= 0xFF
-            raw.delete([key.to_string()])
-            assert raw.put_frame(key.to_string(), bytes(damaged)) == "stored"
-        dst = bytearray(len(value))
-        corrupt = b.stats()["corrupt"]
-        assert await b.get_into([key], [dst]) == [None]
-        assert b.stats()["corrupt"] == corrupt + 1
-        after = lm_server.server_stats()["server"]["corrupt_in_pool"]
-        assert after == before + (1 if server_checksums else 0)

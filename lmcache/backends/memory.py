@@ -346,6 +346,11 @@ class MemoryBackend(StorageBackend):
         self._pool = memoryview(self._mmap)
 
     def _map_pool(self, prefault: bool) -> mmap.mmap:
+        """Map the pool (and populate it with ``prefault``); subclasses may map other memory.
+
+        The cache server's :class:`~lmcache.server.pool.SharedPoolMemory` maps a ``/dev/shm``
+        file here instead, so same-host clients can map the pool too.
+        """
         available = _available_memory()
         if prefault and available is not None and self._capacity > available:
             # Populating more than the host has would summon the OOM killer, not an error.
@@ -507,6 +512,97 @@ class MemoryBackend(StorageBackend):
             "free_blocks": a.free_blocks,
             "entries": self._entries,
         }
+
+    # -- in place, for the process that owns the pool (the cache server) ----------------------
+    #
+    # Leases let a value be read where it lies (sent from it, or copied out by another process
+    # that maps the pool); reservations let a value be written in place (received into it).
+    # Blocks are opaque handles; each lease is released once, each reservation committed or
+    # aborted once.
+
+    def lease(self, keys: list[CacheKey]) -> list[Any]:
+        """Pin the blocks of the held keys: per key an opaque lease, or None on a miss.
+
+        Each lease must be given back once with :meth:`release`; :meth:`view` reads it.
+        """
+        if self._pool is None:
+            return [None] * len(keys)
+        get = self._index.get
+        out: list[Any] = []
+        for k in keys:
+            e = get(k)
+            if e is not None and e.ready:
+                e.readers += 1
+                out.append(e)
+            else:
+                out.append(None)
+        return out
+
+    def view(self, entry: Any) -> memoryview:
+        """The leased value's bytes, in place (valid until it is released)."""
+        return self._live_pool()[entry.offset : entry.offset + entry.nbytes]
+
+    def release(self, entry: Any) -> None:
+        """Give one lease back (a block deleted meanwhile is freed by its last reader)."""
+        self._unpin(entry)
+
+    # -- writing in place: reserve a block, fill it from outside, then commit or abort --------
+
+    def reserve(self, key: CacheKey, nbytes: int) -> tuple[str, Any]:
+        """Reserve a block for ``key`` to be filled in place (e.g. received from a socket).
+
+        Returns:
+            ``("reserved", entry)``, or ``("exists", None)`` when the key is held, or
+            ``("busy" | "full" | "too_large", None)`` when the caller should store it the usual
+            way (another put is copying it; no free block: the TieredBackend evicts on a put).
+            A reserved key reads as absent until :meth:`commit`.
+        """
+        if nbytes > self._capacity:
+            return "too_large", None
+        e = self._index.get(key)
+        if e is not None:
+            return ("exists", None) if e.ready else ("busy", None)
+        if self._pool is None:
+            return "full", None
+        offset = self._alloc.alloc(nbytes)
+        if offset is None:
+            return "full", None
+        entry = _Entry(offset, nbytes)
+        self._index[key] = entry  # not ready: readers miss, a second put of the key waits
+        return "reserved", entry
+
+    def commit(self, key: CacheKey, entry: Any) -> bool:
+        """Publish a filled reservation; False (and the block freed) if the pool was closed."""
+        if self._pool is None or self._index.get(key) is not entry:
+            self.abort(key, entry)
+            return False
+        entry.ready = True
+        self._entries += 1
+        c = self.counters
+        c.put_requests += 1
+        c.stored += 1
+        c.bytes_written += entry.nbytes
+        self._wake(entry)
+        return True
+
+    def abort(self, key: CacheKey, entry: Any) -> None:
+        """Drop an unfilled reservation and free its block."""
+        if self._index.get(key) is entry:
+            del self._index[key]
+        if self._pool is not None:
+            self._alloc.free(entry.offset, entry.nbytes)
+        self._wake(entry)
+
+    @staticmethod
+    def _wake(entry: Any) -> None:
+        if entry.waiter is not None:
+            entry.waiter.set_result(None)
+            entry.waiter = None
+
+    @property
+    def capacity_bytes(self) -> int:
+        """Bytes of the pool (the capacity rounded up to whole allocator blocks)."""
+        return self._capacity
 
     # -- internals ---------------------------------------------------------------------------
 

@@ -40,11 +40,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmcache.backends.base import PutResult, StorageBackend
+from lmcache.backends.memory import MemoryBackend
 from lmcache.config import LMCacheConfig, env_layer, parse_duration, parse_size, resolve_settings, setting
 from lmcache.errors import ConfigError, InvalidArgumentError, InvalidBufferError, LMCacheError
 from lmcache.keys import CacheKey
 from lmcache.server import protocol as P
-from lmcache.server.pool import MAX_LEASES, LeasedMemory, SharedPoolMemory
+from lmcache.server.pool import MAX_LEASES, SharedPoolMemory
 from lmcache.server.shm import Segment, attach_segment, shm_available, sweep_stale
 from lmcache.tiered import TieredBackend
 
@@ -634,13 +635,13 @@ class CacheServer:
         chunk_size: int = 256,
         hash_seed: str = "lmcache-v1",
         metrics: ServerMetrics | None = None,
-        pool: LeasedMemory | None = None,
+        pool: MemoryBackend | None = None,
     ) -> None:
         from lmcache.server.metrics import ServerMetrics
 
         self.tiered = tiered
         self.settings = settings
-        self.pool: LeasedMemory | None = pool
+        self.pool: MemoryBackend | None = pool
         self.chunk_size = chunk_size
         self.hash_seed = hash_seed
         self.counters = ServerCounters()
@@ -844,7 +845,6 @@ def build_server(args: argparse.Namespace) -> CacheServer:
     value sizes are measured per tier; the stack's settings come from the config exactly as
     :meth:`TieredBackend.from_config` reads them.
     """
-    from lmcache.backends.memory import MemoryBackend
     from lmcache.backends.registry import open_backend
     from lmcache.server.metrics import ServerMetrics, TimedTier
     from lmcache.tiered import TieredSettings
@@ -868,12 +868,12 @@ def build_server(args: argparse.Namespace) -> CacheServer:
     tiered_settings = resolve_settings(TieredSettings, layers, owner="tiered://")
     metrics = ServerMetrics()
     built = [open_backend(u) for u in config.tiers]
-    pool: LeasedMemory | None = None
+    pool: MemoryBackend | None = None
     if type(built[0]) is MemoryBackend:
         # Tier 0 with leases: socket gets send its hits in place; in shared memory, shm clients
         # copy them straight out of it (lmcache.server.pool).
         shared = settings.shm and shm_available()
-        pool = (SharedPoolMemory if shared else LeasedMemory)(built[0].settings)
+        pool = SharedPoolMemory(built[0].settings) if shared else built[0]
         built[0] = pool
     tiers: list[StorageBackend] = [TimedTier(b, metrics, i) for i, b in enumerate(built)]
     tiered = TieredBackend(tiers, tiered_settings, own_tiers=True)

@@ -585,3 +585,45 @@ async def test_prefault_falls_back_to_touching_pages(monkeypatch: pytest.MonkeyP
         dst = bytearray(3)
         assert await b.get_into([key(1)], [dst]) == [3]
         assert dst == b"abc"
+
+
+# -- in-place access: leases and reservations (what the cache server uses) ----------------------
+
+
+async def test_a_lease_reads_in_place_and_outlives_a_delete(mem: MemoryBackend) -> None:
+    await mem.put([key(1)], [value(1, 5000)])
+    [block] = mem.lease([key(1)])
+    assert block is not None and bytes(mem.view(block)) == value(1, 5000)
+    await mem.delete([key(1)])
+    assert mem.lease([key(1)]) == [None]
+    # The block is still pinned: a put of the same size must not be handed its bytes.
+    await mem.put([key(2)], [value(2, 5000)])
+    assert bytes(mem.view(block)) == value(1, 5000)
+    used = mem.stats()["used_bytes"]
+    mem.release(block)
+    assert mem.stats()["used_bytes"] < used  # the last reader freed it
+
+
+async def test_a_reservation_is_invisible_until_committed(mem: MemoryBackend) -> None:
+    state, block = mem.reserve(key(3), 4096)
+    assert state == "reserved"
+    assert await mem.contains([key(3)]) == [False]
+    assert mem.reserve(key(3), 4096) == ("busy", None)
+    mem.view(block)[:] = value(3, 4096)
+    assert mem.commit(key(3), block)
+    assert mem.reserve(key(3), 4096) == ("exists", None)
+    dst = bytearray(4096)
+    assert await mem.get_into([key(3)], [dst]) == [4096] and bytes(dst) == value(3, 4096)
+    assert mem.stats()["stored"] == 1
+
+
+async def test_an_aborted_reservation_frees_its_block_and_wakes_a_waiting_put(mem: MemoryBackend) -> None:
+    used = mem.stats()["used_bytes"]
+    state, block = mem.reserve(key(4), 8192)
+    assert state == "reserved" and mem.stats()["used_bytes"] > used
+    waiting = asyncio.ensure_future(mem.put([key(4)], [value(4, 100)]))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()  # a put of a reserved key waits for the reservation to settle
+    mem.abort(key(4), block)
+    assert [r.status for r in await waiting] == [PutStatus.STORED]
+    assert mem.reserve(key(5), mem.capacity_bytes + 1) == ("too_large", None)

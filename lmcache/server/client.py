@@ -230,7 +230,11 @@ class _Conn:
             # that copy reads it from cache instead of making a second pass over memory.
             await P.sock_sendv(self.sock, [frame])
             for i in range(0, len(data), 2):
-                fill(i // 2)
+                try:
+                    fill(i // 2)
+                except Exception as exc:  # a bug: half a frame is out, the stream is lost
+                    self._teardown(BackendUnavailableError(f"lm://: a request broke off mid-frame: {exc}"))
+                    raise
                 await P.sock_sendv(self.sock, data[i : i + 2])
 
     async def request(

@@ -233,7 +233,7 @@ class _Conn:
                 try:
                     fill(i // 2)
                 except Exception as exc:  # a bug: half a frame is out, the stream is lost
-                    self._teardown(BackendUnavailableError(f"lm://: a request broke off mid-frame: {exc}"))
+                    await self.abort(BackendUnavailableError(f"lm://: a request broke off mid-frame: {exc}"))
                     raise
                 await P.sock_sendv(self.sock, data[i : i + 2])
 

@@ -101,3 +101,34 @@ async def test_a_resident_pool_is_mapped_up_front(tmp_path, prefault: bool) -> N
                 assert rss < size // 4, f"{rss} pool bytes mapped for a lazy pool"
     finally:
         server.proc.stop()
+
+
+async def test_a_header_failing_mid_frame_closes_the_connection_not_the_stream(
+    lm_server: LMServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injection: a socket put whose second header cannot be built has sent half a
+    frame; the connection is dropped (never reused out of step) and the next call reconnects."""
+    import os
+
+    import lmcache.server.client as client_mod
+
+    real = client_mod.encode_header
+    calls = {"n": 0}
+
+    def flaky(*args: object, **kwargs: object) -> bytes:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("injected")
+        return real(*args, **kwargs)
+
+    keys = [CacheKey("mid-frame", 1, 0, os.urandom(32), "uint8") for _ in range(3)]
+    values = [os.urandom(100_000) for _ in keys]
+    async with LMServerBackend.from_url(lm_server.url("lm", shm="false")) as b:
+        monkeypatch.setattr(client_mod, "encode_header", flaky)
+        with pytest.raises(RuntimeError):
+            await b.put(keys, values)
+        monkeypatch.setattr(client_mod, "encode_header", real)
+        assert all(r.ok for r in await b.put(keys, values))
+        dsts = [bytearray(len(v)) for v in values]
+        assert await b.get_into(keys, dsts) == [len(v) for v in values]
+        assert [bytes(d) for d in dsts] == values

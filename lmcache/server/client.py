@@ -753,7 +753,7 @@ class LMServerBackend(StorageBackend):
                     raise P.ProtocolError("a reserved block outside the pool")
                 places.append((off, hsizes[i]))
             if reserved:
-                # The one copy, on the copy thread (the loop keeps serving other requests).
+                # The one copy, checksummed on the way (on the loop: see _write_frames).
                 _write_frames(pool, places, [keys[i] for i in reserved], [srcs[i] for i in reserved])
                 done, _ = await conn.request(P.Op.COMMIT, {"reservation": rid})
                 for i, (status, reason) in zip(reserved, done["results"], strict=True):

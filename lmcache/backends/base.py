@@ -24,12 +24,14 @@ first use; ``aclose()`` is final.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import logging
+import threading
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import SplitResult, parse_qsl, quote, urlencode, urlsplit
@@ -53,10 +55,14 @@ __all__ = [
     "PutResult",
     "PutStatus",
     "StorageBackend",
+    "WorkerAbandoned",
+    "WorkerGate",
     "as_readable",
     "as_writable",
+    "gather_all",
     "parse_backend_url",
     "run_blocking",
+    "split_by_size",
 ]
 
 logger = logging.getLogger(__name__)
@@ -233,6 +239,84 @@ async def run_blocking(
                 continue
         if not fut.cancelled():
             fut.exception()  # mark retrieved: the caller was cancelled and cannot see it
+        raise
+
+
+class WorkerGate:
+    """Fences a worker thread's use of caller buffers against a caller that gave up.
+
+    The worker holds the gate (:meth:`enter` ... :meth:`leave`) around each touch of a caller's
+    buffer; a caller that times out or is cancelled calls :meth:`abandon`, which waits for the
+    worker to leave. Once it returns the worker never touches those buffers again
+    (:meth:`enter` returns False, and the worker raises :class:`WorkerAbandoned`).
+    """
+
+    __slots__ = ("_abandoned", "_lock")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._abandoned = False
+
+    def enter(self) -> bool:
+        """Take the gate; False (not taken) once the caller abandoned the call."""
+        self._lock.acquire()
+        if self._abandoned:
+            self._lock.release()
+            return False
+        return True
+
+    def leave(self) -> None:
+        """Give the gate back."""
+        self._lock.release()
+
+    def abandon(self) -> None:
+        """The caller gave up: wait for the worker to leave, then keep it out."""
+        with self._lock:
+            self._abandoned = True
+
+
+class WorkerAbandoned(Exception):
+    """Raised inside a worker whose caller gave up (see :class:`WorkerGate`); nobody sees it."""
+
+
+def split_by_size(sizes: Sequence[int], max_bytes: int, max_items: int | None = None) -> list[range]:
+    """Contiguous index ranges whose sizes sum to at most ``max_bytes``.
+
+    A range also holds at most ``max_items`` items; a lone item larger than ``max_bytes`` gets a
+    range of its own.
+    """
+    out: list[range] = []
+    start = acc = 0
+    for i, n in enumerate(sizes):
+        if i > start and (acc + n > max_bytes or (max_items is not None and i - start >= max_items)):
+            out.append(range(start, i))
+            start, acc = i, 0
+        acc += n
+    if start < len(sizes):
+        out.append(range(start, len(sizes)))
+    return out
+
+
+async def gather_all(coros: Sequence[Awaitable[S]]) -> list[S]:
+    """Await ``coros`` concurrently and return their results in order.
+
+    On a failure or cancellation the rest are cancelled, and every one has finished before the
+    error is raised: sub-batches may hold borrowed buffers (rule 3): none may be left running behind the call.
+    """
+    if len(coros) == 1:
+        return [await coros[0]]
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        while not all(t.done() for t in tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait(tasks)
+        for t in tasks:
+            if not t.cancelled():
+                t.exception()  # retrieved: only the first failure is raised
         raise
 
 

@@ -54,7 +54,7 @@ import logging
 import mmap
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import infinistore
@@ -66,9 +66,13 @@ from lmcache.backends.base import (
     Capabilities,
     PutResult,
     StorageBackend,
+    WorkerAbandoned,
+    WorkerGate,
+    gather_all,
     parse_backend_url,
     rejected,
     settings_query,
+    split_by_size,
     split_url,
 )
 from lmcache.config import parse_duration, parse_size, setting
@@ -155,34 +159,6 @@ def map_infinistore_errors(what: str) -> Any:
         if type(exc) is Exception:  # what the SDK raises for every failed call
             raise BackendUnavailableError(f"{what}: {exc}") from exc
         raise
-
-
-class _Gate:
-    """Fences a worker's use of caller buffers against a caller that gave up (timeout, cancellation)."""
-
-    __slots__ = ("_abandoned", "_lock")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._abandoned = False
-
-    def enter(self) -> bool:
-        self._lock.acquire()
-        if self._abandoned:
-            self._lock.release()
-            return False
-        return True
-
-    def leave(self) -> None:
-        self._lock.release()
-
-    def abandon(self) -> None:
-        with self._lock:
-            self._abandoned = True
-
-
-class _Abandoned(Exception):
-    """Raised inside a worker whose caller gave up; nobody sees it."""
 
 
 @dataclasses.dataclass
@@ -348,7 +324,7 @@ class InfiniStoreBackend(StorageBackend):
             executor.shutdown(wait=False)
 
     async def _ping(self) -> None:
-        def probe(gate: _Gate, slot: _Slot) -> None:
+        def probe(gate: WorkerGate, slot: _Slot) -> None:
             slot.conn.check_exist(self.settings.prefix + "__ping__")
 
         await self._with_slot(probe, what="ping")
@@ -383,7 +359,7 @@ class InfiniStoreBackend(StorageBackend):
             slot.registered = True
         slot.conn = conn
 
-    def _in_slot(self, fn: Callable[..., T], gate: _Gate, slot: _Slot, *args: Any) -> T:
+    def _in_slot(self, fn: Callable[..., T], gate: WorkerGate, slot: _Slot, *args: Any) -> T:
         """Worker side: (re)connect the slot if needed, run ``fn``, drop the connection on failure."""
         try:
             with map_infinistore_errors(f"{self._target()}"):
@@ -410,7 +386,7 @@ class InfiniStoreBackend(StorageBackend):
             self.record_error(what, err)
             raise err from None
         slot = self._slots[idx]
-        gate = _Gate()
+        gate = WorkerGate()
         fut = loop.run_in_executor(self._executor, self._in_slot, fn, gate, slot, *args)
         self._inflight.add(fut)
         fut.add_done_callback(self._inflight.discard)
@@ -434,30 +410,6 @@ class InfiniStoreBackend(StorageBackend):
             if release_now:
                 free.put_nowait(idx)
 
-    def _plan(self, sizes: Sequence[int]) -> list[range]:
-        out: list[range] = []
-        start = acc = 0
-        for i, n in enumerate(sizes):
-            if i > start and acc + n > self._arena_bytes:
-                out.append(range(start, i))
-                start, acc = i, 0
-            acc += n
-        if start < len(sizes):
-            out.append(range(start, len(sizes)))
-        return out
-
-    async def _run_all(self, jobs: list[Any]) -> list[Any]:
-        if len(jobs) == 1:
-            return [await jobs[0]]
-        tasks = [asyncio.ensure_future(j) for j in jobs]
-        try:
-            return await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-
     def _frame_len(self, head: int, payload: int) -> int:
         return self.settings.block_size or head + payload
 
@@ -466,7 +418,7 @@ class InfiniStoreBackend(StorageBackend):
     async def _contains(self, keys: list[CacheKey]) -> list[bool]:
         names = [self.key_name(k) for k in keys]
 
-        def run(gate: _Gate, slot: _Slot) -> list[bool]:
+        def run(gate: WorkerGate, slot: _Slot) -> list[bool]:
             return [bool(slot.conn.check_exist(n)) for n in names]
 
         return await self._with_slot(run, what="check_exist")
@@ -479,10 +431,10 @@ class InfiniStoreBackend(StorageBackend):
         ]
         caps = [min(c, self._arena_bytes) for c in caps]
         batch = _Batch(names, keys, caps, dsts)
-        plan = self._plan(caps)
+        plan = split_by_size(caps, self._arena_bytes)
         jobs = [self._with_slot(self._get_batch, list(r), batch, what="read") for r in plan]
         out: list[int | None] = [None] * len(keys)
-        for (lengths, corrupt), r in zip(await self._run_all(jobs), plan, strict=True):
+        for (lengths, corrupt), r in zip(await gather_all(jobs), plan, strict=True):
             for i, n in zip(r, lengths, strict=True):
                 out[i] = n
             for i, exc in corrupt:
@@ -490,7 +442,7 @@ class InfiniStoreBackend(StorageBackend):
         return out
 
     def _get_batch(
-        self, gate: _Gate, slot: _Slot, idx: list[int], batch: _Batch
+        self, gate: WorkerGate, slot: _Slot, idx: list[int], batch: _Batch
     ) -> tuple[list[int | None], list[tuple[int, IntegrityError]]]:
         conn, arena = slot.conn, slot.arena
         frames: list[tuple[int, memoryview]] = []  # (position, frame bytes)
@@ -538,7 +490,7 @@ class InfiniStoreBackend(StorageBackend):
             payloads.append((pos, payload))
         if payloads:
             if not gate.enter():
-                raise _Abandoned
+                raise WorkerAbandoned
             try:
                 for pos, payload in payloads:
                     batch.bufs[idx[pos]][: payload.nbytes] = payload
@@ -557,14 +509,14 @@ class InfiniStoreBackend(StorageBackend):
         if not todo:
             return out
         batch = _Batch(names, keys, heads, srcs)
-        plan = self._plan([sizes[i] for i in todo])
+        plan = split_by_size([sizes[i] for i in todo], self._arena_bytes)
         jobs = [self._with_slot(self._put_batch, [todo[j] for j in r], batch, what="write") for r in plan]
-        for results, r in zip(await self._run_all(jobs), plan, strict=True):
+        for results, r in zip(await gather_all(jobs), plan, strict=True):
             for j, res in zip(r, results, strict=True):
                 out[todo[j]] = res
         return out
 
-    def _put_batch(self, gate: _Gate, slot: _Slot, idx: list[int], batch: _Batch) -> list[PutResult]:
+    def _put_batch(self, gate: WorkerGate, slot: _Slot, idx: list[int], batch: _Batch) -> list[PutResult]:
         conn, arena = slot.conn, slot.arena
         results: list[PutResult] = [EXISTS] * len(idx)
         new = [pos for pos, i in enumerate(idx) if not conn.check_exist(batch.names[i])]
@@ -573,7 +525,7 @@ class InfiniStoreBackend(StorageBackend):
         spans: list[tuple[int, int, int]] = []  # (position, offset, stored length)
         off = 0
         if not gate.enter():
-            raise _Abandoned
+            raise WorkerAbandoned
         try:
             for pos in new:
                 i = idx[pos]
@@ -614,7 +566,7 @@ class InfiniStoreBackend(StorageBackend):
     async def _delete(self, keys: list[CacheKey]) -> None:
         names = [self.key_name(k) for k in keys]
 
-        def run(gate: _Gate, slot: _Slot) -> None:
+        def run(gate: WorkerGate, slot: _Slot) -> None:
             # The SDK answers -1 when some keys were absent; absent keys are fine here.
             held = [n for n in names if slot.conn.check_exist(n)]
             if held:

@@ -21,7 +21,7 @@ memory directly, over TCP or RDMA). A get runs ``batch_get_into`` into an arena,
 frame there and copies the payloads into the caller's buffers. Caller buffers therefore never
 need registering (RDMA needs registered memory), and a call that times out can be abandoned
 safely: the SDK only ever writes into the backend's own arena, and the copy into ``dst`` is
-fenced (see :class:`_Gate`), so once a call has returned nothing writes into its ``dst``.
+fenced (see :class:`~lmcache.backends.base.WorkerGate`), so once a call has returned nothing writes into its ``dst``.
 
 Every SDK call runs on the backend's own bounded thread pool (``max_workers`` threads), never on
 the event loop, and each is bounded by ``timeout``: a call that takes longer raises
@@ -78,8 +78,7 @@ import ipaddress
 import logging
 import mmap
 import socket
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
@@ -91,9 +90,13 @@ from lmcache.backends.base import (
     Capabilities,
     PutResult,
     StorageBackend,
+    WorkerAbandoned,
+    WorkerGate,
+    gather_all,
     parse_backend_url,
     rejected,
     settings_query,
+    split_by_size,
     split_url,
 )
 from lmcache.config import parse_duration, parse_size, setting
@@ -231,40 +234,6 @@ class MooncakeSettings:
 # Fencing caller buffers
 
 
-class _Gate:
-    """Fences the part of a worker that touches caller buffers against an abandoning caller.
-
-    A worker wraps each read or write of a caller's buffer in :meth:`enter`/:meth:`leave`; a caller
-    that gives up (timeout or cancellation) calls :meth:`abandon`, which waits for a copy already in
-    progress (a memcpy, milliseconds) and makes every later :meth:`enter` fail. After ``abandon``
-    returns, the worker never touches the caller's buffers again.
-    """
-
-    __slots__ = ("_abandoned", "_lock")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._abandoned = False
-
-    def enter(self) -> bool:
-        self._lock.acquire()
-        if self._abandoned:
-            self._lock.release()
-            return False
-        return True
-
-    def leave(self) -> None:
-        self._lock.release()
-
-    def abandon(self) -> None:
-        with self._lock:
-            self._abandoned = True
-
-
-class _Abandoned(Exception):
-    """Raised inside a worker whose caller gave up; nobody sees it."""
-
-
 # ---------------------------------------------------------------------------------------------
 # The backend
 
@@ -398,7 +367,7 @@ class MooncakeBackend(StorageBackend):
         with contextlib.suppress(Exception):
             await writer.wait_closed()
 
-    def _setup(self, gate: _Gate, staging: np.ndarray) -> Any:
+    def _setup(self, gate: WorkerGate, staging: np.ndarray) -> Any:
         s = self.settings
         hostname = self.local_hostname()  # may resolve names: here, off the event loop
         store = MooncakeDistributedStore()
@@ -473,7 +442,7 @@ class MooncakeBackend(StorageBackend):
 
     async def _ping(self) -> None:
         # health_check() answers 0 even with the master gone; a real RPC tells the truth.
-        def probe(gate: _Gate) -> None:
+        def probe(gate: WorkerGate) -> None:
             code = self._store.is_exist(self.settings.prefix + "__ping__")
             if code < 0:
                 raise mooncake_error(code, f"ping of master {self.master_address}")
@@ -501,12 +470,12 @@ class MooncakeBackend(StorageBackend):
     ) -> T:
         """Run ``fn(gate, *args)`` on the backend's executor, bounded by ``timeout``.
 
-        On timeout or cancellation the caller abandons the call: :meth:`_Gate.abandon` waits for a
-        copy into or out of caller buffers in progress, and the thread finishes on its own
+        On timeout or cancellation the caller abandons the call: ``WorkerGate.abandon`` waits
+        for a copy into or out of caller buffers in progress, and the thread finishes on its own
         (``on_done`` runs when it does, e.g. to hand its arena back).
         """
         loop = asyncio.get_running_loop()
-        gate = _Gate()
+        gate = WorkerGate()
         fut = loop.run_in_executor(self._executor, fn, gate, *args)
         self._inflight.add(fut)
         fut.add_done_callback(self._inflight.discard)
@@ -559,38 +528,12 @@ class MooncakeBackend(StorageBackend):
             on_done=lambda: arenas.put_nowait(idx),
         )
 
-    def _plan(self, sizes: Sequence[int]) -> list[range]:
-        """Contiguous index ranges whose frames fit one arena."""
-        out: list[range] = []
-        start = acc = 0
-        for i, n in enumerate(sizes):
-            if i > start and acc + n > self._arena_bytes:
-                out.append(range(start, i))
-                start, acc = i, 0
-            acc += n
-        if start < len(sizes):
-            out.append(range(start, len(sizes)))
-        return out
-
-    async def _run_all(self, jobs: list[Any]) -> list[Any]:
-        """Await sub-batch coroutines; on the first failure cancel (and await) the others."""
-        if len(jobs) == 1:
-            return [await jobs[0]]
-        tasks = [asyncio.ensure_future(j) for j in jobs]
-        try:
-            return await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-
     # -- operations --------------------------------------------------------------------------
 
     async def _contains(self, keys: list[CacheKey]) -> list[bool]:
         names = [self.object_name(k) for k in keys]
 
-        def run(gate: _Gate) -> list[bool]:
+        def run(gate: WorkerGate) -> list[bool]:
             codes = self._store.batch_is_exist(names)
             out = []
             for code in codes:
@@ -612,11 +555,11 @@ class MooncakeBackend(StorageBackend):
         for i, name in enumerate(names):
             first.setdefault(name, i)
         unique = sorted(first.values())
-        plan = self._plan([caps[i] for i in unique])
+        plan = split_by_size([caps[i] for i in unique], self._arena_bytes)
         batch = _Batch(names, keys, caps, dsts)
         jobs = [self._with_arena(self._get_batch, [unique[j] for j in r], batch, what="batch_get_into") for r in plan]
         out: list[int | None] = [None] * len(keys)
-        for outcome, r in zip(await self._run_all(jobs), plan, strict=True):
+        for outcome, r in zip(await gather_all(jobs), plan, strict=True):
             for j, n in zip(r, outcome.lengths, strict=True):
                 out[unique[j]] = n
             for i, exc in outcome.corrupt:
@@ -638,7 +581,7 @@ class MooncakeBackend(StorageBackend):
 
     def _get_batch(
         self,
-        gate: _Gate,
+        gate: WorkerGate,
         arena: np.ndarray,
         idx: list[int],
         batch: _Batch,
@@ -692,7 +635,7 @@ class MooncakeBackend(StorageBackend):
                 raise mooncake_error(code, f"batch_get_into on {self.master_address}")
         if payloads:
             if not gate.enter():
-                raise _Abandoned
+                raise WorkerAbandoned
             try:
                 # Large values: copy first, then check the copy while it is still in cache (one
                 # pass over cold memory instead of two); one that fails leaves its bytes in dst,
@@ -727,10 +670,10 @@ class MooncakeBackend(StorageBackend):
         todo = [i for i, n in enumerate(sizes) if n <= self._arena_bytes]
         if not todo:
             return out
-        plan = self._plan([sizes[i] for i in todo])
+        plan = split_by_size([sizes[i] for i in todo], self._arena_bytes)
         batch = _Batch(names, keys, heads, srcs)
         jobs = [self._with_arena(self._put_batch, [todo[j] for j in r], batch, what="batch_put_from") for r in plan]
-        for results, r in zip(await self._run_all(jobs), plan, strict=True):
+        for results, r in zip(await gather_all(jobs), plan, strict=True):
             for j, res in zip(r, results, strict=True):
                 out[todo[j]] = res
                 if res.reason == "capacity":
@@ -739,7 +682,7 @@ class MooncakeBackend(StorageBackend):
 
     def _put_batch(
         self,
-        gate: _Gate,
+        gate: WorkerGate,
         arena: np.ndarray,
         idx: list[int],
         batch: _Batch,
@@ -757,7 +700,7 @@ class MooncakeBackend(StorageBackend):
         spans: list[tuple[int, int, int]] = []  # (position, offset, frame length)
         off = 0
         if not gate.enter():
-            raise _Abandoned
+            raise WorkerAbandoned
         try:
             # The only reads of caller buffers: one copy of each payload behind its header's room,
             # checksummed as it is copied (one pass over memory).
@@ -795,7 +738,7 @@ class MooncakeBackend(StorageBackend):
     async def _delete(self, keys: list[CacheKey]) -> None:
         names = [self.object_name(k) for k in keys]
 
-        def run(gate: _Gate) -> None:
+        def run(gate: WorkerGate) -> None:
             # force: an object read within its lease period would otherwise refuse (OBJECT_HAS_LEASE).
             codes = self._store.batch_remove(names, force=True)
             for name, code in zip(names, codes, strict=True):

@@ -96,9 +96,11 @@ from lmcache.backends.base import (
     PutResult,
     StorageBackend,
     check_dst_size,
+    gather_all,
     parse_backend_url,
     rejected,
     settings_query,
+    split_by_size,
     split_url,
 )
 from lmcache.config import parse_duration, parse_size, setting
@@ -322,21 +324,6 @@ class _ByteBudget:
             yield
         finally:
             self.release(n)
-
-
-def _split_batches(sizes: Sequence[int], max_bytes: int, max_keys: int) -> list[range]:
-    """Contiguous index ranges whose sizes sum to at most ``max_bytes`` (a lone big item is allowed)."""
-    out: list[range] = []
-    start = 0
-    acc = 0
-    for i, n in enumerate(sizes):
-        if i > start and (acc + n > max_bytes or i - start >= max_keys):
-            out.append(range(start, i))
-            start, acc = i, 0
-        acc += n
-    if start < len(sizes):
-        out.append(range(start, len(sizes)))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -627,7 +614,7 @@ class RedisBackend(StorageBackend):
         raised, so nothing of this call still runs when it returns.
         """
         s = self.settings
-        batches = _split_batches(sizes, s.max_batch_bytes, s.max_batch_keys)
+        batches = split_by_size(sizes, s.max_batch_bytes, s.max_batch_keys)
         assert self._budget is not None and self._slots is not None
         budget, slots = self._budget, self._slots
 
@@ -637,17 +624,7 @@ class RedisBackend(StorageBackend):
                 with map_redis_errors(f"{what} on {self._target()}"):
                     await step(r)
 
-        if len(batches) == 1:
-            await run(batches[0])
-            return
-        tasks = [asyncio.ensure_future(run(r)) for r in batches]
-        try:
-            await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        await gather_all([run(r) for r in batches])
 
     # -- commands a cluster subclass overrides ----------------------------------------------
 

@@ -53,6 +53,7 @@ from lmcache.backends.base import (
     PutResult,
     PutStatus,
     StorageBackend,
+    gather_all,
     parse_backend_url,
     rejected,
     settings_query,
@@ -717,7 +718,7 @@ class LMServerBackend(StorageBackend):
             for i, r in zip(group, got, strict=True):
                 results[i] = r
 
-        await _gather_all([one(g) for g in groups])
+        await gather_all([one(g) for g in groups])
         return results  # type: ignore[return-value]
 
     async def _put_group(
@@ -856,7 +857,7 @@ class LMServerBackend(StorageBackend):
             for i, n in zip(group, got, strict=True):
                 results[i] = n
 
-        await _gather_all([one(g) for g in groups])
+        await gather_all([one(g) for g in groups])
         return results
 
     async def _get_group(
@@ -974,26 +975,3 @@ def _read_frames(
             continue
         out.append(plen)
     return out
-
-
-async def _gather_all(coros: list[Any]) -> None:
-    """Run ``coros`` concurrently; on failure or cancellation wait for every one to finish.
-
-    Each coroutine may hold borrowed buffers (rule 3): none may be left running behind us.
-    """
-    if len(coros) == 1:
-        await coros[0]
-        return
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        await asyncio.gather(*tasks)
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        while not all(t.done() for t in tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait(tasks)
-        for t in tasks:
-            if not t.cancelled():
-                t.exception()
-        raise

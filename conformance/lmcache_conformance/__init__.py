@@ -16,16 +16,16 @@ import pytest
 pytest.register_assert_rewrite("lmcache_conformance.suite")
 
 if TYPE_CHECKING:
-    from lmcache_conformance.suite import BackendTests
+    from lmcache_conformance.suite import BackendTests, expect_bytes
 
-__all__ = ["BackendTests"]
+__all__ = ["BackendTests", "expect_bytes"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: the pytest11 entry point imports this package in every pytest run of every project
     # where lmcache is installed; lmcache, numpy and the suite load only when someone uses them.
-    if name == "BackendTests":
-        from lmcache_conformance.suite import BackendTests
+    if name in __all__:
+        from lmcache_conformance import suite
 
-        return BackendTests
+        return getattr(suite, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -55,7 +55,7 @@ from lmcache.errors import (
 )
 from lmcache.keys import CacheKey
 
-__all__ = ["SENTINEL", "BackendTests", "random_key", "random_value"]
+__all__ = ["SENTINEL", "BackendTests", "expect_bytes", "random_key", "random_value"]
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -130,6 +130,24 @@ def dest_bytes(dst: Any) -> bytes:
 
 def _untouched(data: bytes) -> bool:
     return data.count(SENTINEL) == len(data)
+
+
+def expect_bytes(got: bytes | bytearray | None, want: bytes | bytearray, what: str = "wrong bytes") -> None:
+    """Fail with a short description unless ``got`` equals ``want``.
+
+    A plain ``assert got == want`` on megabyte values makes pytest build a full difflib diff
+    of their reprs when it fails, which is quadratic and runs for minutes (pytest skips
+    truncating that diff when the ``CI`` environment variable is set). This says where the
+    bytes first differ instead.
+    """
+    if got == want:
+        return
+    if got is None:
+        raise AssertionError(f"{what}: got a miss (None), expected {len(want)} bytes")
+    if len(got) != len(want):
+        raise AssertionError(f"{what}: got {len(got)} bytes, expected {len(want)}")
+    at = int(np.flatnonzero(np.frombuffer(got, np.uint8) != np.frombuffer(want, np.uint8))[0])
+    raise AssertionError(f"{what}: {len(want)} bytes, differing from byte {at} (0x{got[at]:02x} != 0x{want[at]:02x})")
 
 
 class BackendTests:
@@ -323,7 +341,7 @@ class BackendTests:
                 assert entered is b
                 assert b.is_open
                 await self.put_all(b, [key], [value])
-                assert await self.read(b, key, 1000) == value
+                expect_bytes(await self.read(b, key, 1000), value)
             assert b.is_closed
         finally:
             await b.aclose()
@@ -379,7 +397,7 @@ class BackendTests:
         key, value = random_key(), random_value(n)
         await self.put_all(backend, [key], [make_source(src_kind, value)])
         assert await backend.contains([key]) == [True]
-        assert await self.read(backend, key, n) == value
+        expect_bytes(await self.read(backend, key, n), value)
 
     @pytest.mark.asyncio
     @pytest.mark.parametrize("dst_kind", _DEST_KINDS)
@@ -391,7 +409,7 @@ class BackendTests:
         await self.put_all(backend, [key], [value])
         dst = make_dest(dst_kind, n)
         assert await backend.get_into([key], [dst]) == [n]
-        assert dest_bytes(dst) == value
+        expect_bytes(dest_bytes(dst), value)
         if isinstance(dst, memoryview):  # a window into a larger buffer: nothing outside it changes
             parent = bytes(dst.obj)  # type: ignore[arg-type]
             assert _untouched(parent[:8] + parent[8 + n :]), "get_into wrote outside its memoryview"
@@ -414,7 +432,8 @@ class BackendTests:
         dst = torch.full((64 * KiB + 7,), SENTINEL, dtype=torch.uint8, device="cuda")
         assert await backend.get_into([key], [dst]) == [64 * KiB]
         host = dst.cpu().numpy().tobytes()
-        assert host[: 64 * KiB] == value and _untouched(host[64 * KiB :])
+        expect_bytes(host[: 64 * KiB], value)
+        assert _untouched(host[64 * KiB :]), "get_into wrote past the end of the value"
 
     @pytest.mark.asyncio
     async def test_get_into_larger_dst_writes_only_the_value(self, backend: StorageBackend) -> None:
@@ -424,7 +443,7 @@ class BackendTests:
         await self.put_all(backend, [key], [value])
         dst = np.full(n + 4097, SENTINEL, dtype=np.uint8)
         assert await backend.get_into([key], [dst]) == [n]
-        assert dst[:n].tobytes() == value
+        expect_bytes(dst[:n].tobytes(), value)
         assert _untouched(dst[n:].tobytes()), "get_into wrote past the end of the value"
 
     @pytest.mark.asyncio
@@ -434,7 +453,7 @@ class BackendTests:
         with pytest.raises(InvalidBufferError):
             await backend.get_into([key], [bytearray(999)])
         # The failed call leaves the value intact.
-        assert await self.read(backend, key, 1000) == value
+        expect_bytes(await self.read(backend, key, 1000), value)
 
     @pytest.mark.asyncio
     @pytest.mark.parametrize("kind", ["bytes", "readonly_numpy", "readonly_memoryview"])
@@ -488,7 +507,7 @@ class BackendTests:
         src = bytearray(value)
         await self.put_all(backend, [key], [src])
         src[:] = b"\x00" * len(src)
-        assert await self.read(backend, key, 4096) == value
+        expect_bytes(await self.read(backend, key, 4096), value)
 
     # -- misses, batches, idempotence ----------------------------------------------------------
 
@@ -522,7 +541,7 @@ class BackendTests:
         got = await backend.get_into([keys[i] for i in order], dsts)
         assert got == [sizes[i] for i in order]
         for i, dst in zip(order, dsts, strict=True):
-            assert dst[: sizes[i]].tobytes() == values[i]
+            expect_bytes(dst[: sizes[i]].tobytes(), values[i])
 
     @pytest.mark.asyncio
     async def test_mixed_hits_and_misses(self, backend: StorageBackend) -> None:
@@ -536,7 +555,7 @@ class BackendTests:
         for i, (n, dst) in enumerate(zip(got, dsts, strict=True)):
             if i in held:
                 assert n == len(values[i])
-                assert dst[:n].tobytes() == values[i]
+                expect_bytes(dst[:n].tobytes(), values[i])
                 assert _untouched(dst[n:].tobytes())
             else:
                 assert n is None
@@ -549,7 +568,7 @@ class BackendTests:
         dsts = [np.full(800, SENTINEL, dtype=np.uint8) for _ in range(4)]
         assert await backend.get_into([key, other, key, key], dsts) == [777, None, 777, 777]
         for i in (0, 2, 3):
-            assert dsts[i][:777].tobytes() == value
+            expect_bytes(dsts[i][:777].tobytes(), value)
         assert _untouched(dsts[1].tobytes())
         assert await backend.contains([key, key, other]) == [True, True, False]
 
@@ -559,8 +578,8 @@ class BackendTests:
         first, second, third = random_value(300), random_value(300), random_value(50)
         results = await self.put_all(backend, [key, other, key], [first, third, second])
         assert [r.status for r in results] == [PutStatus.STORED, PutStatus.STORED, PutStatus.EXISTS]
-        assert await self.read(backend, key, 300) == first
-        assert await self.read(backend, other, 300) == third
+        expect_bytes(await self.read(backend, key, 300), first)
+        expect_bytes(await self.read(backend, other, 300), third)
 
     @pytest.mark.asyncio
     @pytest.mark.parametrize("same_bytes", [True, False], ids=["same_bytes", "different_bytes"])
@@ -571,7 +590,7 @@ class BackendTests:
         results = await backend.put([key], [again])
         assert [r.status for r in results] == [PutStatus.EXISTS]
         assert results[0].ok
-        assert await self.read(backend, key, 4096) == value
+        expect_bytes(await self.read(backend, key, 4096), value)
 
     @pytest.mark.asyncio
     async def test_delete_then_miss(self, backend: StorageBackend) -> None:
@@ -581,11 +600,11 @@ class BackendTests:
         await backend.delete([keys[0], keys[2], keys[0]])  # a duplicate in one delete is fine
         assert await backend.contains(keys) == [False, True, False]
         assert await self.read(backend, keys[0], 100) is None
-        assert await self.read(backend, keys[1], 100) == values[1]
+        expect_bytes(await self.read(backend, keys[1], 100), values[1])
         # A deleted key can be stored again, with new bytes.
         fresh = random_value(60)
         await self.put_all(backend, [keys[0]], [fresh])
-        assert await self.read(backend, keys[0], 100) == fresh
+        expect_bytes(await self.read(backend, keys[0], 100), fresh)
 
     @pytest.mark.asyncio
     @pytest.mark.parametrize("ticks", [0, 1, 3])
@@ -608,7 +627,7 @@ class BackendTests:
                 assert await b.contains(keys) == [True, False, False, False], "a deleted key came back"
                 for key in keys[1:]:
                     assert await self.read(b, key, 64 * KiB) is None, "a deleted key came back"
-                assert await self.read(b, keys[0], 64 * KiB) == srcs[0]
+                expect_bytes(await self.read(b, keys[0], 64 * KiB), srcs[0])
 
     @pytest.mark.asyncio
     async def test_delete_absent_keys_is_fine(self, backend: StorageBackend) -> None:
@@ -666,18 +685,18 @@ class BackendTests:
             assert result == [len(v) for v in values]
         for i, (got, value) in enumerate(zip(snapshot, values, strict=True)):
             if completed:
-                assert got == value
-            elif self.cancelled_dst_all_or_nothing:
-                assert got == value or _untouched(got), f"dst {i} holds part of its value after cancellation"
+                expect_bytes(got, value)
+            elif self.cancelled_dst_all_or_nothing and got != value and not _untouched(got):
+                raise AssertionError(f"dst {i} holds part of its value after cancellation")
         # Let any straggling thread or task run, then check nothing changed.
         for _ in range(50):
             await asyncio.sleep(0)
         await asyncio.sleep(0.05)
         for i, (d, before) in enumerate(zip(dsts, snapshot, strict=True)):
-            assert d.tobytes() == before, f"dst {i} was written after get_into was cancelled"
+            expect_bytes(d.tobytes(), before, f"dst {i} was written after get_into was cancelled")
         # The backend still works and still holds every value.
         for key, value in zip(keys[:3], values[:3], strict=True):
-            assert await self.read(backend, key, self.large_value_bytes) == value
+            expect_bytes(await self.read(backend, key, self.large_value_bytes), value)
 
     @pytest.mark.asyncio
     @pytest.mark.parametrize("ticks", [0, 1, 3])
@@ -695,13 +714,14 @@ class BackendTests:
             await asyncio.sleep(0)
         for key, value in zip(keys, values, strict=True):
             got = await self.read(backend, key, self.large_value_bytes)
-            assert got is None or got == value, "a cancelled put left a partial or wrong value"
+            if got is not None:
+                expect_bytes(got, value, "a cancelled put left a partial or wrong value")
         # Putting the batch again completes it.
         results = await backend.put(keys, values)
         assert all(r.ok for r in results) or backend.capabilities.bounded
         for key, value in zip(keys, values, strict=True):
             if results[keys.index(key)].ok:
-                assert await self.read(backend, key, self.large_value_bytes) == value
+                expect_bytes(await self.read(backend, key, self.large_value_bytes), value)
 
     @pytest.mark.asyncio
     async def test_concurrent_batches(self, backend: StorageBackend) -> None:
@@ -721,7 +741,7 @@ class BackendTests:
         for batch, sizes, ds in zip(batches, got, dsts, strict=True):
             assert sizes == [len(v) for _, v in batch]
             for (_, value), d in zip(batch, ds, strict=True):
-                assert d[: len(value)].tobytes() == value
+                expect_bytes(d[: len(value)].tobytes(), value)
         found = await asyncio.gather(*(backend.contains([k for k, _ in b]) for b in batches))
         assert found == [[True] * per_batch] * len(batches)
 
@@ -739,7 +759,8 @@ class BackendTests:
                 if size is None:
                     assert _untouched(d.tobytes())
                 else:
-                    assert size == n and d.tobytes() == value, "a reader saw a partly written value"
+                    assert size == n, "a reader saw a partly written value"
+                    expect_bytes(d.tobytes(), value, "a reader saw a partly written value")
 
     @pytest.mark.asyncio
     async def test_event_loop_keeps_ticking_during_large_batch(self, backend: StorageBackend) -> None:
@@ -850,7 +871,7 @@ class BackendTests:
         assert delta(s, "exists") == 1
         assert delta(s, "stored") == 0
         s = backend.stats()
-        assert await self.read(backend, key, 400) == value
+        expect_bytes(await self.read(backend, key, 400), value)
         assert delta(s, "hits") == 1
         assert delta(s, "bytes_read") == 321
         s = backend.stats()
@@ -873,7 +894,8 @@ class BackendTests:
         dsts = [np.full(4096, SENTINEL, dtype=np.uint8) for _ in range(2)]
         got = await backend.get_into([key, other], dsts)
         assert got[0] is None, "a corrupted value was returned as a hit"
-        assert got[1] == 4096 and dsts[1].tobytes() == other_value
+        assert got[1] == 4096
+        expect_bytes(dsts[1].tobytes(), other_value)
         assert backend.stats()["corrupt"] > before
         # The corrupt dst's contents are unspecified (a backend may stream into it before the
         # checksum fails); what matters is that the call reported a miss. It stays a miss, and
@@ -881,7 +903,7 @@ class BackendTests:
         assert await self.read(backend, key, 4096) is None
         await backend.delete([key])
         await self.put_all(backend, [key], [value])
-        assert await self.read(backend, key, 4096) == value
+        expect_bytes(await self.read(backend, key, 4096), value)
 
     # -- listing -----------------------------------------------------------------------------
 

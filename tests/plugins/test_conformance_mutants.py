@@ -8,6 +8,7 @@ test in JUnit XML.
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -45,12 +46,18 @@ def test_each_mutant_fails_the_tests_that_target_it(tmp_path: Path) -> None:
         sys.executable, "-m", "pytest", *node_ids, "-q", "-p", "no:cacheprovider",
         "-o", "timeout=120", f"--junitxml={report}",
     ]  # fmt: skip
+    # CI=true as on a CI machine: pytest then stops truncating assertion diffs, and Hypothesis
+    # loads its derandomized "ci" profile. The suite's failures must stay fast under both.
+    env = {**os.environ, "CI": "true"}
     try:
-        out = subprocess.run(cmd, check=False, cwd=HERE.parent.parent, capture_output=True, text=True, timeout=840)
+        out = subprocess.run(
+            cmd, check=False, cwd=HERE.parent.parent, capture_output=True, text=True, timeout=840, env=env
+        )
     except subprocess.TimeoutExpired as exc:
         tail = (exc.stdout or b"")[-3000:]
         pytest.fail(f"the mutant run did not finish in 840 s; its output ended with:\n{tail!r}")
-    assert report.exists(), out.stdout[-3000:] + out.stderr[-3000:]
+    child_output = out.stdout[-3000:] + out.stderr[-3000:]
+    assert report.exists(), child_output
 
     outcomes: dict[tuple[str, str], list[str]] = defaultdict(list)
     for case in ET.parse(report).getroot().iter("testcase"):
@@ -65,11 +72,11 @@ def test_each_mutant_fails_the_tests_that_target_it(tmp_path: Path) -> None:
 
     for name in targets:
         got = outcomes.get(("TestUnbroken", name))
-        assert got and set(got) == {"passed"}, f"the unbroken example backend: {name} -> {got}"
+        assert got and set(got) == {"passed"}, f"the unbroken example backend: {name} -> {got}\n{child_output}"
     missed = [
         f"{cls}.{name} -> {outcomes.get((cls, name))}"
         for cls, names in expected.items()
         for name in names
         if "failed" not in outcomes.get((cls, name), [])
     ]
-    assert not missed, "the suite did not catch these mutants:\n" + "\n".join(missed)
+    assert not missed, "the suite did not catch these mutants:\n" + "\n".join(missed) + "\n" + child_output

@@ -11,6 +11,7 @@ This module imports only ``errors``; it knows nothing of backends or engines.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -24,6 +25,12 @@ __all__ = ["CacheKey", "Chunk", "ChunkHasher", "KeyScope"]
 
 _DIGEST = 32
 _SEP = "@"
+
+
+@functools.lru_cache(maxsize=4096)
+def _quote(text: str) -> str:
+    # Models, dtypes and tags repeat across millions of keys: quote each distinct one once.
+    return quote(text, safe="")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -69,14 +76,14 @@ class CacheKey:
         if self._str is not None:
             return self._str
         parts = [
-            quote(self.model, safe=""),
+            _quote(self.model),
             str(self.world_size),
             str(self.rank),
-            quote(self.dtype, safe=""),
+            _quote(self.dtype),
             self.chunk_hash.hex(),
         ]
         if self.tags:
-            parts.append("&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in self.tags))
+            parts.append("&".join(f"{_quote(k)}={_quote(v)}" for k, v in self.tags))
         text = _SEP.join(parts)
         object.__setattr__(self, "_str", text)
         return text

@@ -132,3 +132,47 @@ async def test_a_header_failing_mid_frame_closes_the_connection_not_the_stream(
         dsts = [bytearray(len(v)) for v in values]
         assert await b.get_into(keys, dsts) == [len(v) for v in values]
         assert [bytes(d) for d in dsts] == values
+
+
+class _TrickleSocket:
+    """A socket whose ``send`` takes at most a few bytes (fault injection: a full buffer)."""
+
+    def __init__(self, sock: object, limit: int) -> None:
+        self._sock = sock
+        self._limit = limit
+
+    def send(self, data: bytes | memoryview) -> int:
+        return self._sock.send(bytes(data)[: self._limit])  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)
+
+
+async def test_a_control_frame_sent_in_part_is_finished_before_any_other() -> None:
+    """Control frames go out inline when nothing else is sending; one the socket takes only
+    part of is finished by a task that holds the send lock, so no other frame cuts in."""
+    import asyncio
+    import socket
+
+    from lmcache.server.client import _Conn
+
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    try:
+        owner = LMServerBackend.from_url("lm+unix:///nonexistent.sock")
+        conn = _Conn(owner, _TrickleSocket(a, 5))  # type: ignore[arg-type]
+        first, second = b"F" * 40, b"S" * 40
+        rest = conn._send_inline(first)
+        assert isinstance(rest, asyncio.Task), "a partial send must leave a task sending the rest"
+        assert conn._send_inline(second) is False, "another frame got in while the first was half sent"
+        await rest
+        assert not conn.send_lock.locked()
+        conn.sock = a  # a socket with room: whole frames go out inline
+        assert conn._send_inline(second) is True
+        got = b""
+        while len(got) < 80:
+            got += b.recv(80 - len(got))
+        assert got == first + second
+    finally:
+        a.close()
+        b.close()

@@ -81,7 +81,13 @@ def file_of(root: Path, key: CacheKey) -> Path:
 
 
 @pytest.mark.parametrize(
-    "url", ["nixl://127.0.0.1:7400", "nixl://peer.example:7400?timeout=5.0&workers=2", "nixl://[::1]:7400"]
+    "url",
+    [
+        "nixl://127.0.0.1:7400",
+        "nixl://peer.example:7400?timeout=5.0&workers=2",
+        "nixl://[::1]:7400",
+        "nixl://127.0.0.1:7400?progress_thread=true",
+    ],
 )
 def test_peer_url_round_trip(url: str) -> None:
     b = NixlBackend.from_url(url)
@@ -292,10 +298,13 @@ if IN_NETNS and _nixl_missing() is None:
 
     @pytest.mark.timeout(HANG_GUARD)
     async def test_two_clients_share_the_peer(nixl_peer: ServerProcess) -> None:
+        """Two clients, one with the agent's progress thread and one without (the default)."""
         url = f"nixl://127.0.0.1:{nixl_peer.port}"
         keys = [make_key(i) for i in range(8)]
         values = [os.urandom(n) for n in (0, 1, 4095, 4096, 65537, MiB, 3 * MiB, 123)]
-        async with open_backend(url) as a, open_backend(url) as b:
+        async with open_backend(url + "?progress_thread=true") as a, open_backend(url) as b:
+            assert isinstance(a, NixlBackend) and a.settings.progress_thread
+            assert isinstance(b, NixlBackend) and not b.settings.progress_thread
             assert [r.status for r in await a.put(keys, values)] == [PutStatus.STORED] * 8
             assert [r.status for r in await b.put(keys[:2], values[:2])] == [PutStatus.EXISTS] * 2
             dsts = [np.full(len(v) + 11, 0xA5, dtype=np.uint8) for v in values]

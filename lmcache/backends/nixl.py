@@ -115,6 +115,8 @@ __all__ = ["NixlBackend", "NixlPosixBackend", "NixlPosixSettings", "NixlSettings
 logger = logging.getLogger(__name__)
 
 _FRAME_ALIGN = 64
+#: Bytes of values per READ transfer of a get (see NixlBackend._read_values).
+_READ_GROUP_BYTES = 8 << 20
 _STATUS = struct.Struct("<BQ")
 _HIT = struct.Struct("<BQQQI")
 _U32 = struct.Struct("<I")
@@ -721,32 +723,45 @@ class NixlBackend(StorageBackend):
     def _read_values(self, hits: list[tuple[CacheKey, memoryview, int, int, int]]) -> list[int | IntegrityError]:
         """READ each hit's header and payload (payload straight into its dst), then verify it.
 
-        Each value is its own transfer, all posted at once, so verifying one overlaps the
-        transfers of the next ones.
+        Values go in a few transfers of ~:data:`_READ_GROUP_BYTES` each, all posted at once:
+        each transfer costs CPU to post and to poll (16 of them per 32 MiB batch measured ~10%
+        slower than one over UCX/TCP on 2 cores), while verifying one group can overlap the
+        transfers of the next ones where a progress thread or a NIC moves them.
         """
         headers = np.empty(max(sum(h for *_, h, _n in hits), 1), dtype=np.uint8)
         haddr = _addr(headers)
         pool = self._pool_addr
         regions = [(haddr, headers.nbytes, 0)] + [(_addr(dst), n, 0) for _k, dst, _o, _h, n in hits if n]
+        groups: list[list[int]] = [[]]
+        size = 0
+        for j, (*_, h, n) in enumerate(hits):
+            if groups[-1] and size + h + n > _READ_GROUP_BYTES:
+                groups.append([])
+                size = 0
+            groups[-1].append(j)
+            size += h + n
+        starts = list(itertools.accumulate((h for *_, h, _n in hits), initial=0))
         out: list[int | IntegrityError] = []
         with _registered(self._agent, regions, "DRAM"):
             handles: list[Any] = []
             try:
-                pos = 0
-                for _key, dst, off, h, n in hits:
-                    local = [(haddr + pos, h, 0)]
-                    remote = [(pool + off, h, 0)]
-                    if n:
-                        local.append((_addr(dst), n, 0))
-                        remote.append((pool + off + h, n, 0))
+                for group in groups:
+                    local: list[tuple[int, int, int]] = []
+                    remote: list[tuple[int, int, int]] = []
+                    for j in group:
+                        _key, dst, off, h, n = hits[j]
+                        local.append((haddr + starts[j], h, 0))
+                        remote.append((pool + off, h, 0))
+                        if n:
+                            local.append((_addr(dst), n, 0))
+                            remote.append((pool + off + h, n, 0))
                     handles.append(self._post("READ", local, remote))
-                    pos += h
-                pos = 0
-                for j, (key, dst, _off, h, n) in enumerate(hits):
-                    handle, handles[j] = handles[j], None
+                for g, group in enumerate(groups):
+                    handle, handles[g] = handles[g], None
                     _wait(self._agent, handle, self.settings.timeout)
-                    out.append(_verify(key, headers[pos : pos + h], dst, h, n))
-                    pos += h
+                    for j in group:
+                        key, dst, _off, h, n = hits[j]
+                        out.append(_verify(key, headers[starts[j] : starts[j] + h], dst, h, n))
             finally:
                 for handle in handles:  # a failure midway: finish the rest before deregistering
                     with contextlib.suppress(BackendError):

@@ -49,6 +49,7 @@ from urllib.parse import unquote
 import numpy as np
 
 from lmcache.backends.base import (
+    STORED,
     Capabilities,
     PutResult,
     PutStatus,
@@ -385,17 +386,45 @@ class _Conn:
         """Tell the server we are done with a leased GET's pool blocks (no reply, no waiting)."""
         if not isinstance(lease, int) or self.closed:
             return
-        frame = P.encode_frame_head(P.Op.RELEASE, 0, P.encode_meta({"leases": [lease]}), 0, P.FLAG_NOREPLY)
         try:
-            inline = self._send_inline(frame)
+            task = self._send_oneway(P.Op.RELEASE, {"leases": [lease]})
         except (OSError, BackendUnavailableError) as exc:
             logger.debug("lm://: a lease release was not sent (%s); the server frees it at disconnect", exc)
             return
+        if task is not None:
+            self._background.add(task)
+            task.add_done_callback(self._sent_in_background)
+
+    def _send_oneway(self, op: int, meta: dict[str, Any]) -> asyncio.Task[None] | None:
+        """Send a request the server does not answer (``FLAG_NOREPLY``), in order with the rest.
+
+        Returns None when it went out at once, else the task sending it.
+
+        Raises:
+            OSError: The socket failed.
+            BackendUnavailableError: The connection is closed.
+        """
+        frame = P.encode_frame_head(op, 0, P.encode_meta(meta), 0, P.FLAG_NOREPLY)
+        inline = self._send_inline(frame)
         if inline is True:
-            return
-        task = inline or asyncio.get_running_loop().create_task(self._send(frame, []))
-        self._background.add(task)
-        task.add_done_callback(self._sent_in_background)
+            return None
+        return inline or asyncio.get_running_loop().create_task(self._send(frame, []))
+
+    async def post(self, op: int, meta: dict[str, Any]) -> None:
+        """Send a one-way request and wait until it is on the socket (not for any reply).
+
+        Raises:
+            BackendUnavailableError: The connection failed (it is closed then).
+        """
+        if self.closed:
+            raise self.error or BackendUnavailableError("lm://: connection closed")
+        try:
+            task = self._send_oneway(op, meta)
+            if task is not None:
+                await asyncio.shield(task)
+        except OSError as exc:
+            await self.abort(BackendUnavailableError(f"lm://: sending failed: {exc}"))
+            raise self.error from exc  # type: ignore[misc]
 
     def abort_reservation(self, rid: object) -> None:
         """Drop a put reservation we will not fill (a failed or cancelled put), in the background."""
@@ -815,9 +844,13 @@ class LMServerBackend(StorageBackend):
             if reserved:
                 # The one copy, checksummed on the way (on the loop: see _write_frames).
                 _write_frames(pool, places, [keys[i] for i in reserved], [srcs[i] for i in reserved])
-                done, _ = await conn.request(P.Op.COMMIT, {"reservation": rid})
-                for i, (status, reason) in zip(reserved, done["results"], strict=True):
-                    results[i] = PutResult(PutStatus(status), reason)
+                # One-way: the server handles a connection's requests in order, so every later
+                # request of ours sees the values. Waiting for an answer only added a round
+                # trip per batch (a commit fails only when the key was deleted meanwhile, the
+                # same outcome as a delete just after the put, or when the server is stopping).
+                await conn.post(P.Op.COMMIT, {"reservation": rid})
+                for i in reserved:
+                    results[i] = STORED
         except BaseException:
             if reserved and not conn.closed:
                 conn.abort_reservation(rid)

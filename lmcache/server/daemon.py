@@ -211,6 +211,9 @@ class _Session:
                     if not fh.flags & P.FLAG_NOREPLY:
                         await self._send(fh.op, fh.request_id, {})
                     continue
+                if fh.op == P.Op.COMMIT and fh.flags & P.FLAG_NOREPLY:
+                    self._commit_oneway(meta)
+                    continue
                 await self._dispatch(fh, meta, data)
         except (_Disconnect, ConnectionError, OSError):
             pass
@@ -357,6 +360,19 @@ class _Session:
         self.server.metrics.put(sum(stored_sizes))
         self.server.metrics.tier0_in_place("put", stored_sizes, time.perf_counter() - t0)
         return {"results": results}
+
+    def _commit_oneway(self, meta: dict[str, Any]) -> None:
+        """A COMMIT the client does not wait for (``FLAG_NOREPLY``): nothing is sent back."""
+        srv = self.server
+        srv.counters.requests += 1
+        t0 = time.perf_counter()
+        try:
+            self._commit(meta)
+        except InvalidArgumentError as exc:
+            srv.counters.bad_requests += 1
+            logger.warning("lm server: %s: a one-way COMMIT was refused: %s", self.peer, exc)
+            return
+        srv.metrics.observe("commit", time.perf_counter() - t0)
 
     async def _put_in_place(self, fh: P.FrameHead, meta_raw: bytearray) -> None:
         """A socket PUT whose values are received straight into reserved tier-0 blocks.

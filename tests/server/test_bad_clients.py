@@ -134,3 +134,15 @@ def _post(url: str, body: dict, token: str | None = None) -> tuple[int, dict]:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
+
+
+def test_a_one_way_commit_of_no_reservation_is_counted_not_answered(lm_server: LMServer) -> None:
+    """The shm put's COMMIT is one-way (FLAG_NOREPLY): a bad one gets no reply on the stream
+    (the client reads none), is counted as a bad request, and the session goes on."""
+    with lm_server.raw() as c:
+        before = c.stats()["server"]["bad_requests"]
+        c.send(P.Op.COMMIT, {"reservation": 987654}, flags=P.FLAG_NOREPLY)
+        rid = c.send(P.Op.PING, {})
+        fh, _, _ = c.recv()
+        assert fh.request_id == rid and not fh.flags & P.FLAG_ERROR, "the one-way COMMIT was answered"
+        assert c.stats()["server"]["bad_requests"] == before + 1

@@ -2,7 +2,7 @@
 
 Two forms:
 
-``nixl://host:port?timeout=30&workers=4``
+``nixl://host:port?timeout=30&workers=4&progress_thread=false``
     A peer process (``python -m lmcache.backends.nixl_peer --port P --capacity 8GiB``, see
     :mod:`lmcache.backends.nixl_peer`) holds a NIXL-registered DRAM pool and the index. This
     backend talks to it over a small TCP control protocol (reserve, commit, lookup, release,
@@ -28,16 +28,23 @@ Two forms:
     :class:`~lmcache.backends.file.FileBackend`), with every read and write of file bytes done
     as a NIXL DRAM↔FILE transfer. ``o_direct`` is not offered (the plugin does its own I/O).
 
-Performance (``lmcache bench backend --url nixl://…`` against :mod:`lmcache.bench.baselines_nixl`,
-a raw NIXL WRITE/READ per batch between pre-registered arrays and one reserved extent; 2 MiB values,
-batches of 16, 2-core VM, UCX over loopback in a private network namespace, ~2-5 GB/s): at 4
-batches in flight the medians of six runs were ~0.88x the raw SDK for puts and ~0.97x for gets on
-one day, and 0.62x / 0.65x over five runs on another (single rounds spread 0.34-1.23x; the raw
-baseline alone varied 2.6-4.8 GB/s between runs); with one batch in flight 0.63x / 0.81x. What the
-backend adds per batch: the xxh3 checksum of every value (~1 ms per 32 MiB here; on a 2-core host
-it competes with UCX's own copies for the CPU), two control round trips, and registering the
-caller's buffers. Letting the peer take and check the checksums instead was tried and measured no
-better (same total CPU, one more pass over memory), so checksums stay end to end.
+Performance (``lmcache bench backend --url nixl://…`` against :mod:`lmcache.bench.baselines_nixl`:
+a raw NIXL WRITE/READ per batch between pre-registered arrays and one reserved extent, using an
+agent configured like the backend's. Setup: 2 MiB values, batches of 16, 4 in flight, a 2-core
+VM, UCX over loopback in a private network namespace.)
+
+* The host is CPU-bound, and both sides share its 2 cores.
+* UCX's progress thread polls without pause. With one running in either agent, both were slower:
+  the backend made ~2.5-2.9 GB/s against the raw SDK's ~3.6-4.3 GB/s. Without it (the
+  ``progress_thread=false`` default, transfers progressing while they are waited on), the
+  backend makes ~4.4-5.0 GB/s against ~6.1-7.7 GB/s. Typical runs were ~0.70-0.76x for puts and
+  ~0.65-0.74x for gets; one run in ten was near 0.5x.
+* Per batch, the backend adds: the xxh3 checksum of every value (~1 ms per 32 MiB; without it
+  the ratios were ~0.83x / ~0.75x), two control round trips, registering the caller's buffers
+  (~10 us), and separate header transfers.
+* A get reads its values in ~8 MiB transfers; one per value measured ~10% slower.
+* Letting the peer take and check the checksums instead was tried and measured no better (same
+  total CPU, one more pass over memory), so checksums stay end to end.
 
 Every NIXL call (agent creation, registration, transfers, polling) runs on the backend's own
 bounded executor (``workers`` threads), never on the event loop. SDK failures are mapped to

@@ -372,6 +372,9 @@ class _Session:
             srv.counters.bad_requests += 1
             logger.warning("lm server: %s: a one-way COMMIT was refused: %s", self.peer, exc)
             return
+        except Exception:  # a bug: log it and keep serving (there is nobody to answer)
+            logger.exception("lm server: %s: a one-way COMMIT failed", self.peer)
+            return
         srv.metrics.observe("commit", time.perf_counter() - t0)
 
     async def _put_in_place(self, fh: P.FrameHead, meta_raw: bytearray) -> None:

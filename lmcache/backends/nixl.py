@@ -649,7 +649,13 @@ class NixlBackend(StorageBackend):
             ok = 0
             for i in todo:
                 results[i] = rejected("error")
-        await self._request(Op.COMMIT, _U64.pack(group) + bytes([ok]))
+        # Not waited for: the peer handles a connection's messages in order, so every later
+        # request of ours sees the commit, and a commit cannot fail on the peer's side. Waiting
+        # only added a round trip per batch.
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            raise BackendUnavailableError(f"nixl://{self.settings.host}:{self.settings.port}: connection lost")
+        writer.write(pack_message(Op.COMMIT, 0, _U64.pack(group) + bytes([ok])))
         return results
 
     def _write_values(self, keys: list[CacheKey], srcs: list[memoryview], hlens: list[int], offsets: list[int]) -> None:

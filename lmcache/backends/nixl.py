@@ -37,12 +37,13 @@ VM, UCX over loopback in a private network namespace.)
 * UCX's progress thread polls without pause. With one running in either agent, both were slower:
   the backend made ~2.5-2.9 GB/s against the raw SDK's ~3.6-4.3 GB/s. Without it (the
   ``progress_thread=false`` default, transfers progressing while they are waited on), the
-  backend makes ~4.4-5.0 GB/s against ~6.1-7.7 GB/s. Typical runs were ~0.70-0.76x for puts and
-  ~0.65-0.74x for gets; one run in ten was near 0.5x.
+  backend makes ~3.7-5.0 GB/s against ~5.2-7.7 GB/s. Over eight runs (each a median of five
+  rounds), puts were 0.66-0.81x and gets 0.58-0.74x the raw SDK; one more run was near 0.5x.
 * Per batch, the backend adds: the xxh3 checksum of every value (~1 ms per 32 MiB; without it
   the ratios were ~0.83x / ~0.75x), two control round trips, registering the caller's buffers
   (~10 us), and separate header transfers.
-* A get reads its values in ~8 MiB transfers; one per value measured ~10% slower.
+* A get reads its values in ~8 MiB transfers; one per value measured ~10% slower. A put's
+  commit is not waited for (the peer handles a connection's messages in order).
 * Letting the peer take and check the checksums instead was tried and measured no better (same
   total CPU, one more pass over memory), so checksums stay end to end.
 

@@ -88,6 +88,7 @@ from lmcache.backends.base import (
     rejected,
     run_blocking,
     settings_query,
+    split_by_size,
     split_url,
 )
 from lmcache.backends.file import FileBackend, FileSettings
@@ -746,14 +747,7 @@ class NixlBackend(StorageBackend):
         haddr = _addr(headers)
         pool = self._pool_addr
         regions = [(haddr, headers.nbytes, 0)] + [(_addr(dst), n, 0) for _k, dst, _o, _h, n in hits if n]
-        groups: list[list[int]] = [[]]
-        size = 0
-        for j, (*_, h, n) in enumerate(hits):
-            if groups[-1] and size + h + n > _READ_GROUP_BYTES:
-                groups.append([])
-                size = 0
-            groups[-1].append(j)
-            size += h + n
+        groups = split_by_size([h + n for *_, h, n in hits], _READ_GROUP_BYTES)
         starts = list(itertools.accumulate((h for *_, h, _n in hits), initial=0))
         out: list[int | IntegrityError] = []
         with _registered(self._agent, regions, "DRAM"):

@@ -58,6 +58,7 @@ from lmcache.backends.base import (
     parse_backend_url,
     rejected,
     settings_query,
+    split_by_size,
     split_url,
 )
 from lmcache.config import parse_duration, parse_size, setting
@@ -783,21 +784,14 @@ class LMServerBackend(StorageBackend):
         hsizes = [header_size(len(k.to_string().encode()), 0) for k in keys]
         results: list[PutResult | None] = [None] * len(keys)
         limit = min(conn.max_frame, _request_bytes(conn))
-        groups: list[list[int]] = []
-        cur: list[int] = []
-        cur_bytes = 0
+        fits: list[int] = []
         for i, (h, s) in enumerate(zip(hsizes, srcs, strict=True)):
-            n = h + s.nbytes
-            if n > conn.max_frame:
+            if h + s.nbytes > conn.max_frame:
                 results[i] = rejected("too_large")
-                continue
-            if cur and cur_bytes + n > limit:
-                groups.append(cur)
-                cur, cur_bytes = [], 0
-            cur.append(i)
-            cur_bytes += n
-        if cur:
-            groups.append(cur)
+            else:
+                fits.append(i)
+        plan = split_by_size([hsizes[i] + srcs[i].nbytes for i in fits], limit)
+        groups = [[fits[j] for j in r] for r in plan]
 
         async def one(group: list[int]) -> None:
             got = await self._put_group(
@@ -844,13 +838,20 @@ class LMServerBackend(StorageBackend):
             if reserved:
                 # The one copy, checksummed on the way (on the loop: see _write_frames).
                 _write_frames(pool, places, [keys[i] for i in reserved], [srcs[i] for i in reserved])
-                # One-way: the server handles a connection's requests in order, so every later
-                # request of ours sees the values. Waiting for an answer only added a round
-                # trip per batch (a commit fails only when the key was deleted meanwhile, the
-                # same outcome as a delete just after the put, or when the server is stopping).
-                await conn.post(P.Op.COMMIT, {"reservation": rid})
-                for i in reserved:
-                    results[i] = STORED
+                # One-way on a single connection: the server handles a connection's requests in
+                # order, so every later request of ours sees the values, and waiting for an
+                # answer only added a round trip per batch (a commit fails only when the key was
+                # deleted meanwhile, the same outcome as a delete just after the put, or when
+                # the server is stopping). Over several connections a later get may take
+                # another one, so there the put waits for the commit to be done.
+                if self.settings.connections == 1:
+                    await conn.post(P.Op.COMMIT, {"reservation": rid})
+                    for i in reserved:
+                        results[i] = STORED
+                else:
+                    done, _ = await conn.request(P.Op.COMMIT, {"reservation": rid})
+                    for i, (status, reason) in zip(reserved, done["results"], strict=True):
+                        results[i] = PutResult(PutStatus(status), reason)
         except BaseException:
             if reserved and not conn.closed:
                 conn.abort_reservation(rid)
@@ -924,18 +925,7 @@ class LMServerBackend(StorageBackend):
         caps = [
             min(d.nbytes + header_size(len(sk.encode()), 0), conn.max_frame) for sk, d in zip(skeys, dsts, strict=True)
         ]
-        limit = min(conn.max_frame, _request_bytes(conn))
-        groups: list[list[int]] = []
-        cur: list[int] = []
-        cur_bytes = 0
-        for i, c in enumerate(caps):
-            if cur and cur_bytes + c > limit:
-                groups.append(cur)
-                cur, cur_bytes = [], 0
-            cur.append(i)
-            cur_bytes += c
-        if cur:
-            groups.append(cur)
+        groups = [list(r) for r in split_by_size(caps, min(conn.max_frame, _request_bytes(conn)))]
         results: list[int | None] = [None] * len(keys)
 
         async def one(group: list[int]) -> None:

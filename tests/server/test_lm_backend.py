@@ -68,6 +68,14 @@ class TestLMTcpShm(_LMTests):
     query = {"shm_size": "64MiB"}  # noqa: RUF012
 
 
+class TestLMUnixShmTwoConnections(_LMTests):
+    """Requests spread over two connections: a shm put waits for its commit (no one-way commit)."""
+
+    scheme = "lm+unix"
+    expect_shm = True
+    query = {"connections": "2"}  # noqa: RUF012
+
+
 def _pool_rss_bytes() -> int:
     """Resident bytes of this process's mappings of server pools (from /proc/self/smaps)."""
     total, in_pool = 0, False

@@ -502,10 +502,20 @@ def unshare_works() -> str | None:
     return None
 
 
+_NESTED_ENV = "LMCACHE_TEST_NETNS_RUN"
+
+
 def run_pytest_in_netns(
     test_file: str | Path, env: dict[str, str], cwd: Path, timeout: float, *pytest_args: str
 ) -> subprocess.CompletedProcess[str]:
-    """Run pytest on ``test_file`` inside a fresh network namespace whose loopback is up."""
+    """Run pytest on ``test_file`` inside a fresh network namespace whose loopback is up.
+
+    Raises:
+        RuntimeError: Called from inside such a run (a test that re-runs itself would fork forever).
+    """
+    if os.environ.get(_NESTED_ENV):
+        raise RuntimeError(f"run_pytest_in_netns called inside a namespace run of {os.environ[_NESTED_ENV]}")
+    env = {**env, _NESTED_ENV: str(test_file)}
     argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args, str(test_file)]
     return subprocess.run(
         ["unshare", "--net", "--fork", "--", "bash", "-c", 'ip link set lo up && exec "$@"', "bash", *argv],

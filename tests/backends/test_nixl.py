@@ -13,12 +13,14 @@ to the peer over a raw control socket or touch files directly, never through the
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import importlib.util
 import os
 import socket
 import struct
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
@@ -180,6 +182,25 @@ def test_store_never_reuses_bytes_still_being_read_or_written() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # The re-exec into a private network namespace
+
+
+def test_the_poll_timeout_applies_only_to_our_agents() -> None:
+    """The progress-thread poll hook sets our agents' ``pthrDelay`` and leaves everyone else's alone."""
+    if _nixl_missing() is not None:
+        pytest.skip(_nixl_missing())
+    from lmcache.backends import nixl as nixl_mod
+
+    api = nixl_mod.import_nixl()
+    assert nixl_mod._hook_poll_timeout(api) and nixl_mod._hook_poll_timeout(api), "installs once, then reports it"
+    config = api.nixlBind.nixlAgentConfig()
+    config.pthrDelay = 0
+    assert config.pthrDelay == 0, "outside _make_agent a config keeps the value it is given"
+    nixl_mod._POLL.us = nixl_mod.PROGRESS_POLL_US
+    try:
+        config.pthrDelay = 0
+        assert config.pthrDelay == nixl_mod.PROGRESS_POLL_US
+    finally:
+        nixl_mod._POLL.us = None
 
 
 @pytest.mark.skipif(IN_NETNS, reason="already inside the private network namespace")
@@ -401,3 +422,63 @@ if IN_NETNS and _nixl_missing() is None:
             assert n.stats()["entries"] == 4
             dst = bytearray(12345)
             assert await n.get_into([extra], [dst]) == [12345] and bytes(dst) == extra_value
+
+    @pytest.mark.timeout(HANG_GUARD)
+    async def test_batches_of_several_transfer_groups_round_trip_and_catch_damage(nixl_peer: ServerProcess) -> None:
+        """A batch bigger than one transfer group (4 MiB): every group moves, and each value is checked."""
+        sizes = [3 * MiB + 1, 5, 2 * MiB, 2 * MiB - 7, 0, 4 * MiB + 64, 700_001, MiB, 3 * MiB]
+        keys = [make_key(500 + i) for i in range(len(sizes))]
+        values = [os.urandom(n) for n in sizes]
+        async with open_backend(f"nixl://127.0.0.1:{nixl_peer.port}") as b:
+            assert [r.status for r in await b.put(keys, values)] == [PutStatus.STORED] * len(keys)
+            dsts = [np.zeros(n, dtype=np.uint8) for n in sizes]
+            assert await b.get_into(keys, dsts) == sizes
+            assert all(d.tobytes() == v for d, v in zip(dsts, values, strict=True))
+            raw_corrupt(nixl_peer.port, keys[6])  # a value in a middle group
+            dsts = [np.zeros(n, dtype=np.uint8) for n in sizes]
+            got = await b.get_into(keys, dsts)
+            assert got == [*sizes[:6], None, *sizes[7:]]
+            assert all(d.tobytes() == v for i, (d, v) in enumerate(zip(dsts, values, strict=True)) if i != 6)
+            assert b.stats()["corrupt"] == 1
+            await b.delete(keys)
+
+    def _cpu_seconds(pid: int) -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+    def _rss_kib(pid: int) -> int:
+        status = Path(f"/proc/{pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+
+    @pytest.mark.timeout(HANG_GUARD)
+    async def test_an_idle_peer_and_client_take_no_cpu(nixl_peer: ServerProcess) -> None:
+        """Progress threads wait for events: NIXL's default poll would keep a core busy for good."""
+        assert nixl_peer.pid is not None
+        async with open_backend(f"nixl://127.0.0.1:{nixl_peer.port}?progress_thread=true") as b:
+            key, value = make_key(600), os.urandom(MiB)
+            assert (await b.put([key], [value]))[0].ok
+            peer_before, ours_before = _cpu_seconds(nixl_peer.pid), time.process_time()
+            await asyncio.sleep(2.0)
+            peer_idle, ours_idle = _cpu_seconds(nixl_peer.pid) - peer_before, time.process_time() - ours_before
+            dst = bytearray(MiB)
+            assert await b.get_into([key], [dst]) == [MiB] and bytes(dst) == value, "transfers still progress"
+            await b.delete([key])
+        assert peer_idle < 0.5, f"the idle peer used {peer_idle:.2f} s of CPU in 2 s"
+        assert ours_idle < 0.5, f"an idle client with a progress thread used {ours_idle:.2f} s of CPU in 2 s"
+
+    @pytest.mark.timeout(HANG_GUARD)
+    async def test_a_prefaulted_peer_holds_its_pool_resident(tmp_path: Path) -> None:
+        port = free_port()
+        argv = [sys.executable, "-m", "lmcache.backends.nixl_peer", "--port", str(port), "--capacity", "96MiB"]
+        peer = start_process("nixl-peer", [*argv, "--prefault"], tmp_path / "peer", lambda: _port_open(port), port)
+        try:
+            assert peer.pid is not None
+            rss_kib = _rss_kib(peer.pid)
+            assert rss_kib >= 96 * 1024, f"resident {rss_kib} KiB, pool 96 MiB"
+            async with open_backend(f"nixl://127.0.0.1:{port}") as b:
+                key, value = make_key(700), os.urandom(5 * MiB)
+                assert (await b.put([key], [value]))[0].ok
+                dst = bytearray(len(value))
+                assert await b.get_into([key], [dst]) == [len(value)] and bytes(dst) == value
+        finally:
+            peer.stop()

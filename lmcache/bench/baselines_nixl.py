@@ -6,7 +6,7 @@ the peer's pool once (one control round trip at open), registers the workload's 
 destination arrays with its own NIXL agent once, and then every batch is a single one-sided
 WRITE (put) or READ (get) of the batch's slots between those registered arrays and the extent,
 with the same number of batches in flight, and an agent configured like the backend's (the
-``progress_thread`` option). It skips everything lmcache adds on top: per-batch
+``progress_thread`` and ``ucx_workers`` options). It skips everything lmcache adds on top: per-batch
 control messages (reserve/commit, lookup/release), per-batch registration of the caller's
 buffers, the frame header and its xxh3 checksum (computed on put, verified on get).
 
@@ -76,14 +76,15 @@ class RawNixlBaseline(Baseline):
         w = self._workload
         self._executor = ThreadPoolExecutor(max(1, w.concurrency), thread_name_prefix="lmcache-bench-nixl")
         loop = asyncio.get_running_loop()
-        # The same agent configuration as the backend's (progress thread or not): the two share
-        # this process, and a polling progress thread in either takes CPU from the other's phases.
+        # The same agent configuration as the backend's (progress thread, UCX workers): the two
+        # share this process, and the same SDK settings are what an application would choose.
         self._agent = await loop.run_in_executor(
             self._executor,
             _make_agent,
             f"lmcache-bench-nixl-{os.getpid()}-{secrets.token_hex(3)}",
             ["UCX"],
             s.progress_thread,
+            s.ucx_workers,
         )
         self._reader, self._writer = await asyncio.open_connection(s.host, s.port)
         r = Reader(await self._call(Op.HELLO, b""))

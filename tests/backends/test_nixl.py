@@ -89,6 +89,7 @@ def file_of(root: Path, key: CacheKey) -> Path:
         "nixl://peer.example:7400?timeout=5.0&workers=2",
         "nixl://[::1]:7400",
         "nixl://127.0.0.1:7400?progress_thread=true",
+        "nixl://127.0.0.1:7400?workers=6&ucx_workers=8",
     ],
 )
 def test_peer_url_round_trip(url: str) -> None:
@@ -482,3 +483,20 @@ if IN_NETNS and _nixl_missing() is None:
                 assert await b.get_into([key], [dst]) == [len(value)] and bytes(dst) == value
         finally:
             peer.stop()
+
+    @pytest.mark.timeout(HANG_GUARD)
+    async def test_parallel_ucx_workers_move_concurrent_batches_intact(nixl_peer: ServerProcess) -> None:
+        """With several UCX workers (shared-lock agent), batches on different threads copy at once."""
+        url = f"nixl://127.0.0.1:{nixl_peer.port}?ucx_workers=8&workers=4"
+        batches = [[make_key(800 + 10 * b + i) for i in range(5)] for b in range(6)]
+        values = [[os.urandom(MiB + 17 * i + b) for i in range(5)] for b in range(6)]
+        async with open_backend(url) as nx:
+            assert isinstance(nx, NixlBackend) and nx.settings.ucx_workers == 8
+            puts = await asyncio.gather(*(nx.put(k, v) for k, v in zip(batches, values, strict=True)))
+            assert all(r.ok for batch in puts for r in batch)
+            dsts = [[np.zeros(len(x), dtype=np.uint8) for x in v] for v in values]
+            gets = await asyncio.gather(*(nx.get_into(k, d) for k, d in zip(batches, dsts, strict=True)))
+            assert gets == [[len(x) for x in v] for v in values]
+            for d_batch, v_batch in zip(dsts, values, strict=True):
+                assert all(d.tobytes() == v for d, v in zip(d_batch, v_batch, strict=True))
+            await nx.delete([k for batch in batches for k in batch])

@@ -2,7 +2,7 @@
 
 Two forms:
 
-``nixl://host:port?timeout=30&workers=4&progress_thread=false``
+``nixl://host:port?timeout=30&workers=4&progress_thread=false&ucx_workers=1``
     A peer process (``python -m lmcache.backends.nixl_peer --port P --capacity 8GiB``, see
     :mod:`lmcache.backends.nixl_peer`) holds a NIXL-registered DRAM pool and the index. This
     backend talks to it over a small TCP control protocol (reserve, commit, lookup, release,
@@ -10,7 +10,7 @@ Two forms:
     put WRITEs the frame header (from a per-batch buffer) and the caller's source buffer straight
     into the reserved pool extent, a get READs the header and the payload straight into the
     caller's destination buffer. The caller's buffers are registered with NIXL for the duration
-    of one batch (one registration call per batch; ~0.1-0.2 ms here), so no value is copied on
+    of one batch (one registration call per batch; ~5-10 us here), so no value is copied on
     the host. Values are :mod:`lmcache.serde.frame` frames; the reading client verifies the
     key, lengths and checksum, so a damaged value is a counted miss (and is deleted on the peer,
     so it can be stored again). Like every large-value read that lands straight in ``dst``, the
@@ -31,19 +31,38 @@ Two forms:
 Performance (``lmcache bench backend --url nixl://…`` against :mod:`lmcache.bench.baselines_nixl`:
 a raw NIXL WRITE/READ per batch between pre-registered arrays and one reserved extent, using an
 agent configured like the backend's. Setup: 2 MiB values, batches of 16, 4 in flight, a 2-core
-VM, UCX over loopback in a private network namespace.)
+VM, UCX over loopback in a private network namespace; UCX moves the bytes with CMA
+(``process_vm_readv``/``writev``), so every transfer is a copy by the host CPU, done when posted.)
 
-* The host is CPU-bound, and both sides share its 2 cores.
-* UCX's progress thread polls without pause. With one running in either agent, both were slower:
-  the backend made ~2.5-2.9 GB/s against the raw SDK's ~3.6-4.3 GB/s. Without it (the
-  ``progress_thread=false`` default, transfers progressing while they are waited on), the
-  backend makes ~3.7-5.0 GB/s against ~5.2-7.7 GB/s. Over eight runs (each a median of five
-  rounds), puts were 0.66-0.81x and gets 0.58-0.74x the raw SDK; one more run was near 0.5x.
-* Per batch, the backend adds: the xxh3 checksum of every value (~1 ms per 32 MiB; without it
-  the ratios were ~0.83x / ~0.75x), two control round trips, registering the caller's buffers
-  (~10 us), and separate header transfers.
-* A get reads its values in ~8 MiB transfers; one per value measured ~10% slower. A put's
-  commit is not waited for (the peer handles a connection's messages in order).
+* Four runs of each, median of five rounds each, ratio to the same run's raw SDK:
+
+  ============================================  ==============  ==============  ===========
+  configuration                                 put             get             backend GB/s
+  ============================================  ==============  ==============  ===========
+  defaults                                      0.83-0.89       0.65-0.76       5.2-6.8
+  peer ``--prefault``                           0.85-0.91       0.79-0.90       5.5-6.7
+  ``ucx_workers=8``                             0.67-0.80       0.65-0.72       8.4-9.2
+  ``ucx_workers=8``, peer ``--prefault``        0.73-0.81       0.73-0.77       8.2-9.3
+  ============================================  ==============  ==============  ===========
+
+* With one UCX worker the agent holds its lock for a whole CPU copy, so copies run one at a
+  time (~1 core). ``ucx_workers`` > 1 runs them in parallel: the backend is ~40% faster, and
+  the raw SDK gains more, because then the cores are saturated and the checksums take a larger
+  share of them.
+* The checksum is the main cost. Hashing a just-copied 4 MiB group runs at ~50-70 GB/s, but
+  it still slows the copy running beside it by ~10% (one worker) to ~20% (parallel workers).
+  The rest is two control round trips to the peer's Python process per batch.
+* Values move in ~4 MiB groups (:data:`_GROUP_BYTES`). A put checksums a group and then posts
+  it, header and payload in one transfer, so the copy reads sources the checksum left in the
+  cache. A get verifies each group as soon as its transfer is done; with CMA that is while
+  its bytes are still cached. Hashing a whole batch after one transfer read 32 MiB back from
+  memory (put 0.66-0.81, get 0.58-0.74). A put's commit is not waited for (the peer handles a
+  connection's messages in order).
+* Progress threads (the peer's always, a client's with ``progress_thread=true``) sleep until
+  UCX has an event: NIXL's Python API makes them poll without pause, and an idle peer took a
+  whole core. The peer's pool is on huge pages where the kernel gives them; ``--prefault``
+  populates it at start, otherwise each first write into a page takes a fault (a first fill
+  ran at ~0.3 GB/s on 4 KiB pages).
 * Letting the peer take and check the checksums instead was tried and measured no better (same
   total CPU, one more pass over memory), so checksums stay end to end.
 
@@ -179,18 +198,23 @@ def _hook_poll_timeout(api: Any) -> bool:
     if field is None or not hasattr(field, "__set__"):
         return False
 
-    class _Config(base):  # type: ignore[misc, valid-type]
-        _lmcache_poll_hook = True
+    try:
 
-        @property
-        def pthrDelay(self) -> int:
-            return int(field.__get__(self))
+        class _Config(base):  # type: ignore[misc, valid-type]
+            _lmcache_poll_hook = True
 
-        @pthrDelay.setter
-        def pthrDelay(self, value: int) -> None:
-            wanted = getattr(_POLL, "us", None)
-            field.__set__(self, value if wanted is None else wanted)
+            @property
+            def pthrDelay(self) -> int:
+                return int(field.__get__(self))
 
+            @pthrDelay.setter
+            def pthrDelay(self, value: int) -> None:
+                wanted = getattr(_POLL, "us", None)
+                field.__set__(self, value if wanted is None else wanted)
+
+    except TypeError as exc:  # a binding class that cannot be subclassed: keep NIXL's default
+        logger.debug("NIXL: cannot set the progress thread's poll timeout (%s)", exc)
+        return False
     bind.nixlAgentConfig = _Config
     return True
 

@@ -1,10 +1,12 @@
 """The store behind ``nixl://host:port``: a registered DRAM pool, an index, and a small control protocol.
 
 Run it as ``python -m lmcache.backends.nixl_peer --port 7400 --capacity 8GiB`` (``--host`` defaults
-to 127.0.0.1). The peer allocates one pool of ``capacity`` bytes, registers it with a NIXL agent
-(UCX), and serves a TCP control protocol. Values never travel over that socket: clients move the
-bytes themselves with one-sided NIXL WRITE (put) and READ (get) transfers between their own
-registered buffers and the pool. The control protocol only decides *where*:
+to 127.0.0.1; ``--prefault`` populates the pool at start). The peer allocates one pool of
+``capacity`` bytes (huge pages where the kernel gives them), registers it with a NIXL agent
+(UCX, whose progress thread sleeps until there is work), and serves a TCP control protocol.
+Values never travel over that socket: clients move the bytes themselves with one-sided NIXL
+WRITE (put) and READ (get) transfers between their own registered buffers and the pool. The
+control protocol only decides *where*:
 
 * ``HELLO``: the peer's agent metadata and the pool's address and length (the client adds the
   peer as a remote agent).

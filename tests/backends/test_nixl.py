@@ -500,3 +500,42 @@ if IN_NETNS and _nixl_missing() is None:
             for d_batch, v_batch in zip(dsts, values, strict=True):
                 assert all(d.tobytes() == v for d, v in zip(d_batch, v_batch, strict=True))
             await nx.delete([k for batch in batches for k in batch])
+
+    class _FailSecondPost:
+        """Fault injection: the batch's second transfer fails to post, the others go through."""
+
+        def __init__(self, backend: NixlBackend) -> None:
+            self.real = backend._post
+            self.calls = 0
+
+        def __call__(self, op: str, local: list[tuple[int, int, int]], remote: list[tuple[int, int, int]]) -> object:
+            self.calls += 1
+            if self.calls == 2:
+                raise BackendUnavailableError("injected: posting a transfer failed")
+            return self.real(op, local, remote)
+
+    @pytest.mark.timeout(HANG_GUARD)
+    async def test_a_transfer_failing_midway_aborts_the_put_and_fails_the_get(
+        nixl_peer: ServerProcess, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A batch of three transfer groups whose second transfer fails: nothing half-written is visible."""
+        keys = [make_key(900 + i) for i in range(3)]
+        values = [os.urandom(3 * MiB) for _ in keys]
+        async with open_backend(f"nixl://127.0.0.1:{nixl_peer.port}") as b:
+            assert isinstance(b, NixlBackend)
+            used = (await b.peer_stats())["used_bytes"]
+            monkeypatch.setattr(b, "_post", _FailSecondPost(b))
+            results = await b.put(keys, values)
+            assert [(r.status, r.reason) for r in results] == [(PutStatus.REJECTED, "error")] * 3
+            assert await b.contains(keys) == [False] * 3, "the group was aborted, the first value included"
+            monkeypatch.undo()
+            assert all(r.ok for r in await b.put(keys, values))
+            monkeypatch.setattr(b, "_post", _FailSecondPost(b))
+            with pytest.raises(BackendUnavailableError, match="injected"):
+                await b.get_into(keys, [bytearray(3 * MiB) for _ in keys])
+            monkeypatch.undo()
+            dsts = [bytearray(3 * MiB) for _ in keys]
+            assert await b.get_into(keys, dsts) == [3 * MiB] * 3
+            assert [bytes(d) for d in dsts] == values
+            await b.delete(keys)
+            assert (await b.peer_stats())["used_bytes"] == used, "leases the failed get took were released"

@@ -265,6 +265,18 @@ def _make_agent(name: str, backends: list[str], prog_thread: bool, ucx_workers: 
     return agent
 
 
+@dataclasses.dataclass
+class _Xfer:
+    """A posted NIXL transfer: its handle, and whether it is known to be done.
+
+    A transfer the host CPU copies (UCX over CMA) is done when posted. Knowing that saves the
+    state polls, each of which takes the agent's lock that the other threads' copies hold.
+    """
+
+    handle: Any
+    done: bool
+
+
 def _post(
     agent: Any,
     op: str,
@@ -274,8 +286,8 @@ def _post(
     remote: list[tuple[int, int, int]],
     remote_type: str,
     remote_agent: str,
-) -> Any:
-    """Start one NIXL transfer; returns its handle (finish it with :func:`_wait`), or None if empty.
+) -> _Xfer | None:
+    """Start one NIXL transfer (finish it with :func:`_wait`); None if there is nothing to move.
 
     Raises:
         BackendUnavailableError: NIXL refused the transfer.
@@ -298,30 +310,31 @@ def _post(
         with contextlib.suppress(Exception):
             agent.release_xfer_handle(handle)
         raise BackendUnavailableError(f"NIXL: a {op} to {remote_agent} failed when posted")
-    return handle
+    return _Xfer(handle, state == "DONE")
 
 
-def _is_done(agent: Any, handle: Any) -> bool:
+def _is_done(agent: Any, xfer: _Xfer | None) -> bool:
     """Whether a posted transfer has finished (progresses it once; errors are left to :func:`_wait`)."""
-    if handle is None:
+    if xfer is None or xfer.done:
         return True
     try:
-        return bool(agent.check_xfer_state(handle) != "PROC")
+        return bool(agent.check_xfer_state(xfer.handle) != "PROC")
     except Exception:
         return True
 
 
-def _wait(agent: Any, handle: Any, timeout: float) -> None:
+def _wait(agent: Any, xfer: _Xfer | None, timeout: float) -> None:
     """Poll a posted transfer to completion and release its handle (always, even on failure).
 
     Raises:
         BackendTimeoutError: Not done within ``timeout`` seconds.
         BackendUnavailableError: The transfer failed.
     """
-    if handle is None:
+    if xfer is None:
         return
+    handle = xfer.handle
     try:
-        state = agent.check_xfer_state(handle)
+        state = "DONE" if xfer.done else agent.check_xfer_state(handle)
         deadline = time.monotonic() + timeout
         spins = 0
         while state == "PROC":
@@ -343,7 +356,7 @@ def _wait(agent: Any, handle: Any, timeout: float) -> None:
             agent.release_xfer_handle(handle)
 
 
-def _finish(agent: Any, handles: list[Any], timeout: float) -> BackendError | None:
+def _finish(agent: Any, handles: list[_Xfer | None], timeout: float) -> BackendError | None:
     """Wait for every posted transfer in ``handles`` (None entries are done); the first failure."""
     failure: BackendError | None = None
     for i, handle in enumerate(handles):
@@ -809,7 +822,7 @@ class NixlBackend(StorageBackend):
         starts = list(itertools.accumulate(hlens, initial=0))
         groups = split_by_size([h + s.nbytes for h, s in zip(hlens, srcs, strict=True)], _GROUP_BYTES)
         with _registered(self._agent, regions, "DRAM"):
-            handles: list[Any] = []
+            handles: list[_Xfer | None] = []
             try:
                 for group in groups:
                     local: list[tuple[int, int, int]] = []
@@ -892,7 +905,7 @@ class NixlBackend(StorageBackend):
         starts = list(itertools.accumulate((h for *_, h, _n in hits), initial=0))
         out: list[int | IntegrityError] = []
         with _registered(self._agent, regions, "DRAM"):
-            handles: list[Any] = []
+            handles: list[_Xfer | None] = []
 
             def post(group: list[int]) -> None:
                 local: list[tuple[int, int, int]] = []
@@ -927,7 +940,7 @@ class NixlBackend(StorageBackend):
                 _finish(self._agent, handles, self.settings.timeout)  # a failure midway: before deregistering
         return out
 
-    def _post(self, op: str, local: list[tuple[int, int, int]], remote: list[tuple[int, int, int]]) -> Any:
+    def _post(self, op: str, local: list[tuple[int, int, int]], remote: list[tuple[int, int, int]]) -> _Xfer | None:
         return _post(
             self._agent,
             op,

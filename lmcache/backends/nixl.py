@@ -455,8 +455,8 @@ class NixlSettings:
         doc="UCX workers of the agent. 1: the agent runs one call at a time, so transfers the host CPU copies "
         "(UCX over CMA on one host, or TCP) run one after another. More: transfers from different executor "
         "threads run in parallel (NIXL maps each thread to a worker by a hash of its id, so give a few more "
-        "than workers). Same-host CMA, 2 cores: ~6.5 -> ~9 GB/s, with the checksums then taking a larger "
-        "share of the busy cores. No effect on what a NIC moves.",
+        "than workers). Same-host CMA, 2 cores: ~6.5 -> ~9 GB/s; the raw SDK gains more, as everything besides "
+        "the copies (checksums, control messages) then takes CPU from them. No effect on what a NIC moves.",
         min=1,
         max=64,
     )
@@ -895,7 +895,9 @@ class NixlBackend(StorageBackend):
         its bytes are still in the cache (hashing 32 MiB read back from memory cost ~10% of a
         get on 2 cores; hashing a just-copied 2-4 MiB group runs ~2-3x faster); where a NIC
         moves the bytes, verifying one group overlaps the next one's transfer. Each transfer
-        costs CPU to post and to poll, so groups are not made smaller than a few MiB.
+        costs CPU to post and to poll, and with one UCX worker it also hands the agent's lock to
+        another thread (8 transfers per 32 MiB batch read ~9% slower than one, about what
+        verifying cached groups saves), so groups are not made smaller than a few MiB.
         """
         headers = np.empty(max(sum(h for *_, h, _n in hits), 1), dtype=np.uint8)
         haddr = _addr(headers)

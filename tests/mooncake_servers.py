@@ -117,6 +117,10 @@ def start_mooncake_cluster(
 
     With ``http_metadata`` the master also serves the HTTP metadata service (instead of
     P2PHANDSHAKE); processes using it should have ``MC_TCP_BIND_ADDRESS=127.0.0.1`` set.
+
+    A storage node that never registers with its master (seen once in ~10 CI runs: the node
+    retried "Client not available" for 30 s) gets one more try with a fresh master and fresh
+    ports; a second failure is raised.
     """
     _require_namespace()
     master_bin, node_bin = mooncake_binary("mooncake_master"), mooncake_binary("mooncake_client")
@@ -124,6 +128,14 @@ def start_mooncake_cluster(
         pytest.skip(
             "no mooncake_master/mooncake_client: pip install 'lmcache[mooncake]' (and apt-get install libibverbs1)"
         )
+    try:
+        return _start_cluster(master_bin, node_bin, workdir / "try1", segment, http_metadata)
+    except RuntimeError as exc:
+        print(f"mooncake cluster did not start ({str(exc).splitlines()[0]}); trying once more", file=sys.stderr)
+        return _start_cluster(master_bin, node_bin, workdir / "try2", segment, http_metadata)
+
+
+def _start_cluster(master_bin: str, node_bin: str, workdir: Path, segment: str, http_metadata: bool) -> MooncakeCluster:
     workdir.mkdir(parents=True, exist_ok=True)
     rpc, metrics, http = free_port(), free_port(), free_port()
     argv = [

@@ -53,9 +53,9 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from lmcache.backends.memory import MemoryBackend
 from lmcache.config import parse_size
 from lmcache.errors import PermanentBackendError
-from lmcache.server.shm import populate
 
 __all__ = [
     "MAX_BATCH",
@@ -513,9 +513,8 @@ def _map_pool(capacity: int, prefault: bool) -> mmap.mmap:
     if hasattr(mmap, "MADV_HUGEPAGE"):
         with contextlib.suppress(OSError):
             pool_map.madvise(mmap.MADV_HUGEPAGE)
-    if prefault and not populate(pool_map):
-        view = np.frombuffer(pool_map, dtype=np.uint8)
-        view[:: mmap.PAGESIZE] = 0  # the kernel lacks MADV_POPULATE_WRITE: touch each page
+    if prefault:
+        MemoryBackend._populate(pool_map)  # memory://'s prefault: also falls back on old kernels
     return pool_map
 
 

@@ -98,7 +98,8 @@ import struct
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import parse_qsl, quote, urlencode
 
@@ -151,8 +152,8 @@ __all__ = ["NixlBackend", "NixlPosixBackend", "NixlPosixSettings", "NixlSettings
 logger = logging.getLogger(__name__)
 
 _FRAME_ALIGN = 64
-#: Bytes of values per transfer of a put or a get (see NixlBackend._write_values/_read_values).
-_GROUP_BYTES = 4 << 20
+#: Bytes of payload per transfer of a put or a get (see NixlBackend._write_values/_read_values).
+_GROUP_BYTES = 16 << 20
 #: Poll timeout of a NIXL progress thread, in microseconds (see _hook_poll_timeout).
 PROGRESS_POLL_US = 100_000
 _STATUS = struct.Struct("<BQ")
@@ -330,8 +331,8 @@ def _wait(agent: Any, xfer: _Xfer | None, timeout: float) -> None:
         BackendTimeoutError: Not done within ``timeout`` seconds.
         BackendUnavailableError: The transfer failed.
     """
-    if xfer is None:
-        return
+    if xfer is None or xfer.handle is None:
+        return  # nothing posted, or done and released by the lane (see _LaneBatch)
     handle = xfer.handle
     try:
         state = "DONE" if xfer.done else agent.check_xfer_state(handle)
@@ -417,6 +418,140 @@ def _registered(agent: Any, regions: list[tuple[int, int, int]], mem_type: str) 
             agent.deregister_memory(reg)
 
 
+#: Posts one transfer of a batch: ``(op, local, remote)`` regions, see :func:`_post`.
+_PostFn = Callable[[str, list[tuple[int, int, int]], list[tuple[int, int, int]]], _Xfer | None]
+
+
+class _DirectBatch:
+    """The NIXL calls of one batch, made by the calling thread (an agent with several UCX workers).
+
+    The batch's regions are registered from construction to :meth:`close`; :meth:`post` starts
+    one transfer, :meth:`wait` finishes one, :meth:`close` finishes the rest (a failure midway
+    still waits for every posted transfer before deregistering) and returns the first failure.
+    """
+
+    queued: ClassVar[bool] = False  # post() returns once the transfer is posted
+
+    def __init__(self, agent: Any, post: _PostFn, regions: list[tuple[int, int, int]], timeout: float) -> None:
+        self._agent = agent
+        self._post = post
+        self._timeout = timeout
+        self._xfers: list[_Xfer | None] = []
+        self._regs = _registered(agent, regions, "DRAM")
+        self._regs.__enter__()
+
+    def post(self, op: str, local: list[tuple[int, int, int]], remote: list[tuple[int, int, int]]) -> None:
+        self._xfers.append(self._post(op, local, remote))
+
+    def is_done(self, i: int) -> bool:
+        return _is_done(self._agent, self._xfers[i])
+
+    def wait(self, i: int) -> None:
+        xfer, self._xfers[i] = self._xfers[i], None
+        _wait(self._agent, xfer, self._timeout)
+
+    def close(self, *, cancel: bool = False) -> BackendError | None:
+        try:
+            return _finish(self._agent, self._xfers, self._timeout)
+        finally:
+            self._regs.__exit__(None, None, None)
+
+
+class _LaneBatch:
+    """The NIXL calls of one batch, queued in order on the agent's lane thread (one UCX worker).
+
+    With one UCX worker the agent runs one call at a time and holds its lock for a whole CPU copy
+    (UCX over CMA or TCP). Several threads posting into it hand the lock over after every
+    transfer, and each handover waits for a sleeping thread to be scheduled; a thread that
+    verifies or checksums between its transfers leaves the copier idle meanwhile. One thread
+    (the lane) that makes every call of the data path never waits for the lock, and always has
+    the next transfer queued: the callers checksum and verify on other cores while it copies.
+
+    Same contract as :class:`_DirectBatch`. Registration is queued first; transfers queued behind
+    it fail if it failed. A transfer the lane finds done when posted is released by the lane
+    itself (releasing takes the agent's lock, which the caller would have to wait for). After
+    :meth:`close` the batch's deregistration is queued behind everything else, so it never
+    precedes a transfer, and the caller does not wait for it.
+    """
+
+    queued: ClassVar[bool] = True  # post() only queues the transfer
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        try:
+            return self._lane.submit(fn, *args)
+        except RuntimeError:  # shut down: the backend is closing
+            raise BackendUnavailableError("nixl://: the backend was closed") from None
+
+    def __init__(
+        self,
+        lane: ThreadPoolExecutor,
+        agent: Any,
+        post: _PostFn,
+        regions: list[tuple[int, int, int]],
+        timeout: float,
+    ) -> None:
+        self._lane = lane
+        self._agent = agent
+        self._post = post
+        self._timeout = timeout
+        self._reg: Any = None
+        self._failed: BackendError | None = None
+        self._futures: list[Future[_Xfer | None] | None] = []
+        unique = sorted({(a, n, d, "") for a, n, d in regions if n > 0})
+        if unique:
+            self._submit(self._register, unique)
+
+    def _register(self, regions: list[tuple[int, int, int, str]]) -> None:
+        try:
+            self._reg = self._agent.register_memory(regions, "DRAM")
+        except Exception as exc:
+            self._failed = BackendUnavailableError(f"NIXL: registering DRAM memory failed: {type(exc).__name__}: {exc}")
+
+    def _deregister(self) -> None:
+        if self._reg is not None:
+            with contextlib.suppress(Exception):
+                self._agent.deregister_memory(self._reg)
+            self._reg = None
+
+    def _post_now(self, op: str, local: list[tuple[int, int, int]], remote: list[tuple[int, int, int]]) -> _Xfer | None:
+        if self._failed is not None:
+            raise self._failed
+        xfer = self._post(op, local, remote)
+        if xfer is not None and xfer.done:
+            with contextlib.suppress(Exception):
+                self._agent.release_xfer_handle(xfer.handle)
+            xfer.handle = None
+        return xfer
+
+    def post(self, op: str, local: list[tuple[int, int, int]], remote: list[tuple[int, int, int]]) -> None:
+        self._futures.append(self._submit(self._post_now, op, local, remote))
+
+    def _posted(self, fut: Future[_Xfer | None], timeout: float | None) -> _Xfer | None:
+        try:
+            return fut.result(timeout)
+        except FutureTimeout:
+            raise BackendTimeoutError(f"NIXL: a transfer was not posted within {self._timeout:g} s") from None
+
+    def wait(self, i: int) -> None:
+        fut, self._futures[i] = self._futures[i], None
+        if fut is not None:
+            _wait(self._agent, self._posted(fut, self._timeout), self._timeout)
+
+    def close(self, *, cancel: bool = False) -> BackendError | None:
+        failure: BackendError | None = None
+        futures, self._futures = self._futures, []
+        for fut in futures:
+            if fut is None or (cancel and fut.cancel()):
+                continue  # waited for, or (after a failure) never started
+            try:
+                _wait(self._agent, self._posted(fut, None), self._timeout)
+            except BackendError as exc:
+                failure = failure or exc
+        with contextlib.suppress(BackendUnavailableError):
+            self._submit(self._deregister)  # a closing backend drops its registrations with the agent
+        return failure
+
+
 def _verify(key: CacheKey, head: np.ndarray, dst: memoryview, hlen: int, n: int) -> int | IntegrityError:
     """``n`` when the frame header and the payload in ``dst`` check out, else the error."""
     try:
@@ -480,6 +615,7 @@ class NixlBackend(StorageBackend):
             raise ConfigError("nixl://: a peer URL needs host and port, e.g. nixl://127.0.0.1:7400")
         self.settings = settings
         self._executor: ThreadPoolExecutor | None = None
+        self._lane: ThreadPoolExecutor | None = None  # see _LaneBatch; None with several UCX workers
         self._agent: Any = None
         self._remote: str | None = None
         self._pool_addr = 0
@@ -534,6 +670,8 @@ class NixlBackend(StorageBackend):
         import_nixl()  # a missing SDK is a MissingDependencyError before any thread starts
         self._conn_lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="lmcache-nixl")
+        if self.settings.ucx_workers <= 1:
+            self._lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmcache-nixl-lane")
         try:
             name = f"lmcache-nixl-{os.getpid()}-{secrets.token_hex(4)}"
             s = self.settings
@@ -548,14 +686,17 @@ class NixlBackend(StorageBackend):
     async def _close(self) -> None:
         self._drop_connection(BackendUnavailableError("nixl://: the backend was closed"))
         executor, self._executor = self._executor, None
+        lane, self._lane = self._lane, None
         agent, self._agent = self._agent, None
         remote, self._remote = self._remote, None
+        loop = asyncio.get_running_loop()
         if executor is not None:
-            loop = asyncio.get_running_loop()
             if agent is not None and remote is not None:
                 with contextlib.suppress(Exception):
                     await loop.run_in_executor(executor, agent.remove_remote_agent, remote)
             await loop.run_in_executor(None, executor.shutdown, True)
+        if lane is not None:  # after the batches that queue on it; its deregistrations run before the agent goes
+            await loop.run_in_executor(None, lane.shutdown, True)
 
     # -- control connection ------------------------------------------------------------------
 
@@ -809,40 +950,40 @@ class NixlBackend(StorageBackend):
     def _write_values(self, keys: list[CacheKey], srcs: list[memoryview], hlens: list[int], offsets: list[int]) -> None:
         """WRITE each value's header and payload (straight from its src) into its reserved extent.
 
-        Values go in groups of ~:data:`_GROUP_BYTES`, each checksummed and then posted at once:
-        the checksum pass brings the sources into the cache, so a transfer the host CPU copies
-        (UCX over CMA or TCP) reads them from there, and where a NIC moves a group the next
-        group's checksums overlap it. Checksumming the whole batch after posting it read every
-        byte from memory twice (measured ~10% slower on 2 cores).
+        Values go in groups of ~:data:`_GROUP_BYTES` of payload, each checksummed and then
+        posted: on the lane (one UCX worker) the lane copies one group while this thread
+        checksums the next; with several workers each group is posted here after its checksum.
+        Checksumming the whole batch after posting it read every byte from memory twice.
         """
         headers = np.empty(max(sum(hlens), 1), dtype=np.uint8)
         haddr = _addr(headers)
         pool = self._pool_addr
         regions = [(haddr, headers.nbytes, 0)] + [(_addr(s), s.nbytes, 0) for s in srcs if s.nbytes]
         starts = list(itertools.accumulate(hlens, initial=0))
-        groups = split_by_size([h + s.nbytes for h, s in zip(hlens, srcs, strict=True)], _GROUP_BYTES)
-        with _registered(self._agent, regions, "DRAM"):
-            handles: list[_Xfer | None] = []
-            try:
-                for group in groups:
-                    local: list[tuple[int, int, int]] = []
-                    remote: list[tuple[int, int, int]] = []
-                    for j in group:
-                        key, src, h, off = keys[j], srcs[j], hlens[j], offsets[j]
-                        head = frame.encode_header(key, src, alignment=_FRAME_ALIGN)  # checksums the payload
-                        if len(head) != h:
-                            raise PermanentBackendError(f"nixl://: header of {key} is {len(head)} bytes, reserved {h}")
-                        headers[starts[j] : starts[j] + h] = np.frombuffer(head, dtype=np.uint8)
-                        local.append((haddr + starts[j], h, 0))
-                        remote.append((pool + off, h, 0))
-                        if src.nbytes:
-                            local.append((_addr(src), src.nbytes, 0))
-                            remote.append((pool + off + h, src.nbytes, 0))
-                    handles.append(self._post("WRITE", local, remote))
-            finally:
-                failure = _finish(self._agent, handles, self.settings.timeout)  # before deregistering
-            if failure is not None:
-                raise failure
+        groups = split_by_size([s.nbytes for s in srcs], _GROUP_BYTES)  # headers are ~100s of bytes
+        batch = self._batch(regions)
+        try:
+            for group in groups:
+                local: list[tuple[int, int, int]] = []
+                remote: list[tuple[int, int, int]] = []
+                for j in group:
+                    key, src, h, off = keys[j], srcs[j], hlens[j], offsets[j]
+                    head = frame.encode_header(key, src, alignment=_FRAME_ALIGN)  # checksums the payload
+                    if len(head) != h:
+                        raise PermanentBackendError(f"nixl://: header of {key} is {len(head)} bytes, reserved {h}")
+                    headers[starts[j] : starts[j] + h] = np.frombuffer(head, dtype=np.uint8)
+                    local.append((haddr + starts[j], h, 0))
+                    remote.append((pool + off, h, 0))
+                    if src.nbytes:
+                        local.append((_addr(src), src.nbytes, 0))
+                        remote.append((pool + off + h, src.nbytes, 0))
+                batch.post("WRITE", local, remote)
+        except BaseException:
+            batch.close(cancel=True)  # waits for every transfer already posted
+            raise
+        failure = batch.close()
+        if failure is not None:
+            raise failure
 
     async def _get_into(self, keys: list[CacheKey], dsts: list[memoryview]) -> list[int | None]:
         results: list[int | None] = []
@@ -889,58 +1030,66 @@ class NixlBackend(StorageBackend):
     def _read_values(self, hits: list[tuple[CacheKey, memoryview, int, int, int]]) -> list[int | IntegrityError]:
         """READ each hit's header and payload (payload straight into its dst), then verify it.
 
-        Values go in groups of ~:data:`_GROUP_BYTES`, one transfer each, and a group is verified
-        as soon as its transfer is done, while at most the next group is in flight. A transfer
-        the host CPU copies (UCX over CMA) is done when posted, so its group is verified while
-        its bytes are still in the cache (hashing 32 MiB read back from memory cost ~10% of a
-        get on 2 cores; hashing a just-copied 2-4 MiB group runs ~2-3x faster); where a NIC
-        moves the bytes, verifying one group overlaps the next one's transfer. Each transfer
-        costs CPU to post and to poll, and with one UCX worker it also hands the agent's lock to
-        another thread (8 transfers per 32 MiB batch read ~9% slower than one, about what
-        verifying cached groups saves), so groups are not made smaller than a few MiB.
+        Values go in groups of ~:data:`_GROUP_BYTES` of payload, one transfer each. On the lane
+        (one UCX worker) the whole batch is queued at once and this thread verifies each group
+        once its transfer is done, while the lane copies the next ones; batches then finish in
+        the order they came, so the next batch's lookup overlaps the copies of the others. With
+        several workers a group is verified as soon as its transfer is done, with at most the
+        next group in flight. Each transfer costs ~50-100 us of NIXL calls (descriptor lists,
+        ``createXferReq``, release) on the thread that posts it, so groups are not small (on
+        the lane, 2 MiB values, 1 GiB rounds: gets at 0.66-0.76 of the raw SDK with one value
+        per transfer, 0.77-0.86 with 16 MiB groups).
         """
         headers = np.empty(max(sum(h for *_, h, _n in hits), 1), dtype=np.uint8)
         haddr = _addr(headers)
         pool = self._pool_addr
         regions = [(haddr, headers.nbytes, 0)] + [(_addr(dst), n, 0) for _k, dst, _o, _h, n in hits if n]
-        groups = split_by_size([h + n for *_, h, n in hits], _GROUP_BYTES)
+        groups = split_by_size([n for *_, n in hits], _GROUP_BYTES)  # headers are ~100s of bytes
         starts = list(itertools.accumulate((h for *_, h, _n in hits), initial=0))
         out: list[int | IntegrityError] = []
-        with _registered(self._agent, regions, "DRAM"):
-            handles: list[_Xfer | None] = []
+        batch = self._batch(regions)
 
-            def post(group: list[int]) -> None:
-                local: list[tuple[int, int, int]] = []
-                remote: list[tuple[int, int, int]] = []
-                for j in group:
-                    _key, dst, off, h, n = hits[j]
-                    local.append((haddr + starts[j], h, 0))
-                    remote.append((pool + off, h, 0))
-                    if n:
-                        local.append((_addr(dst), n, 0))
-                        remote.append((pool + off + h, n, 0))
-                handles.append(self._post("READ", local, remote))
+        def post(group: range) -> None:
+            local: list[tuple[int, int, int]] = []
+            remote: list[tuple[int, int, int]] = []
+            for j in group:
+                _key, dst, off, h, n = hits[j]
+                local.append((haddr + starts[j], h, 0))
+                remote.append((pool + off, h, 0))
+                if n:
+                    local.append((_addr(dst), n, 0))
+                    remote.append((pool + off + h, n, 0))
+            batch.post("READ", local, remote)
 
-            def verify(g: int) -> None:
-                handle, handles[g] = handles[g], None
-                _wait(self._agent, handle, self.settings.timeout)
-                for j in groups[g]:
-                    key, dst, _off, h, n = hits[j]
-                    out.append(_verify(key, headers[starts[j] : starts[j] + h], dst, h, n))
+        def verify(g: int) -> None:
+            batch.wait(g)
+            for j in groups[g]:
+                key, dst, _off, h, n = hits[j]
+                out.append(_verify(key, headers[starts[j] : starts[j] + h], dst, h, n))
 
-            try:
-                done = 0
-                for g, group in enumerate(groups):
-                    post(group)
-                    while done < g or (done == g and _is_done(self._agent, handles[g])):
-                        verify(done)
-                        done += 1
-                while done < len(groups):
+        try:
+            done = 0
+            for g, group in enumerate(groups):
+                post(group)
+                # Posting on the lane only queues: queue the whole batch at once, so the lane
+                # finishes batches in order and the next batch's lookup overlaps the copies.
+                while not batch.queued and (done < g or (done == g and batch.is_done(g))):
                     verify(done)
                     done += 1
-            finally:
-                _finish(self._agent, handles, self.settings.timeout)  # a failure midway: before deregistering
+            while done < len(groups):
+                verify(done)
+                done += 1
+        except BaseException:
+            batch.close(cancel=True)  # waits for every transfer already posted
+            raise
+        batch.close()
         return out
+
+    def _batch(self, regions: list[tuple[int, int, int]]) -> _DirectBatch | _LaneBatch:
+        """The NIXL calls of one batch: queued on the lane (one UCX worker), else made here."""
+        if self._lane is not None:
+            return _LaneBatch(self._lane, self._agent, self._post, regions, self.settings.timeout)
+        return _DirectBatch(self._agent, self._post, regions, self.settings.timeout)
 
     def _post(self, op: str, local: list[tuple[int, int, int]], remote: list[tuple[int, int, int]]) -> _Xfer | None:
         return _post(

@@ -32,6 +32,7 @@ from servers import ServerProcess, free_port, run_pytest_in_netns, start_process
 
 from lmcache.backends.base import PutStatus, StorageBackend
 from lmcache.backends.file import FileBackend
+from lmcache.backends import nixl as nixl_module
 from lmcache.backends.nixl import NixlBackend, NixlPosixBackend
 from lmcache.backends.nixl_peer import (
     HEAD,
@@ -424,7 +425,13 @@ if IN_NETNS and _nixl_missing() is None:
             dst = bytearray(12345)
             assert await n.get_into([extra], [dst]) == [12345] and bytes(dst) == extra_value
 
+    @pytest.fixture
+    def small_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+        """Transfer groups of 4 MiB of values, whatever the tuned default, so small batches span several."""
+        monkeypatch.setattr(nixl_module, "_GROUP_BYTES", 4 * MiB)
+
     @pytest.mark.timeout(HANG_GUARD)
+    @pytest.mark.usefixtures("small_groups")
     async def test_batches_of_several_transfer_groups_round_trip_and_catch_damage(nixl_peer: ServerProcess) -> None:
         """A batch bigger than one transfer group (4 MiB): every group moves, and each value is checked."""
         sizes = [3 * MiB + 1, 5, 2 * MiB, 2 * MiB - 7, 0, 4 * MiB + 64, 700_001, MiB, 3 * MiB]
@@ -515,25 +522,31 @@ if IN_NETNS and _nixl_missing() is None:
             return self.real(op, local, remote)
 
     @pytest.mark.timeout(HANG_GUARD)
+    @pytest.mark.usefixtures("small_groups")
+    @pytest.mark.parametrize("query", ["", "?ucx_workers=4"], ids=["lane", "direct"])
     async def test_a_transfer_failing_midway_aborts_the_put_and_fails_the_get(
-        nixl_peer: ServerProcess, monkeypatch: pytest.MonkeyPatch
+        nixl_peer: ServerProcess, monkeypatch: pytest.MonkeyPatch, query: str
     ) -> None:
-        """A batch of three transfer groups whose second transfer fails: nothing half-written is visible."""
+        """A batch of three transfer groups whose second transfer fails: nothing half-written is visible.
+
+        Both ways of making NIXL calls: queued on the lane thread (one UCX worker) and made by the
+        calling thread (several).
+        """
         keys = [make_key(900 + i) for i in range(3)]
         values = [os.urandom(3 * MiB) for _ in keys]
-        async with open_backend(f"nixl://127.0.0.1:{nixl_peer.port}") as b:
+        async with open_backend(f"nixl://127.0.0.1:{nixl_peer.port}{query}") as b:
             assert isinstance(b, NixlBackend)
             used = (await b.peer_stats())["used_bytes"]
-            monkeypatch.setattr(b, "_post", _FailSecondPost(b))
-            results = await b.put(keys, values)
+            with monkeypatch.context() as m:
+                m.setattr(b, "_post", _FailSecondPost(b))
+                results = await b.put(keys, values)
             assert [(r.status, r.reason) for r in results] == [(PutStatus.REJECTED, "error")] * 3
             assert await b.contains(keys) == [False] * 3, "the group was aborted, the first value included"
-            monkeypatch.undo()
             assert all(r.ok for r in await b.put(keys, values))
-            monkeypatch.setattr(b, "_post", _FailSecondPost(b))
-            with pytest.raises(BackendUnavailableError, match="injected"):
-                await b.get_into(keys, [bytearray(3 * MiB) for _ in keys])
-            monkeypatch.undo()
+            with monkeypatch.context() as m:
+                m.setattr(b, "_post", _FailSecondPost(b))
+                with pytest.raises(BackendUnavailableError, match="injected"):
+                    await b.get_into(keys, [bytearray(3 * MiB) for _ in keys])
             dsts = [bytearray(3 * MiB) for _ in keys]
             assert await b.get_into(keys, dsts) == [3 * MiB] * 3
             assert [bytes(d) for d in dsts] == values

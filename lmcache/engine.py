@@ -121,6 +121,12 @@ class CacheEngine:
             geometry, pool_chunks, chunk_tokens=self.config.chunk_size, default_timeout=60.0, default_ttl=300.0
         )
         self._loop = _LoopThread()
+        # Chunk buffers are views of one long-lived allocation: backends that register memory for
+        # transfers (nixl://) do it once for all of it. No I/O: an unopened backend applies it on open.
+        try:
+            self._loop.run(self.backend.register_host_memory(self.pool.storage), timeout=60)
+        except Exception as exc:  # a hint: without it calls still work, per call
+            logger.warning("registering the chunk pool with the lmcache backend failed: %s", exc)
         self._pending: set[concurrent.futures.Future[int]] = set()
         self._inflight: set[CacheKey] = set()
         self._lock = threading.Lock()
@@ -327,6 +333,11 @@ class CacheEngine:
         if self._closed:
             return
         self.flush(timeout=30)
+        if not self._owns_backend:
+            try:  # a borrowed backend outlives this engine: it must forget our pool
+                self._loop.run(self.backend.unregister_host_memory(self.pool.storage), timeout=60)
+            except Exception as exc:
+                logger.warning("unregistering the chunk pool from the lmcache backend failed: %s", exc)
         if self._owns_backend:
             try:
                 self._loop.run(self.backend.aclose(), timeout=60)

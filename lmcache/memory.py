@@ -441,6 +441,15 @@ class ChunkBufferPool:
     # -- introspection and lifetime ------------------------------------------------------------
 
     @property
+    def storage(self) -> torch.Tensor | None:
+        """The one allocation every slot is a view of (None once closed).
+
+        Declare it to backends with ``register_host_memory`` so that those that register memory
+        for transfers (``nixl://``) do it once, not for every call's buffers.
+        """
+        return self._storage
+
+    @property
     def in_use(self) -> int:
         """Slots currently leased (expired but unreclaimed leases included)."""
         with self._cond:

@@ -572,6 +572,21 @@ class TieredBackend(StorageBackend):
         self._pending.clear()
         await self._close_owned()
 
+    async def _register_host_memory(self, view: memoryview) -> None:
+        # Every tier may move values straight from or into the caller's memory.
+        for tier in self._tiers:
+            try:
+                await tier.backend.register_host_memory(view)
+            except Exception as exc:  # a hint: the tier still works, per call
+                self.log_once(f"register_host_memory:{tier.backend.url}", "%r: %r: %s", self, tier.backend, exc)
+
+    async def _unregister_host_memory(self, view: memoryview) -> None:
+        for tier in self._tiers:
+            try:
+                await tier.backend.unregister_host_memory(view)
+            except Exception as exc:
+                self.log_once(f"unregister_host_memory:{tier.backend.url}", "%r: %r: %s", self, tier.backend, exc)
+
     async def _close_owned(self) -> None:
         for tier in self._tiers:
             if tier.owned:

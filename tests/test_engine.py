@@ -100,3 +100,31 @@ def test_wrong_destination_shape_is_a_typed_error(engine: CacheEngine) -> None:
         engine.retrieve(tokens, wrong)
     with pytest.raises(LayoutMismatchError):
         engine.store(tokens, wrong)
+
+
+def test_the_chunk_pool_is_declared_to_every_tier_and_forgotten_by_a_borrowed_backend(tmp_path: Path) -> None:
+    """The engine's staging pool is registered once (nixl:// would register it with NIXL)."""
+    import asyncio
+
+    from lmcache import open_backend
+    from lmcache.tiered import TieredBackend
+
+    cfg = LMCacheConfig.load(environ={}, chunk_size=16, tiers=["memory://?capacity=64MiB", f"file://{tmp_path}/t"])
+    with CacheEngine(GEO, "m", config=cfg) as eng:
+        storage = eng.pool.storage
+        assert storage is not None
+        tiered = eng.backend
+        assert isinstance(tiered, TieredBackend)
+        tokens = list(range(32))
+        eng.store(tokens, _kv(32)).result(10)  # opens the tiers: the registration reaches each of them
+        for b in (tiered, *tiered.tiers):
+            assert [v.nbytes for v in b._host_memory] == [storage.numel()], b
+        out = ContiguousKV.empty(GEO, 32)
+        assert eng.retrieve(tokens, out) == 32
+    borrowed = open_backend("memory://?capacity=64MiB")
+    try:
+        with CacheEngine(GEO, "m", config=cfg, backend=borrowed) as eng:
+            assert len(borrowed._host_memory) == 1
+        assert borrowed._host_memory == [], "a borrowed backend forgets the pool of a closed engine"
+    finally:
+        asyncio.run(borrowed.aclose())

@@ -415,6 +415,45 @@ class BackendTests:
             assert _untouched(parent[:8] + parent[8 + n :]), "get_into wrote outside its memoryview"
 
     @pytest.mark.asyncio
+    @pytest.mark.parametrize("when", ["before_open", "after_open"])
+    async def test_registered_host_memory_round_trip(self, when: str) -> None:
+        """Values move through views of registered host memory, then through it once unregistered."""
+        n = self.odd_value_bytes
+        pool = np.full(4 * n + 24, SENTINEL, dtype=np.uint8)
+        keys = [random_key(), random_key(), random_key()]
+        values = [random_value(n) for _ in keys]
+        async with self.fresh_backend() as b:
+            self._require_fits(b, n)
+            if when == "after_open":
+                await b.open()
+            await b.register_host_memory(pool)
+            await b.register_host_memory(pool)  # a second time changes nothing
+            srcs = [pool[8 + i * n : 8 + (i + 1) * n] for i in range(3)]
+            for src, value in zip(srcs, values, strict=True):
+                src[:] = np.frombuffer(value, dtype=np.uint8)
+            await self.put_all(b, keys, srcs)
+            pool[:] = SENTINEL
+            assert await b.get_into(keys, [pool[8 + i * n : 8 + (i + 1) * n] for i in range(3)]) == [n] * 3
+            for i, value in enumerate(values):
+                expect_bytes(pool[8 + i * n : 8 + (i + 1) * n].tobytes(), value)
+            assert _untouched(pool[:8].tobytes() + pool[8 + 3 * n :].tobytes()), "wrote outside its views"
+            await b.unregister_host_memory(pool)
+            await b.unregister_host_memory(pool)  # unknown by now: ignored
+            pool[:] = SENTINEL
+            assert await b.get_into(keys[:1], [pool[8 : 8 + n]]) == [n]
+            expect_bytes(pool[8 : 8 + n].tobytes(), values[0])
+
+    @pytest.mark.asyncio
+    async def test_registering_host_memory_checks_its_input(self) -> None:
+        async with self.fresh_backend() as b:
+            with pytest.raises(InvalidBufferError):
+                await b.register_host_memory(object())
+            await b.register_host_memory(bytearray())  # nothing to register
+            await b.aclose()
+            with pytest.raises(BackendClosedError):
+                await b.register_host_memory(bytearray(16))
+
+    @pytest.mark.asyncio
     async def test_device_buffers(self, backend: StorageBackend) -> None:
         torch = _import_torch()
         if not torch.cuda.is_available():

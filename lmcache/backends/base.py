@@ -452,6 +452,7 @@ class StorageBackend(ABC):
         self._open_lock: asyncio.Lock | None = None
         self.counters = BackendCounters()
         self._logged_errors: set[str] = set()
+        self._host_memory: list[memoryview] = []  # see register_host_memory
 
     # -- construction and identity -----------------------------------------------------------
 
@@ -501,6 +502,8 @@ class StorageBackend(ABC):
             if self._state is _State.NEW:
                 await self._open()
                 self._state = _State.OPEN
+                for view in list(self._host_memory):
+                    await self._apply_host_memory(view)
             elif self._state is _State.CLOSED:
                 raise BackendClosedError(f"{self!r} is closed; create a new backend instead")
 
@@ -527,6 +530,58 @@ class StorageBackend(ABC):
     async def _ensure_open(self) -> None:
         if self._state is not _State.OPEN:
             await self.open()
+
+    # -- long-lived host memory --------------------------------------------------------------
+
+    async def register_host_memory(self, buffer: Any) -> None:
+        """Declare host memory that later srcs and dsts will be views of (a hint; optional).
+
+        Backends that must register memory before moving it (``nixl://`` registers with NIXL,
+        which pins it for RDMA) then do that once for the whole buffer instead of on every
+        call. Typical use: an engine's staging pool. Calls may still pass any buffer; buffers
+        outside registered memory are handled per call. The caller keeps ``buffer`` allocated,
+        at the same address, until :meth:`unregister_host_memory` or :meth:`aclose`; rule 3 is
+        unchanged (a call borrows its views only for its duration). Before :meth:`open` the
+        registration is recorded and applied when the backend opens. The default does nothing
+        beyond recording it.
+
+        Raises:
+            InvalidBufferError: ``buffer`` is not a contiguous host buffer.
+            BackendClosedError: The backend was closed.
+        """
+        view = as_readable(buffer)
+        if self._state is _State.CLOSED:
+            raise BackendClosedError(f"{self!r} is closed; create a new backend instead")
+        if not view.nbytes or any(_same_memory(view, v) for v in self._host_memory):
+            return
+        self._host_memory.append(view)
+        if self._state is _State.OPEN:
+            await self._apply_host_memory(view)
+
+    async def unregister_host_memory(self, buffer: Any) -> None:
+        """Undo :meth:`register_host_memory` for the same buffer (unknown buffers are ignored).
+
+        No call using views of ``buffer`` may be in flight.
+
+        Raises:
+            InvalidBufferError: ``buffer`` is not a contiguous host buffer.
+        """
+        view = as_readable(buffer)
+        for i, known in enumerate(self._host_memory):
+            if _same_memory(view, known):
+                del self._host_memory[i]
+                if self._state is _State.OPEN:
+                    try:
+                        await self._unregister_host_memory(known)
+                    except Exception as exc:  # the memory stays usable; only the hint is gone
+                        self.log_once("unregister_host_memory", "%r: unregistering host memory failed: %s", self, exc)
+                return
+
+    async def _apply_host_memory(self, view: memoryview) -> None:
+        try:
+            await self._register_host_memory(view)
+        except Exception as exc:  # a hint: calls still work, with per-call registration
+            self.log_once("register_host_memory", "%r: registering host memory failed: %s", self, exc)
 
     # -- operations --------------------------------------------------------------------------
 
@@ -715,6 +770,12 @@ class StorageBackend(ABC):
     async def _ping(self) -> None:  # noqa: B027 - optional hook
         """Raise a BackendError if unhealthy."""
 
+    async def _register_host_memory(self, view: memoryview) -> None:  # noqa: B027 - optional hook
+        """Prepare ``view`` (long-lived host memory) for fast transfers; see :meth:`register_host_memory`."""
+
+    async def _unregister_host_memory(self, view: memoryview) -> None:  # noqa: B027 - optional hook
+        """Undo :meth:`_register_host_memory`; no call using ``view`` is in flight."""
+
     def _extra_stats(self) -> dict[str, Any]:
         return {}
 
@@ -743,6 +804,15 @@ class StorageBackend(ABC):
 
     @abstractmethod
     async def _delete(self, keys: list[CacheKey]) -> None: ...
+
+
+def _same_memory(a: memoryview, b: memoryview) -> bool:
+    """Whether two flat byte views cover exactly the same memory."""
+    if a.nbytes != b.nbytes:
+        return False
+    import numpy as np
+
+    return bool(np.frombuffer(a, dtype=np.uint8).ctypes.data == np.frombuffer(b, dtype=np.uint8).ctypes.data)
 
 
 def _check_keys(keys: Sequence[CacheKey]) -> list[CacheKey]:

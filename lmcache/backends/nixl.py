@@ -93,6 +93,7 @@ import importlib
 import itertools
 import logging
 import os
+import queue
 import secrets
 import struct
 import threading
@@ -153,7 +154,9 @@ logger = logging.getLogger(__name__)
 
 _FRAME_ALIGN = 64
 #: Bytes of payload per transfer of a put or a get (see NixlBackend._write_values/_read_values).
-_GROUP_BYTES = 16 << 20
+_GROUP_BYTES = 32 << 20
+#: Bytes of one slab of the registered arena that holds a batch's frame headers.
+_HEADER_SLAB = 64 << 10
 #: Poll timeout of a NIXL progress thread, in microseconds (see _hook_poll_timeout).
 PROGRESS_POLL_US = 100_000
 _STATUS = struct.Struct("<BQ")
@@ -616,6 +619,9 @@ class NixlBackend(StorageBackend):
         self.settings = settings
         self._executor: ThreadPoolExecutor | None = None
         self._lane: ThreadPoolExecutor | None = None  # see _LaneBatch; None with several UCX workers
+        # (start, end, NIXL registration) of long-lived memory: register_host_memory, header slabs
+        self._host_regs: tuple[tuple[int, int, Any], ...] = ()
+        self._slabs: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
         self._agent: Any = None
         self._remote: str | None = None
         self._pool_addr = 0
@@ -678,6 +684,12 @@ class NixlBackend(StorageBackend):
             self._agent = await run_blocking(
                 self._executor, _make_agent, name, ["UCX"], s.progress_thread, s.ucx_workers
             )
+            # Frame headers of concurrent batches go into slabs of one arena registered once.
+            slabs = s.workers + 1
+            arena = np.empty(slabs * _HEADER_SLAB, dtype=np.uint8)
+            await self._register_host_memory(memoryview(arena))
+            for i in range(slabs):
+                self._slabs.put(arena[i * _HEADER_SLAB : (i + 1) * _HEADER_SLAB])
             await self._connect()
         except BaseException:
             await self._close()
@@ -955,7 +967,16 @@ class NixlBackend(StorageBackend):
         checksums the next; with several workers each group is posted here after its checksum.
         Checksumming the whole batch after posting it read every byte from memory twice.
         """
-        headers = np.empty(max(sum(hlens), 1), dtype=np.uint8)
+        headers, slab = self._headers(sum(hlens))
+        try:
+            self._write_groups(keys, srcs, hlens, offsets, headers)
+        finally:
+            if slab is not None:
+                self._slabs.put(slab)  # every transfer reading it is done
+
+    def _write_groups(
+        self, keys: list[CacheKey], srcs: list[memoryview], hlens: list[int], offsets: list[int], headers: np.ndarray
+    ) -> None:
         haddr = _addr(headers)
         pool = self._pool_addr
         regions = [(haddr, headers.nbytes, 0)] + [(_addr(s), s.nbytes, 0) for s in srcs if s.nbytes]
@@ -1040,7 +1061,16 @@ class NixlBackend(StorageBackend):
         the lane, 2 MiB values, 1 GiB rounds: gets at 0.66-0.76 of the raw SDK with one value
         per transfer, 0.77-0.86 with 16 MiB groups).
         """
-        headers = np.empty(max(sum(h for *_, h, _n in hits), 1), dtype=np.uint8)
+        headers, slab = self._headers(sum(h for *_, h, _n in hits))
+        try:
+            return self._read_groups(hits, headers)
+        finally:
+            if slab is not None:
+                self._slabs.put(slab)  # every transfer writing it is done
+
+    def _read_groups(
+        self, hits: list[tuple[CacheKey, memoryview, int, int, int]], headers: np.ndarray
+    ) -> list[int | IntegrityError]:
         haddr = _addr(headers)
         pool = self._pool_addr
         regions = [(haddr, headers.nbytes, 0)] + [(_addr(dst), n, 0) for _k, dst, _o, _h, n in hits if n]
@@ -1085,8 +1115,57 @@ class NixlBackend(StorageBackend):
         batch.close()
         return out
 
+    # -- long-lived memory ----------------------------------------------------------------------
+
+    def _nixl_thread(self) -> ThreadPoolExecutor | None:
+        return self._lane or self._executor
+
+    def _register_region(self, addr: int, nbytes: int) -> Any:
+        try:
+            return self._agent.register_memory([(addr, nbytes, 0, "")], "DRAM")
+        except Exception as exc:
+            raise BackendUnavailableError(
+                f"NIXL: registering {nbytes} bytes of DRAM failed: {type(exc).__name__}: {exc}"
+            ) from None
+
+    async def _register_host_memory(self, view: memoryview) -> None:
+        addr, nbytes = _addr(view), view.nbytes
+        reg = await run_blocking(self._nixl_thread(), self._register_region, addr, nbytes)
+        self._host_regs = (*self._host_regs, (addr, addr + nbytes, reg))  # replaced whole: batch threads read it
+
+    async def _unregister_host_memory(self, view: memoryview) -> None:
+        addr, end = _addr(view), _addr(view) + view.nbytes
+        for entry in self._host_regs:
+            if entry[0] == addr and entry[1] == end:
+                self._host_regs = tuple(e for e in self._host_regs if e is not entry)
+                # On the lane, this follows every transfer already queued.
+                await run_blocking(self._nixl_thread(), self._agent.deregister_memory, entry[2])
+                return
+
+    def _headers(self, nbytes: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """A buffer for ``nbytes`` of frame headers, and the registered slab it is in (if any).
+
+        A slab is used when one is free and big enough; give it back with ``_slabs.put`` once
+        every transfer of the batch is done. Otherwise the buffer is a new array, registered with
+        the batch.
+        """
+        if nbytes <= _HEADER_SLAB:
+            try:
+                slab = self._slabs.get_nowait()
+            except queue.Empty:
+                pass
+            else:
+                return slab[: max(nbytes, 1)], slab
+        return np.empty(max(nbytes, 1), dtype=np.uint8), None
+
     def _batch(self, regions: list[tuple[int, int, int]]) -> _DirectBatch | _LaneBatch:
-        """The NIXL calls of one batch: queued on the lane (one UCX worker), else made here."""
+        """The NIXL calls of one batch: queued on the lane (one UCX worker), else made here.
+
+        Regions inside long-lived registered memory are not registered again.
+        """
+        regs = self._host_regs
+        if regs:
+            regions = [r for r in regions if not any(s <= r[0] and r[0] + r[1] <= e for s, e, _ in regs)]
         if self._lane is not None:
             return _LaneBatch(self._lane, self._agent, self._post, regions, self.settings.timeout)
         return _DirectBatch(self._agent, self._post, regions, self.settings.timeout)

@@ -30,9 +30,9 @@ import pytest
 from lmcache_conformance import BackendTests
 from servers import ServerProcess, free_port, run_pytest_in_netns, start_process, unshare_works
 
+from lmcache.backends import nixl as nixl_module
 from lmcache.backends.base import PutStatus, StorageBackend
 from lmcache.backends.file import FileBackend
-from lmcache.backends import nixl as nixl_module
 from lmcache.backends.nixl import NixlBackend, NixlPosixBackend
 from lmcache.backends.nixl_peer import (
     HEAD,
@@ -49,6 +49,7 @@ from lmcache.backends.nixl_peer import (
 from lmcache.backends.registry import open_backend
 from lmcache.errors import BackendUnavailableError, ConfigError
 from lmcache.keys import CacheKey
+from lmcache.serde import frame
 
 MiB = 1 << 20
 NETNS_ENV = "LMCACHE_TEST_NIXL_NETNS"
@@ -507,6 +508,60 @@ if IN_NETNS and _nixl_missing() is None:
             for d_batch, v_batch in zip(dsts, values, strict=True):
                 assert all(d.tobytes() == v for d, v in zip(d_batch, v_batch, strict=True))
             await nx.delete([k for batch in batches for k in batch])
+
+    @pytest.mark.timeout(HANG_GUARD)
+    @pytest.mark.parametrize("query", ["", "?ucx_workers=4"], ids=["lane", "direct"])
+    async def test_registered_host_memory_is_not_registered_again_per_call(
+        nixl_peer: ServerProcess, monkeypatch: pytest.MonkeyPatch, query: str
+    ) -> None:
+        """Views of registered host memory (and the frame headers) need no per-call registration."""
+        n = MiB + 3
+        pool = np.zeros(4 * n, dtype=np.uint8)
+        keys = [make_key(1000 + i) for i in range(4)]
+        values = [os.urandom(n) for _ in keys]
+        async with open_backend(f"nixl://127.0.0.1:{nixl_peer.port}{query}") as b:
+            assert isinstance(b, NixlBackend)
+            await b.register_host_memory(pool)
+            calls: list[object] = []
+            real = b._agent.register_memory
+
+            def counting(*args: object, **kwargs: object) -> object:
+                calls.append(args)
+                return real(*args, **kwargs)
+
+            monkeypatch.setattr(b._agent, "register_memory", counting)
+            views = [pool[i * n : (i + 1) * n] for i in range(4)]
+            for view, value in zip(views, values, strict=True):
+                view[:] = np.frombuffer(value, dtype=np.uint8)
+            assert all(r.ok for r in await b.put(keys, views))
+            pool[:] = 0
+            assert await b.get_into(keys, views) == [n] * 4
+            assert [v.tobytes() for v in views] == values
+            assert calls == [], "registered memory and header slabs were registered again"
+            dst = bytearray(n)  # outside the registered memory: registered for its call
+            assert await b.get_into(keys[:1], [dst]) == [n] and bytes(dst) == values[0]
+            assert len(calls) == 1
+            await b.unregister_host_memory(pool)
+            pool[:] = 0
+            assert await b.get_into(keys, views) == [n] * 4
+            assert [v.tobytes() for v in views] == values
+            assert len(calls) == 2, "unregistered memory is registered per call again"
+            await b.delete(keys)
+
+    @pytest.mark.timeout(HANG_GUARD)
+    async def test_a_batch_whose_headers_outgrow_a_slab_round_trips(nixl_peer: ServerProcess) -> None:
+        """Frame headers beyond one registered slab go into a buffer registered for the call."""
+        keys = [make_key(2000 + i) for i in range(700)]
+        values = [os.urandom(i % 97) for i in range(700)]
+        async with open_backend(f"nixl://127.0.0.1:{nixl_peer.port}") as b:
+            assert isinstance(b, NixlBackend)
+            hlen = len(frame.encode_header(keys[0], memoryview(values[0]), alignment=nixl_module._FRAME_ALIGN))
+            assert hlen * len(keys) > nixl_module._HEADER_SLAB, "the batch must not fit one slab"
+            assert all(r.ok for r in await b.put(keys, values))
+            dsts = [bytearray(97) for _ in keys]
+            assert await b.get_into(keys, dsts) == [len(v) for v in values]
+            assert all(bytes(d[: len(v)]) == v for d, v in zip(dsts, values, strict=True))
+            await b.delete(keys)
 
     class _FailSecondPost:
         """Fault injection: the batch's second transfer fails to post, the others go through."""

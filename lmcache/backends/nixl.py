@@ -34,48 +34,57 @@ agent configured like the backend's. Setup: 2 MiB values, batches of 16, 4 in fl
 VM, UCX over loopback in a private network namespace; UCX moves the bytes with CMA
 (``process_vm_readv``/``writev``), so every transfer is a copy by the host CPU, done when posted.)
 
-* Four runs of each, median of five rounds each, ratio to the same run's raw SDK:
+* Ratio to the same run's raw SDK, median of five rounds, 1 GiB rounds (``--total 1GiB``), three
+  runs each, interleaved with the previous design (threads posting into the agent directly, 4
+  MiB groups, per-call registration):
 
-  ============================================  ==============  ==============  ===========
-  configuration                                 put             get             backend GB/s
-  ============================================  ==============  ==============  ===========
-  defaults                                      0.83-0.89       0.65-0.76       5.2-6.8
-  peer ``--prefault``                           0.85-0.91       0.79-0.90       5.5-6.7
-  ``ucx_workers=8``                             0.67-0.80       0.65-0.72       8.4-9.2
-  ``ucx_workers=8``, peer ``--prefault``        0.73-0.81       0.73-0.77       8.2-9.3
-  ============================================  ==============  ==============  ===========
+  ====================================  ===========  ===========  ===========  ===========
+  configuration                         put          get          put before   get before
+  ====================================  ===========  ===========  ===========  ===========
+  peer ``--prefault``                   0.91-0.97    0.86-1.02    0.89-0.91    0.87-0.90
+  default peer                          0.90-0.98    0.83-0.91    0.80-0.88    0.73-0.76
+  ====================================  ===========  ===========  ===========  ===========
 
-* With 1 GiB rounds (``--total 1GiB``, 2 runs each), where filling and draining the pipeline
-  weighs less: puts 0.89-0.93, gets 0.76-0.84 (backend ~7.0-7.4 GB/s both ways). Batches of 64
-  changed nothing.
-* With one UCX worker the agent holds its lock for a whole CPU copy, so copies run one at a
-  time (~1 core). ``ucx_workers`` > 1 runs them in parallel: the backend is ~40% faster, and
-  the raw SDK gains more. With both cores copying, everything the backend does besides the
-  copy (checksums, control round trips, the peer's Python) takes CPU from the copies; even
-  without checksums the backend made only ~9.3-10.5 GB/s there.
-* Checksums cost less than they used to: hashing a just-copied 4 MiB group runs at ~50-70
-  GB/s, though it still slows the copy running beside it (by ~10% in a micro-benchmark).
-  Skipping the get's verification for a measurement (1 GiB rounds) moved gets only from
-  0.76-0.84 to 0.83-0.85. The rest of the get's gap to a raw READ (the raw SDK reads ~15%
-  faster than it writes here; the backend does both at the same speed) was not found: not
-  the number of transfers per batch, not registration (~5-10 us), not batch size.
-* Values move in ~4 MiB groups (:data:`_GROUP_BYTES`). A put checksums a group and then posts
-  it, header and payload in one transfer, so the copy reads sources the checksum left in the
-  cache. A get verifies each group as soon as its transfer is done; with CMA that is while
-  its bytes are still cached. Hashing a whole batch after one transfer read 32 MiB back from
-  memory (put 0.66-0.81, get 0.58-0.74). A put's commit is not waited for (the peer handles a
-  connection's messages in order).
+  The backend's gets went from ~6.2-6.9 to ~7.0-8.1 GB/s. With the default 256 MiB rounds,
+  where filling and draining the pipeline weighs more: puts 0.74-0.89, gets 0.73-0.95 (the
+  higher ends with ``--prefault``). ``ucx_workers=8``: puts 0.66-0.77, gets 0.64-0.77 (backend
+  ~8.4-9.0 GB/s against a raw ~10-14). The raw SDK's reads of a pool the peer did not prefault
+  are often ~10% faster than of a prefaulted one (no huge pages either way); the backend's
+  are not, so the get ratio is lower there. Why was not found.
+* **The lane.** With one UCX worker (the default) the agent serializes its calls and holds its
+  lock for a whole CPU copy. Executor threads posting into it handed the lock over after every
+  transfer, and each handover waited for a sleeping thread, while verifying between transfers
+  left the copier idle. One lane thread (:class:`_LaneBatch`) now makes every NIXL call of
+  the data path in order; callers checksum and verify on the other cores while it copies.
+  What remains between its copies is per-transfer overhead (~50-100 us of descriptor lists,
+  ``createXferReq`` and release) and, when all batches in flight are being verified or looked
+  up at once, ~1 ms stalls.
+* **Registered memory.** Registering a batch's buffers cost 10-40 us alone but 100 us to 1.4
+  ms on the lane amid the copies (and it serialized with them). Callers declare long-lived
+  memory once with :meth:`~lmcache.backends.base.StorageBackend.register_host_memory` (the
+  engine's chunk pool, the benchmark's arrays); frame headers go into slabs of one registered
+  arena. Buffers outside registered memory are still registered per call.
+* Values move in groups of ~:data:`_GROUP_BYTES` (16 MiB) of payload, one transfer each
+  (header and payload descriptors together). A put checksums a group and posts it; the lane
+  copies it while the next group is checksummed. A get queues its whole batch and verifies
+  each group as its transfer finishes. 32 MiB groups (one per batch) and 8 MiB were within
+  noise of 16; one 2 MiB value per transfer was ~10% slower.
+* Checksums are verified end to end, on the other core, mostly from the cache (xxh3 runs at
+  ~90-130 GB/s on cached data, ~28 GB/s from memory); it still slows the copy beside it a
+  little (the lane copied ~6% faster with verification switched off for a measurement).
+  Letting the peer check them instead was measured no better (one more pass over memory).
 * Progress threads (the peer's always, a client's with ``progress_thread=true``) sleep until
   UCX has an event: NIXL's Python API makes them poll without pause, and an idle peer took a
   whole core. The peer's pool is on huge pages where the kernel gives them; ``--prefault``
-  populates it at start, otherwise each first write into a page takes a fault (a first fill
-  ran at ~0.3 GB/s on 4 KiB pages).
-* Letting the peer take and check the checksums instead was tried and measured no better (same
-  total CPU, one more pass over memory), so checksums stay end to end.
+  populates it at start (recommended for a dedicated peer), otherwise each first write into a
+  page takes a fault (a first fill ran at ~0.3 GB/s on 4 KiB pages).
+* Over UCX/TCP (``UCX_TLS=tcp,self``, transfers not done when posted, polled by the caller)
+  the lane works unchanged: puts 0.82-1.0, gets 0.92-0.97 in one run each.
 
 Every NIXL call (agent creation, registration, transfers, polling) runs on the backend's own
-bounded executor (``workers`` threads), never on the event loop. SDK failures are mapped to
-:class:`~lmcache.errors.BackendUnavailableError` / :class:`~lmcache.errors.BackendTimeoutError`.
+bounded executor (``workers`` threads) or its lane thread, never on the event loop. SDK
+failures are mapped to :class:`~lmcache.errors.BackendUnavailableError` /
+:class:`~lmcache.errors.BackendTimeoutError`.
 
 Install: ``pip install 'lmcache[nixl]'`` (``nixl-cu12``; the import name ``nixl`` comes from
 ``pip install --no-deps nixl``, or ``nixl_cu12`` is used directly). UCX reads its configuration
@@ -154,7 +163,7 @@ logger = logging.getLogger(__name__)
 
 _FRAME_ALIGN = 64
 #: Bytes of payload per transfer of a put or a get (see NixlBackend._write_values/_read_values).
-_GROUP_BYTES = 32 << 20
+_GROUP_BYTES = 16 << 20
 #: Bytes of one slab of the registered arena that holds a batch's frame headers.
 _HEADER_SLAB = 64 << 10
 #: Poll timeout of a NIXL progress thread, in microseconds (see _hook_poll_timeout).
@@ -591,10 +600,11 @@ class NixlSettings:
     ucx_workers: int = setting(
         1,
         doc="UCX workers of the agent. 1: the agent runs one call at a time, so transfers the host CPU copies "
-        "(UCX over CMA on one host, or TCP) run one after another. More: transfers from different executor "
-        "threads run in parallel (NIXL maps each thread to a worker by a hash of its id, so give a few more "
-        "than workers). Same-host CMA, 2 cores: ~6.5 -> ~9 GB/s; the raw SDK gains more, as everything besides "
-        "the copies (checksums, control messages) then takes CPU from them. No effect on what a NIC moves.",
+        "(UCX over CMA on one host, or TCP) run one after another, all made by one lane thread. More: transfers "
+        "from different executor threads run in parallel (NIXL maps each thread to a worker by a hash of its id, "
+        "so give a few more than workers). Same-host CMA, 2 cores: ~7-8 -> ~8.5-9 GB/s; the raw SDK gains more, "
+        "as everything besides the copies (checksums, control messages) then takes CPU from them. No effect on "
+        "what a NIC moves.",
         min=1,
         max=64,
     )

@@ -513,6 +513,7 @@ class StorageBackend(ABC):
             return
         was_open = self._state is _State.OPEN
         self._state = _State.CLOSED
+        self._host_memory = []  # drop the references to the callers' buffers
         if was_open:
             await self._close()
 

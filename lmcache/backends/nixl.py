@@ -1173,12 +1173,17 @@ class NixlBackend(StorageBackend):
 
         Regions inside long-lived registered memory are not registered again.
         """
+        agent, lane = self._agent, self._lane
+        if agent is None:
+            raise BackendUnavailableError("nixl://: the backend was closed")
         regs = self._host_regs
         if regs:
             regions = [r for r in regions if not any(s <= r[0] and r[0] + r[1] <= e for s, e, _ in regs)]
-        if self._lane is not None:
-            return _LaneBatch(self._lane, self._agent, self._post, regions, self.settings.timeout)
-        return _DirectBatch(self._agent, self._post, regions, self.settings.timeout)
+        if lane is not None:
+            return _LaneBatch(lane, agent, self._post, regions, self.settings.timeout)
+        if self.settings.ucx_workers <= 1:  # the lane is gone: closing
+            raise BackendUnavailableError("nixl://: the backend was closed")
+        return _DirectBatch(agent, self._post, regions, self.settings.timeout)
 
     def _post(self, op: str, local: list[tuple[int, int, int]], remote: list[tuple[int, int, int]]) -> _Xfer | None:
         return _post(

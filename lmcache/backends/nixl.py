@@ -410,24 +410,33 @@ def _transfer(
     _wait(agent, handle, timeout)
 
 
-@contextlib.contextmanager
-def _registered(agent: Any, regions: list[tuple[int, int, int]], mem_type: str) -> Iterator[None]:
-    """Register ``(addr, len, dev)`` regions (deduplicated) for the duration of the block."""
+def _register(agent: Any, regions: list[tuple[int, int, int]], mem_type: str) -> Any:
+    """Register ``(addr, len, dev)`` regions (deduplicated, empty ones skipped); None if none.
+
+    Raises:
+        BackendUnavailableError: NIXL refused.
+    """
     unique = sorted({r for r in regions if r[1] > 0})
     if not unique:
-        yield
-        return
+        return None
     try:
-        reg = agent.register_memory([(a, n, d, "") for a, n, d in unique], mem_type)
+        return agent.register_memory([(a, n, d, "") for a, n, d in unique], mem_type)
     except Exception as exc:
         raise BackendUnavailableError(
             f"NIXL: registering {mem_type} memory failed: {type(exc).__name__}: {exc}"
         ) from None
+
+
+@contextlib.contextmanager
+def _registered(agent: Any, regions: list[tuple[int, int, int]], mem_type: str) -> Iterator[None]:
+    """Register ``(addr, len, dev)`` regions (deduplicated) for the duration of the block."""
+    reg = _register(agent, regions, mem_type)
     try:
         yield
     finally:
-        with contextlib.suppress(Exception):
-            agent.deregister_memory(reg)
+        if reg is not None:
+            with contextlib.suppress(Exception):
+                agent.deregister_memory(reg)
 
 
 #: Posts one transfer of a batch: ``(op, local, remote)`` regions, see :func:`_post`.
@@ -488,12 +497,6 @@ class _LaneBatch:
 
     queued: ClassVar[bool] = True  # post() only queues the transfer
 
-    def _submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
-        try:
-            return self._lane.submit(fn, *args)
-        except RuntimeError:  # shut down: the backend is closing
-            raise BackendUnavailableError("nixl://: the backend was closed") from None
-
     def __init__(
         self,
         lane: ThreadPoolExecutor,
@@ -509,15 +512,20 @@ class _LaneBatch:
         self._reg: Any = None
         self._failed: BackendError | None = None
         self._futures: list[Future[_Xfer | None] | None] = []
-        unique = sorted({(a, n, d, "") for a, n, d in regions if n > 0})
-        if unique:
-            self._submit(self._register, unique)
+        if any(n > 0 for _a, n, _d in regions):
+            self._submit(self._register, regions)
 
-    def _register(self, regions: list[tuple[int, int, int, str]]) -> None:
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         try:
-            self._reg = self._agent.register_memory(regions, "DRAM")
-        except Exception as exc:
-            self._failed = BackendUnavailableError(f"NIXL: registering DRAM memory failed: {type(exc).__name__}: {exc}")
+            return self._lane.submit(fn, *args)
+        except RuntimeError:  # shut down: the backend is closing
+            raise BackendUnavailableError("nixl://: the backend was closed") from None
+
+    def _register(self, regions: list[tuple[int, int, int]]) -> None:
+        try:
+            self._reg = _register(self._agent, regions, "DRAM")
+        except BackendError as exc:
+            self._failed = exc  # the batch's transfers fail with it
 
     def _deregister(self) -> None:
         if self._reg is not None:
@@ -977,12 +985,8 @@ class NixlBackend(StorageBackend):
         checksums the next; with several workers each group is posted here after its checksum.
         Checksumming the whole batch after posting it read every byte from memory twice.
         """
-        headers, slab = self._headers(sum(hlens))
-        try:
+        with self._header_buffer(sum(hlens)) as headers:
             self._write_groups(keys, srcs, hlens, offsets, headers)
-        finally:
-            if slab is not None:
-                self._slabs.put(slab)  # every transfer reading it is done
 
     def _write_groups(
         self, keys: list[CacheKey], srcs: list[memoryview], hlens: list[int], offsets: list[int], headers: np.ndarray
@@ -1071,12 +1075,8 @@ class NixlBackend(StorageBackend):
         the lane, 2 MiB values, 1 GiB rounds: gets at 0.66-0.76 of the raw SDK with one value
         per transfer, 0.77-0.86 with 16 MiB groups).
         """
-        headers, slab = self._headers(sum(h for *_, h, _n in hits))
-        try:
+        with self._header_buffer(sum(h for *_, h, _n in hits)) as headers:
             return self._read_groups(hits, headers)
-        finally:
-            if slab is not None:
-                self._slabs.put(slab)  # every transfer writing it is done
 
     def _read_groups(
         self, hits: list[tuple[CacheKey, memoryview, int, int, int]], headers: np.ndarray
@@ -1130,17 +1130,9 @@ class NixlBackend(StorageBackend):
     def _nixl_thread(self) -> ThreadPoolExecutor | None:
         return self._lane or self._executor
 
-    def _register_region(self, addr: int, nbytes: int) -> Any:
-        try:
-            return self._agent.register_memory([(addr, nbytes, 0, "")], "DRAM")
-        except Exception as exc:
-            raise BackendUnavailableError(
-                f"NIXL: registering {nbytes} bytes of DRAM failed: {type(exc).__name__}: {exc}"
-            ) from None
-
     async def _register_host_memory(self, view: memoryview) -> None:
         addr, nbytes = _addr(view), view.nbytes
-        reg = await run_blocking(self._nixl_thread(), self._register_region, addr, nbytes)
+        reg = await run_blocking(self._nixl_thread(), _register, self._agent, [(addr, nbytes, 0)], "DRAM")
         self._host_regs = (*self._host_regs, (addr, addr + nbytes, reg))  # replaced whole: batch threads read it
 
     async def _unregister_host_memory(self, view: memoryview) -> None:
@@ -1152,21 +1144,22 @@ class NixlBackend(StorageBackend):
                 await run_blocking(self._nixl_thread(), self._agent.deregister_memory, entry[2])
                 return
 
-    def _headers(self, nbytes: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """A buffer for ``nbytes`` of frame headers, and the registered slab it is in (if any).
+    @contextlib.contextmanager
+    def _header_buffer(self, nbytes: int) -> Iterator[np.ndarray]:
+        """A buffer for ``nbytes`` of a batch's frame headers, held until every transfer is done.
 
-        A slab is used when one is free and big enough; give it back with ``_slabs.put`` once
-        every transfer of the batch is done. Otherwise the buffer is a new array, registered with
-        the batch.
+        A free registered slab when one is big enough; otherwise a new array, which the batch
+        registers with its other buffers.
         """
+        slab: np.ndarray | None = None
         if nbytes <= _HEADER_SLAB:
-            try:
+            with contextlib.suppress(queue.Empty):
                 slab = self._slabs.get_nowait()
-            except queue.Empty:
-                pass
-            else:
-                return slab[: max(nbytes, 1)], slab
-        return np.empty(max(nbytes, 1), dtype=np.uint8), None
+        try:
+            yield np.empty(max(nbytes, 1), dtype=np.uint8) if slab is None else slab[: max(nbytes, 1)]
+        finally:
+            if slab is not None:
+                self._slabs.put(slab)
 
     def _batch(self, regions: list[tuple[int, int, int]]) -> _DirectBatch | _LaneBatch:
         """The NIXL calls of one batch: queued on the lane (one UCX worker), else made here.

@@ -509,7 +509,9 @@ def _map_pool(capacity: int, prefault: bool) -> mmap.mmap:
     pool ran at ~0.3 GB/s here, against ~5 GB/s once mapped), so ``prefault`` populates it all
     now: it commits the whole capacity as resident memory.
     """
-    pool_map = mmap.mmap(-1, max(capacity, mmap.PAGESIZE))
+    # Private: the default (shared) anonymous mapping is shmem, which gets no transparent huge
+    # pages unless shmem THP is enabled, and UCX's CMA copies pin every 4 KiB page of it.
+    pool_map = mmap.mmap(-1, max(capacity, mmap.PAGESIZE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         with contextlib.suppress(OSError):
             pool_map.madvise(mmap.MADV_HUGEPAGE)

@@ -25,6 +25,7 @@ __all__ = ["WORKLOADS", "positive_int", "size_arg"]
 #: ``bench`` subcommand name → module implementing it (imported when the CLI parser is built).
 WORKLOADS: dict[str, str] = {
     "backend": "lmcache.bench.backend",
+    "host": "lmcache.bench.host",
     "keys": "lmcache.bench.keys",
     "kernels": "lmcache.bench.kernels",
     "long-doc-qa": "lmcache.bench.long_doc_qa",

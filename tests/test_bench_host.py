@@ -1,0 +1,100 @@
+"""``lmcache bench host``: the copy vs copy + checksum ceiling, on tiny sizes through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from lmcache.bench import host
+from lmcache.errors import ConfigError
+
+ROWS = {"copy", "checksum", "copy_then_check", "check_then_copy", "fused"}
+
+
+def test_bench_host_reports_every_row_against_the_copy() -> None:
+    result = host.bench_host(size=4 << 20, group=1 << 20, repeat=2)
+    assert result["workload"] == "host"
+    assert set(result["gbps"]) == ROWS
+    assert all(len(result["seconds"][name]) == 2 for name in ROWS)  # the warm-up round is dropped
+    assert all(result["gbps"][name] > 0 for name in ROWS)
+    assert result["ratio_vs_copy"]["copy"] == pytest.approx(1.0)
+    for name in ROWS:
+        assert result["ratio_vs_copy"][name] == pytest.approx(result["gbps"][name] / result["gbps"]["copy"])
+
+
+def test_group_larger_than_size_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="larger than --size"):
+        host.bench_host(size=1 << 20, group=2 << 20, repeat=1)
+
+
+@pytest.mark.parametrize("first_in_helper", [False, True])
+def test_pipeline_runs_second_after_first_for_every_group(first_in_helper: bool) -> None:
+    groups = [(i * 10, 10) for i in range(50)]
+    done_first: set[tuple[int, int]] = set()
+    order: list[tuple[int, int]] = []
+    threads: dict[str, set[int]] = {"first": set(), "second": set()}
+
+    def first(off: int, n: int) -> None:
+        threads["first"].add(threading.get_ident())
+        done_first.add((off, n))
+
+    def second(off: int, n: int) -> None:
+        threads["second"].add(threading.get_ident())
+        assert (off, n) in done_first  # never before its first step
+        order.append((off, n))
+
+    host._pipelined(groups, first, second, first_in_helper=first_in_helper)
+    assert order == groups
+    assert len(threads["first"]) == len(threads["second"]) == 1
+    assert threads["first"] != threads["second"]
+    main = threading.get_ident()
+    assert (main in threads["second"]) is first_in_helper
+
+
+@pytest.mark.parametrize("first_in_helper", [False, True])
+def test_pipeline_failure_in_the_helper_reaches_the_caller(first_in_helper: bool) -> None:
+    def boom(off: int, n: int) -> None:
+        if off == 30:
+            raise ValueError("step failed")
+
+    def fine(off: int, n: int) -> None:
+        pass
+
+    steps = (boom, fine) if first_in_helper else (fine, boom)
+    with pytest.raises(ValueError, match="step failed"):
+        host._pipelined([(i * 10, 10) for i in range(10)], *steps, first_in_helper=first_in_helper)
+
+
+def test_cli_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "host.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmcache", "bench", "host", "--size", "2MiB", "--group", "512KiB", "--repeat", "1"]
+        + ["--json", str(out)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "copy, then check (get)" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["params"] == {"size": 2 << 20, "group": 512 << 10, "repeat": 1, "cpus": data["params"]["cpus"]}
+    assert set(data["ratio_vs_copy"]) == ROWS
+    assert data["machine"]["cpu_count"] >= 1
+
+
+def test_cli_rejects_a_bad_size() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmcache", "bench", "host", "--size", "lots"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "--size" in proc.stderr and "Traceback" not in proc.stderr

@@ -72,9 +72,9 @@ def test_pipeline_failure_in_the_helper_reaches_the_caller(first_in_helper: bool
 
 def test_cli_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "host.json"
+    args = ["bench", "host", "--size", "2MiB", "--group", "512KiB", "--repeat", "1", "--json", str(out)]
     proc = subprocess.run(
-        [sys.executable, "-m", "lmcache", "bench", "host", "--size", "2MiB", "--group", "512KiB", "--repeat", "1"]
-        + ["--json", str(out)],
+        [sys.executable, "-m", "lmcache", *args],
         check=False,
         capture_output=True,
         text=True,

@@ -34,31 +34,44 @@ agent configured like the backend's. Setup: 2 MiB values, batches of 16, 4 in fl
 VM, UCX over loopback in a private network namespace; UCX moves the bytes with CMA
 (``process_vm_readv``/``writev``), so every transfer is a copy by the host CPU, done when posted.)
 
-* Ratio to the same run's raw SDK, median of five rounds, 1 GiB rounds (``--total 1GiB``), three
-  runs each, interleaved with the previous design (threads posting into the agent directly, 4
-  MiB groups, per-call registration):
+* Ratio to the same run's raw SDK (median of five rounds, 1 GiB rounds, ``--total 1GiB``), three
+  runs each, interleaved with the peer as it was before its pool was mapped private (shared
+  anonymous memory is shmem: 4 KiB pages, no THP):
 
-  ====================================  ===========  ===========  ===========  ===========
-  configuration                         put          get          put before   get before
-  ====================================  ===========  ===========  ===========  ===========
-  peer ``--prefault``                   0.91-0.97    0.86-1.02    0.89-0.91    0.87-0.90
-  default peer                          0.90-0.98    0.83-0.91    0.80-0.88    0.73-0.76
-  ====================================  ===========  ===========  ===========  ===========
+  ===================  ===========  ===========  ==================  ==================
+  peer                 put          get          backend GB/s        raw SDK GB/s
+  ===================  ===========  ===========  ==================  ==================
+  default (THP)        0.77-0.83    0.67-0.73    put 8.7-9.9,        put 10.4-12.3,
+                                                 get 9.6-11.6        get 13.8-15.9
+  ``--prefault``       0.66-0.83    0.67-0.72    put 7.5-9.4,        put 11.3-11.5,
+                                                 get 9.4-10.9        get 14.1-15.3
+  before: 4 KiB shmem  0.83-0.90    0.79-0.86    put 6.3-6.4,        put 7.0-7.7,
+                                                 get 6.5-7.5         get 8.2-8.7
+  ===================  ===========  ===========  ==================  ==================
 
-  The backend's gets went from ~6.2-6.9 to ~7.0-8.1 GB/s. With the default 256 MiB rounds,
-  where filling and draining the pipeline weighs more: puts 0.74-0.89, gets 0.73-0.95 (the
-  higher ends with ``--prefault``). ``ucx_workers=8``: puts 0.66-0.77, gets 0.64-0.77 (backend
-  ~8.4-9.0 GB/s against a raw ~10-14). The raw SDK's reads of a pool the peer did not prefault
-  are often ~10% faster than of a prefaulted one (no huge pages either way); the backend's
-  are not, so the get ratio is lower there. Why was not found.
+  Huge pages made the backend ~1.45x faster and the raw SDK ~1.6-1.8x: the copy now runs at memory
+  speed, where the checksum pass (below) costs the most. Default 256 MiB rounds: puts
+  0.64-0.74, gets 0.61-0.65 (0.78-0.83 / 0.75-0.82 before). ``ucx_workers=8`` (two cores
+  copying): backend put 12.4-13.5, get 13.0-13.6 GB/s, the fastest configuration here, but
+  against a raw 22-27 GB/s (0.48-0.61).
+* **The ceiling.** Every put checksums and every get verifies the whole payload (DESIGN.md §3
+  rule 8), one more pass over memory than the raw SDK makes. ``lmcache bench host`` measures
+  what that costs with no store involved: on this VM a copy with a second thread checking each
+  group as it lands runs at 0.76-0.82 of the bare copy (a put's check-then-copy 0.76-0.78).
+  Gets at 0.67-0.73 of the raw SDK are therefore ~0.9 of what any verifying client can reach
+  here; 0.9 of the raw SDK is out of reach while the raw copy runs at memory speed. The rest
+  is the lane's per-transfer calls: with verification switched off for a measurement, gets ran
+  at 0.89 of the raw SDK in one run.
 * **The lane.** With one UCX worker (the default) the agent serializes its calls and holds its
   lock for a whole CPU copy. Executor threads posting into it handed the lock over after every
   transfer, and each handover waited for a sleeping thread, while verifying between transfers
   left the copier idle. One lane thread (:class:`_LaneBatch`) now makes every NIXL call of
   the data path in order; callers checksum and verify on the other cores while it copies.
-  What remains between its copies is per-transfer overhead (~50-100 us of descriptor lists,
-  ``createXferReq`` and release) and, when all batches in flight are being verified or looked
-  up at once, ~1 ms stalls.
+  The lane is busy ~95% of a phase; what remains between its copies is per-transfer overhead
+  (~20-30 us to dispatch a call, ``createXferReq`` at a median ~20-35 us but a 90th percentile
+  of ~0.4-0.5 ms amid the other threads' work) and short stalls while all batches in flight are
+  being verified or looked up. Calling ``createXferReq`` from the callers instead was no
+  better: it waits for the agent's lock, which the lane holds for each copy.
 * **Registered memory.** Registering a batch's buffers cost 10-40 us alone but 100 us to 1.4
   ms on the lane amid the copies (and it serialized with them). Callers declare long-lived
   memory once with :meth:`~lmcache.backends.base.StorageBackend.register_host_memory` (the
@@ -69,17 +82,22 @@ VM, UCX over loopback in a private network namespace; UCX moves the bytes with C
   copies it while the next group is checksummed. A get queues its whole batch and verifies
   each group as its transfer finishes. 32 MiB groups (one per batch) and 8 MiB were within
   noise of 16; one 2 MiB value per transfer was ~10% slower.
-* Checksums are verified end to end, on the other core, mostly from the cache (xxh3 runs at
-  ~90-130 GB/s on cached data, ~28 GB/s from memory); it still slows the copy beside it a
-  little (the lane copied ~6% faster with verification switched off for a measurement).
-  Letting the peer check them instead was measured no better (one more pass over memory).
+* Checksums are verified end to end, on the other core (xxh3 runs at ~33 GB/s from memory
+  here). In a simulation without NIXL (a memmove thread and a hashing thread), checking each
+  2-32 MiB group as it landed, its values in either order, slowed the copy about as much
+  (to 0.72-0.8): on this VM a second pass over the same bytes contends for memory whether it
+  reads from the cache or not. Letting the peer check them instead was
+  measured no better (one more pass over memory, on the same memory bus).
 * Progress threads (the peer's always, a client's with ``progress_thread=true``) sleep until
   UCX has an event: NIXL's Python API makes them poll without pause, and an idle peer took a
-  whole core. The peer's pool is on huge pages where the kernel gives them; ``--prefault``
-  populates it at start (recommended for a dedicated peer), otherwise each first write into a
-  page takes a fault (a first fill ran at ~0.3 GB/s on 4 KiB pages).
+  whole core. The peer's pool is private anonymous memory with ``MADV_HUGEPAGE``, so it gets
+  transparent huge pages where ``/sys/kernel/mm/transparent_hugepage/enabled`` allows madvise.
+  ``--prefault`` populates it at start (recommended for a dedicated peer; ~2.3 s per GiB here,
+  compaction included); otherwise each first write into a page takes a fault, and a first fill
+  ran at ~0.4 GB/s.
 * Over UCX/TCP (``UCX_TLS=tcp,self``, transfers not done when posted, polled by the caller)
-  the lane works unchanged: puts 0.82-1.0, gets 0.92-0.97 in one run each.
+  the lane works unchanged: put 0.99, get 1.00 with ``progress_thread=true`` (3.3 and 1.1
+  GB/s; TCP is the bottleneck).
 
 Every NIXL call (agent creation, registration, transfers, polling) runs on the backend's own
 bounded executor (``workers`` threads) or its lane thread, never on the event loop. SDK

@@ -505,9 +505,9 @@ _MISS = _HIT.pack(0, 0, 0, 0, 0)
 def _map_pool(capacity: int, prefault: bool) -> mmap.mmap:
     """The pool: private anonymous memory, on huge pages where the kernel gives them (best effort).
 
-    Transfers into pages never touched take a page fault each (a first fill ran at
-    ~0.3-0.4 GB/s here, with or without huge pages, against ~10-12 GB/s once mapped), so ``prefault`` populates it all
-    now: it commits the whole capacity as resident memory.
+    Transfers into pages never touched take a page fault each (a first fill ran at ~0.3-0.4
+    GB/s here, with or without huge pages, against ~10-12 GB/s once mapped), so ``prefault``
+    populates it all now: it commits the whole capacity as resident memory.
     """
     # Private: the default (shared) anonymous mapping is shmem, which gets no transparent huge
     # pages unless shmem THP is enabled, and UCX's CMA copies pin every 4 KiB page of it.

@@ -68,8 +68,8 @@ VM, UCX over loopback in a private network namespace; UCX moves the bytes with C
   left the copier idle. One lane thread (:class:`_LaneBatch`) now makes every NIXL call of
   the data path in order; callers checksum and verify on the other cores while it copies.
   The lane is busy ~95% of a phase; what remains between its copies is per-transfer overhead
-  (~20-30 us to dispatch a call, ``createXferReq`` at a median ~20-35 us but a 90th percentile
-  of ~0.4-0.5 ms amid the other threads' work) and short stalls while all batches in flight are
+  (~20-30 us to dispatch a call, ``createXferReq`` at a median ~17-36 us but a 90th percentile
+  of ~0.35-0.5 ms amid the other threads' work) and short stalls while all batches in flight are
   being verified or looked up. Calling ``createXferReq`` from the callers instead was no
   better: it waits for the agent's lock, which the lane holds for each copy.
 * **Registered memory.** Registering a batch's buffers cost 10-40 us alone but 100 us to 1.4

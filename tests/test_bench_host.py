@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lmcache.bench import host
@@ -25,6 +27,42 @@ def test_bench_host_reports_every_row_against_the_copy() -> None:
     assert result["ratio_vs_copy"]["copy"] == pytest.approx(1.0)
     for name in ROWS:
         assert result["ratio_vs_copy"][name] == pytest.approx(result["gbps"][name] / result["gbps"]["copy"])
+
+
+def test_cma_rows_compare_against_the_bare_cma_copies() -> None:
+    result = host.bench_host(size=4 << 20, group=1 << 20, repeat=2)
+    cma = result["cma"]
+    if "skipped" in cma:  # only where the kernel refuses cross-memory attach
+        pytest.skip(cma["skipped"])
+    rows = {"cma_read", "cma_read_then_check", "cma_write", "check_then_cma_write"}
+    assert set(cma["gbps"]) == rows
+    assert all(cma["gbps"][name] > 0 and len(cma["seconds"][name]) == 2 for name in rows)
+    g, ratios = cma["gbps"], cma["ratio_vs_cma"]
+    assert ratios["cma_read_then_check"] == pytest.approx(g["cma_read_then_check"] / g["cma_read"])
+    assert ratios["check_then_cma_write"] == pytest.approx(g["check_then_cma_write"] / g["cma_write"])
+
+
+def test_no_cma_leaves_the_rows_out() -> None:
+    assert "cma" not in host.bench_host(size=1 << 20, group=1 << 20, repeat=1, cma=False)
+
+
+def test_other_process_memory_really_moves_bytes_and_goes_away() -> None:
+    try:
+        read, write = host._cma_call("process_vm_readv"), host._cma_call("process_vm_writev")
+    except OSError as exc:
+        pytest.skip(str(exc))
+    size = (4 << 20) + 4096  # more than one CMA step, and a partial last one
+    src = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
+    back = np.zeros(size, dtype=np.uint8)
+    with host._other_process_memory(size) as (pid, remote):
+        assert pid != os.getpid()
+        write(pid, src.ctypes.data, remote, size)
+        read(pid, back.ctypes.data, remote, size)
+        with pytest.raises(OSError):  # past the child's mapping: the kernel refuses, we raise
+            read(pid, back.ctypes.data, remote + size + (1 << 30), 4096)
+    assert np.array_equal(src, back)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # the child exited and was reaped
 
 
 def test_group_larger_than_size_is_a_config_error() -> None:
@@ -82,6 +120,7 @@ def test_cli_writes_json(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "copy, then check (get)" in proc.stdout
+    assert "CMA read, then check (get)" in proc.stdout or "no CMA rows" in proc.stdout
     data = json.loads(out.read_text())
     assert data["params"] == {"size": 2 << 20, "group": 512 << 10, "repeat": 1, "cpus": data["params"]["cpus"]}
     assert set(data["ratio_vs_copy"]) == ROWS

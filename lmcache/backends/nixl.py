@@ -56,12 +56,14 @@ VM, UCX over loopback in a private network namespace; UCX moves the bytes with C
   against a raw 22-27 GB/s (0.48-0.61).
 * **The ceiling.** Every put checksums and every get verifies the whole payload (DESIGN.md §3
   rule 8), one more pass over memory than the raw SDK makes. ``lmcache bench host`` measures
-  what that costs with no store involved: on this VM a copy with a second thread checking each
-  group as it lands runs at 0.76-0.82 of the bare copy (a put's check-then-copy 0.76-0.78).
-  Gets at 0.67-0.73 of the raw SDK are therefore ~0.9 of what any verifying client can reach
-  here; 0.9 of the raw SDK is out of reach while the raw copy runs at memory speed. The rest
-  is the lane's per-transfer calls: with verification switched off for a measurement, gets ran
-  at 0.89 of the raw SDK in one run.
+  what that costs with no store and no NIXL involved: ``process_vm_readv`` of 2 MiB steps from
+  another process's huge-page memory (what UCX does here) with a second thread checking each
+  16 MiB group as it lands runs at 0.78-0.79 of the bare reads; checking first, then
+  ``process_vm_writev``, at 0.79-0.88 of the bare writes (memmove in place of CMA: 0.72-0.82).
+  Gets at 0.67-0.73 of the raw SDK are therefore at ~0.85-0.95 of what any verifying client
+  can reach here, puts at ~0.9-1.0; 0.9 of the raw SDK is out of reach while its copy runs at
+  memory speed. The rest is the lane's per-transfer calls: with verification switched off for
+  a measurement, gets ran at 0.89 of the raw SDK in one run.
 * **The lane.** With one UCX worker (the default) the agent serializes its calls and holds its
   lock for a whole CPU copy. Executor threads posting into it handed the lock over after every
   transfer, and each handover waited for a sleeping thread, while verifying between transfers

@@ -14,11 +14,16 @@ This workload measures that ceiling on the host itself, with no store involved:
   thread hashes each group once it has landed;
 * ``check, then copy`` (a put): a second thread hashes each group, then the first copies it;
 * ``fused``: :func:`lmcache.serde.frame.copy_with_checksum`, each 256 KiB step copied, then
-  hashed while in L2 (only possible where lmcache makes the copy itself).
+  hashed while in L2 (only possible where lmcache makes the copy itself);
+* the ``cma`` rows (Linux): the same get and put, with the copy made as UCX makes it on one
+  host, by ``process_vm_readv``/``writev`` of 2 MiB steps to and from the memory of a child
+  process (private, huge-page advised, populated, like the NIXL peer's pool), each against the
+  bare CMA copy. ``--no-cma`` skips them; where the kernel refuses (ptrace restrictions) the
+  JSON says why.
 
 A verifying backend cannot reach a higher ratio to a raw copy than the pipelined rows' ratio to
-``copy``, whatever it does besides. The two threads are pinned to different CPUs where the host
-has two. Medians of ``--repeat`` rounds.
+their bare copy, whatever it does besides (for ``nixl://`` on one host: the ``cma`` rows). The
+two threads are pinned to different CPUs where the host has two. Medians of ``--repeat`` rounds.
 """
 
 from __future__ import annotations
@@ -27,8 +32,11 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import logging
 import os
 import queue
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -42,6 +50,8 @@ from lmcache.errors import ConfigError
 from lmcache.serde import frame
 
 __all__ = ["DESCRIPTION", "add_parser", "bench_host", "print_summary", "run_cli"]
+
+logger = logging.getLogger(__name__)
 
 DESCRIPTION = "memory copy vs copy + checksum on this host: the ceiling for a verifying backend"
 
@@ -118,16 +128,111 @@ def _pipelined(
         raise failure[0]
 
 
-def bench_host(*, size: int = 1 << 30, group: int = 16 << 20, repeat: int = 7) -> dict[str, Any]:
+#: The other process of the CMA rows: a private, huge-page-advised, populated mapping like the
+#: NIXL peer's pool; it prints its address and holds the mapping until its stdin closes.
+_HOLDER = """
+import ctypes, mmap, sys
+n = int(sys.argv[1])
+m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+try:
+    m.madvise(mmap.MADV_HUGEPAGE)
+except (AttributeError, OSError):
+    pass
+try:
+    m.madvise(23)  # MADV_POPULATE_WRITE
+except OSError:
+    for i in range(0, n, 4096):
+        m[i] = 0
+print(ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)
+sys.stdin.read()
+"""
+
+#: Bytes per CMA call: one value of ``lmcache bench backend``'s default size, as UCX makes one
+#: ``process_vm_readv``/``writev`` per descriptor.
+_CMA_STEP = 2 << 20
+
+
+class _IOVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def _other_process_memory(size: int) -> Iterator[tuple[int, int]]:
+    """``(pid, address)`` of ``size`` bytes held by a child process for the block."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(size)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.strip().isdigit():
+            raise OSError(f"the memory-holding child process failed (exit status {proc.wait(10)})")
+        yield proc.pid, int(line)
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _cma_call(name: str) -> Callable[[int, int, int, int], None]:
+    """``move(pid, local, remote, n)`` through ``process_vm_readv``/``writev``, ``_CMA_STEP`` per call.
+
+    Raises:
+        OSError: Not Linux, or the kernel refused (e.g. ptrace restrictions).
+    """
+    if not sys.platform.startswith("linux"):
+        raise OSError("cross-memory attach (process_vm_readv) is Linux-only")
+    fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+    fn.restype = ctypes.c_ssize_t
+    vec = ctypes.POINTER(_IOVec)
+    fn.argtypes = [ctypes.c_int, vec, ctypes.c_ulong, vec, ctypes.c_ulong, ctypes.c_ulong]
+
+    def move(pid: int, local: int, remote: int, n: int) -> None:
+        for off in range(0, n, _CMA_STEP):
+            step = min(_CMA_STEP, n - off)
+            lv, rv = _IOVec(local + off, step), _IOVec(remote + off, step)
+            if fn(pid, ctypes.byref(lv), 1, ctypes.byref(rv), 1, 0) != step:
+                err = ctypes.get_errno()
+                raise OSError(err, f"{name}: {os.strerror(err)}")
+
+    return move
+
+
+def _timed_rounds(runs: dict[str, Callable[[], Any]], repeat: int) -> dict[str, list[float]]:
+    """Seconds of each run per round, rows interleaved; the first round warms up and is dropped."""
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeat + 1):
+        for name, run in runs.items():
+            gc.collect()
+            gc.disable()
+            try:
+                t0 = time.perf_counter()
+                run()
+                seconds[name].append(time.perf_counter() - t0)
+            finally:
+                gc.enable()
+    return {name: times[1:] for name, times in seconds.items()}
+
+
+def bench_host(*, size: int = 1 << 30, group: int = 16 << 20, repeat: int = 7, cma: bool = True) -> dict[str, Any]:
     """Time a copy, a checksum, and the two pipelined together, on ``size`` bytes.
 
     Args:
-        size: Bytes per round (source and destination each take this much memory).
+        size: Bytes per round (source and destination each take this much memory, and as much
+            again in a child process for the CMA rows).
         group: Bytes per step of the pipelined rows (``nixl://`` moves 16 MiB per transfer).
         repeat: Rounds; medians are reported.
+        cma: Also time the same with the copy made by ``process_vm_readv``/``writev`` to and from
+            another process's memory (UCX's same-host path); skipped, with the reason recorded,
+            where the kernel does not allow it.
 
     Returns:
-        A JSON-ready dict: params, per-round seconds, medians, GB/s and each row's ratio to ``copy``.
+        A JSON-ready dict: params, per-round seconds, medians, GB/s, each row's ratio to
+        ``copy`` and, under ``cma``, the CMA rows and their ratios to the bare CMA copies.
 
     Raises:
         ConfigError: ``group`` is larger than ``size``.
@@ -160,35 +265,81 @@ def bench_host(*, size: int = 1 << 30, group: int = 16 << 20, repeat: int = 7) -
 
         return run
 
-    runs: dict[str, Callable[[], None]] = {
+    runs: dict[str, Callable[[], Any]] = {
         "copy": serial(copy),
         "checksum": serial(check_dst),
         "copy_then_check": lambda: _pipelined(groups, copy, check_dst, first_in_helper=False),
         "check_then_copy": lambda: _pipelined(groups, check_src, copy, first_in_helper=True),
         "fused": lambda: frame.copy_with_checksum(dst, src),
     }
-    seconds: dict[str, list[float]] = {name: [] for name in _ROWS}
-    for _ in range(repeat + 1):  # the first round warms up and is dropped
-        for name in _ROWS:
-            gc.collect()
-            gc.disable()
-            try:
-                t0 = time.perf_counter()
-                runs[name]()
-                seconds[name].append(time.perf_counter() - t0)
-            finally:
-                gc.enable()
-    for name in _ROWS:
-        seconds[name] = seconds[name][1:]
+    seconds = _timed_rounds(runs, repeat)
     med = {name: report.median(seconds[name]) for name in _ROWS}
     gbps = {name: size / s / 1e9 if s else None for name, s in med.items()}
-    return {
+    result: dict[str, Any] = {
         "workload": "host",
         "params": {"size": size, "group": group, "repeat": repeat, "cpus": list(_cpus())},
         "seconds": seconds,
         "median_s": med,
         "gbps": gbps,
         "ratio_vs_copy": {name: report.ratio(gbps[name], gbps["copy"]) for name in _ROWS},
+    }
+    if cma:
+        result["cma"] = _bench_cma(
+            size=size,
+            groups=groups,
+            dst=dst,
+            src=src,
+            check_dst=check_dst,
+            check_src=check_src,
+            serial=serial,
+            repeat=repeat,
+        )
+    return result
+
+
+def _bench_cma(
+    *,
+    size: int,
+    groups: list[tuple[int, int]],
+    dst: np.ndarray,
+    src: np.ndarray,
+    check_dst: Callable[[int, int], None],
+    check_src: Callable[[int, int], None],
+    serial: Callable[[Callable[[int, int], Any]], Callable[[], None]],
+    repeat: int,
+) -> dict[str, Any]:
+    """The CMA rows: reads into ``dst`` and writes from ``src`` against a child's memory."""
+    try:
+        read, write = _cma_call("process_vm_readv"), _cma_call("process_vm_writev")
+        with _other_process_memory(size) as (pid, remote):
+            read(pid, dst.ctypes.data, remote, min(size, 4096))  # a refusal shows here, untimed
+
+            def cma_read(off: int, n: int) -> None:
+                read(pid, dst.ctypes.data + off, remote + off, n)
+
+            def cma_write(off: int, n: int) -> None:
+                write(pid, src.ctypes.data + off, remote + off, n)
+
+            runs: dict[str, Callable[[], Any]] = {
+                "cma_read": serial(cma_read),
+                "cma_read_then_check": lambda: _pipelined(groups, cma_read, check_dst, first_in_helper=False),
+                "cma_write": serial(cma_write),
+                "check_then_cma_write": lambda: _pipelined(groups, check_src, cma_write, first_in_helper=True),
+            }
+            seconds = _timed_rounds(runs, repeat)
+    except OSError as exc:
+        logger.info("bench host: no CMA rows: %s", exc)
+        return {"skipped": str(exc)}
+    med = {name: report.median(times) for name, times in seconds.items()}
+    gbps = {name: size / s / 1e9 if s else None for name, s in med.items()}
+    return {
+        "seconds": seconds,
+        "median_s": med,
+        "gbps": gbps,
+        "ratio_vs_cma": {
+            "cma_read_then_check": report.ratio(gbps["cma_read_then_check"], gbps["cma_read"]),
+            "check_then_cma_write": report.ratio(gbps["check_then_cma_write"], gbps["cma_write"]),
+        },
     }
 
 
@@ -207,10 +358,22 @@ def print_summary(result: dict[str, Any]) -> None:
         "fused": "fused 256 KiB steps",
     }
     rows = [
-        [labels[name], result["gbps"][name], result["median_s"][name] * 1e3, result["ratio_vs_copy"][name]]
+        [labels[name], result["gbps"][name], result["median_s"][name] * 1e3, result["ratio_vs_copy"][name], "copy"]
         for name in _ROWS
     ]
-    print(report.render_table(["operation", "GB/s", "ms / round", "ratio vs copy"], rows, title=title))
+    c = result.get("cma")
+    if c and "gbps" in c:
+        for name, label, ref in (
+            ("cma_read", "CMA read from another process", None),
+            ("cma_read_then_check", "CMA read, then check (get)", "cma_read"),
+            ("cma_write", "CMA write to another process", None),
+            ("check_then_cma_write", "check, then CMA write (put)", "cma_write"),
+        ):
+            ratio = c["ratio_vs_cma"][name] if ref else 1.0
+            rows.append([label, c["gbps"][name], c["median_s"][name] * 1e3, ratio, ref or name])
+    print(report.render_table(["operation", "GB/s", "ms / round", "ratio", "vs"], rows, title=title))
+    if c and "skipped" in c:
+        print(f"no CMA rows: {c['skipped']}")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -219,13 +382,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--size", type=size_arg, default=1 << 30, help="bytes per round (default 1GiB; twice this is used)")
     p.add_argument("--group", type=size_arg, default=16 << 20, help="bytes per pipelined step (default 16MiB)")
     p.add_argument("--repeat", type=positive_int, default=7, help="rounds; the median is reported (default 7)")
+    p.add_argument("--no-cma", dest="cma", action="store_false", help="skip the rows against another process")
     p.add_argument("--json", dest="json_path", metavar="PATH", help="write results here (default bench-results/…)")
     return p
 
 
 def run_cli(args: argparse.Namespace) -> int:
     """Run ``bench host`` from parsed arguments."""
-    result = bench_host(size=args.size, group=args.group, repeat=args.repeat)
+    result = bench_host(size=args.size, group=args.group, repeat=args.repeat, cma=args.cma)
     result["machine"] = report.machine_info()
     print_summary(result)
     path = report.write_json(args.json_path or report.default_json_path("host", format_size(args.size)), result)

@@ -195,9 +195,12 @@ def _cma_call(name: str) -> Callable[[int, int, int, int], None]:
         for off in range(0, n, _CMA_STEP):
             step = min(_CMA_STEP, n - off)
             lv, rv = _IOVec(local + off, step), _IOVec(remote + off, step)
-            if fn(pid, ctypes.byref(lv), 1, ctypes.byref(rv), 1, 0) != step:
+            moved = fn(pid, ctypes.byref(lv), 1, ctypes.byref(rv), 1, 0)
+            if moved < 0:
                 err = ctypes.get_errno()
                 raise OSError(err, f"{name}: {os.strerror(err)}")
+            if moved != step:
+                raise OSError(f"{name}: moved {moved} of {step} bytes")
 
     return move
 

@@ -49,8 +49,8 @@ VM, UCX over loopback in a private network namespace; UCX moves the bytes with C
                                                  get 6.5-7.5         get 8.2-8.7
   ===================  ===========  ===========  ==================  ==================
 
-  Huge pages made the backend ~1.45x faster and the raw SDK ~1.6-1.8x: the copy now runs at memory
-  speed, where the checksum pass (below) costs the most. Default 256 MiB rounds: puts
+  Huge pages made the backend ~1.45x faster and the raw SDK ~1.6-1.8x: the copy now runs at
+  memory speed, where the checksum pass (below) costs the most. Default 256 MiB rounds: puts
   0.64-0.74, gets 0.61-0.65 (0.78-0.83 / 0.75-0.82 before). ``ucx_workers=8`` (two cores
   copying): backend put 12.4-13.5, get 13.0-13.6 GB/s, the fastest configuration here, but
   against a raw 22-27 GB/s (0.48-0.61).
@@ -88,15 +88,16 @@ VM, UCX over loopback in a private network namespace; UCX moves the bytes with C
   here). In a simulation without NIXL (a memmove thread and a hashing thread), checking each
   2-32 MiB group as it landed, its values in either order, slowed the copy about as much
   (to 0.72-0.8): on this VM a second pass over the same bytes contends for memory whether it
-  reads from the cache or not. Letting the peer check them instead was
-  measured no better (one more pass over memory, on the same memory bus).
+  reads from the cache or not. Letting the peer check them instead was measured no better
+  (one more pass over memory, on the same memory bus).
 * Progress threads (the peer's always, a client's with ``progress_thread=true``) sleep until
   UCX has an event: NIXL's Python API makes them poll without pause, and an idle peer took a
   whole core. The peer's pool is private anonymous memory with ``MADV_HUGEPAGE``, so it gets
   transparent huge pages where ``/sys/kernel/mm/transparent_hugepage/enabled`` allows madvise.
-  ``--prefault`` populates it at start (recommended for a dedicated peer; ~2.3 s per GiB here,
-  compaction included); otherwise each first write into a page takes a fault, and a first fill
-  ran at ~0.4 GB/s.
+  ``--prefault`` populates it at start (recommended for a dedicated peer; ~2.3 s per GiB on
+  this VM, where a fresh huge page is slow to touch the first time, with no compaction
+  involved); otherwise each first write into a page takes a fault, and a first fill ran at
+  ~0.4 GB/s.
 * Over UCX/TCP (``UCX_TLS=tcp,self``, transfers not done when posted, polled by the caller)
   the lane works unchanged: put 0.99, get 1.00 with ``progress_thread=true`` (3.3 and 1.1
   GB/s; TCP is the bottleneck).

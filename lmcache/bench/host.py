@@ -382,7 +382,12 @@ def print_summary(result: dict[str, Any]) -> None:
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``bench host`` on the ``bench`` subparsers."""
     p = subparsers.add_parser("host", help=DESCRIPTION, description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", type=size_arg, default=1 << 30, help="bytes per round (default 1GiB; three times this is held, twice without the CMA rows)")
+    p.add_argument(
+        "--size",
+        type=size_arg,
+        default=1 << 30,
+        help="bytes per round (default 1GiB; three times this is held, twice without the CMA rows)",
+    )
     p.add_argument("--group", type=size_arg, default=16 << 20, help="bytes per pipelined step (default 16MiB)")
     p.add_argument("--repeat", type=positive_int, default=7, help="rounds; the median is reported (default 7)")
     p.add_argument("--no-cma", dest="cma", action="store_false", help="skip the rows against another process")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import random
 import shutil
 import signal
 import socket
@@ -61,8 +62,35 @@ REDIS_HINT = "install redis-server (apt-get install -y redis-server) or set LMCA
 # Generic process handling
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out for ``bind(0)`` and outgoing connections."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_HANDED_OUT: set[int] = set()  # ports free_port returned in this process
+
+
 def free_port(also_free: Callable[[int], bool] | None = None) -> int:
-    """A TCP port on 127.0.0.1 that is free now (and for which ``also_free(port)`` holds)."""
+    """A TCP port on 127.0.0.1 that is free now (and for which ``also_free(port)`` holds).
+
+    Drawn below the kernel's ephemeral range where there is room: a port from that range can be
+    handed to some other socket (UCX opens listeners on ``bind(0)``) between this check and the
+    server's own bind, and the server then fails while something else answers on its port.
+    """
+    low = _ephemeral_low()
+    if low > 11_000:
+        rng = random.Random()
+        for _ in range(200):
+            port = rng.randrange(10_000, low)
+            if port in _HANDED_OUT:  # e.g. three ports asked for before any is bound
+                continue
+            if port_is_free(port) and (also_free is None or also_free(port)):
+                _HANDED_OUT.add(port)
+                return port
     for _ in range(200):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("127.0.0.1", 0))

@@ -51,9 +51,9 @@ VM, UCX over loopback in a private network namespace; UCX moves the bytes with C
 
   Huge pages made the backend ~1.45x faster and the raw SDK ~1.6-1.8x: the copy now runs at
   memory speed, where the checksum pass (below) costs the most. Default 256 MiB rounds: puts
-  0.64-0.74, gets 0.61-0.65 (0.78-0.83 / 0.75-0.82 before). ``ucx_workers=8`` (two cores
-  copying): backend put 12.4-13.5, get 13.0-13.6 GB/s, the fastest configuration here, but
-  against a raw 22-27 GB/s (0.48-0.61).
+  0.64-0.74, gets 0.61-0.65 (0.78-0.83 / 0.75-0.82 before). ``ucx_workers=4`` or ``8`` (two
+  cores copying): backend put 12.1-13.5, get 11.9-13.6 GB/s over four runs, the fastest
+  configuration here, but against a raw 18.6-27 GB/s (0.48-0.66).
 * **The ceiling.** Every put checksums and every get verifies the whole payload (DESIGN.md §3
   rule 8), one more pass over memory than the raw SDK makes. ``lmcache bench host`` measures
   what that costs with no store and no NIXL involved: ``process_vm_readv`` of 2 MiB steps from
@@ -631,8 +631,8 @@ class NixlSettings:
         doc="UCX workers of the agent. 1: the agent runs one call at a time, so transfers the host CPU copies "
         "(UCX over CMA on one host, or TCP) run one after another, all made by one lane thread. More: transfers "
         "from different executor threads run in parallel (NIXL maps each thread to a worker by a hash of its id, "
-        "so give a few more than workers). Same-host CMA, 2 cores, 8 workers: gets ~10-11.5 -> ~13-13.6 GB/s, "
-        "puts ~9-10 -> ~12.4-13.5; the raw SDK gains more (~15 -> ~26 GB/s gets), as the checksums and control "
+        "so give a few more than workers). Same-host CMA, 2 cores, 4-8 workers: puts ~9-10 -> ~12-13.5 GB/s, gets "
+        "~10-11.5 -> ~12-13.6; the raw SDK gains more (gets ~15 -> ~19-27 GB/s), as the checksums and control "
         "messages then take CPU and memory bandwidth from the copies. No effect on what a NIC moves.",
         min=1,
         max=64,

@@ -16,10 +16,10 @@ This workload measures that ceiling on the host itself, with no store involved:
 * ``fused``: :func:`lmcache.serde.frame.copy_with_checksum`, each 256 KiB step copied, then
   hashed while in L2 (only possible where lmcache makes the copy itself);
 * the ``cma`` rows (Linux): the same get and put, with the copy made as UCX makes it on one
-  host, by ``process_vm_readv``/``writev`` of 2 MiB steps to and from the memory of a child
-  process (private, huge-page advised, populated, like the NIXL peer's pool), each against the
-  bare CMA copy. ``--no-cma`` skips them; where the kernel refuses (ptrace restrictions) the
-  JSON says why.
+  host, by ``process_vm_readv``/``writev`` of 2 MiB steps to and from a child process holding
+  a pool mapped as the NIXL peer maps its own (private, huge-page advised, prefaulted), each
+  against the bare CMA copy. ``--no-cma`` skips them; where the kernel refuses (ptrace
+  restrictions) the JSON says why.
 
 A verifying backend cannot reach a higher ratio to a raw copy than the pipelined rows' ratio to
 their bare copy, whatever it does besides (for ``nixl://`` on one host: the ``cma`` rows). The
@@ -128,22 +128,13 @@ def _pipelined(
         raise failure[0]
 
 
-#: The other process of the CMA rows: a private, huge-page-advised, populated mapping like the
-#: NIXL peer's pool; it prints its address and holds the mapping until its stdin closes.
+#: The other process of the CMA rows: the NIXL peer's own pool mapping (private, huge-page
+#: advised, prefaulted); it prints the pool's address and holds it until its stdin closes.
 _HOLDER = """
-import ctypes, mmap, sys
-n = int(sys.argv[1])
-m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-try:
-    m.madvise(mmap.MADV_HUGEPAGE)
-except (AttributeError, OSError):
-    pass
-try:
-    m.madvise(23)  # MADV_POPULATE_WRITE
-except OSError:
-    for i in range(0, n, 4096):
-        m[i] = 0
-print(ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)
+import ctypes, sys
+from lmcache.backends.nixl_peer import _map_pool
+pool = _map_pool(int(sys.argv[1]), prefault=True)
+print(ctypes.addressof(ctypes.c_char.from_buffer(pool)), flush=True)
 sys.stdin.read()
 """
 
@@ -203,6 +194,12 @@ def _cma_call(name: str) -> Callable[[int, int, int, int], None]:
                 raise OSError(f"{name}: moved {moved} of {step} bytes")
 
     return move
+
+
+def _rates(size: int, seconds: dict[str, list[float]]) -> tuple[dict[str, float | None], dict[str, float | None]]:
+    """Median seconds and GB/s of each row, ``size`` bytes per round."""
+    med = {name: report.median(times) for name, times in seconds.items()}
+    return med, {name: size / s / 1e9 if s else None for name, s in med.items()}
 
 
 def _timed_rounds(runs: dict[str, Callable[[], Any]], repeat: int) -> dict[str, list[float]]:
@@ -276,8 +273,7 @@ def bench_host(*, size: int = 1 << 30, group: int = 16 << 20, repeat: int = 7, c
         "fused": lambda: frame.copy_with_checksum(dst, src),
     }
     seconds = _timed_rounds(runs, repeat)
-    med = {name: report.median(seconds[name]) for name in _ROWS}
-    gbps = {name: size / s / 1e9 if s else None for name, s in med.items()}
+    med, gbps = _rates(size, seconds)
     result: dict[str, Any] = {
         "workload": "host",
         "params": {"size": size, "group": group, "repeat": repeat, "cpus": list(_cpus())},
@@ -333,8 +329,7 @@ def _bench_cma(
     except OSError as exc:
         logger.info("bench host: no CMA rows: %s", exc)
         return {"skipped": str(exc)}
-    med = {name: report.median(times) for name, times in seconds.items()}
-    gbps = {name: size / s / 1e9 if s else None for name, s in med.items()}
+    med, gbps = _rates(size, seconds)
     return {
         "seconds": seconds,
         "median_s": med,

@@ -63,7 +63,7 @@ VM, UCX over loopback in a private network namespace; UCX moves the bytes with C
   Gets at 0.67-0.73 of the raw SDK are therefore at ~0.85-0.95 of what any verifying client
   can reach here, puts at ~0.9-1.0. The ceiling moves with the VM host's memory traffic: an
   hour later the same rows read 0.97-1.0, and six runs, each next to a ``bench host`` run,
-  gave puts 0.90-0.94 and gets 0.78-0.90 where the ceiling was ~0.98, puts 0.80-0.94 and
+  gave puts 0.90-0.91 and gets 0.78-0.90 where the ceiling was ~0.98, puts 0.80-0.94 and
   gets 0.70-0.77 where it was 0.81-0.85. The rest is the lane's per-transfer calls: with
   verification switched off for a measurement, gets ran at 0.89 of the raw SDK in one run.
 * **The lane.** With one UCX worker (the default) the agent serializes its calls and holds its

@@ -290,6 +290,77 @@ async def test_in_process_result_counts_every_round() -> None:
     assert result["median"]["backend"]["get"]["gbps"] == sorted(measured)[1]
 
 
+async def test_checked_baseline_runs_beside_the_raw_one_and_rotates_the_order() -> None:
+    result = await run_backend_bench(tiny("memory://?capacity=1MiB", checked=True, repeat=3))
+    assert [r["order"] for r in result["rounds"]] == [
+        ["backend", "baseline", "checked"],
+        ["baseline", "checked", "backend"],
+        ["checked", "backend", "baseline"],
+    ]
+    assert result["checked_baseline"]["name"] == "memcpy+xxh3"
+    assert result["checked_baseline"]["raw"]["name"] == "memcpy"
+    assert result["params"]["checked"] is True
+    for op in ("put", "get"):
+        checked = result["median"]["checked"][op]["gbps"]
+        assert checked > 0
+        assert result["ratio"][f"{op}_gbps_checked_vs_raw"] == report.ratio(
+            checked, result["median"]["baseline"][op]["gbps"]
+        )
+        assert result["ratio"][f"{op}_gbps_vs_checked"] == report.ratio(
+            result["median"]["backend"][op]["gbps"], checked
+        )
+
+
+async def test_checked_baseline_without_a_raw_one_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match="--checked"):
+        await run_backend_bench(tiny("memory://?capacity=1MiB", checked=True, baseline="none"))
+    monkeypatch.setattr(bench_backend, "_BASELINES", {})
+    with pytest.raises(ConfigError, match="--checked"):
+        await run_backend_bench(tiny("memory://?capacity=1MiB", checked=True))
+
+
+async def test_checked_baseline_catches_bytes_that_changed_in_its_store() -> None:
+    w = bench_backend.Workload(4096, 4, 2)
+    inner = MemcpyBaseline(w)
+    checked = bench_backend.CheckedBaseline(inner, threads=2)
+    await checked.open()
+    try:
+        await checked.put_batch(range(0, 2), [w.srcs[0], w.srcs[1]])
+        assert await checked.get_batch(range(0, 2), [w.dsts[0], w.dsts[1]]) == [4096, 4096]
+        inner._pool[1, 100] ^= 0xFF  # damage the raw store's copy, behind the checked baseline's back
+        with pytest.raises(IntegrityError, match="slot 1 does not match"):
+            await checked.get_batch(range(0, 2), [w.dsts[0], w.dsts[1]])
+        await checked.end_round()  # forgets the round's checksums
+        with pytest.raises(IntegrityError, match="slot 0 does not match"):
+            await checked.get_batch(range(0, 1), [w.dsts[0]])
+    finally:
+        await checked.aclose()
+
+
+def test_cli_checked_adds_the_row_and_its_ratios(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    proc = run_cli(
+        "bench",
+        "backend",
+        "--url",
+        "memory://?capacity=4MiB",
+        *TINY,
+        "--checked",
+        "--keys-tokens",
+        "0",
+        "--json",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "vs checked" in proc.stdout and "memcpy+xxh3" in proc.stdout
+    lines = [ln.split() for ln in proc.stdout.splitlines() if ln.startswith(("put ", "get "))]
+    assert sorted((ln[0], ln[1]) for ln in lines) == sorted(
+        (op, s) for op in ("put", "get") for s in ("backend", "baseline", "checked")
+    )
+    data = json.loads(out.read_text())
+    assert data["median"]["checked"]["get"]["gbps"] > 0
+
+
 # ---------------------------------------------------------------------------------------------
 # The baseline registry
 

@@ -54,6 +54,11 @@ Other schemes register theirs lazily (``register_baseline(scheme, "module:make")
 redis-py pipelined SET/GET for the Redis schemes (``baselines_redis``), raw aioboto3 for ``s3``
 (``baselines_s3``), memcpy over shared memory or a raw socket for ``lm://`` (``baselines_lm``).
 Schemes without a baseline report the backend alone (ratio ``-``).
+
+``--checked`` adds a third system: a second instance of the raw baseline wrapped in
+:class:`CheckedBaseline`, which makes lmcache's integrity check around it (xxh3 of each source
+before a put, of what landed after a get, compared). Its ratio to the raw baseline is what the
+check alone costs on this host; the backend's ratio to it is what lmcache costs beyond the check.
 """
 
 from __future__ import annotations
@@ -88,6 +93,7 @@ from lmcache.bench import non_negative_int, positive_int, report, size_arg
 from lmcache.config import format_size
 from lmcache.errors import BackendError, CapacityError, ConfigError, IntegrityError
 from lmcache.keys import CacheKey
+from lmcache.serde import frame
 
 __all__ = [
     "DEFAULT_TOTAL",
@@ -135,6 +141,7 @@ class BenchParams:
     repeat: int = 5
     warmup: int = 1
     baseline: str = "auto"
+    checked: bool = False
     keys_tokens: int = 1_000_000
     seed: int = 0
     register_memory: bool = True
@@ -464,6 +471,66 @@ def _unlink_all(paths: Sequence[Path]) -> None:
             p.unlink()
 
 
+class CheckedBaseline(Baseline):
+    """The raw baseline plus lmcache's integrity check: xxh3 of each source before it moves, of what landed after.
+
+    What any client of the same SDK that checks what it moves does (DESIGN.md §3 rule 8): a put
+    hashes each value and keeps the checksum, then makes the raw put; a get makes the raw get,
+    then hashes what landed and compares it with the checksum kept at put time. The hashing runs
+    on ``threads`` threads (one per batch in flight), so one batch's pass over memory overlaps
+    other batches' transfers. Its ratio to the raw baseline in the same run is the share of the
+    raw throughput that a verifying client can keep on this host: where the transport copies
+    with the CPU at memory speed (NIXL over UCX/CMA on one host), the extra pass contends with
+    the copy for memory bandwidth.
+    """
+
+    name = "checked"
+
+    def __init__(self, inner: Baseline, threads: int) -> None:
+        self._inner = inner
+        self._threads = max(1, threads)
+        self._executor: ThreadPoolExecutor | None = None
+        self._sums: dict[int, int] = {}
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "name": f"{self._inner.name}+xxh3", "raw": self._inner.describe()}
+
+    async def open(self) -> None:
+        self._executor = ThreadPoolExecutor(self._threads, thread_name_prefix="lmcache-bench-check")
+        await self._inner.open()
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    async def end_round(self) -> None:
+        self._sums.clear()
+        await self._inner.end_round()
+
+    async def _hash(self, bufs: Sequence[np.ndarray]) -> list[int]:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, lambda: [frame.payload_checksum(b) for b in bufs]
+        )
+
+    async def put_batch(self, slots: range, srcs: Sequence[np.ndarray]) -> None:
+        sums = await self._hash(srcs)
+        await self._inner.put_batch(slots, srcs)
+        self._sums.update(zip(slots, sums, strict=True))
+
+    async def get_batch(self, slots: range, dsts: Sequence[np.ndarray]) -> list[int | None]:
+        got = await self._inner.get_batch(slots, dsts)
+        landed = [(s, d[:n]) for s, d, n in zip(slots, dsts, got, strict=True) if n is not None]
+        sums = await self._hash([d for _s, d in landed])
+        for (slot, _d), checksum in zip(landed, sums, strict=True):
+            if self._sums.get(slot) != checksum:
+                raise IntegrityError(f"checked baseline: slot {slot} does not match the checksum kept when it was put")
+        return got
+
+
 def _memory_baseline(backend: StorageBackend, workload: Workload) -> Baseline:
     return MemcpyBaseline(workload)
 
@@ -605,6 +672,13 @@ async def run_backend_bench(params: BenchParams) -> dict[str, Any]:
 
     workload = Workload(params.value_size, count, params.batch, params.concurrency, seed=params.seed)
     baseline = _make_baseline(scheme, backend, workload) if params.baseline == "auto" else None
+    baselines: dict[str, Baseline] = {} if baseline is None else {"baseline": baseline}
+    if params.checked:
+        # Its own instance of the raw baseline: stores may refuse a second put of a slot.
+        inner = _make_baseline(scheme, backend, workload) if baseline is not None else None
+        if inner is None:
+            raise ConfigError(f"--checked needs the raw baseline of {scheme}://, and this run has none")
+        baselines["checked"] = CheckedBaseline(inner, params.concurrency)
 
     rounds: list[dict[str, Any]] = []
     total_rounds = params.warmup + params.repeat
@@ -615,25 +689,27 @@ async def run_backend_bench(params: BenchParams) -> dict[str, Any]:
             # baselines register the same arrays once too.
             await backend.register_host_memory(workload.srcs)
             await backend.register_host_memory(workload.dsts)
-        if baseline is not None:
-            await baseline.open()
+        opened: list[Baseline] = []
         # Setup made many objects (torch alone brings ~10^6): a full cyclic-GC pass over them
         # took ~90 ms here, landing in whichever timed phase triggered it. Freeze them, as
         # serving engines do after start-up; both systems run under the same rule.
-        gc.collect()
-        gc.freeze()
         try:
+            for b in baselines.values():
+                await b.open()
+                opened.append(b)
+            gc.collect()
+            gc.freeze()
             for r in range(total_rounds):
-                rounds.append(await _one_round(r, r < params.warmup, backend, baseline, workload))
+                rounds.append(await _one_round(r, r < params.warmup, backend, baselines, workload))
                 logger.info("round %s/%s done", r + 1, total_rounds)
         finally:
             gc.unfreeze()
-            if baseline is not None:
-                await baseline.aclose()
+            for b in reversed(opened):
+                await b.aclose()
         stats = backend.stats()
 
     measured = [r for r in rounds if not r["warmup"]]
-    systems = ["backend"] + (["baseline"] if baseline is not None else [])
+    systems = ["backend", *baselines]
     medians: dict[str, dict[str, dict[str, float | None]]] = {}
     for system in systems:
         medians[system] = {}
@@ -649,6 +725,11 @@ async def run_backend_bench(params: BenchParams) -> dict[str, Any]:
         ratios[f"{op}_gbps"] = report.ratio(b["gbps"], base.get("gbps"))
         # Latency ratio > 1 means the backend is slower per batch than the baseline.
         ratios[f"{op}_p50_ms"] = report.ratio(b["p50_ms"], base.get("p50_ms"))
+        if "checked" in medians:
+            checked = medians["checked"][op]["gbps"]
+            # The checked raw baseline's share of the raw one: the ceiling for a verifying client.
+            ratios[f"{op}_gbps_checked_vs_raw"] = report.ratio(checked, base.get("gbps"))
+            ratios[f"{op}_gbps_vs_checked"] = report.ratio(b["gbps"], checked)
     result: dict[str, Any] = {
         "workload": "backend",
         "url": shown_url,
@@ -663,11 +744,13 @@ async def run_backend_bench(params: BenchParams) -> dict[str, Any]:
             "repeat": params.repeat,
             "warmup": params.warmup,
             "baseline": params.baseline,
+            "checked": params.checked,
             "capacity_override": overrides.get("capacity"),
             "seed": params.seed,
             "register_memory": params.register_memory,
         },
         "baseline": baseline.describe() if baseline is not None else None,
+        "checked_baseline": baselines["checked"].describe() if "checked" in baselines else None,
         "units": {
             "gbps": "1e9 bytes/s over the wall time of a phase",
             "p50_ms": "per batch call",
@@ -682,19 +765,22 @@ async def run_backend_bench(params: BenchParams) -> dict[str, Any]:
     return result
 
 
+#: One phase's operation on one batch of slots.
+_BatchOp = Callable[[range], Awaitable[None]]
+
+
 async def _one_round(
     r: int,
     warmup: bool,
     backend: StorageBackend,
-    baseline: Baseline | None,
+    baselines: dict[str, Baseline],
     w: Workload,
 ) -> dict[str, Any]:
     w.stamp(r)
     keys = w.keys(r)
-    # Alternate who goes first so slow drift of a shared machine does not always favour one side.
-    order = ["backend", "baseline"] if r % 2 == 0 else ["baseline", "backend"]
-    if baseline is None:
-        order = ["backend"]
+    # Rotate who goes first so slow drift of a shared machine does not always favour one side.
+    names = ["backend", *baselines]
+    order = names[r % len(names) :] + names[: r % len(names)]
     out: dict[str, Any] = {"round": r, "warmup": warmup, "order": order}
     for name in order:
         out[name] = {}
@@ -719,18 +805,21 @@ async def _one_round(
         for s, n in zip(b, got, strict=True):
             lengths["backend"][s] = n
 
-    async def baseline_put(b: range) -> None:
-        assert baseline is not None
-        await baseline.put_batch(b, [w.srcs[s] for s in b])
+    def baseline_ops(name: str, base: Baseline) -> tuple[_BatchOp, _BatchOp]:
+        async def put(b: range) -> None:
+            await base.put_batch(b, [w.srcs[s] for s in b])
 
-    async def baseline_get(b: range) -> None:
-        assert baseline is not None
-        got = await baseline.get_batch(b, [w.dsts[s] for s in b])
-        for s, n in zip(b, got, strict=True):
-            lengths["baseline"][s] = n
+        async def get(b: range) -> None:
+            got = await base.get_batch(b, [w.dsts[s] for s in b])
+            for s, n in zip(b, got, strict=True):
+                lengths[name][s] = n
 
-    puts = {"backend": backend_put, "baseline": baseline_put}
-    gets = {"backend": backend_get, "baseline": baseline_get}
+        return put, get
+
+    puts: dict[str, _BatchOp] = {"backend": backend_put}
+    gets: dict[str, _BatchOp] = {"backend": backend_get}
+    for name, base in baselines.items():
+        puts[name], gets[name] = baseline_ops(name, base)
     ok = False
     try:
         for name in order:
@@ -747,8 +836,8 @@ async def _one_round(
         # Leave nothing behind in a persistent store, also when the round failed.
         try:
             await backend.delete(keys)
-            if baseline is not None:
-                await baseline.end_round()
+            for base in baselines.values():
+                await base.end_round()
         except Exception:
             if ok:
                 raise
@@ -771,15 +860,28 @@ def print_summary(result: dict[str, Any]) -> None:
         f"(+{p['warmup']} warmup), every get verified\n"
         f"baseline: {base['name'] + ' - ' + base['doc'] if base else 'none'}"
     )
+    checked = result.get("checked_baseline")
+    if checked:
+        title += (
+            f"\nchecked: {checked['name']} - the raw baseline plus xxh3 of every value, compared (what lmcache checks)"
+        )
     rows = []
     for op in ("put", "get"):
-        for system in ("backend", "baseline"):
+        for system in ("backend", "baseline", "checked"):
             m = result["median"].get(system, {}).get(op)
             if m is None:
                 continue
-            ratio = result["ratio"][f"{op}_gbps"] if system == "backend" else None
-            rows.append([op, system, m["gbps"], m["p50_ms"], m["p99_ms"], ratio])
+            ratio = {
+                "backend": result["ratio"][f"{op}_gbps"],
+                "checked": result["ratio"].get(f"{op}_gbps_checked_vs_raw"),
+            }.get(system)
+            row = [op, system, m["gbps"], m["p50_ms"], m["p99_ms"], ratio]
+            if checked:
+                row.append(result["ratio"].get(f"{op}_gbps_vs_checked") if system == "backend" else None)
+            rows.append(row)
     headers = ["op", "system", "GB/s", "p50 ms/batch", "p99 ms/batch", "ratio (GB/s vs baseline)"]
+    if checked:
+        headers.append("vs checked")
     print(report.render_table(headers, rows, title=title))
     if base and p["concurrency"] > 1:
         # A backend that interleaves batches on the event loop shows about concurrency x its
@@ -819,6 +921,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--baseline", choices=("auto", "none"), default="auto", help="run the scheme's raw baseline (default auto)"
     )
     p.add_argument(
+        "--checked",
+        action="store_true",
+        help="also run the raw baseline with lmcache's integrity check added (xxh3 of each source before a put, "
+        "of what landed after a get, compared): the ceiling for any verifying client of the same SDK; "
+        "its store needs room for one more working set",
+    )
+    p.add_argument(
         "--keys-tokens",
         type=non_negative_int,
         default=1_000_000,
@@ -855,6 +964,7 @@ def run_cli(args: argparse.Namespace) -> int:
         repeat=args.repeat,
         warmup=args.warmup,
         baseline=args.baseline,
+        checked=args.checked,
         keys_tokens=args.keys_tokens,
         seed=args.seed,
         register_memory=args.register_memory,

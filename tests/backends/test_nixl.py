@@ -47,6 +47,7 @@ from lmcache.backends.nixl_peer import (
     pack_message,
 )
 from lmcache.backends.registry import open_backend
+from lmcache.bench.backend import BenchParams, run_backend_bench
 from lmcache.errors import BackendUnavailableError, ConfigError
 from lmcache.keys import CacheKey
 from lmcache.serde import frame
@@ -458,6 +459,36 @@ if IN_NETNS and _nixl_missing() is None:
     def _rss_kib(pid: int) -> int:
         status = Path(f"/proc/{pid}/status").read_text()
         return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+
+    @pytest.mark.timeout(HANG_GUARD)
+    async def test_bench_runs_the_raw_and_checked_nixl_baselines_against_the_peer(nixl_peer: ServerProcess) -> None:
+        """``bench backend --checked`` on nixl://: both raw-NIXL instances move real bytes, then leave."""
+        url = f"nixl://127.0.0.1:{nixl_peer.port}"
+        params = BenchParams(
+            url=url,
+            value_size=256 << 10,
+            count=8,
+            batch=4,
+            concurrency=2,
+            repeat=2,
+            warmup=0,
+            keys_tokens=0,
+            checked=True,
+        )
+        async with open_backend(url) as b:
+            assert isinstance(b, NixlBackend)
+            used = (await b.peer_stats())["used_bytes"]
+        result = await run_backend_bench(params)
+        assert result["baseline"]["name"] == "raw-nixl"
+        assert result["checked_baseline"]["name"] == "raw-nixl+xxh3"
+        for system in ("backend", "baseline", "checked"):
+            for op in ("put", "get"):
+                assert result["median"][system][op]["gbps"] > 0
+        # Every get of every system was compared byte for byte (run_backend_bench raises otherwise);
+        # the baselines deleted their extents and the backend its keys.
+        async with open_backend(url) as b:
+            assert isinstance(b, NixlBackend)
+            assert (await b.peer_stats())["used_bytes"] == used
 
     @pytest.mark.timeout(HANG_GUARD)
     async def test_an_idle_peer_and_client_take_no_cpu(nixl_peer: ServerProcess) -> None:

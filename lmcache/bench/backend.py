@@ -71,7 +71,6 @@ import gc
 import hashlib
 import importlib
 import logging
-import mmap
 import os
 import shutil
 import sys
@@ -89,7 +88,7 @@ import numpy as np
 
 from lmcache.backends.base import PutStatus, StorageBackend, redact_url, split_url
 from lmcache.backends.registry import open_backend
-from lmcache.bench import non_negative_int, positive_int, report, size_arg
+from lmcache.bench import non_negative_int, page_aligned, positive_int, report, size_arg
 from lmcache.config import format_size
 from lmcache.errors import BackendError, CapacityError, ConfigError, IntegrityError
 from lmcache.keys import CacheKey
@@ -170,10 +169,10 @@ class Workload:
         self.run_id = uuid.uuid4().hex  # keys never collide with an earlier run on a persistent store
         rng = np.random.default_rng(seed)
         # Random bytes: a compressing or deduplicating backend gets no unfair advantage.
-        self.srcs = _page_aligned(count, value_size)
+        self.srcs = page_aligned(count, value_size)
         for row in self.srcs:  # row by row: no temporary the size of the working set
             row[...] = rng.integers(0, 256, size=value_size, dtype=np.uint8)
-        self.dsts = _page_aligned(count, value_size)
+        self.dsts = page_aligned(count, value_size)
         self.dsts.fill(_POISON)  # touch every page now, not inside a timed get
         self.batches: list[range] = [range(i, min(i + batch, count)) for i in range(0, count, batch)]
 
@@ -229,18 +228,6 @@ class Workload:
                 f"{what}: {len(bad)} of {self.count} values read back wrong ({'; '.join(bad[:3])}); "
                 "refusing to report numbers for a backend that returns wrong data"
             )
-
-
-def _page_aligned(rows: int, cols: int) -> np.ndarray:
-    """A ``(rows, cols)`` uint8 array starting on a page boundary, like a pinned KV pool.
-
-    Rows are page aligned too when ``cols`` is a multiple of the page size, which O_DIRECT
-    paths (raw or in a backend) need to skip a staging copy.
-    """
-    page = mmap.PAGESIZE
-    raw = np.empty(rows * cols + page, dtype=np.uint8)
-    offset = (-raw.ctypes.data) % page
-    return raw[offset : offset + rows * cols].reshape(rows, cols)
 
 
 # ---------------------------------------------------------------------------------------------

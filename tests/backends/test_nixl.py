@@ -20,6 +20,7 @@ import os
 import socket
 import struct
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,7 +49,7 @@ from lmcache.backends.nixl_peer import (
 )
 from lmcache.backends.registry import open_backend
 from lmcache.bench.backend import BenchParams, run_backend_bench
-from lmcache.errors import BackendUnavailableError, ConfigError
+from lmcache.errors import BackendTimeoutError, BackendUnavailableError, ConfigError
 from lmcache.keys import CacheKey
 from lmcache.serde import frame
 
@@ -182,6 +183,33 @@ def test_store_never_reuses_bytes_still_being_read_or_written() -> None:
     s.commit(w, ok=True)
     assert not s.contains(b"w"), "a value deleted during its write came back"
     assert s.used == 0
+
+
+def test_lane_reports_when_it_takes_up_a_transfer_and_times_out_when_stuck() -> None:
+    """A put checksums a group from the moment the lane takes up its transfer (no NIXL needed)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lmcache.backends.nixl import _LaneBatch
+
+    posted: list[str] = []
+    lane = ThreadPoolExecutor(max_workers=1)
+    gate = threading.Event()
+    try:
+        batch = _LaneBatch(lane, None, lambda op, local, remote: posted.append(op), [], timeout=0.3)
+        lane.submit(gate.wait)  # the lane is busy with another batch's copy
+        first, second = threading.Event(), threading.Event()
+        batch.post("WRITE", [], [], first)
+        batch.post("WRITE", [], [], second)
+        with pytest.raises(BackendTimeoutError, match="not started"):
+            batch.wait_started(first)
+        assert posted == []
+        gate.set()
+        batch.wait_started(second)
+        assert first.is_set() and posted == ["WRITE", "WRITE"]
+        assert batch.close() is None
+    finally:
+        gate.set()
+        lane.shutdown(wait=True)
 
 
 # ---------------------------------------------------------------------------------------------

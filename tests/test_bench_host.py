@@ -15,7 +15,7 @@ import pytest
 from lmcache.bench import host
 from lmcache.errors import ConfigError
 
-ROWS = {"copy", "checksum", "copy_then_check", "check_then_copy", "fused"}
+ROWS = {"copy", "checksum", "copy_then_check", "check_then_copy", "check_with_copy", "fused"}
 
 
 def test_bench_host_reports_every_row_against_the_copy() -> None:
@@ -34,12 +34,13 @@ def test_cma_rows_compare_against_the_bare_cma_copies() -> None:
     cma = result["cma"]
     if "skipped" in cma:  # only where the kernel refuses cross-memory attach
         pytest.skip(cma["skipped"])
-    rows = {"cma_read", "cma_read_then_check", "cma_write", "check_then_cma_write"}
+    rows = {"cma_read", "cma_read_then_check", "cma_write", "check_then_cma_write", "check_with_cma_write"}
     assert set(cma["gbps"]) == rows
     assert all(cma["gbps"][name] > 0 and len(cma["seconds"][name]) == 2 for name in rows)
     g, ratios = cma["gbps"], cma["ratio_vs_cma"]
     assert ratios["cma_read_then_check"] == pytest.approx(g["cma_read_then_check"] / g["cma_read"])
     assert ratios["check_then_cma_write"] == pytest.approx(g["check_then_cma_write"] / g["cma_write"])
+    assert ratios["check_with_cma_write"] == pytest.approx(g["check_with_cma_write"] / g["cma_write"])
 
 
 def test_no_cma_leaves_the_rows_out() -> None:
@@ -106,6 +107,44 @@ def test_pipeline_failure_in_the_helper_reaches_the_caller(first_in_helper: bool
     steps = (boom, fine) if first_in_helper else (fine, boom)
     with pytest.raises(ValueError, match="step failed"):
         host._pipelined([(i * 10, 10) for i in range(10)], *steps, first_in_helper=first_in_helper)
+
+
+def test_alongside_checks_a_group_only_once_the_copier_has_taken_it_up() -> None:
+    groups = [(i * 10, 10) for i in range(50)]
+    copied: list[tuple[int, int]] = []
+    checked: list[tuple[int, int]] = []
+    threads: dict[str, set[int]] = {"copy": set(), "check": set()}
+
+    def copy(off: int, n: int) -> None:
+        threads["copy"].add(threading.get_ident())
+        copied.append((off, n))
+
+    def check(off: int, n: int) -> None:
+        threads["check"].add(threading.get_ident())
+        i = groups.index((off, n))
+        # The copier takes up group i only after copying group i - 1.
+        assert i == 0 or groups[i - 1] in copied
+        checked.append((off, n))
+
+    host._alongside(groups, copy, check)
+    assert copied == checked == groups
+    assert threads["copy"] == {threading.get_ident()}
+    assert len(threads["check"]) == 1 and threads["check"] != threads["copy"]
+
+
+def test_alongside_failures_reach_the_caller_without_leaving_the_helper_waiting() -> None:
+    def boom(off: int, n: int) -> None:
+        if off == 30:
+            raise ValueError("step failed")
+
+    def fine(off: int, n: int) -> None:
+        pass
+
+    groups = [(i * 10, 10) for i in range(10)]
+    with pytest.raises(ValueError, match="step failed"):
+        host._alongside(groups, boom, fine)  # the copy fails: the helper still finishes
+    with pytest.raises(ValueError, match="step failed"):
+        host._alongside(groups, fine, boom)
 
 
 def test_cli_writes_json(tmp_path: Path) -> None:

@@ -74,7 +74,23 @@ VM, UCX over loopback in a private network namespace; UCX moves the bytes with C
   a measurement (two runs each, interleaved), the backend ran at 0.96-0.97 of the raw SDK both
   ways, against 0.76-0.85 with it; with the checksum replaced by xxh3 of an L2-resident buffer
   (the same CPU time, no memory traffic), at 0.86-0.93. What separates ``nixl://`` from the raw
-  SDK here is the checksum pass over memory, not the rest of the backend.
+  SDK here is the checksum pass over memory, not the rest of the backend. (Those figures predate
+  the put change below; four runs after it, prefaulted peer, seven rounds, each run next to a
+  ``bench host`` run: puts 0.83-0.93 of the raw SDK and 1.10-1.29 of the checked one, gets
+  0.76-0.81 and 1.03-1.05.)
+* **Why gets stay below.** A get can only check bytes that have landed. With 16 MiB groups the
+  verifying thread hashes them at ~27-30 GB/s, i.e. from memory, and the lane's READs slow from
+  ~11.2 to ~9.4-9.6 GB/s. Hashing a group right after it lands keeps it in cache: in a
+  simulation (``process_vm_readv`` in 512 KiB steps, a second CPU hashing each step as it
+  lands) 1-2 MiB groups kept 0.96-0.985 of the bare reads, 4 MiB 0.84, 16 MiB 0.79. In the
+  backend, 2-4 MiB groups did bring the hash rate to 43-50 GB/s, but each transfer then costs
+  ~40-60 us more than the ~10 us NIXL needs on a quiet process: NIXL's bindings release the GIL
+  in ``createXferReq`` and ``postXferReq`` and the lane must take it back from the verifying
+  and event-loop threads three times per transfer, and the verifier wakes ~30-70 us after a
+  transfer ends (p90 0.3-1.3 ms unless the lane and the backend's threads are pinned to
+  different CPUs). Net: 2 MiB groups 0.69-0.73, 4 MiB 0.75-0.81, 16 MiB 0.75-0.82, within
+  noise of each other. A lane that posts without the GIL (native code) would let small groups
+  pay off; this package does not build native extensions.
 * **The lane.** With one UCX worker (the default) the agent serializes its calls and holds its
   lock for a whole CPU copy. Executor threads posting into it handed the lock over after every
   transfer, and each handover waited for a sleeping thread, while verifying between transfers

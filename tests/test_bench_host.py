@@ -95,16 +95,18 @@ def test_pipeline_runs_second_after_first_for_every_group(first_in_helper: bool)
     assert (main in threads["second"]) is first_in_helper
 
 
+def _boom(off: int, n: int) -> None:
+    if off == 30:
+        raise ValueError("step failed")
+
+
+def _fine(off: int, n: int) -> None:
+    pass
+
+
 @pytest.mark.parametrize("first_in_helper", [False, True])
 def test_pipeline_failure_in_the_helper_reaches_the_caller(first_in_helper: bool) -> None:
-    def boom(off: int, n: int) -> None:
-        if off == 30:
-            raise ValueError("step failed")
-
-    def fine(off: int, n: int) -> None:
-        pass
-
-    steps = (boom, fine) if first_in_helper else (fine, boom)
+    steps = (_boom, _fine) if first_in_helper else (_fine, _boom)
     with pytest.raises(ValueError, match="step failed"):
         host._pipelined([(i * 10, 10) for i in range(10)], *steps, first_in_helper=first_in_helper)
 
@@ -132,19 +134,11 @@ def test_alongside_checks_a_group_only_once_the_copier_has_taken_it_up() -> None
     assert len(threads["check"]) == 1 and threads["check"] != threads["copy"]
 
 
-def test_alongside_failures_reach_the_caller_without_leaving_the_helper_waiting() -> None:
-    def boom(off: int, n: int) -> None:
-        if off == 30:
-            raise ValueError("step failed")
-
-    def fine(off: int, n: int) -> None:
-        pass
-
-    groups = [(i * 10, 10) for i in range(10)]
+@pytest.mark.parametrize("failing", ["copy", "check"])
+def test_alongside_failures_reach_the_caller_without_leaving_the_helper_waiting(failing: str) -> None:
+    steps = (_boom, _fine) if failing == "copy" else (_fine, _boom)  # a failed copy still releases the checker
     with pytest.raises(ValueError, match="step failed"):
-        host._alongside(groups, boom, fine)  # the copy fails: the helper still finishes
-    with pytest.raises(ValueError, match="step failed"):
-        host._alongside(groups, fine, boom)
+        host._alongside([(i * 10, 10) for i in range(10)], *steps)
 
 
 def test_cli_writes_json(tmp_path: Path) -> None:

@@ -99,8 +99,6 @@ def _pipelined(
     and checks in the helper (``first_in_helper=False``), a put checksums in the helper first.
     """
     handoff: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
-    cpu_a, cpu_b = _cpus()
-    failure: list[BaseException] = []
 
     def produce() -> None:
         try:
@@ -115,11 +113,22 @@ def _pipelined(
             second(*item)
 
     helper_part, own_part = (produce, consume) if first_in_helper else (consume, produce)
+    _on_two_cpus(own_part, helper_part)
+
+
+def _on_two_cpus(own: Callable[[], None], other: Callable[[], None], *, then: Callable[[], None] | None = None) -> None:
+    """Run ``own`` here on the first CPU and ``other`` in a helper thread on the second.
+
+    ``then`` runs once ``own`` is over, also when it failed (to release a helper waiting for
+    it); a failure in the helper is raised here after the join.
+    """
+    cpu_a, cpu_b = _cpus()
+    failure: list[BaseException] = []
 
     def helper() -> None:
         with _on_cpu(cpu_b):
             try:
-                helper_part()
+                other()
             except BaseException as exc:  # raised in the caller after the join
                 failure.append(exc)
 
@@ -127,8 +136,10 @@ def _pipelined(
     thread.start()
     try:
         with _on_cpu(cpu_a):
-            own_part()
+            own()
     finally:
+        if then is not None:
+            then()
         thread.join()
     if failure:
         raise failure[0]
@@ -154,31 +165,22 @@ def _alongside(
     it runs a little ahead of the copy over the same bytes, never more than one group.
     """
     started = [threading.Event() for _ in groups]
-    cpu_a, cpu_b = _cpus()
-    failure: list[BaseException] = []
 
-    def helper() -> None:
-        with _on_cpu(cpu_b):
-            try:
-                for (off, n), event in zip(groups, started, strict=True):
-                    event.wait()
-                    check(off, n)
-            except BaseException as exc:  # raised in the caller after the join
-                failure.append(exc)
+    def checker() -> None:
+        for (off, n), event in zip(groups, started, strict=True):
+            event.wait()
+            check(off, n)
 
-    thread = threading.Thread(target=helper, name="lmcache-bench-host", daemon=True)
-    thread.start()
-    try:
-        with _on_cpu(cpu_a):
-            for (off, n), event in zip(groups, started, strict=True):
-                event.set()
-                copy(off, n)
-    finally:
+    def copier() -> None:
+        for (off, n), event in zip(groups, started, strict=True):
+            event.set()
+            copy(off, n)
+
+    def release_checker() -> None:
         for event in started:
-            event.set()  # a copy that failed must not leave the helper waiting
-        thread.join()
-    if failure:
-        raise failure[0]
+            event.set()  # a copy that failed must not leave the checker waiting
+
+    _on_two_cpus(copier, checker, then=release_checker)
 
 
 #: Bytes per CMA call: what UCX's CMA transport moved per ``process_vm_readv``/``writev`` call

@@ -116,6 +116,33 @@ def _pipelined(
     _on_two_cpus(own_part, helper_part)
 
 
+def _alongside(
+    groups: list[tuple[int, int]], copy: Callable[[int, int], Any], check: Callable[[int, int], Any]
+) -> None:
+    """Copy each group on the first CPU while a helper on the second checks it, starting together.
+
+    The helper waits for the copier to start a group, then hashes it at its own (higher) speed:
+    it runs a little ahead of the copy over the same bytes, never more than one group.
+    """
+    started = [threading.Event() for _ in groups]
+
+    def checker() -> None:
+        for (off, n), event in zip(groups, started, strict=True):
+            event.wait()
+            check(off, n)
+
+    def copier() -> None:
+        for (off, n), event in zip(groups, started, strict=True):
+            event.set()
+            copy(off, n)
+
+    def release_checker() -> None:
+        for event in started:
+            event.set()  # a copy that failed must not leave the checker waiting
+
+    _on_two_cpus(copier, checker, then=release_checker)
+
+
 def _on_two_cpus(own: Callable[[], None], other: Callable[[], None], *, then: Callable[[], None] | None = None) -> None:
     """Run ``own`` here on the first CPU and ``other`` in a helper thread on the second.
 
@@ -154,33 +181,6 @@ pool = _map_pool(int(sys.argv[1]), prefault=True)
 print(ctypes.addressof(ctypes.c_char.from_buffer(pool)), flush=True)
 sys.stdin.read()
 """
-
-
-def _alongside(
-    groups: list[tuple[int, int]], copy: Callable[[int, int], Any], check: Callable[[int, int], Any]
-) -> None:
-    """Copy each group on the first CPU while a helper on the second checks it, starting together.
-
-    The helper waits for the copier to start a group, then hashes it at its own (higher) speed:
-    it runs a little ahead of the copy over the same bytes, never more than one group.
-    """
-    started = [threading.Event() for _ in groups]
-
-    def checker() -> None:
-        for (off, n), event in zip(groups, started, strict=True):
-            event.wait()
-            check(off, n)
-
-    def copier() -> None:
-        for (off, n), event in zip(groups, started, strict=True):
-            event.set()
-            copy(off, n)
-
-    def release_checker() -> None:
-        for event in started:
-            event.set()  # a copy that failed must not leave the checker waiting
-
-    _on_two_cpus(copier, checker, then=release_checker)
 
 
 #: Bytes per CMA call: what UCX's CMA transport moved per ``process_vm_readv``/``writev`` call

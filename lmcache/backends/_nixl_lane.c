@@ -1,0 +1,518 @@
+/*
+ * The nixl:// data path without the GIL: a lane thread that makes every NIXL call of a batch
+ * (descriptor lists, createXferReq, postXferReq, polling, release) and a checksum thread that
+ * hashes each transfer's values either from the moment the lane takes the transfer up (a put:
+ * the hash and the copy read the same bytes within microseconds, so the copy finds them in
+ * cache) or as soon as it has landed (a get: the bytes are still in cache).
+ *
+ * Built on first use by lmcache.backends.nixl_native (cc -O2 -shared -fPIC -pthread); it links
+ * nothing. Every NIXL function comes from NIXL's own C API (libnixl_capi.so, shipped in the NIXL
+ * wheel) and the hash from the xxhash module Python uses, as function pointers handed over by
+ * lmc_lane_create, so the checksums are bit for bit those of lmcache.serde.frame.
+ *
+ * Jobs run in the order they are submitted; their transfers are posted in order, up to
+ * LMC_WINDOW in flight (a CPU copy such as UCX over CMA is done when posted). A job ends when
+ * its transfers are done and its values hashed; a failed or cancelled job posts nothing more and
+ * still waits for what it has in flight, so no byte moves after lmc_job_wait reports it ended.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* NIXL C API status codes (nixl_capi_status_t). */
+#define CAPI_SUCCESS 0
+#define CAPI_IN_PROG 1
+
+#define LMC_WINDOW 8
+#define LMC_SPIN_NS 30000L /* the checksum thread spins this long before it sleeps */
+
+typedef int (*dl_create_fn)(int mem_type, void **dlist, bool sorted);
+typedef int (*dl_destroy_fn)(void *dlist);
+typedef int (*dl_add_fn)(void *dlist, uintptr_t addr, size_t len, uint64_t dev_id);
+typedef int (*req_create_fn)(void *agent, int op, void *local, void *remote, const char *remote_agent,
+                             void **req, void *opt_args);
+typedef int (*req_post_fn)(void *agent, void *req, void *opt_args);
+typedef int (*req_status_fn)(void *agent, void *req);
+typedef int (*req_release_fn)(void *agent, void *req);
+typedef int (*req_destroy_fn)(void *req);
+typedef uint64_t (*hash_fn)(const void *data, size_t len);
+
+/* The functions the lane calls, in this order (filled by the Python side). */
+typedef struct {
+    dl_create_fn dl_create;
+    dl_destroy_fn dl_destroy;
+    dl_add_fn dl_add;
+    req_create_fn req_create;
+    req_post_fn req_post;
+    req_status_fn req_status;
+    req_release_fn req_release;
+    req_destroy_fn req_destroy;
+    hash_fn hash;
+} lmc_api;
+
+/* Transfer states. */
+enum { T_QUEUED = 0, T_STARTED = 1, T_LANDED = 2, T_FAILED = 3 };
+
+typedef struct lmc_job lmc_job;
+struct lmc_job {
+    lmc_job *next_lane;
+    lmc_job *next_hash;
+    int op;            /* 0 READ, 1 WRITE (NIXL's order) */
+    int hash_at_start; /* hash a transfer's ranges once started (1) or once landed (0) */
+    int nx;            /* transfers */
+    int32_t *xd;       /* nx + 1 offsets into desc */
+    uint64_t *desc;    /* 3 per descriptor: local address, remote address, length */
+    int32_t *xh;       /* nx + 1 offsets into hr */
+    uint64_t *hr;      /* 2 per hashed range: address, length */
+    uint64_t *hout;    /* one checksum per hashed range */
+    _Atomic int *st;   /* one state per transfer */
+    atomic_int cancel;
+    int lane_done;
+    int hash_done;
+    int complete;
+    int status; /* 0, or the first failure: a NIXL C API status, or -100 when cancelled */
+    int failed_at;
+    char what[48];
+};
+
+typedef struct {
+    lmc_job *job;
+    int t;
+    void *req;
+} lmc_flight;
+
+typedef struct {
+    lmc_api api;
+    struct {
+        void *inner;
+    } agent; /* the layout of NIXL's nixl_capi_agent_s */
+    char remote[256];
+    pthread_mutex_t mu;
+    pthread_cond_t lane_cv;
+    pthread_cond_t hash_cv;
+    pthread_cond_t done_cv;
+    lmc_job *lane_head, *lane_tail;
+    lmc_job *hash_head, *hash_tail;
+    int hash_sleeping;
+    int stop;
+    pthread_t lane_thread, hash_thread;
+    /* lane-only state */
+    lmc_flight flight[LMC_WINDOW];
+    int nflight;
+    /* counters (read with lmc_lane_stats) */
+    atomic_ullong transfers, bytes, hashed_bytes, lane_ns, hash_wait_ns;
+} lmc_lane;
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* Caller holds mu. */
+static void finish_if_complete(lmc_lane *lane, lmc_job *job) {
+    if (job->lane_done && job->hash_done && !job->complete) {
+        job->complete = 1;
+        pthread_cond_broadcast(&lane->done_cv);
+    }
+}
+
+static void wake_hasher(lmc_lane *lane) {
+    pthread_mutex_lock(&lane->mu);
+    if (lane->hash_sleeping)
+        pthread_cond_signal(&lane->hash_cv);
+    pthread_mutex_unlock(&lane->mu);
+}
+
+static void fail(lmc_job *job, int t, int status, const char *what) {
+    if (job->status == 0) {
+        job->status = status;
+        job->failed_at = t;
+        snprintf(job->what, sizeof job->what, "%s", what);
+    }
+}
+
+/* Make one transfer's request; NULL (and the job failed) on error. */
+static void *make_request(lmc_lane *lane, lmc_job *job, int t) {
+    lmc_api *api = &lane->api;
+    void *local = NULL, *remote = NULL, *req = NULL;
+    int rc = api->dl_create(0, &local, false);
+    if (rc == CAPI_SUCCESS)
+        rc = api->dl_create(0, &remote, false);
+    for (int d = job->xd[t]; rc == CAPI_SUCCESS && d < job->xd[t + 1]; d++) {
+        const uint64_t *e = &job->desc[3 * d];
+        rc = api->dl_add(local, (uintptr_t)e[0], (size_t)e[2], 0);
+        if (rc == CAPI_SUCCESS)
+            rc = api->dl_add(remote, (uintptr_t)e[1], (size_t)e[2], 0);
+    }
+    if (rc == CAPI_SUCCESS)
+        rc = api->req_create(&lane->agent, job->op, local, remote, lane->remote, &req, NULL);
+    if (local)
+        api->dl_destroy(local);
+    if (remote)
+        api->dl_destroy(remote);
+    if (rc != CAPI_SUCCESS) {
+        fail(job, t, rc, "createXferReq");
+        return NULL;
+    }
+    return req;
+}
+
+static void drop_request(lmc_lane *lane, void *req) {
+    if (lane->api.req_release(&lane->agent, req) == CAPI_SUCCESS)
+        lane->api.req_destroy(req);
+    /* else: NIXL kept it (it could not be released); leaking the small handle is the safe choice */
+}
+
+static void set_state(lmc_lane *lane, lmc_job *job, int t, int state) {
+    atomic_store_explicit(&job->st[t], state, memory_order_release);
+    wake_hasher(lane);
+}
+
+/* Poll the transfers in flight once; retire the done ones (in any order). */
+static void poll_flights(lmc_lane *lane) {
+    int keep = 0;
+    for (int i = 0; i < lane->nflight; i++) {
+        lmc_flight f = lane->flight[i];
+        int rc = lane->api.req_status(&lane->agent, f.req);
+        if (rc == CAPI_IN_PROG && atomic_load(&f.job->cancel)) {
+            /* A cancelled job: NIXL aborts a transfer it can still release. */
+            if (lane->api.req_release(&lane->agent, f.req) == CAPI_SUCCESS) {
+                lane->api.req_destroy(f.req);
+                fail(f.job, f.t, -100, "cancelled");
+                set_state(lane, f.job, f.t, T_FAILED);
+                continue;
+            }
+        }
+        if (rc == CAPI_IN_PROG) {
+            lane->flight[keep++] = f;
+            continue;
+        }
+        drop_request(lane, f.req);
+        if (rc != CAPI_SUCCESS)
+            fail(f.job, f.t, rc, "transfer");
+        set_state(lane, f.job, f.t, rc == CAPI_SUCCESS ? T_LANDED : T_FAILED);
+    }
+    lane->nflight = keep;
+}
+
+static int job_in_flight(lmc_lane *lane, lmc_job *job) {
+    for (int i = 0; i < lane->nflight; i++)
+        if (lane->flight[i].job == job)
+            return 1;
+    return 0;
+}
+
+static void pause_briefly(int *spins) {
+    if (++*spins < 64) {
+        sched_yield();
+    } else {
+        struct timespec ts = {0, 20000}; /* 20 us: a transfer over a network transport */
+        nanosleep(&ts, NULL);
+    }
+}
+
+static void run_job(lmc_lane *lane, lmc_job *job) {
+    int t = 0;
+    for (; t < job->nx; t++) {
+        if (job->status != 0 || atomic_load(&job->cancel)) {
+            if (job->status == 0)
+                fail(job, t, -100, "cancelled");
+            break;
+        }
+        int spins = 0;
+        while (lane->nflight >= LMC_WINDOW) {
+            poll_flights(lane);
+            if (lane->nflight >= LMC_WINDOW)
+                pause_briefly(&spins);
+        }
+        void *req = make_request(lane, job, t);
+        if (req == NULL)
+            break;
+        set_state(lane, job, t, T_STARTED);
+        int64_t t0 = now_ns();
+        int rc = lane->api.req_post(&lane->agent, req, NULL);
+        atomic_fetch_add(&lane->lane_ns, (unsigned long long)(now_ns() - t0));
+        atomic_fetch_add(&lane->transfers, 1);
+        for (int d = job->xd[t]; d < job->xd[t + 1]; d++)
+            atomic_fetch_add(&lane->bytes, job->desc[3 * d + 2]);
+        if (rc == CAPI_IN_PROG) {
+            lane->flight[lane->nflight++] = (lmc_flight){job, t, req};
+            continue;
+        }
+        drop_request(lane, req);
+        if (rc != CAPI_SUCCESS) {
+            fail(job, t, rc, "postXferReq");
+            set_state(lane, job, t, T_FAILED);
+            t++;
+            break;
+        }
+        set_state(lane, job, t, T_LANDED);
+    }
+    for (; t < job->nx; t++)
+        if (atomic_load(&job->st[t]) == T_QUEUED)
+            set_state(lane, job, t, T_FAILED);
+    /* Every transfer of a job is done before the job ends (its buffers are the caller's). */
+    int spins = 0;
+    while (job_in_flight(lane, job)) {
+        poll_flights(lane);
+        if (job_in_flight(lane, job))
+            pause_briefly(&spins);
+    }
+    pthread_mutex_lock(&lane->mu);
+    job->lane_done = 1;
+    if (lane->hash_sleeping)
+        pthread_cond_signal(&lane->hash_cv);
+    finish_if_complete(lane, job);
+    pthread_mutex_unlock(&lane->mu);
+}
+
+static void *lane_main(void *arg) {
+    lmc_lane *lane = arg;
+    for (;;) {
+        pthread_mutex_lock(&lane->mu);
+        while (lane->lane_head == NULL && !lane->stop)
+            pthread_cond_wait(&lane->lane_cv, &lane->mu);
+        lmc_job *job = lane->lane_head;
+        if (job == NULL) { /* stopping, nothing queued */
+            pthread_mutex_unlock(&lane->mu);
+            break;
+        }
+        lane->lane_head = job->next_lane;
+        if (lane->lane_head == NULL)
+            lane->lane_tail = NULL;
+        pthread_mutex_unlock(&lane->mu);
+        run_job(lane, job);
+    }
+    return NULL;
+}
+
+/* Wait until transfer t of job reaches at least `want` (or fails); returns its state. */
+static int await_state(lmc_lane *lane, lmc_job *job, int t, int want) {
+    int s = atomic_load_explicit(&job->st[t], memory_order_acquire);
+    if (s >= want)
+        return s;
+    int64_t t0 = now_ns();
+    while (now_ns() - t0 < LMC_SPIN_NS) {
+        s = atomic_load_explicit(&job->st[t], memory_order_acquire);
+        if (s >= want)
+            return s;
+        __builtin_ia32_pause();
+    }
+    pthread_mutex_lock(&lane->mu);
+    lane->hash_sleeping = 1;
+    while ((s = atomic_load_explicit(&job->st[t], memory_order_acquire)) < want && !lane->stop)
+        pthread_cond_wait(&lane->hash_cv, &lane->mu);
+    lane->hash_sleeping = 0;
+    pthread_mutex_unlock(&lane->mu);
+    atomic_fetch_add(&lane->hash_wait_ns, (unsigned long long)(now_ns() - t0));
+    return s;
+}
+
+static void hash_job(lmc_lane *lane, lmc_job *job) {
+    int want = job->hash_at_start ? T_STARTED : T_LANDED;
+    for (int t = 0; t < job->nx; t++) {
+        if (job->xh[t] == job->xh[t + 1])
+            continue;
+        int s = await_state(lane, job, t, want);
+        if (s == T_FAILED || (s < want && lane->stop))
+            break; /* the job failed: its checksums are not used */
+        for (int h = job->xh[t]; h < job->xh[t + 1]; h++) {
+            const uint64_t *r = &job->hr[2 * h];
+            job->hout[h] = lane->api.hash((const void *)(uintptr_t)r[0], (size_t)r[1]);
+            atomic_fetch_add(&lane->hashed_bytes, r[1]);
+        }
+    }
+    pthread_mutex_lock(&lane->mu);
+    job->hash_done = 1;
+    finish_if_complete(lane, job);
+    pthread_mutex_unlock(&lane->mu);
+}
+
+static void *hash_main(void *arg) {
+    lmc_lane *lane = arg;
+    for (;;) {
+        pthread_mutex_lock(&lane->mu);
+        lane->hash_sleeping = 1;
+        while (lane->hash_head == NULL && !lane->stop)
+            pthread_cond_wait(&lane->hash_cv, &lane->mu);
+        lane->hash_sleeping = 0;
+        lmc_job *job = lane->hash_head;
+        if (job == NULL) {
+            pthread_mutex_unlock(&lane->mu);
+            break;
+        }
+        lane->hash_head = job->next_hash;
+        if (lane->hash_head == NULL)
+            lane->hash_tail = NULL;
+        pthread_mutex_unlock(&lane->mu);
+        hash_job(lane, job);
+    }
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* The API used through ctypes. */
+
+lmc_lane *lmc_lane_create(const lmc_api *api, void *agent, const char *remote) {
+    lmc_lane *lane = calloc(1, sizeof *lane);
+    if (lane == NULL)
+        return NULL;
+    lane->api = *api;
+    lane->agent.inner = agent;
+    snprintf(lane->remote, sizeof lane->remote, "%s", remote);
+    pthread_mutex_init(&lane->mu, NULL);
+    pthread_cond_init(&lane->lane_cv, NULL);
+    pthread_cond_init(&lane->hash_cv, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&lane->done_cv, &ca);
+    pthread_condattr_destroy(&ca);
+    if (pthread_create(&lane->lane_thread, NULL, lane_main, lane) != 0) {
+        free(lane);
+        return NULL;
+    }
+    if (pthread_create(&lane->hash_thread, NULL, hash_main, lane) != 0) {
+        pthread_mutex_lock(&lane->mu);
+        lane->stop = 1;
+        pthread_cond_broadcast(&lane->lane_cv);
+        pthread_mutex_unlock(&lane->mu);
+        pthread_join(lane->lane_thread, NULL);
+        free(lane);
+        return NULL;
+    }
+    pthread_setname_np(lane->lane_thread, "lmcache-nixl");
+    pthread_setname_np(lane->hash_thread, "lmcache-xxh3");
+    return lane;
+}
+
+/* Stop the threads once every submitted job has run (the caller waits for its jobs first). */
+void lmc_lane_destroy(lmc_lane *lane) {
+    pthread_mutex_lock(&lane->mu);
+    lane->stop = 1;
+    pthread_cond_broadcast(&lane->lane_cv);
+    pthread_cond_broadcast(&lane->hash_cv);
+    pthread_mutex_unlock(&lane->mu);
+    pthread_join(lane->lane_thread, NULL);
+    pthread_join(lane->hash_thread, NULL);
+    free(lane);
+}
+
+void lmc_lane_stats(lmc_lane *lane, uint64_t out[5]) {
+    out[0] = atomic_load(&lane->transfers);
+    out[1] = atomic_load(&lane->bytes);
+    out[2] = atomic_load(&lane->hashed_bytes);
+    out[3] = atomic_load(&lane->lane_ns);
+    out[4] = atomic_load(&lane->hash_wait_ns);
+}
+
+static void *dup_array(const void *src, size_t n) {
+    void *p = malloc(n ? n : 1);
+    if (p && n)
+        memcpy(p, src, n);
+    return p;
+}
+
+void lmc_job_free(lmc_job *job) {
+    if (job == NULL)
+        return;
+    free(job->xd);
+    free(job->desc);
+    free(job->xh);
+    free(job->hr);
+    free(job->hout);
+    free((void *)job->st);
+    free(job);
+}
+
+/*
+ * Queue a job of nx transfers: transfer t moves descriptors xd[t]..xd[t+1] of desc (3 words
+ * each) and, once started or landed, hashes ranges xh[t]..xh[t+1] of hr (2 words each). The
+ * arrays are copied. NULL when memory runs out or the lane is stopping.
+ */
+lmc_job *lmc_job_submit(lmc_lane *lane, int op, int hash_at_start, int nx, const int32_t *xd, const uint64_t *desc,
+                        const int32_t *xh, const uint64_t *hr) {
+    lmc_job *job = calloc(1, sizeof *job);
+    if (job == NULL)
+        return NULL;
+    int nd = xd[nx], nh = xh[nx];
+    job->op = op;
+    job->hash_at_start = hash_at_start;
+    job->nx = nx;
+    job->xd = dup_array(xd, sizeof(int32_t) * (size_t)(nx + 1));
+    job->desc = dup_array(desc, sizeof(uint64_t) * 3 * (size_t)nd);
+    job->xh = dup_array(xh, sizeof(int32_t) * (size_t)(nx + 1));
+    job->hr = dup_array(hr, sizeof(uint64_t) * 2 * (size_t)nh);
+    job->hout = calloc((size_t)nh + 1, sizeof(uint64_t));
+    job->st = calloc((size_t)nx + 1, sizeof(int));
+    if (!job->xd || !job->desc || !job->xh || !job->hr || !job->hout || !job->st) {
+        lmc_job_free(job);
+        return NULL;
+    }
+    pthread_mutex_lock(&lane->mu);
+    if (lane->stop) {
+        pthread_mutex_unlock(&lane->mu);
+        lmc_job_free(job);
+        return NULL;
+    }
+    if (lane->lane_tail)
+        lane->lane_tail->next_lane = job;
+    else
+        lane->lane_head = job;
+    lane->lane_tail = job;
+    if (lane->hash_tail)
+        lane->hash_tail->next_hash = job;
+    else
+        lane->hash_head = job;
+    lane->hash_tail = job;
+    pthread_cond_signal(&lane->lane_cv);
+    if (lane->hash_sleeping)
+        pthread_cond_signal(&lane->hash_cv);
+    pthread_mutex_unlock(&lane->mu);
+    return job;
+}
+
+/* Block until the job ends or timeout_ms passes (< 0: no limit); 1 when it ended. */
+int lmc_job_wait(lmc_lane *lane, lmc_job *job, long timeout_ms) {
+    struct timespec deadline;
+    clock_gettime(CLOCK_MONOTONIC, &deadline);
+    if (timeout_ms >= 0) {
+        deadline.tv_sec += timeout_ms / 1000;
+        deadline.tv_nsec += (timeout_ms % 1000) * 1000000L;
+        if (deadline.tv_nsec >= 1000000000L) {
+            deadline.tv_sec += 1;
+            deadline.tv_nsec -= 1000000000L;
+        }
+    }
+    pthread_mutex_lock(&lane->mu);
+    int rc = 0;
+    while (!job->complete && rc != ETIMEDOUT) {
+        if (timeout_ms < 0)
+            pthread_cond_wait(&lane->done_cv, &lane->mu);
+        else
+            rc = pthread_cond_timedwait(&lane->done_cv, &lane->mu, &deadline);
+    }
+    int done = job->complete;
+    pthread_mutex_unlock(&lane->mu);
+    return done;
+}
+
+/* Post nothing more of the job; the lane aborts what NIXL can release of its transfers. */
+void lmc_job_cancel(lmc_job *job) { atomic_store(&job->cancel, 1); }
+
+/* After the job ended: its status (0 or the first failure), where it failed, and the checksums. */
+int lmc_job_result(lmc_job *job, int *failed_at, char *what, size_t what_len, uint64_t *hout) {
+    *failed_at = job->failed_at;
+    snprintf(what, what_len, "%s", job->what);
+    memcpy(hout, job->hout, sizeof(uint64_t) * (size_t)job->xh[job->nx]);
+    return job->status;
+}

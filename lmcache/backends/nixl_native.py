@@ -1,0 +1,385 @@
+"""The ``nixl://`` data path in native code: a lane that makes NIXL calls without the GIL.
+
+NIXL's Python bindings release the GIL inside ``createXferReq`` and ``postXferReq``, so a Python
+thread that posts transfers takes the GIL back several times per transfer, each time from
+whichever thread holds it (the event loop, the threads that verify), and a verifying thread
+wakes tens of microseconds to milliseconds after a transfer lands. ``_nixl_lane.c`` does the
+same work with no Python in the loop: one thread makes every NIXL call of the data path through
+NIXL's own C API (``libnixl_capi.so``, shipped in the NIXL wheel), and a second one hashes each
+transfer's values with xxh3 as the lane starts it (a put) or as soon as it lands (a get), while
+the bytes are still in cache.
+
+The C file is compiled on first use with the host's C compiler (``cc``, overridable with
+``$CC``) into ``$LMCACHE_NATIVE_DIR`` (default ``~/.cache/lmcache/native``), keyed by a hash of
+its source, the way Triton builds its launchers. It links nothing: every function it calls is a
+pointer handed over here. :func:`open_lane` returns None, with the reason logged, when anything
+is missing (no compiler, a NIXL build without the C API, an agent the bindings cannot hand
+over), and ``nixl://`` then keeps its Python lane.
+
+The agent is NIXL's own C++ object, taken from the bindings through pybind11's cross-module
+conduit (``_pybind11_conduit_v1_``), and checked by asking the C API for the agent's metadata,
+which must equal what the bindings return.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+__all__ = ["NativeJob", "NativeLane", "build", "open_lane"]
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("_nixl_lane.c")
+#: NIXL C API status (``nixl_capi_status_t``) of a job cancelled before it finished.
+CANCELLED = -100
+READ, WRITE = 0, 1
+
+_build_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_build_error: str | None = None
+
+
+class _Api(ctypes.Structure):
+    """``lmc_api`` in ``_nixl_lane.c``: the functions the lane calls."""
+
+    _fields_ = [
+        (name, ctypes.c_void_p)
+        for name in (
+            "dl_create",
+            "dl_destroy",
+            "dl_add",
+            "req_create",
+            "req_post",
+            "req_status",
+            "req_release",
+            "req_destroy",
+            "hash",
+        )
+    ]
+
+
+_CAPI_NAMES = {
+    "dl_create": "nixl_capi_create_xfer_dlist",
+    "dl_destroy": "nixl_capi_destroy_xfer_dlist",
+    "dl_add": "nixl_capi_xfer_dlist_add_desc",
+    "req_create": "nixl_capi_create_xfer_req",
+    "req_post": "nixl_capi_post_xfer_req",
+    "req_status": "nixl_capi_get_xfer_status",
+    "req_release": "nixl_capi_release_xfer_req",
+    "req_destroy": "nixl_capi_destroy_xfer_req",
+}
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("LMCACHE_NATIVE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lmcache" / "native"
+
+
+def build() -> ctypes.CDLL:
+    """The compiled lane library, built on first use (once per process; cached on disk).
+
+    Raises:
+        OSError: No C compiler, or the build failed (the message says why).
+    """
+    global _library, _build_error
+    with _build_lock:
+        if _library is not None:
+            return _library
+        if _build_error is not None:
+            raise OSError(_build_error)
+        try:
+            _library = _load(_compile())
+        except OSError as exc:
+            _build_error = str(exc)
+            raise
+        return _library
+
+
+def _compile() -> Path:
+    source = _SOURCE.read_bytes()
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise OSError("no C compiler (cc) to build the native NIXL lane")
+    flags = ["-O2", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
+    tag = hashlib.sha256(source + " ".join([cc, *flags]).encode()).hexdigest()[:16]
+    out_dir = _cache_dir()
+    target = out_dir / f"nixl_lane-{tag}.so"
+    if target.exists():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".nixl_lane-", suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        proc = subprocess.run(
+            [cc, *flags, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, timeout=120, check=False
+        )
+        if proc.returncode != 0:
+            raise OSError(f"building the native NIXL lane failed ({cc}): {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)  # atomic: concurrent builders each install a whole file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    vp, i32p, u64p = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_uint64)
+    lib.lmc_lane_create.restype = vp
+    lib.lmc_lane_create.argtypes = [ctypes.POINTER(_Api), vp, ctypes.c_char_p]
+    lib.lmc_lane_destroy.restype = None
+    lib.lmc_lane_destroy.argtypes = [vp]
+    lib.lmc_lane_stats.restype = None
+    lib.lmc_lane_stats.argtypes = [vp, u64p]
+    lib.lmc_job_submit.restype = vp
+    lib.lmc_job_submit.argtypes = [vp, ctypes.c_int, ctypes.c_int, ctypes.c_int, i32p, u64p, i32p, u64p]
+    lib.lmc_job_wait.restype = ctypes.c_int
+    lib.lmc_job_wait.argtypes = [vp, vp, ctypes.c_long]
+    lib.lmc_job_cancel.restype = None
+    lib.lmc_job_cancel.argtypes = [vp]
+    lib.lmc_job_result.restype = ctypes.c_int
+    lib.lmc_job_result.argtypes = [vp, ctypes.POINTER(ctypes.c_int), ctypes.c_char_p, ctypes.c_size_t, u64p]
+    lib.lmc_job_free.restype = None
+    lib.lmc_job_free.argtypes = [vp]
+    return lib
+
+
+def _loaded_library(name: str) -> str | None:
+    """Path of the shared object ``name`` mapped into this process (from /proc/self/maps)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                path = line.rsplit(None, 1)[-1]
+                if os.path.basename(path) == name:
+                    return path
+    except OSError:
+        return None
+    return None
+
+
+def _capi() -> ctypes.CDLL:
+    """NIXL's C API, from the directory of the ``libnixl.so`` the bindings loaded."""
+    core = _loaded_library("libnixl.so")
+    if core is None:
+        raise OSError("libnixl.so is not loaded (import NIXL first)")
+    path = os.path.join(os.path.dirname(core), "libnixl_capi.so")
+    if not os.path.exists(path):
+        raise OSError(f"this NIXL build has no C API ({path} is missing)")
+    return ctypes.CDLL(path)
+
+
+def _hash_function() -> int:
+    """Address of ``XXH3_64bits`` in the xxhash module Python uses (the same checksums)."""
+    module = getattr(xxhash, "_xxhash", None)
+    path = getattr(module, "__file__", None)
+    if not path:
+        raise OSError("the xxhash module has no native library to take XXH3_64bits from")
+    fn = ctypes.CDLL(path).XXH3_64bits
+    probe = b"lmcache"
+    fn.restype, fn.argtypes = ctypes.c_uint64, [ctypes.c_char_p, ctypes.c_size_t]
+    if fn(probe, len(probe)) != xxhash.xxh3_64_intdigest(probe):
+        raise OSError("xxhash's XXH3_64bits disagrees with xxh3_64_intdigest")
+    return ctypes.cast(fn, ctypes.c_void_p).value or 0
+
+
+class _TypeInfo(ctypes.Structure):
+    """The layout of a GCC ``std::type_info``: what pybind11 matches types by (their names)."""
+
+    _fields_ = [("vptr", ctypes.c_void_p), ("name", ctypes.c_char_p)]
+
+
+def _agent_pointer(bound_agent: Any) -> int:
+    """The ``nixlAgent*`` behind the bindings' agent object (pybind11's conduit).
+
+    Raises:
+        OSError: The bindings do not hand it over.
+    """
+    conduit = getattr(bound_agent, "_pybind11_conduit_v1_", None)
+    if conduit is None:
+        raise OSError("these NIXL bindings have no pybind11 conduit")
+    name = ctypes.create_string_buffer(b"9nixlAgent")  # typeid(nixlAgent).name()
+    info = _TypeInfo(None, ctypes.cast(name, ctypes.c_char_p))
+    new, get = ctypes.pythonapi.PyCapsule_New, ctypes.pythonapi.PyCapsule_GetPointer
+    new.restype, new.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    capsule = new(ctypes.addressof(info), b"St9type_info", None)
+    out = None
+    for abi in _pybind_abi_ids(bound_agent):
+        out = conduit(abi, capsule, b"raw_pointer_ephemeral")
+        if out is not None:
+            break
+    if out is None:
+        raise OSError("the NIXL bindings did not hand over their agent")
+    return int(get(out, b"9nixlAgent") or 0)
+
+
+def _pybind_abi_ids(bound_agent: Any) -> list[bytes]:
+    """pybind11 platform ABI ids to try: the one named in the bindings' module, first."""
+    ids: list[bytes] = []
+    module = __import__(type(bound_agent).__module__, fromlist=["_"])
+    path = getattr(module, "__file__", None)
+    if path:
+        try:
+            data = Path(path).read_bytes()
+        except OSError:
+            data = b""
+        start = data.find(b"__pybind11_internals_v")
+        if start >= 0:
+            end = data.find(b"__\x00", start)
+            # "__pybind11_internals_v12_<abi id>__": the id follows the version
+            middle = data[start + len(b"__pybind11_internals_v") : end]
+            _, _, abi = middle.partition(b"_")
+            if abi:
+                ids.append(abi)
+    for fallback in (b"system_libstdcpp_gxx_abi_1xxx_use_cxx11_abi_1", b"_gcc_libstdcpp_cxxabi1018"):
+        if fallback not in ids:
+            ids.append(fallback)
+    return ids
+
+
+def _check_agent(capi: ctypes.CDLL, handle: ctypes.Structure, nixl_agent: Any) -> None:
+    """The C API must see the same agent as the bindings: compare their local metadata."""
+    fn = capi.nixl_capi_get_local_md
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t)]
+    data, size = ctypes.c_void_p(), ctypes.c_size_t()
+    if fn(ctypes.addressof(handle), ctypes.byref(data), ctypes.byref(size)) != 0 or not data.value:
+        raise OSError("NIXL's C API could not read the agent's metadata")
+    try:
+        native = ctypes.string_at(data.value, size.value)
+    finally:
+        libc = ctypes.CDLL(None)
+        libc.free.argtypes = [ctypes.c_void_p]
+        libc.free(data)
+    if native != bytes(nixl_agent.get_agent_metadata()):
+        raise OSError("NIXL's C API and its bindings disagree about the agent")
+
+
+class _AgentHandle(ctypes.Structure):
+    _fields_ = [("inner", ctypes.c_void_p)]  # NIXL's nixl_capi_agent_s
+
+
+class NativeJob:
+    """One submitted job: wait for it, cancel it, read its result (then it is freed)."""
+
+    def __init__(self, lane: NativeLane, ptr: int, nhash: int) -> None:
+        self._lane = lane
+        self._ptr: int | None = ptr
+        self._nhash = nhash
+
+    def wait(self, timeout: float | None) -> bool:
+        """Block (without the GIL) until the job ends; False if ``timeout`` seconds passed first."""
+        ms = -1 if timeout is None else max(0, int(timeout * 1000))
+        return bool(self._lane.lib.lmc_job_wait(self._lane.ptr, self._ptr, ms))
+
+    def cancel(self) -> None:
+        """Post nothing more; transfers in flight finish or are aborted where NIXL can."""
+        self._lane.lib.lmc_job_cancel(self._ptr)
+
+    def result(self) -> tuple[int, int, str, list[int]]:
+        """``(status, failed_at, what, checksums)`` of an ended job; frees it."""
+        if self._ptr is None:
+            raise RuntimeError("the job's result was already taken")
+        failed_at = ctypes.c_int()
+        what = ctypes.create_string_buffer(48)
+        out = (ctypes.c_uint64 * max(self._nhash, 1))()
+        status = self._lane.lib.lmc_job_result(self._ptr, ctypes.byref(failed_at), what, len(what), out)
+        self._lane.lib.lmc_job_free(self._ptr)
+        self._ptr = None
+        return int(status), int(failed_at.value), what.value.decode(errors="replace"), list(out[: self._nhash])
+
+
+class NativeLane:
+    """The lane and checksum threads of one agent, talking to one remote agent."""
+
+    def __init__(self, lib: ctypes.CDLL, api: _Api, handle: _AgentHandle, remote: str) -> None:
+        self.lib = lib
+        self._api = api  # kept alive: the lane copied it, but cheap to hold
+        self._handle = handle
+        ptr = lib.lmc_lane_create(ctypes.byref(api), handle.inner, remote.encode())
+        if not ptr:
+            raise OSError("could not start the native NIXL lane's threads")
+        self.ptr: int = ptr
+
+    def submit(
+        self,
+        op: int,
+        transfers: Sequence[tuple[Sequence[tuple[int, int, int]], Sequence[tuple[int, int]]]],
+        *,
+        hash_at_start: bool,
+    ) -> NativeJob:
+        """Queue transfers, each ``(descriptors (local, remote, length), ranges to hash (address, length))``.
+
+        Raises:
+            OSError: The lane is stopping or out of memory.
+        """
+        xd, desc, xh, hr = [0], [], [0], []
+        for descs, ranges in transfers:
+            for local, remote, n in descs:
+                desc += (local, remote, n)
+            for addr, n in ranges:
+                hr += (addr, n)
+            xd.append(len(desc) // 3)
+            xh.append(len(hr) // 2)
+        nx = len(transfers)
+        ptr = self.lib.lmc_job_submit(
+            self.ptr,
+            op,
+            int(hash_at_start),
+            nx,
+            (ctypes.c_int32 * len(xd))(*xd),
+            (ctypes.c_uint64 * max(len(desc), 1))(*desc),
+            (ctypes.c_int32 * len(xh))(*xh),
+            (ctypes.c_uint64 * max(len(hr), 1))(*hr),
+        )
+        if not ptr:
+            raise OSError("the native NIXL lane is stopping")
+        return NativeJob(self, ptr, len(hr) // 2)
+
+    def stats(self) -> dict[str, int]:
+        """Counters: transfers, bytes, hashed bytes, ns spent posting, ns the hasher waited."""
+        out = (ctypes.c_uint64 * 5)()
+        self.lib.lmc_lane_stats(self.ptr, out)
+        keys = ("transfers", "bytes", "hashed_bytes", "post_ns", "hash_wait_ns")
+        return dict(zip(keys, (int(v) for v in out), strict=True))
+
+    def close(self) -> None:
+        """Stop the threads (every submitted job must have ended)."""
+        if self.ptr:
+            self.lib.lmc_lane_destroy(self.ptr)
+            self.ptr = 0
+
+
+def open_lane(nixl_agent: Any, remote: str) -> NativeLane:
+    """A native lane for ``nixl_agent`` (NIXL's Python ``nixl_agent``) and the remote agent ``remote``.
+
+    Raises:
+        OSError: It cannot run here (the message says why).
+    """
+    lib = build()
+    capi = _capi()
+    api = _Api()
+    for field, symbol in _CAPI_NAMES.items():
+        try:
+            setattr(api, field, ctypes.cast(getattr(capi, symbol), ctypes.c_void_p).value)
+        except AttributeError:
+            raise OSError(f"NIXL's C API lacks {symbol}") from None
+    api.hash = _hash_function()
+    handle = _AgentHandle(_agent_pointer(nixl_agent.agent))
+    _check_agent(capi, handle, nixl_agent)
+    return NativeLane(lib, api, handle, remote)

@@ -81,6 +81,7 @@ struct lmc_job {
     int status; /* 0, or the first failure: a NIXL C API status, or -100 when cancelled */
     int failed_at;
     char what[48];
+    char remote[256]; /* the remote agent's name */
 };
 
 typedef struct {
@@ -94,7 +95,6 @@ typedef struct {
     struct {
         void *inner;
     } agent; /* the layout of NIXL's nixl_capi_agent_s */
-    char remote[256];
     pthread_mutex_t mu;
     pthread_cond_t lane_cv;
     pthread_cond_t hash_cv;
@@ -154,7 +154,7 @@ static void *make_request(lmc_lane *lane, lmc_job *job, int t) {
             rc = api->dl_add(remote, (uintptr_t)e[1], (size_t)e[2], 0);
     }
     if (rc == CAPI_SUCCESS)
-        rc = api->req_create(&lane->agent, job->op, local, remote, lane->remote, &req, NULL);
+        rc = api->req_create(&lane->agent, job->op, local, remote, job->remote, &req, NULL);
     if (local)
         api->dl_destroy(local);
     if (remote)
@@ -362,13 +362,12 @@ static void *hash_main(void *arg) {
 /* ------------------------------------------------------------------------------------------ */
 /* The API used through ctypes. */
 
-lmc_lane *lmc_lane_create(const lmc_api *api, void *agent, const char *remote) {
+lmc_lane *lmc_lane_create(const lmc_api *api, void *agent) {
     lmc_lane *lane = calloc(1, sizeof *lane);
     if (lane == NULL)
         return NULL;
     lane->api = *api;
     lane->agent.inner = agent;
-    snprintf(lane->remote, sizeof lane->remote, "%s", remote);
     pthread_mutex_init(&lane->mu, NULL);
     pthread_cond_init(&lane->lane_cv, NULL);
     pthread_cond_init(&lane->hash_cv, NULL);
@@ -435,15 +434,18 @@ void lmc_job_free(lmc_job *job) {
 }
 
 /*
- * Queue a job of nx transfers: transfer t moves descriptors xd[t]..xd[t+1] of desc (3 words
+ * Queue a job of nx transfers to or from the remote agent `remote`: transfer t moves descriptors xd[t]..xd[t+1] of desc (3 words
  * each) and, once started or landed, hashes ranges xh[t]..xh[t+1] of hr (2 words each). The
  * arrays are copied. NULL when memory runs out or the lane is stopping.
  */
-lmc_job *lmc_job_submit(lmc_lane *lane, int op, int hash_at_start, int nx, const int32_t *xd, const uint64_t *desc,
-                        const int32_t *xh, const uint64_t *hr) {
+lmc_job *lmc_job_submit(lmc_lane *lane, const char *remote, int op, int hash_at_start, int nx, const int32_t *xd,
+                        const uint64_t *desc, const int32_t *xh, const uint64_t *hr) {
+    if (strlen(remote) >= sizeof(((lmc_job *)0)->remote))
+        return NULL;
     lmc_job *job = calloc(1, sizeof *job);
     if (job == NULL)
         return NULL;
+    memcpy(job->remote, remote, strlen(remote) + 1);
     int nd = xd[nx], nh = xh[nx];
     job->op = op;
     job->hash_at_start = hash_at_start;

@@ -219,6 +219,8 @@ from lmcache.serde import frame
 if TYPE_CHECKING:
     from typing_extensions import Self
 
+    from lmcache.backends.nixl_native import NativeLane
+
 __all__ = ["NixlBackend", "NixlPosixBackend", "NixlPosixSettings", "NixlSettings", "import_nixl"]
 
 logger = logging.getLogger(__name__)
@@ -658,13 +660,20 @@ class _LaneBatch:
         return failure
 
 
-def _verify(key: CacheKey, head: np.ndarray, dst: memoryview, hlen: int, n: int) -> int | IntegrityError:
-    """``n`` when the frame header and the payload in ``dst`` check out, else the error."""
+def _verify(
+    key: CacheKey, head: np.ndarray, dst: memoryview, hlen: int, n: int, *, checksum: int | None = None
+) -> int | IntegrityError:
+    """``n`` when the frame header and the payload in ``dst`` check out, else the error.
+
+    ``checksum``: the payload's, when it was computed already (the native lane hashes it).
+    """
     try:
         header = frame.parse_header(memoryview(head), expected_key=key)
         if header.payload_offset != hlen or header.payload_len != n:
             raise IntegrityError(f"value for {key} has a header that disagrees with the peer's index")
-        if n:
+        if checksum is not None:
+            header.verify_checksum(checksum)
+        elif n:
             header.verify_payload(dst[:n])
     except IntegrityError as exc:
         return exc
@@ -702,6 +711,13 @@ class NixlSettings:
         min=1,
         max=64,
     )
+    native_lane: str = setting(
+        "auto",
+        doc="With one UCX worker, make the data path's NIXL calls and checksums in native code (a C lane built "
+        "on first use with the host's C compiler; see lmcache.backends.nixl_native) instead of a Python thread. "
+        "auto: use it when it builds and loads, else the Python lane; on: fail to open without it; off: never.",
+        choices=("auto", "on", "off"),
+    )
 
 
 class NixlBackend(StorageBackend):
@@ -723,6 +739,7 @@ class NixlBackend(StorageBackend):
         self.settings = settings
         self._executor: ThreadPoolExecutor | None = None
         self._lane: ThreadPoolExecutor | None = None  # see _LaneBatch; None with several UCX workers
+        self._native: NativeLane | None = None  # the native lane, when it replaces _lane
         # (start, end, NIXL registration) of long-lived memory: register_host_memory, header slabs
         self._host_regs: tuple[tuple[int, int, Any], ...] = ()
         self._slabs: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
@@ -780,14 +797,17 @@ class NixlBackend(StorageBackend):
         import_nixl()  # a missing SDK is a MissingDependencyError before any thread starts
         self._conn_lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="lmcache-nixl")
-        if self.settings.ucx_workers <= 1:
-            self._lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmcache-nixl-lane")
         try:
             name = f"lmcache-nixl-{os.getpid()}-{secrets.token_hex(4)}"
             s = self.settings
             self._agent = await run_blocking(
                 self._executor, _make_agent, name, ["UCX"], s.progress_thread, s.ucx_workers
             )
+            if s.ucx_workers <= 1:
+                if s.native_lane != "off":
+                    self._native = await run_blocking(self._executor, self._open_native)
+                if self._native is None:
+                    self._lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmcache-nixl-lane")
             # Frame headers of concurrent batches go into slabs of one arena registered once.
             slabs = s.workers + 1
             arena = np.empty(slabs * _HEADER_SLAB, dtype=np.uint8)
@@ -813,6 +833,25 @@ class NixlBackend(StorageBackend):
             await loop.run_in_executor(None, executor.shutdown, True)
         if lane is not None:  # after the batches that queue on it; its deregistrations run before the agent goes
             await loop.run_in_executor(None, lane.shutdown, True)
+        native, self._native = self._native, None
+        if native is not None:  # every batch has ended with the executor
+            await loop.run_in_executor(None, native.close)
+
+    def _open_native(self) -> NativeLane | None:
+        """The native lane for this backend's agent; None (logged) where it cannot run and may be skipped.
+
+        Raises:
+            BackendUnavailableError: ``native_lane=on`` and it cannot run.
+        """
+        from lmcache.backends import nixl_native
+
+        try:
+            return nixl_native.open_lane(self._agent)
+        except OSError as exc:
+            if self.settings.native_lane == "on":
+                raise BackendUnavailableError(f"nixl://: the native lane cannot run here: {exc}") from None
+            logger.info("nixl://: using the Python lane (the native one cannot run here: %s)", exc)
+            return None
 
     # -- control connection ------------------------------------------------------------------
 
@@ -975,6 +1014,7 @@ class NixlBackend(StorageBackend):
             "connected": self._writer is not None,
             "pool_bytes": self._pool_len,
             "connects": self._connects,
+            "native_lane": self._native is not None,
         }
 
     async def peer_stats(self) -> dict[str, int]:
@@ -1074,7 +1114,91 @@ class NixlBackend(StorageBackend):
         batch first) made the checksum and the copy read every byte from memory separately.
         """
         with self._header_buffer(sum(hlens)) as headers:
-            self._write_groups(keys, srcs, hlens, offsets, headers)
+            if self._native is not None:
+                self._write_native(self._native, keys, srcs, hlens=hlens, offsets=offsets, headers=headers)
+            else:
+                self._write_groups(keys, srcs, hlens, offsets, headers)
+
+    def _write_native(
+        self,
+        native: NativeLane,
+        keys: list[CacheKey],
+        srcs: list[memoryview],
+        *,
+        hlens: list[int],
+        offsets: list[int],
+        headers: np.ndarray,
+    ) -> None:
+        """The native lane's put: one WRITE per value, checksummed as the lane starts copying it.
+
+        The headers, which carry the checksums, follow in one more WRITE; COMMIT publishes the
+        values only after both jobs are done.
+        """
+        haddr = _addr(headers)
+        pool = self._pool_addr
+        starts = list(itertools.accumulate(hlens, initial=0))
+        regions = [(haddr, headers.nbytes, 0)] + [(_addr(s), s.nbytes, 0) for s in srcs if s.nbytes]
+        moved = [j for j, s in enumerate(srcs) if s.nbytes]
+        with _registered(self._agent, self._unregistered(regions), "DRAM"):
+            transfers = [
+                ([(_addr(srcs[j]), pool + offsets[j] + hlens[j], srcs[j].nbytes)], [(_addr(srcs[j]), srcs[j].nbytes)])
+                for j in moved
+            ]
+            sums = dict(zip(moved, self._run_native(native, "WRITE", transfers, hash_at_start=True), strict=True))
+            for j, (key, src, h) in enumerate(zip(keys, srcs, hlens, strict=True)):
+                head = frame.encode_header(key, src, alignment=_FRAME_ALIGN, checksum=sums.get(j))
+                if len(head) != h:
+                    raise PermanentBackendError(f"nixl://: header of {key} is {len(head)} bytes, reserved {h}")
+                headers[starts[j] : starts[j] + h] = np.frombuffer(head, dtype=np.uint8)
+            descs = [(haddr + starts[j], pool + offsets[j], hlens[j]) for j in range(len(keys))]
+            self._run_native(native, "WRITE", [(descs, [])], hash_at_start=False)
+
+    def _run_native(
+        self,
+        native: NativeLane,
+        op: str,
+        transfers: list[tuple[list[tuple[int, int, int]], list[tuple[int, int]]]],
+        *,
+        hash_at_start: bool,
+    ) -> list[int]:
+        """Run one job on the native lane and wait for it; the checksums of its hashed ranges.
+
+        Raises:
+            BackendTimeoutError: Not done within the timeout (the job is cancelled and waited for:
+                none of its transfers runs after this returns).
+            BackendUnavailableError: A transfer failed, or the lane is stopping.
+        """
+        from lmcache.backends.nixl_native import READ, WRITE
+
+        if not transfers:
+            return []
+        remote = self._remote
+        if remote is None:
+            raise BackendUnavailableError("nixl://: not connected to the peer")
+        try:
+            job = native.submit(remote, WRITE if op == "WRITE" else READ, transfers, hash_at_start=hash_at_start)
+        except OSError as exc:
+            raise BackendUnavailableError(f"nixl://: {exc}") from None
+        timeout = self.settings.timeout
+        ended = job.wait(timeout)
+        if not ended:
+            job.cancel()
+            job.wait(None)  # aborted or finished: the caller's buffers are free again
+        status, failed_at, what, sums = job.result()
+        if not ended:
+            raise BackendTimeoutError(f"NIXL: a {op} did not finish within {timeout:g} s")
+        if status != 0:
+            raise BackendUnavailableError(
+                f"NIXL: a {op} failed ({what} of transfer {failed_at + 1} of {len(transfers)}: status {status})"
+            )
+        return sums
+
+    def _unregistered(self, regions: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        """The regions that lie outside long-lived registered memory."""
+        regs = self._host_regs
+        if not regs:
+            return regions
+        return [r for r in regions if not any(s <= r[0] and r[0] + r[1] <= e for s, e, _ in regs)]
 
     def _write_groups(
         self, keys: list[CacheKey], srcs: list[memoryview], hlens: list[int], offsets: list[int], headers: np.ndarray
@@ -1188,7 +1312,36 @@ class NixlBackend(StorageBackend):
         per transfer, 0.77-0.86 with 16 MiB groups).
         """
         with self._header_buffer(sum(h for *_, h, _n in hits)) as headers:
+            if self._native is not None:
+                return self._read_native(self._native, hits, headers)
             return self._read_groups(hits, headers)
+
+    def _read_native(
+        self, native: NativeLane, hits: list[tuple[CacheKey, memoryview, int, int, int]], headers: np.ndarray
+    ) -> list[int | IntegrityError]:
+        """The native lane's get: one READ per value (header and payload), hashed as soon as it lands.
+
+        A value checked right after its transfer is still in cache; with the lane and the
+        hashing thread in native code, a transfer per value costs a few microseconds.
+        """
+        haddr = _addr(headers)
+        pool = self._pool_addr
+        starts = list(itertools.accumulate((h for *_, h, _n in hits), initial=0))
+        regions = [(haddr, headers.nbytes, 0)] + [(_addr(dst), n, 0) for _k, dst, _o, _h, n in hits if n]
+        transfers: list[tuple[list[tuple[int, int, int]], list[tuple[int, int]]]] = []
+        for j, (_key, dst, off, h, n) in enumerate(hits):
+            descs = [(haddr + starts[j], pool + off, h)]
+            ranges: list[tuple[int, int]] = []
+            if n:
+                descs.append((_addr(dst), pool + off + h, n))
+                ranges.append((_addr(dst), n))
+            transfers.append((descs, ranges))
+        with _registered(self._agent, self._unregistered(regions), "DRAM"):
+            sums = iter(self._run_native(native, "READ", transfers, hash_at_start=False))
+        return [
+            _verify(key, headers[starts[j] : starts[j] + h], dst, h, n, checksum=next(sums) if n else None)
+            for j, (key, dst, _off, h, n) in enumerate(hits)
+        ]
 
     def _read_groups(
         self, hits: list[tuple[CacheKey, memoryview, int, int, int]], headers: np.ndarray
@@ -1281,9 +1434,7 @@ class NixlBackend(StorageBackend):
         agent, lane = self._agent, self._lane
         if agent is None:
             raise BackendUnavailableError("nixl://: the backend was closed")
-        regs = self._host_regs
-        if regs:
-            regions = [r for r in regions if not any(s <= r[0] and r[0] + r[1] <= e for s, e, _ in regs)]
+        regions = self._unregistered(regions)
         if lane is not None:
             return _LaneBatch(lane, agent, self._post, regions, self.settings.timeout)
         if self.settings.ucx_workers <= 1:  # the lane is gone: closing

@@ -27,6 +27,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -47,8 +48,8 @@ CANCELLED = -100
 READ, WRITE = 0, 1
 
 _build_lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_build_error: str | None = None
+#: The loaded library, or why it could not be built (once per process).
+_built: dict[str, Any] = {}
 
 
 class _Api(ctypes.Structure):
@@ -96,27 +97,26 @@ def build() -> ctypes.CDLL:
     Raises:
         OSError: No C compiler, or the build failed (the message says why).
     """
-    global _library, _build_error
     with _build_lock:
-        if _library is not None:
-            return _library
-        if _build_error is not None:
-            raise OSError(_build_error)
+        if "library" in _built:
+            return _built["library"]  # type: ignore[no-any-return]
+        if "error" in _built:
+            raise OSError(_built["error"])
         try:
-            _library = _load(_compile())
+            _built["library"] = _load(_compile())
         except OSError as exc:
-            _build_error = str(exc)
+            _built["error"] = str(exc)
             raise
-        return _library
+        return _built["library"]  # type: ignore[no-any-return]
 
 
 def _compile() -> Path:
     source = _SOURCE.read_bytes()
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        raise OSError("no C compiler (cc) to build the native NIXL lane")
+    cc = shlex.split(os.environ.get("CC") or "cc")
+    if not cc or shutil.which(cc[0]) is None:
+        raise OSError(f"no C compiler ({' '.join(cc) or 'cc'}) to build the native NIXL lane")
     flags = ["-O2", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
-    tag = hashlib.sha256(source + " ".join([cc, *flags]).encode()).hexdigest()[:16]
+    tag = hashlib.sha256(source + " ".join([*cc, *flags]).encode()).hexdigest()[:16]
     out_dir = _cache_dir()
     target = out_dir / f"nixl_lane-{tag}.so"
     if target.exists():
@@ -125,11 +125,14 @@ def _compile() -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".nixl_lane-", suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        proc = subprocess.run(
-            [cc, *flags, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, timeout=120, check=False
-        )
+        try:
+            proc = subprocess.run(
+                [*cc, *flags, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, timeout=120, check=False
+            )
+        except subprocess.TimeoutExpired:
+            raise OSError(f"building the native NIXL lane ({cc[0]}) took over 120 s") from None
         if proc.returncode != 0:
-            raise OSError(f"building the native NIXL lane failed ({cc}): {proc.stderr.strip()[-2000:]}")
+            raise OSError(f"building the native NIXL lane failed ({cc[0]}): {proc.stderr.strip()[-2000:]}")
         os.replace(tmp, target)  # atomic: concurrent builders each install a whole file
     finally:
         if os.path.exists(tmp):
@@ -141,13 +144,13 @@ def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     vp, i32p, u64p = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_uint64)
     lib.lmc_lane_create.restype = vp
-    lib.lmc_lane_create.argtypes = [ctypes.POINTER(_Api), vp, ctypes.c_char_p]
+    lib.lmc_lane_create.argtypes = [ctypes.POINTER(_Api), vp]
     lib.lmc_lane_destroy.restype = None
     lib.lmc_lane_destroy.argtypes = [vp]
     lib.lmc_lane_stats.restype = None
     lib.lmc_lane_stats.argtypes = [vp, u64p]
     lib.lmc_job_submit.restype = vp
-    lib.lmc_job_submit.argtypes = [vp, ctypes.c_int, ctypes.c_int, ctypes.c_int, i32p, u64p, i32p, u64p]
+    lib.lmc_job_submit.argtypes = [vp, ctypes.c_char_p, *[ctypes.c_int] * 3, i32p, u64p, i32p, u64p]
     lib.lmc_job_wait.restype = ctypes.c_int
     lib.lmc_job_wait.argtypes = [vp, vp, ctypes.c_long]
     lib.lmc_job_cancel.restype = None
@@ -305,50 +308,54 @@ class NativeJob:
 
 
 class NativeLane:
-    """The lane and checksum threads of one agent, talking to one remote agent."""
+    """The lane and checksum threads of one NIXL agent."""
 
-    def __init__(self, lib: ctypes.CDLL, api: _Api, handle: _AgentHandle, remote: str) -> None:
+    def __init__(self, lib: ctypes.CDLL, api: _Api, handle: _AgentHandle) -> None:
         self.lib = lib
-        self._api = api  # kept alive: the lane copied it, but cheap to hold
         self._handle = handle
-        ptr = lib.lmc_lane_create(ctypes.byref(api), handle.inner, remote.encode())
+        ptr = lib.lmc_lane_create(ctypes.byref(api), handle.inner)
         if not ptr:
             raise OSError("could not start the native NIXL lane's threads")
         self.ptr: int = ptr
 
     def submit(
         self,
+        remote: str,
         op: int,
         transfers: Sequence[tuple[Sequence[tuple[int, int, int]], Sequence[tuple[int, int]]]],
         *,
         hash_at_start: bool,
     ) -> NativeJob:
-        """Queue transfers, each ``(descriptors (local, remote, length), ranges to hash (address, length))``.
+        """Queue transfers with the agent ``remote``: ``(descriptors, ranges to hash)`` each.
+
+        A descriptor is ``(local address, remote address, length)``, a range to hash
+        ``(address, length)``: hashed once the lane takes the transfer up (``hash_at_start``,
+        a WRITE's sources) or once it has landed (a READ's destinations).
 
         Raises:
-            OSError: The lane is stopping or out of memory.
+            OSError: The lane is stopping, out of memory, or ``remote`` is too long a name.
         """
         xd, desc, xh, hr = [0], [], [0], []
         for descs, ranges in transfers:
-            for local, remote, n in descs:
-                desc += (local, remote, n)
+            for local, far, n in descs:
+                desc += (local, far, n)
             for addr, n in ranges:
                 hr += (addr, n)
             xd.append(len(desc) // 3)
             xh.append(len(hr) // 2)
-        nx = len(transfers)
         ptr = self.lib.lmc_job_submit(
             self.ptr,
+            remote.encode(),
             op,
             int(hash_at_start),
-            nx,
+            len(transfers),
             (ctypes.c_int32 * len(xd))(*xd),
             (ctypes.c_uint64 * max(len(desc), 1))(*desc),
             (ctypes.c_int32 * len(xh))(*xh),
             (ctypes.c_uint64 * max(len(hr), 1))(*hr),
         )
         if not ptr:
-            raise OSError("the native NIXL lane is stopping")
+            raise OSError("the native NIXL lane did not take the job (stopping, or out of memory)")
         return NativeJob(self, ptr, len(hr) // 2)
 
     def stats(self) -> dict[str, int]:
@@ -365,8 +372,8 @@ class NativeLane:
             self.ptr = 0
 
 
-def open_lane(nixl_agent: Any, remote: str) -> NativeLane:
-    """A native lane for ``nixl_agent`` (NIXL's Python ``nixl_agent``) and the remote agent ``remote``.
+def open_lane(nixl_agent: Any) -> NativeLane:
+    """A native lane for ``nixl_agent`` (NIXL's Python ``nixl_agent``).
 
     Raises:
         OSError: It cannot run here (the message says why).
@@ -382,4 +389,4 @@ def open_lane(nixl_agent: Any, remote: str) -> NativeLane:
     api.hash = _hash_function()
     handle = _AgentHandle(_agent_pointer(nixl_agent.agent))
     _check_agent(capi, handle, nixl_agent)
-    return NativeLane(lib, api, handle, remote)
+    return NativeLane(lib, api, handle)

@@ -335,6 +335,19 @@ if IN_NETNS and _nixl_missing() is None:
             assert isinstance(backend, NixlBackend)
             raw_corrupt(backend.settings.port, key)
 
+    class TestNixlPeerPythonLaneConformance(BackendTests):
+        """The same suite on the Python lane (hosts where the native lane cannot be built)."""
+
+        pytestmark: ClassVar[list[pytest.MarkDecorator]] = [*BackendTests.pytestmark, pytest.mark.timeout(HANG_GUARD)]
+
+        @pytest.fixture
+        def backend_url(self, nixl_peer: ServerProcess) -> str:
+            return f"nixl://127.0.0.1:{nixl_peer.port}?workers=2&native_lane=off"
+
+        async def corrupt_value(self, backend: StorageBackend, key: CacheKey) -> None:
+            assert isinstance(backend, NixlBackend) and not backend.stats()["native_lane"]
+            raw_corrupt(backend.settings.port, key)
+
     class TestNixlPosixConformance(BackendTests):
         pytestmark: ClassVar[list[pytest.MarkDecorator]] = [*BackendTests.pytestmark, pytest.mark.timeout(HANG_GUARD)]
 
@@ -569,7 +582,9 @@ if IN_NETNS and _nixl_missing() is None:
             await nx.delete([k for batch in batches for k in batch])
 
     @pytest.mark.timeout(HANG_GUARD)
-    @pytest.mark.parametrize("query", ["", "?ucx_workers=4"], ids=["lane", "direct"])
+    @pytest.mark.parametrize(
+        "query", ["", "?native_lane=off", "?ucx_workers=4"], ids=["native", "python-lane", "direct"]
+    )
     async def test_registered_host_memory_is_not_registered_again_per_call(
         nixl_peer: ServerProcess, monkeypatch: pytest.MonkeyPatch, query: str
     ) -> None:
@@ -637,7 +652,7 @@ if IN_NETNS and _nixl_missing() is None:
 
     @pytest.mark.timeout(HANG_GUARD)
     @pytest.mark.usefixtures("small_groups")
-    @pytest.mark.parametrize("query", ["", "?ucx_workers=4"], ids=["lane", "direct"])
+    @pytest.mark.parametrize("query", ["?native_lane=off", "?ucx_workers=4"], ids=["python-lane", "direct"])
     async def test_a_transfer_failing_midway_aborts_the_put_and_fails_the_get(
         nixl_peer: ServerProcess, monkeypatch: pytest.MonkeyPatch, query: str
     ) -> None:
@@ -666,3 +681,95 @@ if IN_NETNS and _nixl_missing() is None:
             assert [bytes(d) for d in dsts] == values
             await b.delete(keys)
             assert (await b.peer_stats())["used_bytes"] == used, "leases the failed get took were released"
+
+    class _FailSecondNativeTransfer:
+        """Fault injection: the second transfer of a job reaches past the peer's registered pool.
+
+        NIXL itself then refuses that transfer (its remote descriptor lies in no registered
+        memory), in the native lane, after the first one has moved.
+        """
+
+        def __init__(self, backend: NixlBackend) -> None:
+            assert backend._native is not None
+            self.real = backend._native.submit
+            self.past_pool = backend._pool_addr + backend._pool_len + (1 << 30)
+            self.jobs = 0
+
+        def __call__(self, remote: str, op: int, transfers: list, *, hash_at_start: bool) -> object:
+            if len(transfers) >= 2 and self.jobs == 0:
+                self.jobs += 1
+                descs, ranges = transfers[1]
+                transfers = [transfers[0], ([(a, self.past_pool, n) for a, _r, n in descs], ranges), *transfers[2:]]
+            return self.real(remote, op, transfers, hash_at_start=hash_at_start)
+
+    @pytest.mark.timeout(HANG_GUARD)
+    async def test_native_lane_a_transfer_failing_midway_aborts_the_put_and_fails_the_get(
+        nixl_peer: ServerProcess, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """On the native lane: a job whose second transfer NIXL refuses fails whole, and nothing leaks."""
+        keys = [make_key(950 + i) for i in range(3)]
+        values = [os.urandom(3 * MiB) for _ in keys]
+        async with open_backend(f"nixl://127.0.0.1:{nixl_peer.port}?native_lane=on") as b:
+            assert isinstance(b, NixlBackend) and b._native is not None and b.stats()["native_lane"]
+            used = (await b.peer_stats())["used_bytes"]
+            with monkeypatch.context() as m:
+                m.setattr(b._native, "submit", _FailSecondNativeTransfer(b))
+                results = await b.put(keys, values)
+            assert [(r.status, r.reason) for r in results] == [(PutStatus.REJECTED, "error")] * 3
+            assert b.stats()["errors"] >= 1
+            assert await b.contains(keys) == [False] * 3, "the group was aborted, the first value included"
+            assert all(r.ok for r in await b.put(keys, values))
+            with monkeypatch.context() as m:
+                m.setattr(b._native, "submit", _FailSecondNativeTransfer(b))
+                with pytest.raises(BackendUnavailableError, match="transfer 2 of 3"):
+                    await b.get_into(keys, [bytearray(3 * MiB) for _ in keys])
+            dsts = [bytearray(3 * MiB) for _ in keys]
+            assert await b.get_into(keys, dsts) == [3 * MiB] * 3
+            assert [bytes(d) for d in dsts] == values
+            await b.delete(keys)
+            assert (await b.peer_stats())["used_bytes"] == used, "leases the failed get took were released"
+
+    @pytest.mark.timeout(HANG_GUARD)
+    async def test_native_lane_checksums_are_the_frame_checksums(nixl_peer: ServerProcess) -> None:
+        """What the native lane hashes is what the Python lane verifies, and the other way round."""
+        keys = [make_key(970 + i) for i in range(6)]
+        values = [os.urandom(n) for n in (0, 1, 63, 4097, 2 * MiB + 5, 3 * MiB)]
+        url = f"nixl://127.0.0.1:{nixl_peer.port}"
+        async with open_backend(url + "?native_lane=on") as native, open_backend(url + "?native_lane=off") as py:
+            assert native.stats()["native_lane"] and not py.stats()["native_lane"]
+            for writer, reader in ((native, py), (py, native)):
+                assert all(r.ok for r in await writer.put(keys, values))
+                dsts = [bytearray(len(v)) for v in values]
+                assert await reader.get_into(keys, dsts) == [len(v) for v in values]
+                assert [bytes(d) for d in dsts] == values
+                assert reader.stats()["corrupt"] == 0
+                await writer.delete(keys)
+            assert all(r.ok for r in await py.put(keys, values))
+            raw_corrupt(nixl_peer.port, keys[4])
+            dsts = [bytearray(len(v)) for v in values]
+            got = await native.get_into(keys, dsts)
+            assert got == [0, 1, 63, 4097, None, 3 * MiB]
+            assert native.stats()["corrupt"] == 1
+            await py.delete(keys)
+
+    @pytest.mark.timeout(HANG_GUARD)
+    async def test_without_a_compiler_auto_keeps_the_python_lane_and_on_refuses(
+        nixl_peer: ServerProcess, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        """The native lane is built on first use; where it cannot be, ``auto`` falls back and ``on`` fails."""
+        from lmcache.backends import nixl_native
+
+        monkeypatch.setattr(nixl_native, "_built", {})
+        monkeypatch.setenv("LMCACHE_NATIVE_DIR", str(tmp_path / "native"))
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+        url = f"nixl://127.0.0.1:{nixl_peer.port}"
+        with pytest.raises(BackendUnavailableError, match="native lane cannot run here"):
+            async with open_backend(url + "?native_lane=on"):
+                pass
+        async with open_backend(url) as b:
+            assert isinstance(b, NixlBackend) and b._native is None and b._lane is not None
+            key = make_key(990)
+            assert all(r.ok for r in await b.put([key], [b"x" * 5000]))
+            dst = bytearray(5000)
+            assert await b.get_into([key], [dst]) == [5000] and bytes(dst) == b"x" * 5000
+            await b.delete([key])

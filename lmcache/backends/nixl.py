@@ -1151,7 +1151,7 @@ class NixlBackend(StorageBackend):
                     raise PermanentBackendError(f"nixl://: header of {key} is {len(head)} bytes, reserved {h}")
                 headers[starts[j] : starts[j] + h] = np.frombuffer(head, dtype=np.uint8)
             descs = [(haddr + starts[j], pool + offsets[j], hlens[j]) for j in range(len(keys))]
-            self._run_native(native, "WRITE", [(descs, [])], hash_at_start=False)
+            self._run_native(native, "WRITE", [(descs, [])], hash_at_start=False, urgent=True)
 
     def _run_native(
         self,
@@ -1160,6 +1160,7 @@ class NixlBackend(StorageBackend):
         transfers: list[tuple[list[tuple[int, int, int]], list[tuple[int, int]]]],
         *,
         hash_at_start: bool,
+        urgent: bool = False,
     ) -> list[int]:
         """Run one job on the native lane and wait for it; the checksums of its hashed ranges.
 
@@ -1176,7 +1177,9 @@ class NixlBackend(StorageBackend):
         if remote is None:
             raise BackendUnavailableError("nixl://: not connected to the peer")
         try:
-            job = native.submit(remote, WRITE if op == "WRITE" else READ, transfers, hash_at_start=hash_at_start)
+            job = native.submit(
+                remote, WRITE if op == "WRITE" else READ, transfers, hash_at_start=hash_at_start, urgent=urgent
+            )
         except OSError as exc:
             raise BackendUnavailableError(f"nixl://: {exc}") from None
         timeout = self.settings.timeout

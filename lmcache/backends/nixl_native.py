@@ -147,10 +147,12 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lmc_lane_create.argtypes = [ctypes.POINTER(_Api), vp]
     lib.lmc_lane_destroy.restype = None
     lib.lmc_lane_destroy.argtypes = [vp]
+    lib.lmc_lane_set_spin.restype = None
+    lib.lmc_lane_set_spin.argtypes = [vp, ctypes.c_long]
     lib.lmc_lane_stats.restype = None
     lib.lmc_lane_stats.argtypes = [vp, u64p]
     lib.lmc_job_submit.restype = vp
-    lib.lmc_job_submit.argtypes = [vp, ctypes.c_char_p, *[ctypes.c_int] * 3, i32p, u64p, i32p, u64p]
+    lib.lmc_job_submit.argtypes = [vp, ctypes.c_char_p, *[ctypes.c_int] * 4, i32p, u64p, i32p, u64p]
     lib.lmc_job_wait.restype = ctypes.c_int
     lib.lmc_job_wait.argtypes = [vp, vp, ctypes.c_long]
     lib.lmc_job_cancel.restype = None
@@ -325,12 +327,15 @@ class NativeLane:
         transfers: Sequence[tuple[Sequence[tuple[int, int, int]], Sequence[tuple[int, int]]]],
         *,
         hash_at_start: bool,
+        urgent: bool = False,
     ) -> NativeJob:
         """Queue transfers with the agent ``remote``: ``(descriptors, ranges to hash)`` each.
 
         A descriptor is ``(local address, remote address, length)``, a range to hash
         ``(address, length)``: hashed once the lane takes the transfer up (``hash_at_start``,
-        a WRITE's sources) or once it has landed (a READ's destinations).
+        a WRITE's sources) or once it has landed (a READ's destinations). An ``urgent`` job
+        goes ahead of every job not yet started (a put's headers, which hold up the rest of
+        their batch until they are written).
 
         Raises:
             OSError: The lane is stopping, out of memory, or ``remote`` is too long a name.
@@ -348,6 +353,7 @@ class NativeLane:
             remote.encode(),
             op,
             int(hash_at_start),
+            int(urgent),
             len(transfers),
             (ctypes.c_int32 * len(xd))(*xd),
             (ctypes.c_uint64 * max(len(desc), 1))(*desc),
@@ -357,6 +363,10 @@ class NativeLane:
         if not ptr:
             raise OSError("the native NIXL lane did not take the job (stopping, or out of memory)")
         return NativeJob(self, ptr, len(hr) // 2)
+
+    def set_spin(self, ns: int) -> None:
+        """How long the checksum thread spins for the next transfer before it sleeps (ns)."""
+        self.lib.lmc_lane_set_spin(self.ptr, ns)
 
     def stats(self) -> dict[str, int]:
         """Counters: transfers, bytes, hashed bytes, ns spent posting, ns the hasher waited."""

@@ -695,12 +695,12 @@ if IN_NETNS and _nixl_missing() is None:
             self.past_pool = backend._pool_addr + backend._pool_len + (1 << 30)
             self.jobs = 0
 
-        def __call__(self, remote: str, op: int, transfers: list, *, hash_at_start: bool) -> object:
+        def __call__(self, remote: str, op: int, transfers: list, **kwargs: bool) -> object:
             if len(transfers) >= 2 and self.jobs == 0:
                 self.jobs += 1
                 descs, ranges = transfers[1]
                 transfers = [transfers[0], ([(a, self.past_pool, n) for a, _r, n in descs], ranges), *transfers[2:]]
-            return self.real(remote, op, transfers, hash_at_start=hash_at_start)
+            return self.real(remote, op, transfers, **kwargs)
 
     @pytest.mark.timeout(HANG_GUARD)
     async def test_native_lane_a_transfer_failing_midway_aborts_the_put_and_fails_the_get(

@@ -1,0 +1,283 @@
+"""The native NIXL lane (``_nixl_lane.c``) on its own: order, checksums, failures, cancellation.
+
+These tests build the lane with the host's C compiler and drive it through a fault-injecting
+stand-in for NIXL's C API: Python callbacks that copy between in-process buffers, and can be told
+to leave a transfer in progress, or to refuse one. That lets them reach what a real peer over
+UCX/CMA never does here (a transfer stuck in progress, aborted by a cancel). The lane against the
+real NIXL SDK and a real peer is tested in ``test_nixl.py``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import xxhash
+
+from lmcache.backends import nixl_native
+from lmcache.backends.nixl_native import CANCELLED, READ, WRITE, NativeLane
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) to build the native lane"),
+    pytest.mark.timeout(60),
+]
+
+IN_PROG, ERR_BACKEND = 1, -2
+_vp = ctypes.c_void_p
+_DL_CREATE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.POINTER(_vp), ctypes.c_bool)
+_DL_DESTROY = ctypes.CFUNCTYPE(ctypes.c_int, _vp)
+_DL_ADD = ctypes.CFUNCTYPE(ctypes.c_int, _vp, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_uint64)
+_REQ_CREATE = ctypes.CFUNCTYPE(ctypes.c_int, _vp, ctypes.c_int, _vp, _vp, ctypes.c_char_p, ctypes.POINTER(_vp), _vp)
+_REQ_POST = ctypes.CFUNCTYPE(ctypes.c_int, _vp, _vp, _vp)
+_REQ_ONE = ctypes.CFUNCTYPE(ctypes.c_int, _vp, _vp)
+_REQ_DESTROY = ctypes.CFUNCTYPE(ctypes.c_int, _vp)
+
+
+class FakeNixl:
+    """NIXL's C API as the lane calls it, over in-process memory (fault injection only).
+
+    A READ copies remote -> local, a WRITE local -> remote. ``stuck`` holds transfer numbers
+    (in creation order) that stay in progress until released; ``refuse`` those whose request
+    creation fails; ``slow`` those that finish on their third status poll.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.dlists: dict[int, list[tuple[int, int]]] = {}
+        self.reqs: dict[int, dict[str, object]] = {}
+        self.ids = iter(range(1, 1 << 30))
+        self.created = 0
+        self.stuck: set[int] = set()
+        self.refuse: set[int] = set()
+        self.slow: set[int] = set()
+        self.gate: dict[int, threading.Event] = {}  # posting these waits for the event
+        self.posted: list[tuple[str, int]] = []  # (remote agent, transfer number) in post order
+        self.released_in_progress = 0
+        self.callbacks = [
+            _DL_CREATE(self.dl_create),
+            _DL_DESTROY(self.dl_destroy),
+            _DL_ADD(self.dl_add),
+            _REQ_CREATE(self.req_create),
+            _REQ_POST(self.req_post),
+            _REQ_ONE(self.req_status),
+            _REQ_ONE(self.req_release),
+            _REQ_DESTROY(self.req_destroy),
+        ]
+
+    def api(self) -> nixl_native._Api:
+        api = nixl_native._Api()
+        for (field, _), cb in zip(nixl_native._Api._fields_, self.callbacks, strict=False):
+            setattr(api, field, ctypes.cast(cb, _vp).value)
+        api.hash = nixl_native._hash_function()
+        return api
+
+    def dl_create(self, _mem: int, out: ctypes._Pointer, _sorted: bool) -> int:  # type: ignore[type-arg]
+        with self.lock:
+            i = next(self.ids)
+            self.dlists[i] = []
+        out[0] = i
+        return 0
+
+    def dl_destroy(self, dl: int) -> int:
+        with self.lock:
+            self.dlists.pop(dl)
+        return 0
+
+    def dl_add(self, dl: int, addr: int, n: int, _dev: int) -> int:
+        with self.lock:
+            self.dlists[dl].append((addr, n))
+        return 0
+
+    def req_create(self, _agent: int, op: int, local: int, remote: int, name: bytes, out: object, _opt: int) -> int:
+        with self.lock:
+            number = self.created
+            self.created += 1
+            if number in self.refuse:
+                return ERR_BACKEND
+            i = next(self.ids)
+            self.reqs[i] = {
+                "op": op,
+                "pairs": list(zip(self.dlists[local], self.dlists[remote], strict=True)),
+                "number": number,
+                "name": name.decode(),
+                "polls": 0,
+                "done": False,
+            }
+        out[0] = i  # type: ignore[index]
+        return 0
+
+    def _move(self, req: dict[str, object]) -> None:
+        for (la, n), (ra, _n) in req["pairs"]:  # type: ignore[attr-defined]
+            src, dst = (ra, la) if req["op"] == READ else (la, ra)
+            ctypes.memmove(dst, src, n)
+        req["done"] = True
+
+    def req_post(self, _agent: int, r: int, _opt: int) -> int:
+        req = self.reqs[r]
+        number = int(req["number"])  # type: ignore[call-overload]
+        if number in self.gate:
+            self.gate[number].wait(10)
+        self.posted.append((str(req["name"]), number))
+        if req["number"] in self.stuck or req["number"] in self.slow:
+            return IN_PROG
+        self._move(req)
+        return 0
+
+    def req_status(self, _agent: int, r: int) -> int:
+        req = self.reqs[r]
+        if req["number"] in self.stuck:
+            return IN_PROG
+        req["polls"] = int(req["polls"]) + 1  # type: ignore[call-overload]
+        if int(req["polls"]) < 3:  # type: ignore[call-overload]
+            return IN_PROG
+        if not req["done"]:
+            self._move(req)
+        return 0
+
+    def req_release(self, _agent: int, r: int) -> int:
+        req = self.reqs[r]
+        if not req["done"]:
+            self.released_in_progress += 1  # NIXL aborts a transfer released in progress
+        return 0
+
+    def req_destroy(self, r: int) -> int:
+        with self.lock:
+            self.reqs.pop(r)
+        return 0
+
+
+@pytest.fixture
+def fake() -> FakeNixl:
+    return FakeNixl()
+
+
+@pytest.fixture
+def lane(fake: FakeNixl, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NativeLane]:
+    lib = nixl_native.build()
+    handle = nixl_native._AgentHandle(0x1000)  # never dereferenced by the fake
+    lane = NativeLane(lib, fake.api(), handle)
+    yield lane
+    lane.close()
+
+
+def _buf(data: bytes) -> tuple[ctypes.Array[ctypes.c_char], int]:
+    buf = ctypes.create_string_buffer(data, len(data))
+    return buf, ctypes.addressof(buf)
+
+
+def test_build_is_cached_on_disk_and_keyed_by_its_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nixl_native, "_built", {})
+    monkeypatch.setenv("LMCACHE_NATIVE_DIR", str(tmp_path))
+    nixl_native.build()
+    built = list(tmp_path.glob("nixl_lane-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(nixl_native, "_built", {})
+    nixl_native.build()
+    assert list(tmp_path.glob("nixl_lane-*.so")) == built and built[0].stat().st_mtime_ns == stamp, "rebuilt"
+    assert not list(tmp_path.glob(".nixl_lane-*")), "a temporary file was left behind"
+
+
+def test_a_failing_compiler_is_an_oserror_with_its_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nixl_native, "_built", {})
+    monkeypatch.setenv("LMCACHE_NATIVE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "cc -Wl,--no-such-linker-flag")
+    with pytest.raises(OSError, match="building the native NIXL lane failed"):
+        nixl_native.build()
+    with pytest.raises(OSError, match="building the native NIXL lane failed"):
+        nixl_native.build()  # remembered: not retried on every open
+    assert not list(tmp_path.glob("*.so"))
+
+
+def test_reads_land_in_order_and_each_is_hashed(fake: FakeNixl, lane: NativeLane) -> None:
+    values = [os.urandom(n) for n in (1, 4096, 100_000, 0, 3 << 20)]
+    remote = [_buf(v) for v in values]
+    local = [_buf(b"\0" * len(v)) for v in values]
+    transfers = [
+        ([(la, ra, len(v))] if v else [(la, ra, 0)], [(la, len(v))])
+        for (_l, la), (_r, ra), v in zip(local, remote, values, strict=True)
+    ]
+    fake.slow = {2}  # finishes on a later poll: hashed only once it has landed
+    job = lane.submit("peer-a", READ, transfers, hash_at_start=False)
+    assert job.wait(10)
+    status, _at, _what, sums = job.result()
+    assert status == 0
+    assert [bytes(b.raw) for b, _ in local] == values
+    assert sums == [xxhash.xxh3_64_intdigest(v) for v in values]
+    assert fake.posted == [("peer-a", i) for i in range(5)]
+
+
+def test_writes_hash_their_sources_and_an_urgent_job_cuts_in(fake: FakeNixl, lane: NativeLane) -> None:
+    values = [os.urandom(64 << 10) for _ in range(6)]
+    srcs = [_buf(v) for v in values]
+    dsts = [_buf(b"\0" * len(v)) for v in values]
+    fake.gate = {0: threading.Event()}  # holds the lane in the first transfer while the urgent job is queued
+    big = lane.submit(
+        "p",
+        WRITE,
+        [([(sa, da, len(v))], [(sa, len(v))]) for (_s, sa), (_d, da), v in zip(srcs, dsts, values, strict=True)],
+        hash_at_start=True,
+    )
+    head, haddr = _buf(b"h" * 16)
+    hdst, hdaddr = _buf(b"\0" * 16)
+    urgent = lane.submit("u", WRITE, [([(haddr, hdaddr, 16)], [])], hash_at_start=False, urgent=True)
+    fake.gate[0].set()
+    assert urgent.wait(10) and big.wait(10)
+    assert urgent.result()[0] == 0 and hdst.raw == head.raw
+    status, _at, _what, sums = big.result()
+    assert status == 0 and sums == [xxhash.xxh3_64_intdigest(v) for v in values]
+    assert [bytes(d.raw) for d, _ in dsts] == values
+    order = "".join(name for name, _n in fake.posted)
+    assert order == "puppppp", f"the urgent job did not run next, between two transfers: {order}"
+    with pytest.raises(OSError, match="did not take the job"):
+        lane.submit("p", WRITE, [([(haddr, hdaddr, 16)], [(haddr, 16)])], hash_at_start=True, urgent=True)
+
+
+def test_a_refused_transfer_fails_the_job_and_nothing_after_it_is_posted(fake: FakeNixl, lane: NativeLane) -> None:
+    values = [os.urandom(1000) for _ in range(4)]
+    remote = [_buf(v) for v in values]
+    local = [_buf(b"\0" * 1000) for _ in values]
+    fake.refuse = {1}
+    job = lane.submit(
+        "p",
+        READ,
+        [([(la, ra, 1000)], [(la, 1000)]) for (_l, la), (_r, ra) in zip(local, remote, strict=True)],
+        hash_at_start=False,
+    )
+    assert job.wait(10)
+    status, at, what, _sums = job.result()
+    assert (status, at, what) == (ERR_BACKEND, 1, "createXferReq")
+    assert [n for _name, n in fake.posted] == [0], "transfers after the refused one were posted"
+    assert fake.created == 2 and not fake.reqs, "a request was left unreleased"
+    nxt = lane.submit("p", READ, [([(local[3][1], remote[3][1], 1000)], [])], hash_at_start=False)
+    assert nxt.wait(10) and nxt.result()[0] == 0, "the lane kept serving after a failed job"
+
+
+def test_a_stuck_transfer_times_out_and_a_cancel_aborts_it(fake: FakeNixl, lane: NativeLane) -> None:
+    values = [os.urandom(1000) for _ in range(3)]
+    remote = [_buf(v) for v in values]
+    local = [_buf(b"\0" * 1000) for _ in values]
+    fake.stuck = {1}
+    job = lane.submit(
+        "p",
+        READ,
+        [([(la, ra, 1000)], [(la, 1000)]) for (_l, la), (_r, ra) in zip(local, remote, strict=True)],
+        hash_at_start=False,
+    )
+    t0 = time.monotonic()
+    assert not job.wait(0.3), "a job with a stuck transfer ended"
+    assert time.monotonic() - t0 >= 0.25
+    job.cancel()
+    assert job.wait(10), "a cancelled job did not end"
+    status, at, _what, _sums = job.result()
+    assert (status, at) == (CANCELLED, 1)
+    assert fake.released_in_progress == 1 and not fake.reqs, "the stuck transfer was not aborted"
+    # The transfers around it were in the lane's window: done before the job ended, never after.
+    assert [n for _name, n in fake.posted] == [0, 1, 2]
+    assert bytes(local[1][0].raw) == b"\0" * 1000

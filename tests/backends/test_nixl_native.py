@@ -57,6 +57,7 @@ class FakeNixl:
         self.refuse: set[int] = set()
         self.slow: set[int] = set()
         self.gate: dict[int, threading.Event] = {}  # posting these waits for the event
+        self.at_gate = threading.Event()  # set when a post starts waiting at its gate
         self.posted: list[tuple[str, int]] = []  # (remote agent, transfer number) in post order
         self.released_in_progress = 0
         self.callbacks = [
@@ -122,6 +123,7 @@ class FakeNixl:
         req = self.reqs[r]
         number = int(req["number"])  # type: ignore[call-overload]
         if number in self.gate:
+            self.at_gate.set()
             self.gate[number].wait(10)
         self.posted.append((str(req["name"]), number))
         if req["number"] in self.stuck or req["number"] in self.slow:
@@ -226,6 +228,7 @@ def test_writes_hash_their_sources_and_an_urgent_job_cuts_in(fake: FakeNixl, lan
     )
     head, haddr = _buf(b"h" * 16)
     hdst, hdaddr = _buf(b"\0" * 16)
+    assert fake.at_gate.wait(10)
     urgent = lane.submit("u", WRITE, [([(haddr, hdaddr, 16)], [])], hash_at_start=False, urgent=True)
     fake.gate[0].set()
     assert urgent.wait(10) and big.wait(10)

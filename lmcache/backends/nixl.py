@@ -2,7 +2,7 @@
 
 Two forms:
 
-``nixl://host:port?timeout=30&workers=4&progress_thread=false&ucx_workers=1``
+``nixl://host:port?timeout=30&workers=4&progress_thread=false&ucx_workers=1&native_lane=auto``
     A peer process (``python -m lmcache.backends.nixl_peer --port P --capacity 8GiB``, see
     :mod:`lmcache.backends.nixl_peer`) holds a NIXL-registered DRAM pool and the index. This
     backend talks to it over a small TCP control protocol (reserve, commit, lookup, release,
@@ -28,123 +28,66 @@ Two forms:
     :class:`~lmcache.backends.file.FileBackend`), with every read and write of file bytes done
     as a NIXL DRAM↔FILE transfer. ``o_direct`` is not offered (the plugin does its own I/O).
 
-Performance (``lmcache bench backend --url nixl://…`` against :mod:`lmcache.bench.baselines_nixl`:
-a raw NIXL WRITE/READ per batch between pre-registered arrays and one reserved extent, using an
-agent configured like the backend's. Setup: 2 MiB values, batches of 16, 4 in flight, a 2-core
-VM, UCX over loopback in a private network namespace; UCX moves the bytes with CMA
+Performance (``lmcache bench backend --url nixl://… --checked`` against
+:mod:`lmcache.bench.baselines_nixl`: a raw NIXL WRITE/READ per batch between pre-registered
+arrays and one reserved extent, using an agent configured like the backend's; ``--checked`` adds
+the raw SDK with lmcache's check, xxh3 of each value before a WRITE and after a READ. Setup: 2 MiB
+values, batches of 16, 4 in flight, 1 GiB rounds, a 2-vCPU AMD EPYC VM, a prefaulted peer, UCX
+over loopback in a private network namespace. UCX moves the bytes with CMA
 (``process_vm_readv``/``writev``), so every transfer is a copy by the host CPU, done when posted.)
 
-* Ratio to the same run's raw SDK (median of five rounds, 1 GiB rounds, ``--total 1GiB``), three
-  runs each, interleaved with the peer as it was before its pool was mapped private (shared
-  anonymous memory is shmem: 4 KiB pages, no THP):
-
-  ===================  ===========  ===========  ==================  ==================
-  peer                 put          get          backend GB/s        raw SDK GB/s
-  ===================  ===========  ===========  ==================  ==================
-  default (THP)        0.77-0.83    0.67-0.73    put 8.7-9.9,        put 10.4-12.3,
-                                                 get 9.6-11.6        get 13.8-15.9
-  ``--prefault``       0.66-0.83    0.67-0.72    put 7.5-9.4,        put 11.3-11.5,
-                                                 get 9.4-10.9        get 14.1-15.3
-  before: 4 KiB shmem  0.83-0.90    0.79-0.86    put 6.3-6.4,        put 7.0-7.7,
-                                                 get 6.5-7.5         get 8.2-8.7
-  ===================  ===========  ===========  ==================  ==================
-
-  Huge pages made the backend ~1.45x faster and the raw SDK ~1.6-1.8x: the copy now runs at
-  memory speed, where the checksum pass (below) costs the most. Default 256 MiB rounds: puts
-  0.64-0.74, gets 0.61-0.65 (0.78-0.83 / 0.75-0.82 before). ``ucx_workers=4`` or ``8`` (two
-  cores copying): backend put 12.1-13.5, get 11.9-13.6 GB/s over four runs, the fastest
-  configuration here, but against a raw 18.6-27 GB/s (0.48-0.66).
+* **The native lane** (the default where a C compiler is present, ``native_lane=auto``; see
+  :mod:`lmcache.backends.nixl_native`). One C thread makes every NIXL call of the data path
+  through NIXL's C API, one value per transfer; a second C thread hashes each value as the lane
+  starts copying it (a put: the hash runs a little ahead of the copy over the same bytes, so the
+  copy reads them from cache) or as soon as it has landed (a get: still in cache). No Python runs
+  between transfers. A put's headers (which carry the checksums) follow in one more transfer that
+  the lane takes between two transfers of the job in progress. Figures, three runs each, the raw
+  SDK at 11.2-12.8 GB/s: puts 0.79-0.85 of the raw SDK (1.09-1.12 of the checked raw SDK), gets
+  0.79-0.89 (1.07-1.20); three earlier runs (before headers cut in), the raw SDK at 9.4-9.9 GB/s:
+  puts 0.80-0.94, gets 0.82-0.87. The Python lane on the same VM: puts 0.78-0.93, gets 0.73-0.85.
+  The lane alone (a script outside the repository: the same arrays and peer, no control
+  messages, interleaved with the raw SDK): without hashing, its 2 MiB transfers moved ~8% faster
+  than the raw SDK's one transfer per batch; with hashing, 0.89-1.06 of the raw SDK, lower where
+  the host copied faster. What remains is the checksum pass itself (an xxh3 of
+  every byte on the second vCPU, ~0.4 of a core at 10 GB/s) and the control messages.
+* **Why the Python lane could not get there.** NIXL's bindings release the GIL in
+  ``createXferReq`` and ``postXferReq``, so a Python thread that posts transfers takes the GIL
+  back from the verifying and event-loop threads three times per transfer (~40-60 us each under
+  load, against ~10 us for a whole transfer in a quiet process), and a verifying Python thread
+  woke 30-70 us (p90 0.3-1.3 ms) after a transfer ended. The Python lane therefore moves values
+  in groups of ~:data:`_GROUP_BYTES` (16 MiB) per transfer, and a get verifies a group only when
+  the whole group has landed, by then mostly from memory: gets at 0.73-0.85 of the raw SDK, about
+  as fast as the checked raw SDK. Small groups kept the bytes in cache (hash rate 43-50 GB/s
+  instead of 27-30) but cost as much in GIL handoffs as they saved. A put queues all its
+  payload transfers and checksums each group from the moment the lane starts it (0.83-0.93,
+  against 0.71-0.76 when it checksummed the next group while the lane copied the previous one).
 * **The ceiling.** Every put checksums and every get verifies the whole payload (DESIGN.md §3
-  rule 8), one more pass over memory than the raw SDK makes. ``lmcache bench host`` measures
-  what that costs with no store and no NIXL involved: ``process_vm_readv`` of 2 MiB steps from
-  another process's huge-page memory (what UCX does here) with a second thread checking each
-  16 MiB group as it lands runs at 0.78-0.79 of the bare reads; checking first, then
-  ``process_vm_writev``, at 0.79-0.88 of the bare writes (memmove in place of CMA: 0.72-0.82).
-  Gets at 0.67-0.73 of the raw SDK are therefore at ~0.85-0.95 of what any verifying client
-  can reach here, puts at ~0.9-1.0. The ceiling moves with the VM host's memory traffic: an
-  hour later the same rows read 0.97-1.0, and six runs, each next to a ``bench host`` run,
-  gave puts 0.90-0.91 and gets 0.78-0.90 where the ceiling was ~0.98, puts 0.80-0.94 and
-  gets 0.70-0.77 where it was 0.81-0.85. The rest is the lane's per-transfer calls: with
-  verification switched off for a measurement, gets ran at 0.89 of the raw SDK in one run.
-* **Against the raw SDK with the same check** (``lmcache bench backend --checked``: the raw
-  baseline plus xxh3 of each source before a WRITE and of what landed after a READ, in the same
-  run). On another day's VM (three runs, 1 GiB): the checked raw SDK kept 0.73-0.77 (put) and
-  0.72-0.75 (get) of the raw one, and the backend ran at 1.01-1.06 / 1.01-1.08 of the checked
-  raw SDK (0.74-0.81 / 0.73-0.80 of the raw one). With the checksum replaced by a constant for
-  a measurement (two runs each, interleaved), the backend ran at 0.96-0.97 of the raw SDK both
-  ways, against 0.76-0.85 with it; with the checksum replaced by xxh3 of an L2-resident buffer
-  (the same CPU time, no memory traffic), at 0.86-0.93. What separates ``nixl://`` from the raw
-  SDK here is the checksum pass over memory, not the rest of the backend. (Those figures predate
-  the put change below; four runs after it, prefaulted peer, seven rounds, each run next to a
-  ``bench host`` run: puts 0.83-0.93 of the raw SDK and 1.10-1.29 of the checked one, gets
-  0.76-0.81 and 1.03-1.05.)
-* **Why gets stay below.** A get can only check bytes that have landed. With 16 MiB groups the
-  verifying thread hashes them at ~27-30 GB/s, i.e. from memory, and the lane's READs slow from
-  ~11.2 to ~9.4-9.6 GB/s. Hashing a group right after it lands keeps it in cache: in a
-  simulation (``process_vm_readv`` in 512 KiB steps, a second CPU hashing each step as it
-  lands) 1-2 MiB groups kept 0.96-0.985 of the bare reads, 4 MiB 0.84, 16 MiB 0.79. In the
-  backend, 2-4 MiB groups did bring the hash rate to 43-50 GB/s, but each transfer then costs
-  ~40-60 us more than the ~10 us NIXL needs on a quiet process: NIXL's bindings release the GIL
-  in ``createXferReq`` and ``postXferReq`` and the lane must take it back from the verifying
-  and event-loop threads three times per transfer, and the verifier wakes ~30-70 us after a
-  transfer ends (p90 0.3-1.3 ms unless the lane and the backend's threads are pinned to
-  different CPUs). Net: 2 MiB groups 0.69-0.73, 4 MiB 0.75-0.81, 16 MiB 0.75-0.82, within
-  noise of each other. A lane that posts without the GIL (native code) would let small groups
-  pay off; this package does not build native extensions.
-* **The lane.** With one UCX worker (the default) the agent serializes its calls and holds its
-  lock for a whole CPU copy. Executor threads posting into it handed the lock over after every
-  transfer, and each handover waited for a sleeping thread, while verifying between transfers
-  left the copier idle. One lane thread (:class:`_LaneBatch`) now makes every NIXL call of
-  the data path in order; callers checksum and verify on the other cores while it copies.
-  The lane is busy ~95% of a phase; what remains between its copies is per-transfer overhead
-  (~20-30 us to dispatch a call, ``createXferReq`` at a median ~17-36 us but a 90th percentile
-  of ~0.35-0.5 ms amid the other threads' work) and short stalls while all batches in flight are
-  being verified or looked up. Calling ``createXferReq`` from the callers instead was no
-  better: it waits for the agent's lock, which the lane holds for each copy.
-* **Registered memory.** Registering a batch's buffers cost 10-40 us alone but 100 us to 1.4
-  ms on the lane amid the copies (and it serialized with them). Callers declare long-lived
-  memory once with :meth:`~lmcache.backends.base.StorageBackend.register_host_memory` (the
-  engine's chunk pool, the benchmark's arrays); frame headers go into slabs of one registered
-  arena. Buffers outside registered memory are still registered per call.
-* Values move in groups of ~:data:`_GROUP_BYTES` (16 MiB) of payload, one transfer each. A
-  put queues all its payload transfers, checksums each group from the moment the lane starts
-  copying it, and queues the headers (which carry the checksums) as one more transfer; the
-  checksum runs a little ahead of the copy over the same bytes, so the copy reads them from
-  cache (see "Checksum beside the copy" below). A get queues its whole batch (header and
-  payload descriptors together) and verifies each group as its transfer finishes. 32 MiB
-  groups (one per batch) and 8 MiB were within noise of 16; one 2 MiB value per transfer was
-  ~10% slower.
-* **Checksum beside the copy.** A thread that hashed each 16 MiB group while the lane copied
-  the previous one slowed the copy by ~20% (both read the bytes from memory). Started when the
-  lane starts the same group, the hash runs ahead of the copy by a few MiB at most, and the copy
-  finds the bytes in the shared L3: in a simulation (``process_vm_writev`` of 16 MiB groups in
-  512 KiB steps, an AMD EPYC VM), copy alone 11.5 GB/s, hashing the next group ahead 9.0-9.4,
-  hashing the same group from its start 12.3-12.7. In the backend (prefaulted peer, 1 GiB,
-  seven rounds, three interleaved A/B runs): puts at 0.84-0.87 of the raw SDK, against
-  0.71-0.76 before; the lane's WRITE copies ran at ~11.2-11.4 GB/s with the checksum and 11.5
-  with it replaced by a constant. A get cannot do the same: a hash that runs ahead of the copy
-  would read bytes that have not landed (and a ``dst`` that already held the right value
-  would pass while a damaged one lands), so a group is verified only once its transfer is done.
-* Checksums are verified end to end, on the other core (xxh3 runs at ~33 GB/s from memory
-  here). In a simulation without NIXL (a memmove thread and a hashing thread), checking each
-  2-32 MiB group as it landed, its values in either order, slowed the copy about as much
-  (to 0.72-0.8): on this VM a second pass over the same bytes contends for memory whether it
-  reads from the cache or not. Letting the peer check them instead was measured no better
-  (one more pass over memory, on the same memory bus).
+  rule 8), one more pass over memory than the raw SDK makes; ``lmcache bench host`` measures
+  what that costs with no store or NIXL involved (CMA read then check: 0.78-0.92 of the bare
+  reads on this VM, moving with the host's memory traffic). The raw SDK with the same check ran
+  at 0.71-0.80 of the raw one in every run above.
+* **One lane per agent.** With one UCX worker the agent serializes its calls and holds its lock
+  for a whole CPU copy, so one thread making every call (either lane) never waits for the lock
+  and always has the next transfer queued. ``ucx_workers=4`` or ``8`` lets executor threads copy
+  in parallel (backend put 12.1-13.5, get 11.9-13.6 GB/s on an earlier VM, against a raw SDK
+  that gains more: 18.6-27 GB/s).
+* **Registered memory.** Registering a batch's buffers cost 10-40 us alone but up to 1.4 ms amid
+  the copies. Callers declare long-lived memory once with
+  :meth:`~lmcache.backends.base.StorageBackend.register_host_memory` (the engine's chunk pool, the
+  benchmark's arrays); frame headers go into slabs of one registered arena. Buffers outside
+  registered memory are still registered per call.
 * Progress threads (the peer's always, a client's with ``progress_thread=true``) sleep until
   UCX has an event: NIXL's Python API makes them poll without pause, and an idle peer took a
-  whole core. The peer's pool is private anonymous memory with ``MADV_HUGEPAGE``, so it gets
-  transparent huge pages where ``/sys/kernel/mm/transparent_hugepage/enabled`` allows madvise.
-  ``--prefault`` populates it at start (recommended for a dedicated peer; ~2.3 s per GiB on
-  this VM, where a fresh huge page is slow to touch the first time, with no compaction
-  involved); otherwise each first write into a page takes a fault, and a first fill ran at
-  ~0.4 GB/s.
-* Over UCX/TCP (``UCX_TLS=tcp,self``, transfers not done when posted, polled by the caller)
-  the lane works unchanged: put 0.99, get 1.00 with ``progress_thread=true`` (3.3 and 1.1
-  GB/s; TCP is the bottleneck).
+  whole core. The peer's pool is private anonymous memory with ``MADV_HUGEPAGE`` (on 4 KiB
+  pages both the raw SDK and the backend ran ~1.6x slower); ``--prefault`` populates it at start
+  (~2.3 s per GiB here), otherwise a first fill ran at ~0.4 GB/s.
+* Over UCX/TCP (``UCX_TLS=tcp,self``, transfers not done when posted) both lanes keep several
+  transfers in flight and poll them; TCP is then the bottleneck (Python lane: put 0.99, get 1.00
+  of the raw SDK with ``progress_thread=true``, 3.3 and 1.1 GB/s).
 
 Every NIXL call (agent creation, registration, transfers, polling) runs on the backend's own
-bounded executor (``workers`` threads) or its lane thread, never on the event loop. SDK
+bounded executor (``workers`` threads) or its lane thread (Python or native), never on the event loop. SDK
 failures are mapped to :class:`~lmcache.errors.BackendUnavailableError` /
 :class:`~lmcache.errors.BackendTimeoutError`.
 

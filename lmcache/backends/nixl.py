@@ -42,16 +42,25 @@ over loopback in a private network namespace. UCX moves the bytes with CMA
   starts copying it (a put: the hash runs a little ahead of the copy over the same bytes, so the
   copy reads them from cache) or as soon as it has landed (a get: still in cache). No Python runs
   between transfers. A put's headers (which carry the checksums) follow in one more transfer that
-  the lane takes between two transfers of the job in progress. Figures, three runs each, the raw
-  SDK at 11.2-12.8 GB/s: puts 0.79-0.85 of the raw SDK (1.09-1.12 of the checked raw SDK), gets
-  0.79-0.89 (1.07-1.20); three earlier runs (before headers cut in), the raw SDK at 9.4-9.9 GB/s:
-  puts 0.80-0.94, gets 0.82-0.87. The Python lane on the same VM: puts 0.78-0.93, gets 0.73-0.85.
-  The lane alone (a script outside the repository: the same arrays and peer, no control
-  messages, interleaved with the raw SDK): without hashing, its 2 MiB transfers moved ~8% faster
-  than the raw SDK's one transfer per batch; with hashing, 0.89-1.06 of the raw SDK, lower where
-  the host copied faster. What remains is the checksum pass itself (an xxh3 of
-  every byte on the second vCPU, ~0.4 of a core at 10 GB/s) and the control messages.
-* **Why the Python lane could not get there.** NIXL's bindings release the GIL in
+  the lane takes between two transfers of the job in progress. Three interleaved A/B pairs
+  (``native_lane=auto`` vs ``off``, ``--repeat 7 --checked``, the raw SDK at 11.8-13.1 GB/s):
+
+  ===========  ============  ============  =====================  =====================
+  lane         put / raw     get / raw     put / checked raw      get / checked raw
+  ===========  ============  ============  =====================  =====================
+  native       0.80-0.86     0.78-0.86     1.12-1.18              1.09-1.16
+  Python       0.83-0.85     0.74-0.75     1.13-1.16              1.00-1.01
+  ===========  ============  ============  =====================  =====================
+
+  Gets gain ~10%: each value is verified while still in cache. Puts gain nothing here (the
+  Python lane already checksums alongside the copy). Both stay below 0.90: the checksum pass
+  costs what it costs (the raw SDK with the same check kept 0.71-0.76 of the raw one in these
+  runs), and on 2 vCPUs the lane, the hashing thread, the event loop and the peer's control
+  messages share two cores. The lane alone (a script outside the repository: the same arrays and
+  peer, no control messages, interleaved with the raw SDK): without hashing, its 2 MiB transfers
+  moved ~8% faster than the raw SDK's one transfer per batch; with hashing, 0.89-1.06 of the raw
+  SDK, lower where the host copied faster.
+* **Why the Python lane verifies gets from memory.** NIXL's bindings release the GIL in
   ``createXferReq`` and ``postXferReq``, so a Python thread that posts transfers takes the GIL
   back from the verifying and event-loop threads three times per transfer (~40-60 us each under
   load, against ~10 us for a whole transfer in a quiet process), and a verifying Python thread

@@ -335,18 +335,12 @@ if IN_NETNS and _nixl_missing() is None:
             assert isinstance(backend, NixlBackend)
             raw_corrupt(backend.settings.port, key)
 
-    class TestNixlPeerPythonLaneConformance(BackendTests):
+    class TestNixlPeerPythonLaneConformance(TestNixlPeerConformance):
         """The same suite on the Python lane (hosts where the native lane cannot be built)."""
-
-        pytestmark: ClassVar[list[pytest.MarkDecorator]] = [*BackendTests.pytestmark, pytest.mark.timeout(HANG_GUARD)]
 
         @pytest.fixture
         def backend_url(self, nixl_peer: ServerProcess) -> str:
             return f"nixl://127.0.0.1:{nixl_peer.port}?workers=2&native_lane=off"
-
-        async def corrupt_value(self, backend: StorageBackend, key: CacheKey) -> None:
-            assert isinstance(backend, NixlBackend) and not backend.stats()["native_lane"]
-            raw_corrupt(backend.settings.port, key)
 
     class TestNixlPosixConformance(BackendTests):
         pytestmark: ClassVar[list[pytest.MarkDecorator]] = [*BackendTests.pytestmark, pytest.mark.timeout(HANG_GUARD)]

@@ -21,7 +21,7 @@ import pytest
 import xxhash
 
 from lmcache.backends import nixl_native
-from lmcache.backends.nixl_native import CANCELLED, READ, WRITE, NativeLane
+from lmcache.backends.nixl_native import CANCELLED, READ, WRITE, NativeJob, NativeLane
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) to build the native lane"),
@@ -173,6 +173,17 @@ def _buf(data: bytes) -> tuple[ctypes.Array[ctypes.c_char], int]:
     return buf, ctypes.addressof(buf)
 
 
+def _read_values(
+    lane: NativeLane, count: int
+) -> tuple[list[bytes], list[tuple[object, int]], list[tuple[object, int]], NativeJob]:
+    """Submit a READ of ``count`` random 1000-byte values, one per transfer, each hashed."""
+    values = [os.urandom(1000) for _ in range(count)]
+    remote = [_buf(v) for v in values]
+    local = [_buf(b"\0" * 1000) for _ in values]
+    transfers = [([(la, ra, 1000)], [(la, 1000)]) for (_l, la), (_r, ra) in zip(local, remote, strict=True)]
+    return values, local, remote, lane.submit("p", READ, transfers, hash_at_start=False)
+
+
 def test_build_is_cached_on_disk_and_keyed_by_its_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(nixl_native, "_built", {})
     monkeypatch.setenv("LMCACHE_NATIVE_DIR", str(tmp_path))
@@ -243,16 +254,8 @@ def test_writes_hash_their_sources_and_an_urgent_job_cuts_in(fake: FakeNixl, lan
 
 
 def test_a_refused_transfer_fails_the_job_and_nothing_after_it_is_posted(fake: FakeNixl, lane: NativeLane) -> None:
-    values = [os.urandom(1000) for _ in range(4)]
-    remote = [_buf(v) for v in values]
-    local = [_buf(b"\0" * 1000) for _ in values]
     fake.refuse = {1}
-    job = lane.submit(
-        "p",
-        READ,
-        [([(la, ra, 1000)], [(la, 1000)]) for (_l, la), (_r, ra) in zip(local, remote, strict=True)],
-        hash_at_start=False,
-    )
+    _values, local, remote, job = _read_values(lane, 4)
     assert job.wait(10)
     status, at, what, _sums = job.result()
     assert (status, at, what) == (ERR_BACKEND, 1, "createXferReq")
@@ -263,16 +266,8 @@ def test_a_refused_transfer_fails_the_job_and_nothing_after_it_is_posted(fake: F
 
 
 def test_a_stuck_transfer_times_out_and_a_cancel_aborts_it(fake: FakeNixl, lane: NativeLane) -> None:
-    values = [os.urandom(1000) for _ in range(3)]
-    remote = [_buf(v) for v in values]
-    local = [_buf(b"\0" * 1000) for _ in values]
     fake.stuck = {1}
-    job = lane.submit(
-        "p",
-        READ,
-        [([(la, ra, 1000)], [(la, 1000)]) for (_l, la), (_r, ra) in zip(local, remote, strict=True)],
-        hash_at_start=False,
-    )
+    values, local, _remote, job = _read_values(lane, 3)
     t0 = time.monotonic()
     assert not job.wait(0.3), "a job with a stuck transfer ended"
     assert time.monotonic() - t0 >= 0.25
@@ -284,3 +279,4 @@ def test_a_stuck_transfer_times_out_and_a_cancel_aborts_it(fake: FakeNixl, lane:
     # The transfers around it were in the lane's window: done before the job ended, never after.
     assert [n for _name, n in fake.posted] == [0, 1, 2]
     assert bytes(local[1][0].raw) == b"\0" * 1000
+    assert bytes(local[0][0].raw) == values[0] and bytes(local[2][0].raw) == values[2]

@@ -111,7 +111,7 @@ typedef struct {
     lmc_flight flight[LMC_WINDOW];
     int nflight;
     /* counters (read with lmc_lane_stats) */
-    atomic_ullong transfers, bytes, hashed_bytes, lane_ns, hash_wait_ns;
+    atomic_ullong transfers, bytes, hashed_bytes, lane_ns, hash_wait_ns, create_ns, finish_ns;
 } lmc_lane;
 
 static int64_t now_ns(void) {
@@ -177,7 +177,11 @@ static void drop_request(lmc_lane *lane, void *req) {
 
 static void set_state(lmc_lane *lane, lmc_job *job, int t, int state) {
     atomic_store_explicit(&job->st[t], state, memory_order_release);
-    wake_hasher(lane);
+    /* Wake the checksum thread only for what it may be waiting for: a failure, or the state at
+     * which this transfer's values are hashed (a wake costs the lane a futex call). */
+    int hashed = job->xh[t] != job->xh[t + 1];
+    if (state == T_FAILED || (hashed && state == (job->hash_at_start ? T_STARTED : T_LANDED)))
+        wake_hasher(lane);
 }
 
 /* Poll the transfers in flight once; retire the done ones (in any order). */
@@ -254,13 +258,16 @@ static void run_job(lmc_lane *lane, lmc_job *job, int urgent) {
             if (lane->nflight >= LMC_WINDOW)
                 pause_briefly(&spins);
         }
+        int64_t t0 = now_ns();
         void *req = make_request(lane, job, t);
         if (req == NULL)
             break;
         set_state(lane, job, t, T_STARTED);
-        int64_t t0 = now_ns();
+        int64_t t1 = now_ns();
+        atomic_fetch_add(&lane->create_ns, (unsigned long long)(t1 - t0));
         int rc = lane->api.req_post(&lane->agent, req, NULL);
-        atomic_fetch_add(&lane->lane_ns, (unsigned long long)(now_ns() - t0));
+        t0 = now_ns();
+        atomic_fetch_add(&lane->lane_ns, (unsigned long long)(t0 - t1));
         atomic_fetch_add(&lane->transfers, 1);
         for (int d = job->xd[t]; d < job->xd[t + 1]; d++)
             atomic_fetch_add(&lane->bytes, job->desc[3 * d + 2]);
@@ -268,14 +275,16 @@ static void run_job(lmc_lane *lane, lmc_job *job, int urgent) {
             lane->flight[lane->nflight++] = (lmc_flight){job, t, req};
             continue;
         }
-        drop_request(lane, req);
         if (rc != CAPI_SUCCESS) {
+            drop_request(lane, req);
             fail(job, t, rc, "postXferReq");
             set_state(lane, job, t, T_FAILED);
             t++;
             break;
         }
-        set_state(lane, job, t, T_LANDED);
+        set_state(lane, job, t, T_LANDED); /* the checksum thread starts before the release */
+        drop_request(lane, req);
+        atomic_fetch_add(&lane->finish_ns, (unsigned long long)(now_ns() - t0));
     }
     for (; t < job->nx; t++)
         if (atomic_load(&job->st[t]) == T_QUEUED)
@@ -437,12 +446,14 @@ void lmc_lane_destroy(lmc_lane *lane) {
 /* How long the checksum thread spins for the next transfer before it sleeps (ns). */
 void lmc_lane_set_spin(lmc_lane *lane, long spin_ns) { lane->spin_ns = spin_ns; }
 
-void lmc_lane_stats(lmc_lane *lane, uint64_t out[5]) {
+void lmc_lane_stats(lmc_lane *lane, uint64_t out[7]) {
     out[0] = atomic_load(&lane->transfers);
     out[1] = atomic_load(&lane->bytes);
     out[2] = atomic_load(&lane->hashed_bytes);
     out[3] = atomic_load(&lane->lane_ns);
     out[4] = atomic_load(&lane->hash_wait_ns);
+    out[5] = atomic_load(&lane->create_ns);
+    out[6] = atomic_load(&lane->finish_ns);
 }
 
 static void *dup_array(const void *src, size_t n) {

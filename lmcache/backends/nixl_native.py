@@ -369,8 +369,11 @@ class NativeLane:
         self.lib.lmc_lane_set_spin(self.ptr, ns)
 
     def stats(self) -> dict[str, int]:
-        """Counters: transfers, bytes, hashed bytes, and ns spent posting, with the hasher waiting,
-        making requests (before a post), and releasing them (after)."""
+        """The lane's counters since it started.
+
+        Transfers, bytes, hashed bytes, and nanoseconds spent posting, with the checksum thread
+        waiting, making requests (before a post) and releasing them (after).
+        """
         out = (ctypes.c_uint64 * 7)()
         self.lib.lmc_lane_stats(self.ptr, out)
         keys = ("transfers", "bytes", "hashed_bytes", "post_ns", "hash_wait_ns", "create_ns", "finish_ns")

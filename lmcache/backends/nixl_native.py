@@ -149,6 +149,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lmc_lane_destroy.argtypes = [vp]
     lib.lmc_lane_set_spin.restype = None
     lib.lmc_lane_set_spin.argtypes = [vp, ctypes.c_long]
+    lib.lmc_lane_set_poll.restype = None
+    lib.lmc_lane_set_poll.argtypes = [vp, ctypes.c_long]
     lib.lmc_lane_stats.restype = None
     lib.lmc_lane_stats.argtypes = [vp, u64p]
     lib.lmc_job_submit.restype = vp
@@ -367,6 +369,10 @@ class NativeLane:
     def set_spin(self, ns: int) -> None:
         """How long the checksum thread spins for the next transfer before it sleeps (ns)."""
         self.lib.lmc_lane_set_spin(self.ptr, ns)
+
+    def set_poll(self, ns: int) -> None:
+        """Over 0: the checksum thread polls for transfer states, sleeping ``ns`` between looks."""
+        self.lib.lmc_lane_set_poll(self.ptr, ns)
 
     def stats(self) -> dict[str, int]:
         """The lane's counters since it started.

@@ -159,11 +159,14 @@ def fake() -> FakeNixl:
     return FakeNixl()
 
 
-@pytest.fixture
-def lane(fake: FakeNixl, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NativeLane]:
+@pytest.fixture(params=["polling", "woken"])
+def lane(fake: FakeNixl, request: pytest.FixtureRequest) -> Iterator[NativeLane]:
+    """A lane over the fake; its checksum thread polls transfer states (the default) or is woken."""
     lib = nixl_native.build()
     handle = nixl_native._AgentHandle(0x1000)  # never dereferenced by the fake
     lane = NativeLane(lib, fake.api(), handle)
+    if request.param == "woken":
+        lane.set_poll(0)
     yield lane
     lane.close()
 

@@ -28,6 +28,10 @@
 #include <sys/prctl.h>
 #include <time.h>
 
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "frame headers are little-endian; this lane writes them in host order"
+#endif
+
 /* NIXL C API status codes (nixl_capi_status_t). */
 #define CAPI_SUCCESS 0
 #define CAPI_IN_PROG 1
@@ -82,7 +86,9 @@ struct lmc_job {
     _Atomic int *st;   /* one state per transfer */
     atomic_int cancel;
     int lane_done;
-    int hash_done;
+    atomic_int hash_done;
+    int npatch;        /* frame headers whose checksums the lane fills in before the last transfer */
+    uint64_t *patch;   /* 3 per header: address, key + metadata length, index of its checksum */
     int complete;
     int status; /* 0, or the first failure: a NIXL C API status, or -100 when cancelled */
     int failed_at;
@@ -120,6 +126,14 @@ typedef struct {
     /* counters (read with lmc_lane_stats) */
     atomic_ullong transfers, bytes, hashed_bytes, lane_ns, hash_wait_ns, create_ns, finish_ns;
 } lmc_lane;
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
 
 static int64_t now_ns(void) {
     struct timespec ts;
@@ -247,6 +261,48 @@ static lmc_job *pop_urgent(lmc_lane *lane) {
     return job;
 }
 
+/* Wait (spinning, then polling) until the checksum thread has hashed the whole job. */
+static int await_hashed(lmc_lane *lane, lmc_job *job) {
+    int64_t t0 = now_ns();
+    while (!atomic_load_explicit(&job->hash_done, memory_order_acquire)) {
+        if (lane->stop)
+            return 0;
+        if (now_ns() - t0 < lane->spin_ns) {
+            cpu_relax();
+        } else {
+            struct timespec nap = {0, 5000L};
+            nanosleep(&nap, NULL);
+        }
+    }
+    return 1;
+}
+
+/*
+ * Fill in each patched frame header's payload checksum (bytes 24..32) and its own check (bytes
+ * 32..40: xxh3 of bytes 0..32, then the key and metadata from byte 48), as
+ * lmcache.serde.frame.encode_header lays them out.
+ */
+static int patch_headers(lmc_lane *lane, lmc_job *job) {
+    uint8_t stack[1024];
+    for (int p = 0; p < job->npatch; p++) {
+        uint8_t *hdr = (uint8_t *)(uintptr_t)job->patch[3 * p];
+        size_t tail = (size_t)job->patch[3 * p + 1];
+        uint64_t sum = job->hout[job->patch[3 * p + 2]];
+        memcpy(hdr + 24, &sum, 8);
+        size_t n = 32 + tail;
+        uint8_t *tmp = n <= sizeof stack ? stack : malloc(n);
+        if (tmp == NULL)
+            return 0;
+        memcpy(tmp, hdr, 32);
+        memcpy(tmp + 32, hdr + 48, tail);
+        uint64_t check = lane->api.hash(tmp, n);
+        memcpy(hdr + 32, &check, 8);
+        if (tmp != stack)
+            free(tmp);
+    }
+    return 1;
+}
+
 static void run_job(lmc_lane *lane, lmc_job *job, int urgent) {
     int t = 0;
     for (; t < job->nx; t++) {
@@ -265,6 +321,17 @@ static void run_job(lmc_lane *lane, lmc_job *job, int urgent) {
             poll_flights(lane);
             if (lane->nflight >= LMC_WINDOW)
                 pause_briefly(&spins);
+        }
+        if (t == job->nx - 1 && job->npatch > 0) {
+            /* The headers go last: they carry the checksums of the values before them. */
+            if (!await_hashed(lane, job)) {
+                fail(job, t, -100, "cancelled");
+                break;
+            }
+            if (!patch_headers(lane, job)) {
+                fail(job, t, -101, "out of memory");
+                break;
+            }
         }
         int64_t t0 = now_ns();
         void *req = make_request(lane, job, t);
@@ -340,14 +407,6 @@ static void *lane_main(void *arg) {
 }
 
 /* Wait until transfer t of job reaches at least `want` (or fails); returns its state. */
-static inline void cpu_relax(void) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
-
 static int await_state(lmc_lane *lane, lmc_job *job, int t, int want) {
     int s = atomic_load_explicit(&job->st[t], memory_order_acquire);
     if (s >= want)
@@ -502,24 +561,34 @@ void lmc_job_free(lmc_job *job) {
     free(job->xh);
     free(job->hr);
     free(job->hout);
+    free(job->patch);
     free((void *)job->st);
     free(job);
 }
 
 /*
  * Queue a job of nx transfers to or from the remote agent `remote` (an urgent one runs next,
- * between two transfers of the job in progress: a put's headers, which hold up the rest of their
- * batch; urgent jobs must not hash): transfer t moves descriptors xd[t]..xd[t+1] of desc (3 words
- * each) and, once started or landed, hashes ranges xh[t]..xh[t+1] of hr (2 words each). The
- * arrays are copied. NULL when memory runs out or the lane is stopping.
+ * between two transfers of the job in progress; urgent jobs must not hash): transfer t moves
+ * descriptors xd[t]..xd[t+1] of desc (3 words each) and, once started or landed, hashes ranges
+ * xh[t]..xh[t+1] of hr (2 words each). With npatch > 0 the last transfer writes frame headers:
+ * before it, once every range is hashed, the lane fills in each header's checksums (patch: 3
+ * words each, the header's address, its key + metadata length, the index of its payload's
+ * range). The arrays are copied. NULL when memory runs out, the arguments disagree, or the lane
+ * is stopping.
  */
 lmc_job *lmc_job_submit(lmc_lane *lane, const char *remote, int op, int hash_at_start, int urgent, int nx,
-                        const int32_t *xd, const uint64_t *desc, const int32_t *xh, const uint64_t *hr) {
+                        const int32_t *xd, const uint64_t *desc, const int32_t *xh, const uint64_t *hr,
+                        int npatch, const uint64_t *patch) {
     int nd = xd[nx], nh = xh[nx];
     if (strlen(remote) >= sizeof(((lmc_job *)0)->remote))
         return NULL;
     if (urgent && nh != 0)
         return NULL; /* an urgent job runs inside another job's hashing order: it must not hash */
+    if (npatch > 0 && (nx < 1 || xh[nx - 1] != xh[nx]))
+        return NULL; /* patched headers go in a last transfer that hashes nothing */
+    for (int p = 0; p < npatch; p++)
+        if (patch[3 * p + 2] >= (uint64_t)nh)
+            return NULL;
     lmc_job *job = calloc(1, sizeof *job);
     if (job == NULL)
         return NULL;
@@ -533,7 +602,9 @@ lmc_job *lmc_job_submit(lmc_lane *lane, const char *remote, int op, int hash_at_
     job->hr = dup_array(hr, sizeof(uint64_t) * 2 * (size_t)nh);
     job->hout = calloc((size_t)nh + 1, sizeof(uint64_t));
     job->st = calloc((size_t)nx + 1, sizeof(int));
-    if (!job->xd || !job->desc || !job->xh || !job->hr || !job->hout || !job->st) {
+    job->npatch = npatch;
+    job->patch = dup_array(patch, sizeof(uint64_t) * 3 * (size_t)npatch);
+    if (!job->xd || !job->desc || !job->xh || !job->hr || !job->hout || !job->st || !job->patch) {
         lmc_job_free(job);
         return NULL;
     }

@@ -1081,29 +1081,30 @@ class NixlBackend(StorageBackend):
         offsets: list[int],
         headers: np.ndarray,
     ) -> None:
-        """The native lane's put: one WRITE per value, checksummed as the lane starts copying it.
+        """The native lane's put: one job, one WRITE per value, each checksummed as the lane starts copying it.
 
-        The headers, which carry the checksums, follow in one more WRITE; COMMIT publishes the
-        values only after both jobs are done.
+        The headers, which carry the checksums, go last in one more WRITE of the same job: encoded
+        here with a placeholder, their checksums filled in by the lane once every value is hashed.
+        COMMIT publishes the values only after the whole job is done.
         """
         haddr = _addr(headers)
         pool = self._pool_addr
         starts = list(itertools.accumulate(hlens, initial=0))
         regions = [(haddr, headers.nbytes, 0)] + [(_addr(s), s.nbytes, 0) for s in srcs if s.nbytes]
-        moved = [j for j, s in enumerate(srcs) if s.nbytes]
+        transfers: list[tuple[list[tuple[int, int, int]], list[tuple[int, int]]]] = []
+        patches: list[tuple[int, int, int]] = []
+        for j, (key, src, h) in enumerate(zip(keys, srcs, hlens, strict=True)):
+            n = src.nbytes
+            head = frame.encode_header(key, src, alignment=_FRAME_ALIGN, checksum=0 if n else None)
+            if len(head) != h:
+                raise PermanentBackendError(f"nixl://: header of {key} is {len(head)} bytes, reserved {h}")
+            headers[starts[j] : starts[j] + h] = np.frombuffer(head, dtype=np.uint8)
+            if n:
+                patches.append((haddr + starts[j], frame.header_tail_len(head), len(transfers)))
+                transfers.append(([(_addr(src), pool + offsets[j] + h, n)], [(_addr(src), n)]))
+        transfers.append(([(haddr + starts[j], pool + offsets[j], hlens[j]) for j in range(len(keys))], []))
         with _registered(self._agent, self._unregistered(regions), "DRAM"):
-            transfers = [
-                ([(_addr(srcs[j]), pool + offsets[j] + hlens[j], srcs[j].nbytes)], [(_addr(srcs[j]), srcs[j].nbytes)])
-                for j in moved
-            ]
-            sums = dict(zip(moved, self._run_native(native, "WRITE", transfers, hash_at_start=True), strict=True))
-            for j, (key, src, h) in enumerate(zip(keys, srcs, hlens, strict=True)):
-                head = frame.encode_header(key, src, alignment=_FRAME_ALIGN, checksum=sums.get(j))
-                if len(head) != h:
-                    raise PermanentBackendError(f"nixl://: header of {key} is {len(head)} bytes, reserved {h}")
-                headers[starts[j] : starts[j] + h] = np.frombuffer(head, dtype=np.uint8)
-            descs = [(haddr + starts[j], pool + offsets[j], hlens[j]) for j in range(len(keys))]
-            self._run_native(native, "WRITE", [(descs, [])], hash_at_start=False, urgent=True)
+            self._run_native(native, "WRITE", transfers, hash_at_start=True, headers=patches)
 
     def _run_native(
         self,
@@ -1112,7 +1113,7 @@ class NixlBackend(StorageBackend):
         transfers: list[tuple[list[tuple[int, int, int]], list[tuple[int, int]]]],
         *,
         hash_at_start: bool,
-        urgent: bool = False,
+        headers: list[tuple[int, int, int]] | None = None,
     ) -> list[int]:
         """Run one job on the native lane and wait for it; the checksums of its hashed ranges.
 
@@ -1130,7 +1131,7 @@ class NixlBackend(StorageBackend):
             raise BackendUnavailableError("nixl://: not connected to the peer")
         try:
             job = native.submit(
-                remote, WRITE if op == "WRITE" else READ, transfers, hash_at_start=hash_at_start, urgent=urgent
+                remote, WRITE if op == "WRITE" else READ, transfers, hash_at_start=hash_at_start, headers=headers or ()
             )
         except OSError as exc:
             raise BackendUnavailableError(f"nixl://: {exc}") from None

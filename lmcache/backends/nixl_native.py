@@ -154,7 +154,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lmc_lane_stats.restype = None
     lib.lmc_lane_stats.argtypes = [vp, u64p]
     lib.lmc_job_submit.restype = vp
-    lib.lmc_job_submit.argtypes = [vp, ctypes.c_char_p, *[ctypes.c_int] * 4, i32p, u64p, i32p, u64p]
+    lib.lmc_job_submit.argtypes = [vp, ctypes.c_char_p, *[ctypes.c_int] * 4, i32p, u64p, i32p, u64p, ctypes.c_int, u64p]
     lib.lmc_job_wait.restype = ctypes.c_int
     lib.lmc_job_wait.argtypes = [vp, vp, ctypes.c_long]
     lib.lmc_job_cancel.restype = None
@@ -330,6 +330,7 @@ class NativeLane:
         *,
         hash_at_start: bool,
         urgent: bool = False,
+        headers: Sequence[tuple[int, int, int]] = (),
     ) -> NativeJob:
         """Queue transfers with the agent ``remote``: ``(descriptors, ranges to hash)`` each.
 
@@ -337,7 +338,10 @@ class NativeLane:
         ``(address, length)``: hashed once the lane takes the transfer up (``hash_at_start``,
         a WRITE's sources) or once it has landed (a READ's destinations). An ``urgent`` job
         goes ahead of every job not yet started (a put's headers, which hold up the rest of
-        their batch until they are written).
+        their batch until they are written). ``headers``: frame headers ``(address, key +
+        metadata length, index of the payload's hashed range)`` that the last transfer writes;
+        once every range is hashed, the lane fills in their checksums
+        (:func:`lmcache.serde.frame.encode_header`'s layout) before it posts that transfer.
 
         Raises:
             OSError: The lane is stopping, out of memory, or ``remote`` is too long a name.
@@ -361,9 +365,11 @@ class NativeLane:
             (ctypes.c_uint64 * max(len(desc), 1))(*desc),
             (ctypes.c_int32 * len(xh))(*xh),
             (ctypes.c_uint64 * max(len(hr), 1))(*hr),
+            len(headers),
+            (ctypes.c_uint64 * max(3 * len(headers), 1))(*(v for h in headers for v in h)),
         )
         if not ptr:
-            raise OSError("the native NIXL lane did not take the job (stopping, or out of memory)")
+            raise OSError("the native NIXL lane did not take the job (stopping, out of memory, or malformed)")
         return NativeJob(self, ptr, len(hr) // 2)
 
     def set_spin(self, ns: int) -> None:

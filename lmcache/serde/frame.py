@@ -163,6 +163,12 @@ def encode_header(
     return bytes(out)
 
 
+def header_tail_len(head: bytes) -> int:
+    """Bytes of key and metadata after the fixed 48 of an encoded header (both covered by its check)."""
+    _magic, _v, _f, key_len, meta_len, _o, _l, _c = _FIXED.unpack_from(head, 0)
+    return int(key_len) + int(meta_len)
+
+
 def parse_header(buf: memoryview | bytes, expected_key: CacheKey | None = None) -> FrameHeader:
     """Decode and check a frame header from the start of ``buf``.
 

@@ -283,3 +283,28 @@ def test_a_stuck_transfer_times_out_and_a_cancel_aborts_it(fake: FakeNixl, lane:
     assert [n for _name, n in fake.posted] == [0, 1, 2]
     assert bytes(local[1][0].raw) == b"\0" * 1000
     assert bytes(local[0][0].raw) == values[0] and bytes(local[2][0].raw) == values[2]
+
+
+def test_a_put_job_fills_in_its_frame_headers_before_writing_them(fake: FakeNixl, lane: NativeLane) -> None:
+    """Headers encoded with a placeholder checksum leave with the payloads' checksums, and check out."""
+    from lmcache.keys import CacheKey
+    from lmcache.serde import frame
+
+    keys = [CacheKey("native-test", 1, 0, bytes([i]) * 32, "uint8") for i in range(3)]
+    values = [os.urandom(n) for n in (70_000, 5, 1 << 20)]
+    heads = [frame.encode_header(k, v, checksum=0) for k, v in zip(keys, values, strict=True)]
+    srcs = [_buf(v) for v in values]
+    dsts = [_buf(b"\0" * len(v)) for v in values]
+    hsrc = [_buf(h) for h in heads]
+    hdst = [_buf(b"\0" * len(h)) for h in heads]
+    transfers = [([(sa, da, len(v))], [(sa, len(v))]) for (_s, sa), (_d, da), v in zip(srcs, dsts, values, strict=True)]
+    transfers.append(([(ha, hd, len(h)) for (_a, ha), (_b, hd), h in zip(hsrc, hdst, heads, strict=True)], []))
+    patches = [(ha, frame.header_tail_len(h), i) for i, ((_a, ha), h) in enumerate(zip(hsrc, heads, strict=True))]
+    job = lane.submit("p", WRITE, transfers, hash_at_start=True, headers=patches)
+    assert job.wait(10) and job.result()[0] == 0
+    for key, value, (written, _addr) in zip(keys, values, hdst, strict=True):
+        header, payload = frame.decode_frame(bytes(written.raw) + value, expected_key=key)
+        assert bytes(payload) == value and header.checksum == xxhash.xxh3_64_intdigest(value)
+    assert [name for name, _n in fake.posted] == ["p"] * 4, "the headers did not go last, in the same job"
+    with pytest.raises(OSError, match="did not take the job"):
+        lane.submit("p", WRITE, transfers, hash_at_start=True, headers=[(hsrc[0][1], 10, 3)])  # no range 3

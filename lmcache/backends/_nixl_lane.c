@@ -112,8 +112,6 @@ typedef struct {
     pthread_cond_t hash_cv;
     pthread_cond_t done_cv;
     lmc_job *lane_head, *lane_tail;
-    lmc_job *_Atomic urgent_head; /* run between two transfers of the job in progress */
-    lmc_job *urgent_tail;
     lmc_job *hash_head, *hash_tail;
     int hash_sleeping;
     int stop;
@@ -249,18 +247,6 @@ static void pause_briefly(int *spins) {
     }
 }
 
-static lmc_job *pop_urgent(lmc_lane *lane) {
-    pthread_mutex_lock(&lane->mu);
-    lmc_job *job = lane->urgent_head;
-    if (job) {
-        lane->urgent_head = job->next_lane;
-        if (lane->urgent_head == NULL)
-            lane->urgent_tail = NULL;
-    }
-    pthread_mutex_unlock(&lane->mu);
-    return job;
-}
-
 /* Wait (spinning, then polling) until the checksum thread has hashed the whole job. */
 static int await_hashed(lmc_lane *lane, lmc_job *job) {
     int64_t t0 = now_ns();
@@ -303,14 +289,9 @@ static int patch_headers(lmc_lane *lane, lmc_job *job) {
     return 1;
 }
 
-static void run_job(lmc_lane *lane, lmc_job *job, int urgent) {
+static void run_job(lmc_lane *lane, lmc_job *job) {
     int t = 0;
     for (; t < job->nx; t++) {
-        if (!urgent && atomic_load_explicit(&lane->urgent_head, memory_order_relaxed) != NULL) {
-            lmc_job *u;
-            while ((u = pop_urgent(lane)) != NULL)
-                run_job(lane, u, 1);
-        }
         if (job->status != 0 || atomic_load(&job->cancel)) {
             if (job->status == 0)
                 fail(job, t, -100, "cancelled");
@@ -383,25 +364,18 @@ static void *lane_main(void *arg) {
     lmc_lane *lane = arg;
     for (;;) {
         pthread_mutex_lock(&lane->mu);
-        while (lane->lane_head == NULL && lane->urgent_head == NULL && !lane->stop)
+        while (lane->lane_head == NULL && !lane->stop)
             pthread_cond_wait(&lane->lane_cv, &lane->mu);
-        int urgent = lane->urgent_head != NULL;
-        lmc_job *job = urgent ? lane->urgent_head : lane->lane_head;
+        lmc_job *job = lane->lane_head;
         if (job == NULL) { /* stopping, nothing queued */
             pthread_mutex_unlock(&lane->mu);
             break;
         }
-        if (urgent) {
-            lane->urgent_head = job->next_lane;
-            if (lane->urgent_head == NULL)
-                lane->urgent_tail = NULL;
-        } else {
-            lane->lane_head = job->next_lane;
-            if (lane->lane_head == NULL)
-                lane->lane_tail = NULL;
-        }
+        lane->lane_head = job->next_lane;
+        if (lane->lane_head == NULL)
+            lane->lane_tail = NULL;
         pthread_mutex_unlock(&lane->mu);
-        run_job(lane, job, urgent);
+        run_job(lane, job);
     }
     return NULL;
 }
@@ -567,8 +541,7 @@ void lmc_job_free(lmc_job *job) {
 }
 
 /*
- * Queue a job of nx transfers to or from the remote agent `remote` (an urgent one runs next,
- * between two transfers of the job in progress; urgent jobs must not hash): transfer t moves
+ * Queue a job of nx transfers to or from the remote agent `remote`: transfer t moves
  * descriptors xd[t]..xd[t+1] of desc (3 words each) and, once started or landed, hashes ranges
  * xh[t]..xh[t+1] of hr (2 words each). With npatch > 0 the last transfer writes frame headers:
  * before it, once every range is hashed, the lane fills in each header's checksums (patch: 3
@@ -576,14 +549,12 @@ void lmc_job_free(lmc_job *job) {
  * range). The arrays are copied. NULL when memory runs out, the arguments disagree, or the lane
  * is stopping.
  */
-lmc_job *lmc_job_submit(lmc_lane *lane, const char *remote, int op, int hash_at_start, int urgent, int nx,
+lmc_job *lmc_job_submit(lmc_lane *lane, const char *remote, int op, int hash_at_start, int nx,
                         const int32_t *xd, const uint64_t *desc, const int32_t *xh, const uint64_t *hr,
                         int npatch, const uint64_t *patch) {
     int nd = xd[nx], nh = xh[nx];
     if (strlen(remote) >= sizeof(((lmc_job *)0)->remote))
         return NULL;
-    if (urgent && nh != 0)
-        return NULL; /* an urgent job runs inside another job's hashing order: it must not hash */
     if (npatch > 0 && (nx < 1 || xh[nx - 1] != xh[nx]))
         return NULL; /* patched headers go in a last transfer that hashes nothing */
     for (int p = 0; p < npatch; p++)
@@ -614,19 +585,11 @@ lmc_job *lmc_job_submit(lmc_lane *lane, const char *remote, int op, int hash_at_
         lmc_job_free(job);
         return NULL;
     }
-    if (urgent) {
-        if (lane->urgent_tail)
-            lane->urgent_tail->next_lane = job;
-        else
-            lane->urgent_head = job;
-        lane->urgent_tail = job;
-    } else {
-        if (lane->lane_tail)
-            lane->lane_tail->next_lane = job;
-        else
-            lane->lane_head = job;
-        lane->lane_tail = job;
-    }
+    if (lane->lane_tail)
+        lane->lane_tail->next_lane = job;
+    else
+        lane->lane_head = job;
+    lane->lane_tail = job;
     if (nh == 0) {
         job->hash_done = 1; /* nothing to hash: not queued behind other jobs' hashing */
     } else {

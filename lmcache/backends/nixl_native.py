@@ -154,7 +154,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lmc_lane_stats.restype = None
     lib.lmc_lane_stats.argtypes = [vp, u64p]
     lib.lmc_job_submit.restype = vp
-    lib.lmc_job_submit.argtypes = [vp, ctypes.c_char_p, *[ctypes.c_int] * 4, i32p, u64p, i32p, u64p, ctypes.c_int, u64p]
+    lib.lmc_job_submit.argtypes = [vp, ctypes.c_char_p, *[ctypes.c_int] * 3, i32p, u64p, i32p, u64p, ctypes.c_int, u64p]
     lib.lmc_job_wait.restype = ctypes.c_int
     lib.lmc_job_wait.argtypes = [vp, vp, ctypes.c_long]
     lib.lmc_job_cancel.restype = None
@@ -329,16 +329,14 @@ class NativeLane:
         transfers: Sequence[tuple[Sequence[tuple[int, int, int]], Sequence[tuple[int, int]]]],
         *,
         hash_at_start: bool,
-        urgent: bool = False,
         headers: Sequence[tuple[int, int, int]] = (),
     ) -> NativeJob:
         """Queue transfers with the agent ``remote``: ``(descriptors, ranges to hash)`` each.
 
         A descriptor is ``(local address, remote address, length)``, a range to hash
         ``(address, length)``: hashed once the lane takes the transfer up (``hash_at_start``,
-        a WRITE's sources) or once it has landed (a READ's destinations). An ``urgent`` job
-        goes ahead of every job not yet started (a put's headers, which hold up the rest of
-        their batch until they are written). ``headers``: frame headers ``(address, key +
+        a WRITE's sources) or once it has landed (a READ's destinations). ``headers``: frame
+        headers ``(address, key +
         metadata length, index of the payload's hashed range)`` that the last transfer writes;
         once every range is hashed, the lane fills in their checksums
         (:func:`lmcache.serde.frame.encode_header`'s layout) before it posts that transfer.
@@ -359,7 +357,6 @@ class NativeLane:
             remote.encode(),
             op,
             int(hash_at_start),
-            int(urgent),
             len(transfers),
             (ctypes.c_int32 * len(xd))(*xd),
             (ctypes.c_uint64 * max(len(desc), 1))(*desc),

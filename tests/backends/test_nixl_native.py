@@ -229,31 +229,28 @@ def test_reads_land_in_order_and_each_is_hashed(fake: FakeNixl, lane: NativeLane
     assert fake.posted == [("peer-a", i) for i in range(5)]
 
 
-def test_writes_hash_their_sources_and_an_urgent_job_cuts_in(fake: FakeNixl, lane: NativeLane) -> None:
+def test_writes_hash_their_sources_from_the_moment_the_lane_takes_them_up(fake: FakeNixl, lane: NativeLane) -> None:
     values = [os.urandom(64 << 10) for _ in range(6)]
     srcs = [_buf(v) for v in values]
     dsts = [_buf(b"\0" * len(v)) for v in values]
-    fake.gate = {0: threading.Event()}  # holds the lane in the first transfer while the urgent job is queued
-    big = lane.submit(
+    fake.gate = {0: threading.Event()}  # holds the lane inside the first transfer's copy
+    job = lane.submit(
         "p",
         WRITE,
         [([(sa, da, len(v))], [(sa, len(v))]) for (_s, sa), (_d, da), v in zip(srcs, dsts, values, strict=True)],
         hash_at_start=True,
     )
-    head, haddr = _buf(b"h" * 16)
-    hdst, hdaddr = _buf(b"\0" * 16)
     assert fake.at_gate.wait(10)
-    urgent = lane.submit("u", WRITE, [([(haddr, hdaddr, 16)], [])], hash_at_start=False, urgent=True)
+    deadline = time.monotonic() + 10
+    while lane.stats()["hashed_bytes"] < len(values[0]) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert lane.stats()["hashed_bytes"] == len(values[0]), "the first source was not hashed while it was copied"
+    assert bytes(dsts[0][0].raw) == b"\0" * len(values[0]), "the copy had not started yet"
     fake.gate[0].set()
-    assert urgent.wait(10) and big.wait(10)
-    assert urgent.result()[0] == 0 and hdst.raw == head.raw
-    status, _at, _what, sums = big.result()
+    assert job.wait(10)
+    status, _at, _what, sums = job.result()
     assert status == 0 and sums == [xxhash.xxh3_64_intdigest(v) for v in values]
     assert [bytes(d.raw) for d, _ in dsts] == values
-    order = "".join(name for name, _n in fake.posted)
-    assert order == "puppppp", f"the urgent job did not run next, between two transfers: {order}"
-    with pytest.raises(OSError, match="did not take the job"):
-        lane.submit("p", WRITE, [([(haddr, hdaddr, 16)], [(haddr, 16)])], hash_at_start=True, urgent=True)
 
 
 def test_a_refused_transfer_fails_the_job_and_nothing_after_it_is_posted(fake: FakeNixl, lane: NativeLane) -> None:

@@ -39,27 +39,27 @@ over loopback in a private network namespace. UCX moves the bytes with CMA
 * **The native lane** (the default where a C compiler is present, ``native_lane=auto``; see
   :mod:`lmcache.backends.nixl_native`). One C thread makes every NIXL call of the data path
   through NIXL's C API, one value per transfer; a second C thread hashes each value as the lane
-  starts copying it (a put: the hash runs a little ahead of the copy over the same bytes, so the
-  copy reads them from cache) or as soon as it has landed (a get: still in cache). No Python runs
-  between transfers. A put's headers (which carry the checksums) follow in one more transfer that
-  the lane takes between two transfers of the job in progress. Three interleaved A/B pairs
-  (``native_lane=auto`` vs ``off``, ``--repeat 7 --checked``, the raw SDK at 11.8-13.1 GB/s):
+  starts copying it (a put: the hash runs ahead of the copy over the same bytes, so the copy
+  reads them from cache) or as soon as it has landed (a get: still in cache). No Python runs
+  between transfers. A put is one job: its frame headers are encoded here with a placeholder
+  checksum and written by the job's last transfer, after the lane has filled in each header's
+  checksums. The checksum thread polls transfer states with 50 us sleeps: waking it with a futex
+  call cost the lane 3-20 us per ~170 us transfer. Five interleaved A/B pairs
+  (``native_lane=auto`` vs ``off``, ``--repeat 7 --checked``, the raw SDK at 7.3-10.2 GB/s):
 
   ===========  ============  ============  =====================  =====================
   lane         put / raw     get / raw     put / checked raw      get / checked raw
   ===========  ============  ============  =====================  =====================
-  native       0.80-0.86     0.78-0.86     1.12-1.18              1.09-1.16
-  Python       0.83-0.85     0.74-0.75     1.13-1.16              1.00-1.01
+  native       0.87-0.95     0.87-1.08     1.06-1.15              1.10-1.30
+  Python       0.75-0.90     0.72-0.83     0.96-1.24              0.90-1.06
   ===========  ============  ============  =====================  =====================
 
-  Gets gain ~10%: each value is verified while still in cache. Puts gain nothing here (the
-  Python lane already checksums alongside the copy). Both stay below 0.90: the checksum pass
-  costs what it costs (the raw SDK with the same check kept 0.71-0.76 of the raw one in these
-  runs), and on 2 vCPUs the lane, the hashing thread, the event loop and the peer's control
-  messages share two cores. The lane alone (a script outside the repository: the same arrays and
-  peer, no control messages, interleaved with the raw SDK): without hashing, its 2 MiB transfers
-  moved ~8% faster than the raw SDK's one transfer per batch; with hashing, 0.89-1.06 of the raw
-  SDK, lower where the host copied faster.
+  Earlier in the day, when the host copied faster (the raw SDK at 11.8-13.1 GB/s) and before the
+  polling and the one-job put, the native lane ran puts at 0.80-0.86 and gets at 0.78-0.87 (the
+  Python lane 0.83-0.85 and 0.74-0.75): the faster the copy, the more the checksum pass beside it
+  costs. What remains is that pass (xxh3 of every byte on the second vCPU, ~0.4 of a core at
+  10 GB/s) and the control messages; on 2 vCPUs the lane, the checksum thread, the event loop and
+  the peer share two cores.
 * **Why the Python lane verifies gets from memory.** NIXL's bindings release the GIL in
   ``createXferReq`` and ``postXferReq``, so a Python thread that posts transfers takes the GIL
   back from the verifying and event-loop threads three times per transfer (~40-60 us each under
@@ -92,8 +92,9 @@ over loopback in a private network namespace. UCX moves the bytes with CMA
   pages both the raw SDK and the backend ran ~1.6x slower); ``--prefault`` populates it at start
   (~2.3 s per GiB here), otherwise a first fill ran at ~0.4 GB/s.
 * Over UCX/TCP (``UCX_TLS=tcp,self``, transfers not done when posted) both lanes keep several
-  transfers in flight and poll them; TCP is then the bottleneck (Python lane: put 0.99, get 1.00
-  of the raw SDK with ``progress_thread=true``, 3.3 and 1.1 GB/s).
+  transfers in flight and poll them; TCP is then the bottleneck (256 MiB, one run each: native
+  lane put 1.04, get 0.96 of the raw SDK at 2.9 and 0.8 GB/s; Python lane 0.77 and 0.90; an
+  earlier Python-lane run with ``progress_thread=true``: 0.99 and 1.00).
 
 Every NIXL call (agent creation, registration, transfers, polling) runs on the backend's own
 bounded executor (``workers`` threads) or its lane thread (Python or native), never on the event loop. SDK

@@ -75,7 +75,7 @@ over loopback in a private network namespace. UCX moves the bytes with CMA
   rule 8), one more pass over memory than the raw SDK makes; ``lmcache bench host`` measures
   what that costs with no store or NIXL involved (CMA read then check: 0.78-0.92 of the bare
   reads on this VM, moving with the host's memory traffic). The raw SDK with the same check ran
-  at 0.71-0.80 of the raw one in every run above.
+  at 0.71-0.87 of the raw one in the runs above.
 * **One lane per agent.** With one UCX worker the agent serializes its calls and holds its lock
   for a whole CPU copy, so one thread making every call (either lane) never waits for the lock
   and always has the next transfer queued. ``ucx_workers=4`` or ``8`` lets executor threads copy
@@ -689,6 +689,8 @@ class NixlBackend(StorageBackend):
         super().__init__()
         if not settings.host or not settings.port:
             raise ConfigError("nixl://: a peer URL needs host and port, e.g. nixl://127.0.0.1:7400")
+        if settings.native_lane == "on" and settings.ucx_workers > 1:
+            raise ConfigError("nixl://: native_lane=on needs ucx_workers=1 (with more, executor threads copy)")
         self.settings = settings
         self._executor: ThreadPoolExecutor | None = None
         self._lane: ThreadPoolExecutor | None = None  # see _LaneBatch; None with several UCX workers

@@ -94,6 +94,7 @@ def file_of(root: Path, key: CacheKey) -> Path:
         "nixl://[::1]:7400",
         "nixl://127.0.0.1:7400?progress_thread=true",
         "nixl://127.0.0.1:7400?workers=6&ucx_workers=8",
+        "nixl://127.0.0.1:7400?native_lane=off",
     ],
 )
 def test_peer_url_round_trip(url: str) -> None:
@@ -121,6 +122,8 @@ def test_posix_url_forms() -> None:
         "nixl://127.0.0.1:7400?timeout=0",
         "nixl+posix:///d?o_direct=true",
         "nixl+posix://",
+        "nixl://127.0.0.1:7400?native_lane=maybe",
+        "nixl://127.0.0.1:7400?native_lane=on&ucx_workers=4",  # the native lane is the one-worker path
     ],
 )
 def test_bad_urls(url: str) -> None:

@@ -54,12 +54,13 @@ over loopback in a private network namespace. UCX moves the bytes with CMA
   Python       0.75-0.90     0.72-0.83     0.96-1.24              0.90-1.06
   ===========  ============  ============  =====================  =====================
 
-  Earlier in the day, when the host copied faster (the raw SDK at 11.8-13.1 GB/s) and before the
-  polling and the one-job put, the native lane ran puts at 0.80-0.86 and gets at 0.78-0.87 (the
-  Python lane 0.83-0.85 and 0.74-0.75): the faster the copy, the more the checksum pass beside it
-  costs. What remains is that pass (xxh3 of every byte on the second vCPU, ~0.4 of a core at
-  10 GB/s) and the control messages; on 2 vCPUs the lane, the checksum thread, the event loop and
-  the peer share two cores.
+  Four more pairs of the same code half an hour later, when the host copied faster (the raw SDK
+  at 11.4-12.8 GB/s): native puts 0.81-0.86 and gets 0.87-0.92, the Python lane 0.63-0.82 and
+  0.74-0.82. The faster the copy, the more the checksum pass beside it costs. What remains is that
+  pass (xxh3 of every byte on the second vCPU, ~0.4-0.6 of a core) and the control messages: on
+  2 vCPUs the lane, the checksum thread, the event loop and the peer share two cores. The lane
+  alone, without the control messages (a script outside the repository, interleaved with the raw
+  SDK), ran puts at 0.89 and gets at 1.0 of the raw SDK in that regime.
 * **Why the Python lane verifies gets from memory.** NIXL's bindings release the GIL in
   ``createXferReq`` and ``postXferReq``, so a Python thread that posts transfers takes the GIL
   back from the verifying and event-loop threads three times per transfer (~40-60 us each under

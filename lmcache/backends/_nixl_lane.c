@@ -37,7 +37,7 @@
 #define CAPI_IN_PROG 1
 
 #define LMC_WINDOW 8
-#define LMC_SPIN_NS 5000L /* the checksum thread spins this long before it sleeps (30 us: gets ~5% slower) */
+#define LMC_SPIN_NS 5000L /* the checksum thread spins this long for a transfer (30 us: gets ~5% slower) */
 /* Then it polls with sleeps this long. Waking it with a futex call cost the lane 3-20 us per
  * transfer (it posts one every ~170 us). Sleeps of 50-100 us left more CPU to the rest of the
  * process than 20 us (gets ~5% faster on 2 vCPUs); a hash that starts that late still finds a
@@ -115,8 +115,6 @@ typedef struct {
     lmc_job *hash_head, *hash_tail;
     int hash_sleeping;
     int stop;
-    long spin_ns;
-    long poll_ns; /* > 0: the checksum thread polls transfer states with sleeps this long */
     pthread_t lane_thread, hash_thread;
     /* lane-only state */
     lmc_flight flight[LMC_WINDOW];
@@ -145,13 +143,6 @@ static void finish_if_complete(lmc_lane *lane, lmc_job *job) {
         job->complete = 1;
         pthread_cond_broadcast(&lane->done_cv);
     }
-}
-
-static void wake_hasher(lmc_lane *lane) {
-    pthread_mutex_lock(&lane->mu);
-    if (lane->hash_sleeping)
-        pthread_cond_signal(&lane->hash_cv);
-    pthread_mutex_unlock(&lane->mu);
 }
 
 static void fail(lmc_job *job, int t, int status, const char *what) {
@@ -194,14 +185,9 @@ static void drop_request(lmc_lane *lane, void *req) {
     /* else: NIXL kept it (it could not be released); leaking the small handle is the safe choice */
 }
 
-static void set_state(lmc_lane *lane, lmc_job *job, int t, int state) {
+/* The checksum thread polls these (see await_state): the lane never stops to wake it. */
+static void set_state(lmc_job *job, int t, int state) {
     atomic_store_explicit(&job->st[t], state, memory_order_release);
-    /* Wake the checksum thread only for what it may be waiting for: a failure, or the state at
-     * which this transfer's values are hashed (a wake costs the lane a futex call). */
-    int hashed = job->xh[t] != job->xh[t + 1];
-    if (lane->poll_ns == 0 &&
-        (state == T_FAILED || (hashed && state == (job->hash_at_start ? T_STARTED : T_LANDED))))
-        wake_hasher(lane);
 }
 
 /* Poll the transfers in flight once; retire the done ones (in any order). */
@@ -215,7 +201,7 @@ static void poll_flights(lmc_lane *lane) {
             if (lane->api.req_release(&lane->agent, f.req) == CAPI_SUCCESS) {
                 lane->api.req_destroy(f.req);
                 fail(f.job, f.t, -100, "cancelled");
-                set_state(lane, f.job, f.t, T_FAILED);
+                set_state(f.job, f.t, T_FAILED);
                 continue;
             }
         }
@@ -226,7 +212,7 @@ static void poll_flights(lmc_lane *lane) {
         drop_request(lane, f.req);
         if (rc != CAPI_SUCCESS)
             fail(f.job, f.t, rc, "transfer");
-        set_state(lane, f.job, f.t, rc == CAPI_SUCCESS ? T_LANDED : T_FAILED);
+        set_state(f.job, f.t, rc == CAPI_SUCCESS ? T_LANDED : T_FAILED);
     }
     lane->nflight = keep;
 }
@@ -253,7 +239,7 @@ static int await_hashed(lmc_lane *lane, lmc_job *job) {
     while (!atomic_load_explicit(&job->hash_done, memory_order_acquire)) {
         if (lane->stop)
             return 0;
-        if (now_ns() - t0 < lane->spin_ns) {
+        if (now_ns() - t0 < LMC_SPIN_NS) {
             cpu_relax();
         } else {
             struct timespec nap = {0, 5000L};
@@ -318,7 +304,7 @@ static void run_job(lmc_lane *lane, lmc_job *job) {
         void *req = make_request(lane, job, t);
         if (req == NULL)
             break;
-        set_state(lane, job, t, T_STARTED);
+        set_state(job, t, T_STARTED);
         int64_t t1 = now_ns();
         atomic_fetch_add(&lane->create_ns, (unsigned long long)(t1 - t0));
         int rc = lane->api.req_post(&lane->agent, req, NULL);
@@ -334,17 +320,17 @@ static void run_job(lmc_lane *lane, lmc_job *job) {
         if (rc != CAPI_SUCCESS) {
             drop_request(lane, req);
             fail(job, t, rc, "postXferReq");
-            set_state(lane, job, t, T_FAILED);
+            set_state(job, t, T_FAILED);
             t++;
             break;
         }
-        set_state(lane, job, t, T_LANDED); /* the checksum thread starts before the release */
+        set_state(job, t, T_LANDED); /* the checksum thread starts before the release */
         drop_request(lane, req);
         atomic_fetch_add(&lane->finish_ns, (unsigned long long)(now_ns() - t0));
     }
     for (; t < job->nx; t++)
         if (atomic_load(&job->st[t]) == T_QUEUED)
-            set_state(lane, job, t, T_FAILED);
+            set_state(job, t, T_FAILED);
     /* Every transfer of a job is done before the job ends (its buffers are the caller's). */
     int spins = 0;
     while (job_in_flight(lane, job)) {
@@ -354,8 +340,6 @@ static void run_job(lmc_lane *lane, lmc_job *job) {
     }
     pthread_mutex_lock(&lane->mu);
     job->lane_done = 1;
-    if (lane->hash_sleeping)
-        pthread_cond_signal(&lane->hash_cv);
     finish_if_complete(lane, job);
     pthread_mutex_unlock(&lane->mu);
 }
@@ -386,27 +370,17 @@ static int await_state(lmc_lane *lane, lmc_job *job, int t, int want) {
     if (s >= want)
         return s;
     int64_t t0 = now_ns();
-    while (now_ns() - t0 < lane->spin_ns) {
+    while (now_ns() - t0 < LMC_SPIN_NS) {
         s = atomic_load_explicit(&job->st[t], memory_order_acquire);
         if (s >= want)
             return s;
         cpu_relax();
     }
-    if (lane->poll_ns > 0) {
-        /* Poll with short sleeps: the lane then never makes a futex call to wake this thread. */
-        struct timespec nap = {0, lane->poll_ns};
-        while ((s = atomic_load_explicit(&job->st[t], memory_order_acquire)) < want && !lane->stop) {
-            if (now_ns() - t0 > 2000000L)
-                nap.tv_nsec = 200000L; /* a slow transfer (a network transport): back off */
-            nanosleep(&nap, NULL);
-        }
-    } else {
-        pthread_mutex_lock(&lane->mu);
-        lane->hash_sleeping = 1;
-        while ((s = atomic_load_explicit(&job->st[t], memory_order_acquire)) < want && !lane->stop)
-            pthread_cond_wait(&lane->hash_cv, &lane->mu);
-        lane->hash_sleeping = 0;
-        pthread_mutex_unlock(&lane->mu);
+    struct timespec nap = {0, LMC_POLL_NS};
+    while ((s = atomic_load_explicit(&job->st[t], memory_order_acquire)) < want && !lane->stop) {
+        if (now_ns() - t0 > 2000000L)
+            nap.tv_nsec = 200000L; /* a slow transfer (a network transport): back off */
+        nanosleep(&nap, NULL);
     }
     atomic_fetch_add(&lane->hash_wait_ns, (unsigned long long)(now_ns() - t0));
     return s;
@@ -464,8 +438,6 @@ lmc_lane *lmc_lane_create(const lmc_api *api, void *agent) {
         return NULL;
     lane->api = *api;
     lane->agent.inner = agent;
-    lane->spin_ns = LMC_SPIN_NS;
-    lane->poll_ns = LMC_POLL_NS;
     pthread_mutex_init(&lane->mu, NULL);
     pthread_cond_init(&lane->lane_cv, NULL);
     pthread_cond_init(&lane->hash_cv, NULL);
@@ -503,12 +475,6 @@ void lmc_lane_destroy(lmc_lane *lane) {
     pthread_join(lane->hash_thread, NULL);
     free(lane);
 }
-
-/* How long the checksum thread spins for the next transfer before it sleeps (ns). */
-void lmc_lane_set_spin(lmc_lane *lane, long spin_ns) { lane->spin_ns = spin_ns; }
-
-/* > 0: the checksum thread polls for transfer states, sleeping this long between looks (ns). */
-void lmc_lane_set_poll(lmc_lane *lane, long poll_ns) { lane->poll_ns = poll_ns; }
 
 void lmc_lane_stats(lmc_lane *lane, uint64_t out[7]) {
     out[0] = atomic_load(&lane->transfers);

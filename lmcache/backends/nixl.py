@@ -131,6 +131,7 @@ from urllib.parse import parse_qsl, quote, urlencode
 
 import numpy as np
 
+from lmcache.backends import nixl_native
 from lmcache.backends.base import (
     EXISTS,
     STORED,
@@ -146,6 +147,7 @@ from lmcache.backends.base import (
     split_url,
 )
 from lmcache.backends.file import FileBackend, FileSettings
+from lmcache.backends.nixl_native import NativeLane
 from lmcache.backends.nixl_peer import (
     MAX_BATCH,
     Op,
@@ -172,8 +174,6 @@ from lmcache.serde import frame
 
 if TYPE_CHECKING:
     from typing_extensions import Self
-
-    from lmcache.backends.nixl_native import NativeLane
 
 __all__ = ["NixlBackend", "NixlPosixBackend", "NixlPosixSettings", "NixlSettings", "import_nixl"]
 
@@ -799,8 +799,6 @@ class NixlBackend(StorageBackend):
         Raises:
             BackendUnavailableError: ``native_lane=on`` and it cannot run.
         """
-        from lmcache.backends import nixl_native
-
         try:
             return nixl_native.open_lane(self._agent)
         except OSError as exc:
@@ -1094,7 +1092,7 @@ class NixlBackend(StorageBackend):
         haddr = _addr(headers)
         pool = self._pool_addr
         starts = list(itertools.accumulate(hlens, initial=0))
-        regions = [(haddr, headers.nbytes, 0)] + [(_addr(s), s.nbytes, 0) for s in srcs if s.nbytes]
+        regions = [(haddr, headers.nbytes, 0)]
         transfers: list[tuple[list[tuple[int, int, int]], list[tuple[int, int]]]] = []
         patches: list[tuple[int, int, int]] = []
         for j, (key, src, h) in enumerate(zip(keys, srcs, hlens, strict=True)):
@@ -1104,39 +1102,40 @@ class NixlBackend(StorageBackend):
                 raise PermanentBackendError(f"nixl://: header of {key} is {len(head)} bytes, reserved {h}")
             headers[starts[j] : starts[j] + h] = np.frombuffer(head, dtype=np.uint8)
             if n:
+                a = _addr(src)
+                regions.append((a, n, 0))
                 patches.append((haddr + starts[j], frame.header_tail_len(head), len(transfers)))
-                transfers.append(([(_addr(src), pool + offsets[j] + h, n)], [(_addr(src), n)]))
+                transfers.append(([(a, pool + offsets[j] + h, n)], [(a, n)]))
         transfers.append(([(haddr + starts[j], pool + offsets[j], hlens[j]) for j in range(len(keys))], []))
         with _registered(self._agent, self._unregistered(regions), "DRAM"):
-            self._run_native(native, "WRITE", transfers, hash_at_start=True, headers=patches)
+            self._run_native(native, nixl_native.WRITE, transfers, hash_at_start=True, headers=patches)
 
     def _run_native(
         self,
         native: NativeLane,
-        op: str,
+        op: int,
         transfers: list[tuple[list[tuple[int, int, int]], list[tuple[int, int]]]],
         *,
         hash_at_start: bool,
         headers: list[tuple[int, int, int]] | None = None,
     ) -> list[int]:
-        """Run one job on the native lane and wait for it; the checksums of its hashed ranges.
+        """Run one job (``nixl_native.READ`` or ``WRITE``) on the native lane and wait for it.
+
+        Returns the checksums of its hashed ranges.
 
         Raises:
             BackendTimeoutError: Not done within the timeout (the job is cancelled and waited for:
                 none of its transfers runs after this returns).
             BackendUnavailableError: A transfer failed, or the lane is stopping.
         """
-        from lmcache.backends.nixl_native import READ, WRITE
-
+        name = "WRITE" if op == nixl_native.WRITE else "READ"
         if not transfers:
             return []
         remote = self._remote
         if remote is None:
             raise BackendUnavailableError("nixl://: not connected to the peer")
         try:
-            job = native.submit(
-                remote, WRITE if op == "WRITE" else READ, transfers, hash_at_start=hash_at_start, headers=headers or ()
-            )
+            job = native.submit(remote, op, transfers, hash_at_start=hash_at_start, headers=headers or ())
         except OSError as exc:
             raise BackendUnavailableError(f"nixl://: {exc}") from None
         timeout = self.settings.timeout
@@ -1146,10 +1145,10 @@ class NixlBackend(StorageBackend):
             job.wait(None)  # aborted or finished: the caller's buffers are free again
         status, failed_at, what, sums = job.result()
         if not ended:
-            raise BackendTimeoutError(f"NIXL: a {op} did not finish within {timeout:g} s")
+            raise BackendTimeoutError(f"NIXL: a {name} did not finish within {timeout:g} s")
         if status != 0:
             raise BackendUnavailableError(
-                f"NIXL: a {op} failed ({what} of transfer {failed_at + 1} of {len(transfers)}: status {status})"
+                f"NIXL: a {name} failed ({what} of transfer {failed_at + 1} of {len(transfers)}: status {status})"
             )
         return sums
 
@@ -1287,17 +1286,19 @@ class NixlBackend(StorageBackend):
         haddr = _addr(headers)
         pool = self._pool_addr
         starts = list(itertools.accumulate((h for *_, h, _n in hits), initial=0))
-        regions = [(haddr, headers.nbytes, 0)] + [(_addr(dst), n, 0) for _k, dst, _o, _h, n in hits if n]
+        regions = [(haddr, headers.nbytes, 0)]
         transfers: list[tuple[list[tuple[int, int, int]], list[tuple[int, int]]]] = []
         for j, (_key, dst, off, h, n) in enumerate(hits):
             descs = [(haddr + starts[j], pool + off, h)]
             ranges: list[tuple[int, int]] = []
             if n:
-                descs.append((_addr(dst), pool + off + h, n))
-                ranges.append((_addr(dst), n))
+                a = _addr(dst)
+                regions.append((a, n, 0))
+                descs.append((a, pool + off + h, n))
+                ranges.append((a, n))
             transfers.append((descs, ranges))
         with _registered(self._agent, self._unregistered(regions), "DRAM"):
-            sums = iter(self._run_native(native, "READ", transfers, hash_at_start=False))
+            sums = iter(self._run_native(native, nixl_native.READ, transfers, hash_at_start=False))
         return [
             _verify(key, headers[starts[j] : starts[j] + h], dst, h, n, checksum=next(sums) if n else None)
             for j, (key, dst, _off, h, n) in enumerate(hits)

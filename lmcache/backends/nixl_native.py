@@ -32,7 +32,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -147,10 +147,6 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lmc_lane_create.argtypes = [ctypes.POINTER(_Api), vp]
     lib.lmc_lane_destroy.restype = None
     lib.lmc_lane_destroy.argtypes = [vp]
-    lib.lmc_lane_set_spin.restype = None
-    lib.lmc_lane_set_spin.argtypes = [vp, ctypes.c_long]
-    lib.lmc_lane_set_poll.restype = None
-    lib.lmc_lane_set_poll.argtypes = [vp, ctypes.c_long]
     lib.lmc_lane_stats.restype = None
     lib.lmc_lane_stats.argtypes = [vp, u64p]
     lib.lmc_job_submit.restype = vp
@@ -235,28 +231,28 @@ def _agent_pointer(bound_agent: Any) -> int:
     return int(get(out, b"9nixlAgent") or 0)
 
 
-def _pybind_abi_ids(bound_agent: Any) -> list[bytes]:
-    """pybind11 platform ABI ids to try: the one named in the bindings' module, first."""
-    ids: list[bytes] = []
+_KNOWN_ABI_IDS = (b"system_libstdcpp_gxx_abi_1xxx_use_cxx11_abi_1", b"_gcc_libstdcpp_cxxabi1018")
+
+
+def _pybind_abi_ids(bound_agent: Any) -> Iterator[bytes]:
+    """pybind11 platform ABI ids to try: the usual GCC ones, then the one the bindings name.
+
+    The bindings' shared object is read (~1 MB) only when neither usual id is accepted.
+    """
+    yield from _KNOWN_ABI_IDS
     module = __import__(type(bound_agent).__module__, fromlist=["_"])
     path = getattr(module, "__file__", None)
-    if path:
-        try:
-            data = Path(path).read_bytes()
-        except OSError:
-            data = b""
-        start = data.find(b"__pybind11_internals_v")
-        if start >= 0:
-            end = data.find(b"__\x00", start)
-            # "__pybind11_internals_v12_<abi id>__": the id follows the version
-            middle = data[start + len(b"__pybind11_internals_v") : end]
-            _, _, abi = middle.partition(b"_")
-            if abi:
-                ids.append(abi)
-    for fallback in (b"system_libstdcpp_gxx_abi_1xxx_use_cxx11_abi_1", b"_gcc_libstdcpp_cxxabi1018"):
-        if fallback not in ids:
-            ids.append(fallback)
-    return ids
+    try:
+        data = Path(path).read_bytes() if path else b""
+    except OSError:
+        return
+    start = data.find(b"__pybind11_internals_v")
+    if start >= 0:
+        # "__pybind11_internals_v12_<abi id>__": the id follows the version
+        middle = data[start + len(b"__pybind11_internals_v") : data.find(b"__\x00", start)]
+        abi = middle.partition(b"_")[2]
+        if abi and abi not in _KNOWN_ABI_IDS:
+            yield abi
 
 
 def _check_agent(capi: ctypes.CDLL, handle: ctypes.Structure, nixl_agent: Any) -> None:
@@ -368,14 +364,6 @@ class NativeLane:
         if not ptr:
             raise OSError("the native NIXL lane did not take the job (stopping, out of memory, or malformed)")
         return NativeJob(self, ptr, len(hr) // 2)
-
-    def set_spin(self, ns: int) -> None:
-        """How long the checksum thread spins for the next transfer before it sleeps (ns)."""
-        self.lib.lmc_lane_set_spin(self.ptr, ns)
-
-    def set_poll(self, ns: int) -> None:
-        """Over 0: the checksum thread polls for transfer states, sleeping ``ns`` between looks."""
-        self.lib.lmc_lane_set_poll(self.ptr, ns)
 
     def stats(self) -> dict[str, int]:
         """The lane's counters since it started.

@@ -647,38 +647,6 @@ if IN_NETNS and _nixl_missing() is None:
                 raise BackendUnavailableError("injected: posting a transfer failed")
             return self.real(op, local, remote)
 
-    @pytest.mark.timeout(HANG_GUARD)
-    @pytest.mark.usefixtures("small_groups")
-    @pytest.mark.parametrize("query", ["?native_lane=off", "?ucx_workers=4"], ids=["python-lane", "direct"])
-    async def test_a_transfer_failing_midway_aborts_the_put_and_fails_the_get(
-        nixl_peer: ServerProcess, monkeypatch: pytest.MonkeyPatch, query: str
-    ) -> None:
-        """A batch of three transfer groups whose second transfer fails: nothing half-written is visible.
-
-        Both ways of making NIXL calls: queued on the lane thread (one UCX worker) and made by the
-        calling thread (several).
-        """
-        keys = [make_key(900 + i) for i in range(3)]
-        values = [os.urandom(3 * MiB) for _ in keys]
-        async with open_backend(f"nixl://127.0.0.1:{nixl_peer.port}{query}") as b:
-            assert isinstance(b, NixlBackend)
-            used = (await b.peer_stats())["used_bytes"]
-            with monkeypatch.context() as m:
-                m.setattr(b, "_post", _FailSecondPost(b))
-                results = await b.put(keys, values)
-            assert [(r.status, r.reason) for r in results] == [(PutStatus.REJECTED, "error")] * 3
-            assert await b.contains(keys) == [False] * 3, "the group was aborted, the first value included"
-            assert all(r.ok for r in await b.put(keys, values))
-            with monkeypatch.context() as m:
-                m.setattr(b, "_post", _FailSecondPost(b))
-                with pytest.raises(BackendUnavailableError, match="injected"):
-                    await b.get_into(keys, [bytearray(3 * MiB) for _ in keys])
-            dsts = [bytearray(3 * MiB) for _ in keys]
-            assert await b.get_into(keys, dsts) == [3 * MiB] * 3
-            assert [bytes(d) for d in dsts] == values
-            await b.delete(keys)
-            assert (await b.peer_stats())["used_bytes"] == used, "leases the failed get took were released"
-
     class _FailSecondNativeTransfer:
         """Fault injection: the second transfer of a job reaches past the peer's registered pool.
 
@@ -700,25 +668,38 @@ if IN_NETNS and _nixl_missing() is None:
             return self.real(remote, op, transfers, **kwargs)
 
     @pytest.mark.timeout(HANG_GUARD)
-    async def test_native_lane_a_transfer_failing_midway_aborts_the_put_and_fails_the_get(
-        nixl_peer: ServerProcess, monkeypatch: pytest.MonkeyPatch
+    @pytest.mark.usefixtures("small_groups")
+    @pytest.mark.parametrize(
+        "query", ["?native_lane=on", "?native_lane=off", "?ucx_workers=4"], ids=["native", "python-lane", "direct"]
+    )
+    async def test_a_transfer_failing_midway_aborts_the_put_and_fails_the_get(
+        nixl_peer: ServerProcess, monkeypatch: pytest.MonkeyPatch, query: str
     ) -> None:
-        """On the native lane: a job whose second transfer NIXL refuses fails whole, and nothing leaks."""
-        keys = [make_key(950 + i) for i in range(3)]
+        """A batch of three transfer groups whose second transfer fails: nothing half-written is visible.
+
+        Every way of making NIXL calls: the native lane (NIXL refuses the transfer), the Python lane
+        thread (one UCX worker) and the calling thread (several) (posting it fails).
+        """
+        keys = [make_key(900 + i) for i in range(3)]
         values = [os.urandom(3 * MiB) for _ in keys]
-        async with open_backend(f"nixl://127.0.0.1:{nixl_peer.port}?native_lane=on") as b:
-            assert isinstance(b, NixlBackend) and b._native is not None and b.stats()["native_lane"]
+        async with open_backend(f"nixl://127.0.0.1:{nixl_peer.port}{query}") as b:
+            assert isinstance(b, NixlBackend)
+            assert b.stats()["native_lane"] == (query == "?native_lane=on")
+            if b._native is not None:
+                target, name, injector, match = b._native, "submit", _FailSecondNativeTransfer, "transfer 2 of 3"
+            else:
+                target, name, injector, match = b, "_post", _FailSecondPost, "injected"
             used = (await b.peer_stats())["used_bytes"]
             with monkeypatch.context() as m:
-                m.setattr(b._native, "submit", _FailSecondNativeTransfer(b))
+                m.setattr(target, name, injector(b))
                 results = await b.put(keys, values)
             assert [(r.status, r.reason) for r in results] == [(PutStatus.REJECTED, "error")] * 3
             assert b.stats()["errors"] >= 1
             assert await b.contains(keys) == [False] * 3, "the group was aborted, the first value included"
             assert all(r.ok for r in await b.put(keys, values))
             with monkeypatch.context() as m:
-                m.setattr(b._native, "submit", _FailSecondNativeTransfer(b))
-                with pytest.raises(BackendUnavailableError, match="transfer 2 of 3"):
+                m.setattr(target, name, injector(b))
+                with pytest.raises(BackendUnavailableError, match=match):
                     await b.get_into(keys, [bytearray(3 * MiB) for _ in keys])
             dsts = [bytearray(3 * MiB) for _ in keys]
             assert await b.get_into(keys, dsts) == [3 * MiB] * 3

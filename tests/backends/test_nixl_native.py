@@ -159,14 +159,11 @@ def fake() -> FakeNixl:
     return FakeNixl()
 
 
-@pytest.fixture(params=["polling", "woken"])
-def lane(fake: FakeNixl, request: pytest.FixtureRequest) -> Iterator[NativeLane]:
-    """A lane over the fake; its checksum thread polls transfer states (the default) or is woken."""
+@pytest.fixture
+def lane(fake: FakeNixl) -> Iterator[NativeLane]:
     lib = nixl_native.build()
     handle = nixl_native._AgentHandle(0x1000)  # never dereferenced by the fake
     lane = NativeLane(lib, fake.api(), handle)
-    if request.param == "woken":
-        lane.set_poll(0)
     yield lane
     lane.close()
 

@@ -233,12 +233,17 @@ static void pause_briefly(int *spins) {
     }
 }
 
-/* Wait (spinning, then polling) until the checksum thread has hashed the whole job. */
+/*
+ * Wait (spinning, then polling) until the checksum thread has hashed the whole job. Transfers
+ * still in flight are retired meanwhile: a job hashed once its transfers land needs that.
+ */
 static int await_hashed(lmc_lane *lane, lmc_job *job) {
     int64_t t0 = now_ns();
     while (!atomic_load_explicit(&job->hash_done, memory_order_acquire)) {
         if (lane->stop)
             return 0;
+        if (lane->nflight > 0)
+            poll_flights(lane);
         if (now_ns() - t0 < LMC_SPIN_NS) {
             cpu_relax();
         } else {

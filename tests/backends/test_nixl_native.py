@@ -279,8 +279,15 @@ def test_a_stuck_transfer_times_out_and_a_cancel_aborts_it(fake: FakeNixl, lane:
     assert bytes(local[0][0].raw) == values[0] and bytes(local[2][0].raw) == values[2]
 
 
-def test_a_put_job_fills_in_its_frame_headers_before_writing_them(fake: FakeNixl, lane: NativeLane) -> None:
-    """Headers encoded with a placeholder checksum leave with the payloads' checksums, and check out."""
+@pytest.mark.parametrize("hash_at_start", [True, False], ids=["hashed-from-start", "hashed-once-landed"])
+def test_a_put_job_fills_in_its_frame_headers_before_writing_them(
+    fake: FakeNixl, lane: NativeLane, hash_at_start: bool
+) -> None:
+    """Headers encoded with a placeholder checksum leave with the payloads' checksums, and check out.
+
+    The payload transfers are still in progress when posted, so hashing them once landed needs
+    the lane to keep polling them while it waits for their checksums.
+    """
     from lmcache.keys import CacheKey
     from lmcache.serde import frame
 
@@ -294,7 +301,8 @@ def test_a_put_job_fills_in_its_frame_headers_before_writing_them(fake: FakeNixl
     transfers = [([(sa, da, len(v))], [(sa, len(v))]) for (_s, sa), (_d, da), v in zip(srcs, dsts, values, strict=True)]
     transfers.append(([(ha, hd, len(h)) for (_a, ha), (_b, hd), h in zip(hsrc, hdst, heads, strict=True)], []))
     patches = [(ha, frame.header_tail_len(h), i) for i, ((_a, ha), h) in enumerate(zip(hsrc, heads, strict=True))]
-    job = lane.submit("p", WRITE, transfers, hash_at_start=True, headers=patches)
+    fake.slow = {0, 1, 2}
+    job = lane.submit("p", WRITE, transfers, hash_at_start=hash_at_start, headers=patches)
     assert job.wait(10) and job.result()[0] == 0
     for key, value, (written, _addr) in zip(keys, values, hdst, strict=True):
         header, payload = frame.decode_frame(bytes(written.raw) + value, expected_key=key)

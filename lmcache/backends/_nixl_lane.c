@@ -11,7 +11,8 @@
  * lmc_lane_create, so the checksums are bit for bit those of lmcache.serde.frame.
  *
  * Jobs run in the order they are submitted; their transfers are posted in order, up to
- * LMC_WINDOW in flight (a CPU copy such as UCX over CMA is done when posted). A job ends when
+ * LMC_WINDOW in flight (a CPU copy such as UCX over CMA is done when posted), except that a
+ * put's headers wait for its checksums while the next jobs go ahead (see run_job). A job ends when
  * its transfers are done and its values hashed; a failed or cancelled job posts nothing more and
  * still waits for what it has in flight, so no byte moves after lmc_job_wait reports it ended.
  */
@@ -75,6 +76,7 @@ typedef struct lmc_job lmc_job;
 struct lmc_job {
     lmc_job *next_lane;
     lmc_job *next_hash;
+    lmc_job *next_parked; /* a put waiting for its checksums before its headers (lane-only) */
     int op;            /* 0 READ, 1 WRITE (NIXL's order) */
     int hash_at_start; /* hash a transfer's ranges once started (1) or once landed (0) */
     int nx;            /* transfers */
@@ -119,8 +121,10 @@ typedef struct {
     /* lane-only state */
     lmc_flight flight[LMC_WINDOW];
     int nflight;
+    lmc_job *parked_head, *parked_tail;
     /* counters (read with lmc_lane_stats) */
     atomic_ullong transfers, bytes, hashed_bytes, lane_ns, hash_wait_ns, create_ns, finish_ns;
+    atomic_ullong sums_wait_ns, idle_ns; /* the lane waiting for checksums (a put's headers), for a job */
 } lmc_lane;
 
 static inline void cpu_relax(void) {
@@ -234,27 +238,6 @@ static void pause_briefly(int *spins) {
 }
 
 /*
- * Wait (spinning, then polling) until the checksum thread has hashed the whole job. Transfers
- * still in flight are retired meanwhile: a job hashed once its transfers land needs that.
- */
-static int await_hashed(lmc_lane *lane, lmc_job *job) {
-    int64_t t0 = now_ns();
-    while (!atomic_load_explicit(&job->hash_done, memory_order_acquire)) {
-        if (lane->stop)
-            return 0;
-        if (lane->nflight > 0)
-            poll_flights(lane);
-        if (now_ns() - t0 < LMC_SPIN_NS) {
-            cpu_relax();
-        } else {
-            struct timespec nap = {0, 5000L};
-            nanosleep(&nap, NULL);
-        }
-    }
-    return 1;
-}
-
-/*
  * Fill in each patched frame header's payload checksum (bytes 24..32) and its own check (bytes
  * 32..40: xxh3 of bytes 0..32, then the key and metadata from byte 48), as
  * lmcache.serde.frame.encode_header lays them out.
@@ -280,59 +263,46 @@ static int patch_headers(lmc_lane *lane, lmc_job *job) {
     return 1;
 }
 
-static void run_job(lmc_lane *lane, lmc_job *job) {
-    int t = 0;
-    for (; t < job->nx; t++) {
-        if (job->status != 0 || atomic_load(&job->cancel)) {
-            if (job->status == 0)
-                fail(job, t, -100, "cancelled");
-            break;
-        }
-        int spins = 0;
-        while (lane->nflight >= LMC_WINDOW) {
-            poll_flights(lane);
-            if (lane->nflight >= LMC_WINDOW)
-                pause_briefly(&spins);
-        }
-        if (t == job->nx - 1 && job->npatch > 0) {
-            /* The headers go last: they carry the checksums of the values before them. */
-            if (!await_hashed(lane, job)) {
-                fail(job, t, -100, "cancelled");
-                break;
-            }
-            if (!patch_headers(lane, job)) {
-                fail(job, t, -101, "out of memory");
-                break;
-            }
-        }
-        int64_t t0 = now_ns();
-        void *req = make_request(lane, job, t);
-        if (req == NULL)
-            break;
-        set_state(job, t, T_STARTED);
-        int64_t t1 = now_ns();
-        atomic_fetch_add(&lane->create_ns, (unsigned long long)(t1 - t0));
-        int rc = lane->api.req_post(&lane->agent, req, NULL);
-        t0 = now_ns();
-        atomic_fetch_add(&lane->lane_ns, (unsigned long long)(t0 - t1));
-        atomic_fetch_add(&lane->transfers, 1);
-        for (int d = job->xd[t]; d < job->xd[t + 1]; d++)
-            atomic_fetch_add(&lane->bytes, job->desc[3 * d + 2]);
-        if (rc == CAPI_IN_PROG) {
-            lane->flight[lane->nflight++] = (lmc_flight){job, t, req};
-            continue;
-        }
-        if (rc != CAPI_SUCCESS) {
-            drop_request(lane, req);
-            fail(job, t, rc, "postXferReq");
-            set_state(job, t, T_FAILED);
-            t++;
-            break;
-        }
-        set_state(job, t, T_LANDED); /* the checksum thread starts before the release */
-        drop_request(lane, req);
-        atomic_fetch_add(&lane->finish_ns, (unsigned long long)(now_ns() - t0));
+/* Post transfer t of a job (after room in the window): 1 posted, 0 not (its request could not be
+ * made), -1 refused by postXferReq; the job is failed in both last cases. */
+static int post_one(lmc_lane *lane, lmc_job *job, int t) {
+    int spins = 0;
+    while (lane->nflight >= LMC_WINDOW) {
+        poll_flights(lane);
+        if (lane->nflight >= LMC_WINDOW)
+            pause_briefly(&spins);
     }
+    int64_t t0 = now_ns();
+    void *req = make_request(lane, job, t);
+    if (req == NULL)
+        return 0;
+    set_state(job, t, T_STARTED);
+    int64_t t1 = now_ns();
+    atomic_fetch_add(&lane->create_ns, (unsigned long long)(t1 - t0));
+    int rc = lane->api.req_post(&lane->agent, req, NULL);
+    t0 = now_ns();
+    atomic_fetch_add(&lane->lane_ns, (unsigned long long)(t0 - t1));
+    atomic_fetch_add(&lane->transfers, 1);
+    for (int d = job->xd[t]; d < job->xd[t + 1]; d++)
+        atomic_fetch_add(&lane->bytes, job->desc[3 * d + 2]);
+    if (rc == CAPI_IN_PROG) {
+        lane->flight[lane->nflight++] = (lmc_flight){job, t, req};
+        return 1;
+    }
+    if (rc != CAPI_SUCCESS) {
+        drop_request(lane, req);
+        fail(job, t, rc, "postXferReq");
+        set_state(job, t, T_FAILED);
+        return -1;
+    }
+    set_state(job, t, T_LANDED); /* the checksum thread starts before the release */
+    drop_request(lane, req);
+    atomic_fetch_add(&lane->finish_ns, (unsigned long long)(now_ns() - t0));
+    return 1;
+}
+
+/* End a job whose transfers from t on will not be posted: once what it has in flight is done. */
+static void end_job(lmc_lane *lane, lmc_job *job, int t) {
     for (; t < job->nx; t++)
         if (atomic_load(&job->st[t]) == T_QUEUED)
             set_state(job, t, T_FAILED);
@@ -349,14 +319,117 @@ static void run_job(lmc_lane *lane, lmc_job *job) {
     pthread_mutex_unlock(&lane->mu);
 }
 
+static int parked_ready(lmc_lane *lane, lmc_job *job) {
+    return atomic_load_explicit(&job->hash_done, memory_order_acquire) || atomic_load(&job->cancel) || lane->stop;
+}
+
+/*
+ * With nothing else to post: wait (spinning, then polling) until the oldest parked put has its
+ * checksums or a job comes in. Transfers in flight are retired meanwhile: a put hashed once its
+ * transfers land needs that.
+ */
+static void await_parked(lmc_lane *lane) {
+    int64_t t0 = now_ns();
+    while (!parked_ready(lane, lane->parked_head)) {
+        pthread_mutex_lock(&lane->mu);
+        int queued = lane->lane_head != NULL;
+        pthread_mutex_unlock(&lane->mu);
+        if (queued)
+            break;
+        if (lane->nflight > 0)
+            poll_flights(lane);
+        if (now_ns() - t0 < LMC_SPIN_NS) {
+            cpu_relax();
+        } else {
+            struct timespec nap = {0, 5000L};
+            nanosleep(&nap, NULL);
+        }
+    }
+    atomic_fetch_add(&lane->sums_wait_ns, (unsigned long long)(now_ns() - t0));
+}
+
+/* A put's last step: once every value is hashed, fill in its headers, write them, end the job. */
+static void write_headers(lmc_lane *lane, lmc_job *job) {
+    int t = job->nx - 1;
+    if (job->status == 0 && atomic_load(&job->cancel))
+        fail(job, t, -100, "cancelled");
+    if (job->status == 0 && !atomic_load_explicit(&job->hash_done, memory_order_acquire))
+        fail(job, t, -100, "cancelled"); /* the lane is stopping */
+    if (job->status == 0 && !patch_headers(lane, job))
+        fail(job, t, -101, "out of memory");
+    if (job->status == 0 && post_one(lane, job, t) != 0)
+        t++;
+    end_job(lane, job, t);
+}
+
+
+/* Write the headers of the parked puts whose values are all hashed (the checksum thread hashes
+ * jobs in order, so only the oldest can be next). */
+static void service_parked(lmc_lane *lane) {
+    while (lane->parked_head != NULL && parked_ready(lane, lane->parked_head)) {
+        lmc_job *job = lane->parked_head;
+        lane->parked_head = job->next_parked;
+        if (lane->parked_head == NULL)
+            lane->parked_tail = NULL;
+        write_headers(lane, job);
+    }
+}
+
+/*
+ * Post a job's transfers. A put whose last values are still being hashed when its payloads are
+ * posted is parked: the lane goes on with the next jobs and writes its headers once its
+ * checksums are in, instead of waiting for them (1-7% of a put phase on 2 vCPUs, when the
+ * checksum thread shares its core with the event loop and the peer).
+ */
+static void run_job(lmc_lane *lane, lmc_job *job) {
+    int last = job->npatch > 0 ? job->nx - 1 : job->nx; /* the headers go last: they carry the checksums */
+    int t = 0;
+    for (; t < last; t++) {
+        if (lane->parked_head != NULL)
+            service_parked(lane);
+        if (job->status != 0 || atomic_load(&job->cancel)) {
+            if (job->status == 0)
+                fail(job, t, -100, "cancelled");
+            break;
+        }
+        int rc = post_one(lane, job, t);
+        if (rc <= 0) {
+            t += rc < 0;
+            break;
+        }
+    }
+    if (t == last && last < job->nx && job->status == 0) {
+        if (!parked_ready(lane, job)) {
+            if (lane->parked_tail)
+                lane->parked_tail->next_parked = job;
+            else
+                lane->parked_head = job;
+            lane->parked_tail = job;
+            return;
+        }
+        write_headers(lane, job);
+        return;
+    }
+    end_job(lane, job, t);
+}
+
 static void *lane_main(void *arg) {
     lmc_lane *lane = arg;
     for (;;) {
+        if (lane->parked_head != NULL)
+            service_parked(lane);
         pthread_mutex_lock(&lane->mu);
+        if (lane->lane_head == NULL && lane->parked_head != NULL) {
+            pthread_mutex_unlock(&lane->mu);
+            await_parked(lane);
+            continue;
+        }
+        int64_t t0 = now_ns();
         while (lane->lane_head == NULL && !lane->stop)
             pthread_cond_wait(&lane->lane_cv, &lane->mu);
+        atomic_fetch_add(&lane->idle_ns, (unsigned long long)(now_ns() - t0));
         lmc_job *job = lane->lane_head;
-        if (job == NULL) { /* stopping, nothing queued */
+        if (job == NULL) { /* stopping, nothing queued or parked */
             pthread_mutex_unlock(&lane->mu);
             break;
         }
@@ -481,7 +554,7 @@ void lmc_lane_destroy(lmc_lane *lane) {
     free(lane);
 }
 
-void lmc_lane_stats(lmc_lane *lane, uint64_t out[7]) {
+void lmc_lane_stats(lmc_lane *lane, uint64_t out[9]) {
     out[0] = atomic_load(&lane->transfers);
     out[1] = atomic_load(&lane->bytes);
     out[2] = atomic_load(&lane->hashed_bytes);
@@ -489,6 +562,8 @@ void lmc_lane_stats(lmc_lane *lane, uint64_t out[7]) {
     out[4] = atomic_load(&lane->hash_wait_ns);
     out[5] = atomic_load(&lane->create_ns);
     out[6] = atomic_load(&lane->finish_ns);
+    out[7] = atomic_load(&lane->sums_wait_ns);
+    out[8] = atomic_load(&lane->idle_ns);
 }
 
 static void *dup_array(const void *src, size_t n) {

@@ -369,11 +369,22 @@ class NativeLane:
         """The lane's counters since it started.
 
         Transfers, bytes, hashed bytes, and nanoseconds spent posting, with the checksum thread
-        waiting, making requests (before a post) and releasing them (after).
+        waiting, making requests (before a post), releasing them (after), with the lane waiting
+        for a put's checksums (before its headers) and with the lane waiting for a job.
         """
-        out = (ctypes.c_uint64 * 7)()
+        out = (ctypes.c_uint64 * 9)()
         self.lib.lmc_lane_stats(self.ptr, out)
-        keys = ("transfers", "bytes", "hashed_bytes", "post_ns", "hash_wait_ns", "create_ns", "finish_ns")
+        keys = (
+            "transfers",
+            "bytes",
+            "hashed_bytes",
+            "post_ns",
+            "hash_wait_ns",
+            "create_ns",
+            "finish_ns",
+            "sums_wait_ns",
+            "idle_ns",
+        )
         return dict(zip(keys, (int(v) for v in out), strict=True))
 
     def close(self) -> None:

@@ -279,6 +279,40 @@ def test_a_stuck_transfer_times_out_and_a_cancel_aborts_it(fake: FakeNixl, lane:
     assert bytes(local[0][0].raw) == values[0] and bytes(local[2][0].raw) == values[2]
 
 
+class _PutJob:
+    """A put as ``nixl://`` submits it: one WRITE per value, then one of their frame headers."""
+
+    def __init__(self, lane: NativeLane, remote: str, sizes: list[int], *, hash_at_start: bool) -> None:
+        from lmcache.keys import CacheKey
+        from lmcache.serde import frame
+
+        self.keys = [CacheKey("native-test", 1, 0, bytes([i]) * 32, "uint8") for i in range(len(sizes))]
+        self.values = [os.urandom(n) for n in sizes]
+        heads = [frame.encode_header(k, v, checksum=0) for k, v in zip(self.keys, self.values, strict=True)]
+        self.bufs = [_buf(v) for v in self.values]
+        dsts = [_buf(b"\0" * len(v)) for v in self.values]
+        self.hsrc = [_buf(h) for h in heads]
+        self.hdst = [_buf(b"\0" * len(h)) for h in heads]
+        self.transfers = [
+            ([(sa, da, len(v))], [(sa, len(v))])
+            for (_s, sa), (_d, da), v in zip(self.bufs, dsts, self.values, strict=True)
+        ]
+        self.transfers.append(
+            ([(ha, hd, len(h)) for (_a, ha), (_b, hd), h in zip(self.hsrc, self.hdst, heads, strict=True)], [])
+        )
+        self.dsts = dsts
+        patches = [(ha, frame.header_tail_len(h), i) for i, ((_a, ha), h) in enumerate(zip(self.hsrc, heads, strict=True))]
+        self.job = lane.submit(remote, WRITE, self.transfers, hash_at_start=hash_at_start, headers=patches)
+
+    def check_written(self) -> None:
+        """Each written header, followed by its payload, decodes and carries the payload's xxh3."""
+        from lmcache.serde import frame
+
+        for key, value, (written, _addr) in zip(self.keys, self.values, self.hdst, strict=True):
+            header, payload = frame.decode_frame(bytes(written.raw) + value, expected_key=key)
+            assert bytes(payload) == value and header.checksum == xxhash.xxh3_64_intdigest(value)
+
+
 @pytest.mark.parametrize("hash_at_start", [True, False], ids=["hashed-from-start", "hashed-once-landed"])
 def test_a_put_job_fills_in_its_frame_headers_before_writing_them(
     fake: FakeNixl, lane: NativeLane, hash_at_start: bool
@@ -288,25 +322,49 @@ def test_a_put_job_fills_in_its_frame_headers_before_writing_them(
     The payload transfers are still in progress when posted, so hashing them once landed needs
     the lane to keep polling them while it waits for their checksums.
     """
-    from lmcache.keys import CacheKey
-    from lmcache.serde import frame
-
-    keys = [CacheKey("native-test", 1, 0, bytes([i]) * 32, "uint8") for i in range(3)]
-    values = [os.urandom(n) for n in (70_000, 5, 1 << 20)]
-    heads = [frame.encode_header(k, v, checksum=0) for k, v in zip(keys, values, strict=True)]
-    srcs = [_buf(v) for v in values]
-    dsts = [_buf(b"\0" * len(v)) for v in values]
-    hsrc = [_buf(h) for h in heads]
-    hdst = [_buf(b"\0" * len(h)) for h in heads]
-    transfers = [([(sa, da, len(v))], [(sa, len(v))]) for (_s, sa), (_d, da), v in zip(srcs, dsts, values, strict=True)]
-    transfers.append(([(ha, hd, len(h)) for (_a, ha), (_b, hd), h in zip(hsrc, hdst, heads, strict=True)], []))
-    patches = [(ha, frame.header_tail_len(h), i) for i, ((_a, ha), h) in enumerate(zip(hsrc, heads, strict=True))]
     fake.slow = {0, 1, 2}
-    job = lane.submit("p", WRITE, transfers, hash_at_start=hash_at_start, headers=patches)
-    assert job.wait(10) and job.result()[0] == 0
-    for key, value, (written, _addr) in zip(keys, values, hdst, strict=True):
-        header, payload = frame.decode_frame(bytes(written.raw) + value, expected_key=key)
-        assert bytes(payload) == value and header.checksum == xxhash.xxh3_64_intdigest(value)
+    put = _PutJob(lane, "p", [70_000, 5, 1 << 20], hash_at_start=hash_at_start)
+    assert put.job.wait(10) and put.job.result()[0] == 0
+    put.check_written()
     assert [name for name, _n in fake.posted] == ["p"] * 4, "the headers did not go last, in the same job"
+    transfers, hsrc = put.transfers, put.hsrc
     with pytest.raises(OSError, match="did not take the job"):
         lane.submit("p", WRITE, transfers, hash_at_start=True, headers=[(hsrc[0][1], 10, 3)])  # no range 3
+
+
+_HASH = ctypes.CFUNCTYPE(ctypes.c_uint64, _vp, ctypes.c_size_t)
+
+
+def test_a_put_waiting_for_its_checksums_lets_the_next_jobs_go_ahead(fake: FakeNixl) -> None:
+    """The lane does not idle while a put's values are still being hashed: later jobs go ahead."""
+    real = _HASH(nixl_native._hash_function())
+    held, hashing = threading.Event(), threading.Event()
+    slow_size = 70_001
+
+    def gated_hash(addr: int, n: int) -> int:
+        if n == slow_size:  # the put's value: held until the test lets it go
+            hashing.set()
+            held.wait(10)
+        return int(real(addr, n))
+
+    hash_cb = _HASH(gated_hash)
+    api = fake.api()
+    api.hash = ctypes.cast(hash_cb, _vp).value
+    lane = NativeLane(nixl_native.build(), api, nixl_native._AgentHandle(0x1000))
+    try:
+        put = _PutJob(lane, "a", [slow_size], hash_at_start=True)
+        assert hashing.wait(10)
+        value = os.urandom(1000)
+        (_r, far), (near, addr) = _buf(value), _buf(b"\0" * 1000)
+        nxt = lane.submit("b", READ, [([(addr, far, 1000)], [])], hash_at_start=False)
+        assert nxt.wait(5) and nxt.result()[0] == 0, "the next job waited for the put's checksums"
+        assert bytes(near.raw) == value
+        assert not put.job.wait(0), "the put ended before its value was hashed"
+        assert fake.posted == [("a", 0), ("b", 1)], "the put's headers went before their checksums were in"
+        held.set()
+        assert put.job.wait(10) and put.job.result()[0] == 0
+        put.check_written()
+        assert fake.posted == [("a", 0), ("b", 1), ("a", 2)]
+    finally:
+        held.set()
+        lane.close()

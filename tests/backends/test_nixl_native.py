@@ -300,8 +300,10 @@ class _PutJob:
         self.transfers.append(
             ([(ha, hd, len(h)) for (_a, ha), (_b, hd), h in zip(self.hsrc, self.hdst, heads, strict=True)], [])
         )
-        self.dsts = dsts
-        patches = [(ha, frame.header_tail_len(h), i) for i, ((_a, ha), h) in enumerate(zip(self.hsrc, heads, strict=True))]
+        self.dsts = dsts  # kept alive until the job ends
+        patches = [
+            (ha, frame.header_tail_len(h), i) for i, ((_a, ha), h) in enumerate(zip(self.hsrc, heads, strict=True))
+        ]
         self.job = lane.submit(remote, WRITE, self.transfers, hash_at_start=hash_at_start, headers=patches)
 
     def check_written(self) -> None:

@@ -124,7 +124,7 @@ typedef struct {
     lmc_job *parked_head, *parked_tail;
     /* counters (read with lmc_lane_stats) */
     atomic_ullong transfers, bytes, hashed_bytes, lane_ns, hash_wait_ns, create_ns, finish_ns;
-    atomic_ullong sums_wait_ns, idle_ns; /* the lane waiting for checksums (a put's headers), for a job */
+    atomic_ullong sums_wait_ns, idle_ns; /* the lane with only parked puts, with nothing at all */
 } lmc_lane;
 
 static inline void cpu_relax(void) {
@@ -361,7 +361,6 @@ static void write_headers(lmc_lane *lane, lmc_job *job) {
         t++;
     end_job(lane, job, t);
 }
-
 
 /* Write the headers of the parked puts whose values are all hashed (the checksum thread hashes
  * jobs in order, so only the oldest can be next). */

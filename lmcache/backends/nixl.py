@@ -43,24 +43,33 @@ over loopback in a private network namespace. UCX moves the bytes with CMA
   reads them from cache) or as soon as it has landed (a get: still in cache). No Python runs
   between transfers. A put is one job: its frame headers are encoded here with a placeholder
   checksum and written by the job's last transfer, after the lane has filled in each header's
-  checksums. The checksum thread polls transfer states with 50 us sleeps: waking it with a futex
-  call cost the lane 3-20 us per ~170 us transfer. Five interleaved A/B pairs
-  (``native_lane=auto`` vs ``off``, ``--repeat 7 --checked``, the raw SDK at 7.3-10.2 GB/s):
+  checksums. When the last values of a put are still being hashed as its payloads are done, the
+  lane parks that put and goes on with the next jobs, writing its headers once the checksums are
+  in: waiting for them had cost 1-7% of a put phase (the checksum thread shares the second vCPU
+  with the event loop and the peer). The checksum thread polls transfer states with 50 us sleeps:
+  waking it with a futex call cost the lane 3-20 us per ~170 us transfer. With parking, 11 runs
+  (``--repeat 7 --checked``, the raw SDK at 7.8-10.8 GB/s):
 
-  ===========  ============  ============  =====================  =====================
-  lane         put / raw     get / raw     put / checked raw      get / checked raw
-  ===========  ============  ============  =====================  =====================
-  native       0.87-0.95     0.87-1.08     1.06-1.15              1.10-1.30
-  Python       0.75-0.90     0.72-0.83     0.96-1.24              0.90-1.06
-  ===========  ============  ============  =====================  =====================
+  ===========  ==============================  ==============================
+  ratio        put                             get
+  ===========  ==============================  ==============================
+  / raw        0.78-1.02, median 0.935, 8 of   0.81-1.03, median 0.944, 10 of
+               11 at >= 0.90                   11 at >= 0.90
+  / checked    1.07-1.25                       1.08-1.38
+  ===========  ==============================  ==============================
 
-  Four more pairs of the same code half an hour later, when the host copied faster (the raw SDK
-  at 11.4-12.8 GB/s): native puts 0.81-0.86 and gets 0.87-0.92, the Python lane 0.63-0.82 and
-  0.74-0.82. The faster the copy, the more the checksum pass beside it costs. What remains is that
-  pass (xxh3 of every byte on the second vCPU, ~0.4-0.6 of a core) and the control messages: on
-  2 vCPUs the lane, the checksum thread, the event loop and the peer share two cores. The lane
-  alone, without the control messages (a script outside the repository, interleaved with the raw
-  SDK), ran puts at 0.89 and gets at 1.0 of the raw SDK in that regime.
+  The lane posts 0.95-0.97 of a phase for puts and gets alike (0.85-0.95 for puts before
+  parking); a put's copies inside ``postXferReq`` ran at 0.92-1.02 of the raw SDK's in the phase
+  next to them. What remains is
+  the checksum pass beside the copy (xxh3 of every byte on the second vCPU, ~0.4-0.6 of a core)
+  and the control messages: on 2 vCPUs the lane, the checksum thread, the event loop and the
+  peer share two cores. Two of the three runs with a figure below 0.90 came when the host copied
+  fastest (the raw SDK at 10.1-10.8 GB/s), where the checked raw SDK fell to 0.70-0.77 of the
+  raw one; the third was a put at 0.898.
+  Before parking, five interleaved A/B
+  pairs (``native_lane=auto`` vs ``off``, the raw SDK at 7.3-10.2 GB/s) gave native puts
+  0.87-0.95 and gets 0.87-1.08, the Python lane 0.75-0.90 and 0.72-0.83; with the host at
+  11.4-12.8 GB/s, native 0.81-0.86 and 0.87-0.92.
 * **Why the Python lane verifies gets from memory.** NIXL's bindings release the GIL in
   ``createXferReq`` and ``postXferReq``, so a Python thread that posts transfers takes the GIL
   back from the verifying and event-loop threads three times per transfer (~40-60 us each under

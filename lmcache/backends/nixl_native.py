@@ -370,7 +370,7 @@ class NativeLane:
 
         Transfers, bytes, hashed bytes, and nanoseconds spent posting, with the checksum thread
         waiting, making requests (before a post), releasing them (after), with the lane waiting
-        for a put's checksums (before its headers) and with the lane waiting for a job.
+        only for parked puts' checksums (before their headers), and with nothing to do.
         """
         out = (ctypes.c_uint64 * 9)()
         self.lib.lmc_lane_stats(self.ptr, out)

@@ -57,8 +57,13 @@ the raw SDK baseline of :mod:`lmcache.bench.baselines_mooncake`; the range is ov
 the host was busy with other work): one batch of 16 at a time, put 1.0-1.1 GB/s (0.79-0.89x) and
 get 1.05-1.2 GB/s (0.88-0.92x); 4 batches in flight, put 0.3-0.74 GB/s (1.0-1.2x) and get 0.46-0.69
 GB/s (0.77-1.07x). What the baseline does not pay is the staging copy and the xxh3 checksum on the
-CPU (it moves registered workload buffers directly). Closing a backend takes about 1 s (the SDK's
-``close()``).
+CPU (it moves registered workload buffers directly). Later, with a real ``mooncake_master`` and
+``mooncake_client`` in a private network namespace (``--total 512MiB --checked --repeat 9
+--keys-tokens 0``, 4 batches in flight, ten runs on a 2-vCPU VM, ~0.8-1.3 GB/s): puts 1.00-1.20x
+the raw SDK (median 1.09), gets 0.78-1.33x (median 0.93, six of ten at 0.90 or more), gets
+0.81-1.26x the raw SDK with the same check. Gets swing most: the master, the storage node and
+this process share the two cores, and the get's copy out of the arena is the CPU work the raw
+SDK does not do. Closing a backend takes about 1 s (the SDK's ``close()``).
 
 Memory: ``global_segment_size`` is what this process contributes to the cluster (0 by default:
 the data lives on storage nodes such as ``mooncake_client``; set it to pool this process's RAM),

@@ -20,7 +20,18 @@ from hypothesis import strategies as st
 
 from lmcache.errors import InvalidArgumentError, InvalidBufferError, LayoutMismatchError
 from lmcache.kernels import PagedKV, gather, scatter
-from lmcache.layouts import FLASH_ATTN, FLASHINFER, HF_CONTIGUOUS, LAYOUTS, MLA, VLLM_CPU, KVGeometry
+from lmcache.layouts import (
+    FLASH_ATTN,
+    FLASHINFER,
+    HF_CONTIGUOUS,
+    LAYOUTS,
+    MLA,
+    VLLM_CPU,
+    VLLM_CPU_VEC,
+    VLLM_MLA,
+    VLLM_PAGED,
+    KVGeometry,
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 _RAW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -45,11 +56,18 @@ def physical_shape(layout, nb, bs, h, d):
         "vllm_cpu": (2, nb, h, bs, d),
         "mla": (nb, bs, d),
         "hf": (nb, h, bs, d),
+        "vllm_paged": (nb, h, bs, 2 * d),
+        "vllm_mla": (nb, 1, bs, d),
+        "vllm_cpu_vec": (nb, h, bs, 2 * d),
     }[layout.name]
 
 
 def make_kv(layout, *, layers, nb, bs, h, d, dtype, stacked=False, hnd=False, seed=0):
-    """Engine KV in ``layout``. ``hnd``: vLLM's HND stride order (an NHD-shaped view of HND memory)."""
+    """Engine KV in ``layout``. ``hnd``: vLLM's HND stride order (an NHD-shaped view of HND memory).
+
+    For vLLM 0.32's ``[blocks, heads, block_size, content]`` layouts ``hnd`` means the other order
+    too: an HND-shaped view of NHD memory (``VLLM_CPU_VEC`` blocks must be contiguous: ignored).
+    """
     gen = torch.Generator().manual_seed(seed)
     shape = physical_shape(layout, nb, bs, h, d)
     if layout is HF_CONTIGUOUS:
@@ -62,6 +80,13 @@ def make_kv(layout, *, layers, nb, bs, h, d, dtype, stacked=False, hnd=False, se
         if stacked:
             return random_bits(tuple(mem_shape), dtype, gen).transpose(s_axis, s_axis + 1)
         return [random_bits(tuple(mem_shape), dtype, gen).transpose(s_axis, s_axis + 1) for _ in range(layers)]
+    if hnd and layout in (VLLM_PAGED, VLLM_MLA):
+        h_axis = 2 if stacked else 1
+        mem_shape = list((layers, *shape) if stacked else shape)
+        mem_shape[h_axis], mem_shape[h_axis + 1] = mem_shape[h_axis + 1], mem_shape[h_axis]
+        if stacked:
+            return random_bits(tuple(mem_shape), dtype, gen).transpose(h_axis, h_axis + 1)
+        return [random_bits(tuple(mem_shape), dtype, gen).transpose(h_axis, h_axis + 1) for _ in range(layers)]
     if stacked:
         return random_bits((layers, *shape), dtype, gen)
     return [random_bits(shape, dtype, gen) for _ in range(layers)]
@@ -71,6 +96,13 @@ def clone_kv(kv):
     if isinstance(kv, torch.Tensor):
         return kv.clone()
     return [tuple(x.clone() for x in t) if isinstance(t, tuple) else t.clone() for t in kv]
+
+
+def tensors(kv) -> list[torch.Tensor]:
+    """Every tensor of engine KV made by :func:`make_kv` (stacked, per layer, or (K, V) pairs)."""
+    if isinstance(kv, torch.Tensor):
+        return [kv]
+    return [x for t in kv for x in (t if isinstance(t, tuple) else (t,))]
 
 
 def reference_gather(kv: PagedKV, slots: list[int]) -> torch.Tensor:
@@ -90,7 +122,7 @@ def cases(draw):
     dtype = draw(st.sampled_from(DTYPES))
     bs = draw(st.integers(1, 8))
     nb = draw(st.integers(1, 6))
-    h = 1 if layout is MLA else draw(st.integers(1, 3))
+    h = 1 if layout.is_mla else draw(st.integers(1, 3))
     d = draw(st.integers(1, 6))
     layers = draw(st.integers(1, 3))
     stacked = layout is not HF_CONTIGUOUS and draw(st.booleans())
@@ -106,19 +138,40 @@ def cases(draw):
     )
 
 
+def run_copy(kv: PagedKV, op: str, slots, buf: torch.Tensor, backend: str) -> None:
+    """``kv.gather``/``kv.scatter`` with ``backend``.
+
+    Where ``PagedKV`` does not yet send a layout to the Triton kernels although they support it
+    (K and V entries with strides of their own, e.g. ``VLLM_CPU_VEC``), the kernels are called
+    directly with the slots checked as ``PagedKV`` does.
+    """
+    if backend == "triton":
+        from lmcache.kernels import triton_kernels
+
+        assert triton_kernels.supports(kv)
+        try:
+            kv._choose("triton")
+        except LayoutMismatchError:
+            kv._check_buffer(buf, "chunk buffer")
+            checked = kv._slots(slots, buf.shape[2], check=True, unique=op == "scatter")
+            triton_kernels.copy(op, kv, checked, buf)
+            return
+    {"gather": gather, "scatter": scatter}[op](kv, slots, buf, backend=backend)
+
+
 def check_round_trip(spec, slots, seed, backend):
     """Gather from one cache, scatter into a fresh one: touched slots equal, the rest untouched."""
     engine = make_kv(**spec, seed=seed)
     kv = PagedKV(engine, layout=spec["layout"])
     assert kv.geometry.num_layers == spec["layers"]
     out = torch.empty(kv.geometry.chunk_shape(len(slots)), dtype=kv.dtype)
-    gather(kv, slots, out, backend=backend)
+    run_copy(kv, "gather", slots, out, backend)
     assert torch.equal(bits(out), bits(reference_gather(kv, slots)))
 
     fresh = make_kv(**spec, seed=seed + 1)
     before = clone_kv(fresh)
     target = PagedKV(fresh, layout=spec["layout"])
-    scatter(target, torch.tensor(slots, dtype=torch.int64), out, backend=backend)
+    run_copy(target, "scatter", torch.tensor(slots, dtype=torch.int64), out, backend)
     touched = set(slots)
     after = PagedKV(fresh, layout=spec["layout"]).entries
     old = PagedKV(before, layout=spec["layout"]).entries
@@ -176,18 +229,60 @@ def triton_round_trip_property(case):
     a = torch.empty(kv.geometry.chunk_shape(len(slots)), dtype=kv.dtype)
     b = torch.empty_like(a)
     kv.gather(slots, a, backend="torch")
-    kv.gather(slots, b, backend="triton")
+    run_copy(kv, "gather", slots, b, "triton")
     assert torch.equal(bits(a), bits(b))
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: pip install 'lmcache[triton]'")
-def test_triton_kernels_match_torch_under_interpreter():
+PACKED_SPECS = [
+    # (layout, dtype, spec, slot mappings): chunks shorter than a block, spanning blocks from
+    # unaligned offsets, scattered, and whole blocks; block_size 4 and 3.
+    (layout, dtype, spec, slot_sets)
+    for layout in (VLLM_CPU_VEC, VLLM_PAGED, VLLM_MLA)
+    for dtype in (torch.float32, torch.bfloat16)
+    for spec, slot_sets in (
+        (
+            dict(layers=2, nb=5, bs=4, h=1 if layout.is_mla else 2, d=3),
+            [[5, 6], [1], list(range(6, 17)), [17, 2, 11, 19, 8], [*range(8, 12), *range(0, 4)]],
+        ),
+        (dict(layers=1, nb=4, bs=3, h=1, d=4, stacked=True), [[4], list(range(2, 10))]),
+    )
+]
+
+
+def triton_packed_layouts():
+    """Run by the child process below: vLLM 0.32's packed layouts, Triton against torch, both ways."""
+    from lmcache.kernels import triton_kernels
+
+    for layout, dtype, spec, slot_sets in PACKED_SPECS:
+        engine = make_kv(layout, **spec, dtype=dtype)
+        kv = PagedKV(engine, layout=layout)
+        assert triton_kernels.supports(kv)
+        for slots in slot_sets:
+            where = (layout.name, dtype, spec, slots)
+            want = torch.empty(kv.geometry.chunk_shape(len(slots)), dtype=dtype)
+            kv.gather(slots, want, backend="torch")
+            assert torch.equal(bits(want), bits(reference_gather(kv, slots))), where
+            got = torch.full_like(want, float("nan"))
+            run_copy(kv, "gather", slots, got, "triton")
+            assert torch.equal(bits(got), bits(want)), where
+            # Scatter into two copies of another cache: the whole layer tensors must agree bit for bit.
+            fresh = make_kv(layout, **spec, dtype=dtype, seed=1)
+            by_torch, by_triton = clone_kv(fresh), clone_kv(fresh)
+            PagedKV(by_torch, layout=layout).scatter(slots, want, backend="torch")
+            run_copy(PagedKV(by_triton, layout=layout), "scatter", slots, want, "triton")
+            pairs = list(zip(tensors(by_torch), tensors(by_triton), tensors(fresh), strict=True))
+            assert all(torch.equal(bits(a), bits(b)) for a, b, _ in pairs), where
+            assert not all(torch.equal(bits(a), bits(old)) for a, _, old in pairs), where  # it did write
+
+
+def run_interpreted(function: str) -> None:
+    """Run ``function`` of this module in a child process with ``TRITON_INTERPRET=1``."""
     env = {
         **os.environ,
         "TRITON_INTERPRET": "1",
         "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path]),
     }
-    code = "import test_kernels as t; t.triton_round_trip_property(); print('ok')"
+    code = f"import test_kernels as t; t.{function}(); print('ok')"
     proc = subprocess.run(
         [sys.executable, "-c", code],
         check=False,
@@ -200,14 +295,48 @@ def test_triton_kernels_match_torch_under_interpreter():
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: pip install 'lmcache[triton]'")
+def test_triton_kernels_match_torch_under_interpreter():
+    run_interpreted("triton_round_trip_property")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: pip install 'lmcache[triton]'")
+def test_triton_kernels_copy_packed_layouts_under_interpreter():
+    run_interpreted("triton_packed_layouts")
+
+
+def test_triton_kernels_address_strides_shared_per_kv_part():
+    """Which bound KVs the kernels take (no Triton needed: only strides are looked at)."""
+    from lmcache.kernels import triton_kernels
+
+    spec = dict(layers=2, nb=3, bs=4, h=2, d=5, dtype=torch.bfloat16)
+    # VLLM_CPU_VEC: K is [head_dim, block_size] within a block and head, V [block_size, head_dim].
+    vec = PagedKV(make_kv(VLLM_CPU_VEC, **spec), layout=VLLM_CPU_VEC)
+    assert vec.shared_strides is None
+    per_block, per_head = 2 * 4 * 5 * 2, 4 * 5 * 2
+    assert triton_kernels.part_strides(vec) == ((per_block, 1, per_head, 4), (per_block, 5, per_head, 1))
+    assert triton_kernels.supports(vec)
+    # Shared strides take the one-stride-set kernels.
+    for layout in (FLASH_ATTN, VLLM_PAGED, VLLM_MLA, MLA):
+        kv = PagedKV(make_kv(layout, **dict(spec, h=1 if layout.is_mla else 2)), layout=layout)
+        assert kv.shared_strides is not None
+        assert triton_kernels.part_strides(kv) == (kv.shared_strides,)
+    # Layers whose K strides differ (one NHD, one HND) cannot be addressed.
+    mixed = [make_kv(FLASH_ATTN, **dict(spec, layers=1))[0], make_kv(FLASH_ATTN, **dict(spec, layers=1), hnd=True)[0]]
+    kv = PagedKV(mixed, layout=FLASH_ATTN)
+    assert not triton_kernels.supports(kv) and triton_kernels.part_strides(kv) is None
+    with pytest.raises(LayoutMismatchError):
+        triton_kernels.copy("gather", kv, torch.tensor([0]), torch.empty(kv.geometry.chunk_shape(1), dtype=kv.dtype))
+
+
 # -- specific cases ------------------------------------------------------------------------------
 
 SPEC = dict(layers=3, nb=6, bs=4, h=2, d=8, dtype=torch.float16)
 
 
-@pytest.mark.parametrize("layout", [FLASH_ATTN, FLASHINFER, VLLM_CPU, MLA, HF_CONTIGUOUS])
+@pytest.mark.parametrize("layout", list(LAYOUTS.values()))
 def test_partial_chunk_and_duplicate_gather(layout):
-    spec = dict(SPEC, h=1 if layout is MLA else 2)
+    spec = dict(SPEC, h=1 if layout.is_mla else 2)
     kv = PagedKV(make_kv(layout, **spec), layout=layout)
     # A partial chunk: 5 tokens, duplicates allowed when reading.
     slots = [3, 0, 23, 3, 7]
@@ -378,7 +507,7 @@ def test_bench_kernels_reports_ratios(layout):
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: pip install 'lmcache[triton]'")
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="kernels are interpreted in this process")
-@pytest.mark.parametrize("kernel", ["gather_kernel", "scatter_kernel"])
+@pytest.mark.parametrize("kernel", ["gather_kernel", "scatter_kernel", "gather_kv_kernel", "scatter_kv_kernel"])
 @pytest.mark.parametrize("word", ["u8", "i16", "i32"])
 def test_triton_kernels_compile_for_cuda_without_a_gpu(kernel, word, tmp_path, monkeypatch):
     """Ahead-of-time compile for sm_90: catches code the interpreter accepts but the compiler does not."""
@@ -389,9 +518,11 @@ def test_triton_kernels_compile_for_cuda_without_a_gpu(kernel, word, tmp_path, m
 
     from lmcache.kernels import _triton_jit
 
-    buf = "out" if kernel == "gather_kernel" else "src"
+    buf = "out" if kernel.startswith("gather") else "src"
     ints = ("num_tokens", "hd", "head_dim", "block_size")
-    strides = ("s_block", "s_token", "s_head", "s_dim")
+    axes = ("block", "token", "head", "dim")
+    parts = ("k", "v") if "_kv_" in kernel else ("s",)  # K and V strides of their own, or one shared set
+    strides = tuple(f"{p}_{a}" for p in parts for a in axes)
     signature = {"ptrs": "*i64", "slots": "*i64", buf: f"*{word}"}
     signature |= {name: "i32" for name in ints} | {name: "i64" for name in strides}
     signature |= {"BLOCK_T": "constexpr", "BLOCK_HD": "constexpr"}

@@ -14,6 +14,26 @@ layout                    per-layer shape                                 used b
                           head]``
 ========================  ==============================================  ==========================
 
+The first four are the per-layer tensors of vLLM before its 0.2x KV-cache rework. vLLM 0.32 hands
+every attention backend a logical ``[num_blocks, kv_heads, block_size, content]`` view per layer
+(physical order from its resolved ``KVCacheLayout``, visible as strides) and each backend reads the
+content its own way. These layouts cannot be told apart by shape, so they are never detected: the
+vLLM connector names one from the attention backend vLLM picked.
+
+=========================  ==================================================  ======================
+layout                     per block and head                                  used by (vLLM 0.32)
+=========================  ==================================================  ======================
+``VLLM_PAGED`` (BHSX)      per token: K (head dim) then V (head dim)           FLASH_ATTN, TRITON_ATTN,
+                                                                               FLASHINFER (not nvfp4)
+``VLLM_MLA`` (BHSX)        per token: the latent (``kv_heads`` = 1)            MLA backends
+``VLLM_CPU_VEC`` (BHSX)    K as ``[head_dim, block_size]`` (transposed), then  CPU_ATTN, ISA ``vec``
+                           V as ``[block_size, head_dim]``                     and ``vec16``
+=========================  ==================================================  ======================
+
+``VLLM_CPU_VEC`` is the block format of vLLM-CPU's ``cpu_attn_reshape_and_cache`` for the ``vec``
+and ``vec16`` ISAs (checked against that kernel in tests/vllm); other CPU ISAs (``amx``, ``neon``…)
+pack K differently and are refused by the connector.
+
 Letters: ``K`` the K/V pair axis (size 2), ``B`` blocks, ``S`` token offset within a block, ``H``
 KV heads, ``D`` head dim (MLA: the latent). Only the *logical* order matters for copying: vLLM's
 ``get_kv_cache_stride_order`` may store an NHD-shaped tensor in HND order, which shows up as
@@ -62,6 +82,9 @@ __all__ = [
     "LAYOUTS",
     "MLA",
     "VLLM_CPU",
+    "VLLM_CPU_VEC",
+    "VLLM_MLA",
+    "VLLM_PAGED",
     "KVGeometry",
     "KVLayout",
     "LayerKV",
@@ -246,16 +269,28 @@ class KVLayout:
         name: Short name (``"flash_attn"``…), accepted by :func:`get_layout`.
         axes: Logical axis order of the per-layer tensor (letters ``K B S H D``, see module doc).
         separate_kv: K and V are two tensors per layer (transformers) rather than one.
+        packing: For vLLM 0.32's ``[blocks, heads, block_size, content]`` views (axes ``BHSX``),
+            how the content axis holds the parts: ``"kv"`` (per token, K then V, each half the
+            content), ``"latent"`` (MLA: the content is the latent) or ``"cpu_vec"`` (per block
+            and head, K as ``[head_dim, block_size]`` then V as ``[block_size, head_dim]``).
     """
 
     name: str
     axes: str
     separate_kv: bool = False
+    packing: str = ""
 
     @property
     def is_mla(self) -> bool:
         """One latent per token (no K/V pair axis, no head axis)."""
+        if self.packing:
+            return self.packing == "latent"
         return "K" not in self.axes and "H" not in self.axes and not self.separate_kv
+
+    @property
+    def detectable(self) -> bool:
+        """Whether :func:`detect_layout` may pick it (packed layouts share shapes: they must be named)."""
+        return not self.packing
 
     @property
     def ndim(self) -> int:
@@ -293,6 +328,8 @@ class KVLayout:
             return [self._canonical(k), self._canonical(v)]
         if not isinstance(layer, torch.Tensor):
             raise LayoutMismatchError(f"layout {self.name} expects one tensor per layer, got {type(layer).__name__}")
+        if self.packing:
+            return self._packed_views(layer)
         if "K" in self.axes:
             kv_axis = self.axes.index("K")
             if layer.dim() == self.ndim and layer.shape[kv_axis] != 2:
@@ -303,6 +340,33 @@ class KVLayout:
             rest = self.axes.replace("K", "")
             return [self._canonical(layer.select(kv_axis, p), rest) for p in range(2)]
         return [self._canonical(layer)]
+
+    def _packed_views(self, layer: torch.Tensor) -> list[torch.Tensor]:
+        """Canonical part views of a ``[blocks, heads, block_size, content]`` layer (see ``packing``)."""
+        nb, heads, bs, width = self.dims(layer.shape).values()
+        if self.packing == "latent":
+            if heads != 1:
+                raise LayoutMismatchError(f"layout {self.name}: an MLA cache has one head, got {heads}")
+            return [layer.permute(0, 2, 1, 3)]
+        if width % 2:
+            raise LayoutMismatchError(f"layout {self.name}: content {width} is not K and V of one head dim")
+        d = width // 2
+        if self.packing == "kv":
+            return [layer[..., :d].permute(0, 2, 1, 3), layer[..., d:].permute(0, 2, 1, 3)]
+        if self.packing != "cpu_vec":
+            raise LayoutMismatchError(f"layout {self.name}: unknown packing {self.packing!r}")
+        s_block, s_head, s_token, s_dim = layer.stride()
+        if (s_dim, s_token, s_head) != (1, width, bs * width):
+            # The kernel reinterprets each block and head as 2 * block_size * head_dim elements in a row.
+            raise LayoutMismatchError(
+                f"layout {self.name} needs each block's [heads, block_size, content] to be contiguous, "
+                f"got strides {tuple(layer.stride())}"
+            )
+        base = layer.storage_offset()
+        size = (nb, bs, heads, d)
+        k = layer.as_strided(size, (s_block, 1, s_head, bs), base)
+        v = layer.as_strided(size, (s_block, d, s_head, 1), base + bs * d)
+        return [k, v]
 
     def _canonical(self, t: torch.Tensor, axes: str | None = None) -> torch.Tensor:
         axes = axes if axes is not None else self.axes
@@ -339,9 +403,14 @@ FLASHINFER = KVLayout("flashinfer", "BKSHD")
 VLLM_CPU = KVLayout("vllm_cpu", "KBHSD")
 MLA = KVLayout("mla", "BSD")
 HF_CONTIGUOUS = KVLayout("hf", "BHSD", separate_kv=True)
+VLLM_PAGED = KVLayout("vllm_paged", "BHSX", packing="kv")
+VLLM_MLA = KVLayout("vllm_mla", "BHSX", packing="latent")
+VLLM_CPU_VEC = KVLayout("vllm_cpu_vec", "BHSX", packing="cpu_vec")
 
 #: Every known layout by name.
-LAYOUTS: dict[str, KVLayout] = {lay.name: lay for lay in (FLASH_ATTN, FLASHINFER, VLLM_CPU, MLA, HF_CONTIGUOUS)}
+LAYOUTS: dict[str, KVLayout] = {
+    lay.name: lay for lay in (FLASH_ATTN, FLASHINFER, VLLM_CPU, MLA, HF_CONTIGUOUS, VLLM_PAGED, VLLM_MLA, VLLM_CPU_VEC)
+}
 _ALIASES = {
     "flash": "flash_attn",
     "flex": "flash_attn",
@@ -413,7 +482,9 @@ def detect_layout(
     if isinstance(sample, tuple):
         candidates = [HF_CONTIGUOUS]
     elif isinstance(sample, torch.Tensor):
-        candidates = [lay for lay in LAYOUTS.values() if not lay.separate_kv and lay.ndim == sample.dim()]
+        candidates = [
+            lay for lay in LAYOUTS.values() if lay.detectable and not lay.separate_kv and lay.ndim == sample.dim()
+        ]
     else:
         raise LayoutMismatchError(f"a KV layer must be a tensor or a (key, value) pair, got {type(sample).__name__}")
 

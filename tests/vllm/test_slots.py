@@ -1,4 +1,6 @@
-"""The vLLM connector's vLLM-free parts: slot-mapped KV over vLLM-CPU's packed layout, settings."""
+"""The vLLM connector's vLLM-free parts: slot-mapped KV over vLLM-CPU's ``vec`` block format, settings.
+
+The format itself is checked against vLLM-CPU's own cache kernel in test_vllm_layouts.py."""
 
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ from lmcache.config import LMCacheConfig
 from lmcache.engine import CacheEngine
 from lmcache.errors import ConfigError, InvalidArgumentError, LayoutMismatchError
 from lmcache.integrations.vllm.slots import (
-    VLLM_CPU_PACKED,
     ConnectorSettings,
     SlotMappedKV,
     acquire_engine,
@@ -19,7 +20,7 @@ from lmcache.integrations.vllm.slots import (
     blocks_covering,
     release_engine,
 )
-from lmcache.layouts import KVGeometry
+from lmcache.layouts import VLLM_CPU_VEC, VLLM_PAGED, KVGeometry
 
 GEO = KVGeometry(num_layers=2, num_kv_heads=2, head_dim=4, dtype="float32")
 BLOCK = 4
@@ -34,27 +35,44 @@ def _packed_cache(seed: int = 0) -> list[torch.Tensor]:
 
 
 def _vllm_kv(layer: torch.Tensor, block: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of one token, read the way vLLM-CPU's attention reads them ([heads, head_dim] each)."""
-    b, h, s, _ = layer.shape
-    k_cache, v_cache = layer.view(b, h, 2 * s, -1).chunk(2, dim=2)
-    return k_cache[block, :, offset], v_cache[block, :, offset]
+    """K and V of one token as vLLM-CPU's ``vec`` ISA stores them ([heads, head_dim] each).
+
+    Per block and head: K as ``[head_dim, block_size]`` (transposed), then V as ``[block_size, head_dim]``.
+    """
+    b, h, s, w = layer.shape
+    d = w // 2
+    parts = layer.reshape(b, h, 2, s * d)[block]
+    return parts[:, 0].reshape(h, d, s)[:, :, offset], parts[:, 1].reshape(h, s, d)[:, offset]
 
 
-def test_packed_cpu_layout_is_recognised() -> None:
-    kv = bind_paged_kv(_packed_cache(), GEO, BLOCK)
-    assert kv.layout == VLLM_CPU_PACKED
+def _bind(cache: list[torch.Tensor]):
+    return bind_paged_kv(cache, GEO, BLOCK, VLLM_CPU_VEC)
+
+
+def test_cpu_layout_binds_in_the_named_layout() -> None:
+    kv = _bind(_packed_cache())
+    assert kv.layout == VLLM_CPU_VEC
     assert (kv.num_blocks, kv.block_size, kv.geometry) == (NUM_BLOCKS, BLOCK, GEO)
+    # The same tensors in vLLM's GPU content layout read other values: the layout must be named.
+    other = bind_paged_kv(_packed_cache(), GEO, BLOCK, VLLM_PAGED)
+    a, b = torch.empty(GEO.chunk_shape(3)), torch.empty(GEO.chunk_shape(3))
+    kv.gather(torch.tensor([1, 2, 3]), a)
+    other.gather(torch.tensor([1, 2, 3]), b)
+    assert not torch.equal(a, b)
 
 
 def test_other_shapes_are_rejected() -> None:
     bad = [torch.zeros(NUM_BLOCKS, GEO.num_kv_heads, BLOCK, 3 * GEO.head_dim) for _ in range(2)]
     with pytest.raises(LayoutMismatchError):
-        bind_paged_kv(bad, GEO, BLOCK)
+        _bind(bad)
+    strided = [torch.zeros(NUM_BLOCKS, BLOCK, GEO.num_kv_heads, 2 * GEO.head_dim).transpose(1, 2) for _ in range(2)]
+    with pytest.raises(LayoutMismatchError):  # the kernel needs each block's interior contiguous
+        _bind(strided)
 
 
 def test_gather_follows_the_block_table() -> None:
     cache = _packed_cache()
-    kv = bind_paged_kv(cache, GEO, BLOCK)
+    kv = _bind(cache)
     block_ids = [5, 2, 0]  # tokens 0-3 in block 5, 4-7 in block 2, 8-11 in block 0
     src = SlotMappedKV(kv, block_ids)
     out = torch.empty(GEO.chunk_shape(6))
@@ -70,7 +88,7 @@ def test_gather_follows_the_block_table() -> None:
 def test_scatter_clips_to_the_planned_range() -> None:
     cache = _packed_cache()
     before = [t.clone() for t in cache]
-    kv = bind_paged_kv(cache, GEO, BLOCK)
+    kv = _bind(cache)
     block_ids = [1, 3, 4]
     dst = SlotMappedKV(kv, block_ids, lo=2, hi=7)
     src = torch.randn(GEO.chunk_shape(8))
@@ -91,7 +109,7 @@ def test_scatter_clips_to_the_planned_range() -> None:
 
 
 def test_block_table_too_short_is_an_error() -> None:
-    kv = bind_paged_kv(_packed_cache(), GEO, BLOCK)
+    kv = _bind(_packed_cache())
     with pytest.raises(InvalidArgumentError):
         SlotMappedKV(kv, [0]).gather(0, 5, torch.empty(GEO.chunk_shape(5)))
 
@@ -108,8 +126,8 @@ def test_round_trip_through_the_engine(tmp_path: Path) -> None:
     tokens = list(range(100, 116))
     src_cache, dst_cache = _packed_cache(1), [torch.zeros_like(t) for t in _packed_cache(1)]
     with CacheEngine(GEO, "m", config=cfg) as engine:
-        engine.store(tokens, SlotMappedKV(bind_paged_kv(src_cache, GEO, BLOCK), [0, 1, 2, 3])).result(10)
-        dst = SlotMappedKV(bind_paged_kv(dst_cache, GEO, BLOCK), [5, 4, 3, 2], lo=0, hi=15)
+        engine.store(tokens, SlotMappedKV(_bind(src_cache), [0, 1, 2, 3])).result(10)
+        dst = SlotMappedKV(_bind(dst_cache), [5, 4, 3, 2], lo=0, hi=15)
         assert engine.retrieve(tokens, dst) == 16
     for t in range(15):
         for layer in range(GEO.num_layers):

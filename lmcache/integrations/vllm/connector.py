@@ -49,11 +49,12 @@ from lmcache.integrations.vllm.slots import (
     acquire_engine,
     bind_paged_kv,
     blocks_covering,
+    clear_scope,
     release_engine,
     write_stats,
 )
 from lmcache.kernels import PagedKV
-from lmcache.layouts import KVGeometry, dtype_name
+from lmcache.layouts import VLLM_CPU_VEC, VLLM_MLA, VLLM_PAGED, KVGeometry, KVLayout, dtype_name
 
 try:
     from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -74,7 +75,7 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-__all__ = ["LMCacheConnectorMetadata", "LMCacheConnectorV1", "LoadSpec", "SaveSpec"]
+__all__ = ["LMCacheConnectorMetadata", "LMCacheConnectorV1", "LoadSpec", "SaveSpec", "vllm_kv_layout"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ class LMCacheConnectorMetadata(KVConnectorMetadata):
 
     loads: list[LoadSpec] = dataclasses.field(default_factory=list)
     saves: list[SaveSpec] = dataclasses.field(default_factory=list)
+    reset: bool = False  # the scheduler reset the cache: workers clear theirs before this step
 
 
 @dataclasses.dataclass
@@ -150,6 +152,104 @@ def _geometry(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None) ->
     return KVGeometry(layers, model_config.get_num_kv_heads(parallel), model_config.get_head_size(), dtype)
 
 
+#: vLLM 0.32 attention backends whose per-layer ``[blocks, heads, block_size, content]`` view
+#: holds each token's K then V in the content axis (they split it with ``.split(head_size, -1)``).
+_CONTENT_KV_BACKENDS = frozenset({"FLASH_ATTN", "TRITON_ATTN", "FLASHINFER", "FLEX_ATTENTION"})
+#: vLLM-CPU ISAs whose block format is :data:`~lmcache.layouts.VLLM_CPU_VEC` (checked at start).
+_CPU_VEC_ISAS = frozenset({"vec", "vec16"})
+#: KV cache dtypes stored as plain elements of the model dtype (quantized caches carry scales).
+_PLAIN_CACHE_DTYPES = frozenset({"auto", "float16", "bfloat16", "float32"})
+
+
+def _attention_layers(vllm_config: VllmConfig, layer_names: list[str]) -> list[Any]:
+    ctx = vllm_config.compilation_config.static_forward_context
+    missing = [n for n in layer_names if n not in ctx]
+    if missing:
+        raise UnsupportedOperationError(f"lmcache: vLLM has no attention layer named {missing[0]!r}")
+    return [ctx[n] for n in layer_names]
+
+
+def vllm_kv_layout(vllm_config: VllmConfig, layer_names: list[str], geometry: KVGeometry) -> tuple[KVLayout, str]:
+    """The KV layout of vLLM's paged cache, from the attention backend vLLM picked for these layers.
+
+    For the CPU backend the block format depends on the ISA vLLM picked for the layers; only the
+    ``vec`` and ``vec16`` formats are known (and :func:`check_cpu_block_format` verifies them
+    against vLLM's own write kernel).
+
+    Returns:
+        The layout and a description (backend name, ISA) for logs.
+
+    Raises:
+        UnsupportedOperationError: A backend, ISA or KV cache dtype lmcache does not know.
+    """
+    layers = _attention_layers(vllm_config, layer_names)
+    names = {layer.get_attn_backend().get_name() for layer in layers}
+    if len(names) != 1:
+        raise UnsupportedOperationError(f"lmcache: layers use several attention backends: {sorted(names)}")
+    name = names.pop()
+    cache_dtype = str(vllm_config.cache_config.cache_dtype)
+    if cache_dtype not in _PLAIN_CACHE_DTYPES:
+        raise UnsupportedOperationError(
+            f"lmcache does not support vLLM's quantized KV cache dtype {cache_dtype!r} (attention backend {name})"
+        )
+    if geometry.is_mla:
+        if name.endswith("MLA"):
+            return VLLM_MLA, name
+        raise UnsupportedOperationError(f"lmcache does not know the MLA KV layout of vLLM attention backend {name!r}")
+    if name in _CONTENT_KV_BACKENDS:
+        return VLLM_PAGED, name
+    if name == "CPU_ATTN":
+        isas = {getattr(layer, "isa", None) for layer in layers}
+        if None in isas:
+            from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+            isas = {
+                _get_attn_isa(
+                    vllm_config.model_config.dtype,
+                    vllm_config.cache_config.block_size,
+                    geometry.head_dim,
+                    cache_dtype,
+                )
+            }
+        if len(isas) != 1 or not isas <= _CPU_VEC_ISAS:
+            raise UnsupportedOperationError(
+                f"lmcache does not know the block format of vLLM-CPU's attention ISA {sorted(map(str, isas))} "
+                f"(known: {sorted(_CPU_VEC_ISAS)})"
+            )
+        return VLLM_CPU_VEC, f"{name}/{isas.pop()}"
+    raise UnsupportedOperationError(f"lmcache does not know the KV layout of vLLM attention backend {name!r}")
+
+
+def check_cpu_block_format(isa: str, dtype: torch.dtype, block_size: int, num_kv_heads: int, head_dim: int) -> None:
+    """Write known K and V through vLLM-CPU's own cache kernel and read them back as lmcache does.
+
+    Covers a partial block and a block boundary. Guards against a vLLM build whose block format
+    differs from :data:`~lmcache.layouts.VLLM_CPU_VEC` for ``isa``.
+
+    Raises:
+        UnsupportedOperationError: lmcache reads other values than vLLM wrote.
+    """
+    from vllm import _custom_ops as ops
+
+    gen = torch.Generator().manual_seed(0)
+    tokens = block_size + 3
+    shape = (tokens, num_kv_heads, head_dim)
+    key = torch.randn(shape, generator=gen).to(dtype)
+    value = torch.randn(shape, generator=gen).to(dtype)
+    cache = torch.zeros(3, num_kv_heads, block_size, 2 * head_dim, dtype=dtype)
+    key_cache, value_cache = cache.view(3, num_kv_heads, 2 * block_size, head_dim).chunk(2, dim=2)
+    slots = torch.arange(block_size - 2, block_size - 2 + tokens, dtype=torch.int64)
+    ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
+    geometry = KVGeometry(1, num_kv_heads, head_dim, dtype_name(dtype))
+    out = torch.empty(geometry.chunk_shape(tokens), dtype=dtype)
+    PagedKV([cache], layout=VLLM_CPU_VEC, block_size=block_size, geometry=geometry).gather(slots, out)
+    if not (torch.equal(out[0, 0], key) and torch.equal(out[0, 1], value)):
+        raise UnsupportedOperationError(
+            f"vLLM-CPU's block format for ISA {isa!r} is not the one lmcache knows ({VLLM_CPU_VEC.name}); "
+            "refusing to move KV in a layout it would scramble"
+        )
+
+
 def _layer_order(name: str) -> tuple[int, str]:
     m = re.search(r"\.(\d+)\.", f".{name}.")
     return (int(m.group(1)) if m else 1 << 30, name)
@@ -186,7 +286,9 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         self._plans: dict[str, _LoadPlan] = {}
         self._to_load: dict[str, _LoadPlan] = {}
         self._reqs: dict[str, _ReqState] = {}
+        self._reset_pending = False
         # Worker side.
+        self.layout_source = ""
         self.kv: PagedKV | None = None
         self.rank = 0
         self._load_errors: set[int] = set()
@@ -307,9 +409,24 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         for req_id in scheduler_output.finished_req_ids:
             self._reqs.pop(req_id, None)
             self._to_load.pop(req_id, None)
+        if self._reset_pending:
+            meta.reset, self._reset_pending = True, False
         if meta.loads or meta.saves:
             self._write_stats()
         return meta
+
+    def reset_cache(self) -> bool:
+        """Forget every chunk of this model (vLLM's ``reset_prefix_cache(reset_external=True)``).
+
+        Clears the tiers this process reaches now and tells the workers (next step's metadata) to
+        clear theirs, so a worker-local ``memory://`` tier is emptied too.
+        """
+        self._plans.clear()
+        self._to_load.clear()
+        self._reset_pending = True
+        ok = clear_scope(self._get_engine())
+        self._count("resets")
+        return ok
 
     def _plan_load(self, req_id: str, state: _ReqState, meta: LMCacheConnectorMetadata) -> None:
         plan = self._to_load.pop(req_id, None)
@@ -343,15 +460,29 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
     # -- worker side ---------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        """Bind vLLM's paged KV (layout detected from the tensors) and open the engine."""
+        """Bind vLLM's paged KV in the layout of vLLM's attention backend and open the engine.
+
+        Raises:
+            UnsupportedOperationError: The backend's layout is not one lmcache knows.
+        """
         names = sorted(kv_caches, key=_layer_order)
-        self.kv = bind_paged_kv([kv_caches[n] for n in names], self.geometry, self.block_size)
+        layout, source = vllm_kv_layout(self._vllm_config, names, self.geometry)
+        if layout is VLLM_CPU_VEC:
+            check_cpu_block_format(
+                source.rpartition("/")[2],
+                self.geometry.torch_dtype,
+                self.block_size,
+                self.geometry.num_kv_heads,
+                self.geometry.head_dim,
+            )
+        self.kv = bind_paged_kv([kv_caches[n] for n in names], self.geometry, self.block_size, layout)
+        self.layout_source = source
         if self.world_size > 1:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
             self.rank = get_tensor_model_parallel_rank()
         self._get_engine()
-        logger.info("lmcache connector bound %r", self.kv)
+        logger.info("lmcache connector bound %r (attention backend %s)", self.kv, source)
 
     def _meta(self) -> LMCacheConnectorMetadata | None:
         if not self.has_connector_metadata():
@@ -362,6 +493,8 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         """Load every planned prefix into its blocks (synchronously, before the forward)."""
         meta = self._meta()
+        if meta is not None and meta.reset and self.kv is not None:
+            clear_scope(self._get_engine())
         if meta is None or not meta.loads or self.kv is None:
             return
         engine = self._get_engine()

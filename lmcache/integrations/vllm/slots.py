@@ -25,12 +25,11 @@ import torch
 
 from lmcache.config import LMCacheConfig
 from lmcache.engine import CacheEngine
-from lmcache.errors import ConfigError, InvalidArgumentError, LayoutMismatchError
+from lmcache.errors import ConfigError, InvalidArgumentError
 from lmcache.kernels import PagedKV
-from lmcache.layouts import KVGeometry, KVLayout, detect_layout
+from lmcache.layouts import KVGeometry, KVLayout
 
 __all__ = [
-    "VLLM_CPU_PACKED",
     "ConnectorSettings",
     "SlotMappedKV",
     "acquire_engine",
@@ -42,36 +41,21 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: vLLM-CPU 0.32's per-layer KV ``[blocks, kv_heads, block_size, 2 * head_dim]``, which its
-#: attention reads as ``[blocks, kv_heads, 2 * block_size, head_dim]`` (per block and head: the K
-#: rows of the block's tokens, then their V rows), viewed as ``[blocks, kv_heads, 2, block_size,
-#: head_dim]``. See :func:`bind_paged_kv`.
-VLLM_CPU_PACKED = KVLayout("vllm_cpu_packed", "BHKSD")
 
+def bind_paged_kv(
+    tensors: Sequence[torch.Tensor], geometry: KVGeometry, block_size: int, layout: KVLayout | str
+) -> PagedKV:
+    """Bind vLLM's per-layer KV tensors (in layer order) for chunk copies, in the named layout.
 
-def bind_paged_kv(tensors: Sequence[torch.Tensor], geometry: KVGeometry, block_size: int) -> PagedKV:
-    """Bind vLLM's per-layer KV tensors (in layer order) for chunk copies.
-
-    The layout is detected with :func:`lmcache.layouts.detect_layout`; vLLM-CPU's packed form,
-    which no shared layout describes, is recognised by its shape and viewed as
-    :data:`VLLM_CPU_PACKED`.
+    The layout comes from the attention backend vLLM picked (see
+    :func:`lmcache.integrations.vllm.connector.vllm_kv_layout`), never from the tensors' shape:
+    vLLM 0.32 gives every backend the same ``[blocks, heads, block_size, content]`` shape and each
+    reads the content its own way.
 
     Raises:
-        LayoutMismatchError: The tensors fit no layout of ``geometry`` and ``block_size``.
+        LayoutMismatchError: The tensors do not have ``layout``'s form for ``geometry`` and ``block_size``.
     """
-    g = geometry
-    tensors = list(tensors)
-    try:
-        layout = detect_layout(
-            tensors, block_size=block_size, num_kv_heads=g.num_kv_heads, head_dim=g.head_dim, is_mla=g.is_mla
-        )
-        return PagedKV(tensors, layout=layout, block_size=block_size, geometry=g)
-    except LayoutMismatchError:
-        packed = (g.num_kv_heads, block_size, 2 * g.head_dim)
-        if g.is_mla or not all(t.dim() == 4 and tuple(t.shape[1:]) == packed for t in tensors):
-            raise
-    views = [t.view(t.shape[0], g.num_kv_heads, 2, block_size, g.head_dim) for t in tensors]
-    return PagedKV(views, layout=VLLM_CPU_PACKED, block_size=block_size, geometry=g)
+    return PagedKV(list(tensors), layout=layout, block_size=block_size, geometry=geometry)
 
 
 class SlotMappedKV:
@@ -262,3 +246,37 @@ def write_stats(stats_dir: str | None, name: str, stats: Mapping[str, Any]) -> N
         os.replace(tmp, path / f"{name}.json")
     except OSError as exc:  # stats are a diagnostic: never fail a request over them
         logger.debug("cannot write lmcache stats to %s: %s", stats_dir, exc)
+
+
+def clear_scope(engine: CacheEngine, timeout: float = 30.0) -> bool:
+    """Delete every chunk of ``engine``'s model (all ranks, this tag set) from its tiers.
+
+    Backs vLLM's ``reset_prefix_cache(reset_external=True)``. Pending stores are flushed first so
+    none lands after the clear.
+
+    Returns:
+        False when a tier cannot list its keys (nothing is deleted then) or a call failed.
+    """
+    import asyncio
+
+    from lmcache.errors import LMCacheError
+
+    scope = engine.scope
+
+    async def clear() -> int:
+        doomed = [k async for k in engine.backend.list_keys() if k.model == scope.model and k.tags == scope.tags]
+        for i in range(0, len(doomed), 256):
+            await engine.backend.delete(doomed[i : i + 256])
+        return len(doomed)
+
+    if not engine.backend.capabilities.listing:
+        logger.warning("lmcache: cannot reset the cache: a tier of %r does not list its keys", engine.backend)
+        return False
+    try:
+        engine.flush(timeout=timeout)
+        n = engine._run(asyncio.wait_for(clear(), timeout))
+    except (LMCacheError, TimeoutError) as exc:
+        logger.warning("lmcache: cache reset failed: %s", exc)
+        return False
+    logger.info("lmcache: cache reset deleted %d chunk(s) of %s", n, scope.model)
+    return True

@@ -405,15 +405,15 @@ class PagedKV:
             return "torch"
         from lmcache.kernels import triton_kernels
 
-        usable = triton_kernels.available() and self.shared_strides is not None
+        usable = triton_kernels.available() and triton_kernels.supports(self)
         if backend == "auto":
             return "triton" if usable and self.device.type == "cuda" else "torch"
         if not triton_kernels.available():
             from lmcache.errors import MissingDependencyError
 
             raise MissingDependencyError("triton", "triton", "the triton copy kernels")
-        if self.shared_strides is None:
-            raise LayoutMismatchError("the triton kernels need every layer's KV to have the same strides")
+        if not triton_kernels.supports(self):
+            raise LayoutMismatchError("the triton kernels need every layer's K (and V) to have the same strides")
         if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise InvalidArgumentError("the triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
         return "triton"

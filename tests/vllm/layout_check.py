@@ -23,10 +23,9 @@ import torch
 
 
 def _cpu_cases() -> list[dict[str, Any]]:
-    from vllm import _custom_ops as ops
-
     from lmcache.kernels import PagedKV
     from lmcache.layouts import VLLM_CPU_VEC
+    from vllm import _custom_ops as ops
 
     out = []
     for isa in ("vec", "vec16"):

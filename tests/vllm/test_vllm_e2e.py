@@ -66,7 +66,8 @@ def _stats(stats_dir: Path) -> dict[str, dict[str, int]]:
             if isinstance(v, int) and k != "pid":
                 role[k] = role.get(k, 0) + v
         for k, v in data.get("engine", {}).items():
-            role[f"engine.{k}"] = role.get(f"engine.{k}", 0) + v
+            if isinstance(v, int):
+                role[f"engine.{k}"] = role.get(f"engine.{k}", 0) + v
     return out
 
 

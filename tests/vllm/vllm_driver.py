@@ -7,7 +7,9 @@ Usage::
 
 ``run`` takes a JSON spec (model dir, tiers, stats dir, prompts, steps) and prints one JSON line
 ``RESULT {...}`` with the generated token ids of every step and what the step observed. Each step
-is one of ``generate`` (all prompts, greedy), ``reset`` (``llm.reset_prefix_cache()``),
+is one of ``generate`` (all prompts, greedy), ``generate SET`` (the prompts of
+``spec["prompt_sets"][SET]``, in one batch), ``reset`` (``llm.reset_prefix_cache()``),
+``reset-external`` (the same, with ``reset_connector=True``: lmcache forgets too),
 ``corrupt DIR`` (flip payload bytes of every stored chunk file), ``poison DIR`` (replace the
 stored chunks by valid chunks of random KV: loads succeed, but feed wrong KV) and ``break DIR``
 (replace the tier's directory with a plain file, so every backend call fails).
@@ -103,19 +105,32 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         gpu_memory_utilization=0.1,
         dtype="float32",
         block_size=spec.get("block_size", 32),
+        enable_prefix_caching=spec.get("enable_prefix_caching", True),
         kv_transfer_config=kv,
         seed=0,
     )
     params = SamplingParams(max_tokens=spec.get("max_tokens", 8), temperature=0.0, detokenize=False)
-    prompts = [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]]
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in spec.get("prompts", [])]
     steps: list[dict[str, Any]] = []
     for step in spec["steps"]:
         op, _, arg = step.partition(" ")
         if op == "generate":
-            outs = llm.generate(prompts, params, use_tqdm=False)
-            steps.append({"op": op, "tokens": [list(o.outputs[0].token_ids) for o in outs]})
+            batch = [TokensPrompt(prompt_token_ids=p) for p in spec["prompt_sets"][arg]] if arg else prompts
+            outs = llm.generate(batch, params, use_tqdm=False)
+            steps.append({"op": op, "set": arg, "tokens": [list(o.outputs[0].token_ids) for o in outs]})
+        elif op == "turn":
+            # A chat's next turn: each prompt of set ``arg``, its last answer, then the turn text.
+            last = next(st["tokens"] for st in reversed(steps) if st["op"] == "generate" and st["set"] == arg)
+            turn = spec["turn_suffix"]
+            batch = [
+                TokensPrompt(prompt_token_ids=p + a + turn) for p, a in zip(spec["prompt_sets"][arg], last, strict=True)
+            ]
+            outs = llm.generate(batch, params, use_tqdm=False)
+            steps.append({"op": op, "set": arg, "tokens": [list(o.outputs[0].token_ids) for o in outs]})
         elif op == "reset":
             steps.append({"op": op, "ok": bool(llm.reset_prefix_cache())})
+        elif op == "reset-external":
+            steps.append({"op": op, "ok": bool(llm.reset_prefix_cache(reset_connector=True))})
         elif op == "corrupt":
             steps.append({"op": op, "files": _corrupt(arg)})
         elif op == "poison":

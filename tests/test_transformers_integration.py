@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -91,6 +93,37 @@ def test_generate_matches_plain_generate(tmp_path: Path) -> None:
         assert lm.engine.lookup(ids[0]) == 64
         assert torch.equal(lm.generate(ids, max_new_tokens=8, do_sample=False), plain)
         assert lm.engine.stats()["retrieved_tokens"] == 64
+
+
+def test_no_deprecated_cache_keyword(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers 5.2x renamed ``past_key_values`` to ``cache``: neither name may warn, cold or warm.
+
+    Deprecations come two ways: ``FutureWarning`` from ``deprecate_kwarg`` (the forward and
+    ``generate`` keywords) and ``logger.warning_once`` (``output.past_key_values``), which fires
+    once per process, so it is recorded by patching rather than by a log handler.
+    """
+    notices: list[str] = []
+    if hasattr(logging.Logger, "warning_once"):  # transformers adds it to every logger
+
+        def record(self: logging.Logger, msg: object, *args: object, **kwargs: object) -> None:
+            notices.append(str(msg))
+
+        monkeypatch.setattr(logging.Logger, "warning_once", record)
+    model = _model()
+    ids = torch.randint(10, 500, (1, 70), generator=torch.Generator().manual_seed(3))
+    with warnings.catch_warnings(record=True) as caught, CachedCausalLM(model, config=_cfg(tmp_path)) as lm:
+        warnings.simplefilter("always")
+        cold = lm.prefill(ids)
+        lm.engine.flush()
+        warm = lm.prefill(ids)
+        assert (cold.cached_tokens, warm.cached_tokens) == (0, 64)
+        assert warm.cache is warm.past_key_values
+        assert warm.cache.get_seq_length() == 70
+        out = lm.generate(ids, max_new_tokens=3, do_sample=False)
+        assert out.shape == (1, 73)
+    notices += [str(w.message) for w in caught]
+    deprecated = [n for n in notices if "past_key_values" in n or "cache_params" in n]
+    assert not deprecated, deprecated
 
 
 def test_many_threads_allclose_same_argmax(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import time
 from typing import Any
 
@@ -30,7 +31,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise MissingDependencyError("transformers", "hf", "lmcache.integrations.transformers") from exc
 
-__all__ = ["CachedCausalLM", "ContiguousKV", "PrefillResult", "geometry_of", "model_fingerprint"]
+__all__ = ["CachedCausalLM", "ContiguousKV", "PrefillResult", "cache_keyword", "geometry_of", "model_fingerprint"]
 
 
 class ContiguousKV:
@@ -94,13 +95,34 @@ def model_fingerprint(model: PreTrainedModel) -> str:
     return f"{name}#{h.hexdigest()}"
 
 
+def cache_keyword(fn: Any) -> str:
+    """The keyword through which ``fn`` (a model's ``forward``, ``generate``…) takes a KV cache.
+
+    transformers renamed ``past_key_values`` to ``cache`` after 5.19 (5.25 warns on the old name
+    and announces its removal for 5.40); earlier 5.x releases know only ``past_key_values``. The
+    signature tells which one this installation's ``fn`` declares.
+
+    Args:
+        fn: A callable, usually a bound method of a model.
+
+    Returns:
+        ``"cache"`` or ``"past_key_values"``.
+    """
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no introspectable signature: the name every 5.x release accepts
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 @dataclasses.dataclass
 class PrefillResult:
     """What :meth:`CachedCausalLM.prefill` returns.
 
     Attributes:
         logits: Logits of the last prompt token, shaped ``[1, vocab]``.
-        past_key_values: The model's cache after the prompt (for decoding on).
+        past_key_values: The model's cache after the prompt (for decoding on); also
+            :attr:`cache`, transformers' newer name for it.
         cached_tokens: Prompt tokens loaded from lmcache instead of computed.
         prompt_tokens: Tokens in the prompt.
         ttft_s: Seconds from the call to the last token's logits (before storing new chunks).
@@ -111,6 +133,11 @@ class PrefillResult:
     cached_tokens: int
     prompt_tokens: int
     ttft_s: float
+
+    @property
+    def cache(self) -> Any:
+        """The model's cache after the prompt (the same object as :attr:`past_key_values`)."""
+        return self.past_key_values
 
 
 class CachedCausalLM:
@@ -146,6 +173,10 @@ class CachedCausalLM:
                 f"{self.geometry.identity}"
             )
         self.engine = engine
+        # transformers' name for the cache argument, read once from this installation's signatures:
+        # ``generate`` forwards it to ``prepare_inputs_for_generation``, which declares it by name.
+        self._forward_cache_kw = cache_keyword(model.forward)
+        self._generate_cache_kw = cache_keyword(getattr(model, "prepare_inputs_for_generation", model.forward))
 
     def _new_cache(self, data: list[tuple[torch.Tensor, torch.Tensor]] | None) -> Any:
         cache = DynamicCache(ddp_cache_data=data, config=self.model.config)
@@ -192,11 +223,14 @@ class CachedCausalLM:
         t0 = time.perf_counter()
         tokens = self._check_ids(input_ids)
         cache, loaded = self._load_prefix(tokens)
-        out = self.model(input_ids[:, loaded:], past_key_values=cache, use_cache=True)
+        kw = self._forward_cache_kw
+        out = self.model(input_ids[:, loaded:], use_cache=True, **{kw: cache})
         logits = out.logits[:, -1]
         ttft = time.perf_counter() - t0
-        self._store(tokens, out.past_key_values, loaded)
-        return PrefillResult(logits, out.past_key_values, loaded, tokens.shape[0], ttft)
+        returned = getattr(out, kw, None)  # the same object, updated in place, in every 5.x release
+        cache = cache if returned is None else returned
+        self._store(tokens, cache, loaded)
+        return PrefillResult(logits, cache, loaded, tokens.shape[0], ttft)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -211,7 +245,7 @@ class CachedCausalLM:
         """
         tokens = self._check_ids(input_ids)
         cache, loaded = self._load_prefix(tokens)
-        out = self.model.generate(input_ids, past_key_values=cache, use_cache=True, **kwargs)
+        out = self.model.generate(input_ids, use_cache=True, **{self._generate_cache_kw: cache}, **kwargs)
         self._store(tokens, cache, loaded)
         return out
 

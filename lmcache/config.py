@@ -353,6 +353,15 @@ class LMCacheConfig:
         parse=parse_duration,
         min=0.001,
     )
+    lookup_budget: float = setting(
+        0.05,
+        doc=(
+            "Seconds a lookup (and the check before a store) may wait for the tiers; a tier that has not "
+            "answered by then counts as a miss for that call. Raise it to tier_timeout to wait for slow tiers."
+        ),
+        parse=parse_duration,
+        min=0.001,
+    )
     model_name: str | None = setting(
         None, doc="Model identity used in cache keys (default: the integration's name+weights fingerprint)."
     )

@@ -3,18 +3,24 @@
 Engines are mostly synchronous code, so :class:`CacheEngine` owns an asyncio event loop on a
 daemon thread and offers a synchronous facade:
 
-* ``lookup(tokens)`` → how many leading tokens are cached (whole chunks only).
+* ``lookup(tokens, budget=None)`` → how many leading tokens are cached (whole chunks only),
+  answered within about ``budget`` seconds (default ``config.lookup_budget``): a tier that has
+  not answered by then counts as a miss, so a slow or hung tier never stalls an engine step.
 * ``retrieve(tokens, dst)`` → copies the cached prefix into the engine's KV (through ``dst``)
   and returns the number of tokens loaded. It blocks only for what the engine needs now.
 * ``store(tokens, src)`` → copies new full chunks out of the engine's KV into pooled chunk
   buffers right away (the engine may reuse its memory as soon as this returns), then puts them
   asynchronously; a later ``lookup`` sees them once the put lands. Chunks already cached are
-  never gathered or stored again.
+  never gathered or stored again (that check has the lookup budget too: a chunk a slow tier
+  did not confirm in time is gathered and put, which a content-hash cache makes harmless).
 
 The engine side talks to a :class:`KVSource`/:class:`KVDestination`, which moves one chunk
 between the engine's own layout and the chunk format ``[num_layers, 2, tokens, kv_heads,
 head_dim]`` (the copy engine in ``lmcache.kernels`` does it for paged layouts). A backend
-failure never fails a request: it is a miss, counted in :meth:`CacheEngine.stats`.
+failure never fails a request: it is a miss, counted in :meth:`CacheEngine.stats` (per tier
+under ``"tiers"``, with engine-wide totals). A tier that timed out is skipped until it answers
+again (the circuit breaker of :class:`~lmcache.tiered.TieredBackend`), so after its first
+timeout a hung tier costs ``retrieve`` nothing either.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import torch
 
 from lmcache.backends.base import StorageBackend
 from lmcache.config import LMCacheConfig
-from lmcache.errors import BackendError, LayoutMismatchError, StateError
+from lmcache.errors import BackendError, InvalidArgumentError, LayoutMismatchError, StateError
 from lmcache.keys import CacheKey, Chunk, ChunkHasher, KeyScope
 from lmcache.layouts import KVGeometry
 from lmcache.memory import ChunkBufferPool
@@ -40,6 +46,21 @@ __all__ = ["CacheEngine", "KVDestination", "KVSource"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# The caller stops waiting for a budgeted call after 2 x budget + this (the event loop may be
+# busy with a copy when the call is made); the call is then cancelled and counts as a miss.
+_BUDGET_SLACK = 0.05
+# Per-tier entries of stats()["tiers"]: the same keys for every tier, always.
+_TIER_FIELDS = (
+    "errors",
+    "timeouts",
+    "skipped",
+    "budget_exceeded",
+    "lookup_failures",
+    "get_failures",
+    "put_failures",
+    "writeback_dropped",
+)
 
 
 class KVSource(Protocol):
@@ -141,8 +162,13 @@ class CacheEngine:
             "stored_chunks": 0,
             "stored_bytes": 0,
             "skipped_chunks": 0,
+            "rejected_chunks": 0,
             "backend_errors": 0,
+            "lookup_budget_exceeded": 0,
         }
+        # Failures seen here (the backend raised, or a budgeted call outran the caller's wait);
+        # stats() adds each tier's own counts to these.
+        self._failures = {"lookup_failures": 0, "get_failures": 0, "put_failures": 0}
         self._run(self.backend.open())
 
     # -- facade --------------------------------------------------------------------------
@@ -161,18 +187,28 @@ class CacheEngine:
         """The chunks of ``tokens`` this engine keys (full chunks, plus the tail if configured)."""
         return self.hasher.chunks(tokens)
 
-    def lookup(self, tokens: Any) -> int:
-        """Number of leading tokens of ``tokens`` whose KV is cached (a chunk boundary)."""
+    def lookup(self, tokens: Any, *, budget: float | None = None) -> int:
+        """Number of leading tokens of ``tokens`` whose KV is cached (a chunk boundary).
+
+        Args:
+            tokens: The request's token ids.
+            budget: Seconds the tiers may take to answer (default ``config.lookup_budget``). A
+                tier that has not answered in time counts as a miss for this lookup: the result
+                is then what the faster tiers know (possibly 0). The call returns within about
+                ``budget`` (at most ``2 * budget + 0.05`` s even when the event loop is busy).
+
+        Raises:
+            InvalidArgumentError: ``budget`` is not a positive number of seconds.
+        """
         self._check_open()
+        limit = self._budget(budget)
         chunks = self.chunks(tokens)
         self.counters["lookups"] += 1
         if not chunks:
             return 0
         keys = [self.scope.key(c.hash) for c in chunks]
-        try:
-            n = self._run(self.backend.lookup_prefix(keys))
-        except BackendError as exc:
-            self._backend_failed("lookup", exc)
+        n = self._within(self._lookup_prefix(keys, limit), limit, len(keys))
+        if n is None:
             return 0
         hit = chunks[n - 1].end if n else 0
         self.counters["lookup_hit_tokens"] += hit
@@ -219,7 +255,7 @@ class CacheEngine:
             try:
                 sizes = self._run(self.backend.get_into(keys, views))
             except BackendError as exc:
-                self._backend_failed("retrieve", exc)
+                self._backend_failed("retrieve", exc, len(keys))
                 return 0
             done = 0
             for chunk, lease, size in zip(group, leases, sizes, strict=True):
@@ -257,14 +293,16 @@ class CacheEngine:
             fresh = [(c, k) for c, k in zip(chunks, keys, strict=True) if k not in self._inflight]
             self._inflight.update(k for _, k in fresh)
         try:
-            present = self._run(self.backend.contains([k for _, k in fresh])) if fresh else []
-        except BackendError as exc:
-            self._backend_failed("store", exc)
-            present = [False] * len(fresh)
+            present: list[bool] | None = []
+            if fresh:
+                limit = self.config.lookup_budget
+                present = self._within(self._contains([k for _, k in fresh], limit), limit, len(fresh))
         except BaseException:
             with self._lock:
                 self._inflight.difference_update(k for _, k in fresh)
             raise
+        if present is None:  # not known in time: put them all (a put of a held key is EXISTS)
+            present = [False] * len(fresh)
         todo = [(c, k) for (c, k), there in zip(fresh, present, strict=True) if not there]
         self.counters["skipped_chunks"] += len(chunks) - len(todo)
         with self._lock:
@@ -304,11 +342,12 @@ class CacheEngine:
                 return 0
             results = await self.backend.put(keys, [lease.tensor() for lease in leases])
             stored = sum(1 for r in results if r.ok)
+            self.counters["rejected_chunks"] += len(results) - stored
             self.counters["stored_chunks"] += stored
             self.counters["stored_bytes"] += sum(lease.nbytes for lease, r in zip(leases, results, strict=True) if r.ok)
             return stored
         except BackendError as exc:
-            self._backend_failed("store", exc)
+            self._backend_failed("store", exc, len(keys))
             return 0
         finally:
             for lease in leases:
@@ -323,9 +362,51 @@ class CacheEngine:
         concurrent.futures.wait(pending, timeout=timeout)
 
     def stats(self) -> dict[str, Any]:
-        """Engine counters and the backend's stats."""
+        """Engine counters, per-tier fault counters with engine-wide totals, and the backend's stats.
+
+        The shape is stable (JSON-ready)::
+
+            {
+              "lookups": int, "lookup_hit_tokens": int, "retrieves": int, "retrieved_tokens": int,
+              "retrieved_bytes": int, "stores": int, "stored_chunks": int, "stored_bytes": int,
+              "skipped_chunks": int,     # already cached: not gathered or stored again
+              "rejected_chunks": int,    # chunks whose put was rejected (full, too large, a fault)
+              "lookup_budget_exceeded": int,  # lookups the caller stopped waiting for (a miss)
+              # totals: this engine's own plus every tier's
+              "backend_errors": int,     # failed backend calls: errors + timeouts
+              "lookup_failures": int,    # keys a lookup (or the check before a store) got no answer for
+              "get_failures": int,       # keys a read got no answer for
+              "put_failures": int,       # values that did not reach a tier because of a fault
+              "tiers": [                 # one per tier, fastest first (empty for a non-tiered backend)
+                {"url": str (secrets redacted), "healthy": bool, "suspended": bool,
+                 "errors": int, "timeouts": int, "skipped": int, "budget_exceeded": int,
+                 "lookup_failures": int, "get_failures": int, "put_failures": int,
+                 "writeback_dropped": int},
+              ],
+              "backend": {...},          # the backend's own stats() (shape up to the backend)
+            }
+
+        Per-tier counters are those of :class:`~lmcache.tiered.TierStats` (the failure counters
+        count keys); ``skipped`` calls went to a suspended tier, which is skipped until it
+        answers again.
+        """
         out: dict[str, Any] = dict(self.counters)
-        out["backend"] = self.backend.stats()
+        backend = self.backend.stats()
+        tiers: list[dict[str, Any]] = []
+        if isinstance(self.backend, TieredBackend):
+            for entry in backend.get("tiers", []):
+                tier: dict[str, Any] = {
+                    "url": entry.get("url", ""),
+                    "healthy": bool(entry.get("healthy", True)),
+                    "suspended": bool(entry.get("suspended", False)),
+                }
+                tier.update((name, int(entry.get(name, 0))) for name in _TIER_FIELDS)
+                tiers.append(tier)
+        out["backend_errors"] = self.counters["backend_errors"] + sum(t["errors"] + t["timeouts"] for t in tiers)
+        for name, own in self._failures.items():
+            out[name] = own + sum(t[name] for t in tiers)
+        out["tiers"] = tiers
+        out["backend"] = backend
         return out
 
     def close(self) -> None:
@@ -359,8 +440,62 @@ class CacheEngine:
                 f"the engine KV has geometry {geometry.identity}, this cache engine serves {self.geometry.identity}"
             )
 
-    def _backend_failed(self, op: str, exc: Exception) -> None:
+    # -- budgeted calls --------------------------------------------------------------------
+
+    def _budget(self, budget: float | None) -> float:
+        if budget is None:
+            return self.config.lookup_budget
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+            raise InvalidArgumentError(f"a lookup budget is a positive number of seconds, got {budget!r}")
+        return float(budget)
+
+    def _within(self, coro: Coroutine[Any, Any, T], budget: float, n: int) -> T | None:
+        """Run ``coro`` (itself bounded by ``budget``) on the loop; None if it is not back in time.
+
+        The coroutine answers within about ``budget`` by itself; waiting here is capped as
+        well, in case the loop is busy with something else, and then the call is cancelled.
+        """
+        if self._closed:
+            coro.close()
+            raise StateError("CacheEngine is closed")
+        fut = self._loop.submit(coro)
+        try:
+            return fut.result(timeout=2 * budget + _BUDGET_SLACK)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            self.counters["lookup_budget_exceeded"] += 1
+            self._failures["lookup_failures"] += n
+            return None
+
+    async def _lookup_prefix(self, keys: list[CacheKey], budget: float) -> int | None:
+        try:
+            if isinstance(self.backend, TieredBackend):
+                return await self.backend.lookup_prefix(keys, budget=budget)
+            return await asyncio.wait_for(self.backend.lookup_prefix(keys), budget)
+        except BackendError as exc:
+            self._backend_failed("lookup", exc, len(keys))
+        except (TimeoutError, asyncio.TimeoutError):
+            self.counters["lookup_budget_exceeded"] += 1
+            self._failures["lookup_failures"] += len(keys)
+        return None
+
+    async def _contains(self, keys: list[CacheKey], budget: float) -> list[bool] | None:
+        try:
+            if isinstance(self.backend, TieredBackend):
+                return await self.backend.contains(keys, budget=budget)
+            return await asyncio.wait_for(self.backend.contains(keys), budget)
+        except BackendError as exc:
+            self._backend_failed("lookup", exc, len(keys))
+        except (TimeoutError, asyncio.TimeoutError):
+            self._failures["lookup_failures"] += len(keys)
+        return None
+
+    def _backend_failed(self, op: str, exc: Exception, n: int = 1) -> None:
+        """Count a failure the backend raised to us (``n`` keys of ``op`` got nothing)."""
         self.counters["backend_errors"] += 1
+        field = {"lookup": "lookup_failures", "retrieve": "get_failures", "store": "put_failures"}.get(op)
+        if field is not None:
+            self._failures[field] += n
         if self.counters["backend_errors"] == 1:
             logger.warning("lmcache %s failed, treating it as a miss: %s", op, exc)
         else:

@@ -30,15 +30,26 @@ bytes; this module decides where values go, when they move and what is given up.
 * **Faults.** Every tier call runs under a ``tier_timeout`` deadline (``asyncio.timeout``; one
   deadline per call, which is one batch: size batches for the slowest tier). A tier that
   raises (any ``Exception`` except a caller error such as a too-small ``dst``) or times out is
-  a miss for reads / a rejected put (``"error"``), counted per tier (``errors``/``timeouts``)
-  and logged once per tier, operation and kind; serving goes on. Timeouts cancel the tier call
-  and wait for it to unwind (rule 3: nothing may write into a ``dst`` after we return), so a
-  tier blocked in an executor thread is bounded by its own SDK timeouts, not by ours. After a
-  timeout the tier is skipped (an immediate miss, counted as ``skipped``) for
-  ``tier_retry_after`` seconds, so a hung tier costs one timeout, not one per request; pings
-  always probe it, and background writers wait the pause out instead of failing. A tier that
-  fails part-way through a ``get_into`` may have written into some ``dst`` before it raised;
-  such a key is then read from the next tier or reported as a miss.
+  a miss for reads / a rejected put (``"error"``), counted per tier (``errors``/``timeouts``,
+  and per key in ``lookup_failures``/``get_failures``/``put_failures``) and logged once per
+  tier, operation and kind; serving goes on. Timeouts cancel the tier call and wait for it to
+  unwind (rule 3: nothing may write into a ``dst`` after we return), so a tier blocked in an
+  executor thread is bounded by its own SDK timeouts, not by ours. A tier that fails part-way
+  through a ``get_into`` may have written into some ``dst`` before it raised; such a key is then
+  read from the next tier or reported as a miss.
+* **Circuit breaker.** After a timeout the tier is *suspended*: every call to it is skipped (an
+  immediate miss or rejected put, counted as ``skipped``) until it answers again. Every
+  ``tier_retry_after`` seconds a background probe (a ``ping``) asks it; the first call that
+  succeeds (that probe, a ping, or a late answer) lifts the suspension. So a hung tier costs one
+  timeout in all, not one per request, and no caller ever waits to find out that it is still
+  hung. While a tier is suspended its write-backs are dropped (counted in ``writeback_dropped``
+  and ``put_failures``), queued ones included, so values never stay pinned in tier 0 for it.
+* **Lookup budget.** ``contains(keys, budget=s)`` and ``lookup_prefix(keys, budget=s)`` return
+  within about ``s`` seconds: a tier that has not answered by then is a miss for this call
+  (counted in ``budget_exceeded`` and ``lookup_failures``). Its call is not cancelled but left
+  to finish in the background under ``tier_timeout`` (it holds no caller buffer), so a hung tier
+  still trips the breaker once, and until that call ends further budgeted calls skip the tier
+  instead of starting another. Reads and puts have no budget: they need the data.
 * **Eviction.** For tiers with ``capabilities.bounded`` an :class:`~lmcache.policies.EvictionPolicy`
   instance tracks the keys and sizes this backend stored there (on put, promotion and
   write-back; seeded from ``list_entries()`` at open for persistent, listable tiers). Before a put
@@ -68,6 +79,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import logging
 import sys
@@ -106,6 +118,15 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _FAILED: Any = object()  # sentinel: the guarded tier call failed or timed out
+# The loop time by which a budgeted contains()/lookup_prefix() must answer (None: no budget).
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("lmcache_tiered_deadline", default=None)
+# Which per-key failure counter a failed or skipped tier call moves, by operation.
+_FAILURE_COUNTERS = {
+    "contains": "lookup_failures",
+    "get": "get_failures",
+    "write-back read": "get_failures",
+    "put": "put_failures",
+}
 
 
 def _parse_policy_name(value: object) -> str:
@@ -134,7 +155,10 @@ class TieredSettings:
     )
     tier_retry_after: float = setting(
         1.0,
-        doc="Seconds a tier that timed out is skipped (a miss at once) before it is tried again; 0: never skip.",
+        doc=(
+            "A tier that timed out is skipped (a miss at once) until it answers again, probed in the "
+            "background this often (seconds); 0: never skip."
+        ),
         parse=parse_duration,
         min=0,
     )
@@ -150,6 +174,14 @@ class TierStats:
 
     ``writeback_stalls`` (tier 0): puts that found tier 0 full of values still waiting for
     write-back and waited (up to ``tier_timeout``) for the writers to free room.
+
+    Faults: ``errors`` and ``timeouts`` count failed tier calls, ``skipped`` calls not made
+    because the tier is suspended (or still busy with an earlier budgeted lookup), and
+    ``budget_exceeded`` budgeted lookups the tier did not answer in time. The ``*_failures``
+    counters count *keys* that one of those cost: ``lookup_failures`` keys whose ``contains``
+    on this tier gave no answer, ``get_failures`` keys whose read gave no answer (a miss
+    here, maybe a hit in a slower tier), ``put_failures`` values that did not reach this tier
+    because of a fault (a failed put, or a write-back dropped or failed).
     """
 
     hits: int = 0
@@ -164,6 +196,10 @@ class TierStats:
     writeback_failed: int = 0
     evictions: int = 0
     writeback_stalls: int = 0
+    lookup_failures: int = 0
+    get_failures: int = 0
+    put_failures: int = 0
+    budget_exceeded: int = 0
 
 
 @dataclasses.dataclass(eq=False)
@@ -211,7 +247,9 @@ class _Tier:
     policy: EvictionPolicy | None
     stats: TierStats = dataclasses.field(default_factory=TierStats)
     healthy: bool = True
-    suspended_until: float = 0.0  # loop time before which calls are skipped (after a timeout)
+    suspended_until: float = 0.0  # non-zero: suspended (after a timeout); loop time of the next probe
+    probe: asyncio.Task[None] | None = None  # the background ping of a suspended tier
+    lagging: asyncio.Task[Any] | None = None  # a budgeted contains that outlived its budget
     queue: asyncio.Queue[_WriteBack] | None = None
     writer: asyncio.Task[None] | None = None
     staging: _StagingPool = dataclasses.field(default_factory=_StagingPool)
@@ -270,6 +308,7 @@ class TieredBackend(StorageBackend):
         self._progress: asyncio.Event | None = None  # set (and replaced) after each write-back batch
         self._delete_epoch = 0  # bumped by every delete; a promotion that raced one is dropped
         self._pins: dict[CacheKey, float] = {}  # key -> time.monotonic() expiry; see pin()
+        self._background: set[asyncio.Task[Any]] = set()  # probes and lookups past their budget
 
     # -- construction ------------------------------------------------------------------------
 
@@ -369,14 +408,21 @@ class TieredBackend(StorageBackend):
             self._pins[key] = max(expiry, self._pins.get(key, 0.0))
         return len(self.pinned())
 
-    def record_hits(self, keys: Sequence[CacheKey], tier: int = 0) -> None:
+    def record_hits(self, keys: Sequence[CacheKey], tier: int = 0, *, sizes: Sequence[int] | None = None) -> None:
         """Account reads of ``tier`` served outside :meth:`get_into`.
 
         A cache server that sends tier-0 values in place uses this: the reads count as that
-        tier's hits and refresh the keys in its eviction policy, as a ``get_into`` hit would.
+        tier's hits and refresh the keys in its eviction policy, as a ``get_into`` hit would,
+        and they count in this backend's own ``get_requests``/``hits`` (and ``bytes_read``, given
+        the value ``sizes``) as if they had been read through :meth:`get_into`.
         """
         t = self._tiers[tier]
         t.stats.hits += len(keys)
+        c = self.counters
+        c.get_requests += len(keys)
+        c.hits += len(keys)
+        if sizes is not None:
+            c.bytes_read += sum(sizes)
         if t.policy is not None:
             for key in keys:
                 t.policy.on_access(key)
@@ -483,6 +529,33 @@ class TieredBackend(StorageBackend):
                         src.policy.on_remove(key)
         return done
 
+    # -- budgeted lookups --------------------------------------------------------------------
+
+    async def contains(self, keys: Sequence[CacheKey], *, budget: float | None = None) -> list[bool]:
+        """Whether each key is held by some tier, in input order.
+
+        Args:
+            keys: Keys to check.
+            budget: Answer within about this many seconds: a tier that has not answered by then
+                counts as not holding the keys it was asked for (see the module docstring).
+                None: each tier may take up to ``tier_timeout``.
+        """
+        if budget is None:
+            return await super().contains(keys)
+        token = _DEADLINE.set(asyncio.get_running_loop().time() + _check_budget(budget))
+        try:
+            return await super().contains(keys)
+        finally:
+            _DEADLINE.reset(token)
+
+    async def lookup_prefix(self, keys: Sequence[CacheKey], *, budget: float | None = None) -> int:
+        """Length of the leading run of held keys; ``budget`` as in :meth:`contains`."""
+        found = await self.contains(keys, budget=budget)
+        for i, hit in enumerate(found):
+            if not hit:
+                return i
+        return len(found)
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def _open(self) -> None:
@@ -554,6 +627,10 @@ class TieredBackend(StorageBackend):
         return True
 
     async def _close(self) -> None:
+        background = list(self._background)  # probes and lookups past their budget: no buffers held
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         if not await self.flush(self.settings.close_timeout):
             logger.warning(
                 "%r: write-back did not drain within %ss; dropping the rest", self, self.settings.close_timeout
@@ -568,6 +645,7 @@ class TieredBackend(StorageBackend):
                 q.get_nowait()
                 q.task_done()
                 tier.stats.writeback_dropped += 1
+                tier.stats.put_failures += 1
             tier.writer = None
         self._pending.clear()
         await self._close_owned()
@@ -597,18 +675,21 @@ class TieredBackend(StorageBackend):
 
     # -- guarded tier calls ------------------------------------------------------------------
 
-    async def _guard(self, tier: _Tier, op: str, call: Coroutine[Any, Any, T], *, probe: bool = False) -> T:
+    async def _guard(self, tier: _Tier, op: str, call: Coroutine[Any, Any, T], *, probe: bool = False, n: int = 0) -> T:
         """Run one tier call under the tier timeout; a failure returns ``_FAILED`` (counted).
 
         Caller errors (:class:`InvalidArgumentError`, e.g. a ``dst`` smaller than the value)
-        propagate: they are not the tier's fault and retrying elsewhere would not help. A tier
-        that timed out less than ``tier_retry_after`` seconds ago is skipped at once (counted
-        as ``skipped``), so one hung tier costs a request at most one timeout, not one per
-        call; ``probe`` calls (pings) are always made and a success lifts the suspension.
+        propagate: they are not the tier's fault and retrying elsewhere would not help. A
+        suspended tier (one that timed out and has not answered since) is skipped at once
+        (counted as ``skipped``), so one hung tier costs one timeout, not one per call;
+        ``probe`` calls (pings) are always made and any success lifts the suspension. ``n`` is
+        the number of keys a failure costs (``lookup_failures``/``get_failures``/``put_failures``
+        by ``op``).
         """
-        if not probe and tier.suspended_until and asyncio.get_running_loop().time() < tier.suspended_until:
+        if not probe and self._suspended(tier):
             call.close()  # never started: nothing to cancel or await
             tier.stats.skipped += 1
+            self._count_failure(tier, op, n)
             return _FAILED  # type: ignore[no-any-return]
         try:
             out = await _with_timeout(call, self.settings.tier_timeout)
@@ -616,17 +697,119 @@ class TieredBackend(StorageBackend):
             raise
         except Exception as exc:
             self._record_failure(tier, op, exc)
+            self._count_failure(tier, op, n)
             return _FAILED  # type: ignore[no-any-return]
         tier.healthy = True
         tier.suspended_until = 0.0
         return out
 
+    async def _guard_within(self, tier: _Tier, op: str, call: Coroutine[Any, Any, T], n: int, deadline: float) -> T:
+        """:meth:`_guard` for a caller that waits only until ``deadline`` (loop time).
+
+        A call still running at the deadline is left to finish in the background under the
+        tier timeout (only for calls that hold no caller buffer: ``contains``); the tier is
+        *lagging* until it ends, and budgeted calls skip a lagging tier.
+        """
+        lagging = tier.lagging
+        if (lagging is not None and not lagging.done()) or self._suspended(tier):
+            call.close()
+            tier.stats.skipped += 1
+            self._count_failure(tier, op, n)
+            return _FAILED  # type: ignore[no-any-return]
+        loop = asyncio.get_running_loop()
+        left = deadline - loop.time()
+        if left >= self.settings.tier_timeout:
+            return await self._guard(tier, op, call, n=n)
+        if left <= 0:  # the budget went on faster tiers: do not start what nobody waits for
+            call.close()
+            tier.stats.budget_exceeded += 1
+            self._count_failure(tier, op, n)
+            return _FAILED  # type: ignore[no-any-return]
+        task = loop.create_task(self._guard(tier, op, call))  # failures counted here, not there
+        try:
+            await asyncio.wait({task}, timeout=left)
+        finally:
+            if not task.done():  # past the budget, or our caller was cancelled: let it finish
+                tier.lagging = task
+                self._keep(task)
+                task.add_done_callback(lambda t: self._lag_done(tier, t))
+        if not task.done():
+            tier.stats.budget_exceeded += 1
+            self._count_failure(tier, op, n)
+            self.log_once(
+                f"{tier.index}:{op}:budget",
+                "%r: %s %s did not answer within its lookup budget; treating it as a miss",
+                self,
+                tier.label(),
+                op,
+            )
+            return _FAILED  # type: ignore[no-any-return]
+        out = task.result()
+        if out is _FAILED:
+            self._count_failure(tier, op, n)
+        return out
+
+    def _lag_done(self, tier: _Tier, task: asyncio.Task[Any]) -> None:
+        if tier.lagging is task:
+            tier.lagging = None
+        if not task.cancelled():
+            task.exception()  # retrieved: a caller error here has nobody left to tell
+
+    def _keep(self, task: asyncio.Task[Any]) -> None:
+        """Hold a reference to a background task until it ends (the loop keeps only weak ones)."""
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _suspended(self, tier: _Tier) -> bool:
+        """Whether ``tier`` is suspended; starts its background probe when one is due."""
+        if not tier.suspended_until:
+            return False
+        loop = asyncio.get_running_loop()
+        if loop.time() >= tier.suspended_until and (tier.probe is None or tier.probe.done()) and self.is_open:
+            tier.probe = loop.create_task(self._probe(tier), name=f"lmcache-probe-{tier.index}")
+            self._keep(tier.probe)
+        return True
+
+    async def _probe(self, tier: _Tier) -> None:
+        """Ping a suspended tier: an answer lifts the suspension, a failure re-arms it."""
+        if await self._guard(tier, "probe", tier.backend.ping(), probe=True) is _FAILED and tier.suspended_until:
+            retry = asyncio.get_running_loop().time() + self.settings.tier_retry_after
+            tier.suspended_until = max(tier.suspended_until, retry)
+
+    def _count_failure(self, tier: _Tier, op: str, n: int) -> None:
+        field = _FAILURE_COUNTERS.get(op)
+        if field is not None and n:
+            setattr(tier.stats, field, getattr(tier.stats, field) + n)
+
+    def _drop_writebacks(self, tier: _Tier) -> None:
+        """Drop what waits in ``tier``'s write-back queue (it is suspended): unpin it in tier 0."""
+        q = tier.queue
+        dropped = 0
+        while q is not None and not q.empty():
+            job = q.get_nowait()
+            q.task_done()
+            self._job_left(job, tier)
+            dropped += 1
+        if dropped:
+            tier.stats.writeback_dropped += dropped
+            tier.stats.put_failures += dropped
+            self._wake_puts()
+
+    def _job_left(self, job: _WriteBack, tier: _Tier) -> None:
+        """``tier``'s writer is done with ``job`` (copied, failed or dropped)."""
+        job.tiers.discard(tier.index)
+        if not job.tiers and self._pending.get(job.key) is job:
+            del self._pending[job.key]
+
+    def _wake_puts(self) -> None:
+        if self._progress is not None:  # wake puts waiting for room in tier 0
+            self._progress.set()
+            self._progress = None
+
     def _record_failure(self, tier: _Tier, op: str, exc: BaseException) -> None:
         tier.healthy = False
         if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):  # ours, or the tier's BackendTimeoutError
             tier.stats.timeouts += 1
-            if self.settings.tier_retry_after > 0:
-                tier.suspended_until = asyncio.get_running_loop().time() + self.settings.tier_retry_after
             self.log_once(
                 f"{tier.index}:{op}:timeout",
                 "%r: %s %s timed out (tier_timeout=%ss); treating it as a miss",
@@ -635,6 +818,18 @@ class TieredBackend(StorageBackend):
                 op,
                 self.settings.tier_timeout,
             )
+            if self.settings.tier_retry_after > 0:
+                newly = not tier.suspended_until
+                tier.suspended_until = asyncio.get_running_loop().time() + self.settings.tier_retry_after
+                if newly:
+                    self.log_once(
+                        f"{tier.index}:suspended",
+                        "%r: %s is skipped until it answers again (probed every %ss)",
+                        self,
+                        tier.label(),
+                        self.settings.tier_retry_after,
+                    )
+                    self._drop_writebacks(tier)
         else:
             tier.stats.errors += 1
             self.log_once(
@@ -650,12 +845,17 @@ class TieredBackend(StorageBackend):
     # -- reads -------------------------------------------------------------------------------
 
     async def _contains(self, keys: list[CacheKey]) -> list[bool]:
+        deadline = _DEADLINE.get()
         found = [False] * len(keys)
         todo = list(range(len(keys)))
         for tier in self._tiers:
             if not todo:
                 break
-            got = await self._guard(tier, "contains", tier.backend.contains([keys[i] for i in todo]))
+            call = tier.backend.contains([keys[i] for i in todo])
+            if deadline is None:
+                got = await self._guard(tier, "contains", call, n=len(todo))
+            else:
+                got = await self._guard_within(tier, "contains", call, len(todo), deadline)
             if got is _FAILED:
                 continue
             rest = []
@@ -677,7 +877,9 @@ class TieredBackend(StorageBackend):
             if not todo:
                 break
             sub_keys = [keys[i] for i in todo]
-            got = await self._guard(tier, "get", tier.backend.get_into(sub_keys, [dsts[i] for i in todo]))
+            got = await self._guard(
+                tier, "get", tier.backend.get_into(sub_keys, [dsts[i] for i in todo]), n=len(sub_keys)
+            )
             if got is _FAILED:
                 top_failed = top_failed or tier.index == 0
                 continue
@@ -768,7 +970,7 @@ class TieredBackend(StorageBackend):
             capacity, used = self._tier_gauges(tier)
             if capacity is not None and used is not None and used + incoming > capacity and incoming <= capacity:
                 await self._evict(tier, used + incoming - capacity, deadline)
-        got = await self._guard(tier, "put", tier.backend.put(keys, views))
+        got = await self._guard(tier, "put", tier.backend.put(keys, views), n=len(keys))
         if got is _FAILED:
             return [rejected("error")] * len(keys)
         results: list[PutResult] = list(got)
@@ -785,7 +987,7 @@ class TieredBackend(StorageBackend):
                 if not full or not await self._evict(tier, sum(views[i].nbytes for i in full), deadline):
                     break
                 retry = await self._guard(
-                    tier, "put", tier.backend.put([keys[i] for i in full], [views[i] for i in full])
+                    tier, "put", tier.backend.put([keys[i] for i in full], [views[i] for i in full]), n=len(full)
                 )
                 if retry is _FAILED:
                     break
@@ -849,10 +1051,15 @@ class TieredBackend(StorageBackend):
             tier = self._tiers[t]
             if t in job.tiers or tier.queue is None:
                 continue
+            if self._suspended(tier):  # hung: do not pin the value in tier 0 for it
+                tier.stats.writeback_dropped += 1
+                tier.stats.put_failures += 1
+                continue
             try:
                 tier.queue.put_nowait(job)
             except asyncio.QueueFull:
                 tier.stats.writeback_dropped += 1
+                tier.stats.put_failures += 1
                 self.log_once(
                     f"{t}:writeback:full",
                     "%r: write-back queue of %s is full (%d); dropping write-backs (counted)",
@@ -872,36 +1079,33 @@ class TieredBackend(StorageBackend):
         assert queue is not None
         while True:
             batch = [await queue.get()]
-            # A suspended tier is waited out rather than skipped: the queue absorbs the pause
-            # (and drops, counted, when it fills) instead of losing the batch in hand.
-            delay = tier.suspended_until - asyncio.get_running_loop().time()
-            if delay > 0:
-                await asyncio.sleep(delay)
             while len(batch) < self.settings.write_back_batch and not queue.empty():
                 batch.append(queue.get_nowait())
             for job in batch:
                 job.busy += 1
             try:
-                await self._write_back(tier, batch)
+                if self._suspended(tier):  # hung since these were queued: dropped, not waited for
+                    tier.stats.writeback_dropped += len(batch)
+                    tier.stats.put_failures += len(batch)
+                else:
+                    await self._write_back(tier, batch)
             except asyncio.CancelledError:
                 tier.stats.writeback_dropped += len(batch)  # aclose() gave up on this batch
+                tier.stats.put_failures += len(batch)
                 raise
             except Exception as exc:
                 # A bug or a caller-class error from a tier: never let the writer die.
                 tier.stats.writeback_failed += len(batch)
+                tier.stats.put_failures += len(batch)
                 self._record_failure(tier, "write-back", exc)
             finally:
                 for job in batch:
                     job.busy -= 1
                     if job.busy == 0 and job.idle is not None:
                         job.idle.set()
-                    job.tiers.discard(tier.index)
-                    if not job.tiers and self._pending.get(job.key) is job:
-                        del self._pending[job.key]
+                    self._job_left(job, tier)
                     queue.task_done()
-                if self._progress is not None:  # wake puts waiting for room in tier 0
-                    self._progress.set()
-                    self._progress = None
+                self._wake_puts()
 
     async def _write_back(self, tier: _Tier, batch: list[_WriteBack]) -> None:
         live = [j for j in batch if not j.cancelled]
@@ -909,7 +1113,7 @@ class TieredBackend(StorageBackend):
             return
         top = self._tiers[0]
         views = tier.staging.views([j.size for j in live])
-        got = await self._guard(top, "write-back read", top.backend.get_into([j.key for j in live], views))
+        got = await self._guard(top, "write-back read", top.backend.get_into([j.key for j in live], views), n=len(live))
         if got is _FAILED:
             tier.stats.writeback_failed += len(live)
             return
@@ -984,6 +1188,7 @@ class TieredBackend(StorageBackend):
                 url=redact_url(tier.backend.url, tier.backend.secret_options),
                 owned=tier.owned,
                 healthy=tier.healthy,
+                suspended=bool(tier.suspended_until),
                 writeback_pending=tier.queue.qsize() if tier.queue is not None else 0,
                 staging_bytes=tier.staging.nbytes,
                 tracked_keys=len(tier.policy) if tier.policy is not None else None,
@@ -1045,6 +1250,12 @@ class _Protected:
             return True
         expiry = self._pins.get(key)  # type: ignore[call-overload]
         return expiry is not None and expiry > self._now
+
+
+def _check_budget(budget: object) -> float:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0:
+        raise InvalidArgumentError(f"a lookup budget is a non-negative number of seconds, got {budget!r}")
+    return float(budget)
 
 
 def _combine(caps: list[Capabilities]) -> Capabilities:

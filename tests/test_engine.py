@@ -128,3 +128,72 @@ def test_the_chunk_pool_is_declared_to_every_tier_and_forgotten_by_a_borrowed_ba
         assert borrowed._host_memory == [], "a borrowed backend forgets the pool of a closed engine"
     finally:
         asyncio.run(borrowed.aclose())
+
+
+def test_lookup_budget_is_a_setting_and_an_argument(engine: CacheEngine) -> None:
+    from lmcache.errors import ConfigError
+
+    assert LMCacheConfig.load(environ={}).lookup_budget == 0.05
+    assert LMCacheConfig.load(environ={"LMCACHE_LOOKUP_BUDGET": "20ms"}).lookup_budget == 0.02
+    assert LMCacheConfig.load(environ={"LMCACHE_LOOKUP_BUDGET": "20ms"}, lookup_budget=1).lookup_budget == 1.0
+    with pytest.raises(ConfigError, match="lookup_budget"):
+        LMCacheConfig.load(environ={}, lookup_budget="0")
+    tokens = list(range(64))
+    engine.store(tokens, _kv(64)).result(10)
+    assert engine.lookup(tokens, budget=2.0) == engine.lookup(tokens) == 64
+    for bad in (0, -1, True, "1"):
+        with pytest.raises(InvalidArgumentError, match="budget"):
+            engine.lookup(tokens, budget=bad)  # type: ignore[arg-type]
+
+
+_TIER_KEYS = {
+    "url",
+    "healthy",
+    "suspended",
+    "errors",
+    "timeouts",
+    "skipped",
+    "budget_exceeded",
+    "lookup_failures",
+    "get_failures",
+    "put_failures",
+    "writeback_dropped",
+}
+
+
+def test_stats_have_per_tier_fault_counters_and_totals(tmp_path: Path) -> None:
+    import json
+
+    # A budget no busy test machine outruns: this test wants every counter at 0.
+    cfg = LMCacheConfig.load(
+        environ={}, chunk_size=16, tiers=["memory://?capacity=64MiB", f"file://{tmp_path}/t"], lookup_budget=10
+    )
+    with CacheEngine(GEO, "test-model", config=cfg) as engine:
+        tokens = list(range(64))
+        engine.store(tokens, _kv(64)).result(10)
+        engine.lookup(list(range(100, 164)))  # a miss: both tiers asked
+        stats = engine.stats()
+    json.dumps(stats)  # JSON-ready, backend stats included
+    assert [set(t) for t in stats["tiers"]] == [_TIER_KEYS, _TIER_KEYS]
+    assert stats["tiers"][0]["url"].startswith("memory://") and stats["tiers"][1]["url"].startswith("file://")
+    for name in ("backend_errors", "lookup_failures", "get_failures", "put_failures", "lookup_budget_exceeded"):
+        assert stats[name] == 0, name
+    assert all(t["healthy"] and not t["suspended"] for t in stats["tiers"])
+
+
+def test_a_non_tiered_backend_has_no_tier_entries_and_budgeted_lookups(tmp_path: Path) -> None:
+    import asyncio
+
+    from lmcache import open_backend
+
+    cfg = LMCacheConfig.load(environ={}, chunk_size=16)
+    borrowed = open_backend("memory://?capacity=16MiB")
+    try:
+        with CacheEngine(GEO, "m", config=cfg, backend=borrowed) as eng:
+            tokens = list(range(32))
+            eng.store(tokens, _kv(32)).result(10)
+            assert eng.lookup(tokens, budget=1.0) == 32
+            stats = eng.stats()
+            assert stats["tiers"] == [] and stats["lookup_failures"] == stats["backend_errors"] == 0
+    finally:
+        asyncio.run(borrowed.aclose())

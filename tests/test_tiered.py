@@ -19,6 +19,7 @@ from lmcache.config import LMCacheConfig
 from lmcache.errors import (
     BackendUnavailableError,
     ConfigError,
+    InvalidArgumentError,
     InvalidBufferError,
     PermanentBackendError,
 )
@@ -493,6 +494,103 @@ async def test_without_retry_after_every_call_waits_for_the_timeout() -> None:
             assert await read(t, [key(1)]) == [None]
         st = tier_stats(t, 1)
         assert (st["timeouts"], st["skipped"]) == (2, 0)
+
+
+async def test_a_hung_tier_stays_skipped_until_a_background_probe_gets_an_answer() -> None:
+    fast, slow = mem(), Faulty(mem())
+    settings = TieredSettings(tier_timeout=0.05, tier_retry_after=0.1)
+    async with fast, slow, TieredBackend([fast, slow], settings) as t:
+        await slow.inner.put([key(1)], [value(1)])
+        slow.mode = "hang"
+        assert await read(t, [key(1)]) == [None]  # the one timeout
+        await asyncio.sleep(0.15)  # past tier_retry_after: the next call starts a probe
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        for _ in range(5):  # still skipped: no caller waits to learn the tier is still hung
+            assert await read(t, [key(1)]) == [None]
+            assert await t.contains([key(1)]) == [False]
+        assert loop.time() - t0 < 0.25  # loose; the call log below is the proof
+        st = tier_stats(t, 1)
+        assert st["suspended"] is True and st["skipped"] == 10
+        assert st["get_failures"] == 6 and st["lookup_failures"] == 5
+        await asyncio.sleep(0.1)
+        assert slow.calls.count("get") == 1 and slow.calls.count("ping") == 1  # one probe, in the background
+        assert tier_stats(t, 1)["timeouts"] == 2  # the read, then the probe
+        slow.mode = "ok"
+        for _ in range(100):  # the next probe answers and lifts the suspension
+            if await t.contains([key(1)]) == [True]:
+                break
+            await asyncio.sleep(0.02)
+        assert await read(t, [key(1)]) == [value(1)]
+        assert tier_stats(t, 1)["suspended"] is False and tier_stats(t, 1)["healthy"] is True
+
+
+class GatedContains(Faulty):
+    """Fault injection: ``contains`` waits for ``gate`` (a slow tier that answers when let)."""
+
+    def __init__(self, inner: StorageBackend) -> None:
+        super().__init__(inner)
+        self.gate = asyncio.Event()
+
+    async def _contains(self, keys: list[CacheKey]) -> list[bool]:
+        await self.gate.wait()
+        return await super()._contains(keys)
+
+
+async def test_a_budgeted_lookup_answers_in_time_and_the_late_tier_call_finishes_in_the_background() -> None:
+    fast, slow = mem(), GatedContains(mem())
+    async with fast, slow, TieredBackend([fast, slow], TieredSettings(tier_timeout=5)) as t:
+        await fast.put([key(0)], [value(0)])
+        await slow.inner.put([key(1)], [value(1)])
+        keys = [key(0), key(1), key(2)]
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        assert await t.contains(keys, budget=0.1) == [True, False, False]  # what tier 0 knows
+        assert await t.lookup_prefix(keys, budget=0.1) == 1  # tier 1 is still busy: skipped
+        assert loop.time() - t0 < 2.5  # not the tier timeout (5 s)
+        st = tier_stats(t, 1)
+        assert (st["budget_exceeded"], st["skipped"], st["lookup_failures"], st["timeouts"]) == (1, 1, 4, 0)
+        slow.gate.set()  # the late call answers: no failure, and the tier is asked again
+        for _ in range(100):
+            if await t.lookup_prefix(keys, budget=0.5) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert await t.lookup_prefix(keys, budget=0.5) == 2
+        assert tier_stats(t, 1)["healthy"] is True and tier_stats(t, 1)["timeouts"] == 0
+        with pytest.raises(InvalidArgumentError):
+            await t.contains(keys, budget=-1)
+
+
+async def test_a_budgeted_lookup_on_a_hung_tier_trips_the_breaker_once() -> None:
+    fast, slow = mem(), Faulty(mem())
+    settings = TieredSettings(tier_timeout=0.2, tier_retry_after=60)
+    async with fast, slow, TieredBackend([fast, slow], settings) as t:
+        slow.mode = "hang"
+        for _ in range(20):
+            assert await t.lookup_prefix([key(1)], budget=0.01) == 0
+            await asyncio.sleep(0.02)  # 0.4 s in all: the first call timed out in the background
+        st = tier_stats(t, 1)
+        assert st["timeouts"] == 1 and st["suspended"] is True
+        assert st["budget_exceeded"] == 1 and st["skipped"] == 19 and st["lookup_failures"] == 20
+        assert slow.calls.count("contains") == 1
+
+
+async def test_a_suspended_tier_drops_its_write_backs_instead_of_pinning_them_in_tier0() -> None:
+    fast, slow = mem(), Faulty(mem())
+    settings = TieredSettings(tier_timeout=0.05, tier_retry_after=60, write_back_batch=1)
+    async with fast, slow, TieredBackend([fast, slow], settings) as t:
+        slow.mode = "hang"
+        keys = [key(i) for i in range(6)]
+        assert all(r.ok for r in await t.put(keys[:3], [value(i) for i in range(3)]))
+        assert await t.flush(timeout=5)  # one batch timed out; the queued ones were dropped
+        st = tier_stats(t, 1)
+        assert st["suspended"] is True and st["timeouts"] == 1
+        assert all(r.ok for r in await t.put(keys[3:], [value(i) for i in range(3, 6)]))
+        st = tier_stats(t, 1)
+        assert st["writeback_written"] == 0 and st["writeback_pending"] == 0
+        assert st["writeback_dropped"] + st["writeback_failed"] == 6 and st["put_failures"] == 6
+        assert t.stats()["writeback_pending"] == 0 and not t._pending  # nothing pinned in tier 0
+        assert slow.calls.count("put") == 1
 
 
 async def test_a_timed_out_tier0_is_not_promoted_into() -> None:

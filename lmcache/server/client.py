@@ -24,12 +24,16 @@ Data paths:
 Falls back to the socket when the server declines shared memory (remote, or ``--no-shm``) and
 for a request larger than the segment.
 
-Cancellation (rule 3): a cancelled put still finishes sending its frame (the stream must stay
-whole) before the cancellation propagates. A cancelled get whose reply is not being received
-yet is drained into scratch space when it arrives; a value being received into its ``dst``
-right now is finished first (so a ``dst`` holds all of its value or none of it), and the rest
-of the reply is drained. Only a server that stalls mid-value for ``timeout`` makes the
-connection abort (its reader is cancelled and awaited); the next call reconnects.
+Cancellation (rule 3): a cancelled request whose frame has not started to go out (it waits for
+another request's frame, e.g. behind a large put to a server that stopped reading) is withdrawn
+at once. One whose frame is going out finishes sending it (the stream must stay whole) before
+the cancellation propagates; if it is not all out ``timeout`` after the cancellation (the server
+stopped reading), the connection is aborted instead (the next call reconnects). A cancelled
+get whose reply is not being received yet is drained into scratch space when it arrives; a
+value being received into its ``dst`` right now is finished first (so a ``dst`` holds all of
+its value or none of it), and the rest of the reply is drained. Only a server that stalls
+mid-value for ``timeout`` makes the connection abort (its reader is cancelled and awaited);
+the next call reconnects.
 """
 
 from __future__ import annotations
@@ -109,6 +113,13 @@ class LMServerSettings:
 
 
 @dataclasses.dataclass(eq=False)
+class _Sending:
+    """Whether a request's frame has begun to go out (then it must be finished or the stream is lost)."""
+
+    started: bool = False
+
+
+@dataclasses.dataclass(eq=False)
 class _Req:
     op: int
     future: asyncio.Future[Any]
@@ -133,6 +144,7 @@ class _Conn:
         self.send_lock = asyncio.Lock()
         self.reader: asyncio.Task[None] | None = None
         self.closed = False
+        self.broken = False  # a frame broke off mid-way: nothing more may be sent; aborting
         self.error: Exception | None = None
         self.segment: Segment | None = None
         self.arena: Arena | None = None
@@ -221,10 +233,18 @@ class _Conn:
 
     # -- sending ---------------------------------------------------------------------------
 
-    async def _send(self, frame: bytes, data: Sequence[memoryview], fill: Callable[[int], None] | None = None) -> None:
+    async def _send(
+        self,
+        frame: bytes,
+        data: Sequence[memoryview],
+        fill: Callable[[int], None] | None = None,
+        sending: _Sending | None = None,
+    ) -> None:
         async with self.send_lock:
-            if self.closed:
+            if self.closed or self.broken:
                 raise self.error or BackendUnavailableError("lm://: connection closed")
+            if sending is not None:
+                sending.started = True
             if fill is None:
                 await P.sock_sendv(self.sock, [frame, *data])
                 return
@@ -266,7 +286,7 @@ class _Conn:
         if not self._try_lock():
             return False
         try:
-            if self.closed:
+            if self.closed or self.broken:
                 raise self.error or BackendUnavailableError("lm://: connection closed")
             try:
                 sent = self.sock.send(frame)
@@ -312,19 +332,29 @@ class _Conn:
         self.pending[rid] = req
         frame = P.encode_frame_head(op, rid, P.encode_meta(meta), sum(d.nbytes for d in data), flags)
         send: asyncio.Task[None] | None = None
+        sending = _Sending()
         try:
             inline = False if data else self._send_inline(frame)
             if inline is False:
-                send = loop.create_task(self._send(frame, data, fill))
+                send = loop.create_task(self._send(frame, data, fill, sending))
             elif inline is not True:
-                send = inline
+                send, sending.started = inline, True
             if send is not None:
                 await asyncio.shield(send)
         except asyncio.CancelledError:
+            if send is not None and not send.done() and not sending.started:
+                # Still waiting for the socket (behind another frame): nothing of it went out,
+                # so withdraw it; no reply will come, so its region is ours to free now.
+                send.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await send
+                if not sending.started:
+                    self.pending.pop(rid, None)
+                    req.cancelled = True
+                    self.release(req)
+                    raise
             # Half a frame would break the stream, and `data` is borrowed: finish sending first.
-            while send is not None and not send.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait({send})
+            await self._finish_send(send)
             await self._cancel(req)  # its reply may be streaming into a dst already
             raise
         except BaseException as exc:
@@ -347,6 +377,26 @@ class _Conn:
         except BaseException:
             self._forget(req)  # an error reply: the region (if any) is free again
             raise
+
+    async def _finish_send(self, send: asyncio.Task[None] | None) -> None:
+        """Wait for a frame that is going out; abort the connection if it stalls for ``timeout``."""
+        if send is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.owner.settings.timeout
+        while not send.done():
+            left = deadline - loop.time()
+            if left <= 0:
+                # The server takes nothing (stopped, or gone without a reset): give up the frame
+                # and with it the stream. Nothing may follow the half frame, so block sends first.
+                self.broken = True
+                send.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await send
+                await self.abort(BackendUnavailableError("lm://: the server stopped taking a request mid-frame"))
+                return
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({send}, timeout=left)
 
     def _forget(self, req: _Req) -> None:
         req.cancelled = True

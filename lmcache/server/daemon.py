@@ -459,7 +459,9 @@ class _Session:
         leased = pool.lease(keys)
         self.sending = [e for e in leased if e is not None]  # released once the reply is sent
         self.server.metrics.tier0_in_place("get", [e.nbytes for e in self.sending], 0.0)
-        self.server.tiered.record_hits([k for k, e in zip(keys, leased, strict=True) if e is not None])
+        self.server.tiered.record_hits(
+            [k for k, e in zip(keys, leased, strict=True) if e is not None], sizes=[e.nbytes for e in self.sending]
+        )
         sizes: list[int | None] = [None] * len(keys)
         views: list[memoryview | None] = [None] * len(keys)
         for i, e in enumerate(leased):
@@ -495,7 +497,6 @@ class _Session:
         offsets: list[int | None] = [None] * len(keys)
         held = [e for e in leased if e is not None]
         self.server.metrics.tier0_in_place("get", [e.nbytes for e in held], 0.0)
-        self.server.tiered.record_hits([k for k, e in zip(keys, leased, strict=True) if e is not None])
         for i, e in enumerate(leased):
             if e is None:
                 continue
@@ -504,6 +505,10 @@ class _Session:
                     pool.release(x)
                 raise InvalidBufferError(f"buffer too small for the {e.nbytes}-byte value of {keys[i]}")
             where[i], sizes[i], offsets[i] = "pool", e.nbytes, e.offset
+        # Served from the pool, not through tiered.get_into: counted as its reads all the same.
+        self.server.tiered.record_hits(
+            [k for k, e in zip(keys, leased, strict=True) if e is not None], sizes=[e.nbytes for e in held]
+        )
         rest = [i for i, e in enumerate(leased) if e is None]
         if rest:
             try:

@@ -9,7 +9,8 @@ Counters moved by the request path (cheap: a dict lookup and an add):
 * ``lmcache_errors_total{backend,kind}``: errors answered by the server (``backend="server"``).
 
 Read from the tiered backend at scrape time (a custom collector, so nothing is double-counted):
-per-tier hits, misses, bytes read and written, evictions, promotions, errors and timeouts
+per-tier hits, misses, bytes read and written, evictions, promotions, errors and timeouts,
+calls skipped while a tier is suspended, and keys whose lookup, get or put a fault cost
 (``lmcache_tier_*_total{tier,url}``), per-tier used and capacity bytes, live sessions, mapped
 shared memory, pins, and the process's resident memory.
 
@@ -46,6 +47,10 @@ _TIER_COUNTERS = (
     ("promotions", "promotions"),
     ("writeback_written", "writeback_written"),
     ("writeback_dropped", "writeback_dropped"),
+    ("skipped", "skipped"),
+    ("lookup_failures", "lookup_failures"),
+    ("get_failures", "get_failures"),
+    ("put_failures", "put_failures"),
 )
 
 

@@ -87,6 +87,25 @@ async def test_lookup_by_tokens_reports_hits_per_tier(two_tier_server: LMServer,
     assert other_tenant["hit_chunks"] == 0
 
 
+async def test_stats_count_gets_served_over_shared_memory(two_tier_server: LMServer, client) -> None:
+    if not client.pool_active:
+        pytest.skip("no shared memory here (/dev/shm): gets go over the socket")
+    keys = _keys(3)
+    await client.put(keys, [os.urandom(4096)] * 3)
+    before = json.loads(_get(two_tier_server.http + "/stats")[1])["backend"]
+    dsts = [bytearray(4096) for _ in range(4)]
+    assert await client.get_into(keys + _keys(1), dsts) == [4096, 4096, 4096, None]
+    after = json.loads(_get(two_tier_server.http + "/stats")[1])["backend"]
+    assert after["get_requests"] - before["get_requests"] == 4
+    assert after["hits"] - before["hits"] == 3
+    assert after["misses"] - before["misses"] == 1
+    assert after["bytes_read"] - before["bytes_read"] >= 3 * 4096  # stored frames: header + value
+    assert after["tiers"][0]["hits"] - before["tiers"][0]["hits"] == 3
+    _, text = _get(two_tier_server.http + "/metrics")
+    for name in ("skipped", "lookup_failures", "get_failures", "put_failures"):  # fault counters are exported
+        assert re.search(rf'^lmcache_tier_{name}_total{{tier="1",', text, re.M), name
+
+
 async def test_pinned_keys_survive_eviction(two_tier_server: LMServer, client) -> None:
     pinned, others = _keys(1), _keys(12)
     await client.put(pinned, [os.urandom(VALUE)])

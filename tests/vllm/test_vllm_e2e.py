@@ -202,5 +202,20 @@ def test_prefix_stored_by_transformers_is_a_hit_in_vllm(
     assert _generations(result)[0] == _generations(baseline)[0]
 
 
+def test_reset_external_makes_lmcache_forget(model_dir: Path, tmp_path: Path) -> None:
+    """``reset_prefix_cache(reset_connector=True)`` (the HTTP ``reset_external=true``) empties lmcache too."""
+    tier = tmp_path / "tier"
+    steps = ["generate", "reset-external", "reset", "generate"]
+    result = _driver(_spec(model_dir, f"file://{tier}", tmp_path / "stats", steps))
+    first, second = _generations(result)
+    assert second == first
+    assert [s["ok"] for s in result["steps"] if s["op"].startswith("reset")] == [True, True]
+    sched, worker = result["stats"]["SCHEDULER"], result["stats"]["WORKER"]
+    assert sched["resets"] == 1
+    assert sched.get("matched_tokens", 0) == 0  # nothing hit after the reset
+    assert worker.get("loaded_tokens", 0) == 0
+    assert worker["engine.stored_chunks"] == 16  # stored twice: the reset deleted the first copies
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-v"]))

@@ -468,25 +468,23 @@ class CacheEngine:
             return None
 
     async def _lookup_prefix(self, keys: list[CacheKey], budget: float) -> int | None:
-        try:
-            if isinstance(self.backend, TieredBackend):
-                return await self.backend.lookup_prefix(keys, budget=budget)
-            return await asyncio.wait_for(self.backend.lookup_prefix(keys), budget)
-        except BackendError as exc:
-            self._backend_failed("lookup", exc, len(keys))
-        except (TimeoutError, asyncio.TimeoutError):
-            self.counters["lookup_budget_exceeded"] += 1
-            self._failures["lookup_failures"] += len(keys)
-        return None
+        return await self._ask("lookup_prefix", keys, budget)
 
     async def _contains(self, keys: list[CacheKey], budget: float) -> list[bool] | None:
+        return await self._ask("contains", keys, budget)
+
+    async def _ask(self, method: str, keys: list[CacheKey], budget: float) -> Any:
+        """Call the backend's ``contains``/``lookup_prefix`` within ``budget``; None when it failed or ran over."""
+        call = getattr(self.backend, method)
         try:
             if isinstance(self.backend, TieredBackend):
-                return await self.backend.contains(keys, budget=budget)
-            return await asyncio.wait_for(self.backend.contains(keys), budget)
+                return await call(keys, budget=budget)
+            return await asyncio.wait_for(call(keys), budget)
         except BackendError as exc:
             self._backend_failed("lookup", exc, len(keys))
         except (TimeoutError, asyncio.TimeoutError):
+            if method == "lookup_prefix":  # the pre-store check running over is not a lookup the caller waited on
+                self.counters["lookup_budget_exceeded"] += 1
             self._failures["lookup_failures"] += len(keys)
         return None
 

@@ -10,6 +10,10 @@ environment variables or keyword overrides):
 * ``fsync``: ``none`` (default), ``data`` or ``always`` (see *Durability*).
 * ``o_direct``: bypass the page cache (see *O_DIRECT*).
 * ``workers``: threads of the backend's own executor, which does every blocking call.
+* ``read_only``: inspect only (``lmcache ls`` and ``stats`` open this way): nothing is created,
+  deleted, renamed or written, puts are ``rejected("read_only")`` and ``delete`` raises
+  :class:`~lmcache.errors.UnsupportedOperationError`; damaged files are reported by
+  :meth:`FileBackend.damaged_files`, not removed.
 
 Layout
 ------
@@ -106,7 +110,15 @@ directories on the executor, reading each file's header only (one ``pread`` of 4
 restarted process keeps its cache and ``used_bytes`` is exact. The scan removes stale temp files
 and files whose header is invalid, truncated, or names a key whose digest is not the file's name;
 it only ever judges names this backend creates (``<40 hex>.kv`` and its temp-file pattern), so
-other files in the directory are left alone.
+other files in the directory are left alone. What it found (removed, or left in place with
+``read_only``) is :meth:`FileBackend.damaged_files` and ``stats()["damaged_files"]``; removed
+damaged values are logged as a warning. ``lmcache fsck`` (:mod:`lmcache.backends.file_fsck`)
+does the same walk with a full payload check, and removes only with ``--repair``.
+
+Something other than a regular file at a value's name (a directory, FIFO, socket, device, or a
+symlink, even one to a good file: the backend never creates links and never follows them) is
+damage: ``contains`` is false, a get is a counted corrupt miss, and a put removes it and stores
+the value. Files are opened with ``O_NOFOLLOW | O_NONBLOCK``, so a FIFO never blocks a worker.
 The index backs ``used_bytes``, ``entries``, the capacity bound and :meth:`list_keys`.
 ``contains`` and ``get_into`` still ask the filesystem, so values that other processes stored
 after this one opened are found (and adopted into the index when read or re-put). With several
@@ -140,6 +152,8 @@ import mmap
 import os
 import re
 import secrets
+import shutil
+import stat
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -167,6 +181,7 @@ from lmcache.errors import (
     ConfigError,
     IntegrityError,
     InvalidArgumentError,
+    UnsupportedOperationError,
     map_os_errors,
 )
 from lmcache.keys import CacheKey
@@ -177,7 +192,7 @@ if TYPE_CHECKING:
 
     from typing_extensions import Self
 
-__all__ = ["FileBackend", "FileSettings"]
+__all__ = ["DamagedFile", "FileBackend", "FileSettings"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -208,6 +223,10 @@ _PROBE_NAME = re.compile(r"\.probe\.\d+\.[0-9a-f]+\.tmp")
 _NO_LINK_ERRNOS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK})
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+# How every value file is opened for reading: never through a symlink (ELOOP instead), and
+# without blocking when a FIFO sits at the name (regular files ignore O_NONBLOCK; it is cleared
+# once the file is known to be regular all the same).
+_O_INSPECT = os.O_RDONLY | _O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 _FSYNC_CHOICES = ("none", "data", "always")
 # macOS has no fdatasync; a full fsync gives the same guarantee there.
 _fdatasync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
@@ -241,6 +260,11 @@ class FileSettings:
         False, doc="Bypass the page cache with O_DIRECT (downgraded with a warning where unsupported)."
     )
     workers: int = setting(4, doc="Threads of the backend's executor (parallel file I/O).", min=1, max=256)
+    read_only: bool = setting(
+        False,
+        doc="Inspect only: never create, delete, rename or write anything (puts are rejected); "
+        "damaged files are reported by damaged_files(), not removed.",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,6 +286,181 @@ _ReadOutcome = int | _Failure | None  # bytes written, a failure, or a plain mis
 class _Entry:
     payload: int  # value bytes (what capacity counts)
     disk: int  # file bytes (frame header + value)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DamagedFile:
+    """A file under a ``file://`` directory that is not a usable value (see ``lmcache fsck``).
+
+    Attributes:
+        path: Its absolute path.
+        reason: ``torn`` (its size differs from what its header says: a partial write or a
+            truncation), ``bad_header`` (not a frame, or a header failing its checksum),
+            ``checksum`` (the payload fails its checksum; only a full read finds this),
+            ``wrong_key`` (the frame belongs to another key than the file's name),
+            ``stale_temp`` (a temp file whose writer is gone), ``not_a_file`` (a directory,
+            FIFO, socket, device or symlink at a value's name) or ``not_a_directory`` (a
+            non-directory at a shard's name).
+        detail: What exactly is wrong, for people.
+        removed: Whether it was removed.
+    """
+
+    path: str
+    reason: str
+    detail: str = ""
+    removed: bool = False
+
+
+class _NotAFile(Exception):
+    """Something other than a regular file sits at a value's name (``str(exc)`` says what)."""
+
+
+def _describe(mode: int) -> str:
+    """``mode``'s file type for people (``a directory``, ``a FIFO``…)."""
+    for test, what in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def _open_value(path: str, flags: int = 0) -> tuple[int, os.stat_result]:
+    """Open the value file at ``path`` for reading: ``(fd, fstat)``.
+
+    Args:
+        path: The file.
+        flags: Extra open flags (``O_DIRECT``).
+
+    Raises:
+        FileNotFoundError: Nothing is there.
+        _NotAFile: A symlink, directory, FIFO, socket or device is there.
+        OSError: Opening failed otherwise.
+    """
+    try:
+        fd = os.open(path, _O_INSPECT | flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _NotAFile("a symbolic link") from exc
+        if exc.errno == errno.ENXIO:  # a UNIX socket
+            raise _NotAFile("a socket") from exc
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _NotAFile(_describe(st.st_mode))
+        if _O_INSPECT & os.O_NONBLOCK:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def _remove_path(path: str, expect: os.stat_result | None = None) -> bool:
+    """Remove whatever is at ``path`` (a directory with its contents); True if it was removed.
+
+    With ``expect``, only when ``path`` is still that inode (a racing writer may have replaced
+    it with a good value meanwhile).
+
+    Raises:
+        OSError: Removing failed.
+    """
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if expect is not None and (now.st_dev, now.st_ino) != (expect.st_dev, expect.st_ino):
+        return False
+    if stat.S_ISDIR(now.st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+    return True
+
+
+def _temp_is_stale(path: str) -> bool | None:
+    """Whether the temp file at ``path`` was left by a dead writer (its flock is free).
+
+    None when it is gone or cannot be opened. The lock is taken and released at once: a live
+    writer that raced us for it only waits that long, and nothing is written.
+    """
+    try:
+        fd, _st = _open_value(path)
+    except _NotAFile:
+        return True  # no writer of ours made this
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # a live writer holds it
+        return True
+    finally:
+        os.close(fd)
+
+
+def inspect_value_file(path: str, *, deep: bool = False) -> tuple[CacheKey, int, int] | DamagedFile | None:
+    """Judge the file at a value name (``<shard>/<40 hex>.kv``) without changing anything.
+
+    Args:
+        path: The file.
+        deep: Also read the payload and check its checksum (``lmcache fsck``); otherwise only
+            the header is read (the open-time index scan).
+
+    Returns:
+        ``(key, payload bytes, file bytes)`` for a good value; a :class:`DamagedFile` (not
+        removed); or None for a file to leave alone (gone meanwhile, unreadable, or written by
+        another frame format version).
+    """
+    name = os.path.basename(path)
+    stem = name[: -len(_SUFFIX)]
+    shard = os.path.basename(os.path.dirname(path))
+    try:
+        fd, st = _open_value(path)
+    except _NotAFile as exc:
+        return DamagedFile(path, "not_a_file", f"{exc} at a value's name")
+    except OSError:
+        return None
+    try:
+        size = st.st_size
+        head = os.pread(fd, SCAN_READ, 0)
+        if _foreign_version(memoryview(head)):
+            return None  # another lmcache version's value: not ours to judge
+        try:
+            need = frame.needed_header_bytes(head)
+            if need > len(head):
+                head = os.pread(fd, need, 0)
+            header = frame.parse_header(head)
+        except IntegrityError as exc:
+            reason = "torn" if size < frame.MIN_HEADER_BYTES else "bad_header"
+            return DamagedFile(path, reason, f"{exc} ({size} bytes)")
+        if header.total_len != size:
+            return DamagedFile(path, "torn", f"{size} bytes, its header says {header.total_len}")
+        try:
+            key = CacheKey.from_string(header.key)
+        except InvalidArgumentError as exc:
+            return DamagedFile(path, "bad_header", f"the key in its header does not parse: {exc}")
+        if stem != key.digest() or shard != stem[:2]:
+            return DamagedFile(path, "wrong_key", f"its frame belongs to key {header.key[:120]}")
+        if deep:
+            payload = bytearray(header.payload_len)
+            got = _pread_full(fd, memoryview(payload), header.payload_offset, header.payload_len)
+            try:
+                header.verify_payload(memoryview(payload)[:got])
+            except IntegrityError as exc:
+                return DamagedFile(path, "checksum", str(exc))
+        return key, header.payload_len, size
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _round_up(n: int, align: int) -> int:
@@ -376,6 +575,7 @@ class FileBackend(StorageBackend):
         self._o_direct = False  # in effect (settings.o_direct may have been downgraded)
         self._use_link = True
         self._pid = os.getpid()
+        self._damaged: list[DamagedFile] = []  # what the open-time scan found
 
     # -- construction and identity -----------------------------------------------------------
 
@@ -426,6 +626,8 @@ class FileBackend(StorageBackend):
             items.append(("o_direct", "true" if s.o_direct else "false"))
         if s.workers != defaults.workers:
             items.append(("workers", str(s.workers)))
+        if s.read_only:
+            items.append(("read_only", "true"))
         return items
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -448,6 +650,13 @@ class FileBackend(StorageBackend):
             await asyncio.get_running_loop().run_in_executor(None, executor.shutdown, True)
 
     def _prepare_dir(self) -> None:
+        if self.settings.read_only:
+            # Inspect only: a missing directory is an error (never created), and no O_DIRECT
+            # probe (it writes a file); reads are buffered.
+            with map_os_errors(f"file://: opening {self._root} read-only"):
+                if not os.path.isdir(self._root):
+                    raise FileNotFoundError(errno.ENOENT, "no such cache directory", self._root)
+            return
         with map_os_errors(f"file://: creating {self._root}"):
             created = not os.path.exists(self._root)
             os.makedirs(self._root, exist_ok=True)
@@ -489,17 +698,16 @@ class FileBackend(StorageBackend):
     # -- index rebuild -----------------------------------------------------------------------
 
     async def _rebuild_index(self) -> None:
-        shards = await run_blocking(self._executor, self._list_shards)
+        shards, damaged = await run_blocking(self._executor, self._list_shards)
         found: list[tuple[CacheKey, _Entry]] = []
-        removed_tmp = removed_bad = 0
         if shards:
             cancel = threading.Event()
             groups = _split(shards, self.settings.workers)
             results = await self._gather(self._scan_shards, groups, cancel, cancel=cancel)
-            for entries, n_tmp, n_bad in results:
+            for entries, bad in results:
                 found.extend(entries)
-                removed_tmp += n_tmp
-                removed_bad += n_bad
+                damaged.extend(bad)
+        self._damaged = damaged
         with self._lock:
             self._shards.update(shards)
             for key, entry in found:
@@ -507,31 +715,68 @@ class FileBackend(StorageBackend):
                     self._index[key] = entry
                     self._used += entry.payload
                     self._disk += entry.disk
-        if removed_tmp or removed_bad:
-            logger.info(
-                "file://%s: removed %d stale temp file(s) and %d invalid value file(s)",
-                self._root,
-                removed_tmp,
-                removed_bad,
-            )
+        self._log_damage(damaged)
         logger.debug("file://%s: index holds %d values, %d bytes", self._root, len(self._index), self._used)
 
-    def _list_shards(self) -> list[str]:
+    def _log_damage(self, damaged: list[DamagedFile]) -> None:
+        temps = [d for d in damaged if d.reason == "stale_temp"]
+        bad = [d for d in damaged if d.reason != "stale_temp"]
+        if temps:
+            # Stale temp files are a normal leftover of a killed writer, not lost values.
+            logger.info(
+                "file://%s: %s %d stale temp file(s)",
+                self._root,
+                "found (read-only, left in place)" if self.settings.read_only else "removed",
+                len(temps),
+            )
+        if bad:
+            logger.warning(
+                "file://%s: %s %d damaged value file(s), e.g. %s (%s: %s)",
+                self._root,
+                "found (read-only, left in place)" if self.settings.read_only else "removed",
+                len(bad),
+                bad[0].path,
+                bad[0].reason,
+                bad[0].detail,
+            )
+
+    def damaged_files(self) -> list[DamagedFile]:
+        """Damaged files the open-time scan found (removed, unless ``read_only``).
+
+        The scan reads headers only: a payload that fails its checksum is found by a read of
+        that value or by ``lmcache fsck`` (:func:`lmcache.backends.file_fsck.check_directory`).
+        """
+        return list(self._damaged)
+
+    def _judge_temp(self, path: str) -> DamagedFile | None:
+        """A stale temp file (removed unless read-only), or None when it is live or gone."""
+        if not _temp_is_stale(path):
+            return None
+        removed = False
+        if not self.settings.read_only:
+            # Unlinked after the lock was free: a writer that raced us sees st_nlink == 0 and retries.
+            removed = bool(self._remove(path))
+        return DamagedFile(path, "stale_temp", "a temp file whose writer is gone", removed)
+
+    def _list_shards(self) -> tuple[list[str], list[DamagedFile]]:
         shards = []
+        damaged: list[DamagedFile] = []
         with map_os_errors(f"file://: listing {self._root}"), os.scandir(self._root) as it:
             for entry in it:
                 name = entry.name
                 if len(name) == 2 and set(name) <= _HEX and entry.is_dir(follow_symlinks=False):
                     shards.append(name)
                 elif _PROBE_NAME.fullmatch(name):
-                    self._remove_if_stale(entry.path)  # an O_DIRECT probe left by a killed process
-        return sorted(shards)
+                    found = self._judge_temp(entry.path)  # an O_DIRECT probe left by a killed process
+                    if found is not None:
+                        damaged.append(found)
+        return sorted(shards), damaged
 
     def _scan_shards(
         self, shards: Sequence[str], cancel: threading.Event
-    ) -> tuple[list[tuple[CacheKey, _Entry]], int, int]:
+    ) -> tuple[list[tuple[CacheKey, _Entry]], list[DamagedFile]]:
         found: list[tuple[CacheKey, _Entry]] = []
-        n_tmp = n_bad = 0
+        damaged: list[DamagedFile] = []
         for shard in shards:
             if cancel.is_set():
                 break
@@ -545,67 +790,26 @@ class FileBackend(StorageBackend):
             for name in names:
                 path = os.path.join(shard_dir, name)
                 if _TEMP_NAME.fullmatch(name):
-                    n_tmp += self._remove_if_stale(path)
+                    stale = self._judge_temp(path)
+                    if stale is not None:
+                        damaged.append(stale)
                 elif _VALUE_NAME.fullmatch(name):
-                    stem = name[: -len(_SUFFIX)]
-                    verdict = self._scan_file(path, stem, shard)
+                    verdict = inspect_value_file(path)
                     if isinstance(verdict, tuple):
-                        found.append(verdict)
-                    elif verdict == "bad":
-                        n_bad += self._remove(path)
-        return found, n_tmp, n_bad
-
-    def _scan_file(self, path: str, stem: str, shard: str) -> tuple[CacheKey, _Entry] | str:
-        """``(key, entry)`` for a valid file, ``"bad"`` to remove it, ``"skip"`` to leave it."""
-        try:
-            fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
-        except OSError:
-            return "skip"  # deleted meanwhile, or unreadable: nothing to index
-        try:
-            size = os.fstat(fd).st_size
-            head = os.pread(fd, SCAN_READ, 0)
-            if _foreign_version(memoryview(head)):
-                return "skip"  # another lmcache version's value: not ours to judge
-            need = frame.needed_header_bytes(head)
-            if need > len(head):
-                head = os.pread(fd, need, 0)
-            header = frame.parse_header(head)
-            if header.total_len != size:
-                return "bad"
-            key = CacheKey.from_string(header.key)
-            if stem != key.digest() or shard != stem[:2]:
-                return "bad"  # renamed or copied onto another key's name
-            return key, _Entry(header.payload_len, size)
-        except (IntegrityError, InvalidArgumentError):
-            return "bad"
-        except OSError:
-            return "skip"
-        finally:
-            os.close(fd)
-
-    def _remove_if_stale(self, path: str) -> int:
-        """Unlink a temp file whose writer is gone (its flock is free); 1 if removed."""
-        try:
-            fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
-        except OSError:
-            return 0
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                return 0  # a live writer holds it
-            # Unlinked while we hold the lock: a writer that raced us sees st_nlink == 0 and retries.
-            return self._remove(path)
-        finally:
-            os.close(fd)
+                        key, payload, disk = verdict
+                        found.append((key, _Entry(payload, disk)))
+                    elif verdict is not None:
+                        if not self.settings.read_only:
+                            verdict = dataclasses.replace(verdict, removed=bool(self._remove(path)))
+                        damaged.append(verdict)
+        return found, damaged
 
     @staticmethod
     def _remove(path: str) -> int:
         try:
-            os.unlink(path)
+            return int(_remove_path(path))
         except OSError:
             return 0
-        return 1
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -711,14 +915,15 @@ class FileBackend(StorageBackend):
         out = []
         for key in keys:
             try:
-                os.stat(self._path(key)[2])
+                st = os.lstat(self._path(key)[2])
             except FileNotFoundError:
                 self._drop_entry(key)  # deleted by another process
                 out.append(False)
             except OSError:
                 out.append(False)
             else:
-                out.append(True)
+                # A directory, FIFO or symlink at the name is damage, never a value.
+                out.append(stat.S_ISREG(st.st_mode))
         return out
 
     async def _get_into(self, keys: list[CacheKey], dsts: list[memoryview]) -> list[int | None]:
@@ -760,16 +965,16 @@ class FileBackend(StorageBackend):
 
     def _read_one(self, key: CacheKey, dst: memoryview, cancel: threading.Event) -> _ReadOutcome:
         _shard, _digest, path = self._path(key)
-        flags = os.O_RDONLY | _O_CLOEXEC | (_O_DIRECT if self._o_direct else 0)
         try:
-            fd = os.open(path, flags)
+            fd, st = _open_value(path, _O_DIRECT if self._o_direct else 0)
         except FileNotFoundError:
             self._drop_entry(key)
             return _MISS
+        except _NotAFile as exc:
+            return self._not_a_file(key, path, exc)
         except OSError as exc:
             return _Failure("error", _mapped(exc, f"file://: opening {path}"))
         try:
-            st = os.fstat(fd)
             size = st.st_size
             if size < frame.MIN_HEADER_BYTES:
                 return self._corrupt(key, path, st, IntegrityError(f"value file {path} is truncated ({size} bytes)"))
@@ -842,12 +1047,16 @@ class FileBackend(StorageBackend):
     def _corrupt(self, key: CacheKey, path: str, st: os.stat_result, exc: IntegrityError) -> _Failure:
         # Remove the bad file (only if the name still points at the inode we read) so a later
         # put can store the value again instead of reporting EXISTS for a value nobody can read.
-        with contextlib.suppress(OSError):
-            now = os.stat(path)
-            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
-                os.unlink(path)
+        if not self.settings.read_only:
+            with contextlib.suppress(OSError):
+                _remove_path(path, st)
         self._drop_entry(key)
         return _Failure("corrupt", exc)
+
+    def _not_a_file(self, key: CacheKey, path: str, exc: _NotAFile) -> _Failure:
+        # A counted corrupt miss, left in place: a put of the key replaces it (see _write_one).
+        self._drop_entry(key)
+        return _Failure("corrupt", IntegrityError(f"{exc} sits at the name of value file {path}"))
 
     async def _put(self, keys: list[CacheKey], srcs: list[memoryview]) -> list[PutResult]:
         # Capacity is admitted here, in input order and before any I/O, so which values of a
@@ -897,14 +1106,22 @@ class FileBackend(StorageBackend):
         """Store one value; settles its capacity ``reserved`` bytes on every path."""
         final = self._path(key)[2]
         try:
+            if self.settings.read_only:
+                return rejected("read_only")
             try:
-                os.stat(final)
+                st = os.lstat(final)
             except FileNotFoundError:
                 pass
             except OSError as exc:
                 raise _mapped(exc, f"file://: checking {final}") from exc
             else:
-                return self._exists(key, final, src.nbytes)
+                if stat.S_ISREG(st.st_mode):
+                    return self._exists(key, final, src.nbytes)
+                # Damage (a directory, FIFO, dangling symlink…) would make this key EXISTS and
+                # unreadable forever: replace it with the value.
+                logger.warning("file://%s: replacing %s at %s with a value", self._root, _describe(st.st_mode), final)
+                with map_os_errors(f"file://: removing {_describe(st.st_mode)} at {final}"):
+                    _remove_path(final, st)
             with map_os_errors(f"file://: writing {final}"):
                 result, disk = self._write_file(key, src, cancel)
             if result is STORED:
@@ -1027,12 +1244,14 @@ class FileBackend(StorageBackend):
                     raise
                 logger.info("file://%s: no hard links here (%s); publishing with rename", self._root, exc.strerror)
                 self._use_link = False
-        if os.path.exists(final):
+        if os.path.lexists(final):
             return False
         os.replace(tmp, final)  # immutable values: replacing a racing writer's copy is harmless
         return True
 
     async def _delete(self, keys: list[CacheKey]) -> None:
+        if self.settings.read_only:
+            raise UnsupportedOperationError(f"{self!r} is read-only: delete is not allowed")
         errors = await self._gather(self._delete_group, _split(keys, self.settings.workers))
         for errs in errors:
             if errs:
@@ -1043,7 +1262,7 @@ class FileBackend(StorageBackend):
         for key in keys:
             path = self._path(key)[2]
             try:
-                os.unlink(path)
+                _remove_path(path)  # also a directory or other damage at the name
             except FileNotFoundError:
                 pass
             except OSError as exc:
@@ -1059,7 +1278,10 @@ class FileBackend(StorageBackend):
         with map_os_errors(f"file://: checking {self._root}"):
             if not os.path.isdir(self._root):
                 raise FileNotFoundError(errno.ENOENT, "cache directory is gone", self._root)
-            if not os.access(self._root, os.W_OK | os.X_OK):
+            if self.settings.read_only:
+                if not os.access(self._root, os.R_OK | os.X_OK):
+                    raise PermissionError(errno.EACCES, "cache directory is not readable", self._root)
+            elif not os.access(self._root, os.W_OK | os.X_OK):
                 raise PermissionError(errno.EACCES, "cache directory is not writable", self._root)
 
     def _extra_stats(self) -> dict[str, Any]:
@@ -1071,6 +1293,8 @@ class FileBackend(StorageBackend):
                 "entries": len(self._index),
                 "o_direct": self._o_direct,
                 "fsync": self.settings.fsync,
+                "read_only": self.settings.read_only,
+                "damaged_files": len(self._damaged),
             }
 
     async def _list_keys(self) -> AsyncIterator[CacheKey]:

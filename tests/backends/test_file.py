@@ -18,7 +18,13 @@ from lmcache_conformance import BackendTests
 from lmcache.backends.base import PutStatus, StorageBackend
 from lmcache.backends.file import FileBackend
 from lmcache.backends.registry import open_backend
-from lmcache.errors import BackendClosedError, ConfigError, InvalidBufferError
+from lmcache.errors import (
+    BackendClosedError,
+    BackendError,
+    ConfigError,
+    InvalidBufferError,
+    UnsupportedOperationError,
+)
 from lmcache.keys import CacheKey
 from lmcache.serde import frame
 
@@ -77,6 +83,7 @@ async def store(tmp_path: Path):
         "file:///var/lib/lmcache?capacity=200GiB",
         "file:///var/lib/lm%20cache?capacity=1MiB&fsync=always&o_direct=true&workers=8",
         "file:///d?fsync=data",
+        "file:///d?read_only=true",
     ],
 )
 def test_url_round_trips(url: str) -> None:
@@ -304,14 +311,19 @@ async def test_file_renamed_onto_another_key_is_a_miss(store: FileBackend) -> No
     assert store.stats()["corrupt"] == 1
 
 
-async def test_read_error_is_a_counted_miss(store: FileBackend) -> None:
+async def test_read_error_is_a_counted_miss(store: FileBackend, monkeypatch: pytest.MonkeyPatch) -> None:
     key = make_key(4)
-    path = file_of(Path(store.settings.path), key)
-    path.mkdir(parents=True)  # opening works, reading fails with EISDIR
+    await store.put([key], [make_value(4, 100)])
+
+    def failing_read(fd: int, view: memoryview, offset: int, want: int) -> int:
+        raise OSError(errno.EIO, "injected read error")
+
+    monkeypatch.setattr(store, "_read_at", failing_read)  # fault injection: the device fails
     dst = bytearray(b"\x11" * 100)
     assert await store.get_into([key], [dst]) == [None]
     assert dst == b"\x11" * 100
     assert store.stats()["errors"] == 1
+    assert file_of(Path(store.settings.path), key).exists()  # an I/O error is not damage
 
 
 async def test_open_removes_stale_temp_and_invalid_files(tmp_path: Path) -> None:
@@ -363,6 +375,142 @@ async def test_foreign_frame_version_is_left_alone(tmp_path: Path) -> None:
         assert await backend.get_into([key], [bytearray(1000)]) == [None]
         assert backend.stats()["corrupt"] == 0
     assert path.exists()
+
+
+# -- damage at a key's name, and read-only inspection --------------------------------------------
+
+
+def lexists(path: Path) -> bool:
+    """Whether anything, even a dangling symlink, is at ``path``."""
+    return path.is_symlink() or path.exists()
+
+
+def put_damage_at(path: Path, kind: str, target: Path | None = None) -> None:
+    """Put something other than a value file at ``path`` (a bypass: not through the backend)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "directory_with_content":
+        path.mkdir()
+        (path / "inner").write_bytes(b"x" * 10)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dangling_symlink":
+        path.symlink_to(path.parent / "nowhere")
+    elif kind == "symlink_to_a_value":
+        assert target is not None
+        path.symlink_to(target)
+    else:
+        raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind", ["directory", "directory_with_content", "fifo", "dangling_symlink", "symlink_to_a_value"]
+)
+async def test_a_non_file_at_a_keys_name_is_damage(store: FileBackend, kind: str) -> None:
+    root = Path(store.settings.path)
+    key, other = make_key(7), make_key(8)
+    await store.put([other], [make_value(8, 500)])
+    put_damage_at(file_of(root, key), kind, target=file_of(root, other))
+
+    assert await store.contains([key]) == [False]
+    dst = bytearray(b"\x22" * 600)
+    assert await asyncio.wait_for(store.get_into([key], [dst]), 30) == [None]  # a FIFO must not block
+    assert dst == b"\x22" * 600
+    assert store.stats()["corrupt"] == 1
+    # A put replaces the damage with the value instead of reporting EXISTS forever.
+    value = make_value(7, 600)
+    assert [r.status for r in await store.put([key], [value])] == [PutStatus.STORED]
+    assert await store.contains([key]) == [True]
+    assert await store.get_into([key], [dst]) == [600]
+    assert bytes(dst) == value
+    assert file_of(root, key).is_file() and not file_of(root, key).is_symlink()
+    assert file_of(root, other).is_file()  # a symlink's target is never touched
+
+
+async def test_delete_removes_a_directory_at_a_keys_name(store: FileBackend) -> None:
+    key = make_key(9)
+    put_damage_at(file_of(Path(store.settings.path), key), "directory_with_content")
+    await store.delete([key])
+    assert not lexists(file_of(Path(store.settings.path), key))
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple[int, int, int, bytes]]:
+    """Every entry under ``root``: (mode, size, mtime_ns, content of regular files)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            st = path.lstat()
+            content = path.read_bytes() if path.is_file() and not path.is_symlink() else b""
+            out[str(path.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns, content)
+    return out
+
+
+async def make_damaged_store(root: Path) -> dict[str, CacheKey]:
+    """A store with one good value and one of each kind of damage the header scan finds."""
+    keys = {name: make_key(i) for i, name in enumerate(["good", "torn", "renamed", "flipped_header", "flipped"], 1)}
+    async with FileBackend.from_url(f"file://{root}") as backend:
+        await backend.put(list(keys.values()), [make_value(i, 4000) for i in range(1, 6)])
+    shard = file_of(root, keys["good"]).parent
+    (shard / f".{keys['good'].digest()}.12345.abcdef.tmp").write_bytes(b"partial")  # stale temp
+    torn = file_of(root, keys["torn"])
+    torn.write_bytes(torn.read_bytes()[:1000])
+    target = file_of(root, make_key(99))
+    target.parent.mkdir(exist_ok=True)
+    os.rename(file_of(root, keys["renamed"]), target)
+    for name, how in (("flipped_header", "flip_header"), ("flipped", "flip_payload")):
+        path = file_of(root, keys[name])
+        data = bytearray(path.read_bytes())
+        data[20 if how == "flip_header" else -1] ^= 0x40
+        path.write_bytes(bytes(data))
+    put_damage_at(file_of(root, make_key(50)), "directory_with_content")
+    put_damage_at(file_of(root, make_key(51)), "dangling_symlink")
+    return keys
+
+
+async def test_read_only_open_changes_nothing_and_reports_damage(tmp_path: Path) -> None:
+    root = tmp_path / "kv"
+    keys = await make_damaged_store(root)
+    before = tree_snapshot(root)
+    async with FileBackend.from_url(f"file://{root}?read_only=true") as backend:
+        damaged = backend.damaged_files()
+        reasons = sorted(d.reason for d in damaged)
+        assert reasons == ["bad_header", "not_a_file", "not_a_file", "stale_temp", "torn", "wrong_key"], damaged
+        assert not any(d.removed for d in damaged)
+        assert all(os.path.isabs(d.path) and d.detail for d in damaged)
+        assert backend.stats()["damaged_files"] == 6
+        assert backend.stats()["read_only"] is True
+        # The header scan indexes the good value and the one whose payload is damaged.
+        assert sorted([k.to_string() async for k in backend.list_keys()]) == sorted(
+            k.to_string() for k in (keys["good"], keys["flipped"])
+        )
+        await backend.ping()
+        dst = bytearray(4000)
+        assert await backend.get_into([keys["good"]], [dst]) == [4000]
+        assert await backend.get_into([keys["flipped"], keys["torn"]], [dst, dst]) == [None, None]
+        assert [r.status for r in await backend.put([make_key(60)], [b"x"])] == [PutStatus.REJECTED]
+        with pytest.raises(UnsupportedOperationError):
+            await backend.delete([keys["good"]])
+    assert tree_snapshot(root) == before
+
+
+async def test_read_only_never_creates_the_directory(tmp_path: Path) -> None:
+    backend = FileBackend.from_url(f"file://{tmp_path}/missing?read_only=true")
+    with pytest.raises(BackendError, match="no such cache directory"):
+        await backend.open()
+    assert not (tmp_path / "missing").exists()
+
+
+async def test_writable_open_reports_what_it_removed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "kv"
+    await make_damaged_store(root)
+    with caplog.at_level(logging.INFO, logger="lmcache.backends.file"):
+        async with FileBackend.from_url(f"file://{root}") as backend:
+            damaged = backend.damaged_files()
+    assert len(damaged) == 6 and all(d.removed for d in damaged)
+    assert not any(lexists(Path(d.path)) for d in damaged)
+    assert any(r.levelno == logging.WARNING and "damaged value file" in r.getMessage() for r in caplog.records)
 
 
 # -- capacity ----------------------------------------------------------------------------------

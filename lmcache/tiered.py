@@ -12,7 +12,16 @@ bytes; this module decides where values go, when they move and what is given up.
 * **Writes** go to tier 0 synchronously (the put result is tier 0's) and reach each slower
   tier through a bounded write-back queue drained by one background writer task per slower
   tier. A full queue drops the write-back and counts it (``writeback_dropped``); memory never
-  grows without bound.
+  grows without bound. **Write-around:** a value tier 0 cannot take (rejected for
+  ``capacity`` after eviction, e.g. a batch larger than tier 0, or ``too_large`` for it) is put
+  synchronously into the next slower tier that takes it (counted as that tier's
+  ``written_around``), and the put reports that tier's result; it lives there (not in the
+  tiers below it) until a read promotes it.
+* **Event loops.** The writers, probes and queues run on the loop that opened the stack. Used
+  later from another loop (``asyncio.run`` twice in a row), the stack moves them to the new
+  loop on its first call: what was queued, or taken by a writer when the old loop ended, is
+  written back from there. Using it from a second loop while the first still runs (another
+  thread) is a :class:`~lmcache.errors.StateError`.
 * **Write-back staging: read back from tier 0.** The caller's source buffer is borrowed, so the
   queue holds only keys and sizes, and each writer reads a batch back from tier 0 into its own
   small pool of reusable staging buffers (``write_back_batch`` buffers, grown to the largest
@@ -37,13 +46,18 @@ bytes; this module decides where values go, when they move and what is given up.
   executor thread is bounded by its own SDK timeouts, not by ours. A tier that fails part-way
   through a ``get_into`` may have written into some ``dst`` before it raised; such a key is then
   read from the next tier or reported as a miss.
-* **Circuit breaker.** After a timeout the tier is *suspended*: every call to it is skipped (an
-  immediate miss or rejected put, counted as ``skipped``) until it answers again. Every
-  ``tier_retry_after`` seconds a background probe (a ``ping``) asks it; the first call that
-  succeeds (that probe, a ping, or a late answer) lifts the suspension. So a hung tier costs one
-  timeout in all, not one per request, and no caller ever waits to find out that it is still
-  hung. While a tier is suspended its write-backs are dropped (counted in ``writeback_dropped``
-  and ``put_failures``), queued ones included, so values never stay pinned in tier 0 for it.
+* **Circuit breaker.** After a timeout or a refusal (a transient error: connection refused or
+  reset, a server not ready, a tier that could not be opened) the tier is *suspended*: every
+  call to it is skipped (an immediate miss or rejected put, counted as ``skipped``) until it
+  answers again. Every ``tier_retry_after`` seconds a background probe (a ``ping``, which also
+  opens a tier that could not be opened) asks it; the first call that succeeds (that probe, a
+  ping, or a late answer) lifts the suspension. Calls to the tier still in flight when it trips
+  are released at once (counted as timeouts): concurrent callers share the one wait instead of
+  each running out its own ``tier_timeout``. So a dead or hung tier costs one ``tier_timeout`` in
+  all, not one per request or per caller, and no caller ever waits to find out that it is still
+  down. Permanent errors and bugs do not trip it: they may belong to one value. While a tier is
+  suspended its write-backs are dropped (counted in ``writeback_dropped`` and
+  ``put_failures``), queued ones included, so values never stay pinned in tier 0 for it.
 * **Lookup budget.** ``contains(keys, budget=s)`` and ``lookup_prefix(keys, budget=s)`` return
   within about ``s`` seconds: a tier that has not answered by then is a miss for this call
   (counted in ``budget_exceeded`` and ``lookup_failures``). Its call is not cancelled but left
@@ -105,6 +119,8 @@ from lmcache.errors import (
     BackendUnavailableError,
     ConfigError,
     InvalidArgumentError,
+    StateError,
+    TransientBackendError,
 )
 from lmcache.keys import CacheKey
 from lmcache.policies import EvictionPolicy, PolicyFactory, make_policy, policy_names
@@ -120,6 +136,8 @@ T = TypeVar("T")
 _FAILED: Any = object()  # sentinel: the guarded tier call failed or timed out
 # The loop time by which a budgeted contains()/lookup_prefix() must answer (None: no budget).
 _DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("lmcache_tiered_deadline", default=None)
+# Rejections by tier 0 that a put answers by writing the value straight to a slower tier.
+_WRITE_AROUND = frozenset({"capacity", "too_large"})
 # Which per-key failure counter a failed or skipped tier call moves, by operation.
 _FAILURE_COUNTERS = {
     "contains": "lookup_failures",
@@ -151,13 +169,16 @@ class TieredSettings:
         16, doc="Values a writer copies per batch (also its number of staging buffers).", min=1, max=4096
     )
     tier_timeout: float = setting(
-        5.0, doc="Seconds one tier call may take before it counts as a miss.", parse=parse_duration, min=0.001
+        5.0,
+        doc="The longest one tier call may take; past it the call is cancelled and counts as a miss.",
+        parse=parse_duration,
+        min=0.001,
     )
     tier_retry_after: float = setting(
         1.0,
         doc=(
-            "A tier that timed out is skipped (a miss at once) until it answers again, probed in the "
-            "background this often (seconds); 0: never skip."
+            "A tier that timed out or refused a connection is skipped (a miss at once) until it answers "
+            "again, probed in the background this often (seconds); 0: never skip."
         ),
         parse=parse_duration,
         min=0,
@@ -182,6 +203,9 @@ class TierStats:
     on this tier gave no answer, ``get_failures`` keys whose read gave no answer (a miss
     here, maybe a hit in a slower tier), ``put_failures`` values that did not reach this tier
     because of a fault (a failed put, or a write-back dropped or failed).
+
+    ``written_around`` (slower tiers): values a put stored straight into this tier because
+    the tiers above it could not take them (full, or the value too large for them).
     """
 
     hits: int = 0
@@ -200,6 +224,7 @@ class TierStats:
     get_failures: int = 0
     put_failures: int = 0
     budget_exceeded: int = 0
+    written_around: int = 0
 
 
 @dataclasses.dataclass(eq=False)
@@ -250,6 +275,9 @@ class _Tier:
     suspended_until: float = 0.0  # non-zero: suspended (after a timeout); loop time of the next probe
     probe: asyncio.Task[None] | None = None  # the background ping of a suspended tier
     lagging: asyncio.Task[Any] | None = None  # a budgeted contains that outlived its budget
+    # Deadlines of the calls to this tier in flight now: when one call finds the tier down,
+    # the others are released at once instead of each waiting out its own tier_timeout.
+    inflight: set[Any] = dataclasses.field(default_factory=set)
     queue: asyncio.Queue[_WriteBack] | None = None
     writer: asyncio.Task[None] | None = None
     staging: _StagingPool = dataclasses.field(default_factory=_StagingPool)
@@ -309,6 +337,7 @@ class TieredBackend(StorageBackend):
         self._delete_epoch = 0  # bumped by every delete; a promotion that raced one is dropped
         self._pins: dict[CacheKey, float] = {}  # key -> time.monotonic() expiry; see pin()
         self._background: set[asyncio.Task[Any]] = set()  # probes and lookups past their budget
+        self._loop: asyncio.AbstractEventLoop | None = None  # where the writers run; see _follow_loop
 
     # -- construction ------------------------------------------------------------------------
 
@@ -577,9 +606,55 @@ class TieredBackend(StorageBackend):
         for tier in self._tiers:
             if tier.policy is not None and tier.backend.is_open:
                 await self._seed(tier)
-        loop = asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop()
         for tier in self._tiers[1:]:
             tier.queue = asyncio.Queue(self.settings.write_back_queue)
+            tier.writer = self._loop.create_task(self._writer(tier), name=f"lmcache-writeback-{tier.index}")
+
+    async def _ensure_open(self) -> None:
+        await super()._ensure_open()
+        self._follow_loop()
+
+    def _follow_loop(self) -> None:
+        """Move the background writers to the running event loop when it is not theirs.
+
+        A stack may be used from one event loop after another (``asyncio.run`` twice, as the
+        plain backends may): its writers, probes and queues belong to the loop that opened it,
+        and that loop's end cancelled them (a batch a writer held then was dropped and counted).
+        The write-backs still queued move to new queues drained by new writers on this loop, so
+        they are not lost and :meth:`aclose` does not wait for writers that will never run.
+
+        Raises:
+            StateError: The stack's loop is still running (in another thread): one stack is
+                not shared by two live loops at once.
+        """
+        loop = asyncio.get_running_loop()
+        old = self._loop
+        if old is None or old is loop:
+            return
+        if old.is_running():
+            raise StateError(
+                f"{self!r} belongs to an event loop still running in another thread; "
+                "use one TieredBackend per event loop"
+            )
+        self._loop = loop
+        stale = [t.writer for t in self._tiers if t.writer is not None] + list(self._background)
+        if not old.is_closed():  # stopped, not closed: let its tasks end if it ever runs again
+            for task in stale:
+                task.cancel()
+        self._background = set()
+        self._progress = None
+        for tier in self._tiers:
+            tier.probe = None
+            tier.lagging = None
+            tier.inflight.clear()
+            if tier.queue is None:
+                continue
+            queue: asyncio.Queue[_WriteBack] = asyncio.Queue(self.settings.write_back_queue)
+            while not tier.queue.empty():
+                queue.put_nowait(tier.queue.get_nowait())
+                tier.queue.task_done()
+            tier.queue = queue
             tier.writer = loop.create_task(self._writer(tier), name=f"lmcache-writeback-{tier.index}")
 
     async def _seed(self, tier: _Tier) -> None:
@@ -617,6 +692,8 @@ class TieredBackend(StorageBackend):
         Returns:
             True when the queues drained, False on timeout (or when never opened: True).
         """
+        if self._loop is not None:
+            self._follow_loop()
         queues = [t.queue for t in self._tiers if t.queue is not None]
         if not queues:
             return True
@@ -627,6 +704,7 @@ class TieredBackend(StorageBackend):
         return True
 
     async def _close(self) -> None:
+        self._follow_loop()  # writers on this loop drain what an earlier loop left queued
         background = list(self._background)  # probes and lookups past their budget: no buffers held
         for task in background:
             task.cancel()
@@ -692,7 +770,7 @@ class TieredBackend(StorageBackend):
             self._count_failure(tier, op, n)
             return _FAILED  # type: ignore[no-any-return]
         try:
-            out = await _with_timeout(call, self.settings.tier_timeout)
+            out = await _with_tier_timeout(call, self.settings.tier_timeout, tier.inflight)
         except InvalidArgumentError:
             raise
         except Exception as exc:
@@ -818,18 +896,6 @@ class TieredBackend(StorageBackend):
                 op,
                 self.settings.tier_timeout,
             )
-            if self.settings.tier_retry_after > 0:
-                newly = not tier.suspended_until
-                tier.suspended_until = asyncio.get_running_loop().time() + self.settings.tier_retry_after
-                if newly:
-                    self.log_once(
-                        f"{tier.index}:suspended",
-                        "%r: %s is skipped until it answers again (probed every %ss)",
-                        self,
-                        tier.label(),
-                        self.settings.tier_retry_after,
-                    )
-                    self._drop_writebacks(tier)
         else:
             tier.stats.errors += 1
             self.log_once(
@@ -841,6 +907,34 @@ class TieredBackend(StorageBackend):
                 type(exc).__name__,
                 exc,
             )
+        if _trips_breaker(exc):
+            self._suspend(tier)
+
+    def _suspend(self, tier: _Tier) -> None:
+        """Skip ``tier`` for ``tier_retry_after`` (it is down); its probe decides when it is back.
+
+        The calls to it still in flight are released at once (as timeouts): they wait on the
+        same dead tier, and letting each run out its own ``tier_timeout`` is how concurrent
+        callers used to pay for one fault many times over.
+        """
+        if self.settings.tier_retry_after <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        newly = not tier.suspended_until
+        tier.suspended_until = loop.time() + self.settings.tier_retry_after
+        if not newly:
+            return
+        self.log_once(
+            f"{tier.index}:suspended",
+            "%r: %s is skipped until it answers again (probed every %ss)",
+            self,
+            tier.label(),
+            self.settings.tier_retry_after,
+        )
+        self._drop_writebacks(tier)
+        for deadline in list(tier.inflight):
+            with contextlib.suppress(RuntimeError):  # one expiring on its own right now
+                deadline.reschedule(loop.time())
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -953,10 +1047,38 @@ class TieredBackend(StorageBackend):
         results = await self._store(self._tiers[0], keys, srcs)
         if len(self._tiers) > 1:
             slower = range(1, len(self._tiers))
-            for key, src, r in zip(keys, srcs, results, strict=True):
+            around: list[int] = []
+            for i, (key, src, r) in enumerate(zip(keys, srcs, results, strict=True)):
                 if r.status is PutStatus.STORED:
                     self._enqueue(key, src.nbytes, slower)
+                elif r.status is PutStatus.REJECTED and r.reason in _WRITE_AROUND:
+                    around.append(i)
+            if around:
+                await self._write_around(keys, srcs, results, around)
         return results
+
+    async def _write_around(
+        self, keys: list[CacheKey], srcs: list[memoryview], results: list[PutResult], todo: list[int]
+    ) -> None:
+        """Put the values tier 0 could not take (``todo``) straight into the next tier that can.
+
+        The caller's sources are still borrowed here, so this is a synchronous put into the
+        slower tier (not a write-back, which reads tier 0). A value stored this way lives in
+        that tier only until a read promotes it; its result replaces tier 0's rejection, which
+        stays when no tier takes the value.
+        """
+        for tier in self._tiers[1:]:
+            if not todo:
+                return
+            got = await self._store(tier, [keys[i] for i in todo], [srcs[i] for i in todo], may_wait=False)
+            rest = []
+            for i, r in zip(todo, got, strict=True):
+                if r.ok:
+                    results[i] = r
+                    tier.stats.written_around += 1
+                else:
+                    rest.append(i)
+            todo = rest
 
     async def _store(
         self, tier: _Tier, keys: list[CacheKey], views: list[memoryview], *, may_wait: bool = True
@@ -1083,6 +1205,7 @@ class TieredBackend(StorageBackend):
                 batch.append(queue.get_nowait())
             for job in batch:
                 job.busy += 1
+            requeue: list[_WriteBack] = []
             try:
                 if self._suspended(tier):  # hung since these were queued: dropped, not waited for
                     tier.stats.writeback_dropped += len(batch)
@@ -1090,8 +1213,11 @@ class TieredBackend(StorageBackend):
                 else:
                     await self._write_back(tier, batch)
             except asyncio.CancelledError:
-                tier.stats.writeback_dropped += len(batch)  # aclose() gave up on this batch
-                tier.stats.put_failures += len(batch)
+                if self.is_closed:
+                    tier.stats.writeback_dropped += len(batch)  # aclose() gave up on this batch
+                    tier.stats.put_failures += len(batch)
+                else:  # the event loop is ending under us: the next loop's writer takes it
+                    requeue = batch
                 raise
             except Exception as exc:
                 # A bug or a caller-class error from a tier: never let the writer die.
@@ -1103,8 +1229,16 @@ class TieredBackend(StorageBackend):
                     job.busy -= 1
                     if job.busy == 0 and job.idle is not None:
                         job.idle.set()
-                    self._job_left(job, tier)
+                    if not requeue:
+                        self._job_left(job, tier)
                     queue.task_done()
+                for job in requeue:
+                    try:
+                        queue.put_nowait(job)
+                    except asyncio.QueueFull:
+                        tier.stats.writeback_dropped += 1
+                        tier.stats.put_failures += 1
+                        self._job_left(job, tier)
                 self._wake_puts()
 
     async def _write_back(self, tier: _Tier, batch: list[_WriteBack]) -> None:
@@ -1235,6 +1369,34 @@ else:  # pragma: no cover - Python 3.10
         return await asyncio.wait_for(call, seconds)
 
 
+if sys.version_info >= (3, 11):
+
+    async def _with_tier_timeout(call: Coroutine[Any, Any, T], seconds: float, inflight: set[Any]) -> T:
+        # _with_timeout whose deadline sits in ``inflight`` while the call runs, so that a
+        # breaker trip can move it to "now" (asyncio.Timeout.reschedule) and release the call.
+        async with asyncio.timeout(seconds) as deadline:
+            inflight.add(deadline)
+            try:
+                return await call
+            finally:
+                inflight.discard(deadline)
+
+else:  # pragma: no cover - Python 3.10: no reschedulable deadline; calls run out their own
+
+    async def _with_tier_timeout(call: Coroutine[Any, Any, T], seconds: float, inflight: set[Any]) -> T:
+        return await asyncio.wait_for(call, seconds)
+
+
+def _trips_breaker(exc: BaseException) -> bool:
+    """Whether a tier failure means the tier is down (suspend it), not that one call went wrong.
+
+    Timeouts (ours or the tier's) and refusals (connection refused or reset, a server not ready)
+    do: the next call would fail the same way, after the same wait or the same client retries.
+    Permanent errors and bugs do not: they may belong to one value, and the tier goes on serving.
+    """
+    return isinstance(exc, (TimeoutError, asyncio.TimeoutError, ConnectionError, TransientBackendError))
+
+
 class _Protected:
     """Keys eviction must skip: values awaiting write-back (tier 0) and live operator pins."""
 
@@ -1268,10 +1430,13 @@ def _combine(caps: list[Capabilities]) -> Capabilities:
         device_buffers=all(c.device_buffers for c in caps),
         listing=all(c.listing for c in caps),
         integrity_checked=all(c.integrity_checked for c in caps),
-        # Tier 0 takes every put. When it is bounded the stack evicts to make room, yet can
-        # still reject: a batch larger than tier 0, or room held by values awaiting write-back.
+        # Tier 0 takes every put it can; when it is bounded the stack evicts to make room, and
+        # what it still cannot take (a batch larger than tier 0, room held by values awaiting
+        # write-back, a value too large for it) is written around it into a slower tier.
         bounded=caps[0].bounded,
-        max_value_bytes=caps[0].max_value_bytes,
+        max_value_bytes=(
+            None if any(c.max_value_bytes is None for c in caps) else max(c.max_value_bytes or 0 for c in caps)
+        ),
     )
 
 

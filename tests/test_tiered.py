@@ -57,7 +57,8 @@ class Faulty(StorageBackend):
         super().__init__()
         self.inner = inner
         self.capabilities = inner.capabilities  # type: ignore[misc]
-        self.mode = "ok"  # "ok" | "raise" (a BackendError) | "bug" (any other exception) | "hang"
+        # "ok" | "raise" (a BackendError) | "bug" (any other exception) | "hang" | "refuse" (at once)
+        self.mode = "ok"
         self.ops: set[str] = {"contains", "get", "put", "delete", "ping"}
         self.put_gate: asyncio.Event | None = None  # when set, puts wait for it
         self.put_entered = asyncio.Event()
@@ -79,6 +80,8 @@ class Faulty(StorageBackend):
             raise PermanentBackendError(f"injected {op} failure")
         if self.mode == "bug":
             raise KeyError(f"injected {op} bug")
+        if self.mode == "refuse":
+            raise BackendUnavailableError(f"injected {op}: connection refused")
         if self.mode == "hang":
             await asyncio.Event().wait()
 
@@ -525,6 +528,72 @@ async def test_a_hung_tier_stays_skipped_until_a_background_probe_gets_an_answer
         assert tier_stats(t, 1)["suspended"] is False and tier_stats(t, 1)["healthy"] is True
 
 
+async def test_a_refusing_tier_is_suspended_like_a_hung_one_and_probed_back() -> None:
+    fast, slow = mem(), Faulty(mem())
+    async with fast, slow, TieredBackend([fast, slow], TieredSettings(tier_retry_after=60)) as t:
+        await slow.inner.put([key(1)], [value(1)])
+        slow.mode = "refuse"  # fails fast, as a server with nothing listening does
+        for _ in range(5):
+            assert await read(t, [key(1)]) == [None]
+            assert await t.contains([key(1)]) == [False]
+        assert all(r.ok for r in await t.put([key(2)], [value(2)]))
+        await t.flush(timeout=30)
+        st = tier_stats(t, 1)
+        # One call found it down; every later one skipped it instead of paying again.
+        assert slow.calls.count("get") == 1 and slow.calls.count("contains") == 0 and slow.calls.count("put") == 0
+        assert (st["errors"], st["suspended"], st["skipped"]) == (1, True, 9)
+        assert st["writeback_dropped"] == 1
+    fast, slow = mem(), Faulty(mem())
+    async with fast, slow, TieredBackend([fast, slow], TieredSettings(tier_retry_after=0.05)) as t:
+        await slow.inner.put([key(1)], [value(1)])
+        slow.mode = "refuse"
+        assert await read(t, [key(1)]) == [None]
+        slow.mode = "ok"  # back: a background probe (not a caller) finds out and lifts the suspension
+        for _ in range(500):
+            if await t.contains([key(1)]) == [True]:
+                break
+            await asyncio.sleep(0.01)
+        assert await read(t, [key(1)]) == [value(1)]
+        assert tier_stats(t, 1)["suspended"] is False and "ping" in slow.calls
+
+
+async def test_a_tier_that_cannot_be_reached_at_open_is_suspended() -> None:
+    class Refusing(Faulty):
+        async def _open(self) -> None:
+            self.calls.append("open")
+            raise BackendUnavailableError("connection refused")
+
+    fast, down = mem(), Refusing(mem())
+    async with fast, TieredBackend([fast, down], TieredSettings(tier_retry_after=60)) as t:
+        for i in range(5):
+            assert await read(t, [key(i)]) == [None]
+        # Today's stack tried to connect again on every call (each paying the client's retries).
+        assert down.calls == ["open"]
+        assert tier_stats(t, 1)["skipped"] == 5
+
+
+async def test_calls_in_flight_to_a_tier_found_down_are_released_with_the_first() -> None:
+    fast, slow = mem(), Faulty(mem())
+    settings = TieredSettings(tier_timeout=1.0, tier_retry_after=60)
+    async with fast, slow, TieredBackend([fast, slow], settings) as t:
+        slow.mode = "hang"
+        first = asyncio.ensure_future(read(t, [key(1)]))
+        await asyncio.sleep(0.3)  # a second caller arrives while the first still waits
+        second = asyncio.ensure_future(t.contains([key(2)]))
+        for _ in range(100):
+            if "contains" in slow.calls:
+                break
+            await asyncio.sleep(0)
+        assert "contains" in slow.calls
+        assert await first == [None]  # its timeout trips the breaker...
+        for _ in range(20):  # ...which releases the second caller now, not 0.3 s later
+            if second.done():
+                break
+            await asyncio.sleep(0)
+        assert second.done() and second.result() == [False]
+        assert tier_stats(t, 1)["timeouts"] == 2 and tier_stats(t, 1)["suspended"] is True
+
+
 class GatedContains(Faulty):
     """Fault injection: ``contains`` waits for ``gate`` (a slow tier that answers when let)."""
 
@@ -719,14 +788,15 @@ async def test_pinned_keys_become_evictable_only_when_their_write_back_ends() ->
         await t.put([key(i) for i in range(4)], [value(i) for i in range(4)])
         # Tier 0 is full of values not yet copied out. The put waits (up to tier_timeout) for
         # write-back to free room, none comes, and it is rejected: nothing unwritten is evicted.
+        # (It is also written around tier 0 into tier 1, whose puts hang too: still rejected.)
         r = (await t.put([key(4)], [value(4)]))[0]
         assert r.status is PutStatus.REJECTED and r.reason == "capacity"
         assert tier_stats(t, 0)["writeback_stalls"] == 1 and tier_stats(t, 0)["evictions"] == 0
         assert await holds(fast, [key(i) for i in range(4)]) == [True] * 4
-        # The write-back ends in a timeout (counted); then the values may go to make room.
+        # The write-back and the write-around end in timeouts (counted); then the values may go.
         await t.flush()
         st1 = tier_stats(t, 1)
-        assert st1["timeouts"] == 1 and st1["writeback_failed"] == 4 and st1["writeback_written"] == 0
+        assert st1["timeouts"] == 2 and st1["writeback_failed"] == 4 and st1["writeback_written"] == 0
         assert (await t.put([key(4)], [value(4)]))[0].status is PutStatus.STORED
         assert tier_stats(t, 0)["evictions"] >= 1
 
@@ -789,6 +859,54 @@ async def test_capacity_rejection_without_proactive_gauges_evicts_and_retries() 
 
 def file_url(path: Any, capacity: str | None = None) -> str:
     return f"file://{path}" + (f"?capacity={capacity}" if capacity else "")
+
+
+async def test_a_put_batch_larger_than_tier0_is_written_around_it(tmp_path) -> None:
+    MiB = 1 << 20
+    urls = ["memory://?capacity=4MiB", file_url(tmp_path / "kv")]
+    keys = [key(i) for i in range(16)]
+    vals = [value(i, MiB) for i in range(16)]
+    async with TieredBackend.from_urls(urls) as t:
+        results = await t.put(keys, vals)
+        assert [r.status for r in results] == [PutStatus.STORED] * 16  # today: 4 stored, 12 rejected
+        fast, disk = t.tiers
+        in_fast = await fast.contains(keys)
+        assert 0 < sum(in_fast) <= 4
+        assert tier_stats(t, 1)["written_around"] == 16 - sum(in_fast)
+        await t.flush(timeout=30)
+        assert await disk.contains(keys) == [True] * 16
+        assert await read(t, keys, MiB) == vals
+
+
+async def test_a_value_no_tier_can_take_keeps_tier0s_rejection() -> None:
+    fast, slow = mem("4KiB"), mem("4KiB")
+    async with fast, slow, TieredBackend([fast, slow]) as t:
+        r = (await t.put([key(1)], [value(1, 8 * KiB)]))[0]
+        assert r.status is PutStatus.REJECTED and r.reason in ("capacity", "too_large")
+        assert tier_stats(t, 1)["written_around"] == 0
+
+
+def test_a_stack_follows_the_event_loop_it_is_used_from(tmp_path) -> None:
+    t = TieredBackend.from_urls(["memory://?capacity=1MiB", file_url(tmp_path / "kv")], close_timeout=5)
+
+    async def first() -> None:
+        assert (await t.put([key(1)], [value(1)]))[0].ok
+        assert await t.flush(timeout=30)
+        await t.put([key(2)], [value(2)])  # left queued when this loop ends
+
+    async def second() -> list[bool]:
+        # Today: the put says stored but never reaches tier 1, and aclose() waits out
+        # close_timeout, then fails with "Event loop is closed".
+        assert (await t.put([key(3)], [value(3)]))[0].ok
+        assert await t.flush(timeout=30)
+        held = await t.tiers[1].contains([key(1), key(2), key(3)])
+        await t.aclose()
+        return held
+
+    asyncio.run(first())
+    # key(2)'s write-back, queued (or taken by the writer) when the first loop ended, is not lost.
+    assert asyncio.run(second()) == [True, True, True]
+    assert tier_stats(t, 1)["writeback_dropped"] == 0
 
 
 async def test_memory_file_stack_persists_through_a_restart(tmp_path) -> None:

@@ -1,4 +1,4 @@
-"""The ``lmcache`` command line: ``bench``, ``ls``, ``server``, ``server-ctl``, ``stats``, ``version``.
+"""The ``lmcache`` command line: ``bench``, ``fsck``, ``ls``, ``server``, ``server-ctl``, ``stats``, ``version``.
 
 Each top-level subcommand is one ``_register_<name>(subparsers)`` function that adds its parser
 and sets ``func`` to a ``_cmd_<name>(args) -> int`` handler; :data:`COMMANDS` lists the
@@ -9,20 +9,31 @@ append the registration function. ``bench`` workloads are not listed here: they 
 Errors: any :class:`~lmcache.errors.LMCacheError` (bad URL, unknown scheme, missing SDK, a
 backend failure) and any bad option are printed as one line on stderr, ``lmcache: error: …``,
 with exit status 2 and no traceback. Anything else is a bug and keeps its traceback.
+
+``ls`` and ``stats`` only look: a backend with a ``read_only`` option (``file://``) is opened
+with it, so they never remove or write anything, and the damaged files its scan found are
+reported (``fsck`` checks fully and repairs). Logging goes to stderr through handlers that
+scrub credentials (:mod:`lmcache.logfilter`), so ``-vv`` never prints an S3 session token.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib
 import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from lmcache.errors import LMCacheError, MissingDependencyError
+from lmcache.logfilter import install_redaction
+
+if TYPE_CHECKING:
+    from lmcache.backends.base import StorageBackend
+    from lmcache.backends.file import DamagedFile
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -71,10 +82,40 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     return asyncio.run(_ls(args.url, args.limit, args.json))
 
 
-async def _ls(url: str, limit: int | None, as_json: bool) -> int:
+def _open_read_only(url: str) -> StorageBackend:
+    """The backend for ``url``, opened read-only where it has that option (no I/O yet)."""
     from lmcache.backends.registry import open_backend
 
     backend = open_backend(url)
+    settings = getattr(backend, "settings", None)
+    if dataclasses.is_dataclass(settings) and any(f.name == "read_only" for f in dataclasses.fields(settings)):
+        backend = type(backend).from_url(url, read_only=True)  # type: ignore[call-arg]
+    return backend
+
+
+def _damaged_files(backend: StorageBackend) -> list[DamagedFile]:
+    """What the backend's open-time scan found damaged (file:// and its subclasses)."""
+    from lmcache.backends.file import FileBackend
+
+    return backend.damaged_files() if isinstance(backend, FileBackend) else []
+
+
+def _report_damage(url: str, damaged: list[DamagedFile]) -> None:
+    from lmcache.backends.base import redact_url
+
+    if not damaged:
+        return
+    print(
+        f"{PROG}: {len(damaged)} damaged file(s) found and left in place "
+        f"(`{PROG} fsck {redact_url(url)}` checks fully, `--repair` removes them):",
+        file=sys.stderr,
+    )
+    for d in damaged:
+        print(f"  {d.reason}\t{d.path}\t{d.detail}", file=sys.stderr)
+
+
+async def _ls(url: str, limit: int | None, as_json: bool) -> int:
+    backend = _open_read_only(url)
     shown = 0
     async with backend:
         async for key, size in backend.list_entries():
@@ -85,7 +126,9 @@ async def _ls(url: str, limit: int | None, as_json: bool) -> int:
             else:
                 print(f"{key.to_string()}\t{'-' if size is None else size}")
             shown += 1
+        damaged = _damaged_files(backend)
     print(f"{shown} key(s)" + (f" (limit {limit})" if limit is not None and shown >= limit else ""), file=sys.stderr)
+    _report_damage(url, damaged)
     return 0
 
 
@@ -104,12 +147,9 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 async def _stats(url: str) -> int:
-    import dataclasses
-
     from lmcache.backends.base import redact_url
-    from lmcache.backends.registry import open_backend
 
-    backend = open_backend(url)
+    backend = _open_read_only(url)
     async with backend:
         await backend.ping()
         out = {
@@ -118,12 +158,68 @@ async def _stats(url: str) -> int:
             "capabilities": dataclasses.asdict(backend.capabilities),
             "stats": backend.stats(),
         }
+        damaged = _damaged_files(backend)
+        if damaged:
+            out["damaged_files"] = [dataclasses.asdict(d) for d in damaged]
     print(json.dumps(out, indent=2, default=str))
+    _report_damage(url, damaged)
     return 0
 
 
+#: ``lmcache fsck`` exit statuses (as e2fsck's): clean, damage found and all of it removed,
+#: damage left in place.
+FSCK_CLEAN, FSCK_REPAIRED, FSCK_DAMAGED = 0, 1, 4
+
+
+def _register_fsck(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fsck",
+        help="check a file:// cache directory for damaged files (--repair removes them)",
+        description=(
+            "Read every value in a file:// (or gds://) cache directory and check its header, length, key and "
+            "checksum; also find stale temp files and directories, FIFOs or symlinks at value names. Prints one "
+            "line per damaged file (reason, path, detail). Without --repair nothing is changed. Safe to run "
+            "while other processes use the cache."
+        ),
+        epilog=(
+            f"exit status: {FSCK_CLEAN} clean; {FSCK_REPAIRED} damage found and all of it removed (--repair); "
+            f"{FSCK_DAMAGED} damage left in place; {EXIT_USAGE} bad URL or unreadable directory."
+        ),
+    )
+    p.add_argument("url", help="cache URL, e.g. file:///var/lib/lmcache")
+    p.add_argument("--repair", action="store_true", help="remove the damaged files found")
+    p.add_argument("--json", action="store_true", help="print one JSON object (counts and every damaged file)")
+    p.set_defaults(func=_cmd_fsck)
+
+
+def _cmd_fsck(args: argparse.Namespace) -> int:
+    from lmcache.backends.file import FileBackend
+    from lmcache.backends.file_fsck import check_directory
+    from lmcache.backends.registry import open_backend
+    from lmcache.errors import ConfigError
+
+    backend = open_backend(args.url)  # parses the URL only: no I/O
+    if not isinstance(backend, FileBackend):
+        raise ConfigError(f"fsck checks file:// cache directories; {type(backend).__name__} is not one")
+    report = check_directory(backend.settings.path, repair=args.repair, workers=backend.settings.workers)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        for d in report.damaged:
+            print(f"{d.reason}\t{d.path}\t{d.detail}" + ("\tremoved" if d.removed else ""))
+        removed = len(report.damaged) - len(report.remaining)
+        print(
+            f"{report.root}: {report.values} good value(s), {report.bytes} bytes; "
+            f"{len(report.damaged)} damaged" + (f", {removed} removed" if args.repair else ""),
+            file=sys.stderr,
+        )
+    if report.remaining:
+        return FSCK_DAMAGED
+    return FSCK_REPAIRED if report.damaged else FSCK_CLEAN
+
+
 def _register_bench(sub: argparse._SubParsersAction) -> None:
-    from lmcache.bench import WORKLOADS
+    from lmcache.bench import WORKLOADS, checked_json_output
 
     p = sub.add_parser(
         "bench",
@@ -140,7 +236,7 @@ def _register_bench(sub: argparse._SubParsersAction) -> None:
             _register_unavailable(workloads, name, module_name, exc)
             continue
         wp = module.add_parser(workloads)
-        wp.set_defaults(func=module.run_cli)
+        wp.set_defaults(func=checked_json_output(module.run_cli))  # --json checked before the run
 
 
 def _register_unavailable(sub: argparse._SubParsersAction, name: str, module_name: str, exc: ImportError) -> None:
@@ -189,6 +285,7 @@ def _cmd_server_ctl(args: argparse.Namespace) -> int:
 #: Registration functions of the top-level subcommands, in help order.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _register_bench,
+    _register_fsck,
     _register_ls,
     _register_server,
     _register_stats,
@@ -217,6 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    install_redaction()  # SDK debug logs (botocore at -vv) print credentials otherwise
     try:
         return int(args.func(args) or 0)
     except LMCacheError as exc:

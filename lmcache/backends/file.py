@@ -300,7 +300,8 @@ class DamagedFile:
             ``wrong_key`` (the frame belongs to another key than the file's name),
             ``stale_temp`` (a temp file whose writer is gone), ``not_a_file`` (a directory,
             FIFO, socket, device or symlink at a value's name) or ``not_a_directory`` (a
-            non-directory at a shard's name).
+            non-directory at a shard's name), or ``unreadable`` (a shard directory that cannot
+            be listed; fsck only).
         detail: What exactly is wrong, for people.
         removed: Whether it was removed.
     """
@@ -433,14 +434,17 @@ def inspect_value_file(path: str, *, deep: bool = False) -> tuple[CacheKey, int,
         head = os.pread(fd, SCAN_READ, 0)
         if _foreign_version(memoryview(head)):
             return None  # another lmcache version's value: not ours to judge
+        if size < frame.MIN_HEADER_BYTES:
+            return DamagedFile(path, "torn", f"{size} bytes, shorter than a frame header")
         try:
             need = frame.needed_header_bytes(head)
+            if size < need:
+                return DamagedFile(path, "torn", f"{size} bytes, shorter than its own header ({need} bytes)")
             if need > len(head):
                 head = os.pread(fd, need, 0)
             header = frame.parse_header(head)
         except IntegrityError as exc:
-            reason = "torn" if size < frame.MIN_HEADER_BYTES else "bad_header"
-            return DamagedFile(path, reason, f"{exc} ({size} bytes)")
+            return DamagedFile(path, "bad_header", f"{exc} ({size} bytes)")
         if header.total_len != size:
             return DamagedFile(path, "torn", f"{size} bytes, its header says {header.total_len}")
         try:
@@ -730,7 +734,9 @@ class FileBackend(StorageBackend):
                 len(temps),
             )
         if bad:
-            logger.warning(
+            # Removing values is worth a warning; a read-only caller reports what it found itself.
+            logger.log(
+                logging.INFO if self.settings.read_only else logging.WARNING,
                 "file://%s: %s %d damaged value file(s), e.g. %s (%s: %s)",
                 self._root,
                 "found (read-only, left in place)" if self.settings.read_only else "removed",

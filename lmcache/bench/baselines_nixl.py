@@ -8,7 +8,10 @@ WRITE (put) or READ (get) of the batch's slots between those registered arrays a
 with the same number of batches in flight, and an agent configured like the backend's (the
 ``progress_thread`` and ``ucx_workers`` options). It skips everything lmcache adds on top: per-batch
 control messages (reserve/commit, lookup/release), per-batch registration of the caller's
-buffers, the frame header and its xxh3 checksum (computed on put, verified on get).
+buffers, the frame header and its xxh3 checksum (computed on put, verified on get). It makes its
+agent and moves its bytes with the same SDK calls as the backend
+(:mod:`lmcache.backends.nixl.sdk`) and speaks the peer's protocol through
+:mod:`lmcache.backends.nixl.wire`.
 
 Register with ``register_baseline("nixl", "lmcache.bench.baselines_nixl:make")`` (importing this
 module registers nothing, so it stays free of side effects).
@@ -28,8 +31,19 @@ from typing import Any
 import numpy as np
 
 from lmcache.backends.base import StorageBackend
-from lmcache.backends.nixl import NixlSettings, _addr, _make_agent, _transfer
-from lmcache.backends.nixl_peer import Op, Reader, Status, pack_key, pack_keys, pack_message, read_message
+from lmcache.backends.nixl import NixlSettings
+from lmcache.backends.nixl.sdk import address, make_agent, transfer
+from lmcache.backends.nixl.wire import (
+    RESERVED,
+    U32,
+    Op,
+    Reader,
+    Status,
+    pack_key,
+    pack_keys,
+    pack_message,
+    read_message,
+)
 from lmcache.bench.backend import Baseline, Workload
 from lmcache.errors import BackendUnavailableError
 
@@ -80,7 +94,7 @@ class RawNixlBaseline(Baseline):
         # share this process, and the same SDK settings are what an application would choose.
         self._agent = await loop.run_in_executor(
             self._executor,
-            _make_agent,
+            make_agent,
             f"lmcache-bench-nixl-{os.getpid()}-{secrets.token_hex(3)}",
             ["UCX"],
             s.progress_thread,
@@ -93,14 +107,14 @@ class RawNixlBaseline(Baseline):
         self._remote = name.decode() if isinstance(name, bytes) else str(name)
         total = w.count * w.value_size
         body = struct.pack("<QI", 1, 1) + pack_key(self._key) + struct.pack("<QI", total, 0)
-        status, offset = struct.unpack_from("<BQ", await self._call(Op.RESERVE, body), 4)
+        status, offset = RESERVED.unpack_from(await self._call(Op.RESERVE, body), U32.size)
         if status != Status.OK:
             raise BackendUnavailableError(f"raw nixl baseline: the peer has no room for {total} bytes")
         await self._call(Op.COMMIT, struct.pack("<QB", 1, 1))
         self._base = pool_addr + offset
         for arr in (w.srcs, w.dsts):
             reg = await loop.run_in_executor(
-                self._executor, self._agent.register_memory, [(_addr(arr), arr.nbytes, 0, "")], "DRAM"
+                self._executor, self._agent.register_memory, [(address(arr), arr.nbytes, 0, "")], "DRAM"
             )
             self._regs.append(reg)
 
@@ -125,11 +139,11 @@ class RawNixlBaseline(Baseline):
 
     async def _move(self, op: str, slots: range, bufs: Sequence[np.ndarray]) -> None:
         vs = self._workload.value_size
-        local = [(_addr(b), vs, 0) for b in bufs]
+        local = [(address(b), vs, 0) for b in bufs]
         remote = [(self._base + slot * vs, vs, 0) for slot in slots]
         await asyncio.get_running_loop().run_in_executor(
             self._executor,
-            lambda: _transfer(
+            lambda: transfer(
                 self._agent,
                 op,
                 local=local,

@@ -176,8 +176,8 @@ def _on_two_cpus(own: Callable[[], None], other: Callable[[], None], *, then: Ca
 #: advised, prefaulted); it prints the pool's address and holds it until its stdin closes.
 _HOLDER = """
 import ctypes, sys
-from lmcache.backends.nixl_peer import _map_pool
-pool = _map_pool(int(sys.argv[1]), prefault=True)
+from lmcache.backends.nixl.peer import map_pool
+pool = map_pool(int(sys.argv[1]), prefault=True)
 print(ctypes.addressof(ctypes.c_char.from_buffer(pool)), flush=True)
 sys.stdin.read()
 """

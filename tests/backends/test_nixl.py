@@ -31,15 +31,18 @@ import pytest
 from lmcache_conformance import BackendTests
 from servers import ServerProcess, free_port, run_pytest_in_netns, start_process, unshare_works
 
-from lmcache.backends import nixl as nixl_module
 from lmcache.backends.base import PutStatus, StorageBackend
 from lmcache.backends.file import FileBackend
 from lmcache.backends.nixl import NixlBackend, NixlPosixBackend
-from lmcache.backends.nixl_peer import (
+from lmcache.backends.nixl import backend as nixl_backend
+from lmcache.backends.nixl import lanes as nixl_lanes
+from lmcache.backends.nixl.lanes import CLane, PythonLane
+from lmcache.backends.nixl.peer import PeerStore
+from lmcache.backends.nixl.wire import (
+    FRAME_ALIGN,
     HEAD,
     MAX_BATCH,
     Op,
-    PeerStore,
     ProtocolError,
     Reader,
     Status,
@@ -192,7 +195,7 @@ def test_lane_reports_when_it_takes_up_a_transfer_and_times_out_when_stuck() -> 
     """A put checksums a group from the moment the lane takes up its transfer (no NIXL needed)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from lmcache.backends.nixl import _LaneBatch
+    from lmcache.backends.nixl.lanes import _LaneBatch
 
     posted: list[str] = []
     lane = ThreadPoolExecutor(max_workers=1)
@@ -223,19 +226,19 @@ def test_the_poll_timeout_applies_only_to_our_agents() -> None:
     """The progress-thread poll hook sets our agents' ``pthrDelay`` and leaves everyone else's alone."""
     if _nixl_missing() is not None:
         pytest.skip(_nixl_missing())
-    from lmcache.backends import nixl as nixl_mod
+    from lmcache.backends.nixl import sdk as nixl_sdk
 
-    api = nixl_mod.import_nixl()
-    assert nixl_mod._hook_poll_timeout(api) and nixl_mod._hook_poll_timeout(api), "installs once, then reports it"
+    api = nixl_sdk.import_nixl()
+    assert nixl_sdk._hook_poll_timeout(api) and nixl_sdk._hook_poll_timeout(api), "installs once, then reports it"
     config = api.nixlBind.nixlAgentConfig()
     config.pthrDelay = 0
-    assert config.pthrDelay == 0, "outside _make_agent a config keeps the value it is given"
-    nixl_mod._POLL.us = nixl_mod.PROGRESS_POLL_US
+    assert config.pthrDelay == 0, "outside make_agent a config keeps the value it is given"
+    nixl_sdk._POLL.us = nixl_sdk.PROGRESS_POLL_US
     try:
         config.pthrDelay = 0
-        assert config.pthrDelay == nixl_mod.PROGRESS_POLL_US
+        assert config.pthrDelay == nixl_sdk.PROGRESS_POLL_US
     finally:
-        nixl_mod._POLL.us = None
+        nixl_sdk._POLL.us = None
 
 
 @pytest.mark.skipif(IN_NETNS, reason="already inside the private network namespace")
@@ -267,7 +270,7 @@ if IN_NETNS and _nixl_missing() is None:
         argv = [
             sys.executable,
             "-m",
-            "lmcache.backends.nixl_peer",
+            "lmcache.backends.nixl.peer",
             "--port",
             str(port),
             "--capacity",
@@ -468,7 +471,7 @@ if IN_NETNS and _nixl_missing() is None:
     @pytest.fixture
     def small_groups(monkeypatch: pytest.MonkeyPatch) -> None:
         """Transfer groups of 4 MiB of values, whatever the tuned default, so small batches span several."""
-        monkeypatch.setattr(nixl_module, "_GROUP_BYTES", 4 * MiB)
+        monkeypatch.setattr(nixl_lanes, "_GROUP_BYTES", 4 * MiB)
 
     @pytest.mark.timeout(HANG_GUARD)
     @pytest.mark.usefixtures("small_groups")
@@ -547,7 +550,7 @@ if IN_NETNS and _nixl_missing() is None:
     @pytest.mark.timeout(HANG_GUARD)
     async def test_a_prefaulted_peer_holds_its_pool_resident(tmp_path: Path) -> None:
         port = free_port()
-        argv = [sys.executable, "-m", "lmcache.backends.nixl_peer", "--port", str(port), "--capacity", "96MiB"]
+        argv = [sys.executable, "-m", "lmcache.backends.nixl.peer", "--port", str(port), "--capacity", "96MiB"]
         peer = start_process("nixl-peer", [*argv, "--prefault"], tmp_path / "peer", lambda: _port_open(port), port)
         try:
             assert peer.pid is not None
@@ -594,13 +597,13 @@ if IN_NETNS and _nixl_missing() is None:
             assert isinstance(b, NixlBackend)
             await b.register_host_memory(pool)
             calls: list[object] = []
-            real = b._agent.register_memory
+            real = b._link.agent.register_memory
 
             def counting(*args: object, **kwargs: object) -> object:
                 calls.append(args)
                 return real(*args, **kwargs)
 
-            monkeypatch.setattr(b._agent, "register_memory", counting)
+            monkeypatch.setattr(b._link.agent, "register_memory", counting)
             views = [pool[i * n : (i + 1) * n] for i in range(4)]
             for view, value in zip(views, values, strict=True):
                 view[:] = np.frombuffer(value, dtype=np.uint8)
@@ -626,8 +629,8 @@ if IN_NETNS and _nixl_missing() is None:
         values = [os.urandom(i % 97) for i in range(700)]
         async with open_backend(f"nixl://127.0.0.1:{nixl_peer.port}") as b:
             assert isinstance(b, NixlBackend)
-            hlen = len(frame.encode_header(keys[0], memoryview(values[0]), alignment=nixl_module._FRAME_ALIGN))
-            assert hlen * len(keys) > nixl_module._HEADER_SLAB, "the batch must not fit one slab"
+            hlen = len(frame.encode_header(keys[0], memoryview(values[0]), alignment=FRAME_ALIGN))
+            assert hlen * len(keys) > nixl_backend._HEADER_SLAB, "the batch must not fit one slab"
             assert all(r.ok for r in await b.put(keys, values))
             dsts = [bytearray(97) for _ in keys]
             assert await b.get_into(keys, dsts) == [len(v) for v in values]
@@ -638,7 +641,7 @@ if IN_NETNS and _nixl_missing() is None:
         """Fault injection: the batch's second transfer fails to post, the others go through."""
 
         def __init__(self, backend: NixlBackend) -> None:
-            self.real = backend._post
+            self.real = backend._lane.post  # type: ignore[union-attr]
             self.calls = 0
 
         def __call__(self, op: str, local: list[tuple[int, int, int]], remote: list[tuple[int, int, int]]) -> object:
@@ -655,9 +658,9 @@ if IN_NETNS and _nixl_missing() is None:
         """
 
         def __init__(self, backend: NixlBackend) -> None:
-            assert backend._native is not None
-            self.real = backend._native.submit
-            self.past_pool = backend._pool_addr + backend._pool_len + (1 << 30)
+            assert isinstance(backend._lane, CLane)
+            self.real = backend._lane.native.submit
+            self.past_pool = backend._link.pool_addr + backend._link.pool_len + (1 << 30)
             self.jobs = 0
 
         def __call__(self, remote: str, op: int, transfers: list, **kwargs: bool) -> object:
@@ -685,10 +688,10 @@ if IN_NETNS and _nixl_missing() is None:
         async with open_backend(f"nixl://127.0.0.1:{nixl_peer.port}{query}") as b:
             assert isinstance(b, NixlBackend)
             assert b.stats()["native_lane"] == (query == "?native_lane=on")
-            if b._native is not None:
-                target, name, injector, match = b._native, "submit", _FailSecondNativeTransfer, "transfer 2 of 3"
+            if isinstance(b._lane, CLane):
+                target, name, injector, match = b._lane.native, "submit", _FailSecondNativeTransfer, "transfer 2 of 3"
             else:
-                target, name, injector, match = b, "_post", _FailSecondPost, "injected"
+                target, name, injector, match = b._lane, "post", _FailSecondPost, "injected"
             used = (await b.peer_stats())["used_bytes"]
             with monkeypatch.context() as m:
                 m.setattr(target, name, injector(b))
@@ -735,7 +738,7 @@ if IN_NETNS and _nixl_missing() is None:
         nixl_peer: ServerProcess, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     ) -> None:
         """The native lane is built on first use; where it cannot be, ``auto`` falls back and ``on`` fails."""
-        from lmcache.backends import nixl_native
+        from lmcache.backends.nixl import native as nixl_native
 
         monkeypatch.setattr(nixl_native, "_built", {})
         monkeypatch.setenv("LMCACHE_NATIVE_DIR", str(tmp_path / "native"))
@@ -745,7 +748,7 @@ if IN_NETNS and _nixl_missing() is None:
             async with open_backend(url + "?native_lane=on"):
                 pass
         async with open_backend(url) as b:
-            assert isinstance(b, NixlBackend) and b._native is None and b._lane is not None
+            assert isinstance(b, NixlBackend) and isinstance(b._lane, PythonLane)
             key = make_key(990)
             assert all(r.ok for r in await b.put([key], [b"x" * 5000]))
             dst = bytearray(5000)

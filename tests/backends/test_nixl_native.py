@@ -1,4 +1,4 @@
-"""The native NIXL lane (``_nixl_lane.c``) on its own: order, checksums, failures, cancellation.
+"""The native NIXL lane (``lmcache/backends/nixl/_lane.c``) on its own: order, checksums, failures, cancels.
 
 These tests build the lane with the host's C compiler and drive it through a fault-injecting
 stand-in for NIXL's C API: Python callbacks that copy between in-process buffers, and can be told
@@ -10,6 +10,7 @@ real NIXL SDK and a real peer is tested in ``test_nixl.py``.
 from __future__ import annotations
 
 import ctypes
+import fnmatch
 import os
 import shutil
 import threading
@@ -20,8 +21,8 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from lmcache.backends import nixl_native
-from lmcache.backends.nixl_native import CANCELLED, READ, WRITE, NativeJob, NativeLane
+from lmcache.backends.nixl import native as nixl_native
+from lmcache.backends.nixl.native import CANCELLED, READ, WRITE, NativeJob, NativeLane
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) to build the native lane"),
@@ -195,6 +196,24 @@ def test_build_is_cached_on_disk_and_keyed_by_its_source(tmp_path: Path, monkeyp
     nixl_native.build()
     assert list(tmp_path.glob("nixl_lane-*.so")) == built and built[0].stat().st_mtime_ns == stamp, "rebuilt"
     assert not list(tmp_path.glob(".nixl_lane-*")), "a temporary file was left behind"
+
+
+def test_the_lane_source_ships_beside_its_module_as_package_data() -> None:
+    """The C file is found next to ``native.py``, and pyproject's package data puts it in the wheel there."""
+    tomllib = pytest.importorskip("tomllib")
+    source = nixl_native._SOURCE
+    assert source.is_file() and source.parent == Path(nixl_native.__file__).parent
+    config = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    globs = config["tool"]["setuptools"]["package-data"].get(nixl_native.__name__.rpartition(".")[0], [])
+    assert any(fnmatch.fnmatch(source.name, g) for g in globs), f"{source.name} is not package data: {globs}"
+
+
+def test_a_missing_source_is_an_oserror_that_names_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An install without the C file: an OSError (so ``native_lane=auto`` keeps the Python lane) naming it."""
+    monkeypatch.setattr(nixl_native, "_built", {})
+    monkeypatch.setattr(nixl_native, "_SOURCE", tmp_path / "_lane.c")
+    with pytest.raises(OSError, match=r"source .*_lane\.c cannot be read"):
+        nixl_native.build()
 
 
 def test_a_failing_compiler_is_an_oserror_with_its_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

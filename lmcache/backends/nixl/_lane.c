@@ -5,7 +5,7 @@
  * the hash and the copy read the same bytes within microseconds, so the copy finds them in
  * cache) or as soon as it has landed (a get: the bytes are still in cache).
  *
- * Built on first use by lmcache.backends.nixl_native (cc -O2 -shared -fPIC -pthread); it links
+ * Built on first use by lmcache.backends.nixl.native (cc -O2 -shared -fPIC -pthread); it links
  * nothing. Every NIXL function comes from NIXL's own C API (libnixl_capi.so, shipped in the NIXL
  * wheel) and the hash from the xxhash module Python uses, as function pointers handed over by
  * lmc_lane_create, so the checksums are bit for bit those of lmcache.serde.frame.

@@ -3,7 +3,7 @@
 NIXL's Python bindings release the GIL inside ``createXferReq`` and ``postXferReq``, so a Python
 thread that posts transfers takes the GIL back several times per transfer, each time from
 whichever thread holds it (the event loop, the threads that verify), and a verifying thread
-wakes tens of microseconds to milliseconds after a transfer lands. ``_nixl_lane.c`` does the
+wakes tens of microseconds to milliseconds after a transfer lands. ``_lane.c`` (beside this module) does the
 same work with no Python in the loop: one thread makes every NIXL call of the data path through
 NIXL's own C API (``libnixl_capi.so``, shipped in the NIXL wheel), and a second one hashes each
 transfer's values with xxh3 as the lane starts it (a put) or as soon as it lands (a get), while
@@ -14,7 +14,7 @@ The C file is compiled on first use with the host's C compiler (``cc``, overrida
 its source, the way Triton builds its launchers. It links nothing: every function it calls is a
 pointer handed over here. :func:`open_lane` returns None, with the reason logged, when anything
 is missing (no compiler, a NIXL build without the C API, an agent the bindings cannot hand
-over), and ``nixl://`` then keeps its Python lane.
+over), and ``nixl://`` then keeps its Python lane (see :mod:`lmcache.backends.nixl.lanes`).
 
 The agent is NIXL's own C++ object, taken from the bindings through pybind11's cross-module
 conduit (``_pybind11_conduit_v1_``), and checked by asking the C API for the agent's metadata,
@@ -42,7 +42,8 @@ __all__ = ["NativeJob", "NativeLane", "build", "open_lane"]
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("_nixl_lane.c")
+#: The lane's C source, shipped beside this module as package data (see pyproject.toml).
+_SOURCE = Path(__file__).with_name("_lane.c")
 #: NIXL C API status (``nixl_capi_status_t``) of a job cancelled before it finished.
 CANCELLED = -100
 READ, WRITE = 0, 1
@@ -53,7 +54,7 @@ _built: dict[str, Any] = {}
 
 
 class _Api(ctypes.Structure):
-    """``lmc_api`` in ``_nixl_lane.c``: the functions the lane calls."""
+    """``lmc_api`` in ``_lane.c``: the functions the lane calls."""
 
     _fields_ = [
         (name, ctypes.c_void_p)
@@ -111,7 +112,10 @@ def build() -> ctypes.CDLL:
 
 
 def _compile() -> Path:
-    source = _SOURCE.read_bytes()
+    try:
+        source = _SOURCE.read_bytes()
+    except OSError as exc:  # an install that left out the package data
+        raise OSError(f"the native NIXL lane's source {_SOURCE} cannot be read: {exc.strerror or exc}") from None
     cc = shlex.split(os.environ.get("CC") or "cc")
     if not cc or shutil.which(cc[0]) is None:
         raise OSError(f"no C compiler ({' '.join(cc) or 'cc'}) to build the native NIXL lane")

@@ -1,38 +1,17 @@
-"""The store behind ``nixl://host:port``: a registered DRAM pool, an index, and a small control protocol.
+"""The store behind ``nixl://host:port``: a registered DRAM pool, an index, and the control server.
 
-Run it as ``python -m lmcache.backends.nixl_peer --port 7400 --capacity 8GiB`` (``--host`` defaults
-to 127.0.0.1; ``--prefault`` populates the pool at start). The peer allocates one pool of
-``capacity`` bytes (huge pages where the kernel gives them), registers it with a NIXL agent
-(UCX, whose progress thread sleeps until there is work), and serves a TCP control protocol.
-Values never travel over that socket: clients move the bytes themselves with one-sided NIXL
-WRITE (put) and READ (get) transfers between their own registered buffers and the pool. The
-control protocol only decides *where*:
-
-* ``HELLO``: the peer's agent metadata and the pool's address and length (the client adds the
-  peer as a remote agent).
-* ``RESERVE`` (a client-chosen group id, keys, frame lengths) → per key: an offset in the pool,
-  ``EXISTS``, or a refusal (``capacity``, ``too_large``). Reservations are invisible to readers
-  until ``COMMIT`` of their group; a commit with ``ok=0`` (the client failed or was cancelled)
-  frees them; a dropped connection frees all of its open groups. Requests on one connection are
-  handled in order, so a client cancelled while waiting for a ``RESERVE`` reply can abort the
-  group at once, without knowing what was reserved.
-* ``LOOKUP`` (keys) → per key: a lease id, offset and lengths. A leased entry's bytes are not
-  reused while the lease is held, even if the key is deleted meanwhile (its space is freed on
-  ``RELEASE``, or when the connection drops), so a reader never sees another value's bytes.
-* ``CONTAINS``, ``DELETE``, ``LIST``, ``STATS``, ``PING``.
-* ``CORRUPT`` (only with ``--debug-ops``): flip the last byte of a stored value, for tests of
-  integrity checking.
+Run it as ``python -m lmcache.backends.nixl.peer --port 7400 --capacity 8GiB`` (``--host``
+defaults to 127.0.0.1; ``--prefault`` populates the pool at start). The peer allocates one pool
+of ``capacity`` bytes (huge pages where the kernel gives them), registers it with a NIXL agent
+(UCX, whose progress thread sleeps until there is work), and serves the control protocol of
+:mod:`lmcache.backends.nixl.wire` over TCP. Values never travel over that socket: clients move
+the bytes themselves with one-sided NIXL transfers between their own registered buffers and the
+pool; the peer only decides where (reserve, commit, lookup with leases, release, delete).
 
 Values are stored as :mod:`lmcache.serde.frame` frames written by the client (the peer never
 decodes payloads; checksums are checked by the reading client). The peer is bounded: a full pool
 refuses reservations; it never evicts (eviction is the job of
 :class:`~lmcache.tiered.TieredBackend` on the client side).
-
-Wire format (little-endian): every message is a 12-byte head ``<IBBHI>`` (body length, protocol
-version, op, flags, request id) followed by the body. A reply carries the request's id and op
-(``ERROR``, op 255, with a UTF-8 message, when the request failed). Bodies are lists of
-length-prefixed fields; every length is checked against the body and against hard limits
-(:data:`MAX_BODY`, :data:`MAX_KEY`, :data:`MAX_BATCH`) before use; nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -54,165 +33,29 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from lmcache.backends.memory import MemoryBackend
+from lmcache.backends.nixl.sdk import make_agent
+from lmcache.backends.nixl.wire import (
+    HIT,
+    MISS,
+    RESERVED,
+    U32,
+    U64,
+    Op,
+    ProtocolError,
+    Reader,
+    Status,
+    pack_key,
+    pack_message,
+    read_message,
+)
 from lmcache.config import parse_size
-from lmcache.errors import PermanentBackendError
 
-__all__ = [
-    "MAX_BATCH",
-    "MAX_BODY",
-    "MAX_KEY",
-    "Op",
-    "PeerStore",
-    "ProtocolError",
-    "Reader",
-    "Status",
-    "main",
-    "pack_keys",
-    "serve",
-]
+__all__ = ["ALIGN", "PeerStore", "main", "map_pool", "serve"]
 
 logger = logging.getLogger(__name__)
 
-VERSION = 1
-HEAD = struct.Struct("<IBBHI")  # body length, version, op, flags, request id
-#: Largest message body either side accepts.
-MAX_BODY = 64 << 20
-#: Longest key (bytes of ``CacheKey.to_string()``).
-MAX_KEY = 4096
-#: Most keys in one request.
-MAX_BATCH = 65536
 #: Pool allocations are aligned to this (frames are 64-byte aligned themselves).
 ALIGN = 64
-
-
-class Op:
-    """Request and reply operation codes."""
-
-    HELLO = 1
-    RESERVE = 2
-    COMMIT = 3
-    LOOKUP = 4
-    RELEASE = 5
-    CONTAINS = 6
-    DELETE = 7
-    LIST = 8
-    STATS = 9
-    PING = 10
-    CORRUPT = 126
-    ERROR = 255
-
-
-class Status:
-    """Per-key outcomes of ``RESERVE`` and ``COMMIT``."""
-
-    OK = 0
-    EXISTS = 1
-    CAPACITY = 2
-    TOO_LARGE = 3
-
-
-class ProtocolError(PermanentBackendError):
-    """A malformed or oversized message (the peer answers ``ERROR`` and closes the connection)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Encoding helpers shared by the peer and the client (lmcache.backends.nixl)
-
-
-class Reader:
-    """Bounds-checked reads from one message body."""
-
-    __slots__ = ("_buf", "_pos")
-
-    def __init__(self, buf: bytes | memoryview) -> None:
-        self._buf = memoryview(buf)
-        self._pos = 0
-
-    def _take(self, n: int) -> memoryview:
-        end = self._pos + n
-        if n < 0 or end > len(self._buf):
-            raise ProtocolError(f"message body is truncated (wanted {n} bytes at {self._pos} of {len(self._buf)})")
-        out = self._buf[self._pos : end]
-        self._pos = end
-        return out
-
-    def unpack(self, st: struct.Struct) -> tuple[int, ...]:
-        return st.unpack(self._take(st.size))
-
-    def u8(self) -> int:
-        return self._take(1)[0]
-
-    def u32(self) -> int:
-        return _U32.unpack(self._take(4))[0]
-
-    def u64(self) -> int:
-        return _U64.unpack(self._take(8))[0]
-
-    def blob(self, limit: int = MAX_BODY) -> bytes:
-        n = self.u32()
-        if n > limit:
-            raise ProtocolError(f"field of {n} bytes exceeds the limit of {limit}")
-        return bytes(self._take(n))
-
-    def key(self) -> bytes:
-        n = _U16.unpack(self._take(2))[0]
-        if n == 0 or n > MAX_KEY:
-            raise ProtocolError(f"key of {n} bytes (1..{MAX_KEY} allowed)")
-        return bytes(self._take(n))
-
-    def count(self) -> int:
-        n = self.u32()
-        if n > MAX_BATCH:
-            raise ProtocolError(f"batch of {n} items exceeds the limit of {MAX_BATCH}")
-        return n
-
-    def keys(self) -> list[bytes]:
-        return [self.key() for _ in range(self.count())]
-
-    def end(self) -> None:
-        if self._pos != len(self._buf):
-            raise ProtocolError(f"{len(self._buf) - self._pos} unexpected trailing bytes in a message")
-
-
-_U16 = struct.Struct("<H")
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
-
-
-def pack_key(key: bytes) -> bytes:
-    """A key field: u16 length + bytes."""
-    if not 0 < len(key) <= MAX_KEY:
-        raise ValueError(f"key of {len(key)} bytes (1..{MAX_KEY} allowed)")
-    return _U16.pack(len(key)) + key
-
-
-def pack_keys(keys: Sequence[bytes]) -> bytes:
-    """A key list: u32 count + key fields."""
-    return _U32.pack(len(keys)) + b"".join(pack_key(k) for k in keys)
-
-
-def pack_message(op: int, req_id: int, body: bytes = b"") -> bytes:
-    """A whole message: head + body."""
-    if len(body) > MAX_BODY:
-        raise ValueError(f"message body of {len(body)} bytes exceeds {MAX_BODY}")
-    return HEAD.pack(len(body), VERSION, op, 0, req_id) + body
-
-
-async def read_message(reader: asyncio.StreamReader) -> tuple[int, int, bytes]:
-    """``(op, request id, body)`` of the next message.
-
-    Raises:
-        asyncio.IncompleteReadError: The connection closed.
-        ProtocolError: Wrong version or an oversized body.
-    """
-    head = await reader.readexactly(HEAD.size)
-    length, version, op, _flags, req_id = HEAD.unpack(head)
-    if version != VERSION:
-        raise ProtocolError(f"protocol version {version}; this side speaks {VERSION}")
-    if length > MAX_BODY:
-        raise ProtocolError(f"message body of {length} bytes exceeds {MAX_BODY}")
-    body = await reader.readexactly(length) if length else b""
-    return op, req_id, body
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,7 +258,7 @@ class _Peer:
         s = self.store
         if op == Op.HELLO:
             r.end()
-            return _U64.pack(self.pool_addr) + _U64.pack(len(self.pool)) + _U32.pack(len(self.metadata)) + self.metadata
+            return U64.pack(self.pool_addr) + U64.pack(len(self.pool)) + U32.pack(len(self.metadata)) + self.metadata
         if op == Op.RESERVE:
             group_id = r.u64()
             n = r.count()
@@ -424,7 +267,7 @@ class _Peer:
             if group_id in pending:
                 raise ProtocolError(f"reservation group {group_id} is already open")
             group: list[_Entry] = []
-            out = [_U32.pack(n)]
+            out = [U32.pack(n)]
             for key, frame_len, header_len in items:
                 if header_len > frame_len:
                     for entry in group:
@@ -433,7 +276,7 @@ class _Peer:
                 status, entry = s.reserve(key, frame_len, header_len)
                 if entry is not None:
                     group.append(entry)
-                out.append(struct.pack("<BQ", status, entry.offset if entry else 0))
+                out.append(RESERVED.pack(status, entry.offset if entry else 0))
             if group:
                 pending[group_id] = group
             return b"".join(out)
@@ -447,14 +290,14 @@ class _Peer:
         if op == Op.LOOKUP:
             keys = r.keys()
             r.end()
-            out = [_U32.pack(len(keys))]
+            out = [U32.pack(len(keys))]
             for key in keys:
                 entry = s.lookup(key)
                 if entry is None:
-                    out.append(_MISS)
+                    out.append(MISS)
                 else:
                     leases.append(entry.lease_id)
-                    out.append(_HIT.pack(1, entry.lease_id, entry.offset, entry.frame_len, entry.header_len))
+                    out.append(HIT.pack(1, entry.lease_id, entry.offset, entry.frame_len, entry.header_len))
             return b"".join(out)
         if op == Op.RELEASE:
             n = r.count()
@@ -478,8 +321,8 @@ class _Peer:
         if op == Op.LIST:
             r.end()
             entries = list(s.items())
-            return _U32.pack(len(entries)) + b"".join(
-                pack_key(e.key) + _U64.pack(e.frame_len - e.header_len) for e in entries
+            return U32.pack(len(entries)) + b"".join(
+                pack_key(e.key) + U64.pack(e.frame_len - e.header_len) for e in entries
             )
         if op == Op.STATS:
             r.end()
@@ -498,11 +341,7 @@ class _Peer:
         raise ProtocolError(f"unknown operation {op}")
 
 
-_HIT = struct.Struct("<BQQQI")  # found, lease id, offset, frame length, header length
-_MISS = _HIT.pack(0, 0, 0, 0, 0)
-
-
-def _map_pool(capacity: int, prefault: bool) -> mmap.mmap:
+def map_pool(capacity: int, prefault: bool) -> mmap.mmap:
     """The pool: private anonymous memory, on huge pages where the kernel gives them (best effort).
 
     Transfers into pages never touched take a page fault each (a first fill ran at ~0.3-0.4
@@ -530,15 +369,13 @@ async def serve(
     ready: asyncio.Event | None = None,
 ) -> None:
     """Run a peer until cancelled (or SIGTERM/SIGINT when run as a program)."""
-    from lmcache.backends.nixl import _make_agent
-
-    pool_map = _map_pool(capacity, prefault)
+    pool_map = map_pool(capacity, prefault)
     pool = memoryview(pool_map)[:capacity]
     addr = int(np.frombuffer(pool_map, dtype=np.uint8).ctypes.data) if capacity else 0
     # A progress thread, since transfers to and from the pool need one on transports the peer
     # takes part in (UCX over TCP); it sleeps until the worker has an event, so an idle peer
     # costs no CPU (NIXL's default poll would take a whole core).
-    agent = _make_agent(f"lmcache-nixl-peer-{os.getpid()}-{port}", ["UCX"], True)
+    agent = make_agent(f"lmcache-nixl-peer-{os.getpid()}-{port}", ["UCX"], True)
     reg = agent.register_memory([(addr, max(capacity, 1), 0, "")], "DRAM")  # type: ignore[attr-defined]
     metadata = agent.get_agent_metadata()  # type: ignore[attr-defined]
     peer = _Peer(PeerStore(capacity), pool, addr, metadata, debug_ops)
@@ -555,8 +392,8 @@ async def serve(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m lmcache.backends.nixl_peer``."""
-    p = argparse.ArgumentParser(prog="python -m lmcache.backends.nixl_peer", description=__doc__.split("\n")[0])
+    """Entry point of ``python -m lmcache.backends.nixl.peer``."""
+    p = argparse.ArgumentParser(prog="python -m lmcache.backends.nixl.peer", description=__doc__.split("\n")[0])
     p.add_argument("--host", default="127.0.0.1", help="control address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, required=True, help="control TCP port")
     p.add_argument("--capacity", default="1GiB", help="pool bytes, e.g. 8GiB (default 1GiB)")

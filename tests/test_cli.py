@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -14,6 +15,12 @@ import pytest
 import lmcache
 from lmcache.backends.registry import open_backend
 from lmcache.keys import ChunkHasher, KeyScope
+
+if TYPE_CHECKING:
+    from s3_servers import S3Target
+
+# Session fixture s3_moto (moto's S3 server as a child process, stopped by PID).
+pytest_plugins = ["s3_servers"]
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "lmcache"
 
@@ -182,3 +189,108 @@ def test_a_workload_that_cannot_import_does_not_break_the_cli(
     assert len(err) == 1
     assert err[0].startswith("lmcache: error:")
     assert "lmcache bench broken" in err[0]
+
+
+# -- ls and stats only look; fsck finds and repairs ----------------------------------------------
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every entry under ``root``: (mode, mtime_ns, content of regular files)."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        data = path.read_bytes() if path.is_file() and not path.is_symlink() else b""
+        out[str(path)] = (st.st_mode, st.st_mtime_ns, data)
+    return out
+
+
+def _damage_store(root: Path) -> dict[str, str]:
+    """Damage a filled file:// store: a torn value, a directory at a key's name, a stale temp file."""
+    values = sorted(root.glob("??/*.kv"))
+    torn = values[0]
+    torn.write_bytes(torn.read_bytes()[:100])
+    directory = torn.parent / ("f" * 40 + ".kv")
+    directory.mkdir()
+    stale = values[1].parent / f".{values[1].stem}.4242.abcdef.tmp"
+    stale.write_bytes(b"half a value")
+    return {str(torn): "torn", str(directory): "not_a_file", str(stale): "stale_temp"}
+
+
+def test_ls_and_stats_never_change_the_store_and_report_damage(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    url = f"file://{root}"
+    asyncio.run(_fill(url, 4, 1000))
+    damaged = _damage_store(root)
+    before = _tree(root)
+
+    proc = run_cli("ls", url)
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) == 3  # the torn value is not listed
+    assert "3 damaged file(s)" in proc.stderr
+    for path, reason in damaged.items():
+        assert f"{reason}\t{path}" in proc.stderr
+    assert _tree(root) == before
+
+    proc = run_cli("stats", url)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["stats"]["damaged_files"] == 3
+    assert data["stats"]["read_only"] is True
+    assert {d["path"]: d["reason"] for d in data["damaged_files"]} == damaged
+    assert not any(d["removed"] for d in data["damaged_files"])
+    assert _tree(root) == before
+
+
+def test_ls_never_creates_a_missing_directory(tmp_path: Path) -> None:
+    proc = run_cli("ls", f"file://{tmp_path / 'missing'}")
+    assert_one_line_error(proc, "no such cache directory")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_fsck_reports_then_repairs(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    url = f"file://{root}"
+    asyncio.run(_fill(url, 4, 1000))
+    damaged = _damage_store(root)
+    before = _tree(root)
+
+    proc = run_cli("fsck", url)
+    assert proc.returncode == 4, (proc.stdout, proc.stderr)
+    rows = [line.split("\t") for line in proc.stdout.splitlines()]
+    assert {r[1]: r[0] for r in rows} == damaged
+    assert "3 good value(s)" in proc.stderr and "3 damaged" in proc.stderr
+    assert _tree(root) == before
+
+    proc = run_cli("fsck", url, "--json")
+    assert proc.returncode == 4
+    report = json.loads(proc.stdout)
+    assert (report["values"], report["damaged"], report["removed"]) == (3, 3, 0)
+    assert {f["path"]: f["reason"] for f in report["files"]} == damaged
+
+    proc = run_cli("fsck", url, "--repair")
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert all(line.endswith("\tremoved") for line in proc.stdout.splitlines())
+    assert not any(Path(p).exists() for p in damaged)
+
+    proc = run_cli("fsck", url, "--json")
+    assert proc.returncode == 0
+    assert json.loads(proc.stdout)["damaged"] == 0
+
+
+def test_fsck_of_another_scheme_is_one_line_exit_2() -> None:
+    assert_one_line_error(run_cli("fsck", "memory://"), "fsck checks file://")
+
+
+# -- -vv never prints credentials ----------------------------------------------------------------
+
+
+def test_debug_logging_never_prints_the_s3_session_token(s3_moto: S3Target) -> None:
+    token = "FQoGZXIvYXdzEXAMPLE" + "Z" * 40 + "SessionToken/+=="
+    proc = run_cli("-vv", "stats", s3_moto.url(aws_session_token=token))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["backend"].endswith("S3Backend")  # the request succeeded
+    output = proc.stdout + proc.stderr
+    # botocore logged the signed request (the header name is there) but not the token's value.
+    assert "x-amz-security-token" in output.lower()
+    assert token not in output
+    assert token[:24] not in output

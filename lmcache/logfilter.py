@@ -21,8 +21,12 @@ The filter sits on *handlers*, not loggers: a logger's filters see only records 
 very logger, while a handler sees every record that reaches it (``botocore.endpoint``,
 ``botocore.auth``, ``urllib3``…). :func:`install_redaction` adds it to the root logger's
 handlers; ``lmcache``'s command line calls it after setting up logging, and an application that
-embeds lmcache and logs at debug level should call it after its own logging setup (it is
-idempotent). This module imports nothing outside the standard library.
+embeds lmcache and logs at debug level may call it after its own logging setup (it is
+idempotent). Without that, :func:`protect_loggers` covers the known case: backends that use an
+SDK which logs requests (``s3://`` and botocore) put the filter on the SDK's loggers that
+create such records (:data:`SDK_LOGGERS`) when they are imported, which protects every handler
+those records reach, whoever configured it. This module imports nothing outside the standard
+library.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from __future__ import annotations
 import logging
 import re
 
-__all__ = ["SECRET_NAMES", "RedactingFilter", "install_redaction", "scrub"]
+__all__ = ["SDK_LOGGERS", "SECRET_NAMES", "RedactingFilter", "install_redaction", "protect_loggers", "scrub"]
 
 #: Header, query and option names whose values are credentials (matched case-insensitively).
 SECRET_NAMES: tuple[str, ...] = (
@@ -46,6 +50,20 @@ SECRET_NAMES: tuple[str, ...] = (
     "security-token",
     "password",
 )
+#: Loggers whose debug records carry credentials (signed requests, canonical requests,
+#: signatures). A logger's filter sees the records created by that very logger, so each is named.
+SDK_LOGGERS: dict[str, tuple[str, ...]] = {
+    "botocore": (
+        "botocore.auth",
+        "botocore.endpoint",
+        "botocore.awsrequest",
+        "botocore.httpsession",
+        "botocore.parsers",
+        "botocore.hooks",
+        "botocore.retryhandler",
+        "urllib3.connectionpool",
+    ),
+}
 #: What a secret value becomes.
 REDACTED = "***"
 
@@ -120,3 +138,15 @@ def install_redaction(logger: logging.Logger | None = None) -> RedactingFilter:
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
             handler.addFilter(redacting)
     return redacting
+
+
+def protect_loggers(names: tuple[str, ...] | list[str]) -> None:
+    """Add a :class:`RedactingFilter` to each named logger (idempotent).
+
+    Records created by those loggers are scrubbed before any handler sees them, wherever the
+    handlers are (a logger's filters do not apply to records of its child loggers, so name each).
+    """
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactingFilter) for f in logger.filters):
+            logger.addFilter(RedactingFilter())

@@ -102,3 +102,24 @@ def test_install_is_idempotent_and_never_drops_records() -> None:
         logger.removeHandler(handler)
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "%s %s", ("one",), None)  # malformed
     assert RedactingFilter().filter(record) is True
+
+
+def test_the_s3_backend_scrubs_botocore_records_at_their_source() -> None:
+    import lmcache.backends.s3  # noqa: F401 - importing it protects botocore's loggers
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)  # an application's handler, without our filter
+    sdk = logging.getLogger("botocore")
+    old_level = sdk.level
+    sdk.addHandler(handler)
+    sdk.setLevel(logging.DEBUG)
+    try:
+        logging.getLogger("botocore.endpoint").debug("Sending http request: %s", PREPARED_REQUEST)
+        logging.getLogger("botocore.auth").debug("CanonicalRequest:\n%s", CANONICAL_REQUEST)
+        logging.getLogger("botocore.auth").debug("Signature:\n%s", SIGNATURE)
+    finally:
+        sdk.removeHandler(handler)
+        sdk.setLevel(old_level)
+    out = stream.getvalue()
+    assert "X-Amz-Security-Token" in out
+    assert TOKEN not in out and SIGNATURE not in out and ACCESS_KEY not in out, out

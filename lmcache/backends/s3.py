@@ -83,6 +83,7 @@ from lmcache.errors import (
     PermanentBackendError,
 )
 from lmcache.keys import CacheKey
+from lmcache.logfilter import SDK_LOGGERS, protect_loggers
 from lmcache.serde.frame import decode_frame, encode_header
 
 try:
@@ -99,6 +100,9 @@ if TYPE_CHECKING:
 __all__ = ["S3Backend", "S3Settings", "s3_client"]
 
 logger = logging.getLogger(__name__)
+# botocore's debug log prints signed requests (session token, Authorization): scrub them where
+# they are created, whatever handlers the application configured.
+protect_loggers(SDK_LOGGERS["botocore"])
 T = TypeVar("T")
 
 MiB = 1 << 20

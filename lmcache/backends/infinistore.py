@@ -133,7 +133,13 @@ class InfiniStoreSettings:
         5.0, doc="Seconds to reach the server and connect.", parse=parse_duration, min=0.001
     )
     timeout: float = setting(
-        30.0, doc="Seconds one SDK call (one sub-batch) may take.", parse=parse_duration, min=0.001
+        30.0,
+        doc=(
+            "The longest one call (contains, get_into, put, delete, ping) may take: its sub-batches share "
+            "one deadline from the call's start, waiting for a connection included."
+        ),
+        parse=parse_duration,
+        min=0.001,
     )
     log_level: str = setting("warning", doc="The SDK's log level.", choices=("error", "warning", "info", "debug"))
 

@@ -228,10 +228,19 @@ class MooncakeSettings:
     replica_num: int = setting(1, doc="Replicas of each stored value.", min=1, max=64)
     prefix: str = setting("lmcache:", doc="Prepended to every object name; namespaces caches sharing a cluster.")
     connect_timeout: float = setting(
-        5.0, doc="Seconds to reach the master (TCP probe) and to run setup().", parse=parse_duration, min=0.001
+        5.0,
+        doc="The longest open() may take for each of its steps: the master's TCP probe, then setup().",
+        parse=parse_duration,
+        min=0.001,
     )
     timeout: float = setting(
-        30.0, doc="Seconds one SDK call (one sub-batch) may take.", parse=parse_duration, min=0.001
+        30.0,
+        doc=(
+            "The longest one call (contains, get_into, put, delete, ping) may take: its sub-batches share "
+            "one deadline from the call's start, waiting for a staging arena included."
+        ),
+        parse=parse_duration,
+        min=0.001,
     )
 
 

@@ -56,15 +56,21 @@ raises ``MaxConnectionsError`` when busy; this one waits).
 
 Failures
 --------
-Transient errors (connection loss, timeouts) are retried by redis-py's ``Retry`` with exponential
-backoff (``retries``, ``retry_backoff``, ``retry_backoff_max``); nothing else is retried. A retried
-``SET NX`` whose first reply was lost reports ``EXISTS``, which is still correct: the value is held.
+``timeout`` is the deadline of a whole call (``contains``, ``get_into``, ``put``, ``delete``,
+``ping``, ``open``, one page of a listing): the longest it can take, retries, backoff and
+reconnects included. Past it the call is cancelled and raises
+:class:`~lmcache.errors.BackendTimeoutError`, so a server that accepts connections and never
+answers costs ``timeout``, not ``(retries + 1) x timeout``. Within it, transient errors
+(connection loss, a read past ``timeout``, a connection attempt past ``connect_timeout``) are
+retried by redis-py's ``Retry`` with exponential backoff (``retries``, ``retry_backoff``,
+``retry_backoff_max``); nothing else is retried. A retried ``SET NX`` whose first reply was lost
+reports ``EXISTS``, which is still correct: the value is held.
 Errors are mapped at the boundary: authentication → :class:`~lmcache.errors.AuthError`, connection
 failures → :class:`~lmcache.errors.BackendUnavailableError`, timeouts →
 :class:`~lmcache.errors.BackendTimeoutError`, other server errors →
 :class:`~lmcache.errors.PermanentBackendError`. An unreachable server fails after about
-``(retries + 1) x connect_timeout`` plus backoff. A restarted server is picked up by itself: the
-pool drops broken connections and the retry opens new ones.
+``(retries + 1) x connect_timeout`` plus backoff, and never later than ``timeout``. A restarted
+server is picked up by itself: the pool drops broken connections and the retry opens new ones.
 
 The same code serves Valkey (it speaks the same protocol) and, through
 :mod:`lmcache.backends.redis_cluster`, a Redis Cluster. This module may not touch policy
@@ -155,11 +161,28 @@ class RedisSettings:
     ttl: float | None = setting(
         None, doc="Expire values this long after they are stored (e.g. 1h); none = never.", parse=_optional_duration
     )
-    connect_timeout: float = setting(2.0, doc="Seconds to connect (and authenticate).", parse=parse_duration, min=0.001)
-    timeout: float = setting(
-        10.0, doc="Seconds one command or sub-batch may take to answer.", parse=parse_duration, min=0.001
+    connect_timeout: float = setting(
+        2.0,
+        doc="Seconds one connection attempt (and its authentication) may take, within timeout.",
+        parse=parse_duration,
+        min=0.001,
     )
-    retries: int = setting(2, doc="Retries of a command after a connection error or timeout.", min=0, max=100)
+    timeout: float = setting(
+        10.0,
+        doc=(
+            "The longest one call (contains, get_into, put, delete, ping, open; a SCAN page) may take, "
+            "retries, backoff and reconnects included; past it the call raises BackendTimeoutError. "
+            "Size it for the largest batch."
+        ),
+        parse=parse_duration,
+        min=0.001,
+    )
+    retries: int = setting(
+        2,
+        doc="Retries of a command after a connection error or timeout, while the call's timeout lasts.",
+        min=0,
+        max=100,
+    )
     retry_backoff: float = setting(
         0.05, doc="First retry backoff in seconds (doubles each time).", parse=parse_duration
     )
@@ -271,6 +294,37 @@ def map_redis_errors(what: str) -> Iterator[None]:
         if mapped is exc:
             raise
         raise mapped from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# The deadline of a whole call
+
+
+class _DeadlinePassed(Exception):
+    """Our own deadline expired (told apart from a timeout the call itself raised)."""
+
+
+if sys.version_info >= (3, 11):
+
+    async def _within(call: Awaitable[T], seconds: float) -> T:
+        deadline = asyncio.timeout(seconds)
+        try:
+            async with deadline:
+                return await call
+        except TimeoutError:
+            if deadline.expired():
+                raise _DeadlinePassed from None
+            raise
+
+else:  # pragma: no cover - Python 3.10
+
+    async def _within(call: Awaitable[T], seconds: float) -> T:
+        try:
+            return await asyncio.wait_for(call, seconds)
+        except asyncio.TimeoutError as exc:  # not the builtin TimeoutError before 3.11
+            if isinstance(exc, TimeoutError):
+                raise
+            raise _DeadlinePassed from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,7 +614,7 @@ class RedisBackend(StorageBackend):
         client = self._make_client()
         try:
             with map_redis_errors(f"connecting to {self._target()}"):
-                await client.ping()
+                await self._bounded(client.ping(), "connecting")
         except BaseException:
             await self._close_client(client)
             raise
@@ -582,10 +636,31 @@ class RedisBackend(StorageBackend):
                 await pool.disconnect()
 
     async def _ping(self) -> None:
-        assert self._slots is not None
-        async with self._slots:
-            with map_redis_errors(f"PING {self._target()}"):
-                await self._client.ping()
+        slots = self._slots
+        assert slots is not None
+
+        async def ping() -> None:
+            async with slots:
+                with map_redis_errors(f"PING {self._target()}"):
+                    await self._client.ping()
+
+        await self._bounded(ping(), "PING")
+
+    async def _bounded(self, call: Awaitable[T], what: str) -> T:
+        """Await ``call`` within ``timeout``: the deadline of a whole call, retries included.
+
+        redis-py bounds each socket read by ``timeout`` and then retries, so on its own a call to
+        a server that accepts and never answers would block ``(retries + 1) x timeout`` plus
+        backoff. Past the deadline the call is cancelled (it unwinds before this raises, so no
+        ``dst`` is written afterwards) and :class:`~lmcache.errors.BackendTimeoutError` is raised.
+        """
+        limit = self.settings.timeout
+        try:
+            return await _within(call, limit)
+        except _DeadlinePassed:
+            raise BackendTimeoutError(
+                f"{what} on {self._target()}: no answer within timeout={limit:g}s (retries included)"
+            ) from None
 
     def _extra_stats(self) -> dict[str, Any]:
         return {
@@ -663,7 +738,7 @@ class RedisBackend(StorageBackend):
                     raise reply
                 out[i] = bool(reply)
 
-        await self._run_batches([64] * len(keys), step, "EXISTS")
+        await self._bounded(self._run_batches([64] * len(keys), step, "EXISTS"), "EXISTS")
         return out
 
     async def _get_into(self, keys: list[CacheKey], dsts: list[memoryview]) -> list[int | None]:
@@ -693,7 +768,7 @@ class RedisBackend(StorageBackend):
                 dsts[i][: header.payload_len] = payload
                 out[i] = header.payload_len
 
-        await self._run_batches(sizes, step, "GET")
+        await self._bounded(self._run_batches(sizes, step, "GET"), "GET")
         return out
 
     async def _put(self, keys: list[CacheKey], srcs: list[memoryview]) -> list[PutResult]:
@@ -725,7 +800,7 @@ class RedisBackend(StorageBackend):
                     raise reply
                 out[i] = STORED if reply else EXISTS
 
-        await self._run_batches(sizes, step, "SET")
+        await self._bounded(self._run_batches(sizes, step, "SET"), "SET")
         return out
 
     async def _delete(self, keys: list[CacheKey]) -> None:
@@ -735,7 +810,7 @@ class RedisBackend(StorageBackend):
             # UNLINK frees big values on a server thread instead of blocking the server.
             await self._unlink([names[i] for i in r])
 
-        await self._run_batches([64] * len(keys), step, "UNLINK")
+        await self._bounded(self._run_batches([64] * len(keys), step, "UNLINK"), "UNLINK")
 
     async def _list_keys(self) -> AsyncIterator[CacheKey]:
         async for key, _name in self._scan_keys():
@@ -750,7 +825,9 @@ class RedisBackend(StorageBackend):
             assert self._slots is not None
             async with self._slots:  # released before the caller sees an entry: no self-deadlock
                 with map_redis_errors(f"STRLEN on {self._target()}"):
-                    replies = await self._pipeline(lambda p: [p.strlen(name) for _, name in page])
+                    replies = await self._bounded(
+                        self._pipeline(lambda p: [p.strlen(name) for _, name in page]), "STRLEN"
+                    )
             out: list[tuple[CacheKey, int | None]] = []
             for (key, _), n in zip(page, replies, strict=True):
                 if isinstance(n, BaseException) or not n:
@@ -773,7 +850,13 @@ class RedisBackend(StorageBackend):
         match = _glob_escape(self._prefix) + b"*"
         n = len(self._prefix)
         with map_redis_errors(f"SCAN on {self._target()}"):
-            async for name in self._scan(match):
+            names = self._scan(match).__aiter__()
+            while True:
+                # Each step (at most one SCAN page fetched) within the deadline.
+                try:
+                    name = await self._bounded(names.__anext__(), "SCAN")
+                except StopAsyncIteration:
+                    break
                 try:
                     key = CacheKey.from_string(bytes(name[n:]).decode())
                 except (UnicodeDecodeError, ValueError):

@@ -186,8 +186,18 @@ class S3Settings:
     )
     max_concurrency: int = setting(32, doc="S3 requests in flight at once, per backend.", min=1, max=4096)
     part_concurrency: int = setting(4, doc="Parts of one value uploaded or read at once.", min=1, max=256)
-    connect_timeout: float = setting(5.0, doc="Seconds to wait for a TCP/TLS connection.", parse=parse_duration)
-    read_timeout: float = setting(30.0, doc="Seconds to wait for response bytes.", parse=parse_duration)
+    connect_timeout: float = setting(
+        5.0, doc="Seconds one request attempt may wait for a TCP/TLS connection.", parse=parse_duration
+    )
+    read_timeout: float = setting(
+        30.0,
+        doc=(
+            "Seconds one request attempt may wait for the next response bytes. Not a deadline for a call: "
+            "a call to a dead endpoint ends within about max_attempts x (connect_timeout + read_timeout) plus "
+            "backoff; one still sending bytes slowly may take longer (bound it with tiered's tier_timeout)."
+        ),
+        parse=parse_duration,
+    )
     max_attempts: int = setting(
         3, doc="Attempts per request (throttling, 5xx, timeouts and connection errors are retried).", min=1, max=20
     )

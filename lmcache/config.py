@@ -16,6 +16,8 @@ names the key and what is valid. This module imports nothing from the rest of lm
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
 import os
 import re
 import types
@@ -32,6 +34,7 @@ __all__ = [
     "parse_bool",
     "parse_duration",
     "parse_size",
+    "parse_tags",
     "redact",
     "resolve_settings",
     "setting",
@@ -141,6 +144,7 @@ def setting(
     max: float | None = None,
     secret: bool = False,
     default_factory: Callable[[], Any] | None = None,
+    show: Callable[[object], str] | None = None,
 ) -> Any:
     """Declare a config field with its parser, bounds and documentation.
 
@@ -154,6 +158,8 @@ def setting(
         max: Upper bound (inclusive).
         secret: Redact in ``repr``, logs and error messages.
         default_factory: For mutable defaults.
+        show: How error messages show a raw value (default ``repr``); for values that may
+            hold secrets in part, such as URLs with passwords.
     """
     meta = {
         "doc": doc,
@@ -162,6 +168,7 @@ def setting(
         "min": min,
         "max": max,
         "secret": secret,
+        "show": show,
     }
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
@@ -229,10 +236,49 @@ def _parse_dict(v: object) -> dict[str, Any]:
     raise ValueError("a mapping")
 
 
+def parse_tags(value: object) -> dict[str, str]:
+    """Parse key tags: a mapping of strings to strings, ``name=value,name=value`` or a JSON object.
+
+    Tags are part of every cache key and are quoted into its text form, so anything but text
+    (``tenant: 5`` in YAML) is refused here rather than failing later in one backend only.
+
+    Raises:
+        ValueError: Not a mapping of non-empty names to string values.
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                raise ValueError("a JSON object of strings, or name=value,name=value") from None
+        else:
+            pairs: dict[str, str] = {}
+            for part in filter(None, (p.strip() for p in text.split(","))):
+                name, sep, val = part.partition("=")
+                if not sep:
+                    raise ValueError(f"name=value pairs separated by ',' (got {part!r})")
+                if name.strip() in pairs:
+                    raise ValueError(f"each tag once (got {name.strip()!r} twice)")
+                pairs[name.strip()] = val.strip()
+            value = pairs
+    if not isinstance(value, Mapping):
+        raise ValueError("a mapping of tag names to string values (or name=value,name=value)")
+    out: dict[str, str] = {}
+    for name, val in value.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"tag names that are non-empty strings (got {name!r})")
+        if not isinstance(val, str):
+            raise ValueError(f"tag values that are strings (tag {name!r} is {type(val).__name__} {val!r}; quote it)")
+        out[name] = val
+    return out
+
+
 def _coerce(owner: str, f: dataclasses.Field[Any], raw: object, source: str, hints: dict[str, Any]) -> Any:
     meta = f.metadata
     parser = meta.get("parse") or _type_parser(hints[f.name])
-    shown = "<redacted>" if meta.get("secret") else repr(raw)
+    show = meta.get("show") or repr
+    shown = "<redacted>" if meta.get("secret") else show(raw)
     try:
         value = parser(raw)
     except (ValueError, TypeError) as exc:
@@ -258,44 +304,122 @@ def resolve_settings(
 ) -> T:
     """Build a settings dataclass from layered sources, later layers winning.
 
+    Only the winning value of each field is parsed, so a bad value in a lower layer (an
+    environment variable) does not break a source that overrides it (the URL). A secret field
+    ``<name>`` may also be given as ``<name>_file``: the path of a file holding the value (one
+    trailing newline is dropped), so the secret need not appear on a command line.
+
     Args:
         cls: A dataclass whose fields are declared with :func:`setting`.
         layers: ``(source_name, mapping)`` pairs from lowest to highest precedence. Keys may
-            use ``-`` or ``_``.
+            use ``-`` or ``_`` and any case.
         owner: Names the thing being configured in error messages (e.g. ``"redis://"``).
         strict: Source names in which an unknown key is an error (environment layers are
-            usually lenient because unrelated variables share the prefix).
+            checked separately, see :func:`unknown_env_vars`).
 
     Raises:
-        ConfigError: An unknown key in a strict layer, or a value that does not parse.
+        ConfigError: An unknown key in a strict layer, one field set twice in one layer
+            (``chunk-size`` and ``CHUNK_SIZE``), an unreadable secret file, a value that does
+            not parse, or a required field that no layer sets.
     """
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     hints = typing.get_type_hints(cls)
     strict_sources = set(strict)
-    values: dict[str, Any] = {}
+    secret_files = {f"{n}_file": n for n, f in fields.items() if f.metadata.get("secret")}
+    chosen: dict[str, tuple[object, str]] = {}
     for source, mapping in layers:
+        seen: dict[str, object] = {}  # field -> the key that set it in this layer
         for raw_key, raw in mapping.items():
+            if not isinstance(raw_key, str):
+                raise ConfigError(f"{owner}: option names must be strings, got {raw_key!r} (from {source})")
             key = raw_key.replace("-", "_").lower()
-            f = fields.get(key)
-            if f is None or not f.init:
+            from_file = key in secret_files and key not in fields
+            name = secret_files[key] if from_file else key
+            if name not in fields:
                 if source in strict_sources:
-                    valid = ", ".join(sorted(n for n, fl in fields.items() if fl.init))
-                    raise ConfigError(f"{owner}: unknown option {raw_key!r} (from {source}); valid options: {valid}")
+                    raise ConfigError(_unknown_option(owner, raw_key, source, [*fields, *secret_files]))
                 continue
-            values[key] = _coerce(owner, f, raw, source, hints)
+            if name in seen:
+                raise ConfigError(
+                    f"{owner}: {seen[name]!r} and {raw_key!r} (from {source}) both set {name}; give it once"
+                )
+            seen[name] = raw_key
+            if from_file:
+                chosen[name] = (_read_secret_file(owner, raw_key, raw, source), f"{source}, {raw_key}")
+            else:
+                chosen[name] = (raw, source)
+    values = {name: _coerce(owner, fields[name], raw, source, hints) for name, (raw, source) in chosen.items()}
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{owner}: required option {', '.join(repr(m) for m in missing)} is missing")
     return cls(**values)
 
 
-def env_layer(prefix: str, cls: type[Any], environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Collect ``<PREFIX><FIELD>`` environment variables that name a field of ``cls``."""
-    env = os.environ if environ is None else environ
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    out: dict[str, str] = {}
-    for name in names:
-        var = f"{prefix}{name.upper()}"
-        if var in env:
-            out[name] = env[var]
+def _unknown_option(owner: str, raw_key: str, source: str, valid: Iterable[str]) -> str:
+    names = sorted(valid)
+    close = difflib.get_close_matches(raw_key.replace("-", "_").lower(), names, n=1)
+    hint = f"; did you mean {close[0]!r}" if close else ""
+    return f"{owner}: unknown option {raw_key!r} (from {source}){hint}; valid options: {', '.join(names)}"
+
+
+def _read_secret_file(owner: str, raw_key: str, path: object, source: str) -> str:
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ConfigError(f"{owner}: {raw_key} (from {source}) must name a file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"{owner}: cannot read {raw_key}={os.fspath(path)!r} (from {source}): {why}") from None
+    text = text[:-1] if text.endswith("\n") else text
+    text = text[:-1] if text.endswith("\r") else text
+    if not text:
+        raise ConfigError(f"{owner}: {raw_key}={os.fspath(path)!r} (from {source}) is empty")
+    return text
+
+
+def env_names(prefix: str, cls: type[Any]) -> list[str]:
+    """Every environment variable that sets a field of ``cls``.
+
+    That is ``<PREFIX><FIELD>``, plus ``<PREFIX><FIELD>_FILE`` for secret fields (a file holding the value).
+    """
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.init:
+            out.append(f"{prefix}{f.name.upper()}")
+            if f.metadata.get("secret"):
+                out.append(f"{prefix}{f.name.upper()}_FILE")
     return out
+
+
+def env_layer(prefix: str, cls: type[Any], environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Collect ``<PREFIX><FIELD>`` (and ``<PREFIX><SECRET>_FILE``) environment variables of ``cls``."""
+    env = os.environ if environ is None else environ
+    return {var[len(prefix) :].lower(): env[var] for var in env_names(prefix, cls) if var in env}
+
+
+def unknown_env_vars(prefix: str, cls: type[Any], environ: Mapping[str, str] | None = None) -> list[str]:
+    """``<PREFIX>…`` environment variables that name no field of ``cls`` (sorted)."""
+    env = os.environ if environ is None else environ
+    known = set(env_names(prefix, cls))
+    return sorted(var for var in env if var.startswith(prefix) and var not in known)
+
+
+def unknown_env_error(var: str, known: Iterable[str], owner: str, prefix: str = "LMCACHE_") -> ConfigError:
+    """The error for an unknown ``LMCACHE_…`` variable, naming the closest known one.
+
+    Names are compared after ``prefix``, which they all share (it would make any two look alike).
+    """
+    names = sorted(known)
+    tails = {n[len(prefix) :]: n for n in names if n.startswith(prefix)}
+    close = difflib.get_close_matches(var[len(prefix) :], list(tails), n=1, cutoff=0.7)
+    if close:
+        return ConfigError(f"{owner}: unknown environment variable {var}; did you mean {tails[close[0]]}?")
+    return ConfigError(f"{owner}: unknown environment variable {var}; valid ones: {', '.join(names)}")
 
 
 def redact(cls_instance: Any) -> str:
@@ -316,8 +440,50 @@ def _check_tiers(value: object) -> list[str]:
         raise ValueError("at least one backend URL")
     for url in tiers:
         if "://" not in url and not url.startswith(("memory:", "file:")):
-            raise ValueError(f"backend URLs such as memory://?capacity=2GiB (got {url!r})")
+            raise ValueError(f"backend URLs such as memory://?capacity=2GiB (got {_redact_urls(url)!r})")
     return tiers
+
+
+def _check_tier_urls(tiers: Iterable[str]) -> None:
+    """Have each tier's backend parse its URL now (no I/O), so a bad option fails at load."""
+    # Imported here: the backends themselves import this module.
+    from lmcache.backends.registry import check_url
+
+    for url in tiers:
+        try:
+            check_url(url)
+        except ConfigError as exc:
+            raise ConfigError(f"lmcache config: tier {_redact_urls(url)!r} is invalid: {exc}") from None
+
+
+# user:password@ in a URL, and query options whose names say they hold a secret.
+_URL_PASSWORD_RE = re.compile(r"(://[^/@:\s]*):[^/\s]*@")
+_URL_SECRET_OPTION_RE = re.compile(r"([?&][^=&\s]*(?:password|secret|token|credential)[^=&\s]*=)[^&\s]*", re.IGNORECASE)
+
+
+def _redact_urls(value: object) -> str:
+    """``value`` shown with the passwords and secret options of any URLs in it replaced by ``***``."""
+    text = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    text = _URL_PASSWORD_RE.sub(r"\1:***@", text)
+    return _URL_SECRET_OPTION_RE.sub(_redact_option, text)
+
+
+def _redact_option(m: re.Match[str]) -> str:
+    name = m.group(1)
+    return m.group(0) if name.lower().endswith("_file=") else name + "***"  # a path is no secret
+
+
+#: ``LMCACHE_*`` variables that are not engine settings but are read elsewhere (the server, the
+#: tests, vLLM's own LMCache glue), and prefixes of such families. ``LMCACHE_<SCHEME>_<OPTION>``
+#: variables of a known URL scheme are checked by that backend when it is built.
+ENV_ALLOWED: tuple[str, ...] = (
+    "LMCACHE_CONFIG_FILE",
+    "LMCACHE_NATIVE_DIR",
+    "LMCACHE_MODEL_CACHE",
+    "LMCACHE_USE_UPSTREAM_MP",
+    "LMCACHE_FORCE_SKIP_SAVE",
+)
+ENV_ALLOWED_PREFIXES: tuple[str, ...] = ("LMCACHE_TEST_", "LMCACHE_LOG", "LMCACHE_SERVER_", "LMCACHE_TIERED_")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,6 +505,7 @@ class LMCacheConfig:
         default_factory=lambda: ["memory://?capacity=2GiB"],
         doc="Backend URLs, fastest first (e.g. memory://?capacity=8GiB file:///var/lib/lmcache).",
         parse=_check_tiers,
+        show=lambda v: repr(_redact_urls(v)),
     )
     eviction_policy: str = setting(
         "lru", doc="Eviction policy for tiers with a capacity.", choices=("lru", "fifo", "lfu", "s3fifo")
@@ -365,7 +532,12 @@ class LMCacheConfig:
     model_name: str | None = setting(
         None, doc="Model identity used in cache keys (default: the integration's name+weights fingerprint)."
     )
-    tags: dict[str, str] = setting(default_factory=dict, doc="Key tags that isolate caches (tenant, LoRA adapter).")
+    tags: dict[str, str] = setting(
+        default_factory=dict,
+        doc="Key tags that isolate caches (tenant, LoRA adapter): string values; in the environment "
+        "name=value,name=value or a JSON object.",
+        parse=parse_tags,
+    )
 
     @classmethod
     def load(
@@ -383,9 +555,11 @@ class LMCacheConfig:
             **overrides: Field values that win over every other source.
 
         Raises:
-            ConfigError: An unknown key, a bad value, or an unreadable YAML file.
+            ConfigError: An unknown key or ``LMCACHE_*`` variable, a bad value, a tier URL its
+                backend refuses, or an unreadable YAML file.
         """
         env = os.environ if environ is None else environ
+        _check_engine_env(env)
         layers: list[tuple[str, Mapping[str, object]]] = []
         file = path if path is not None else env.get("LMCACHE_CONFIG_FILE")
         strict = ["keyword arguments"]
@@ -395,28 +569,53 @@ class LMCacheConfig:
             strict.append(source)
         layers.append(("environment", env_layer("LMCACHE_", cls, env)))
         layers.append(("keyword arguments", overrides))
-        return resolve_settings(cls, layers, owner="lmcache config", strict=strict)
+        config = resolve_settings(cls, layers, owner="lmcache config", strict=strict)
+        _check_tier_urls(config.tiers)
+        return config
 
     def replace(self, **changes: Any) -> LMCacheConfig:
         """A copy with ``changes`` applied and validated like keyword arguments."""
         current = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return resolve_settings(
+        config = resolve_settings(
             LMCacheConfig,
             [("current", current), ("keyword arguments", changes)],
             owner="lmcache config",
             strict=["keyword arguments"],
         )
+        if "tiers" in changes:
+            _check_tier_urls(config.tiers)
+        return config
+
+
+def _check_engine_env(env: Mapping[str, str]) -> None:
+    """Refuse ``LMCACHE_*`` variables that nothing reads (a typo would otherwise be ignored)."""
+    fields = env_names("LMCACHE_", LMCacheConfig)
+    suspects = [
+        var
+        for var in unknown_env_vars("LMCACHE_", LMCacheConfig, env)
+        if var not in ENV_ALLOWED and not var.startswith(ENV_ALLOWED_PREFIXES)
+    ]
+    if not suspects:
+        return
+    from lmcache.backends.registry import env_prefixes  # imported late: backends import this module
+
+    schemes = tuple(env_prefixes().values())
+    for var in suspects:
+        if not var.startswith(schemes):
+            raise unknown_env_error(var, [*fields, *ENV_ALLOWED], "lmcache config")
 
 
 def _read_yaml(path: Path) -> Mapping[str, object]:
     import yaml
 
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text (a binary file?)") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_unique_key_loader())  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if data is None:
@@ -424,3 +623,24 @@ def _read_yaml(path: Path) -> Mapping[str, object]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of settings, not {type(data).__name__}")
     return data
+
+
+def _unique_key_loader() -> type[Any]:
+    """A ``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            seen: set[object] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if not isinstance(key, (str, int, float, bool)):
+                    continue  # unhashable keys fail in PyYAML itself
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice", key_node.start_mark
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader

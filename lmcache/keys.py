@@ -21,10 +21,27 @@ import numpy as np
 
 from lmcache.errors import InvalidArgumentError
 
-__all__ = ["CacheKey", "Chunk", "ChunkHasher", "KeyScope"]
+__all__ = ["MAX_KEY_BYTES", "CacheKey", "Chunk", "ChunkHasher", "KeyScope", "check_key_length"]
 
 _DIGEST = 32
 _SEP = "@"
+#: Longest key text (:meth:`CacheKey.to_string`, in bytes) a backend accepts: the value frame
+#: stores its length in 16 bits. Backends check it for every key (InvalidArgumentError).
+MAX_KEY_BYTES = 0xFFFF
+# Key text beside model, dtype and tags: the 64 hex digits of the hash, four separators and the
+# world size and rank (under 20 digits each, checked before this bound is used).
+_KEY_FIXED_CHARS = 64 + 4 + 2 * 20
+# Quoting writes a character as at most 4 UTF-8 bytes of 3 characters each (%XX).
+_QUOTE_GROWTH = 12
+
+
+def _check_tags(tags: object) -> None:
+    """Tags are ``(name, value)`` pairs of strings; anything else would fail later, in one backend only."""
+    if not isinstance(tags, tuple):
+        raise InvalidArgumentError(f"tags must be a tuple of (name, value) string pairs, got {type(tags).__name__}")
+    for pair in tags:
+        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str) and isinstance(pair[1], str)):
+            raise InvalidArgumentError(f"tags must be (name, value) pairs of strings, got {pair!r}")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -58,6 +75,8 @@ class CacheKey:
     _str: str | None = dataclasses.field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
+        if self.tags:
+            _check_tags(self.tags)
         object.__setattr__(
             self, "_hash", hash((self.model, self.world_size, self.rank, self.chunk_hash, self.dtype, self.tags))
         )
@@ -122,6 +141,28 @@ class CacheKey:
         return self.to_string()
 
 
+def check_key_length(key: CacheKey) -> None:
+    """Refuse a key whose text form is longer than :data:`MAX_KEY_BYTES`.
+
+    Most keys are far below the limit: a bound from the lengths of model, dtype and tags decides
+    without building the text (which costs microseconds per key on the hot path).
+
+    Raises:
+        InvalidArgumentError: The key text is too long for the value frame.
+    """
+    n = len(key.model) + len(key.dtype)
+    for name, value in key.tags:
+        n += len(name) + len(value) + 2
+    if _QUOTE_GROWTH * n + _KEY_FIXED_CHARS <= MAX_KEY_BYTES and key.world_size < 10**19:
+        return
+    size = len(key.to_string())  # quoted: ASCII, so characters are bytes
+    if size > MAX_KEY_BYTES:
+        raise InvalidArgumentError(
+            f"cache key text is {size} bytes, over the limit of {MAX_KEY_BYTES} "
+            f"(model {key.model[:40]!r}…: use shorter model names, dtypes and tags)"
+        )
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class KeyScope:
     """The part of a key shared by all chunks of one engine worker."""
@@ -142,8 +183,14 @@ class KeyScope:
         dtype: str = "float16",
         tags: Mapping[str, str] | None = None,
     ) -> KeyScope:
-        """Build a scope, sorting ``tags`` so equal tag sets give equal keys."""
-        return cls(model, world_size, rank, dtype, tuple(sorted((tags or {}).items())))
+        """Build a scope, sorting ``tags`` so equal tag sets give equal keys.
+
+        Raises:
+            InvalidArgumentError: A tag name or value is not a string.
+        """
+        pairs = tuple((tags or {}).items())
+        _check_tags(pairs)
+        return cls(model, world_size, rank, dtype, tuple(sorted(pairs)))
 
     def key(self, chunk_hash: bytes) -> CacheKey:
         """The key of the chunk with ``chunk_hash`` in this scope."""

@@ -18,7 +18,7 @@ def test_defaults() -> None:
 def test_precedence_defaults_yaml_env_kwargs(tmp_path: Path) -> None:
     f = tmp_path / "lmcache.yaml"
     f.write_text("chunk_size: 128\ntier_timeout: 250ms\nsave_partial_chunks: true\ntiers:\n  - memory://\n")
-    env = {"LMCACHE_CONFIG_FILE": str(f), "LMCACHE_CHUNK_SIZE": "64", "LMCACHE_UNRELATED_THING": "x"}
+    env = {"LMCACHE_CONFIG_FILE": str(f), "LMCACHE_CHUNK_SIZE": "64", "LMCACHE_TEST_UNRELATED_THING": "x"}
     cfg = LMCacheConfig.load(environ=env)
     assert cfg.chunk_size == 64  # env beats YAML
     assert cfg.tier_timeout == pytest.approx(0.25)  # YAML beats defaults
@@ -99,3 +99,113 @@ def test_format_size_and_duration() -> None:
     assert format_size(1000) == "1000"
     assert parse_duration("250ms") == pytest.approx(0.25)
     assert parse_duration("2m") == 120
+
+
+# -- bad input that used to slip through (issue 17 §3) ------------------------------------------
+
+
+def test_tag_values_must_be_strings(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("tags: {tenant: 5}\n")
+    with pytest.raises(ConfigError, match=r"tags=.*tenant.*quote it"):
+        LMCacheConfig.load(f, environ={})
+    with pytest.raises(ConfigError, match="tags"):
+        LMCacheConfig.load(environ={}, tags={"tenant": None})
+    f.write_text("tags: {tenant: '5', adapter: lora-a}\n")
+    assert LMCacheConfig.load(f, environ={}).tags == {"tenant": "5", "adapter": "lora-a"}
+
+
+@pytest.mark.parametrize(
+    ("text", "tags"),
+    [
+        ("tenant=acme,team=x", {"tenant": "acme", "team": "x"}),
+        (" tenant = acme , ", {"tenant": "acme"}),
+        ('{"tenant": "acme", "team": "x"}', {"tenant": "acme", "team": "x"}),
+        ("", {}),
+    ],
+)
+def test_lmcache_tags_can_be_set_in_the_environment(text: str, tags: dict[str, str]) -> None:
+    assert LMCacheConfig.load(environ={"LMCACHE_TAGS": text}).tags == tags
+
+
+@pytest.mark.parametrize("text", ["tenant", '{"tenant": 5}', "{not json", "a=1,a=2", "=x"])
+def test_bad_lmcache_tags_are_config_errors(text: str) -> None:
+    with pytest.raises(ConfigError, match=r"tags=.*\(from environment\)"):
+        LMCacheConfig.load(environ={"LMCACHE_TAGS": text})
+
+
+def test_unknown_lmcache_variable_names_the_close_match() -> None:
+    with pytest.raises(ConfigError, match="LMCACHE_CHUNKSIZE; did you mean LMCACHE_CHUNK_SIZE"):
+        LMCacheConfig.load(environ={"LMCACHE_CHUNKSIZE": "512"})
+    with pytest.raises(ConfigError, match="LMCACHE_TIER_TIMOUT; did you mean LMCACHE_TIER_TIMEOUT"):
+        LMCacheConfig.load(environ={"LMCACHE_TIER_TIMOUT": "1"})
+
+
+def test_variables_read_elsewhere_stay_allowed() -> None:
+    env = {
+        "LMCACHE_TEST_REDIS_URL": "redis://127.0.0.1:1/0",
+        "LMCACHE_SERVER_TOKEN": "t",
+        "LMCACHE_TIERED_WRITE_BACK_BATCH": "3",
+        "LMCACHE_REDIS_PASSWORD": "pw",  # a backend's option: checked when that backend is built
+        "LMCACHE_REDIS_CLUSTER_NODES": "h:1",
+        "LMCACHE_NATIVE_DIR": "/tmp/x",
+        "LMCACHE_MODEL_CACHE": "/tmp/y",
+        "LMCACHE_LOG_LEVEL": "debug",
+    }
+    assert LMCacheConfig.load(environ=env).chunk_size == 256
+
+
+def test_unknown_backend_variable_fails_at_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The default tier is memory://, whose options LMCACHE_MEMORY_* set.
+    monkeypatch.setenv("LMCACHE_MEMORY_BOGUS", "1")
+    with pytest.raises(ConfigError, match=r"LMCACHE_MEMORY_BOGUS.*LMCACHE_MEMORY_CAPACITY"):
+        LMCacheConfig.load()
+    monkeypatch.delenv("LMCACHE_MEMORY_BOGUS")
+    monkeypatch.setenv("LMCACHE_MEMORY_CAPACTY", "1GiB")
+    with pytest.raises(ConfigError, match="did you mean LMCACHE_MEMORY_CAPACITY"):
+        LMCacheConfig.load()
+
+
+def test_tier_urls_are_validated_at_load() -> None:
+    for bad in ("memory://?capacity=lots", "memory://?bogus=1", "memory:// nosuch://x", "file://relative/dir"):
+        with pytest.raises(ConfigError, match="tier"):
+            LMCacheConfig.load(environ={"LMCACHE_TIERS": bad})
+    with pytest.raises(ConfigError) as info:
+        LMCacheConfig.load(environ={}, tiers=["redis://user:hunter2@127.0.0.1:0/0"])
+    assert "hunter2" not in str(info.value)  # the URL is shown redacted
+    cfg = LMCacheConfig.load(environ={})
+    with pytest.raises(ConfigError, match="capacity"):
+        cfg.replace(tiers=["memory://?capacity=lots"])
+
+
+def test_a_bad_backend_variable_does_not_break_a_url_that_overrides_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lmcache
+
+    monkeypatch.setenv("LMCACHE_MEMORY_CAPACITY", "lots")
+    assert lmcache.open_backend("memory://?capacity=1MiB").settings.capacity == 1 << 20
+    with pytest.raises(ConfigError, match=r"capacity='lots' \(from environment\)"):
+        lmcache.open_backend("memory://")
+
+
+def test_binary_config_file_is_a_config_error(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        LMCacheConfig.load(f, environ={})
+
+
+@pytest.mark.parametrize(
+    "text", ["chunk-size: 128\nCHUNK_SIZE: 64\n", "chunk_size: 128\nchunk_size: 64\n", "tags: {a: x, a: y}\n"]
+)
+def test_one_setting_twice_in_a_file_is_an_error(tmp_path: Path, text: str) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=r"twice|both set"):
+        LMCacheConfig.load(f, environ={})
+
+
+def test_non_string_keys_in_a_file_are_config_errors(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("1: x\n")
+    with pytest.raises(ConfigError, match="must be strings"):
+        LMCacheConfig.load(f, environ={})

@@ -77,3 +77,18 @@ def test_a_precomputed_checksum_makes_the_same_header_and_is_verified() -> None:
     header.verify_checksum(frame.payload_checksum(payload))
     with pytest.raises(IntegrityError):
         header.verify_checksum(frame.payload_checksum(payload) ^ 1)
+
+
+def test_a_key_too_long_for_the_frame_is_an_invalid_argument() -> None:
+    from lmcache.errors import InvalidArgumentError
+    from lmcache.keys import MAX_KEY_BYTES
+
+    long_key = KeyScope.create("m" * MAX_KEY_BYTES).key(b"\x07" * 32)
+    with pytest.raises(InvalidArgumentError, match="65535"):
+        encode_header(long_key, b"payload")
+    # The longest key that fits still round-trips.
+    fixed = len(KEY.to_string()) - 1
+    edge = KeyScope.create("m" * (MAX_KEY_BYTES - fixed)).key(b"\x07" * 32)
+    assert len(edge.to_string()) == MAX_KEY_BYTES
+    header, view = decode_frame(encode_header(edge, b"p") + b"p", edge)
+    assert bytes(view) == b"p" and header.key == edge.to_string()

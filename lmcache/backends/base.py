@@ -31,12 +31,12 @@ import logging
 import threading
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import SplitResult, parse_qsl, quote, urlencode, urlsplit
 
-from lmcache.config import env_layer, resolve_settings
+from lmcache.config import env_layer, env_names, resolve_settings, unknown_env_error, unknown_env_vars
 from lmcache.errors import (
     BackendClosedError,
     ConfigError,
@@ -44,7 +44,7 @@ from lmcache.errors import (
     InvalidBufferError,
     UnsupportedOperationError,
 )
-from lmcache.keys import CacheKey
+from lmcache.keys import CacheKey, check_key_length
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -355,6 +355,7 @@ def parse_backend_url(
             raise ConfigError(f"{parts.scheme}://: option {k!r} is given twice in the URL")
         query[k] = v
     env_prefix = "LMCACHE_" + parts.scheme.upper().replace("+", "_").replace("-", "_") + "_"
+    _check_env(env_prefix, settings_cls, parts.scheme)
     layers: list[tuple[str, Mapping[str, object]]] = [
         ("environment", env_layer(env_prefix, settings_cls)),
         ("URL", location),
@@ -362,6 +363,22 @@ def parse_backend_url(
         ("keyword arguments", overrides),
     ]
     return resolve_settings(settings_cls, layers, owner=f"{parts.scheme}://", strict=("URL query", "keyword arguments"))
+
+
+def _check_env(prefix: str, settings_cls: type[Any], scheme: str) -> None:
+    """Refuse an ``LMCACHE_<SCHEME>_…`` variable that names no option (a typo is otherwise ignored)."""
+    unknown = unknown_env_vars(prefix, settings_cls)
+    if not unknown:
+        return
+    # LMCACHE_REDIS_CLUSTER_NODES belongs to redis+cluster://, not redis://: skip the variables
+    # of schemes whose prefix extends this one. Imported here: the registry imports this module.
+    from lmcache.backends.registry import env_prefixes
+
+    longer = tuple(p for p in env_prefixes().values() if p != prefix and p.startswith(prefix))
+    for var in unknown:
+        if longer and var.startswith(longer):
+            continue
+        raise unknown_env_error(var, env_names(prefix, settings_cls), f"{scheme}://", prefix)
 
 
 def split_url(url: str) -> SplitResult:
@@ -532,6 +549,11 @@ class StorageBackend(ABC):
         if self._state is not _State.OPEN:
             await self.open()
 
+    def _check_not_closed(self) -> None:
+        # Checked before the empty-batch shortcut: a closed backend refuses every call alike.
+        if self._state is _State.CLOSED:
+            raise BackendClosedError(f"{self!r} is closed; create a new backend instead")
+
     # -- long-lived host memory --------------------------------------------------------------
 
     async def register_host_memory(self, buffer: Any) -> None:
@@ -589,6 +611,7 @@ class StorageBackend(ABC):
     async def contains(self, keys: Sequence[CacheKey]) -> list[bool]:
         """Whether each key is held, in input order."""
         keys = _check_keys(keys)
+        self._check_not_closed()
         if not keys:
             return []
         await self._ensure_open()
@@ -608,13 +631,15 @@ class StorageBackend(ABC):
             it, so that ``dst``'s contents are unspecified and must not be used.
 
         Raises:
-            InvalidArgumentError: ``keys`` and ``dsts`` differ in length.
+            InvalidArgumentError: ``keys`` and ``dsts`` differ in length, or a key is too long.
             InvalidBufferError: A buffer is unusable or smaller than its value.
+            BackendClosedError: The backend was closed (also for an empty batch).
         """
         keys = _check_keys(keys)
-        if len(keys) != len(dsts):
-            raise InvalidArgumentError(f"get_into got {len(keys)} keys but {len(dsts)} buffers")
-        views = [as_writable(d) for d in dsts]
+        views = [as_writable(d) for d in _as_list(dsts, "dsts")]
+        if len(keys) != len(views):
+            raise InvalidArgumentError(f"get_into got {len(keys)} keys but {len(views)} buffers")
+        self._check_not_closed()
         if not keys:
             return []
         await self._ensure_open()
@@ -635,13 +660,15 @@ class StorageBackend(ABC):
         The sources are copied before this returns, so callers may reuse them afterwards.
 
         Raises:
-            InvalidArgumentError: ``keys`` and ``srcs`` differ in length.
+            InvalidArgumentError: ``keys`` and ``srcs`` differ in length, or a key is too long.
             InvalidBufferError: A source is not a contiguous host buffer.
+            BackendClosedError: The backend was closed (also for an empty batch).
         """
         keys = _check_keys(keys)
-        if len(keys) != len(srcs):
-            raise InvalidArgumentError(f"put got {len(keys)} keys but {len(srcs)} buffers")
-        views = [as_readable(s) for s in srcs]
+        views = [as_readable(s) for s in _as_list(srcs, "srcs")]
+        if len(keys) != len(views):
+            raise InvalidArgumentError(f"put got {len(keys)} keys but {len(views)} buffers")
+        self._check_not_closed()
         if not keys:
             return []
         await self._ensure_open()
@@ -684,6 +711,7 @@ class StorageBackend(ABC):
     async def delete(self, keys: Sequence[CacheKey]) -> None:
         """Remove keys; absent keys are ignored."""
         keys = _check_keys(keys)
+        self._check_not_closed()
         if not keys:
             return
         await self._ensure_open()
@@ -817,13 +845,25 @@ def _same_memory(a: memoryview, b: memoryview) -> bool:
 
 
 def _check_keys(keys: Sequence[CacheKey]) -> list[CacheKey]:
+    """The keys as a list; each must be a CacheKey whose text fits the value frame (every backend alike)."""
     if isinstance(keys, (str, bytes, CacheKey)):
         raise InvalidArgumentError("keys must be a sequence of CacheKey (wrap a single key in a list)")
-    out = list(keys)
+    out = _as_list(keys, "keys")
     for k in out:
         if not isinstance(k, CacheKey):
             raise InvalidArgumentError(f"keys must be CacheKey instances, got {type(k).__name__}")
+        check_key_length(k)
     return out
+
+
+def _as_list(items: Iterable[Any], what: str) -> list[Any]:
+    """``items`` as a list: batches may come as any iterable (a generator is read once, here)."""
+    if isinstance(items, list):
+        return items
+    try:
+        return list(items)
+    except TypeError:
+        raise InvalidArgumentError(f"{what} must be a sequence, got {type(items).__name__}") from None
 
 
 def check_dst_size(key: CacheKey, dst: memoryview, needed: int) -> None:

@@ -13,12 +13,26 @@ import dataclasses
 import importlib
 import importlib.metadata
 import importlib.util
+import logging
 from typing import Any
+from urllib.parse import parse_qsl
 
 from lmcache.backends.base import StorageBackend, redact_url, split_url
-from lmcache.errors import MissingDependencyError, PluginConflictError, UnknownSchemeError
+from lmcache.errors import LMCacheError, MissingDependencyError, PluginConflictError, UnknownSchemeError
 
-__all__ = ["BUILTIN_BACKENDS", "backend_class", "known_schemes", "open_backend"]
+__all__ = [
+    "BUILTIN_BACKENDS",
+    "TIER_URL_HELP",
+    "backend_class",
+    "check_url",
+    "command_line_secrets",
+    "env_prefixes",
+    "known_schemes",
+    "open_backend",
+    "warn_command_line_secrets",
+]
+
+logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "lmcache.backends"
 
@@ -148,3 +162,90 @@ def open_backend(url: str, **overrides: Any) -> StorageBackend:
     except UnknownSchemeError as exc:
         raise UnknownSchemeError(f"{exc} (URL {redact_url(url)!r})") from None
     return cls.from_url(url, **overrides)
+
+
+def check_url(url: str) -> None:
+    """Check ``url`` as :func:`open_backend` would, without opening anything.
+
+    A backend whose SDK is missing is not checked here (building it reports that).
+
+    Raises:
+        ConfigError: The URL is malformed, its scheme unknown, or an option invalid.
+    """
+    try:
+        open_backend(url)
+    except MissingDependencyError:
+        return
+
+
+def env_prefixes() -> dict[str, str]:
+    """``{scheme: "LMCACHE_<SCHEME>_"}`` for every built-in and installed plugin scheme.
+
+    These are the prefixes of the environment variables that set a backend's options
+    (``LMCACHE_REDIS_PASSWORD``); ``+`` and ``-`` in a scheme become ``_``.
+    """
+    schemes = set(BUILTIN_BACKENDS) | {ep.name for ep in _plugin_entry_points()}
+    return {s: env_prefix(s) for s in sorted(schemes)}
+
+
+def env_prefix(scheme: str) -> str:
+    """``LMCACHE_<SCHEME>_``: the prefix of ``scheme``'s option variables."""
+    return "LMCACHE_" + scheme.upper().replace("+", "_").replace("-", "_") + "_"
+
+
+#: Help text for a command-line flag that takes a backend URL (``lmcache server --tier``).
+TIER_URL_HELP = (
+    "tier URL, fastest first (repeat). Command lines are visible to other users (ps): give a "
+    "password or other secret option as <option>_file=/path (e.g. redis://host?password_file=/run/secrets/redis) "
+    "or in LMCACHE_<SCHEME>_<OPTION> / LMCACHE_<SCHEME>_<OPTION>_FILE, not in the URL"
+)
+
+# Query options that look like secrets, for schemes whose backend cannot be loaded to ask it.
+_SECRET_WORDS = ("password", "passwd", "secret", "token", "credential")
+
+
+def command_line_secrets(url: str) -> list[str]:
+    """Names of the secrets written into ``url`` itself.
+
+    That is ``"password"`` for ``user:pw@``, and each query option that the backend declares
+    secret or that looks like one (``*_file`` options name files and are fine).
+    """
+    try:
+        parts = split_url(url)
+    except LMCacheError:
+        return []
+    found = ["password"] if parts.password else []
+    try:
+        declared = set(backend_class(parts.scheme).secret_options)
+    except LMCacheError:
+        declared = set()
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        key = name.replace("-", "_").lower()
+        if not value or key.endswith("_file"):
+            continue
+        if key in declared or any(word in key for word in _SECRET_WORDS):
+            found.append(name)
+    return found
+
+
+def warn_command_line_secrets(url: str, flag: str) -> bool:
+    """Log a warning when ``url``, given on the command line as ``flag``, holds a secret.
+
+    Returns:
+        Whether it did.
+    """
+    secrets = command_line_secrets(url)
+    if not secrets:
+        return False
+    scheme = split_url(url).scheme
+    logger.warning(
+        "%s %s: %s given on the command line, where any local user can read it (ps, /proc); "
+        "use %s_file=/path in the URL or the %s<OPTION> / %s<OPTION>_FILE environment variables instead",
+        flag,
+        redact_url(url, secrets),
+        ", ".join(secrets),
+        secrets[0],
+        env_prefix(scheme),
+        env_prefix(scheme),
+    )
+    return True

@@ -9,7 +9,8 @@ Every workload is a module with three names:
 
 To add a workload (``long-doc-qa``, ``multi-round-qa``…), write ``lmcache/bench/<name>.py`` with
 those names and add one line to :data:`WORKLOADS`; the CLI imports a workload module only to build
-its parser. Shared output (tables, JSON files, machine info, medians and ratios) lives in
+its parser, and runs it through :func:`checked_json_output` (an unwritable ``--json`` path fails
+before the run). Shared output (tables, JSON files, machine info, medians and ratios) lives in
 :mod:`lmcache.bench.report`. Performance goals are ratios against a baseline measured in the same
 run, never absolute thresholds.
 """
@@ -17,13 +18,16 @@ run, never absolute thresholds.
 from __future__ import annotations
 
 import argparse
+import functools
 import mmap
+from collections.abc import Callable
+from os import PathLike
 
 import numpy as np
 
 from lmcache.config import format_size, parse_size
 
-__all__ = ["WORKLOADS", "non_negative_int", "page_aligned", "positive_int", "size_arg"]
+__all__ = ["WORKLOADS", "checked_json_output", "non_negative_int", "page_aligned", "positive_int", "size_arg"]
 
 #: ``bench`` subcommand name → module implementing it (imported when the CLI parser is built).
 WORKLOADS: dict[str, str] = {
@@ -35,6 +39,25 @@ WORKLOADS: dict[str, str] = {
     "vllm-long-doc-qa": "lmcache.bench.vllm_long_doc_qa",
     "multi-round-qa": "lmcache.bench.multi_round_qa",
 }
+
+
+def checked_json_output(run_cli: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Wrap a workload's ``run_cli`` so that an unwritable ``--json PATH`` fails before it runs.
+
+    Workloads name the option's destination ``json_path`` or ``json``; either is checked with
+    :func:`lmcache.bench.report.check_json_path` (a ``ConfigError``: one line from the CLI).
+    """
+
+    @functools.wraps(run_cli)
+    def run_checked(args: argparse.Namespace) -> int:
+        from lmcache.bench.report import check_json_path
+
+        path = getattr(args, "json_path", None) or getattr(args, "json", None)
+        if isinstance(path, (str, PathLike)):
+            check_json_path(path)
+        return run_cli(args)
+
+    return run_checked
 
 
 def positive_int(text: str) -> int:

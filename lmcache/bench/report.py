@@ -22,12 +22,16 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lmcache.errors import ConfigError
+
 __all__ = [
     "DEFAULT_RESULTS_DIR",
+    "check_json_path",
     "default_json_path",
     "format_float",
     "machine_info",
@@ -135,6 +139,38 @@ def write_json(path: Path | str, payload: Mapping[str, Any]) -> Path:
     tmp.write_text(text + "\n", encoding="utf-8")
     os.replace(tmp, target)
     return target
+
+
+def check_json_path(path: Path | str) -> None:
+    """Fail now, not after a long benchmark, when :func:`write_json` could not write ``path``.
+
+    A file is created and removed in the folder the result will go to (folders that do not exist
+    yet must be creatable), which also catches read-only file systems and running as root.
+
+    Raises:
+        ConfigError: ``path`` is a folder, or its folder cannot be created or written.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"--json {path}: is a directory; give a file name")
+    folder = target.parent
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "not a directory", str(existing))
+        if existing != folder:
+            # Nothing is created before the run: check the nearest existing folder instead.
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise PermissionError(13, "permission denied", str(existing))
+            return
+        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise ConfigError(f"cannot write --json {path}: {exc.strerror or exc}{where}") from None
 
 
 def format_float(value: float | None, digits: int = 2) -> str:

@@ -29,8 +29,8 @@ import struct
 import numpy as np
 import xxhash
 
-from lmcache.errors import IntegrityError
-from lmcache.keys import CacheKey
+from lmcache.errors import IntegrityError, InvalidArgumentError
+from lmcache.keys import MAX_KEY_BYTES, CacheKey
 
 __all__ = ["FRAME_VERSION", "FrameHeader", "decode_frame", "encode_header", "frame_size", "parse_header"]
 
@@ -40,6 +40,9 @@ _FIXED = struct.Struct("<4sBBHIIQQ")  # 32 bytes, covered by the header checksum
 _FIXED_SIZE = 48
 _HCHECK = struct.Struct("<Q")
 MIN_HEADER_BYTES = _FIXED_SIZE
+#: Largest metadata section: its length is a 32-bit field. (Keys: :data:`lmcache.keys.MAX_KEY_BYTES`,
+#: a 16-bit field.)
+MAX_META_BYTES = 0xFFFFFFFF
 
 
 def _align(n: int, alignment: int) -> int:
@@ -141,8 +144,18 @@ def encode_header(
         alignment: The payload offset is a multiple of this (a power of two >= 64).
         checksum: ``payload``'s checksum when the caller computed it already (e.g. with
             :func:`copy_with_checksum`); otherwise it is computed here.
+
+    Raises:
+        InvalidArgumentError: The key text is longer than ``MAX_KEY_BYTES`` (65,535 bytes) or
+            the metadata longer than ``MAX_META_BYTES``: their lengths would not fit the header.
     """
     key_bytes = key.to_string().encode()
+    if len(key_bytes) > MAX_KEY_BYTES:
+        raise InvalidArgumentError(
+            f"cache key text is {len(key_bytes)} bytes; a value frame holds keys of at most {MAX_KEY_BYTES}"
+        )
+    if len(meta) > MAX_META_BYTES:
+        raise InvalidArgumentError(f"frame metadata is {len(meta)} bytes; at most {MAX_META_BYTES} fit")
     offset = header_size(len(key_bytes), len(meta), alignment)
     fixed = _FIXED.pack(
         MAGIC,

@@ -680,8 +680,10 @@ class LMServerBackend(StorageBackend):
                 raise ConfigError("lm:// takes host:port only, e.g. lm://127.0.0.1:8198")
             if parts.hostname:
                 location["host"] = parts.hostname
-            if parts.port:
+            if parts.port is not None:  # lm://host:0 is refused by the port's bounds, not defaulted
                 location["port"] = parts.port
+            elif parts.netloc.rsplit("@", 1)[-1].endswith(":"):
+                raise ConfigError("lm:// URL has an empty port, e.g. lm://127.0.0.1:8198")
         if parts.password:
             location["token"] = unquote(parts.password)
         settings = parse_backend_url(url, cls.schemes, LMServerSettings, location, overrides, split=parts)

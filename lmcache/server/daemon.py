@@ -823,7 +823,9 @@ def _write_atomically(path: str, text: str) -> None:
 
 def add_server_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``lmcache server``."""
-    p.add_argument("--tier", action="append", default=None, metavar="URL", help="tier URL, fastest first (repeat)")
+    from lmcache.backends.registry import TIER_URL_HELP
+
+    p.add_argument("--tier", action="append", default=None, metavar="URL", help=TIER_URL_HELP)
     p.add_argument("--config", default=None, metavar="YAML", help="an lmcache config file (tiers, eviction policy…)")
     p.add_argument("--host", default=None, help="TCP address (default 127.0.0.1; '' for none)")
     p.add_argument("--port", type=int, default=None, help=f"TCP port (default {P.DEFAULT_PORT}; 0: any)")
@@ -875,6 +877,10 @@ def build_server(args: argparse.Namespace) -> CacheServer:
 
     config = LMCacheConfig.load(args.config) if args.config else LMCacheConfig.load()
     if args.tier:
+        from lmcache.backends.registry import warn_command_line_secrets
+
+        for url in args.tier:
+            warn_command_line_secrets(url, "--tier")  # other users see it in ps
         config = config.replace(tiers=list(args.tier))
     settings = settings_from_args(args)  # validate flags before building anything
     layers = [

@@ -77,6 +77,7 @@ from lmcache.errors import (
 from lmcache.keys import CacheKey
 from lmcache.serde.frame import copy_with_checksum, encode_header, header_size, needed_header_bytes, parse_header
 from lmcache.server import protocol as P
+from lmcache.server.auth import discover_tcp_token, discover_unix_token
 from lmcache.server.shm import Arena, Segment, create_segment, map_pool, populate, shm_available
 
 if TYPE_CHECKING:
@@ -160,8 +161,9 @@ class _Conn:
     async def hello(self, want_shm: bool) -> None:
         s = self.owner.settings
         meta: dict[str, Any] = {"client": f"lmcache-py/{os.getpid()}"}
-        if s.token is not None:
-            meta["token"] = s.token
+        token = self.owner.auth_token()
+        if token is not None:
+            meta["token"] = token
         seg: Segment | None = None
         if want_shm:
             try:
@@ -704,6 +706,19 @@ class LMServerBackend(StorageBackend):
 
     def _local(self) -> bool:
         return self._scheme == "lm+unix" or self.settings.host in _LOOPBACK or self.settings.host.startswith("127.")
+
+    def auth_token(self) -> str | None:
+        """The token for HELLO: the configured one, else the one a local server of ours wrote.
+
+        Looked up at every connect, so a restarted server's new token is picked up. Only files
+        of this user are read (:mod:`lmcache.server.auth`); a remote server needs ``token=``.
+        """
+        s = self.settings
+        if s.token is not None:
+            return s.token
+        if self._scheme == "lm+unix":
+            return discover_unix_token(s.path) if s.path else None
+        return discover_tcp_token(s.port) if self._local() else None
 
     async def _connect(self) -> _Conn:
         s = self.settings

@@ -3,7 +3,9 @@
 Actions: ``health``, ``stats``, ``lookup``, ``pin``, ``unpin``, ``clear``, ``move``, ``metrics``.
 Keys are selected with ``--key KEY`` (repeat) or ``--tokens 1,2,3 --model NAME`` (plus
 ``--tag k=v``). The token comes from ``--token-file`` or ``LMCACHE_SERVER_TOKEN`` (never a flag,
-so it stays out of ``ps``). Uses only the standard library.
+so it stays out of ``ps``); without either, for a server on a loopback address, from the token
+file a server of this user wrote for that HTTP port (:mod:`lmcache.server.auth`). Uses only the
+standard library.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from lmcache.errors import AuthError, BackendUnavailableError, ConfigError, InvalidArgumentError
+from lmcache.server.auth import discover_tcp_token
 
-__all__ = ["ACTIONS", "add_ctl_arguments", "call", "run_ctl_cli"]
+__all__ = ["ACTIONS", "add_ctl_arguments", "call", "local_token", "run_ctl_cli"]
 
 ACTIONS = ("health", "stats", "metrics", "lookup", "pin", "unpin", "clear", "move")
 
@@ -27,7 +31,12 @@ def add_ctl_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``lmcache server-ctl``."""
     p.add_argument("action", choices=ACTIONS, help="what to do")
     p.add_argument("--url", default="http://127.0.0.1:8199", help="the server's control API (--http-port)")
-    p.add_argument("--token-file", default=None, help="file with the server token (or LMCACHE_SERVER_TOKEN)")
+    p.add_argument(
+        "--token-file",
+        default=None,
+        help="file with the server token (or LMCACHE_SERVER_TOKEN; default: the token file a local server "
+        "of this user wrote for the --url port)",
+    )
     p.add_argument("--key", action="append", default=None, help="a key string (repeat)")
     p.add_argument("--tokens", default=None, help="token ids, comma-separated")
     p.add_argument("--model", default=None, help="model of the token scope (or of keys to clear)")
@@ -48,8 +57,8 @@ def call(
     """One request to the control API; returns the decoded JSON (or text for /metrics).
 
     Raises:
-        AuthError: 401.
-        InvalidArgumentError: 400 (the server's message).
+        AuthError: 401 (no or a wrong token) or 403 (a refused ``Origin``).
+        InvalidArgumentError: 400 or 415 (the server's message).
         BackendUnavailableError: Not reachable, or a 5xx.
     """
     data = None if body is None else json.dumps(body).encode()
@@ -67,9 +76,9 @@ def call(
             message = json.loads(text).get("error", text)
         except (ValueError, AttributeError):
             message = text
-        if exc.code == 401:
+        if exc.code in (401, 403):
             raise AuthError(f"{url}{path}: {message}") from None
-        if exc.code == 400:
+        if exc.code in (400, 415):
             raise InvalidArgumentError(f"{url}{path}: {message}") from None
         raise BackendUnavailableError(f"{url}{path}: HTTP {exc.code}: {message}") from None
     except (urllib.error.URLError, OSError) as exc:
@@ -77,6 +86,19 @@ def call(
     if "json" in ctype:
         return json.loads(raw)
     return raw.decode()
+
+
+def local_token(url: str) -> str | None:
+    """The token a server of this user on this host wrote for the port of ``url``, if any."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return None
+    host = (parts.hostname or "").lower()
+    if host not in ("localhost", "::1") and not host.startswith("127."):
+        return None  # a remote server: its token file is not here
+    return discover_tcp_token(port)
 
 
 def _selection(args: argparse.Namespace) -> dict[str, Any]:
@@ -114,6 +136,8 @@ def run_ctl_cli(args: argparse.Namespace) -> int:
             token = Path(args.token_file).read_text().strip()
         except OSError as exc:
             raise ConfigError(f"cannot read --token-file {args.token_file}: {exc.strerror}") from None
+    if not token:
+        token = local_token(args.url)
     action = args.action
     body: dict[str, Any] | None = None
     if action in ("lookup", "pin", "unpin", "move"):

@@ -20,12 +20,27 @@ Misbehaving clients: a frame with a bad magic, version, opcode or an over-limit 
 message that is not ``HELLO``, or a wrong token gets an error reply and the connection is
 closed; malformed meta in a well-framed request gets an error reply and the session goes on.
 Either way other sessions are not affected.
+
+Auth and resource bounds (what a client that is not trusted can cost the server):
+
+* Auth is on by default: with no token configured the server generates one and writes it to a
+  private file that same-user clients read (:mod:`lmcache.server.auth`); ``--no-auth`` turns
+  it off (with a warning).
+* Before ``HELLO`` is accepted, frames are capped at :data:`~lmcache.server.protocol.HELLO_MAX_BYTES`
+  (meta and data) and the whole first frame must arrive within ``hello_timeout``: nothing sized
+  by the client is allocated before auth.
+* Every read has a deadline: a frame that stalls mid-way (no byte for ``read_timeout``) cuts the
+  connection, and an authenticated session idle for ``idle_timeout`` is closed.
+* Sessions stage socket values in buffers drawn from one server-wide :class:`StagingBudget`:
+  when it is spent a request waits up to ``staging_wait`` and then gets a ``busy`` error (one
+  larger than the whole budget gets ``too_large`` at once), instead of allocating more.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import hmac
@@ -44,6 +59,7 @@ from lmcache.backends.memory import MemoryBackend
 from lmcache.config import LMCacheConfig, env_layer, parse_duration, parse_size, resolve_settings, setting
 from lmcache.errors import ConfigError, InvalidArgumentError, InvalidBufferError, LMCacheError
 from lmcache.keys import CacheKey
+from lmcache.server import auth as A
 from lmcache.server import protocol as P
 from lmcache.server.pool import MAX_LEASES, SharedPoolMemory
 from lmcache.server.shm import Segment, attach_segment, shm_available, sweep_stale
@@ -52,7 +68,7 @@ from lmcache.tiered import TieredBackend
 if TYPE_CHECKING:
     from lmcache.server.metrics import ServerMetrics
 
-__all__ = ["CacheServer", "ServerSettings", "add_server_arguments", "run_server_cli"]
+__all__ = ["CacheServer", "ServerSettings", "StagingBudget", "add_server_arguments", "run_server_cli"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +82,38 @@ class ServerSettings:
     unix_socket: str | None = setting(None, doc="Path of a Unix socket to listen on as well.")
     http_host: str = setting("127.0.0.1", doc="Address of the HTTP control API and /metrics.")
     http_port: int | None = setting(None, doc="Port of the HTTP control API (None: disabled; 0: any).", min=0)
-    token: str | None = setting(None, doc="Shared secret clients must send in HELLO / as a Bearer token.", secret=True)
+    token: str | None = setting(
+        None,
+        doc="Shared secret clients must send in HELLO / as a Bearer token (None: generate one at start).",
+        secret=True,
+    )
+    auth: bool = setting(True, doc="Require the token in HELLO (False: --no-auth; HTTP mutations still need it).")
     max_frame_bytes: int = setting(
         P.DEFAULT_MAX_FRAME_BYTES, doc="Largest data section of one frame.", parse=parse_size, min=1 << 16
     )
     max_meta_bytes: int = setting(P.DEFAULT_MAX_META_BYTES, doc="Largest meta section.", parse=parse_size, min=4096)
     shm: bool = setting(True, doc="Offer the shared-memory fast path to same-host clients.")
     shm_max_bytes: int = setting(4 << 30, doc="Largest client segment the server maps.", parse=parse_size, min=1)
-    hello_timeout: float = setting(10.0, doc="Seconds a new connection has to send HELLO.", parse=parse_duration)
+    hello_timeout: float = setting(
+        10.0, doc="Seconds a new connection has to send its whole HELLO frame.", parse=parse_duration, min=0.001
+    )
+    read_timeout: float = setting(
+        30.0,
+        doc="Seconds a frame may stall mid-way (no byte received) before the connection is cut.",
+        parse=parse_duration,
+        min=0.001,
+    )
+    idle_timeout: float = setting(
+        300.0,
+        doc="Seconds an authenticated session may send nothing before it is closed (0: never).",
+        parse=parse_duration,
+    )
+    staging_budget: int = setting(
+        256 << 20, doc="Bytes of socket staging buffers all sessions together may hold.", parse=parse_size, min=1 << 16
+    )
+    staging_wait: float = setting(
+        10.0, doc="Seconds a request waits for staging room before a busy error.", parse=parse_duration
+    )
     sweep_interval: float = setting(
         30.0, doc="Seconds between sweeps of stale segment names.", parse=parse_duration, min=0.1
     )
@@ -89,6 +129,8 @@ class ServerCounters:
     requests: int = 0
     protocol_errors: int = 0
     auth_failures: int = 0
+    timeouts: int = 0  # connections cut by hello_timeout, read_timeout or idle_timeout
+    staging_refused: int = 0  # requests answered busy / too_large by the staging budget
     bad_requests: int = 0
     shm_attached: int = 0
     shm_released: int = 0
@@ -96,6 +138,89 @@ class ServerCounters:
 
 class _Disconnect(Exception):
     """The peer went away (EOF or reset)."""
+
+
+class _Stalled(Exception):
+    """No byte arrived within the deadline of the read in progress."""
+
+
+class _StagingRefused(Exception):
+    """The staging budget cannot give a request its buffer: ``kind`` is ``busy`` or ``too_large``."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class StagingBudget:
+    """One server-wide bound on the bytes of all sessions' staging buffers.
+
+    Sessions take bytes before they allocate a buffer and give them back when they drop it.
+    Waiters are served first come, first served; a session gives back what it holds before it
+    waits for more, so sessions never hold some while waiting (no deadlock).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    @property
+    def contended(self) -> bool:
+        """Whether some session waits for room (holders should give back idle buffers)."""
+        return bool(self._waiters)
+
+    async def acquire(self, n: int, wait: float) -> None:
+        """Take ``n`` bytes, waiting up to ``wait`` seconds for room.
+
+        Raises:
+            _StagingRefused: ``too_large`` when ``n`` exceeds the whole budget, ``busy`` when
+                no room came within ``wait``.
+        """
+        if n > self.limit:
+            raise _StagingRefused(
+                "too_large",
+                f"a request needs {n} bytes of staging, more than the server's whole budget of {self.limit}",
+            )
+        if not self._waiters and self.used + n <= self.limit:
+            self.used += n
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (n, fut)
+        self._waiters.append(entry)
+        try:
+            async with asyncio.timeout(wait):
+                await fut
+        except BaseException as exc:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(entry)
+            if fut.done() and not fut.cancelled():
+                self.release(n)  # granted just as the wait ended: give it back
+            else:
+                fut.cancel()
+                self._wake()  # a large waiter leaving may unblock smaller ones behind it
+            if isinstance(exc, TimeoutError):
+                raise _StagingRefused(
+                    "busy", f"the server's staging budget ({self.limit} bytes) stayed full for {wait}s"
+                ) from None
+            raise
+
+    def release(self, n: int) -> None:
+        """Give back ``n`` bytes and wake the waiters that now fit."""
+        self.used -= n
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            n, fut = self._waiters[0]
+            if fut.done():
+                self._waiters.popleft()
+                continue
+            if self.used + n > self.limit:
+                return
+            self._waiters.popleft()
+            self.used += n
+            fut.set_result(None)
 
 
 class _Session:
@@ -114,17 +239,44 @@ class _Session:
         self.leased = 0
         self._lease_ids = 0
         self._staging = bytearray(0)
+        self._staged = 0  # bytes of the staging budget this session holds (its buffer's size)
         self._head = bytearray(P.HEADER_BYTES)
 
     # -- I/O -------------------------------------------------------------------------------
 
-    async def _recv_into(self, view: memoryview) -> None:
-        loop = asyncio.get_running_loop()
-        while view.nbytes:
-            n = await loop.sock_recv_into(self.sock, view)
-            if n == 0:
-                raise _Disconnect
+    async def _recv_into(self, view: memoryview, first: float | None = None) -> None:
+        """Fill ``view``; each byte must come within ``read_timeout`` of the previous one.
+
+        ``first``, when given, is the deadline for the first byte instead (``idle_timeout``
+        while waiting for the next request; 0: none).
+
+        Raises:
+            _Disconnect: EOF.
+            _Stalled: A deadline passed.
+        """
+        try:  # fast path: the bytes are there already (pipelined frames), no deadline needed
+            n = self.sock.recv_into(view)
+        except (BlockingIOError, InterruptedError):
+            n = -1
+        if n == 0 and view.nbytes:
+            raise _Disconnect
+        if n > 0:
             view = view[n:]
+            first = None  # the frame has begun: the rest comes under read_timeout
+        if not view.nbytes:
+            return
+        loop = asyncio.get_running_loop()
+        step = self.server.settings.read_timeout
+        try:
+            async with asyncio.timeout(step if first is None else (first or None)) as deadline:
+                while view.nbytes:
+                    n = await loop.sock_recv_into(self.sock, view)
+                    if n == 0:
+                        raise _Disconnect
+                    view = view[n:]
+                    deadline.reschedule(loop.time() + step)
+        except TimeoutError:
+            raise _Stalled from None
 
     async def _send(self, op: int, rid: int, meta: dict[str, Any], data: Sequence[memoryview] = (), flags: int = 0):
         loop = asyncio.get_running_loop()
@@ -140,30 +292,51 @@ class _Session:
         with contextlib.suppress(OSError, _Disconnect):
             await self._send(op, rid, {"kind": kind, "message": message}, flags=P.FLAG_ERROR)
 
-    def _staging_view(self, n: int) -> memoryview:
+    async def _stage(self, n: int) -> memoryview:
+        """A staging buffer of ``n`` bytes, drawn from the server-wide budget.
+
+        The buffer is kept for the next request (no reallocation per request) unless other
+        sessions wait for room (:meth:`_trim_staging`).
+
+        Raises:
+            _StagingRefused: No room within ``staging_wait``, or more than the whole budget.
+        """
         if len(self._staging) < n:
+            self._drop_staging()  # never hold budget while waiting for more
+            await self.server.budget.acquire(n, self.server.settings.staging_wait)
             self._staging = bytearray(n)
+            self._staged = n
         return memoryview(self._staging)[:n]
+
+    def _drop_staging(self) -> None:
+        if self._staged:
+            self._staging = bytearray(0)
+            self.server.budget.release(self._staged)
+            self._staged = 0
+
+    def _trim_staging(self) -> None:
+        """Between requests: give the buffer back if another session is waiting for room."""
+        if self._staged and self.server.budget.contended:
+            self._drop_staging()
 
     # -- main loop -------------------------------------------------------------------------
 
     async def run(self) -> None:
         srv = self.server
         s = srv.settings
-        hello_done = False
         try:
+            if not await self._handshake():
+                return
             while True:
+                self._trim_staging()
                 head = memoryview(self._head)
-                if hello_done:
-                    await self._recv_into(head)
-                else:
-                    try:
-                        async with asyncio.timeout(s.hello_timeout):
-                            await self._recv_into(head)
-                    except TimeoutError:
-                        srv.counters.protocol_errors += 1
-                        await self._send_error(P.Op.HELLO, 0, "protocol", "no HELLO within hello_timeout")
-                        return
+                try:
+                    await self._recv_into(head, first=s.idle_timeout)
+                except _Stalled:
+                    # Idle (no byte of a next request) or stalled inside the 32-byte header.
+                    srv.counters.timeouts += 1
+                    logger.info("lm server: %s was idle for idle_timeout; closing the session", self.peer)
+                    return
                 try:
                     fh = P.parse_frame_head(head, s.max_meta_bytes, s.max_frame_bytes)
                 except P.ProtocolError as exc:
@@ -177,16 +350,15 @@ class _Session:
                     srv.counters.protocol_errors += 1
                     await self._send_error(fh.op, fh.request_id, "protocol", "a shm frame carries no data")
                     return
-                if (
-                    hello_done
-                    and fh.op == P.Op.PUT
-                    and not fh.flags & P.FLAG_SHM
-                    and srv.pool is not None
-                    and fh.data_len
-                ):
-                    await self._put_in_place(fh, meta_raw)
+                try:
+                    if fh.op == P.Op.PUT and not fh.flags & P.FLAG_SHM and srv.pool is not None and fh.data_len:
+                        await self._put_in_place(fh, meta_raw)
+                        continue
+                    data = await self._stage(fh.data_len)
+                except _StagingRefused as exc:
+                    # Nothing of the data was read yet: skip it (the stream stays in step), answer.
+                    await self._refuse_staging(fh, exc)
                     continue
-                data = self._staging_view(fh.data_len)
                 if fh.data_len:
                     await self._recv_into(data)
                 try:
@@ -195,15 +367,6 @@ class _Session:
                     srv.counters.protocol_errors += 1
                     await self._send_error(fh.op, fh.request_id, "protocol", str(exc))
                     return
-                if not hello_done:
-                    if fh.op != P.Op.HELLO:
-                        srv.counters.auth_failures += 1
-                        await self._send_error(fh.op, fh.request_id, "auth", "the first message must be HELLO")
-                        return
-                    if not await self._hello(fh, meta):
-                        return
-                    hello_done = True
-                    continue
                 if fh.op == P.Op.RELEASE:
                     leases = meta.get("leases")
                     for lease_id in leases if isinstance(leases, list) else []:
@@ -215,13 +378,74 @@ class _Session:
                     self._commit_oneway(meta)
                     continue
                 await self._dispatch(fh, meta, data)
+        except _Stalled:
+            srv.counters.timeouts += 1
+            logger.warning("lm server: %s stalled mid-frame for read_timeout; disconnecting", self.peer)
+            await self._send_error(0, 0, "timeout", f"a frame stalled for {s.read_timeout}s (read_timeout)")
         except (_Disconnect, ConnectionError, OSError):
             pass
         finally:
             self.close()
 
+    async def _refuse_staging(self, fh: P.FrameHead, exc: _StagingRefused) -> None:
+        """Answer a request the staging budget refused, after skipping its unread data."""
+        srv = self.server
+        srv.counters.staging_refused += 1
+        logger.info("lm server: %s: %s", self.peer, exc)
+        await self._drain(fh.data_len)
+        if not fh.flags & P.FLAG_NOREPLY:
+            await self._send_error(fh.op, fh.request_id, exc.kind, str(exc))
+
+    async def _handshake(self) -> bool:
+        """Read and check the HELLO; True when the session may go on.
+
+        Nothing is allocated from a size the client chose: the frame may hold at most
+        ``HELLO_MAX_BYTES`` of meta and of data, and all of it must arrive within
+        ``hello_timeout``.
+        """
+        srv = self.server
+        head = memoryview(self._head)
+        fh: P.FrameHead | None = None
+        error: tuple[str, str] | None = None
+        try:
+            async with asyncio.timeout(srv.settings.hello_timeout):
+                await self._recv_into(head)
+                try:
+                    fh = P.parse_frame_head(head, P.HELLO_MAX_BYTES, P.HELLO_MAX_BYTES)
+                except P.ProtocolError as exc:
+                    error = ("protocol", f"{exc} (before HELLO)")
+                if fh is not None and fh.op != P.Op.HELLO:
+                    error = ("auth", "the first message must be HELLO")
+                if error is None:
+                    assert fh is not None
+                    raw = bytearray(fh.meta_len + fh.data_len)  # at most 2 x HELLO_MAX_BYTES
+                    await self._recv_into(memoryview(raw))
+        except (TimeoutError, _Stalled):
+            srv.counters.timeouts += 1
+            logger.warning("lm server: %s sent no complete HELLO within hello_timeout; disconnecting", self.peer)
+            await self._send_error(P.Op.HELLO, 0, "timeout", "no complete HELLO within hello_timeout")
+            return False
+        if error is not None:
+            kind, message = error
+            if kind == "auth":
+                srv.counters.auth_failures += 1
+            else:
+                srv.counters.protocol_errors += 1
+            logger.warning("lm server: %s: %s; disconnecting", self.peer, message)
+            await self._send_error(fh.op if fh is not None else 0, fh.request_id if fh else 0, kind, message)
+            return False
+        assert fh is not None
+        try:
+            meta = P.decode_meta(raw[: fh.meta_len])
+        except P.ProtocolError as exc:
+            srv.counters.protocol_errors += 1
+            await self._send_error(fh.op, fh.request_id, "protocol", str(exc))
+            return False
+        return await self._hello(fh, meta)
+
     def close(self) -> None:
         self.release_all()
+        self._drop_staging()
         seg, self.segment = self.segment, None
         if seg is not None:
             seg.close()
@@ -251,9 +475,9 @@ class _Session:
 
     async def _hello(self, fh: P.FrameHead, meta: dict[str, Any]) -> bool:
         srv = self.server
-        token = srv.settings.token
+        token = srv.token
         sent = meta.get("token")
-        if token is not None and not (isinstance(sent, str) and hmac.compare_digest(sent.encode(), token.encode())):
+        if srv.settings.auth and not (isinstance(sent, str) and hmac.compare_digest(sent.encode(), token.encode())):
             srv.counters.auth_failures += 1
             logger.warning("lm server: %s sent a wrong or no token; disconnecting", self.peer)
             await self._send_error(fh.op, fh.request_id, "auth", "wrong or missing token")
@@ -408,7 +632,7 @@ class _Session:
             for key, n in zip(keys, sizes, strict=True):
                 slots.append(pool.reserve(key, n))
             rest_bytes = sum(n for (state, _), n in zip(slots, sizes, strict=True) if state != "reserved")
-            staging = self._staging_view(rest_bytes)
+            staging = await self._stage(rest_bytes)
             views: list[memoryview] = []
             off = 0
             for i, ((state, entry), n) in enumerate(zip(slots, sizes, strict=True)):
@@ -471,7 +695,7 @@ class _Session:
                 sizes[i], views[i] = e.nbytes, pool.view(e)
         rest = [i for i, e in enumerate(leased) if e is None]
         if rest:
-            staging = self._staging_view(sum(caps[i] for i in rest))
+            staging = await self._stage(sum(caps[i] for i in rest))
             dsts, off = [], 0
             for i in rest:
                 dsts.append(staging[off : off + caps[i]])
@@ -541,6 +765,10 @@ class _Session:
             except InvalidBufferError as exc:
                 srv.counters.bad_requests += 1
                 await self._send_error(op, fh.request_id, "invalid_buffer", str(exc))
+                return
+            except _StagingRefused as exc:
+                srv.counters.staging_refused += 1
+                await self._send_error(op, fh.request_id, exc.kind, str(exc))
                 return
             except InvalidArgumentError as exc:
                 srv.counters.bad_requests += 1
@@ -627,7 +855,7 @@ class _Session:
                     raise InvalidArgumentError("meta.caps exceed the max frame size")
                 if self.server.pool is not None:
                     return await self._socket_get(keys, caps)
-                staging = self._staging_view(sum(caps))
+                staging = await self._stage(sum(caps))
                 dsts, off = [], 0
                 for n in caps:
                     dsts.append(staging[off : off + n])
@@ -677,6 +905,12 @@ class CacheServer:
         self._http: Any = None
         self.addresses: dict[str, Any] = {}
         self._stopped = asyncio.Event()
+        self.budget = StagingBudget(settings.staging_budget)
+        # The HTTP control API's mutating endpoints always need a token, even under --no-auth:
+        # without a configured one the server makes its own and leaves it where same-user
+        # clients find it (lmcache.server.auth).
+        self.token: str = settings.token if settings.token is not None else A.generate_token()
+        self._token_files: list[Path] = []
 
     def stats(self) -> dict[str, Any]:
         """Server counters, live sessions and shared memory, and the tiered backend's stats."""
@@ -687,6 +921,8 @@ class CacheServer:
         server["pinned_keys"] = len(self.tiered.pinned())
         server["leases"] = sum(s.leased for s in self.sessions)
         server["reservations"] = sum(len(r) for s in self.sessions for r in s.reservations.values())
+        server["staging_bytes"] = self.budget.used
+        server["staging_budget"] = self.budget.limit
         return {"server": server, "backend": self.tiered.stats()}
 
     async def start(self) -> None:
@@ -715,10 +951,34 @@ class CacheServer:
             self.addresses["http"] = [s.http_host, port]
         if s.shm:
             self._spawn(self._sweeper())
+        self._publish_token()
         self.addresses["pid"] = os.getpid()
         if s.ready_file:
             _write_atomically(s.ready_file, json.dumps(self.addresses))
         logger.info("lm server: serving %s on %s", self.tiered, self.addresses)
+
+    def _publish_token(self) -> None:
+        """Write a generated token where same-user clients look for it (before ``ready_file``)."""
+        s = self.settings
+        if not s.auth:
+            logger.warning(
+                "lm server: --no-auth: any local user (and anyone who can reach %s) can read, write and clear "
+                "this cache over lm://; the HTTP control API still needs the token for pin/unpin/clear/move",
+                s.host or "the Unix socket",
+            )
+        if s.token is not None:
+            return  # configured: its owner hands it out (--token-file / LMCACHE_SERVER_TOKEN)
+        paths: list[Path] = []
+        if "tcp" in self.addresses:
+            paths.append(A.tcp_token_path(self.addresses["tcp"][1]))
+        if "http" in self.addresses:
+            paths.append(A.tcp_token_path(self.addresses["http"][1]))
+        if "unix" in self.addresses:
+            paths.append(A.unix_token_path(self.addresses["unix"]))
+        for path in paths:
+            A.write_token_file(path, self.token)
+            self._token_files.append(path)
+        logger.info("lm server: auth token generated; same-user clients read it from %s", ", ".join(map(str, paths)))
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -781,6 +1041,8 @@ class CacheServer:
             with contextlib.suppress(OSError):
                 os.unlink(self.settings.unix_socket)
         await self.tiered.aclose()
+        for path in self._token_files:
+            A.remove_token_file(path, self.token)
         if self.settings.ready_file:
             with contextlib.suppress(OSError):
                 os.unlink(self.settings.ready_file)
@@ -832,7 +1094,24 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unix-socket", default=None, metavar="PATH", help="also listen on this Unix socket")
     p.add_argument("--http-host", default=None, help="HTTP control API address (default 127.0.0.1)")
     p.add_argument("--http-port", type=int, default=None, help="HTTP control API + /metrics port (0: any)")
-    p.add_argument("--token-file", default=None, help="file holding the auth token (or LMCACHE_SERVER_TOKEN)")
+    p.add_argument(
+        "--token-file",
+        default=None,
+        help="file holding the auth token (or LMCACHE_SERVER_TOKEN); default: a random token, written where "
+        "same-user clients find it ($XDG_RUNTIME_DIR/lmcache/<port>.token, <unix-socket>.token)",
+    )
+    p.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="let any client in without a token (logs a warning; HTTP pin/unpin/clear/move still need it)",
+    )
+    p.add_argument("--hello-timeout", default=None, help="seconds a new connection has to send HELLO (default 10)")
+    p.add_argument("--read-timeout", default=None, help="seconds a frame may stall mid-way (default 30)")
+    p.add_argument(
+        "--idle-timeout", default=None, help="seconds before an idle session is closed (default 300; 0: never)"
+    )
+    p.add_argument("--staging-budget", default=None, help="bytes of socket staging for all sessions (default 256MiB)")
+    p.add_argument("--staging-wait", default=None, help="seconds a request waits for staging room (default 10)")
     p.add_argument("--max-frame-size", default=None, help="largest frame data section (e.g. 512MiB)")
     p.add_argument("--no-shm", action="store_true", help="do not offer the shared-memory fast path")
     p.add_argument("--ready-file", default=None, help="write the bound addresses (JSON) here once serving")
@@ -848,6 +1127,11 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         ("http_host", "http_host"),
         ("http_port", "http_port"),
         ("max_frame_bytes", "max_frame_size"),
+        ("hello_timeout", "hello_timeout"),
+        ("read_timeout", "read_timeout"),
+        ("idle_timeout", "idle_timeout"),
+        ("staging_budget", "staging_budget"),
+        ("staging_wait", "staging_wait"),
         ("ready_file", "ready_file"),
     ):
         value = getattr(args, attr, None)
@@ -855,6 +1139,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
             flags[name] = value
     if getattr(args, "no_shm", False):
         flags["shm"] = False
+    if getattr(args, "no_auth", False):
+        flags["auth"] = False
     if getattr(args, "token_file", None):
         try:
             flags["token"] = Path(args.token_file).read_text().strip()

@@ -1,7 +1,19 @@
 """The HTTP control API of ``lmcache server`` (aiohttp), and Prometheus ``/metrics``.
 
-Endpoints (JSON in, JSON out; with a server token, every endpoint but ``/health`` and
-``/metrics`` needs ``Authorization: Bearer <token>``):
+Endpoints (JSON in, JSON out). Who may call what:
+
+* ``/health`` and ``/metrics`` are open.
+* The mutating endpoints (``/pin``, ``/unpin``, ``/clear``, ``/move``) always need
+  ``Authorization: Bearer <token>``: the configured token, else the one the server generated
+  at start (same-user clients read it from ``<dir>/<http-port>.token``, see
+  :mod:`lmcache.server.auth`), even under ``--no-auth``.
+* The read endpoints (``/lookup``, ``/stats``) need the token too unless the server runs with
+  ``--no-auth`` (a lookup tells which prompts are cached: that is other tenants' data).
+* A ``POST`` must carry a JSON object with ``Content-Type: application/json`` (415 otherwise; an
+  empty body is a 400): a web page can send ``text/plain`` cross-origin without a preflight,
+  never ``application/json``.
+* A request whose ``Origin`` header names a site other than this host or a loopback address is
+  refused with 403 (a browser always sends ``Origin`` on a cross-site ``POST``).
 
 * ``GET /health``: ``{"status": "ok"|"degraded", "tiers": [...healthy]}`` (503 when no tier answers).
 * ``POST /lookup``: which prefix of a request each tier holds. Body: either ``{"keys": [...]}``
@@ -22,8 +34,11 @@ A bad body or an unknown tier is a 400 with ``{"error": …}``; a wrong token a 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
+import socket
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -37,6 +52,24 @@ if TYPE_CHECKING:
 __all__ = ["start_http"]
 
 _OPEN = frozenset({"/health", "/metrics"})
+_MUTATING = frozenset({"/pin", "/unpin", "/clear", "/move"})
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _own_hosts(http_host: str) -> frozenset[str]:
+    """Names of this host an ``Origin`` may carry besides loopback ones."""
+    names = {socket.gethostname().lower(), socket.getfqdn().lower()}
+    if http_host and http_host not in ("0.0.0.0", "::"):
+        names.add(http_host.lower().strip("[]"))
+    return frozenset(n for n in names if n)
 
 
 def _json(obj: Any, status: int = 200) -> web.Response:
@@ -50,16 +83,38 @@ def _error(status: int, message: str) -> web.Response:
 class _Api:
     def __init__(self, server: CacheServer) -> None:
         self.server = server
+        self.own_hosts = _own_hosts(server.settings.http_host)
+
+    def _foreign_origin(self, origin: str) -> bool:
+        try:
+            host = (urlsplit(origin).hostname or "").lower()
+        except ValueError:
+            return True
+        return not host or not (_loopback(host) or host in self.own_hosts)  # "null" has no host
 
     @web.middleware
     async def guard(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        token = self.server.settings.token
-        if token is not None and request.path not in _OPEN:
+        metrics = self.server.metrics
+        origin = request.headers.get("Origin")
+        if origin is not None and self._foreign_origin(origin):
+            metrics.error("http", "origin")
+            return _error(403, f"requests from origin {origin[:100]!r} are not allowed")
+        path = request.path
+        if path in _MUTATING or (self.server.settings.auth and path not in _OPEN):
             got = request.headers.get("Authorization", "")
             sent = got[7:] if got.startswith("Bearer ") else ""
-            if not hmac.compare_digest(sent.encode(), token.encode()):
-                self.server.metrics.error("http", "auth")
-                return _error(401, "missing or wrong bearer token")
+            if not hmac.compare_digest(sent.encode(), self.server.token.encode()):
+                metrics.error("http", "auth")
+                return _error(
+                    401, "missing or wrong bearer token (same-user clients find it in the server's token file)"
+                )
+        if request.method == "POST":
+            if request.content_type != "application/json":
+                metrics.error("http", "bad_request")
+                return _error(415, f"the body must be application/json, not {request.content_type}")
+            if not request.can_read_body or request.content_length == 0:
+                metrics.error("http", "bad_request")
+                return _error(400, "the request needs a JSON object body")
         try:
             return await handler(request)
         except web.HTTPException:
@@ -72,8 +127,6 @@ class _Api:
             return _error(503, f"{type(exc).__name__}: {exc}")
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
-        if not request.can_read_body:
-            return {}
         try:
             body = await request.json()
         except (ValueError, UnicodeDecodeError):

@@ -26,7 +26,10 @@ Rules both sides keep:
   corruption anywhere between two clients reads as a counted miss.
 * Requests are pipelined: a client may send many before reading replies; each reply carries its
   request's id. The server answers the requests of one connection in order.
-* The first message must be ``HELLO`` (with the token, when the server has one).
+* The first message must be ``HELLO`` (with the token; auth is on unless the server runs with
+  ``--no-auth``). Before it is accepted the server allocates nothing a client chooses: a frame
+  sent before auth may hold at most ``HELLO_MAX_BYTES`` of meta and of data, and the whole of it
+  must arrive within the server's ``hello_timeout``.
 
 This module holds only the frame codec and constants: it imports nothing from the server or
 the client, so both (and tests) can use it.
@@ -45,7 +48,9 @@ from typing import Any
 from lmcache.errors import (
     AuthError,
     BackendError,
+    BackendTimeoutError,
     BackendUnavailableError,
+    CapacityError,
     InvalidArgumentError,
     InvalidBufferError,
     PermanentBackendError,
@@ -63,6 +68,7 @@ __all__ = [
     "HEADER_BYTES",
     "MAGIC",
     "PROTOCOL_VERSION",
+    "HELLO_MAX_BYTES",
     "FrameHead",
     "Op",
     "ProtocolError",
@@ -85,6 +91,8 @@ FLAG_NOREPLY = 8
 DEFAULT_PORT = 8198
 DEFAULT_MAX_FRAME_BYTES = 512 << 20
 DEFAULT_MAX_META_BYTES = 16 << 20
+#: Largest meta, and largest data, of a frame sent before HELLO is accepted (a HELLO needs ~200 B).
+HELLO_MAX_BYTES = 8 << 10
 
 
 class Op(enum.IntEnum):
@@ -182,6 +190,9 @@ _ERROR_TYPES: dict[str, type[Exception]] = {
     "bad_request": InvalidArgumentError,
     "invalid_buffer": InvalidBufferError,
     "unavailable": BackendUnavailableError,
+    "busy": BackendUnavailableError,  # the server-wide staging budget stayed full: retry later
+    "too_large": CapacityError,  # the request needs more staging than the whole budget
+    "timeout": BackendTimeoutError,  # a frame stalled longer than the server's read_timeout
     "internal": BackendError,
 }
 

@@ -2,6 +2,8 @@
 
 Each server binds port 0 and a Unix socket in a temp folder and writes its addresses to a ready
 file; the fixture polls that file and a HELLO/PING over the socket, and stops the server by PID.
+Auth is on by default: a server started without ``token`` generates one, and the fixtures (like
+any client of the same user) read it from the token file it wrote.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ pytest.importorskip("prometheus_client", reason="the server extra is not install
 from rawclient import RawClient
 from servers import ServerProcess, start_process
 
+from lmcache.server.auth import discover_unix_token
+
 
 class LMServer:
     """A running ``lmcache server`` and its addresses."""
@@ -32,6 +36,11 @@ class LMServer:
         self.unix: str = info["unix"]
         self.http: str = f"http://127.0.0.1:{info['http'][1]}"
         self.pid: int = info["pid"]
+
+    @property
+    def auth_token(self) -> str | None:
+        """The token clients must send: the configured one, else the one the server generated."""
+        return self.token if self.token is not None else discover_unix_token(self.unix)
 
     def url(self, scheme: str = "lm", **query: object) -> str:
         """A client URL for this server (``lm`` or ``lm+unix``) with query options."""
@@ -47,7 +56,7 @@ class LMServer:
         """A raw protocol client (TCP), HELLO sent unless ``hello=False``."""
         c = RawClient(("127.0.0.1", self.port))
         if hello:
-            c.hello(self.token if token == "default" else token)
+            c.hello(self.auth_token if token == "default" else token)
         return c
 
     def server_stats(self) -> dict:
@@ -75,7 +84,7 @@ def start_lm_server(
             return False
         info = json.loads(ready.read_text())
         with RawClient(("127.0.0.1", info["tcp"][1])) as c:
-            c.hello(token)
+            c.hello(token if token is not None else discover_unix_token(info["unix"]))
             c.ping()
         return True
 

@@ -105,11 +105,12 @@ async def test_backend_with_wrong_token_raises_auth_error(lm_token_server: LMSer
 
 
 def test_http_unknown_tier_and_bad_body(lm_server: LMServer) -> None:
-    code, body = _post(lm_server.http + "/move", {"keys": [_key()], "to_tier": 7})
+    token = lm_server.auth_token
+    code, body = _post(lm_server.http + "/move", {"keys": [_key()], "to_tier": 7}, token)
     assert code == 400 and "to_tier=7: no such tier" in body["error"]
-    code, body = _post(lm_server.http + "/lookup", {"nothing": 1})
+    code, body = _post(lm_server.http + "/lookup", {"nothing": 1}, token)
     assert code == 400 and "keys or tokens" in body["error"]
-    code, body = _post(lm_server.http + "/pin", {"keys": [_key()], "ttl": -1})
+    code, body = _post(lm_server.http + "/pin", {"keys": [_key()], "ttl": -1}, token)
     assert code == 400 and "ttl" in body["error"]
     _still_serving(lm_server)
 
@@ -127,6 +128,7 @@ def _key() -> str:
 
 def _post(url: str, body: dict, token: str | None = None) -> tuple[int, dict]:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+    req.add_header("Content-Type", "application/json")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:

@@ -16,6 +16,7 @@ from conftest import LMServer, start_lm_server
 import lmcache
 from lmcache.cli import main as cli_main
 from lmcache.keys import CacheKey, ChunkHasher, KeyScope
+from lmcache.server.ctl import local_token
 
 VALUE = 1 << 20
 
@@ -38,14 +39,23 @@ async def client(two_tier_server: LMServer) -> AsyncIterator[lmcache.StorageBack
         yield b
 
 
+def _authorized(req: urllib.request.Request) -> urllib.request.Request:
+    """Add the token a same-user client finds in the server's token file for the HTTP port."""
+    token = local_token(req.full_url)
+    assert token, "the server wrote no token file for its HTTP port"
+    req.add_header("Authorization", f"Bearer {token}")
+    return req
+
+
 def _get(url: str) -> tuple[int, str]:
-    with urllib.request.urlopen(url, timeout=10) as resp:
+    with urllib.request.urlopen(_authorized(urllib.request.Request(url)), timeout=10) as resp:
         return resp.status, resp.read().decode()
 
 
 def _post(url: str, body: dict) -> dict:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
-    with urllib.request.urlopen(req, timeout=30) as resp:
+    req.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(_authorized(req), timeout=30) as resp:
         return json.loads(resp.read())
 
 

@@ -23,8 +23,9 @@ Example::
 
 The suite reads ``capabilities`` to decide what to check (listing, integrity checks, bounded
 capacity) instead of guessing. It uses fresh random keys in every test, so it may run against
-shared servers holding other data, and it closes every backend it opens. Async tests and fixtures
-use pytest-asyncio explicitly, so the suite also runs in projects without ``asyncio_mode=auto``.
+shared servers holding other data; on a persistent or shared backend it deletes the keys a test
+stored when the test ends, and it closes every backend it opens. Async tests and fixtures use
+pytest-asyncio explicitly, so the suite also runs in projects without ``asyncio_mode=auto``.
 
 This module may import only ``lmcache``'s public contract (base, registry, keys, errors) and its
 own test dependencies (pytest, pytest-asyncio, numpy; torch and hypothesis when installed).
@@ -34,9 +35,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import random
-from collections.abc import AsyncIterator, Sequence
+import tempfile
+import threading
+import warnings
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlsplit
 
@@ -69,11 +74,69 @@ _DEST_KINDS = ("bytearray", "memoryview", "numpy", "torch")
 _SIZES = {"empty": 0, "one_byte": 1, "kv_chunk": "large_value_bytes", "odd": "odd_value_bytes"}
 # Operations that must open a new backend lazily, and must fail on a closed one.
 _OPERATIONS = ("contains", "get_into", "put", "delete", "lookup_prefix", "ping")
+# Each way a key's scope can differ while its chunk hash stays the same: every one of them must
+# name another value (rule 9 of the house plan: tenants never see each other's KV).
+_SCOPE_VARIANTS: dict[str, Callable[[CacheKey], CacheKey]] = {
+    "model": lambda k: dataclasses.replace(k, model=k.model + "-other-model"),
+    "world_size": lambda k: dataclasses.replace(k, world_size=k.world_size * 2),
+    "rank": lambda k: dataclasses.replace(k, rank=k.rank + 1),
+    "dtype": lambda k: dataclasses.replace(k, dtype="bfloat16"),
+    "tag_value": lambda k: dataclasses.replace(k, tags=(("tenant", "tenant-b"),)),
+    "tag_name": lambda k: dataclasses.replace(k, tags=(("team", "tenant-a"),)),
+    "no_tags": lambda k: dataclasses.replace(k, tags=()),
+    "extra_tag": lambda k: dataclasses.replace(k, tags=(("lora", "adapter-1"), ("tenant", "tenant-a"))),
+}
+# Names of the threads of an event loop's default executor (``asyncio.to_thread``): the loop owns
+# them, not the backend, and they end when the loop closes.
+_LOOP_EXECUTOR_THREAD_PREFIX = "asyncio_"
+
+# Keys handed out by random_key() during the current suite test (one list while a test runs,
+# none outside), so the suite can delete what a test stored from a shared or persistent backend.
+_issued_keys: list[list[CacheKey]] = []
 
 
 def random_key(tag: str = "") -> CacheKey:
     """A fresh key nobody else holds (32 random bytes of hash)."""
-    return CacheKey(f"lmcache-conformance{('/' + tag) if tag else ''}", 1, 0, os.urandom(32), "uint8")
+    key = CacheKey(f"lmcache-conformance{('/' + tag) if tag else ''}", 1, 0, os.urandom(32), "uint8")
+    if _issued_keys:
+        _issued_keys[-1].append(key)
+    return key
+
+
+def _scoped_key() -> CacheKey:
+    """A fresh key with a non-trivial scope (world size 2, rank 0, float16, tenant tag)."""
+    base = random_key("scope")
+    key = dataclasses.replace(base, world_size=2, dtype="float16", tags=(("tenant", "tenant-a"),))
+    if _issued_keys:
+        _issued_keys[-1].append(key)
+        _issued_keys[-1].extend(variant(key) for variant in _SCOPE_VARIANTS.values())
+    return key
+
+
+@contextlib.contextmanager
+def _private_hypothesis_home() -> Iterator[None]:
+    """Point Hypothesis's storage (its cache of source constants) at a temporary folder.
+
+    ``database=None`` is not enough: Hypothesis still writes ``.hypothesis/constants/`` into the
+    working directory, which would litter a user's project in zero-code mode.
+    """
+    try:
+        from hypothesis import configuration
+    except ImportError:  # pragma: no cover - the caller skipped already
+        yield
+        return
+    set_home = getattr(configuration, "set_hypothesis_home_dir", None)
+    current = getattr(configuration, "storage_directory", None)
+    if set_home is None or current is None:  # an older Hypothesis: leave it alone
+        yield
+        return
+    previous = getattr(current(intent_to_write=False), "home_directory", None)
+    with tempfile.TemporaryDirectory(prefix="lmcache-conformance-hypothesis-") as home:
+        set_home(home)
+        try:
+            yield
+        finally:
+            set_home(previous)
 
 
 def random_value(n: int, rng: np.random.Generator | None = None) -> bytes:
@@ -171,6 +234,12 @@ class BackendTests:
         hypothesis_shrink: Shrink a failing sequence to a minimal one. Shrinking is unbounded
             in steps and can take minutes on a slow machine; turn it off where only
             "does it fail" matters (the suite's own mutant run).
+        large_batch_values: Small values in the one-batch test (at least 256: batches that
+            size are routine for an engine, and bugs hide past 32 or 64).
+        close_grace_seconds: How long threads a backend started may take to end after
+            ``aclose`` returns before they count as leaked.
+        clean_up_keys: Delete the keys a test stored when it ends, on backends that are
+            persistent or shared (so a run leaves no litter on a shared server).
 
     Hooks a subclass may override: :meth:`make_backend` and the bypass hook
     :meth:`corrupt_value`; fixtures ``backend_url`` (required unless ``make_backend`` is
@@ -191,6 +260,9 @@ class BackendTests:
     hypothesis_max_examples: ClassVar[int] = 25
     hypothesis_steps: ClassVar[int] = 25
     hypothesis_shrink: ClassVar[bool] = True
+    large_batch_values: ClassVar[int] = 300
+    close_grace_seconds: ClassVar[float] = 2.0
+    clean_up_keys: ClassVar[bool] = True
 
     _request: pytest.FixtureRequest | None = None
 
@@ -231,6 +303,54 @@ class BackendTests:
                 )
             return None
 
+    @pytest.fixture(autouse=True)
+    def _lmcache_conformance_clean_up(self, _lmcache_conformance_bind: None) -> Iterator[None]:
+        """Collect the keys the test hands out; delete those still stored when it ends.
+
+        Most are deleted by the backend that stored them, just before the suite closes it
+        (:meth:`_close_cleanly`); a test that closes its backend itself leaves its keys to a
+        sweep here, through a new backend, on persistent or shared backends only.
+        """
+        # Resolve the URL now, so that its fixture (a temporary folder, a server) is still set
+        # up when the sweep below runs.
+        self._fixture("backend_url")
+        issued: list[CacheKey] = []
+        _issued_keys.append(issued)
+        try:
+            yield
+        finally:
+            _issued_keys.remove(issued)
+        if issued and self.clean_up_keys:
+            self._sweep(issued)
+
+    def _sweep(self, keys: list[CacheKey]) -> None:
+        async def sweep() -> None:
+            b = self.make_backend()
+            try:
+                if b.capabilities.persistent or b.capabilities.shared:
+                    await b.delete(list(dict.fromkeys(keys)))
+            finally:
+                await b.aclose()
+
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(sweep())
+        except Exception as exc:  # a broken backend must not hide the test's own outcome
+            warnings.warn(f"the conformance suite could not delete {len(keys)} test keys: {exc!r}", stacklevel=1)
+        finally:
+            loop.close()
+
+    async def _close_cleanly(self, b: StorageBackend) -> None:
+        """Delete the keys handed out so far (when ``b`` is still open and keeps data), then close."""
+        issued = _issued_keys[-1] if _issued_keys else None
+        if issued and self.clean_up_keys and b.is_open and (b.capabilities.persistent or b.capabilities.shared):
+            try:
+                await b.delete(list(dict.fromkeys(issued)))
+                issued.clear()
+            except Exception as exc:  # the sweep tries again with a new backend
+                warnings.warn(f"the conformance suite could not delete its test keys: {exc!r}", stacklevel=1)
+        await b.aclose()
+
     @pytest_asyncio.fixture
     async def backend(self, _lmcache_conformance_bind: None) -> AsyncIterator[StorageBackend]:
         """An opened backend, always closed after the test."""
@@ -239,7 +359,7 @@ class BackendTests:
             await b.open()
             yield b
         finally:
-            await b.aclose()
+            await self._close_cleanly(b)
 
     @contextlib.asynccontextmanager
     async def fresh_backend(self) -> AsyncIterator[StorageBackend]:
@@ -248,7 +368,7 @@ class BackendTests:
         try:
             yield b
         finally:
-            await b.aclose()
+            await self._close_cleanly(b)
 
     def _size(self, name: str) -> int:
         spec = _SIZES[name]
@@ -356,6 +476,54 @@ class BackendTests:
             assert b.is_closed
         finally:
             await b.aclose()
+
+    @pytest.mark.asyncio
+    async def test_aclose_leaves_no_tasks_or_threads(self) -> None:
+        """After ``aclose`` returns, nothing the backend started keeps running."""
+        # A first backend lets an SDK start what it keeps for the whole process (a shared
+        # client pool): only what every backend leaves behind is a leak.
+        async with self.fresh_backend() as warm:
+            await self._exercise(warm)
+        tasks_before = asyncio.all_tasks()
+        threads_before = set(threading.enumerate())
+        b = self.make_backend()
+        try:
+            await self._exercise(b)
+        finally:
+            await self._close_cleanly(b)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.close_grace_seconds
+        while True:
+            tasks = [t for t in asyncio.all_tasks() - tasks_before if not t.done()]
+            threads = [
+                t
+                for t in threading.enumerate()
+                if t not in threads_before and t.is_alive() and not t.name.startswith(_LOOP_EXECUTOR_THREAD_PREFIX)
+            ]
+            if (not tasks and not threads) or loop.time() > deadline:
+                break
+            await asyncio.sleep(0.01)
+        name = type(b).__name__
+        assert not tasks, (
+            f"close leaks tasks: after aclose, {name} left {len(tasks)} asyncio task(s) running: "
+            + ", ".join(repr(t.get_coro()) for t in tasks[:5])
+        )
+        assert not threads, (
+            f"close leaks threads: {self.close_grace_seconds} s after aclose, {name} left "
+            f"{len(threads)} thread(s) running: " + ", ".join(t.name for t in threads[:5])
+        )
+
+    async def _exercise(self, b: StorageBackend) -> None:
+        """Every operation once, so lazily started workers (executors, write-back) exist."""
+        keys = [random_key() for _ in range(3)]
+        await b.open()
+        await b.put(keys, [random_value(100), b"", random_value(3)])
+        await b.contains(keys)
+        await b.get_into(keys, [bytearray(128) for _ in keys])
+        await b.lookup_prefix(keys)
+        await b.ping()
+        b.stats()
+        await b.delete(keys[:1])
 
     @pytest.mark.asyncio
     @pytest.mark.parametrize("op", _OPERATIONS)
@@ -583,6 +751,42 @@ class BackendTests:
             expect_bytes(dst[: sizes[i]].tobytes(), values[i])
 
     @pytest.mark.asyncio
+    async def test_large_batch_of_small_values(self, backend: StorageBackend) -> None:
+        """Every value of a batch of hundreds is held, read back and deleted, in input order."""
+        n = max(256, self.large_batch_values)
+        rng = random.Random()
+        keys = [random_key() for _ in range(n)]
+        values = [random_value(rng.randrange(0, 64)) for _ in keys]
+        await self.put_all(backend, keys, values)
+        found = await backend.contains(keys)
+        lost = [i for i, hit in enumerate(found) if not hit]
+        assert not lost, (
+            f"large batch: {len(lost)} of {n} values reported STORED are not held "
+            f"(the first is value {lost[0]} of the batch)"
+        )
+        dsts = [np.full(64, SENTINEL, dtype=np.uint8) for _ in keys]
+        got = await backend.get_into(keys, dsts)
+        assert len(got) == n, f"large batch: get_into of {n} keys returned {len(got)} results"
+        wrong = [i for i, (size, v) in enumerate(zip(got, values, strict=True)) if size != len(v)]
+        assert not wrong, f"large batch: {len(wrong)} of {n} values read back as {got[wrong[0]]}, first at {wrong[0]}"
+        for i, (dst, value) in enumerate(zip(dsts, values, strict=True)):
+            expect_bytes(dst[: len(value)].tobytes(), value, f"large batch: value {i} of {n}")
+        assert await backend.lookup_prefix(keys) == n, f"large batch: lookup_prefix of {n} held keys"
+        # The same keys again, interleaved with as many new ones: statuses in input order.
+        fresh = [random_key() for _ in range(n)]
+        mixed = [k for pair in zip(keys, fresh, strict=True) for k in pair]
+        results = await backend.put(mixed, [b"x"] * len(mixed))
+        statuses = [r.status for r in results]
+        if not backend.capabilities.bounded or all(r.ok for r in results):
+            expected = [PutStatus.EXISTS, PutStatus.STORED] * n
+            assert statuses == expected, "large batch: a put of held and new keys reported statuses out of order"
+        await backend.delete(keys)
+        found = await backend.contains(keys + fresh)
+        assert not any(found[:n]), f"large batch: {sum(found[:n])} of {n} deleted values are still held"
+        held_fresh = [r.ok for r in results[1::2]]
+        assert found[n:] == held_fresh, "large batch: deleting a batch removed other keys"
+
+    @pytest.mark.asyncio
     async def test_mixed_hits_and_misses(self, backend: StorageBackend) -> None:
         keys = [random_key() for _ in range(8)]
         values = [random_value(100 + i) for i in range(8)]
@@ -667,6 +871,29 @@ class BackendTests:
                 for key in keys[1:]:
                     assert await self.read(b, key, 64 * KiB) is None, "a deleted key came back"
                 expect_bytes(await self.read(b, keys[0], 64 * KiB), srcs[0])
+
+    @pytest.mark.asyncio
+    @pytest.mark.parametrize("field", list(_SCOPE_VARIANTS))
+    async def test_scope_is_part_of_key_identity(self, backend: StorageBackend, field: str) -> None:
+        """Keys with one chunk hash in two scopes are two values: tenants never share KV."""
+        mine = _scoped_key()
+        theirs = _SCOPE_VARIANTS[field](mine)
+        rule = f"scope isolation ({field}): a key that differs only in its {field}"
+        mine_value, their_value = random_value(500), random_value(300)
+        await self.put_all(backend, [mine], [mine_value])
+        assert await backend.contains([theirs]) == [False], f"{rule} is reported held (another tenant's value)"
+        got = await self.read(backend, theirs, 1024)
+        assert got is None, f"{rule} read another tenant's value ({len(got or b'')} bytes)"
+        assert await backend.lookup_prefix([theirs]) == 0, f"{rule} counts in lookup_prefix"
+        results = await backend.put([theirs], [their_value])
+        assert results[0].status is not PutStatus.EXISTS, f"{rule} collides with another tenant's key on put"
+        if results[0].status is PutStatus.REJECTED:
+            pytest.skip(f"{type(backend).__name__} rejected a value ({results[0].reason}); give it more capacity")
+        expect_bytes(await self.read(backend, theirs, 1024), their_value, f"{rule} read the wrong value")
+        expect_bytes(await self.read(backend, mine, 1024), mine_value, f"{rule} overwrote the first tenant's value")
+        await backend.delete([theirs])
+        assert await backend.contains([mine, theirs]) == [True, False], f"{rule}: deleting one deleted the other"
+        expect_bytes(await self.read(backend, mine, 1024), mine_value, f"{rule}: delete changed the other value")
 
     @pytest.mark.asyncio
     async def test_delete_absent_keys_is_fine(self, backend: StorageBackend) -> None:
@@ -994,8 +1221,11 @@ class BackendTests:
                 # way Hypothesis cannot replay, and then this is the only trace of what happened.
                 self.history: list[str] = []
                 caps = self.backend.capabilities
-                # Bounded backends may reject puts, and tiers with a policy may drop values.
-                self.exact = not caps.bounded and caps.max_value_bytes is None
+                # Only a backend that declares a capacity (bounded) may reject puts for room or
+                # lose values to a tier's eviction policy. A cap on single values is no licence
+                # to lose anything: values over it are rejected as too large, and that is all.
+                self.exact = not caps.bounded
+                self.max_value_bytes = caps.max_value_bytes
                 self.run(self.backend.open())
 
             def run(self, coro: Any) -> Any:
@@ -1007,7 +1237,7 @@ class BackendTests:
             def check(self, ok: bool, what: str) -> None:
                 if not ok:
                     steps = "\n  ".join(self.history[-40:])
-                    mode = "exact" if self.exact else "bounded: misses allowed"
+                    mode = "exact: not bounded, so no misses allowed" if self.exact else "bounded: misses allowed"
                     raise AssertionError(f"{what} ({mode}); steps so far:\n  {steps}")
 
             @rule(items=st.lists(st.tuples(index, values), max_size=4))
@@ -1033,8 +1263,10 @@ class BackendTests:
                         self.model[k] = v
                     elif r.status is PutStatus.EXISTS:
                         self.check(k in self.model, f"put reported EXISTS for {n}, which is not held")
+                    elif self.max_value_bytes is not None and len(v) > self.max_value_bytes:
+                        self.check(r.reason == "too_large", f"{n} over max_value_bytes rejected as {r.reason}")
                     else:
-                        self.check(not self.exact, f"an unbounded backend rejected {n}: {r}")
+                        self.check(not self.exact, f"a backend without bounded=True rejected {n}: {r}")
 
             @rule(idx=st.lists(index, max_size=5))
             def get(self, idx: list[int]) -> None:
@@ -1098,18 +1330,21 @@ class BackendTests:
 
             def teardown(self) -> None:
                 try:
-                    self.run(self.backend.aclose())
+                    self.run(suite._close_cleanly(self.backend))
                 finally:
                     self.loop.close()
 
-        run_state_machine_as_test(
-            BackendModel,
-            settings=settings(
-                max_examples=self.hypothesis_max_examples,
-                stateful_step_count=self.hypothesis_steps,
-                deadline=None,
-                database=None,  # never write a .hypothesis folder into a user's project
-                phases=tuple(Phase) if self.hypothesis_shrink else tuple(p for p in Phase if p is not Phase.shrink),
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-            ),
-        )
+        # Never write a .hypothesis folder into a user's project: no example database, and the
+        # rest of Hypothesis's storage goes to a temporary folder.
+        with _private_hypothesis_home():
+            run_state_machine_as_test(
+                BackendModel,
+                settings=settings(
+                    max_examples=self.hypothesis_max_examples,
+                    stateful_step_count=self.hypothesis_steps,
+                    deadline=None,
+                    database=None,
+                    phases=tuple(Phase) if self.hypothesis_shrink else tuple(p for p in Phase if p is not Phase.shrink),
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+                ),
+            )

@@ -9,8 +9,11 @@ can fail at all.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import threading
 import uuid
-from typing import ClassVar
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
 
 import pytest
 from lmcache_conformance import BackendTests
@@ -151,6 +154,130 @@ class DeletesLater(ExampleBackend):
         self._later = asyncio.ensure_future(later())
 
 
+class IgnoresScope(ExampleBackend):
+    """Names a value by its chunk hash and only part of its scope: one ``ignored`` field is dropped.
+
+    Two tenants whose keys differ only in that field share one value: a data leak.
+    """
+
+    ignored: ClassVar[str] = "tags"
+    _blank: ClassVar[dict[str, Any]] = {
+        "model": "any-model",
+        "world_size": 1 << 16,
+        "rank": 0,
+        "dtype": "any-dtype",
+        "tags": (),
+    }
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._listed: dict[str, CacheKey] = {}  # so listing still names the keys it was given
+
+    def _unscoped(self, keys: list[CacheKey]) -> list[CacheKey]:
+        return [dataclasses.replace(k, **{self.ignored: self._blank[self.ignored]}) for k in keys]
+
+    def stored_name(self, key: CacheKey) -> str:
+        """The name ``key``'s value is stored under (for the suite's bypass hook)."""
+        return self._unscoped([key])[0].to_string()
+
+    async def _contains(self, keys: list[CacheKey]) -> list[bool]:
+        return await super()._contains(self._unscoped(keys))
+
+    async def _get_into(self, keys: list[CacheKey], dsts: list[memoryview]) -> list[int | None]:
+        return await super()._get_into(self._unscoped(keys), dsts)
+
+    async def _put(self, keys: list[CacheKey], srcs: list[memoryview]) -> list[PutResult]:
+        unscoped = self._unscoped(keys)
+        results = await super()._put(unscoped, srcs)
+        for key, u, r in zip(keys, unscoped, results, strict=True):
+            if r is STORED:
+                self._listed[u.to_string()] = key
+        return results
+
+    async def _delete(self, keys: list[CacheKey]) -> None:
+        await super()._delete(self._unscoped(keys))
+
+    async def _list_keys(self) -> AsyncIterator[CacheKey]:
+        for name in list(self._data()):
+            yield self._listed.get(name) or CacheKey.from_string(name)
+
+
+class IgnoresModel(IgnoresScope):
+    ignored = "model"
+
+
+class IgnoresWorldSize(IgnoresScope):
+    ignored = "world_size"
+
+
+class IgnoresRank(IgnoresScope):
+    ignored = "rank"
+
+
+class IgnoresDtype(IgnoresScope):
+    ignored = "dtype"
+
+
+class IgnoresTags(IgnoresScope):
+    ignored = "tags"
+
+
+class DropsPastBatch32(ExampleBackend):
+    """Stores the first 32 values of a batch and reports the rest STORED without storing them."""
+
+    async def _put(self, keys: list[CacheKey], srcs: list[memoryview]) -> list[PutResult]:
+        results = await super()._put(keys[:32], srcs[:32])
+        return results + [STORED] * (len(keys) - 32)
+
+
+class LeaksTask(ExampleBackend):
+    """Starts a heartbeat task when it opens and forgets to cancel it when it closes."""
+
+    beats = 0
+
+    async def _open(self) -> None:
+        await super()._open()
+
+        async def heartbeat() -> None:
+            while True:
+                await asyncio.sleep(0.05)
+                self.beats += 1
+
+        self._heartbeat = asyncio.get_running_loop().create_task(heartbeat())
+
+
+class LeaksThread(ExampleBackend):
+    """Starts a flusher thread when it opens and never tells it to stop."""
+
+    async def _open(self) -> None:
+        await super()._open()
+        self._stop = threading.Event()  # _close never sets it
+        # A daemon, so that the leak cannot keep the mutant run's process alive.
+        self._flusher = threading.Thread(target=self._flush_until_stopped, name="example-flusher", daemon=True)
+        self._flusher.start()
+
+    def _flush_until_stopped(self) -> None:
+        while not self._stop.wait(0.05):
+            pass
+
+
+class LosesValuesUnderAValueCap(ExampleBackend):
+    """Declares a cap on single values (not a capacity), yet loses a held value now and then.
+
+    Deleting a key it does not hold removes the oldest value it does hold (think of an index
+    that falls back to slot 0). With ``max_value_bytes`` set, the model test used to allow it
+    misses as if it were bounded.
+    """
+
+    capabilities = dataclasses.replace(ExampleBackend.capabilities, max_value_bytes=64 << 20)
+
+    async def _delete(self, keys: list[CacheKey]) -> None:
+        data = self._data()
+        for key in keys:
+            if data.pop(key.to_string(), None) is None and data:
+                data.pop(next(iter(data)))
+
+
 class ExampleSuite(BackendTests):
     """The suite against ``backend_cls``; subclasses pick the mutant."""
 
@@ -158,6 +285,8 @@ class ExampleSuite(BackendTests):
     url_options: ClassVar[str] = ""
     # A mutant only has to fail; shrinking its failing sequence took minutes on a slow CI box.
     hypothesis_shrink: ClassVar[bool] = False
+    # A leaked thread only has to be seen; the example backend starts none of its own.
+    close_grace_seconds: ClassVar[float] = 0.5
 
     def make_backend(self) -> StorageBackend:
         return self.backend_cls.from_url(f"example://mutant-{uuid.uuid4().hex}{self.url_options}")
@@ -168,9 +297,10 @@ class ExampleSuite(BackendTests):
 
     async def corrupt_value(self, backend: StorageBackend, key: CacheKey) -> None:
         store = raw_store(backend.settings.name)  # type: ignore[attr-defined]
-        frame = bytearray(store[key.to_string()])
+        name = backend.stored_name(key) if isinstance(backend, IgnoresScope) else key.to_string()
+        frame = bytearray(store[name])
         frame[-1] ^= 0xFF
-        store[key.to_string()] = bytes(frame)
+        store[name] = bytes(frame)
 
 
 class TestUnbroken(ExampleSuite):
@@ -225,6 +355,42 @@ class TestBlocksTheLoop(ExampleSuite):
     url_options = "?yield_every=1GiB"  # never yields during a batch
 
 
+class TestIgnoresModel(ExampleSuite):
+    backend_cls = IgnoresModel
+
+
+class TestIgnoresWorldSize(ExampleSuite):
+    backend_cls = IgnoresWorldSize
+
+
+class TestIgnoresRank(ExampleSuite):
+    backend_cls = IgnoresRank
+
+
+class TestIgnoresDtype(ExampleSuite):
+    backend_cls = IgnoresDtype
+
+
+class TestIgnoresTags(ExampleSuite):
+    backend_cls = IgnoresTags
+
+
+class TestDropsPastBatch32(ExampleSuite):
+    backend_cls = DropsPastBatch32
+
+
+class TestLeaksTask(ExampleSuite):
+    backend_cls = LeaksTask
+
+
+class TestLeaksThread(ExampleSuite):
+    backend_cls = LeaksThread
+
+
+class TestLosesValuesUnderAValueCap(ExampleSuite):
+    backend_cls = LosesValuesUnderAValueCap
+
+
 #: Mutant class -> suite tests that must fail for it (and pass for ``TestUnbroken``).
 EXPECTED_FAILURES: dict[str, tuple[str, ...]] = {
     "TestLastWriterWins": ("test_put_is_idempotent_first_writer_wins", "test_stateful_against_a_dict_model"),
@@ -239,4 +405,32 @@ EXPECTED_FAILURES: dict[str, tuple[str, ...]] = {
     "TestForgetsDeletes": ("test_delete_then_miss", "test_stateful_against_a_dict_model"),
     "TestDeletesLater": ("test_delete_is_not_undone_by_background_work",),
     "TestBlocksTheLoop": ("test_event_loop_keeps_ticking_during_large_batch",),
+    # A name with [parameter] must fail in that parametrisation; the message names the rule.
+    "TestIgnoresModel": ("test_scope_is_part_of_key_identity[model]",),
+    "TestIgnoresWorldSize": ("test_scope_is_part_of_key_identity[world_size]",),
+    "TestIgnoresRank": ("test_scope_is_part_of_key_identity[rank]",),
+    "TestIgnoresDtype": ("test_scope_is_part_of_key_identity[dtype]",),
+    "TestIgnoresTags": (
+        "test_scope_is_part_of_key_identity[tag_value]",
+        "test_scope_is_part_of_key_identity[tag_name]",
+        "test_scope_is_part_of_key_identity[no_tags]",
+        "test_scope_is_part_of_key_identity[extra_tag]",
+    ),
+    "TestDropsPastBatch32": ("test_large_batch_of_small_values",),
+    "TestLeaksTask": ("test_aclose_leaves_no_tasks_or_threads",),
+    "TestLeaksThread": ("test_aclose_leaves_no_tasks_or_threads",),
+    "TestLosesValuesUnderAValueCap": ("test_stateful_against_a_dict_model",),
+}
+
+#: Words each mutant's failure message must contain: the rule it broke, named.
+EXPECTED_MESSAGES: dict[str, str] = {
+    "TestIgnoresModel": "scope isolation (model)",
+    "TestIgnoresWorldSize": "scope isolation (world_size)",
+    "TestIgnoresRank": "scope isolation (rank)",
+    "TestIgnoresDtype": "scope isolation (dtype)",
+    "TestIgnoresTags": "scope isolation (",
+    "TestDropsPastBatch32": "large batch: 268 of 300 values reported STORED are not held",
+    "TestLeaksTask": "close leaks tasks",
+    "TestLeaksThread": "close leaks threads",
+    "TestLosesValuesUnderAValueCap": "exact: not bounded",
 }

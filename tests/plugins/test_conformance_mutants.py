@@ -1,5 +1,6 @@
 """The conformance suite can fail: each broken example backend in ``mutants.py`` fails the tests
-meant to catch its bug, and the unbroken example backend passes the same tests.
+meant to catch its bug, with a message that names the broken rule, and the unbroken example
+backend passes the same tests.
 
 The mutants run in a child pytest (their failures must not fail this run), which reports per
 test in JUnit XML.
@@ -25,19 +26,22 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def load_expected() -> dict[str, tuple[str, ...]]:
+def load_expected() -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
+    """``EXPECTED_FAILURES`` and ``EXPECTED_MESSAGES`` of ``mutants.py``."""
     spec = importlib.util.spec_from_file_location("lmcache_conformance_mutants", HERE / "mutants.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.EXPECTED_FAILURES
+    return module.EXPECTED_FAILURES, module.EXPECTED_MESSAGES
 
 
 @pytest.mark.timeout(900)
 def test_each_mutant_fails_the_tests_that_target_it(tmp_path: Path) -> None:
-    expected = load_expected()
-    targets = sorted({name for names in expected.values() for name in names})
+    expected, messages = load_expected()
+    # "test_x[param]" targets one parametrisation; the child runs every parametrisation of it.
+    targets = sorted({name.split("[", 1)[0] for names in expected.values() for name in names})
     node_ids = [f"{HERE / 'mutants.py'}::{cls}::{name}" for cls, names in expected.items() for name in names]
+    node_ids = list(dict.fromkeys(node_ids))
     node_ids += [f"{HERE / 'mutants.py'}::TestUnbroken::{name}" for name in targets]
     report = tmp_path / "report.xml"
     # A per-test limit in the child: a hung mutant test is reported as that test failing, with
@@ -60,15 +64,24 @@ def test_each_mutant_fails_the_tests_that_target_it(tmp_path: Path) -> None:
     assert report.exists(), child_output
 
     outcomes: dict[tuple[str, str], list[str]] = defaultdict(list)
+    failure_text: dict[str, str] = defaultdict(str)
     for case in ET.parse(report).getroot().iter("testcase"):
         cls = case.get("classname", "").rsplit(".", 1)[-1]
-        name = case.get("name", "").split("[", 1)[0]
-        if case.find("failure") is not None or case.find("error") is not None:
-            outcomes[cls, name].append("failed")
+        full_name = case.get("name", "")
+        failure = case.find("failure")
+        if failure is None:
+            failure = case.find("error")
+        if failure is not None:
+            outcome = "failed"
+            failure_text[cls] += (failure.get("message") or "") + (failure.text or "")
         elif case.find("skipped") is not None:
-            outcomes[cls, name].append("skipped")
+            outcome = "skipped"
         else:
-            outcomes[cls, name].append("passed")
+            outcome = "passed"
+        # Under the bare name (any parametrisation) and under the full one.
+        outcomes[cls, full_name.split("[", 1)[0]].append(outcome)
+        if "[" in full_name:
+            outcomes[cls, full_name].append(outcome)
 
     for name in targets:
         got = outcomes.get(("TestUnbroken", name))
@@ -80,3 +93,5 @@ def test_each_mutant_fails_the_tests_that_target_it(tmp_path: Path) -> None:
         if "failed" not in outcomes.get((cls, name), [])
     ]
     assert not missed, "the suite did not catch these mutants:\n" + "\n".join(missed) + "\n" + child_output
+    unnamed = [f"{cls}: {words!r}" for cls, words in messages.items() if words not in failure_text[cls]]
+    assert not unnamed, "these mutants failed without naming the broken rule:\n" + "\n".join(unnamed)

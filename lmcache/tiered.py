@@ -703,6 +703,66 @@ class TieredBackend(StorageBackend):
             return False
         return True
 
+    async def wait_persisted(
+        self, keys: Sequence[CacheKey], sizes: Sequence[int], timeout: float | None = None
+    ) -> list[bool]:
+        """Wait until the last persistent tier holds each of ``keys`` (a cache server's ``ack=durable``).
+
+        Unlike :meth:`flush` this waits for these keys' write-backs only: other callers may keep
+        the queues busy for ever. A key whose write-back to that tier is not queued or did not
+        land (dropped from a full queue, a failed tier, a put that found the key in tier 0
+        already) is queued once more, read back from tier 0 like any write-back; a full queue
+        is waited for, a suspended tier is not.
+
+        Args:
+            keys: Keys just put into tier 0.
+            sizes: Their values' sizes in bytes (to queue a write-back again).
+            timeout: Seconds to wait at most (None: no limit).
+
+        Returns:
+            Per key, whether the last persistent tier holds it. When no tier below tier 0 is
+            persistent there is nothing to wait for, and every key counts as held.
+        """
+        keys = list(keys)
+        if self._loop is not None:
+            self._follow_loop()
+        target = max((t.index for t in self._tiers if t.backend.capabilities.persistent), default=0)
+        if target == 0 or not keys:
+            return [True] * len(keys)
+        tier = self._tiers[target]
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        held = [False] * len(keys)
+        todo = list(range(len(keys)))
+        requeued: set[int] = set()
+        while todo:
+            if not any((job := self._pending.get(keys[i])) is not None and target in job.tiers for i in todo):
+                found = await self._guard(tier, "contains", tier.backend.contains([keys[i] for i in todo]), n=len(todo))
+                if found is _FAILED:
+                    break
+                for i, f in zip(todo, found, strict=True):
+                    held[i] = bool(f)
+                # A key written back again that is still missing is given up on.
+                todo = [i for i in todo if not held[i] and i not in requeued]
+                if not todo or self._suspended(tier) or tier.queue is None:
+                    break
+                for i in todo:
+                    if tier.queue.full():  # the rest after the writer made room
+                        break
+                    self._enqueue(keys[i], sizes[i], range(target, target + 1))
+                    requeued.add(i)
+            # The writers wake waiters (_wake_puts) after every batch they are done with.
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                break
+            if self._progress is None:
+                self._progress = asyncio.Event()
+            try:
+                await _with_timeout(self._progress.wait(), left)  # type: ignore[arg-type]
+            except (TimeoutError, asyncio.TimeoutError):
+                break
+        return held
+
     async def _close(self) -> None:
         self._follow_loop()  # writers on this loop drain what an earlier loop left queued
         background = list(self._background)  # probes and lookups past their budget: no buffers held

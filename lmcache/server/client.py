@@ -2,8 +2,14 @@
 
 URL forms and options (defaults < ``LMCACHE_LM_*`` / ``LMCACHE_LM_UNIX_*`` env < URL < kwargs)::
 
-    lm://127.0.0.1:8198?shm=true&shm_size=128MiB&timeout=30&connections=1&token=…
-    lm+unix:///run/lmcache.sock?shm=false
+    lm://127.0.0.1:8198?shm=true&shm_size=128MiB&timeout=30&connections=1&ack=memory&token=…
+    lm+unix:///run/lmcache.sock?shm=false&ack=durable
+
+``ack``: a put returns once every client can read the values from the server (``memory``,
+the default), or once they are on its last persistent tier too (``durable``: they survive a
+server crash). The server's own ``--ack durable`` makes every put durable; a put the server
+cannot persist within its ``--ack-timeout`` comes back ``rejected`` (``not_durable``), so keep
+``timeout`` above that.
 
 Values are stored as lmcache value frames (:mod:`lmcache.serde.frame`: key bound in, xxh3
 checksum), built here and checked here, so the server and its tiers hold opaque bytes and
@@ -53,7 +59,6 @@ from urllib.parse import unquote
 import numpy as np
 
 from lmcache.backends.base import (
-    STORED,
     Capabilities,
     PutResult,
     PutStatus,
@@ -111,6 +116,11 @@ class LMServerSettings:
     timeout: float = setting(30.0, doc="Seconds a request may wait for its reply.", parse=parse_duration, min=0.001)
     connect_timeout: float = setting(5.0, doc="Seconds to connect and say HELLO.", parse=parse_duration, min=0.001)
     connections: int = setting(1, doc="Connections per backend (requests are spread over them).", min=1, max=64)
+    ack: str = setting(
+        "memory",
+        doc="When a put returns: memory (in the server's tier 0) or durable (on its last persistent tier).",
+        choices=("memory", "durable"),
+    )
 
 
 @dataclasses.dataclass(eq=False)
@@ -463,22 +473,6 @@ class _Conn:
             return None
         return inline or asyncio.get_running_loop().create_task(self._send(frame, []))
 
-    async def post(self, op: int, meta: dict[str, Any]) -> None:
-        """Send a one-way request and wait until it is on the socket (not for any reply).
-
-        Raises:
-            BackendUnavailableError: The connection failed (it is closed then).
-        """
-        if self.closed:
-            raise self.error or BackendUnavailableError("lm://: connection closed")
-        try:
-            task = self._send_oneway(op, meta)
-            if task is not None:
-                await asyncio.shield(task)
-        except OSError as exc:
-            await self.abort(BackendUnavailableError(f"lm://: sending failed: {exc}"))
-            raise self.error from exc  # type: ignore[misc]
-
     def abort_reservation(self, rid: object) -> None:
         """Drop a put reservation we will not fill (a failed or cancelled put), in the background."""
         if not isinstance(rid, int) or self.closed:
@@ -666,6 +660,8 @@ class LMServerBackend(StorageBackend):
         self.shm_active = False  # the last connection made uses a shared-memory segment
         self.pool_active = False  # ... and reads tier-0 hits straight from the server's pool
         self.corrupt_seen: list[CacheKey] = []  # corrupt values read, deleted after the get
+        # Sent with every put (or its commit); absent means the server's own --ack.
+        self._ack: dict[str, str] = {"ack": "durable"} if settings.ack == "durable" else {}
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> Self:
@@ -905,20 +901,11 @@ class LMServerBackend(StorageBackend):
             if reserved:
                 # The one copy, checksummed on the way (on the loop: see _write_frames).
                 _write_frames(pool, places, [keys[i] for i in reserved], [srcs[i] for i in reserved])
-                # One-way on a single connection: the server handles a connection's requests in
-                # order, so every later request of ours sees the values, and waiting for an
-                # answer only added a round trip per batch (a commit fails only when the key was
-                # deleted meanwhile, the same outcome as a delete just after the put, or when
-                # the server is stopping). Over several connections a later get may take
-                # another one, so there the put waits for the commit to be done.
-                if self.settings.connections == 1:
-                    await conn.post(P.Op.COMMIT, {"reservation": rid})
-                    for i in reserved:
-                        results[i] = STORED
-                else:
-                    done, _ = await conn.request(P.Op.COMMIT, {"reservation": rid})
-                    for i, (status, reason) in zip(reserved, done["results"], strict=True):
-                        results[i] = PutResult(PutStatus(status), reason)
+                # Wait for the commit's answer, also on one connection: a put that returned is
+                # readable by every client (ack=memory), or persisted (ack=durable).
+                done, _ = await conn.request(P.Op.COMMIT, {"reservation": rid, **self._ack})
+                for i, (status, reason) in zip(reserved, done["results"], strict=True):
+                    results[i] = PutResult(PutStatus(status), reason)
         except BaseException:
             if reserved and not conn.closed:
                 conn.abort_reservation(rid)
@@ -956,7 +943,9 @@ class LMServerBackend(StorageBackend):
                 conn.free_region(region)
                 raise
             # On failure or cancellation request() hands the region back (now or on the reply).
-            reply, _ = await conn.request(P.Op.PUT, {"keys": skeys, "spans": spans}, flags=P.FLAG_SHM, region=region)
+            reply, _ = await conn.request(
+                P.Op.PUT, {"keys": skeys, "spans": spans, **self._ack}, flags=P.FLAG_SHM, region=region
+            )
             conn.free_region(region)
         else:
             heads = [bytearray(h) for h in hsizes]
@@ -970,7 +959,7 @@ class LMServerBackend(StorageBackend):
                 memoryview(heads[i])[:] = encode_header(keys[i], srcs[i])
 
             sizes = [h + s.nbytes for h, s in zip(hsizes, srcs, strict=True)]
-            reply, _ = await conn.request(P.Op.PUT, {"keys": skeys, "sizes": sizes}, data, fill=fill)
+            reply, _ = await conn.request(P.Op.PUT, {"keys": skeys, "sizes": sizes, **self._ack}, data, fill=fill)
         out = []
         for status, reason in reply["results"]:
             out.append(PutResult(PutStatus(status), reason))

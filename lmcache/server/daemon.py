@@ -118,6 +118,14 @@ class ServerSettings:
         30.0, doc="Seconds between sweeps of stale segment names.", parse=parse_duration, min=0.1
     )
     ready_file: str | None = setting(None, doc="Write a JSON file with the bound addresses once serving.")
+    ack: str = setting(
+        "memory",
+        doc="When a put is answered: memory (in tier 0) or durable (on the last persistent tier).",
+        choices=("memory", "durable"),
+    )
+    ack_timeout: float = setting(
+        20.0, doc="Seconds an ack=durable put waits for its values to persist.", parse=parse_duration, min=0.001
+    )
 
 
 @dataclasses.dataclass
@@ -134,6 +142,7 @@ class ServerCounters:
     bad_requests: int = 0
     shm_attached: int = 0
     shm_released: int = 0
+    not_durable: int = 0  # ack=durable puts rejected because their values did not persist in time
 
 
 class _Disconnect(Exception):
@@ -561,8 +570,11 @@ class _Session:
             reply["reservation"] = self._lease_ids
         return reply
 
-    def _commit(self, meta: dict[str, Any]) -> dict[str, Any]:
-        """Second half: publish the blocks the client filled (or drop them: ``abort``)."""
+    def _commit(self, meta: dict[str, Any]) -> tuple[dict[str, Any], list[CacheKey], list[int]]:
+        """Second half: publish the blocks the client filled (or drop them: ``abort``).
+
+        Returns the reply, and the reservation's keys and sizes in the order of its results.
+        """
         pool = self.server.pool
         rid = meta.get("reservation")
         held = self.reservations.pop(rid, None) if isinstance(rid, int) else None
@@ -571,7 +583,7 @@ class _Session:
         if meta.get("abort") is True:
             for key, entry in held:
                 pool.abort(key, entry)
-            return {"results": [["rejected", "aborted"]] * len(held)}
+            return {"results": [["rejected", "aborted"]] * len(held)}, [], []
         t0 = time.perf_counter()
         results, stored_keys, stored_sizes = [], [], []
         for key, entry in held:
@@ -583,7 +595,7 @@ class _Session:
         self.server.tiered.record_stored(stored_keys, stored_sizes)
         self.server.metrics.put(sum(stored_sizes))
         self.server.metrics.tier0_in_place("put", stored_sizes, time.perf_counter() - t0)
-        return {"results": results}
+        return {"results": results}, [k for k, _ in held], [e.nbytes for _, e in held]
 
     def _commit_oneway(self, meta: dict[str, Any]) -> None:
         """A COMMIT the client does not wait for (``FLAG_NOREPLY``): nothing is sent back."""
@@ -600,6 +612,31 @@ class _Session:
             logger.exception("lm server: %s: a one-way COMMIT failed", self.peer)
             return
         srv.metrics.observe("commit", time.perf_counter() - t0)
+
+    def _durable(self, meta: dict[str, Any]) -> bool:
+        """Whether a put is answered only once persisted: the server's ``ack`` or the request's."""
+        ack = meta.get("ack", "memory")
+        if ack not in ("memory", "durable"):
+            raise InvalidArgumentError(f"meta.ack must be 'memory' or 'durable', not {ack!r}")
+        return ack == "durable" or self.server.settings.ack == "durable"
+
+    async def _persist(self, keys: list[CacheKey], sizes: list[int], results: list[Any]) -> None:
+        """``ack=durable``: wait until the stored values are on the last persistent tier.
+
+        A value that does not get there within ``ack_timeout`` is reported ``rejected``
+        (``not_durable``) in ``results`` (wire ``[status, reason]`` pairs, changed in place),
+        although tier 0 still holds it: the client asked for more than that.
+        """
+        idx = [i for i, r in enumerate(results) if r[0] in ("stored", "exists")]
+        if not idx:
+            return
+        held = await self.server.tiered.wait_persisted(
+            [keys[i] for i in idx], [sizes[i] for i in idx], self.server.settings.ack_timeout
+        )
+        for i, ok in zip(idx, held, strict=True):
+            if not ok:
+                results[i] = ["rejected", "not_durable"]
+                self.server.counters.not_durable += 1
 
     async def _put_in_place(self, fh: P.FrameHead, meta_raw: bytearray) -> None:
         """A socket PUT whose values are received straight into reserved tier-0 blocks.
@@ -621,6 +658,7 @@ class _Session:
                 raise InvalidArgumentError("meta.sizes must be a list of one int per key")
             if any(x < 0 for x in sizes) or sum(sizes) != fh.data_len:
                 raise InvalidArgumentError("meta.sizes do not add up to the data length")
+            durable = self._durable(meta)
         except (P.ProtocolError, InvalidArgumentError) as exc:
             srv.counters.bad_requests += 1
             await self._drain(fh.data_len)  # keep the stream in step, then answer
@@ -666,6 +704,8 @@ class _Session:
             for i, r in zip(staged, got, strict=True):
                 results[i] = [r.status.value, r.reason]
         srv.metrics.put(sum(sizes[i] for i, r in enumerate(results) if r[0] != "rejected"))
+        if durable:
+            await self._persist(keys, sizes, results)
         srv.metrics.observe("put", time.perf_counter() - t0)
         await self._send(fh.op, fh.request_id, {"results": results})
 
@@ -808,7 +848,11 @@ class _Session:
         if op == P.Op.HELLO:
             raise InvalidArgumentError("HELLO was already sent on this connection")
         if op == P.Op.COMMIT:
-            return self._commit(meta), []
+            durable = self._durable(meta)  # checked before anything is published
+            reply, committed, csizes = self._commit(meta)
+            if durable:
+                await self._persist(committed, csizes, reply["results"])
+            return reply, []
         keys = self._keys(meta)
         if op == P.Op.CONTAINS:
             return {"found": await tiered.contains(keys)}, []
@@ -825,6 +869,7 @@ class _Session:
         if op == P.Op.PUT and shm and meta.get("reserve") is True and isinstance(self.server.pool, SharedPoolMemory):
             return self._reserve(keys, meta), []
         if op == P.Op.PUT:
+            durable = self._durable(meta)
             if shm:
                 assert self.segment is not None
                 spans = self._spans(meta, len(keys), self.segment.size, "spans")
@@ -841,7 +886,10 @@ class _Session:
                     off += n
             results: list[PutResult] = await tiered.put(keys, views)
             metrics.put(sum(v.nbytes for v, r in zip(views, results, strict=True) if r.ok))
-            return {"results": [[r.status.value, r.reason] for r in results]}, []
+            wire: list[Any] = [[r.status.value, r.reason] for r in results]
+            if durable:
+                await self._persist(keys, [v.nbytes for v in views], wire)
+            return {"results": wire}, []
         if op == P.Op.GET:
             if shm:
                 assert self.segment is not None
@@ -956,6 +1004,8 @@ class CacheServer:
         if s.ready_file:
             _write_atomically(s.ready_file, json.dumps(self.addresses))
         logger.info("lm server: serving %s on %s", self.tiered, self.addresses)
+        if s.ack == "durable" and not any(t.capabilities.persistent for t in self.tiered.tiers):
+            logger.warning("lm server: --ack durable, but no tier is persistent: a put is durable once in memory")
 
     def _publish_token(self) -> None:
         """Write a generated token where same-user clients look for it (before ``ready_file``)."""
@@ -1115,6 +1165,13 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-frame-size", default=None, help="largest frame data section (e.g. 512MiB)")
     p.add_argument("--no-shm", action="store_true", help="do not offer the shared-memory fast path")
     p.add_argument("--ready-file", default=None, help="write the bound addresses (JSON) here once serving")
+    p.add_argument(
+        "--ack",
+        default=None,
+        choices=("memory", "durable"),
+        help="answer a put once it is in tier 0 (memory, the default) or on the last persistent tier (durable)",
+    )
+    p.add_argument("--ack-timeout", default=None, help="seconds a durable put waits to persist (default 20)")
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
@@ -1133,6 +1190,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         ("staging_budget", "staging_budget"),
         ("staging_wait", "staging_wait"),
         ("ready_file", "ready_file"),
+        ("ack", "ack"),
+        ("ack_timeout", "ack_timeout"),
     ):
         value = getattr(args, attr, None)
         if value is not None:

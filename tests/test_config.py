@@ -126,12 +126,9 @@ def test_tag_values_must_be_strings(tmp_path: Path) -> None:
 )
 def test_lmcache_tags_can_be_set_in_the_environment(text: str, tags: dict[str, str]) -> None:
     assert LMCacheConfig.load(environ={"LMCACHE_TAGS": text}).tags == tags
-
-
-@pytest.mark.parametrize("text", ["tenant", '{"tenant": 5}', "{not json", "a=1,a=2", "=x"])
-def test_bad_lmcache_tags_are_config_errors(text: str) -> None:
-    with pytest.raises(ConfigError, match=r"tags=.*\(from environment\)"):
-        LMCacheConfig.load(environ={"LMCACHE_TAGS": text})
+    for bad in ("tenant", '{"tenant": 5}', "{not json", "a=1,a=2", "=x"):
+        with pytest.raises(ConfigError, match=r"tags=.*\(from environment\)"):
+            LMCacheConfig.load(environ={"LMCACHE_TAGS": bad})
 
 
 def test_unknown_lmcache_variable_names_the_close_match() -> None:
@@ -139,9 +136,7 @@ def test_unknown_lmcache_variable_names_the_close_match() -> None:
         LMCacheConfig.load(environ={"LMCACHE_CHUNKSIZE": "512"})
     with pytest.raises(ConfigError, match="LMCACHE_TIER_TIMOUT; did you mean LMCACHE_TIER_TIMEOUT"):
         LMCacheConfig.load(environ={"LMCACHE_TIER_TIMOUT": "1"})
-
-
-def test_variables_read_elsewhere_stay_allowed() -> None:
+    # Variables read elsewhere stay allowed.
     env = {
         "LMCACHE_TEST_REDIS_URL": "redis://127.0.0.1:1/0",
         "LMCACHE_SERVER_TOKEN": "t",

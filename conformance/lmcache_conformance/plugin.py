@@ -24,7 +24,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="URL",
         help=(
             "Run the lmcache conformance suite against this backend URL: "
-            "pytest --pyargs lmcache_conformance --lmcache-backend-url=URL"
+            "pytest --pyargs lmcache_conformance --lmcache-backend-url=URL. "
+            "It stores only fresh random keys and deletes them after each test, but a failing "
+            "backend can leave some behind: point it at a scratch location (an empty directory, "
+            "bucket prefix or database), never at data you keep."
         ),
     )
 

@@ -50,6 +50,8 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 __all__ = [
+    "EXISTS",
+    "STORED",
     "BackendCounters",
     "Capabilities",
     "PutResult",
@@ -59,10 +61,14 @@ __all__ = [
     "WorkerGate",
     "as_readable",
     "as_writable",
+    "check_dst_size",
     "gather_all",
     "parse_backend_url",
+    "rejected",
     "run_blocking",
+    "settings_query",
     "split_by_size",
+    "split_url",
 ]
 
 logger = logging.getLogger(__name__)

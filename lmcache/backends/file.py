@@ -224,8 +224,8 @@ _NO_LINK_ERRNOS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 # How every value file is opened for reading: never through a symlink (ELOOP instead), and
-# without blocking when a FIFO sits at the name (regular files ignore O_NONBLOCK; it is cleared
-# once the file is known to be regular all the same).
+# without blocking when a FIFO sits at the name. Reads of regular files ignore O_NONBLOCK
+# (open(2)), so it stays set: clearing it would cost two syscalls on every get.
 _O_INSPECT = os.O_RDONLY | _O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 _FSYNC_CHOICES = ("none", "data", "always")
 # macOS has no fdatasync; a full fsync gives the same guarantee there.
@@ -355,8 +355,6 @@ def _open_value(path: str, flags: int = 0) -> tuple[int, os.stat_result]:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise _NotAFile(_describe(st.st_mode))
-        if _O_INSPECT & os.O_NONBLOCK:
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     except BaseException:
         os.close(fd)
         raise

@@ -38,6 +38,7 @@ WORKLOADS: dict[str, str] = {
     "long-doc-qa": "lmcache.bench.long_doc_qa",
     "vllm-long-doc-qa": "lmcache.bench.vllm_long_doc_qa",
     "multi-round-qa": "lmcache.bench.multi_round_qa",
+    "tier-faults": "lmcache.bench.tier_faults",
 }
 
 

@@ -17,10 +17,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from lmcache_conformance import BackendTests
 
 import lmcache
-from lmcache.backends.base import StorageBackend
 from lmcache.errors import ConfigError, PluginConflictError, UnknownSchemeError
 from lmcache.keys import CacheKey
 
@@ -177,23 +175,8 @@ def test_plugin_that_is_not_a_backend_is_refused(monkeypatch: pytest.MonkeyPatch
 # The conformance suite, as a subclass (with bypass hooks) and in zero-code mode
 
 
-@requires_plugin
-class TestExampleBackend(BackendTests):
-    @pytest.fixture
-    def backend_url(self) -> str:
-        return f"example://conformance-{uuid.uuid4().hex}"
-
-    @pytest.fixture
-    def secret_url(self) -> str:
-        return "example://secrets?token=tok-3f9a1c77"
-
-    async def corrupt_value(self, backend: StorageBackend, key: CacheKey) -> None:
-        from lmcache_example_plugin.backend import raw_store
-
-        store = raw_store(backend.settings.name)  # type: ignore[attr-defined]
-        frame = bytearray(store[key.to_string()])
-        frame[-1] ^= 0xFF  # flip the last payload byte: the checksum must catch it
-        store[key.to_string()] = bytes(frame)
+# The subclass form is the plugin's own tests/test_conformance.py (as docs/plugins.md shows it),
+# which this run collects from tests/plugins/lmcache-example-plugin/tests/.
 
 
 @requires_plugin
@@ -222,8 +205,7 @@ def test_zero_code_suite_passes_against_the_plugin(tmp_path: Path) -> None:
     assert passed is not None, tail
     assert int(passed.group(1)) >= 80, tail
     assert not re.search(r"\d+ (failed|errors?)\b", out.stdout), tail
-    # Hypothesis keeps a cache of source constants in .hypothesis/; nothing else may appear.
-    assert [p.name for p in tmp_path.iterdir() if p.name != ".hypothesis"] == [], "the suite left files behind"
+    assert [p.name for p in tmp_path.iterdir()] == [], "the suite left files (.hypothesis/?) behind"
 
 
 def test_zero_code_suite_skips_without_a_url(tmp_path: Path) -> None:

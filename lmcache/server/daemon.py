@@ -109,7 +109,7 @@ class ServerSettings:
         parse=parse_duration,
     )
     staging_budget: int = setting(
-        256 << 20, doc="Bytes of socket staging buffers all sessions together may hold.", parse=parse_size, min=1 << 16
+        128 << 20, doc="Bytes of socket staging buffers all sessions together may hold.", parse=parse_size, min=1 << 16
     )
     staging_wait: float = setting(
         10.0, doc="Seconds a request waits for staging room before a busy error.", parse=parse_duration
@@ -1160,7 +1160,7 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--idle-timeout", default=None, help="seconds before an idle session is closed (default 300; 0: never)"
     )
-    p.add_argument("--staging-budget", default=None, help="bytes of socket staging for all sessions (default 256MiB)")
+    p.add_argument("--staging-budget", default=None, help="bytes of socket staging for all sessions (default 128MiB)")
     p.add_argument("--staging-wait", default=None, help="seconds a request waits for staging room (default 10)")
     p.add_argument("--max-frame-size", default=None, help="largest frame data section (e.g. 512MiB)")
     p.add_argument("--no-shm", action="store_true", help="do not offer the shared-memory fast path")

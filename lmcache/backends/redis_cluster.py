@@ -27,7 +27,8 @@ from urllib.parse import quote, unquote, urlsplit
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from lmcache.backends.base import parse_backend_url, settings_query
-from lmcache.backends.redis import _LOCATION_FIELDS, RedisBackend, RedisSettings, _userinfo
+from lmcache.backends.redis import _LOCATION_FIELDS, RedisBackend, RedisSettings, _userinfo, map_redis_errors
+from lmcache.backends.resp import Endpoint, RespError, error_kind
 from lmcache.config import setting
 from lmcache.errors import ConfigError
 
@@ -72,8 +73,10 @@ class RedisClusterBackend(RedisBackend):
 
     schemes: ClassVar[tuple[str, ...]] = ("redis+cluster",)
     settings: RedisClusterSettings
-    # RedisCluster picks its node connections' class itself, so frames are joined before SET.
-    _framed_pieces: ClassVar[bool] = False
+
+    def __init__(self, settings: RedisClusterSettings, scheme: str = "redis+cluster") -> None:
+        super().__init__(settings, scheme)
+        self._nodes: dict[tuple[str, int], Endpoint] = {}
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> Self:
@@ -138,6 +141,52 @@ class RedisClusterBackend(RedisBackend):
             require_full_coverage=True,
             **kw,
         )
+
+    # -- the data path: RESP per node, routed by key slot -----------------------------------
+
+    def _route(
+        self, names: list[bytes], todo: list[int], asks: dict[int, Endpoint]
+    ) -> list[tuple[Endpoint, list[int], list[bool] | None]]:
+        """Group items by the primary that owns their key's slot (CRC16, redis-py's slot map)."""
+        client = self._client
+        by_node: dict[tuple[str, int], list[int]] = {}
+        asked: dict[Endpoint, list[int]] = {}
+        for i in todo:
+            if i in asks:
+                asked.setdefault(asks[i], []).append(i)
+                continue
+            node = client.nodes_manager.get_node_from_slot(client.keyslot(names[i]))
+            by_node.setdefault((node.host, node.port), []).append(i)
+        routes: list[tuple[Endpoint, list[int], list[bool] | None]] = [
+            (self._node_endpoint(host, port), idx, None) for (host, port), idx in by_node.items()
+        ]
+        routes.extend((endpoint, idx, [True] * len(idx)) for endpoint, idx in asked.items())
+        return routes
+
+    def _node_endpoint(self, host: str, port: int) -> Endpoint:
+        # Cached: the idle connections are kept per endpoint, so one node must map to one key.
+        key = (host, port)
+        endpoint = self._nodes.get(key)
+        if endpoint is None:
+            endpoint = self._nodes[key] = dataclasses.replace(self._endpoint(host, port), db=0)
+        return endpoint
+
+    async def _redirected(self, moved: list[tuple[int, RespError]]) -> dict[int, Endpoint]:
+        """``MOVED``: refresh the slot map from the cluster; ``ASK``: send that item to the named node once."""
+        asks: dict[int, Endpoint] = {}
+        refresh = False
+        for i, reply in moved:
+            # "MOVED <slot> <host>:<port>" / "ASK <slot> <host>:<port>"
+            parts = str(reply).split()
+            host, _, port = parts[-1].rpartition(":") if len(parts) >= 3 else ("", "", "")
+            if error_kind(reply) == "ask" and host and port.isdigit():
+                asks[i] = self._node_endpoint(host.strip("[]"), int(port))
+            else:
+                refresh = True
+        if refresh:
+            with map_redis_errors(f"refreshing the slot map of {self._target()}"):
+                await self._client.nodes_manager.initialize()
+        return asks
 
     # -- commands: one pipeline per call, which the client splits by node --------------------
 

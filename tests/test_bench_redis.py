@@ -18,7 +18,7 @@ from servers import RedisServer
 from lmcache.backends.registry import open_backend
 from lmcache.bench import backend as bench_backend
 from lmcache.bench.backend import Workload
-from lmcache.bench.baselines_redis import RawRedisBaseline, make
+from lmcache.bench.baselines_redis import RawRedisBaseline, WireBaseline, make
 
 SMALL = ["--value-size", "1MiB", "--total", "16MiB", "--repeat", "1", "--keys-tokens", "0"]
 
@@ -33,6 +33,7 @@ def run_bench(url: str, out: Path) -> dict[str, Any]:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "raw-redis-py" in proc.stdout
+    assert "backend / wire: put" in proc.stdout
     return json.loads(out.read_text())
 
 
@@ -40,17 +41,20 @@ def check_with_raw_baseline(data: dict[str, Any]) -> None:
     assert data["baseline"]["name"] == "raw-redis-py"
     assert data["params"]["value_size"] == 1 << 20
     assert data["params"]["count"] == 16
-    for system in ("backend", "baseline"):
+    # The wire ceiling (a raw-socket RESP client) runs in the same rounds.
+    assert [e["name"] for e in data["extra_baselines"]] == ["wire"]
+    for system in ("backend", "baseline", "wire"):
         for op in ("put", "get"):
             m = data["median"][system][op]
             assert m["gbps"] > 0
             assert 0 < m["p50_ms"] <= m["p99_ms"]
     for op in ("put", "get"):
         assert data["ratio"][f"{op}_gbps"] > 0
-    # Both systems ran in every round, warmup included.
+        assert data["ratio"][f"{op}_gbps_vs_wire"] > 0
+    # Every system ran in every round, warmup included.
     assert len(data["rounds"]) == 2
     for r in data["rounds"]:
-        assert sorted(r["order"]) == ["backend", "baseline"]
+        assert sorted(r["order"]) == ["backend", "baseline", "wire"]
 
 
 def keys_left(url: str) -> list[bytes]:
@@ -90,9 +94,13 @@ def test_baseline_registered_for_every_standalone_scheme() -> None:
 def test_make_follows_backend_settings_and_declines_others() -> None:
     w = Workload(4096, 2, 1)
     b = open_backend("redis://127.0.0.1:6399/0?max_connections=3&max_batch_bytes=8KiB&max_batch_keys=7")
-    base = make(b, w)
+    made = make(b, w)
+    assert made is not None
+    base, wire = made
     assert isinstance(base, RawRedisBaseline)
     info = base.describe()
     assert (info["max_connections"], info["max_batch_bytes"], info["max_batch_keys"]) == (3, 8192, 7)
+    assert isinstance(wire, WireBaseline)
+    assert wire.describe()["connections"] == 3  # the backend's connections, capped by max_connections
     assert make(open_backend("redis+cluster://127.0.0.1:7000"), w) is None
     assert make(open_backend("memory://"), w) is None

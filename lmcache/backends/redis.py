@@ -734,8 +734,9 @@ class RedisBackend(StorageBackend):
     def _spread(self, idx: list[int], sizes: Sequence[int]) -> list[list[int]]:
         """Cut one server's share of a batch into sub-batches, one connection each.
 
-        At most ``connections`` of about equal bytes, each within ``max_batch_bytes`` and
-        ``max_batch_keys`` (so more, smaller ones for a big batch).
+        ``connections`` of about equal bytes, each within ``max_batch_bytes`` and
+        ``max_batch_keys`` (so more, smaller ones for a big batch; at most ``connections`` of a
+        call run at once).
         """
         s = self.settings
         total = sum(sizes[i] for i in idx)
@@ -758,6 +759,8 @@ class RedisBackend(StorageBackend):
         after a ``MOVED``/``ASK``.
         """
         deadline = time.monotonic() + self.settings.timeout
+        # At most `connections` sub-batches of this call in flight at once (per call, over all nodes).
+        lanes = asyncio.Semaphore(min(self.settings.connections, self.settings.max_connections))
         todo = list(range(len(names)))
         asks: dict[int, Endpoint] = {}
         for _ in range(_MAX_REDIRECTS + 1):
@@ -767,13 +770,14 @@ class RedisBackend(StorageBackend):
                 endpoint: Endpoint, idx: list[int], asking: list[bool] | None, moved: list[tuple[int, RespError]]
             ) -> None:
                 got: list[Any] = []
-                await self._run_job(
-                    endpoint,
-                    sum(sizes[i] for i in idx),
-                    lambda conn: op(conn, idx, got, asking, deadline),
-                    what,
-                    deadline,
-                )
+                async with lanes:
+                    await self._run_job(
+                        endpoint,
+                        sum(sizes[i] for i in idx),
+                        lambda conn: op(conn, idx, got, asking, deadline),
+                        what,
+                        deadline,
+                    )
                 for i, reply in zip(idx, got, strict=True):
                     if settle(i, reply) is not None:
                         moved.append((i, reply))

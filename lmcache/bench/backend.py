@@ -267,8 +267,10 @@ class Baseline(ABC):
         return {"name": self.name, "doc": (type(self).__doc__ or "").strip().split("\n")[0]}
 
 
-#: A factory gets the backend under test (built, not opened) and the workload.
-BaselineFactory = Callable[[StorageBackend, Workload], "Baseline | None"]
+#: A factory gets the backend under test (built, not opened) and the workload. It may return a
+#: list: the first is the baseline that ratios refer to, the others run as extra systems in the
+#: same rounds (e.g. a wire-level ceiling next to the raw SDK), each reported as backend / it.
+BaselineFactory = Callable[[StorageBackend, Workload], "Baseline | Sequence[Baseline] | None"]
 _BASELINES: dict[str, BaselineFactory | str] = {}
 
 
@@ -294,7 +296,15 @@ def baseline_schemes() -> list[str]:
     return sorted(_BASELINES)
 
 
-def _make_baseline(scheme: str, backend: StorageBackend, workload: Workload) -> Baseline | None:
+def _make_baselines(scheme: str, backend: StorageBackend, workload: Workload) -> list[Baseline]:
+    """The scheme's baselines, the reference one first (empty when it has none)."""
+    made = _make_baseline(scheme, backend, workload)
+    if made is None:
+        return []
+    return [made] if isinstance(made, Baseline) else list(made)
+
+
+def _make_baseline(scheme: str, backend: StorageBackend, workload: Workload) -> Baseline | Sequence[Baseline] | None:
     entry = _BASELINES.get(scheme)
     if entry is None:
         return None
@@ -658,11 +668,15 @@ async def run_backend_bench(params: BenchParams) -> dict[str, Any]:
     shown_url = redact_url(backend.url, cls.secret_options)
 
     workload = Workload(params.value_size, count, params.batch, params.concurrency, seed=params.seed)
-    baseline = _make_baseline(scheme, backend, workload) if params.baseline == "auto" else None
+    made = _make_baselines(scheme, backend, workload) if params.baseline == "auto" else []
+    baseline = made[0] if made else None
+    extras = made[1:]
     baselines: dict[str, Baseline] = {} if baseline is None else {"baseline": baseline}
+    for extra in extras:
+        baselines[extra.name] = extra
     if params.checked:
         # Its own instance of the raw baseline: stores may refuse a second put of a slot.
-        inner = _make_baseline(scheme, backend, workload) if baseline is not None else None
+        inner = (_make_baselines(scheme, backend, workload) or [None])[0] if baseline is not None else None
         if inner is None:
             raise ConfigError(f"--checked needs the raw baseline of {scheme}://, and this run has none")
         baselines["checked"] = CheckedBaseline(inner, params.concurrency)
@@ -712,6 +726,8 @@ async def run_backend_bench(params: BenchParams) -> dict[str, Any]:
         ratios[f"{op}_gbps"] = report.ratio(b["gbps"], base.get("gbps"))
         # Latency ratio > 1 means the backend is slower per batch than the baseline.
         ratios[f"{op}_p50_ms"] = report.ratio(b["p50_ms"], base.get("p50_ms"))
+        for extra in extras:
+            ratios[f"{op}_gbps_vs_{extra.name}"] = report.ratio(b["gbps"], medians[extra.name][op]["gbps"])
         if "checked" in medians:
             checked = medians["checked"][op]["gbps"]
             # The checked raw baseline's share of the raw one: the ceiling for a verifying client.
@@ -738,6 +754,7 @@ async def run_backend_bench(params: BenchParams) -> dict[str, Any]:
         },
         "baseline": baseline.describe() if baseline is not None else None,
         "checked_baseline": baselines["checked"].describe() if "checked" in baselines else None,
+        "extra_baselines": [extra.describe() for extra in extras],
         "units": {
             "gbps": "1e9 bytes/s over the wall time of a phase",
             "p50_ms": "per batch call",
@@ -852,9 +869,12 @@ def print_summary(result: dict[str, Any]) -> None:
         title += (
             f"\nchecked: {checked['name']} - the raw baseline plus xxh3 of every value, compared (what lmcache checks)"
         )
+    extras = [e["name"] for e in result.get("extra_baselines", [])]
+    for e in result.get("extra_baselines", []):
+        title += f"\n{e['name']}: {e['doc']}"
     rows = []
     for op in ("put", "get"):
-        for system in ("backend", "baseline", "checked"):
+        for system in ("backend", "baseline", *extras, "checked"):
             m = result["median"].get(system, {}).get(op)
             if m is None:
                 continue
@@ -870,6 +890,9 @@ def print_summary(result: dict[str, Any]) -> None:
     if checked:
         headers.append("vs checked")
     print(report.render_table(headers, rows, title=title))
+    for name in extras:
+        put, get = result["ratio"].get(f"put_gbps_vs_{name}"), result["ratio"].get(f"get_gbps_vs_{name}")
+        print(f"backend / {name}: put {_fmt_ratio(put)}, get {_fmt_ratio(get)}")
     if base and p["concurrency"] > 1:
         # A backend that interleaves batches on the event loop shows about concurrency x its
         # service time per batch, a baseline that runs each batch to completion does not.
@@ -877,6 +900,10 @@ def print_summary(result: dict[str, Any]) -> None:
             f"note: latencies are per call with {p['concurrency']} batches in flight and depend on how each side "
             "schedules them; compare latencies with --concurrency 1, throughput at any concurrency"
         )
+
+
+def _fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

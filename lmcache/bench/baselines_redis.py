@@ -18,6 +18,15 @@ Values are sent as memoryviews of the source rows (redis-py writes those without
 own). Its keys live under ``<prefix>bench-baseline:<run>:`` and are unlinked at the end of each
 round.
 
+Next to it runs :class:`WireBaseline`, the ceiling: a minimal RESP client over raw blocking
+sockets, one worker thread per connection, doing the same pipelined ``SET``/``GET`` of the raw
+bytes with nothing on top (no frame, no checksum, no ``NX``): each ``SET`` is one ``sendmsg`` of
+the command header, a view of the source and the trailing CRLF; each ``GET`` reply is received
+straight into its destination. It spreads a batch over the backend's ``connections`` like the
+backend does, and shares no code with the backend's own data path
+(:mod:`lmcache.backends.resp`), so it measures what the server and the socket allow. Its keys
+live under ``<prefix>bench-wire:<run>:``.
+
 Register with ``register_baseline("redis", "lmcache.bench.baselines_redis:make")`` (importing
 this module registers nothing, so it stays free of side effects).
 """
@@ -26,8 +35,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import ssl
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -35,7 +47,7 @@ import numpy as np
 from lmcache.backends.base import StorageBackend
 from lmcache.bench.backend import Baseline, Workload
 
-__all__ = ["RawRedisBaseline", "make"]
+__all__ = ["RawRedisBaseline", "WireBaseline", "make"]
 
 
 def _pipelines(nbytes: int, count: int, max_bytes: int, max_keys: int) -> list[range]:
@@ -139,6 +151,211 @@ class RawRedisBaseline(Baseline):
         self._round += 1
 
 
+class _WireConn:
+    """One raw blocking socket speaking just enough RESP for SET and GET."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.buf = bytearray(1 << 16)
+        self.start = self.end = 0
+
+    def send(self, pieces: list[Any]) -> None:
+        if self.tls:
+            for p in pieces:
+                self.sock.sendall(p)
+            return
+        views = [memoryview(p).cast("B") for p in pieces]
+        while views:
+            sent = self.sock.sendmsg(views[:512])
+            while sent:
+                if sent >= views[0].nbytes:
+                    sent -= views.pop(0).nbytes
+                else:
+                    views[0] = views[0][sent:]
+                    sent = 0
+
+    def line(self) -> bytes:
+        while True:
+            at = self.buf.find(b"\r\n", self.start, self.end)
+            if at >= 0:
+                out = bytes(self.buf[self.start : at])
+                self.start = at + 2
+                return out
+            if self.start:
+                n = self.end - self.start
+                self.buf[:n] = self.buf[self.start : self.end]
+                self.start, self.end = 0, n
+            got = self.sock.recv_into(memoryview(self.buf)[self.end :])
+            if not got:
+                raise ConnectionResetError("server closed the connection")
+            self.end += got
+
+    def read_into(self, dst: memoryview) -> None:
+        have = min(dst.nbytes, self.end - self.start)
+        dst[:have] = self.buf[self.start : self.start + have]
+        self.start += have
+        off = have
+        while off < dst.nbytes:
+            got = self.sock.recv_into(dst[off:])
+            if not got:
+                raise ConnectionResetError("server closed the connection")
+            off += got
+
+
+class WireBaseline(Baseline):
+    """Raw-socket RESP client: pipelined SET/GET of raw bytes, sendmsg from the source, recv_into the destination."""
+
+    name = "wire"
+
+    def __init__(self, backend: Any) -> None:
+        s = backend.settings
+        self._backend = backend
+        self._connections: int = min(s.connections, s.max_connections)
+        self._max_connections: int = s.max_connections
+        self._max_batch_bytes: int = s.max_batch_bytes
+        self._max_batch_keys: int = s.max_batch_keys
+        self._dir = s.prefix.encode() + f"bench-wire:{uuid.uuid4().hex[:12]}:".encode()
+        self._idle: list[_WireConn] = []
+        self._slots = asyncio.Semaphore(s.max_connections)
+        self._executor = ThreadPoolExecutor(max_workers=s.max_connections, thread_name_prefix="bench-wire")
+        self._round = 0
+        self._written: list[bytes] = []
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "commands": "pipelined SET / GET over raw sockets (no NX, no frame, no checksum)",
+            "connections": self._connections,
+            "max_batch_bytes": self._max_batch_bytes,
+        }
+
+    def _connect(self) -> _WireConn:
+        b, s = self._backend, self._backend.settings
+        if s.path is not None and b.scheme == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(s.path)
+        else:
+            sock = socket.create_connection((s.host, s.port), timeout=s.connect_timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            ctx = b._tls_context()
+            if ctx is not None:
+                sock = ctx.wrap_socket(sock, server_hostname=s.host)
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):  # as large as the backend's sockets ask for
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+        sock.settimeout(s.timeout)
+        conn = _WireConn(sock)
+        hello: list[bytes] = []
+        if s.password is not None:
+            hello.append(_cmd(b"AUTH", *([s.username.encode()] if s.username else []), s.password.encode()))
+        if s.db:
+            hello.append(_cmd(b"SELECT", str(s.db).encode()))
+        if hello:
+            conn.send(hello)
+            for _ in hello:
+                reply = conn.line()
+                if not reply.startswith(b"+"):
+                    raise ConnectionError(f"wire baseline: {reply[:80]!r}")
+        return conn
+
+    async def _on_connection(self, work: Any) -> Any:
+        async with self._slots:
+            conn = self._idle.pop() if self._idle else None
+
+            def run() -> tuple[_WireConn, Any]:
+                c = conn or self._connect()
+                return c, work(c)
+
+            c, result = await asyncio.get_running_loop().run_in_executor(self._executor, run)
+            self._idle.append(c)
+            return result
+
+    def _parts(self, count: int, nbytes: int) -> list[range]:
+        per = -(-count // self._connections)
+        per = max(1, min(per, self._max_batch_keys, self._max_batch_bytes // max(1, nbytes)))
+        return [range(i, min(i + per, count)) for i in range(0, count, per)]
+
+    def _name(self, slot: int) -> bytes:
+        return self._dir + f"r{self._round}:{slot}".encode()
+
+    async def put_batch(self, slots: range, srcs: Sequence[np.ndarray]) -> None:
+        names = [self._name(x) for x in slots]
+
+        def work(c: _WireConn, r: range) -> None:
+            pieces: list[Any] = []
+            for i in r:
+                view = memoryview(srcs[i]).cast("B")
+                pieces.append(b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (len(names[i]), names[i], view.nbytes))
+                pieces.append(view)
+                pieces.append(b"\r\n")
+            c.send(pieces)
+            for _ in r:
+                reply = c.line()
+                if reply != b"+OK":
+                    raise ConnectionError(f"wire baseline SET: {reply[:80]!r}")
+
+        nbytes = srcs[0].nbytes if srcs else 0
+        await self._spread([lambda c, r=r: work(c, r) for r in self._parts(len(names), nbytes)])
+        self._written.extend(names)
+
+    async def get_batch(self, slots: range, dsts: Sequence[np.ndarray]) -> list[int | None]:
+        names = [self._name(x) for x in slots]
+        out: list[int | None] = [None] * len(names)
+
+        def work(c: _WireConn, r: range) -> None:
+            c.send([b"".join(b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(names[i]), names[i]) for i in r)])
+            for i in r:
+                head = c.line()
+                n = int(head[1:])
+                if n < 0:
+                    continue
+                dst = memoryview(dsts[i]).cast("B")
+                if n > dst.nbytes:
+                    raise ValueError(f"wire baseline: a value of {n} bytes for a {dst.nbytes}-byte buffer")
+                c.read_into(dst[:n])
+                c.line()  # the CRLF after the bulk string
+                out[i] = n
+
+        nbytes = dsts[0].nbytes if dsts else 0
+        await self._spread([lambda c, r=r: work(c, r) for r in self._parts(len(names), nbytes)])
+        return out
+
+    async def _spread(self, works: list[Any]) -> None:
+        """Run the pieces of one batch, at most ``connections`` at once (as the backend does)."""
+        lanes = asyncio.Semaphore(self._connections)
+
+        async def one(work: Any) -> None:
+            async with lanes:
+                await self._on_connection(work)
+
+        await asyncio.gather(*(one(w) for w in works))
+
+    async def end_round(self) -> None:
+        names, self._written = self._written, []
+
+        def unlink(c: _WireConn, chunk: list[bytes]) -> None:
+            c.send([_cmd(b"UNLINK", *chunk)])
+            c.line()
+
+        for i in range(0, len(names), 1000):
+            await self._on_connection(lambda c, chunk=names[i : i + 1000]: unlink(c, chunk))
+        self._round += 1
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.end_round()
+        idle, self._idle = self._idle, []
+        for c in idle:
+            with contextlib.suppress(OSError):
+                c.sock.close()
+        self._executor.shutdown(wait=False)
+
+
+def _cmd(*args: bytes) -> bytes:
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
 async def _close_client(client: Any) -> None:
     with contextlib.suppress(Exception):
         await client.aclose()
@@ -146,11 +363,11 @@ async def _close_client(client: Any) -> None:
         await client.connection_pool.disconnect()
 
 
-def make(backend: StorageBackend, workload: Workload) -> Baseline | None:
-    """The raw baseline for a standalone Redis/Valkey backend (None for any other backend)."""
+def make(backend: StorageBackend, workload: Workload) -> list[Baseline] | None:
+    """The baselines of a standalone Redis/Valkey backend: raw redis-py, then the wire (None for others)."""
     from lmcache.backends.redis import RedisBackend
     from lmcache.backends.redis_cluster import RedisClusterBackend
 
     if not isinstance(backend, RedisBackend) or isinstance(backend, RedisClusterBackend):
         return None
-    return RawRedisBaseline(backend)
+    return [RawRedisBaseline(backend), WireBaseline(backend)]

@@ -53,6 +53,9 @@ async def opened(url: str, **overrides: object) -> AsyncIterator[RedisClusterBac
 class TestRedisClusterConformance(BackendTests):
     """The shared suite against the cluster; each test gets its own key prefix."""
 
+    # Payloads are received straight into dst: a cancelled get may leave part of a value there.
+    cancelled_dst_all_or_nothing = False
+
     @pytest.fixture
     def backend_url(self, redis_cluster_url: str) -> str:
         return RedisClusterBackend.from_url(redis_cluster_url, prefix=unique_prefix()).url

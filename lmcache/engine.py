@@ -35,11 +35,11 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from lmcache.backends.base import StorageBackend
+from lmcache.chunk_buffers import ChunkBufferPool
 from lmcache.config import LMCacheConfig
 from lmcache.errors import BackendError, InvalidArgumentError, LayoutMismatchError, StateError
 from lmcache.keys import CacheKey, Chunk, ChunkHasher, KeyScope
 from lmcache.layouts import KVGeometry
-from lmcache.memory import ChunkBufferPool
 from lmcache.tiered import TieredBackend
 
 __all__ = ["CacheEngine", "KVDestination", "KVSource"]

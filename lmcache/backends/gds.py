@@ -10,7 +10,7 @@ bytes reach device buffers. A directory written by one can be read by the other.
 
 Data paths
 ----------
-* Host buffers (bytes, numpy, CPU tensors, :class:`~lmcache.memory.ChunkBufferPool` leases): the
+* Host buffers (bytes, numpy, CPU tensors, :class:`~lmcache.chunk_buffers.ChunkBufferPool` leases): the
   ``file://`` O_DIRECT path, a DMA between the device and the page-aligned buffer when it is
   aligned, else through an aligned staging buffer. This is the whole story on a host without a
   GPU, and what the conformance suite checks here.

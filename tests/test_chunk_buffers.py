@@ -6,9 +6,9 @@ import threading
 import pytest
 import torch
 
+from lmcache.chunk_buffers import ChunkBufferPool
 from lmcache.errors import CapacityError, InvalidArgumentError, StateError
 from lmcache.layouts import KVGeometry
-from lmcache.memory import ChunkBufferPool
 
 
 class FakeClock:

@@ -39,7 +39,7 @@ try:
 except ImportError as exc:  # pragma: no cover - torch is an extra
     from lmcache.errors import MissingDependencyError
 
-    raise MissingDependencyError("torch", "torch", "lmcache.memory") from exc
+    raise MissingDependencyError("torch", "torch", "lmcache.chunk_buffers") from exc
 
 from lmcache.errors import CapacityError, InvalidArgumentError, StateError
 from lmcache.layouts import KVGeometry

@@ -26,33 +26,34 @@ holds and what it drops when full is its ``maxmemory`` and ``maxmemory-policy``.
 ``allkeys-lru`` (or ``volatile-lru`` with ``ttl=``) for a cache; with ``noeviction`` a full server
 refuses writes with ``OOM``, which a put reports as ``REJECTED`` (reason ``capacity``).
 
+The data path
+-------------
+Values move over :mod:`lmcache.backends.resp`, a RESP client on raw sockets that never copies a
+value in Python: a ``SET`` sends the command and frame headers and then the caller's buffer
+itself (``sendmsg`` of the pieces; ``sendall`` of each piece over TLS), and a ``GET`` parses the
+reply and frame headers from a small buffer, checks them, then receives the payload straight into
+``dst`` and hashes it as it lands. A value whose header is wrong (truncated, foreign, not a frame)
+never touches ``dst``; one whose payload fails its checksum was already streamed into ``dst``,
+so that ``dst`` is unspecified while the call reports a miss. A damaged value is then deleted
+(best effort): it can never become good, and under ``SET NX`` it would block every later put.
+A cancelled ``get_into`` may likewise leave part of a value in a ``dst`` (never reported as a hit;
+nothing is written after the call returned). redis-py still serves ``PING``, ``EXISTS``,
+``UNLINK``, ``SCAN``/``STRLEN`` and, for a cluster, the slot map.
+
 Batching and flow control
 -------------------------
-A batch is split into sub-batches of at most ``max_batch_bytes`` of values (and
-``max_batch_keys`` keys; frame headers, a few hundred bytes each, are not counted);
-each sub-batch is one pipeline on one connection, so per-key round trips vanish
-while every reply stays small enough to arrive within ``timeout``. Sub-batches run concurrently,
-at most ``max_connections`` at a time, and all operations of a backend share a budget of
-``max_inflight_bytes``: a batch of 64 x 32 MiB values runs as a stream of 64 MiB steps with at most
-the budget's worth of values in flight. Memory is about twice the budget at peak, because each
-value exists twice on its way (the packed command and the asyncio transport's send buffer; a
-reply and redis-py's parse buffer): measured here (with frames still joined before sending and
-reads as ``MGET``), 64 x 32 MiB with the default 256 MiB budget peaked at ~480 MiB for the put
-and ~370 MiB for the read, against 2 GiB unbounded. Read sizes are planned from the destination
-buffers (a value cannot be larger than its ``dst``). A single value larger than the budget still
-runs, alone.
+A batch is cut into ``connections`` sub-batches of about equal bytes (smaller when a share exceeds
+``max_batch_bytes`` or ``max_batch_keys``), each one pipeline on one connection run by a worker
+thread, at most ``connections`` of them in flight per call. All calls share ``max_connections``
+connections and threads per server and a budget of ``max_inflight_bytes`` (payload bytes; a lone
+value larger than the budget runs alone). Nothing of a value is buffered by the client, so memory
+is the caller's buffers plus a 64 KiB read buffer per connection. Read sizes are planned from the
+destination buffers.
 
-Throughput is bounded by the Python client, not the server. The path copies a value no more
-often than plain redis-py does: before Python 3.12 a frame's header and payload go to the
-connection as two pieces (no joined copy per put), and replies are read with pipelined ``GET``.
-``lmcache bench backend --url redis://…`` runs plain redis-py (pipelined ``SET``/``GET`` of the
-same bytes on the same pool, :mod:`lmcache.bench.baselines_redis`) next to it: on a loaded 2-core
-host both moved 0.3-0.7 GB/s, the backend at 0.99-1.19x raw for 4 MiB puts and 1.00-1.07x for
-gets, and above raw for 32 MiB values, where the in-flight budget helps. ``hiredis`` made large
-values slower here, so it is not part of the ``redis`` extra.
-
-Connections come from a ``BlockingConnectionPool`` of ``max_connections`` (redis-py's default pool
-raises ``MaxConnectionsError`` when busy; this one waits).
+``lmcache bench backend --url redis://…`` runs two baselines in the same rounds: raw redis-py
+(pipelined ``SET``/``GET`` of the same bytes on the same pool, the ratio column) and a minimal
+raw-socket RESP client with no frame or checksum (``wire``, the ceiling the server and socket
+allow); see ``docs/benchmarks.md`` for figures and how they move with ``connections``.
 
 Failures
 --------
@@ -61,10 +62,12 @@ Failures
 reconnects included. Past it the call is cancelled and raises
 :class:`~lmcache.errors.BackendTimeoutError`, so a server that accepts connections and never
 answers costs ``timeout``, not ``(retries + 1) x timeout``. Within it, transient errors
-(connection loss, a read past ``timeout``, a connection attempt past ``connect_timeout``) are
-retried by redis-py's ``Retry`` with exponential backoff (``retries``, ``retry_backoff``,
-``retry_backoff_max``); nothing else is retried. A retried ``SET NX`` whose first reply was lost
-reports ``EXISTS``, which is still correct: the value is held.
+(connection loss, a connection attempt past ``connect_timeout``) are retried with exponential
+backoff (``retries``, ``retry_backoff``, ``retry_backoff_max``) on a fresh connection, resuming
+after the last reply received; nothing else is retried. A connection that failed mid-command is
+closed, never reused: a ``SET`` cut in the middle of its value is never executed by the server,
+so a broken put never leaves a partial value readable. A retried ``SET NX`` whose first reply was
+lost reports ``EXISTS``, which is still correct: the value is held.
 Errors are mapped at the boundary: authentication → :class:`~lmcache.errors.AuthError`, connection
 failures → :class:`~lmcache.errors.BackendUnavailableError`, timeouts →
 :class:`~lmcache.errors.BackendTimeoutError`, other server errors →

@@ -12,9 +12,12 @@ node. A cluster has only database 0.
 
 Storage is the same as for a single server (one framed string per value under
 ``prefix + CacheKey.to_string()``). Key names carry no hash tag, so chunks spread evenly over
-the shards. Batched reads, writes and deletes use cluster pipelines, which group commands by node
-and send each node's share over one connection (a multi-key ``MGET`` would need every key in one
-slot). Listing runs ``SCAN`` on every primary.
+the shards. Reads and writes take the zero-copy RESP data path (:mod:`lmcache.backends.resp`)
+per node: each key is routed by its slot (CRC16, the slot map redis-py keeps) to the primary that
+owns it, each node's share is spread over ``connections`` connections to it, and a ``MOVED``
+reply refreshes the slot map and sends the item again (an ``ASK`` sends it once to the named node
+after ``ASKING``), up to 5 rounds per call. ``EXISTS`` and deletes use redis-py's cluster
+pipelines; listing runs ``SCAN`` on every primary.
 """
 
 from __future__ import annotations

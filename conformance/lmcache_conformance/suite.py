@@ -118,7 +118,8 @@ def _private_hypothesis_home() -> Iterator[None]:
     """Point Hypothesis's storage (its cache of source constants) at a temporary folder.
 
     ``database=None`` is not enough: Hypothesis still writes ``.hypothesis/constants/`` into the
-    working directory, which would litter a user's project in zero-code mode.
+    working directory, which would litter a user's project in zero-code mode. Where that folder
+    exists already, it is used as it is.
     """
     try:
         from hypothesis import configuration
@@ -131,6 +132,11 @@ def _private_hypothesis_home() -> Iterator[None]:
         yield
         return
     previous = getattr(current(intent_to_write=False), "home_directory", None)
+    if previous is None or previous.exists():
+        # The project keeps a Hypothesis folder already: using it adds nothing new, and its
+        # cache saves re-reading every local module's source on each run.
+        yield
+        return
     with tempfile.TemporaryDirectory(prefix="lmcache-conformance-hypothesis-") as home:
         set_home(home)
         try:

@@ -69,7 +69,7 @@ bytes; this module decides where values go, when they move and what is given up.
   write-back; seeded from ``list_entries()`` at open for persistent, listable tiers). Before a put
   the tier's ``stats()`` (``capacity_bytes``/``used_bytes``) allow proactive eviction; a
   ``rejected("capacity")`` result triggers eviction of policy victims and a retry
-  (``evict_retries`` times at most). Keys pinned with :meth:`TieredBackend.pin` (a lease with a
+  (``evict_retries`` times at most). Keys pinned with :meth:`TierAdmin.pin` (a lease with a
   TTL, used by the cache server's control API) are never chosen as victims until it lapses.
 * **Ownership.** Tiers built from URLs (:meth:`TieredBackend.from_urls`, :meth:`from_url`,
   :meth:`from_config`) are owned and closed by :meth:`aclose`. Backend instances passed to the
@@ -124,11 +124,12 @@ from lmcache.errors import (
 )
 from lmcache.keys import CacheKey
 from lmcache.policies import EvictionPolicy, PolicyFactory, make_policy, policy_names
+from lmcache.pool import Block, InPlaceTier, Lease, OffersInPlace, Refused, Reservation, SharedPoolInfo
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["TierStats", "TieredBackend", "TieredSettings"]
+__all__ = ["TierAdmin", "TierStats", "TieredBackend", "TieredSettings"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -414,9 +415,27 @@ class TieredBackend(StorageBackend):
         """The tier backends, fastest first."""
         return [t.backend for t in self._tiers]
 
-    # -- pins (an eviction hook for operators) ----------------------------------------------
+    # -- the in-place seam and the operator facade -------------------------------------------
 
-    def pin(self, keys: Sequence[CacheKey], ttl: float) -> int:
+    def in_place(self) -> InPlaceTier | None:
+        """Tier 0's :class:`~lmcache.pool.InPlaceTier`, with this stack's bookkeeping; or None.
+
+        A value committed through it is tracked by tier 0's eviction policy and queued for
+        write-back to the slower tiers, as a :meth:`put` into tier 0 would be; a lease taken
+        through it counts as a tier-0 hit (and refreshes the key in the policy), as a
+        :meth:`get_into` hit would. None when tier 0 offers no in-place access.
+        """
+        top = self._tiers[0].backend
+        inner = top.in_place() if isinstance(top, OffersInPlace) else None
+        return None if inner is None else _TieredInPlace(self, inner)
+
+    def admin(self) -> TierAdmin:
+        """Operator actions on this stack: pins against eviction and moves between tiers."""
+        return TierAdmin(self)
+
+    # -- pins (an eviction hook for operators; through TierAdmin) ----------------------------
+
+    def _pin(self, keys: Sequence[CacheKey], ttl: float) -> int:
         """Keep ``keys`` from being chosen as eviction victims in any tier for ``ttl`` seconds.
 
         A pin is a lease, not a count: pinning again extends it, and it lapses on its own, so a
@@ -435,12 +454,12 @@ class TieredBackend(StorageBackend):
             if not isinstance(key, CacheKey):
                 raise InvalidArgumentError(f"keys must be CacheKey instances, got {type(key).__name__}")
             self._pins[key] = max(expiry, self._pins.get(key, 0.0))
-        return len(self.pinned())
+        return len(self._pinned())
 
-    def record_hits(self, keys: Sequence[CacheKey], tier: int = 0, *, sizes: Sequence[int] | None = None) -> None:
+    def _record_hits(self, keys: Sequence[CacheKey], tier: int = 0, *, sizes: Sequence[int] | None = None) -> None:
         """Account reads of ``tier`` served outside :meth:`get_into`.
 
-        A cache server that sends tier-0 values in place uses this: the reads count as that
+        Leases through :meth:`in_place` use this: the reads count as that
         tier's hits and refresh the keys in its eviction policy, as a ``get_into`` hit would,
         and they count in this backend's own ``get_requests``/``hits`` (and ``bytes_read``, given
         the value ``sizes``) as if they had been read through :meth:`get_into`.
@@ -456,10 +475,10 @@ class TieredBackend(StorageBackend):
             for key in keys:
                 t.policy.on_access(key)
 
-    def record_stored(self, keys: Sequence[CacheKey], sizes: Sequence[int]) -> None:
+    def _record_stored(self, keys: Sequence[CacheKey], sizes: Sequence[int]) -> None:
         """Account values stored into tier 0 outside :meth:`put`.
 
-        A cache server that receives values straight into tier 0 uses this: tier 0's policy
+        Commits through :meth:`in_place` use this: tier 0's policy
         tracks them and they are queued for write-back to the slower tiers, as a put would do.
         """
         top = self._tiers[0]
@@ -474,18 +493,18 @@ class TieredBackend(StorageBackend):
             c.stored += 1
             c.bytes_written += size
 
-    def unpin(self, keys: Sequence[CacheKey]) -> int:
+    def _unpin(self, keys: Sequence[CacheKey]) -> int:
         """Drop the pins of ``keys`` (unpinned keys are ignored); returns how many were dropped."""
         return sum(1 for key in keys if self._pins.pop(key, None) is not None)
 
-    def pinned(self) -> dict[CacheKey, float]:
+    def _pinned(self) -> dict[CacheKey, float]:
         """Live pins: key -> seconds left (expired pins are dropped here)."""
         now = time.monotonic()
         for key in [k for k, t in self._pins.items() if t <= now]:
             del self._pins[key]
         return {k: t - now for k, t in self._pins.items()}
 
-    async def move(
+    async def _move(
         self,
         keys: Sequence[CacheKey],
         sizes: Sequence[int],
@@ -1445,6 +1464,103 @@ else:  # pragma: no cover - Python 3.10: no reschedulable deadline; calls run ou
 
     async def _with_tier_timeout(call: Coroutine[Any, Any, T], seconds: float, inflight: set[Any]) -> T:
         return await asyncio.wait_for(call, seconds)
+
+
+class _TieredInPlace:
+    """Tier 0's :class:`~lmcache.pool.InPlaceTier` seen through a :class:`TieredBackend`.
+
+    Commits and leases do what the stack does for a put into or a read from tier 0 (policy,
+    write-back, counters); everything else is tier 0's own.
+    """
+
+    __slots__ = ("_inner", "_tiered")
+
+    def __init__(self, tiered: TieredBackend, inner: InPlaceTier) -> None:
+        self._tiered = tiered
+        self._inner = inner
+
+    def reserve(self, key: CacheKey, nbytes: int) -> Reservation[CacheKey] | Refused:
+        return self._inner.reserve(key, nbytes)
+
+    def commit(self, reservation: Reservation[CacheKey]) -> bool:
+        ok = self._inner.commit(reservation)
+        if ok:
+            self._tiered._record_stored([reservation.key], [reservation.nbytes])
+        return ok
+
+    def abort(self, reservation: Reservation[CacheKey]) -> None:
+        self._inner.abort(reservation)
+
+    def lease(self, keys: Sequence[CacheKey]) -> list[Lease[CacheKey] | None]:
+        leases = self._inner.lease(keys)
+        hits = [x for x in leases if x is not None]
+        if hits:
+            # Served from the pool, not through get_into: counted as its reads all the same.
+            self._tiered._record_hits([x.key for x in hits], sizes=[x.nbytes for x in hits])
+        return leases
+
+    def release(self, lease: Lease[CacheKey]) -> None:
+        self._inner.release(lease)
+
+    def view(self, block: Block[CacheKey]) -> memoryview:
+        return self._inner.view(block)
+
+    @property
+    def shared_pool(self) -> SharedPoolInfo | None:
+        return self._inner.shared_pool
+
+
+class TierAdmin:
+    """Operator actions on a :class:`TieredBackend` (what the server's HTTP control API offers).
+
+    Get one with :meth:`TieredBackend.admin`; it holds no state of its own.
+    """
+
+    __slots__ = ("_tiered",)
+
+    def __init__(self, tiered: TieredBackend) -> None:
+        self._tiered = tiered
+
+    def pin(self, keys: Sequence[CacheKey], ttl: float) -> int:
+        """Keep ``keys`` from being chosen as eviction victims in any tier for ``ttl`` seconds.
+
+        A pin is a lease, not a count: pinning again extends it, and it lapses on its own, so a
+        forgotten pin cannot hold space forever. Pins do not stop deletes.
+
+        Returns:
+            How many keys are pinned now (over all calls).
+
+        Raises:
+            InvalidArgumentError: ``ttl`` is not a positive number of seconds.
+        """
+        return self._tiered._pin(keys, ttl)
+
+    def unpin(self, keys: Sequence[CacheKey]) -> int:
+        """Drop the pins of ``keys`` (unpinned keys are ignored); returns how many were dropped."""
+        return self._tiered._unpin(keys)
+
+    def pinned(self) -> dict[CacheKey, float]:
+        """Live pins: key -> seconds left."""
+        return self._tiered._pinned()
+
+    async def move(
+        self,
+        keys: Sequence[CacheKey],
+        sizes: Sequence[int],
+        to_tier: int,
+        *,
+        from_tier: int | None = None,
+        keep_source: bool = False,
+    ) -> list[bool]:
+        """Copy values into tier ``to_tier`` (e.g. pre-warming tier 0); see :meth:`TieredBackend._move`.
+
+        Returns:
+            Per key, whether the value is now held by the target tier.
+
+        Raises:
+            InvalidArgumentError: A tier index that does not exist, or mismatched lengths.
+        """
+        return await self._tiered._move(keys, sizes, to_tier, from_tier=from_tier, keep_source=keep_source)
 
 
 def _trips_breaker(exc: BaseException) -> bool:

@@ -25,6 +25,7 @@ from lmcache.errors import (
 )
 from lmcache.keys import CacheKey
 from lmcache.policies import LRUPolicy
+from lmcache.pool import InPlaceTier, Lease, Refused, Reservation
 from lmcache.tiered import TieredBackend, TieredSettings
 
 KiB = 1 << 10
@@ -1015,3 +1016,53 @@ async def test_each_slower_tier_has_its_own_writer() -> None:
         c.put_gate.set()
         await t.flush()
         assert await read(inner_c, [key(1), key(2)]) == [value(1), value(2)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The in-place seam (what the cache server's fast path uses) and the operator facade
+
+
+async def test_a_commit_through_in_place_is_tracked_and_written_back_like_a_put(stack) -> None:
+    t, fast, slow = stack
+    tier0 = t.in_place()
+    assert isinstance(tier0, InPlaceTier)
+    res = tier0.reserve(key(1), 1 * KiB)
+    assert isinstance(res, Reservation)
+    tier0.view(res)[:] = value(1)
+    assert await t.contains([key(1)]) == [False]  # invisible until committed
+    assert tier0.commit(res)
+    assert await holds(fast, [key(1)]) == [True]
+    assert await t.flush(timeout=30)
+    assert await read(slow, [key(1)]) == [value(1)]  # queued for write-back by the commit itself
+    assert tier_stats(t, 1)["writeback_written"] == 1
+    assert t.stats()["stored"] == 1
+    assert tier0.reserve(key(1), 1 * KiB) is Refused.EXISTS
+
+
+async def test_a_lease_through_in_place_counts_as_a_tier0_hit(stack) -> None:
+    t, _, _ = stack
+    await t.put([key(2)], [value(2)])
+    hits = tier_stats(t, 0)["hits"]
+    tier0 = t.in_place()
+    assert tier0 is not None
+    lease, miss = tier0.lease([key(2), key(3)])
+    assert isinstance(lease, Lease) and miss is None
+    assert bytes(tier0.view(lease)) == value(2)
+    tier0.release(lease)
+    assert tier_stats(t, 0)["hits"] == hits + 1
+    assert t.stats()["hits"] >= 1 and t.stats()["bytes_read"] >= 1 * KiB
+
+
+async def test_in_place_is_none_where_tier0_keeps_no_pool(tmp_path) -> None:
+    t = TieredBackend.from_urls([f"file://{tmp_path}/kv", "memory://?capacity=1MiB"])
+    assert t.in_place() is None
+
+
+async def test_the_admin_facade_pins_against_eviction_and_moves(stack) -> None:
+    t, fast, slow = stack
+    admin = t.admin()
+    assert admin.pin([key(4)], 60) == 1 and set(admin.pinned()) == {key(4)}
+    assert admin.unpin([key(4), key(5)]) == 1 and admin.pinned() == {}
+    await slow.put([key(6)], [value(6)])
+    assert await admin.move([key(6)], [1 * KiB], 0) == [True]
+    assert await holds(fast, [key(6)]) == [True] and await holds(slow, [key(6)]) == [False]

@@ -83,7 +83,7 @@ from lmcache.keys import CacheKey
 from lmcache.serde.frame import copy_with_checksum, encode_header, header_size, needed_header_bytes, parse_header
 from lmcache.server import protocol as P
 from lmcache.server.auth import discover_tcp_token, discover_unix_token
-from lmcache.server.shm import Arena, Segment, create_segment, map_pool, populate, shm_available
+from lmcache.server.shm import Arena, Segment, attach_pool, create_segment, populate, shm_available
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -200,7 +200,7 @@ class _Conn:
         pool = reply.get("pool")
         if self.segment is not None and isinstance(pool, dict):
             try:
-                self.pool_mm = map_pool(pool.get("name"), pool.get("size"))
+                self.pool_mm = attach_pool(pool.get("name"), pool.get("size"))
                 self.pool_view = memoryview(self.pool_mm)
                 if pool.get("resident") is True:
                     # Its pages exist already; mapping them now keeps page faults out of copies.

@@ -55,13 +55,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmcache.backends.base import PutResult, StorageBackend
-from lmcache.backends.memory import MemoryBackend
 from lmcache.config import LMCacheConfig, env_layer, parse_duration, parse_size, resolve_settings, setting
 from lmcache.errors import ConfigError, InvalidArgumentError, InvalidBufferError, LMCacheError
 from lmcache.keys import CacheKey
+from lmcache.pool import InPlaceTier, Lease, Reservation, SharedPoolInfo
 from lmcache.server import auth as A
 from lmcache.server import protocol as P
-from lmcache.server.pool import MAX_LEASES, SharedPoolMemory
 from lmcache.server.shm import Segment, attach_segment, shm_available, sweep_stale
 from lmcache.tiered import TieredBackend
 
@@ -71,6 +70,10 @@ if TYPE_CHECKING:
 __all__ = ["CacheServer", "ServerSettings", "StagingBudget", "add_server_arguments", "run_server_cli"]
 
 logger = logging.getLogger(__name__)
+
+#: Tier-0 blocks one session may hold leased at once; beyond it a shm GET copies into the
+#: client's segment instead.
+MAX_LEASES = 65536
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,9 +245,9 @@ class _Session:
         self.local = local  # Unix socket or loopback: shared memory may work
         self.client = "?"
         self.segment: Segment | None = None
-        self.leases: dict[int, list[Any]] = {}  # lease id -> pinned tier-0 blocks (see pool.py)
-        self.sending: list[Any] = []  # blocks leased while a socket GET reply is being sent
-        self.reservations: dict[int, list[tuple[CacheKey, Any]]] = {}  # shm puts into the pool
+        self.leases: dict[int, list[Lease[CacheKey]]] = {}  # lease id -> leased tier-0 blocks
+        self.sending: list[Lease[CacheKey]] = []  # blocks leased while a socket GET reply is being sent
+        self.reservations: dict[int, list[Reservation[CacheKey]]] = {}  # shm puts into the pool
         self.leased = 0
         self._lease_ids = 0
         self._staging = bytearray(0)
@@ -476,9 +479,9 @@ class _Session:
         self._release_sending()
         pool = self.server.pool
         for rid in list(self.reservations):
-            for key, entry in self.reservations.pop(rid):
+            for res in self.reservations.pop(rid):
                 if pool is not None:
-                    pool.abort(key, entry)
+                    pool.abort(res)
         for lease_id in list(self.leases):
             self.release(lease_id)
 
@@ -508,15 +511,11 @@ class _Session:
                     self.segment = attach_segment(shm.get("name"), shm.get("size"), srv.settings.shm_max_bytes)
                     srv.counters.shm_attached += 1
                     reply["shm"] = True
-                    pool = srv.pool
-                    if isinstance(pool, SharedPoolMemory) and pool.pool_name is not None:
+                    info = srv.shared_pool
+                    if info is not None:
                         # resident: every page is allocated (prefault), so a client may map
                         # them all up front instead of faulting them in one by one mid-copy.
-                        reply["pool"] = {
-                            "name": pool.pool_name,
-                            "size": pool.pool_size,
-                            "resident": bool(pool.settings.prefault),
-                        }
+                        reply["pool"] = {"name": info.name, "size": info.size, "resident": info.resident}
                 except (InvalidArgumentError, OSError) as exc:
                     reply["shm_error"] = f"{type(exc).__name__}: {exc}"
         await self._send(P.Op.HELLO, fh.request_id, reply)
@@ -550,19 +549,22 @@ class _Session:
     def _reserve(self, keys: list[CacheKey], meta: dict[str, Any]) -> dict[str, Any]:
         """First half of a shm put into the pool: reserve blocks the client fills itself."""
         pool = self.server.pool
-        assert isinstance(pool, SharedPoolMemory)
+        assert pool is not None
         sizes = meta.get("sizes")
         if not isinstance(sizes, list) or len(sizes) != len(keys) or not all(type(x) is int and x >= 0 for x in sizes):
             raise InvalidArgumentError("meta.sizes must be a list of one non-negative int per key")
         states: list[str] = []
         offsets: list[int | None] = []
-        held: list[tuple[CacheKey, Any]] = []
+        held: list[Reservation[CacheKey]] = []
         for key, n in zip(keys, sizes, strict=True):
-            state, entry = pool.reserve(key, n)
-            states.append(state)
-            offsets.append(entry.offset if entry is not None else None)
-            if entry is not None:
-                held.append((key, entry))
+            res = pool.reserve(key, n)
+            if isinstance(res, Reservation):
+                states.append("reserved")
+                offsets.append(res.offset)
+                held.append(res)
+            else:
+                states.append(res.value)
+                offsets.append(None)
         reply: dict[str, Any] = {"states": states, "offsets": offsets}
         if held:
             self._lease_ids += 1
@@ -581,21 +583,19 @@ class _Session:
         if held is None or pool is None:
             raise InvalidArgumentError(f"no open reservation {rid!r} on this connection")
         if meta.get("abort") is True:
-            for key, entry in held:
-                pool.abort(key, entry)
+            for res in held:
+                pool.abort(res)
             return {"results": [["rejected", "aborted"]] * len(held)}, [], []
         t0 = time.perf_counter()
-        results, stored_keys, stored_sizes = [], [], []
-        for key, entry in held:
-            ok = pool.commit(key, entry)
+        results, stored_sizes = [], []
+        for res in held:
+            ok = pool.commit(res)  # tier 0's policy and write-back follow (TieredBackend.in_place)
             results.append(["stored", None] if ok else ["rejected", "error"])
             if ok:
-                stored_keys.append(key)
-                stored_sizes.append(entry.nbytes)
-        self.server.tiered.record_stored(stored_keys, stored_sizes)
+                stored_sizes.append(res.nbytes)
         self.server.metrics.put(sum(stored_sizes))
         self.server.metrics.tier0_in_place("put", stored_sizes, time.perf_counter() - t0)
-        return {"results": results}, [k for k, _ in held], [e.nbytes for _, e in held]
+        return {"results": results}, [r.key for r in held], [r.nbytes for r in held]
 
     def _commit_oneway(self, meta: dict[str, Any]) -> None:
         """A COMMIT the client does not wait for (``FLAG_NOREPLY``): nothing is sent back."""
@@ -664,18 +664,19 @@ class _Session:
             await self._drain(fh.data_len)  # keep the stream in step, then answer
             await self._send_error(fh.op, fh.request_id, "bad_request", str(exc))
             return
-        slots: list[tuple[str, Any]] = []
+        slots: list[Reservation[CacheKey] | None] = []
         staged: list[int] = []
         try:
             for key, n in zip(keys, sizes, strict=True):
-                slots.append(pool.reserve(key, n))
-            rest_bytes = sum(n for (state, _), n in zip(slots, sizes, strict=True) if state != "reserved")
+                res = pool.reserve(key, n)
+                slots.append(res if isinstance(res, Reservation) else None)
+            rest_bytes = sum(n for res, n in zip(slots, sizes, strict=True) if res is None)
             staging = await self._stage(rest_bytes)
             views: list[memoryview] = []
             off = 0
-            for i, ((state, entry), n) in enumerate(zip(slots, sizes, strict=True)):
-                if state == "reserved":
-                    await self._recv_into(pool.view(entry))
+            for i, (res, n) in enumerate(zip(slots, sizes, strict=True)):
+                if res is not None:
+                    await self._recv_into(pool.view(res))
                 else:
                     view = staging[off : off + n]
                     off += n
@@ -683,21 +684,18 @@ class _Session:
                     staged.append(i)
                     views.append(view)
             results: list[Any] = [None] * len(keys)
-            stored_keys, stored_sizes = [], []
-            for i, (state, entry) in enumerate(slots):
-                if state == "reserved":
-                    ok = pool.commit(keys[i], entry)
+            stored_sizes = []
+            for i, res in enumerate(slots):
+                if res is not None:
+                    ok = pool.commit(res)  # tier 0's policy and write-back follow
                     results[i] = ["stored", None] if ok else ["rejected", "error"]
                     if ok:
-                        stored_keys.append(keys[i])
                         stored_sizes.append(sizes[i])
-            slots = []  # every reservation is settled
         except BaseException:
-            for key, (state, entry) in zip(keys, slots, strict=False):
-                if state == "reserved":
-                    pool.abort(key, entry)
+            for res in slots:
+                if res is not None:
+                    pool.abort(res)  # a no-op for those already committed
             raise
-        srv.tiered.record_stored(stored_keys, stored_sizes)
         srv.metrics.tier0_in_place("put", stored_sizes, time.perf_counter() - t0)
         if staged:
             got = await srv.tiered.put([keys[i] for i in staged], views)
@@ -720,12 +718,9 @@ class _Session:
         """A socket GET whose tier-0 hits are sent from the pool in place (leased until sent)."""
         pool = self.server.pool
         assert pool is not None
-        leased = pool.lease(keys)
+        leased = pool.lease(keys)  # counted as tier-0 hits (TieredBackend.in_place)
         self.sending = [e for e in leased if e is not None]  # released once the reply is sent
         self.server.metrics.tier0_in_place("get", [e.nbytes for e in self.sending], 0.0)
-        self.server.tiered.record_hits(
-            [k for k, e in zip(keys, leased, strict=True) if e is not None], sizes=[e.nbytes for e in self.sending]
-        )
         sizes: list[int | None] = [None] * len(keys)
         views: list[memoryview | None] = [None] * len(keys)
         for i, e in enumerate(leased):
@@ -755,6 +750,7 @@ class _Session:
         """
         pool = self.server.pool
         assert pool is not None
+        # Leases count as tier-0 hits (TieredBackend.in_place); beyond MAX_LEASES, copy instead.
         leased = pool.lease(keys) if self.leased + len(keys) <= MAX_LEASES else [None] * len(keys)
         where: list[str | None] = [None] * len(keys)
         sizes: list[int | None] = [None] * len(keys)
@@ -769,10 +765,6 @@ class _Session:
                     pool.release(x)
                 raise InvalidBufferError(f"buffer too small for the {e.nbytes}-byte value of {keys[i]}")
             where[i], sizes[i], offsets[i] = "pool", e.nbytes, e.offset
-        # Served from the pool, not through tiered.get_into: counted as its reads all the same.
-        self.server.tiered.record_hits(
-            [k for k, e in zip(keys, leased, strict=True) if e is not None], sizes=[e.nbytes for e in held]
-        )
         rest = [i for i, e in enumerate(leased) if e is None]
         if rest:
             try:
@@ -866,7 +858,7 @@ class _Session:
         shm = bool(flags & P.FLAG_SHM)
         if shm and self.segment is None:
             raise InvalidArgumentError("a shm request on a connection without a shared-memory segment")
-        if op == P.Op.PUT and shm and meta.get("reserve") is True and isinstance(self.server.pool, SharedPoolMemory):
+        if op == P.Op.PUT and shm and meta.get("reserve") is True and self.server.shared_pool is not None:
             return self._reserve(keys, meta), []
         if op == P.Op.PUT:
             durable = self._durable(meta)
@@ -908,7 +900,7 @@ class _Session:
                 for n in caps:
                     dsts.append(staging[off : off + n])
                     off += n
-            if shm and meta.get("lease") is True and isinstance(self.server.pool, SharedPoolMemory):
+            if shm and meta.get("lease") is True and self.server.shared_pool is not None:
                 return await self._leased_get(keys, dsts), []
             sizes = await tiered.get_into(keys, dsts)
             metrics.get(sizes, self.server.chunk_size)
@@ -935,13 +927,14 @@ class CacheServer:
         chunk_size: int = 256,
         hash_seed: str = "lmcache-v1",
         metrics: ServerMetrics | None = None,
-        pool: MemoryBackend | None = None,
     ) -> None:
         from lmcache.server.metrics import ServerMetrics
 
         self.tiered = tiered
         self.settings = settings
-        self.pool: MemoryBackend | None = pool
+        # Tier 0 in place (when it offers it): socket puts are received into it and hits sent
+        # from it; commits and leases do the stack's bookkeeping themselves.
+        self.pool: InPlaceTier | None = tiered.in_place()
         self.chunk_size = chunk_size
         self.hash_seed = hash_seed
         self.counters = ServerCounters()
@@ -960,13 +953,18 @@ class CacheServer:
         self.token: str = settings.token if settings.token is not None else A.generate_token()
         self._token_files: list[Path] = []
 
+    @property
+    def shared_pool(self) -> SharedPoolInfo | None:
+        """Tier 0's pool in ``/dev/shm``, which shm clients map, when there is one."""
+        return self.pool.shared_pool if self.pool is not None else None
+
     def stats(self) -> dict[str, Any]:
         """Server counters, live sessions and shared memory, and the tiered backend's stats."""
         server: dict[str, Any] = dataclasses.asdict(self.counters)
         server["sessions"] = len(self.sessions)
         server["shm_segments"] = sum(1 for s in self.sessions if s.segment is not None)
         server["shm_bytes_mapped"] = sum(s.segment.size for s in self.sessions if s.segment is not None)
-        server["pinned_keys"] = len(self.tiered.pinned())
+        server["pinned_keys"] = len(self.tiered.admin().pinned())
         server["leases"] = sum(s.leased for s in self.sessions)
         server["reservations"] = sum(len(r) for s in self.sessions for r in s.reservations.values())
         server["staging_bytes"] = self.budget.used
@@ -1212,12 +1210,14 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 def build_server(args: argparse.Namespace) -> CacheServer:
     """The server described by parsed ``lmcache server`` flags (no I/O).
 
-    Each tier is wrapped in a :class:`~lmcache.server.metrics.TimedTier` so that latency and
+    Each tier is wrapped in a :class:`~lmcache.server.timed.TimedTier` so that latency and
     value sizes are measured per tier; the stack's settings come from the config exactly as
     :meth:`TieredBackend.from_config` reads them.
     """
+    from lmcache.backends.memory import MemoryBackend
     from lmcache.backends.registry import open_backend
-    from lmcache.server.metrics import ServerMetrics, TimedTier
+    from lmcache.server.metrics import ServerMetrics
+    from lmcache.server.timed import TimedTier
     from lmcache.tiered import TieredSettings
 
     config = LMCacheConfig.load(args.config) if args.config else LMCacheConfig.load()
@@ -1243,18 +1243,13 @@ def build_server(args: argparse.Namespace) -> CacheServer:
     tiered_settings = resolve_settings(TieredSettings, layers, owner="tiered://")
     metrics = ServerMetrics()
     built = [open_backend(u) for u in config.tiers]
-    pool: MemoryBackend | None = None
-    if type(built[0]) is MemoryBackend:
-        # Tier 0 with leases: socket gets send its hits in place; in shared memory, shm clients
-        # copy them straight out of it (lmcache.server.pool).
-        shared = settings.shm and shm_available()
-        pool = SharedPoolMemory(built[0].settings) if shared else built[0]
-        built[0] = pool
+    if type(built[0]) is MemoryBackend and settings.shm and shm_available():
+        # Tier 0 in shared memory: shm clients copy hits straight out of it and fill reserved
+        # blocks themselves (any memory:// tier 0 serves socket clients in place).
+        built[0] = MemoryBackend(built[0].settings, shared=True)
     tiers: list[StorageBackend] = [TimedTier(b, metrics, i) for i, b in enumerate(built)]
     tiered = TieredBackend(tiers, tiered_settings, own_tiers=True)
-    return CacheServer(
-        tiered, settings, chunk_size=config.chunk_size, hash_seed=config.hash_seed, metrics=metrics, pool=pool
-    )
+    return CacheServer(tiered, settings, chunk_size=config.chunk_size, hash_seed=config.hash_seed, metrics=metrics)
 
 
 def run_server_cli(args: argparse.Namespace) -> int:

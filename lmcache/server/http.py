@@ -21,7 +21,7 @@ Endpoints (JSON in, JSON out). Who may call what:
   "world_size": 1, "rank": 0, "dtype": "float16", "tags": {…}}`` (hashed with the server's
   ``chunk_size`` and seed). Reply: ``hit_chunks``/``hit_tokens`` overall and per tier.
 * ``POST /pin`` (``ttl`` seconds, required) and ``POST /unpin``: same key selection as lookup.
-  Pinned keys are never chosen for eviction until the pin lapses (:meth:`TieredBackend.pin`).
+  Pinned keys are never chosen for eviction until the pin lapses (:meth:`~lmcache.tiered.TierAdmin.pin`).
 * ``POST /clear``: ``{}`` clears everything; ``{"model": …}`` and/or ``{"tags": {…}}`` clear the
   keys that match (found with ``list_keys``).
 * ``POST /move``: keys or tokens plus ``to_tier`` (and optional ``from_tier``, ``keep_source``).
@@ -211,12 +211,12 @@ class _Api:
         ttl = body.get("ttl")
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0:
             raise InvalidArgumentError("pin needs ttl, a positive number of seconds")
-        total = self.server.tiered.pin(keys, float(ttl))
+        total = self.server.tiered.admin().pin(keys, float(ttl))
         return _json({"pinned": len(keys), "total_pinned": total, "ttl": ttl})
 
     async def unpin(self, request: web.Request) -> web.Response:
         keys, _ = self._select(await self._body(request))
-        return _json({"unpinned": self.server.tiered.unpin(keys)})
+        return _json({"unpinned": self.server.tiered.admin().unpin(keys)})
 
     async def clear(self, request: web.Request) -> web.Response:
         body = await self._body(request)
@@ -239,7 +239,7 @@ class _Api:
             doomed.append(key)
         for i in range(0, len(doomed), 1024):
             await tiered.delete(doomed[i : i + 1024])
-        tiered.unpin(doomed)
+        tiered.admin().unpin(doomed)
         return _json({"cleared": len(doomed)})
 
     async def move(self, request: web.Request) -> web.Response:
@@ -259,7 +259,7 @@ class _Api:
             if key in wanted and size is not None:
                 sizes[key] = size
         known = [k for k in keys if k in sizes]
-        moved = await tiered.move(
+        moved = await tiered.admin().move(
             known,
             [sizes[k] for k in known],
             to_tier,

@@ -13,7 +13,7 @@ Ownership (why a SIGKILLed client leaks nothing):
   reply to ``HELLO``. A client killed in that window leaves a name whose ``<pid>`` is dead: the
   server sweeps such names at start and every ``sweep_interval`` seconds (:func:`sweep_stale`).
 * Values a client reads in place from the server's tier-0 pool are leased to its connection
-  (:mod:`lmcache.server.pool`); the server releases every lease of a connection when it closes,
+  (see docs/server.md); the server releases every lease of a connection when it closes,
   so a dead client holds no pins either.
 
 The segment is an arena: the client carves a region per request (:class:`Arena`), the request's
@@ -29,17 +29,17 @@ import os
 import re
 import secrets
 import stat
-from pathlib import Path
 
 from lmcache.errors import InvalidArgumentError
+from lmcache.pool.mapping import POOL_PREFIX, SHM_DIR, populate
 
 __all__ = [
     "SHM_DIR",
     "Arena",
     "Segment",
+    "attach_pool",
     "attach_segment",
     "create_segment",
-    "map_pool",
     "populate",
     "shm_available",
     "sweep_stale",
@@ -47,11 +47,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SHM_DIR = Path("/dev/shm")
 PREFIX = "lmcache-shm-"
 _NAME_RE = re.compile(r"^lmcache-shm-(\d{1,10})-([0-9a-f]{8,32})$")
 _STALE_RE = re.compile(r"^lmcache-(?:shm|pool)-(\d{1,10})-([0-9a-f]{8,32})$")  # client segments, server pools
-_POOL_RE = re.compile(r"^lmcache-pool-(\d{1,10})-([0-9a-f]{8,32})$")
+_POOL_RE = re.compile(rf"^{POOL_PREFIX}(\d{{1,10}})-([0-9a-f]{{8,32}})$")
 ALIGN = 64
 
 
@@ -140,28 +139,8 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
-
-
-def populate(mm: mmap.mmap) -> bool:
-    """Map every page of ``mm`` into this process now (``MADV_POPULATE_WRITE``).
-
-    A fresh mapping of pages another process already holds still takes one page fault per 4 KiB
-    page on first touch: copying 2 MiB into such a region ran at ~1.5 GB/s against ~20 GB/s
-    once mapped. Call it only on memory that is resident anyway (it allocates any page that is
-    not). Blocking (~0.1 s/GiB): run it off the event loop. Returns False where the kernel has
-    no such advice (older than 5.14); pages then fault in on first use, as before.
-    """
-    try:
-        mm.madvise(_MADV_POPULATE_WRITE)
-    except (OSError, ValueError) as exc:
-        logger.debug("lm://: cannot populate a shared mapping (%s); pages fault in on first use", exc)
-        return False
-    return True
-
-
-def map_pool(name: str, size: int) -> mmap.mmap:
-    """Client side: map the server's tier-0 pool (see :mod:`lmcache.server.pool`).
+def attach_pool(name: str, size: int) -> mmap.mmap:
+    """Client side: map the server's tier-0 pool (made by :func:`lmcache.pool.map_pool`).
 
     Clients read leased blocks from it and fill blocks the server reserved for their puts;
     they never touch other blocks (and the value frames' checksums catch it if one does).

@@ -17,6 +17,7 @@ from lmcache.backends.memory import DEFAULT_CAPACITY, MemoryBackend, MemorySetti
 from lmcache.backends.registry import open_backend
 from lmcache.errors import BackendClosedError, CapacityError, ConfigError, InvalidBufferError
 from lmcache.keys import CacheKey
+from lmcache.pool import Refused, Reservation
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -577,7 +578,7 @@ async def test_closing_during_a_put_fails_that_put() -> None:
 
 @pytest.mark.parametrize("advice", [None, 9999], ids=["no-populate-advice", "kernel-refuses-advice"])
 async def test_prefault_falls_back_to_touching_pages(monkeypatch: pytest.MonkeyPatch, advice: int | None) -> None:
-    import lmcache.backends.memory as memory_module
+    import lmcache.pool.mapping as memory_module
 
     monkeypatch.setattr(memory_module, "_MADV_POPULATE_WRITE", advice)
     async with MemoryBackend.from_url("memory://?capacity=1MiB&prefault=true") as b:
@@ -605,13 +606,13 @@ async def test_a_lease_reads_in_place_and_outlives_a_delete(mem: MemoryBackend) 
 
 
 async def test_a_reservation_is_invisible_until_committed(mem: MemoryBackend) -> None:
-    state, block = mem.reserve(key(3), 4096)
-    assert state == "reserved"
+    block = mem.reserve(key(3), 4096)
+    assert isinstance(block, Reservation)
     assert await mem.contains([key(3)]) == [False]
-    assert mem.reserve(key(3), 4096) == ("busy", None)
+    assert mem.reserve(key(3), 4096) is Refused.BUSY
     mem.view(block)[:] = value(3, 4096)
-    assert mem.commit(key(3), block)
-    assert mem.reserve(key(3), 4096) == ("exists", None)
+    assert mem.commit(block)
+    assert mem.reserve(key(3), 4096) is Refused.EXISTS
     dst = bytearray(4096)
     assert await mem.get_into([key(3)], [dst]) == [4096] and bytes(dst) == value(3, 4096)
     assert mem.stats()["stored"] == 1
@@ -619,11 +620,11 @@ async def test_a_reservation_is_invisible_until_committed(mem: MemoryBackend) ->
 
 async def test_an_aborted_reservation_frees_its_block_and_wakes_a_waiting_put(mem: MemoryBackend) -> None:
     used = mem.stats()["used_bytes"]
-    state, block = mem.reserve(key(4), 8192)
-    assert state == "reserved" and mem.stats()["used_bytes"] > used
+    block = mem.reserve(key(4), 8192)
+    assert isinstance(block, Reservation) and mem.stats()["used_bytes"] > used
     waiting = asyncio.ensure_future(mem.put([key(4)], [value(4, 100)]))
     await asyncio.sleep(0.01)
     assert not waiting.done()  # a put of a reserved key waits for the reservation to settle
-    mem.abort(key(4), block)
+    mem.abort(block)
     assert [r.status for r in await waiting] == [PutStatus.STORED]
-    assert mem.reserve(key(5), mem.capacity_bytes + 1) == ("too_large", None)
+    assert mem.reserve(key(5), mem.capacity_bytes + 1) is Refused.TOO_LARGE

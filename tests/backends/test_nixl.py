@@ -179,7 +179,7 @@ def test_store_never_reuses_bytes_still_being_read_or_written() -> None:
     s.delete(b"a")
     assert not s.contains(b"a")
     assert s.reserve(b"b", 64, 64)[0] == Status.CAPACITY, "a leased value's bytes were handed out"
-    s.release(lease.lease_id)
+    s.release(lease)
     assert s.used == 0
     # Deleted while its writer is still transferring: the space stays reserved until the commit.
     _, w = s.reserve(b"w", 1024, 64)

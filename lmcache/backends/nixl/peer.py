@@ -6,7 +6,9 @@ of ``capacity`` bytes (huge pages where the kernel gives them), registers it wit
 (UCX, whose progress thread sleeps until there is work), and serves the control protocol of
 :mod:`lmcache.backends.nixl.wire` over TCP. Values never travel over that socket: clients move
 the bytes themselves with one-sided NIXL transfers between their own registered buffers and the
-pool; the peer only decides where (reserve, commit, lookup with leases, release, delete).
+pool; the peer only decides where (reserve, commit, lookup with leases, release, delete). The
+pool, its allocator and its reserve/commit/lease index are :mod:`lmcache.pool`'s, as for
+``memory://`` and the cache server's tier 0.
 
 Values are stored as :mod:`lmcache.serde.frame` frames written by the client (the peer never
 decodes payloads; checksums are checked by the reading client). The peer is bounded: a full pool
@@ -18,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import bisect
 import contextlib
-import dataclasses
 import itertools
 import logging
 import mmap
@@ -30,9 +30,6 @@ import struct
 import sys
 from collections.abc import Iterator, Sequence
 
-import numpy as np
-
-from lmcache.backends.memory import MemoryBackend
 from lmcache.backends.nixl.sdk import make_agent
 from lmcache.backends.nixl.wire import (
     HIT,
@@ -49,164 +46,88 @@ from lmcache.backends.nixl.wire import (
     read_message,
 )
 from lmcache.config import parse_size
+from lmcache.pool import ALIGNMENT, Lease, LeasedIndex, PoolMapping, Refused, Reservation
+from lmcache.pool import map_pool as _map_pool
 
-__all__ = ["ALIGN", "PeerStore", "main", "map_pool", "serve"]
+__all__ = ["ALIGN", "PeerStore", "main", "map_peer_pool", "map_pool", "serve"]
 
 logger = logging.getLogger(__name__)
 
 #: Pool allocations are aligned to this (frames are 64-byte aligned themselves).
-ALIGN = 64
+ALIGN = ALIGNMENT
 
 
 # ---------------------------------------------------------------------------------------------
-# The store: allocator + index (event-loop thread only)
+# The store: lmcache.pool's index over the pool (event-loop thread only)
 
-
-@dataclasses.dataclass(eq=False)
-class _Entry:
-    key: bytes
-    offset: int
-    frame_len: int
-    header_len: int
-    lease_id: int
-    committed: bool = False
-    dead: bool = False  # deleted or aborted: freed once no reader or writer uses its bytes
-    leases: int = 0  # readers between LOOKUP and RELEASE
-    writing: bool = False  # reserved, not yet committed
-    freed: bool = False
-
-
-class _Allocator:
-    """First-fit allocation of aligned extents in ``[0, size)``, with coalescing frees."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._starts: list[int] = [0] if size else []
-        self._lens: dict[int, int] = {0: size} if size else {}
-        self.used = 0
-
-    def alloc(self, n: int) -> int | None:
-        n = -(-n // ALIGN) * ALIGN
-        for start in self._starts:
-            length = self._lens[start]
-            if length >= n:
-                i = bisect.bisect_left(self._starts, start)
-                del self._starts[i]
-                del self._lens[start]
-                if length > n:
-                    bisect.insort(self._starts, start + n)
-                    self._lens[start + n] = length - n
-                self.used += n
-                return start
-        return None
-
-    def free(self, start: int, n: int) -> None:
-        n = -(-n // ALIGN) * ALIGN
-        self.used -= n
-        i = bisect.bisect_left(self._starts, start)
-        # Merge with the following extent, then with the preceding one.
-        if i < len(self._starts) and self._starts[i] == start + n:
-            n += self._lens.pop(self._starts[i])
-            del self._starts[i]
-        if i > 0 and self._starts[i - 1] + self._lens[self._starts[i - 1]] == start:
-            prev = self._starts[i - 1]
-            self._lens[prev] += n
-            return
-        self._starts.insert(i, start)
-        self._lens[start] = n
+# Why the pool refused a reservation, in the control protocol's words (a key being written
+# already counts as held: a second writer of an immutable value has nothing to add).
+_REFUSED = {
+    Refused.EXISTS: Status.EXISTS,
+    Refused.BUSY: Status.EXISTS,
+    Refused.FULL: Status.CAPACITY,
+    Refused.TOO_LARGE: Status.TOO_LARGE,
+}
 
 
 class PeerStore:
-    """The index and allocator of one peer; every method runs on the event loop thread.
+    """The index of one peer's pool (a :class:`~lmcache.pool.LeasedIndex` keyed by wire keys).
+
+    Each entry's ``tag`` is its frame's header length. A delete also cancels a reservation
+    whose transfer is in flight: its bytes stay the writer's until the commit, which then
+    publishes nothing. Every method runs on the event loop thread.
 
     Args:
-        capacity: Pool bytes.
+        capacity: Pool bytes (rounded up to :data:`ALIGN`; :attr:`capacity` is the result).
     """
 
     def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._alloc = _Allocator(capacity)
-        self._index: dict[bytes, _Entry] = {}  # committed entries
-        self._pending: dict[bytes, _Entry] = {}  # reserved, not yet committed
-        self._leased: dict[int, _Entry] = {}
-        self._ids = itertools.count(1)
+        self._index: LeasedIndex[bytes] = LeasedIndex(capacity, ALIGN)
+        self.capacity = self._index.capacity
 
     @property
     def used(self) -> int:
         """Bytes allocated (committed, pending and dead-but-leased values)."""
-        return self._alloc.used
+        return self._index.used
 
     @property
     def entries(self) -> int:
         """Committed values."""
-        return len(self._index)
+        return self._index.entries
 
-    def reserve(self, key: bytes, frame_len: int, header_len: int) -> tuple[int, _Entry | None]:
-        """``(Status, entry)``: a pending entry to write, or why not."""
-        if key in self._index or key in self._pending:
-            return Status.EXISTS, None
-        if frame_len > self.capacity:
-            return Status.TOO_LARGE, None
-        offset = self._alloc.alloc(frame_len)
-        if offset is None:
-            return Status.CAPACITY, None
-        entry = _Entry(key, offset, frame_len, header_len, next(self._ids))
-        entry.writing = True  # its space is the writer's until commit, even if deleted meanwhile
-        self._pending[key] = entry
-        return Status.OK, entry
+    def reserve(self, key: bytes, frame_len: int, header_len: int) -> tuple[int, Reservation[bytes] | None]:
+        """``(Status, reservation)``: a block to write, or why not."""
+        res = self._index.reserve(key, frame_len, header_len)
+        if isinstance(res, Reservation):
+            return Status.OK, res
+        return _REFUSED[res], None
 
-    def commit(self, entry: _Entry, ok: bool) -> None:
-        """Publish a pending entry (``ok``) or give its space back."""
-        entry.writing = False
-        if self._pending.get(entry.key) is entry:
-            del self._pending[entry.key]
-            if ok:
-                entry.committed = True
-                self._index[entry.key] = entry
-                return
-            entry.dead = True
-        self._maybe_free(entry)  # aborted, or deleted while it was being written
+    def commit(self, reservation: Reservation[bytes], ok: bool) -> None:
+        """Publish a written reservation (``ok``) or give its space back."""
+        if ok:
+            self._index.commit(reservation)  # False: deleted while written, and freed
+        else:
+            self._index.abort(reservation)
 
-    def lookup(self, key: bytes) -> _Entry | None:
-        """A committed entry with a lease taken (release it with :meth:`release`)."""
-        entry = self._index.get(key)
-        if entry is not None:
-            entry.leases += 1
-            self._leased[entry.lease_id] = entry
-        return entry
+    def lookup(self, key: bytes) -> Lease[bytes] | None:
+        """A committed value with a lease taken (give it back with :meth:`release`)."""
+        return self._index.lease(key)
 
-    def release(self, lease_id: int) -> None:
-        """Drop one lease taken by :meth:`lookup`."""
-        entry = self._leased.get(lease_id)
-        if entry is None:
-            return
-        entry.leases -= 1
-        if entry.leases == 0:
-            del self._leased[lease_id]
-            self._maybe_free(entry)
+    def release(self, lease: Lease[bytes]) -> None:
+        """Drop a lease taken by :meth:`lookup` (once; again is a no-op)."""
+        self._index.release(lease)
 
     def contains(self, key: bytes) -> bool:
-        return key in self._index
+        """True when ``key`` is committed."""
+        return self._index.contains(key)
 
     def delete(self, key: bytes) -> None:
-        entry = self._index.pop(key, None) or self._pending.pop(key, None)
-        if entry is not None:
-            entry.dead = True
-            self._maybe_free(entry)
+        """Unlink ``key``, committed or still being written (freed when its users are done)."""
+        self._index.delete(key, cancel_reservation=True)
 
-    def _maybe_free(self, entry: _Entry) -> None:
-        # A dead entry's bytes may still be in use: a reader copying them out (lease) or a writer
-        # whose transfer into them is in flight. Reusing them then would hand one value's bytes
-        # to another key; they are freed when the last user is done.
-        if entry.dead and not entry.leases and not entry.writing and not entry.freed:
-            entry.freed = True
-            self._alloc.free(entry.offset, entry.frame_len)
-
-    def items(self) -> Iterator[_Entry]:
-        return iter(list(self._index.values()))
-
-    def get_committed(self, key: bytes) -> _Entry | None:
-        return self._index.get(key)
+    def items(self) -> Iterator[tuple[bytes, int, int]]:
+        """``(key, frame length, header length)`` of every committed value (a snapshot)."""
+        return self._index.items()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,10 +141,11 @@ class _Peer:
         self.pool_addr = pool_addr
         self.metadata = metadata
         self.debug_ops = debug_ops
+        self._lease_ids = itertools.count(1)  # one id per lookup hit, unique on this peer
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        pending: dict[int, list[_Entry]] = {}  # this connection's reservations, by group
-        leases: list[int] = []  # this connection's lease ids (one per lookup hit)
+        pending: dict[int, list[Reservation[bytes]]] = {}  # this connection's reservations, by group
+        leases: dict[int, Lease[bytes]] = {}  # this connection's leases, by id (one per lookup hit)
         try:
             while True:
                 try:
@@ -247,13 +169,15 @@ class _Peer:
             for group in pending.values():
                 for entry in group:
                     self.store.commit(entry, ok=False)
-            for lease in leases:
+            for lease in leases.values():
                 self.store.release(lease)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    def dispatch(self, op: int, body: bytes, pending: dict[int, list[_Entry]], leases: list[int]) -> bytes | None:
+    def dispatch(
+        self, op: int, body: bytes, pending: dict[int, list[Reservation[bytes]]], leases: dict[int, Lease[bytes]]
+    ) -> bytes | None:
         r = Reader(body)
         s = self.store
         if op == Op.HELLO:
@@ -266,7 +190,7 @@ class _Peer:
             r.end()
             if group_id in pending:
                 raise ProtocolError(f"reservation group {group_id} is already open")
-            group: list[_Entry] = []
+            group: list[Reservation[bytes]] = []
             out = [U32.pack(n)]
             for key, frame_len, header_len in items:
                 if header_len > frame_len:
@@ -292,21 +216,22 @@ class _Peer:
             r.end()
             out = [U32.pack(len(keys))]
             for key in keys:
-                entry = s.lookup(key)
-                if entry is None:
+                lease = s.lookup(key)
+                if lease is None:
                     out.append(MISS)
                 else:
-                    leases.append(entry.lease_id)
-                    out.append(HIT.pack(1, entry.lease_id, entry.offset, entry.frame_len, entry.header_len))
+                    lease_id = next(self._lease_ids)
+                    leases[lease_id] = lease
+                    out.append(HIT.pack(1, lease_id, lease.offset, lease.nbytes, lease.tag))
             return b"".join(out)
         if op == Op.RELEASE:
             n = r.count()
             ids = [r.u64() for _ in range(n)]
             r.end()
-            for lease in ids:
-                if lease in leases:  # a connection releases only leases it holds
-                    leases.remove(lease)
-                    s.release(lease)
+            for lease_id in ids:
+                held = leases.pop(lease_id, None)  # a connection releases only leases it holds
+                if held is not None:
+                    s.release(held)
             return None  # fire and forget: the client does not wait
         if op == Op.CONTAINS:
             keys = r.keys()
@@ -322,7 +247,7 @@ class _Peer:
             r.end()
             entries = list(s.items())
             return U32.pack(len(entries)) + b"".join(
-                pack_key(e.key) + U64.pack(e.frame_len - e.header_len) for e in entries
+                pack_key(key) + U64.pack(frame_len - header_len) for key, frame_len, header_len in entries
             )
         if op == Op.STATS:
             r.end()
@@ -333,30 +258,30 @@ class _Peer:
         if op == Op.CORRUPT and self.debug_ops:
             key = r.key()
             r.end()
-            entry = s.get_committed(key)
-            if entry is None:
+            lease = s.lookup(key)
+            if lease is None:
                 return b"\x00"
-            self.pool[entry.offset + entry.frame_len - 1] ^= 0x01
+            self.pool[lease.offset + lease.nbytes - 1] ^= 0x01
+            s.release(lease)
             return b"\x01"
         raise ProtocolError(f"unknown operation {op}")
 
 
-def map_pool(capacity: int, prefault: bool) -> mmap.mmap:
-    """The pool: private anonymous memory, on huge pages where the kernel gives them (best effort).
+def map_peer_pool(capacity: int, prefault: bool) -> PoolMapping:
+    """The peer's pool: private anonymous memory on huge pages where the kernel gives them.
 
+    Private, since the default (shared) anonymous mapping is shmem, which gets no transparent
+    huge pages unless shmem THP is enabled; on 4 KiB pages UCX's CMA copies ran ~1.7x slower.
     Transfers into pages never touched take a page fault each (a first fill ran at ~0.3-0.4
-    GB/s here, with or without huge pages, against ~10-12 GB/s once mapped), so ``prefault``
-    populates it all now: it commits the whole capacity as resident memory.
+    GB/s here, against ~10-12 GB/s once mapped), so ``prefault`` populates it all now: it
+    commits the whole capacity as resident memory.
     """
-    # Private: the default (shared) anonymous mapping is shmem, which gets no transparent huge
-    # pages unless shmem THP is enabled; on 4 KiB pages UCX's CMA copies ran ~1.7x slower.
-    pool_map = mmap.mmap(-1, max(capacity, mmap.PAGESIZE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        with contextlib.suppress(OSError):
-            pool_map.madvise(mmap.MADV_HUGEPAGE)
-    if prefault:
-        MemoryBackend._populate(pool_map)  # memory://'s prefault: also falls back on old kernels
-    return pool_map
+    return _map_pool(capacity, shared=False, hugepages=True, prefault=prefault, owner="nixl peer")
+
+
+def map_pool(capacity: int, prefault: bool) -> mmap.mmap:
+    """The mapping of :func:`map_peer_pool` alone (for processes that only hold such a pool)."""
+    return map_peer_pool(capacity, prefault).mm
 
 
 async def serve(
@@ -369,16 +294,17 @@ async def serve(
     ready: asyncio.Event | None = None,
 ) -> None:
     """Run a peer until cancelled (or SIGTERM/SIGINT when run as a program)."""
-    pool_map = map_pool(capacity, prefault)
-    pool = memoryview(pool_map)[:capacity]
-    addr = int(np.frombuffer(pool_map, dtype=np.uint8).ctypes.data) if capacity else 0
+    store = PeerStore(capacity)
+    mapping = map_peer_pool(store.capacity, prefault)
+    pool = mapping.view[: store.capacity]
+    addr = mapping.address if store.capacity else 0
     # A progress thread, since transfers to and from the pool need one on transports the peer
     # takes part in (UCX over TCP); it sleeps until the worker has an event, so an idle peer
     # costs no CPU (NIXL's default poll would take a whole core).
     agent = make_agent(f"lmcache-nixl-peer-{os.getpid()}-{port}", ["UCX"], True)
-    reg = agent.register_memory([(addr, max(capacity, 1), 0, "")], "DRAM")  # type: ignore[attr-defined]
+    reg = agent.register_memory([(addr, max(store.capacity, 1), 0, "")], "DRAM")  # type: ignore[attr-defined]
     metadata = agent.get_agent_metadata()  # type: ignore[attr-defined]
-    peer = _Peer(PeerStore(capacity), pool, addr, metadata, debug_ops)
+    peer = _Peer(store, pool, addr, metadata, debug_ops)
     server = await asyncio.start_server(peer.handle, host, port, limit=1 << 20)
     logger.info("nixl peer: serving %d bytes on %s:%d", capacity, host, port)
     print(f"lmcache nixl peer ready on {host}:{port} ({capacity} bytes)", flush=True)
@@ -389,6 +315,7 @@ async def serve(
             await server.serve_forever()
     finally:
         agent.deregister_memory(reg)  # type: ignore[attr-defined]
+        mapping.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

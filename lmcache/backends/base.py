@@ -19,29 +19,53 @@ normalise buffers, keep counters and enforce the rules below, then call the subc
 
 Construction (``from_url``) performs no I/O. ``open()`` is explicit and also happens lazily on
 first use; ``aclose()`` is final.
+
+The adapter kit
+---------------
+This module holds the contract: results (:class:`PutResult`), :class:`Capabilities`,
+:class:`BackendCounters` and the :class:`StorageBackend` ABC. The helpers adapters build on live
+beside it, one topic a module, each with an ``__all__`` that is its public kit:
+
+* :mod:`lmcache.backends.buffers`: buffer views, device buffers, ``check_dst_size``, page-aligned memory;
+* :mod:`lmcache.backends.concurrency`: ``run_blocking``, ``run_gated``, ``WorkerGate``, ``take``,
+  ``gather_all``, ``gather_settled``, ``split_by_size``;
+* :mod:`lmcache.backends.urls`: ``split_url``, ``server_location``, ``parse_backend_url``,
+  ``settings_query``, ``url_host``, ``redact_url``.
+
+The kit names plugins imported from here before the split stay importable from here (see
+``__all__``), so existing plugins keep working.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import enum
 import logging
-import threading
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Executor
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
-from urllib.parse import SplitResult, parse_qsl, quote, urlencode, urlsplit
 
-from lmcache.config import env_layer, env_names, resolve_settings, unknown_env_error, unknown_env_vars
+from lmcache.backends.buffers import (
+    as_readable,
+    as_writable,
+    buffer_address,
+    check_dst_size,
+    device_bytes,
+    is_device_buffer,
+)
+from lmcache.backends.concurrency import (
+    WorkerAbandoned,
+    WorkerGate,
+    gather_all,
+    run_blocking,
+    split_by_size,
+)
+from lmcache.backends.urls import parse_backend_url, redact_url, settings_query, split_url
 from lmcache.errors import (
     BackendClosedError,
-    ConfigError,
     InvalidArgumentError,
-    InvalidBufferError,
     UnsupportedOperationError,
 )
 from lmcache.keys import CacheKey, check_key_length
@@ -50,6 +74,7 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 __all__ = [
+    # the contract (this module)
     "EXISTS",
     "STORED",
     "BackendCounters",
@@ -57,6 +82,8 @@ __all__ = [
     "PutResult",
     "PutStatus",
     "StorageBackend",
+    "rejected",
+    # re-exported from the kit modules, where they live (plugins import them from here too)
     "WorkerAbandoned",
     "WorkerGate",
     "as_readable",
@@ -64,7 +91,7 @@ __all__ = [
     "check_dst_size",
     "gather_all",
     "parse_backend_url",
-    "rejected",
+    "redact_url",
     "run_blocking",
     "settings_query",
     "split_by_size",
@@ -72,7 +99,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-S = TypeVar("S")
 
 
 class PutStatus(str, enum.Enum):
@@ -118,7 +144,10 @@ class Capabilities:
     Attributes:
         persistent: Values survive a restart of this process.
         shared: Values are visible to other processes or hosts.
-        device_buffers: ``get_into``/``put`` accept device (CUDA) buffers directly.
+        device_buffers: ``get_into``/``put`` accept device (CUDA) buffers directly: the template
+            methods hand them to ``_get_into_device``/``_put_device`` (flat ``uint8`` tensors)
+            and host buffers to ``_get_into``/``_put``. Without it a device buffer is an
+            :class:`~lmcache.errors.InvalidBufferError`.
         listing: :meth:`StorageBackend.list_keys` is supported.
         integrity_checked: Values carry a checksummed frame; corruption reads as a miss.
         bounded: The backend has a byte capacity and rejects puts beyond it.
@@ -154,298 +183,6 @@ class BackendCounters:
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""
         return dataclasses.asdict(self)
-
-
-# ---------------------------------------------------------------------------------------------
-# Buffers
-
-
-def _torch_view(obj: Any, writable: bool) -> memoryview:
-    if obj.device.type != "cpu":
-        raise InvalidBufferError(
-            f"a tensor on {obj.device} was given to a backend that takes host buffers; "
-            "copy it to a (pinned) CPU buffer first"
-        )
-    if not obj.is_contiguous():
-        raise InvalidBufferError("tensor buffers must be contiguous")
-    if writable and obj.requires_grad:
-        raise InvalidBufferError("destination tensors must not require grad")
-    import torch
-
-    flat = obj.detach().reshape(-1)
-    if flat.dtype != torch.uint8:
-        flat = flat.view(torch.uint8)
-    return memoryview(flat.numpy()).cast("B")
-
-
-def _as_view(obj: Any, writable: bool) -> memoryview:
-    if hasattr(obj, "data_ptr") and hasattr(obj, "is_contiguous") and hasattr(obj, "device"):
-        return _torch_view(obj, writable)
-    try:
-        view = memoryview(obj)
-    except TypeError:
-        raise InvalidBufferError(
-            f"{type(obj).__name__} does not support the buffer protocol; pass bytes, bytearray, "
-            "memoryview, a numpy array or a CPU tensor"
-        ) from None
-    if writable and view.readonly:
-        raise InvalidBufferError("destination buffer is read-only")
-    if not view.c_contiguous:
-        raise InvalidBufferError("buffers must be C-contiguous")
-    if view.format != "B" or view.ndim != 1:
-        view = view.cast("B")
-    return view
-
-
-def as_readable(obj: Any) -> memoryview:
-    """A flat byte view of a source buffer.
-
-    Raises:
-        InvalidBufferError: ``obj`` is not a contiguous host buffer.
-    """
-    return _as_view(obj, writable=False)
-
-
-def as_writable(obj: Any) -> memoryview:
-    """A flat, writable byte view of a destination buffer.
-
-    Raises:
-        InvalidBufferError: ``obj`` is read-only, non-contiguous or not a host buffer.
-    """
-    return _as_view(obj, writable=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Executors and cancellation
-
-
-async def run_blocking(
-    executor: Executor | None,
-    fn: Callable[..., S],
-    *args: Any,
-    on_cancel: Callable[[], None] | None = None,
-) -> S:
-    """Run blocking ``fn(*args)`` on ``executor`` without ever leaving it running behind.
-
-    If the awaiting task is cancelled, ``on_cancel`` is called (so ``fn`` can stop early) and
-    the call waits for ``fn`` to finish before re-raising ``CancelledError``. That is what
-    makes rule 3 hold: once a cancelled ``get_into`` returns, no thread writes into ``dst``.
-    """
-    loop = asyncio.get_running_loop()
-    fut = loop.run_in_executor(executor, fn, *args)
-    try:
-        return await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        if on_cancel is not None:
-            on_cancel()
-        while not fut.done():
-            try:
-                await asyncio.wait({fut})
-            except asyncio.CancelledError:
-                continue
-        if not fut.cancelled():
-            fut.exception()  # mark retrieved: the caller was cancelled and cannot see it
-        raise
-
-
-class WorkerGate:
-    """Fences a worker thread's use of caller buffers against a caller that gave up.
-
-    The worker holds the gate (:meth:`enter` ... :meth:`leave`) around each touch of a caller's
-    buffer; a caller that times out or is cancelled calls :meth:`abandon`, which waits for the
-    worker to leave. Once it returns the worker never touches those buffers again
-    (:meth:`enter` returns False, and the worker raises :class:`WorkerAbandoned`).
-    """
-
-    __slots__ = ("_abandoned", "_lock")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._abandoned = False
-
-    def enter(self) -> bool:
-        """Take the gate; False (not taken) once the caller abandoned the call."""
-        self._lock.acquire()
-        if self._abandoned:
-            self._lock.release()
-            return False
-        return True
-
-    def leave(self) -> None:
-        """Give the gate back."""
-        self._lock.release()
-
-    def abandon(self) -> None:
-        """The caller gave up: wait for the worker to leave, then keep it out."""
-        with self._lock:
-            self._abandoned = True
-
-
-class WorkerAbandoned(Exception):
-    """Raised inside a worker whose caller gave up (see :class:`WorkerGate`); nobody sees it."""
-
-
-def split_by_size(sizes: Sequence[int], max_bytes: int, max_items: int | None = None) -> list[range]:
-    """Contiguous index ranges whose sizes sum to at most ``max_bytes``.
-
-    A range also holds at most ``max_items`` items; a lone item larger than ``max_bytes`` gets a
-    range of its own.
-    """
-    out: list[range] = []
-    start = acc = 0
-    for i, n in enumerate(sizes):
-        if i > start and (acc + n > max_bytes or (max_items is not None and i - start >= max_items)):
-            out.append(range(start, i))
-            start, acc = i, 0
-        acc += n
-    if start < len(sizes):
-        out.append(range(start, len(sizes)))
-    return out
-
-
-async def gather_all(coros: Sequence[Awaitable[S]]) -> list[S]:
-    """Await ``coros`` concurrently and return their results in order.
-
-    On a failure or cancellation the rest are cancelled, and every one has finished before the
-    error is raised: sub-batches may hold borrowed buffers (rule 3): none may be left running behind the call.
-    """
-    if len(coros) == 1:
-        return [await coros[0]]
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        while not all(t.done() for t in tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait(tasks)
-        for t in tasks:
-            if not t.cancelled():
-                t.exception()  # retrieved: only the first failure is raised
-        raise
-
-
-# ---------------------------------------------------------------------------------------------
-# URLs
-
-
-def parse_backend_url(
-    url: str,
-    schemes: Sequence[str],
-    settings_cls: type[S],
-    location: Mapping[str, object],
-    overrides: Mapping[str, object],
-    *,
-    split: SplitResult | None = None,
-) -> S:
-    """Resolve backend settings: defaults < ``LMCACHE_<SCHEME>_*`` env < URL < ``overrides``.
-
-    Args:
-        url: The backend URL (for error messages and its query string).
-        schemes: Schemes the backend serves; the URL's must be one of them.
-        settings_cls: The backend's settings dataclass.
-        location: Settings taken from the URL's host/path/credentials by the caller.
-        overrides: Keyword overrides (highest precedence).
-        split: The already split URL, if the caller has it.
-
-    Raises:
-        ConfigError: Wrong scheme, a repeated or unknown option, or a bad value.
-    """
-    parts = split or split_url(url)
-    if parts.scheme not in schemes:
-        raise ConfigError(f"URL scheme {parts.scheme!r} is not served here; expected one of {list(schemes)}")
-    query: dict[str, str] = {}
-    for k, v in parse_qsl(parts.query, keep_blank_values=True):
-        if k in query:
-            raise ConfigError(f"{parts.scheme}://: option {k!r} is given twice in the URL")
-        query[k] = v
-    env_prefix = "LMCACHE_" + parts.scheme.upper().replace("+", "_").replace("-", "_") + "_"
-    _check_env(env_prefix, settings_cls, parts.scheme)
-    layers: list[tuple[str, Mapping[str, object]]] = [
-        ("environment", env_layer(env_prefix, settings_cls)),
-        ("URL", location),
-        ("URL query", query),
-        ("keyword arguments", overrides),
-    ]
-    return resolve_settings(settings_cls, layers, owner=f"{parts.scheme}://", strict=("URL query", "keyword arguments"))
-
-
-def _check_env(prefix: str, settings_cls: type[Any], scheme: str) -> None:
-    """Refuse an ``LMCACHE_<SCHEME>_…`` variable that names no option (a typo is otherwise ignored)."""
-    unknown = unknown_env_vars(prefix, settings_cls)
-    if not unknown:
-        return
-    # LMCACHE_REDIS_CLUSTER_NODES belongs to redis+cluster://, not redis://: skip the variables
-    # of schemes whose prefix extends this one. Imported here: the registry imports this module.
-    from lmcache.backends.registry import env_prefixes
-
-    longer = tuple(p for p in env_prefixes().values() if p != prefix and p.startswith(prefix))
-    for var in unknown:
-        if longer and var.startswith(longer):
-            continue
-        raise unknown_env_error(var, env_names(prefix, settings_cls), f"{scheme}://", prefix)
-
-
-def split_url(url: str) -> SplitResult:
-    """``urlsplit`` with lmcache's errors: a malformed URL is a :class:`ConfigError`."""
-    if not isinstance(url, str) or "://" not in url:
-        raise ConfigError(f"not a backend URL: {url!r} (expected scheme://…, e.g. memory://?capacity=1GiB)")
-    try:
-        parts = urlsplit(url)
-        if "," not in parts.netloc:  # multi-host URLs (redis+cluster://h1:p1,h2:p2) check their own ports
-            _ = parts.port  # validates the port
-    except ValueError as exc:
-        raise ConfigError(f"malformed backend URL {redact_url(url)!r}: {exc}") from None
-    if not parts.scheme:
-        raise ConfigError(f"backend URL {redact_url(url)!r} has no scheme")
-    return parts
-
-
-def settings_query(settings: Any, skip: Sequence[str] = ()) -> str:
-    """URL query of the settings that differ from their defaults (for round-trippable URLs)."""
-    items = []
-    for f in dataclasses.fields(settings):
-        if not f.init or f.name in skip:
-            continue
-        value = getattr(settings, f.name)
-        if f.default is not dataclasses.MISSING and value == f.default:
-            continue
-        if f.default_factory is not dataclasses.MISSING and value == f.default_factory():
-            continue
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif value is None:
-            text = "none"
-        elif isinstance(value, (list, tuple)):
-            text = " ".join(map(str, value))
-        else:
-            text = str(value)
-        items.append((f.name, text))
-    return urlencode(items, quote_via=quote)
-
-
-def redact_url(url: str, secret_options: Sequence[str] = ()) -> str:
-    """``url`` with its password and any ``secret_options`` query values replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<malformed URL>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        creds, host = netloc.rsplit("@", 1)
-        user = creds.split(":", 1)[0]
-        netloc = f"{user}:***@{host}" if ":" in creds else f"{user}@{host}"
-    query = parts.query
-    if query and secret_options:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, "***" if k in secret_options else v) for k, v in pairs], safe="*")
-    if netloc == parts.netloc and query == parts.query:
-        return url  # nothing to hide; urlsplit/geturl would drop the "//" of "memory://?…"
-    out = parts._replace(netloc=netloc, query=query).geturl()
-    if "://" in url and "://" not in out:
-        out = out.replace(":", "://", 1)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -628,7 +365,8 @@ class StorageBackend(ABC):
 
         Args:
             keys: Keys to read.
-            dsts: One writable, contiguous host buffer per key, at least as large as the value.
+            dsts: One writable, contiguous host buffer per key, at least as large as the value
+                (or a device tensor, where ``capabilities.device_buffers``).
 
         Returns:
             Bytes written per key, or ``None`` on a miss. A missing key leaves its ``dst``
@@ -642,14 +380,25 @@ class StorageBackend(ABC):
             BackendClosedError: The backend was closed (also for an empty batch).
         """
         keys = _check_keys(keys)
-        views = [as_writable(d) for d in _as_list(dsts, "dsts")]
+        bufs = _as_list(dsts, "dsts")
+        on_device = self._on_device(bufs)
+        if on_device is None:
+            views: list[Any] = [as_writable(d) for d in bufs]
+        else:
+            views = [
+                device_bytes(d, writable=True) if dev else as_writable(d)
+                for d, dev in zip(bufs, on_device, strict=True)
+            ]
         if len(keys) != len(views):
             raise InvalidArgumentError(f"get_into got {len(keys)} keys but {len(views)} buffers")
         self._check_not_closed()
         if not keys:
             return []
         await self._ensure_open()
-        results = await self._get_into(keys, views)
+        if on_device is None:
+            results = await self._get_into(keys, views)
+        else:
+            results = await _by_place(keys, views, on_device, self._get_into, self._get_into_device)
         c = self.counters
         c.get_requests += len(keys)
         for n in results:
@@ -667,11 +416,17 @@ class StorageBackend(ABC):
 
         Raises:
             InvalidArgumentError: ``keys`` and ``srcs`` differ in length, or a key is too long.
-            InvalidBufferError: A source is not a contiguous host buffer.
+            InvalidBufferError: A source is not a contiguous host buffer (or, where
+                ``capabilities.device_buffers``, a contiguous device tensor).
             BackendClosedError: The backend was closed (also for an empty batch).
         """
         keys = _check_keys(keys)
-        views = [as_readable(s) for s in _as_list(srcs, "srcs")]
+        bufs = _as_list(srcs, "srcs")
+        on_device = self._on_device(bufs)
+        if on_device is None:
+            views: list[Any] = [as_readable(s) for s in bufs]
+        else:
+            views = [device_bytes(s) if dev else as_readable(s) for s, dev in zip(bufs, on_device, strict=True)]
         if len(keys) != len(views):
             raise InvalidArgumentError(f"put got {len(keys)} keys but {len(views)} buffers")
         self._check_not_closed()
@@ -681,7 +436,7 @@ class StorageBackend(ABC):
         results: list[PutResult | None] = [None] * len(keys)
         first: dict[CacheKey, int] = {}
         todo_keys: list[CacheKey] = []
-        todo_views: list[memoryview] = []
+        todo_views: list[Any] = []
         todo_idx: list[int] = []
         limit = self.capabilities.max_value_bytes
         for i, (k, v) in enumerate(zip(keys, views, strict=True)):
@@ -695,7 +450,12 @@ class StorageBackend(ABC):
             todo_views.append(v)
             todo_idx.append(i)
         if todo_keys:
-            for i, r in zip(todo_idx, await self._put(todo_keys, todo_views), strict=True):
+            if on_device is None:
+                stored = await self._put(todo_keys, todo_views)
+            else:
+                places = [on_device[i] for i in todo_idx]
+                stored = await _by_place(todo_keys, todo_views, places, self._put, self._put_device)
+            for i, r in zip(todo_idx, stored, strict=True):
                 results[i] = r
         for i, k in enumerate(keys):
             if results[i] is None:
@@ -794,6 +554,17 @@ class StorageBackend(ABC):
         self._logged_errors.add(kind)
         logger.warning(msg, *args)
 
+    def _on_device(self, bufs: list[Any]) -> list[bool] | None:
+        """Which buffers go to the device hooks; None when all are host buffers (the usual case).
+
+        Only a backend with ``capabilities.device_buffers`` takes device buffers; elsewhere
+        :func:`~lmcache.backends.buffers.as_readable` refuses them with a clear message.
+        """
+        if not self.capabilities.device_buffers:
+            return None
+        flags = [is_device_buffer(b) for b in bufs]
+        return flags if any(flags) else None
+
     # -- hooks -------------------------------------------------------------------------------
 
     async def _open(self) -> None:  # noqa: B027 - optional hook
@@ -840,14 +611,42 @@ class StorageBackend(ABC):
     @abstractmethod
     async def _delete(self, keys: list[CacheKey]) -> None: ...
 
+    # Device-buffer hooks: called only where ``capabilities.device_buffers``, with the device
+    # buffers of a call (flat ``uint8`` tensors); its host buffers still go to ``_get_into`` and
+    # ``_put``. The template keeps the counters, order and duplicate rules for both.
+
+    async def _get_into_device(self, keys: list[CacheKey], dsts: list[Any]) -> list[int | None]:
+        """Like :meth:`_get_into`, into device tensors."""
+        raise UnsupportedOperationError(f"{type(self).__name__} declares device_buffers but reads none")
+
+    async def _put_device(self, keys: list[CacheKey], srcs: list[Any]) -> list[PutResult]:
+        """Like :meth:`_put`, from device tensors (copy them before returning)."""
+        raise UnsupportedOperationError(f"{type(self).__name__} declares device_buffers but stores none")
+
+
+T = TypeVar("T")
+
+
+async def _by_place(
+    keys: list[CacheKey],
+    bufs: list[Any],
+    on_device: list[bool],
+    host: Callable[[list[CacheKey], list[Any]], Awaitable[list[T]]],
+    device: Callable[[list[CacheKey], list[Any]], Awaitable[list[T]]],
+) -> list[T]:
+    """Results of ``host`` for the host buffers and ``device`` for the device ones, in input order."""
+    out: list[Any] = [None] * len(keys)
+    for want, hook in ((False, host), (True, device)):
+        idx = [i for i, dev in enumerate(on_device) if dev is want]
+        if idx:
+            for i, r in zip(idx, await hook([keys[i] for i in idx], [bufs[i] for i in idx]), strict=True):
+                out[i] = r
+    return out
+
 
 def _same_memory(a: memoryview, b: memoryview) -> bool:
     """Whether two flat byte views cover exactly the same memory."""
-    if a.nbytes != b.nbytes:
-        return False
-    import numpy as np
-
-    return bool(np.frombuffer(a, dtype=np.uint8).ctypes.data == np.frombuffer(b, dtype=np.uint8).ctypes.data)
+    return a.nbytes == b.nbytes and buffer_address(a) == buffer_address(b)
 
 
 def _check_keys(keys: Sequence[CacheKey]) -> list[CacheKey]:
@@ -870,9 +669,3 @@ def _as_list(items: Iterable[Any], what: str) -> list[Any]:
         return list(items)
     except TypeError:
         raise InvalidArgumentError(f"{what} must be a sequence, got {type(items).__name__}") from None
-
-
-def check_dst_size(key: CacheKey, dst: memoryview, needed: int) -> None:
-    """Raise :class:`InvalidBufferError` when ``dst`` cannot hold ``needed`` bytes."""
-    if dst.nbytes < needed:
-        raise InvalidBufferError(f"buffer of {dst.nbytes} bytes is too small for the {needed}-byte value of {key}")

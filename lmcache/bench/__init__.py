@@ -7,12 +7,13 @@ Every workload is a module with three names:
 * ``run_cli(args: argparse.Namespace) -> int``: runs it, prints a table, writes JSON, returns the
   exit status.
 
-To add a workload (``long-doc-qa``, ``multi-round-qa``…), write ``lmcache/bench/<name>.py`` with
-those names and add one line to :data:`WORKLOADS`; the CLI imports a workload module only to build
-its parser, and runs it through :func:`checked_json_output` (an unwritable ``--json`` path fails
-before the run). Shared output (tables, JSON files, machine info, medians and ratios) lives in
-:mod:`lmcache.bench.report`. Performance goals are ratios against a baseline measured in the same
-run, never absolute thresholds.
+To add a workload, write ``lmcache/bench/<name>.py`` with those names (a question-answering
+workload goes in :mod:`lmcache.bench.qa`, beside ``long-doc-qa`` and ``multi-round-qa``, and
+reuses :mod:`lmcache.bench.qa.common`) and add one line to :data:`WORKLOADS`; the CLI imports a
+workload module only to build its parser, and runs it through :func:`checked_json_output` (an
+unwritable ``--json`` path fails before the run). Shared output (tables, JSON files, machine info,
+medians and ratios) lives in :mod:`lmcache.bench.report`. Performance goals are ratios against a
+baseline measured in the same run, never absolute thresholds.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ WORKLOADS: dict[str, str] = {
     "host": "lmcache.bench.host",
     "keys": "lmcache.bench.keys",
     "kernels": "lmcache.bench.kernels",
-    "long-doc-qa": "lmcache.bench.long_doc_qa",
-    "vllm-long-doc-qa": "lmcache.bench.vllm_long_doc_qa",
-    "multi-round-qa": "lmcache.bench.multi_round_qa",
+    "long-doc-qa": "lmcache.bench.qa.long_doc",
+    "vllm-long-doc-qa": "lmcache.bench.qa.vllm_long_doc",
+    "multi-round-qa": "lmcache.bench.qa.multi_round",
     "tier-faults": "lmcache.bench.tier_faults",
 }
 

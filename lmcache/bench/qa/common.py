@@ -1,4 +1,8 @@
-"""Shared machinery of the engine workloads (``long-doc-qa``, ``multi-round-qa``).
+"""What the QA workloads share: the transformers model, the prompt pair, the summary, the plot.
+
+``long-doc-qa`` and ``multi-round-qa`` use all of it; ``vllm-long-doc-qa`` (whose model runs in
+vLLM, in another venv) only :func:`question_major`, the order in which documents' questions are
+asked.
 
 A workload is a list of prompts (token id lists). Each prompt runs through a transformers model
 three ways, interleaved so machine noise hits all of them alike:
@@ -33,7 +37,20 @@ from lmcache.bench import positive_int
 from lmcache.bench.report import median, percentile
 from lmcache.errors import ConfigError, MissingDependencyError
 
-__all__ = ["PromptRun", "QASetup", "add_model_args", "build_model", "run_prompt_pair"]
+__all__ = [
+    "PromptRun",
+    "QASetup",
+    "add_model_args",
+    "build_model",
+    "default_tiers",
+    "plot_ttft",
+    "progress",
+    "question_major",
+    "random_tokens",
+    "run_prompt_pair",
+    "summarize",
+    "vocab_size",
+]
 
 #: The default random model: a ~125M-parameter Llama (12 layers, hidden 768, 4 KV heads).
 DEFAULT_MODEL = {
@@ -119,6 +136,15 @@ def vocab_size(model: Any) -> int:
 def random_tokens(rng: np.random.Generator, n: int, vocab: int) -> list[int]:
     """``n`` random token ids in ``[10, vocab)``."""
     return rng.integers(10, vocab, size=n).tolist()
+
+
+def question_major(docs: int, questions: int) -> list[tuple[int, int]]:
+    """``(doc, question)`` pairs, question-major: every document's first question comes first.
+
+    So each document's first question finds a cold cache and its later questions a warm one,
+    with other documents' prompts in between (as a busy server would see them).
+    """
+    return [(d, q) for q in range(questions) for d in range(docs)]
 
 
 @dataclasses.dataclass

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from lmcache.bench import positive_int
-from lmcache.bench.qa import (
+from lmcache.bench.qa.common import (
     PromptRun,
     QASetup,
     add_model_args,
@@ -21,6 +21,7 @@ from lmcache.bench.qa import (
     default_tiers,
     plot_ttft,
     progress,
+    question_major,
     random_tokens,
     run_prompt_pair,
     summarize,
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             with CachedCausalLM(model, config=config) as cached:
                 setup = QASetup(model, cached)
                 runs: list[PromptRun] = []
-                todo = [(d, q) for q in range(args.questions) for d in range(args.docs)]
+                todo = question_major(args.docs, args.questions)
                 for d, q in progress(todo, len(todo), f"long-doc-qa L={length}", args.no_progress):
                     question = random_tokens(rng, args.question_tokens, vocab)
                     state = "cold" if q == 0 else "warm"

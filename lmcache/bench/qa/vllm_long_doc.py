@@ -13,7 +13,7 @@ without lmcache. One connector run per ``--chunk-size`` (the defaults include a 
 not a multiple of vLLM's block size).
 
 vLLM runs in its own venv (``--vllm-python``, default ``.venv-vllm/bin/python``; see
-docs/vllm.md), one process per run, as ``python -m lmcache.bench.vllm_long_doc_qa --child``.
+docs/vllm.md), one process per run, as ``python -m lmcache.bench.qa.vllm_long_doc --child``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lmcache.bench import positive_int
+from lmcache.bench.qa.common import question_major
 from lmcache.bench.report import default_json_path, machine_info, median, ratio, render_table, write_json
 
 __all__ = ["DESCRIPTION", "add_parser", "run", "run_cli"]
@@ -163,7 +164,7 @@ def _call_child(python: str, mode: str, spec: dict[str, Any], workdir: Path, con
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     env.pop("LMCACHE_CONFIG_FILE", None)
     proc = subprocess.run(
-        [python, "-m", "lmcache.bench.vllm_long_doc_qa", "--child", mode, str(path)],
+        [python, "-m", "lmcache.bench.qa.vllm_long_doc", "--child", mode, str(path)],
         capture_output=True,
         text=True,
         check=False,
@@ -206,9 +207,8 @@ def _prompts(args: argparse.Namespace, model_dir: Path | None) -> list[dict[str,
             for q in range(args.questions)
         ]
     return [
-        {"doc": d, "question": q, "tokens": doc + questions[q][d]}
-        for q in range(args.questions)
-        for d, doc in enumerate(docs)
+        {"doc": d, "question": q, "tokens": docs[d] + questions[q][d]}
+        for d, q in question_major(len(docs), args.questions)
     ]
 
 

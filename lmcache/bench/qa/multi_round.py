@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from lmcache.bench import positive_int
-from lmcache.bench.qa import (
+from lmcache.bench.qa.common import (
     PromptRun,
     QASetup,
     add_model_args,

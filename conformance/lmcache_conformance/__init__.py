@@ -1,7 +1,9 @@
 """The reusable StorageBackend conformance suite, shipped as a pytest plugin.
 
 Subclass :class:`BackendTests` in a backend's test module (see :mod:`lmcache_conformance.suite`),
-or run it with no code against any URL::
+or compose only the per-topic mixins that apply to a partial backend (``LifecycleTests``,
+``RoundTripTests``, ``BatchTests``, ``CancellationTests``, ``IntegrityTests``…), or run it with
+no code against any URL::
 
     pytest --pyargs lmcache_conformance --lmcache-backend-url='memory://?capacity=1GiB'
 """
@@ -12,13 +14,46 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-# Rewrite the suite's asserts (readable failures) even where it is imported as a library.
+# Rewrite the suite's asserts (readable failures) even where it is imported as a library; the
+# name covers every module of the suite package.
 pytest.register_assert_rewrite("lmcache_conformance.suite")
 
 if TYPE_CHECKING:
-    from lmcache_conformance.suite import BackendTests, expect_bytes
+    from lmcache_conformance.suite import (
+        ArgumentTests,
+        BackendTests,
+        BatchTests,
+        CancellationTests,
+        ConcurrencyTests,
+        HealthTests,
+        IntegrityTests,
+        LifecycleTests,
+        ListingTests,
+        ModelTests,
+        RoundTripTests,
+        ScopeIsolationTests,
+        SuiteBase,
+        UrlTests,
+        expect_bytes,
+    )
 
-__all__ = ["BackendTests", "expect_bytes"]
+__all__ = [
+    "ArgumentTests",
+    "BackendTests",
+    "BatchTests",
+    "CancellationTests",
+    "ConcurrencyTests",
+    "HealthTests",
+    "IntegrityTests",
+    "LifecycleTests",
+    "ListingTests",
+    "ModelTests",
+    "RoundTripTests",
+    "ScopeIsolationTests",
+    "SuiteBase",
+    "UrlTests",
+    "expect_bytes",
+]
 
 
 def __getattr__(name: str) -> Any:

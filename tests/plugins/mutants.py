@@ -20,8 +20,9 @@ from lmcache_conformance import BackendTests
 from lmcache_example_plugin.backend import ExampleBackend, raw_store
 
 from lmcache.backends.base import STORED, PutResult, StorageBackend, _State, check_dst_size
+from lmcache.errors import IntegrityError
 from lmcache.keys import CacheKey
-from lmcache.serde.frame import encode_header, parse_header
+from lmcache.serde.frame import decode_frame, encode_header, parse_header
 
 
 class LastWriterWins(ExampleBackend):
@@ -278,6 +279,86 @@ class LosesValuesUnderAValueCap(ExampleBackend):
                 data.pop(next(iter(data)))
 
 
+class KeepsDeletedBytes(ExampleBackend):
+    """Hides deleted values behind tombstones and never frees their stored bytes (a storage leak)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deleted: set[str] = set()
+
+    def _visible(self, keys: list[CacheKey]) -> list[int]:
+        return [i for i, k in enumerate(keys) if k.to_string() not in self._deleted]
+
+    async def _contains(self, keys: list[CacheKey]) -> list[bool]:
+        found = await super()._contains(keys)
+        return [hit and k.to_string() not in self._deleted for k, hit in zip(keys, found, strict=True)]
+
+    async def _get_into(self, keys: list[CacheKey], dsts: list[memoryview]) -> list[int | None]:
+        visible = self._visible(keys)
+        got = await super()._get_into([keys[i] for i in visible], [dsts[i] for i in visible])
+        out: list[int | None] = [None] * len(keys)
+        for i, n in zip(visible, got, strict=True):
+            out[i] = n
+        return out
+
+    async def _put(self, keys: list[CacheKey], srcs: list[memoryview]) -> list[PutResult]:
+        for key in keys:
+            if key.to_string() in self._deleted:  # storing again replaces the hidden value
+                self._deleted.discard(key.to_string())
+                self._data().pop(key.to_string(), None)
+        return await super()._put(keys, srcs)
+
+    async def _delete(self, keys: list[CacheKey]) -> None:
+        data = self._data()
+        self._deleted.update(k.to_string() for k in keys if k.to_string() in data)
+
+    async def _list_keys(self) -> AsyncIterator[CacheKey]:
+        async for key in super()._list_keys():
+            if key.to_string() not in self._deleted:
+                yield key
+
+
+class ServesTruncatedValues(ExampleBackend):
+    """Serves what is left of a value cut short in storage, checking the payload only when whole."""
+
+    async def _get_into(self, keys: list[CacheKey], dsts: list[memoryview]) -> list[int | None]:
+        out: list[int | None] = []
+        for key, dst in zip(keys, dsts, strict=True):
+            frame = self._data().get(key.to_string())
+            if frame is None:
+                out.append(None)
+                continue
+            header = parse_header(frame, key)
+            payload = memoryview(frame)[header.payload_offset : header.total_len]
+            if len(payload) == header.payload_len:
+                header.verify_payload(payload)
+            dst[: len(payload)] = payload
+            out.append(len(payload))
+        return out
+
+
+class SkipsKeyCheck(ExampleBackend):
+    """Checks each value's checksum but not the key its frame names."""
+
+    async def _get_into(self, keys: list[CacheKey], dsts: list[memoryview]) -> list[int | None]:
+        out: list[int | None] = []
+        for key, dst in zip(keys, dsts, strict=True):
+            frame = self._data().get(key.to_string())
+            if frame is None:
+                out.append(None)
+                continue
+            try:
+                _, payload = decode_frame(frame)  # no expected key: any valid frame passes
+            except IntegrityError as exc:
+                self.record_corrupt(key, exc)
+                out.append(None)
+                continue
+            check_dst_size(key, dst, payload.nbytes)
+            dst[: payload.nbytes] = payload
+            out.append(payload.nbytes)
+        return out
+
+
 class ExampleSuite(BackendTests):
     """The suite against ``backend_cls``; subclasses pick the mutant."""
 
@@ -295,12 +376,15 @@ class ExampleSuite(BackendTests):
     def secret_url(self) -> str:
         return "example://secrets?token=tok-5d1e0b9a"
 
-    async def corrupt_value(self, backend: StorageBackend, key: CacheKey) -> None:
-        store = raw_store(backend.settings.name)  # type: ignore[attr-defined]
-        name = backend.stored_name(key) if isinstance(backend, IgnoresScope) else key.to_string()
-        frame = bytearray(store[name])
-        frame[-1] ^= 0xFF
-        store[name] = bytes(frame)
+    # The bypass hooks; corrupt_value comes from them (the suite flips the last stored byte).
+    def _stored_name(self, backend: StorageBackend, key: CacheKey) -> str:
+        return backend.stored_name(key) if isinstance(backend, IgnoresScope) else key.to_string()
+
+    async def read_raw(self, backend: StorageBackend, key: CacheKey) -> bytes | None:
+        return raw_store(backend.settings.name).get(self._stored_name(backend, key))  # type: ignore[attr-defined]
+
+    async def write_raw(self, backend: StorageBackend, key: CacheKey, data: bytes) -> None:
+        raw_store(backend.settings.name)[self._stored_name(backend, key)] = data  # type: ignore[attr-defined]
 
 
 class TestUnbroken(ExampleSuite):
@@ -391,9 +475,25 @@ class TestLosesValuesUnderAValueCap(ExampleSuite):
     backend_cls = LosesValuesUnderAValueCap
 
 
+class TestKeepsDeletedBytes(ExampleSuite):
+    backend_cls = KeepsDeletedBytes
+
+
+class TestServesTruncatedValues(ExampleSuite):
+    backend_cls = ServesTruncatedValues
+
+
+class TestSkipsKeyCheck(ExampleSuite):
+    backend_cls = SkipsKeyCheck
+
+
 #: Mutant class -> suite tests that must fail for it (and pass for ``TestUnbroken``).
 EXPECTED_FAILURES: dict[str, tuple[str, ...]] = {
-    "TestLastWriterWins": ("test_put_is_idempotent_first_writer_wins", "test_stateful_against_a_dict_model"),
+    "TestLastWriterWins": (
+        "test_put_is_idempotent_first_writer_wins",
+        "test_stateful_against_a_dict_model",
+        "test_raw_bytes_follow_put_and_delete",
+    ),
     "TestWritesMissBuffers": ("test_miss_is_data_and_dst_untouched", "test_mixed_hits_and_misses"),
     "TestSkipsChecksum": ("test_corrupt_value_is_a_counted_miss",),
     "TestAliasesSources": ("test_source_mutation_after_put_does_not_change_value",),
@@ -420,6 +520,10 @@ EXPECTED_FAILURES: dict[str, tuple[str, ...]] = {
     "TestLeaksTask": ("test_aclose_leaves_no_tasks_or_threads",),
     "TestLeaksThread": ("test_aclose_leaves_no_tasks_or_threads",),
     "TestLosesValuesUnderAValueCap": ("test_stateful_against_a_dict_model",),
+    # Caught only through the bypass hooks (read_raw/write_raw): the backend's own methods agree.
+    "TestKeepsDeletedBytes": ("test_raw_bytes_follow_put_and_delete",),
+    "TestServesTruncatedValues": ("test_truncated_value_is_a_counted_miss",),
+    "TestSkipsKeyCheck": ("test_value_under_another_key_is_a_counted_miss",),
 }
 
 #: Words each mutant's failure message must contain: the rule it broke, named.
@@ -433,4 +537,7 @@ EXPECTED_MESSAGES: dict[str, str] = {
     "TestLeaksTask": "close leaks tasks",
     "TestLeaksThread": "close leaks threads",
     "TestLosesValuesUnderAValueCap": "exact: not bounded",
+    "TestKeepsDeletedBytes": "a delete left the value's stored bytes behind",
+    "TestServesTruncatedValues": "was returned as a hit",
+    "TestSkipsKeyCheck": "another key's value was returned as a hit",
 }

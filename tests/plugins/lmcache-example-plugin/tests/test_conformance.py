@@ -1,8 +1,8 @@
 """The lmcache conformance suite against ``example://``, as a plugin's own CI runs it.
 
 ``docs/plugins.md`` (section "Running the conformance suite") shows this file: one subclass of
-``BackendTests``, one fixture naming the URL, and the optional bypass hook and secret URL. Run it
-from this folder with ``pytest tests``; lmcache's own test run collects it too.
+``BackendTests``, one fixture naming the URL, and the optional bypass hooks and secret URL. Run
+it from this folder with ``pytest tests``; lmcache's own test run collects it too.
 """
 
 from __future__ import annotations
@@ -28,9 +28,19 @@ class TestExampleBackend(BackendTests):  # no Test prefix on the base: only this
     def secret_url(self) -> str:  # optional: repr must not show the token
         return "example://secrets?token=tok-3f9a1c77"
 
+    # Optional bypass hooks: the suite checks stored values through a second path. They reach
+    # the storage without the backend's own methods.
+
+    async def read_raw(self, backend: StorageBackend, key: CacheKey) -> bytes | None:
+        """The stored frame of ``key`` (header + payload), or None."""
+        return raw_store(backend.settings.name).get(key.to_string())  # type: ignore[attr-defined]
+
+    async def write_raw(self, backend: StorageBackend, key: CacheKey, data: bytes) -> None:
+        """Replace the stored frame of ``key``."""
+        raw_store(backend.settings.name)[key.to_string()] = data  # type: ignore[attr-defined]
+
     async def corrupt_value(self, backend: StorageBackend, key: CacheKey) -> None:
-        """Bypass hook: damage a stored value without the backend's own methods."""
-        store = raw_store(backend.settings.name)  # type: ignore[attr-defined]
-        frame = bytearray(store[key.to_string()])
-        frame[-1] ^= 0xFF  # flip the last payload byte: the checksum must catch it
-        store[key.to_string()] = bytes(frame)
+        """Damage a stored value (without this, the suite flips its last byte via the raw hooks)."""
+        frame = bytearray(await self.read_raw(backend, key) or b"")
+        frame[16] ^= 0xFF  # the payload length in the header: the header checksum must catch it
+        await self.write_raw(backend, key, bytes(frame))

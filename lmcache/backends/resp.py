@@ -31,8 +31,11 @@ Faults
   a value after a failed or cancelled call, never after a hit.
 * ``deadline`` (a :func:`time.monotonic` instant) bounds a whole call: every socket wait is
   limited to what is left of it, and retries stop when it has passed. :meth:`RespJob.cancel`
-  (called when the awaiting task is cancelled) shuts the job's socket down so the worker returns
-  at once; the caller waits for it, so nothing touches a buffer after the call returned.
+  (called when the awaiting task is cancelled) shuts the job's socket down and marks the
+  connection aborted: a shutdown alone would still let the kernel hand over the bytes it had
+  queued (over TLS, raw ciphertext once the SSL object is dropped), so every receive checks the
+  mark first and no further byte reaches a ``dst``. The caller waits for the worker (bounded: at
+  most the one system call it was in), so nothing touches a buffer after the call returned.
 
 Server error replies become :class:`RespError` items (per command, as in a pipeline); socket
 and protocol failures are raised as :mod:`lmcache.errors` exceptions.
@@ -278,10 +281,24 @@ class RespConnection:
                 raise PermanentBackendError(f"{what} on {ep.describe()} failed: {reply}")
 
     def abort(self) -> None:
-        """Stop any blocked send or receive now (from any thread); the connection is then broken."""
+        """Stop any send or receive now (from any thread); the connection is then broken.
+
+        ``shutdown`` wakes a blocked call, but a receive still returns bytes the kernel had
+        already queued (up to a socket buffer's worth), so every receive and send also checks
+        :attr:`broken` first: after this returns, the owning thread makes at most the one
+        system call it is already in, then raises :class:`ConnectionAbortedError`.
+        """
         self.broken = True
         with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
+            # socket.socket's own shutdown, also for TLS: SSLSocket.shutdown drops its SSL object,
+            # after which a racing recv_into would land raw ciphertext in the caller's buffer.
+            socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+
+    def _live(self) -> socket.socket:
+        """The socket, unless the connection was aborted (then nothing more is sent or received)."""
+        if self.broken:
+            raise ConnectionAbortedError(f"connection to {self.endpoint.describe()} aborted")
+        return self._sock
 
     def close(self) -> None:
         """Close the socket (only by the thread that owns the connection, or when it is idle)."""
@@ -293,15 +310,16 @@ class RespConnection:
 
     def send(self, pieces: Sequence[bytes | memoryview], deadline: float) -> None:
         """Send ``pieces`` in order, without joining them (vectored where the socket allows)."""
-        sock = self._sock
         if self._tls:
             for p in pieces:
+                sock = self._live()
                 sock.settimeout(_remaining(deadline))
                 sock.sendall(p)
             return
         views = [memoryview(p).cast("B") for p in pieces if len(p)]
         i = 0
         while i < len(views):
+            sock = self._live()
             sock.settimeout(_remaining(deadline))
             sent = sock.sendmsg(views[i : i + _IOV_MAX])
             while sent:
@@ -321,8 +339,9 @@ class RespConnection:
             self._start, self._end = 0, n
         if self._end == len(self._buf):
             raise PermanentBackendError(f"reply line from {self.endpoint.describe()} longer than {_READ_BUF} bytes")
-        self._sock.settimeout(_remaining(deadline))
-        got = self._sock.recv_into(self._view[self._end :])
+        sock = self._live()
+        sock.settimeout(_remaining(deadline))
+        got = sock.recv_into(self._view[self._end :])
         if not got:
             raise ConnectionResetError("the server closed the connection")
         self._end += got
@@ -338,6 +357,7 @@ class RespConnection:
 
     def _read_exact_into(self, dst: memoryview, deadline: float, hasher: Any = None) -> None:
         """Fill ``dst`` from the buffer first, then straight from the socket; hash as it lands."""
+        self._live()  # not even buffered bytes reach dst after an abort
         n = dst.nbytes
         have = min(n, self._end - self._start)
         if have:
@@ -348,8 +368,8 @@ class RespConnection:
             hasher.update(dst[:have])
             hashed = have
         off = have
-        sock = self._sock
         while off < n:
+            sock = self._live()  # one attribute test per system call of megabytes
             sock.settimeout(_remaining(deadline))
             got = sock.recv_into(dst[off:], n - off)
             if not got:
@@ -380,8 +400,9 @@ class RespConnection:
                 m = self._end - self._start
                 self._view[:m] = self._view[self._start : self._end]
                 self._start, self._end = 0, m
-            self._sock.settimeout(_remaining(deadline))
-            got = self._sock.recv_into(self._view[self._end :])
+            sock = self._live()
+            sock.settimeout(_remaining(deadline))
+            got = sock.recv_into(self._view[self._end :])
             if not got:
                 raise ConnectionResetError("the server closed the connection")
             self._end += got
@@ -507,6 +528,18 @@ class RespConnection:
         A result is appended only once its value was wholly received and checked.
         """
         self.send([self._gets(names, asking)], deadline)
+        self.read_frames_into(keys, dsts, deadline, out, asking=asking)
+
+    def read_frames_into(
+        self,
+        keys: Sequence[CacheKey],
+        dsts: Sequence[memoryview],
+        deadline: float,
+        out: list[Any],
+        *,
+        asking: Sequence[bool] | None = None,
+    ) -> None:
+        """The receiving half of :meth:`get_frames`: read the replies to GET commands already sent."""
         for i, (key, dst) in enumerate(zip(keys, dsts, strict=True)):
             if asking is not None and asking[i]:
                 self.read_reply(deadline)

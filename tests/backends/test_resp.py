@@ -7,8 +7,12 @@ for fault injection only; the server is real). No timing thresholds.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import random
 import socket
+import ssl
+import struct
+import termios
 import threading
 import time
 import uuid
@@ -20,7 +24,7 @@ import pytest
 import redis
 from servers import RedisServer
 
-from lmcache.backends.resp import Corrupt, Endpoint, RespConnection, RespJob, TooSmall
+from lmcache.backends.resp import Corrupt, Endpoint, RespConnection, RespJob, TooSmall, pack_command
 from lmcache.errors import AuthError, BackendTimeoutError, BackendUnavailableError
 from lmcache.keys import CacheKey
 from lmcache.serde.frame import encode_header
@@ -340,3 +344,51 @@ def test_deadline_and_cancel_end_a_call_to_a_server_that_never_answers() -> None
         assert errors and job.conn is None
     finally:
         silent.close()
+
+
+def _queued(c: RespConnection) -> int:
+    """Bytes the kernel holds for the connection's socket, not yet received (FIONREAD)."""
+    out = fcntl.ioctl(c._sock.fileno(), termios.FIONREAD, struct.pack("i", 0))
+    return int(struct.unpack("i", out)[0])
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+def test_after_abort_not_even_a_queued_reply_reaches_dst(request: pytest.FixtureRequest, tls: bool) -> None:
+    """Rule 3 on the data path: once a cancel has aborted the connection, nothing more lands in dst.
+
+    ``shutdown`` does not make a receive return at once: the kernel still hands out the bytes it
+    had queued (a loopback reply of megabytes), so the worker went on writing them into ``dst``
+    (over TLS, once ``SSLSocket.shutdown`` dropped its SSL object, raw ciphertext). Here the
+    whole reply is queued before the abort, the state in which that happened every time.
+    """
+    server: RedisServer = request.getfixturevalue("redis_tls_server" if tls else "redis_server")
+    ctx = ssl.create_default_context(cafile=server.extra["ca"]) if tls else None
+    ep = endpoint(server, ssl_context=ctx)
+    payload = value(9, 256 << 10)
+    ns = names(1)
+    c = RespConnection.connect(ep, soon())
+    try:
+        stored: list[object] = []
+        c.set_frames(ns, [key(9)], [memoryview(payload)], soon(), stored)
+        assert stored == [True]
+        c.send([pack_command("GET", ns[0])], soon())
+        # Wait until the whole reply sits in the kernel's receive queue (and stops growing).
+        reply = len(encode_header(key(9), payload)) + len(payload)
+        last, steady = -1, 0
+        while steady < 3:
+            time.sleep(0.02)
+            n = _queued(c)
+            steady = steady + 1 if n == last and n >= reply else 0
+            last = n
+        c.abort()  # what RespJob.cancel does when the awaiting task is cancelled
+        dst = bytearray(b"\xa5" * len(payload))
+        got: list[object] = []
+        with pytest.raises(ConnectionAbortedError):
+            c.read_frames_into([key(9)], [memoryview(dst)], soon(), got)
+        assert got == [], "a value read after the abort was reported"
+        assert dst.count(0xA5) == len(dst), "bytes were written into dst after the abort"
+    finally:
+        c.close()
+        fresh = RespConnection.connect(ep, soon())
+        with contextlib.closing(fresh):
+            fresh.command(soon(), "UNLINK", ns[0])

@@ -16,7 +16,7 @@ from lmcache.backends import registry
 from lmcache.backends.base import PutResult, PutStatus
 from lmcache.backends.memory import MemoryBackend
 from lmcache.bench import backend as bench_backend
-from lmcache.bench import report
+from lmcache.bench import baselines, report
 from lmcache.bench.backend import BenchParams, MemcpyBaseline, register_baseline, run_backend_bench
 from lmcache.errors import BackendError, CapacityError, ConfigError, IntegrityError
 from lmcache.keys import CacheKey
@@ -221,8 +221,9 @@ class ExistsBackend(MemoryBackend):
 def fake_schemes(monkeypatch: pytest.MonkeyPatch) -> None:
     for cls in (FlipByteBackend, NoCopyBackend, StaleBackend, ExistsBackend):
         scheme = cls.schemes[0]
-        monkeypatch.setitem(registry.BUILTIN_BACKENDS, scheme, registry._Builtin(f"{__name__}:{cls.__name__}", None))
-        monkeypatch.setitem(bench_backend._BASELINES, scheme, "lmcache.bench.backend:_memory_baseline")
+        target = f"{__name__}:{cls.__name__}"
+        monkeypatch.setitem(registry.BUILTIN_BACKENDS, scheme, registry._Builtin(target, None))
+        monkeypatch.setitem(baselines._BASELINES, target, "lmcache.bench.baselines.memory:make")
 
 
 def tiny(url: str, **kw: Any) -> BenchParams:
@@ -314,7 +315,7 @@ async def test_checked_baseline_runs_beside_the_raw_one_and_rotates_the_order() 
 async def test_checked_baseline_without_a_raw_one_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="--checked"):
         await run_backend_bench(tiny("memory://?capacity=1MiB", checked=True, baseline="none"))
-    monkeypatch.setattr(bench_backend, "_BASELINES", {})
+    monkeypatch.setattr(baselines, "_BASELINES", {})
     with pytest.raises(ConfigError, match="--checked"):
         await run_backend_bench(tiny("memory://?capacity=1MiB", checked=True))
 
@@ -366,10 +367,13 @@ def test_cli_checked_adds_the_row_and_its_ratios(tmp_path: Path) -> None:
 
 
 def test_register_baseline_refuses_silent_replacement(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bench_backend, "_BASELINES", dict(bench_backend._BASELINES))
+    from lmcache.bench.baselines import memory as memory_baselines
+
+    monkeypatch.setattr(baselines, "_BASELINES", dict(baselines._BASELINES))
+    monkeypatch.setitem(registry.BUILTIN_BACKENDS, "newscheme", registry._Builtin("some.module:NewBackend", None))
     with pytest.raises(ConfigError, match="already registered"):
-        register_baseline("memory", bench_backend._memory_baseline)
-    register_baseline("memory", bench_backend._memory_baseline, replace=True)
+        register_baseline("memory", memory_baselines.make)
+    register_baseline("memory", memory_baselines.make, replace=True)
     register_baseline("newscheme", "some.module:factory")
     assert "newscheme" in bench_backend.baseline_schemes()
 
@@ -381,7 +385,7 @@ async def test_lazy_baseline_path_is_resolved_and_used(monkeypatch: pytest.Monke
         calls.append(type(backend).__name__)
         return MemcpyBaseline(workload)
 
-    monkeypatch.setattr(bench_backend, "_BASELINES", {"memory": f"{__name__}:_lazy_factory"})
+    monkeypatch.setattr(baselines, "_BASELINES", {"lmcache.backends.memory:MemoryBackend": f"{__name__}:_lazy_factory"})
     monkeypatch.setitem(globals(), "_lazy_factory", factory)
     result = await run_backend_bench(tiny("memory://?capacity=1MiB"))
     assert calls == ["MemoryBackend"]
@@ -389,7 +393,7 @@ async def test_lazy_baseline_path_is_resolved_and_used(monkeypatch: pytest.Monke
 
 
 async def test_scheme_without_baseline_reports_backend_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bench_backend, "_BASELINES", {})
+    monkeypatch.setattr(baselines, "_BASELINES", {})
     result = await run_backend_bench(tiny("memory://?capacity=1MiB"))
     assert result["baseline"] is None
     assert result["ratio"]["put_gbps"] is None
@@ -431,7 +435,9 @@ def test_write_json_creates_directories_and_rejects_nan(tmp_path: Path) -> None:
 
 
 async def test_unloadable_lazy_baseline_runs_without_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bench_backend, "_BASELINES", {"memory": "lmcache.bench.no_such_module:make"})
+    monkeypatch.setattr(
+        baselines, "_BASELINES", {"lmcache.backends.memory:MemoryBackend": "lmcache.bench.no_such_module:make"}
+    )
     result = await run_backend_bench(tiny("memory://?capacity=1MiB"))
     assert result["baseline"] is None
     assert result["median"]["backend"]["put"]["gbps"] > 0

@@ -18,7 +18,7 @@ from servers import RedisServer
 from lmcache.backends.registry import open_backend
 from lmcache.bench import backend as bench_backend
 from lmcache.bench.backend import Workload
-from lmcache.bench.baselines_redis import RawRedisBaseline, WireBaseline, make
+from lmcache.bench.baselines.redis import RawRedisBaseline, WireBaseline, make
 
 SMALL = ["--value-size", "1MiB", "--total", "16MiB", "--repeat", "1", "--keys-tokens", "0"]
 

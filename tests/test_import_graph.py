@@ -23,7 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Packages whose private names stay inside them.
-SEALED = ("lmcache.backends.nixl",)
+SEALED = ("lmcache.backends.nixl", "lmcache.bench.baselines")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,23 +37,20 @@ x 16 layers x 2 (K and V) x 2 KV heads x 64 head dim x 2 bytes. For scale, Llama
 256-token chunk is 32 MiB (32 layers x 8 KV heads x 128 dim); pass ``--value-size 32MiB`` for it.
 
 Baselines (the extension point)
--------------------------------
-Baselines are registered by URL scheme with :func:`register_baseline`, either as a factory or as
-a lazy ``"package.module:factory"`` path (so registering one imports no SDK). A factory takes the
-backend under test (built, not yet opened: read its settings for paths, servers, fsync policy)
-and the :class:`Workload`, and returns a :class:`Baseline` or None when no raw equivalent exists
-for that configuration. A baseline implements ``put_batch``/``get_batch`` over the same slots and
-buffers the backend sees, plus optional ``open``/``end_round``/``aclose``. Built in:
-
-* ``memory``: :class:`MemcpyBaseline`, ``numpy.copyto`` into / out of a preallocated pool.
-* ``file``: :class:`RawFileBaseline`, open/write/close of one file per value in a scratch
-  directory inside the backend's root (same file system), with the backend's ``fsync`` policy,
-  ``o_direct`` flag and worker count, and open/readinto/close to read.
-
-Other schemes register theirs lazily (``register_baseline(scheme, "module:make")``): raw
-redis-py pipelined SET/GET for the Redis schemes (``baselines_redis``), raw aioboto3 for ``s3``
-(``baselines_s3``), memcpy over shared memory or a raw socket for ``lm://`` (``baselines_lm``).
-Schemes without a baseline report the backend alone (ratio ``-``).
+--------------------------------
+The baselines live in :mod:`lmcache.bench.baselines`, one module per store, registered by backend
+class with :func:`register_baseline` (so every scheme a class serves gets its baseline), either
+as a factory or as a lazy ``"package.module:factory"`` path (so registering one imports no SDK).
+A factory takes the backend under test (built, not yet opened: read its settings for paths,
+servers, fsync policy, and build clients with its public factories) and the :class:`Workload`,
+and returns a :class:`Baseline` or None when no raw equivalent exists for that configuration. A
+baseline implements ``put_batch``/``get_batch`` over the same slots and buffers the backend sees,
+plus optional ``open``/``end_round``/``aclose``. Built in: a memcpy into a preallocated pool for
+``memory://`` (:class:`MemcpyBaseline`), plain file I/O in the backend's root for ``file://``
+(:class:`RawFileBaseline`), raw redis-py and a raw-socket RESP client for the Redis schemes, raw
+aioboto3 for ``s3://``, the raw Mooncake store for ``mooncake://``, raw NIXL transfers for
+``nixl://``, and a memcpy through ``/dev/shm`` or a raw socket for ``lm://``. Backends without a
+baseline report the backend alone (ratio ``-``).
 
 ``--checked`` adds a third system: a second instance of the raw baseline wrapped in
 :class:`CheckedBaseline`, which makes lmcache's integrity check around it (xxh3 of each source
@@ -65,23 +62,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import gc
 import hashlib
-import importlib
 import logging
-import os
-import shutil
 import sys
-import tempfile
 import time
 import uuid
-from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 from urllib.parse import parse_qsl
 
 import numpy as np
@@ -89,10 +78,13 @@ import numpy as np
 from lmcache.backends.base import PutStatus, StorageBackend, redact_url, split_url
 from lmcache.backends.registry import open_backend
 from lmcache.bench import non_negative_int, page_aligned, positive_int, report, size_arg
+from lmcache.bench.baselines import Baseline, BaselineFactory, baseline_schemes, make_baselines, register_baseline
+from lmcache.bench.baselines.checked import CheckedBaseline
+from lmcache.bench.baselines.file import RawFileBaseline
+from lmcache.bench.baselines.memory import MemcpyBaseline
 from lmcache.config import format_size
 from lmcache.errors import BackendError, CapacityError, ConfigError, IntegrityError
 from lmcache.keys import CacheKey
-from lmcache.serde import frame
 
 __all__ = [
     "DEFAULT_TOTAL",
@@ -100,6 +92,7 @@ __all__ = [
     "Baseline",
     "BaselineFactory",
     "BenchParams",
+    "CheckedBaseline",
     "MemcpyBaseline",
     "RawFileBaseline",
     "Workload",
@@ -231,341 +224,6 @@ class Workload:
 
 
 # ---------------------------------------------------------------------------------------------
-# Baselines
-
-
-class Baseline(ABC):
-    """The raw operation a backend is measured against, run on the same slots and buffers.
-
-    Subclasses set :attr:`name` and implement :meth:`put_batch` and :meth:`get_batch`. A round
-    calls ``put_batch`` for every batch of slots, then ``get_batch`` for every batch, then
-    :meth:`end_round`; batches of one phase may run concurrently (up to ``--concurrency``).
-    """
-
-    #: Short name for tables and JSON, e.g. ``"memcpy"``.
-    name: ClassVar[str] = "baseline"
-
-    async def open(self) -> None:  # noqa: B027 - optional hook
-        """Acquire resources (connections, scratch space); called once before the first round."""
-
-    async def aclose(self) -> None:  # noqa: B027 - optional hook
-        """Release everything; called once, also after a failure."""
-
-    async def end_round(self) -> None:  # noqa: B027 - optional hook
-        """Drop what this round stored (the backend's keys are deleted at the same point)."""
-
-    @abstractmethod
-    async def put_batch(self, slots: range, srcs: Sequence[np.ndarray]) -> None:
-        """Store ``srcs[i]`` as the value of ``slots[i]``."""
-
-    @abstractmethod
-    async def get_batch(self, slots: range, dsts: Sequence[np.ndarray]) -> list[int | None]:
-        """Read the value of ``slots[i]`` into ``dsts[i]``; return bytes read per slot."""
-
-    def describe(self) -> dict[str, Any]:
-        """What exactly this baseline does, for the JSON report."""
-        return {"name": self.name, "doc": (type(self).__doc__ or "").strip().split("\n")[0]}
-
-
-#: A factory gets the backend under test (built, not opened) and the workload. It may return a
-#: list: the first is the baseline that ratios refer to, the others run as extra systems in the
-#: same rounds (e.g. a wire-level ceiling next to the raw SDK), each reported as backend / it.
-BaselineFactory = Callable[[StorageBackend, Workload], "Baseline | Sequence[Baseline] | None"]
-_BASELINES: dict[str, BaselineFactory | str] = {}
-
-
-def register_baseline(scheme: str, factory: BaselineFactory | str, *, replace: bool = False) -> None:
-    """Register the raw baseline of a URL scheme.
-
-    Args:
-        scheme: The scheme, e.g. ``"redis"``.
-        factory: ``factory(backend, workload) -> Baseline | None``, or a lazy
-            ``"package.module:attr"`` path to one (imported only when that scheme is benchmarked).
-        replace: Allow replacing an existing registration (otherwise it is an error).
-
-    Raises:
-        ConfigError: ``scheme`` already has a baseline and ``replace`` is false.
-    """
-    if scheme in _BASELINES and not replace:
-        raise ConfigError(f"a benchmark baseline for {scheme}:// is already registered")
-    _BASELINES[scheme] = factory
-
-
-def baseline_schemes() -> list[str]:
-    """Schemes with a registered baseline."""
-    return sorted(_BASELINES)
-
-
-def _make_baselines(scheme: str, backend: StorageBackend, workload: Workload) -> list[Baseline]:
-    """The scheme's baselines, the reference one first (empty when it has none)."""
-    made = _make_baseline(scheme, backend, workload)
-    if made is None:
-        return []
-    return [made] if isinstance(made, Baseline) else list(made)
-
-
-def _make_baseline(scheme: str, backend: StorageBackend, workload: Workload) -> Baseline | Sequence[Baseline] | None:
-    entry = _BASELINES.get(scheme)
-    if entry is None:
-        return None
-    if isinstance(entry, str):
-        module, _, attr = entry.partition(":")
-        try:
-            entry = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as exc:
-            # A baseline is a yardstick, not the thing measured: report the backend alone.
-            logger.warning("baseline %s for %s:// cannot be loaded (%s); running without one", entry, scheme, exc)
-            return None
-        _BASELINES[scheme] = entry
-    return entry(backend, workload)
-
-
-class MemcpyBaseline(Baseline):
-    """``numpy.copyto`` from the source buffer into a preallocated pool, and back out."""
-
-    name = "memcpy"
-
-    def __init__(self, workload: Workload) -> None:
-        self._count = workload.count
-        self._value_size = workload.value_size
-        self._pool = np.empty((0, 0), dtype=np.uint8)
-
-    def _allocate(self, nbytes: int) -> np.ndarray:
-        """The pool's flat bytes (subclasses map other memory)."""
-        return np.empty(nbytes, dtype=np.uint8)
-
-    async def open(self) -> None:
-        self._pool = self._allocate(self._count * self._value_size).reshape(self._count, self._value_size)
-        self._pool.fill(0)  # touched once, like a long-lived pool after its first use
-
-    async def put_batch(self, slots: range, srcs: Sequence[np.ndarray]) -> None:
-        for slot, src in zip(slots, srcs, strict=True):
-            np.copyto(self._pool[slot], src)
-
-    async def get_batch(self, slots: range, dsts: Sequence[np.ndarray]) -> list[int | None]:
-        out: list[int | None] = []
-        for slot, dst in zip(slots, dsts, strict=True):
-            np.copyto(dst, self._pool[slot])
-            out.append(dst.nbytes)
-        return out
-
-    async def aclose(self) -> None:
-        self._pool = np.empty((0, 0), dtype=np.uint8)
-
-
-class RawFileBaseline(Baseline):
-    """One file per value: open/write/(sync)/close, and open/readinto/close, on a thread pool.
-
-    Files go to a scratch directory inside the backend's root, so both write to the same file
-    system; the directory is removed at the end. Every file is its own job on a pool of
-    ``threads`` threads (set to the backend's worker count), the parallelism a file backend has.
-
-    Args:
-        root: Directory on the file system under test.
-        fsync: ``"none"`` (no sync), ``"data"`` (``fdatasync`` each file) or ``"always"``
-            (``fdatasync`` each file, then ``fsync`` the directory): the backend's policy.
-        threads: Worker threads.
-        o_direct: Open files with ``O_DIRECT`` (needs page-aligned buffers and a value size
-            that is a multiple of 4096, which :class:`Workload` provides).
-    """
-
-    name = "raw-file"
-
-    def __init__(self, root: Path, fsync: str, threads: int, o_direct: bool = False) -> None:
-        if fsync not in ("none", "data", "always"):
-            raise ConfigError(f"raw file baseline: fsync must be none, data or always, not {fsync!r}")
-        self._root = Path(root)
-        self._fsync = fsync
-        self._threads = threads
-        self._flags = getattr(os, "O_DIRECT", 0) if o_direct else 0
-        self._dir: Path | None = None
-        self._pool: ThreadPoolExecutor | None = None
-        self._written: list[Path] = []
-        self._round = 0
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            **super().describe(),
-            "fsync": self._fsync,
-            "threads": self._threads,
-            "o_direct": bool(self._flags),
-            "root": str(self._root),
-        }
-
-    async def open(self) -> None:
-        self._root.mkdir(parents=True, exist_ok=True)
-        self._dir = Path(tempfile.mkdtemp(prefix=".lmcache-bench-baseline-", dir=self._root))
-        self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="lmcache-bench-file")
-
-    async def aclose(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
-
-    def _path(self, slot: int) -> Path:
-        assert self._dir is not None
-        return self._dir / f"r{self._round}-{slot}.bin"
-
-    async def _each(self, fn: Callable[[Path, memoryview], int], slots: range, bufs: Sequence[np.ndarray]) -> list[int]:
-        loop = asyncio.get_running_loop()
-        jobs = [
-            loop.run_in_executor(self._pool, fn, self._path(slot), memoryview(buf).cast("B"))
-            for slot, buf in zip(slots, bufs, strict=True)
-        ]
-        return list(await asyncio.gather(*jobs))
-
-    def _write_one(self, path: Path, view: memoryview) -> int:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | self._flags, 0o644)
-        try:
-            done = 0
-            while done < view.nbytes:
-                done += os.write(fd, view[done:])
-            if self._fsync != "none":
-                os.fdatasync(fd)
-        finally:
-            os.close(fd)
-        if self._fsync == "always":
-            dfd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        return done
-
-    def _read_one(self, path: Path, view: memoryview) -> int:
-        fd = os.open(path, os.O_RDONLY | self._flags)
-        try:
-            done = 0
-            while done < view.nbytes:
-                n = os.readv(fd, [view[done:]])
-                if n == 0:
-                    break
-                done += n
-        finally:
-            os.close(fd)
-        return done
-
-    async def put_batch(self, slots: range, srcs: Sequence[np.ndarray]) -> None:
-        await self._each(self._write_one, slots, srcs)
-        self._written.extend(self._path(s) for s in slots)
-
-    async def get_batch(self, slots: range, dsts: Sequence[np.ndarray]) -> list[int | None]:
-        return list(await self._each(self._read_one, slots, dsts))
-
-    async def end_round(self) -> None:
-        paths, self._written = self._written, []
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._pool, _unlink_all, paths)
-        self._round += 1
-
-
-def _unlink_all(paths: Sequence[Path]) -> None:
-    for p in paths:
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-
-
-class CheckedBaseline(Baseline):
-    """The raw baseline plus lmcache's integrity check: xxh3 of each source before it moves, of what landed after.
-
-    What any client of the same SDK that checks what it moves does (DESIGN.md §3 rule 8): a put
-    hashes each value and keeps the checksum, then makes the raw put; a get makes the raw get,
-    then hashes what landed and compares it with the checksum kept at put time. The hashing runs
-    on ``threads`` threads (one per batch in flight), so one batch's pass over memory overlaps
-    other batches' transfers. Its ratio to the raw baseline in the same run is the share of the
-    raw throughput that a verifying client can keep on this host: where the transport copies
-    with the CPU at memory speed (NIXL over UCX/CMA on one host), the extra pass contends with
-    the copy for memory bandwidth.
-    """
-
-    name = "checked"
-
-    def __init__(self, inner: Baseline, threads: int) -> None:
-        self._inner = inner
-        self._threads = max(1, threads)
-        self._executor: ThreadPoolExecutor | None = None
-        self._sums: dict[int, int] = {}
-
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "name": f"{self._inner.name}+xxh3", "raw": self._inner.describe()}
-
-    async def open(self) -> None:
-        self._executor = ThreadPoolExecutor(self._threads, thread_name_prefix="lmcache-bench-check")
-        await self._inner.open()
-
-    async def aclose(self) -> None:
-        try:
-            await self._inner.aclose()
-        finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
-
-    async def end_round(self) -> None:
-        self._sums.clear()
-        await self._inner.end_round()
-
-    async def _hash(self, bufs: Sequence[np.ndarray]) -> list[int]:
-        return await asyncio.get_running_loop().run_in_executor(
-            self._executor, lambda: [frame.payload_checksum(b) for b in bufs]
-        )
-
-    async def put_batch(self, slots: range, srcs: Sequence[np.ndarray]) -> None:
-        sums = await self._hash(srcs)
-        await self._inner.put_batch(slots, srcs)
-        self._sums.update(zip(slots, sums, strict=True))
-
-    async def get_batch(self, slots: range, dsts: Sequence[np.ndarray]) -> list[int | None]:
-        got = await self._inner.get_batch(slots, dsts)
-        landed = [(s, d[:n]) for s, d, n in zip(slots, dsts, got, strict=True) if n is not None]
-        sums = await self._hash([d for _s, d in landed])
-        for (slot, _d), checksum in zip(landed, sums, strict=True):
-            if self._sums.get(slot) != checksum:
-                raise IntegrityError(f"checked baseline: slot {slot} does not match the checksum kept when it was put")
-        return got
-
-
-def _memory_baseline(backend: StorageBackend, workload: Workload) -> Baseline:
-    return MemcpyBaseline(workload)
-
-
-def _file_baseline(backend: StorageBackend, workload: Workload) -> Baseline | None:
-    # Mirrors lmcache.backends.file.FileSettings: path, fsync (none|data|always), o_direct, workers.
-    settings = getattr(backend, "settings", None)
-    root = getattr(settings, "path", None)
-    if not root:
-        return None
-    fsync = str(getattr(settings, "fsync", "none"))
-    if fsync not in ("none", "data", "always"):
-        logger.warning("file:// fsync policy %r has no raw equivalent here; no baseline", fsync)
-        return None
-    o_direct = bool(getattr(settings, "o_direct", False))
-    if o_direct and (workload.value_size % 4096 or not hasattr(os, "O_DIRECT")):
-        logger.warning("raw O_DIRECT baseline needs a value size that is a multiple of 4096; no baseline")
-        return None
-    threads = int(getattr(settings, "workers", 0) or workload.concurrency)
-    return RawFileBaseline(Path(root), fsync, threads, o_direct=o_direct)
-
-
-register_baseline("memory", _memory_baseline)
-register_baseline("file", _file_baseline)
-# Baselines needing an SDK live in their own modules, imported only when that scheme is measured.
-register_baseline("s3", "lmcache.bench.baselines_s3:make")
-register_baseline("nixl", "lmcache.bench.baselines_nixl:make")
-register_baseline("redis", "lmcache.bench.baselines_redis:make")
-register_baseline("rediss", "lmcache.bench.baselines_redis:make")
-register_baseline("unix", "lmcache.bench.baselines_redis:make")
-register_baseline("lm", "lmcache.bench.baselines_lm:make")
-register_baseline("lm+unix", "lmcache.bench.baselines_lm:make")
-register_baseline("mooncake", "lmcache.bench.baselines_mooncake:make")
-register_baseline("valkey", "lmcache.bench.baselines_redis:make")
-register_baseline("valkeys", "lmcache.bench.baselines_redis:make")
-
-
-# ---------------------------------------------------------------------------------------------
 # Running
 
 
@@ -668,7 +326,7 @@ async def run_backend_bench(params: BenchParams) -> dict[str, Any]:
     shown_url = redact_url(backend.url, cls.secret_options)
 
     workload = Workload(params.value_size, count, params.batch, params.concurrency, seed=params.seed)
-    made = _make_baselines(scheme, backend, workload) if params.baseline == "auto" else []
+    made = make_baselines(backend, workload, scheme) if params.baseline == "auto" else []
     baseline = made[0] if made else None
     extras = made[1:]
     baselines: dict[str, Baseline] = {} if baseline is None else {"baseline": baseline}
@@ -676,7 +334,7 @@ async def run_backend_bench(params: BenchParams) -> dict[str, Any]:
         baselines[extra.name] = extra
     if params.checked:
         # Its own instance of the raw baseline: stores may refuse a second put of a slot.
-        inner = (_make_baselines(scheme, backend, workload) or [None])[0] if baseline is not None else None
+        inner = (make_baselines(backend, workload, scheme) or [None])[0] if baseline is not None else None
         if inner is None:
             raise ConfigError(f"--checked needs the raw baseline of {scheme}://, and this run has none")
         baselines["checked"] = CheckedBaseline(inner, params.concurrency)

@@ -879,7 +879,7 @@ def _restart(proc: Any, endpoint: str, creds: tuple[str, str]) -> None:
 
 async def test_raw_baseline_round_trip(s3_target: S3Target) -> None:
     from lmcache.bench.backend import Workload
-    from lmcache.bench.baselines_s3 import RawS3Baseline, make
+    from lmcache.bench.baselines.s3 import RawS3Baseline, make
 
     backend = S3Backend.from_url(s3_target.url(max_concurrency=4))
     workload = Workload(value_size=64 << 10, count=10, batch=4, concurrency=2)
@@ -906,7 +906,7 @@ async def test_bench_backend_with_raw_baseline(s3_moto: S3Target) -> None:
     from lmcache.bench.backend import BenchParams, baseline_schemes, register_baseline, run_backend_bench
 
     if "s3" not in baseline_schemes():
-        register_baseline("s3", "lmcache.bench.baselines_s3:make")
+        register_baseline("s3", "lmcache.bench.baselines.s3:make")
     params = BenchParams(url=s3_moto.url(), value_size=256 << 10, count=8, batch=4, concurrency=2, repeat=1)
     result = await run_backend_bench(params)
     assert result["baseline"]["name"] == "raw-aioboto3"

@@ -10,7 +10,7 @@ has an event: NIXL's Python API makes them poll without pause, and an idle peer 
 core (see :func:`make_agent`).
 
 This module is public within lmcache: the raw ``nixl://`` benchmark baseline
-(:mod:`lmcache.bench.baselines_nixl`) makes its agent and moves its bytes with these functions,
+(:mod:`lmcache.bench.baselines.nixl`) makes its agent and moves its bytes with these functions,
 so that it measures the same SDK calls the backend makes.
 """
 

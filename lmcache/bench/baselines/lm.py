@@ -13,8 +13,8 @@ What a client of the cache server is measured against, in the same run:
   uses the same event-loop calls (``sock_sendall``/``sock_recv_into``) as the lm client, one
   connection per batch in flight; the server keeps values in one preallocated pool.
 
-Register with ``register_baseline("lm", "lmcache.bench.baselines_lm:make")`` (importing this
-module registers nothing).
+Registered for :class:`~lmcache.server.client.LMServerBackend` (every scheme it serves) in
+:data:`lmcache.bench.baselines.BUILTIN_BASELINES`; importing this module registers nothing.
 """
 
 from __future__ import annotations
@@ -28,12 +28,16 @@ import struct
 import sys
 import tempfile
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lmcache.backends.base import StorageBackend
-from lmcache.bench.backend import Baseline, MemcpyBaseline, Workload
+from lmcache.bench.baselines.base import Baseline
+from lmcache.bench.baselines.memory import MemcpyBaseline
+
+if TYPE_CHECKING:
+    from lmcache.backends.base import StorageBackend
+    from lmcache.bench.backend import Workload
 
 __all__ = ["RawSocketBaseline", "ShmMemcpyBaseline", "make"]
 

@@ -8,8 +8,8 @@ requests in flight (``max_concurrency``). It skips what lmcache adds on top: the
 its xxh3 checksum, the conditional ``If-None-Match`` write, ranged and multipart transfers. Its
 objects live under ``<prefix>/.bench-baseline/<run>/`` and are deleted at the end of each round.
 
-Register with ``register_baseline("s3", "lmcache.bench.baselines_s3:make")`` (importing this
-module registers nothing, so it stays free of side effects).
+Registered for :class:`~lmcache.backends.s3.S3Backend` (every scheme it serves) in
+:data:`lmcache.bench.baselines.BUILTIN_BASELINES`; importing this module registers nothing.
 """
 
 from __future__ import annotations
@@ -18,12 +18,15 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lmcache.backends.base import StorageBackend
-from lmcache.bench.backend import Baseline, Workload
+from lmcache.bench.baselines.base import Baseline
+
+if TYPE_CHECKING:
+    from lmcache.backends.base import StorageBackend
+    from lmcache.bench.backend import Workload
 
 __all__ = ["RawS3Baseline", "make"]
 

@@ -13,8 +13,8 @@ agent and moves its bytes with the same SDK calls as the backend
 (:mod:`lmcache.backends.nixl.sdk`) and speaks the peer's protocol through
 :mod:`lmcache.backends.nixl.wire`.
 
-Register with ``register_baseline("nixl", "lmcache.bench.baselines_nixl:make")`` (importing this
-module registers nothing, so it stays free of side effects).
+Registered for :class:`~lmcache.backends.nixl.NixlBackend` (every scheme it serves) in
+:data:`lmcache.bench.baselines.BUILTIN_BASELINES`; importing this module registers nothing.
 """
 
 from __future__ import annotations
@@ -26,11 +26,10 @@ import secrets
 import struct
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lmcache.backends.base import StorageBackend
 from lmcache.backends.nixl import NixlSettings
 from lmcache.backends.nixl.sdk import address, make_agent, transfer
 from lmcache.backends.nixl.wire import (
@@ -44,8 +43,12 @@ from lmcache.backends.nixl.wire import (
     pack_message,
     read_message,
 )
-from lmcache.bench.backend import Baseline, Workload
+from lmcache.bench.baselines.base import Baseline
 from lmcache.errors import BackendUnavailableError
+
+if TYPE_CHECKING:
+    from lmcache.backends.base import StorageBackend
+    from lmcache.bench.backend import Workload
 
 __all__ = ["RawNixlBaseline", "make"]
 

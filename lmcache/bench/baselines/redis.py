@@ -27,8 +27,8 @@ backend does, and shares no code with the backend's own data path
 (:mod:`lmcache.backends.resp`), so it measures what the server and the socket allow. Its keys
 live under ``<prefix>bench-wire:<run>:``.
 
-Register with ``register_baseline("redis", "lmcache.bench.baselines_redis:make")`` (importing
-this module registers nothing, so it stays free of side effects).
+Registered for :class:`~lmcache.backends.redis.RedisBackend` (every scheme it serves) in
+:data:`lmcache.bench.baselines.BUILTIN_BASELINES`; importing this module registers nothing.
 """
 
 from __future__ import annotations
@@ -40,12 +40,15 @@ import ssl
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lmcache.backends.base import StorageBackend
-from lmcache.bench.backend import Baseline, Workload
+from lmcache.bench.baselines.base import Baseline
+
+if TYPE_CHECKING:
+    from lmcache.backends.base import StorageBackend
+    from lmcache.bench.backend import Workload
 
 __all__ = ["RawRedisBaseline", "WireBaseline", "make"]
 

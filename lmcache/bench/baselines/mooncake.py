@@ -10,8 +10,8 @@ checksum, the copy through the registered staging arena, the existence check tha
 writer win, and the timeout fence. Its objects are named ``<prefix>.bench-baseline/<run>/…`` and
 removed at the end of each round.
 
-Register with ``register_baseline("mooncake", "lmcache.bench.baselines_mooncake:make")``
-(importing this module registers nothing, so it stays free of side effects).
+Registered for :class:`~lmcache.backends.mooncake.MooncakeBackend` (every scheme it serves) in
+:data:`lmcache.bench.baselines.BUILTIN_BASELINES`; importing this module registers nothing.
 """
 
 from __future__ import annotations
@@ -20,13 +20,16 @@ import asyncio
 import concurrent.futures
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lmcache.backends.base import StorageBackend
-from lmcache.bench.backend import Baseline, Workload
+from lmcache.bench.baselines.base import Baseline
 from lmcache.errors import BackendError
+
+if TYPE_CHECKING:
+    from lmcache.backends.base import StorageBackend
+    from lmcache.bench.backend import Workload
 
 __all__ = ["RawMooncakeBaseline", "make"]
 

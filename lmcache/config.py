@@ -9,8 +9,8 @@ choices, whether the value is a secret). The same machinery serves two places:
   ``LMCACHE_<SCHEME>_<FIELD>`` environment < URL query options < keyword overrides.
 
 An unknown key or a value that does not parse is a :class:`~lmcache.errors.ConfigError` that
-names the key and what is valid. This module imports nothing from the rest of lmcache except
-``errors``.
+names the key and what is valid. At import time this module imports nothing from the rest of
+lmcache except ``errors`` (eviction policy names are looked up in ``lmcache.policies`` when parsed).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from lmcache.errors import ConfigError
 
 __all__ = [
     "LMCacheConfig",
+    "TieredSettings",
     "format_size",
     "parse_bool",
     "parse_duration",
@@ -486,9 +487,58 @@ ENV_ALLOWED: tuple[str, ...] = (
 ENV_ALLOWED_PREFIXES: tuple[str, ...] = ("LMCACHE_TEST_", "LMCACHE_LOG", "LMCACHE_SERVER_", "LMCACHE_TIERED_")
 
 
+def _parse_policy_name(value: object) -> str:
+    # The registry may hold third-party policies, so names are checked against it when parsed.
+    from lmcache.policies import policy_names
+
+    name = str(value).strip().lower()
+    if name not in policy_names():
+        raise ValueError("one of " + ", ".join(repr(n) for n in policy_names()))
+    return name
+
+
 @dataclasses.dataclass(frozen=True)
-class LMCacheConfig:
-    """Engine-level lmcache settings.
+class TieredSettings:
+    """Settings of a :class:`~lmcache.tiered.TieredBackend`, declared once.
+
+    ``tiered://`` URLs read them from the query, and :class:`LMCacheConfig` extends this class, so
+    the engine config (YAML, ``LMCACHE_<FIELD>``) carries the same fields with the same rules.
+    """
+
+    eviction_policy: str = setting(
+        "lru", doc="Eviction policy for capacity-bounded tiers (a registered name).", parse=_parse_policy_name
+    )
+    promote_on_hit: bool = setting(True, doc="Copy a hit from a slower tier into the faster tiers.")
+    write_back_queue: int = setting(
+        256, doc="Write-backs waiting per slower tier; when full new ones are dropped and counted.", min=1
+    )
+    write_back_batch: int = setting(
+        16, doc="Values a writer copies per batch (also its number of staging buffers).", min=1, max=4096
+    )
+    tier_timeout: float = setting(
+        5.0,
+        doc="The longest one tier call may take; past it the call is cancelled and counts as a miss.",
+        parse=parse_duration,
+        min=0.001,
+    )
+    tier_retry_after: float = setting(
+        1.0,
+        doc=(
+            "A tier that timed out or refused a connection is skipped (a miss at once) until it answers "
+            "again, probed in the background this often (seconds); 0: never skip."
+        ),
+        parse=parse_duration,
+        min=0,
+    )
+    close_timeout: float = setting(
+        30.0, doc="Seconds aclose() waits for pending write-backs before dropping them.", parse=parse_duration, min=0
+    )
+    evict_retries: int = setting(3, doc="Evict-and-retry rounds after a tier rejects a put as full.", min=0, max=64)
+
+
+@dataclasses.dataclass(frozen=True)
+class LMCacheConfig(TieredSettings):
+    """Engine-level lmcache settings (and, inherited, the tiering settings of :class:`TieredSettings`).
 
     Build with :meth:`load` to get the documented precedence: defaults < YAML file
     (``LMCACHE_CONFIG_FILE`` or ``path``) < ``LMCACHE_<FIELD>`` env < keyword arguments.
@@ -506,19 +556,6 @@ class LMCacheConfig:
         doc="Backend URLs, fastest first (e.g. memory://?capacity=8GiB file:///var/lib/lmcache).",
         parse=_check_tiers,
         show=lambda v: repr(_redact_urls(v)),
-    )
-    eviction_policy: str = setting(
-        "lru", doc="Eviction policy for tiers with a capacity.", choices=("lru", "fifo", "lfu", "s3fifo")
-    )
-    promote_on_hit: bool = setting(True, doc="Copy a hit from a slower tier into the faster tiers.")
-    write_back_queue: int = setting(
-        256, doc="Puts waiting to reach slower tiers; when full new ones are dropped and counted.", min=1
-    )
-    tier_timeout: float = setting(
-        5.0,
-        doc="Seconds an operation on one tier may take before it counts as a miss.",
-        parse=parse_duration,
-        min=0.001,
     )
     lookup_budget: float = setting(
         0.05,

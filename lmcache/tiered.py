@@ -113,7 +113,7 @@ from lmcache.backends.base import (
     settings_query,
     split_url,
 )
-from lmcache.config import LMCacheConfig, env_layer, parse_duration, resolve_settings, setting
+from lmcache.config import LMCacheConfig, TieredSettings, env_layer, resolve_settings
 from lmcache.errors import (
     BackendError,
     BackendUnavailableError,
@@ -123,7 +123,7 @@ from lmcache.errors import (
     TransientBackendError,
 )
 from lmcache.keys import CacheKey
-from lmcache.policies import EvictionPolicy, PolicyFactory, make_policy, policy_names
+from lmcache.policies import EvictionPolicy, PolicyFactory, make_policy
 from lmcache.pool import Block, InPlaceTier, Lease, OffersInPlace, Refused, Reservation, SharedPoolInfo
 
 if TYPE_CHECKING:
@@ -146,48 +146,6 @@ _FAILURE_COUNTERS = {
     "write-back read": "get_failures",
     "put": "put_failures",
 }
-
-
-def _parse_policy_name(value: object) -> str:
-    name = str(value).strip().lower()
-    if name not in policy_names():
-        raise ValueError(f"one of {', '.join(policy_names())}")
-    return name
-
-
-@dataclasses.dataclass(frozen=True)
-class TieredSettings:
-    """Settings of a :class:`TieredBackend` (names match :class:`~lmcache.config.LMCacheConfig`)."""
-
-    eviction_policy: str = setting(
-        "lru", doc="Eviction policy for capacity-bounded tiers (a registered name).", parse=_parse_policy_name
-    )
-    promote_on_hit: bool = setting(True, doc="Copy a hit from a slower tier into the faster tiers.")
-    write_back_queue: int = setting(
-        256, doc="Write-backs waiting per slower tier; when full new ones are dropped and counted.", min=1
-    )
-    write_back_batch: int = setting(
-        16, doc="Values a writer copies per batch (also its number of staging buffers).", min=1, max=4096
-    )
-    tier_timeout: float = setting(
-        5.0,
-        doc="The longest one tier call may take; past it the call is cancelled and counts as a miss.",
-        parse=parse_duration,
-        min=0.001,
-    )
-    tier_retry_after: float = setting(
-        1.0,
-        doc=(
-            "A tier that timed out or refused a connection is skipped (a miss at once) until it answers "
-            "again, probed in the background this often (seconds); 0: never skip."
-        ),
-        parse=parse_duration,
-        min=0,
-    )
-    close_timeout: float = setting(
-        30.0, doc="Seconds aclose() waits for pending write-backs before dropping them.", parse=parse_duration, min=0
-    )
-    evict_retries: int = setting(3, doc="Evict-and-retry rounds after a tier rejects a put as full.", min=0, max=64)
 
 
 @dataclasses.dataclass
@@ -389,12 +347,8 @@ class TieredBackend(StorageBackend):
     @classmethod
     def from_config(cls, config: LMCacheConfig, **overrides: Any) -> TieredBackend:
         """Build the stack described by ``config.tiers`` and its tiering settings (no I/O)."""
-        settings: dict[str, Any] = {
-            "eviction_policy": config.eviction_policy,
-            "promote_on_hit": config.promote_on_hit,
-            "write_back_queue": config.write_back_queue,
-            "tier_timeout": config.tier_timeout,
-        }
+        # LMCacheConfig extends TieredSettings: every tiering setting travels, none is relisted.
+        settings: dict[str, Any] = {f.name: getattr(config, f.name) for f in dataclasses.fields(TieredSettings)}
         settings.update(overrides)
         return cls.from_urls(config.tiers, **settings)
 

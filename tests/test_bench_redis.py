@@ -6,6 +6,7 @@ Real server (the session ``redis_server`` fixture), real CLI in a subprocess; no
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,54 @@ def test_make_follows_backend_settings_and_declines_others() -> None:
     assert wire.describe()["connections"] == 3  # the backend's connections, capped by max_connections
     assert make(open_backend("redis+cluster://127.0.0.1:7000"), w) is None
     assert make(open_backend("memory://"), w) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The wire baseline's sockets: the backend's own setup (connect_socket), RESP of its own on them
+
+
+def _resp(sock: Any, *args: bytes) -> bytes:
+    sock.sendall(b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args))
+    return sock.recv(256)
+
+
+def test_connect_socket_is_authenticated_and_on_the_database(redis_acl_server: RedisServer) -> None:
+    # The default user is off on this server: a socket without AUTH would get NOAUTH.
+    b = open_backend(redis_acl_server.url.replace("/0", "/2"))
+    sock = b.connect_socket()
+    try:
+        assert _resp(sock, b"PING") == b"+PONG\r\n"
+        assert _resp(sock, b"SET", b"lmcache:wire-db-probe", b"x") == b"+OK\r\n"
+    finally:
+        sock.close()
+    client = redis.Redis.from_url(redis_acl_server.url.replace("/0", "/2"))
+    try:
+        assert client.get("lmcache:wire-db-probe") == b"x"  # SELECT 2 happened on the socket
+        client.delete("lmcache:wire-db-probe")
+    finally:
+        client.close()
+
+
+async def test_connect_socket_speaks_tls_and_the_wire_baseline_runs_on_it(redis_tls_server: RedisServer) -> None:
+    b = open_backend(redis_tls_server.url, ssl_ca_certs=redis_tls_server.extra["ca"], connections=2)
+    sock = b.connect_socket()
+    try:
+        assert isinstance(sock, ssl.SSLSocket)
+        assert _resp(sock, b"PING") == b"+PONG\r\n"
+    finally:
+        sock.close()
+    w = Workload(8192, 4, 2)
+    made = make(b, w)
+    assert made is not None
+    wire = made[1]
+    await wire.open()
+    try:
+        for slots in w.batches:
+            await wire.put_batch(slots, [w.srcs[s] for s in slots])
+        lengths: list[int | None] = []
+        for slots in w.batches:
+            lengths += await wire.get_batch(slots, [w.dsts[s] for s in slots])
+        w.verify("wire over TLS", lengths)
+        await wire.end_round()
+    finally:
+        await wire.aclose()

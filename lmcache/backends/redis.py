@@ -87,6 +87,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import socket
 import ssl
 import sys
 import time
@@ -557,6 +558,23 @@ class RedisBackend(StorageBackend):
         ``lmcache bench backend``); the caller closes it. Does no I/O.
         """
         return self._make_client()
+
+    def connect_socket(self) -> socket.socket:
+        """A new blocking socket to the server, set up as the data path's own (buffers, TLS, AUTH, SELECT).
+
+        For tools that speak RESP themselves to the same server on the same terms (the wire
+        baseline of ``lmcache bench backend``); the caller owns and closes it. Its timeout is
+        the backend's ``timeout``. Blocks: call it off the event loop.
+
+        Raises:
+            AuthError: Rejected credentials or an untrusted server certificate.
+            BackendUnavailableError: The server cannot be reached within ``connect_timeout``.
+            BackendTimeoutError: The handshake took longer than ``timeout``.
+        """
+        s = self.settings
+        sock = RespConnection.connect(self._endpoint(), time.monotonic() + s.connect_timeout + s.timeout).detach()
+        sock.settimeout(s.timeout)
+        return sock
 
     async def _open(self) -> None:
         s = self.settings

@@ -306,6 +306,20 @@ class RespConnection:
         with contextlib.suppress(OSError):
             self._sock.close()
 
+    def detach(self) -> socket.socket:
+        """Hand the socket to the caller, who then owns and closes it; this connection is then broken.
+
+        For a connection fresh from :meth:`connect` (which leaves nothing unread): a tool that
+        speaks RESP itself on a socket set up like the data path's takes it from here.
+
+        Raises:
+            RuntimeError: Bytes were received and not read yet (they would be lost).
+        """
+        if self._end != self._start:
+            raise RuntimeError(f"{self.endpoint.describe()}: a connection with unread bytes cannot be detached")
+        self.broken = True
+        return self._sock
+
     # -- bytes on the wire ------------------------------------------------------------------
 
     def send(self, pieces: Sequence[bytes | memoryview], deadline: float) -> None:

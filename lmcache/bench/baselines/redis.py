@@ -23,9 +23,10 @@ sockets, one worker thread per connection, doing the same pipelined ``SET``/``GE
 bytes with nothing on top (no frame, no checksum, no ``NX``): each ``SET`` is one ``sendmsg`` of
 the command header, a view of the source and the trailing CRLF; each ``GET`` reply is received
 straight into its destination. It spreads a batch over the backend's ``connections`` like the
-backend does, and shares no code with the backend's own data path
-(:mod:`lmcache.backends.resp`), so it measures what the server and the socket allow. Its keys
-live under ``<prefix>bench-wire:<run>:``.
+backend does. Its sockets come from :meth:`lmcache.backends.redis.RedisBackend.connect_socket`
+(the data path's own setup: buffers, TLS, AUTH, SELECT), but what it sends and receives on them
+shares no code with the backend's data path (:mod:`lmcache.backends.resp`), so it measures what
+the server and the socket allow. Its keys live under ``<prefix>bench-wire:<run>:``.
 
 Registered for :class:`~lmcache.backends.redis.RedisBackend` (every scheme it serves) in
 :data:`lmcache.bench.baselines.BUILTIN_BASELINES`; importing this module registers nothing.
@@ -234,33 +235,8 @@ class WireBaseline(Baseline):
         }
 
     def _connect(self) -> _WireConn:
-        b, s = self._backend, self._backend.settings
-        if s.path is not None and b.scheme == "unix":
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.connect(s.path)
-        else:
-            sock = socket.create_connection((s.host, s.port), timeout=s.connect_timeout)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            ctx = b._tls_context()
-            if ctx is not None:
-                sock = ctx.wrap_socket(sock, server_hostname=s.host)
-        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):  # as large as the backend's sockets ask for
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
-        sock.settimeout(s.timeout)
-        conn = _WireConn(sock)
-        hello: list[bytes] = []
-        if s.password is not None:
-            hello.append(_cmd(b"AUTH", *([s.username.encode()] if s.username else []), s.password.encode()))
-        if s.db:
-            hello.append(_cmd(b"SELECT", str(s.db).encode()))
-        if hello:
-            conn.send(hello)
-            for _ in hello:
-                reply = conn.line()
-                if not reply.startswith(b"+"):
-                    raise ConnectionError(f"wire baseline: {reply[:80]!r}")
-        return conn
+        # The backend's own socket setup (buffers, TLS, AUTH, SELECT); only the RESP on it is ours.
+        return _WireConn(self._backend.connect_socket())
 
     async def _on_connection(self, work: Any) -> Any:
         async with self._slots:

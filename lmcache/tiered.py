@@ -322,7 +322,7 @@ class TieredBackend(StorageBackend):
             ("keyword arguments", settings),
         ]
         parsed = resolve_settings(TieredSettings, layers, owner="tiered://", strict=("keyword arguments",))
-        return cls(_build_tiers(urls), parsed, policy=policy, own_tiers=True)
+        return cls(_build_tiers(urls, parsed.codec), parsed, policy=policy, own_tiers=True)
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> Self:
@@ -342,7 +342,7 @@ class TieredBackend(StorageBackend):
             raise ConfigError("tiered:// needs at least one ?tier=<urlencoded backend url>")
         rest = urlencode([(k, v) for k, v in pairs if k != "tier"])
         settings = parse_backend_url(url, cls.schemes, TieredSettings, {}, overrides, split=parts._replace(query=rest))
-        return cls(_build_tiers(urls), settings, own_tiers=True)
+        return cls(_build_tiers(urls, settings.codec), settings, own_tiers=True)
 
     @classmethod
     def from_config(cls, config: LMCacheConfig, **overrides: Any) -> TieredBackend:
@@ -1570,10 +1570,20 @@ def _combine(caps: list[Capabilities]) -> Capabilities:
     )
 
 
-def _build_tiers(urls: Sequence[str]) -> list[StorageBackend]:
+def _build_tiers(urls: Sequence[str], codec: str = "raw") -> list[StorageBackend]:
     from lmcache.backends.registry import open_backend
+    from lmcache.serde.layer import CodecBackend, wrap_with_codec
 
     urls = list(urls)
     if not urls:
         raise ConfigError("tiered://: at least one tier URL is needed")
-    return [open_backend(u) for u in urls]
+    tiers = []
+    for u in urls:
+        b = open_backend(u)
+        # A tier that keeps values outside this process may hold values any codec wrote: it
+        # reads through a codec layer (free for raw values), which also applies the default
+        # codec. memory:// holds only what this stack put there and stays as it is.
+        if not isinstance(b, (CodecBackend, TieredBackend)) and split_url(u).scheme != "memory":
+            b = wrap_with_codec(b, {"codec": codec}, explicit=False)
+        tiers.append(b)
+    return tiers

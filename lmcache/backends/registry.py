@@ -149,19 +149,33 @@ def open_backend(url: str, **overrides: Any) -> StorageBackend:
     """Build the backend for ``url`` (no I/O yet: it opens on first use or with ``async with``).
 
     Args:
-        url: A backend URL such as ``memory://?capacity=8GiB`` or ``file:///var/lib/lmcache``.
+        url: A backend URL such as ``memory://?capacity=8GiB`` or ``file:///var/lib/lmcache``; a
+            ``codec=…`` option (with ``codec_*`` options) wraps the backend in a
+            :class:`~lmcache.serde.layer.CodecBackend` (see docs/codecs.md).
         **overrides: Settings that win over the URL's query and the environment.
 
     Raises:
         ConfigError: The URL is malformed, its scheme unknown, or an option invalid.
         MissingDependencyError: The backend's SDK is not installed.
     """
+    codec: dict[str, str] = {}
+    if "codec" in url.partition("?")[2].lower() and not url.startswith("tiered:"):
+        # ?codec=fp8&codec_level=…: any backend's values go through a codec layer (lmcache.serde);
+        # tiered:// reads codec as its own setting (the default of its tiers).
+        from lmcache.serde.codec import split_codec_query
+
+        url, codec = split_codec_query(url)
     scheme = split_url(url).scheme
     try:
         cls = backend_class(scheme)
     except UnknownSchemeError as exc:
         raise UnknownSchemeError(f"{exc} (URL {redact_url(url)!r})") from None
-    return cls.from_url(url, **overrides)
+    backend = cls.from_url(url, **overrides)
+    if codec:
+        from lmcache.serde.layer import wrap_with_codec
+
+        return wrap_with_codec(backend, codec, explicit=True)
+    return backend
 
 
 def check_url(url: str) -> None:

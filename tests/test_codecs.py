@@ -1,0 +1,198 @@
+"""Codecs on real data paths: the file tier, a real Redis, memory://, through TieredBackend.
+
+Values are chunks of KV in the chunk format, keyed as the engine keys them (the geometry identity
+in the key's model field), so lossy codecs see the geometry they would see in production.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from servers import RedisServer
+
+from lmcache.backends.registry import open_backend
+from lmcache.config import LMCacheConfig
+from lmcache.errors import ConfigError
+from lmcache.keys import CacheKey
+from lmcache.layouts import KVGeometry
+from lmcache.serde.codec import (
+    ChunkGeometry,
+    CodecSettings,
+    _pack_header,
+    geometry_for,
+    get_codec,
+    make_codec,
+    parse_codec_header,
+    split_codec_query,
+)
+from lmcache.serde.layer import CodecBackend
+from lmcache.tiered import TieredBackend
+
+GEOM = KVGeometry(4, 2, 32, "bfloat16")
+TOKENS = 64
+LOSSLESS = ["raw", "zstd", "lz4"]
+
+
+def key(i: int, geom: KVGeometry = GEOM) -> CacheKey:
+    """An engine-style key: the geometry identity is part of its model field."""
+    salt = os.getpid().to_bytes(4, "little")
+    return CacheKey(geom.key_model("codec-test"), 1, 0, salt + i.to_bytes(28, "little"), geom.dtype)
+
+
+def kv(seed: int, geom: KVGeometry = GEOM, tokens: int = TOKENS) -> bytes:
+    """A bf16 chunk with KV-like statistics (per-channel offsets for keys, smaller values)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(geom.chunk_shape(tokens), dtype=np.float32)
+    x[:, 0] = x[:, 0] * 2 + rng.standard_normal((geom.num_layers, 1, geom.num_kv_heads, geom.head_dim)) * 4
+    bits = x.view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16).tobytes()
+
+
+async def read(backend, keys: list[CacheKey], size: int) -> list[bytes | None]:
+    dsts = [bytearray(size) for _ in keys]
+    got = await backend.get_into(keys, dsts)
+    return [None if n is None else bytes(d[:n]) for n, d in zip(got, dsts, strict=True)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The codec header and registry
+
+
+def test_geometry_comes_from_the_key_and_the_size() -> None:
+    g = geometry_for(key(1).model, len(kv(1)))
+    assert g == ChunkGeometry(4, 2, TOKENS, 2, 32, "bfloat16")
+    assert geometry_for("plain-model", 1000) == ChunkGeometry.flat(1000)
+    assert geometry_for(key(1).model, 1001).dtype == "uint8"  # not whole tokens: plain bytes
+
+
+def test_a_raw_value_is_never_mistaken_for_an_encoded_one() -> None:
+    g = ChunkGeometry(1, 1, 1, 1, 64, "uint8")
+    head = _pack_header("zstd", g, 64)
+    assert parse_codec_header(head + b"x") is not None
+    damaged = bytearray(head)
+    damaged[10] ^= 1
+    assert parse_codec_header(bytes(damaged)) is None  # its own check fails: data, not a header
+    assert parse_codec_header(b"LMCC" + bytes(100)) is None
+
+
+def test_codec_options_are_typed_and_split_from_any_url() -> None:
+    url, opts = split_codec_query("redis://h:6379/0?connections=4&codec=int4&codec_group=32")
+    assert url == "redis://h:6379/0?connections=4" and opts == {"codec": "int4", "codec_group": "32"}
+    assert make_codec(opts).settings.codec_group == 32
+    with pytest.raises(ConfigError, match="codec_group"):
+        make_codec({"codec": "int4", "codec_group": "3"})
+    with pytest.raises(ConfigError, match="codec_levle"):
+        make_codec({"codec": "zstd", "codec_levle": "3"})
+    with pytest.raises(ConfigError, match="unknown codec 'nope'"):
+        make_codec({"codec": "nope"})
+    with pytest.raises(ConfigError, match="codec"):
+        open_backend("memory://?codec=nope")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiers
+
+
+@pytest.mark.parametrize("codec", LOSSLESS)
+async def test_file_tier_round_trip_is_exact(tmp_path: Path, codec: str) -> None:
+    vals = [kv(i) for i in range(3)]
+    keys = [key(i) for i in range(3)]
+    async with TieredBackend.from_urls([f"file://{tmp_path}?codec={codec}"]) as t:
+        assert [r.ok for r in await t.put(keys, vals)] == [True] * 3
+        assert await read(t, keys, len(vals[0])) == vals
+        st = t.tiers[0].stats()
+        assert st["codec"] == codec
+        if codec != "raw":
+            assert st["codec_encoded"] == 3 and st["used_bytes"] < 3 * len(vals[0])  # stored smaller
+    # A fresh stack configured raw still reads them (the codec is named in each value).
+    async with TieredBackend.from_urls([f"file://{tmp_path}"]) as t:
+        assert await read(t, keys, len(vals[0])) == vals
+
+
+async def test_redis_tier_round_trip(redis_server: RedisServer) -> None:
+    vals = [kv(10 + i) for i in range(4)]
+    keys = [key(10 + i) for i in range(4)]
+    async with open_backend(redis_server.url + "?codec=zstd") as b:
+        assert isinstance(b, CodecBackend)
+        assert [r.ok for r in await b.put(keys, vals)] == [True] * 4
+        assert await read(b, keys, len(vals[0])) == vals
+        assert b.stats()["codec_decoded"] == 4
+        await b.delete(keys)
+
+
+async def test_mixed_codecs_in_one_store(tmp_path: Path) -> None:
+    size = len(kv(0))
+    for i, codec in enumerate(LOSSLESS):
+        async with open_backend(f"file://{tmp_path}?codec={codec}") as b:
+            await b.put([key(i)], [kv(i)])
+    # One reader, configured with yet another codec, decodes every value whatever wrote it.
+    async with TieredBackend.from_urls(["memory://?capacity=1MiB", f"file://{tmp_path}"], codec="lz4") as t:
+        assert await read(t, [key(i) for i in range(3)], size) == [kv(i) for i in range(3)]
+        # Promoted into memory:// as the decoded chunk: read again from tier 0, same bytes.
+        assert await read(t.tiers[0], [key(i) for i in range(3)], size) == [kv(i) for i in range(3)]
+
+
+async def test_unknown_codec_is_a_counted_miss_named_in_the_log(tmp_path: Path, caplog) -> None:
+    size = len(kv(0))
+    g = geometry_for(key(0).model, size)
+    alien = _pack_header("martian9", g, size) + b"\x01" * 100  # as a plugin we lack would write it
+    async with open_backend(f"file://{tmp_path}") as plain:
+        await plain.put([key(0)], [alien])
+    async with TieredBackend.from_urls([f"file://{tmp_path}"]) as t:
+        with caplog.at_level(logging.WARNING):
+            assert await read(t, [key(0)], size) == [None]
+        assert t.tiers[0].stats()["codec_unknown"] == 1
+        assert "martian9" in caplog.text
+
+
+async def test_corrupted_encoded_bytes_are_a_miss() -> None:
+    """memory:// has no frame checksum: the codec's own failure to decode is what catches it."""
+    size = len(kv(0))
+    async with open_backend("memory://?capacity=1MiB&codec=zstd") as b:
+        assert isinstance(b, CodecBackend)
+        await b.put([key(1)], [kv(1)])
+        stored = (await read(b.inner, [key(1)], size))[0]
+        assert stored is not None and len(stored) < size
+        damaged = bytearray(stored)
+        damaged[len(damaged) // 2 :] = bytes(len(damaged) - len(damaged) // 2)
+        await b.inner.put([key(2)], [bytes(damaged)])
+        assert await read(b, [key(2)], size) == [None]
+        assert b.stats()["corrupt"] == 1
+        assert await read(b, [key(1)], size) == [kv(1)]
+
+
+async def test_corrupted_encoded_bytes_in_a_file_are_a_miss(tmp_path: Path) -> None:
+    size = len(kv(0))
+    async with open_backend(f"file://{tmp_path}?codec=lz4") as b:
+        await b.put([key(1)], [kv(1)])
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and p.stat().st_size > 1000]  # noqa: ASYNC240
+    assert len(files) == 1
+    data = bytearray(files[0].read_bytes())
+    data[-10] ^= 0xFF  # inside the encoded body: the frame checksum over encoded bytes catches it
+    files[0].write_bytes(bytes(data))
+    async with open_backend(f"file://{tmp_path}?codec=lz4") as b:
+        assert await read(b, [key(1)], size) == [None]
+
+
+def test_config_codec_is_the_default_of_tiers_outside_the_process(tmp_path: Path) -> None:
+    cfg = LMCacheConfig.load(
+        environ={},
+        tiers=["memory://?capacity=1MiB", f"file://{tmp_path}/a", f"file://{tmp_path}/b?codec=lz4"],
+        codec="zstd",
+    )
+    t = TieredBackend.from_config(cfg)
+    mem, a, b = t.tiers
+    assert not isinstance(mem, CodecBackend)  # in-process: stays raw
+    assert isinstance(a, CodecBackend) and a.codec.name == "zstd"
+    assert isinstance(b, CodecBackend) and b.codec.name == "lz4"  # the tier's own wins
+    assert [x.url for x in TieredBackend.from_url(t.url).tiers] == [x.url for x in t.tiers]
+    with pytest.raises(ConfigError, match="codec"):
+        LMCacheConfig.load(environ={}, codec="nope")
+
+
+def test_settings_defaults() -> None:
+    assert CodecSettings().codec == "raw" and get_codec("raw").name == "raw"

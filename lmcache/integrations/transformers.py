@@ -31,7 +31,18 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise MissingDependencyError("transformers", "hf", "lmcache.integrations.transformers") from exc
 
-__all__ = ["CachedCausalLM", "ContiguousKV", "PrefillResult", "cache_keyword", "geometry_of", "model_fingerprint"]
+__all__ = [
+    "CachedCausalLM",
+    "ContiguousKV",
+    "PrefillResult",
+    "SegmentPrefillResult",
+    "cache_keyword",
+    "geometry_of",
+    "model_fingerprint",
+]
+
+#: Default share of reused tokens recomputed by :meth:`CachedCausalLM.prefill_segments`.
+DEFAULT_RECOMPUTE_RATIO = 0.15
 
 
 class ContiguousKV:
@@ -140,6 +151,41 @@ class PrefillResult:
         return self.past_key_values
 
 
+@dataclasses.dataclass
+class SegmentPrefillResult:
+    """What :meth:`CachedCausalLM.prefill_segments` returns.
+
+    Attributes:
+        logits: Logits of the last prompt token, ``[1, vocab]``.
+        past_key_values: A ``DynamicCache`` holding the blended KV of the whole prompt (for
+            decoding on); also :attr:`cache`.
+        reused_tokens: Prompt tokens whose KV came from cached segments.
+        recomputed_tokens: Tokens computed in the layers after selection (the question and
+            uncached segments included).
+        prompt_tokens: Tokens in the prompt.
+        segments_hit: Segments (question excluded) loaded from the cache.
+        ttft_s: Seconds from the call to the last token's logits (before new segments are stored).
+    """
+
+    logits: torch.Tensor
+    past_key_values: Any
+    reused_tokens: int
+    recomputed_tokens: int
+    prompt_tokens: int
+    segments_hit: int
+    ttft_s: float
+
+    @property
+    def cache(self) -> Any:
+        """The blended cache (the same object as :attr:`past_key_values`)."""
+        return self.past_key_values
+
+    @property
+    def recomputed_share(self) -> float:
+        """``recomputed_tokens / prompt_tokens``."""
+        return self.recomputed_tokens / self.prompt_tokens
+
+
 class CachedCausalLM:
     """A causal LM whose prompt prefill reuses lmcache's cached KV.
 
@@ -150,6 +196,12 @@ class CachedCausalLM:
         config: lmcache settings for a new engine.
         model_id: Key identity of the model; default ``config.model_name``, else
             :func:`model_fingerprint`.
+        blend: Check now that the model supports :meth:`prefill_segments` (else that is
+            checked on its first call).
+
+    Raises:
+        UnsupportedOperationError: ``blend`` is set and the model is not a Llama-architecture
+            model with a supported RoPE.
     """
 
     def __init__(
@@ -159,6 +211,7 @@ class CachedCausalLM:
         *,
         config: LMCacheConfig | None = None,
         model_id: str | None = None,
+        blend: bool = False,
     ) -> None:
         self.model = model.eval()
         self.geometry = geometry_of(model)
@@ -177,6 +230,10 @@ class CachedCausalLM:
         # ``generate`` forwards it to ``prepare_inputs_for_generation``, which declares it by name.
         self._forward_cache_kw = cache_keyword(model.forward)
         self._generate_cache_kw = cache_keyword(getattr(model, "prepare_inputs_for_generation", model.forward))
+        self._blender: Any = None
+        self._segment_store: Any = None
+        if blend:
+            self._blend_parts()
 
     def _new_cache(self, data: list[tuple[torch.Tensor, torch.Tensor]] | None) -> Any:
         cache = DynamicCache(ddp_cache_data=data, config=self.model.config)
@@ -248,6 +305,107 @@ class CachedCausalLM:
         out = self.model.generate(input_ids, use_cache=True, **{self._generate_cache_kw: cache}, **kwargs)
         self._store(tokens, cache, loaded)
         return out
+
+    # -- non-prefix reuse (lmcache.blend) ------------------------------------------------
+
+    def _blend_parts(self) -> tuple[Any, Any]:
+        if self._blender is None:
+            from lmcache.blend import SegmentBlender, SegmentStore
+
+            self._blender = SegmentBlender(self.model)
+            self._segment_store = SegmentStore(self.engine)
+        return self._blender, self._segment_store
+
+    def _check_segments(self, segments: Any) -> list[torch.Tensor]:
+        if isinstance(segments, torch.Tensor) or not isinstance(segments, (list, tuple)) or not segments:
+            raise InvalidArgumentError("segments must be a non-empty list of token id sequences")
+        out = []
+        for seg in segments:
+            t = seg if isinstance(seg, torch.Tensor) else torch.tensor(list(seg), dtype=torch.int64)
+            if t.dim() == 2 and t.shape[0] == 1:
+                t = t[0]
+            if t.dim() != 1 or t.shape[0] == 0 or t.dtype not in (torch.int64, torch.int32):
+                raise InvalidArgumentError("each segment must be a non-empty 1-D sequence of integer token ids")
+            out.append(t.to(torch.int64))
+        return out
+
+    def _segment_kv_alone(self, seg: torch.Tensor) -> ContiguousKV:
+        """The segment's KV computed on its own at positions ``0..n-1`` (context-free, position-free)."""
+        cache = self._new_cache(None)
+        out = self.model(
+            seg.to(self.model.device)[None], use_cache=True, logits_to_keep=1, **{self._forward_cache_kw: cache}
+        )
+        returned = getattr(out, self._forward_cache_kw, None)
+        cache = cache if returned is None else returned
+        return ContiguousKV([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
+
+    @torch.no_grad()
+    def cache_segments(self, segments: Any) -> int:
+        """Compute and store the KV of segments not cached yet (e.g. a RAG corpus, ahead of queries).
+
+        Args:
+            segments: Token id sequences (lists or 1-D tensors), each cached on its own.
+
+        Returns:
+            How many segments were computed and stored (the others were cached already).
+        """
+        _, store = self._blend_parts()
+        done = 0
+        for seg in self._check_segments(segments):
+            if not store.contains(seg):
+                store.store(seg, self._segment_kv_alone(seg))
+                done += 1
+        return done
+
+    @torch.no_grad()
+    def prefill_segments(
+        self, segments: Any, *, recompute_ratio: float = DEFAULT_RECOMPUTE_RATIO
+    ) -> SegmentPrefillResult:
+        """Prefill a prompt made of segments, reusing each cached segment's KV wherever it stands.
+
+        Every segment but the last (the question) is looked up on its own; a cached one is
+        loaded, its keys rotated to its position, and blended by selective recompute
+        (:class:`lmcache.blend.SegmentBlender`). An uncached segment is computed in full in the
+        prompt and, after the first token's logits, computed alone at position 0 and stored.
+        A backend failure is a miss: the segment is computed.
+
+        Args:
+            segments: Token id sequences (lists or 1-D tensors); their concatenation is the prompt.
+            recompute_ratio: Share of reused tokens recomputed in the deeper layers, in [0, 1]:
+                1.0 equals :meth:`prefill` of the concatenation (bit for bit on one thread),
+                0.0 is plain concatenation of the cached KV.
+
+        Raises:
+            InvalidArgumentError: Bad segments or ratio.
+            UnsupportedOperationError: The model is not supported (see
+                :func:`lmcache.blend.check_blendable`).
+        """
+        t0 = time.perf_counter()
+        if isinstance(recompute_ratio, bool) or not isinstance(recompute_ratio, (int, float)):
+            raise InvalidArgumentError(f"recompute_ratio must be a number in [0, 1], got {recompute_ratio!r}")
+        segs = self._check_segments(segments)
+        blender, store = self._blend_parts()
+        cached: list[tuple[list[torch.Tensor], list[torch.Tensor]] | None] = []
+        reused = 0
+        for seg in segs[:-1]:
+            kv = ContiguousKV.empty(self.geometry, seg.shape[0], device=self.model.device)
+            if store.load(seg, kv):
+                cached.append((kv.keys, kv.values))
+                reused += seg.shape[0]
+            else:
+                cached.append(None)
+        cached.append(None)  # the question is always computed
+        out = blender.run(segs, cached, float(recompute_ratio))
+        ttft = time.perf_counter() - t0
+        cache = self._new_cache(list(zip(out.keys, out.values, strict=True)))
+        stored: set[bytes] = set()
+        for seg, kv in zip(segs[:-1], cached[:-1], strict=True):
+            ident = seg.cpu().numpy().tobytes()
+            if kv is None and ident not in stored:
+                stored.add(ident)
+                store.store(seg, self._segment_kv_alone(seg))
+        hits = sum(kv is not None for kv in cached)
+        return SegmentPrefillResult(out.logits, cache, reused, out.recomputed, out.total, hits, ttft)
 
     def close(self) -> None:
         """Close the engine if this wrapper built it."""

@@ -39,6 +39,7 @@ WORKLOADS: dict[str, str] = {
     "long-doc-qa": "lmcache.bench.qa.long_doc",
     "vllm-long-doc-qa": "lmcache.bench.qa.vllm_long_doc",
     "multi-round-qa": "lmcache.bench.qa.multi_round",
+    "rag": "lmcache.bench.rag",
     "tier-faults": "lmcache.bench.tier_faults",
 }
 

@@ -271,17 +271,20 @@ class CachedCausalLM:
         self.engine.store(tokens, kv, start=start)
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor) -> PrefillResult:
+    def prefill(self, input_ids: torch.Tensor, *, logits_to_keep: int = 0) -> PrefillResult:
         """Run the prompt, loading its cached prefix and storing its new chunks.
 
         Args:
             input_ids: ``[1, seq]`` token ids.
+            logits_to_keep: Passed to the model: ``1`` computes only the last token's logits
+                (what an engine needs for the first token); ``0``, the default, computes all.
         """
         t0 = time.perf_counter()
         tokens = self._check_ids(input_ids)
         cache, loaded = self._load_prefix(tokens)
         kw = self._forward_cache_kw
-        out = self.model(input_ids[:, loaded:], use_cache=True, **{kw: cache})
+        extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+        out = self.model(input_ids[:, loaded:], use_cache=True, **{kw: cache}, **extra)
         logits = out.logits[:, -1]
         ttft = time.perf_counter() - t0
         returned = getattr(out, kw, None)  # the same object, updated in place, in every 5.x release

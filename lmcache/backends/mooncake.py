@@ -83,7 +83,7 @@ import ipaddress
 import logging
 import mmap
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
@@ -381,7 +381,17 @@ class MooncakeBackend(StorageBackend):
         with contextlib.suppress(Exception):
             await writer.wait_closed()
 
-    def _setup(self, gate: WorkerGate, staging: np.ndarray) -> Any:
+    def make_store(self, buffers: Sequence[np.ndarray] = ()) -> Any:
+        """A new Mooncake store client set up as this backend's own, with ``buffers`` registered.
+
+        Same master, metadata server, protocol, RDMA devices, segment and buffer sizes, and the
+        same local hostname rule. For the backend itself and for tools that must reach the same
+        cluster on the same terms (the raw baseline of ``lmcache bench backend``); the caller
+        unregisters the buffers and closes the store. Blocks: call it off the event loop.
+
+        Raises:
+            BackendError: ``setup()`` or a ``register_buffer`` failed (mapped from Mooncake's code).
+        """
         s = self.settings
         hostname = self.local_hostname()  # may resolve names: here, off the event loop
         store = MooncakeDistributedStore()
@@ -398,12 +408,16 @@ class MooncakeBackend(StorageBackend):
             with contextlib.suppress(Exception):
                 store.close()
             raise mooncake_error(code, f"setting up a client of master {self.master_address}")
-        code = store.register_buffer(staging.ctypes.data, staging.nbytes)
-        if code != OK:
-            with contextlib.suppress(Exception):
-                store.close()
-            raise mooncake_error(code, f"registering {staging.nbytes} bytes of staging memory")
+        for buf in buffers:
+            code = store.register_buffer(buf.ctypes.data, buf.nbytes)
+            if code != OK:
+                with contextlib.suppress(Exception):
+                    store.close()
+                raise mooncake_error(code, f"registering {buf.nbytes} bytes of memory for transfers")
         return store
+
+    def _setup(self, gate: WorkerGate, staging: np.ndarray) -> Any:
+        return self.make_store([staging])
 
     async def _open(self) -> None:
         s = self.settings

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pytest
 
 pytest.importorskip(
@@ -469,6 +470,55 @@ async def test_http_metadata_server(tmp_path: Path, monkeypatch: pytest.MonkeyPa
             await b.aclose()
     finally:
         cluster.stop()
+
+
+@needs_netns
+@pytest.mark.timeout(HANG_GUARD)
+async def test_make_store_is_a_client_of_the_same_cluster(mooncake: MooncakeBackend) -> None:
+    """make_store gives a raw client set up like the backend's, with the given buffers registered."""
+    key, value = make_key(70), os.urandom(MiB)
+    assert [r.status for r in await mooncake.put([key], [value])] == [PutStatus.STORED]
+    buf = np.zeros(2 * MiB, dtype=np.uint8)
+
+    def read_raw() -> int:
+        store = mooncake.make_store([buf])
+        try:
+            # A zero-copy read into the registered buffer: the frame the backend stored.
+            return int(store.get_into(mooncake.object_name(key), buf.ctypes.data, buf.nbytes))
+        finally:
+            store.unregister_buffer(buf.ctypes.data)
+            store.close()
+
+    n = await asyncio.get_running_loop().run_in_executor(None, read_raw)
+    assert n > MiB
+    _header, payload = decode_frame(buf[:n].tobytes(), key)
+    assert bytes(payload) == value
+
+
+@needs_netns
+@pytest.mark.timeout(HANG_GUARD)
+async def test_bench_runs_the_raw_sdk_baseline_on_a_store_the_backend_sets_up(
+    mooncake_cluster: MooncakeCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmcache.bench.backend import BenchParams, run_backend_bench
+
+    registered: list[int] = []  # buffers per store set up: the backend's and the baseline's
+    real_make_store = MooncakeBackend.make_store
+
+    def make_store(self: MooncakeBackend, buffers: Any = ()) -> Any:
+        registered.append(len(buffers))
+        return real_make_store(self, buffers)
+
+    monkeypatch.setattr(MooncakeBackend, "make_store", make_store)
+    url = mooncake_cluster.url(staging_size="64MiB")
+    params = BenchParams(url=url, value_size=256 << 10, count=8, batch=4, concurrency=2, repeat=1, keys_tokens=0)
+    result = await run_backend_bench(params)
+    assert result["baseline"]["name"] == "raw-mooncake"
+    assert sorted(registered) == [1, 2]  # the staging arena; the workload's sources and destinations
+    for system in ("backend", "baseline"):
+        for op in ("put", "get"):
+            assert result["median"][system][op]["gbps"] > 0
+    assert result["ratio"]["put_gbps"] is not None and result["ratio"]["get_gbps"] is not None
 
 
 if not IN_NETNS:

@@ -1,8 +1,9 @@
 """Raw Mooncake SDK baseline for ``lmcache bench backend --url mooncake://…``.
 
 The baseline is what an application would do without lmcache: its own
-``MooncakeDistributedStore`` client, set up exactly like the backend under test (same master,
-metadata server, protocol, RDMA devices, segment and buffer sizes), with the workload's source and
+``MooncakeDistributedStore`` client, set up exactly like the backend under test by
+:meth:`lmcache.backends.mooncake.MooncakeBackend.make_store` (same master, metadata server,
+protocol, RDMA devices, segment and buffer sizes), with the workload's source and
 destination arrays registered once (``register_buffer``), so every batch is one zero-copy
 ``batch_put_from`` or ``batch_get_into`` straight from and into those arrays, run on a thread pool as
 large as the backend's (``max_workers``). It skips what lmcache adds: the frame header and its xxh3
@@ -61,35 +62,12 @@ class RawMooncakeBaseline(Baseline):
         }
 
     async def open(self) -> None:
-        from mooncake.store import MooncakeDistributedStore
-
         s = self._settings
         self._pool = concurrent.futures.ThreadPoolExecutor(s.max_workers, thread_name_prefix="bench-mooncake")
-        loop = asyncio.get_running_loop()
-        # The same hostname rule as the backend (loopback master -> 127.0.0.1, else the routed address).
-        hostname = self._backend.local_hostname()
-
-        def setup() -> Any:
-            store = MooncakeDistributedStore()
-            code = store.setup(
-                hostname,
-                s.metadata_server,
-                s.global_segment_size,
-                s.local_buffer_size,
-                s.protocol,
-                s.rdma_devices,
-                f"{s.host}:{s.port}",
-            )
-            if code != 0:
-                raise BackendError(f"raw Mooncake baseline: setup() returned {code}")
-            for arr in (self._workload.srcs, self._workload.dsts):
-                code = store.register_buffer(arr.ctypes.data, arr.nbytes)
-                if code != 0:
-                    raise BackendError(f"raw Mooncake baseline: register_buffer returned {code}")
-                self._registered.append(arr.ctypes.data)
-            return store
-
-        self._store = await loop.run_in_executor(self._pool, setup)
+        arrays = (self._workload.srcs, self._workload.dsts)
+        # The backend's own client setup; the workload's arrays are registered once, for good.
+        self._store = await asyncio.get_running_loop().run_in_executor(self._pool, self._backend.make_store, arrays)
+        self._registered = [arr.ctypes.data for arr in arrays]
 
     async def aclose(self) -> None:
         store, self._store = self._store, None

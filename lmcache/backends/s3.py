@@ -300,6 +300,18 @@ class S3Backend(StorageBackend):
         name = key.to_string()
         return f"{self.settings.prefix}/{name}" if self.settings.prefix else name
 
+    def make_client(self) -> Any:
+        """A new aioboto3 S3 client with this backend's settings (an async context manager; no I/O yet).
+
+        For tools that must reach the same bucket on the same terms (the raw baseline of
+        ``lmcache bench backend``): endpoint, credentials, timeouts, retries, pool size and
+        addressing style, as :func:`s3_client` builds them for the backend itself.
+
+        Raises:
+            ConfigError: The ``profile`` setting names a profile that is not configured.
+        """
+        return s3_client(self.settings)
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     def _where(self) -> str:
@@ -684,8 +696,9 @@ class S3Backend(StorageBackend):
 def s3_client(settings: S3Settings) -> Any:
     """An aioboto3 S3 client configured from ``settings`` (an async context manager).
 
-    The backend and the raw benchmark baseline both use this, so they talk to S3 the same way:
-    timeouts, retries (botocore ``standard`` mode), pool size, addressing style and checksums.
+    The backend and the raw benchmark baseline (through :meth:`S3Backend.make_client`) both use
+    this, so they talk to S3 the same way: timeouts, retries (botocore ``standard`` mode), pool
+    size, addressing style and checksums.
 
     Raises:
         ConfigError: ``settings.profile`` names a profile that is not configured.

@@ -877,6 +877,18 @@ def _restart(proc: Any, endpoint: str, creds: tuple[str, str]) -> None:
 # The raw aioboto3 benchmark baseline
 
 
+async def test_make_client_reaches_the_bucket_on_the_backends_terms(s3_target: S3Target) -> None:
+    """The raw baseline's client comes from the backend: same endpoint, credentials and bucket."""
+    async with open_backend(s3_target.url()) as b:
+        assert isinstance(b, S3Backend)
+        key = make_key(900)
+        assert [r.status for r in await b.put([key], [os.urandom(1000)])] == [PutStatus.STORED]
+        async with b.make_client() as client:
+            head = await client.head_object(Bucket=b.settings.bucket, Key=b.object_key(key))
+        assert head["ContentLength"] > 1000  # the framed value the backend stored
+        await b.delete([key])
+
+
 async def test_raw_baseline_round_trip(s3_target: S3Target) -> None:
     from lmcache.bench.backend import Workload
     from lmcache.bench.baselines.s3 import RawS3Baseline, make

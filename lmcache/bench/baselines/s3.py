@@ -3,7 +3,7 @@
 The baseline is what an application would do without lmcache: one plain ``PutObject`` per value
 and one ``GetObject`` per value read into the destination buffer, with the same client settings
 as the backend under test (endpoint, credentials, timeouts, retries, pool size, addressing style:
-both build their client with :func:`lmcache.backends.s3.s3_client`) and the same number of
+its client comes from :meth:`lmcache.backends.s3.S3Backend.make_client`) and the same number of
 requests in flight (``max_concurrency``). It skips what lmcache adds on top: the frame header and
 its xxh3 checksum, the conditional ``If-None-Match`` write, ranged and multipart transfers. Its
 objects live under ``<prefix>/.bench-baseline/<run>/`` and are deleted at the end of each round.
@@ -36,8 +36,9 @@ class RawS3Baseline(Baseline):
 
     name = "raw-aioboto3"
 
-    def __init__(self, settings: Any) -> None:
-        self._settings = settings
+    def __init__(self, backend: Any) -> None:
+        self._backend = backend
+        self._settings = settings = backend.settings
         self._client: Any = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._sem = asyncio.Semaphore(settings.max_concurrency)
@@ -56,10 +57,8 @@ class RawS3Baseline(Baseline):
         }
 
     async def open(self) -> None:
-        from lmcache.backends.s3 import s3_client
-
         stack = contextlib.AsyncExitStack()
-        self._client = await stack.enter_async_context(s3_client(self._settings))
+        self._client = await stack.enter_async_context(self._backend.make_client())
         self._stack = stack
 
     async def aclose(self) -> None:
@@ -112,4 +111,4 @@ def make(backend: StorageBackend, workload: Workload) -> Baseline | None:
 
     if not isinstance(backend, S3Backend):
         return None
-    return RawS3Baseline(backend.settings)
+    return RawS3Baseline(backend)

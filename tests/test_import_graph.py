@@ -4,7 +4,10 @@ Two rules of the house plan that a reviewer cannot see in a diff:
 
 * A name with a leading underscore is private to its package: no module outside a package
   imports one from it (``from pkg.mod import _name``, ``import pkg._mod``, or ``mod._name``
-  through an imported module). Checked for the packages in :data:`SEALED`.
+  through an imported module). Checked for the packages in :data:`SEALED`, and for every
+  module of ``lmcache.backends`` (the adapter kit and the adapters): an adapter built on
+  another (``gds`` and ``nixl+posix`` on ``file``) uses the hooks its base class declares,
+  never that module's private names; the kit's names are public, in an ``__all__``.
 * No import loop: lmcache's modules never import each other in a cycle at module level, and
   the modules of a sealed package not even from inside a function (a deferred import that
   closes a loop is a loop that waits for run time). Imports under ``if TYPE_CHECKING:`` never
@@ -24,6 +27,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 #: Packages whose private names stay inside them.
 SEALED = ("lmcache.backends.nixl", "lmcache.bench.baselines")
+#: Packages each of whose modules (and subpackages) keeps its private names to itself.
+SEALED_MODULES_OF = ("lmcache.backends",)
+#: Modules that are a part of another module kept in a file of its own, and share its private
+#: names (importer -> module). Each is a package waiting to happen, not a licence to grow.
+COMPANIONS = {
+    # ``lmcache fsck`` walks file://'s own layout (its name patterns, its damage checks).
+    "lmcache.backends.file_fsck": "lmcache.backends.file",
+    # redis+cluster:// is redis:// over several nodes (its URL's credentials and location fields).
+    "lmcache.backends.redis_cluster": "lmcache.backends.redis",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,11 +120,14 @@ def _private(name: str) -> bool:
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
 
 
-def private_uses(package: str, modules: dict[str, Path]) -> list[str]:
-    """``file:line: what`` for each private name of ``package`` used by a module outside it."""
+def private_uses(package: str, modules: dict[str, Path], *, allowed: tuple[str, ...] = ()) -> list[str]:
+    """``file:line: what`` for each private name of ``package`` (or module) used by a module outside it.
+
+    Modules named in ``allowed`` may use them (see :data:`COMPANIONS`).
+    """
     found: list[str] = []
     for importer, path in modules.items():
-        if _inside(importer, package):
+        if _inside(importer, package) or importer in allowed:
             continue
         where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
         aliases: dict[str, str] = {}  # local name -> module of the package it is bound to
@@ -204,6 +220,29 @@ def test_no_module_outside_a_sealed_package_uses_its_private_names(package: str)
     assert private_uses(package, modules) == []
 
 
+def sealed_modules(modules: dict[str, Path]) -> list[str]:
+    """The modules and subpackages directly inside each package of :data:`SEALED_MODULES_OF`."""
+    out: set[str] = set()
+    for parent in SEALED_MODULES_OF:
+        depth = parent.count(".") + 2
+        out.update(".".join(m.split(".")[:depth]) for m in modules if m.startswith(parent + "."))
+    return sorted(out)
+
+
+@pytest.mark.parametrize("module", sealed_modules(all_modules()))
+def test_no_backend_module_uses_another_ones_private_names(module: str) -> None:
+    modules = all_modules()
+    allowed = tuple(importer for importer, owner in COMPANIONS.items() if owner == module)
+    assert private_uses(module, modules, allowed=allowed) == []
+
+
+def test_the_adapter_kit_is_checked_and_companions_exist() -> None:
+    checked = sealed_modules(all_modules())
+    for module in ("lmcache.backends.base", "lmcache.backends.file", "lmcache.backends.gds", "lmcache.backends.nixl"):
+        assert module in checked
+    assert set(COMPANIONS) | set(COMPANIONS.values()) <= set(all_modules()), "a companion entry names no module"
+
+
 @pytest.mark.parametrize(
     ("scope", "deferred"),
     [("lmcache", False), *((package, False) for package in SEALED), *((package, True) for package in SEALED)],
@@ -235,3 +274,16 @@ def test_the_checks_see_what_they_look_for(tmp_path: Path) -> None:
         "imports the private module lmcache.backends.nixl._hidden",
         "uses lmcache.backends.nixl.sdk._hook_poll_timeout",
     ]
+    # A single module is sealed the same way; a companion may use its private names.
+    sub = tmp_path / "sub.py"
+    sub.write_text(
+        "from lmcache.backends import file\nfrom lmcache.backends.file import _O_DIRECT, FileBackend\nfile._mapped\n"
+    )
+    modules = {**all_modules(), "lmcache.backends.sub": sub}
+    companions = tuple(COMPANIONS)
+    uses = private_uses("lmcache.backends.file", modules, allowed=companions)
+    assert [u.split(": ", 1)[1] for u in uses] == [
+        "imports _O_DIRECT from lmcache.backends.file",
+        "uses lmcache.backends.file._mapped",
+    ]
+    assert private_uses("lmcache.backends.file", modules, allowed=("lmcache.backends.sub", *companions)) == []

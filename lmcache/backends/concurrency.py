@@ -7,38 +7,49 @@ borrowed for the call only; blocking calls run on a backend-owned executor):
 * :func:`run_gated`: one blocking call bounded by a timeout, which the caller may abandon:
   a :class:`WorkerGate` fences the worker's touches of caller buffers, and a ``release``
   callback hands back what the worker holds (an arena, a connection) once it is done.
-* :func:`take`: a pooled resource (arena, connection) from an :class:`asyncio.Queue`, in time.
+* :func:`run_pooled`: :func:`run_gated` with an item of a pool (a staging arena, a connection)
+  held until the worker is done; :func:`take` waits for a free one.
 * :func:`gather_all` (cancel the rest on the first failure) and :func:`gather_settled` (let
   every one finish, then raise the first failure): several sub-batches at once, none left
   running behind the call.
-* :func:`split_by_size`: cut a batch into sub-batches that fit a staging arena.
+* :func:`settle_inflight`: at close, wait for abandoned workers before closing the SDK.
+* :func:`split_by_size`: cut a batch into sub-batches that fit a staging arena; :class:`Batch`
+  is the call's keys and buffers that those sub-batches index into.
 
-Nothing here knows a backend, a key or a value format.
+Nothing here knows a backend or a value format.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Executor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from lmcache.errors import BackendTimeoutError
 
+if TYPE_CHECKING:
+    from lmcache.keys import CacheKey
+
 __all__ = [
+    "Batch",
     "WorkerAbandoned",
     "WorkerGate",
     "gather_all",
     "gather_settled",
     "run_blocking",
     "run_gated",
+    "run_pooled",
+    "settle_inflight",
     "split_by_size",
     "take",
 ]
 
 S = TypeVar("S")
+P = TypeVar("P")
 
 
 async def run_blocking(
@@ -101,6 +112,20 @@ class WorkerGate:
         with self._lock:
             self._abandoned = True
 
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold the gate around a touch of caller buffers (worker side).
+
+        Raises:
+            WorkerAbandoned: The caller gave up; the worker must stop (its result is dropped).
+        """
+        if not self.enter():
+            raise WorkerAbandoned
+        try:
+            yield
+        finally:
+            self.leave()
+
 
 class WorkerAbandoned(Exception):
     """Raised inside a worker whose caller gave up (see :class:`WorkerGate`); nobody sees it."""
@@ -142,7 +167,12 @@ async def run_gated(
     """
     loop = asyncio.get_running_loop()
     gate = WorkerGate()
-    fut = loop.run_in_executor(executor, fn, gate)
+    try:
+        fut = loop.run_in_executor(executor, fn, gate)
+    except BaseException:  # e.g. the executor was shut down: nothing runs, give back at once
+        if release is not None:
+            release()
+        raise
     if inflight is not None:
         inflight.add(fut)
         fut.add_done_callback(inflight.discard)
@@ -152,8 +182,8 @@ async def run_gated(
         gate.abandon()
         fut.add_done_callback(_retrieve)
         if release is not None:
-            fut.add_done_callback(lambda _f: release())
-            release = None
+            later, release = release, None  # bound now: the finally below must not run it too
+            fut.add_done_callback(lambda _f: later())
         if isinstance(exc, asyncio.CancelledError):
             raise
         raise BackendTimeoutError(f"{what}: no answer within {timeout:g} s") from None
@@ -173,6 +203,61 @@ async def take(queue: asyncio.Queue[S], timeout: float, what: str) -> S:
         return await asyncio.wait_for(queue.get(), timeout)
     except asyncio.TimeoutError:
         raise BackendTimeoutError(f"{what} within {timeout:g} s") from None
+
+
+async def run_pooled(
+    executor: Executor | None,
+    pool: asyncio.Queue[P],
+    fn: Callable[[WorkerGate, P], S],
+    timeout: float,
+    *,
+    what: str,
+    item: str,
+    inflight: set[asyncio.Future[Any]] | None = None,
+) -> S:
+    """:func:`run_gated` of ``fn(gate, held)``, with ``held`` taken from ``pool`` and given back once ``fn`` is done.
+
+    ``timeout`` bounds the whole call, the wait for a free item included: calls abandoned
+    earlier may still hold every item of the pool. An abandoned worker keeps its item until it
+    ends, so nothing else uses an arena or a connection it may still write to.
+
+    Args:
+        executor: Where ``fn`` runs.
+        pool: The free items (arena numbers, connection slots).
+        fn: The blocking call; it receives the call's gate and the item it holds.
+        timeout: Seconds for the whole call.
+        what: The call and its target, for timeout messages.
+        item: What the pool holds, for the message of a wait that timed out (``"arena"``).
+        inflight: See :func:`run_gated`.
+
+    Raises:
+        BackendTimeoutError: No item came free, or ``fn`` did not finish, in time.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    held = await take(pool, timeout, f"{what}: no free {item}")
+    return await run_gated(
+        executor,
+        lambda gate: fn(gate, held),
+        max(deadline - loop.time(), 0.001),
+        lambda: pool.put_nowait(held),
+        what=what,
+        inflight=inflight,
+    )
+
+
+@dataclasses.dataclass(slots=True)
+class Batch:
+    """One call's object names, keys, per-key sizes and caller buffers, shared by its sub-batches.
+
+    :func:`split_by_size` cuts a call into index ranges; each sub-batch job gets this and its
+    indices, rather than copies of the lists.
+    """
+
+    names: list[str]
+    keys: list[CacheKey]
+    sizes: list[int]  # what the backend needs per key: bytes to read, a frame header's length…
+    bufs: list[memoryview]
 
 
 def split_by_size(sizes: Sequence[int], max_bytes: int, max_items: int | None = None) -> list[range]:
@@ -226,6 +311,18 @@ async def gather_settled(coros: Sequence[Awaitable[S]]) -> list[S]:
         if isinstance(r, BaseException):
             raise r
     return results  # type: ignore[return-value]
+
+
+async def settle_inflight(inflight: set[asyncio.Future[Any]], timeout: float) -> int:
+    """Wait up to ``timeout`` for the workers in ``inflight`` (see :func:`run_gated`) to end.
+
+    For ``aclose``: abandoned workers may still be inside the SDK, which must not be closed under
+    them. Returns how many are still running (then leave the SDK client open, and log it).
+    """
+    pending = [f for f in inflight if not f.done()]
+    if pending and timeout > 0:
+        await asyncio.wait(pending, timeout=timeout)
+    return sum(1 for f in inflight if not f.done())
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:

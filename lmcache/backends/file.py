@@ -72,14 +72,11 @@ counts it, and removes the file. The conformance suite defines a corrupt value's
 unspecified; the base class's "untouched on a miss" holds for every other miss. The only way to
 keep ``dst`` untouched on that path too is to check the bytes before they land in ``dst``: a
 staging copy, a snapshot of ``dst`` (the same copy), reading the file twice, or ``mmap`` (page-
-table setup and teardown per read, and a SIGBUS if a file is truncated while mapped). Measured
-here on 2 MiB values in the page cache, per CPU second, into 256 distinct (cache-cold) buffers:
-``preadv`` into ``dst`` + checksum 12.5 GB/s, staging + checksum + copy 11.3, ``mmap`` + checksum
-+ copy 10.5 (a bare ``preadv``, no checksum: 15.8); in ``lmcache bench backend`` (4 batches in
-flight, 2 cores) the staging design reached ~0.6x the raw-read baseline against ~0.8x for reading
-straight into ``dst``, and with O_DIRECT it forgoes the DMA into ``dst``. A rare error path does
-not justify a copy on every hit. (Reverting is one line: send large values through
-``_read_staged`` too.)
+table setup and teardown per read, and a SIGBUS if a file is truncated while mapped). Each of
+those is slower on every hit (figures in ``docs/benchmarks.md``, *file://: where a large value's
+read lands*), and with O_DIRECT staging forgoes the DMA into ``dst``. A rare error path does not
+justify a copy on every hit. (Reverting is one line: send large values through ``_read_staged``
+too.)
 
 O_DIRECT into a ``dst`` that is not page aligned, or a payload that is not a whole number of
 blocks, goes through staging (the device's DMA lands there, then one copy), and is checked before
@@ -128,7 +125,7 @@ per process, not across them.
 Concurrency
 -----------
 A get or put batch runs on at most ``workers`` executor threads through
-:func:`~lmcache.backends.base.run_blocking`, each thread taking the next value of the batch as
+:func:`~lmcache.backends.concurrency.run_blocking`, each thread taking the next value of the batch as
 soon as it is free, so one slow value does not hold back a fixed share of the batch (contains,
 delete and the open-time scan split their cheap work into contiguous groups instead). The index
 and byte counts are updated by the worker threads under one lock, so they stay exact even when
@@ -160,20 +157,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import quote, unquote, urlencode
 
-import numpy as np
-
-from lmcache.backends.base import (
-    EXISTS,
-    STORED,
-    Capabilities,
-    PutResult,
-    StorageBackend,
-    check_dst_size,
-    parse_backend_url,
-    rejected,
-    run_blocking,
-    split_url,
-)
+from lmcache.backends.base import EXISTS, STORED, Capabilities, PutResult, StorageBackend, rejected
+from lmcache.backends.buffers import check_dst_size, is_aligned
+from lmcache.backends.concurrency import gather_settled, run_blocking
+from lmcache.backends.urls import parse_backend_url, split_url
 from lmcache.config import format_size, parse_size, setting
 from lmcache.errors import (
     BackendError,
@@ -181,6 +168,7 @@ from lmcache.errors import (
     ConfigError,
     IntegrityError,
     InvalidArgumentError,
+    InvalidBufferError,
     UnsupportedOperationError,
     map_os_errors,
 )
@@ -274,8 +262,7 @@ class FileSettings:
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Failure:
     kind: str  # "corrupt" | "error" | "too_small"
-    exc: BaseException | None = None
-    needed: int = 0
+    exc: BaseException  # IntegrityError, a mapped BackendError, InvalidBufferError
 
 
 _MISS = None
@@ -522,13 +509,6 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _page_aligned(view: memoryview) -> bool:
-    if view.nbytes == 0:
-        return False
-    addr = np.frombuffer(view, dtype=np.uint8).ctypes.data
-    return addr % DIRECT_ALIGN == 0
-
-
 def _foreign_version(view: memoryview) -> bool:
     """True when ``view`` starts with a frame of another format version (not corruption)."""
     return view.nbytes >= 5 and bytes(view[:4]) == frame.MAGIC and view[4] != frame.FRAME_VERSION
@@ -536,6 +516,21 @@ def _foreign_version(view: memoryview) -> bool:
 
 class FileBackend(StorageBackend):
     """Values as framed files under one directory; see the module docstring for the design.
+
+    Subclasses that serve the same directory format and change only how bytes move
+    (:mod:`~lmcache.backends.gds`, :mod:`~lmcache.backends.nixl.posix`) override these hooks,
+    and need nothing else of this module:
+
+    * :meth:`_read_at` and :meth:`_write_frame`: move file bytes into and out of host memory.
+    * :meth:`_read_payload`: check an open value file's frame and move its payload into a
+      destination (e.g. device memory), with :meth:`_read_head` to read and check the header.
+      Every outcome (miss, corrupt value, error, too small a buffer) is counted by the caller,
+      :meth:`_get_into`, which takes any destination :meth:`_read_payload` handles.
+    * :meth:`_url_items` and ``settings_cls``: the options of the subclass's URL.
+
+    and may use :meth:`_staging` (this worker thread's page-aligned scratch buffer),
+    ``_local`` (per-worker-thread state), ``_executor`` (the bounded pool every blocking call
+    runs on) and ``_root`` (the directory).
 
     Args:
         settings: Parsed options (``path`` is required and must be absolute).
@@ -862,13 +857,7 @@ class FileBackend(StorageBackend):
         """
         executor = self._executor
         on_cancel = cancel.set if cancel is not None else None
-        results = await asyncio.gather(
-            *(run_blocking(executor, fn, g, *args, on_cancel=on_cancel) for g in groups), return_exceptions=True
-        )
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        return results  # type: ignore[return-value]
+        return await gather_settled([run_blocking(executor, fn, g, *args, on_cancel=on_cancel) for g in groups])
 
     async def _map_items(
         self,
@@ -900,13 +889,9 @@ class FileBackend(StorageBackend):
                 results[i] = skipped(items[i]) if cancel.is_set() else fn(items[i], cancel)
 
         executor = self._executor
-        done = await asyncio.gather(
-            *(run_blocking(executor, drain, on_cancel=cancel.set) for _ in range(min(n, self.settings.workers))),
-            return_exceptions=True,
+        await gather_settled(
+            [run_blocking(executor, drain, on_cancel=cancel.set) for _ in range(min(n, self.settings.workers))]
         )
-        for r in done:
-            if isinstance(r, BaseException):
-                raise r
         return results
 
     # -- operations --------------------------------------------------------------------------
@@ -930,7 +915,7 @@ class FileBackend(StorageBackend):
                 out.append(stat.S_ISREG(st.st_mode))
         return out
 
-    async def _get_into(self, keys: list[CacheKey], dsts: list[memoryview]) -> list[int | None]:
+    async def _get_into(self, keys: list[CacheKey], dsts: list[Any]) -> list[int | None]:
         # Known sizes are checked before any I/O, so an undersized buffer usually raises before
         # any dst is written; values this process has not indexed are checked by the workers.
         with self._lock:
@@ -941,34 +926,36 @@ class FileBackend(StorageBackend):
         items = list(zip(keys, dsts, strict=True))
         outcomes = await self._map_items(self._read_item, self._skip_read, items)
         results: list[int | None] = []
-        too_small: tuple[CacheKey, memoryview, int] | None = None
-        for (key, dst), outcome in zip(items, outcomes, strict=True):
+        too_small: BaseException | None = None
+        for (key, _dst), outcome in zip(items, outcomes, strict=True):
             if isinstance(outcome, _Failure):
                 if outcome.kind == "corrupt":
                     self.record_corrupt(key, outcome.exc)  # type: ignore[arg-type]
                 elif outcome.kind == "error":
-                    self.record_error("read", outcome.exc)  # type: ignore[arg-type]
+                    self.record_error("read", outcome.exc)
                 elif too_small is None:
-                    too_small = (key, dst, outcome.needed)
+                    too_small = outcome.exc
                 results.append(None)
             else:
                 results.append(outcome)
         if too_small is not None:
-            check_dst_size(*too_small)  # raises InvalidBufferError
+            raise too_small  # InvalidBufferError, once every worker is done
         return results
 
-    def _read_item(self, item: tuple[CacheKey, memoryview], cancel: threading.Event) -> _ReadOutcome:
+    def _read_item(self, item: tuple[CacheKey, Any], cancel: threading.Event) -> _ReadOutcome:
         try:
             return self._read_one(item[0], item[1], cancel)
         except Exception as exc:  # never let a worker raise: the call must wait for every item
             return _Failure("error", exc)
 
     @staticmethod
-    def _skip_read(item: tuple[CacheKey, memoryview]) -> _ReadOutcome:
+    def _skip_read(item: tuple[CacheKey, Any]) -> _ReadOutcome:
         return _MISS
 
-    def _read_one(self, key: CacheKey, dst: memoryview, cancel: threading.Event) -> _ReadOutcome:
+    def _read_one(self, key: CacheKey, dst: Any, cancel: threading.Event) -> _ReadOutcome:
+        """Read one value: open its file, let :meth:`_read_payload` fill ``dst``, turn failures into outcomes."""
         _shard, _digest, path = self._path(key)
+        where = f"{self.schemes[0]}://"
         try:
             fd, st = _open_value(path, _O_DIRECT if self._o_direct else 0)
         except FileNotFoundError:
@@ -977,58 +964,105 @@ class FileBackend(StorageBackend):
         except _NotAFile as exc:
             return self._not_a_file(key, path, exc)
         except OSError as exc:
-            return _Failure("error", _mapped(exc, f"file://: opening {path}"))
+            return _Failure("error", _mapped(exc, f"{where}: opening {path}"))
         try:
             size = st.st_size
             if size < frame.MIN_HEADER_BYTES:
-                return self._corrupt(key, path, st, IntegrityError(f"value file {path} is truncated ({size} bytes)"))
-            # First read: the whole frame when it is small, else its first block (the header).
-            first = size if size <= SMALL_VALUE else HEADER_READ
-            want = _round_up(first, DIRECT_ALIGN) if self._o_direct else first
-            staging = self._staging(max(want, SMALL_VALUE))
-            got = self._read_at(fd, staging[:want], 0, first)
-            view = staging[:got]
-            if _foreign_version(view):
-                return _MISS
-            if frame.needed_header_bytes(view) > got:
-                return self._read_staged(fd, key, dst, size, cancel)  # an unusually long key
-            header = frame.parse_header(view, expected_key=key)
-            n, offset = header.payload_len, header.payload_offset
-            if header.total_len != size:
-                raise IntegrityError(f"value file {path} has {size} bytes, its header says {header.total_len}")
-            if dst.nbytes < n:
-                return _Failure("too_small", needed=n)
-            if cancel.is_set():
-                return _MISS  # the caller is gone: never write into its buffer now
-            if got == size:
-                # Small value: check it in staging, so even a corrupt one leaves dst untouched.
-                payload = view[offset:size]
-                header.verify_payload(payload)
-                dst[:n] = payload
-            elif self._o_direct and not (offset % DIRECT_ALIGN == 0 == n % DIRECT_ALIGN and _page_aligned(dst)):
-                return self._read_staged(fd, key, dst, size, cancel)  # O_DIRECT needs alignment
-            else:
-                # The hot path: the payload goes from the file straight into dst (one copy,
-                # or DMA with O_DIRECT), and is checked there. A checksum failure now leaves
-                # bytes in dst; the result is still a counted miss (see the module docstring).
-                out = dst[:n]
-                if self._read_at(fd, out, offset, n) != n:
-                    raise IntegrityError(f"value file {path} shrank while it was read")
-                header.verify_payload(out)
-            self._add_entry(key, n, size)
-            return n
+                raise IntegrityError(f"value file {path} is truncated ({size} bytes)")
+            return self._read_payload(fd, key, size, dst, cancel)
         except IntegrityError as exc:
             return self._corrupt(key, path, st, exc)
+        except InvalidBufferError as exc:
+            return _Failure("too_small", exc)
         except OSError as exc:
-            return _Failure("error", _mapped(exc, f"file://: reading {path}"))
+            return _Failure("error", _mapped(exc, f"{where}: reading {path}"))
         finally:
             os.close(fd)
 
-    def _read_staged(self, fd: int, key: CacheKey, dst: memoryview, size: int, cancel: threading.Event) -> _ReadOutcome:
+    def _read_head(
+        self, fd: int, key: CacheKey, size: int, first: int = HEADER_READ
+    ) -> tuple[frame.FrameHeader, memoryview] | None:
+        """Read the first ``first`` bytes of a value file into staging and check its header there.
+
+        Args:
+            fd: The open value file (``O_DIRECT`` when in effect).
+            key: The key the frame must name.
+            size: The file's size.
+            first: Bytes to read (more when the header is longer; rounded up to blocks with O_DIRECT).
+
+        Returns:
+            The header and the bytes read (a view of this thread's staging buffer), or None for a
+            frame of another format version (a plain miss, left in place).
+
+        Raises:
+            IntegrityError: The header is damaged, names another key, or disagrees with ``size``.
+            OSError: Reading failed.
+        """
+        want = _round_up(first, DIRECT_ALIGN) if self._o_direct else first
+        staging = self._staging(max(want, SMALL_VALUE))
+        got = self._read_at(fd, staging[:want], 0, first)
+        view = staging[:got]
+        if _foreign_version(view):
+            return None
+        need = frame.needed_header_bytes(view)
+        if need > got:  # an unusually long key: read the whole header
+            want = _round_up(need, DIRECT_ALIGN) if self._o_direct else need
+            staging = self._staging(want)
+            got = self._read_at(fd, staging[:want], 0, need)
+            view = staging[:got]
+        header = frame.parse_header(view, expected_key=key)
+        if header.total_len != size:
+            raise IntegrityError(f"value file for {key} has {size} bytes, its header says {header.total_len}")
+        return header, view
+
+    def _read_payload(self, fd: int, key: CacheKey, size: int, dst: Any, cancel: threading.Event) -> int | None:
+        """Hook: check the frame of the open value file ``fd`` and move its payload into ``dst``.
+
+        A subclass that moves payloads another way (into device memory) overrides this, and
+        reads and checks the header with :meth:`_read_head` first.
+
+        Returns:
+            The payload's length, or None for a plain miss (a foreign format version, or the
+            caller cancelled: ``dst`` is not written then).
+
+        Raises:
+            IntegrityError: The value is damaged (a counted corrupt miss; the file is removed).
+            InvalidBufferError: ``dst`` is too small (raised once the batch is done).
+            OSError: Reading failed (a counted error and a miss).
+        """
+        # First read: the whole frame when it is small, else its first block (the header).
+        head = self._read_head(fd, key, size, size if size <= SMALL_VALUE else HEADER_READ)
+        if head is None:
+            return _MISS
+        header, view = head
+        n, offset = header.payload_len, header.payload_offset
+        check_dst_size(key, dst, n)
+        if cancel.is_set():
+            return _MISS  # the caller is gone: never write into its buffer now
+        if view.nbytes == size:
+            # Small value: check it in staging, so even a corrupt one leaves dst untouched.
+            payload = view[offset:size]
+            header.verify_payload(payload)
+            dst[:n] = payload
+        elif self._o_direct and not (offset % DIRECT_ALIGN == 0 == n % DIRECT_ALIGN and is_aligned(dst, DIRECT_ALIGN)):
+            return self._read_staged(fd, key, dst, size, cancel)  # O_DIRECT needs alignment
+        else:
+            # The hot path: the payload goes from the file straight into dst (one copy,
+            # or DMA with O_DIRECT), and is checked there. A checksum failure now leaves
+            # bytes in dst; the result is still a counted miss (see the module docstring).
+            out = dst[:n]
+            if self._read_at(fd, out, offset, n) != n:
+                raise IntegrityError(f"value file for {key} shrank while it was read")
+            header.verify_payload(out)
+        self._add_entry(key, n, size)
+        return n
+
+    def _read_staged(self, fd: int, key: CacheKey, dst: memoryview, size: int, cancel: threading.Event) -> int | None:
         """Read the whole frame into staging, check it, then copy (O_DIRECT into unaligned dst).
 
         Raises:
             IntegrityError: The frame is damaged (dst is untouched).
+            InvalidBufferError: ``dst`` is too small.
             OSError: Reading failed.
         """
         want = _round_up(size, DIRECT_ALIGN) if self._o_direct else size
@@ -1038,8 +1072,7 @@ class FileBackend(StorageBackend):
         header = frame.parse_header(view, expected_key=key)
         if header.total_len != size or got != size:
             raise IntegrityError(f"value file for {key} has {size} bytes, its header says {header.total_len}")
-        if dst.nbytes < header.payload_len:
-            return _Failure("too_small", needed=header.payload_len)
+        check_dst_size(key, dst, header.payload_len)
         payload = view[header.payload_offset : size]
         header.verify_payload(payload)
         if cancel.is_set():
@@ -1203,7 +1236,7 @@ class FileBackend(StorageBackend):
             return STORED, total
         raise OSError(errno.EAGAIN, "the temp file or its directory was removed repeatedly while writing")
 
-    # -- data-path hooks (subclasses that move the bytes another way override these) ----------
+    # -- data-path hooks (subclasses that move the bytes another way override these; see the class) --
 
     def _read_at(self, fd: int, view: memoryview, offset: int, want: int) -> int:
         """Read up to ``want`` bytes at ``offset`` into ``view``; bytes read (short only at EOF).
@@ -1222,7 +1255,7 @@ class FileBackend(StorageBackend):
 
     def _write_direct(self, fd: int, header: bytes, src: memoryview, total: int) -> None:
         hlen = len(header)  # a multiple of DIRECT_ALIGN (the frame pads it)
-        if src.nbytes % DIRECT_ALIGN == 0 and _page_aligned(src):
+        if src.nbytes % DIRECT_ALIGN == 0 and is_aligned(src, DIRECT_ALIGN):
             staging = self._staging(hlen)
             staging[:hlen] = header
             _writev_full(fd, [staging[:hlen], src])

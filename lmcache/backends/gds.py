@@ -49,33 +49,16 @@ import dataclasses
 import functools
 import importlib.util
 import logging
-import os
 import threading
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from lmcache.backends.base import PutResult, run_blocking
-from lmcache.backends.file import (
-    _O_CLOEXEC,
-    _O_DIRECT,
-    DIRECT_ALIGN,
-    FileBackend,
-    FileSettings,
-    _Failure,
-    _foreign_version,
-    _mapped,
-    _ReadOutcome,
-)
+from lmcache.backends.base import PutResult
+from lmcache.backends.buffers import as_readable, check_dst_size, is_device_buffer
+from lmcache.backends.concurrency import run_blocking
+from lmcache.backends.file import FileBackend, FileSettings
 from lmcache.config import setting
-from lmcache.errors import (
-    BackendUnavailableError,
-    IntegrityError,
-    InvalidArgumentError,
-    InvalidBufferError,
-    MissingDependencyError,
-)
+from lmcache.errors import BackendUnavailableError, IntegrityError, MissingDependencyError
 from lmcache.keys import CacheKey
-from lmcache.serde import frame
 
 if TYPE_CHECKING:
     import torch
@@ -120,21 +103,6 @@ def gpu_direct_usable() -> str | None:
     if importlib.util.find_spec("kvikio") is None:
         return "kvikio is not installed (pip install 'lmcache[gds]')"
     return None
-
-
-def _is_cuda_tensor(obj: Any) -> bool:
-    device = getattr(obj, "device", None)
-    return device is not None and getattr(device, "type", None) == "cuda" and hasattr(obj, "data_ptr")
-
-
-def _device_bytes(t: torch.Tensor) -> torch.Tensor:
-    """A flat uint8 view of a contiguous device tensor."""
-    import torch
-
-    if not t.is_contiguous():
-        raise InvalidBufferError("tensor buffers must be contiguous")
-    flat = t.detach().reshape(-1)
-    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
 
 
 class GdsBackend(FileBackend):
@@ -192,34 +160,21 @@ class GdsBackend(FileBackend):
             out["gpu_direct_unavailable"] = self._gpu_reason
         return out
 
-    # -- device buffers ----------------------------------------------------------------------
+    # -- device buffers (hooks of the template methods and of FileBackend) --------------------
 
-    def _check_device_path(self) -> None:
-        if self._gpu_reason is not None:
-            raise InvalidBufferError(
-                f"a CUDA tensor was given to gds://{self._root}, but its device path is off: {self._gpu_reason}; "
-                "copy it to a (pinned) CPU buffer first"
-            )
+    async def _put_device(self, keys: list[CacheKey], srcs: list[torch.Tensor]) -> list[PutResult]:
+        """Store device values: one copy into pinned host memory, then the O_DIRECT file path.
 
-    async def put(self, keys: Sequence[CacheKey], srcs: Sequence[Any]) -> list[PutResult]:
-        """Store values; CUDA tensors are accepted when ``capabilities.device_buffers``.
-
-        A device value is copied once into pinned host memory (its checksum is computed there)
-        and written by the O_DIRECT file path; see the module docstring.
+        The checksum is computed on that host copy; see the module docstring.
         """
-        if not any(_is_cuda_tensor(s) for s in srcs):
-            return await super().put(keys, srcs)
-        self._check_device_path()
-        await self._ensure_open()
         # Device-to-host copies block until done: they run on the executor, not the event loop.
-        host = await self._run(lambda: [self._pinned_copy(s) if _is_cuda_tensor(s) else s for s in srcs])
-        return await super().put(keys, host)
+        host = await self._run(lambda: [self._pinned_copy(s) for s in srcs])
+        return await self._put(keys, [as_readable(h) for h in host])
 
     @staticmethod
-    def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
+    def _pinned_copy(flat: torch.Tensor) -> torch.Tensor:
         import torch
 
-        flat = _device_bytes(t)
         out = torch.empty(flat.numel(), dtype=torch.uint8, pin_memory=True)
         out.copy_(flat)  # synchronous: put() copies its sources before returning
         return out
@@ -235,107 +190,39 @@ class GdsBackend(FileBackend):
                 self._local.pinned = buf
         return buf[:nbytes]
 
-    async def get_into(self, keys: Sequence[CacheKey], dsts: Sequence[Any]) -> list[int | None]:
-        """Read values; CUDA tensors are filled by cuFile when ``capabilities.device_buffers``."""
-        if not any(_is_cuda_tensor(d) for d in dsts):
-            return await super().get_into(keys, dsts)
-        self._check_device_path()
-        keys = list(keys)
-        if len(keys) != len(dsts):
-            raise InvalidArgumentError(f"get_into got {len(keys)} keys but {len(dsts)} buffers")
-        if not all(isinstance(k, CacheKey) for k in keys):
-            raise InvalidArgumentError("keys must be CacheKey instances")
-        await self._ensure_open()
+    async def _get_into_device(self, keys: list[CacheKey], dsts: list[torch.Tensor]) -> list[int | None]:
+        """Read values into device tensors.
+
+        :meth:`FileBackend._get_into` does it, and its per-value step (:meth:`_read_payload`)
+        moves device payloads by cuFile.
+        """
         await self._run(self._load_kvikio)
-        host_idx = [i for i, d in enumerate(dsts) if not _is_cuda_tensor(d)]
-        dev_idx = [i for i, d in enumerate(dsts) if _is_cuda_tensor(d)]
-        results: list[int | None] = [None] * len(keys)
-        if host_idx:
-            got = await super().get_into([keys[i] for i in host_idx], [dsts[i] for i in host_idx])
-            for i, n in zip(host_idx, got, strict=True):
-                results[i] = n
-        dev_dsts = [_device_bytes(dsts[i]) for i in dev_idx]
-        items = [(keys[i], d) for i, d in zip(dev_idx, dev_dsts, strict=True)]
-        outcomes = await self._map_items(self._read_device_item, self._skip_read, items)
-        too_small: tuple[CacheKey, int, int] | None = None
-        c = self.counters
-        for i, (key, d), outcome in zip(dev_idx, items, outcomes, strict=True):
-            c.get_requests += 1
-            n: int | None = None
-            if isinstance(outcome, _Failure):
-                if outcome.kind == "corrupt":
-                    self.record_corrupt(key, outcome.exc)  # type: ignore[arg-type]
-                elif outcome.kind == "error":
-                    self.record_error("read", outcome.exc)  # type: ignore[arg-type]
-                elif too_small is None:
-                    too_small = (key, d.numel(), outcome.needed)
-            else:
-                n = outcome
-            results[i] = n
-            if n is None:
-                c.misses += 1
-            else:
-                c.hits += 1
-                c.bytes_read += n
-        if too_small is not None:
-            key, have, need = too_small
-            raise InvalidBufferError(f"buffer of {have} bytes is too small for the {need}-byte value of {key}")
-        return results
+        return await self._get_into(keys, dsts)
 
-    def _read_device_item(self, item: tuple[CacheKey, torch.Tensor], cancel: threading.Event) -> _ReadOutcome:
-        try:
-            return self._read_device(item[0], item[1], cancel)
-        except Exception as exc:  # never let a worker raise: the call waits for every item
-            return _Failure("error", exc)
+    def _read_payload(self, fd: int, key: CacheKey, size: int, dst: Any, cancel: threading.Event) -> int | None:
+        """Fill ``dst``: a host buffer by the ``file://`` path, a device tensor by cuFile.
 
-    def _read_device(self, key: CacheKey, dst: torch.Tensor, cancel: threading.Event) -> _ReadOutcome:
-        """Header on the host, payload by cuFile into ``dst``, checksum on a pinned host copy."""
-        path = self._path(key)[2]
-        flags = os.O_RDONLY | _O_CLOEXEC | (_O_DIRECT if self._o_direct else 0)
-        try:
-            fd = os.open(path, flags)
-        except FileNotFoundError:
-            self._drop_entry(key)
+        For a device tensor the header is read and checked on the host, the payload moves by
+        cuFile into ``dst``, and its checksum is verified on a pinned host copy.
+        """
+        if not is_device_buffer(dst):
+            return super()._read_payload(fd, key, size, dst, cancel)
+        head = self._read_head(fd, key, size)
+        if head is None:
+            return None  # another lmcache version's value: a plain miss, left in place
+        header = head[0]
+        n, offset = header.payload_len, header.payload_offset
+        check_dst_size(key, dst, n)
+        if cancel.is_set():
             return None
-        st = None
-        try:
-            st = os.fstat(fd)
-            size = st.st_size
-            want = DIRECT_ALIGN
-            staging = self._staging(want)
-            got = self._read_at(fd, staging[:want], 0, min(size, want))
-            view = staging[:got]
-            if _foreign_version(view):
-                return None  # another lmcache version's value: a plain miss, left in place
-            need = frame.needed_header_bytes(view)
-            if need > got:  # an unusually long key: read the whole header
-                want = -(-need // DIRECT_ALIGN) * DIRECT_ALIGN
-                staging = self._staging(want)
-                got = self._read_at(fd, staging[:want], 0, min(size, want))
-                view = staging[:got]
-            header = frame.parse_header(view, expected_key=key)
-            n, offset = header.payload_len, header.payload_offset
-            if header.total_len != size:
-                raise IntegrityError(f"value file {path} has {size} bytes, its header says {header.total_len}")
-            if dst.numel() < n:
-                return _Failure("too_small", needed=n)
-            if cancel.is_set():
-                return None
-            if n:
-                with self._kvikio.CuFile(path, "r") as f:
-                    done = f.pread(dst[:n], n, offset).get()
-                if done != n:
-                    raise IntegrityError(f"value file {path} shrank while it was read")
-                check = self._pinned_staging(n)
-                check.copy_(dst[:n])
-                header.verify_payload(memoryview(check.numpy()))
-            self._add_entry(key, n, size)
-            return n
-        except IntegrityError as exc:
-            if st is None:
-                raise
-            return self._corrupt(key, path, st, exc)
-        except OSError as exc:
-            return _Failure("error", _mapped(exc, f"gds://: reading {path}"))
-        finally:
-            os.close(fd)
+        if n:
+            path = self._path(key)[2]
+            with self._kvikio.CuFile(path, "r") as f:
+                done = f.pread(dst[:n], n, offset).get()
+            if done != n:
+                raise IntegrityError(f"value file {path} shrank while it was read")
+            check = self._pinned_staging(n)
+            check.copy_(dst[:n])
+            header.verify_payload(memoryview(check.numpy()))
+        self._add_entry(key, n, size)
+        return n

@@ -60,21 +60,17 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 import infinistore
 import numpy as np
 
-from lmcache.backends.base import (
-    EXISTS,
-    STORED,
-    Capabilities,
-    PutResult,
-    StorageBackend,
-    WorkerAbandoned,
+from lmcache.backends.base import EXISTS, STORED, Capabilities, PutResult, StorageBackend, rejected
+from lmcache.backends.buffers import page_aligned
+from lmcache.backends.concurrency import (
+    Batch,
     WorkerGate,
     gather_all,
-    parse_backend_url,
-    rejected,
-    settings_query,
+    run_pooled,
+    settle_inflight,
     split_by_size,
-    split_url,
 )
+from lmcache.backends.urls import parse_backend_url, server_location, settings_query, split_url
 from lmcache.config import parse_duration, parse_size, setting
 from lmcache.errors import (
     BackendError,
@@ -176,14 +172,6 @@ class _Slot:
     registered: bool = False
 
 
-@dataclasses.dataclass(slots=True)
-class _Batch:
-    names: list[str]
-    keys: list[CacheKey]
-    sizes: list[int]  # gets: dst bytes; puts: frame header bytes
-    bufs: list[memoryview]
-
-
 # ---------------------------------------------------------------------------------------------
 # The backend
 
@@ -241,21 +229,7 @@ class InfiniStoreBackend(StorageBackend):
             ConfigError: An unknown option, a bad value, or a URL with a path, credentials or fragment.
         """
         parts = split_url(url)
-        if parts.fragment:
-            raise ConfigError("infinistore:// URLs take no #fragment")
-        if parts.username or parts.password:
-            raise ConfigError("infinistore:// URLs take no credentials")
-        if parts.path not in ("", "/"):
-            raise ConfigError(f"infinistore:// URLs take no path (got {parts.path!r})")
-        location: dict[str, object] = {}
-        if parts.hostname:
-            location["host"] = parts.hostname
-        elif parts.scheme == "infinistore":
-            raise ConfigError("infinistore:// URL has no host, e.g. infinistore://10.0.0.5:22345")
-        if parts.port is not None:
-            location["port"] = parts.port
-        elif parts.netloc.endswith(":"):
-            raise ConfigError("infinistore:// URL has an empty port")
+        location = server_location(parts, "infinistore://10.0.0.5:22345")
         settings = parse_backend_url(url, cls.schemes, InfiniStoreSettings, location, overrides, split=parts)
         return cls(settings)
 
@@ -298,7 +272,7 @@ class InfiniStoreBackend(StorageBackend):
         with contextlib.suppress(Exception):
             await writer.wait_closed()
         self._executor = concurrent.futures.ThreadPoolExecutor(s.connections, thread_name_prefix="lmcache-infinistore")
-        self._slots = [_Slot(_page_aligned(self._arena_bytes)) for _ in range(s.connections)]
+        self._slots = [_Slot(page_aligned(self._arena_bytes)) for _ in range(s.connections)]
         self._free = asyncio.Queue()
         for i in range(s.connections):
             self._free.put_nowait(i)
@@ -313,14 +287,11 @@ class InfiniStoreBackend(StorageBackend):
             raise
 
     async def _close(self) -> None:
-        pending = [f for f in self._inflight if not f.done()]
-        if pending:
-            await asyncio.wait(pending, timeout=self.settings.timeout)
-        pending = [f for f in self._inflight if not f.done()]
+        pending = await settle_inflight(self._inflight, self.settings.timeout)
         executor, self._executor = self._executor, None
         if pending:
             self.log_once(
-                "close", "%r: %d SDK call(s) still running at close; leaving their connections", self, len(pending)
+                "close", "%r: %d SDK call(s) still running at close; leaving their connections", self, pending
             )
         else:
             for slot in self._slots:
@@ -377,44 +348,27 @@ class InfiniStoreBackend(StorageBackend):
             raise
 
     async def _with_slot(self, fn: Callable[..., T], *args: Any, what: str, timeout: float | None = None) -> T:
-        """Run ``fn(gate, slot, *args)`` on the executor with a connection held, bounded by ``timeout``."""
+        """Run ``fn(gate, slot, *args)`` on the executor with a connection held, bounded by ``timeout``.
+
+        The connection returns to the pool only once its thread is done with it (see :func:`run_pooled`).
+        """
         assert self._free is not None
-        free = self._free
-        loop = asyncio.get_running_loop()
-        limit = self.settings.timeout if timeout is None else timeout
-        deadline = loop.time() + limit
-        try:
-            # Waiting for a connection counts against the timeout: calls abandoned earlier may
-            # still hold every connection.
-            idx = await asyncio.wait_for(free.get(), limit)
-        except asyncio.TimeoutError:
-            err = BackendTimeoutError(f"{what} on {self._target()}: no free connection within {limit:g} s")
-            self.record_error(what, err)
-            raise err from None
-        slot = self._slots[idx]
-        gate = WorkerGate()
-        fut = loop.run_in_executor(self._executor, self._in_slot, fn, gate, slot, *args)
-        self._inflight.add(fut)
-        fut.add_done_callback(self._inflight.discard)
-        release_now = True
-        try:
-            return await asyncio.wait_for(asyncio.shield(fut), max(deadline - loop.time(), 0.001))
-        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
-            gate.abandon()
-            release_now = False
-            # The slot returns only once its thread is done with the connection.
-            fut.add_done_callback(lambda f: (_swallow(f), free.put_nowait(idx)))
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            err = BackendTimeoutError(f"{what} on {self._target()}: no answer within {limit:g} s")
-            self.record_error(what, err)
-            raise err from None
-        except BackendError as exc:
-            self.record_error(what, exc)
-            raise
-        finally:
-            if release_now:
-                free.put_nowait(idx)
+        slots = self._slots
+
+        def in_slot(gate: WorkerGate, idx: int) -> T:
+            return self._in_slot(fn, gate, slots[idx], *args)
+
+        job = run_pooled(
+            self._executor,
+            self._free,
+            in_slot,
+            self.settings.timeout if timeout is None else timeout,
+            what=f"{what} on {self._target()}",
+            item="connection",
+            inflight=self._inflight,
+        )
+        with self.counting_errors(what):  # timeouts included
+            return await job
 
     def _frame_len(self, head: int, payload: int) -> int:
         return self.settings.block_size or head + payload
@@ -436,7 +390,7 @@ class InfiniStoreBackend(StorageBackend):
             for k, d in zip(keys, dsts, strict=True)
         ]
         caps = [min(c, self._arena_bytes) for c in caps]
-        batch = _Batch(names, keys, caps, dsts)
+        batch = Batch(names, keys, caps, dsts)
         plan = split_by_size(caps, self._arena_bytes)
         jobs = [self._with_slot(self._get_batch, list(r), batch, what="read") for r in plan]
         out: list[int | None] = [None] * len(keys)
@@ -448,7 +402,7 @@ class InfiniStoreBackend(StorageBackend):
         return out
 
     def _get_batch(
-        self, gate: WorkerGate, slot: _Slot, idx: list[int], batch: _Batch
+        self, gate: WorkerGate, slot: _Slot, idx: list[int], batch: Batch
     ) -> tuple[list[int | None], list[tuple[int, IntegrityError]]]:
         conn, arena = slot.conn, slot.arena
         frames: list[tuple[int, memoryview]] = []  # (position, frame bytes)
@@ -495,14 +449,10 @@ class InfiniStoreBackend(StorageBackend):
                 )
             payloads.append((pos, payload))
         if payloads:
-            if not gate.enter():
-                raise WorkerAbandoned
-            try:
+            with gate.held():  # WorkerAbandoned once the caller gave up
                 for pos, payload in payloads:
                     batch.bufs[idx[pos]][: payload.nbytes] = payload
                     lengths[pos] = payload.nbytes
-            finally:
-                gate.leave()
         return lengths, corrupt
 
     async def _put(self, keys: list[CacheKey], srcs: list[memoryview]) -> list[PutResult]:
@@ -514,7 +464,7 @@ class InfiniStoreBackend(StorageBackend):
         todo = [i for i, s in enumerate(srcs) if s.nbytes <= limit and heads[i] + s.nbytes <= sizes[i]]
         if not todo:
             return out
-        batch = _Batch(names, keys, heads, srcs)
+        batch = Batch(names, keys, heads, srcs)
         plan = split_by_size([sizes[i] for i in todo], self._arena_bytes)
         jobs = [self._with_slot(self._put_batch, [todo[j] for j in r], batch, what="write") for r in plan]
         for results, r in zip(await gather_all(jobs), plan, strict=True):
@@ -522,7 +472,7 @@ class InfiniStoreBackend(StorageBackend):
                 out[todo[j]] = res
         return out
 
-    def _put_batch(self, gate: WorkerGate, slot: _Slot, idx: list[int], batch: _Batch) -> list[PutResult]:
+    def _put_batch(self, gate: WorkerGate, slot: _Slot, idx: list[int], batch: Batch) -> list[PutResult]:
         conn, arena = slot.conn, slot.arena
         results: list[PutResult] = [EXISTS] * len(idx)
         new = [pos for pos, i in enumerate(idx) if not conn.check_exist(batch.names[i])]
@@ -530,9 +480,7 @@ class InfiniStoreBackend(StorageBackend):
             return results
         spans: list[tuple[int, int, int]] = []  # (position, offset, stored length)
         off = 0
-        if not gate.enter():
-            raise WorkerAbandoned
-        try:
+        with gate.held():  # WorkerAbandoned once the caller gave up
             for pos in new:
                 i = idx[pos]
                 head, n = batch.sizes[i], batch.bufs[i].nbytes
@@ -540,8 +488,6 @@ class InfiniStoreBackend(StorageBackend):
                 total = self._frame_len(head, n)
                 spans.append((pos, off, total))
                 off += total
-        finally:
-            gate.leave()
         for pos, o, total in spans:
             i = idx[pos]
             head, n = batch.sizes[i], batch.bufs[i].nbytes
@@ -606,15 +552,3 @@ def _drop(slot: _Slot) -> None:
     if conn is not None:
         with contextlib.suppress(Exception):
             conn.close()
-
-
-def _swallow(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled():
-        fut.exception()
-
-
-def _page_aligned(nbytes: int) -> np.ndarray:
-    page = mmap.PAGESIZE
-    raw = np.empty(nbytes + page, dtype=np.uint8)
-    offset = (-raw.ctypes.data) % page
-    return raw[offset : offset + nbytes]

@@ -21,7 +21,8 @@ memory directly, over TCP or RDMA). A get runs ``batch_get_into`` into an arena,
 frame there and copies the payloads into the caller's buffers. Caller buffers therefore never
 need registering (RDMA needs registered memory), and a call that times out can be abandoned
 safely: the SDK only ever writes into the backend's own arena, and the copy into ``dst`` is
-fenced (see :class:`~lmcache.backends.base.WorkerGate`), so once a call has returned nothing writes into its ``dst``.
+fenced (see :class:`~lmcache.backends.concurrency.WorkerGate`), so once a call has returned
+nothing writes into its ``dst``.
 
 Every SDK call runs on the backend's own bounded thread pool (``max_workers`` threads), never on
 the event loop, and each is bounded by ``timeout``: a call that takes longer raises
@@ -51,19 +52,10 @@ Semantics
   (``connect_timeout``) before ``setup()``: the SDK's ``setup()`` against an unreachable master
   blocks for about 90 s.
 
-Measured (``lmcache bench backend``, 2 MiB values, 256 MiB per round, a ``mooncake_client``
-storage node on the same shared 2-core host over loopback TCP, medians of 7-9 rounds, ratio against
-the raw SDK baseline of :mod:`lmcache.bench.baselines_mooncake`; the range is over repeated runs,
-the host was busy with other work): one batch of 16 at a time, put 1.0-1.1 GB/s (0.79-0.89x) and
-get 1.05-1.2 GB/s (0.88-0.92x); 4 batches in flight, put 0.3-0.74 GB/s (1.0-1.2x) and get 0.46-0.69
-GB/s (0.77-1.07x). What the baseline does not pay is the staging copy and the xxh3 checksum on the
-CPU (it moves registered workload buffers directly). Later, with a real ``mooncake_master`` and
-``mooncake_client`` in a private network namespace (``--total 512MiB --checked --repeat 9
---keys-tokens 0``, 4 batches in flight, ten runs on a 2-vCPU VM, ~0.8-1.3 GB/s): puts 1.00-1.20x
-the raw SDK (median 1.09), gets 0.78-1.33x (median 0.93, six of ten at 0.90 or more), gets
-0.81-1.26x the raw SDK with the same check. Gets swing most: the master, the storage node and
-this process share the two cores, and the get's copy out of the arena is the CPU work the raw
-SDK does not do. Closing a backend takes about 1 s (the SDK's ``close()``).
+What this data path costs against the raw SDK (which moves registered buffers directly, with no
+staging copy and no checksum) is measured by ``lmcache bench backend``; the figures are in
+``docs/benchmarks.md`` (*mooncake:// against the raw Mooncake SDK*). Closing a backend takes about
+1 s (the SDK's ``close()``).
 
 Memory: ``global_segment_size`` is what this process contributes to the cluster (0 by default:
 the data lives on storage nodes such as ``mooncake_client``; set it to pool this process's RAM),
@@ -89,21 +81,18 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 import numpy as np
 from mooncake.store import MooncakeDistributedStore, ReplicateConfig
 
-from lmcache.backends.base import (
-    EXISTS,
-    STORED,
-    Capabilities,
-    PutResult,
-    StorageBackend,
-    WorkerAbandoned,
+from lmcache.backends.base import EXISTS, STORED, Capabilities, PutResult, StorageBackend, rejected
+from lmcache.backends.buffers import page_aligned
+from lmcache.backends.concurrency import (
+    Batch,
     WorkerGate,
     gather_all,
-    parse_backend_url,
-    rejected,
-    settings_query,
+    run_gated,
+    run_pooled,
+    settle_inflight,
     split_by_size,
-    split_url,
 )
+from lmcache.backends.urls import parse_backend_url, server_location, settings_query, split_url, url_host
 from lmcache.config import parse_duration, parse_size, setting
 from lmcache.errors import (
     BackendError,
@@ -245,21 +234,7 @@ class MooncakeSettings:
 
 
 # ---------------------------------------------------------------------------------------------
-# Fencing caller buffers
-
-
-# ---------------------------------------------------------------------------------------------
 # The backend
-
-
-@dataclasses.dataclass(slots=True)
-class _Batch:
-    """One call's keys and caller buffers, shared by its sub-batches."""
-
-    names: list[str]
-    keys: list[CacheKey]
-    sizes: list[int]  # gets: bytes read per key; puts: frame header bytes per key
-    bufs: list[memoryview]
 
 
 @dataclasses.dataclass(slots=True)
@@ -317,21 +292,7 @@ class MooncakeBackend(StorageBackend):
             ConfigError: An unknown option, a bad value, or a URL with a path, credentials or fragment.
         """
         parts = split_url(url)
-        if parts.fragment:
-            raise ConfigError("mooncake:// URLs take no #fragment")
-        if parts.username or parts.password:
-            raise ConfigError("mooncake:// URLs take no credentials")
-        if parts.path not in ("", "/"):
-            raise ConfigError(f"mooncake:// URLs take no path (got {parts.path!r}); use mooncake://host:port?…")
-        location: dict[str, object] = {}
-        if parts.hostname:
-            location["host"] = parts.hostname
-        elif parts.scheme == "mooncake":
-            raise ConfigError("mooncake:// URL has no master host, e.g. mooncake://127.0.0.1:50051")
-        if parts.port is not None:
-            location["port"] = parts.port
-        elif parts.netloc.endswith(":"):
-            raise ConfigError("mooncake:// URL has an empty port")
+        location = server_location(parts, "mooncake://127.0.0.1:50051")
         settings = parse_backend_url(url, cls.schemes, MooncakeSettings, location, overrides, split=parts)
         return cls(settings)
 
@@ -340,12 +301,12 @@ class MooncakeBackend(StorageBackend):
         """A URL that rebuilds this backend."""
         s = self.settings
         query = settings_query(s, skip=_LOCATION_FIELDS)
-        return f"mooncake://{_host(s.host)}:{s.port}" + (f"?{query}" if query else "")
+        return f"mooncake://{url_host(s.host)}:{s.port}" + (f"?{query}" if query else "")
 
     @property
     def master_address(self) -> str:
         """``host:port`` of the master."""
-        return f"{_host(self.settings.host)}:{self.settings.port}"
+        return f"{url_host(self.settings.host)}:{self.settings.port}"
 
     def object_name(self, key: CacheKey) -> str:
         """The Mooncake object name a value is stored under (``prefix + key.to_string()``)."""
@@ -423,7 +384,7 @@ class MooncakeBackend(StorageBackend):
         s = self.settings
         await self._probe_master()
         self._executor = concurrent.futures.ThreadPoolExecutor(s.max_workers, thread_name_prefix="lmcache-mooncake")
-        staging = _page_aligned(self._arena_bytes * s.max_workers)
+        staging = page_aligned(self._arena_bytes * s.max_workers)
         self._staging = staging
         try:
             self._store = await self._call(self._setup, staging, what="setup()", timeout=s.connect_timeout)
@@ -448,19 +409,14 @@ class MooncakeBackend(StorageBackend):
         await self._shutdown(wait=True)
 
     async def _shutdown(self, *, wait: bool) -> None:
-        pending = [f for f in self._inflight if not f.done()]
-        if wait and pending:
-            # Threads still inside the SDK (e.g. after timeouts) must leave before close().
-            await asyncio.wait(pending, timeout=self.settings.timeout)
-        pending = [f for f in self._inflight if not f.done()]
+        # Threads still inside the SDK (e.g. after timeouts) must leave before close().
+        pending = await settle_inflight(self._inflight, self.settings.timeout if wait else 0)
         store, self._store = self._store, None
         executor, self._executor = self._executor, None
         if pending:
             # Closing the SDK under a running call could crash the process: leak the client and
             # its staging memory instead (both are referenced by the still-running threads).
-            self.log_once(
-                "close", "%r: %d SDK call(s) still running at close; leaving the client open", self, len(pending)
-            )
+            self.log_once("close", "%r: %d SDK call(s) still running at close; leaving the client open", self, pending)
         elif store is not None:
             with contextlib.suppress(Exception):
                 await asyncio.get_running_loop().run_in_executor(executor, _close_store, store, self._staging)
@@ -488,73 +444,37 @@ class MooncakeBackend(StorageBackend):
 
     # -- running SDK calls -------------------------------------------------------------------
 
-    async def _call(
-        self,
-        fn: Callable[..., T],
-        *args: Any,
-        what: str,
-        timeout: float | None = None,
-        on_done: Callable[[], None] | None = None,
-    ) -> T:
-        """Run ``fn(gate, *args)`` on the backend's executor, bounded by ``timeout``.
-
-        On timeout or cancellation the caller abandons the call: ``WorkerGate.abandon`` waits
-        for a copy into or out of caller buffers in progress, and the thread finishes on its own
-        (``on_done`` runs when it does, e.g. to hand its arena back).
-        """
-        loop = asyncio.get_running_loop()
-        gate = WorkerGate()
-        fut = loop.run_in_executor(self._executor, fn, gate, *args)
-        self._inflight.add(fut)
-        fut.add_done_callback(self._inflight.discard)
+    async def _call(self, fn: Callable[..., T], *args: Any, what: str, timeout: float | None = None) -> T:
+        """Run ``fn(gate, *args)`` on the backend's executor, bounded by ``timeout`` (see :func:`run_gated`)."""
         limit = self.settings.timeout if timeout is None else timeout
-        try:
-            return await asyncio.wait_for(asyncio.shield(fut), limit)
-        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
-            gate.abandon()
-            fut.add_done_callback(_swallow)
-            if on_done is not None:
-                fut.add_done_callback(lambda _f: on_done())
-                on_done = None
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            err = BackendTimeoutError(f"{what} on mooncake master {self.master_address}: no answer within {limit:g} s")
-            self.record_error(what, err)
-            raise err from None
-        except BackendError as exc:
-            self.record_error(what, exc)
-            raise
-        finally:
-            if on_done is not None:
-                on_done()
+        job = run_gated(
+            self._executor, lambda gate: fn(gate, *args), limit, what=self._on(what), inflight=self._inflight
+        )
+        with self.counting_errors(what):  # timeouts included
+            return await job
 
     async def _with_arena(self, fn: Callable[..., T], *args: Any, what: str) -> T:
-        """Run ``fn(gate, arena_view, *args)`` with an arena of the staging region held."""
+        """Run ``fn(gate, arena_view, *args)`` with an arena of the staging region held (see :func:`run_pooled`)."""
         assert self._arenas is not None and self._staging is not None
-        arenas = self._arenas
-        loop = asyncio.get_running_loop()
-        limit = self.settings.timeout
-        deadline = loop.time() + limit
-        try:
-            # Waiting for an arena counts against the timeout: calls abandoned earlier may still
-            # hold every arena.
-            idx = await asyncio.wait_for(arenas.get(), limit)
-        except asyncio.TimeoutError:
-            err = BackendTimeoutError(
-                f"{what} on mooncake master {self.master_address}: no free arena within {limit:g} s"
-            )
-            self.record_error(what, err)
-            raise err from None
-        n = self._arena_bytes
-        view = self._staging[idx * n : (idx + 1) * n]
-        return await self._call(
-            fn,
-            view,
-            *args,
-            what=what,
-            timeout=max(deadline - loop.time(), 0.001),
-            on_done=lambda: arenas.put_nowait(idx),
+        staging, n = self._staging, self._arena_bytes
+
+        def in_arena(gate: WorkerGate, idx: int) -> T:
+            return fn(gate, staging[idx * n : (idx + 1) * n], *args)
+
+        job = run_pooled(
+            self._executor,
+            self._arenas,
+            in_arena,
+            self.settings.timeout,
+            what=self._on(what),
+            item="arena",
+            inflight=self._inflight,
         )
+        with self.counting_errors(what):  # timeouts included
+            return await job
+
+    def _on(self, what: str) -> str:
+        return f"{what} on mooncake master {self.master_address}"
 
     # -- operations --------------------------------------------------------------------------
 
@@ -584,7 +504,7 @@ class MooncakeBackend(StorageBackend):
             first.setdefault(name, i)
         unique = sorted(first.values())
         plan = split_by_size([caps[i] for i in unique], self._arena_bytes)
-        batch = _Batch(names, keys, caps, dsts)
+        batch = Batch(names, keys, caps, dsts)
         jobs = [self._with_arena(self._get_batch, [unique[j] for j in r], batch, what="batch_get_into") for r in plan]
         out: list[int | None] = [None] * len(keys)
         for outcome, r in zip(await gather_all(jobs), plan, strict=True):
@@ -612,7 +532,7 @@ class MooncakeBackend(StorageBackend):
         gate: WorkerGate,
         arena: np.ndarray,
         idx: list[int],
-        batch: _Batch,
+        batch: Batch,
     ) -> _GetOutcome:
         store = self._store
         names, keys, caps, dsts = batch.names, batch.keys, batch.sizes, batch.bufs
@@ -662,9 +582,7 @@ class MooncakeBackend(StorageBackend):
             else:
                 raise mooncake_error(code, f"batch_get_into on {self.master_address}")
         if payloads:
-            if not gate.enter():
-                raise WorkerAbandoned
-            try:
+            with gate.held():  # WorkerAbandoned once the caller gave up
                 # Large values: copy first, then check the copy while it is still in cache (one
                 # pass over cold memory instead of two); one that fails leaves its bytes in dst,
                 # which the contract allows for a corrupt value. Small values stay in cache
@@ -686,8 +604,6 @@ class MooncakeBackend(StorageBackend):
                         corrupt.append((i, exc))
                         continue
                     lengths[pos] = n
-            finally:
-                gate.leave()
         return _GetOutcome(lengths, corrupt, errors)
 
     async def _put(self, keys: list[CacheKey], srcs: list[memoryview]) -> list[PutResult]:
@@ -699,7 +615,7 @@ class MooncakeBackend(StorageBackend):
         if not todo:
             return out
         plan = split_by_size([sizes[i] for i in todo], self._arena_bytes)
-        batch = _Batch(names, keys, heads, srcs)
+        batch = Batch(names, keys, heads, srcs)
         jobs = [self._with_arena(self._put_batch, [todo[j] for j in r], batch, what="batch_put_from") for r in plan]
         for results, r in zip(await gather_all(jobs), plan, strict=True):
             for j, res in zip(r, results, strict=True):
@@ -713,7 +629,7 @@ class MooncakeBackend(StorageBackend):
         gate: WorkerGate,
         arena: np.ndarray,
         idx: list[int],
-        batch: _Batch,
+        batch: Batch,
     ) -> list[PutResult]:
         store = self._store
         names, keys, heads, srcs = batch.names, batch.keys, batch.sizes, batch.bufs
@@ -727,9 +643,7 @@ class MooncakeBackend(StorageBackend):
             return results
         spans: list[tuple[int, int, int]] = []  # (position, offset, frame length)
         off = 0
-        if not gate.enter():
-            raise WorkerAbandoned
-        try:
+        with gate.held():  # WorkerAbandoned once the caller gave up
             # The only reads of caller buffers: one copy of each payload behind its header's room,
             # checksummed as it is copied (one pass over memory).
             for pos in new:
@@ -741,8 +655,6 @@ class MooncakeBackend(StorageBackend):
                 arena[off : off + heads[i]] = np.frombuffer(head, dtype=np.uint8)
                 spans.append((pos, off, heads[i] + n))
                 off += heads[i] + n
-        finally:
-            gate.leave()
         base = arena.ctypes.data
         codes = store.batch_put_from(
             [names[idx[pos]] for pos, _, _ in spans],
@@ -781,19 +693,3 @@ def _close_store(store: Any, staging: np.ndarray | None) -> None:
         with contextlib.suppress(Exception):
             store.unregister_buffer(staging.ctypes.data)
     store.close()
-
-
-def _swallow(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled():
-        fut.exception()  # mark retrieved: its caller gave up on it
-
-
-def _page_aligned(nbytes: int) -> np.ndarray:
-    page = mmap.PAGESIZE
-    raw = np.empty(nbytes + page, dtype=np.uint8)
-    offset = (-raw.ctypes.data) % page
-    return raw[offset : offset + nbytes]
-
-
-def _host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host

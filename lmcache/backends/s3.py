@@ -56,22 +56,15 @@ import contextlib
 import dataclasses
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
-from urllib.parse import parse_qsl, quote, unquote, urlencode
+from urllib.parse import parse_qsl, quote, unquote
 
-from lmcache.backends.base import (
-    EXISTS,
-    STORED,
-    Capabilities,
-    PutResult,
-    StorageBackend,
-    check_dst_size,
-    parse_backend_url,
-    redact_url,
-    split_url,
-)
-from lmcache.config import format_size, parse_duration, parse_size, redact, setting
+from lmcache.backends.base import EXISTS, STORED, Capabilities, PutResult, StorageBackend
+from lmcache.backends.buffers import check_dst_size
+from lmcache.backends.concurrency import gather_settled
+from lmcache.backends.urls import parse_backend_url, redact_url, settings_query, split_url
+from lmcache.config import parse_duration, parse_size, redact, setting
 from lmcache.errors import (
     AuthError,
     BackendError,
@@ -276,23 +269,7 @@ class S3Backend(StorageBackend):
         """``s3://bucket/prefix`` plus every option that differs from its default (may hold secrets)."""
         s = self.settings
         path = "/" + quote(s.prefix, safe="/") if s.prefix else ""
-        items = []
-        for f in dataclasses.fields(s):
-            if f.name in _LOCATION_FIELDS:
-                continue
-            value = getattr(s, f.name)
-            if value == f.default:
-                continue
-            if isinstance(value, bool):
-                text = "true" if value else "false"
-            elif value is None:
-                text = "none"
-            elif f.name in _SIZE_FIELDS:
-                text = format_size(value)
-            else:
-                text = str(value)
-            items.append((f.name, text))
-        query = urlencode(items, quote_via=quote)
+        query = settings_query(s, skip=_LOCATION_FIELDS, sizes=_SIZE_FIELDS)
         return f"s3://{s.bucket}{path}" + (f"?{query}" if query else "")
 
     def object_key(self, key: CacheKey) -> str:
@@ -427,22 +404,10 @@ class S3Backend(StorageBackend):
         async with self._sem:
             return await call
 
-    async def _gather(self, coros: Sequence[Awaitable[T]]) -> list[T]:
-        """Run ``coros`` concurrently and wait for all of them; then re-raise the first failure.
-
-        Waiting for every task even when one fails keeps rule 3: nothing writes into a caller's
-        buffer after the batch call has returned or raised.
-        """
-        results = await asyncio.gather(*coros, return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        return results  # type: ignore[return-value]
-
     # -- operations --------------------------------------------------------------------------
 
     async def _contains(self, keys: list[CacheKey]) -> list[bool]:
-        return await self._gather([self._head(self.object_key(k)) for k in keys])
+        return await gather_settled([self._head(self.object_key(k)) for k in keys])
 
     async def _head(self, name: str) -> bool:
         with self._mapped("contains"):
@@ -455,7 +420,7 @@ class S3Backend(StorageBackend):
         return True
 
     async def _get_into(self, keys: list[CacheKey], dsts: list[memoryview]) -> list[int | None]:
-        return await self._gather([self._get_one(k, d) for k, d in zip(keys, dsts, strict=True)])
+        return await gather_settled([self._get_one(k, d) for k, d in zip(keys, dsts, strict=True)])
 
     async def _get_one(self, key: CacheKey, dst: memoryview) -> int | None:
         name = self.object_key(key)
@@ -506,7 +471,7 @@ class S3Backend(StorageBackend):
             view[start:end] = got[0]
             return True
 
-        if not all(await self._gather([fetch(st) for st in starts])):
+        if not all(await gather_settled([fetch(st) for st in starts])):
             return None  # deleted or replaced while being read: a miss, not a mix of two objects
         return view
 
@@ -540,7 +505,7 @@ class S3Backend(StorageBackend):
         return data, total, resp.get("ETag") or ""
 
     async def _put(self, keys: list[CacheKey], srcs: list[memoryview]) -> list[PutResult]:
-        return await self._gather([self._put_one(k, v) for k, v in zip(keys, srcs, strict=True)])
+        return await gather_settled([self._put_one(k, v) for k, v in zip(keys, srcs, strict=True)])
 
     async def _put_one(self, key: CacheKey, src: memoryview) -> PutResult:
         name = self.object_key(key)
@@ -616,7 +581,7 @@ class S3Backend(StorageBackend):
 
         completed = False
         try:
-            parts = await self._gather([upload(i + 1, start) for i, start in enumerate(range(0, total, step))])
+            parts = await gather_settled([upload(i + 1, start) for i, start in enumerate(range(0, total, step))])
             complete: dict[str, Any] = {
                 "Bucket": s.bucket,
                 "Key": name,
@@ -653,7 +618,7 @@ class S3Backend(StorageBackend):
     async def _delete(self, keys: list[CacheKey]) -> None:
         names = [self.object_key(k) for k in keys]
         batches = [names[i : i + 1000] for i in range(0, len(names), 1000)]  # S3's DeleteObjects limit
-        await self._gather([self._delete_batch(b) for b in batches])
+        await gather_settled([self._delete_batch(b) for b in batches])
 
     async def _delete_batch(self, names: list[str]) -> None:
         with self._mapped("delete"):

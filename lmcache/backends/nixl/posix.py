@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from lmcache.backends.base import run_blocking
+from lmcache.backends.concurrency import run_blocking
 from lmcache.backends.file import FileBackend, FileSettings
 from lmcache.backends.nixl.sdk import address, import_nixl, make_agent, registered, transfer
 from lmcache.config import setting

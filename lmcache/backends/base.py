@@ -39,12 +39,13 @@ The kit names plugins imported from here before the split stay importable from h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import logging
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from lmcache.backends.buffers import (
@@ -65,6 +66,7 @@ from lmcache.backends.concurrency import (
 from lmcache.backends.urls import parse_backend_url, redact_url, settings_query, split_url
 from lmcache.errors import (
     BackendClosedError,
+    BackendError,
     InvalidArgumentError,
     UnsupportedOperationError,
 )
@@ -545,6 +547,15 @@ class StorageBackend(ABC):
         """Count a backend failure, logging each ``kind`` once."""
         self.counters.errors += 1
         self.log_once(kind, "%r: %s failed: %s: %s", self, kind, type(exc).__name__, exc)
+
+    @contextlib.contextmanager
+    def counting_errors(self, kind: str) -> Iterator[None]:
+        """Count (:meth:`record_error`) a :class:`~lmcache.errors.BackendError` raised inside, and let it through."""
+        try:
+            yield
+        except BackendError as exc:
+            self.record_error(kind, exc)
+            raise
 
     def log_once(self, kind: str, msg: str, *args: object) -> None:
         """Log a warning the first time ``kind`` happens on this backend."""

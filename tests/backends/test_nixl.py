@@ -502,6 +502,21 @@ if IN_NETNS and _nixl_missing() is None:
         return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
 
     @pytest.mark.timeout(HANG_GUARD)
+    async def test_make_agent_gives_an_agent_that_reaches_the_peer(nixl_peer: ServerProcess) -> None:
+        """The raw baseline's agent comes from the backend (UCX, its progress_thread and ucx_workers)."""
+        b = NixlBackend.from_url(f"nixl://127.0.0.1:{nixl_peer.port}?ucx_workers=2")
+        assert isinstance(b, NixlBackend)
+        agent = await asyncio.get_running_loop().run_in_executor(None, b.make_agent, "lmcache-test-make-agent")
+        assert agent.name == "lmcache-test-make-agent"
+        assert "UCX" in agent.backends
+        async with b:  # the backend's own agent takes the same path: it still opens and moves bytes
+            key, value = make_key(4242), os.urandom(64 << 10)
+            assert (await b.put([key], [value]))[0].ok
+            dst = bytearray(len(value))
+            assert await b.get_into([key], [dst]) == [len(value)] and bytes(dst) == value
+            await b.delete([key])
+
+    @pytest.mark.timeout(HANG_GUARD)
     async def test_bench_runs_the_raw_and_checked_nixl_baselines_against_the_peer(nixl_peer: ServerProcess) -> None:
         """``bench backend --checked`` on nixl://: both raw-NIXL instances move real bytes, then leave."""
         url = f"nixl://127.0.0.1:{nixl_peer.port}"

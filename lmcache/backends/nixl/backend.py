@@ -204,6 +204,20 @@ class NixlBackend(StorageBackend):
         query = settings_query(s, skip=("host", "port"))
         return f"nixl://{host}:{s.port}" + (f"?{query}" if query else "")
 
+    def make_agent(self, name: str) -> Any:
+        """A new NIXL agent configured like this backend's own: UCX, ``progress_thread``, ``ucx_workers``.
+
+        For the backend itself and for tools that move bytes to the same peer on the same terms
+        (the raw baseline of ``lmcache bench backend``); the caller drops it when done. Blocks:
+        call it off the event loop.
+
+        Raises:
+            MissingDependencyError: NIXL is not installed.
+            BackendUnavailableError: NIXL could not create the agent or has no UCX plugin here.
+        """
+        s = self.settings
+        return make_agent(name, ["UCX"], s.progress_thread, s.ucx_workers)
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def _open(self) -> None:
@@ -213,9 +227,7 @@ class NixlBackend(StorageBackend):
         try:
             name = f"lmcache-nixl-{os.getpid()}-{secrets.token_hex(4)}"
             s = self.settings
-            self._link.agent = await run_blocking(
-                self._executor, make_agent, name, ["UCX"], s.progress_thread, s.ucx_workers
-            )
+            self._link.agent = await run_blocking(self._executor, self.make_agent, name)
             self._lane = await run_blocking(
                 self._executor, lambda: open_lane(self._link, ucx_workers=s.ucx_workers, native_lane=s.native_lane)
             )

@@ -13,7 +13,8 @@ terms and no setup is copied between them:
 * :mod:`.s3`: ``s3://`` against raw aioboto3 (:meth:`~lmcache.backends.s3.S3Backend.make_client`);
 * :mod:`.mooncake`: ``mooncake://`` against the raw Mooncake store
   (:meth:`~lmcache.backends.mooncake.MooncakeBackend.make_store`);
-* :mod:`.nixl`: ``nixl://`` against raw NIXL transfers (:mod:`lmcache.backends.nixl.sdk`);
+* :mod:`.nixl`: ``nixl://`` against raw NIXL transfers, on an agent from
+  :meth:`~lmcache.backends.nixl.NixlBackend.make_agent`;
 * :mod:`.lm`: ``lm://`` and ``lm+unix://`` against a memcpy through ``/dev/shm`` or a raw socket.
 
 The registry is keyed by backend class, as ``"package.module:Class"`` paths (the form of the

@@ -8,10 +8,10 @@ WRITE (put) or READ (get) of the batch's slots between those registered arrays a
 with the same number of batches in flight, and an agent configured like the backend's (the
 ``progress_thread`` and ``ucx_workers`` options). It skips everything lmcache adds on top: per-batch
 control messages (reserve/commit, lookup/release), per-batch registration of the caller's
-buffers, the frame header and its xxh3 checksum (computed on put, verified on get). It makes its
-agent and moves its bytes with the same SDK calls as the backend
-(:mod:`lmcache.backends.nixl.sdk`) and speaks the peer's protocol through
-:mod:`lmcache.backends.nixl.wire`.
+buffers, the frame header and its xxh3 checksum (computed on put, verified on get). Its agent
+comes from :meth:`lmcache.backends.nixl.NixlBackend.make_agent`; it moves its bytes with the
+same SDK calls as the backend (:mod:`lmcache.backends.nixl.sdk`) and speaks the peer's protocol
+through :mod:`lmcache.backends.nixl.wire`.
 
 Registered for :class:`~lmcache.backends.nixl.NixlBackend` (every scheme it serves) in
 :data:`lmcache.bench.baselines.BUILTIN_BASELINES`; importing this module registers nothing.
@@ -30,19 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lmcache.backends.nixl import NixlSettings
-from lmcache.backends.nixl.sdk import address, make_agent, transfer
-from lmcache.backends.nixl.wire import (
-    RESERVED,
-    U32,
-    Op,
-    Reader,
-    Status,
-    pack_key,
-    pack_keys,
-    pack_message,
-    read_message,
-)
+from lmcache.backends.nixl import wire
+from lmcache.backends.nixl.sdk import address, transfer
 from lmcache.bench.baselines.base import Baseline
 from lmcache.errors import BackendUnavailableError
 
@@ -58,8 +47,9 @@ class RawNixlBaseline(Baseline):
 
     name = "raw-nixl"
 
-    def __init__(self, settings: NixlSettings, workload: Workload) -> None:
-        self._settings = settings
+    def __init__(self, backend: Any, workload: Workload) -> None:
+        self._backend = backend
+        self._settings = backend.settings
         self._workload = workload
         self._executor: ThreadPoolExecutor | None = None
         self._agent: Any = None
@@ -81,10 +71,10 @@ class RawNixlBaseline(Baseline):
     async def _call(self, op: int, body: bytes) -> bytes:
         assert self._reader is not None and self._writer is not None
         self._req += 1
-        self._writer.write(pack_message(op, self._req, body))
+        self._writer.write(wire.pack_message(op, self._req, body))
         await self._writer.drain()
-        reply_op, _id, reply = await read_message(self._reader)
-        if reply_op == Op.ERROR:
+        reply_op, _id, reply = await wire.read_message(self._reader)
+        if reply_op == wire.Op.ERROR:
             raise BackendUnavailableError(f"raw nixl baseline: the peer refused {op}: {reply.decode(errors='replace')}")
         return reply
 
@@ -93,27 +83,21 @@ class RawNixlBaseline(Baseline):
         w = self._workload
         self._executor = ThreadPoolExecutor(max(1, w.concurrency), thread_name_prefix="lmcache-bench-nixl")
         loop = asyncio.get_running_loop()
-        # The same agent configuration as the backend's (progress thread, UCX workers): the two
-        # share this process, and the same SDK settings are what an application would choose.
-        self._agent = await loop.run_in_executor(
-            self._executor,
-            make_agent,
-            f"lmcache-bench-nixl-{os.getpid()}-{secrets.token_hex(3)}",
-            ["UCX"],
-            s.progress_thread,
-            s.ucx_workers,
-        )
+        # An agent configured by the backend (progress thread, UCX workers): the two share this
+        # process, and the same SDK settings are what an application would choose.
+        name = f"lmcache-bench-nixl-{os.getpid()}-{secrets.token_hex(3)}"
+        self._agent = await loop.run_in_executor(self._executor, self._backend.make_agent, name)
         self._reader, self._writer = await asyncio.open_connection(s.host, s.port)
-        r = Reader(await self._call(Op.HELLO, b""))
+        r = wire.Reader(await self._call(wire.Op.HELLO, b""))
         pool_addr, _pool_len, metadata = r.u64(), r.u64(), r.blob()
         name = await loop.run_in_executor(self._executor, self._agent.add_remote_agent, metadata)
         self._remote = name.decode() if isinstance(name, bytes) else str(name)
         total = w.count * w.value_size
-        body = struct.pack("<QI", 1, 1) + pack_key(self._key) + struct.pack("<QI", total, 0)
-        status, offset = RESERVED.unpack_from(await self._call(Op.RESERVE, body), U32.size)
-        if status != Status.OK:
+        body = struct.pack("<QI", 1, 1) + wire.pack_key(self._key) + struct.pack("<QI", total, 0)
+        status, offset = wire.RESERVED.unpack_from(await self._call(wire.Op.RESERVE, body), wire.U32.size)
+        if status != wire.Status.OK:
             raise BackendUnavailableError(f"raw nixl baseline: the peer has no room for {total} bytes")
-        await self._call(Op.COMMIT, struct.pack("<QB", 1, 1))
+        await self._call(wire.Op.COMMIT, struct.pack("<QB", 1, 1))
         self._base = pool_addr + offset
         for arr in (w.srcs, w.dsts):
             reg = await loop.run_in_executor(
@@ -125,7 +109,7 @@ class RawNixlBaseline(Baseline):
         loop = asyncio.get_running_loop()
         if self._writer is not None:
             with contextlib.suppress(Exception):
-                await self._call(Op.DELETE, pack_keys([self._key]))
+                await self._call(wire.Op.DELETE, wire.pack_keys([self._key]))
             self._writer.close()
             self._writer = self._reader = None
         if self._executor is not None:
@@ -172,4 +156,4 @@ def make(backend: StorageBackend, workload: Workload) -> Baseline | None:
 
     if not isinstance(backend, NixlBackend):
         return None
-    return RawNixlBaseline(backend.settings, workload)
+    return RawNixlBaseline(backend, workload)

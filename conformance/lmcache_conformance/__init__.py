@@ -19,6 +19,7 @@ import pytest
 pytest.register_assert_rewrite("lmcache_conformance.suite")
 
 if TYPE_CHECKING:
+    from lmcache_conformance.codecs import CodecTests
     from lmcache_conformance.suite import (
         ArgumentTests,
         BackendTests,
@@ -42,6 +43,7 @@ __all__ = [
     "BackendTests",
     "BatchTests",
     "CancellationTests",
+    "CodecTests",
     "ConcurrencyTests",
     "HealthTests",
     "IntegrityTests",
@@ -59,6 +61,10 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # Lazy: the pytest11 entry point imports this package in every pytest run of every project
     # where lmcache is installed; lmcache, numpy and the suite load only when someone uses them.
+    if name == "CodecTests":
+        from lmcache_conformance.codecs import CodecTests
+
+        return CodecTests
     if name in __all__:
         from lmcache_conformance import suite
 

@@ -172,7 +172,9 @@ class CodecSettings:
         min=0,
         max=8,
     )
-    codec_anchor: int = setting(16, doc="cachegen: tokens per anchor (delta-encoding group).", min=1, max=4096)
+    codec_anchor: int = setting(
+        0, doc="cachegen: tokens per anchor (delta-encoding group); 0: deltas against channel means.", min=0, max=4096
+    )
 
     def __post_init__(self) -> None:
         if not _NAME_RE.fullmatch(self.codec):
@@ -280,8 +282,13 @@ def encode_value(codec: Codec, data: memoryview, geometry: ChunkGeometry) -> mem
     return head + body
 
 
-def decode_value(encoded: memoryview, out: memoryview, header: EncodedHeader | None = None) -> int:
+def decode_value(
+    encoded: memoryview, out: memoryview, header: EncodedHeader | None = None, codec: Codec | None = None
+) -> int:
     """Decode an encoded value (starting with its codec header) into ``out``; returns its size.
+
+    ``codec`` decodes values of its name (e.g. the writer's own instance, registered or not);
+    any other name is looked up in the registry.
 
     Raises:
         UnknownCodecError: The codec is not installed here.
@@ -291,7 +298,8 @@ def decode_value(encoded: memoryview, out: memoryview, header: EncodedHeader | N
     header = header if header is not None else parse_codec_header(encoded)
     if header is None:
         raise IntegrityError("value has no codec header")
-    codec = get_codec(header.codec)
+    if codec is None or codec.name != header.codec:
+        codec = get_codec(header.codec)
     g = header.geometry
     if header.decoded_len != g.nbytes:
         raise IntegrityError(f"codec header says {header.decoded_len} bytes for geometry {g.shape} {g.dtype}")
@@ -318,6 +326,7 @@ BUILTIN_CODECS: dict[str, str] = {
     "fp8": "lmcache.serde.quant:Fp8Codec",
     "int8": "lmcache.serde.quant:Int8Codec",
     "int4": "lmcache.serde.quant:Int4Codec",
+    "cachegen": "lmcache.serde.cachegen:CacheGenCodec",
 }
 
 _CLASSES: dict[str, type[Codec]] = {}

@@ -204,7 +204,7 @@ class CodecBackend(StorageBackend):
             return sizes
         # Copy the encoded bytes out of dst (small next to the chunk) and decode into dst.
         jobs = [(i, bytes(dsts[i][: sizes[i]]), h) for i, h in todo]
-        outcomes = await run_blocking(codec_executor(), _decode_all, jobs, dsts)
+        outcomes = await run_blocking(codec_executor(), _decode_all, jobs, dsts, self.codec)
         for (i, _h), outcome in zip(todo, outcomes, strict=True):
             if isinstance(outcome, int):
                 sizes[i] = outcome
@@ -225,11 +225,13 @@ class CodecBackend(StorageBackend):
         return sizes
 
 
-def _decode_all(jobs: Sequence[tuple[int, bytes, Any]], dsts: Sequence[memoryview]) -> list[int | Exception]:
+def _decode_all(
+    jobs: Sequence[tuple[int, bytes, Any]], dsts: Sequence[memoryview], codec: Codec
+) -> list[int | Exception]:
     out: list[int | Exception] = []
     for i, data, header in jobs:
         try:
-            out.append(decode_value(memoryview(data), dsts[i], header))
+            out.append(decode_value(memoryview(data), dsts[i], header, codec))
         except (IntegrityError, InvalidBufferError) as exc:
             out.append(exc)
     return out

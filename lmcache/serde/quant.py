@@ -20,6 +20,7 @@ ops on CPU (torch releases the GIL).
 from __future__ import annotations
 
 import math
+import struct
 
 import numpy as np
 import torch
@@ -138,15 +139,15 @@ def _groups(x: torch.Tensor, size: int) -> tuple[torch.Tensor, int]:
 class Int4Codec(Codec):
     """KIVI-style 4-bit: keys per channel in groups of tokens, values per token in groups of channels (~3.5x).
 
-    Body: for keys then values, float16 minimums and steps of every group, then the 4-bit codes
-    of keys then values (two a byte, low nibble first).
+    Body: the two group sizes (uint16), then for keys then values the float16 minimums and steps
+    of every group, then the 4-bit codes of keys then values (two a byte, low nibble first).
     """
 
     name = "int4"
     lossless = False
 
     def _sizes(self, g: ChunkGeometry) -> tuple[int, int]:
-        return min(self.settings.codec_group, g.tokens), min(self.settings.codec_group, g.dim)
+        return max(1, min(self.settings.codec_group, g.tokens)), min(self.settings.codec_group, g.dim)
 
     @staticmethod
     def _quant(x: torch.Tensor, size: int) -> tuple[bytes, torch.Tensor]:
@@ -174,12 +175,16 @@ class Int4Codec(Codec):
         if q.numel() % 2:
             q = torch.cat([q, q.new_zeros(1)])
         packed = (q[0::2] | (q[1::2] << 4)).numpy()
-        return b"".join(metas) + packed.tobytes()
+        # The group sizes lead the body: a reader decodes with the writer's, whatever its own options.
+        return struct.pack("<HH", gk, gv) + b"".join(metas) + packed.tobytes()
 
     def decode_body(self, body: memoryview, geometry: ChunkGeometry, out: memoryview) -> None:
         """Unpack the codes and scale them back."""
         L, P, T, H, D = geometry.shape
-        gk, gv = self._sizes(geometry)
+        gk, gv = struct.unpack_from("<HH", body, 0)
+        if not (0 < gk <= max(T, 1) and 0 < gv <= D):
+            raise ValueError(f"int4 group sizes {gk}, {gv} do not fit the geometry")
+        body = body[4:]
         nk_groups = L * H * D * math.ceil(T / gk)
         nv_groups = L * T * H * math.ceil(D / gv) if P > 1 else 0
         nk_codes = nk_groups * gk

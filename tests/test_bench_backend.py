@@ -378,6 +378,36 @@ def test_register_baseline_refuses_silent_replacement(monkeypatch: pytest.Monkey
     assert "newscheme" in bench_backend.baseline_schemes()
 
 
+class TwoSchemeBackend(MemoryBackend):
+    """memory:// under two schemes of its own (as rediss/unix/valkey are all the Redis backend)."""
+
+    schemes = ("twoa", "twob")
+
+
+class PlainSubBackend(TwoSchemeBackend):
+    """A subclass: another store, with no baseline of its own."""
+
+    schemes = ("plainsub",)
+
+
+async def test_a_baseline_registered_for_a_class_serves_each_of_its_schemes_and_no_subclass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(baselines, "_BASELINES", {})
+    for scheme, cls in (("twoa", TwoSchemeBackend), ("twob", TwoSchemeBackend), ("plainsub", PlainSubBackend)):
+        target = f"{cls.__module__}:{cls.__qualname__}"
+        monkeypatch.setitem(registry.BUILTIN_BACKENDS, scheme, registry._Builtin(target, None))
+    register_baseline(TwoSchemeBackend, "lmcache.bench.baselines.memory:make")
+    assert {"twoa", "twob"} <= set(bench_backend.baseline_schemes())
+    assert "plainsub" not in bench_backend.baseline_schemes()
+    assert "memory" not in bench_backend.baseline_schemes()
+    for scheme in ("twoa", "twob"):
+        assert (await run_backend_bench(tiny(f"{scheme}://?capacity=1MiB")))["baseline"]["name"] == "memcpy"
+    assert (await run_backend_bench(tiny("plainsub://?capacity=1MiB")))["baseline"] is None
+    with pytest.raises(ConfigError, match="no backend serves URL scheme 'nosuchscheme'"):
+        register_baseline("nosuchscheme", "some.module:factory")
+
+
 async def test_lazy_baseline_path_is_resolved_and_used(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
 

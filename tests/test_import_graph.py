@@ -30,13 +30,9 @@ SEALED = ("lmcache.backends.nixl", "lmcache.bench.baselines")
 #: Packages each of whose modules (and subpackages) keeps its private names to itself.
 SEALED_MODULES_OF = ("lmcache.backends",)
 #: Modules that are a part of another module kept in a file of its own, and share its private
-#: names (importer -> module). Each is a package waiting to happen, not a licence to grow.
-COMPANIONS = {
-    # ``lmcache fsck`` walks file://'s own layout (its name patterns, its damage checks).
-    "lmcache.backends.file_fsck": "lmcache.backends.file",
-    # redis+cluster:// is redis:// over several nodes (its URL's credentials and location fields).
-    "lmcache.backends.redis_cluster": "lmcache.backends.redis",
-}
+#: names (importer -> module). None is left: such a part lives inside its module's package
+#: (``lmcache.backends.file.fsck``) or uses public names (redis+cluster:// on redis://).
+COMPANIONS: dict[str, str] = {}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -117,6 +117,7 @@ from lmcache.backends.base import (
     split_url,
 )
 from lmcache.backends.resp import Corrupt, Endpoint, RespConnection, RespError, RespJob, TooSmall, error_kind
+from lmcache.backends.urls import url_host, url_userinfo
 from lmcache.config import parse_duration, parse_size, setting
 from lmcache.errors import (
     AuthError,
@@ -134,7 +135,7 @@ from lmcache.serde.frame import header_size
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["RedisBackend", "RedisSettings", "map_redis_errors"]
+__all__ = ["URL_LOCATION_FIELDS", "RedisBackend", "RedisSettings", "map_redis_errors"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -144,8 +145,8 @@ DEFAULT_PORT = 6379
 _MAX_REDIRECTS = 5
 _TLS_SCHEMES = frozenset({"rediss", "valkeys"})
 _SSL_FIELDS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
-# Settings that live in the URL's netloc/path rather than its query.
-_LOCATION_FIELDS = ("host", "port", "path", "db", "username", "password")
+#: Settings that live in the URL's netloc/path rather than its query (``url`` skips them there).
+URL_LOCATION_FIELDS = ("host", "port", "path", "db", "username", "password")
 
 
 def _optional_duration(value: object) -> float | None:
@@ -490,20 +491,21 @@ class RedisBackend(StorageBackend):
     def url(self) -> str:
         """A URL that rebuilds this backend (includes the password, if any: do not log it)."""
         s = self.settings
-        query = settings_query(s, skip=_LOCATION_FIELDS)
+        query = settings_query(s, skip=URL_LOCATION_FIELDS)
+        auth = url_userinfo(s.username, s.password)
         if self.scheme == "unix":
             extra = f"db={s.db}" if s.db else ""
             q = "&".join(p for p in (extra, query) if p)
-            base = f"unix://{_userinfo(s)}{quote(s.path or '')}"
+            base = f"unix://{auth}{quote(s.path or '')}"
             return base + (f"?{q}" if q else "")
-        return f"{self.scheme}://{_userinfo(s)}{_host(s.host)}:{s.port}/{s.db}" + (f"?{query}" if query else "")
+        return f"{self.scheme}://{auth}{url_host(s.host)}:{s.port}/{s.db}" + (f"?{query}" if query else "")
 
     def _target(self) -> str:
         """Where the server is, for messages (never includes credentials)."""
         s = self.settings
         if self.scheme == "unix":
             return f"unix://{s.path}"
-        return f"{self.scheme}://{_host(s.host)}:{s.port}/{s.db}"
+        return f"{self.scheme}://{url_host(s.host)}:{s.port}/{s.db}"
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -1052,16 +1054,3 @@ def _glob_escape(text: bytes) -> bytes:
             out.append(ord("\\"))
         out.append(b)
     return bytes(out)
-
-
-def _host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-def _userinfo(s: RedisSettings) -> str:
-    if s.username is None and s.password is None:
-        return ""
-    user = quote(s.username or "", safe="")
-    if s.password is None:
-        return f"{user}@"
-    return f"{user}:{quote(s.password, safe='')}@"

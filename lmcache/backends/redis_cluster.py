@@ -30,8 +30,9 @@ from urllib.parse import quote, unquote, urlsplit
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from lmcache.backends.base import parse_backend_url, settings_query
-from lmcache.backends.redis import _LOCATION_FIELDS, RedisBackend, RedisSettings, _userinfo, map_redis_errors
+from lmcache.backends.redis import URL_LOCATION_FIELDS, RedisBackend, RedisSettings, map_redis_errors
 from lmcache.backends.resp import Endpoint, RespError, error_kind
+from lmcache.backends.urls import url_userinfo
 from lmcache.config import setting
 from lmcache.errors import ConfigError
 
@@ -123,8 +124,9 @@ class RedisClusterBackend(RedisBackend):
     def url(self) -> str:
         """A URL that rebuilds this backend (includes the password, if any: do not log it)."""
         s = self.settings
-        query = settings_query(s, skip=(*_LOCATION_FIELDS, "nodes"))
-        return f"redis+cluster://{_userinfo(s)}{self._nodes_text()}" + (f"/?{query}" if query else "")
+        query = settings_query(s, skip=(*URL_LOCATION_FIELDS, "nodes"))
+        auth = url_userinfo(s.username, s.password)
+        return f"redis+cluster://{auth}{self._nodes_text()}" + (f"/?{query}" if query else "")
 
     def _nodes_text(self) -> str:
         return ",".join(f"[{h}]:{p}" if ":" in h else f"{quote(h, safe='')}:{p}" for h, p in self.settings.nodes)

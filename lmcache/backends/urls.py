@@ -5,7 +5,7 @@ Every backend is built from a URL (``from_url``) and can say the URL that rebuil
 :class:`~lmcache.errors.ConfigError`), :func:`server_location` (host and port of a one-server
 URL), :func:`parse_backend_url` (defaults < ``LMCACHE_<SCHEME>_*`` environment < URL < keyword
 overrides, through the settings dataclass's own parsers), :func:`settings_query` (the options
-that differ from their defaults) with :func:`url_host` (IPv6 literals in brackets), and
+that differ from their defaults) with :func:`url_host` (IPv6 literals in brackets) and :func:`url_userinfo`, and
 :func:`redact_url` (what ``repr`` and logs show).
 """
 
@@ -26,6 +26,7 @@ __all__ = [
     "settings_query",
     "split_url",
     "url_host",
+    "url_userinfo",
 ]
 
 S = TypeVar("S")
@@ -135,6 +136,19 @@ def server_location(parts: SplitResult, example: str) -> dict[str, object]:
 def url_host(host: str) -> str:
     """``host`` as it stands in a URL's authority: an IPv6 literal in brackets."""
     return f"[{host}]" if ":" in host else host
+
+
+def url_userinfo(username: str | None, password: str | None) -> str:
+    """The ``user:password@`` part of a URL's authority (each part quoted), or ``""`` for neither.
+
+    It carries the password: a URL built with it is for rebuilding a backend, never for logs.
+    """
+    if username is None and password is None:
+        return ""
+    user = quote(username or "", safe="")
+    if password is None:
+        return f"{user}@"
+    return f"{user}:{quote(password, safe='')}@"
 
 
 def settings_query(settings: Any, skip: Sequence[str] = (), sizes: Sequence[str] = ()) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lmcache.backends.file import FileBackend
-from lmcache.backends.file_fsck import check_directory
+from lmcache.backends.file.fsck import check_directory
 from lmcache.errors import BackendError
 from lmcache.keys import CacheKey
 from lmcache.serde import frame

@@ -109,7 +109,7 @@ and files whose header is invalid, truncated, or names a key whose digest is not
 it only ever judges names this backend creates (``<40 hex>.kv`` and its temp-file pattern), so
 other files in the directory are left alone. What it found (removed, or left in place with
 ``read_only``) is :meth:`FileBackend.damaged_files` and ``stats()["damaged_files"]``; removed
-damaged values are logged as a warning. ``lmcache fsck`` (:mod:`lmcache.backends.file_fsck`)
+damaged values are logged as a warning. ``lmcache fsck`` (:mod:`lmcache.backends.file.fsck`)
 does the same walk with a full payload check, and removes only with ``--repair``.
 
 Something other than a regular file at a value's name (a directory, FIFO, socket, device, or a
@@ -743,7 +743,7 @@ class FileBackend(StorageBackend):
         """Damaged files the open-time scan found (removed, unless ``read_only``).
 
         The scan reads headers only: a payload that fails its checksum is found by a read of
-        that value or by ``lmcache fsck`` (:func:`lmcache.backends.file_fsck.check_directory`).
+        that value or by ``lmcache fsck`` (:func:`lmcache.backends.file.fsck.check_directory`).
         """
         return list(self._damaged)
 

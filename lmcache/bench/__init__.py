@@ -33,6 +33,7 @@ __all__ = ["WORKLOADS", "checked_json_output", "non_negative_int", "page_aligned
 #: ``bench`` subcommand name → module implementing it (imported when the CLI parser is built).
 WORKLOADS: dict[str, str] = {
     "backend": "lmcache.bench.backend",
+    "codec": "lmcache.bench.codec",
     "host": "lmcache.bench.host",
     "keys": "lmcache.bench.keys",
     "kernels": "lmcache.bench.kernels",

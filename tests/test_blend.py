@@ -223,3 +223,19 @@ def test_failing_backend_degrades_to_full_compute() -> None:
     finally:
         engine._run(backend.aclose())
         engine.close()
+
+
+def test_bench_rag_runs_every_system_and_ratio_one_agrees_exactly(tmp_path: Path) -> None:
+    from lmcache.cli import main
+
+    out = tmp_path / "rag.json"
+    argv = ["bench", "rag", "--model-size", "tiny", "--docs", "4", "--doc-tokens", "40", "--k", "3"]
+    argv += ["--question-tokens", "6", "--queries", "2", "--answer-tokens", "4", "--chunk-size", "16"]
+    argv += ["--ratios", "0,0.15,1", "--tier", "memory://?capacity=64MiB", "--json", str(out), "--no-progress"]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())["results"]
+    assert set(result) == {"full", "prefix", "blend@0", "blend@0.15", "blend@1"}
+    exact = result["blend@1"]
+    # the baseline computes only the last token's logits (a one-row head rounds differently): not bit-equal
+    assert exact["top1_agreement"] == 1.0 and exact["kl_first_token"] < 1e-9 and exact["answer_exact"] == 1.0
+    assert result["blend@0"]["recomputed_share"] < result["blend@0.15"]["recomputed_share"] < 1.0

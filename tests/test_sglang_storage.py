@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -255,3 +256,28 @@ def test_extra_config_is_parsed_like_the_vllm_connector(tmp_path: Any, monkeypat
         LMCacheHiCacheStorage(storage_config("mha", extra=_extra(chunk_size="lots")), {})
     with pytest.raises(ConfigError, match="model_id"):
         LMCacheHiCacheStorage(storage_config("mha", extra=_extra(), model_name=None), {})
+
+
+@pytest.mark.parametrize(("is_mla", "tp_rank", "tp_size"), [(False, 0, 1), (True, 0, 1), (False, 1, 4), (True, 3, 8)])
+def test_sglang_shipped_storage_test_against_lmcache(
+    monkeypatch: pytest.MonkeyPatch, is_mla: bool, tp_rank: int, tp_size: int
+) -> None:
+    """SGLang ships a v1 storage test (written for Mooncake): run its batch test on lmcache."""
+    from sglang.srt.mem_cache.storage.mooncake_store import test_mooncake_store as shipped
+
+    made: list[LMCacheHiCacheStorage] = []
+
+    def lmcache_store(config: Any) -> LMCacheHiCacheStorage:
+        config = dataclasses.replace(config, extra_config=_extra(), model_name="sglang-shipped-test")
+        made.append(LMCacheHiCacheStorage(config, {}))
+        return made[-1]
+
+    monkeypatch.setattr(shipped, "MooncakeStore", lmcache_store)
+    try:
+        shipped.test_batch_operation(
+            shipped.make_hicache_storage_config(is_mla_model=is_mla, tp_rank=tp_rank, tp_size=tp_size)
+        )
+    finally:
+        for store in made:
+            store.close()
+    assert made and made[0].stats()["set_stored"] == 13

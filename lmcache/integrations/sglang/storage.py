@@ -154,7 +154,7 @@ class LMCacheHiCacheStorage(HiCacheStorage):
         parts = [
             type(pool).__name__,
             str(getattr(pool, "layout", "?")),
-            f"page{pool.page_size}",
+            f"page{getattr(pool, 'page_size', '?')}",
             f"layers{getattr(pool, 'layer_num', '?')}",
             f"bpt{getattr(pool, 'size_per_token', '?')}",
         ]
@@ -168,7 +168,8 @@ class LMCacheHiCacheStorage(HiCacheStorage):
         # MLA's latent KV is replicated on every TP rank (SGLang writes it from one): one value
         # serves all ranks. MHA ranks hold different heads, so the rank is part of the key.
         rank = 0 if cfg.is_mla_model else cfg.tp_rank
-        dtype = str(pool.dtype).removeprefix("torch.")
+        # A pool without a dtype (a bare one, as in SGLang's own storage tests) is stored as bytes.
+        dtype = str(getattr(pool, "dtype", "bytes")).removeprefix("torch.")
         self._scope = KeyScope.create(
             f"{self.model_id}|sglang:{':'.join(parts)}",
             world_size=max(cfg.tp_size, 1),
@@ -183,6 +184,8 @@ class LMCacheHiCacheStorage(HiCacheStorage):
                 self._bounds.append((buf.data_ptr(), buf.data_ptr() + buf.numel() * buf.element_size()))
         if self.settings.zero_copy:
             ptrs, _ = pool.get_page_buffer_meta(torch.arange(pool.page_size, dtype=torch.int64))
+            if not ptrs:
+                raise ConfigError(f"SGLang's host pool {type(pool).__name__} gives no page segments")
             self._segments_per_page = len(ptrs)
         # Hint for backends that register memory for transfers (nixl://): the whole pool, once.
         for lo, hi in self._bounds:
@@ -310,8 +313,6 @@ class LMCacheHiCacheStorage(HiCacheStorage):
         n = len(keys)
         if n == 0:
             return []
-        if not self.storage_config.is_storage_writer:
-            return [True] * n  # another rank writes this (replicated MLA) value; nothing to do here
         try:
             views = self.page_views(n, host_indices)
             results = self.run(self.backend.put(self.keys_for(keys), views))

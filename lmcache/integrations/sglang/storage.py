@@ -32,6 +32,7 @@ import ctypes
 import hashlib
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -55,6 +56,8 @@ _PERSON = b"sglang-page"
 _POOL_BUFFERS = ("kv_buffer", "k_buffer", "v_buffer", "index_k_buffer", "index_k_scale_buffer")
 # How long a synchronous call waits for the loop before it counts as a failure.
 _CALL_TIMEOUT = 300.0
+# Pages whose keys are kept (LRU): a few batches' worth of prefetch and backup.
+_KEY_CACHE_PAGES = 8192
 
 
 def page_digest(page_key: str, segment: int | str) -> bytes:
@@ -127,6 +130,10 @@ class LMCacheHiCacheStorage(HiCacheStorage):
         self._segments_per_page = 1
         self._bounds: list[tuple[int, int]] = []
         self._lock = threading.Lock()
+        # SGLang asks batch_exists and then batch_get_v1 (or batch_set_v1) for the same pages:
+        # their keys are derived once (a key also caches its text, which tiers ask for).
+        self._key_cache: OrderedDict[str, tuple[CacheKey, ...]] = OrderedDict()
+        self._key_lock = threading.Lock()
         self._closed = False
         self.counters = {
             "exists_calls": 0,
@@ -170,6 +177,8 @@ class LMCacheHiCacheStorage(HiCacheStorage):
         rank = 0 if cfg.is_mla_model else cfg.tp_rank
         # A pool without a dtype (a bare one, as in SGLang's own storage tests) is stored as bytes.
         dtype = str(getattr(pool, "dtype", "bytes")).removeprefix("torch.")
+        with self._key_lock:
+            self._key_cache.clear()  # keys of another scope
         self._scope = KeyScope.create(
             f"{self.model_id}|sglang:{':'.join(parts)}",
             world_size=max(cfg.tp_size, 1),
@@ -229,7 +238,20 @@ class LMCacheHiCacheStorage(HiCacheStorage):
             raise StateError("no host pool registered yet")
         scope = self._scope
         names = self._segment_names()
-        return [scope.key(page_digest(k, s)) for k in page_keys for s in names]
+        out: list[CacheKey] = []
+        cache = self._key_cache
+        with self._key_lock:
+            for k in page_keys:
+                keys = cache.get(k)
+                if keys is None:
+                    keys = tuple(scope.key(page_digest(k, s)) for s in names)
+                    cache[k] = keys
+                    if len(cache) > _KEY_CACHE_PAGES:
+                        cache.popitem(last=False)
+                else:
+                    cache.move_to_end(k)
+                out.extend(keys)
+        return out
 
     def page_views(self, n_pages: int, host_indices: torch.Tensor) -> list[memoryview]:
         """Views of the pool's memory for ``n_pages`` pages at ``host_indices``, page-major.

@@ -686,6 +686,15 @@ class TestFileConformance(BackendTests):
     def backend_url(self, tmp_path: Path) -> str:
         return f"file://{tmp_path}/kv?capacity=2GiB"
 
+    async def read_raw(self, backend: StorageBackend, key: CacheKey) -> bytes | None:
+        assert isinstance(backend, FileBackend)
+        path = file_of(Path(backend.settings.path), key)
+        return path.read_bytes() if path.exists() else None
+
+    async def write_raw(self, backend: StorageBackend, key: CacheKey, data: bytes) -> None:
+        assert isinstance(backend, FileBackend)
+        file_of(Path(backend.settings.path), key).write_bytes(data)  # in place, as a torn write leaves it
+
     async def corrupt_value(self, backend: StorageBackend, key: CacheKey) -> None:
         assert isinstance(backend, FileBackend)
         await corrupt_on_disk(backend, key, "flip_payload")

@@ -127,6 +127,16 @@ class RedisConformance(BackendTests):
     def secret_url(self) -> str:
         return "redis://alice:conformance-pw@127.0.0.1:6379/0?prefix=x"
 
+    async def read_raw(self, backend: StorageBackend, key: CacheKey) -> bytes | None:
+        assert isinstance(backend, RedisBackend)
+        with raw_client(backend) as raw:
+            return raw.get(backend.key_name(key))
+
+    async def write_raw(self, backend: StorageBackend, key: CacheKey, data: bytes) -> None:
+        assert isinstance(backend, RedisBackend)
+        with raw_client(backend) as raw:
+            raw.set(backend.key_name(key), data)
+
     async def corrupt_value(self, backend: StorageBackend, key: CacheKey) -> None:
         assert isinstance(backend, RedisBackend)
         name = backend.key_name(key)

@@ -64,6 +64,22 @@ class TestRedisClusterConformance(BackendTests):
     def secret_url(self) -> str:
         return "redis+cluster://alice:cluster-pw@127.0.0.1:7000,127.0.0.1:7001"
 
+    async def read_raw(self, backend: StorageBackend, key: CacheKey) -> bytes | None:
+        assert isinstance(backend, RedisClusterBackend)
+        raw = raw_cluster(backend)
+        try:
+            return raw.get(backend.key_name(key))
+        finally:
+            raw.close()
+
+    async def write_raw(self, backend: StorageBackend, key: CacheKey, data: bytes) -> None:
+        assert isinstance(backend, RedisClusterBackend)
+        raw = raw_cluster(backend)
+        try:
+            raw.set(backend.key_name(key), data)
+        finally:
+            raw.close()
+
     async def corrupt_value(self, backend: StorageBackend, key: CacheKey) -> None:
         assert isinstance(backend, RedisClusterBackend)
         name = backend.key_name(key)

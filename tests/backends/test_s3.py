@@ -16,6 +16,7 @@ import pytest
 
 pytest.importorskip("aioboto3", reason="the s3:// backend needs aioboto3: pip install 'lmcache[s3]'")
 
+import botocore.exceptions
 from lmcache_conformance import BackendTests
 
 from lmcache.backends.base import PutStatus, StorageBackend
@@ -968,6 +969,19 @@ class TestS3Conformance(BackendTests):
     @pytest.fixture
     def secret_url(self) -> str:
         return "s3://bucket/p?aws_access_key_id=AKIDCONFORMANCE&aws_secret_access_key=SecretConformance123"
+
+    async def read_raw(self, backend: StorageBackend, key: CacheKey) -> bytes | None:
+        assert isinstance(backend, S3Backend)
+        try:
+            return await raw_read(backend, key)
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+
+    async def write_raw(self, backend: StorageBackend, key: CacheKey, data: bytes) -> None:
+        assert isinstance(backend, S3Backend)
+        await raw_write(backend, key, data)
 
     async def corrupt_value(self, backend: StorageBackend, key: CacheKey) -> None:
         assert isinstance(backend, S3Backend)

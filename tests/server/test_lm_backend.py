@@ -30,6 +30,15 @@ class _LMTests(BackendTests):
     def secret_url(self, lm_server: LMServer) -> str:
         return lm_server.url(self.scheme, **self.query, token="not-a-real-s3cret")
 
+    async def read_raw(self, backend: StorageBackend, key: CacheKey) -> bytes | None:
+        with self._server.raw() as raw:
+            return raw.get_frame(key.to_string(), 1 << 24)
+
+    async def write_raw(self, backend: StorageBackend, key: CacheKey, data: bytes) -> None:
+        with self._server.raw() as raw:
+            raw.delete([key.to_string()])
+            assert raw.put_frame(key.to_string(), data) == "stored"
+
     async def corrupt_value(self, backend: StorageBackend, key: CacheKey) -> None:
         with self._server.raw() as raw:
             frame = raw.get_frame(key.to_string(), 1 << 24)

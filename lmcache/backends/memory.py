@@ -7,12 +7,12 @@ enough to open anywhere, large enough for a few hundred typical KV chunks; size 
 Design
 ------
 *One pool, no per-value allocation.* All values live in a single anonymous private ``mmap`` of
-``capacity`` bytes (rounded up to 64), mapped at ``open()`` and reused until ``aclose()``. On this
-class of host a fresh buffer costs 5-10x a copy (first-touch page faults: ~0.4-3 GB/s against
-~20-25 GB/s for a copy into touched memory), so ``put`` copies straight from the caller's
-memoryview into the pool and ``get_into`` straight from the pool into the caller's buffer, with
-``memoryview`` slice assignment (a plain memcpy; same bandwidth as ``np.copyto`` for MiB values
-and about 4x less per-call overhead for small ones: 0.16 us against 0.66 us at 4 KiB).
+``capacity`` bytes (rounded up to 64), mapped at ``open()`` and reused until ``aclose()``. A fresh
+buffer costs several times a copy (first-touch page faults), so ``put`` copies straight from the
+caller's memoryview into the pool and ``get_into`` straight from the pool into the caller's
+buffer, with ``memoryview`` slice assignment (a plain memcpy: the bandwidth of ``np.copyto`` for
+large values with less per-call overhead for small ones). Figures: docs/benchmarks.md, "Memory
+pools".
 
 *Pool, allocator, index.* The pool is mapped by :func:`lmcache.pool.map_pool`, blocks come from
 its best-fit :class:`~lmcache.pool.BlockAllocator` (64-byte aligned, neighbours coalesced, so
@@ -23,9 +23,7 @@ the same pool code as the cache server's tier 0 and the nixl peer.
 *Pages.* ``hugepages=true`` (default) asks the kernel for transparent huge pages on the pool
 (``MADV_HUGEPAGE``, best effort): when it can supply them, first touch faults 512x less often.
 ``prefault=true`` populates the whole pool at ``open()`` on a worker thread, so the event loop
-keeps running and the first puts run at copy speed. Measured here for 1 GiB and 2 MiB values
-(steady-state puts ~18.5 GB/s): prefault takes ~50 ms with huge pages (~330 ms without); without
-it the first fill runs at ~11 GB/s with huge pages and ~2.6 GB/s without. It is off by default
+keeps running and the first puts run at copy speed rather than page-fault speed. It is off by default
 because it commits the full capacity as resident memory at open (a 64 GiB pool on a 32 GiB host
 would meet the OOM killer, so a prefault beyond ``MemAvailable`` is refused with
 ``CapacityError``); without it the faults are paid by the first put into each page, and only for

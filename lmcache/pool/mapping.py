@@ -4,22 +4,21 @@ One routine, :func:`map_pool`, maps the pool of every in-memory store: ``memory:
 anonymous memory), the cache server's tier 0 (a ``/dev/shm`` file same-host clients map too) and
 the nixl peer (private memory registered with NIXL).
 
-*Why one preallocated pool.* On this class of host a fresh buffer costs 5-10x a copy (first-touch
-page faults: ~0.4-3 GB/s against ~20-25 GB/s for a copy into touched memory), so stores copy
+*Why one preallocated pool.* A fresh buffer costs several times a copy (first-touch page faults
+run far below copy bandwidth; figures in docs/benchmarks.md, "Memory pools"), so stores copy
 straight between callers' buffers and a pool mapped once.
 
 *Huge pages.* ``hugepages=True`` asks for transparent huge pages (``MADV_HUGEPAGE``, best
 effort): when the kernel can supply them, first touch faults 512x less often, and transfers run
-faster on them (UCX's CMA copies ran ~1.7x slower on 4 KiB pages). Private memory is used
+faster on them (UCX's CMA copies are slower on 4 KiB pages). Private memory is used
 wherever no other process maps the pool, since shared anonymous memory is shmem, which gets
 transparent huge pages only where shmem THP is enabled.
 
 *Prefault.* ``prefault=True`` populates every page now (``MADV_POPULATE_WRITE``, or one touch per
-page on kernels older than 5.14): ~50 ms/GiB with huge pages, ~330 ms/GiB without (blocking:
-run it off the event loop), after which the first fill runs at copy speed (without it ~11 GB/s
-with huge pages and ~2.6 GB/s without; ~0.4 GB/s into a NIXL-registered pool). It commits the
-whole size as resident memory, so a prefault beyond ``MemAvailable`` is refused with
-:class:`~lmcache.errors.CapacityError` rather than summoning the OOM killer.
+page on kernels older than 5.14; blocking: run it off the event loop), after which the first
+fill runs at copy speed instead of fault speed. It commits the whole size as resident memory,
+so a prefault beyond ``MemAvailable`` is refused with :class:`~lmcache.errors.CapacityError`
+rather than summoning the OOM killer.
 """
 
 from __future__ import annotations

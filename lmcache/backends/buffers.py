@@ -125,7 +125,7 @@ def check_dst_size(key: CacheKey, dst: Any, needed: int) -> None:
         raise InvalidBufferError(f"buffer of {dst.nbytes} bytes is too small for the {needed}-byte value of {key}")
 
 
-def buffer_address(view: memoryview | np.ndarray) -> int:
+def buffer_address(view: memoryview | np.ndarray | bytes) -> int:
     """The address of a contiguous host buffer's first byte (read-only buffers included)."""
     arr = view if isinstance(view, np.ndarray) else np.frombuffer(view, dtype=np.uint8)
     return int(arr.ctypes.data)

@@ -113,10 +113,8 @@ class GdsBackend(FileBackend):
     settings: GdsSettings
 
     def __init__(self, settings: FileSettings) -> None:
-        if not isinstance(settings, GdsSettings):
-            settings = GdsSettings(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(FileSettings)})
-        super().__init__(settings)
-        self._gpu_reason = "gpu=off" if settings.gpu == "off" else gpu_direct_usable()
+        super().__init__(settings)  # plain FileSettings become GdsSettings there (settings_cls)
+        self._gpu_reason = "gpu=off" if self.settings.gpu == "off" else gpu_direct_usable()
         if self._gpu_reason is None:
             self.capabilities = dataclasses.replace(self.capabilities, device_buffers=True)  # type: ignore[misc]
         self._kvikio: Any = None

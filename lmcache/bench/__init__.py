@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import mmap
 from collections.abc import Callable
 from os import PathLike
 
 import numpy as np
 
+from lmcache.backends import buffers
 from lmcache.config import format_size, parse_size
 
 __all__ = ["WORKLOADS", "checked_json_output", "non_negative_int", "page_aligned", "positive_int", "size_arg"]
@@ -107,7 +107,4 @@ def page_aligned(rows: int, cols: int) -> np.ndarray:
     64-byte aligned memory ran at half speed on an AMD EPYC VM (``rep movsb`` with source and
     destination differently aligned within a cache line).
     """
-    page = mmap.PAGESIZE
-    raw = np.empty(rows * cols + page, dtype=np.uint8)
-    offset = (-raw.ctypes.data) % page
-    return raw[offset : offset + rows * cols].reshape(rows, cols)
+    return buffers.page_aligned(rows * cols).reshape(rows, cols)

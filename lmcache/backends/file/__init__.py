@@ -526,7 +526,9 @@ class FileBackend(StorageBackend):
       destination (e.g. device memory), with :meth:`_read_head` to read and check the header.
       Every outcome (miss, corrupt value, error, too small a buffer) is counted by the caller,
       :meth:`_get_into`, which takes any destination :meth:`_read_payload` handles.
-    * :meth:`_url_items` and ``settings_cls``: the options of the subclass's URL.
+    * :meth:`_url_items` and ``settings_cls``: the options of the subclass's URL (plain
+      :class:`FileSettings` given to the constructor are widened to ``settings_cls``, its own
+      options at their defaults).
 
     and may use :meth:`_staging` (this worker thread's page-aligned scratch buffer),
     ``_local`` (per-worker-thread state), ``_executor`` (the bounded pool every blocking call
@@ -550,6 +552,9 @@ class FileBackend(StorageBackend):
 
     def __init__(self, settings: FileSettings) -> None:
         super().__init__()
+        if not isinstance(settings, self.settings_cls):
+            fields = dataclasses.fields(FileSettings)
+            settings = self.settings_cls(**{f.name: getattr(settings, f.name) for f in fields})
         path = settings.path
         if not path or not os.path.isabs(path) or os.path.normpath(path) == "/":
             raise ConfigError(

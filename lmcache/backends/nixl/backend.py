@@ -58,9 +58,10 @@ from lmcache.backends.base import (
     settings_query,
     split_url,
 )
+from lmcache.backends.buffers import buffer_address
 from lmcache.backends.nixl.lanes import CLane, Hit, Lane, PeerLink, open_lane
 from lmcache.backends.nixl.posix import NixlPosixBackend
-from lmcache.backends.nixl.sdk import address, import_nixl, make_agent, register
+from lmcache.backends.nixl.sdk import import_nixl, make_agent, register
 from lmcache.backends.nixl.wire import (
     FRAME_ALIGN,
     HIT,
@@ -573,13 +574,13 @@ class NixlBackend(StorageBackend):
         return (lane.thread if lane is not None else None) or self._executor
 
     async def _register_host_memory(self, view: memoryview) -> None:
-        addr, nbytes = address(view), view.nbytes
+        addr, nbytes = buffer_address(view), view.nbytes
         link = self._link
         reg = await run_blocking(self._nixl_thread(), register, link.agent, [(addr, nbytes, 0)], "DRAM")
         link.host_regs = (*link.host_regs, (addr, addr + nbytes, reg))  # replaced whole: batch threads read it
 
     async def _unregister_host_memory(self, view: memoryview) -> None:
-        addr, end = address(view), address(view) + view.nbytes
+        addr, end = buffer_address(view), buffer_address(view) + view.nbytes
         link = self._link
         for entry in link.host_regs:
             if entry[0] == addr and entry[1] == end:

@@ -42,8 +42,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from lmcache.backends.base import split_by_size
+from lmcache.backends.buffers import buffer_address
 from lmcache.backends.nixl import native, sdk
-from lmcache.backends.nixl.sdk import address, registered
+from lmcache.backends.nixl.sdk import registered
 from lmcache.backends.nixl.wire import FRAME_ALIGN
 from lmcache.errors import (
     BackendError,
@@ -212,7 +213,7 @@ class CLane(Lane):
         here with a placeholder, their checksums filled in by the lane once every value is hashed.
         COMMIT publishes the values only after the whole job is done.
         """
-        haddr = address(headers)
+        haddr = buffer_address(headers)
         pool = self.link.pool_addr
         starts = list(itertools.accumulate(hlens, initial=0))
         regions = [(haddr, headers.nbytes, 0)]
@@ -225,7 +226,7 @@ class CLane(Lane):
                 raise PermanentBackendError(f"nixl://: header of {key} is {len(head)} bytes, reserved {h}")
             headers[starts[j] : starts[j] + h] = np.frombuffer(head, dtype=np.uint8)
             if n:
-                a = address(src)
+                a = buffer_address(src)
                 regions.append((a, n, 0))
                 patches.append((haddr + starts[j], frame.header_tail_len(head), len(transfers)))
                 transfers.append(([(a, pool + offsets[j] + h, n)], [(a, n)]))
@@ -239,7 +240,7 @@ class CLane(Lane):
         A value checked right after its transfer is still in cache; with the lane and the
         hashing thread in native code, a transfer per value costs a few microseconds.
         """
-        haddr = address(headers)
+        haddr = buffer_address(headers)
         pool = self.link.pool_addr
         starts = list(itertools.accumulate((h for *_, h, _n in hits), initial=0))
         regions = [(haddr, headers.nbytes, 0)]
@@ -248,7 +249,7 @@ class CLane(Lane):
             descs = [(haddr + starts[j], pool + off, h)]
             ranges: list[tuple[int, int]] = []
             if n:
-                a = address(dst)
+                a = buffer_address(dst)
                 regions.append((a, n, 0))
                 descs.append((a, pool + off + h, n))
                 ranges.append((a, n))
@@ -492,9 +493,9 @@ class _GroupedLane(Lane):
         headers. Checksumming a group while the lane copied the previous one (or the whole batch
         first) made the checksum and the copy read every byte from memory separately.
         """
-        haddr = address(headers)
+        haddr = buffer_address(headers)
         pool = self.link.pool_addr
-        regions = [(haddr, headers.nbytes, 0)] + [(address(s), s.nbytes, 0) for s in srcs if s.nbytes]
+        regions = [(haddr, headers.nbytes, 0)] + [(buffer_address(s), s.nbytes, 0) for s in srcs if s.nbytes]
         starts = list(itertools.accumulate(hlens, initial=0))
         groups = split_by_size([s.nbytes for s in srcs], _GROUP_BYTES)  # headers are ~100s of bytes
         batch = self._batch(regions)
@@ -511,7 +512,7 @@ class _GroupedLane(Lane):
             return local, [(pool + offsets[j], hlens[j], 0) for j in group]
 
         def payload_descs(group: range) -> tuple[list[Region], list[Region]]:
-            local = [(address(srcs[j]), srcs[j].nbytes, 0) for j in group if srcs[j].nbytes]
+            local = [(buffer_address(srcs[j]), srcs[j].nbytes, 0) for j in group if srcs[j].nbytes]
             return local, [(pool + offsets[j] + hlens[j], srcs[j].nbytes, 0) for j in group if srcs[j].nbytes]
 
         try:
@@ -555,9 +556,9 @@ class _GroupedLane(Lane):
         next group in flight. Each transfer costs ~50-100 us of NIXL calls (descriptor lists,
         ``createXferReq``, release) on the thread that posts it, so groups are not small.
         """
-        haddr = address(headers)
+        haddr = buffer_address(headers)
         pool = self.link.pool_addr
-        regions = [(haddr, headers.nbytes, 0)] + [(address(dst), n, 0) for _k, dst, _o, _h, n in hits if n]
+        regions = [(haddr, headers.nbytes, 0)] + [(buffer_address(dst), n, 0) for _k, dst, _o, _h, n in hits if n]
         groups = split_by_size([n for *_, n in hits], _GROUP_BYTES)  # headers are ~100s of bytes
         starts = list(itertools.accumulate((h for *_, h, _n in hits), initial=0))
         out: list[int | IntegrityError] = []
@@ -571,7 +572,7 @@ class _GroupedLane(Lane):
                 local.append((haddr + starts[j], h, 0))
                 remote.append((pool + off, h, 0))
                 if n:
-                    local.append((address(dst), n, 0))
+                    local.append((buffer_address(dst), n, 0))
                     remote.append((pool + off + h, n, 0))
             batch.post("READ", local, remote)
 

@@ -16,9 +16,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from lmcache.backends.buffers import buffer_address
 from lmcache.backends.concurrency import run_blocking
 from lmcache.backends.file import FileBackend, FileSettings
-from lmcache.backends.nixl.sdk import address, import_nixl, make_agent, registered, transfer
+from lmcache.backends.nixl.sdk import import_nixl, make_agent, registered, transfer
 from lmcache.config import setting
 from lmcache.errors import BackendError, ConfigError
 
@@ -40,10 +41,7 @@ class NixlPosixBackend(FileBackend):
     settings: NixlPosixSettings
 
     def __init__(self, settings: FileSettings) -> None:
-        if not isinstance(settings, NixlPosixSettings):
-            settings = NixlPosixSettings(
-                **{f.name: getattr(settings, f.name) for f in dataclasses.fields(FileSettings)}
-            )
+        # Plain FileSettings become NixlPosixSettings in FileBackend.__init__ (settings_cls).
         if settings.o_direct:
             raise ConfigError("nixl+posix://: o_direct is not supported (NIXL's POSIX backend does its own I/O)")
         super().__init__(settings)
@@ -90,7 +88,7 @@ class NixlPosixBackend(FileBackend):
         want = max(0, min(want, size - offset, view.nbytes))
         if want == 0:
             return 0
-        addr = address(view)
+        addr = buffer_address(view)
         agent = self._agent
         try:
             with registered(agent, [(addr, want, 0)], "DRAM"), registered(agent, [(offset, want, fd)], "FILE"):
@@ -101,11 +99,11 @@ class NixlPosixBackend(FileBackend):
 
     def _write_frame(self, fd: int, header: bytes, src: memoryview, total: int) -> None:
         head = np.frombuffer(header, dtype=np.uint8)
-        haddr, hlen = address(head), len(header)
+        haddr, hlen = buffer_address(head), len(header)
         local = [(haddr, hlen, 0)]
         remote = [(0, hlen, fd)]
         if src.nbytes:
-            local.append((address(src), src.nbytes, 0))
+            local.append((buffer_address(src), src.nbytes, 0))
             remote.append((hlen, src.nbytes, fd))
         agent = self._agent
         try:

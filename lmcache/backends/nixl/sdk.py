@@ -25,14 +25,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
-
 from lmcache.errors import BackendError, BackendTimeoutError, BackendUnavailableError, MissingDependencyError
 
 __all__ = [
     "PROGRESS_POLL_US",
     "Xfer",
-    "address",
     "finish",
     "import_nixl",
     "is_done",
@@ -62,12 +59,6 @@ def import_nixl() -> Any:
         except ImportError:
             continue
     raise MissingDependencyError("nixl", "nixl", "the nixl:// backend")
-
-
-def address(view: memoryview | np.ndarray | bytes) -> int:
-    """Address of a contiguous host buffer (read-only ones included)."""
-    arr = view if isinstance(view, np.ndarray) else np.frombuffer(view, dtype=np.uint8)
-    return int(arr.ctypes.data)
 
 
 _POLL = threading.local()  # the progress thread's poll timeout for agents made by this thread

@@ -20,8 +20,6 @@ Registered for :class:`~lmcache.server.client.LMServerBackend` (every scheme it 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import mmap
 import os
 import socket
 import struct
@@ -34,6 +32,7 @@ import numpy as np
 
 from lmcache.bench.baselines.base import Baseline
 from lmcache.bench.baselines.memory import MemcpyBaseline
+from lmcache.pool import PoolMapping, map_pool
 
 if TYPE_CHECKING:
     from lmcache.backends.base import StorageBackend
@@ -98,29 +97,18 @@ class ShmMemcpyBaseline(MemcpyBaseline):
 
     def __init__(self, workload: Workload) -> None:
         super().__init__(workload)
-        self._mm: mmap.mmap | None = None
+        self._pool: PoolMapping | None = None
 
     def _allocate(self, nbytes: int) -> np.ndarray:
-        self._mm = _shm_mapping(max(1, nbytes))
-        return np.frombuffer(self._mm, dtype=np.uint8)[:nbytes]
+        # The shared kind of pool the lm server maps (a /dev/shm file; a crashed run's is swept by pid).
+        self._pool = map_pool(nbytes, shared=True, hugepages=False, prefault=False, owner="bench memcpy-shm")
+        return np.frombuffer(self._pool.mm, dtype=np.uint8)[:nbytes]
 
     async def aclose(self) -> None:
         await super().aclose()
-        if self._mm is not None:
-            with contextlib.suppress(BufferError):
-                self._mm.close()
-            self._mm = None
-
-
-def _shm_mapping(size: int) -> mmap.mmap:
-    """An anonymous shared mapping backed by ``/dev/shm`` (the name is unlinked at once)."""
-    fd, path = tempfile.mkstemp(prefix="lmcache-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    try:
-        os.unlink(path)
-        os.ftruncate(fd, size)
-        return mmap.mmap(fd, size)
-    finally:
-        os.close(fd)
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
 
 
 class RawSocketBaseline(Baseline):

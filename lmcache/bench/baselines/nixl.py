@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lmcache.backends.buffers import buffer_address
 from lmcache.backends.nixl import wire
-from lmcache.backends.nixl.sdk import address, transfer
+from lmcache.backends.nixl.sdk import transfer
 from lmcache.bench.baselines.base import Baseline
 from lmcache.errors import BackendUnavailableError
 
@@ -101,7 +102,7 @@ class RawNixlBaseline(Baseline):
         self._base = pool_addr + offset
         for arr in (w.srcs, w.dsts):
             reg = await loop.run_in_executor(
-                self._executor, self._agent.register_memory, [(address(arr), arr.nbytes, 0, "")], "DRAM"
+                self._executor, self._agent.register_memory, [(buffer_address(arr), arr.nbytes, 0, "")], "DRAM"
             )
             self._regs.append(reg)
 
@@ -126,7 +127,7 @@ class RawNixlBaseline(Baseline):
 
     async def _move(self, op: str, slots: range, bufs: Sequence[np.ndarray]) -> None:
         vs = self._workload.value_size
-        local = [(address(b), vs, 0) for b in bufs]
+        local = [(buffer_address(b), vs, 0) for b in bufs]
         remote = [(self._base + slot * vs, vs, 0) for slot in slots]
         await asyncio.get_running_loop().run_in_executor(
             self._executor,

@@ -63,22 +63,36 @@ def _pipelines(nbytes: int, count: int, max_bytes: int, max_keys: int) -> list[r
     return [range(i, min(i + per, count)) for i in range(0, count, per)]
 
 
-class RawRedisBaseline(Baseline):
+class _SameTermsBaseline(Baseline):
+    """What both Redis baselines take from the backend under test: its limits and key prefix.
+
+    Its keys are ``<prefix><tag>:<run>:r<round>:<slot>``; those written this round are kept in
+    ``_written`` for ``end_round`` to unlink.
+    """
+
+    def __init__(self, backend: Any, tag: str) -> None:
+        s = backend.settings
+        self._backend = backend
+        self._max_connections: int = s.max_connections
+        self._max_batch_bytes: int = s.max_batch_bytes
+        self._max_batch_keys: int = s.max_batch_keys
+        self._dir = s.prefix.encode() + f"{tag}:{uuid.uuid4().hex[:12]}:".encode()
+        self._slots = asyncio.Semaphore(s.max_connections)  # one pipeline per connection in flight
+        self._round = 0
+        self._written: list[bytes] = []
+
+    def _name(self, slot: int) -> bytes:
+        return self._dir + f"r{self._round}:{slot}".encode()
+
+
+class RawRedisBaseline(_SameTermsBaseline):
     """redis-py pipelined SET/GET of the raw bytes, same pool, sub-batch size and connection count."""
 
     name = "raw-redis-py"
 
     def __init__(self, backend: Any) -> None:
-        self._backend = backend
-        s = backend.settings
-        self._max_connections: int = s.max_connections
-        self._max_batch_bytes: int = s.max_batch_bytes
-        self._max_batch_keys: int = s.max_batch_keys
-        self._dir = s.prefix.encode() + f"bench-baseline:{uuid.uuid4().hex[:12]}:".encode()
+        super().__init__(backend, "bench-baseline")
         self._client: Any = None
-        self._slots = asyncio.Semaphore(s.max_connections)
-        self._round = 0
-        self._written: list[bytes] = []
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -104,9 +118,6 @@ class RawRedisBaseline(Baseline):
         client, self._client = self._client, None
         if client is not None:
             await _close_client(client)
-
-    def _name(self, slot: int) -> bytes:
-        return self._dir + f"r{self._round}:{slot}".encode()
 
     async def _run(self, slots: range, bufs: Sequence[np.ndarray], op: Any) -> None:
         """Run ``op(names, bufs)`` per pipeline-sized piece of the batch, concurrently."""
@@ -207,24 +218,16 @@ class _WireConn:
             off += got
 
 
-class WireBaseline(Baseline):
+class WireBaseline(_SameTermsBaseline):
     """Raw-socket RESP client: pipelined SET/GET of raw bytes, sendmsg from the source, recv_into the destination."""
 
     name = "wire"
 
     def __init__(self, backend: Any) -> None:
-        s = backend.settings
-        self._backend = backend
-        self._connections: int = min(s.connections, s.max_connections)
-        self._max_connections: int = s.max_connections
-        self._max_batch_bytes: int = s.max_batch_bytes
-        self._max_batch_keys: int = s.max_batch_keys
-        self._dir = s.prefix.encode() + f"bench-wire:{uuid.uuid4().hex[:12]}:".encode()
+        super().__init__(backend, "bench-wire")
+        self._connections: int = min(backend.settings.connections, self._max_connections)
         self._idle: list[_WireConn] = []
-        self._slots = asyncio.Semaphore(s.max_connections)
-        self._executor = ThreadPoolExecutor(max_workers=s.max_connections, thread_name_prefix="bench-wire")
-        self._round = 0
-        self._written: list[bytes] = []
+        self._executor = ThreadPoolExecutor(max_workers=self._max_connections, thread_name_prefix="bench-wire")
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -254,9 +257,6 @@ class WireBaseline(Baseline):
         per = -(-count // self._connections)
         per = max(1, min(per, self._max_batch_keys, self._max_batch_bytes // max(1, nbytes)))
         return [range(i, min(i + per, count)) for i in range(0, count, per)]
-
-    def _name(self, slot: int) -> bytes:
-        return self._dir + f"r{self._round}:{slot}".encode()
 
     async def put_batch(self, slots: range, srcs: Sequence[np.ndarray]) -> None:
         names = [self._name(x) for x in slots]

@@ -19,7 +19,7 @@ import pytest
 from lmcache_conformance import BackendTests
 from lmcache_example_plugin.backend import ExampleBackend, raw_store
 
-from lmcache.backends.base import STORED, PutResult, StorageBackend, _State, check_dst_size
+from lmcache.backends.base import STORED, PutResult, StorageBackend, check_dst_size
 from lmcache.errors import IntegrityError
 from lmcache.keys import CacheKey
 from lmcache.serde.frame import decode_frame, encode_header, parse_header
@@ -103,7 +103,7 @@ class Reopenable(ExampleBackend):
 
     async def open(self) -> None:
         if self.is_closed:
-            self._state = _State.NEW
+            ExampleBackend.__init__(self, self.settings)  # back to a new, never opened backend
         await super().open()
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "SHM_DIR",
     "PoolMapping",
     "available_memory",
+    "create_shm",
     "map_pool",
     "populate",
     "prefault",
@@ -104,6 +105,27 @@ class PoolMapping:
             self.mm.close()
 
 
+def create_shm(name: str, size: int) -> mmap.mmap:
+    """Create ``/dev/shm/<name>`` (mode 0600; never an existing file or a link) and map it shared.
+
+    The file is ``size`` bytes, sparse until touched; its name is removed again if sizing or
+    mapping fails. Used for shared pools and for the cache server's client segments.
+
+    Raises:
+        OSError: ``/dev/shm`` is missing, full or not writable, or the name exists.
+    """
+    fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(SHM_DIR / name)
+        raise
+    finally:
+        os.close(fd)
+
+
 def map_pool(size: int, *, shared: bool, hugepages: bool, prefault: bool, owner: str = "pool") -> PoolMapping:
     """Map a pool of ``size`` bytes (see the module docstring).
 
@@ -131,15 +153,7 @@ def map_pool(size: int, *, shared: bool, hugepages: bool, prefault: bool, owner:
     with map_os_errors(f"{owner}: mapping a {format_size(size)} pool"):
         if shared:
             name = f"{POOL_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
-            fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            try:
-                os.ftruncate(fd, size)
-                mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-            except BaseException:
-                os.unlink(SHM_DIR / name)
-                raise
-            finally:
-                os.close(fd)
+            mm = create_shm(name, size)
         else:
             mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     pool = PoolMapping(mm, name)

@@ -31,7 +31,7 @@ import secrets
 import stat
 
 from lmcache.errors import InvalidArgumentError
-from lmcache.pool.mapping import POOL_PREFIX, SHM_DIR, populate
+from lmcache.pool.mapping import POOL_PREFIX, SHM_DIR, create_shm, populate
 
 __all__ = [
     "SHM_DIR",
@@ -88,17 +88,7 @@ def create_segment(size: int) -> Segment:
         OSError: ``/dev/shm`` is missing, full or not writable.
     """
     name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
-    fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        os.ftruncate(fd, size)
-        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(SHM_DIR / name)
-        raise
-    finally:
-        os.close(fd)
-    return Segment(name, size, mm)
+    return Segment(name, size, create_shm(name, size))
 
 
 def attach_segment(name: str, size: int, max_size: int) -> Segment:

@@ -281,3 +281,15 @@ def test_sglang_shipped_storage_test_against_lmcache(
         for store in made:
             store.close()
     assert made and made[0].stats()["set_stored"] == 13
+
+
+def test_bench_sglang_small_run(tmp_path: Any) -> None:
+    """``lmcache bench sglang`` is registered and moves every page on both sides (no timing checked)."""
+    from lmcache.bench import WORKLOADS
+    from lmcache.bench.sglang import bench_sglang
+
+    assert WORKLOADS["sglang"] == "lmcache.bench.sglang"
+    result = bench_sglang(pages=2, page_size=4, layers=2, heads=2, head_dim=8, repeat=2)
+    assert len(result["rounds"]) == 2
+    assert set(result["median"]) == {"adapter_set_s", "baseline_put_s", "adapter_get_s", "baseline_get_s"}
+    assert result["params"]["bytes_per_batch"] == 2 * 4 * (2 * 2 * 2 * 8 * 2)

@@ -12,16 +12,17 @@ Three steps, after CacheGen:
 2. **Layer-dependent quantization.** Residuals are quantized per channel (one step per layer,
    K/V part, head and channel) with the step set from the channel's spread so that a layer is
    coded at about ``codec_bits`` bits per value (default 4) for the first third of the layers,
-   one bit less for the second third and two less for the rest: deeper layers matter less to
-   the output.
+   one bit less for the second third and two less for the rest (never under 2): deeper layers
+   matter less to the output. Tokens with outliers (a value 8 standard deviations from its
+   channel's mean: attention sinks) are coded like anchors, at 8 bits, instead of clipped.
 3. **Entropy coding.** The symbols are coded with rANS (range asymmetric numeral systems) with
    one frequency table per layer and K/V part (one for anchors, one for the rest). Every
    channel of the chunk is an independent rANS stream; the streams advance in lockstep over the
    tokens, so each coding step is one vectorized numpy operation over all channels, and the
    16-bit words of all streams are interleaved in the order the decoder consumes them.
 
-Body layout: base bits and anchor stride (so a reader needs no options), per-lane references
-(anchor scales, or channel means) and steps (float16 each), the frequency tables (first used
+Body layout: base bits, anchor stride and the outlier tokens (so a reader needs no options), per-lane
+scales of the 8-bit tokens, channel means (without anchors) and steps (float16 each), the frequency tables (first used
 symbol, count, uint16 frequencies), the final rANS states (uint32 per lane), the number of words,
 then the words. Lanes are ``(layer, part, head, channel)`` in that order.
 
@@ -45,14 +46,18 @@ M = 1 << PROB_BITS
 _LOW = 1 << 16  # the state lives in [2^16, 2^32); renormalization moves 16-bit words
 ANCHOR_BITS = 8
 _COUNT = struct.Struct("<Q")
-_PARAMS = struct.Struct("<BH")  # base bits and anchor stride, so a reader needs no options
+_PARAMS = struct.Struct("<BHH")  # base bits, anchor stride, outlier tokens: a reader needs no options
 _TABLE = struct.Struct("<BH")
 DEFAULT_BITS = 4
 
 
 def layer_bits(layers: int, base: int) -> list[int]:
-    """Bits per layer: ``base`` for the first third, one less, then two less (at least 1)."""
-    return [max(1, base - (3 * i) // max(1, layers)) for i in range(layers)]
+    """Bits per layer: ``base`` for the first third, one less, then two less (at least 2).
+
+    The floor is measured: on SmolLM2-135M, 1-bit deep layers cost more quality per byte saved
+    than 2 bits everywhere (``lmcache bench codec``; docs/codecs.md).
+    """
+    return [max(min(2, base), base - (3 * i) // max(1, layers)) for i in range(layers)]
 
 
 def normalize_freqs(counts: np.ndarray) -> np.ndarray:
@@ -142,32 +147,35 @@ class CacheGenCodec(Codec):
     lossless = False
 
     def encode_body(self, data: memoryview, geometry: ChunkGeometry) -> bytes | None:
-        """Parameters, per-lane references and steps, tables, states and words (module docstring)."""
+        """Parameters, precise tokens, per-lane scales, tables, states and words (module docstring)."""
         g = geometry
         if not g.is_kv or g.tokens < 1:
             return None
         base_bits = self.settings.codec_bits or DEFAULT_BITS
         anchor = self.settings.codec_anchor
         x = to_float(data, g).permute(0, 1, 3, 4, 2).reshape(-1, g.tokens).numpy()  # [lanes, T]
-        is_anchor = _anchor_mask(g.tokens, anchor)
+        outliers = _outlier_tokens(x)
+        regular = _anchor_mask(g.tokens, anchor)
+        precise = regular.copy()
+        precise[outliers] = True
+        pscale, qp = _quantize_precise(x, precise)
         if anchor:
-            anchors = x[:, is_anchor]
-            ref_scale = _f16(np.abs(anchors).max(axis=1) / _HALF)  # anchors: 8 bits per channel
-            qa = np.clip(np.rint(anchors / ref_scale[:, None]), -_HALF, _HALF)
-            base = np.repeat(qa * ref_scale[:, None], anchor, axis=1)[:, : g.tokens]
+            recon = np.zeros_like(x)
+            recon[:, precise] = qp * pscale[:, None]
+            base = np.repeat(recon[:, regular], anchor, axis=1)[:, : g.tokens]
+            mean = None
         else:
-            ref_scale = x.mean(axis=1).astype(np.float16).astype(np.float32)  # one reference per channel
-            base = np.broadcast_to(ref_scale[:, None], x.shape)
+            rest = x[:, ~precise]
+            mean = _f16s(rest.mean(axis=1) if rest.size else np.zeros(x.shape[0], np.float32))
+            base = np.broadcast_to(mean[:, None], x.shape)
         resid = x - base
-        spread = np.where(is_anchor[None, :], 0.0, resid)
-        n = max(1, int((~is_anchor).sum()))
-        std = np.sqrt((spread * spread).sum(axis=1) / n)
+        rest = resid[:, ~precise]
+        std = np.sqrt((rest * rest).mean(axis=1)) if rest.size else np.zeros(x.shape[0], np.float32)
         step = _f16(std * _GAUSS_SPAN / np.exp2(_lane_bits(g, base_bits)))
         q = np.clip(np.rint(resid / step[:, None]), -_HALF, _HALF)
-        if anchor:
-            q = np.where(is_anchor[None, :], np.repeat(qa, anchor, axis=1)[:, : g.tokens], q)
+        q[:, precise] = qp
         sym = (q + _HALF).astype(np.uint8)
-        table = _tables(g, is_anchor)
+        table = _tables(g, precise)
         n_tables = 2 * g.layers * g.parts
         counts = np.zeros((n_tables, ALPHABET), dtype=np.int64)
         np.add.at(counts, (table.reshape(-1), sym.reshape(-1)), 1)
@@ -175,8 +183,10 @@ class CacheGenCodec(Codec):
         states, words = rans_encode(sym, table, freq)
         return b"".join(
             [
-                _PARAMS.pack(base_bits, anchor),
-                ref_scale.astype(np.float16).tobytes(),
+                _PARAMS.pack(base_bits, anchor, outliers.size),
+                outliers.astype(np.uint16).tobytes(),
+                pscale.astype(np.float16).tobytes(),
+                b"" if mean is None else mean.astype(np.float16).tobytes(),
                 step.astype(np.float16).tobytes(),
                 _pack_tables(freq),
                 states.tobytes(),
@@ -188,14 +198,20 @@ class CacheGenCodec(Codec):
     def decode_body(self, body: memoryview, geometry: ChunkGeometry, out: memoryview) -> None:
         """Entropy-decode, then references plus dequantized residuals."""
         g = geometry
-        base_bits, anchor = _PARAMS.unpack_from(body, 0)
+        base_bits, anchor, n_out = _PARAMS.unpack_from(body, 0)
         if not (1 <= base_bits <= 8):
             raise ValueError(f"cachegen parameter {base_bits} bits is out of range")
-        is_anchor = _anchor_mask(g.tokens, anchor)
         lanes = g.layers * g.parts * g.heads * g.dim
         n_tables = 2 * g.layers * g.parts
         reader = _Reader(np.frombuffer(body, dtype=np.uint8), _PARAMS.size)
-        ref_scale = reader.take(lanes, np.float16).astype(np.float32)
+        outliers = reader.take(n_out, np.uint16).astype(np.int64)
+        if outliers.size and outliers.max() >= g.tokens:
+            raise ValueError("cachegen outlier token index is out of range")
+        regular = _anchor_mask(g.tokens, anchor)
+        precise = regular.copy()
+        precise[outliers] = True
+        pscale = reader.take(lanes, np.float16).astype(np.float32)
+        mean = None if anchor else reader.take(lanes, np.float16).astype(np.float32)
         step = reader.take(lanes, np.float16).astype(np.float32)
         freq = _unpack_tables(reader, n_tables)
         states = reader.take(lanes, np.uint32)
@@ -203,14 +219,53 @@ class CacheGenCodec(Codec):
         words = reader.take(n_words, np.uint16)
         if reader.off != reader.buf.size:
             raise ValueError("cachegen body has trailing bytes")
-        q = rans_decode(states, words, _tables(g, is_anchor), freq, g.tokens).astype(np.float32) - _HALF
+        q = rans_decode(states, words, _tables(g, precise), freq, g.tokens).astype(np.float32) - _HALF
+        recon_p = q[:, precise] * pscale[:, None]
         if anchor:
-            base = np.repeat(q[:, is_anchor] * ref_scale[:, None], anchor, axis=1)[:, : g.tokens]
-            x = np.where(is_anchor[None, :], base, base + q * step[:, None])
+            recon = np.zeros_like(q)
+            recon[:, precise] = recon_p
+            base = np.repeat(recon[:, regular], anchor, axis=1)[:, : g.tokens]
+            x = base + q * step[:, None]
         else:
-            x = ref_scale[:, None] + q * step[:, None]
+            x = mean[:, None] + q * step[:, None]
+        x[:, precise] = recon_p
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         from_float(t.view(g.layers, g.parts, g.heads, g.dim, g.tokens).permute(0, 1, 4, 2, 3), g, out)
+
+
+#: A token whose value in some channel lies this many standard deviations from the channel's
+#: mean is coded precisely (8 bits, like an anchor): attention-sink tokens carry huge, rare
+#: values that the model attends to most, and clipping them costs far more quality than the
+#: bits they take. At most one token in 8 is treated so.
+OUTLIER_Z = 8.0
+
+
+def _outlier_tokens(x: np.ndarray) -> np.ndarray:
+    """Indices (sorted) of the tokens to code precisely for their outliers."""
+    if x.shape[1] < 2:
+        return np.zeros(0, dtype=np.int64)
+    m = x.mean(axis=1, keepdims=True)
+    s = x.std(axis=1, keepdims=True) + 1e-12
+    score = (np.abs(x - m) / s).max(axis=0)
+    idx = np.flatnonzero(score > OUTLIER_Z)
+    cap = max(1, x.shape[1] // 8)
+    if idx.size > cap:
+        idx = idx[np.argsort(score[idx])[::-1][:cap]]
+    return np.sort(idx)
+
+
+def _quantize_precise(x: np.ndarray, precise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """8-bit codes of the precise tokens with one scale per lane (absmax over those tokens)."""
+    if not precise.any():
+        return np.full(x.shape[0], 2.0**-24, np.float32), np.zeros((x.shape[0], 0), np.float32)
+    p = x[:, precise]
+    scale = _f16(np.abs(p).max(axis=1) / _HALF)
+    return scale, np.clip(np.rint(p / scale[:, None]), -_HALF, _HALF)
+
+
+def _f16s(x: np.ndarray) -> np.ndarray:
+    """Signed values rounded to float16, as float32."""
+    return np.clip(x, -65504.0, 65504.0).astype(np.float16).astype(np.float32)
 
 
 ALPHABET = 256
@@ -233,7 +288,7 @@ def _lane_bits(g: ChunkGeometry, base_bits: int) -> np.ndarray:
 
 
 def _tables(g: ChunkGeometry, is_anchor: np.ndarray) -> np.ndarray:
-    """Table index per lane and token: 2 * (layer * parts + part) + (0 for anchors, 1 for the rest)."""
+    """Table index per lane and token: 2 * (layer * parts + part) + (0 for precise tokens, 1 for the rest)."""
     lp = np.repeat(np.arange(g.layers * g.parts), g.heads * g.dim)
     return (2 * lp)[:, None] + (~is_anchor)[None, :].astype(np.int64)
 

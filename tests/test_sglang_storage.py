@@ -263,6 +263,7 @@ def test_sglang_shipped_storage_test_against_lmcache(
     monkeypatch: pytest.MonkeyPatch, is_mla: bool, tp_rank: int, tp_size: int
 ) -> None:
     """SGLang ships a v1 storage test (written for Mooncake): run its batch test on lmcache."""
+    import_sglang("sglang.srt.mem_cache.storage.mooncake_store.test_mooncake_store")
     from sglang.srt.mem_cache.storage.mooncake_store import test_mooncake_store as shipped
 
     made: list[LMCacheHiCacheStorage] = []

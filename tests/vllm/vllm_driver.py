@@ -10,6 +10,8 @@ Usage::
 is one of ``generate`` (all prompts, greedy), ``generate SET`` (the prompts of
 ``spec["prompt_sets"][SET]``, in one batch), ``reset`` (``llm.reset_prefix_cache()``),
 ``reset-external`` (the same, with ``reset_connector=True``: lmcache forgets too),
+``events`` (the ``BlockStored`` events received on ``spec["kv_events"]``, vLLM's ZMQ
+event endpoint), ``metrics`` (the ``vllm:lmcache*`` series of vLLM's Prometheus metrics; needs ``"log_stats": true``),
 ``corrupt DIR`` (flip payload bytes of every stored chunk file), ``poison DIR`` (replace the
 stored chunks by valid chunks of random KV: loads succeed, but feed wrong KV) and ``break DIR``
 (replace the tier's directory with a plain file, so every backend call fails).
@@ -83,6 +85,21 @@ def _poison(spec: dict[str, Any], root: str) -> int:
     return stored
 
 
+def _snapshot(stats_dir: str | None) -> dict[str, int]:
+    """The workers' connector counters now, summed (what loads have done so far)."""
+    out: dict[str, int] = {}
+    for f in Path(stats_dir).glob("*.json") if stats_dir else ():
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if data.get("role") == "WORKER":
+            for k, v in data.items():
+                if isinstance(v, int) and k != "pid":
+                    out[k] = out.get(k, 0) + v
+    return out
+
+
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
@@ -97,6 +114,19 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             kv_load_failure_policy="recompute",
             kv_connector_extra_config=spec["extra"],
         )
+    sub = None
+    events: list[dict[str, Any]] = []
+    kv_events = None
+    if spec.get("kv_events"):
+        # Subscribe (before vLLM starts publishing) on the endpoint vLLM's ZMQ publisher binds.
+        import zmq
+
+        from vllm.config import KVEventsConfig
+
+        kv_events = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", endpoint=spec["kv_events"])
+        sub = zmq.Context.instance().socket(zmq.SUB)
+        sub.connect(spec["kv_events"])
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
     llm = LLM(
         model=spec["model"],
         skip_tokenizer_init=True,
@@ -108,6 +138,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         enable_prefix_caching=spec.get("enable_prefix_caching", True),
         kv_transfer_config=kv,
         seed=0,
+        disable_log_stats=not spec.get("log_stats", False),
+        kv_events_config=kv_events,
     )
     params = SamplingParams(max_tokens=spec.get("max_tokens", 8), temperature=0.0, detokenize=False)
     prompts = [TokensPrompt(prompt_token_ids=p) for p in spec.get("prompts", [])]
@@ -118,6 +150,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             batch = [TokensPrompt(prompt_token_ids=p) for p in spec["prompt_sets"][arg]] if arg else prompts
             outs = llm.generate(batch, params, use_tqdm=False)
             steps.append({"op": op, "set": arg, "tokens": [list(o.outputs[0].token_ids) for o in outs]})
+            steps[-1]["worker"] = _snapshot(spec["extra"].get("stats_dir"))
         elif op == "turn":
             # A chat's next turn: each prompt of set ``arg``, its last answer, then the turn text.
             last = next(st["tokens"] for st in reversed(steps) if st["op"] == "generate" and st["set"] == arg)
@@ -127,6 +160,35 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             ]
             outs = llm.generate(batch, params, use_tqdm=False)
             steps.append({"op": op, "set": arg, "tokens": [list(o.outputs[0].token_ids) for o in outs]})
+            steps[-1]["worker"] = _snapshot(spec["extra"].get("stats_dir"))
+        elif op == "events":
+            # Every BlockStored event published so far: (medium, block hashes, token ids).
+            import time
+
+            import msgspec
+            import zmq
+
+            from vllm.distributed.kv_events import BlockStored, KVEventBatch
+
+            assert sub is not None, "events needs spec['kv_events']"
+            decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                if not sub.poll(500):
+                    continue
+                _topic, _seq, payload = sub.recv_multipart(zmq.NOBLOCK)
+                for ev in decoder.decode(payload).events:
+                    if isinstance(ev, BlockStored):
+                        hashes = [h.hex() if isinstance(h, bytes) else str(h) for h in ev.block_hashes]
+                        events.append({"medium": ev.medium, "hashes": hashes, "tokens": list(ev.token_ids)})
+            steps.append({"op": op, "stored": events})
+        elif op == "metrics":
+            # vLLM's own Prometheus metrics (what /metrics serves): the lmcache series, summed over labels.
+            series: dict[str, float] = {}
+            for m in llm.get_metrics():
+                if m.name.startswith("vllm:lmcache"):
+                    series[m.name] = series.get(m.name, 0.0) + float(getattr(m, "value", 0.0))
+            steps.append({"op": op, "series": series})
         elif op == "reset":
             steps.append({"op": op, "ok": bool(llm.reset_prefix_cache())})
         elif op == "reset-external":

@@ -8,11 +8,16 @@ between vLLM's paged cache and lmcache.
   holds beyond vLLM's own prefix cache; a hit covering the whole prompt is reported one token
   short so vLLM still computes the last token's logits.
 * ``build_connector_meta`` turns the plan into loads (token range + block table) and stores (the
-  prompt's full chunks once their KV is computed, chunked prefill included).
-* The worker loads synchronously in ``start_load_kv`` (before the forward) and stores after the
-  forward in ``wait_for_save``; both copy all layers of a chunk at once through
-  :class:`lmcache.kernels.PagedKV`. Stores copy out of vLLM's blocks before returning; the puts
-  land asynchronously.
+  full chunks of the prompt and, with ``save_decode_tokens``, of the generated tokens, once their
+  KV is computed, chunked prefill included), so a chat's next turn hits on the previous answer.
+* With ``async_loading`` (the default) ``get_num_new_matched_tokens`` answers ``(n, True)``: vLLM
+  parks the request, the worker loads on its load thread while other requests run, and reports
+  the load through ``get_finished``. Otherwise the worker loads in ``start_load_kv`` before the
+  forward. Stores run after the forward in ``wait_for_save``; both copy all layers of a chunk at
+  once through :class:`lmcache.kernels.PagedKV`. Stores copy out of vLLM's blocks before
+  returning; the puts land asynchronously.
+* Counters reach vLLM's stat loggers and ``/metrics`` (``vllm:lmcache_*``) through the
+  ``KVConnectorStats`` hooks (:mod:`lmcache.integrations.vllm.metrics`).
 * A load that comes up short (a backend failed, a chunk vanished or is corrupt) reports the blocks
   it could not fill through ``get_block_ids_with_load_errors``; with ``kv_load_failure_policy:
   recompute`` vLLM recomputes them. Stores of that request in that step are skipped, so KV that
@@ -32,6 +37,7 @@ Mamba) KV caches are rejected.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -43,6 +49,7 @@ import torch
 
 from lmcache.engine import CacheEngine
 from lmcache.errors import MissingDependencyError, UnsupportedOperationError
+from lmcache.integrations.vllm.metrics import PROM_COUNTERS, LMCacheKVConnectorStats, LMCachePromMetrics
 from lmcache.integrations.vllm.slots import (
     ConnectorSettings,
     SlotMappedKV,
@@ -89,6 +96,7 @@ class LoadSpec:
     start: int
     end: int
     block_ids: list[int]
+    asynchronous: bool = False  # off the forward path, reported through ``get_finished``
 
 
 @dataclasses.dataclass
@@ -114,9 +122,23 @@ class LMCacheConnectorMetadata(KVConnectorMetadata):
 class _ReqState:
     """Scheduler-side view of a running request."""
 
-    tokens: list[int]
+    prompt: list[int]
     block_ids: list[int]
     saved_upto: int = 0
+    announced_blocks: int = 0  # vLLM blocks announced in BlockStored events
+    request: Request | None = None  # vLLM's live request: its ``all_token_ids`` grows as it decodes
+
+    def tokens(self, with_output: bool) -> list[int]:
+        """The prompt, or the prompt and the tokens generated so far."""
+        if with_output and self.request is not None:
+            return list(self.request.all_token_ids)
+        return self.prompt
+
+    def num_tokens(self, with_output: bool) -> int:
+        """``len(self.tokens(with_output))`` without copying the tokens."""
+        if with_output and self.request is not None:
+            return len(self.request.all_token_ids)
+        return len(self.prompt)
 
 
 @dataclasses.dataclass
@@ -279,6 +301,7 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         self._engine: CacheEngine | None = None
         self._lock = threading.Lock()
         self.counters: dict[str, int] = {}
+        self._reported: dict[str, int] = {}  # counters as of the last get_kv_connector_stats
         self._stats_name = (
             f"{'scheduler' if role == KVConnectorRole.SCHEDULER else 'worker'}-{os.getpid()}-{id(self):x}"
         )
@@ -286,6 +309,11 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         self._plans: dict[str, _LoadPlan] = {}
         self._to_load: dict[str, _LoadPlan] = {}
         self._reqs: dict[str, _ReqState] = {}
+        self._requests: dict[str, Request] = {}  # live requests seen by a lookup, until they finish
+        self._async_ready: list[LoadSpec] = []  # asynchronous loads for the next step's metadata
+        self._events: list[Any] = []  # BlockStored events for vLLM's KV event publisher (take_events)
+        self._lookup_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._prefetched: dict[str, concurrent.futures.Future[int]] = {}  # lookups started on arrival
         self._reset_pending = False
         # Worker side.
         self.layout_source = ""
@@ -293,6 +321,9 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         self.rank = 0
         self._load_errors: set[int] = set()
         self._failed_reqs: set[str] = set()
+        self._count_lock = threading.Lock()  # asynchronous loads count from their own thread
+        self._load_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._loading: dict[str, tuple[LoadSpec, concurrent.futures.Future[set[int]]]] = {}
         logger.info(
             "lmcache connector (%s): model %s, %s, chunk %d tokens, tiers %s",
             role.name,
@@ -305,11 +336,45 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
     # -- shared --------------------------------------------------------------------------------
 
     def _count(self, name: str, n: int = 1) -> None:
-        self.counters[name] = self.counters.get(name, 0) + n
+        with self._count_lock:
+            self.counters[name] = self.counters.get(name, 0) + n
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        """False for ``kv_both``: as a cache, a dropped store is a future miss, never lost data."""
+        if self._kv_transfer_config.kv_role == "kv_both":
+            return False
+        return super().requires_kv_delivery
+
+    def get_kv_connector_stats(self) -> LMCacheKVConnectorStats | None:
+        """Counter increments since the last call (vLLM sums them across workers and roles)."""
+        with self._count_lock:
+            delta = {k: v - self._reported.get(k, 0) for k, v in self.counters.items() if k in PROM_COUNTERS}
+            self._reported = {k: v for k, v in self.counters.items() if k in PROM_COUNTERS}
+        delta = {k: v for k, v in delta.items() if v}
+        return LMCacheKVConnectorStats(data=delta) if delta else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> LMCacheKVConnectorStats:
+        """Rebuild reported stats from their dict form (in vLLM's stat loggers)."""
+        return LMCacheKVConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> LMCachePromMetrics:
+        """``vllm:lmcache_*`` counters in vLLM's ``/metrics``."""
+        return LMCachePromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def stats(self) -> dict[str, Any]:
         """The connector's counters plus its engine's."""
-        out: dict[str, Any] = {"role": self.role.name, "pid": os.getpid(), **self.counters}
+        with self._count_lock:
+            counters = dict(self.counters)
+        out: dict[str, Any] = {"role": self.role.name, "pid": os.getpid(), **counters}
         if self._engine is not None:
             out["engine"] = {k: v for k, v in self._engine.stats().items() if k != "backend"}
         return out
@@ -326,7 +391,12 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
             return self._engine
 
     def shutdown(self) -> None:
-        """Flush pending stores and release the engine."""
+        """Finish in-flight loads, flush pending stores and release the engine."""
+        for attr in ("_load_pool", "_lookup_pool"):
+            pool = getattr(self, attr)
+            if pool is not None:
+                pool.shutdown(wait=True)
+                setattr(self, attr, None)
         with self._lock:
             engine, self._engine = self._engine, None
         if engine is not None:
@@ -355,11 +425,8 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
             return 0, False
         prompt = request.prompt_token_ids
         assert prompt is not None
-        try:
-            hit = self._get_engine().lookup(prompt)
-        except Exception as exc:  # a lookup is advisory: never fail scheduling over it
-            logger.warning("lmcache lookup failed, treating it as a miss: %s", exc)
-            hit = 0
+        self._requests[request.request_id] = request
+        hit = self._lookup(request.request_id, prompt)
         self._count("lookups")
         end = min(hit, len(prompt) - 1)  # vLLM must compute at least the last prompt token
         new = end - num_computed_tokens
@@ -367,7 +434,36 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
             self._plans.pop(request.request_id, None)
             return 0, False
         self._plans[request.request_id] = _LoadPlan(num_computed_tokens, end, hit)
-        return new, False
+        return new, self.settings.async_loading
+
+    def on_new_request(self, request: Request) -> None:
+        """Start the request's lookup on arrival, so its latency hides behind queueing."""
+        if not self._cacheable(request):
+            return
+        if self._lookup_pool is None:
+            self._lookup_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="lmcache-lookup")
+        prompt = list(request.prompt_token_ids or ())
+        self._prefetched[request.request_id] = self._lookup_pool.submit(self._get_engine().lookup, prompt)
+
+    def _lookup(self, req_id: str, prompt: list[int]) -> int:
+        """The prompt's hit: the lookup started on arrival if there is one, else a lookup now.
+
+        Either way the scheduler waits at most about ``lookup_budget`` (the engine bounds a
+        lookup by it; a started one has had part of it already). A lookup not back in time, or
+        failed, is a miss.
+        """
+        fut = self._prefetched.pop(req_id, None)
+        try:
+            if fut is not None:
+                try:
+                    return fut.result(timeout=2 * self.config.lookup_budget + 0.05)
+                except concurrent.futures.TimeoutError:
+                    self._count("lookups_late")
+                    return 0
+            return self._get_engine().lookup(prompt)
+        except Exception as exc:  # a lookup is advisory: never fail scheduling over it
+            logger.warning("lmcache lookup failed, treating it as a miss: %s", exc)
+            return 0
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         """Commit the load planned for ``request`` once vLLM has given it blocks."""
@@ -376,7 +472,16 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
             return
         # vLLM may grant fewer tokens than offered; the load ends where vLLM's count ends.
         plan.end = plan.computed + num_external_tokens
-        self._to_load[request.request_id] = plan
+        if self.settings.async_loading:
+            # vLLM parks the request (WAITING_FOR_REMOTE_KVS) and schedules it once the workers
+            # report the load finished; it is not in a scheduler output before then.
+            prompt = list(request.prompt_token_ids or ())
+            block_ids = list(blocks.get_block_ids()[0])
+            self._async_ready.append(
+                LoadSpec(request.request_id, prompt[: plan.hit], plan.computed, plan.end, block_ids, True)
+            )
+        else:
+            self._to_load[request.request_id] = plan
         self._count("matched_requests")
         self._count("matched_tokens", num_external_tokens)
 
@@ -389,7 +494,9 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
             if not prompt or new.mm_features or getattr(new, "prompt_embeds", None) is not None:
                 self._to_load.pop(new.req_id, None)
                 continue
-            state = _ReqState(list(prompt), list(new.block_ids[0]) if new.block_ids else [])
+            state = _ReqState(
+                list(prompt), list(new.block_ids[0]) if new.block_ids else [], request=self._requests.get(new.req_id)
+            )
             self._reqs[new.req_id] = state
             self._plan_load(new.req_id, state, meta)
             self._plan_save(new.req_id, state, new.num_computed_tokens + scheduled.get(new.req_id, 0), meta)
@@ -409,6 +516,9 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         for req_id in scheduler_output.finished_req_ids:
             self._reqs.pop(req_id, None)
             self._to_load.pop(req_id, None)
+            self._requests.pop(req_id, None)
+        meta.loads.extend(self._async_ready)
+        self._async_ready = []
         if self._reset_pending:
             meta.reset, self._reset_pending = True, False
         if meta.loads or meta.saves:
@@ -423,6 +533,7 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         """
         self._plans.clear()
         self._to_load.clear()
+        self._prefetched.clear()  # started before the reset: they may name deleted chunks
         self._reset_pending = True
         ok = clear_scope(self._get_engine())
         self._count("resets")
@@ -432,23 +543,82 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         plan = self._to_load.pop(req_id, None)
         if plan is None:
             return
-        tokens = state.tokens[: plan.hit]
+        tokens = state.prompt[: plan.hit]
         meta.loads.append(LoadSpec(req_id, tokens, plan.computed, plan.end, list(state.block_ids)))
 
     def _plan_save(self, req_id: str, state: _ReqState, computed: int, meta: LMCacheConnectorMetadata) -> None:
-        limit = min(computed, len(state.tokens))
+        # With save_decode_tokens the generated tokens count too: ``computed`` covers them once
+        # the step that feeds them runs (the newest sampled token has no KV yet and is excluded,
+        # as is anything beyond the tokens known now, e.g. under async scheduling).
+        limit = min(computed, state.num_tokens(self.settings.save_decode_tokens))
         end = limit - limit % self.chunk_size
-        if self.config.save_partial_chunks and limit == len(state.tokens):
+        if self.config.save_partial_chunks and limit == len(state.prompt):
             end = limit
         if end <= state.saved_upto:
             return
         blocks = state.block_ids[: -(-end // self.block_size)]
-        meta.saves.append(SaveSpec(req_id, state.tokens[:end], state.saved_upto, list(blocks)))
+        if len(blocks) * self.block_size < end:
+            return  # the block table is not known that far yet; retried next step
+        tokens = state.tokens(self.settings.save_decode_tokens)
+        meta.saves.append(SaveSpec(req_id, tokens[:end], state.saved_upto, list(blocks)))
+        self._announce(state, tokens, end)
+        if end > len(state.prompt):
+            self._count("decode_saved_tokens", end - max(state.saved_upto, len(state.prompt)))
         state.saved_upto = end
 
+    def _announce(self, state: _ReqState, tokens: list[int], end: int) -> None:
+        """Queue a ``BlockStored`` event for the vLLM blocks the stores up to ``end`` now cover whole.
+
+        The events carry vLLM's own block hashes (``request.block_hashes``, the ones its prefix
+        cache publishes) and ``medium="LMCACHE"``, so KV-aware routers that follow vLLM's events
+        learn what lmcache holds. A store that later fails is not retracted (a router's view is a
+        hint; a miss costs a recompute). Blocks that a chunk covers only in part are announced
+        once a later store covers them.
+        """
+        request = state.request
+        if request is None:
+            return
+        try:
+            from vllm.distributed.kv_events import BlockStored
+            from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
+
+            hashes = list(request.block_hashes)
+            if len(hashes) != request.num_tokens // self.block_size:
+                return  # vLLM hashes in other units than its blocks here: no event rather than a wrong one
+            first, last = state.announced_blocks, min(end // self.block_size, len(hashes))
+            if last <= first:
+                return
+            self._events.append(
+                BlockStored(
+                    block_hashes=[maybe_convert_block_hash(h) for h in hashes[first:last]],
+                    parent_block_hash=maybe_convert_block_hash(hashes[first - 1]) if first else None,
+                    token_ids=list(tokens[first * self.block_size : last * self.block_size]),
+                    block_size=self.block_size,
+                    lora_id=None,
+                    medium="LMCACHE",
+                    lora_name=None,
+                    group_idx=0,
+                )
+            )
+            state.announced_blocks = last
+            self._count("announced_blocks", last - first)
+        except Exception as exc:  # events are advisory: never fail scheduling over them
+            logger.debug("lmcache: no KV event for request %s: %s", request.request_id, exc)
+
+    def take_events(self) -> list[Any]:
+        """``BlockStored`` events since the last call (vLLM publishes them with its own)."""
+        out, self._events = self._events, []
+        return out
+
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        """Forget the request; stores copy out during the step, so blocks can be freed at once."""
+        """Forget the request; stores copy out during the step, so blocks can be freed at once.
+
+        With ``save_decode_tokens`` every whole chunk of the prompt and the answer was stored by
+        the step that computed its last token, so nothing is left to do here.
+        """
         self._reqs.pop(request.request_id, None)
+        self._requests.pop(request.request_id, None)
+        self._prefetched.pop(request.request_id, None)
         self._plans.pop(request.request_id, None)
         self._to_load.pop(request.request_id, None)
         return False, None
@@ -491,40 +661,59 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         return meta if isinstance(meta, LMCacheConnectorMetadata) else None
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        """Load every planned prefix into its blocks (synchronously, before the forward)."""
+        """Load every planned prefix into its blocks.
+
+        Synchronous loads finish here, before the forward. Asynchronous ones go to the load
+        thread: their requests are parked by vLLM (no forward touches their blocks) until
+        :meth:`get_finished` reports them.
+        """
         meta = self._meta()
         if meta is not None and meta.reset and self.kv is not None:
             clear_scope(self._get_engine())
         if meta is None or not meta.loads or self.kv is None:
             return
-        engine = self._get_engine()
         for load in meta.loads:
-            dst = SlotMappedKV(self.kv, load.block_ids, lo=load.start, hi=load.end)
-            try:
-                loaded = engine.retrieve(load.tokens, dst, start=load.start)
-            except Exception as exc:  # a failed load is recomputed by vLLM, never a failed step
-                logger.warning("lmcache load for request %s failed: %s", load.req_id, exc)
-                loaded = 0
-            good = max(min(loaded, load.end), load.start)
-            self._count("load_requests")
-            self._count("loaded_tokens", good - load.start)
-            if good < load.end:
-                bad = blocks_covering(load.block_ids, self.block_size, good, load.end)
+            if load.asynchronous:
+                if self._load_pool is None:
+                    self._load_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lmcache-load")
+                self._loading[load.req_id] = (load, self._load_pool.submit(self._load, load))
+                self._count("async_loads_started")
+                continue
+            bad = self._load(load)
+            if bad:
                 self._load_errors |= bad
                 self._failed_reqs.add(load.req_id)
-                self._count("load_failures")
-                self._count("failed_tokens", load.end - good)
-                logger.warning(
-                    "lmcache loaded %d of %d planned tokens for request %s; vLLM recomputes %d block(s)",
-                    good - load.start,
-                    load.end - load.start,
-                    load.req_id,
-                    len(bad),
-                )
         self._write_stats()
 
+    def _load(self, load: LoadSpec) -> set[int]:
+        """Scatter one planned prefix into its blocks; returns the blocks it could not fill."""
+        assert self.kv is not None
+        dst = SlotMappedKV(self.kv, load.block_ids, lo=load.start, hi=load.end)
+        try:
+            loaded = self._get_engine().retrieve(load.tokens, dst, start=load.start)
+        except Exception as exc:  # a failed load is recomputed by vLLM, never a failed step
+            logger.warning("lmcache load for request %s failed: %s", load.req_id, exc)
+            loaded = 0
+        good = max(min(loaded, load.end), load.start)
+        self._count("load_requests")
+        self._count("loaded_tokens", good - load.start)
+        self._count("loaded_bytes", self.geometry.chunk_nbytes(good - load.start))
+        if good >= load.end:
+            return set()
+        bad = blocks_covering(load.block_ids, self.block_size, good, load.end)
+        self._count("load_failures")
+        self._count("failed_tokens", load.end - good)
+        logger.warning(
+            "lmcache loaded %d of %d planned tokens for request %s; vLLM recomputes %d block(s)",
+            good - load.start,
+            load.end - load.start,
+            load.req_id,
+            len(bad),
+        )
+        return bad
+
     def wait_for_layer_load(self, layer_name: str) -> None:
-        """Loads finish in :meth:`start_load_kv`; nothing to wait for."""
+        """Synchronous loads finish in :meth:`start_load_kv`; asynchronous ones hold no forward."""
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any
@@ -546,14 +735,32 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
             try:
                 engine.store(save.tokens, SlotMappedKV(self.kv, save.block_ids), start=save.start)
                 self._count("save_requests")
+                self._count("saved_tokens", len(save.tokens) - save.start)
+                self._count("saved_bytes", self.geometry.chunk_nbytes(len(save.tokens) - save.start))
             except Exception as exc:  # a failed store is a future miss, never a failed step
                 logger.warning("lmcache store for request %s failed: %s", save.req_id, exc)
                 self._count("save_failures")
         self._write_stats()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        """Nothing is transferred asynchronously across steps."""
-        return None, None
+        """Requests whose asynchronous load ended (loaded, short or failed) since the last call.
+
+        The blocks a load could not fill go to :meth:`get_block_ids_with_load_errors`, which vLLM
+        calls right after this, so they are reported no later than the request itself.
+        """
+        done = {req_id for req_id, (_, fut) in self._loading.items() if fut.done()}
+        if not done:
+            return None, None
+        for req_id in done:
+            load, fut = self._loading.pop(req_id)
+            try:
+                self._load_errors |= fut.result()
+            except Exception as exc:  # _load catches backend errors; anything else fails the load whole
+                logger.warning("lmcache load for request %s failed: %s", req_id, exc)
+                self._count("load_failures")
+                self._load_errors |= blocks_covering(load.block_ids, self.block_size, load.start, load.end)
+        self._write_stats()
+        return None, done
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         """Blocks whose planned load failed since the last call (vLLM recomputes them)."""

@@ -116,7 +116,9 @@ def blocks_covering(block_ids: Sequence[int], block_size: int, start: int, end: 
 
 #: ``kv_connector_extra_config`` keys the connector reads itself; every other key must be an
 #: :class:`~lmcache.config.LMCacheConfig` field.
-_OWN_KEYS = ("config_file", "model_id", "stats_dir", "shared_dir")
+_OWN_KEYS = ("config_file", "model_id", "stats_dir", "shared_dir", "save_decode_tokens", "async_loading")
+#: Connector switches among :data:`_OWN_KEYS` (booleans) and their defaults.
+_SWITCHES = {"save_decode_tokens": True, "async_loading": True}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,12 +132,18 @@ class ConnectorSettings:
         stats_dir: Where each connector writes its counters as JSON, or ``None``.
         shared_dir: The ``file://`` directory added when only ``memory://`` tiers are configured
             and the scheduler and workers run in different processes.
+        save_decode_tokens: Store the whole chunks of generated tokens too (prompt + answer), so
+            a conversation's next turn hits on the previous answer.
+        async_loading: Load off the forward path: vLLM parks a request while its prefix loads
+            and schedules the others meanwhile.
     """
 
     config: LMCacheConfig
     model_id: str | None = None
     stats_dir: str | None = None
     shared_dir: str | None = None
+    save_decode_tokens: bool = True
+    async_loading: bool = True
 
     @classmethod
     def from_extra_config(
@@ -161,7 +169,15 @@ class ConnectorSettings:
         for key in ("model_id", "stats_dir", "shared_dir"):
             if key in own and (not isinstance(own[key], str) or not own[key]):
                 raise ConfigError(f"kv_connector_extra_config {key} must be a non-empty string, got {own[key]!r}")
-        return cls(config, own.get("model_id"), own.get("stats_dir"), own.get("shared_dir"))
+        switches = {}
+        for key, default in _SWITCHES.items():
+            value = own.get(key, default)
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                value = value.lower() in ("true", "1", "yes", "on")
+            if not isinstance(value, bool):
+                raise ConfigError(f"kv_connector_extra_config {key} must be a boolean, got {value!r}")
+            switches[key] = value
+        return cls(config, own.get("model_id"), own.get("stats_dir"), own.get("shared_dir"), **switches)
 
     def shared_config(self, model_id: str, cross_process: bool) -> LMCacheConfig:
         """The config to run with: a ``file://`` tier is added when no tier is visible across processes.

@@ -52,6 +52,10 @@ def from_float(x: torch.Tensor, g: ChunkGeometry, out: memoryview) -> None:
     np.frombuffer(out, dtype=raw.dtype)[:] = raw
 
 
+#: float32 value of every float8 e4m3 code.
+_FP8_TABLE = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+
+
 def _f16(x: torch.Tensor) -> torch.Tensor:
     """``x`` rounded to float16 (and clamped to where a scale is usable), back as float32."""
     return x.clamp(_TINY, 65504.0).to(torch.float16).float()
@@ -111,7 +115,8 @@ class Fp8Codec(_Scaled):
         return y.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
 
     def _dequantize(self, codes: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.from_numpy(codes.copy()).view(torch.float8_e4m3fn).float().view(shape)
+        # A 256-entry table lookup: several times faster on CPU than torch's float8 conversion.
+        return torch.from_numpy(np.take(_FP8_TABLE, codes)).view(shape)
 
 
 class Int8Codec(_Scaled):

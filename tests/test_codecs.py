@@ -196,3 +196,27 @@ def test_config_codec_is_the_default_of_tiers_outside_the_process(tmp_path: Path
 
 def test_settings_defaults() -> None:
     assert CodecSettings().codec == "raw" and get_codec("raw").name == "raw"
+
+
+async def test_redis_mixed_codecs_and_lossy_promotion(redis_server: RedisServer) -> None:
+    """fp8, int4 and zstd values side by side in one Redis; a raw stack reads them all, lossy ones close."""
+    size = len(kv(0))
+    keys = [key(20 + i) for i in range(3)]
+    for k, codec in zip(keys, ["fp8", "int4", "zstd"], strict=True):
+        async with open_backend(f"{redis_server.url}?codec={codec}") as b:
+            assert (await b.put([k], [kv(k.chunk_hash[4])]))[0].ok
+    try:
+        async with TieredBackend.from_urls(["memory://?capacity=1MiB", redis_server.url]) as t:
+            got = await read(t, keys, size)
+            assert got[2] == kv(keys[2].chunk_hash[4])  # lossless: exact
+            for k, value, limit in zip(keys[:2], got[:2], [0.05, 0.15], strict=True):
+                want = np.frombuffer(kv(k.chunk_hash[4]), np.uint16).astype(np.uint32) << 16
+                have = np.frombuffer(value, np.uint16).astype(np.uint32) << 16
+                a, b = want.view(np.float32), have.view(np.float32)
+                assert value != kv(k.chunk_hash[4]) and np.linalg.norm(a - b) / np.linalg.norm(a) < limit
+            # Promoted into memory:// as the decoded chunk (what the engine got), not the encoded bytes.
+            assert await read(t.tiers[0], keys, size) == got
+            assert t.tiers[1].stats()["codec_decoded"] == 3
+    finally:
+        async with open_backend(redis_server.url) as b:
+            await b.delete(keys)

@@ -19,14 +19,13 @@ checksummed by it: the checksum covers the encoded bytes).
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import os
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, ClassVar
 
 from lmcache.backends.base import Capabilities, PutResult, StorageBackend
-from lmcache.backends.concurrency import run_blocking
+from lmcache.backends.concurrency import gather_all, run_blocking
 from lmcache.backends.urls import settings_query
 from lmcache.errors import IntegrityError, InvalidBufferError
 from lmcache.keys import CacheKey
@@ -157,24 +156,19 @@ class CodecBackend(StorageBackend):
     async def _put(self, keys: list[CacheKey], srcs: list[memoryview]) -> list[PutResult]:
         if self.codec.name == "raw":
             return await self.inner.put(keys, srcs)
-        loop = asyncio.get_running_loop()
+        # Never leave a worker reading a caller's buffer after we return: gather_all and
+        # run_blocking wait for every thread, also on cancellation.
         pool = codec_executor()
-        futs = [loop.run_in_executor(pool, self._encode, k, s) for k, s in zip(keys, srcs, strict=True)]
-        try:
-            encoded = await asyncio.gather(*futs)
-        except BaseException:
-            # Never leave a worker reading a caller's buffer after we return (rule 3).
-            await asyncio.wait(futs)
-            raise
+        encoded = await gather_all([run_blocking(pool, self._encode, k, s) for k, s in zip(keys, srcs, strict=True)])
+        c = self.codec_counters  # counted here, on the loop: workers share no state
+        for src, out in zip(srcs, encoded, strict=True):
+            c["codec_bytes_in"] += src.nbytes
+            c["codec_bytes_out"] += len(out)
+            c["codec_encoded" if out is not src else "codec_stored_raw"] += 1
         return await self.inner.put(keys, encoded)
 
     def _encode(self, key: CacheKey, src: memoryview) -> memoryview | bytes:
-        out = encode_value(self.codec, src, geometry_for(key.model, src.nbytes))
-        c = self.codec_counters
-        c["codec_bytes_in"] += src.nbytes
-        c["codec_bytes_out"] += len(out)
-        c["codec_encoded" if out is not src else "codec_stored_raw"] += 1
-        return out
+        return encode_value(self.codec, src, geometry_for(key.model, src.nbytes))
 
     async def _put_device(self, keys: list[CacheKey], srcs: list[Any]) -> list[PutResult]:
         return await self.inner.put(keys, srcs)
@@ -204,7 +198,11 @@ class CodecBackend(StorageBackend):
             return sizes
         # Copy the encoded bytes out of dst (small next to the chunk) and decode into dst.
         jobs = [(i, bytes(dsts[i][: sizes[i]]), h) for i, h in todo]
-        outcomes = await run_blocking(codec_executor(), _decode_all, jobs, dsts, self.codec)
+        # One worker call per value, so a batch decodes on several cores (each waits out its
+        # thread on cancellation: nothing writes into a dst after we return).
+        pool = codec_executor()
+        parts = await gather_all([run_blocking(pool, _decode_all, [job], dsts, self.codec) for job in jobs])
+        outcomes = [o for part in parts for o in part]
         for (i, _h), outcome in zip(todo, outcomes, strict=True):
             if isinstance(outcome, int):
                 sizes[i] = outcome

@@ -133,7 +133,8 @@ class LMCacheHiCacheStorage(HiCacheStorage):
         # SGLang asks batch_exists and then batch_get_v1 (or batch_set_v1) for the same pages:
         # their keys are derived once (a key also caches its text, which tiers ask for).
         self._key_cache: OrderedDict[str, tuple[CacheKey, ...]] = OrderedDict()
-        self._key_lock = threading.Lock()
+        self._key_lock = threading.Lock()  # guards both caches
+        self._view_cache: OrderedDict[int, tuple[memoryview, ...]] = OrderedDict()
         self._closed = False
         self.counters = {
             "exists_calls": 0,
@@ -179,6 +180,7 @@ class LMCacheHiCacheStorage(HiCacheStorage):
         dtype = str(getattr(pool, "dtype", "bytes")).removeprefix("torch.")
         with self._key_lock:
             self._key_cache.clear()  # keys of another scope
+            self._view_cache.clear()  # views of another pool
         self._scope = KeyScope.create(
             f"{self.model_id}|sglang:{':'.join(parts)}",
             world_size=max(cfg.tp_size, 1),
@@ -265,16 +267,38 @@ class LMCacheHiCacheStorage(HiCacheStorage):
             raise StateError("no host pool registered yet")
         if host_indices.numel() != n_pages * pool.page_size:
             raise ValueError(f"{host_indices.numel()} host indices for {n_pages} pages of {pool.page_size} tokens")
-        ptrs, sizes = pool.get_page_buffer_meta(host_indices.cpu())
-        if len(ptrs) != n_pages * self._segments_per_page or len(sizes) != len(ptrs):
-            raise ValueError(f"the pool gave {len(ptrs)} segments for {n_pages} pages")
-        views = []
-        for ptr, size in zip(ptrs, sizes, strict=True):
-            # The pool computes the addresses; a view is only ever made inside its own tensors.
-            if not any(lo <= ptr and ptr + size <= hi for lo, hi in self._bounds):
-                raise ValueError(f"segment at {ptr:#x} (+{size}) lies outside the host pool")
-            views.append(self._view(ptr, size))
-        return views
+        page_size = pool.page_size
+        host_indices = host_indices.cpu()
+        starts = host_indices[::page_size].tolist()
+        per = self._segments_per_page
+        # A page's segments depend only on where it starts in the pool, whose tensors never
+        # move: the views of recently used pages are kept, SGLang reuses its host slots.
+        found: list[tuple[memoryview, ...] | None] = []
+        with self._key_lock:
+            for start in starts:
+                hit = self._view_cache.get(start)
+                if hit is not None:
+                    self._view_cache.move_to_end(start)
+                found.append(hit)
+        missing = [i for i, hit in enumerate(found) if hit is None]
+        if missing:
+            idx = torch.cat([host_indices[i * page_size : (i + 1) * page_size] for i in missing])
+            ptrs, sizes = pool.get_page_buffer_meta(idx)
+            if len(ptrs) != len(missing) * per or len(sizes) != len(ptrs):
+                raise ValueError(f"the pool gave {len(ptrs)} segments for {len(missing)} pages")
+            made = []
+            for ptr, size in zip(ptrs, sizes, strict=True):
+                # The pool computes the addresses; a view is only ever made inside its own tensors.
+                if not any(lo <= ptr and ptr + size <= hi for lo, hi in self._bounds):
+                    raise ValueError(f"segment at {ptr:#x} (+{size}) lies outside the host pool")
+                made.append(self._view(ptr, size))
+            with self._key_lock:
+                for j, i in enumerate(missing):
+                    found[i] = views_i = tuple(made[j * per : (j + 1) * per])
+                    self._view_cache[starts[i]] = views_i
+                while len(self._view_cache) > _KEY_CACHE_PAGES:
+                    self._view_cache.popitem(last=False)
+        return [v for page in found if page is not None for v in page]
 
     def _failed(self, op: str, exc: BaseException) -> None:
         with self._lock:

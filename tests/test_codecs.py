@@ -220,3 +220,31 @@ async def test_redis_mixed_codecs_and_lossy_promotion(redis_server: RedisServer)
     finally:
         async with open_backend(redis_server.url) as b:
             await b.delete(keys)
+
+
+def test_engine_through_a_lossy_file_tier(tmp_path: Path) -> None:
+    """CacheEngine with an fp8 file tier (no memory tier): retrieve gives the KV back, quantized."""
+    import torch
+
+    from lmcache.engine import CacheEngine
+    from lmcache.integrations.transformers import ContiguousKV
+
+    geo = KVGeometry(num_layers=2, num_kv_heads=2, head_dim=16, dtype="bfloat16")
+    gen = torch.Generator().manual_seed(0)
+    shape = (1, geo.num_kv_heads, 64, geo.head_dim)
+    src = ContiguousKV(
+        [torch.randn(shape, generator=gen).to(torch.bfloat16) for _ in range(geo.num_layers)],
+        [torch.randn(shape, generator=gen).to(torch.bfloat16) for _ in range(geo.num_layers)],
+    )
+    cfg = LMCacheConfig.load(environ={}, chunk_size=32, tiers=[f"file://{tmp_path}/kv"], codec="fp8", lookup_budget=30)
+    tokens = list(range(64))
+    with CacheEngine(geo, "m", config=cfg) as eng:
+        assert eng.store(tokens, src).result(30) == 2
+        eng.flush()
+        dst = ContiguousKV.empty(geo, 64)
+        assert eng.retrieve(tokens, dst) == 64
+        tier = eng.backend.tiers[0].stats()
+        for want, got in zip(src.keys + src.values, dst.keys + dst.values, strict=True):
+            a, b = want.float(), got.float()
+            assert not torch.equal(a, b) and float((a - b).norm() / a.norm()) < 0.05
+    assert tier["codec"] == "fp8" and tier["codec_encoded"] == 2 and tier["codec_decoded"] == 2

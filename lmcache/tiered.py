@@ -76,6 +76,10 @@ bytes; this module decides where values go, when they move and what is given up.
   constructor are *borrowed* by default (like a connection pool handed to a client): they are
   opened on first use (``open`` is idempotent) but left open for their owner to close; pass
   ``own_tiers=True`` to hand them over.
+* **Codecs.** Every tier except ``memory://`` reads and writes through a
+  :class:`~lmcache.serde.layer.CodecBackend` (built in ``_build_tiers``): values are encoded for
+  it with its URL's ``?codec=`` or the ``codec`` setting, and whatever codec wrote a value is
+  decoded on the way out (docs/codecs.md). Promotion puts the decoded value into faster tiers.
 * **Health.** :meth:`ping` pings every tier; failing tiers are marked unhealthy in
   :meth:`stats` and only when *no* tier answers does ``ping`` raise.
 * **Consistency.** First writer wins per tier. A key evicted from tier 0 and put again is

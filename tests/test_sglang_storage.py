@@ -294,3 +294,20 @@ def test_bench_sglang_small_run(tmp_path: Any) -> None:
     assert len(result["rounds"]) == 2
     assert set(result["median"]) == {"adapter_set_s", "baseline_put_s", "adapter_get_s", "baseline_get_s"}
     assert result["params"]["bytes_per_batch"] == 2 * 4 * (2 * 2 * 2 * 8 * 2)
+
+
+def test_reused_host_slots_move_their_current_contents() -> None:
+    """SGLang recycles host slots: a page written from a slot again carries what is there now."""
+    store, pool = _make("mha", "page_head")
+    try:
+        idx = _fill(pool, 1, seed=10)
+        first = _page(pool, idx, 0)
+        assert store.batch_set_v1(["old"], idx) == [True]
+        pool.set_from_flat_data_page(int(idx[0]), torch.ones_like(first))
+        assert store.batch_set_v1(["new"], idx) == [True]
+        out = pool.alloc(2 * PAGE)
+        assert store.batch_get_v1(["old", "new"], out) == [True, True]
+        assert torch.equal(_page(pool, out, 0), first)
+        assert torch.equal(_page(pool, out, 1), torch.ones_like(first))
+    finally:
+        store.close()

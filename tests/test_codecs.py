@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from lmcache_conformance import BackendTests
 from servers import RedisServer
 
 from lmcache.backends.registry import open_backend
@@ -248,3 +249,12 @@ def test_engine_through_a_lossy_file_tier(tmp_path: Path) -> None:
             a, b = want.float(), got.float()
             assert not torch.equal(a, b) and float((a - b).norm() / a.norm()) < 0.05
     assert tier["codec"] == "fp8" and tier["codec_encoded"] == 2 and tier["codec_decoded"] == 2
+
+
+class TestCodecBackendConformance(BackendTests):
+    """A codec-wrapped backend keeps the whole StorageBackend contract (values without a geometry
+    in their key are compressed as plain bytes by zstd)."""
+
+    @pytest.fixture
+    def backend_url(self) -> str:
+        return "memory://?capacity=256MiB&codec=zstd"

@@ -40,7 +40,7 @@ from lmcache.serde.codec import (
     split_codec_query,
 )
 
-__all__ = ["CodecBackend", "codec_executor", "wrap_with_codec"]
+__all__ = ["CodecBackend", "codec_backend_class", "codec_executor", "wrap_with_codec"]
 
 _EXECUTOR: list[concurrent.futures.ThreadPoolExecutor] = []  # made on first use
 
@@ -99,7 +99,7 @@ class CodecBackend(StorageBackend):
         from lmcache.backends.registry import open_backend
 
         base, options = split_codec_query(url)
-        return cls(open_backend(base, **overrides), make_codec(options or {"codec": "raw"}, owner="codec"))
+        return wrap_with_codec(open_backend(base, **overrides), options, explicit=True)  # type: ignore[return-value]
 
     @property
     def url(self) -> str:
@@ -121,13 +121,12 @@ class CodecBackend(StorageBackend):
     async def _ping(self) -> None:
         await self.inner.ping()
 
-    async def register_host_memory(self, buffer: Any) -> None:
-        """Forwarded to the inner backend (raw values are read straight into the caller's memory)."""
-        await self.inner.register_host_memory(buffer)
+    async def _register_host_memory(self, view: memoryview) -> None:
+        # Forwarded: raw values are read straight into the caller's memory by the inner backend.
+        await self.inner.register_host_memory(view)
 
-    async def unregister_host_memory(self, buffer: Any) -> None:
-        """Forwarded to the inner backend."""
-        await self.inner.unregister_host_memory(buffer)
+    async def _unregister_host_memory(self, view: memoryview) -> None:
+        await self.inner.unregister_host_memory(view)
 
     def stats(self) -> dict[str, Any]:
         """The inner backend's stats (capacity, used bytes… of encoded values) plus codec counters."""
@@ -235,7 +234,19 @@ def _decode_all(
     return out
 
 
+_KINDS: dict[type[StorageBackend], type[CodecBackend]] = {}
+
+
+def codec_backend_class(inner: type[StorageBackend]) -> type[CodecBackend]:
+    """The :class:`CodecBackend` subclass for backends of class ``inner`` (it serves their schemes)."""
+    kind = _KINDS.get(inner)
+    if kind is None:
+        kind = type(f"Codec{inner.__name__}", (CodecBackend,), {"schemes": inner.schemes, "__module__": __name__})
+        _KINDS[inner] = kind
+    return kind
+
+
 def wrap_with_codec(backend: StorageBackend, options: dict[str, str] | None, *, explicit: bool) -> StorageBackend:
     """``backend`` behind a :class:`CodecBackend` for ``options`` (``{"codec": "fp8", …}``)."""
     codec = make_codec(options or {"codec": "raw"}, owner=f"codec of {type(backend).__name__}")
-    return CodecBackend(backend, codec, explicit=explicit)
+    return codec_backend_class(type(backend))(backend, codec, explicit=explicit)

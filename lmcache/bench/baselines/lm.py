@@ -97,18 +97,18 @@ class ShmMemcpyBaseline(MemcpyBaseline):
 
     def __init__(self, workload: Workload) -> None:
         super().__init__(workload)
-        self._pool: PoolMapping | None = None
+        self._mapping: PoolMapping | None = None
 
     def _allocate(self, nbytes: int) -> np.ndarray:
         # The shared kind of pool the lm server maps (a /dev/shm file; a crashed run's is swept by pid).
-        self._pool = map_pool(nbytes, shared=True, hugepages=False, prefault=False, owner="bench memcpy-shm")
-        return np.frombuffer(self._pool.mm, dtype=np.uint8)[:nbytes]
+        self._mapping = map_pool(nbytes, shared=True, hugepages=False, prefault=False, owner="bench memcpy-shm")
+        return np.frombuffer(self._mapping.mm, dtype=np.uint8)[:nbytes]
 
     async def aclose(self) -> None:
         await super().aclose()
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.close()
+        mapping, self._mapping = self._mapping, None
+        if mapping is not None:
+            mapping.close()
 
 
 class RawSocketBaseline(Baseline):

@@ -38,6 +38,7 @@ __all__ = [
     "generate_token",
     "read_token_file",
     "remove_token_file",
+    "run_dir",
     "tcp_token_path",
     "token_dirs",
     "unix_token_path",
@@ -85,8 +86,11 @@ def _private_dir(path: Path) -> bool:
     return True
 
 
-def tcp_token_path(port: int) -> Path:
-    """Where the server writes the token of TCP ``port``: the first usable private folder.
+def run_dir() -> Path:
+    """This user's private run folder on this host: the first usable of :func:`token_dirs`.
+
+    Token files of TCP ports live here, and so do the well-known socket, lock and log of the
+    per-host server that the vLLM connector starts (``server: auto``).
 
     Raises:
         ConfigError: No candidate folder is usable (each is named).
@@ -94,8 +98,17 @@ def tcp_token_path(port: int) -> Path:
     dirs = token_dirs()
     for folder in dirs:
         if _private_dir(folder):
-            return folder / f"{port}.token"
-    raise ConfigError(f"lmcache server: no private folder for the token file (tried {', '.join(map(str, dirs))})")
+            return folder
+    raise ConfigError(f"lmcache: no private run folder (tried {', '.join(map(str, dirs))})")
+
+
+def tcp_token_path(port: int) -> Path:
+    """Where the server writes the token of TCP ``port``: the first usable private folder.
+
+    Raises:
+        ConfigError: No candidate folder is usable (each is named).
+    """
+    return run_dir() / f"{port}.token"
 
 
 def unix_token_path(socket_path: str | os.PathLike[str]) -> Path:

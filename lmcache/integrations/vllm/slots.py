@@ -116,9 +116,83 @@ def blocks_covering(block_ids: Sequence[int], block_size: int, start: int, end: 
 
 #: ``kv_connector_extra_config`` keys the connector reads itself; every other key must be an
 #: :class:`~lmcache.config.LMCacheConfig` field.
-_OWN_KEYS = ("config_file", "model_id", "stats_dir", "shared_dir", "save_decode_tokens", "async_loading", "layerwise")
+_OWN_KEYS = (
+    "config_file",
+    "model_id",
+    "stats_dir",
+    "shared_dir",
+    "save_decode_tokens",
+    "async_loading",
+    "layerwise",
+    "server",
+    "server_capacity",
+    "server_tiers",
+    "eviction_check_interval",
+    "eviction_check_keys",
+)
 #: Connector switches among :data:`_OWN_KEYS` (booleans) and their defaults.
 _SWITCHES = {"save_decode_tokens": True, "async_loading": True, "layerwise": False}
+#: Defaults of the per-host server's options (``server: auto``) and of the eviction check.
+DEFAULT_SERVER_CAPACITY = "4GiB"
+DEFAULT_EVICTION_CHECK_INTERVAL = 2.0
+DEFAULT_EVICTION_CHECK_KEYS = 2048
+
+
+def _server_options(own: Mapping[str, Any]) -> dict[str, Any]:
+    """Parse ``server``, ``server_capacity``, ``server_tiers`` and the eviction check keys.
+
+    Raises:
+        ConfigError: A bad value (names the key).
+    """
+    from lmcache.backends.registry import check_url
+    from lmcache.config import parse_size
+
+    out: dict[str, Any] = {}
+    server = own.get("server")
+    if server is not None:
+        if not isinstance(server, str) or not (server == "auto" or server.startswith(("lm+unix://", "lm://"))):
+            raise ConfigError(
+                "kv_connector_extra_config server must be 'auto', an lm+unix:///path or an lm://host:port URL, "
+                f"got {server!r}"
+            )
+        out["server"] = server
+    capacity = own.get("server_capacity", DEFAULT_SERVER_CAPACITY)
+    try:
+        if parse_size(capacity) <= 0:
+            raise ValueError("must be positive")
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"kv_connector_extra_config server_capacity {capacity!r} is invalid: {exc}") from None
+    out["server_capacity"] = str(capacity)
+    tiers = own.get("server_tiers", [])
+    if isinstance(tiers, str):
+        tiers = [tiers]
+    if not isinstance(tiers, (list, tuple)) or not all(isinstance(t, str) and t for t in tiers):
+        raise ConfigError(f"kv_connector_extra_config server_tiers must be a list of tier URLs, got {tiers!r}")
+    for url in tiers:
+        try:
+            check_url(url)
+        except ConfigError as exc:
+            raise ConfigError(f"kv_connector_extra_config server_tiers: {exc}") from None
+    out["server_tiers"] = tuple(tiers)
+    interval = own.get("eviction_check_interval", DEFAULT_EVICTION_CHECK_INTERVAL)
+    if isinstance(interval, bool) or not isinstance(interval, (int, float, str)):
+        raise ConfigError(f"kv_connector_extra_config eviction_check_interval must be seconds, got {interval!r}")
+    try:
+        interval = float(interval)
+    except ValueError:
+        raise ConfigError(
+            f"kv_connector_extra_config eviction_check_interval must be seconds, got {interval!r}"
+        ) from None
+    if not interval >= 0:
+        raise ConfigError(f"kv_connector_extra_config eviction_check_interval must be >= 0, got {interval!r}")
+    out["eviction_check_interval"] = interval
+    keys = own.get("eviction_check_keys", DEFAULT_EVICTION_CHECK_KEYS)
+    if isinstance(keys, str) and keys.isdigit():
+        keys = int(keys)
+    if isinstance(keys, bool) or not isinstance(keys, int) or keys < 1:
+        raise ConfigError(f"kv_connector_extra_config eviction_check_keys must be a positive integer, got {keys!r}")
+    out["eviction_check_keys"] = keys
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +212,14 @@ class ConnectorSettings:
             and schedules the others meanwhile.
         layerwise: Move KV layer by layer during the forward pass (synchronous loads and all
             stores; see :mod:`lmcache.integrations.vllm.layerwise`). Off by default.
+        server: ``"auto"`` (this user's per-host ``lmcache server``, started if none runs), an
+            ``lm+unix://``/``lm://`` URL of a running one, or ``None`` (no server: the tiers as
+            configured, plus a ``file://`` tier when needed; see :meth:`shared_config`).
+        server_capacity: Memory tier size of a server that ``auto`` starts.
+        server_tiers: Tiers behind that memory tier (e.g. ``file://``), fastest first.
+        eviction_check_interval: Seconds between the scheduler's checks of the chunks behind its
+            ``BlockStored`` events (``BlockRemoved`` for those gone); 0 turns the checks off.
+        eviction_check_keys: Most chunk keys one check asks the tiers about.
     """
 
     config: LMCacheConfig
@@ -147,6 +229,11 @@ class ConnectorSettings:
     save_decode_tokens: bool = True
     async_loading: bool = True
     layerwise: bool = False
+    server: str | None = None
+    server_capacity: str = DEFAULT_SERVER_CAPACITY
+    server_tiers: tuple[str, ...] = ()
+    eviction_check_interval: float = DEFAULT_EVICTION_CHECK_INTERVAL
+    eviction_check_keys: int = DEFAULT_EVICTION_CHECK_KEYS
 
     @classmethod
     def from_extra_config(
@@ -180,16 +267,44 @@ class ConnectorSettings:
             if not isinstance(value, bool):
                 raise ConfigError(f"kv_connector_extra_config {key} must be a boolean, got {value!r}")
             switches[key] = value
-        return cls(config, own.get("model_id"), own.get("stats_dir"), own.get("shared_dir"), **switches)
+        return cls(
+            config,
+            own.get("model_id"),
+            own.get("stats_dir"),
+            own.get("shared_dir"),
+            **switches,
+            **_server_options(own),
+        )
+
+    def server_tiers_to_start(self) -> list[str]:
+        """The tiers of a server that ``server: auto`` starts: memory (in shared memory), then :attr:`server_tiers`."""
+        return [f"memory://?capacity={self.server_capacity}", *self.server_tiers]
 
     def shared_config(self, model_id: str, cross_process: bool) -> LMCacheConfig:
-        """The config to run with: a ``file://`` tier is added when no tier is visible across processes.
+        """The config to run with: the cache server, or a ``file://`` tier when no tier is shared.
 
-        A ``memory://`` tier lives in one process. When the scheduler (which looks up) and the
-        workers (which store) are different processes, lookups would never see what workers
-        stored, so a ``file://`` tier under :attr:`shared_dir` is appended (and logged).
+        With :attr:`server`, the server is the first tier (``auto`` finds this user's per-host
+        server or starts it, see :mod:`lmcache.integrations.vllm.server_auto`) and the
+        configured ``memory://`` tiers are dropped: a process-local copy in front of the server
+        would hide what the server holds and evicts. Other configured tiers stay behind it.
+
+        Without it: a ``memory://`` tier lives in one process. When the scheduler (which looks
+        up) and the workers (which store) are different processes, lookups would never see what
+        workers stored, so a ``file://`` tier under :attr:`shared_dir` is appended (and logged).
+
+        Raises:
+            BackendUnavailableError: ``server: auto`` found no server and could not start one.
         """
         tiers = list(self.config.tiers)
+        if self.server is not None:
+            url = self.server
+            if url == "auto":
+                from lmcache.integrations.vllm.server_auto import ensure_server
+
+                url = ensure_server(self.server_tiers_to_start(), chunk_size=self.config.chunk_size).url
+            kept = [t for t in tiers if not t.startswith("memory:")]
+            logger.info("lmcache: using the cache server %s (tiers behind it: %s)", url, kept)
+            return self.config.replace(tiers=[url, *kept])
         if not cross_process or any(not t.startswith("memory:") for t in tiers):
             return self.config
         base = self.shared_dir or os.path.join(tempfile.gettempdir(), "lmcache-vllm")

@@ -49,6 +49,7 @@ import torch
 
 from lmcache.engine import CacheEngine
 from lmcache.errors import MissingDependencyError, UnsupportedOperationError
+from lmcache.integrations.vllm.events import EvictionWatch, block_removed_events, chunk_keys_of_blocks
 from lmcache.integrations.vllm.metrics import PROM_COUNTERS, LMCacheKVConnectorStats, LMCachePromMetrics
 from lmcache.integrations.vllm.slots import (
     ConnectorSettings,
@@ -312,6 +313,12 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         self._requests: dict[str, Request] = {}  # live requests seen by a lookup, until they finish
         self._async_ready: list[LoadSpec] = []  # asynchronous loads for the next step's metadata
         self._events: list[Any] = []  # BlockStored events for vLLM's KV event publisher (take_events)
+        # BlockRemoved: the chunks behind announced blocks, checked at a bounded rate (events.py).
+        kv_events = getattr(vllm_config, "kv_events_config", None)
+        watch = role == KVConnectorRole.SCHEDULER and bool(getattr(kv_events, "enable_kv_cache_events", False))
+        self._watch = EvictionWatch(
+            self.settings.eviction_check_interval if watch else 0.0, self.settings.eviction_check_keys
+        )
         self._lookup_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._prefetched: dict[str, concurrent.futures.Future[int]] = {}  # lookups started on arrival
         self._reset_pending = False
@@ -392,6 +399,7 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
 
     def shutdown(self) -> None:
         """Finish in-flight loads, flush pending stores and release the engine."""
+        self._watch.close()
         for attr in ("_load_pool", "_lookup_pool"):
             pool = getattr(self, attr)
             if pool is not None:
@@ -600,15 +608,37 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
                     group_idx=0,
                 )
             )
+            if self._watch.enabled:
+                self._watch.track(
+                    [maybe_convert_block_hash(h) for h in hashes[first:last]],
+                    chunk_keys_of_blocks(self._get_engine(), tokens, end, range(first, last), self.block_size),
+                )
             state.announced_blocks = last
             self._count("announced_blocks", last - first)
         except Exception as exc:  # events are advisory: never fail scheduling over them
             logger.debug("lmcache: no KV event for request %s: %s", request.request_id, exc)
 
     def take_events(self) -> list[Any]:
-        """``BlockStored`` events since the last call (vLLM publishes them with its own)."""
+        """KV events since the last call (vLLM publishes them with its own).
+
+        ``BlockStored`` for the blocks stores cover, and ``BlockRemoved`` for announced blocks
+        whose chunks no tier holds any more (found by :class:`EvictionWatch`'s bounded checks).
+        """
+        if self._watch.enabled and self._engine is not None:
+            self._events.extend(self._removed_events(self._engine))
         out, self._events = self._events, []
         return out
+
+    def _removed_events(self, engine: CacheEngine) -> list[Any]:
+        try:
+            # The check runs on the engine's own loop, never on the scheduler thread.
+            removed = self._watch.poll(engine._loop.submit, lambda: getattr(engine.backend, "tiers", [engine.backend]))
+        except Exception as exc:  # events are advisory: never fail scheduling over them
+            logger.debug("lmcache: eviction check failed: %s", exc)
+            return []
+        if removed:
+            self._count("removed_blocks", len(removed))
+        return block_removed_events(removed)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """Forget the request; stores copy out during the step, so blocks can be freed at once.

@@ -129,6 +129,7 @@ _OWN_KEYS = (
     "server_tiers",
     "eviction_check_interval",
     "eviction_check_keys",
+    "pd_transfer_timeout",
 )
 #: Connector switches among :data:`_OWN_KEYS` (booleans) and their defaults.
 _SWITCHES = {"save_decode_tokens": True, "async_loading": True, "layerwise": False}
@@ -136,6 +137,26 @@ _SWITCHES = {"save_decode_tokens": True, "async_loading": True, "layerwise": Fal
 DEFAULT_SERVER_CAPACITY = "4GiB"
 DEFAULT_EVICTION_CHECK_INTERVAL = 2.0
 DEFAULT_EVICTION_CHECK_KEYS = 2048
+#: Default of ``pd_transfer_timeout`` (seconds; prefill/decode transfers, see ``pd.py``).
+DEFAULT_PD_TRANSFER_TIMEOUT = 30.0
+
+
+def _pd_transfer_timeout(own: Mapping[str, Any]) -> float:
+    """Parse ``pd_transfer_timeout``: positive seconds.
+
+    Raises:
+        ConfigError: A bad value (names the key).
+    """
+    value = own.get("pd_transfer_timeout", DEFAULT_PD_TRANSFER_TIMEOUT)
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise ConfigError(f"kv_connector_extra_config pd_transfer_timeout must be positive seconds, got {value!r}")
+    return seconds
 
 
 def _server_options(own: Mapping[str, Any]) -> dict[str, Any]:
@@ -220,6 +241,9 @@ class ConnectorSettings:
         eviction_check_interval: Seconds between the scheduler's checks of the chunks behind its
             ``BlockStored`` events (``BlockRemoved`` for those gone); 0 turns the checks off.
         eviction_check_keys: Most chunk keys one check asks the tiers about.
+        pd_transfer_timeout: Prefill/decode (``kv_producer``/``kv_consumer``): the most seconds a
+            decoder waits for a transfer to land, and a prefill instance keeps a request's
+            blocks for its send (see :mod:`lmcache.integrations.vllm.pd`).
     """
 
     config: LMCacheConfig
@@ -234,6 +258,7 @@ class ConnectorSettings:
     server_tiers: tuple[str, ...] = ()
     eviction_check_interval: float = DEFAULT_EVICTION_CHECK_INTERVAL
     eviction_check_keys: int = DEFAULT_EVICTION_CHECK_KEYS
+    pd_transfer_timeout: float = DEFAULT_PD_TRANSFER_TIMEOUT
 
     @classmethod
     def from_extra_config(
@@ -274,6 +299,7 @@ class ConnectorSettings:
             own.get("shared_dir"),
             **switches,
             **_server_options(own),
+            pd_transfer_timeout=_pd_transfer_timeout(own),
         )
 
     def server_tiers_to_start(self) -> list[str]:

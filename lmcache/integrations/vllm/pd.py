@@ -1,0 +1,402 @@
+"""Prefill/decode disaggregation through lmcache: the connector's ``kv_producer``/``kv_consumer`` logic.
+
+A prefill instance (``kv_producer``, or ``kv_both``) gets a request whose ``kv_transfer_params``
+say ``do_remote_decode``; it computes the prompt (the proxy asks for one token), stores the whole
+prompt's KV through its tiers and hands back ``kv_transfer_params`` naming the transfer. A decode
+instance (``kv_consumer``, or ``kv_both``) gets the same prompt with those params
+(``do_remote_prefill``), reports every prompt token but the last as external, and loads them.
+
+What goes where (the transfer is ordinary lmcache traffic through any tier both instances reach:
+``lm://``/``lm+unix://``, ``redis://``, ``nixl://``, a shared ``file://``):
+
+* The prompt's **whole chunks** go under the ordinary prefix keys, so the transferred KV is also
+  an ordinary cache hit for later requests on any instance.
+* The **last chunk** (the partial tail, or the last whole chunk when the prompt ends on a chunk
+  boundary) goes under a **transfer key**: the same chained hash in a scope with one more tag,
+  ``lmcache_pd=<transfer id>``. Only the consumer holding that id looks it up, so partial chunks
+  never enter the shared prefix space and unrelated requests never collide. It is put after every
+  whole chunk of the prompt has landed, so it doubles as the transfer's completion mark.
+
+The producer's save runs asynchronously after the step that computed the prompt's last token;
+``request_finished`` returns ``True`` (vLLM keeps the blocks) and the worker reports the request
+in ``finished_sending`` once the save has landed, failed or outrun ``pd_transfer_timeout``.
+
+The consumer's load waits, off the scheduler, for the completion mark (at most
+``pd_transfer_timeout`` seconds: a producer that died or a tier that went away never hangs a
+request), then loads the whole chunks and the tail. Whatever it could not load is reported as
+failed blocks: vLLM recomputes them (``kv_load_failure_policy: recompute``) or fails the request
+(``fail``). A transfer is tried once per request; a recomputing request looks lmcache up again as
+an ordinary request.
+
+This module holds the role logic only; :mod:`lmcache.integrations.vllm.connector` calls it from
+small hooks. It imports no vLLM module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from lmcache.engine import CacheEngine
+from lmcache.errors import InvalidArgumentError
+from lmcache.keys import Chunk, ChunkHasher, KeyScope
+
+__all__ = [
+    "PD_TAG",
+    "PDScheduler",
+    "PDWorker",
+    "TransferRef",
+    "TransferSave",
+    "parse_transfer_id",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The scope tag that makes a key a transfer key.
+PD_TAG = "lmcache_pd"
+#: Transfer ids come from the network (a client or proxy may name one): a short, plain token.
+_TRANSFER_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+#: vLLM roles that may send (``do_remote_decode``) and receive (``do_remote_prefill``).
+_SENDERS = frozenset({"kv_producer", "kv_both"})
+_RECEIVERS = frozenset({"kv_consumer", "kv_both"})
+
+
+def parse_transfer_id(value: object) -> str:
+    """Check a transfer id taken from ``kv_transfer_params``.
+
+    Raises:
+        InvalidArgumentError: Not a string of 1-128 letters, digits or ``._:-``.
+    """
+    if not isinstance(value, str) or not _TRANSFER_ID.fullmatch(value):
+        raise InvalidArgumentError(
+            f"lmcache_transfer_id must be 1-128 characters of [A-Za-z0-9._:-], got {value!r:.80}"
+        )
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferRef:
+    """What a consumer needs to find a producer's transfer.
+
+    Attributes:
+        transfer_id: Names the transfer key's scope tag.
+        num_tokens: The prompt length the producer stored (must equal the consumer's prompt).
+    """
+
+    transfer_id: str
+    num_tokens: int
+
+
+@dataclasses.dataclass
+class TransferSave:
+    """Worker order: store ``tokens`` (the whole prompt) from ``block_ids`` as transfer ``transfer_id``."""
+
+    req_id: str
+    tokens: list[int]
+    block_ids: list[int]
+    transfer_id: str
+
+
+def _params(request: Any) -> Mapping[str, Any]:
+    params = getattr(request, "kv_transfer_params", None)
+    return params if isinstance(params, Mapping) else {}
+
+
+@dataclasses.dataclass
+class _Incoming:
+    ref: TransferRef
+    computed: int
+
+
+class PDScheduler:
+    """The scheduler side of the roles: which requests send or receive a transfer.
+
+    Args:
+        kv_role: vLLM's ``kv_role`` (``kv_producer``, ``kv_consumer`` or ``kv_both``).
+        count: Adds to one of the connector's counters.
+    """
+
+    def __init__(self, kv_role: str | None, count: Callable[[str, int], None]) -> None:
+        self.kv_role = kv_role or "kv_both"
+        self._count = count
+        self._outgoing: dict[str, str] = {}  # request id -> transfer id, until it finishes
+        self._planned: set[str] = set()  # outgoing requests whose save went to the workers
+        self._incoming: dict[str, _Incoming] = {}  # matched, waiting for update_state_after_alloc
+        self._tried: set[str] = set()  # requests whose transfer was tried (once per request)
+
+    # -- consumer ------------------------------------------------------------------------------
+
+    def _incoming_ref(self, request: Any) -> TransferRef | None:
+        params = _params(request)
+        if self.kv_role not in _RECEIVERS or not params.get("do_remote_prefill"):
+            return None
+        if request.request_id in self._tried:
+            return None
+        prompt = request.prompt_token_ids or ()
+        try:
+            tid = parse_transfer_id(params.get("lmcache_transfer_id"))
+            num = params.get("lmcache_num_tokens")
+            if not isinstance(num, int) or isinstance(num, bool) or num != len(prompt):
+                raise InvalidArgumentError(f"lmcache_num_tokens {num!r:.40} is not this prompt's length {len(prompt)}")
+        except InvalidArgumentError as exc:
+            # Not ours (another connector's params) or garbled: serve it as an ordinary request.
+            logger.warning("lmcache: request %s: unusable kv_transfer_params: %s", request.request_id, exc)
+            self._count("pd_bad_params", 1)
+            return None
+        return TransferRef(tid, num)
+
+    def match(self, request: Any, num_computed_tokens: int) -> tuple[int, bool] | None:
+        """``get_num_new_matched_tokens`` for a request that receives a transfer, else ``None``.
+
+        Every prompt token but the last is external (vLLM computes the last one for its
+        logits); the load is always asynchronous, since it may wait for the transfer to land.
+        """
+        ref = self._incoming_ref(request)
+        if ref is None:
+            return None
+        new = ref.num_tokens - 1 - num_computed_tokens
+        if new <= 0:
+            self._tried.add(request.request_id)  # vLLM's own prefix cache has it all
+            return 0, False
+        self._incoming[request.request_id] = _Incoming(ref, num_computed_tokens)
+        return new, True
+
+    def take_incoming(self, req_id: str) -> tuple[TransferRef, int] | None:
+        """The matched transfer of ``req_id`` and vLLM's own computed tokens then (once)."""
+        got = self._incoming.pop(req_id, None)
+        if got is None:
+            return None
+        self._tried.add(req_id)
+        self._count("pd_transfers_received", 1)
+        return got.ref, got.computed
+
+    # -- producer ------------------------------------------------------------------------------
+
+    def note(self, request: Any) -> None:
+        """Remember a request that must send its prompt's KV (``do_remote_decode``)."""
+        params = _params(request)
+        req_id = request.request_id
+        if self.kv_role not in _SENDERS or not params.get("do_remote_decode") or req_id in self._outgoing:
+            return
+        tid = params.get("lmcache_transfer_id")
+        try:
+            tid = parse_transfer_id(tid) if tid is not None else uuid.uuid4().hex
+        except InvalidArgumentError as exc:
+            logger.warning("lmcache: request %s: %s; using a fresh transfer id", req_id, exc)
+            tid = uuid.uuid4().hex
+        self._outgoing[req_id] = tid
+
+    def sending(self, req_id: str) -> bool:
+        """True for a request that sends its prompt (its ordinary saves are replaced by the transfer)."""
+        return req_id in self._outgoing
+
+    def plan_save(
+        self, req_id: str, prompt: list[int], computed: int, block_ids: list[int], block_size: int
+    ) -> TransferSave | None:
+        """The transfer order once the whole prompt's KV is computed and its blocks are known."""
+        if req_id in self._planned or computed < len(prompt) or not prompt:
+            return None
+        if len(block_ids) * block_size < len(prompt):
+            return None  # the block table is not known that far yet; retried next step
+        self._planned.add(req_id)
+        self._count("pd_transfers_sent", 1)
+        blocks = list(block_ids[: -(-len(prompt) // block_size)])
+        return TransferSave(req_id, list(prompt), blocks, self._outgoing[req_id])
+
+    def finished(self, request: Any) -> tuple[bool, dict[str, Any] | None] | None:
+        """``request_finished`` for a sending request, else ``None``.
+
+        Returns ``(True, params)`` when the save went to the workers: they report the request
+        in ``finished_sending`` once it is done, and vLLM frees the blocks then. The params go
+        back to the client (the proxy), which hands them to the decoder.
+        """
+        req_id = request.request_id
+        self._incoming.pop(req_id, None)
+        self._tried.discard(req_id)
+        tid = self._outgoing.pop(req_id, None)
+        if tid is None:
+            return None
+        if req_id not in self._planned:
+            return False, None  # aborted before its prompt was computed: nothing to send
+        self._planned.discard(req_id)
+        status = str(getattr(request, "status", ""))
+        params = None
+        if "FINISHED_LENGTH_CAPPED" in status or "FINISHED_STOPPED" in status:
+            params = {
+                "do_remote_prefill": True,
+                "do_remote_decode": False,
+                "lmcache_transfer_id": tid,
+                "lmcache_num_tokens": len(request.prompt_token_ids or ()),
+                "remote_request_id": req_id,
+            }
+        return True, params
+
+    def forget(self, req_id: str) -> None:
+        """Drop a request's consumer state (it finished without :meth:`finished`)."""
+        self._incoming.pop(req_id, None)
+        self._tried.discard(req_id)
+
+
+def _transfer_scope(scope: KeyScope, transfer_id: str) -> KeyScope:
+    tags = dict(scope.tags)
+    tags[PD_TAG] = transfer_id
+    return KeyScope.create(scope.model, world_size=scope.world_size, rank=scope.rank, dtype=scope.dtype, tags=tags)
+
+
+def _last_chunk(engine: CacheEngine, tokens: list[int]) -> Chunk:
+    """The prompt's last chunk (partial or whole), hashed as the chain continues."""
+    cfg = engine.config
+    return ChunkHasher(cfg.chunk_size, save_partial_chunks=True, seed=cfg.hash_seed).chunks(tokens)[-1]
+
+
+class PDWorker:
+    """The worker side: sends transfers (producer) and loads them (consumer).
+
+    Args:
+        timeout: ``pd_transfer_timeout``: the most a send may take before it is reported done
+            anyway, and the most a load waits for its transfer.
+        count: Adds to one of the connector's counters (thread-safe).
+        poll: Seconds between looks for a transfer that has not landed yet.
+    """
+
+    def __init__(self, timeout: float, count: Callable[[str, int], None], poll: float = 0.02) -> None:
+        self.timeout = timeout
+        self.poll = poll
+        self._count = count
+        self._sending: dict[str, concurrent.futures.Future[bool]] = {}
+        self._finished: set[str] = set()  # sending requests vLLM has finished (it awaits them)
+
+    # -- producer ------------------------------------------------------------------------------
+
+    def start_save(self, engine: CacheEngine, src: Any, save: TransferSave) -> None:
+        """Copy the prompt's KV out of ``src`` now; the puts land in the background.
+
+        The whole chunks go through :meth:`CacheEngine.store` (ordinary keys, present ones
+        skipped); the last chunk goes under the transfer key once they have landed.
+        """
+        tail = _last_chunk(engine, save.tokens)
+        key = _transfer_scope(engine.scope, save.transfer_id).key(tail.hash)
+        lease = None
+        try:
+            prefix = engine.store(save.tokens[: tail.start], src) if tail.start else None
+            lease = engine.pool.acquire(shape=engine.geometry.chunk_shape(tail.num_tokens))
+            src.gather(tail.start, tail.end, lease.tensor())
+        except Exception as exc:  # a failed send is a recompute on the decoder, never a failed step
+            if lease is not None:
+                lease.release()
+            logger.warning("lmcache: transfer of request %s failed: %s", save.req_id, exc)
+            self._count("pd_send_failures", 1)
+            done: concurrent.futures.Future[bool] = concurrent.futures.Future()
+            done.set_result(False)
+            self._sending[save.req_id] = done
+            return
+
+        async def finish() -> bool:
+            try:
+                if prefix is not None:
+                    await asyncio.wrap_future(prefix)
+                results = await engine.backend.put([key], [lease.tensor()])
+                return bool(results[0].ok)
+            finally:
+                lease.release()
+
+        async def bounded() -> bool:
+            try:
+                ok = await asyncio.wait_for(finish(), self.timeout)
+            except Exception as exc:  # the tier failed or hung: the decoder will not find it
+                logger.warning("lmcache: transfer of request %s failed: %r", save.req_id, exc)
+                ok = False
+            self._count("pd_sent_tokens" if ok else "pd_send_failures", len(save.tokens) if ok else 1)
+            return ok
+
+        self._sending[save.req_id] = engine._loop.submit(bounded())
+
+    def finished_sending(self, finished_req_ids: set[str]) -> set[str]:
+        """Sending requests that vLLM finished and whose save is done (landed or given up)."""
+        self._finished |= finished_req_ids & self._sending.keys()
+        done = {r for r in self._finished if self._sending[r].done()}
+        for req_id in done:
+            self._finished.discard(req_id)
+            del self._sending[req_id]
+        return done
+
+    def pending(self) -> int:
+        """Sends not reported yet."""
+        return len(self._sending)
+
+    # -- consumer ------------------------------------------------------------------------------
+
+    def load(self, engine: CacheEngine, dst: Any, load: Any) -> int:
+        """Load a transfer into ``dst``: tokens ``[load.start, load.end)`` of the prompt ``load.tokens``.
+
+        ``load`` is the connector's ``LoadSpec``; ``load.transfer`` names the transfer.
+
+        Waits at most :attr:`timeout` for the transfer's completion mark, then loads the whole
+        chunks through their ordinary keys and the last chunk through the transfer key. A whole
+        chunk that is not there yet (another request's store of a shared prefix may still be
+        landing) is waited for within the same deadline.
+
+        Returns:
+            The end of what was loaded (``start`` when nothing was): everything up to it is valid.
+        """
+        tokens, start, ref = load.tokens, load.start, load.transfer
+        deadline = time.monotonic() + self.timeout
+        tail = _last_chunk(engine, tokens)
+        key = _transfer_scope(engine.scope, ref.transfer_id).key(tail.hash)
+        if not self._wait_for(engine, key, deadline):
+            logger.warning(
+                "lmcache: transfer %s did not land within %.1f s; vLLM handles the load failure",
+                ref.transfer_id,
+                self.timeout,
+            )
+            self._count("pd_transfer_timeouts", 1)
+            return start
+        good = start
+        while good < tail.start:
+            try:
+                got = engine.retrieve(tokens[: tail.start], dst, start=good)
+            except Exception as exc:  # a failed load is vLLM's to recompute or fail
+                logger.warning("lmcache: transfer %s: loading its chunks failed: %s", ref.transfer_id, exc)
+                return good
+            good = max(good, got)
+            if good >= tail.start:
+                break
+            if time.monotonic() >= deadline:
+                return good
+            time.sleep(self.poll)
+        lease = engine.pool.acquire(shape=engine.geometry.chunk_shape(tail.num_tokens))
+        try:
+            view = lease.tensor()
+            try:
+                sizes = engine._run(asyncio.wait_for(engine.backend.get_into([key], [view]), self._left(deadline)))
+            except Exception as exc:
+                logger.warning("lmcache: transfer %s: loading its last chunk failed: %s", ref.transfer_id, exc)
+                return good
+            if sizes[0] != lease.nbytes:
+                return good
+            dst.scatter(tail.start, tail.end, view)
+        finally:
+            lease.release()
+        return tail.end
+
+    def _left(self, deadline: float) -> float:
+        return max(0.05, deadline - time.monotonic())
+
+    def _wait_for(self, engine: CacheEngine, key: Any, deadline: float) -> bool:
+        while True:
+            try:
+                there = engine._run(asyncio.wait_for(engine.backend.contains([key]), self._left(deadline)))
+                if there and there[0]:
+                    return True
+            except Exception as exc:  # a tier down now may be back before the deadline
+                logger.debug("lmcache: looking for a transfer failed: %s", exc)
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(self.poll)

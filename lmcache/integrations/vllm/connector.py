@@ -16,6 +16,10 @@ between vLLM's paged cache and lmcache.
   forward. Stores run after the forward in ``wait_for_save``; both copy all layers of a chunk at
   once through :class:`lmcache.kernels.PagedKV`. Stores copy out of vLLM's blocks before
   returning; the puts land asynchronously.
+* With ``layerwise`` (off by default) synchronous loads and all stores move one layer at a time
+  on a copy thread, overlapped with the forward pass: ``wait_for_layer_load`` waits for its
+  layer only and ``save_kv_layer`` hands each computed layer over
+  (:mod:`lmcache.integrations.vllm.layerwise`). Stored values are the same either way.
 * Counters reach vLLM's stat loggers and ``/metrics`` (``vllm:lmcache_*``) through the
   ``KVConnectorStats`` hooks (:mod:`lmcache.integrations.vllm.metrics`).
 * A load that comes up short (a backend failed, a chunk vanished or is corrupt) reports the blocks
@@ -50,6 +54,7 @@ import torch
 from lmcache.engine import CacheEngine
 from lmcache.errors import MissingDependencyError, UnsupportedOperationError
 from lmcache.integrations.vllm.events import EvictionWatch, block_removed_events, chunk_keys_of_blocks
+from lmcache.integrations.vllm.layerwise import LayerwiseKV, LayerwiseLoads, LayerwiseSaves
 from lmcache.integrations.vllm.metrics import PROM_COUNTERS, LMCacheKVConnectorStats, LMCachePromMetrics
 from lmcache.integrations.vllm.slots import (
     ConnectorSettings,
@@ -331,6 +336,9 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         self._count_lock = threading.Lock()  # asynchronous loads count from their own thread
         self._load_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._loading: dict[str, tuple[LoadSpec, concurrent.futures.Future[set[int]]]] = {}
+        self._layerwise: LayerwiseKV | None = None  # bound when ``layerwise`` is on
+        self._lw_loads: tuple[list[LoadSpec], LayerwiseLoads] | None = None  # this step's layer-wise loads
+        self._lw_saves: LayerwiseSaves | None = None  # this step's layer-wise stores
         logger.info(
             "lmcache connector (%s): model %s, %s, chunk %d tokens, tiers %s",
             role.name,
@@ -400,6 +408,8 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
     def shutdown(self) -> None:
         """Finish in-flight loads, flush pending stores and release the engine."""
         self._watch.close()
+        if self._layerwise is not None:
+            self._layerwise.close()
         for attr in ("_load_pool", "_lookup_pool"):
             pool = getattr(self, attr)
             if pool is not None:
@@ -676,6 +686,8 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
                 self.geometry.head_dim,
             )
         self.kv = bind_paged_kv([kv_caches[n] for n in names], self.geometry, self.block_size, layout)
+        if self.settings.layerwise:
+            self._layerwise = LayerwiseKV(self.kv, [kv_caches[n] for n in names], names)
         self.layout_source = source
         if self.world_size > 1:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
@@ -693,15 +705,17 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         """Load every planned prefix into its blocks.
 
-        Synchronous loads finish here, before the forward. Asynchronous ones go to the load
-        thread: their requests are parked by vLLM (no forward touches their blocks) until
-        :meth:`get_finished` reports them.
+        Synchronous loads finish here, before the forward; with ``layerwise`` they go to the copy
+        thread instead and :meth:`wait_for_layer_load` waits for each layer. Asynchronous ones go
+        to the load thread: their requests are parked by vLLM (no forward touches their blocks)
+        until :meth:`get_finished` reports them.
         """
         meta = self._meta()
         if meta is not None and meta.reset and self.kv is not None:
             clear_scope(self._get_engine())
         if meta is None or not meta.loads or self.kv is None:
             return
+        layerwise: list[LoadSpec] = []
         for load in meta.loads:
             if load.asynchronous:
                 if self._load_pool is None:
@@ -709,10 +723,18 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
                 self._loading[load.req_id] = (load, self._load_pool.submit(self._load, load))
                 self._count("async_loads_started")
                 continue
+            if self._layerwise is not None:
+                layerwise.append(load)
+                continue
             bad = self._load(load)
             if bad:
                 self._load_errors |= bad
                 self._failed_reqs.add(load.req_id)
+        if layerwise:
+            assert self._layerwise is not None
+            self._finish_layerwise_loads()  # a previous step's, had vLLM not waited for them
+            self._lw_loads = (layerwise, self._layerwise.start_loads(self._get_engine(), layerwise))
+            self._count("layerwise_loads", len(layerwise))
         self._write_stats()
 
     def _load(self, load: LoadSpec) -> set[int]:
@@ -724,6 +746,10 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         except Exception as exc:  # a failed load is recomputed by vLLM, never a failed step
             logger.warning("lmcache load for request %s failed: %s", load.req_id, exc)
             loaded = 0
+        return self._loaded(load, loaded)
+
+    def _loaded(self, load: LoadSpec, loaded: int) -> set[int]:
+        """Count a load whose chunks reached token ``loaded``; returns the blocks it did not fill."""
         good = max(min(loaded, load.end), load.start)
         self._count("load_requests")
         self._count("loaded_tokens", good - load.start)
@@ -743,33 +769,98 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         return bad
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        """Synchronous loads finish in :meth:`start_load_kv`; asynchronous ones hold no forward."""
+        """With ``layerwise``, wait until this layer of the step's synchronous loads is in place.
+
+        Otherwise there is nothing to wait for: synchronous loads finished in
+        :meth:`start_load_kv`, and asynchronous ones hold no forward.
+        """
+        pending = self._lw_loads
+        if pending is None or self._layerwise is None:
+            return
+        index = self._layerwise.index.get(layer_name)
+        if index is None or index == self._layerwise.num_layers - 1:
+            self._finish_layerwise_loads()  # an unknown layer waits for all; the last one settles the loads
+            return
+        pending[1].wait_layer(index)
+
+    def _finish_layerwise_loads(self) -> None:
+        """Wait for the step's layer-wise loads and account them (failed blocks, counters)."""
+        pending, self._lw_loads = self._lw_loads, None
+        if pending is None:
+            return
+        loads, job = pending
+        for load, result in zip(loads, job.results(), strict=True):
+            loaded = 0
+            if isinstance(result, BaseException):
+                logger.warning("lmcache load for request %s failed: %s", load.req_id, result)
+            else:
+                loaded = result
+            bad = self._loaded(load, loaded)
+            if bad:
+                self._load_errors |= bad
+                self._failed_reqs.add(load.req_id)
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any
     ) -> None:
-        """Stores copy all layers at once after the forward (:meth:`wait_for_save`)."""
+        """With ``layerwise``, gather this computed layer of the step's stores on the copy thread.
+
+        Otherwise stores copy all layers at once after the forward (:meth:`wait_for_save`).
+        """
+        if self._layerwise is None:
+            return
+        index = self._layerwise.index.get(layer_name)
+        meta = self._meta()
+        if index is None or meta is None or not meta.saves:
+            return
+        if self._lw_saves is None:
+            self._lw_saves = self._layerwise.start_saves(self._get_engine(), meta.saves)
+            self._count("layerwise_saves", len(meta.saves))
+        self._lw_saves.layer_done(index)
 
     def wait_for_save(self) -> None:
-        """Copy this step's new full chunks out of vLLM's blocks and put them (asynchronously)."""
+        """Put this step's new full chunks (asynchronously), copied out of vLLM's blocks by now.
+
+        Whole-chunk mode gathers all layers here; with ``layerwise`` the layers were gathered as
+        the forward handed them over, and this waits for the last ones. Either way the KV is out
+        of vLLM's blocks when this returns. Layer-wise loads are settled first, so a store of a
+        request whose load failed is skipped in both modes.
+        """
+        self._finish_layerwise_loads()
         meta = self._meta()
         failed, self._failed_reqs = self._failed_reqs, set()
+        staged_saves, self._lw_saves = self._lw_saves, None
         if meta is None or not meta.saves or self.kv is None:
+            if staged_saves is not None:
+                staged_saves.finish()
+                staged_saves.release()
             return
         engine = self._get_engine()
-        for save in meta.saves:
-            if save.req_id in failed:
-                # Its KV in the failed blocks is not what the tokens produce: never store it.
-                self._count("saves_skipped")
-                continue
-            try:
-                engine.store(save.tokens, SlotMappedKV(self.kv, save.block_ids), start=save.start)
-                self._count("save_requests")
-                self._count("saved_tokens", len(save.tokens) - save.start)
-                self._count("saved_bytes", self.geometry.chunk_nbytes(len(save.tokens) - save.start))
-            except Exception as exc:  # a failed store is a future miss, never a failed step
-                logger.warning("lmcache store for request %s failed: %s", save.req_id, exc)
-                self._count("save_failures")
+        staged = staged_saves.finish() if staged_saves is not None else None
+        try:
+            for n, save in enumerate(meta.saves):
+                if save.req_id in failed:
+                    # Its KV in the failed blocks is not what the tokens produce: never store it.
+                    self._count("saves_skipped")
+                    continue
+                try:
+                    src: Any = SlotMappedKV(self.kv, save.block_ids)
+                    start = save.start
+                    if staged is not None:
+                        item = staged[n]
+                        if isinstance(item, BaseException):
+                            raise item
+                        start, src = item
+                    engine.store(save.tokens, src, start=start)
+                    self._count("save_requests")
+                    self._count("saved_tokens", len(save.tokens) - save.start)
+                    self._count("saved_bytes", self.geometry.chunk_nbytes(len(save.tokens) - save.start))
+                except Exception as exc:  # a failed store is a future miss, never a failed step
+                    logger.warning("lmcache store for request %s failed: %s", save.req_id, exc)
+                    self._count("save_failures")
+        finally:
+            if staged_saves is not None:
+                staged_saves.release()  # store() copied the staged chunks into its pool
         self._write_stats()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:

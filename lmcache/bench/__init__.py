@@ -39,6 +39,7 @@ WORKLOADS: dict[str, str] = {
     "kernels": "lmcache.bench.kernels",
     "long-doc-qa": "lmcache.bench.qa.long_doc",
     "vllm-long-doc-qa": "lmcache.bench.qa.vllm_long_doc",
+    "vllm-mixed": "lmcache.bench.qa.vllm_mixed",
     "multi-round-qa": "lmcache.bench.qa.multi_round",
     "rag": "lmcache.bench.rag",
     "sglang": "lmcache.bench.sglang",

@@ -26,6 +26,13 @@ Every hit is compared with the bytes that were put (outside the timed call), so 
 answered fast with wrong or no data fails the run instead of posting a good number. Callers
 yield to the event loop between calls (as an engine does between model steps): a memory-tier
 hit completes without suspending, and without that one caller could hold the loop.
+
+A slow tier
+-----------
+:class:`DelayBackend` wraps any backend and waits a fixed time in each call before passing it on
+(``delay+memory://?get_delay=0.2``, once :func:`delay_plugin_dir` is on the path); its
+``delay_log`` records when each load started and ended. ``lmcache bench vllm-mixed`` and
+``tests/vllm/test_slow_tier.py`` configure vLLM children with it.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import json
 import math
 import os
 import shutil
@@ -41,13 +50,27 @@ import socket
 import subprocess
 import tempfile
 import time
-from typing import Any
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import quote, unquote
 
+from lmcache.backends.base import PutResult, StorageBackend, redact_url
+from lmcache.backends.registry import BUILTIN_BACKENDS
 from lmcache.bench import positive_int, report, size_arg
+from lmcache.config import parse_duration
 from lmcache.errors import ConfigError, IntegrityError
 from lmcache.keys import CacheKey
 
-__all__ = ["add_parser", "bench_tier_faults", "print_summary", "run_cli"]
+__all__ = [
+    "DelayBackend",
+    "add_parser",
+    "bench_tier_faults",
+    "delay_plugin_dir",
+    "print_summary",
+    "read_delay_log",
+    "run_cli",
+]
 
 DESCRIPTION = "memory-tier-hit throughput with the redis tier healthy vs dead vs hung (circuit breaker)"
 SCENARIOS = ("healthy", "dead", "hung")
@@ -350,6 +373,208 @@ def print_summary(result: dict[str, Any]) -> None:
         f"{goal['max_latency_ms_at_most']:.0f} ms, <= {goal['blocked_episodes_at_most']} blocking episodes: "
         f"{'met' if goal['met'] else 'NOT met'}"
     )
+
+
+# -- a slow tier for tests and benchmarks ---------------------------------------------------------
+
+#: URL options :class:`DelayBackend` takes for itself (the rest go to the wrapped backend).
+DELAY_OPTIONS = ("get_delay", "put_delay", "contains_delay", "delay_log")
+DELAY_PREFIX = "delay+"
+
+
+class DelayBackend(StorageBackend):
+    """Any backend, made slow: each call waits a fixed time before the wrapped backend serves it.
+
+    A fault-injection wrapper for tests and benchmarks (a remote tier with a long round trip),
+    served as ``delay+<scheme>://…`` once :func:`delay_plugin_dir` is on ``sys.path``, e.g.
+    ``delay+memory://?capacity=1GiB&get_delay=0.2``. The delay applies per call (one batch of
+    keys), before the wrapped backend is asked; a call cancelled while it waits writes nothing.
+    With ``delay_log=PATH`` every ``get_into`` appends two JSON lines to ``PATH`` (``start`` and
+    ``end``, with ``time.monotonic()``, which every process on a Linux host shares, and the pid),
+    so a test can see when a load was pending without timing anything itself.
+
+    Args:
+        inner: The backend that stores the values (owned: closed by :meth:`aclose`).
+        get_delay: Seconds each ``get_into`` call waits.
+        put_delay: Seconds each ``put`` call waits.
+        contains_delay: Seconds each ``contains`` call waits (lookups; 0 by default, so only
+            loads are slow).
+        delay_log: File that ``get_into`` events are appended to (None: no log).
+    """
+
+    #: ``delay+<scheme>`` for every built-in scheme (a tiered stack is slowed tier by tier).
+    schemes: ClassVar[tuple[str, ...]] = tuple(DELAY_PREFIX + s for s in BUILTIN_BACKENDS if s != "tiered")
+
+    def __init__(
+        self,
+        inner: StorageBackend,
+        *,
+        get_delay: float = 0.0,
+        put_delay: float = 0.0,
+        contains_delay: float = 0.0,
+        delay_log: str | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("get_delay", get_delay), ("put_delay", put_delay), ("contains_delay", contains_delay)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name}: expected a duration of 0 seconds or more, got {value!r}")
+        self.inner = inner
+        self.get_delay = float(get_delay)
+        self.put_delay = float(put_delay)
+        self.contains_delay = float(contains_delay)
+        self.delay_log = delay_log
+        self.secret_options = inner.secret_options  # type: ignore[misc]
+        # Host buffers only: the wrapper adds latency, not a device path.
+        self.capabilities = dataclasses.replace(inner.capabilities, device_buffers=False)  # type: ignore[misc]
+        self.delayed_calls = {"get": 0, "put": 0, "contains": 0}
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: Any) -> DelayBackend:
+        """Build ``delay+<backend url>`` with the delay options in its query (no I/O).
+
+        Raises:
+            ConfigError: The URL does not start with ``delay+`` or a delay option is invalid.
+        """
+        from lmcache.backends.registry import open_backend
+
+        if not url.startswith(DELAY_PREFIX):
+            raise ConfigError(f"a delay tier URL starts with {DELAY_PREFIX!r}, got {redact_url(url)!r}")
+        base, _, query = url[len(DELAY_PREFIX) :].partition("?")
+        kept: list[str] = []
+        options: dict[str, Any] = {}
+        for part in query.split("&") if query else ():
+            name, _, value = part.partition("=")
+            if name in DELAY_OPTIONS:
+                options[name] = unquote(value)
+            else:
+                kept.append(part)
+        for name in DELAY_OPTIONS:
+            if name in overrides:
+                options[name] = overrides.pop(name)
+        parsed: dict[str, Any] = {}
+        for name, value in options.items():
+            if name == "delay_log":
+                parsed[name] = str(value) or None
+                continue
+            try:
+                parsed[name] = parse_duration(value)
+            except ValueError as exc:
+                raise ConfigError(f"{name}={value!r}: {exc}") from None
+        inner = open_backend(base + ("?" + "&".join(kept) if kept else ""), **overrides)
+        return cls(inner, **parsed)
+
+    @property
+    def url(self) -> str:
+        """``delay+`` and the wrapped backend's URL, plus the delay options that are set."""
+        inner = self.inner.url
+        extra = [
+            f"{name}={getattr(self, name):g}"
+            for name in ("get_delay", "put_delay", "contains_delay")
+            if getattr(self, name)
+        ]
+        if self.delay_log:
+            extra.append("delay_log=" + quote(self.delay_log, safe="/"))
+        if not extra:
+            return DELAY_PREFIX + inner
+        return DELAY_PREFIX + inner + ("&" if "?" in inner else "?") + "&".join(extra)
+
+    def _log(self, event: str, **fields: Any) -> None:
+        if not self.delay_log:
+            return
+        line = json.dumps({"op": "get", "event": event, "t": time.monotonic(), "pid": os.getpid(), **fields})
+        # One short append per event: lines from several processes do not interleave.
+        with open(self.delay_log, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        await self.inner.open()
+
+    async def _close(self) -> None:
+        await self.inner.aclose()
+
+    async def _ping(self) -> None:
+        await self.inner.ping()
+
+    async def _register_host_memory(self, view: memoryview) -> None:
+        await self.inner.register_host_memory(view)
+
+    async def _unregister_host_memory(self, view: memoryview) -> None:
+        await self.inner.unregister_host_memory(view)
+
+    def stats(self) -> dict[str, Any]:
+        """The wrapped backend's stats, plus the delays and how many calls waited."""
+        out = dict(self.inner.stats())
+        out["delays_s"] = {"get": self.get_delay, "put": self.put_delay, "contains": self.contains_delay}
+        out["delayed_calls"] = dict(self.delayed_calls)
+        return out
+
+    async def _list_keys(self) -> AsyncIterator[CacheKey]:
+        async for key in self.inner.list_keys():
+            yield key
+
+    async def _list_entries(self) -> AsyncIterator[tuple[CacheKey, int | None]]:
+        async for entry in self.inner.list_entries():
+            yield entry
+
+    # -- data path ---------------------------------------------------------------------------
+
+    async def _wait(self, op: str, delay: float) -> None:
+        if delay > 0:
+            self.delayed_calls[op] += 1
+            await asyncio.sleep(delay)
+
+    async def _contains(self, keys: list[CacheKey]) -> list[bool]:
+        await self._wait("contains", self.contains_delay)
+        return await self.inner.contains(keys)
+
+    async def _get_into(self, keys: list[CacheKey], dsts: list[memoryview]) -> list[int | None]:
+        self._log("start", keys=len(keys))
+        try:
+            await self._wait("get", self.get_delay)
+            got = await self.inner.get_into(keys, dsts)
+        except BaseException:
+            self._log("end", keys=len(keys), hits=0, failed=True)
+            raise
+        self._log("end", keys=len(keys), hits=sum(n is not None for n in got))
+        return got
+
+    async def _put(self, keys: list[CacheKey], srcs: list[memoryview]) -> list[PutResult]:
+        await self._wait("put", self.put_delay)
+        return await self.inner.put(keys, srcs)
+
+    async def _delete(self, keys: list[CacheKey]) -> None:
+        await self.inner.delete(keys)
+
+
+def delay_plugin_dir(folder: str | os.PathLike[str]) -> str:
+    """Make ``delay+<scheme>://`` URLs openable by any process that has ``folder`` on ``sys.path``.
+
+    Writes a minimal distribution's metadata into ``folder`` whose ``lmcache.backends`` entry
+    points map ``delay+<scheme>`` to :class:`DelayBackend` for every built-in scheme: the
+    ordinary plugin mechanism, so a vLLM child (and the workers it spawns) finds the slow tier
+    through ``PYTHONPATH`` without any change to the registry.
+
+    Returns:
+        ``folder`` as a string, to prepend to ``PYTHONPATH`` (or ``sys.path``).
+    """
+    root = Path(folder)
+    meta = root / "lmcache_delay_tier-0.0.dist-info"
+    meta.mkdir(parents=True, exist_ok=True)
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: lmcache-delay-tier\nVersion: 0.0\n")
+    target = f"{DelayBackend.__module__}:{DelayBackend.__name__}"
+    lines = [f"{scheme} = {target}" for scheme in DelayBackend.schemes]
+    (meta / "entry_points.txt").write_text("[lmcache.backends]\n" + "\n".join(lines) + "\n")
+    return str(root)
+
+
+def read_delay_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The events a :class:`DelayBackend` appended to ``path`` (none if it does not exist)."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

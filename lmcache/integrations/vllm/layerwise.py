@@ -258,7 +258,8 @@ class LayerwiseLoads:
                     src = c.buf[i : i + 1]
                     if (c.lo, c.hi) != (c.start, c.end):
                         src = src[:, :, c.lo - c.start : c.hi - c.start].contiguous()
-                    layer.scatter(c.slots, src).synchronize()
+                    # Slots are checked once per chunk (layer 0); the other layers use the same ones.
+                    layer.scatter(c.slots, src, validate=i == 0).synchronize()
                 self._done[i].set()
         except BaseException as exc:
             # A copy failed part-way: every load counts as failed (its blocks are recomputed).
@@ -325,7 +326,7 @@ class LayerwiseSaves:
             try:
                 for c in chunks:
                     assert c.slots is not None
-                    layer.gather(c.slots, c.buf[index : index + 1]).synchronize()
+                    layer.gather(c.slots, c.buf[index : index + 1], validate=index == 0).synchronize()
             except Exception as exc:
                 self._errors[n] = exc
                 self._drop(n)

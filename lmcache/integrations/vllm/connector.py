@@ -648,6 +648,7 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
             return []
         if removed:
             self._count("removed_blocks", len(removed))
+            self._write_stats()
         return block_removed_events(removed)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:

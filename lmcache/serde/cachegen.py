@@ -1,4 +1,4 @@
-"""``cachegen``: a CacheGen-style codec (Liu et al., SIGCOMM'24), in numpy on the CPU.
+"""``cachegen``: a CacheGen-style codec (Liu et al., SIGCOMM'24): deltas, layer-dependent bins, rANS.
 
 Three steps, after CacheGen:
 
@@ -16,37 +16,59 @@ Three steps, after CacheGen:
    matter less to the output. Tokens with outliers (a value 8 standard deviations from its
    channel's mean: attention sinks) are coded like anchors, at 8 bits, instead of clipped.
 3. **Entropy coding.** The symbols are coded with rANS (range asymmetric numeral systems) with
-   one frequency table per layer and K/V part (one for anchors, one for the rest). Every
-   channel of the chunk is an independent rANS stream; the streams advance in lockstep over the
-   tokens, so each coding step is one vectorized numpy operation over all channels, and the
+   one frequency table per layer and K/V part (one for precise tokens, one for the rest). The
+   symbols, in chunk order ``[layer, part, token, head, dim]``, are dealt round-robin to
+   ``S`` interleaved streams (symbol ``i`` to stream ``i % S``; one per 512 symbols, at most 1024): one decoding
+   step decodes ``S`` consecutive symbols and writes ``S`` consecutive output elements, and the
    16-bit words of all streams are interleaved in the order the decoder consumes them.
 
-Body layout: base bits, anchor stride and the outlier tokens (so a reader needs no options), per-lane
-scales of the 8-bit tokens, channel means (without anchors) and steps (float16 each), the frequency tables (first used
-symbol, count, uint16 frequencies), the final rANS states (uint32 per lane), the number of words,
-then the words. Lanes are ``(layer, part, head, channel)`` in that order.
+The coder runs in C (:mod:`lmcache.serde.cachegen_native`: decode, dequantize and write the
+chunk's dtype in one pass), or, where no C compiler is available, in numpy (the same
+arithmetic: the same words and the same decoded bytes, only slower). On a GPU,
+:func:`decode_into_tensor` entropy-decodes on the CPU and dequantizes with a Triton kernel
+(:mod:`lmcache.kernels.cachegen_triton`).
 
-No Triton/GPU kernel: encode and decode run on CPU worker threads (see docs/codecs.md).
+Body layout (format 2; format-1 bodies, which began with the bits byte, are refused: a miss):
+format byte (0xC2), base bits, anchor stride, outlier tokens, streams; the outlier token
+indices (uint16); per-lane scales of the precise tokens (only when there are any), channel
+means (without anchors) and steps (float16 each); the frequency tables (first used symbol,
+count, uint16 frequencies); the streams' initial decoder states (uint32); the number of words,
+then the words. Lanes are ``(layer, part, head, channel)`` in that order.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import numpy as np
 import torch
 
+from lmcache.serde import cachegen_native
 from lmcache.serde.codec import ChunkGeometry, Codec
 from lmcache.serde.quant import from_float, to_float
 
-__all__ = ["CacheGenCodec", "layer_bits", "rans_decode", "rans_encode"]
+__all__ = [
+    "CacheGenCodec",
+    "ParsedBody",
+    "decode_into_tensor",
+    "layer_bits",
+    "layer_report",
+    "parse_body",
+    "rans_decode",
+    "rans_encode",
+]
 
 PROB_BITS = 12
 M = 1 << PROB_BITS
 _LOW = 1 << 16  # the state lives in [2^16, 2^32); renormalization moves 16-bit words
 ANCHOR_BITS = 8
+FORMAT = 0xC2  # format 2; a format-1 body began with its bits (1-8)
+#: Interleaved rANS streams per chunk (fewer for tiny chunks): enough independent work per
+#: step for the C loop and for numpy, few enough that their states cost under 1% of a body.
+STREAMS = 1024
 _COUNT = struct.Struct("<Q")
-_PARAMS = struct.Struct("<BHH")  # base bits, anchor stride, outlier tokens: a reader needs no options
+_PARAMS = struct.Struct("<BBHHH")  # format, base bits, anchor stride, outlier tokens, streams
 _TABLE = struct.Struct("<BH")
 DEFAULT_BITS = 4
 
@@ -80,64 +102,166 @@ def normalize_freqs(counts: np.ndarray) -> np.ndarray:
     return f.astype(np.uint16)
 
 
-def rans_encode(sym: np.ndarray, table: np.ndarray, freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Encode ``sym`` (``[lanes, steps]``) with per-step tables ``table[lanes, steps]``.
-
-    Returns:
-        The final states (uint32 per lane) and the 16-bit words in decoder order.
-    """
+def _cum(freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     f_all = freq.astype(np.uint64)
     cum = np.zeros_like(f_all)
     cum[:, 1:] = np.cumsum(f_all, axis=1)[:, :-1]
-    lanes, steps = sym.shape
-    x = np.full(lanes, _LOW, dtype=np.uint64)
+    return f_all, cum
+
+
+def rans_encode(sym: np.ndarray, table: np.ndarray, freq: np.ndarray, streams: int) -> tuple[np.ndarray, np.ndarray]:
+    """Encode symbols ``sym`` (flat, uint8) with tables ``table`` (flat, per symbol) in numpy.
+
+    Symbol ``i`` goes to stream ``i % streams``; the C coder (:func:`cachegen_native.encode`)
+    writes the same states and words.
+
+    Returns:
+        The decoder's initial states (uint32 per stream) and the 16-bit words in decoder order.
+    """
+    f_all, cum = _cum(freq)
+    n = sym.size
+    x = np.full(streams, _LOW, dtype=np.uint64)
     emitted: list[np.ndarray] = []
-    for t in range(steps - 1, -1, -1):
-        tb, s = table[:, t], sym[:, t]
+    for start in range(((n - 1) // streams) * streams, -1, -streams):
+        m = min(streams, n - start)
+        tb, s = table[start : start + m], sym[start : start + m]
         f = f_all[tb, s]
         c = cum[tb, s]
-        m = x >= (f << np.uint64(20))
-        emitted.append((x[m] & np.uint64(0xFFFF)).astype(np.uint16))
-        x[m] >>= np.uint64(16)
-        x = ((x // f) << np.uint64(PROB_BITS)) + (x % f) + c
+        xs = x[:m]
+        big = xs >= (f << np.uint64(20))
+        emitted.append((xs[big] & np.uint64(0xFFFF)).astype(np.uint16))
+        xs[big] >>= np.uint64(16)
+        x[:m] = ((xs // f) << np.uint64(PROB_BITS)) + (xs % f) + c
     words = np.concatenate(emitted[::-1]) if emitted else np.zeros(0, np.uint16)
     return x.astype(np.uint32), words
 
 
-def rans_decode(states: np.ndarray, words: np.ndarray, table: np.ndarray, freq: np.ndarray, steps: int) -> np.ndarray:
-    """Decode what :func:`rans_encode` wrote: symbols ``[lanes, steps]`` (uint8).
+def rans_decode(states: np.ndarray, words: np.ndarray, table: np.ndarray, freq: np.ndarray) -> np.ndarray:
+    """Decode what :func:`rans_encode` wrote, in numpy: the symbols (flat, uint8).
 
     Raises:
         ValueError: The words run out or are left over (a damaged value).
     """
-    f_all = freq.astype(np.uint64)
-    cum = np.zeros_like(f_all)
-    cum[:, 1:] = np.cumsum(f_all, axis=1)[:, :-1]
-    # slot -> symbol per table
+    f_all, cum = _cum(freq)
     slot2sym = np.zeros((freq.shape[0], M), dtype=np.uint8)
     for i in range(freq.shape[0]):
         slot2sym[i] = np.repeat(np.arange(freq.shape[1], dtype=np.uint8), freq[i].astype(np.int64))
-    lanes = states.shape[0]
+    streams, n = states.shape[0], table.size
     x = states.astype(np.uint64)
-    out = np.empty((lanes, steps), dtype=np.uint8)
+    out = np.empty(n, dtype=np.uint8)
     w = words.astype(np.uint64)
     ptr = 0
     mask = np.uint64(M - 1)
-    for t in range(steps):
-        tb = table[:, t]
-        slot = x & mask
+    for start in range(0, n, streams):
+        m = min(streams, n - start)
+        tb = table[start : start + m]
+        xs = x[:m]
+        slot = xs & mask
         s = slot2sym[tb, slot]
-        x = f_all[tb, s] * (x >> np.uint64(PROB_BITS)) + slot - cum[tb, s]
-        m = x < _LOW
-        k = int(m.sum())
+        xs = f_all[tb, s] * (xs >> np.uint64(PROB_BITS)) + slot - cum[tb, s]
+        low = xs < _LOW
+        k = int(low.sum())
         if ptr + k > w.size:
             raise ValueError("rANS stream is truncated")
-        x[m] = (x[m] << np.uint64(16)) | w[ptr : ptr + k]
+        xs[low] = (xs[low] << np.uint64(16)) | w[ptr : ptr + k]
         ptr += k
-        out[:, t] = s
+        x[:m] = xs
+        out[start : start + m] = s
     if ptr != w.size or not (x == _LOW).all():
         raise ValueError("rANS stream does not end where it should")
     return out
+
+
+@dataclasses.dataclass
+class ParsedBody:
+    """A cachegen body, parsed and checked (everything a decoder needs)."""
+
+    base_bits: int
+    anchor: int
+    outliers: np.ndarray
+    #: Per token: 1 when coded against its reference, 0 for precise (anchor or outlier) tokens.
+    regular: np.ndarray
+    pscale: np.ndarray
+    mean: np.ndarray | None
+    step: np.ndarray
+    freq: np.ndarray
+    states: np.ndarray
+    words: np.ndarray
+    #: ``(layer-parts, tokens, heads * dim)``.
+    shape: tuple[int, int, int]
+
+    @property
+    def ref(self) -> np.ndarray:
+        """Per-lane reference of the regular tokens in mean mode (zeros with anchors)."""
+        return self.mean if self.mean is not None else np.zeros_like(self.step)
+
+
+def parse_body(body: memoryview | bytes, g: ChunkGeometry) -> ParsedBody:
+    """Parse and check a cachegen body of geometry ``g``.
+
+    Raises:
+        ValueError: A body of another format, or damaged.
+    """
+    if len(body) < _PARAMS.size:
+        raise ValueError("cachegen body is truncated")
+    fmt, base_bits, anchor, n_out, streams = _PARAMS.unpack_from(body, 0)
+    if fmt != FORMAT:
+        raise ValueError(f"cachegen body of format {'1' if 1 <= fmt <= 8 else hex(fmt)} is not read by this lmcache")
+    if not (1 <= base_bits <= 8):
+        raise ValueError(f"cachegen parameter {base_bits} bits is out of range")
+    lp, hd = g.layers * g.parts, g.heads * g.dim
+    lanes, n = lp * hd, lp * g.tokens * hd
+    if not (1 <= streams <= min(n, cachegen_native.MAX_STREAMS)):
+        raise ValueError(f"cachegen body has {streams} streams")
+    reader = _Reader(np.frombuffer(body, dtype=np.uint8), _PARAMS.size)
+    outliers = reader.take(n_out, np.uint16).astype(np.int64)
+    if outliers.size and outliers.max() >= g.tokens:
+        raise ValueError("cachegen outlier token index is out of range")
+    precise = _anchor_mask(g.tokens, anchor)
+    precise[outliers] = True
+    pscale = reader.take(lanes, np.float16).astype(np.float32) if precise.any() else np.zeros(lanes, np.float32)
+    mean = None if anchor else reader.take(lanes, np.float16).astype(np.float32)
+    step = reader.take(lanes, np.float16).astype(np.float32)
+    lib = cachegen_native.library()
+    if lib is not None:  # the Python loop over tables costs as much as decoding them
+        freq, used = cachegen_native.unpack_tables(lib, reader.buf[reader.off :], 2 * lp)
+        reader.off += used
+    else:
+        freq = _unpack_tables(reader, 2 * lp)
+    states = reader.take(streams, np.uint32)
+    (n_words,) = _COUNT.unpack(reader.take(8, np.uint8).tobytes())
+    if n_words > n:
+        raise ValueError("cachegen body has more words than symbols")
+    words = reader.take(n_words, np.uint16)
+    if reader.off != reader.buf.size:
+        raise ValueError("cachegen body has trailing bytes")
+    regular = (~precise).astype(np.uint8)
+    return ParsedBody(base_bits, anchor, outliers, regular, pscale, mean, step, freq, states, words, (lp, g.tokens, hd))
+
+
+def _symbol_tables(p: ParsedBody | tuple[int, int, int], regular: np.ndarray) -> np.ndarray:
+    """Table index of every symbol (flat, chunk order): ``2 * layer-part + regular[token]``."""
+    lp, t, hd = p.shape if isinstance(p, ParsedBody) else p
+    idx = 2 * np.arange(lp, dtype=np.int64)[:, None] + regular[None, :].astype(np.int64)
+    return np.broadcast_to(idx[:, :, None], (lp, t, hd)).reshape(-1)
+
+
+def _dequantize(p: ParsedBody, sym: np.ndarray) -> np.ndarray:
+    """float32 values ``[layer-parts, tokens, heads * dim]`` of the symbols (the numpy path)."""
+    lp, t, hd = p.shape
+    q = sym.reshape(lp, t, hd).astype(np.float32) - _HALF
+    pscale, step = p.pscale.reshape(lp, 1, hd), p.step.reshape(lp, 1, hd)
+    precise = p.regular == 0
+    recon_p = q[:, precise] * pscale
+    if p.anchor:
+        recon = np.zeros_like(q)
+        recon[:, precise] = recon_p
+        base = np.repeat(recon[:, :: p.anchor], p.anchor, axis=1)[:, :t]
+        x = base + q * step
+    else:
+        x = p.ref.reshape(lp, 1, hd) + q * step
+    x[:, precise] = recon_p
+    return x
 
 
 class CacheGenCodec(Codec):
@@ -151,86 +275,205 @@ class CacheGenCodec(Codec):
         g = geometry
         if not g.is_kv or g.tokens < 1:
             return None
-        base_bits = self.settings.codec_bits or DEFAULT_BITS
-        anchor = self.settings.codec_anchor
-        x = to_float(data, g).permute(0, 1, 3, 4, 2).reshape(-1, g.tokens).numpy()  # [lanes, T]
-        outliers = _outlier_tokens(x)
-        regular = _anchor_mask(g.tokens, anchor)
-        precise = regular.copy()
-        precise[outliers] = True
-        pscale, qp = _quantize_precise(x, precise)
-        if anchor:
-            recon = np.zeros_like(x)
-            recon[:, precise] = qp * pscale[:, None]
-            base = np.repeat(recon[:, regular], anchor, axis=1)[:, : g.tokens]
-            mean = None
-        else:
-            rest = x[:, ~precise]
-            mean = _f16s(rest.mean(axis=1) if rest.size else np.zeros(x.shape[0], np.float32))
-            base = np.broadcast_to(mean[:, None], x.shape)
-        resid = x - base
-        rest = resid[:, ~precise]
-        std = np.sqrt((rest * rest).mean(axis=1)) if rest.size else np.zeros(x.shape[0], np.float32)
-        step = _f16(std * _GAUSS_SPAN / np.exp2(_lane_bits(g, base_bits)))
-        q = np.clip(np.rint(resid / step[:, None]), -_HALF, _HALF)
-        q[:, precise] = qp
-        sym = (q + _HALF).astype(np.uint8)
-        table = _tables(g, precise)
-        n_tables = 2 * g.layers * g.parts
-        counts = np.zeros((n_tables, ALPHABET), dtype=np.int64)
-        np.add.at(counts, (table.reshape(-1), sym.reshape(-1)), 1)
-        freq = normalize_freqs(counts)
-        states, words = rans_encode(sym, table, freq)
-        return b"".join(
-            [
-                _PARAMS.pack(base_bits, anchor, outliers.size),
-                outliers.astype(np.uint16).tobytes(),
-                pscale.astype(np.float16).tobytes(),
-                b"" if mean is None else mean.astype(np.float16).tobytes(),
-                step.astype(np.float16).tobytes(),
-                _pack_tables(freq),
-                states.tobytes(),
-                _COUNT.pack(words.size),
-                words.tobytes(),
-            ]
-        )
+        enc = _encode(to_float(data, g), g, self.settings.codec_bits or DEFAULT_BITS, self.settings.codec_anchor)
+        return enc.body
 
     def decode_body(self, body: memoryview, geometry: ChunkGeometry, out: memoryview) -> None:
-        """Entropy-decode, then references plus dequantized residuals."""
-        g = geometry
-        base_bits, anchor, n_out = _PARAMS.unpack_from(body, 0)
-        if not (1 <= base_bits <= 8):
-            raise ValueError(f"cachegen parameter {base_bits} bits is out of range")
-        lanes = g.layers * g.parts * g.heads * g.dim
-        n_tables = 2 * g.layers * g.parts
-        reader = _Reader(np.frombuffer(body, dtype=np.uint8), _PARAMS.size)
-        outliers = reader.take(n_out, np.uint16).astype(np.int64)
-        if outliers.size and outliers.max() >= g.tokens:
-            raise ValueError("cachegen outlier token index is out of range")
-        regular = _anchor_mask(g.tokens, anchor)
-        precise = regular.copy()
-        precise[outliers] = True
-        pscale = reader.take(lanes, np.float16).astype(np.float32)
-        mean = None if anchor else reader.take(lanes, np.float16).astype(np.float32)
-        step = reader.take(lanes, np.float16).astype(np.float32)
-        freq = _unpack_tables(reader, n_tables)
-        states = reader.take(lanes, np.uint32)
-        (n_words,) = _COUNT.unpack(reader.take(8, np.uint8).tobytes())
-        words = reader.take(n_words, np.uint16)
-        if reader.off != reader.buf.size:
-            raise ValueError("cachegen body has trailing bytes")
-        q = rans_decode(states, words, _tables(g, precise), freq, g.tokens).astype(np.float32) - _HALF
-        recon_p = q[:, precise] * pscale[:, None]
-        if anchor:
-            recon = np.zeros_like(q)
-            recon[:, precise] = recon_p
-            base = np.repeat(recon[:, regular], anchor, axis=1)[:, : g.tokens]
-            x = base + q * step[:, None]
-        else:
-            x = mean[:, None] + q * step[:, None]
-        x[:, precise] = recon_p
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        from_float(t.view(g.layers, g.parts, g.heads, g.dim, g.tokens).permute(0, 1, 4, 2, 3), g, out)
+        """Entropy-decode, then references plus dequantized residuals, in the chunk's dtype."""
+        p = parse_body(body, geometry)
+        lib = cachegen_native.library()
+        if lib is None:
+            x = _dequantize(p, _decode_symbols(p, None))
+            from_float(torch.from_numpy(x), geometry, out)
+            return
+        tables = cachegen_native.build_tables(lib, p.freq, regular_only=bool(p.regular.all()))
+        if geometry.dtype == "bfloat16":
+            dst = np.frombuffer(out, dtype=np.uint16)
+            _c_decode(lib, p, tables, cachegen_native.OUT_BF16, dst)
+        elif geometry.dtype == "float32":
+            dst = np.frombuffer(out, dtype=np.float32)
+            _c_decode(lib, p, tables, cachegen_native.OUT_F32, dst)
+        else:  # float16: float32 first, rounded by torch exactly as the numpy path rounds
+            tmp = np.empty(geometry.numel, dtype=np.float32)
+            _c_decode(lib, p, tables, cachegen_native.OUT_F32, tmp)
+            from_float(torch.from_numpy(tmp), geometry, out)
+
+
+def _c_decode(lib: object, p: ParsedBody, tables: np.ndarray, kind: int, out: np.ndarray, *, simd: bool = True) -> None:
+    """Run the C decoder on a parsed body: symbols (``OUT_SYMBOLS``) or values into ``out``."""
+    cachegen_native.decode(
+        lib,  # type: ignore[arg-type]
+        p.states,
+        p.words,
+        tables,
+        shape=p.shape,
+        regular=p.regular,
+        anchor=p.anchor,
+        lane_params=None if kind == cachegen_native.OUT_SYMBOLS else (p.pscale, p.ref, p.step),
+        out_kind=kind,
+        out=out,
+        simd=simd,
+    )
+
+
+def _decode_symbols(p: ParsedBody, lib: object | None) -> np.ndarray:
+    """The symbols of a parsed body (flat, chunk order, uint8), in C when ``lib`` is given."""
+    if lib is None:
+        return rans_decode(p.states, p.words, _symbol_tables(p, p.regular), p.freq)
+    out = np.empty(int(np.prod(p.shape)), dtype=np.uint8)
+    tables = cachegen_native.build_tables(lib, p.freq)  # type: ignore[arg-type]
+    _c_decode(lib, p, tables, cachegen_native.OUT_SYMBOLS, out)  # type: ignore[arg-type]
+    return out
+
+
+@dataclasses.dataclass
+class _Encoded:
+    body: bytes
+    sym: np.ndarray
+    freq: np.ndarray
+    regular: np.ndarray
+    side_bytes: int
+
+
+def _encode(t: torch.Tensor, g: ChunkGeometry, base_bits: int, anchor: int, native: bool | None = None) -> _Encoded:
+    """Quantize and entropy-code a float32 chunk (``g.shape``); ``native=False`` forces numpy."""
+    lp, hd = g.layers * g.parts, g.heads * g.dim
+    x = t.reshape(lp, g.tokens, hd).numpy()
+    outliers = _outlier_tokens(x)
+    precise = _anchor_mask(g.tokens, anchor)
+    precise[outliers] = True
+    pscale, qp = _quantize_precise(x, precise)
+    if anchor:
+        recon = np.zeros_like(x)
+        recon[:, precise] = qp * pscale[:, None, :]
+        base = np.repeat(recon[:, ::anchor], anchor, axis=1)[:, : g.tokens]
+        mean = None
+    else:
+        rest = x[:, ~precise]
+        mean = _f16s(rest.mean(axis=1) if rest.size else np.zeros((lp, hd), np.float32))
+        base = mean[:, None, :]
+    resid = x - base
+    rest = resid[:, ~precise]
+    std = np.sqrt((rest * rest).mean(axis=1)) if rest.size else np.zeros((lp, hd), np.float32)
+    step = _f16(std * _GAUSS_SPAN / np.exp2(_layer_part_bits(g, base_bits))[:, None])
+    q = np.clip(np.rint(resid / step[:, None, :]), -_HALF, _HALF)
+    q[:, precise] = qp
+    sym = (q + _HALF).astype(np.uint8).reshape(-1)
+    regular = (~precise).astype(np.uint8)
+    counts = _counts(sym.reshape(lp, g.tokens, hd), precise)
+    freq = normalize_freqs(counts)
+    streams = _streams(sym.size)
+    lib = cachegen_native.library() if native is not False else None
+    if lib is not None:
+        states, words = cachegen_native.encode(lib, sym, streams, freq, shape=(lp, g.tokens, hd), regular=regular)
+    else:
+        states, words = rans_encode(sym, _symbol_tables((lp, g.tokens, hd), regular), freq, streams)
+    head = b"".join(
+        [
+            _PARAMS.pack(FORMAT, base_bits, anchor, outliers.size, streams),
+            outliers.astype(np.uint16).tobytes(),
+            pscale.astype(np.float16).tobytes() if precise.any() else b"",
+            b"" if mean is None else mean.astype(np.float16).tobytes(),
+            step.astype(np.float16).tobytes(),
+            _pack_tables(freq),
+            states.tobytes(),
+            _COUNT.pack(words.size),
+        ]
+    )
+    return _Encoded(head + words.tobytes(), sym, freq, regular, len(head))
+
+
+def _streams(n: int) -> int:
+    """Streams for ``n`` symbols: one per 512 (a multiple of 16, the C loop's vector), at most 1024."""
+    return min(n, STREAMS, max(16, (n // 512) // 16 * 16))
+
+
+def _counts(sym: np.ndarray, precise: np.ndarray) -> np.ndarray:
+    """Symbol counts ``[2 * layer-parts, 256]``: per layer-part, precise tokens then the rest."""
+    lp = sym.shape[0]
+    counts = np.zeros((lp, 2, ALPHABET), dtype=np.int64)
+    offsets = (np.arange(lp, dtype=np.int32) * ALPHABET)[:, None, None]
+    for kind, sel in ((0, precise), (1, ~precise)):
+        if sel.any():
+            keys = (sym[:, sel].astype(np.int32) + offsets).reshape(-1)
+            counts[:, kind] = np.bincount(keys, minlength=lp * ALPHABET).reshape(lp, ALPHABET)
+    return counts.reshape(2 * lp, ALPHABET)
+
+
+def layer_report(
+    data: memoryview | bytes, g: ChunkGeometry, base_bits: int = DEFAULT_BITS, anchor: int = 0
+) -> list[dict]:
+    """Where the bits of one encoded chunk go, per layer (``lmcache bench codec``'s table).
+
+    Per layer: the planned bits, the coded bits per value of keys and values (from the
+    frequency tables: ``log2(4096 / f)`` per symbol, what rANS spends to within a fraction of
+    a percent) and the side information (per-lane scales, means, steps and tables; the
+    streams' states and the outlier list are shared and spread evenly) per value.
+    """
+    enc = _encode(to_float(memoryview(data), g), g, base_bits, anchor)
+    cost = np.log2(M / np.maximum(enc.freq.astype(np.float64), 1))
+    table = _symbol_tables((g.layers * g.parts, g.tokens, g.heads * g.dim), enc.regular)
+    sym_bits = cost[table, enc.sym].reshape(g.layers, g.parts, -1).sum(axis=2)
+    per_part = g.tokens * g.heads * g.dim
+    lanes_per_layer = g.parts * g.heads * g.dim
+    total_lanes = g.layers * lanes_per_layer
+    shared = _PARAMS.size + 2 * _outlier_count(enc) + 4 * _streams(enc.sym.size) + _COUNT.size
+    lane_bytes = (enc.side_bytes - shared - len(_pack_tables(enc.freq))) / total_lanes
+    plan = layer_bits(g.layers, base_bits)
+    rows = []
+    for layer in range(g.layers):
+        tables = _pack_tables(enc.freq[2 * g.parts * layer : 2 * g.parts * (layer + 1)])
+        side = lane_bytes * lanes_per_layer + len(tables) + shared / g.layers
+        rows.append(
+            {
+                "layer": layer,
+                "planned_bits": plan[layer],
+                "key_bits": float(sym_bits[layer, 0] / per_part),
+                "value_bits": float(sym_bits[layer, -1] / per_part),
+                "side_bits": float(8 * side / (g.parts * per_part)),
+            }
+        )
+    return rows
+
+
+def _outlier_count(enc: _Encoded) -> int:
+    return int(_PARAMS.unpack_from(enc.body, 0)[3])
+
+
+def decode_into_tensor(encoded: memoryview | bytes, out: torch.Tensor) -> None:
+    """Decode an encoded cachegen value (codec header first) into tensor ``out``, CPU or GPU.
+
+    On a CUDA tensor (or on the CPU under ``TRITON_INTERPRET=1`` when ``out`` is a CPU tensor and
+    Triton is installed, which is how the tests run it) the entropy decoding runs on the CPU and
+    the dequantization in :func:`lmcache.kernels.cachegen_triton.dequantize`: the symbols (one
+    byte a value) travel to the device instead of the chunk. The result equals the CPU path's
+    bit for bit.
+
+    Raises:
+        IntegrityError: Not a cachegen value, or damaged.
+        InvalidArgumentError: ``out`` has the wrong size or dtype.
+    """
+    from lmcache.errors import IntegrityError, InvalidArgumentError
+    from lmcache.kernels import cachegen_triton
+    from lmcache.serde.codec import parse_codec_header
+
+    view = memoryview(encoded)
+    header = parse_codec_header(view)
+    if header is None or header.codec != CacheGenCodec.name:
+        raise IntegrityError("value is not a cachegen value")
+    g = header.geometry
+    if out.numel() != g.numel or str(out.dtype).removeprefix("torch.") != g.dtype or not out.is_contiguous():
+        raise InvalidArgumentError(f"tensor {tuple(out.shape)} {out.dtype} does not hold a {g.shape} {g.dtype} chunk")
+    try:
+        if out.device.type == "cpu" and not cachegen_triton.interpreted():
+            decode_out = out.view(torch.uint8).numpy().reshape(-1)
+            CacheGenCodec().decode_body(view[header.body_offset :], g, memoryview(decode_out))
+            return
+        p = parse_body(view[header.body_offset :], g)
+        sym = _decode_symbols(p, cachegen_native.library())
+    except ValueError as exc:
+        raise IntegrityError(f"value does not decode with codec 'cachegen': {exc}") from exc
+    cachegen_triton.dequantize(sym, p, out)
 
 
 #: A token whose value in some channel lies this many standard deviations from the channel's
@@ -241,12 +484,12 @@ OUTLIER_Z = 8.0
 
 
 def _outlier_tokens(x: np.ndarray) -> np.ndarray:
-    """Indices (sorted) of the tokens to code precisely for their outliers."""
+    """Indices (sorted) of the tokens to code precisely for their outliers (``x``: ``[lp, T, hd]``)."""
     if x.shape[1] < 2:
         return np.zeros(0, dtype=np.int64)
     m = x.mean(axis=1, keepdims=True)
     s = x.std(axis=1, keepdims=True) + 1e-12
-    score = (np.abs(x - m) / s).max(axis=0)
+    score = (np.abs(x - m) / s).max(axis=(0, 2))
     idx = np.flatnonzero(score > OUTLIER_Z)
     cap = max(1, x.shape[1] // 8)
     if idx.size > cap:
@@ -256,11 +499,12 @@ def _outlier_tokens(x: np.ndarray) -> np.ndarray:
 
 def _quantize_precise(x: np.ndarray, precise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """8-bit codes of the precise tokens with one scale per lane (absmax over those tokens)."""
+    lp, _t, hd = x.shape
     if not precise.any():
-        return np.full(x.shape[0], 2.0**-24, np.float32), np.zeros((x.shape[0], 0), np.float32)
+        return np.full((lp, hd), 2.0**-24, np.float32), np.zeros((lp, 0, hd), np.float32)
     p = x[:, precise]
     scale = _f16(np.abs(p).max(axis=1) / _HALF)
-    return scale, np.clip(np.rint(p / scale[:, None]), -_HALF, _HALF)
+    return scale, np.clip(np.rint(p / scale[:, None, :]), -_HALF, _HALF)
 
 
 def _f16s(x: np.ndarray) -> np.ndarray:
@@ -282,15 +526,9 @@ def _anchor_mask(tokens: int, anchor: int) -> np.ndarray:
     return (np.arange(tokens) % anchor) == 0
 
 
-def _lane_bits(g: ChunkGeometry, base_bits: int) -> np.ndarray:
-    per_layer = np.array(layer_bits(g.layers, base_bits), dtype=np.float32)
-    return np.repeat(per_layer, g.parts * g.heads * g.dim)
-
-
-def _tables(g: ChunkGeometry, is_anchor: np.ndarray) -> np.ndarray:
-    """Table index per lane and token: 2 * (layer * parts + part) + (0 for precise tokens, 1 for the rest)."""
-    lp = np.repeat(np.arange(g.layers * g.parts), g.heads * g.dim)
-    return (2 * lp)[:, None] + (~is_anchor)[None, :].astype(np.int64)
+def _layer_part_bits(g: ChunkGeometry, base_bits: int) -> np.ndarray:
+    """Planned bits per (layer, part), in that order."""
+    return np.repeat(np.array(layer_bits(g.layers, base_bits), dtype=np.float32), g.parts)
 
 
 def _pack_tables(freq: np.ndarray) -> bytes:

@@ -1,0 +1,343 @@
+/*
+ * The cachegen codec's rANS coder and dequantizer in C (see lmcache/serde/cachegen_native.py).
+ *
+ * Symbols are the chunk's quantized values in chunk order [layer, part, token, head, dim],
+ * flattened; symbol i belongs to stream i % S and is decoded at step i / S, so one step
+ * decodes S consecutive symbols and writes S consecutive output elements. Streams are 32-bit
+ * rANS states in [2^16, 2^32) with 12-bit probabilities; renormalization moves 16-bit words,
+ * read in one shared sequence in the order the decoder needs them (step by step, stream by
+ * stream). The numpy code in cachegen.py does exactly the same arithmetic: both produce
+ * identical words and identical output bytes (a test checks it).
+ *
+ * Built with -ffp-contract=off: a fused multiply-add would round differently from numpy.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define PROB_BITS 12
+#define PROB_SCALE (1u << PROB_BITS)
+#define RANS_LOW (1u << 16)
+#define HALF 127
+
+enum { OUT_SYMBOLS = 0, OUT_F32 = 1, OUT_BF16 = 2 };
+
+/*
+ * Frequency tables [n_tables][256] from their packed form (per table: first used symbol,
+ * uint8; count, uint16; count uint16 frequencies). Returns the bytes read, or -1 when the
+ * input is short or a table is damaged (out of the alphabet, or not summing to 4096).
+ */
+int64_t lmc_cg_unpack_tables(const uint8_t *buf, int64_t len, int64_t n_tables, uint16_t *freq) {
+    int64_t off = 0;
+    memset(freq, 0, (size_t)n_tables * 256 * 2);
+    for (int64_t t = 0; t < n_tables; t++) {
+        if (off + 3 > len) return -1;
+        uint32_t lo = buf[off], n = (uint32_t)buf[off + 1] | ((uint32_t)buf[off + 2] << 8);
+        off += 3;
+        if (lo + n > 256 || off + 2 * (int64_t)n > len) return -1;
+        uint32_t sum = 0;
+        for (uint32_t k = 0; k < n; k++) {
+            uint16_t f = (uint16_t)(buf[off + 2 * k] | (buf[off + 2 * k + 1] << 8));
+            freq[t * 256 + lo + k] = f;
+            sum += f;
+        }
+        if (sum != PROB_SCALE) return -1;
+        off += 2 * n;
+    }
+    return off;
+}
+
+/*
+ * Decode table entry: symbol (8 bits), frequency - 1 (12 bits), slot - cumulative (12 bits).
+ * With odd_only, only the odd tables (regular tokens) are built: a chunk without precise
+ * tokens never reads the even ones.
+ */
+int lmc_cg_build_tables(const uint16_t *freq, int64_t n_tables, uint32_t *out, int odd_only) {
+    for (int64_t t = odd_only ? 1 : 0; t < n_tables; t += odd_only ? 2 : 1) {
+        const uint16_t *f = freq + t * 256;
+        uint32_t *o = out + t * PROB_SCALE;
+        uint32_t cum = 0;
+        for (uint32_t s = 0; s < 256; s++) {
+            uint32_t fs = f[s];
+            if (fs == 0) continue;
+            if (cum + fs > PROB_SCALE) return -1;
+            for (uint32_t k = 0; k < fs; k++) o[cum + k] = s | ((fs - 1) << 8) | (k << 20);
+            cum += fs;
+        }
+        if (cum != PROB_SCALE) return -1;
+    }
+    return 0;
+}
+
+static inline uint16_t bf16_of(float v) {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    u += 0x7FFFu + ((u >> 16) & 1u); /* round to nearest even, as torch (values are finite) */
+    return (uint16_t)(u >> 16);
+}
+
+/* One rANS decode step of stream state *x with table tb; returns the symbol. */
+#define DECODE_ONE(x, tb, sym)                                                              \
+    do {                                                                                    \
+        uint32_t e_ = (tb)[(x) & (PROB_SCALE - 1)];                                         \
+        (sym) = e_ & 0xFF;                                                                  \
+        (x) = ((e_ >> 8) & 0xFFF) * ((x) >> PROB_BITS) + ((x) >> PROB_BITS) + (e_ >> 20);  \
+    } while (0)
+
+/*
+ * One row (hd consecutive symbols of one layer-part and token) starting at stream *s. kind:
+ * OUT_SYMBOLS, OUT_F32 or OUT_BF16 (a constant at every call: the compiler specializes).
+ * mode: 0 precise token (q * pscale), 1 regular (ref + q * step). Words are read unchecked:
+ * the caller knows hd more words exist.
+ */
+static inline __attribute__((always_inline)) void row(uint32_t *st, int64_t S, int64_t *s_io, const uint16_t *words,
+                                                      int64_t *ptr_io, const uint32_t *tb, int64_t hd, int kind,
+                                                      int mode, const float *mul, const float *add, float *keep,
+                                                      void *out) {
+    int64_t s = *s_io, ptr = *ptr_io;
+    for (int64_t c = 0; c < hd; c++) {
+        uint32_t x = st[s], sym;
+        DECODE_ONE(x, tb, sym);
+        uint32_t need = x < RANS_LOW;
+        uint32_t w = words[ptr];
+        x = need ? (x << 16) | w : x;
+        ptr += need;
+        st[s] = x;
+        if (++s == S) s = 0;
+        if (kind == OUT_SYMBOLS) {
+            ((uint8_t *)out)[c] = (uint8_t)sym;
+        } else {
+            float q = (float)((int)sym - HALF);
+            float v = mode ? add[c] + q * mul[c] : q * mul[c];
+            if (keep) keep[c] = v;
+            if (kind == OUT_F32)
+                ((float *)out)[c] = v;
+            else
+                ((uint16_t *)out)[c] = bf16_of(v);
+        }
+    }
+    *s_io = s;
+    *ptr_io = ptr;
+}
+
+/* The same row with each word read checked (the last rows of a value). */
+static int row_checked(uint32_t *st, int64_t S, int64_t *s_io, const uint16_t *words, int64_t n_words, int64_t *ptr_io,
+                       const uint32_t *tb, int64_t hd, int kind, int mode, const float *mul, const float *add,
+                       float *keep, void *out) {
+    int64_t s = *s_io, ptr = *ptr_io;
+    for (int64_t c = 0; c < hd; c++) {
+        uint32_t x = st[s], sym;
+        DECODE_ONE(x, tb, sym);
+        if (x < RANS_LOW) {
+            if (ptr >= n_words) return -1;
+            x = (x << 16) | words[ptr++];
+        }
+        st[s] = x;
+        if (++s == S) s = 0;
+        if (kind == OUT_SYMBOLS) {
+            ((uint8_t *)out)[c] = (uint8_t)sym;
+        } else {
+            float q = (float)((int)sym - HALF);
+            float v = mode ? add[c] + q * mul[c] : q * mul[c];
+            if (keep) keep[c] = v;
+            if (kind == OUT_F32)
+                ((float *)out)[c] = v;
+            else
+                ((uint16_t *)out)[c] = bf16_of(v);
+        }
+    }
+    *s_io = s;
+    *ptr_io = ptr;
+    return 0;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define LMC_X86 1
+#define AVX512 __attribute__((target("avx512f,popcnt")))
+
+/*
+ * row() for 16 streams at a time (AVX-512F): the same arithmetic lane by lane. The words the
+ * 16 streams need are the next popcount(need) words, expanded into the lanes that renormalize
+ * in stream order, which is the order the scalar loop reads them in.
+ */
+static inline __attribute__((always_inline)) AVX512 void row16(uint32_t *st, int64_t S, int64_t *s_io,
+                                                                const uint16_t *words, int64_t *ptr_io,
+                                                                const uint32_t *tb, int64_t hd, int kind, int mode,
+                                                                const float *mul, const float *add, float *keep,
+                                                                void *out) {
+    int64_t s = *s_io, ptr = *ptr_io, c = 0;
+    const __m512i mask12 = _mm512_set1_epi32(PROB_SCALE - 1), m8 = _mm512_set1_epi32(0xFF);
+    const __m512i low = _mm512_set1_epi32(RANS_LOW), half = _mm512_set1_epi32(HALF);
+    const __m512i round = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
+    while (c < hd) {
+        if (c + 16 <= hd && s + 16 <= S) {
+            __m512i x = _mm512_loadu_si512((const void *)(st + s));
+            __m512i e = _mm512_i32gather_epi32(_mm512_and_si512(x, mask12), (const void *)tb, 4);
+            __m512i sym = _mm512_and_si512(e, m8);
+            __m512i f1 = _mm512_and_si512(_mm512_srli_epi32(e, 8), mask12);
+            __m512i xs = _mm512_srli_epi32(x, PROB_BITS);
+            x = _mm512_add_epi32(_mm512_add_epi32(_mm512_mullo_epi32(f1, xs), xs), _mm512_srli_epi32(e, 20));
+            __mmask16 need = _mm512_cmplt_epu32_mask(x, low);
+            __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(words + ptr)));
+            w = _mm512_maskz_expand_epi32(need, w);
+            x = _mm512_mask_or_epi32(x, need, _mm512_slli_epi32(x, 16), w);
+            ptr += __builtin_popcount((unsigned)need);
+            _mm512_storeu_si512((void *)(st + s), x);
+            if (kind == OUT_SYMBOLS) {
+                _mm_storeu_si128((__m128i *)((uint8_t *)out + c), _mm512_cvtepi32_epi8(sym));
+            } else {
+                __m512 q = _mm512_cvtepi32_ps(_mm512_sub_epi32(sym, half));
+                __m512 v = _mm512_mul_ps(q, _mm512_loadu_ps(mul + c));
+                if (mode) v = _mm512_add_ps(_mm512_loadu_ps(add + c), v);
+                if (keep) _mm512_storeu_ps(keep + c, v);
+                if (kind == OUT_F32) {
+                    _mm512_storeu_ps((float *)out + c, v);
+                } else {
+                    __m512i u = _mm512_castps_si512(v);
+                    u = _mm512_add_epi32(u, _mm512_add_epi32(round, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+                    _mm256_storeu_si256((__m256i *)((uint16_t *)out + c), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+                }
+            }
+            c += 16;
+            s += 16;
+            if (s == S) s = 0;
+        } else { /* a row's tail or a stream wrap: one symbol the scalar way */
+            uint32_t x = st[s], sym1;
+            DECODE_ONE(x, tb, sym1);
+            if (x < RANS_LOW) x = (x << 16) | words[ptr++];
+            st[s] = x;
+            if (++s == S) s = 0;
+            if (kind == OUT_SYMBOLS) {
+                ((uint8_t *)out)[c] = (uint8_t)sym1;
+            } else {
+                float q = (float)((int)sym1 - HALF);
+                float v = mode ? add[c] + q * mul[c] : q * mul[c];
+                if (keep) keep[c] = v;
+                if (kind == OUT_F32)
+                    ((float *)out)[c] = v;
+                else
+                    ((uint16_t *)out)[c] = bf16_of(v);
+            }
+            c++;
+        }
+    }
+    *s_io = s;
+    *ptr_io = ptr;
+}
+
+static AVX512 void row16_any(uint32_t *st, int64_t S, int64_t *s_io, const uint16_t *words, int64_t *ptr_io,
+                             const uint32_t *tb, int64_t hd, int kind, int mode, const float *mul, const float *add,
+                             float *keep, void *out) {
+    if (kind == OUT_SYMBOLS)
+        row16(st, S, s_io, words, ptr_io, tb, hd, OUT_SYMBOLS, mode, mul, add, keep, out);
+    else if (kind == OUT_F32 && mode)
+        row16(st, S, s_io, words, ptr_io, tb, hd, OUT_F32, 1, mul, add, keep, out);
+    else if (kind == OUT_F32)
+        row16(st, S, s_io, words, ptr_io, tb, hd, OUT_F32, 0, mul, add, keep, out);
+    else if (mode)
+        row16(st, S, s_io, words, ptr_io, tb, hd, OUT_BF16, 1, mul, add, keep, out);
+    else
+        row16(st, S, s_io, words, ptr_io, tb, hd, OUT_BF16, 0, mul, add, keep, out);
+}
+
+static int have_avx512(void) {
+    static int have = -1; /* a benign race: every thread computes the same value */
+    if (have < 0) {
+        __builtin_cpu_init();
+        have = __builtin_cpu_supports("avx512f") ? 1 : 0;
+    }
+    return have;
+}
+#else
+static int have_avx512(void) { return 0; }
+#endif
+
+#ifdef LMC_X86
+#define row16_dispatch row16_any
+#else
+#define row16_dispatch(...) ((void)0)
+#endif
+
+#define ROW_ALL_KINDS(mode_, mul_, add_, keep_)                                                                      \
+    do {                                                                                                             \
+        void *o_ = (char *)out + i * esize;                                                                          \
+        if (ptr + hd > n_words) {                                                                                    \
+            if (row_checked(st, S, &s, words, n_words, &ptr, tb, hd, out_kind, mode_, mul_, add_, keep_, o_)) return -1; \
+        } else if (simd) {                                                                                           \
+            row16_dispatch(st, S, &s, words, &ptr, tb, hd, out_kind, mode_, mul_, add_, keep_, o_);                  \
+        } else if (out_kind == OUT_SYMBOLS) {                                                                        \
+            row(st, S, &s, words, &ptr, tb, hd, OUT_SYMBOLS, mode_, mul_, add_, keep_, o_);                          \
+        } else if (out_kind == OUT_F32) {                                                                            \
+            row(st, S, &s, words, &ptr, tb, hd, OUT_F32, mode_, mul_, add_, keep_, o_);                              \
+        } else {                                                                                                     \
+            row(st, S, &s, words, &ptr, tb, hd, OUT_BF16, mode_, mul_, add_, keep_, o_);                             \
+        }                                                                                                            \
+    } while (0)
+
+/*
+ * Decode the lp * T * hd symbols of S streams. Table of symbol (lp, t, c): tables[2 * lp +
+ * regular[t]]. out_kind OUT_SYMBOLS writes the symbols (uint8) to out; OUT_F32 / OUT_BF16 write
+ * the dequantized values: precise tokens q * pscale[lane], the rest ref + q * step[lane], where
+ * ref is mean[lane] (anchor == 0) or the value of the lane's last anchor token (t % anchor ==
+ * 0). anc is scratch of lp * hd floats (anchor mode only); lane = lp * hd + c.
+ * simd: use AVX-512 where the CPU has it (the same result; 0 for the scalar loop, as tests do).
+ * Returns 0, -1 when the words run out, -2 when the streams do not end where they should.
+ */
+int lmc_cg_decode(const uint32_t *states_in, int64_t S, const uint16_t *words, int64_t n_words, const uint32_t *tables,
+                  int64_t n, int64_t T, int64_t hd, const uint8_t *regular, int64_t anchor, const float *pscale,
+                  const float *mean, const float *step, float *anc, int out_kind, void *out, int simd) {
+    uint32_t st[4096];
+    simd = simd && have_avx512();
+    if (S <= 0 || S > 4096 || T <= 0 || hd <= 0 || n % (T * hd)) return -3;
+    memcpy(st, states_in, (size_t)S * 4);
+    int64_t ptr = 0, s = 0, lps = n / (T * hd);
+    int64_t esize = out_kind == OUT_SYMBOLS ? 1 : out_kind == OUT_F32 ? 4 : 2;
+    for (int64_t lp = 0; lp < lps; lp++) {
+        const float *ps = pscale ? pscale + lp * hd : NULL, *sp = step ? step + lp * hd : NULL;
+        const float *ref = NULL;
+        if (out_kind != OUT_SYMBOLS) ref = anchor ? anc + lp * hd : mean + lp * hd;
+        for (int64_t t = 0; t < T; t++) {
+            int64_t i = (lp * T + t) * hd;
+            const uint32_t *tb = tables + ((2 * lp + regular[t]) << PROB_BITS);
+            if (regular[t]) {
+                ROW_ALL_KINDS(1, sp, ref, NULL);
+            } else {
+                float *keep = (out_kind != OUT_SYMBOLS && anchor && t % anchor == 0) ? anc + lp * hd : NULL;
+                ROW_ALL_KINDS(0, ps, NULL, keep);
+            }
+        }
+    }
+    if (ptr != n_words) return -2;
+    for (int64_t k = 0; k < S; k++)
+        if (st[k] != RANS_LOW) return -2;
+    return 0;
+}
+
+/*
+ * Encode n symbols (chunk order) into S streams; the inverse of lmc_cg_decode. freq and cum are
+ * [n_tables][256]. Words are written backwards from words + n (room for n words: one at most
+ * per symbol); returns how many, which end at words + n. states_out gets S final states.
+ */
+int64_t lmc_cg_encode(const uint8_t *sym, int64_t n, int64_t S, const uint16_t *freq, const uint16_t *cum, int64_t T,
+                      int64_t HD, const uint8_t *regular, uint16_t *words, uint32_t *states_out) {
+    uint32_t st[4096];
+    if (S <= 0 || S > 4096) return -3;
+    for (int64_t s = 0; s < S; s++) st[s] = RANS_LOW;
+    uint16_t *wp = words + n;
+    int64_t per_lp = T * HD;
+    for (int64_t i = n - 1; i >= 0; i--) {
+        int64_t s = i % S;
+        int64_t lp = i / per_lp, t = (i / HD) % T;
+        int64_t tbl = (2 * lp + regular[t]) * 256 + sym[i];
+        uint32_t f = freq[tbl], c = cum[tbl];
+        if (f == 0) return -1;
+        uint32_t x = st[s];
+        if (x >= (f << 20)) {
+            *--wp = (uint16_t)(x & 0xFFFF);
+            x >>= 16;
+        }
+        st[s] = ((x / f) << PROB_BITS) + (x % f) + c;
+    }
+    memcpy(states_out, st, (size_t)S * 4);
+    return (words + n) - wp;
+}

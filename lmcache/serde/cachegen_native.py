@@ -1,0 +1,263 @@
+"""The ``cachegen`` codec's rANS coder in C: ``_cachegen.c``, compiled on first use.
+
+numpy steps over the streams cannot decode KV at memory-like speeds (each step is a dozen
+array operations over a few thousand streams); the C loop decodes and dequantizes a symbol in
+a few nanoseconds, writing the chunk's bytes in order. It is built like the native NIXL lane
+(:mod:`lmcache.backends.nixl.native`): the host's C compiler (``cc``, or ``$CC``) compiles
+``_cachegen.c`` into ``$LMCACHE_NATIVE_DIR`` (default ``~/.cache/lmcache/native``), keyed by a
+hash of the source and flags, once per machine; it links nothing. :func:`library` returns None,
+with the reason logged once, when it cannot be built (no compiler), and the codec then uses its
+numpy coder, which writes and reads the same bytes (``LMCACHE_CACHEGEN_NATIVE=0`` forces it).
+
+ctypes releases the GIL for the duration of each call, so worker threads decode in parallel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["OUT_BF16", "OUT_F32", "OUT_SYMBOLS", "build_tables", "decode", "encode", "library", "unpack_tables"]
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("_cachegen.c")
+#: No fused multiply-add: the C arithmetic must round exactly as numpy's does.
+_FLAGS = ["-O2", "-std=gnu11", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno"]
+OUT_SYMBOLS, OUT_F32, OUT_BF16 = 0, 1, 2
+#: Most streams a body may have (the C coder keeps their states on its stack).
+MAX_STREAMS = 4096
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("LMCACHE_NATIVE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lmcache" / "native"
+
+
+def _compile() -> Path:
+    try:
+        source = _SOURCE.read_bytes()
+    except OSError as exc:  # an install that left out the package data
+        raise OSError(f"the cachegen coder's source {_SOURCE} cannot be read: {exc.strerror or exc}") from None
+    cc = shlex.split(os.environ.get("CC") or "cc")
+    if not cc or shutil.which(cc[0]) is None:
+        raise OSError(f"no C compiler ({' '.join(cc) or 'cc'}) to build the cachegen coder")
+    tag = hashlib.sha256(source + " ".join([*cc, *_FLAGS]).encode()).hexdigest()[:16]
+    out_dir = _cache_dir()
+    target = out_dir / f"cachegen-{tag}.so"
+    if target.exists():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".cachegen-", suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        try:
+            proc = subprocess.run(
+                [*cc, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, timeout=120, check=False
+            )
+        except subprocess.TimeoutExpired:
+            raise OSError(f"building the cachegen coder ({cc[0]}) took over 120 s") from None
+        if proc.returncode != 0:
+            raise OSError(f"building the cachegen coder failed ({cc[0]}): {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)  # atomic: concurrent builders each install a whole file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    vp, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.lmc_cg_build_tables.restype = ctypes.c_int
+    lib.lmc_cg_build_tables.argtypes = [vp, i64, vp, ctypes.c_int]
+    lib.lmc_cg_unpack_tables.restype = i64
+    lib.lmc_cg_unpack_tables.argtypes = [vp, i64, i64, vp]
+    lib.lmc_cg_decode.restype = ctypes.c_int
+    lib.lmc_cg_decode.argtypes = [
+        vp,
+        i64,
+        vp,
+        i64,
+        vp,
+        i64,
+        i64,
+        i64,
+        vp,
+        i64,
+        vp,
+        vp,
+        vp,
+        vp,
+        ctypes.c_int,
+        vp,
+        ctypes.c_int,
+    ]
+    lib.lmc_cg_encode.restype = i64
+    lib.lmc_cg_encode.argtypes = [vp, i64, i64, vp, vp, i64, i64, vp, vp, vp]
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled coder, built on first use (once per process), or None (numpy is used)."""
+    with _lock:
+        if "lib" in _state:
+            return _state["lib"]  # type: ignore[return-value]
+        lib: ctypes.CDLL | None = None
+        if os.environ.get("LMCACHE_CACHEGEN_NATIVE", "1") == "0":
+            logger.info("cachegen: native coder disabled by LMCACHE_CACHEGEN_NATIVE=0; using numpy")
+        else:
+            try:
+                lib = _load(_compile())
+            except OSError as exc:
+                logger.warning("cachegen: native coder unavailable (%s); using the numpy coder (slower)", exc)
+        _state["lib"] = lib
+        return lib
+
+
+def _ptr(a: np.ndarray | None) -> int | None:
+    return None if a is None else a.ctypes.data
+
+
+def unpack_tables(lib: ctypes.CDLL, buf: np.ndarray, n_tables: int) -> tuple[np.ndarray, int]:
+    """Frequency tables ``[n_tables, 256]`` from their packed form at the start of ``buf`` (uint8).
+
+    Returns:
+        The tables and how many bytes they took.
+
+    Raises:
+        ValueError: ``buf`` is short or a table is damaged.
+    """
+    freq = np.empty((n_tables, 256), dtype=np.uint16)
+    used = lib.lmc_cg_unpack_tables(_ptr(buf), buf.size, n_tables, _ptr(freq))
+    if used < 0:
+        raise ValueError("cachegen frequency tables are damaged")
+    return freq, int(used)
+
+
+def build_tables(lib: ctypes.CDLL, freq: np.ndarray, regular_only: bool = False) -> np.ndarray:
+    """Decode tables ``[n_tables, 4096]`` (uint32 entries) of frequency tables ``[n_tables, 256]``.
+
+    With ``regular_only`` the tables of precise tokens (even indices) are left unset.
+
+    Raises:
+        ValueError: A table does not sum to 4096.
+    """
+    freq = np.ascontiguousarray(freq, dtype=np.uint16)
+    out = np.empty((freq.shape[0], 4096), dtype=np.uint32)
+    if lib.lmc_cg_build_tables(_ptr(freq), freq.shape[0], _ptr(out), int(regular_only)) != 0:
+        raise ValueError("cachegen frequency tables are damaged")
+    return out
+
+
+def decode(
+    lib: ctypes.CDLL,
+    states: np.ndarray,
+    words: np.ndarray,
+    tables: np.ndarray,
+    *,
+    shape: tuple[int, int, int],
+    regular: np.ndarray,
+    anchor: int,
+    lane_params: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+    out_kind: int,
+    out: np.ndarray,
+    simd: bool = True,
+) -> None:
+    """Decode into ``out`` (symbols, float32 or bfloat16 bits; ``[lp * T * HD]`` elements).
+
+    Args:
+        lib: :func:`library`.
+        states: Initial states, one per stream (uint32).
+        words: The 16-bit words.
+        tables: :func:`build_tables`.
+        shape: ``(layer-parts, tokens, heads * dim)``.
+        regular: Per token, 1 for tokens coded against their reference, 0 for precise ones (uint8).
+        anchor: Anchor stride, or 0 (references are channel means).
+        lane_params: Per lane (``layer-part * heads * dim``) float32 precise scale, mean and
+            step; None with ``OUT_SYMBOLS``.
+        out_kind: ``OUT_SYMBOLS``, ``OUT_F32`` or ``OUT_BF16``.
+        out: Contiguous output array of the right element size.
+        simd: Use the AVX-512 loop where the CPU has it (False: the scalar loop; same result).
+
+    Raises:
+        ValueError: The words run out or the streams do not end where they should.
+    """
+    lp, T, HD = shape
+    n = lp * T * HD
+    pscale = mean = step = anc = None
+    if lane_params is not None:
+        pscale, mean, step = (np.ascontiguousarray(a, dtype=np.float32) for a in lane_params)
+        anc = np.zeros(lp * HD, dtype=np.float32)
+    states = np.ascontiguousarray(states, dtype=np.uint32)
+    words = np.ascontiguousarray(words, dtype=np.uint16)
+    regular = np.ascontiguousarray(regular, dtype=np.uint8)
+    rc = lib.lmc_cg_decode(
+        _ptr(states),
+        states.size,
+        _ptr(words),
+        words.size,
+        _ptr(tables),
+        n,
+        T,
+        HD,
+        _ptr(regular),
+        anchor,
+        _ptr(pscale),
+        _ptr(mean),
+        _ptr(step),
+        _ptr(anc),
+        out_kind,
+        _ptr(out),
+        int(simd),
+    )
+    if rc == -1:
+        raise ValueError("rANS stream is truncated")
+    if rc != 0:
+        raise ValueError("rANS stream does not end where it should")
+
+
+def encode(
+    lib: ctypes.CDLL,
+    sym: np.ndarray,
+    streams: int,
+    freq: np.ndarray,
+    *,
+    shape: tuple[int, int, int],
+    regular: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Encode symbols (chunk order, uint8): the final states and the words in decoder order.
+
+    Raises:
+        ValueError: A symbol has frequency 0 in its table.
+    """
+    _lp, T, HD = shape
+    sym = np.ascontiguousarray(sym, dtype=np.uint8).reshape(-1)
+    f = np.ascontiguousarray(freq, dtype=np.uint16)
+    cum = np.zeros_like(f)
+    cum[:, 1:] = np.cumsum(f, axis=1, dtype=np.uint32)[:, :-1].astype(np.uint16)
+    regular = np.ascontiguousarray(regular, dtype=np.uint8)
+    words = np.empty(sym.size, dtype=np.uint16)
+    states = np.empty(streams, dtype=np.uint32)
+    k = lib.lmc_cg_encode(
+        _ptr(sym), sym.size, streams, _ptr(f), _ptr(cum), T, HD, _ptr(regular), _ptr(words), _ptr(states)
+    )
+    if k < 0:
+        raise ValueError("cachegen symbol has no frequency in its table")
+    return states, words[sym.size - k :].copy()

@@ -22,6 +22,9 @@ between vLLM's paged cache and lmcache.
   (:mod:`lmcache.integrations.vllm.layerwise`). Stored values are the same either way.
 * Counters reach vLLM's stat loggers and ``/metrics`` (``vllm:lmcache_*``) through the
   ``KVConnectorStats`` hooks (:mod:`lmcache.integrations.vllm.metrics`).
+* ``kv_role`` ``kv_producer``/``kv_consumer`` (prefill/decode disaggregation through a shared
+  tier, vLLM's ``kv_transfer_params`` protocol): the role logic is in
+  :mod:`lmcache.integrations.vllm.pd`, called from small hooks here (docs/pd.md).
 * A load that comes up short (a backend failed, a chunk vanished or is corrupt) reports the blocks
   it could not fill through ``get_block_ids_with_load_errors``; with ``kv_load_failure_policy:
   recompute`` vLLM recomputes them. Stores of that request in that step are skipped, so KV that
@@ -56,6 +59,7 @@ from lmcache.errors import MissingDependencyError, UnsupportedOperationError
 from lmcache.integrations.vllm.events import EvictionWatch, block_removed_events, chunk_keys_of_blocks
 from lmcache.integrations.vllm.layerwise import LayerwiseKV, LayerwiseLoads, LayerwiseSaves
 from lmcache.integrations.vllm.metrics import PROM_COUNTERS, LMCacheKVConnectorStats, LMCachePromMetrics
+from lmcache.integrations.vllm.pd import PDScheduler, PDWorker, TransferRef, TransferSave
 from lmcache.integrations.vllm.slots import (
     ConnectorSettings,
     SlotMappedKV,
@@ -103,6 +107,7 @@ class LoadSpec:
     end: int
     block_ids: list[int]
     asynchronous: bool = False  # off the forward path, reported through ``get_finished``
+    transfer: TransferRef | None = None  # a prefill instance's transfer (kv_consumer), see pd.py
 
 
 @dataclasses.dataclass
@@ -122,6 +127,7 @@ class LMCacheConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = dataclasses.field(default_factory=list)
     saves: list[SaveSpec] = dataclasses.field(default_factory=list)
     reset: bool = False  # the scheduler reset the cache: workers clear theirs before this step
+    transfers: list[TransferSave] = dataclasses.field(default_factory=list)  # kv_producer sends, see pd.py
 
 
 @dataclasses.dataclass
@@ -327,6 +333,7 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         self._lookup_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._prefetched: dict[str, concurrent.futures.Future[int]] = {}  # lookups started on arrival
         self._reset_pending = False
+        self._pd = PDScheduler(self._kv_transfer_config.kv_role, self._count)  # prefill/decode roles
         # Worker side.
         self.layout_source = ""
         self.kv: PagedKV | None = None
@@ -339,6 +346,7 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         self._layerwise: LayerwiseKV | None = None  # bound when ``layerwise`` is on
         self._lw_loads: tuple[list[LoadSpec], LayerwiseLoads] | None = None  # this step's layer-wise loads
         self._lw_saves: LayerwiseSaves | None = None  # this step's layer-wise stores
+        self._pd_worker = PDWorker(self.settings.pd_transfer_timeout, self._count)
         logger.info(
             "lmcache connector (%s): model %s, %s, chunk %d tokens, tiers %s",
             role.name,
@@ -444,6 +452,11 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         prompt = request.prompt_token_ids
         assert prompt is not None
         self._requests[request.request_id] = request
+        self._pd.note(request)  # a prefill instance's request sends its prompt (pd.py)
+        transfer = self._pd.match(request, num_computed_tokens)
+        if transfer is not None:  # a decode instance's request loads the prefill's transfer
+            self._prefetched.pop(request.request_id, None)
+            return transfer
         hit = self._lookup(request.request_id, prompt)
         self._count("lookups")
         end = min(hit, len(prompt) - 1)  # vLLM must compute at least the last prompt token
@@ -485,6 +498,17 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         """Commit the load planned for ``request`` once vLLM has given it blocks."""
+        incoming = self._pd.take_incoming(request.request_id)
+        if incoming is not None:
+            ref, computed = incoming
+            if num_external_tokens > 0:  # always asynchronous: the load may wait for the transfer
+                prompt = list(request.prompt_token_ids or ())
+                block_ids = list(blocks.get_block_ids()[0])
+                end = computed + num_external_tokens
+                self._async_ready.append(LoadSpec(request.request_id, prompt, computed, end, block_ids, True, ref))
+                self._count("matched_requests")
+                self._count("matched_tokens", num_external_tokens)
+            return
         plan = self._plans.pop(request.request_id, None)
         if num_external_tokens <= 0 or plan is None:
             return
@@ -539,7 +563,7 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         self._async_ready = []
         if self._reset_pending:
             meta.reset, self._reset_pending = True, False
-        if meta.loads or meta.saves:
+        if meta.loads or meta.saves or meta.transfers:
             self._write_stats()
         return meta
 
@@ -565,6 +589,11 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         meta.loads.append(LoadSpec(req_id, tokens, plan.computed, plan.end, list(state.block_ids)))
 
     def _plan_save(self, req_id: str, state: _ReqState, computed: int, meta: LMCacheConnectorMetadata) -> None:
+        if self._pd.sending(req_id):  # the whole prompt goes at once, as a transfer (pd.py)
+            transfer = self._pd.plan_save(req_id, state.prompt, computed, state.block_ids, self.block_size)
+            if transfer is not None:
+                meta.transfers.append(transfer)
+            return
         # With save_decode_tokens the generated tokens count too: ``computed`` covers them once
         # the step that feeds them runs (the newest sampled token has no KV yet and is excluded,
         # as is anything beyond the tokens known now, e.g. under async scheduling).
@@ -662,7 +691,9 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         self._prefetched.pop(request.request_id, None)
         self._plans.pop(request.request_id, None)
         self._to_load.pop(request.request_id, None)
-        return False, None
+        # A prefill instance holds the blocks until its transfer is sent (``finished_sending``).
+        sent = self._pd.finished(request)
+        return sent if sent is not None else (False, None)
 
     def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[CacheHitSource, int]:
         """All external hits are lmcache's (its tiers are not told apart)."""
@@ -743,7 +774,10 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         assert self.kv is not None
         dst = SlotMappedKV(self.kv, load.block_ids, lo=load.start, hi=load.end)
         try:
-            loaded = self._get_engine().retrieve(load.tokens, dst, start=load.start)
+            if load.transfer is not None:  # waits, bounded, for the prefill's transfer (pd.py)
+                loaded = self._pd_worker.load(self._get_engine(), dst, load)
+            else:
+                loaded = self._get_engine().retrieve(load.tokens, dst, start=load.start)
         except Exception as exc:  # a failed load is recomputed by vLLM, never a failed step
             logger.warning("lmcache load for request %s failed: %s", load.req_id, exc)
             loaded = 0
@@ -869,10 +903,21 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
 
         The blocks a load could not fill go to :meth:`get_block_ids_with_load_errors`, which vLLM
         calls right after this, so they are reported no later than the request itself.
+
+        A prefill instance starts this step's transfers here (after :meth:`wait_for_save`; the
+        blocks are still the request's) and reports the finished requests whose transfer is
+        done as ``finished_sending``.
         """
+        meta = self._meta()
+        if meta is not None and meta.transfers and self.kv is not None:
+            for transfer in meta.transfers:
+                self._pd_worker.start_save(self._get_engine(), SlotMappedKV(self.kv, transfer.block_ids), transfer)
+        sending = self._pd_worker.finished_sending(finished_req_ids) or None
         done = {req_id for req_id, (_, fut) in self._loading.items() if fut.done()}
+        if sending and not done:
+            self._write_stats()
         if not done:
-            return None, None
+            return sending, None
         for req_id in done:
             load, fut = self._loading.pop(req_id)
             try:
@@ -882,7 +927,7 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
                 self._count("load_failures")
                 self._load_errors |= blocks_covering(load.block_ids, self.block_size, load.start, load.end)
         self._write_stats()
-        return None, done
+        return sending, done
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         """Blocks whose planned load failed since the last call (vLLM recomputes them)."""

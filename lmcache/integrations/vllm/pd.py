@@ -279,13 +279,18 @@ class PDWorker:
         """Copy the prompt's KV out of ``src`` now; the puts land in the background.
 
         The whole chunks go through :meth:`CacheEngine.store` (ordinary keys, present ones
-        skipped); the last chunk goes under the transfer key once they have landed.
+        skipped); the last chunk (partial or whole) goes under the transfer key once they have
+        landed.
         """
+        began = time.perf_counter()
         tail = _last_chunk(engine, save.tokens)
         key = _transfer_scope(engine.scope, save.transfer_id).key(tail.hash)
         lease = None
         try:
-            prefix = engine.store(save.tokens[: tail.start], src) if tail.start else None
+            # Every whole chunk under its ordinary key: the last one too when the prompt ends on a
+            # chunk boundary (it then goes under both keys), so the prefix is a hit for anyone.
+            whole = len(save.tokens) - len(save.tokens) % engine.config.chunk_size
+            prefix = engine.store(save.tokens[:whole], src) if whole else None
             lease = engine.pool.acquire(shape=engine.geometry.chunk_shape(tail.num_tokens))
             src.gather(tail.start, tail.end, lease.tensor())
         except Exception as exc:  # a failed send is a recompute on the decoder, never a failed step
@@ -313,7 +318,12 @@ class PDWorker:
             except Exception as exc:  # the tier failed or hung: the decoder will not find it
                 logger.warning("lmcache: transfer of request %s failed: %r", save.req_id, exc)
                 ok = False
-            self._count("pd_sent_tokens" if ok else "pd_send_failures", len(save.tokens) if ok else 1)
+            if ok:
+                self._count("pd_sent_tokens", len(save.tokens))
+                self._count("pd_sent_bytes", engine.geometry.chunk_nbytes(len(save.tokens)))
+                self._count("pd_send_us", int((time.perf_counter() - began) * 1e6))
+            else:
+                self._count("pd_send_failures", 1)
             return ok
 
         self._sending[save.req_id] = engine._loop.submit(bounded())
@@ -358,6 +368,8 @@ class PDWorker:
             )
             self._count("pd_transfer_timeouts", 1)
             return start
+        began = time.perf_counter()
+        self._count("pd_wait_us", int((began - deadline + self.timeout) * 1e6))
         good = start
         while good < tail.start:
             try:
@@ -384,6 +396,8 @@ class PDWorker:
             dst.scatter(tail.start, tail.end, view)
         finally:
             lease.release()
+        self._count("pd_loaded_bytes", engine.geometry.chunk_nbytes(tail.end - start))
+        self._count("pd_load_us", int((time.perf_counter() - began) * 1e6))
         return tail.end
 
     def _left(self, deadline: float) -> float:

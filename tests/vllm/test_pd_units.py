@@ -1,0 +1,162 @@
+"""The prefill/decode role logic (``lmcache.integrations.vllm.pd``) without vLLM.
+
+Two :class:`~lmcache.engine.CacheEngine` instances over one ``file://`` tier stand for a prefill
+and a decode instance: a transfer sent by one is loaded by the other token for token, the
+prompt's whole chunks are ordinary prefix hits afterwards, and a transfer that never lands ends
+the load after ``pd_transfer_timeout`` with nothing loaded.
+"""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lmcache.config import LMCacheConfig
+from lmcache.engine import CacheEngine
+from lmcache.errors import ConfigError, InvalidArgumentError
+from lmcache.integrations.vllm.pd import PDScheduler, PDWorker, TransferRef, TransferSave, parse_transfer_id
+from lmcache.integrations.vllm.slots import ConnectorSettings
+from lmcache.layouts import KVGeometry
+
+torch = pytest.importorskip("torch")
+transformers_integration = pytest.importorskip("lmcache.integrations.transformers")
+ContiguousKV = transformers_integration.ContiguousKV
+
+GEOMETRY = KVGeometry(2, 2, 8, "float32")
+CHUNK = 16
+
+
+class Counts:
+    def __init__(self) -> None:
+        self.data: dict[str, int] = {}
+
+    def __call__(self, name: str, n: int = 1) -> None:
+        self.data[name] = self.data.get(name, 0) + n
+
+
+def _engine(tier: Path) -> CacheEngine:
+    cfg = LMCacheConfig.load(environ={}, chunk_size=CHUNK, tiers=[f"file://{tier}"])
+    return CacheEngine(GEOMETRY, "pd-unit", config=cfg)
+
+
+def _random_kv(n: int, seed: int) -> Any:
+    kv = ContiguousKV.empty(GEOMETRY, n)
+    gen = torch.Generator().manual_seed(seed)
+    for t in kv.keys + kv.values:
+        t.copy_(torch.randn(t.shape, generator=gen))
+    return kv
+
+
+def _request(req_id: str, prompt: list[int], params: dict[str, Any] | None, status: str = "") -> Any:
+    return types.SimpleNamespace(request_id=req_id, prompt_token_ids=prompt, kv_transfer_params=params, status=status)
+
+
+@pytest.mark.parametrize("n", [5, 16, 48, 53])  # shorter than a chunk, exact multiples, a partial tail
+def test_a_transfer_sent_by_one_instance_is_loaded_by_another(tmp_path: Path, n: int) -> None:
+    prompt = [(i * 31 + n) % 997 + 1 for i in range(n)]
+    src = _random_kv(n, seed=n)
+    sent, got = Counts(), Counts()
+    with _engine(tmp_path) as prefill, _engine(tmp_path) as decode:
+        sender = PDWorker(10.0, sent)
+        sender.start_save(prefill, src, TransferSave("p-1", prompt, [], "t-1"))
+        assert sender.finished_sending(set()) == set()  # vLLM has not finished the request yet
+        sender._sending["p-1"].result(30)
+        assert sender.finished_sending({"p-1", "other"}) == {"p-1"}
+        assert sender.pending() == 0
+        dst = ContiguousKV.empty(GEOMETRY, n)
+        load = types.SimpleNamespace(tokens=prompt, start=0, end=n - 1, transfer=TransferRef("t-1", n))
+        assert PDWorker(10.0, got).load(decode, dst, load) == n
+        for a, b in zip(src.keys + src.values, dst.keys + dst.values, strict=True):
+            assert torch.equal(a[..., : n - 1, :], b[..., : n - 1, :])
+        # The whole chunks are ordinary prefix hits; the tail lives only under the transfer key.
+        assert decode.lookup(prompt, budget=5.0) == n - n % CHUNK
+    assert sent.data["pd_sent_tokens"] == n
+
+
+def test_a_transfer_that_never_lands_loads_nothing_after_the_timeout(tmp_path: Path) -> None:
+    prompt = list(range(1, 41))
+    counts = Counts()
+    with _engine(tmp_path) as prefill, _engine(tmp_path) as decode:
+        sender = PDWorker(10.0, Counts())
+        sender.start_save(prefill, _random_kv(40, 1), TransferSave("p", prompt, [], "landed"))
+        sender._sending["p"].result(30)
+        load = types.SimpleNamespace(tokens=prompt, start=0, end=39, transfer=TransferRef("other-id", 40))
+        assert PDWorker(0.3, counts).load(decode, ContiguousKV.empty(GEOMETRY, 40), load) == 0
+    assert counts.data["pd_transfer_timeouts"] == 1
+
+
+def test_scheduler_producer_holds_blocks_until_sent_and_hands_back_params() -> None:
+    counts = Counts()
+    pd = PDScheduler("kv_producer", counts)
+    prompt = list(range(70))
+    req = _request("r1", prompt, {"do_remote_decode": True, "lmcache_transfer_id": "abc"}, "FINISHED_LENGTH_CAPPED")
+    pd.note(req)
+    assert pd.sending("r1")
+    assert pd.plan_save("r1", prompt, 64, list(range(3)), 32) is None  # prompt not computed yet
+    assert pd.plan_save("r1", prompt, 70, list(range(2)), 32) is None  # block table too short
+    save = pd.plan_save("r1", prompt, 70, list(range(5)), 32)
+    assert save is not None and save.transfer_id == "abc" and save.block_ids == [0, 1, 2]
+    assert pd.plan_save("r1", prompt, 71, list(range(5)), 32) is None  # once
+    delay, params = pd.finished(req)
+    assert delay is True
+    assert params is not None and params["do_remote_prefill"] is True and params["lmcache_transfer_id"] == "abc"
+    assert params["lmcache_num_tokens"] == 70
+    # Aborted before its prompt was computed: nothing to send, blocks freed at once.
+    other = _request("r2", prompt, {"do_remote_decode": True}, "FINISHED_ABORTED")
+    pd.note(other)
+    assert pd.finished(other) == (False, None)
+    # Not a PD request, or a consumer role: no transfer.
+    assert pd.finished(_request("r3", prompt, None)) is None
+    consumer = PDScheduler("kv_consumer", counts)
+    consumer.note(req)
+    assert not consumer.sending("r1")
+
+
+def test_scheduler_consumer_reports_all_but_the_last_token_once() -> None:
+    counts = Counts()
+    pd = PDScheduler("kv_consumer", counts)
+    prompt = list(range(100))
+    params = {"do_remote_prefill": True, "lmcache_transfer_id": "t", "lmcache_num_tokens": 100}
+    req = _request("d1", prompt, params)
+    assert pd.match(req, 0) == (99, True)
+    assert pd.match(req, 32) == (67, True)  # vLLM's own prefix cache had 32 tokens
+    ref, computed = pd.take_incoming("d1")
+    assert ref == TransferRef("t", 100) and computed == 32
+    assert pd.match(req, 0) is None  # tried once: a recompute looks up as an ordinary request
+    # Params that do not fit the prompt, or a bad id, make an ordinary request.
+    assert pd.match(_request("d2", prompt, {**params, "lmcache_num_tokens": 99}), 0) is None
+    assert pd.match(_request("d3", prompt, {**params, "lmcache_transfer_id": "../x"}), 0) is None
+    assert counts.data["pd_bad_params"] == 2
+    assert PDScheduler("kv_producer", counts).match(_request("d4", prompt, params), 0) is None
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "x" * 129, 5, None, "a b"])
+def test_bad_transfer_ids_are_refused(bad: object) -> None:
+    with pytest.raises(InvalidArgumentError):
+        parse_transfer_id(bad)
+
+
+@pytest.mark.parametrize("bad", [0, -2, "soon", True])
+def test_pd_transfer_timeout_must_be_positive_seconds(bad: object) -> None:
+    assert ConnectorSettings.from_extra_config({"pd_transfer_timeout": "2.5"}, environ={}).pd_transfer_timeout == 2.5
+    with pytest.raises(ConfigError, match="pd_transfer_timeout"):
+        ConnectorSettings.from_extra_config({"pd_transfer_timeout": bad}, environ={})
+
+
+def test_proxy_prefill_request_asks_for_one_token_and_a_transfer() -> None:
+    pytest.importorskip("aiohttp")
+    from lmcache.integrations.vllm.pd_proxy import prefill_request
+
+    body = {"prompt": [1, 2], "max_tokens": 64, "stream": True, "stream_options": {}, "min_tokens": 4}
+    out = prefill_request(body, "tid")
+    assert out["max_tokens"] == 1 and out["stream"] is False
+    assert "stream_options" not in out and "min_tokens" not in out
+    assert out["kv_transfer_params"] == {
+        "do_remote_decode": True,
+        "do_remote_prefill": False,
+        "lmcache_transfer_id": "tid",
+    }
+    assert body["max_tokens"] == 64  # the client's request is untouched

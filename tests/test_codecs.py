@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +18,15 @@ from servers import RedisServer
 
 from lmcache.backends.registry import open_backend
 from lmcache.config import LMCacheConfig
-from lmcache.errors import ConfigError
+from lmcache.errors import ConfigError, IntegrityError
 from lmcache.keys import CacheKey
 from lmcache.layouts import KVGeometry
 from lmcache.serde.codec import (
     ChunkGeometry,
     CodecSettings,
     _pack_header,
+    decode_value,
+    encode_value,
     geometry_for,
     get_codec,
     make_codec,
@@ -258,3 +261,71 @@ class TestCodecBackendConformance(BackendTests):
     @pytest.fixture
     def backend_url(self) -> str:
         return "memory://?capacity=256MiB&codec=zstd"
+
+
+# ---------------------------------------------------------------------------------------------
+# Body format versions: values written before a codec changed its format keep decoding
+
+
+def _bf16(x: np.ndarray) -> bytes:
+    bits = x.astype(np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16).tobytes()
+
+
+def _as_f32(data: bytes) -> np.ndarray:
+    return (np.frombuffer(data, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def _int4_v0_value(x: np.ndarray, group: int) -> bytes:
+    """An int4 value as lmcache wrote it before body versions (keys ``[L, H, D, T]``, codes paired).
+
+    Group sizes that divide the geometry, so no padding is needed.
+    """
+    L, P, T, H, D = x.shape
+
+    def quant(grouped: np.ndarray) -> tuple[bytes, np.ndarray]:
+        lo = grouped.min(-1, keepdims=True).astype(np.float16).astype(np.float32)
+        step = ((grouped.max(-1, keepdims=True) - lo) / 15).astype(np.float16).astype(np.float32)
+        q = np.clip(np.rint((grouped - lo) / step), 0, 15).astype(np.uint8)
+        return np.stack([lo, step]).astype(np.float16).tobytes(), q.reshape(-1)
+
+    mk, qk = quant(x[:, 0].transpose(0, 2, 3, 1).reshape(L, H, D, T // group, group))
+    mv, qv = quant(x[:, 1].reshape(L, T, H, D // group, group))
+    q = np.concatenate([qk, qv])
+    body = struct.pack("<HH", group, group) + mk + mv + (q[0::2] | (q[1::2] << 4)).tobytes()
+    g = ChunkGeometry(L, P, T, H, D, "bfloat16")
+    return _pack_header("int4", g, g.nbytes) + body
+
+
+def test_int4_writes_body_version_1_and_still_decodes_version_0() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 2, 32, 2, 16)).astype(np.float32)
+    x[:, 0] += 4 * rng.standard_normal((2, 1, 2, 16)).astype(np.float32)
+    x = _as_f32(_bf16(x)).reshape(x.shape)  # exactly what the chunk holds
+    g = ChunkGeometry(*x.shape, "bfloat16")
+    codec = make_codec({"codec": "int4", "codec_group": "16"})
+    new = encode_value(codec, memoryview(_bf16(x)), g)
+    header = parse_codec_header(new)
+    assert header is not None and header.body_version == 1
+    old = _int4_v0_value(x, 16)
+    assert parse_codec_header(old).body_version == 0
+    got_new, got_old = bytearray(g.nbytes), bytearray(g.nbytes)
+    decode_value(memoryview(bytes(new)), memoryview(got_new))
+    decode_value(memoryview(old), memoryview(got_old))
+    # The same quantization in both layouts: the same decoded chunk, close to the original.
+    assert got_new == got_old
+    err = np.linalg.norm(_as_f32(bytes(got_new)) - x.reshape(-1)) / np.linalg.norm(x)
+    assert err < 0.1
+
+
+@pytest.mark.parametrize("codec_name", ["fp8", "int8", "int4"])
+def test_a_body_version_this_lmcache_does_not_know_is_a_miss(codec_name: str) -> None:
+    g = ChunkGeometry(2, 2, 32, 2, 16, "bfloat16")
+    data = _bf16(np.random.default_rng(4).standard_normal(g.numel))
+    codec = make_codec({"codec": codec_name})
+    encoded = bytes(encode_value(codec, memoryview(data), g))
+    header = parse_codec_header(encoded)
+    assert header is not None
+    future = _pack_header(codec_name, g, g.nbytes, header.body_version + 7) + encoded[header.body_offset :]
+    with pytest.raises(IntegrityError, match="version"):
+        decode_value(memoryview(future), memoryview(bytearray(g.nbytes)))

@@ -13,7 +13,7 @@ Codec header layout (little-endian), the first bytes of an encoded payload::
     4   B   codec header version (1)
     5   B   codec name length n (1..64)
     6   B   dtype name length m (1..32)
-    7   B   reserved (0)
+    7   B   body format version of the codec (0 for every codec's first format)
     8   5I  geometry: layers, parts (2, or 1 for MLA), tokens, heads, head dim
     28  Q   decoded size in bytes
     36  n   codec name (ASCII), then m bytes of dtype name
@@ -23,6 +23,10 @@ Codec header layout (little-endian), the first bytes of an encoded payload::
 The value frame around it (:mod:`lmcache.serde.frame`, written by each byte-storing backend)
 checksums the whole encoded payload, codec header included; the codec header's own check is
 what tells an encoded value from a raw one (and a header damaged in an unchecked tier from data).
+A codec that changes its body format bumps :attr:`Codec.body_version` and keeps decoding the
+versions it wrote before (:meth:`Codec.decode_body_version`); a version it does not know is a miss.
+Readers from before body versions ignore that byte, so a new body format must also differ in
+length from the old one (their length check then refuses it: a miss, never garbage).
 
 Codecs are found by name: built-ins (:data:`BUILTIN_CODECS`), then the entry-point group
 ``lmcache.codecs`` (name = codec name, value = ``package.module:Class``, a :class:`Codec`
@@ -200,6 +204,8 @@ class Codec(ABC):
     name: ClassVar[str] = ""
     #: Whether decode(encode(x)) == x bit for bit.
     lossless: ClassVar[bool] = True
+    #: Format version of the bodies :meth:`encode_body` writes (recorded in the codec header).
+    body_version: ClassVar[int] = 0
 
     def __init__(self, settings: CodecSettings | None = None) -> None:
         self.settings = settings if settings is not None else CodecSettings(codec=self.name or "raw")
@@ -215,6 +221,19 @@ class Codec(ABC):
         Raises:
             Exception: Any error means the value is unusable (a counted miss).
         """
+
+    def decode_body_version(self, body: memoryview, geometry: ChunkGeometry, out: memoryview, version: int) -> None:
+        """Decode a body of format ``version`` (from the codec header) into ``out``.
+
+        The default reads :attr:`body_version` only; a codec that changed its format overrides
+        this to keep reading the bodies its earlier versions wrote.
+
+        Raises:
+            Exception: Any error means the value is unusable (a counted miss).
+        """
+        if version != self.body_version:
+            raise IntegrityError(f"codec {self.name!r} body version {version} is not one this lmcache reads")
+        self.decode_body(body, geometry, out)
 
     def __repr__(self) -> str:
         return f"<codec {self.name}>"
@@ -232,11 +251,12 @@ class EncodedHeader:
     geometry: ChunkGeometry
     decoded_len: int
     body_offset: int
+    body_version: int = 0
 
 
-def _pack_header(codec: str, g: ChunkGeometry, decoded_len: int) -> bytes:
+def _pack_header(codec: str, g: ChunkGeometry, decoded_len: int, body_version: int = 0) -> bytes:
     name, dt = codec.encode(), g.dtype.encode()
-    fixed = _FIXED.pack(CODEC_MAGIC, CODEC_HEADER_VERSION, len(name), len(dt), 0, *g.shape, decoded_len)
+    fixed = _FIXED.pack(CODEC_MAGIC, CODEC_HEADER_VERSION, len(name), len(dt), body_version, *g.shape, decoded_len)
     head = fixed + name + dt
     return head + _CHECK.pack(xxhash.xxh3_64_intdigest(head))
 
@@ -249,7 +269,7 @@ def parse_codec_header(buf: memoryview | bytes) -> EncodedHeader | None:
     """
     if len(buf) < _FIXED.size + _CHECK.size or bytes(buf[:4]) != CODEC_MAGIC:
         return None
-    _m, version, nlen, dlen, _r, la, pa, to, he, di, dec = _FIXED.unpack_from(buf, 0)
+    _m, version, nlen, dlen, body_version, la, pa, to, he, di, dec = _FIXED.unpack_from(buf, 0)
     end = _FIXED.size + nlen + dlen
     if len(buf) < end + _CHECK.size:
         return None
@@ -261,7 +281,7 @@ def parse_codec_header(buf: memoryview | bytes) -> EncodedHeader | None:
     name = bytes(buf[_FIXED.size : _FIXED.size + nlen]).decode("ascii", errors="replace")
     dtype = bytes(buf[_FIXED.size + nlen : end]).decode("ascii", errors="replace")
     g = ChunkGeometry(la, pa, to, he, di, dtype)
-    return EncodedHeader(name, g, dec, end + _CHECK.size)
+    return EncodedHeader(name, g, dec, end + _CHECK.size, body_version)
 
 
 def encode_value(codec: Codec, data: memoryview, geometry: ChunkGeometry) -> memoryview | bytes:
@@ -276,7 +296,7 @@ def encode_value(codec: Codec, data: memoryview, geometry: ChunkGeometry) -> mem
     body = codec.encode_body(data, geometry)
     if body is None:
         return data
-    head = _pack_header(codec.name, geometry, data.nbytes)
+    head = _pack_header(codec.name, geometry, data.nbytes, codec.body_version)
     if len(head) + len(body) >= data.nbytes:
         return data
     return head + body
@@ -306,7 +326,7 @@ def decode_value(
     if out.nbytes < g.nbytes:
         raise InvalidArgumentError(f"buffer of {out.nbytes} bytes is smaller than the {g.nbytes}-byte value")
     try:
-        codec.decode_body(encoded[header.body_offset :], g, out[: g.nbytes])
+        codec.decode_body_version(encoded[header.body_offset :], g, out[: g.nbytes], header.body_version)
     except IntegrityError:
         raise
     except Exception as exc:  # any failure inside a codec is a damaged value, not a crash

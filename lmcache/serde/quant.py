@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,14 +48,43 @@ def to_float(data: memoryview, g: ChunkGeometry) -> torch.Tensor:
 
 
 def from_float(x: torch.Tensor, g: ChunkGeometry, out: memoryview) -> None:
-    """Write float32 ``x`` into ``out`` in the chunk's dtype (round to nearest)."""
-    t = x.to(_TORCH[g.dtype]).contiguous().view(-1)
-    raw = t.view(torch.int16 if g.itemsize == 2 else torch.int32).numpy()
-    np.frombuffer(out, dtype=raw.dtype)[:] = raw
+    """Write float32 ``x`` into ``out`` in the chunk's dtype (round to nearest), in place."""
+    _out_tensor(out, g).copy_(x.view(g.shape))
 
 
-#: float32 value of every float8 e4m3 code.
-_FP8_TABLE = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+def _out_tensor(out: memoryview, g: ChunkGeometry) -> torch.Tensor:
+    """``out`` as a writable tensor of ``g.shape`` in the chunk's dtype (no copy: decoders write into it)."""
+    if g.dtype == "bfloat16":
+        return torch.from_numpy(np.frombuffer(out, dtype=np.int16)).view(torch.bfloat16).view(g.shape)
+    return torch.from_numpy(np.frombuffer(out, dtype=np.float16 if g.dtype == "float16" else np.float32)).view(g.shape)
+
+
+#: Elements decoded per block: passes over a block (codes to float32, scale, store) stay in cache.
+_BLOCK = 1 << 19
+_LOCAL = threading.local()
+
+
+def _scratch(name: str, n: int, dtype: type[np.generic]) -> np.ndarray:
+    """A per-thread scratch array of ``n`` elements (reused: decoders run on a pool of threads)."""
+    buf = getattr(_LOCAL, name, None)
+    if buf is None or buf.size < n:
+        buf = np.empty(max(n, _BLOCK), dtype=dtype)
+        setattr(_LOCAL, name, buf)
+    return buf[:n]
+
+
+def _fp8_bits_to_half(codes: np.ndarray, dst: np.ndarray) -> torch.Tensor:
+    """float16 values of e4m3 ``codes`` (int8 view) divided by 256, written into int16 ``dst``.
+
+    An e4m3 code's exponent and mantissa bits, shifted left by 7, are a float16 of the same
+    value times 2**-8, subnormals included (both formats' subnormals line up): sign-extend,
+    shift, clear bit 14 (the sign's copy). Three integer passes, and float16 -> float32 is a
+    hardware conversion, where torch's float8 conversion is scalar code.
+    """
+    np.copyto(dst, codes)
+    t = torch.from_numpy(dst)
+    t.bitwise_left_shift_(7).bitwise_and_(-16512)  # 0xBF80: sign, exponent, mantissa
+    return t.view(torch.float16)
 
 
 def _f16(x: torch.Tensor) -> torch.Tensor:
@@ -68,9 +99,6 @@ class _Scaled(Codec):
     qmax = 1.0
 
     def _quantize(self, y: torch.Tensor) -> np.ndarray:
-        raise NotImplementedError
-
-    def _dequantize(self, codes: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
         raise NotImplementedError
 
     def encode_body(self, data: memoryview, geometry: ChunkGeometry) -> bytes | None:
@@ -91,18 +119,61 @@ class _Scaled(Codec):
         return b"".join(scales) + self._quantize(y).tobytes()
 
     def decode_body(self, body: memoryview, geometry: ChunkGeometry, out: memoryview) -> None:
-        """Codes times their scales, in the chunk's dtype."""
+        """Codes times their scales, in the chunk's dtype, written straight into ``out``."""
         L, P, T, H, D = geometry.shape
         nk, nv = L * H * D * 2, (L * T * H * 2 if P > 1 else 0)
         if body.nbytes != nk + nv + geometry.numel:
             raise ValueError(f"{self.name} body has {body.nbytes} bytes, expected {nk + nv + geometry.numel}")
-        sk = torch.from_numpy(np.frombuffer(body[:nk], dtype=np.float16).astype(np.float32)).view(L, 1, H, D)
-        y = self._dequantize(np.frombuffer(body[nk + nv :], dtype=np.uint8), geometry.shape)
-        y[:, 0] *= sk
-        if P > 1:
-            sv = torch.from_numpy(np.frombuffer(body[nk : nk + nv], dtype=np.float16).astype(np.float32))
-            y[:, 1] *= sv.view(L, T, H, 1)
-        from_float(y, geometry, out)
+        sk = _half_scales(body[:nk], self._code_factor).view(L, H, D)
+        sv = _half_scales(body[nk : nk + nv], self._code_factor).view(L, T, H, 1) if P > 1 else None
+        codes = np.frombuffer(body[nk + nv :], dtype=np.int8)
+        _decode_blocks(codes, geometry, out, self._codes_to_float, sk=sk, sv=sv)
+
+    #: What decoded codes are multiplied by besides their scale (fp8 decodes codes / 256).
+    _code_factor = 1.0
+
+    def _codes_to_float(self, codes: np.ndarray, tmp: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+def _half_scales(raw: memoryview, factor: float) -> torch.Tensor:
+    """float16 scales as float32 (times ``factor``, a power of two: exact)."""
+    s = torch.from_numpy(np.frombuffer(raw, dtype=np.float16).astype(np.float32))
+    return s.mul_(factor) if factor != 1.0 else s
+
+
+def _decode_blocks(
+    codes: np.ndarray,
+    g: ChunkGeometry,
+    out: memoryview,
+    to_float: Any,
+    *,
+    sk: torch.Tensor,
+    sv: torch.Tensor | None,
+    ck: torch.Tensor | None = None,
+) -> None:
+    """``out`` = codes times key scales ``sk`` (plus centers ``ck``) and value scales ``sv``.
+
+    Works a block of layers at a time through a per-thread float32 scratch (codes to float,
+    scale in place, one converting copy into ``out``): every pass but the last stays in cache.
+    """
+    L, P, T, H, D = g.shape
+    per_layer = P * T * H * D
+    step = max(1, _BLOCK // per_layer)
+    dst = _out_tensor(out, g)
+    scratch = torch.from_numpy(_scratch("f32", min(L, step) * per_layer, np.float32))
+    for l0 in range(0, L, step):
+        l1 = min(L, l0 + step)
+        tmp = scratch[: (l1 - l0) * per_layer]
+        to_float(codes[l0 * per_layer : l1 * per_layer], tmp)
+        y = tmp.view(l1 - l0, P, T, H, D)
+        k = y[:, 0]
+        k.mul_(sk[l0:l1, None])
+        if ck is not None:
+            k.add_(ck[l0:l1, None])
+        if sv is not None:
+            y[:, 1].mul_(sv[l0:l1])
+        dst[l0:l1].copy_(y)
 
 
 class Fp8Codec(_Scaled):
@@ -114,9 +185,10 @@ class Fp8Codec(_Scaled):
     def _quantize(self, y: torch.Tensor) -> np.ndarray:
         return y.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
 
-    def _dequantize(self, codes: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
-        # A 256-entry table lookup: several times faster on CPU than torch's float8 conversion.
-        return torch.from_numpy(np.take(_FP8_TABLE, codes)).view(shape)
+    _code_factor = 256.0  # _fp8_bits_to_half gives code values / 256
+
+    def _codes_to_float(self, codes: np.ndarray, tmp: torch.Tensor) -> None:
+        tmp.copy_(_fp8_bits_to_half(codes, _scratch("i16", codes.size, np.int16)))
 
 
 class Int8Codec(_Scaled):
@@ -128,8 +200,8 @@ class Int8Codec(_Scaled):
     def _quantize(self, y: torch.Tensor) -> np.ndarray:
         return y.round().to(torch.int8).view(torch.uint8).numpy()
 
-    def _dequantize(self, codes: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
-        return torch.from_numpy(codes.view(np.int8).astype(np.float32)).view(shape)
+    def _codes_to_float(self, codes: np.ndarray, tmp: torch.Tensor) -> None:
+        np.copyto(tmp.numpy(), codes)
 
 
 def _groups(x: torch.Tensor, size: int) -> tuple[torch.Tensor, int]:
@@ -144,47 +216,107 @@ def _groups(x: torch.Tensor, size: int) -> tuple[torch.Tensor, int]:
 class Int4Codec(Codec):
     """KIVI-style 4-bit: keys per channel in groups of tokens, values per token in groups of channels (~3.5x).
 
-    Body: the two group sizes (uint16), then for keys then values the float16 minimums and steps
-    of every group, then the 4-bit codes of keys then values (two a byte, low nibble first).
+    Body (version 1): a version byte (1), the two group sizes (uint16); for keys then values the
+    float16 minimums and then steps of every group (keys ``[L, token groups, H, D]``, values
+    ``[L, T, H, channel groups]``); then the 4-bit codes of keys (``[L, T padded to whole groups,
+    H, D]``, chunk order) then values (``[L, T, H, D padded]``), as two planes: code ``i`` of the
+    first half in the low nibble of byte ``i``, code ``i`` of the second half in its high nibble.
+    Decoding is then contiguous passes only (no transpose, no interleaved unpacking).
+
+    Version 0 (read, no longer written): keys in ``[L, H, D, T]`` order, codes paired low nibble
+    first; the body started with the group sizes.
     """
 
     name = "int4"
     lossless = False
+    body_version = 1
 
     def _sizes(self, g: ChunkGeometry) -> tuple[int, int]:
         return max(1, min(self.settings.codec_group, g.tokens)), min(self.settings.codec_group, g.dim)
 
     @staticmethod
-    def _quant(x: torch.Tensor, size: int) -> tuple[bytes, torch.Tensor]:
-        grouped, _ = _groups(x, size)
-        lo = grouped.amin(dim=-1, keepdim=True).to(torch.float16).float()
-        step = _f16((grouped.amax(dim=-1, keepdim=True) - lo) / 15.0)
+    def _quant(grouped: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes of ``grouped`` (groups along ``dim``) and the ``[2, ...]`` float16 minimums and steps."""
+        lo = grouped.amin(dim=dim, keepdim=True).to(torch.float16).float()
+        step = _f16((grouped.amax(dim=dim, keepdim=True) - lo) / 15.0)
         q = ((grouped - lo) / step).round_().clamp_(0, 15).to(torch.uint8)
-        meta = torch.stack([lo, step]).to(torch.float16).numpy().tobytes()
-        return meta, q
+        return q, torch.stack([lo, step]).to(torch.float16)
 
     def encode_body(self, data: memoryview, geometry: ChunkGeometry) -> bytes | None:
-        """Group minimums and steps, then packed 4-bit codes."""
+        """Group minimums and steps, then the 4-bit codes in two nibble planes."""
         if not geometry.is_kv:
             return None
+        L, P, T, H, D = geometry.shape
         gk, gv = self._sizes(geometry)
         x = to_float(data, geometry)
-        # Keys grouped over tokens: move tokens last ([L, H, D, T]).
-        meta_k, qk = self._quant(x[:, 0].permute(0, 2, 3, 1), gk)
-        metas, codes = [meta_k], [qk.reshape(-1)]
-        if geometry.parts > 1:
-            meta_v, qv = self._quant(x[:, 1], gv)  # values grouped over channels ([L, T, H, D])
-            metas.append(meta_v)
+        k = x[:, 0]
+        if T % gk:  # pad tokens to whole groups with the last token (decoding drops them)
+            k = torch.cat([k, k[:, -1:].expand(L, -T % gk, H, D)], dim=1)
+        qk, mk = self._quant(k.reshape(L, -1, gk, H, D), dim=2)  # keys: groups of tokens per channel
+        metas, codes = [mk], [qk.reshape(-1)]
+        if P > 1:
+            grouped, _ = _groups(x[:, 1], gv)  # values: groups of channels per token
+            qv, mv = self._quant(grouped, dim=-1)
+            metas.append(mv)
             codes.append(qv.reshape(-1))
         q = torch.cat(codes)
-        if q.numel() % 2:
-            q = torch.cat([q, q.new_zeros(1)])
-        packed = (q[0::2] | (q[1::2] << 4)).numpy()
+        half = (q.numel() + 1) // 2
+        packed = q[:half].clone()
+        packed[: q.numel() - half] |= q[half:] << 4
         # The group sizes lead the body: a reader decodes with the writer's, whatever its own options.
-        return struct.pack("<HH", gk, gv) + b"".join(metas) + packed.tobytes()
+        return (
+            struct.pack("<BHH", self.body_version, gk, gv)
+            + b"".join(m.numpy().tobytes() for m in metas)
+            + packed.numpy().tobytes()
+        )
 
     def decode_body(self, body: memoryview, geometry: ChunkGeometry, out: memoryview) -> None:
-        """Unpack the codes and scale them back."""
+        """Unpack the codes and scale them back (the current body version)."""
+        self.decode_body_version(body, geometry, out, self.body_version)
+
+    def decode_body_version(self, body: memoryview, geometry: ChunkGeometry, out: memoryview, version: int) -> None:
+        """Decode a version 1 body, or a version 0 one (written before the format changed)."""
+        if version == 0:
+            self._decode_v0(body, geometry, out)
+            return
+        if version != 1 or body.nbytes < 5 or body[0] != 1:
+            raise ValueError(f"int4 body version {version} is not one this lmcache reads")
+        L, P, T, H, D = geometry.shape
+        _v, gk, gv = struct.unpack_from("<BHH", body, 0)
+        if not (0 < gk <= max(T, 1) and 0 < gv <= D):
+            raise ValueError(f"int4 group sizes {gk}, {gv} do not fit the geometry")
+        ngk, ngv = math.ceil(T / gk), math.ceil(D / gv)
+        nk_codes = L * ngk * gk * H * D
+        nv_codes = L * T * H * ngv * gv if P > 1 else 0
+        meta_bytes = 4 * (L * ngk * H * D + (L * T * H * ngv if P > 1 else 0))
+        n_codes = nk_codes + nv_codes
+        half = (n_codes + 1) // 2
+        if body.nbytes != 5 + meta_bytes + half:
+            raise ValueError(f"int4 body has {body.nbytes} bytes, expected {5 + meta_bytes + half}")
+        meta = torch.from_numpy(np.frombuffer(body[5 : 5 + meta_bytes], dtype=np.float16).astype(np.float32))
+        packed = np.frombuffer(body[5 + meta_bytes :], dtype=np.uint8)
+        q = _scratch("u8", 2 * half, np.uint8)
+        np.bitwise_and(packed, 15, out=q[:half])
+        np.right_shift(packed, 4, out=q[half:])
+        codes = torch.from_numpy(q)
+        dst = _out_tensor(out, geometry)
+        mk = meta[: 2 * L * ngk * H * D].view(2, L, ngk, 1, H, D)
+        _affine_blocks(
+            codes[:nk_codes].view(L, ngk, gk, H, D),
+            mk,
+            lambda y, l0, l1: dst[l0:l1, 0].copy_(y.view(l1 - l0, ngk * gk, H, D)[:, :T]),
+        )
+        if P > 1:
+            mv = meta[2 * L * ngk * H * D :].view(2, L, T, H, ngv, 1)
+            _affine_blocks(
+                codes[nk_codes:n_codes].view(L, T, H, ngv, gv),
+                mv,
+                lambda y, l0, l1: dst[l0:l1, 1].copy_(y.view(l1 - l0, T, H, ngv * gv)[..., :D]),
+            )
+
+    @staticmethod
+    def _decode_v0(body: memoryview, geometry: ChunkGeometry, out: memoryview) -> None:
+        """The first int4 format: keys ``[L, H, D, T]``, codes paired low nibble first."""
         L, P, T, H, D = geometry.shape
         gk, gv = struct.unpack_from("<HH", body, 0)
         if not (0 < gk <= max(T, 1) and 0 < gv <= D):
@@ -198,17 +330,43 @@ class Int4Codec(Codec):
         n_codes = nk_codes + nv_codes
         if body.nbytes != meta_bytes + (n_codes + 1) // 2:
             raise ValueError(f"int4 body has {body.nbytes} bytes, expected {meta_bytes + (n_codes + 1) // 2}")
-        meta = np.frombuffer(body[:meta_bytes], dtype=np.float16).astype(np.float32)
+        meta = torch.from_numpy(np.frombuffer(body[:meta_bytes], dtype=np.float16).astype(np.float32))
         packed = np.frombuffer(body[meta_bytes:], dtype=np.uint8)
-        q = np.empty(packed.size * 2, dtype=np.uint8)
-        q[0::2] = packed & 15
-        q[1::2] = packed >> 4
-        q_t = torch.from_numpy(q[:n_codes].astype(np.float32))
-        mk = torch.from_numpy(meta[: 2 * nk_groups]).view(2, L, H, D, -1, 1)
-        k = (q_t[:nk_codes].view(L, H, D, -1, gk) * mk[1] + mk[0]).reshape(L, H, D, -1)[..., :T].permute(0, 3, 1, 2)
-        parts = [k]
+        q = _scratch("u8", packed.size * 2, np.uint8)
+        np.bitwise_and(packed, 15, out=q[0::2])
+        np.right_shift(packed, 4, out=q[1::2])
+        codes = torch.from_numpy(q)
+        dst = _out_tensor(out, geometry)
+        ngk, ngv = math.ceil(T / gk), math.ceil(D / gv)
+        mk = meta[: 2 * nk_groups].view(2, L, H, D, ngk, 1)
+        # Keys: codes are [L, H, D, tokens (padded to whole groups)]; the copy into dst transposes.
+        _affine_blocks(
+            codes[:nk_codes].view(L, H, D, ngk, gk),
+            mk,
+            lambda y, l0, l1: dst[l0:l1, 0].copy_(y.view(l1 - l0, H, D, ngk * gk)[..., :T].permute(0, 3, 1, 2)),
+        )
         if P > 1:
-            mv = torch.from_numpy(meta[2 * nk_groups :]).view(2, L, T, H, -1, 1)
-            v = (q_t[nk_codes:].view(L, T, H, -1, gv) * mv[1] + mv[0]).reshape(L, T, H, -1)[..., :D]
-            parts.append(v)
-        from_float(torch.stack(parts, dim=1), geometry, out)
+            mv = meta[2 * nk_groups :].view(2, L, T, H, ngv, 1)
+            _affine_blocks(
+                codes[nk_codes:n_codes].view(L, T, H, ngv, gv),
+                mv,
+                lambda y, l0, l1: dst[l0:l1, 1].copy_(y.view(l1 - l0, T, H, ngv * gv)[..., :D]),
+            )
+
+
+def _affine_blocks(codes: torch.Tensor, meta: torch.Tensor, store: Any) -> None:
+    """``codes * step + minimum`` a block of layers at a time (float32 scratch), handed to ``store``.
+
+    ``codes`` is ``[L, ..., groups, size]`` (uint8), ``meta`` ``[2, L, ..., groups, 1]`` (minimums,
+    steps); ``store(y, l0, l1)`` writes the block of layers ``l0:l1`` where it belongs.
+    """
+    L = codes.shape[0]
+    per_layer = codes[0].numel()
+    step = max(1, _BLOCK // per_layer)
+    scratch = torch.from_numpy(_scratch("f32", min(L, step) * per_layer, np.float32))
+    for l0 in range(0, L, step):
+        l1 = min(L, l0 + step)
+        y = scratch[: (l1 - l0) * per_layer].view(l1 - l0, *codes.shape[1:])
+        y.copy_(codes[l0:l1])
+        y.mul_(meta[1, l0:l1]).add_(meta[0, l0:l1])
+        store(y, l0, l1)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from servers import RedisServer
 
 from lmcache.bench import WORKLOADS
-from lmcache.bench.codec import bench_codecs, parse_spec
+from lmcache.bench.codec import bench_codecs, bench_e2e, parse_spec, tier_url
 from lmcache.errors import ConfigError, MissingDependencyError
 
 
@@ -39,3 +40,27 @@ def test_fp8_on_real_kv_halves_it_and_keeps_the_next_tokens() -> None:
     assert rows["raw"]["mean_kl"] == 0 and rows["raw"]["top1_agreement"] == 1
     assert rows["fp8"]["ratio"] > 1.9
     assert rows["fp8"]["mean_kl"] < 0.05 and rows["fp8"]["top1_agreement"] >= 0.85
+
+
+def test_e2e_rows_read_the_kv_from_redis_through_each_codec(redis_server: RedisServer) -> None:
+    """The end-to-end mode: every codec's warm prompts load the whole document from the Redis tier."""
+    pytest.importorskip("transformers")
+    assert tier_url("redis://h:1/0", "zstd?codec_level=9") == "redis://h:1/0?codec=zstd&codec_level=9"
+    e2e = bench_e2e(
+        ["raw", "fp8", "int4"],
+        redis_server.url,
+        model_name="random-125m",
+        docs=1,
+        doc_tokens=128,
+        questions=2,
+        question_tokens=8,
+        chunk_size=64,
+        progress=False,
+    )
+    rows = e2e["rows"]
+    assert list(rows) == ["memory", "raw", "fp8", "int4"]
+    for spec in ("raw", "fp8", "int4"):
+        assert [r["cached_tokens"] for r in rows[spec]["runs"]] == [128, 128]  # both chunks, from Redis
+        assert rows[spec]["kv_bytes"] == 128 * 12 * 2 * 4 * 64 * 2  # 16-bit KV of the random 125M Llama
+        assert rows[spec]["warm_ttft_s"] > 0 and rows[spec]["kv_per_s_vs_raw"] is not None
+    assert rows["raw"]["ttft_vs_raw"] == 1

@@ -14,23 +14,45 @@ in the chunk format and cut into chunks of ``--chunk-size`` tokens. Per codec:
   distribution is compared with the one from raw bf16 KV: mean KL(raw || codec) and the share of
   positions whose top-1 token agrees.
 
-The table, a JSON file and a PNG (ratio against mean KL per codec) are written. Not measured
-here: warm TTFT of ``long-doc-qa`` from a real ``redis://`` tier per codec (see docs/codecs.md).
+With ``--e2e-redis URL`` (``auto``: a throwaway local ``redis-server``), the end-to-end rows
+too (:func:`bench_e2e`): warm TTFT of long-doc-qa prompts (a document, then a question) with the
+KV on that Redis tier alone, per codec, against ``raw`` in the same run.
+
+The tables, a JSON file and a PNG (ratio against mean KL per codec) are written.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lmcache.backends.urls import redact_url
 from lmcache.bench import positive_int, report
 from lmcache.errors import ConfigError, MissingDependencyError
 
-__all__ = ["DEFAULT_CODECS", "DESCRIPTION", "add_parser", "bench_codecs", "parse_spec", "run_cli"]
+__all__ = [
+    "DEFAULT_CODECS",
+    "DESCRIPTION",
+    "E2E_CODECS",
+    "add_parser",
+    "bench_codecs",
+    "bench_e2e",
+    "local_redis",
+    "parse_spec",
+    "run_cli",
+    "tier_url",
+]
 
 DESCRIPTION = "KV codecs: compression ratio, encode/decode GB/s vs memcpy, model quality (KL, top-1) vs raw"
 
@@ -49,6 +71,10 @@ DEFAULT_CODECS = (
     "cachegen?codec_bits=3",
     "cachegen?codec_anchor=16",
 )
+
+
+#: Codecs of the end-to-end rows by default (``--e2e-redis``).
+E2E_CODECS = ("raw", "zstd", "lz4", "fp8", "int8", "int4", "cachegen")
 
 
 def parse_spec(spec: str) -> dict[str, str]:
@@ -73,6 +99,24 @@ def _load_smollm2() -> tuple[Any, Any]:
     tok = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return model, tok
+
+
+def _random_model_prompts(
+    n_questions: int, docs: int, doc_tokens: int, question_tokens: int
+) -> tuple[Any, list[list[int]], list[list[int]]]:
+    """The random ~125M Llama of the QA workloads, ``docs`` random documents and ``n_questions`` questions."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmcache.bench.qa.common import DEFAULT_MODEL
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**DEFAULT_MODEL)).eval()
+    rng = np.random.default_rng(0)
+    vocab = DEFAULT_MODEL["vocab_size"]
+    doc_ids = [rng.integers(0, vocab, doc_tokens).tolist() for _ in range(docs)]
+    questions = [rng.integers(0, vocab, question_tokens).tolist() for _ in range(n_questions)]
+    return model, doc_ids, questions
 
 
 def _kv_of(model: Any, ids: list[int]) -> Any:
@@ -154,38 +198,54 @@ def _round_trip(codec: Any, chunks: list[bytes], g: Any) -> tuple[list[bytes], i
 
 
 def _speed(codec: Any, chunks: list[bytes], g: Any, repeat: int) -> dict[str, float | None]:
-    """Median seconds to encode and to decode all chunks, and to memcpy them (one thread)."""
+    """GB/s (of 16-bit KV) to encode, decode and memcpy all chunks on one thread.
+
+    Timed in this thread's CPU time (``time.thread_time``): GB per second *of one core*, which a
+    host shared with other jobs does not halve the way it halves wall-clock figures (those are
+    reported too, as ``*_wall_gbps``).
+    """
     from lmcache.serde.codec import decode_value, encode_value, parse_codec_header
 
     encoded = [encode_value(codec, memoryview(c), g) for c in chunks]
     outs = [bytearray(len(c)) for c in chunks]
     srcs = [np.frombuffer(c, dtype=np.uint8) for c in chunks]
     dsts = [np.frombuffer(o, dtype=np.uint8) for o in outs]
-    enc_t, dec_t, cpy_t = [], [], []
-    for _ in range(repeat):
-        t = time.perf_counter()
+    times: dict[str, list[float]] = {f"{op}{kind}": [] for op in ("enc", "dec", "cpy") for kind in ("", "_wall")}
+
+    def timed(name: str, fn: Any) -> None:
+        w, c = time.perf_counter(), time.thread_time()
+        fn()
+        times[name].append(time.thread_time() - c)
+        times[name + "_wall"].append(time.perf_counter() - w)
+
+    def encode_all() -> None:
         for c in chunks:
             encode_value(codec, memoryview(c), g)
-        enc_t.append(time.perf_counter() - t)
-        t = time.perf_counter()
+
+    def decode_all() -> None:
         for e, o in zip(encoded, outs, strict=True):
             h = parse_codec_header(e)
             if h is not None:
                 decode_value(memoryview(e), memoryview(o), h, codec)
             else:
                 memoryview(o)[:] = e
-        dec_t.append(time.perf_counter() - t)
-        t = time.perf_counter()
+
+    def copy_all() -> None:
         for s, d in zip(srcs, dsts, strict=True):
             np.copyto(d, s)
-        cpy_t.append(time.perf_counter() - t)
+
+    decode_all()  # warm: per-thread scratch buffers, first-touch of the outputs
+    for _ in range(repeat):
+        timed("enc", encode_all)
+        timed("dec", decode_all)
+        timed("cpy", copy_all)
     nbytes = sum(len(c) for c in chunks)
-    enc, dec, cpy = report.median(enc_t), report.median(dec_t), report.median(cpy_t)
-    return {
-        "encode_gbps": nbytes / enc / 1e9 if enc else None,
-        "decode_gbps": nbytes / dec / 1e9 if dec else None,
-        "memcpy_gbps": nbytes / cpy / 1e9 if cpy else None,
-    }
+    out: dict[str, float | None] = {}
+    for op, name in (("enc", "encode"), ("dec", "decode"), ("cpy", "memcpy")):
+        for kind in ("", "_wall"):
+            t = report.median(times[op + kind])
+            out[f"{name}{kind}_gbps"] = nbytes / t / 1e9 if t else None
+    return out
 
 
 def _quality(model: Any, raw_kv: Any, decoded_kv: Any, tokens: list[int], ref_logits: Any) -> tuple[float, float]:
@@ -229,15 +289,7 @@ def bench_codecs(
             doc_ids = texts[:docs]
             questions = [t[:question_tokens] for t in texts[docs:]]
         else:
-            from transformers import LlamaConfig, LlamaForCausalLM
-
-            from lmcache.bench.qa.common import DEFAULT_MODEL
-
-            torch.manual_seed(0)
-            model = LlamaForCausalLM(LlamaConfig(**DEFAULT_MODEL)).eval()
-            rng = np.random.default_rng(0)
-            doc_ids = [rng.integers(0, DEFAULT_MODEL["vocab_size"], doc_tokens).tolist() for _ in range(docs)]
-            questions = [rng.integers(0, DEFAULT_MODEL["vocab_size"], question_tokens).tolist() for _ in range(docs)]
+            model, doc_ids, questions = _random_model_prompts(docs, docs, doc_tokens, question_tokens)
         per_codec: dict[str, dict[str, Any]] = {
             s: {"raw_bytes": 0, "stored_bytes": 0, "kl": [], "top1": [], "speed": []} for s in codecs
         }
@@ -288,6 +340,163 @@ def bench_codecs(
             "codecs": rows,
         }
     return results
+
+
+@contextlib.contextmanager
+def local_redis() -> Iterator[str]:
+    """A throwaway ``redis-server`` on a free loopback port (no persistence); yields its URL.
+
+    Raises:
+        MissingDependencyError: No ``redis-server`` (or ``valkey-server``) on the PATH.
+    """
+    binary = shutil.which("redis-server") or shutil.which("valkey-server")
+    if binary is None:
+        raise MissingDependencyError("redis-server", "redis-server (apt-get install redis-server)", "--e2e-redis auto")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    with tempfile.TemporaryDirectory(prefix="lmcache-bench-redis-") as folder:
+        argv = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
+        proc = subprocess.Popen([*argv, "--dir", folder], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2) as c:
+                    c.sendall(b"PING\r\n")
+                    if c.recv(16).startswith(b"+PONG"):
+                        break
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start on port {port}")
+                time.sleep(0.05)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def tier_url(base: str, spec: str) -> str:
+    """``base`` with the codec options of ``spec`` (``fp8``, ``zstd?codec_level=9``) in its query."""
+    query = "&".join(f"{k}={v}" for k, v in parse_spec(spec).items())
+    return base + ("&" if "?" in base else "?") + query
+
+
+def bench_e2e(
+    codecs: list[str],
+    redis_url: str,
+    *,
+    model_name: str = "smollm2",
+    docs: int = 2,
+    doc_tokens: int = 2048,
+    questions: int = 3,
+    question_tokens: int = 32,
+    chunk_size: int = 256,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Warm TTFT of long-doc-qa prompts with the KV on one ``redis://`` tier, per codec, same run.
+
+    One engine per codec, each with only the Redis tier (``?codec=<spec>``) and its own hash seed
+    (so codecs never read each other's values). Per document: a cold question stores it through
+    every engine, then each warm question runs through every engine in turn (codecs interleaved,
+    so a change in the host's load hits them alike). A ``memory://`` engine gives the warm TTFT
+    with no tier to read from: ``load_s`` = warm TTFT minus that is the time to fetch and decode
+    the KV, and ``kv_gbps`` = 16-bit KV bytes loaded / ``load_s``.
+    """
+    import torch
+
+    from lmcache.config import LMCacheConfig
+    from lmcache.integrations.transformers import CachedCausalLM
+
+    torch.set_num_threads(1)
+    if model_name == "smollm2":
+        from lmcache.bench.realmodel import real_documents
+
+        model, tok = _load_smollm2()
+        texts = real_documents(tok, docs * (1 + questions), doc_tokens)
+        doc_ids = texts[:docs]
+        question_ids = [t[:question_tokens] for t in texts[docs:]]
+    else:
+        model, doc_ids, question_ids = _random_model_prompts(docs * questions, docs, doc_tokens, question_tokens)
+    run_id = secrets.token_hex(4)
+    rows = ["memory", *codecs]
+    runs: dict[str, list[dict[str, Any]]] = {r: [] for r in rows}
+    with contextlib.ExitStack() as stack:
+        engines = {}
+        for r in rows:
+            tier = "memory://?capacity=4GiB" if r == "memory" else tier_url(redis_url, r)
+            cfg = LMCacheConfig.load(
+                environ={}, tiers=[tier], chunk_size=chunk_size, hash_seed=f"bench-codec-e2e-{run_id}-{r}"
+            )
+            engines[r] = stack.enter_context(CachedCausalLM(model, config=cfg))
+        geometry = next(iter(engines.values())).geometry
+        per_token = geometry.num_layers * geometry.kv_parts * geometry.num_kv_heads * geometry.head_dim * 2
+        for d, doc in enumerate(doc_ids):
+            if progress:
+                print(f"[e2e] document {d + 1}/{len(doc_ids)}: {len(doc)} tokens", flush=True)
+            for eng in engines.values():  # cold: stores the document through each engine
+                eng.prefill(torch.tensor([doc + question_ids[d * questions]]))
+                eng.engine.flush()
+            for q in range(questions):
+                ids = torch.tensor([doc + question_ids[d * questions + q]])
+                for r, eng in engines.items():
+                    res = eng.prefill(ids)
+                    eng.engine.flush()  # its stores finish before the next engine's clock starts
+                    runs[r].append({"ttft_s": res.ttft_s, "cached_tokens": res.cached_tokens})
+    memory_ttft = report.median([x["ttft_s"] for x in runs["memory"]])
+    out: dict[str, Any] = {}
+    for r in rows:
+        ttft = report.median([x["ttft_s"] for x in runs[r]])
+        cached = report.median([x["cached_tokens"] for x in runs[r]]) or 0
+        load = None if ttft is None or memory_ttft is None else max(ttft - memory_ttft, 1e-9)
+        out[r] = {
+            "warm_ttft_s": ttft,
+            "cached_tokens": cached,
+            "kv_bytes": cached * per_token,
+            "load_s": None if r == "memory" else load,
+            "kv_gbps": None if r == "memory" or not load else cached * per_token / load / 1e9,
+            "runs": runs[r],
+        }
+    raw = out.get("raw")
+    for r in codecs:
+        row = out[r]
+        row["ttft_vs_raw"] = raw["warm_ttft_s"] / row["warm_ttft_s"] if raw and row["warm_ttft_s"] else None
+        row["kv_per_s_vs_raw"] = row["kv_gbps"] / raw["kv_gbps"] if raw and raw["kv_gbps"] and row["kv_gbps"] else None
+    return {
+        "redis": redact_url(redis_url),
+        "model": model_name,
+        "geometry": geometry.identity,
+        "docs": len(doc_ids),
+        "doc_tokens": doc_tokens,
+        "questions": questions,
+        "question_tokens": question_tokens,
+        "chunk_size": chunk_size,
+        "rows": out,
+    }
+
+
+def print_e2e_table(e2e: dict[str, Any]) -> None:
+    """The end-to-end rows: warm TTFT from Redis per codec against raw."""
+    rows = []
+    for spec, r in e2e["rows"].items():
+        rows.append(
+            [
+                "memory:// (no tier read)" if spec == "memory" else spec,
+                report.format_float(r["warm_ttft_s"] * 1e3 if r["warm_ttft_s"] else None, 1),
+                report.format_float(r["load_s"] * 1e3 if r["load_s"] else None, 1),
+                report.format_float(r["kv_gbps"], 3),
+                report.format_float(r.get("ttft_vs_raw"), 2),
+                report.format_float(r.get("kv_per_s_vs_raw"), 2),
+            ]
+        )
+    headers = ["codec", "warm TTFT ms", "load ms", "KV GB/s", "TTFT gain vs raw", "KV/s vs raw"]
+    title = (
+        f"end to end: warm TTFT from {e2e['redis']}, {e2e['model']}, {e2e['docs']} docs x "
+        f"{e2e['doc_tokens']} tokens, {e2e['questions']} warm questions each"
+    )
+    print(report.render_table(headers, rows, title=title))
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -356,6 +565,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--model", action="append", choices=("smollm2", "random-125m"), default=None, help="KV source (default both)"
     )
+    p.add_argument(
+        "--e2e-redis",
+        metavar="URL",
+        default=None,
+        help="also measure warm TTFT of long-doc-qa prompts with the KV on this redis:// tier, per codec "
+        "('auto': a throwaway local redis-server); writes keys there, so give it a scratch database",
+    )
+    p.add_argument("--e2e-only", action="store_true", help="only the end-to-end rows (needs --e2e-redis)")
+    p.add_argument("--questions", type=positive_int, default=3, help="end to end: warm questions per document")
+    p.add_argument(
+        "--e2e-doc-tokens", type=positive_int, default=2048, help="end to end: tokens per document (default 2048)"
+    )
     p.add_argument("--json", dest="json_path", metavar="PATH", help="write results here (default bench-results/…)")
     p.add_argument("--plot", type=Path, default=None, help="PNG of ratio vs KL (default beside the JSON)")
     p.add_argument("--no-progress", action="store_true", help="no progress lines")
@@ -364,25 +585,49 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_cli(args: argparse.Namespace) -> int:
     """Run ``bench codec`` from parsed arguments."""
-    codecs = args.codec or list(DEFAULT_CODECS)
-    if "raw" not in codecs:
-        codecs = ["raw", *codecs]
-    result = bench_codecs(
-        codecs,
-        docs=args.docs,
-        doc_tokens=args.doc_tokens,
-        question_tokens=args.question_tokens,
-        decode_steps=args.decode_steps,
-        chunk_size=args.chunk_size,
-        repeat=args.repeat,
-        models=tuple(args.model or ("smollm2", "random-125m")),
-        progress=not args.no_progress,
-    )
+    if args.e2e_only and not args.e2e_redis:
+        raise ConfigError("--e2e-only needs --e2e-redis URL (or 'auto')")
+    result: dict[str, Any] = {"models": {}, "codecs": []}
+    if not args.e2e_only:
+        codecs = args.codec or list(DEFAULT_CODECS)
+        if "raw" not in codecs:
+            codecs = ["raw", *codecs]
+        result = bench_codecs(
+            codecs,
+            docs=args.docs,
+            doc_tokens=args.doc_tokens,
+            question_tokens=args.question_tokens,
+            decode_steps=args.decode_steps,
+            chunk_size=args.chunk_size,
+            repeat=args.repeat,
+            models=tuple(args.model or ("smollm2", "random-125m")),
+            progress=not args.no_progress,
+        )
+    if args.e2e_redis:
+        e2e_codecs = args.codec or list(E2E_CODECS)
+        if "raw" not in e2e_codecs:
+            e2e_codecs = ["raw", *e2e_codecs]
+        with contextlib.ExitStack() as stack:
+            url = stack.enter_context(local_redis()) if args.e2e_redis == "auto" else args.e2e_redis
+            result["e2e"] = bench_e2e(
+                e2e_codecs,
+                url,
+                model_name=(args.model or ["smollm2"])[0],
+                docs=args.docs,
+                doc_tokens=args.e2e_doc_tokens,
+                questions=args.questions,
+                question_tokens=args.question_tokens,
+                chunk_size=args.chunk_size,
+                progress=not args.no_progress,
+            )
     result["machine"] = report.machine_info()
     print_table(result)
+    if "e2e" in result:
+        print_e2e_table(result["e2e"])
     path = report.write_json(args.json_path or report.default_json_path("codec", "kv"), result)
     print(f"results: {path}")
-    png = plot(result, args.plot or path.with_suffix(".png"))
-    if png is not None:
-        print(f"plot: {png}")
+    if result["models"]:
+        png = plot(result, args.plot or path.with_suffix(".png"))
+        if png is not None:
+            print(f"plot: {png}")
     return 0

@@ -328,6 +328,12 @@ class ConnectorSettings:
                 from lmcache.integrations.vllm.server_auto import ensure_server
 
                 url = ensure_server(self.server_tiers_to_start(), chunk_size=self.config.chunk_size).url
+            elif url.startswith("lm+unix://"):
+                from lmcache.integrations.vllm.server_auto import socket_alive
+
+                path = url.removeprefix("lm+unix://").partition("?")[0]
+                if not socket_alive(path):  # a miss per lookup until it comes up: say why once
+                    logger.warning("lmcache: no cache server answers on %s yet; lookups miss until one does", path)
             kept = [t for t in tiers if not t.startswith("memory:")]
             logger.info("lmcache: using the cache server %s (tiers behind it: %s)", url, kept)
             return self.config.replace(tiers=[url, *kept])

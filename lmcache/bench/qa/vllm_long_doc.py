@@ -12,6 +12,12 @@ document's chunks and the others load them. TTFT is the wall time of one ``gener
 without lmcache. One connector run per ``--chunk-size`` (the defaults include a chunk size that is
 not a multiple of vLLM's block size).
 
+``--vllm-prefix-cache`` adds a run of vLLM alone that keeps its prefix cache: a document's later
+questions hit it in vLLM's own blocks, the row lmcache's warm TTFT is held against (goals: warm
+TTFT at least 20x lower than recompute and at most 1.2x vLLM's own hit). ``--profile`` times
+lmcache's steps inside the connector runs (lookup, fetch from the tiers, copy into vLLM's blocks)
+per prompt, so a missed goal says where the time went.
+
 vLLM runs in its own venv (``--vllm-python``, default ``.venv-vllm/bin/python``; see
 docs/vllm.md), one process per run, as ``python -m lmcache.bench.qa.vllm_long_doc --child``.
 """
@@ -83,6 +89,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "connector run per config and chunk size (each with its own tier), compared in the same table",
     )
     p.add_argument(
+        "--profile",
+        action="store_true",
+        help="time lmcache's steps in the connector runs (lookup, fetch from the tiers, copy into vLLM's "
+        "blocks) and report their medians over the warm prompts",
+    )
+    p.add_argument(
         "--vllm-prefix-cache",
         action="store_true",
         help="add a run of vLLM alone that keeps its prefix cache (a later question hits the document in "
@@ -113,9 +125,57 @@ def _sizes(text: str) -> list[int]:
 # -- child (runs in the vLLM venv) -------------------------------------------------------------
 
 
+def _instrument() -> dict[str, list[float]]:
+    """Time lmcache's steps inside this child (``--profile``): the calls' durations, per step.
+
+    ``lookup`` (:meth:`CacheEngine.lookup`), ``load`` (:meth:`CacheEngine.retrieve`: fetch plus
+    copy), ``fetch`` (the tiers' ``get_into`` into the chunk buffers) and ``scatter`` (the copies
+    from chunk buffers into vLLM's paged blocks). The methods are wrapped on their classes in this
+    process only; the load runs on the connector's thread, so the lists are appended from there.
+    """
+    import functools
+
+    from lmcache.engine import CacheEngine
+    from lmcache.integrations.vllm.slots import SlotMappedKV
+    from lmcache.tiered import TieredBackend
+
+    spent: dict[str, list[float]] = {"lookup": [], "load": [], "fetch": [], "scatter": []}
+
+    def timed(cls: type, name: str, step: str) -> None:
+        original = getattr(cls, name)
+
+        @functools.wraps(original)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent[step].append(time.perf_counter() - t0)
+
+        setattr(cls, name, wrapper)
+
+    original_get = TieredBackend.get_into
+
+    @functools.wraps(original_get)
+    async def get_into(self: Any, keys: Any, dsts: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return await original_get(self, keys, dsts)
+        finally:
+            spent["fetch"].append(time.perf_counter() - t0)
+
+    TieredBackend.get_into = get_into  # type: ignore[method-assign]
+    timed(CacheEngine, "lookup", "lookup")
+    timed(CacheEngine, "retrieve", "load")
+    timed(SlotMappedKV, "scatter", "scatter")
+    return spent
+
+
 def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
+
+    spent = _instrument() if spec.get("profile") else None
 
     kv = None
     if spec["connector"]:
@@ -130,9 +190,13 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     for item in spec["prompts"]:
         if spec.get("reset_prefix_cache", True):
             llm.reset_prefix_cache()
+        if spent is not None:
+            for times in spent.values():
+                times.clear()
         t0 = time.perf_counter()
         out = llm.generate([TokensPrompt(prompt_token_ids=item["tokens"])], params, use_tqdm=False)
         ttft = time.perf_counter() - t0
+        profile = {step: sum(times) for step, times in spent.items()} if spent is not None else None
         first = out[0].outputs[0].token_ids[0]
         # The whole continuation, from the KV now in vLLM's blocks (loaded by lmcache or computed).
         cont = llm.generate([TokensPrompt(prompt_token_ids=item["tokens"])], more, use_tqdm=False)
@@ -140,6 +204,8 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         runs.append(
             {"doc": item["doc"], "question": item["question"], "ttft_s": ttft, "token": first, "tokens": tokens}
         )
+        if profile is not None:
+            runs[-1]["profile_s"] = profile
     llm.llm_engine.engine_core.shutdown()
     return {"runs": runs}
 
@@ -149,6 +215,12 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _call_child(python: str, mode: str, spec: dict[str, Any], workdir: Path, name: str) -> Any:
     return call_vllm_child(python, __name__, [mode], spec, workdir=workdir, name=name)
+
+
+def _warm_profile(runs: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Median seconds per lmcache step over the warm prompts (``--profile``)."""
+    warm = [r["profile_s"] for r in runs if r["question"] > 0 and "profile_s" in r]
+    return {step: median([p[step] for p in warm]) for step in (warm[0] if warm else {})}
 
 
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -329,6 +401,10 @@ def table(result: dict[str, Any]) -> str:
             text += f", {_x(g['vs_vllm_prefix_cache'])} vLLM's own prefix-cache hit (at most "
             text += f"{goal['vs_vllm_prefix_cache_at_most']:g}x)"
         lines.append(text + (": met" if g["met"] else ": NOT met"))
+    for chunk, w in result["with_lmcache"].items():
+        if "warm_profile_s" in w:
+            steps = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in w["warm_profile_s"].items() if v is not None)
+            lines.append(f"chunk {chunk}, warm prompts, median per prompt: {steps}")
     return "\n".join(lines)
 
 

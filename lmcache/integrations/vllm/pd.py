@@ -226,9 +226,10 @@ class PDScheduler:
         if req_id not in self._planned:
             return False, None  # aborted before its prompt was computed: nothing to send
         self._planned.discard(req_id)
-        status = str(getattr(request, "status", ""))
+        status = getattr(request, "status", None)
         params = None
-        if "FINISHED_LENGTH_CAPPED" in status or "FINISHED_STOPPED" in status:
+        # vLLM's RequestStatus by name: a finished prompt (length cap or stop), not an abort or error.
+        if getattr(status, "name", status) in ("FINISHED_LENGTH_CAPPED", "FINISHED_STOPPED"):
             params = {
                 "do_remote_prefill": True,
                 "do_remote_decode": False,

@@ -30,7 +30,9 @@ Faults
   a hit only after its whole payload arrived and matched its checksum. A ``dst`` may hold part of
   a value after a failed or cancelled call, never after a hit.
 * ``deadline`` (a :func:`time.monotonic` instant) bounds a whole call: every socket wait is
-  limited to what is left of it, and retries stop when it has passed. :meth:`RespJob.cancel`
+  limited to what is left of it (within 10 ms: the timeout set on a socket is kept while it
+  fits, since ``settimeout`` is a system call and over TLS a receive is one 16 KiB record), and
+  retries stop when it has passed. :meth:`RespJob.cancel`
   (called when the awaiting task is cancelled) shuts the job's socket down and marks the
   connection aborted: a shutdown alone would still let the kernel hand over the bytes it had
   queued (over TLS, raw ciphertext once the SSL object is dropped), so every receive checks the
@@ -82,6 +84,9 @@ _IOV_MAX = 512
 _HASH_STEP = 256 << 10
 #: The small read buffer that reply headers, status replies and frame headers are parsed from.
 _READ_BUF = 64 << 10
+#: How much later than the call's deadline a socket wait may end when the timeout already set on
+#: the socket is kept: ``settimeout`` is a system call, and a wait can be one 16 KiB TLS record.
+_TIMEOUT_SLACK = 0.01
 #: Kernel socket buffers asked for (loopback moves more per system call with larger ones).
 _SOCK_BUF = 4 << 20
 
@@ -162,13 +167,6 @@ class Endpoint:
         return f"{'rediss' if self.ssl_context else 'redis'}://{host}:{self.port}"
 
 
-def _remaining(deadline: float) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError("deadline passed")
-    return left
-
-
 def _encode_arg(arg: bytes | str | int) -> bytes:
     if isinstance(arg, bytes):
         return arg
@@ -204,6 +202,8 @@ class RespConnection:
         self._end = 0
         self.broken = False
         self.last_used = time.monotonic()
+        # The timeout set on the socket (seconds; negative: none of ours yet).
+        self._armed = -1.0
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -300,6 +300,26 @@ class RespConnection:
             raise ConnectionAbortedError(f"connection to {self.endpoint.describe()} aborted")
         return self._sock
 
+    def _arm(self, deadline: float) -> socket.socket:
+        """The live socket, its timeout set for one wait that must end by ``deadline``.
+
+        The timeout already set is kept while a wait bounded by it can end neither before
+        ``deadline`` (no early timeout) nor more than ``_TIMEOUT_SLACK`` after it; else it is set
+        to what is left.
+
+        Raises:
+            ConnectionAbortedError: The connection was aborted.
+            TimeoutError: ``deadline`` passed.
+        """
+        sock = self._live()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline passed")
+        if not 0.0 <= self._armed - left <= _TIMEOUT_SLACK:
+            sock.settimeout(left)
+            self._armed = left
+        return sock
+
     def close(self) -> None:
         """Close the socket (only by the thread that owns the connection, or when it is idle)."""
         self.broken = True
@@ -326,16 +346,12 @@ class RespConnection:
         """Send ``pieces`` in order, without joining them (vectored where the socket allows)."""
         if self._tls:
             for p in pieces:
-                sock = self._live()
-                sock.settimeout(_remaining(deadline))
-                sock.sendall(p)
+                self._arm(deadline).sendall(p)
             return
         views = [memoryview(p).cast("B") for p in pieces if len(p)]
         i = 0
         while i < len(views):
-            sock = self._live()
-            sock.settimeout(_remaining(deadline))
-            sent = sock.sendmsg(views[i : i + _IOV_MAX])
+            sent = self._arm(deadline).sendmsg(views[i : i + _IOV_MAX])
             while sent:
                 n = views[i].nbytes
                 if sent >= n:
@@ -353,9 +369,7 @@ class RespConnection:
             self._start, self._end = 0, n
         if self._end == len(self._buf):
             raise PermanentBackendError(f"reply line from {self.endpoint.describe()} longer than {_READ_BUF} bytes")
-        sock = self._live()
-        sock.settimeout(_remaining(deadline))
-        got = sock.recv_into(self._view[self._end :])
+        got = self._arm(deadline).recv_into(self._view[self._end :])
         if not got:
             raise ConnectionResetError("the server closed the connection")
         self._end += got
@@ -383,9 +397,7 @@ class RespConnection:
             hashed = have
         off = have
         while off < n:
-            sock = self._live()  # one attribute test per system call of megabytes
-            sock.settimeout(_remaining(deadline))
-            got = sock.recv_into(dst[off:], n - off)
+            got = self._arm(deadline).recv_into(dst[off:], n - off)
             if not got:
                 raise ConnectionResetError("the server closed the connection in the middle of a value")
             off += got
@@ -414,9 +426,7 @@ class RespConnection:
                 m = self._end - self._start
                 self._view[:m] = self._view[self._start : self._end]
                 self._start, self._end = 0, m
-            sock = self._live()
-            sock.settimeout(_remaining(deadline))
-            got = sock.recv_into(self._view[self._end :])
+            got = self._arm(deadline).recv_into(self._view[self._end :])
             if not got:
                 raise ConnectionResetError("the server closed the connection")
             self._end += got

@@ -15,6 +15,7 @@ import struct
 import termios
 import threading
 import time
+import types
 import uuid
 from collections.abc import Iterator
 from urllib.parse import urlsplit
@@ -24,6 +25,7 @@ import pytest
 import redis
 from servers import RedisServer
 
+import lmcache.backends.resp as resp_module
 from lmcache.backends.resp import Corrupt, Endpoint, RespConnection, RespJob, TooSmall, pack_command
 from lmcache.errors import AuthError, BackendTimeoutError, BackendUnavailableError
 from lmcache.keys import CacheKey
@@ -392,3 +394,35 @@ def test_after_abort_not_even_a_queued_reply_reaches_dst(request: pytest.Fixture
         fresh = RespConnection.connect(ep, soon())
         with contextlib.closing(fresh):
             fresh.command(soon(), "UNLINK", ns[0])
+
+
+def test_the_socket_timeout_is_kept_while_it_fits_the_deadline(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # settimeout is a system call; over TLS a receive is one 16 KiB record, so it is not made per
+    # receive. A wait bounded by the socket's timeout must still never end before the deadline
+    # (no early timeout) nor more than _TIMEOUT_SLACK after it.
+    c = RespConnection.connect(endpoint(redis_server), soon())
+    try:
+        sock = c._sock
+        now = [1000.0]
+        monkeypatch.setattr(resp_module, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+        deadline = 1030.0
+        assert c._arm(deadline) is sock and sock.gettimeout() == 30.0
+        now[0] += resp_module._TIMEOUT_SLACK / 2
+        c._arm(deadline)
+        assert sock.gettimeout() == 30.0  # kept: ends at most half the slack late
+        now[0] += resp_module._TIMEOUT_SLACK
+        c._arm(deadline)
+        assert sock.gettimeout() == pytest.approx(deadline - now[0])  # would end too late: set again
+        c._arm(deadline + 100)
+        assert sock.gettimeout() == pytest.approx(deadline + 100 - now[0])  # a later deadline: never early
+        c._arm(deadline - 20)
+        assert sock.gettimeout() == pytest.approx(deadline - 20 - now[0])
+        now[0] = deadline
+        with pytest.raises(TimeoutError):
+            c._arm(deadline)
+        monkeypatch.undo()
+        assert c.command(soon(), "PING") == b"PONG"
+    finally:
+        c.close()

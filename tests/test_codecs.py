@@ -329,3 +329,40 @@ def test_a_body_version_this_lmcache_does_not_know_is_a_miss(codec_name: str) ->
     future = _pack_header(codec_name, g, g.nbytes, header.body_version + 7) + encoded[header.body_offset :]
     with pytest.raises(IntegrityError, match="version"):
         decode_value(memoryview(future), memoryview(bytearray(g.nbytes)))
+
+
+def _fp8_v0_value(x: np.ndarray) -> bytes:
+    """An fp8 value as lmcache wrote it before body versions: float16 scales, then every token's codes."""
+    import torch
+
+    L, P, T, H, D = x.shape
+    t = torch.from_numpy(x)
+    sk = (t[:, 0].abs().amax(1, keepdim=True) / 448).clamp(2**-24, 65504).half().float()
+    sv = (t[:, 1].abs().amax(3, keepdim=True) / 448).clamp(2**-24, 65504).half().float()
+    y = torch.stack([t[:, 0] / sk, t[:, 1] / sv], 1).clamp(-448, 448)
+    body = sk.half().numpy().tobytes() + sv.half().numpy().tobytes()
+    body += y.to(torch.float8_e4m3fn).view(torch.uint8).numpy().tobytes()
+    g = ChunkGeometry(L, P, T, H, D, "bfloat16")
+    return _pack_header("fp8", g, g.nbytes) + body
+
+
+def test_fp8_body_version_1_centres_keys_keeps_the_first_token_and_reads_version_0() -> None:
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 2, 64, 2, 32)).astype(np.float32)
+    x[:, 0] += 6 * rng.standard_normal((3, 1, 2, 32)).astype(np.float32)  # keys: large channel offsets
+    x[:, :, 0] *= 20  # a first token unlike the others (an attention sink)
+    x = _as_f32(_bf16(x)).reshape(x.shape)
+    g = ChunkGeometry(*x.shape, "bfloat16")
+    codec = make_codec({"codec": "fp8"})
+    new = bytes(encode_value(codec, memoryview(_bf16(x)), g))
+    assert parse_codec_header(new).body_version == 1
+    assert g.nbytes / len(new) > 1.85  # at 256 tokens: the size version 0 had
+    old = _fp8_v0_value(x)
+    got_new, got_old = bytearray(g.nbytes), bytearray(g.nbytes)
+    decode_value(memoryview(new), memoryview(got_new))
+    decode_value(memoryview(old), memoryview(got_old))
+    a, b = _as_f32(bytes(got_new)).reshape(x.shape), _as_f32(bytes(got_old)).reshape(x.shape)
+    assert np.array_equal(a[:, :, 0], x[:, :, 0])  # the first token, exactly
+    err_new = np.linalg.norm(a[:, 0] - x[:, 0]) / np.linalg.norm(x[:, 0])
+    err_old = np.linalg.norm(b[:, 0] - x[:, 0]) / np.linalg.norm(x[:, 0])
+    assert err_old < 0.05 and err_new < err_old / 2  # old values still decode; centred keys are closer

@@ -18,11 +18,19 @@ import torch
 transformers = pytest.importorskip("transformers", reason="pip install 'lmcache[hf]' for the transformers integration")
 
 from lmcache.backends.base import StorageBackend  # noqa: E402
-from lmcache.blend import BLEND_TAG, SegmentStore, rope_frequencies, rotate_keys  # noqa: E402
+from lmcache.blend import (  # noqa: E402
+    AFTER_TAG,
+    BLEND_TAG,
+    SegmentBlender,
+    SegmentStore,
+    prefix_digest,
+    rope_frequencies,
+    rotate_keys,
+)
 from lmcache.config import LMCacheConfig  # noqa: E402
 from lmcache.engine import CacheEngine  # noqa: E402
 from lmcache.errors import BackendUnavailableError, UnsupportedOperationError  # noqa: E402
-from lmcache.integrations.transformers import CachedCausalLM, geometry_of  # noqa: E402
+from lmcache.integrations.transformers import CachedCausalLM, ContiguousKV, geometry_of  # noqa: E402
 from lmcache.tiered import TieredBackend  # noqa: E402
 
 TINY = {
@@ -134,6 +142,56 @@ def test_uncached_segments_are_computed_and_stored_position_free(tmp_path: Path)
         alone, _ = _kv(model, d1)
         kv = lm._segment_kv_alone(d1)
         assert torch.equal(kv.keys[1], alone[1][0])
+
+
+def test_segments_cached_after_a_prefix_are_keyed_by_it_and_its_kv_is_exact(tmp_path: Path) -> None:
+    model = _model()
+    d0, d1, d2, q = _segments()
+    system = torch.randint(10, 500, (9,), generator=torch.Generator().manual_seed(7))
+    other = system.flip(0)
+    with CachedCausalLM(model, config=_cfg([f"file://{tmp_path}/kv"]), model_id="tiny", blend=True) as lm:
+        assert lm.cache_segments([d0, d1, d2], prefix=system) == 3
+        lm.engine.flush()
+        assert lm.cache_segments([d1], prefix=system) == 0
+        after = SegmentStore(lm.engine, system)
+        assert {dict(key.tags)[AFTER_TAG] for key in after.keys(d1)} == {prefix_digest(system)}
+        # stored as computed right after the prefix, keys rotated back to position 0
+        ref_kv, _ = _kv(model, torch.cat([system, d1]))
+        kv = ContiguousKV.empty(lm.geometry, d1.shape[0])
+        assert after.load(d1, kv)
+        inv_freq = rope_frequencies(model.model.rotary_emb)
+        for layer, (k, v) in enumerate(ref_kv):
+            torch.testing.assert_close(kv.keys[layer], rotate_keys(k[:, :, 9:], -9, inv_freq), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(kv.values[layer], v[:, :, 9:], rtol=1e-5, atol=1e-5)
+        # another prefix, or none, never finds them
+        assert not SegmentStore(lm.engine, other).contains(d1) and not SegmentStore(lm.engine).contains(d1)
+
+        prompt = [d2, d0, d1, q]
+        ref_kv, ref = _kv(model, torch.cat([system, *prompt]))
+        full = lm.prefill_segments(prompt, recompute_ratio=1.0, prefix=system)
+        assert full.segments_hit == 3 and torch.equal(full.logits, ref)  # the prefix was not cached yet
+        lm.engine.flush()
+        naive = lm.prefill_segments(prompt, recompute_ratio=0.0, prefix=system)
+        assert naive.segments_hit == 4 and naive.reused_tokens == 9 + 96
+        assert naive.recomputed_tokens == q.shape[0]  # the prefix is exact: never recomputed
+        for layer, (k, v) in zip(naive.cache.layers, ref_kv, strict=True):
+            torch.testing.assert_close(layer.keys[:, :, :9], k[:, :, :9], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(layer.values[:, :, :9], v[:, :, :9], rtol=1e-5, atol=1e-5)
+        blended = lm.prefill_segments(prompt, recompute_ratio=0.3, prefix=system)
+        assert blended.recomputed_tokens == q.shape[0] + 29  # ceil(0.3 * 96) documents' tokens
+        assert lm.prefill_segments([d0, q], prefix=other).segments_hit == 0
+
+
+def test_selection_ranks_reused_tokens_by_value_deviation() -> None:
+    v = torch.randn(1, 2, 8, 4, generator=torch.Generator().manual_seed(0))
+    old_v = v.clone()
+    old_v[:, :, 5] += 0.5  # a moderate value deviation at token 5
+    old_v[:, 1, 2] += 3.0  # the largest, in one head, at token 2
+    reused = torch.ones(8, dtype=torch.bool)
+    reused[7] = False  # the question
+    always = torch.tensor([7])
+    rows = SegmentBlender._select(v, old_v=old_v, reused=reused, always=always, ratio=2 / 7, n_reused=7)
+    assert rows.tolist() == [2, 5, 7]
 
 
 _CHILD = """

@@ -11,10 +11,18 @@ a shuffled order so machine noise hits all alike:
 * ``blend@r``: :meth:`CachedCausalLM.prefill_segments` at ``recompute_ratio=r`` (the corpus was
   ingested with :meth:`CachedCausalLM.cache_segments`).
 
+With ``--smollm2`` every prompt is a chat turn in the model's own template: the system prompt and
+the user turn's header (the shared prefix), the documents, then the question, the end of the
+turn and the assistant header. The documents are cached as computed after that prefix (the
+``prefix=`` of ``cache_segments``/``prefill_segments``), as a deployment whose prompts share a
+system prompt would; ``--no-prefix`` caches them alone instead (each then starts with its own
+attention sink) and drops the template.
+
 TTFT is the time to the first token's logits (cache lookups and loads included). Quality is
 measured against ``full``: top-1 agreement and KL divergence of the first answer token, and
 agreement of a greedy answer of ``--answer-tokens`` tokens decoded on from each system's cache
-(``exact``: the whole answer equal; ``tokens``: the share of positions with equal tokens).
+(``exact``: the whole answer equal; ``tokens``: the share of positions with equal tokens, so a
+system equal to ``full`` scores 1.0; add ratio 1 to ``--ratios`` to see it).
 
 Models: the random Llama of the QA workloads (``--model-size 125m``, random token documents) for
 speed; ``--smollm2`` (the offline SmolLM2-135M-Instruct of :mod:`lmcache.bench.realmodel`) with
@@ -37,7 +45,16 @@ from lmcache.bench.qa.common import add_model_args, build_model, default_tiers, 
 from lmcache.bench.report import default_json_path, machine_info, percentile, render_table, write_json
 from lmcache.errors import ConfigError
 
-__all__ = ["DESCRIPTION", "STDLIB_MODULES", "add_parser", "run", "run_cli", "stdlib_documents", "table"]
+__all__ = [
+    "DESCRIPTION",
+    "STDLIB_MODULES",
+    "add_parser",
+    "chat_parts",
+    "run",
+    "run_cli",
+    "stdlib_documents",
+    "table",
+]
 
 DESCRIPTION = "RAG prompts of reordered documents: blending (CacheBlend) vs full recompute and prefix caching"
 
@@ -83,6 +100,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("rag", help=DESCRIPTION, description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_model_args(p)
     p.add_argument("--smollm2", action="store_true", help="SmolLM2-135M-Instruct with real-text documents")
+    p.add_argument(
+        "--no-prefix",
+        action="store_true",
+        help="with --smollm2: no chat template, documents cached alone (not after the system prompt)",
+    )
     p.add_argument("--docs", type=positive_int, default=12, help="documents in the corpus")
     p.add_argument("--doc-tokens", type=positive_int, default=512, help="tokens per document")
     p.add_argument("--k", type=positive_int, default=4, help="documents per query")
@@ -127,12 +149,27 @@ def stdlib_documents(tokenizer: Any, count: int, n_tokens: int) -> tuple[list[li
     return docs, names
 
 
-def _question(tokenizer: Any, name: str, n_tokens: int) -> list[int]:
-    """An English question about module ``name``, cut or padded (at its start) to ``n_tokens``."""
-    text = (
-        f"\n\nQuestion: according to the documentation above, what is the Python module {name} used for? "
-        "Answer in one sentence.\nAnswer:"
+def chat_parts(tokenizer: Any) -> tuple[str, str]:
+    """The model's chat template around one user message: the text before it and after it.
+
+    Before: the (default) system prompt and the user turn's header; after: the end of the turn
+    and the assistant's header.
+    """
+    mark = "\x00"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": mark}], tokenize=False, add_generation_prompt=True
     )
+    head, tail = text.split(mark)
+    return head, tail
+
+
+def _question(tokenizer: Any, name: str, n_tokens: int, tail: str | None = None) -> list[int]:
+    """An English question about module ``name``, cut or padded (at its start) to ``n_tokens``.
+
+    ``tail`` (the chat template's end of the user turn) replaces the plain ``Answer:`` cue.
+    """
+    ask = f"\n\nQuestion: what is the Python module {name} used for, according to the documentation above?"
+    text = ask + " Answer in one sentence." + ("\nAnswer:" if tail is None else tail)
     ids = tokenizer.encode(text, add_special_tokens=False)
     pad = tokenizer.encode("Read the documents above carefully. ", add_special_tokens=False)
     while len(ids) < n_tokens:
@@ -180,6 +217,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.k > args.docs:
         raise ConfigError(f"--k {args.k} is more than --docs {args.docs}")
     tokenizer = None
+    prefix: list[int] = []  # the shared prompt start the documents are cached after
+    tail: str | None = None
+    if args.no_prefix and not args.smollm2:
+        raise ConfigError("--no-prefix applies to --smollm2")
     if args.smollm2:
         from transformers import AutoTokenizer
 
@@ -192,6 +233,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if tokenizer is not None:
         docs, names = stdlib_documents(tokenizer, args.docs, args.doc_tokens)
         text = "stdlib module docs (pydoc)"
+        if not args.no_prefix:
+            head, tail = chat_parts(tokenizer)
+            prefix = tokenizer.encode(head, add_special_tokens=False)
+            text += ", chat template, documents cached after the system prompt"
+        else:
+            text += ", no template, documents cached alone"
     else:
         vocab = vocab_size(model)
         docs = [random_tokens(rng, args.doc_tokens, vocab) for _ in range(args.docs)]
@@ -201,7 +248,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for _ in range(args.queries):
         chosen = [int(i) for i in rng.permutation(args.docs)[: args.k]]
         if tokenizer is not None:
-            question = _question(tokenizer, names[chosen[int(rng.integers(args.k))]], args.question_tokens)
+            question = _question(tokenizer, names[chosen[int(rng.integers(args.k))]], args.question_tokens, tail)
         else:
             question = random_tokens(rng, args.question_tokens, vocab_size(model))
         queries.append((chosen, question))
@@ -219,14 +266,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         config = LMCacheConfig.load(tiers=tiers, chunk_size=args.chunk_size)
         with CachedCausalLM(model, config=config, blend=True) as lm:
             t0 = time.perf_counter()
-            lm.cache_segments(docs)  # blending's ingestion: each document on its own
+            # blending's ingestion: each document on its own (after the shared prefix, if any)
+            lm.cache_segments(docs, prefix=prefix or None)
             for doc in docs:  # prefix caching's ingestion: each document as a prompt of its own
-                lm.prefill(torch.tensor([doc]), logits_to_keep=1)
+                lm.prefill(torch.tensor([prefix + doc]), logits_to_keep=1)
             lm.engine.flush()
             ingest_s = time.perf_counter() - t0
             for chosen, question in progress(queries, len(queries), "rag", args.no_progress):
                 segs = [docs[i] for i in chosen] + [question]
-                ids = torch.tensor([[t for seg in segs for t in seg]])
+                ids = torch.tensor([prefix + [t for seg in segs for t in seg]])
                 total = ids.shape[1]
                 results: dict[str, tuple[Any, Any]] = {}
                 for system in [systems[i] for i in rng.permutation(len(systems))]:
@@ -243,7 +291,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         shares[system].append(1.0 - res.cached_tokens / total)
                         results[system] = (res.logits, res.cache)
                     else:
-                        res = lm.prefill_segments(segs, recompute_ratio=float(system.split("@")[1]))
+                        ratio = float(system.split("@")[1])
+                        res = lm.prefill_segments(segs, recompute_ratio=ratio, prefix=prefix or None)
                         ttft[system].append(res.ttft_s)
                         shares[system].append(res.recomputed_share)
                         results[system] = (res.logits, res.cache)
@@ -293,6 +342,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "doc_tokens": args.doc_tokens,
             "k": args.k,
             "question_tokens": args.question_tokens,
+            "prefix_tokens": len(prefix),
             "queries": args.queries,
             "ratios": ratios,
             "answer_tokens": args.answer_tokens,
@@ -337,7 +387,9 @@ def table(result: dict[str, Any]) -> str:
         for name, s in result["results"].items()
     ]
     p = result["parameters"]
-    title = f"rag: {p['model']}, {p['documents']}, k={p['k']} x {p['doc_tokens']} + {p['question_tokens']} tokens"
+    pre = f"{p['prefix_tokens']} + " if p.get("prefix_tokens") else ""
+    sizes = f"{pre}{p['k']} x {p['doc_tokens']} + {p['question_tokens']} tokens"
+    title = f"rag: {p['model']}, {p['documents']}, k={p['k']}: {sizes}"
     return render_table(headers, rows, title=title)
 
 
@@ -382,7 +434,11 @@ def run_cli(args: argparse.Namespace) -> int:
     """``lmcache bench rag``: print the table, write JSON and the plot."""
     result = run(args)
     print(table(result))
-    tag = "smollm2" if args.smollm2 else (args.model_size if not args.model else "model")
+    tag = (
+        ("smollm2-noprefix" if args.no_prefix else "smollm2")
+        if args.smollm2
+        else (args.model_size if not args.model else "model")
+    )
     path = write_json(args.json or default_json_path("rag", tag), result)
     png = plot(args.plot or path.with_suffix(".png"), result)
     print(f"JSON: {path}" + (f"\nplot: {png}" if png else ""))

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from lmcache.blend.blender import BlendOutput, SegmentBlender, check_blendable
 from lmcache.blend.rope import SUPPORTED_ROPE_TYPES, rope_frequencies, rotate_keys
-from lmcache.blend.store import BLEND_TAG, BLEND_TAG_VALUE, SegmentStore, blend_scope
+from lmcache.blend.store import AFTER_TAG, BLEND_TAG, BLEND_TAG_VALUE, SegmentStore, blend_scope, prefix_digest
 
 __all__ = [
+    "AFTER_TAG",
     "BLEND_TAG",
     "BLEND_TAG_VALUE",
     "SUPPORTED_ROPE_TYPES",
@@ -25,6 +26,7 @@ __all__ = [
     "SegmentStore",
     "blend_scope",
     "check_blendable",
+    "prefix_digest",
     "rope_frequencies",
     "rotate_keys",
 ]

@@ -8,8 +8,10 @@ runs the model layer by layer with the model's own modules:
    segment) have no old KV and are always computed.
 2. The first ``full_layers`` layers run every token, as a plain prefill would.
 3. At the next layer the real K and V of every token are computed and compared with the
-   reused ones; the ``recompute_ratio`` share of cached tokens whose KV deviates most (squared
-   difference over heads, K and V) is selected, plus every always-computed token.
+   reused ones; the ``recompute_ratio`` share of cached tokens whose value vectors deviate most
+   (squared difference summed over heads) is selected, plus every always-computed token.
+   Values, not keys, as in CacheBlend: on SmolLM2 a K+V score picks tokens whose keys move
+   (largely the same few high-norm tokens in every segment) and restores less (docs/blend.md).
 4. That layer and all deeper ones compute only the selected tokens (queries, K, V, MLP), with
    attention over all tokens; the selected tokens' K and V overwrite the reused ones.
 
@@ -131,6 +133,8 @@ class SegmentBlender:
         segments: Sequence[torch.Tensor],
         cached: Sequence[tuple[list[torch.Tensor], list[torch.Tensor]] | None],
         recompute_ratio: float,
+        *,
+        exact_first: bool = False,
     ) -> BlendOutput:
         """Prefill ``segments`` (1-D token tensors, in prompt order) reusing ``cached`` KV.
 
@@ -139,6 +143,9 @@ class SegmentBlender:
             cached: Per segment, its position-0 ``(keys, values)`` per layer (each
                 ``[1, kv_heads, len, head_dim]``), or None to compute it.
             recompute_ratio: Share of cached tokens recomputed in the deeper layers, in [0, 1].
+            exact_first: The first segment's cached KV is exact (it starts the prompt and was
+                computed alone, as in any prompt beginning with it): it is never recomputed
+                below ratio 1.0, and the ratio applies to the other reused tokens.
         """
         if len(segments) != len(cached) or not segments:
             raise InvalidArgumentError("one cached entry (or None) per segment is needed")
@@ -170,13 +177,18 @@ class SegmentBlender:
                     old_v[i][:, :, offset : offset + n] = v.to(device)
                 reused[offset : offset + n] = True
             offset += n
+        # An exact prefix is reused as it is (nothing to restore): neither selectable nor computed.
+        exact = torch.zeros_like(reused)
+        if exact_first and cached[0] is not None:
+            exact[: segments[0].shape[0]] = True
+            reused &= ~exact
         n_reused = int(reused.sum())
 
-        always = torch.nonzero(~reused).flatten()
+        always = torch.nonzero(~reused & ~exact).flatten()
         rows: torch.Tensor | None = None  # None: every token
         select_at = -1
-        if n_reused and recompute_ratio < 1.0:
-            if recompute_ratio == 0.0:
+        if (n_reused or bool(exact.any())) and recompute_ratio < 1.0:
+            if recompute_ratio == 0.0 or not n_reused:
                 rows = always  # naive concatenation: nothing reused is recomputed
             else:
                 select_at = self.full_layers
@@ -198,9 +210,7 @@ class SegmentBlender:
                 q, k = self._apply_rope(q, k, cos, sin)
                 if i == select_at:
                     rows = self._select(
-                        k,
                         v,
-                        old_k=old_k[i],
                         old_v=old_v[i],
                         reused=reused,
                         always=always,
@@ -239,10 +249,8 @@ class SegmentBlender:
 
     @staticmethod
     def _select(
-        k: torch.Tensor,
         v: torch.Tensor,
         *,
-        old_k: torch.Tensor | None,
         old_v: torch.Tensor | None,
         reused: torch.Tensor,
         always: torch.Tensor,
@@ -250,10 +258,8 @@ class SegmentBlender:
         n_reused: int,
     ) -> torch.Tensor:
         """The sorted token rows to compute from here on: always-computed plus the top deviations."""
-        assert old_k is not None and old_v is not None  # n_reused > 0
-        dev = (k.float() - old_k.float()).pow(2).sum(dim=(0, 1, 3)) + (v.float() - old_v.float()).pow(2).sum(
-            dim=(0, 1, 3)
-        )
+        assert old_v is not None  # n_reused > 0
+        dev = (v.float() - old_v.float()).pow(2).sum(dim=(0, 1, 3))
         dev = dev.masked_fill(~reused, -1.0)
         pick = min(n_reused, math.ceil(ratio * n_reused))
         top = torch.topk(dev, pick).indices if pick else always[:0]

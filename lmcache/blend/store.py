@@ -7,6 +7,11 @@ so a segment chunk and a prefix chunk with equal tokens are different keys (thei
 the prefix chunk saw the tokens before it). The trailing partial chunk is stored too, because a
 segment is only usable whole.
 
+A segment may be stored as computed right after a shared prefix (a system prompt, the way a RAG
+deployment's prompts all begin): its KV then saw that prefix, its real attention sink, and
+depends on it. Such entries carry a second tag, ``lmcache.blend.after=<prefix digest>``, so a
+segment computed after one prefix never answers for another prefix, nor for no prefix.
+
 :class:`SegmentStore` drives the engine's own lookup/retrieve/store machinery (pool, budgets,
 failure counting, in-flight dedup) through a scoped view of the engine: a backend failure is a
 miss, never an error.
@@ -16,24 +21,42 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 from typing import Any
+
+import numpy as np
 
 from lmcache.engine import CacheEngine, KVDestination, KVSource
 from lmcache.errors import StateError
 from lmcache.keys import ChunkHasher, KeyScope
 
-__all__ = ["BLEND_TAG", "BLEND_TAG_VALUE", "SegmentStore", "blend_scope"]
+__all__ = ["AFTER_TAG", "BLEND_TAG", "BLEND_TAG_VALUE", "SegmentStore", "blend_scope", "prefix_digest"]
 
 #: Scope tag name on every segment key.
 BLEND_TAG = "lmcache.blend"
 #: Its value; bump when the stored form of a segment changes.
 BLEND_TAG_VALUE = "segment-v1"
+#: Scope tag naming the prefix a segment was computed after (absent: computed alone).
+AFTER_TAG = "lmcache.blend.after"
 
 
-def blend_scope(scope: KeyScope) -> KeyScope:
-    """``scope`` with the blend tag added (replacing a tag of that name)."""
-    tags = {name: value for name, value in scope.tags if name != BLEND_TAG}
+def prefix_digest(tokens: Any) -> str:
+    """A 32-hex-digit digest of a prefix's token ids (hashed as little-endian int64)."""
+    ids = np.asarray(tokens.cpu() if hasattr(tokens, "cpu") else tokens, dtype="<i8")
+    return hashlib.blake2b(ids.tobytes(), digest_size=16, person=b"lmcache-blend").hexdigest()
+
+
+def blend_scope(scope: KeyScope, after: str | None = None) -> KeyScope:
+    """``scope`` with the blend tag added (replacing tags of the blend names).
+
+    Args:
+        scope: The engine's key scope.
+        after: :func:`prefix_digest` of the prefix the segments were computed after, if any.
+    """
+    tags = {name: value for name, value in scope.tags if name not in (BLEND_TAG, AFTER_TAG)}
     tags[BLEND_TAG] = BLEND_TAG_VALUE
+    if after is not None:
+        tags[AFTER_TAG] = after
     return dataclasses.replace(scope, tags=tuple(sorted(tags.items())))
 
 
@@ -43,14 +66,16 @@ class SegmentStore:
     Args:
         engine: The engine whose tiers, chunk pool and event loop are used; its chunk size and
             hash seed apply. Its counters include segment traffic.
+        prefix: Token ids of the prefix these segments are computed after (None: computed
+            alone, at position 0).
     """
 
-    def __init__(self, engine: CacheEngine) -> None:
+    def __init__(self, engine: CacheEngine, prefix: Any = None) -> None:
         self.engine = engine
         # A shallow copy shares the backend, pool, loop, locks and counters; only the key scope
         # and the hasher (segment-local chains, partial tail kept) differ.
         view = copy.copy(engine)
-        view.scope = blend_scope(engine.scope)
+        view.scope = blend_scope(engine.scope, None if prefix is None else prefix_digest(prefix))
         view.hasher = ChunkHasher(engine.config.chunk_size, save_partial_chunks=True, seed=engine.config.hash_seed)
         self._view = view
 

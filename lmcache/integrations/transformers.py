@@ -311,13 +311,19 @@ class CachedCausalLM:
 
     # -- non-prefix reuse (lmcache.blend) ------------------------------------------------
 
-    def _blend_parts(self) -> tuple[Any, Any]:
-        if self._blender is None:
-            from lmcache.blend import SegmentBlender, SegmentStore
+    def _blend_parts(self, prefix: torch.Tensor | None = None) -> tuple[Any, Any]:
+        """The blender, and the segment store of segments computed after ``prefix`` (or alone)."""
+        from lmcache.blend import SegmentBlender, SegmentStore, prefix_digest
 
+        if self._blender is None:
             self._blender = SegmentBlender(self.model)
-            self._segment_store = SegmentStore(self.engine)
-        return self._blender, self._segment_store
+            self._segment_store = {None: SegmentStore(self.engine)}
+        ident = None if prefix is None else prefix_digest(prefix)
+        if ident not in self._segment_store:
+            if len(self._segment_store) > 64:  # one view per system prompt; keep a bounded few
+                del self._segment_store[next(k for k in self._segment_store if k is not None)]
+            self._segment_store[ident] = SegmentStore(self.engine, prefix)
+        return self._blender, self._segment_store[ident]
 
     def _check_segments(self, segments: Any) -> list[torch.Tensor]:
         if isinstance(segments, torch.Tensor) or not isinstance(segments, (list, tuple)) or not segments:
@@ -332,51 +338,72 @@ class CachedCausalLM:
             out.append(t.to(torch.int64))
         return out
 
-    def _segment_kv_alone(self, seg: torch.Tensor) -> ContiguousKV:
-        """The segment's KV computed on its own at positions ``0..n-1`` (context-free, position-free)."""
+    def _segment_kv_alone(self, seg: torch.Tensor, prefix: torch.Tensor | None = None) -> ContiguousKV:
+        """The segment's position-free KV, keys as if it began at position 0.
+
+        Computed alone at positions ``0..n-1``, or right after ``prefix`` and rotated back (then
+        it saw the prefix's attention sink instead of becoming one itself).
+        """
+        ids = seg if prefix is None else torch.cat((prefix, seg))
         cache = self._new_cache(None)
         out = self.model(
-            seg.to(self.model.device)[None], use_cache=True, logits_to_keep=1, **{self._forward_cache_kw: cache}
+            ids.to(self.model.device)[None], use_cache=True, logits_to_keep=1, **{self._forward_cache_kw: cache}
         )
         returned = getattr(out, self._forward_cache_kw, None)
         cache = cache if returned is None else returned
-        return ContiguousKV([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
+        if prefix is None:
+            return ContiguousKV([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
+        from lmcache.blend import rotate_keys
+
+        p = prefix.shape[0]
+        inv_freq = self._blend_parts()[0].inv_freq
+        keys = [rotate_keys(layer.keys[:, :, p:].contiguous(), -p, inv_freq) for layer in cache.layers]
+        return ContiguousKV(keys, [layer.values[:, :, p:].contiguous() for layer in cache.layers])
 
     @torch.no_grad()
-    def cache_segments(self, segments: Any) -> int:
+    def cache_segments(self, segments: Any, *, prefix: Any = None) -> int:
         """Compute and store the KV of segments not cached yet (e.g. a RAG corpus, ahead of queries).
 
         Args:
             segments: Token id sequences (lists or 1-D tensors), each cached on its own.
+            prefix: The shared prompt start (system prompt) the segments will follow: each is
+                computed right after it, and found by :meth:`prefill_segments` with the same
+                ``prefix``. None: each is computed alone, from position 0.
 
         Returns:
             How many segments were computed and stored (the others were cached already).
         """
-        _, store = self._blend_parts()
+        pre = None if prefix is None else self._check_segments([prefix])[0]
+        _, store = self._blend_parts(pre)
         done = 0
         for seg in self._check_segments(segments):
             if not store.contains(seg):
-                store.store(seg, self._segment_kv_alone(seg))
+                store.store(seg, self._segment_kv_alone(seg, pre))
                 done += 1
         return done
 
     @torch.no_grad()
     def prefill_segments(
-        self, segments: Any, *, recompute_ratio: float = DEFAULT_RECOMPUTE_RATIO
+        self, segments: Any, *, recompute_ratio: float = DEFAULT_RECOMPUTE_RATIO, prefix: Any = None
     ) -> SegmentPrefillResult:
         """Prefill a prompt made of segments, reusing each cached segment's KV wherever it stands.
 
         Every segment but the last (the question) is looked up on its own; a cached one is
         loaded, its keys rotated to its position, and blended by selective recompute
         (:class:`lmcache.blend.SegmentBlender`). An uncached segment is computed in full in the
-        prompt and, after the first token's logits, computed alone at position 0 and stored.
-        A backend failure is a miss: the segment is computed.
+        prompt and, after the first token's logits, computed on its own (after ``prefix``, if
+        given) and stored. A backend failure is a miss: the segment is computed.
 
         Args:
-            segments: Token id sequences (lists or 1-D tensors); their concatenation is the prompt.
+            segments: Token id sequences (lists or 1-D tensors); their concatenation is the prompt
+                (after ``prefix``).
             recompute_ratio: Share of reused tokens recomputed in the deeper layers, in [0, 1]:
                 1.0 equals :meth:`prefill` of the concatenation (bit for bit on one thread),
                 0.0 is plain concatenation of the cached KV.
+            prefix: The prompt's shared start (system prompt): its KV is exact when reused (it
+                stands at position 0), and the segments are looked up, and stored, as computed
+                after it (see :meth:`cache_segments`). Use one whenever prompts share a start:
+                a segment computed alone carries its own attention sink at its first token.
 
         Raises:
             InvalidArgumentError: Bad segments or ratio.
@@ -387,26 +414,31 @@ class CachedCausalLM:
         if isinstance(recompute_ratio, bool) or not isinstance(recompute_ratio, (int, float)):
             raise InvalidArgumentError(f"recompute_ratio must be a number in [0, 1], got {recompute_ratio!r}")
         segs = self._check_segments(segments)
-        blender, store = self._blend_parts()
+        pre = None if prefix is None else self._check_segments([prefix])[0]
+        blender, store = self._blend_parts(pre)
+        # The prefix is a segment computed alone at position 0: exactly its KV in this prompt.
+        stores = ([] if pre is None else [self._blend_parts()[1]]) + [store] * (len(segs) - 1)
+        segs = ([] if pre is None else [pre]) + segs
         cached: list[tuple[list[torch.Tensor], list[torch.Tensor]] | None] = []
         reused = 0
-        for seg in segs[:-1]:
+        for seg, seg_store in zip(segs[:-1], stores, strict=True):
             kv = ContiguousKV.empty(self.geometry, seg.shape[0], device=self.model.device)
-            if store.load(seg, kv):
+            if seg_store.load(seg, kv):
                 cached.append((kv.keys, kv.values))
                 reused += seg.shape[0]
             else:
                 cached.append(None)
         cached.append(None)  # the question is always computed
-        out = blender.run(segs, cached, float(recompute_ratio))
+        out = blender.run(segs, cached, float(recompute_ratio), exact_first=pre is not None)
         ttft = time.perf_counter() - t0
         cache = self._new_cache(list(zip(out.keys, out.values, strict=True)))
-        stored: set[bytes] = set()
-        for seg, kv in zip(segs[:-1], cached[:-1], strict=True):
-            ident = seg.cpu().numpy().tobytes()
+        stored: set[tuple[int, bytes]] = set()
+        for i, (seg, kv, seg_store) in enumerate(zip(segs[:-1], cached[:-1], stores, strict=True)):
+            after = None if pre is None or i == 0 else pre  # the prefix itself: alone
+            ident = (id(seg_store), seg.cpu().numpy().tobytes())
             if kv is None and ident not in stored:
                 stored.add(ident)
-                store.store(seg, self._segment_kv_alone(seg))
+                seg_store.store(seg, self._segment_kv_alone(seg, after))
         hits = sum(kv is not None for kv in cached)
         return SegmentPrefillResult(out.logits, cache, reused, out.recomputed, out.total, hits, ttft)
 

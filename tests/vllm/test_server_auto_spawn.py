@@ -124,6 +124,9 @@ def test_two_racing_starts_make_one_server(run_folder: Path) -> None:
     assert sorted(r[1] for r in results) == [False, True]
     started_pid = next(r[2] for r in results if r[1])
     assert _server_pids(run_folder) == [started_pid]
+    # Tier URLs (which may hold passwords) travel in its environment, not in argv (ps shows argv).
+    assert b"memory://" not in Path(f"/proc/{started_pid}/cmdline").read_bytes()
+    assert b"LMCACHE_TIERS=memory://?capacity=64MiB" in Path(f"/proc/{started_pid}/environ").read_bytes()
     # A third caller in this process connects without starting anything.
     again = server_auto.ensure_server(TIERS)
     assert not again.started and again.socket_path == results[0][0]

@@ -9,10 +9,11 @@ or a second vLLM on the host, hits on what the first stored.
 user's private run folder (:func:`lmcache.server.auth.run_dir`, the folder the server's token
 files already use), it connects to the well-known socket ``<run>/server.sock``; when nothing
 answers there it starts ``python -m lmcache server`` detached (its own session, stdin closed,
-output appended to ``<run>/server.log``) and waits until the socket accepts. Every connector
-process of every vLLM goes through the same lock, so two vLLMs starting at once start one
-server, and the loser of the race connects to the winner's. The server writes its token beside
-the socket (``server.sock.token``), where ``lm+unix://`` clients of the same user find it.
+output appended to ``<run>/server.log``, its tiers in ``LMCACHE_TIERS``, out of ``ps``) and
+waits until the socket accepts. Every connector process of every vLLM goes through the same
+lock, so two vLLMs starting at once start one server, and the loser of the race connects to the
+winner's. The server writes its token beside the socket (``server.sock.token``), where
+``lm+unix://`` clients of the same user find it.
 
 This module starts processes and touches files in the run folder; it imports neither vLLM nor
 the server (the server runs in its own interpreter).
@@ -94,12 +95,22 @@ def socket_alive(path: str | os.PathLike[str], timeout: float = 1.0) -> bool:
     return True
 
 
-def _server_command(socket_path: Path, tiers: Sequence[str]) -> list[str]:
-    cmd = [sys.executable, "-m", "lmcache", "server", "--host", "", "--unix-socket", str(socket_path)]
-    for url in tiers:
-        cmd += ["--tier", url]
-    cmd += ["--ready-file", str(socket_path.with_name(READY_NAME))]
-    return cmd
+def _server_command(socket_path: Path) -> list[str]:
+    # The tiers go through the environment (LMCACHE_TIERS), not argv: a tier URL may carry a
+    # password, and any user sees a process's argv in ps, only its owner its environment.
+    ready = str(socket_path.with_name(READY_NAME))
+    return [
+        sys.executable,
+        "-m",
+        "lmcache",
+        "server",
+        "--host",
+        "",
+        "--unix-socket",
+        str(socket_path),
+        "--ready-file",
+        ready,
+    ]
 
 
 def _log_tail(path: Path, n: int = 2000) -> str:
@@ -167,9 +178,10 @@ def _spawn(sock_path: Path, tiers: Sequence[str], chunk_size: int | None, timeou
     """Start the server detached and wait until its socket accepts; returns its pid."""
     log_path = sock_path.with_name(LOG_NAME)
     env = dict(os.environ)
+    env["LMCACHE_TIERS"] = " ".join(tiers)
     if chunk_size is not None:
         env["LMCACHE_CHUNK_SIZE"] = str(chunk_size)
-    cmd = _server_command(sock_path, tiers)
+    cmd = _server_command(sock_path)
     ready = sock_path.with_name(READY_NAME)
     with contextlib.suppress(FileNotFoundError):
         ready.unlink()  # left by a killed server: readiness must be this server's

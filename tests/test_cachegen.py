@@ -196,7 +196,7 @@ def test_layer_report_accounts_for_the_body() -> None:
     g = ChunkGeometry(6, 2, 256, 2, 64, "bfloat16")
     data = chunk(g, 9)
     rows = cachegen.layer_report(data, g)
-    assert [r["planned_bits"] for r in rows] == cachegen.layer_bits(6, 4)
+    assert [(r["planned_key_bits"], r["planned_value_bits"]) for r in rows] == cachegen.plan_bits(6, 2, 4)
     body = cachegen._encode(as_float(data, g), g, 4, 0).body
     values = g.numel // g.layers
     total_bits = sum((r["key_bits"] + r["value_bits"]) / 2 * values + r["side_bits"] * values for r in rows)
@@ -276,3 +276,19 @@ def test_triton_dequantize_compiles_for_cuda_without_fma(out_type: str, tmp_path
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
     ptx = compiled.asm["ptx"]
     assert "st.global" in ptx and "fma.rn.f32" not in ptx
+
+
+def test_plan_gives_keys_and_shallow_layers_more_bits_and_never_clips() -> None:
+    plan = cachegen.plan_bits(30, 2, 4)
+    assert plan[0] == (5.0, 4.0) and plan[15] == (4.0, 2.5) and plan[29] == (3.0, 2.0)
+    assert cachegen.plan_bits(4, 1, 4)[0] == (5.0,)  # an MLA latent is planned as keys
+    assert max(max(r) for r in cachegen.plan_bits(30, 2, 8)) == 6.0  # 8-bit symbols clip past 6 bits
+    # codec_bits=8 therefore codes at least as precisely as codec_bits=5 (it used to clip at ~2 sigma)
+    g = ChunkGeometry(3, 2, 64, 2, 16, "float32")
+    data = chunk(g, 13, sink=False)
+    x = as_float(data, g)
+    errs = []
+    for bits in (5, 8):
+        body = cachegen._encode(x.clone(), g, bits, 0).body
+        errs.append(float((as_float(numpy_decode(memoryview(body), g), g) - x).pow(2).mean()))
+    assert errs[1] <= errs[0]

@@ -10,10 +10,11 @@ Three steps, after CacheGen:
    against an anchor 1-15 tokens away spreads wider than the value itself (``lmcache bench
    codec`` measures both), while keys' large per-channel offsets make the mean worth removing.
 2. **Layer-dependent quantization.** Residuals are quantized per channel (one step per layer,
-   K/V part, head and channel) with the step set from the channel's spread so that a layer is
-   coded at about ``codec_bits`` bits per value (default 4) for the first third of the layers,
-   one bit less for the second third and two less for the rest (never under 2): deeper layers
-   matter less to the output. Tokens with outliers (a value 8 standard deviations from its
+   K/V part, head and channel) with the step set from the channel's spread so that a channel
+   is coded at about the planned bits per value (:func:`plan_bits`): with ``codec_bits=b``
+   (default 4), keys ``b+1``, ``b``, ``b-1`` and values ``b``, ``b-1.5``, ``b-2`` for the
+   three thirds of the layers (never under 2, never over 6): keys matter more than values to
+   the output, and deeper layers less than shallow ones. Tokens with outliers (a value 8 standard deviations from its
    channel's mean: attention sinks) are coded like anchors, at 8 bits, instead of clipped.
 3. **Entropy coding.** The symbols are coded with rANS (range asymmetric numeral systems) with
    one frequency table per layer and K/V part (one for precise tokens, one for the rest). The
@@ -55,6 +56,7 @@ __all__ = [
     "layer_bits",
     "layer_report",
     "parse_body",
+    "plan_bits",
     "rans_decode",
     "rans_encode",
 ]
@@ -74,12 +76,32 @@ DEFAULT_BITS = 4
 
 
 def layer_bits(layers: int, base: int) -> list[int]:
-    """Bits per layer: ``base`` for the first third, one less, then two less (at least 2).
+    """Bits of the values per layer: ``base`` for the first third, one less, then two less (at least 2).
 
     The floor is measured: on SmolLM2-135M, 1-bit deep layers cost more quality per byte saved
     than 2 bits everywhere (``lmcache bench codec``; docs/codecs.md).
     """
     return [max(min(2, base), base - (3 * i) // max(1, layers)) for i in range(layers)]
+
+
+def plan_bits(layers: int, parts: int, base: int) -> list[tuple[float, ...]]:
+    """Planned bits per layer and part (keys, then values; an MLA latent is planned as keys).
+
+    By thirds of the layers: keys ``base + 1``, ``base``, ``base - 1``; values ``base``,
+    ``base - 1.5``, ``base - 2``; never under 2 (nor under ``base``'s own floor), never over 6
+    (the symbols' 8-bit range clips values past about 8 standard deviations at 6 bits). Keys get
+    the extra bit because they matter most: on SmolLM2-135M one more bit on every key layer cut
+    the mean KL 3.6x, one more on every value layer 1.1x (``lmcache bench codec``,
+    docs/codecs.md); deeper layers matter less to the output, as CacheGen observed.
+    """
+    floor = min(2, base)
+    rows = []
+    for i in range(layers):
+        third = (3 * i) // max(1, layers)
+        key = float(min(6, max(floor, base + 1 - third)))
+        value = float(min(6.0, max(floor, base - (0.0, 1.5, 2.0)[third])))
+        rows.append((key, value) if parts == 2 else (key,))
+    return rows
 
 
 def normalize_freqs(counts: np.ndarray) -> np.ndarray:
@@ -355,7 +377,7 @@ def _encode(t: torch.Tensor, g: ChunkGeometry, base_bits: int, anchor: int, nati
     resid = x - base
     rest = resid[:, ~precise]
     std = np.sqrt((rest * rest).mean(axis=1)) if rest.size else np.zeros((lp, hd), np.float32)
-    step = _f16(std * _GAUSS_SPAN / np.exp2(_layer_part_bits(g, base_bits))[:, None])
+    step = _steps(std, g, base_bits)
     q = np.clip(np.rint(resid / step[:, None, :]), -_HALF, _HALF)
     q[:, precise] = qp
     sym = (q + _HALF).astype(np.uint8).reshape(-1)
@@ -381,6 +403,32 @@ def _encode(t: torch.Tensor, g: ChunkGeometry, base_bits: int, anchor: int, nati
         ]
     )
     return _Encoded(head + words.tobytes(), sym, freq, regular, len(head))
+
+
+#: Whether keys take one step per head (from the head's RMS spread) rather than per channel.
+KEY_STEP_PER_HEAD = True
+
+
+def _steps(std: np.ndarray, g: ChunkGeometry, base_bits: int) -> np.ndarray:
+    """Quantization step per lane (``std``: ``[layer-parts, heads * dim]``), rounded to float16.
+
+    A step of ``spread * 4.13 / 2**bits`` codes a Gaussian of that spread at about ``bits``
+    bits. Values use their channel's own spread. Keys (and MLA latents) use the RMS spread of
+    the channel's head, so all channels of a head share one step: for the same bits, the mean
+    squared error over the head is lowest when it is even over the channels (wide channels get
+    more bits, narrow ones fewer), which is what a query's dot product sees; but never a step
+    finer than 6 bits of the channel's own spread would give (its symbols would clip).
+    """
+    bits = _layer_part_bits(g, base_bits)[:, None]
+    spread = std
+    if KEY_STEP_PER_HEAD:
+        spread = std.copy()
+        k = std.reshape(g.layers, g.parts, g.heads, g.dim)[:, 0]
+        rms = np.sqrt((k * k).mean(axis=2, keepdims=True))
+        kbits = bits.reshape(g.layers, g.parts, 1, 1)[:, 0]
+        pooled = np.maximum(rms, k * np.exp2(kbits - 6))
+        spread.reshape(g.layers, g.parts, g.heads, g.dim)[:, 0] = pooled
+    return _f16(spread * _GAUSS_SPAN / np.exp2(bits))
 
 
 def _streams(n: int) -> int:
@@ -419,7 +467,7 @@ def layer_report(
     total_lanes = g.layers * lanes_per_layer
     shared = _PARAMS.size + 2 * _outlier_count(enc) + 4 * _streams(enc.sym.size) + _COUNT.size
     lane_bytes = (enc.side_bytes - shared - len(_pack_tables(enc.freq))) / total_lanes
-    plan = layer_bits(g.layers, base_bits)
+    plan = plan_bits(g.layers, g.parts, base_bits)
     rows = []
     for layer in range(g.layers):
         tables = _pack_tables(enc.freq[2 * g.parts * layer : 2 * g.parts * (layer + 1)])
@@ -427,7 +475,8 @@ def layer_report(
         rows.append(
             {
                 "layer": layer,
-                "planned_bits": plan[layer],
+                "planned_key_bits": plan[layer][0],
+                "planned_value_bits": plan[layer][-1],
                 "key_bits": float(sym_bits[layer, 0] / per_part),
                 "value_bits": float(sym_bits[layer, -1] / per_part),
                 "side_bits": float(8 * side / (g.parts * per_part)),
@@ -527,8 +576,8 @@ def _anchor_mask(tokens: int, anchor: int) -> np.ndarray:
 
 
 def _layer_part_bits(g: ChunkGeometry, base_bits: int) -> np.ndarray:
-    """Planned bits per (layer, part), in that order."""
-    return np.repeat(np.array(layer_bits(g.layers, base_bits), dtype=np.float32), g.parts)
+    """Planned bits per (layer, part), in that order (:func:`plan_bits`)."""
+    return np.array(plan_bits(g.layers, g.parts, base_bits), dtype=np.float32).reshape(-1)
 
 
 def _pack_tables(freq: np.ndarray) -> bytes:

@@ -343,10 +343,13 @@ def bench_codecs(
                 "decode_vs_memcpy": (speed.get("decode_gbps") or 0) / (speed.get("memcpy_gbps") or 1),
             }
             if spec.startswith("cachegen") and geometry is not None:
-                from lmcache.serde.cachegen import DEFAULT_BITS, layer_bits
+                from lmcache.serde.cachegen import DEFAULT_BITS, layer_report, plan_bits
 
                 opts = made[spec].settings
-                rows[spec]["layer_bits_plan"] = layer_bits(geometry.layers, opts.codec_bits or DEFAULT_BITS)
+                bits = opts.codec_bits or DEFAULT_BITS
+                rows[spec]["layer_bits_plan"] = plan_bits(geometry.layers, geometry.parts, bits)
+                # where the bits go per layer (keys, values, side information), on the last document's first chunk
+                rows[spec]["layer_report"] = layer_report(chunks[0], geometry, bits, opts.codec_anchor)
         results["models"][model_name] = {
             "geometry": None if geometry is None else list(geometry.shape),
             "docs": len(doc_ids),

@@ -321,23 +321,46 @@ int lmc_cg_decode(const uint32_t *states_in, int64_t S, const uint16_t *words, i
 int64_t lmc_cg_encode(const uint8_t *sym, int64_t n, int64_t S, const uint16_t *freq, const uint16_t *cum, int64_t T,
                       int64_t HD, const uint8_t *regular, uint16_t *words, uint32_t *states_out) {
     uint32_t st[4096];
-    if (S <= 0 || S > 4096) return -3;
+    if (S <= 0 || S > 4096 || T <= 0 || HD <= 0 || n <= 0 || n % (T * HD)) return -3;
     for (int64_t s = 0; s < S; s++) st[s] = RANS_LOW;
     uint16_t *wp = words + n;
-    int64_t per_lp = T * HD;
+    /* counters instead of divisions: symbol i is (lp, t, c) with stream s = i % S */
+    int64_t s = (n - 1) % S, lp = n / (T * HD) - 1, t = T - 1, c = HD - 1;
     for (int64_t i = n - 1; i >= 0; i--) {
-        int64_t s = i % S;
-        int64_t lp = i / per_lp, t = (i / HD) % T;
         int64_t tbl = (2 * lp + regular[t]) * 256 + sym[i];
-        uint32_t f = freq[tbl], c = cum[tbl];
+        uint32_t f = freq[tbl], cu = cum[tbl];
         if (f == 0) return -1;
         uint32_t x = st[s];
         if (x >= (f << 20)) {
             *--wp = (uint16_t)(x & 0xFFFF);
             x >>= 16;
         }
-        st[s] = ((x / f) << PROB_BITS) + (x % f) + c;
+        st[s] = ((x / f) << PROB_BITS) + (x % f) + cu;
+        if (--s < 0) s = S - 1;
+        if (--c < 0) {
+            c = HD - 1;
+            if (--t < 0) {
+                t = T - 1;
+                lp--;
+            }
+        }
     }
     memcpy(states_out, st, (size_t)S * 4);
     return (words + n) - wp;
+}
+
+/* Symbol counts per table ([2 * lp][256]: precise tokens, then regular ones, per layer-part). */
+int lmc_cg_count(const uint8_t *sym, int64_t n, int64_t T, int64_t HD, const uint8_t *regular, int64_t *counts) {
+    if (T <= 0 || HD <= 0 || n % (T * HD)) return -3;
+    int64_t lps = n / (T * HD);
+    memset(counts, 0, (size_t)lps * 2 * 256 * sizeof(int64_t));
+    const uint8_t *p = sym;
+    for (int64_t lp = 0; lp < lps; lp++) {
+        for (int64_t t = 0; t < T; t++) {
+            int64_t *row = counts + (2 * lp + regular[t]) * 256;
+            for (int64_t c = 0; c < HD; c++) row[p[c]]++;
+            p += HD;
+        }
+    }
+    return 0;
 }

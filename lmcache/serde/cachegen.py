@@ -382,10 +382,13 @@ def _encode(t: torch.Tensor, g: ChunkGeometry, base_bits: int, anchor: int, nati
     q[:, precise] = qp
     sym = (q + _HALF).astype(np.uint8).reshape(-1)
     regular = (~precise).astype(np.uint8)
-    counts = _counts(sym.reshape(lp, g.tokens, hd), precise)
+    lib = cachegen_native.library() if native is not False else None
+    if lib is not None:
+        counts = cachegen_native.count(lib, sym, shape=(lp, g.tokens, hd), regular=regular)
+    else:
+        counts = _counts(sym.reshape(lp, g.tokens, hd), precise)
     freq = normalize_freqs(counts)
     streams = _streams(sym.size)
-    lib = cachegen_native.library() if native is not False else None
     if lib is not None:
         states, words = cachegen_native.encode(lib, sym, streams, freq, shape=(lp, g.tokens, hd), regular=regular)
     else:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["OUT_BF16", "OUT_F32", "OUT_SYMBOLS", "build_tables", "decode", "encode", "library", "unpack_tables"]
+__all__ = ["OUT_BF16", "OUT_F32", "OUT_SYMBOLS", "build_tables", "count", "decode", "encode", "library", "unpack_tables"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +111,8 @@ def _load(path: Path) -> ctypes.CDLL:
     ]
     lib.lmc_cg_encode.restype = i64
     lib.lmc_cg_encode.argtypes = [vp, i64, i64, vp, vp, i64, i64, vp, vp, vp]
+    lib.lmc_cg_count.restype = ctypes.c_int
+    lib.lmc_cg_count.argtypes = [vp, i64, i64, i64, vp, vp]
     return lib
 
 
@@ -231,6 +233,17 @@ def decode(
         raise ValueError("rANS stream is truncated")
     if rc != 0:
         raise ValueError("rANS stream does not end where it should")
+
+
+def count(lib: ctypes.CDLL, sym: np.ndarray, *, shape: tuple[int, int, int], regular: np.ndarray) -> np.ndarray:
+    """Symbol counts ``[2 * layer-parts, 256]`` (per layer-part: precise tokens, then the rest)."""
+    lp, T, HD = shape
+    sym = np.ascontiguousarray(sym, dtype=np.uint8).reshape(-1)
+    regular = np.ascontiguousarray(regular, dtype=np.uint8)
+    counts = np.empty((2 * lp, 256), dtype=np.int64)
+    if lib.lmc_cg_count(_ptr(sym), sym.size, T, HD, _ptr(regular), _ptr(counts)) != 0:
+        raise ValueError("cachegen symbols do not fill whole rows")
+    return counts
 
 
 def encode(

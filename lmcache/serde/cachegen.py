@@ -29,12 +29,14 @@ arithmetic: the same words and the same decoded bytes, only slower). On a GPU,
 :func:`decode_into_tensor` entropy-decodes on the CPU and dequantizes with a Triton kernel
 (:mod:`lmcache.kernels.cachegen_triton`).
 
-Body layout (format 2; format-1 bodies, which began with the bits byte, are refused: a miss):
-format byte (0xC2), base bits, anchor stride, outlier tokens, streams; the outlier token
-indices (uint16); per-lane scales of the precise tokens (only when there are any), channel
-means (without anchors) and steps (float16 each); the frequency tables (first used symbol,
-count, uint16 frequencies); the streams' initial decoder states (uint32); the number of words,
-then the words. Lanes are ``(layer, part, head, channel)`` in that order.
+Body layout (body version 1 in the codec header, and a format byte 0xC2 first in the body, so
+that readers from before body versions refuse it too; the first format, body version 0, which
+began with the bits byte, is refused: a counted miss): format byte, base bits, anchor stride,
+outlier tokens, streams; the outlier token indices (uint16); per-lane scales of the precise
+tokens (only when there are any), channel means (without anchors) and steps (float16 each); the
+frequency tables (first used symbol, count, uint16 frequencies); the streams' initial decoder
+states (uint32); the number of words, then the words. Lanes are ``(layer, part, head,
+channel)`` in that order.
 """
 
 from __future__ import annotations
@@ -291,6 +293,8 @@ class CacheGenCodec(Codec):
 
     name = "cachegen"
     lossless = False
+    #: 1: this format (C coder, interleaved streams); 0, the first (per-lane streams), is refused.
+    body_version = 1
 
     def encode_body(self, data: memoryview, geometry: ChunkGeometry) -> bytes | None:
         """Parameters, precise tokens, per-lane scales, tables, states and words (module docstring)."""
@@ -513,6 +517,8 @@ def decode_into_tensor(encoded: memoryview | bytes, out: torch.Tensor) -> None:
     header = parse_codec_header(view)
     if header is None or header.codec != CacheGenCodec.name:
         raise IntegrityError("value is not a cachegen value")
+    if header.body_version != CacheGenCodec.body_version:
+        raise IntegrityError(f"cachegen body version {header.body_version} is not one this lmcache reads")
     g = header.geometry
     if out.numel() != g.numel or str(out.dtype).removeprefix("torch.") != g.dtype or not out.is_contiguous():
         raise InvalidArgumentError(f"tensor {tuple(out.shape)} {out.dtype} does not hold a {g.shape} {g.dtype} chunk")

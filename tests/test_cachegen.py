@@ -304,3 +304,23 @@ def test_plan_gives_keys_and_shallow_layers_more_bits_and_never_clips() -> None:
         body = cachegen._encode(x.clone(), g, bits, 0).body
         errs.append(float((as_float(numpy_decode(memoryview(body), g), g) - x).pow(2).mean()))
     assert errs[1] <= errs[0]
+
+
+def test_damaged_values_never_crash_the_c_decoder(lib) -> None:
+    """Random byte flips and cuts anywhere in a value: it decodes (to something) or is refused."""
+    g = GEOMETRIES[1]
+    codec = make_codec({"codec": "cachegen", "codec_anchor": "4"})
+    enc = bytes(encode_value(codec, memoryview(chunk(g, 21)), g))
+    rng = np.random.default_rng(0)
+    refused = 0
+    for trial in range(300):
+        bad = bytearray(enc)
+        if trial % 3 == 0:
+            bad = bad[: int(rng.integers(1, len(bad)))]
+        for pos in rng.integers(0, len(bad), size=int(rng.integers(1, 4))):
+            bad[pos] ^= int(rng.integers(1, 256))
+        try:
+            decode_value(memoryview(bytes(bad)), memoryview(bytearray(g.nbytes)), None, codec)
+        except IntegrityError:
+            refused += 1
+    assert refused > 250  # nearly every damaged value is caught (none may crash the process)

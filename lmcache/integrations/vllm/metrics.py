@@ -35,6 +35,8 @@ PROM_COUNTERS: dict[str, str] = {
     "saved_bytes": "KV bytes handed to lmcache stores",
     "decode_saved_tokens": "Generated tokens handed to lmcache stores (save_decode_tokens)",
     "save_failures": "Stores that failed",
+    "announced_blocks": "vLLM blocks announced in BlockStored KV events",
+    "removed_blocks": "vLLM blocks announced in BlockRemoved KV events (no tier holds them any more)",
 }
 
 

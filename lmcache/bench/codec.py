@@ -418,8 +418,8 @@ def bench_e2e(
     """Warm TTFT of long-doc-qa prompts with the KV on one ``redis://`` tier, per codec, same run.
 
     One engine per codec, each with only the Redis tier (``?codec=<spec>``) and its own hash seed
-    (so codecs never read each other's values). Per document: a cold question stores it through
-    every engine, then each warm question runs through every engine in turn (codecs interleaved,
+    (so codecs never read each other's values). Per document: a cold question's KV, computed once,
+    is stored through every engine, then each warm question runs through every engine in turn (codecs interleaved,
     so a change in the host's load hits them alike). A ``memory://`` engine gives the warm TTFT
     with no tier to read from: ``load_s`` = warm TTFT minus that is the time to fetch and decode
     the KV, and ``kv_gbps`` = 16-bit KV bytes loaded / ``load_s``.
@@ -427,7 +427,7 @@ def bench_e2e(
     import torch
 
     from lmcache.config import LMCacheConfig
-    from lmcache.integrations.transformers import CachedCausalLM
+    from lmcache.integrations.transformers import CachedCausalLM, ContiguousKV
 
     torch.set_num_threads(1)
     if model_name == "smollm2":
@@ -455,8 +455,13 @@ def bench_e2e(
         for d, doc in enumerate(doc_ids):
             if progress:
                 print(f"[e2e] document {d + 1}/{len(doc_ids)}: {len(doc)} tokens", flush=True)
-            for eng in engines.values():  # cold: stores the document through each engine
-                eng.prefill(torch.tensor([doc + question_ids[d * questions]]))
+            # Cold: the memory engine computes the prompt once; every engine stores that KV.
+            cold = doc + question_ids[d * questions]
+            cache = engines["memory"].prefill(torch.tensor([cold])).cache
+            kv = ContiguousKV([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
+            for eng in engines.values():
+                if eng is not engines["memory"]:
+                    eng.engine.store(cold, kv).result()
                 eng.engine.flush()
             for q in range(questions):
                 ids = torch.tensor([doc + question_ids[d * questions + q]])
@@ -464,25 +469,26 @@ def bench_e2e(
                     res = eng.prefill(ids)
                     eng.engine.flush()  # its stores finish before the next engine's clock starts
                     runs[r].append({"ttft_s": res.ttft_s, "cached_tokens": res.cached_tokens})
-    memory_ttft = report.median([x["ttft_s"] for x in runs["memory"]])
     out: dict[str, Any] = {}
-    for r in rows:
-        ttft = report.median([x["ttft_s"] for x in runs[r]])
-        cached = report.median([x["cached_tokens"] for x in runs[r]]) or 0
-        load = None if ttft is None or memory_ttft is None else max(ttft - memory_ttft, 1e-9)
-        out[r] = {
-            "warm_ttft_s": ttft,
-            "cached_tokens": cached,
-            "kv_bytes": cached * per_token,
-            "load_s": None if r == "memory" else load,
-            "kv_gbps": None if r == "memory" or not load else cached * per_token / load / 1e9,
-            "runs": runs[r],
-        }
+    # Median and best (minimum) of the warm prompts: on a host shared with other jobs the best is
+    # the closest to an unloaded run; both are reported.
+    for stat, pick in (("", report.median), ("_best", min)):
+        base = pick([x["ttft_s"] for x in runs["memory"]])
+        for r in rows:
+            row = out.setdefault(r, {"runs": runs[r]})
+            ttft = pick([x["ttft_s"] for x in runs[r]])
+            cached = report.median([x["cached_tokens"] for x in runs[r]]) or 0
+            load = max(ttft - base, 1e-9)
+            row.update({"cached_tokens": cached, "kv_bytes": cached * per_token, f"warm_ttft{stat}_s": ttft})
+            if r != "memory":
+                row[f"load{stat}_s"] = load
+                row[f"kv{stat}_gbps"] = cached * per_token / load / 1e9
     raw = out.get("raw")
     for r in codecs:
         row = out[r]
-        row["ttft_vs_raw"] = raw["warm_ttft_s"] / row["warm_ttft_s"] if raw and row["warm_ttft_s"] else None
-        row["kv_per_s_vs_raw"] = row["kv_gbps"] / raw["kv_gbps"] if raw and raw["kv_gbps"] and row["kv_gbps"] else None
+        for stat in ("", "_best"):
+            row[f"ttft_vs_raw{stat}"] = raw[f"warm_ttft{stat}_s"] / row[f"warm_ttft{stat}_s"] if raw else None
+            row[f"kv_per_s_vs_raw{stat}"] = row[f"kv{stat}_gbps"] / raw[f"kv{stat}_gbps"] if raw else None
     return {
         "redis": redact_url(redis_url),
         "model": model_name,
@@ -497,20 +503,31 @@ def bench_e2e(
 
 
 def print_e2e_table(e2e: dict[str, Any]) -> None:
-    """The end-to-end rows: warm TTFT from Redis per codec against raw."""
+    """The end-to-end rows: warm TTFT from Redis per codec against raw (median, and best)."""
     rows = []
     for spec, r in e2e["rows"].items():
+        ms = [r.get(k) and r[k] * 1e3 for k in ("warm_ttft_s", "warm_ttft_best_s", "load_s", "load_best_s")]
         rows.append(
             [
                 "memory:// (no tier read)" if spec == "memory" else spec,
-                report.format_float(r["warm_ttft_s"] * 1e3 if r["warm_ttft_s"] else None, 1),
-                report.format_float(r["load_s"] * 1e3 if r["load_s"] else None, 1),
-                report.format_float(r["kv_gbps"], 3),
+                *(report.format_float(v, 1) for v in ms),
+                report.format_float(r.get("kv_gbps"), 3),
                 report.format_float(r.get("ttft_vs_raw"), 2),
                 report.format_float(r.get("kv_per_s_vs_raw"), 2),
+                report.format_float(r.get("kv_per_s_vs_raw_best"), 2),
             ]
         )
-    headers = ["codec", "warm TTFT ms", "load ms", "KV GB/s", "TTFT gain vs raw", "KV/s vs raw"]
+    headers = [
+        "codec",
+        "warm TTFT ms p50",
+        "best",
+        "load ms p50",
+        "best",
+        "KV GB/s p50",
+        "TTFT gain p50",
+        "KV/s vs raw p50",
+        "best",
+    ]
     title = (
         f"end to end: warm TTFT from {e2e['redis']}, {e2e['model']}, {e2e['docs']} docs x "
         f"{e2e['doc_tokens']} tokens, {e2e['questions']} warm questions each"

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmcache.errors import InvalidBufferError
 from lmcache.serde.codec import ChunkGeometry, Codec
 
 __all__ = ["Fp8Codec", "Int4Codec", "Int8Codec", "from_float", "to_float"]
@@ -53,10 +54,16 @@ def from_float(x: torch.Tensor, g: ChunkGeometry, out: memoryview) -> None:
 
 
 def _out_tensor(out: memoryview, g: ChunkGeometry) -> torch.Tensor:
-    """``out`` as a writable tensor of ``g.shape`` in the chunk's dtype (no copy: decoders write into it)."""
-    if g.dtype == "bfloat16":
-        return torch.from_numpy(np.frombuffer(out, dtype=np.int16)).view(torch.bfloat16).view(g.shape)
-    return torch.from_numpy(np.frombuffer(out, dtype=np.float16 if g.dtype == "float16" else np.float32)).view(g.shape)
+    """``out`` as a writable tensor of ``g.shape`` in the chunk's dtype (no copy: decoders write into it).
+
+    Raises:
+        InvalidBufferError: ``out`` is read-only (torch would write into it regardless).
+    """
+    arr = np.frombuffer(out, dtype={"bfloat16": np.int16, "float16": np.float16}.get(g.dtype, np.float32))
+    if not arr.flags.writeable:
+        raise InvalidBufferError("the buffer to decode into is read-only")
+    t = torch.from_numpy(arr)
+    return (t.view(torch.bfloat16) if g.dtype == "bfloat16" else t).view(g.shape)
 
 
 #: Elements decoded per block: passes over a block (codes to float32, scale, store) stay in cache.

@@ -64,3 +64,21 @@ def test_e2e_rows_read_the_kv_from_redis_through_each_codec(redis_server: RedisS
         assert rows[spec]["kv_bytes"] == 128 * 12 * 2 * 4 * 64 * 2  # 16-bit KV of the random 125M Llama
         assert rows[spec]["warm_ttft_s"] > 0 and rows[spec]["kv_per_s_vs_raw"] is not None
     assert rows["raw"]["ttft_vs_raw"] == 1
+
+
+async def test_e2e_auto_redis_is_a_throwaway_server() -> None:
+    """``--e2e-redis auto``: a local redis-server that answers while in use and is gone after."""
+    import shutil
+    import socket
+
+    from lmcache.backends.registry import open_backend
+    from lmcache.bench.codec import local_redis
+
+    if not (shutil.which("redis-server") or shutil.which("valkey-server")):
+        pytest.skip("needs redis-server (apt-get install redis-server)")
+    with local_redis() as url:
+        async with open_backend(url) as backend:
+            await backend.ping()
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), 1):
+        pass

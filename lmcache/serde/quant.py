@@ -5,16 +5,23 @@ Keys and values have different outliers, so they get different scale layouts (KI
 (over the chunk's tokens); values have no channel structure but differ per token, so they are
 scaled per token and head. For MLA (one latent per token) the latent is treated like a key.
 
-* ``fp8``: float8 e4m3 with the scale mapping each group's absolute max to 448; keys one scale
-  per (layer, head, channel), values one per (layer, token, head).
-* ``int8``: symmetric int8 (absmax to 127), the same scale layout.
+* ``fp8``: float8 e4m3; keys centred on each channel's mean and scaled so the channel's
+  absolute max maps to 448, values scaled per (layer, token, head) by a power of two; the
+  chunk's first token is kept exact (body version 1, see :class:`Fp8Codec`).
+* ``int8``: symmetric int8 (absmax to 127); keys one float16 scale per (layer, head, channel),
+  values one per (layer, token, head).
 * ``int4``: asymmetric 4-bit (a minimum and a step per group); keys in groups of ``codec_group``
-  tokens per channel, values in groups of ``codec_group`` channels per token; two codes a byte.
+  tokens per channel, values in groups of ``codec_group`` channels per token (body version 1,
+  see :class:`Int4Codec`).
 
-Scales are stored as float16 (elements are quantized with the rounded scales, so decoding uses
-exactly the scales encoding used). Body layout: key-part scales, value-part scales, then the
-codes in chunk order ``[layers, parts, tokens, heads, dim]``. Quantization runs in float32 torch
-ops on CPU (torch releases the GIL).
+Scales are quantized before the elements are (elements are divided by the rounded scales, so
+decoding uses exactly the scales encoding used). Each codec's class docstring gives its body
+layout, and the earlier layouts it still decodes (the codec header carries the body version).
+Quantization runs in float32 torch ops on CPU (torch releases the GIL).
+
+Decoding writes straight into the destination buffer, a block of layers at a time through a
+per-thread float32 scratch (codes to float, scale in place, one converting copy into the
+chunk's dtype), so every pass but the last stays in cache: several GB/s per core.
 """
 
 from __future__ import annotations
@@ -283,7 +290,11 @@ def _pow2_exponent(m: torch.Tensor) -> torch.Tensor:
 
 
 class Int8Codec(_Scaled):
-    """Symmetric int8 with per-channel key scales and per-token-per-head value scales (~2x)."""
+    """Symmetric int8 with per-channel key scales and per-token-per-head value scales (~2x).
+
+    Body (version 0): float16 key scales ``[L, H, D]``, float16 value scales ``[L, T, H]``, then
+    the int8 codes in chunk order ``[L, P, T, H, D]``.
+    """
 
     name = "int8"
     qmax = 127.0

@@ -248,3 +248,37 @@ def test_warm_ttft_goal_against_recompute_and_vllm_s_own_hit() -> None:
     result["goal"] = goal
     text = table(result)
     assert "goal, chunk 80" in text and "NOT met" in text and "lookup 2.0 ms, load 300.0 ms" in text
+
+
+def test_fast_and_slow_async_rounds_alternate_in_one_process() -> None:
+    assert vllm_mixed.round_labels(["fast", "slow-async", "slow-sync"], 3) == [
+        "fast",
+        "slow-async",
+        "slow-async",
+        "fast",
+        "fast",
+        "slow-async",
+    ]
+    assert vllm_mixed.round_labels(["slow-async"], 2) == ["slow-async"] * 2
+    assert vllm_mixed.round_labels(["slow-sync"], 2) == ["slow-sync"] * 2
+
+
+def test_the_control_file_switches_the_load_delay_within_one_backend(tmp_path: Path) -> None:
+    log, control = tmp_path / "log.jsonl", tmp_path / "delay"
+    b = DelayBackend.from_url(f"delay+memory://?get_delay=0.02&delay_log={log}&delay_control={control}")
+    assert DelayBackend.from_url(b.url).delay_control == str(control)
+
+    async def load() -> None:
+        await b.get_into([_key(1)], [bytearray(8)])
+
+    async def go() -> None:
+        async with b:
+            await load()  # no control file yet: the configured delay
+            control.write_text("0")
+            await load()
+            control.write_text("0.01")
+            await load()
+
+    asyncio.run(go())
+    assert [e["delay"] for e in read_delay_log(log) if e["event"] == "start"] == [0.02, 0.0, 0.01]
+    assert b.stats()["delayed_calls"]["get"] == 2

@@ -378,7 +378,7 @@ def print_summary(result: dict[str, Any]) -> None:
 # -- a slow tier for tests and benchmarks ---------------------------------------------------------
 
 #: URL options :class:`DelayBackend` takes for itself (the rest go to the wrapped backend).
-DELAY_OPTIONS = ("get_delay", "put_delay", "contains_delay", "delay_log")
+DELAY_OPTIONS = ("get_delay", "put_delay", "contains_delay", "delay_log", "delay_control")
 DELAY_PREFIX = "delay+"
 
 
@@ -391,7 +391,9 @@ class DelayBackend(StorageBackend):
     keys), before the wrapped backend is asked; a call cancelled while it waits writes nothing.
     With ``delay_log=PATH`` every ``get_into`` appends two JSON lines to ``PATH`` (``start`` and
     ``end``, with ``time.monotonic()``, which every process on a Linux host shares, and the pid),
-    so a test can see when a load was pending without timing anything itself.
+    so a test can see when a load was pending without timing anything itself. With
+    ``delay_control=PATH`` each ``get_into`` reads its delay (seconds, as text) from ``PATH`` when
+    the file exists, so a benchmark can switch the tier between fast and slow within one run.
 
     Args:
         inner: The backend that stores the values (owned: closed by :meth:`aclose`).
@@ -400,6 +402,7 @@ class DelayBackend(StorageBackend):
         contains_delay: Seconds each ``contains`` call waits (lookups; 0 by default, so only
             loads are slow).
         delay_log: File that ``get_into`` events are appended to (None: no log).
+        delay_control: File holding the current ``get_delay`` (read per call; None: fixed).
     """
 
     #: ``delay+<scheme>`` for every built-in scheme (a tiered stack is slowed tier by tier).
@@ -413,6 +416,7 @@ class DelayBackend(StorageBackend):
         put_delay: float = 0.0,
         contains_delay: float = 0.0,
         delay_log: str | None = None,
+        delay_control: str | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("get_delay", get_delay), ("put_delay", put_delay), ("contains_delay", contains_delay)):
@@ -423,6 +427,7 @@ class DelayBackend(StorageBackend):
         self.put_delay = float(put_delay)
         self.contains_delay = float(contains_delay)
         self.delay_log = delay_log
+        self.delay_control = delay_control
         self.secret_options = inner.secret_options  # type: ignore[misc]
         # Host buffers only: the wrapper adds latency, not a device path.
         self.capabilities = dataclasses.replace(inner.capabilities, device_buffers=False)  # type: ignore[misc]
@@ -453,7 +458,7 @@ class DelayBackend(StorageBackend):
                 options[name] = overrides.pop(name)
         parsed: dict[str, Any] = {}
         for name, value in options.items():
-            if name == "delay_log":
+            if name in ("delay_log", "delay_control"):
                 parsed[name] = str(value) or None
                 continue
             try:
@@ -472,8 +477,9 @@ class DelayBackend(StorageBackend):
             for name in ("get_delay", "put_delay", "contains_delay")
             if getattr(self, name)
         ]
-        if self.delay_log:
-            extra.append("delay_log=" + quote(self.delay_log, safe="/"))
+        for name in ("delay_log", "delay_control"):
+            if getattr(self, name):
+                extra.append(f"{name}=" + quote(getattr(self, name), safe="/"))
         if not extra:
             return DELAY_PREFIX + inner
         return DELAY_PREFIX + inner + ("&" if "?" in inner else "?") + "&".join(extra)
@@ -525,14 +531,23 @@ class DelayBackend(StorageBackend):
             self.delayed_calls[op] += 1
             await asyncio.sleep(delay)
 
+    def _get_delay(self) -> float:
+        if self.delay_control:
+            try:
+                return max(0.0, float(Path(self.delay_control).read_text().strip()))
+            except (OSError, ValueError):
+                pass  # no control file (yet), or one being rewritten: the configured delay
+        return self.get_delay
+
     async def _contains(self, keys: list[CacheKey]) -> list[bool]:
         await self._wait("contains", self.contains_delay)
         return await self.inner.contains(keys)
 
     async def _get_into(self, keys: list[CacheKey], dsts: list[memoryview]) -> list[int | None]:
-        self._log("start", keys=len(keys))
+        delay = self._get_delay()
+        self._log("start", keys=len(keys), delay=delay)
         try:
-            await self._wait("get", self.get_delay)
+            await self._wait("get", delay)
             got = await self.inner.get_into(keys, dsts)
         except BaseException:
             self._log("end", keys=len(keys), hits=0, failed=True)

@@ -11,10 +11,10 @@ checksummed by it: the checksum covers the encoded bytes).
   inner backend. ``raw`` passes the caller's buffers through untouched.
 * **get_into**: the inner backend reads the stored value straight into the caller's ``dst``
   (an encoded value is never larger than its chunk). A value that starts with a codec header is
-  copied out and decoded into ``dst`` on a worker thread; any other value is a raw chunk, already
-  in place (no extra cost for raw). A value of a codec not installed here is a miss counted in
-  ``codec_unknown`` and logged with the codec's name; one that does not decode is a miss counted
-  in ``corrupt``.
+  copied out and decoded into ``dst`` on a worker thread (both off the event loop); any other
+  value is a raw chunk, already in place (no extra cost for raw). A value of a codec not
+  installed here is a miss counted in ``codec_unknown`` and logged with the codec's name; one
+  that does not decode is a miss counted in ``corrupt``.
 """
 
 from __future__ import annotations
@@ -195,8 +195,9 @@ class CodecBackend(StorageBackend):
                 todo.append((i, header))
         if not todo:
             return sizes
-        # Copy the encoded bytes out of dst (small next to the chunk) and decode into dst.
-        jobs = [(i, bytes(dsts[i][: sizes[i]]), h) for i, h in todo]
+        # Each worker copies the encoded bytes out of dst (small next to the chunk; off the
+        # event loop) and decodes into dst.
+        jobs = [(i, sizes[i], h) for i, h in todo]
         # One worker call per value, so a batch decodes on several cores (each waits out its
         # thread on cancellation: nothing writes into a dst after we return).
         pool = codec_executor()
@@ -223,11 +224,12 @@ class CodecBackend(StorageBackend):
 
 
 def _decode_all(
-    jobs: Sequence[tuple[int, bytes, Any]], dsts: Sequence[memoryview], codec: Codec
+    jobs: Sequence[tuple[int, int, Any]], dsts: Sequence[memoryview], codec: Codec
 ) -> list[int | Exception]:
     out: list[int | Exception] = []
-    for i, data, header in jobs:
+    for i, size, header in jobs:
         try:
+            data = bytearray(dsts[i][:size])  # the encoded value, out of the buffer it decodes into
             out.append(decode_value(memoryview(data), dsts[i], header, codec))
         except (IntegrityError, InvalidBufferError) as exc:
             out.append(exc)

@@ -341,3 +341,58 @@ def test_transformers_to_vllm_through_file_and_lm(
     # vLLM's own prefix cache serves what prompts of one batch share, so lmcache loads less here.
     assert _worker_stats(result)["loaded_tokens"] > 500
     assert _worker_stats(result).get("async_loads_started", 0) == 0
+
+
+@pytest.fixture(scope="module")
+def layerwise_load_run(
+    model_dir: Path,
+    prompts: dict[str, Any],
+    file_tier_run: tuple[dict[str, Any], Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, Any]:
+    """``layerwise``, synchronous loads (block 128, chunk 64), over a copy of the chunks file_tier_run stored whole."""
+    import shutil
+
+    base = tmp_path_factory.mktemp("lw-load")
+    shutil.copytree(file_tier_run[1], base / "tier")
+    extra = {"chunk_size": 64, "tiers": [f"file://{base / 'tier'}"], "layerwise": True, "async_loading": False}
+    spec = _spec(model_dir, prompts, BASE_STEPS, base / "stats", block_size=128, extra=extra)
+    return _driver(spec, timeout=900)
+
+
+def test_layerwise_loads_of_whole_chunk_stores_match_vllm(
+    layerwise_load_run: dict[str, Any], baselines: dict[int, Any]
+) -> None:
+    """Stored whole-chunk (asynchronous loading, layerwise off), loaded layer by layer: vLLM's own outputs."""
+    assert _differences(_by_set(layerwise_load_run), baselines[128]) == []
+    worker = _worker_stats(layerwise_load_run)
+    assert worker["loaded_tokens"] > 1000
+    assert worker["layerwise_loads"] == worker["load_requests"] > 0  # every load went layer by layer
+    assert worker.get("async_loads_started", 0) == 0
+    assert worker.get("load_failures", 0) == 0
+
+
+@pytest.fixture(scope="module")
+def layerwise_store_run(
+    model_dir: Path, prompts: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """``layerwise`` with asynchronous loading (block 32, chunk 64, prefix cache off, a fresh file:// tier)."""
+    base = tmp_path_factory.mktemp("lw-store")
+    extra = {"chunk_size": 64, "tiers": [f"file://{base / 'tier'}"], "layerwise": True}
+    spec = _spec(
+        model_dir, prompts, BASE_STEPS, base / "stats", block_size=32, enable_prefix_caching=False, extra=extra
+    )
+    return _driver(spec, timeout=900)
+
+
+def test_layerwise_stores_loaded_whole_chunk_match_vllm(
+    layerwise_store_run: dict[str, Any], baselines: dict[int, Any]
+) -> None:
+    """Stored layer by layer, loaded whole-chunk (asynchronous loads are never layer-wise): vLLM's own outputs."""
+    assert _differences(_by_set(layerwise_store_run), baselines[32]) == []
+    worker = _worker_stats(layerwise_store_run)
+    assert worker["loaded_tokens"] > 1000  # sets B, C and the turn load what set A stored layer by layer
+    assert worker["async_loads_started"] == worker["load_requests"]
+    assert worker["layerwise_saves"] == worker["save_requests"] > 0  # every store went layer by layer
+    assert worker.get("load_failures", 0) == 0
+    assert worker.get("save_failures", 0) == 0

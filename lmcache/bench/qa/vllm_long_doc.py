@@ -309,6 +309,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         variants = [(c, x) for c in args.chunk_size for x in (args.connector_config or [{}])]
         for n, (chunk, connector_config) in enumerate(variants):
             name = f"{chunk} {_label(connector_config)}".strip()
+            name = name if name not in cached else f"{name} (run {n + 1})"
             stats_dir = work / f"stats-{n}"
             spec = {
                 **base,

@@ -282,3 +282,19 @@ def test_the_control_file_switches_the_load_delay_within_one_backend(tmp_path: P
     asyncio.run(go())
     assert [e["delay"] for e in read_delay_log(log) if e["event"] == "start"] == [0.02, 0.0, 0.01]
     assert b.stats()["delayed_calls"]["get"] == 2
+
+
+def test_on_real_text_no_miss_starts_like_a_stored_document_or_another_miss() -> None:
+    """The first real-text misses used to start with the first stored document (a hidden hit)."""
+    from lmcache.bench.qa.common import vllm_model_dir
+    from lmcache.errors import MissingDependencyError
+
+    try:
+        model = vllm_model_dir("smollm2")
+    except MissingDependencyError as exc:
+        pytest.skip(f"SmolLM2's tokenizer cannot be built here: {exc}")
+    a = _args("--pairs", "2", "--rounds", "3", "--hit-tokens", "1024", "--miss-tokens", "512")
+    docs, rounds = vllm_mixed.workload(a, model, 6)
+    firsts = [tuple(r["tokens"][: a.chunk_size]) for rnd in rounds for r in rnd if r["kind"] == "miss"]
+    assert len(firsts) == 12 and len(set(firsts)) == 12
+    assert not set(firsts) & {tuple(d[: a.chunk_size]) for d in docs}

@@ -234,12 +234,14 @@ def workload(
         from lmcache.bench.realmodel import real_documents, real_text_tokens
 
         tok = AutoTokenizer.from_pretrained(model_dir)
-        docs = real_documents(tok, args.pairs, args.hit_tokens)
-        # Misses: other text, shifted by a random offset per prompt so no two share a prefix.
-        pool = real_text_tokens(tok, args.miss_tokens * n_miss + q * n_miss, source="Apache-2.0")
-        misses = [pool[i * args.miss_tokens : (i + 1) * args.miss_tokens] for i in range(n_miss)]
-        base = args.miss_tokens * n_miss
-        questions = [pool[base + i * q : base + (i + 1) * q] for i in range(n_miss)]
+        # Distinct documents: the first P are stored (the hits' prefixes), the others start the
+        # misses, so no miss shares a first chunk with a stored document or with another miss.
+        length = max(args.hit_tokens, args.miss_tokens)
+        texts = real_documents(tok, args.pairs + n_miss, length)
+        docs = [t[: args.hit_tokens] for t in texts[: args.pairs]]
+        misses = [t[: args.miss_tokens] for t in texts[args.pairs :]]
+        pool = real_text_tokens(tok, q * n_miss, source="Apache-2.0")
+        questions = [pool[i * q : (i + 1) * q] for i in range(n_miss)]
     out = []
     for r in range(n_rounds):
         reqs = []

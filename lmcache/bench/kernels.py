@@ -26,24 +26,31 @@ import torch
 
 from lmcache.bench import positive_int, report
 from lmcache.kernels import PagedKV
-from lmcache.layouts import LAYOUTS, MLA, dtype_from_name, get_layout
+from lmcache.layouts import LAYOUTS, KVLayout, dtype_from_name, get_layout
 
 __all__ = ["DESCRIPTION", "add_parser", "bench_kernels", "print_summary", "run_cli"]
 
 DESCRIPTION = "gather/scatter between paged KV and chunk buffers vs a same-run memcpy"
 
 
+def _engine_shape(layout: KVLayout, *, blocks: int, block_size: int, heads: int, head_dim: int) -> tuple[int, ...]:
+    """The per-layer tensor shape of ``layout``, read off its axis letters (not a table of names).
+
+    ``X`` is the packed content axis of vLLM 0.32's layouts: the latent for MLA, K and V of one
+    head (``2 * head_dim``) otherwise.
+    """
+    content = head_dim if layout.is_mla else 2 * head_dim
+    sizes = {"K": 2, "B": blocks, "S": block_size, "H": heads, "D": head_dim, "X": content}
+    return tuple(sizes[axis] for axis in layout.axes)
+
+
 def _engine_kv(
     layout_name: str, *, layers: int, blocks: int, block_size: int, heads: int, head_dim: int, dtype: Any, device: str
 ) -> PagedKV:
     layout = get_layout(layout_name)
-    shape = {
-        "flash_attn": (2, blocks, block_size, heads, head_dim),
-        "flashinfer": (blocks, 2, block_size, heads, head_dim),
-        "vllm_cpu": (2, blocks, heads, block_size, head_dim),
-        "mla": (blocks, block_size, head_dim),
-        "hf": (blocks, heads, block_size, head_dim),
-    }[layout.name]
+    if layout.is_mla:
+        heads = 1
+    shape = _engine_shape(layout, blocks=blocks, block_size=block_size, heads=heads, head_dim=head_dim)
     if layout.separate_kv:
         tensors: list[Any] = [
             (torch.randn(shape, device=device).to(dtype), torch.randn(shape, device=device).to(dtype))
@@ -147,7 +154,7 @@ def _run(
     repeat: int,
     seed: int,
 ) -> dict[str, Any]:
-    if layout == MLA.name:
+    if get_layout(layout).is_mla:
         heads = 1
     blocks_per_chunk = -(-chunk_tokens // block_size)
     num_blocks = blocks_per_chunk * max(1, cache_chunks)

@@ -1,0 +1,80 @@
+"""Whole-block copies for vLLM-CPU's head-major and packed layouts (``vllm_cpu``, ``vllm_cpu_vec``, ``vllm_paged``).
+
+Their blocks are not one contiguous ``[block_size, heads, head_dim]`` run (heads come first, and
+``vllm_cpu_vec`` stores K transposed), so whole-block chunks used to fall back to one tiny row per
+token. They now move one whole block per index, per entry; these tests pin that the path is taken
+and that it moves exactly the bytes of the layout's own views, both ways.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmcache.kernels import PagedKV
+from lmcache.layouts import VLLM_CPU, VLLM_CPU_VEC, VLLM_PAGED, KVLayout
+
+_RAW = {2: torch.int16, 4: torch.int32}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(_RAW[t.element_size()])
+
+
+def _engine(layout: KVLayout, layers: int, nb: int, bs: int, h: int, d: int, dtype: torch.dtype, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (2, nb, h, bs, d) if layout is VLLM_CPU else (nb, h, bs, 2 * d)
+    raw = _RAW[torch.empty((), dtype=dtype).element_size()]
+    return [torch.randint(-(2**15), 2**15 - 1, shape, dtype=raw, generator=gen).view(dtype) for _ in range(layers)]
+
+
+def _reference(kv: PagedKV, slots: list[int]) -> torch.Tensor:
+    out = torch.empty(kv.geometry.chunk_shape(len(slots)), dtype=kv.dtype)
+    for e, entry in enumerate(kv.entries):
+        layer, part = divmod(e, kv.geometry.kv_parts)
+        for t, slot in enumerate(slots):
+            out[layer, part, t] = entry[slot // kv.block_size, slot % kv.block_size]
+    return out
+
+
+@pytest.mark.parametrize("layout", [VLLM_CPU, VLLM_CPU_VEC, VLLM_PAGED], ids=lambda lay: lay.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_whole_blocks_take_the_block_path_and_copy_exact_bytes(layout, dtype, monkeypatch):
+    nb, bs, h, d = 6, 16, 3, 8
+    kv = PagedKV(_engine(layout, 3, nb, bs, h, d, dtype, seed=1), layout=layout)
+    assert kv._block_views is None  # head-major blocks: not one contiguous run per block
+
+    calls: list[str] = []
+    original = PagedKV._copy_strided_blocks
+
+    def spy(self, op, blocks, buf):
+        calls.append(op)
+        return original(self, op, blocks, buf)
+
+    monkeypatch.setattr(PagedKV, "_copy_strided_blocks", spy)
+    blocks = [4, 1, 5]
+    slots = [b * bs + o for b in blocks for o in range(bs)]
+    out = torch.empty(kv.geometry.chunk_shape(len(slots)), dtype=dtype)
+    kv.gather(slots, out)
+    assert torch.equal(_bits(out), _bits(_reference(kv, slots)))
+
+    fresh_tensors = _engine(layout, 3, nb, bs, h, d, dtype, seed=2)
+    before = [t.clone() for t in fresh_tensors]
+    fresh = PagedKV(fresh_tensors, layout=layout)
+    fresh.scatter(torch.tensor(slots), out)
+    assert calls == ["gather", "scatter"]
+    assert torch.equal(_bits(_reference(fresh, slots)), _bits(out))
+    # Blocks outside the chunk keep their bytes.
+    old = PagedKV(before, layout=layout)
+    for b in set(range(nb)) - set(blocks):
+        for new_entry, old_entry in zip(fresh.entries, old.entries, strict=True):
+            assert torch.equal(_bits(new_entry[b]), _bits(old_entry[b]))
+
+
+def test_partial_blocks_still_use_per_token_rows(monkeypatch):
+    kv = PagedKV(_engine(VLLM_CPU_VEC, 2, 4, 8, 2, 4, torch.float32, seed=3), layout=VLLM_CPU_VEC)
+    monkeypatch.setattr(PagedKV, "_copy_strided_blocks", lambda *a: pytest.fail("not whole blocks"))
+    slots = [9, 10, 3, 30]
+    out = torch.empty(kv.geometry.chunk_shape(len(slots)), dtype=kv.dtype)
+    kv.gather(slots, out)
+    assert torch.equal(_bits(out), _bits(_reference(kv, slots)))

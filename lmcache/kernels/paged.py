@@ -290,8 +290,8 @@ class PagedKV:
 
         Each entry's ``[num_blocks, block_size, heads, head_dim]`` view is indexed along its block
         axis, so torch's copy loop walks a whole block (any strides: head-major, transposed K) per
-        index instead of one tiny ``[heads, head_dim]`` row per token: 2-4x faster than per-token
-        rows for vLLM-CPU's layouts (docs/benchmarks.md, kernels).
+        index instead of one tiny ``[heads, head_dim]`` row per token (figures: docs/benchmarks.md,
+        kernels).
         """
         assert self._strided_block_entries is not None
         first = self._strided_block_entries[0]
@@ -301,8 +301,10 @@ class PagedKV:
             for entry, part in zip(self._strided_block_entries, words, strict=True):
                 torch.index_select(entry, 0, blocks, out=part)
             return
+        # numpy's fancy assignment into a strided view beat torch's index_copy_ on these layouts.
+        idx = blocks.numpy()
         for entry, part in zip(self._strided_block_entries, words, strict=True):
-            entry.index_copy_(0, blocks, part)
+            entry.numpy()[idx] = part.numpy()
 
     def _copy_blocks(self, op: str, blocks: torch.Tensor, buf: torch.Tensor) -> None:
         """Copy whole blocks on the CPU (``blocks`` and ``buf`` are CPU tensors)."""

@@ -78,3 +78,14 @@ def test_partial_blocks_still_use_per_token_rows(monkeypatch):
     out = torch.empty(kv.geometry.chunk_shape(len(slots)), dtype=kv.dtype)
     kv.gather(slots, out)
     assert torch.equal(_bits(out), _bits(_reference(kv, slots)))
+
+
+def test_auto_backend_on_the_cpu_does_not_probe_for_triton(monkeypatch):
+    # "auto" only ever picks Triton on CUDA; probing for it cost a find_spec per CPU copy.
+    from lmcache.kernels import triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "available", lambda: pytest.fail("probed for triton on the CPU"))
+    kv = PagedKV(_engine(VLLM_CPU, 1, 2, 4, 1, 4, torch.float32, seed=4), layout=VLLM_CPU)
+    out = torch.empty(kv.geometry.chunk_shape(4), dtype=kv.dtype)
+    kv.gather([4, 5, 6, 7], out)
+    assert torch.equal(_bits(out), _bits(_reference(kv, [4, 5, 6, 7])))

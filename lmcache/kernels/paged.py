@@ -429,7 +429,8 @@ class PagedKV:
     def _choose(self, backend: Backend) -> str:
         if backend not in ("auto", "torch", "triton"):
             raise InvalidArgumentError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-        if backend == "torch":
+        if backend == "torch" or (backend == "auto" and self.device.type != "cuda"):
+            # "auto" means Triton on CUDA only: skip probing for it (a find_spec per copy) on the CPU.
             return "torch"
         from lmcache.kernels import triton_kernels
 

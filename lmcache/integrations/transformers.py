@@ -159,11 +159,11 @@ class SegmentPrefillResult:
         logits: Logits of the last prompt token, ``[1, vocab]``.
         past_key_values: A ``DynamicCache`` holding the blended KV of the whole prompt (for
             decoding on); also :attr:`cache`.
-        reused_tokens: Prompt tokens whose KV came from cached segments.
+        reused_tokens: Prompt tokens whose KV came from cached segments (a cached prefix included).
         recomputed_tokens: Tokens computed in the layers after selection (the question and
             uncached segments included).
         prompt_tokens: Tokens in the prompt.
-        segments_hit: Segments (question excluded) loaded from the cache.
+        segments_hit: Segments (question excluded, a cached prefix included) loaded from the cache.
         ttft_s: Seconds from the call to the last token's logits (before new segments are stored).
     """
 

@@ -39,8 +39,13 @@ def _reference(kv: PagedKV, slots: list[int]) -> torch.Tensor:
 
 @pytest.mark.parametrize("layout", [VLLM_CPU, VLLM_CPU_VEC, VLLM_PAGED], ids=lambda lay: lay.name)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_whole_blocks_take_the_block_path_and_copy_exact_bytes(layout, dtype, monkeypatch):
-    nb, bs, h, d = 6, 16, 3, 8
+@pytest.mark.parametrize(
+    ("nb", "bs", "blocks"),
+    [(6, 16, [4, 1, 5]), (12, 2, [7, 0, 11, 3, 9, 1, 10, 2, 5, 8])],  # block by block; one op per entry (> 8)
+    ids=["few-blocks", "many-blocks"],
+)
+def test_whole_blocks_take_the_block_path_and_copy_exact_bytes(layout, dtype, nb, bs, blocks, monkeypatch):
+    h, d = 3, 8
     kv = PagedKV(_engine(layout, 3, nb, bs, h, d, dtype, seed=1), layout=layout)
     assert kv._block_views is None  # head-major blocks: not one contiguous run per block
 
@@ -52,7 +57,6 @@ def test_whole_blocks_take_the_block_path_and_copy_exact_bytes(layout, dtype, mo
         return original(self, op, blocks, buf)
 
     monkeypatch.setattr(PagedKV, "_copy_strided_blocks", spy)
-    blocks = [4, 1, 5]
     slots = [b * bs + o for b in blocks for o in range(bs)]
     out = torch.empty(kv.geometry.chunk_shape(len(slots)), dtype=dtype)
     kv.gather(slots, out)

@@ -44,6 +44,9 @@ logger = logging.getLogger(__name__)
 #: Which implementation copies: ``"torch"``, ``"triton"`` or ``"auto"`` (Triton on CUDA when installed).
 Backend = Literal["auto", "torch", "triton"]
 
+#: Up to this many blocks per chunk, whole-block copies of strided entries go block by block in numpy.
+_NUMPY_MAX_BLOCKS = 8
+
 _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -286,25 +289,38 @@ class PagedKV:
         return blocks if torch.equal(per_block, expected) else None
 
     def _copy_strided_blocks(self, op: str, blocks: torch.Tensor, buf: torch.Tensor) -> None:
-        """Copy whole blocks of strided entries on the CPU, one indexing op per entry.
+        """Copy whole blocks of strided entries on the CPU, a whole block per copy call.
 
-        Each entry's ``[num_blocks, block_size, heads, head_dim]`` view is indexed along its block
-        axis, so torch's copy loop walks a whole block (any strides: head-major, transposed K) per
-        index instead of one tiny ``[heads, head_dim]`` row per token (figures: docs/benchmarks.md,
-        kernels).
+        Each entry's ``[num_blocks, block_size, heads, head_dim]`` view is copied block by block
+        (or indexed along its block axis), so the copy loop walks a whole block (any strides:
+        head-major, transposed K) per call instead of one tiny ``[heads, head_dim]`` row per token
+        (figures: docs/benchmarks.md, kernels).
         """
         assert self._strided_block_entries is not None
         first = self._strided_block_entries[0]
         bs, heads, width = first.shape[1:]
         words = buf.view(first.dtype).view(len(self.entries), blocks.numel(), bs, heads, width)
-        if op == "gather":
-            for entry, part in zip(self._strided_block_entries, words, strict=True):
-                torch.index_select(entry, 0, blocks, out=part)
+        entries = self._strided_block_entries
+        if blocks.numel() > _NUMPY_MAX_BLOCKS:
+            # Many small blocks: one indexing op per entry is cheaper than a call per block.
+            if op == "gather":
+                for entry, part in zip(entries, words, strict=True):
+                    torch.index_select(entry, 0, blocks, out=part)
+            else:
+                idx = blocks.numpy()
+                for entry, part in zip(entries, words, strict=True):
+                    entry.numpy()[idx] = part.numpy()
             return
-        # numpy's fancy assignment into a strided view beat torch's index_copy_ on these layouts.
-        idx = blocks.numpy()
-        for entry, part in zip(self._strided_block_entries, words, strict=True):
-            entry.numpy()[idx] = part.numpy()
+        # Few large blocks: numpy's strided copy loop beat torch's index_select / index_copy_
+        # (which run these layouts' strides at about half the speed).
+        ids = blocks.tolist()
+        for entry, part in zip(entries, words, strict=True):
+            kv_np, chunk_np = entry.numpy(), part.numpy()
+            for j, b in enumerate(ids):
+                if op == "gather":
+                    np.copyto(chunk_np[j], kv_np[b])
+                else:
+                    np.copyto(kv_np[b], chunk_np[j])
 
     def _copy_blocks(self, op: str, blocks: torch.Tensor, buf: torch.Tensor) -> None:
         """Copy whole blocks on the CPU (``blocks`` and ``buf`` are CPU tensors)."""

@@ -214,7 +214,7 @@ def test_whole_block_fast_path_is_taken_for_token_major_layouts():
         assert kv._whole_blocks(torch.tensor([8, 9, 10, 12])) is None
         assert kv._whole_blocks(torch.tensor([9, 10, 11, 12])) is None
     hnd = PagedKV(make_kv(FLASH_ATTN, layers=2, nb=4, bs=4, h=2, d=8, dtype=torch.float16, hnd=True), layout=FLASH_ATTN)
-    assert hnd._block_views is None  # blocks are head-major there: per-token rows
+    assert hnd._block_views is None  # head-major blocks: the strided block path (test_kernels_strided_blocks.py)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

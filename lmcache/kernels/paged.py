@@ -13,6 +13,9 @@ that each copy is one indexing op per storage, not one per layer or token:
   and the whole chunk is one ``index_select`` (gather) or ``index_copy_`` (scatter) over that view.
   Row views overlap in memory; that is fine because a copy only ever touches the distinct rows of
   distinct slots (duplicate slots in a scatter are rejected).
+* on the CPU, a chunk made of whole blocks (the usual case) skips per-token rows: token-major
+  blocks move as one contiguous row per block, head-major or packed ones (``vllm_cpu``,
+  ``vllm_paged``, ``vllm_cpu_vec``'s transposed K) as one strided block copy per entry.
 
 Copies move raw elements: tensors are reinterpreted as same-width integers, so every dtype (fp8
 included) is copied bit-exactly.

@@ -15,17 +15,14 @@ ctypes releases the GIL for the duration of each call, so worker threads decode 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import shlex
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import numpy as np
+
+from lmcache.native_build import build_shared_library
 
 __all__ = [
     "OUT_BF16",
@@ -52,44 +49,8 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
-def _cache_dir() -> Path:
-    env = os.environ.get("LMCACHE_NATIVE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lmcache" / "native"
-
-
 def _compile() -> Path:
-    try:
-        source = _SOURCE.read_bytes()
-    except OSError as exc:  # an install that left out the package data
-        raise OSError(f"the cachegen coder's source {_SOURCE} cannot be read: {exc.strerror or exc}") from None
-    cc = shlex.split(os.environ.get("CC") or "cc")
-    if not cc or shutil.which(cc[0]) is None:
-        raise OSError(f"no C compiler ({' '.join(cc) or 'cc'}) to build the cachegen coder")
-    tag = hashlib.sha256(source + " ".join([*cc, *_FLAGS]).encode()).hexdigest()[:16]
-    out_dir = _cache_dir()
-    target = out_dir / f"cachegen-{tag}.so"
-    if target.exists():
-        return target
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".cachegen-", suffix=".so", dir=out_dir)
-    os.close(fd)
-    try:
-        try:
-            proc = subprocess.run(
-                [*cc, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, timeout=120, check=False
-            )
-        except subprocess.TimeoutExpired:
-            raise OSError(f"building the cachegen coder ({cc[0]}) took over 120 s") from None
-        if proc.returncode != 0:
-            raise OSError(f"building the cachegen coder failed ({cc[0]}): {proc.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)  # atomic: concurrent builders each install a whole file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    return build_shared_library(_SOURCE, "cachegen", "the cachegen coder", _FLAGS)
 
 
 def _load(path: Path) -> ctypes.CDLL:

@@ -24,19 +24,16 @@ which must equal what the bindings return.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import shlex
-import shutil
-import subprocess
-import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import xxhash
+
+from lmcache.native_build import build_shared_library
 
 __all__ = ["NativeJob", "NativeLane", "build", "open_lane"]
 
@@ -84,14 +81,6 @@ _CAPI_NAMES = {
 }
 
 
-def _cache_dir() -> Path:
-    env = os.environ.get("LMCACHE_NATIVE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lmcache" / "native"
-
-
 def build() -> ctypes.CDLL:
     """The compiled lane library, built on first use (once per process; cached on disk).
 
@@ -112,36 +101,8 @@ def build() -> ctypes.CDLL:
 
 
 def _compile() -> Path:
-    try:
-        source = _SOURCE.read_bytes()
-    except OSError as exc:  # an install that left out the package data
-        raise OSError(f"the native NIXL lane's source {_SOURCE} cannot be read: {exc.strerror or exc}") from None
-    cc = shlex.split(os.environ.get("CC") or "cc")
-    if not cc or shutil.which(cc[0]) is None:
-        raise OSError(f"no C compiler ({' '.join(cc) or 'cc'}) to build the native NIXL lane")
     flags = ["-O2", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
-    tag = hashlib.sha256(source + " ".join([*cc, *flags]).encode()).hexdigest()[:16]
-    out_dir = _cache_dir()
-    target = out_dir / f"nixl_lane-{tag}.so"
-    if target.exists():
-        return target
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".nixl_lane-", suffix=".so", dir=out_dir)
-    os.close(fd)
-    try:
-        try:
-            proc = subprocess.run(
-                [*cc, *flags, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, timeout=120, check=False
-            )
-        except subprocess.TimeoutExpired:
-            raise OSError(f"building the native NIXL lane ({cc[0]}) took over 120 s") from None
-        if proc.returncode != 0:
-            raise OSError(f"building the native NIXL lane failed ({cc[0]}): {proc.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)  # atomic: concurrent builders each install a whole file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    return build_shared_library(_SOURCE, "nixl_lane", "the native NIXL lane", flags)
 
 
 def _load(path: Path) -> ctypes.CDLL:

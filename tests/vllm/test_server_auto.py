@@ -145,6 +145,9 @@ def _spec(model: Path, stats: Path, steps: list[str], **more: Any) -> dict[str, 
             "model_id": "tiny-llama-auto",
             "stats_dir": str(stats),
             "eviction_check_interval": 0.5,
+            # A's long in-flight request would store its generated chunks too and, in this 15-chunk
+            # server, evict set a before B looks (how many depends on how fast A decodes).
+            "save_decode_tokens": False,
         },
         **more,
     }

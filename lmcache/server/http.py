@@ -14,6 +14,10 @@ Endpoints (JSON in, JSON out). Who may call what:
   never ``application/json``.
 * A request whose ``Origin`` header names a site other than this host or a loopback address is
   refused with 403 (a browser always sends ``Origin`` on a cross-site ``POST``).
+* Under ``--no-auth``, a read endpoint asked without the token for a ``Host`` that is neither an
+  IP address, a loopback name nor this machine's name is refused with 403: that is how a DNS
+  rebinding page (its own name resolved to 127.0.0.1) shows, since it is same-origin to the
+  browser and sends no ``Origin`` on a ``GET``.
 
 * ``GET /health``: ``{"status": "ok"|"degraded", "tiers": [...healthy]}`` (503 when no tier answers).
 * ``POST /lookup``: which prefix of a request each tier holds. Body: either ``{"keys": [...]}``
@@ -92,6 +96,20 @@ class _Api:
             return True
         return not host or not (_loopback(host) or host in self.own_hosts)  # "null" has no host
 
+    def _foreign_host(self, host: str) -> bool:
+        """Whether a ``Host`` header names something other than this machine or an IP literal."""
+        try:
+            name = (urlsplit(f"//{host}").hostname or "").lower()
+        except ValueError:
+            return True
+        if not name:
+            return True
+        try:
+            ipaddress.ip_address(name)
+            return False  # a literal address is never a rebound DNS name
+        except ValueError:
+            return not (_loopback(name) or name in self.own_hosts)
+
     @web.middleware
     async def guard(self, request: web.Request, handler: Any) -> web.StreamResponse:
         metrics = self.server.metrics
@@ -100,14 +118,20 @@ class _Api:
             metrics.error("http", "origin")
             return _error(403, f"requests from origin {origin[:100]!r} are not allowed")
         path = request.path
-        if path in _MUTATING or (self.server.settings.auth and path not in _OPEN):
-            got = request.headers.get("Authorization", "")
-            sent = got[7:] if got.startswith("Bearer ") else ""
-            if not hmac.compare_digest(sent.encode(), self.server.token.encode()):
-                metrics.error("http", "auth")
-                return _error(
-                    401, "missing or wrong bearer token (same-user clients find it in the server's token file)"
-                )
+        got = request.headers.get("Authorization", "")
+        sent = got[7:] if got.startswith("Bearer ") else ""
+        authorized = hmac.compare_digest(sent.encode(), self.server.token.encode())
+        if not authorized and (path in _MUTATING or (self.server.settings.auth and path not in _OPEN)):
+            metrics.error("http", "auth")
+            return _error(401, "missing or wrong bearer token (same-user clients find it in the server's token file)")
+        host = request.headers.get("Host")
+        if not authorized and path not in _OPEN and host is not None and self._foreign_host(host):
+            # Under --no-auth a page on a rebound DNS name (evil.example -> 127.0.0.1) is
+            # same-origin and sends no Origin on a GET: only its Host header gives it away.
+            metrics.error("http", "host")
+            return _error(
+                403, f"requests for host {host[:100]!r} need the bearer token (or an IP address or this host's name)"
+            )
         if request.method == "POST":
             if request.content_type != "application/json":
                 metrics.error("http", "bad_request")

@@ -35,6 +35,7 @@ def _request(
     token: str | None = None,
     ctype: str | None = "application/json",
     origin: str | None = None,
+    host: str | None = None,
 ) -> tuple[int, dict]:
     req = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET")
     if ctype is not None and body is not None:
@@ -43,6 +44,8 @@ def _request(
         req.add_header("Authorization", f"Bearer {token}")
     if origin is not None:
         req.add_header("Origin", origin)
+    if host is not None:
+        req.add_header("Host", host)
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, json.loads(resp.read())
@@ -109,6 +112,21 @@ def test_only_local_origins_are_accepted(lm_server: LMServer, origin: str) -> No
             lm_server.http + "/clear", b'{"model": "nothing-here"}', token=lm_server.auth_token, origin=local
         )
         assert code == 200, (local, reply)
+
+
+def test_no_auth_reads_for_a_rebound_host_name_need_the_token(open_server: LMServer) -> None:
+    # A DNS-rebinding page is same-origin and sends no Origin on a GET: only Host gives it away.
+    port = open_server.http.rsplit(":", 1)[1]
+    for path, body in (("/stats", None), ("/lookup", b'{"keys": []}')):
+        code, reply = _request(open_server.http + path, body, host=f"evil.example:{port}")
+        assert code == 403 and "host" in reply["error"], (path, reply)
+        token = local_token(open_server.http)
+        assert _request(open_server.http + path, body, host=f"evil.example:{port}", token=token)[0] == 200
+        for local in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", f"10.1.2.3:{port}"):
+            code, reply = _request(open_server.http + path, body, host=local)
+            assert code == 200, (path, local, reply)
+    # The open endpoints stay open whatever the Host (Prometheus scrapes by service name).
+    assert _request(open_server.http + "/health", host="lmcache.svc.cluster.local")[0] == 200
 
 
 def test_server_ctl_finds_the_token_on_its_own(

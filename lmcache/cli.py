@@ -82,21 +82,46 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     return asyncio.run(_ls(args.url, args.limit, args.json))
 
 
-def _open_read_only(url: str) -> StorageBackend:
-    """The backend for ``url``, opened read-only where it has that option (no I/O yet)."""
+def _read_only_url(url: str) -> str:
+    """``url`` with ``read_only=true`` where its backend has that option.
+
+    ``tiered://`` passes it to each of its tiers, a codec layer to the backend it wraps.
+    """
+    from urllib.parse import parse_qsl, urlencode
+
     from lmcache.backends.registry import open_backend
+    from lmcache.tiered import TieredBackend
 
     backend = open_backend(url)
-    settings = getattr(backend, "settings", None)
-    if dataclasses.is_dataclass(settings) and any(f.name == "read_only" for f in dataclasses.fields(settings)):
-        backend = type(backend).from_url(url, read_only=True)  # type: ignore[call-arg]
-    return backend
+    base, _, query = url.partition("?")  # not urlunsplit: it drops the // of "tiered://?…"
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if isinstance(backend, TieredBackend):
+        pairs = [(k, _read_only_url(v) if k == "tier" else v) for k, v in pairs]
+    else:
+        inner = getattr(backend, "inner", backend)  # a codec layer: the option is its backend's
+        settings = getattr(inner, "settings", None)
+        fields = dataclasses.fields(settings) if dataclasses.is_dataclass(settings) else ()
+        if not any(f.name == "read_only" for f in fields):
+            return url
+        pairs = [(k, v) for k, v in pairs if k != "read_only"] + [("read_only", "true")]
+    return f"{base}?{urlencode(pairs)}"
+
+
+def _open_read_only(url: str) -> StorageBackend:
+    """The backend for ``url``, opened read-only where it or its tiers have that option (no I/O)."""
+    from lmcache.backends.registry import open_backend
+
+    return open_backend(_read_only_url(url))
 
 
 def _damaged_files(backend: StorageBackend) -> list[DamagedFile]:
     """What the backend's open-time scan found damaged (file:// and its subclasses)."""
     from lmcache.backends.file import FileBackend
+    from lmcache.tiered import TieredBackend
 
+    if isinstance(backend, TieredBackend):
+        return [d for tier in backend.tiers for d in _damaged_files(tier)]
+    backend = getattr(backend, "inner", backend)
     return backend.damaged_files() if isinstance(backend, FileBackend) else []
 
 

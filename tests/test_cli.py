@@ -241,6 +241,26 @@ def test_ls_and_stats_never_change_the_store_and_report_damage(tmp_path: Path) -
     assert _tree(root) == before
 
 
+def test_ls_and_stats_of_a_tiered_url_open_its_file_tier_read_only(tmp_path: Path) -> None:
+    from urllib.parse import quote
+
+    root = tmp_path / "store"
+    asyncio.run(_fill(f"file://{root}", 4, 1000))
+    damaged = _damage_store(root)
+    before = _tree(root)
+    for tier in (f"file://{root}", f"file://{root}?codec=zstd"):
+        url = "tiered://?tier=" + quote("memory://?capacity=1MiB", safe="") + "&tier=" + quote(tier, safe="")
+        proc = run_cli("ls", url)
+        assert proc.returncode == 0, proc.stderr
+        assert "3 damaged file(s)" in proc.stderr, proc.stderr
+        assert _tree(root) == before  # read-only: the damage is reported, nothing is removed
+        proc = run_cli("stats", url)
+        assert proc.returncode == 0, proc.stderr
+        reported = json.loads(proc.stdout)["damaged_files"]
+        assert {d["path"]: d["reason"] for d in reported} == damaged
+        assert _tree(root) == before
+
+
 def test_ls_never_creates_a_missing_directory(tmp_path: Path) -> None:
     proc = run_cli("ls", f"file://{tmp_path / 'missing'}")
     assert_one_line_error(proc, "no such cache directory")

@@ -333,6 +333,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warn_url_secrets(args: argparse.Namespace) -> None:
+    """Warn about each URL argument that holds a secret (any local user reads argv in ps)."""
+    from urllib.parse import parse_qsl
+
+    from lmcache.backends.registry import warn_command_line_secrets
+
+    for name, value in vars(args).items():
+        if args.command == "server" and name == "tier":
+            continue  # the server warns about its own --tier while it builds the stack
+        values = value if isinstance(value, list | tuple) else [value]
+        flag = "url" if name == "url" and args.command in ("ls", "stats", "fsck") else f"--{name.replace('_', '-')}"
+        urls = [v for v in values if isinstance(v, str) and "://" in v]
+        while urls:
+            url = urls.pop()
+            if url.startswith("tiered:"):  # its tiers' URLs are encoded in its query
+                urls += [v for k, v in parse_qsl(url.partition("?")[2]) if k == "tier"]
+            else:
+                warn_command_line_secrets(url, flag)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``lmcache`` command; returns the exit status (the console script exits with it)."""
     parser = build_parser()
@@ -340,6 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     install_redaction()  # SDK debug logs (botocore at -vv) print credentials otherwise
+    _warn_url_secrets(args)
     try:
         return int(args.func(args) or 0)
     except LMCacheError as exc:

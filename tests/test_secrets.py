@@ -2,7 +2,8 @@
 
 Every secret option (``secret=True`` settings, and the URL password) can come from a file
 (``<option>_file=/path``, or ``LMCACHE_<SCHEME>_<OPTION>_FILE``) or the environment, and a secret
-given on the command line (``lmcache server --tier``) is logged as a warning, redacted.
+given on the command line (``lmcache server --tier``, and any other ``lmcache`` command's URL
+argument) is logged as a warning, redacted.
 """
 
 from __future__ import annotations
@@ -121,6 +122,24 @@ def test_a_secret_on_the_server_command_line_is_warned_about(caplog: pytest.LogC
     assert len(warnings) == 1, caplog.text
     text = warnings[0].getMessage()
     assert "hunter2" not in text and "password_file=" in text and "LMCACHE_REDIS_" in text
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["ls", "redis://:hunter2@127.0.0.1:1/0"],
+        ["stats", "tiered://?tier=memory%3A%2F%2F&tier=redis%3A%2F%2F%3Ahunter2%40127.0.0.1%3A1%2F0"],
+        ["bench", "backend", "--url", "s3://b/p?secret_access_key=hunter2", "--total", "1MiB"],
+    ],
+)
+def test_secrets_in_other_commands_urls_are_warned_about(argv: list[str], caplog: pytest.LogCaptureFixture) -> None:
+    from lmcache.cli import _warn_url_secrets, build_parser
+
+    with caplog.at_level(logging.WARNING):
+        _warn_url_secrets(build_parser().parse_args(argv))  # before any connection is tried
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, caplog.text
+    assert "hunter2" not in warnings[0] and "_file=" in warnings[0]
 
 
 def test_no_warning_for_a_url_without_secrets(caplog: pytest.LogCaptureFixture) -> None:

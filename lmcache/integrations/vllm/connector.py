@@ -57,6 +57,7 @@ import torch
 from lmcache.engine import CacheEngine
 from lmcache.errors import MissingDependencyError, UnsupportedOperationError
 from lmcache.integrations.vllm.events import EvictionWatch, block_removed_events, chunk_keys_of_blocks
+from lmcache.integrations.vllm.idle import IdleWait
 from lmcache.integrations.vllm.layerwise import LayerwiseKV, LayerwiseLoads, LayerwiseSaves
 from lmcache.integrations.vllm.metrics import PROM_COUNTERS, LMCacheKVConnectorStats, LMCachePromMetrics
 from lmcache.integrations.vllm.pd import PDScheduler, PDWorker, TransferRef, TransferSave
@@ -343,6 +344,7 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         self._count_lock = threading.Lock()  # asynchronous loads count from their own thread
         self._load_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._loading: dict[str, tuple[LoadSpec, concurrent.futures.Future[set[int]]]] = {}
+        self._idle = IdleWait()  # a step without a forward waits briefly for those loads (idle.py)
         self._layerwise: LayerwiseKV | None = None  # bound when ``layerwise`` is on
         self._lw_loads: tuple[list[LoadSpec], LayerwiseLoads] | None = None  # this step's layer-wise loads
         self._lw_saves: LayerwiseSaves | None = None  # this step's layer-wise stores
@@ -742,6 +744,7 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         to the load thread: their requests are parked by vLLM (no forward touches their blocks)
         until :meth:`get_finished` reports them.
         """
+        self._idle.step(forward_context)
         meta = self._meta()
         if meta is not None and meta.reset and self.kv is not None:
             clear_scope(self._get_engine())
@@ -902,7 +905,9 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         """Requests whose asynchronous load ended (loaded, short or failed) since the last call.
 
         The blocks a load could not fill go to :meth:`get_block_ids_with_load_errors`, which vLLM
-        calls right after this, so they are reported no later than the request itself.
+        calls right after this, so they are reported no later than the request itself. On a step
+        without a forward pass (nothing else scheduled) it first waits a few ms at most for a load
+        in flight (:mod:`lmcache.integrations.vllm.idle`).
 
         A prefill instance starts this step's transfers here (after :meth:`wait_for_save`; the
         blocks are still the request's) and reports the finished requests whose transfer is
@@ -913,6 +918,9 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
             for transfer in meta.transfers:
                 self._pd_worker.start_save(self._get_engine(), SlotMappedKV(self.kv, transfer.block_ids), transfer)
         sending = self._pd_worker.finished_sending(finished_req_ids) or None
+        # A step without a forward pass gives the load thread the GIL and a core for a moment.
+        if self._idle.wait(fut for _, fut in self._loading.values()):
+            self._count("idle_waits")
         done = {req_id for req_id, (_, fut) in self._loading.items() if fut.done()}
         if sending and not done:
             self._write_stats()

@@ -80,7 +80,14 @@ from lmcache.errors import (
     LMCacheError,
 )
 from lmcache.keys import CacheKey
-from lmcache.serde.frame import copy_with_checksum, encode_header, header_size, needed_header_bytes, parse_header
+from lmcache.serde.frame import (
+    copy_with_checksum,
+    encode_header,
+    header_size,
+    needed_header_bytes,
+    parse_header,
+    payload_checksum,
+)
 from lmcache.server import protocol as P
 from lmcache.server.auth import discover_tcp_token, discover_unix_token
 from lmcache.server.shm import Arena, Segment, attach_pool, create_segment, populate, shm_available
@@ -88,7 +95,7 @@ from lmcache.server.shm import Arena, Segment, attach_pool, create_segment, popu
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["LMServerBackend", "LMServerSettings"]
+__all__ = ["InPlaceGet", "InPlacePut", "LMServerBackend", "LMServerSettings"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -965,6 +972,163 @@ class LMServerBackend(StorageBackend):
             out.append(PutResult(PutStatus(status), reason))
         return out
 
+    # -- in place (zero-copy into and out of the server's tier-0 pool) ------------------------
+
+    async def reserve_in_place(self, keys: Sequence[CacheKey], nbytes: Sequence[int]) -> InPlacePut | None:
+        """Reserve tier-0 blocks for values the caller writes itself (the first half of a put).
+
+        The caller writes each reserved value's payload into :meth:`InPlacePut.payload` (from
+        any thread), then calls :meth:`commit_in_place`, which checksums the payloads, frames
+        them and publishes them. So a put costs the caller's own copy into the pool and one
+        checksum pass, no staging copy.
+
+        Returns:
+            None when this client cannot write into the server's pool (no shared memory, or a
+            server without a shared tier 0): use :meth:`put` then.
+        """
+        keys = list(keys)
+        await self._ensure_open()
+        conn = await self._conn()
+        pool = conn.pool_view
+        if pool is None or conn.segment is None or not keys:
+            return None
+        skeys = [k.to_string() for k in keys]
+        hsizes = [header_size(len(sk.encode()), 0) for sk in skeys]
+        sizes = [h + int(n) for h, n in zip(hsizes, nbytes, strict=True)]
+        reply, _ = await conn.request(P.Op.PUT, {"keys": skeys, "sizes": sizes, "reserve": True}, flags=P.FLAG_SHM)
+        states, offsets = reply.get("states"), reply.get("offsets")
+        if not isinstance(states, list) or not isinstance(offsets, list) or len(states) != len(keys):
+            raise P.ProtocolError("a reserve reply without one state per key")
+        held = InPlacePut(conn, reply.get("reservation"), keys, [], [])
+        for i, st in enumerate(states):
+            off = offsets[i] if st == "reserved" else None
+            if off is not None and (not isinstance(off, int) or off < 0 or off + sizes[i] > pool.nbytes):
+                if held.reservation is not None and not conn.closed:
+                    conn.abort_reservation(held.reservation)
+                raise P.ProtocolError("a reserved block outside the pool")
+            held.states.append(str(st))
+            held.places.append((off, hsizes[i], sizes[i] - hsizes[i]) if off is not None else None)
+        return held
+
+    async def commit_in_place(self, held: InPlacePut, *, abort: bool = False) -> list[PutResult | None]:
+        """Publish (or with ``abort``, drop) the values of :meth:`reserve_in_place`.
+
+        Returns:
+            Per key: the commit's result for a reserved one, ``EXISTS`` for a key the server
+            held already, and None for a key it could not reserve (tier 0 full, a put of the
+            key in flight): the caller puts those through :meth:`put`.
+        """
+        conn, pool = held.conn, held.conn.pool_view
+        out: list[PutResult | None] = [PutResult(PutStatus.EXISTS) if st == "exists" else None for st in held.states]
+        reserved = [i for i, p in enumerate(held.places) if p is not None]
+        if not reserved:
+            return out
+        if conn.closed or pool is None:
+            raise BackendUnavailableError("lm://: the connection holding the reservation was closed")
+        if abort:
+            conn.abort_reservation(held.reservation)
+            return [rejected("aborted") if i in reserved else r for i, r in enumerate(out)]
+        try:
+            arr = np.frombuffer(pool, dtype=np.uint8)
+            for i in reserved:
+                off, h, n = held.places[i]  # type: ignore[misc]
+                payload = arr[off + h : off + h + n]
+                pool[off : off + h] = encode_header(held.keys[i], payload, checksum=payload_checksum(payload))
+            done, _ = await conn.request(P.Op.COMMIT, {"reservation": held.reservation, **self._ack})
+        except BaseException:
+            if not conn.closed:
+                conn.abort_reservation(held.reservation)
+            raise
+        for i, (status, reason) in zip(reserved, done["results"], strict=True):
+            out[i] = PutResult(PutStatus(status), reason)
+        return out
+
+    async def get_in_place(self, keys: Sequence[CacheKey], nbytes: Sequence[int]) -> InPlaceGet | None:
+        """Read values where they lie: tier-0 hits in the server's pool, others in our segment.
+
+        Each value's frame is checked (key, length, checksum) but not copied: the caller reads
+        the payloads (:attr:`InPlaceGet.payloads`, None for a miss, a corrupt value or one of
+        another size than ``nbytes``) and then must call :meth:`release_in_place`.
+
+        Returns:
+            None when this client has no shared memory (use :meth:`get_into` then), or when
+            the values do not fit in one request (at most half the segment).
+        """
+        keys = list(keys)
+        await self._ensure_open()
+        conn = await self._conn()
+        if conn.arena is None or conn.segment is None or not keys:
+            return None
+        skeys = [k.to_string() for k in keys]
+        caps = [int(n) + header_size(len(sk.encode()), 0) for sk, n in zip(skeys, nbytes, strict=True)]
+        if sum(caps) > _request_bytes(conn):
+            return None
+        region = await conn.alloc(sum(caps))
+        if region is None:
+            return None
+        spans, off = [], region[0]
+        for c in caps:
+            spans.append([off, c])
+            off += c
+        meta: dict[str, Any] = {"keys": skeys, "spans": spans}
+        if conn.pool_view is not None:
+            meta["lease"] = True
+        reply, _ = await conn.request(P.Op.GET, meta, flags=P.FLAG_SHM, region=region)
+        got = InPlaceGet(conn, region, reply.get("lease"), [])
+        try:
+            sizes = reply["sizes"]
+            if not isinstance(sizes, list) or len(sizes) != len(keys):
+                raise P.ProtocolError("a GET reply without one size per key")
+            where = reply.get("where") or ["seg"] * len(keys)
+            offsets = reply.get("offsets") or [None] * len(keys)
+            pool, seg = conn.pool_view, conn.segment
+            for (o, c), n, w, po, key, skey, want in zip(
+                spans, sizes, where, offsets, keys, skeys, nbytes, strict=True
+            ):
+                if n is None:
+                    got.payloads.append(None)
+                    continue
+                if not isinstance(n, int):
+                    raise P.ProtocolError("a GET reply size that is not a number")
+                if w == "pool" and pool is not None:
+                    if not isinstance(po, int) or po < 0 or po + n > pool.nbytes:
+                        raise P.ProtocolError("a GET reply pool span outside the pool")
+                    frame = pool[po : po + n]
+                else:
+                    if not 0 <= n <= c or seg is None:
+                        raise P.ProtocolError("a GET reply size outside its span")
+                    frame = seg.view[o : o + n]
+                got.payloads.append(self._checked_payload(key, skey, frame, int(want)))
+        except BaseException:
+            self.release_in_place(got)
+            raise
+        return got
+
+    def _checked_payload(self, key: CacheKey, skey: str, frame: memoryview, want: int) -> memoryview | None:
+        """The payload of ``frame`` once its header and checksum hold; None (counted) if not."""
+        try:
+            header = parse_header(frame)
+            if header.key != skey:
+                raise IntegrityError(f"value stored under {skey[:80]} belongs to another key")
+            if header.total_len != frame.nbytes:
+                raise IntegrityError(f"value for {key} has {frame.nbytes} bytes, its header says {header.total_len}")
+            payload = frame[header.payload_offset :]
+            header.verify_checksum(payload_checksum(payload))
+        except IntegrityError as exc:
+            self.record_corrupt(key, exc)
+            self.corrupt_seen.append(key)
+            return None
+        return payload if payload.nbytes == want else None
+
+    def release_in_place(self, got: InPlaceGet) -> None:
+        """Hand back what :meth:`get_in_place` holds (call on the backend's event loop)."""
+        got.payloads = []
+        region, got.region = got.region, None
+        if region is not None:
+            got.conn.free_region(region)
+        lease, got.lease = got.lease, None
+        got.conn.release_lease(lease)
+
     async def _get_into(self, keys: list[CacheKey], dsts: list[memoryview]) -> list[int | None]:
         results = await self._retrying(lambda conn: self._get_on(conn, keys, dsts))
         if self.corrupt_seen:
@@ -1049,6 +1213,44 @@ class LMServerBackend(StorageBackend):
         finally:
             conn.free_region(region)
             conn.release_lease(reply.get("lease"))
+
+
+@dataclasses.dataclass(eq=False)
+class InPlacePut:
+    """Tier-0 blocks reserved by :meth:`LMServerBackend.reserve_in_place`, to be filled and committed.
+
+    Attributes:
+        states: Per key, the server's answer: ``reserved``, ``exists``, ``busy``, ``full``…
+        places: Per key, ``(offset, header bytes, payload bytes)`` in the pool when reserved.
+    """
+
+    conn: _Conn
+    reservation: Any
+    keys: list[CacheKey]
+    states: list[str]
+    places: list[tuple[int, int, int] | None]
+
+    def payload(self, i: int) -> memoryview | None:
+        """The writable payload bytes of key ``i`` in the server's pool (None: not reserved)."""
+        place, pool = self.places[i], self.conn.pool_view
+        if place is None or pool is None:
+            return None
+        off, h, n = place
+        return pool[off + h : off + h + n]
+
+
+@dataclasses.dataclass(eq=False)
+class InPlaceGet:
+    """Values read in place by :meth:`LMServerBackend.get_in_place` (release them after use).
+
+    Attributes:
+        payloads: Per key, the checked payload (a view of the pool or of our segment) or None.
+    """
+
+    conn: _Conn
+    region: tuple[int, int] | None
+    lease: Any
+    payloads: list[memoryview | None]
 
 
 def _request_bytes(conn: _Conn) -> int:

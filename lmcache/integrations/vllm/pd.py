@@ -35,7 +35,9 @@ small hooks. It imports no vLLM module.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -287,48 +289,59 @@ class PDWorker:
     def start_save(self, engine: CacheEngine, src: Any, save: TransferSave) -> None:
         """Copy the prompt's KV out of ``src`` now; the puts land in the background.
 
-        The whole chunks go through :meth:`CacheEngine.store` (ordinary keys, present ones
-        skipped); the last chunk (partial or whole) goes under the transfer key once they are
-        all in the tier. A send that fails (a copy, a rejected or failed put, a whole chunk that
-        did not land, the deadline) publishes a failure mark under the transfer's scope instead,
-        so the consumer stops waiting at once (:meth:`load`).
+        The whole chunks go under their ordinary keys (those the tier holds already are
+        skipped), the last chunk (partial or whole) under the transfer key once every whole
+        chunk is in. The copies and the puts overlap: chunk ``i`` is put (on the engine's loop)
+        while chunk ``i + 1`` is copied out of ``src`` here. A send that fails (a copy, a
+        rejected or failed put, the deadline) publishes a failure mark under the transfer's
+        scope instead, so the consumer stops waiting at once (:meth:`load`).
         """
         began = time.perf_counter()
         tail = _last_chunk(engine, save.tokens)
         scope = _transfer_scope(engine.scope, save.transfer_id)
         key, fail_key = scope.key(tail.hash), scope.key(_failure_hash(tail.hash))
-        chunk = engine.config.chunk_size
-        whole = len(save.tokens) - len(save.tokens) % chunk
-        whole_keys = [engine.scope.key(c.hash) for c in engine.chunks(save.tokens[:whole])] if whole else []
+        # Every whole chunk under its ordinary key: the last one too when the prompt ends on a chunk
+        # boundary (it then goes under both keys), so the prefix is a hit for anyone.
+        n_whole = len(save.tokens) - len(save.tokens) % engine.config.chunk_size
+        whole = engine.chunks(save.tokens[:n_whole]) if n_whole else []
+        keys = [engine.scope.key(c.hash) for c in whole]
+        puts: list[concurrent.futures.Future[str | None]] = []
         lease = None
         try:
-            # Every whole chunk under its ordinary key: the last one too when the prompt ends on a
-            # chunk boundary (it then goes under both keys), so the prefix is a hit for anyone.
-            prefix = engine.store(save.tokens[:whole], src) if whole else None
+            present: list[bool] | None = None
+            if keys:  # a shared prefix may be there already: no copy, no put (checked like a store's)
+                limit = engine.config.lookup_budget
+                present = engine._within(engine._contains(keys, limit), limit, len(keys))
+            if present is None:  # not known in time: put them all (a put of a held key is EXISTS)
+                present = [False] * len(keys)
+            for c, k, there in zip(whole, keys, present, strict=True):
+                if there:
+                    continue
+                lease = engine.pool.acquire(shape=engine.geometry.chunk_shape(c.num_tokens))
+                src.gather(c.start, c.end, lease.tensor())
+                puts.append(engine._loop.submit(self._put(engine, k, lease)))
+                lease = None  # the put releases it
             lease = engine.pool.acquire(shape=engine.geometry.chunk_shape(tail.num_tokens))
             src.gather(tail.start, tail.end, lease.tensor())
         except Exception as exc:  # a failed send is a recompute on the decoder, never a failed step
             if lease is not None:
                 lease.release()
             reason = f"copying it out failed ({type(exc).__name__}: {exc})"
-            self._sending[save.req_id] = engine._loop.submit(self._send_failed(engine, save, fail_key, reason))
+            self._sending[save.req_id] = engine._loop.submit(self._send_failed(engine, save, fail_key, reason, puts))
             return
+        copied = time.perf_counter()
+        self._count("pd_send_copy_us", int((copied - began) * 1e6))
+        tail_lease = lease
 
         async def finish() -> str | None:
             try:
-                if prefix is not None:
-                    await asyncio.wrap_future(prefix)
-                missing = await self._missing(engine, whole_keys)
-                if missing:
-                    return (
-                        f"{missing} of its {len(whole_keys)} whole chunks are not in the tier (put rejected or failed)"
-                    )
-                results = await engine.backend.put([key], [lease.tensor()])
-                if not results[0].ok:
-                    return f"the put of its last chunk was rejected ({results[0].reason})"
-                return None
+                for fut in puts:
+                    reason = await asyncio.wrap_future(fut)
+                    if reason is not None:
+                        return f"the put of a whole chunk failed ({reason})"
+                return await self._put(engine, key, tail_lease, release=False)
             finally:
-                lease.release()
+                tail_lease.release()
 
         async def bounded() -> bool:
             try:
@@ -338,7 +351,7 @@ class PDWorker:
             except Exception as exc:  # the tier failed: the decoder must not wait for it
                 reason = f"{type(exc).__name__}: {exc}"
             if reason is not None:
-                return await self._send_failed(engine, save, fail_key, reason)
+                return await self._send_failed(engine, save, fail_key, reason, puts)
             self._count("pd_sent_tokens", len(save.tokens))
             self._count("pd_sent_bytes", engine.geometry.chunk_nbytes(len(save.tokens)))
             self._count("pd_send_us", int((time.perf_counter() - began) * 1e6))
@@ -346,25 +359,33 @@ class PDWorker:
 
         self._sending[save.req_id] = engine._loop.submit(bounded())
 
-    async def _missing(self, engine: CacheEngine, keys: list[Any]) -> int:
-        """How many of ``keys`` the tier lacks once this engine's stores of them have ended.
+    @staticmethod
+    async def _put(engine: CacheEngine, key: Any, lease: Any, *, release: bool = True) -> str | None:
+        """Put one chunk buffer; None when it is in the tier, else why not."""
+        try:
+            result = (await engine.backend.put([key], [lease.tensor()]))[0]
+            return None if result.ok else f"rejected: {result.reason}"
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            if release:
+                lease.release()
 
-        A chunk another request of this engine is still putting was skipped by our store: it is
-        waited for (within the send's deadline) rather than counted missing.
+    async def _send_failed(
+        self,
+        engine: CacheEngine,
+        save: TransferSave,
+        fail_key: Any,
+        reason: str,
+        puts: list[concurrent.futures.Future[str | None]],
+    ) -> bool:
+        """Count and log a failed send and publish its failure mark (best effort); returns False.
+
+        The send's chunk puts still running are waited for first (they release their buffers).
         """
-        if not keys:
-            return 0
-        while True:
-            with engine._lock:
-                busy = any(k in engine._inflight for k in keys)
-            if not busy:
-                break
-            await asyncio.sleep(self.poll)
-        there = await engine.backend.contains(keys)
-        return sum(1 for t in there if not t)
-
-    async def _send_failed(self, engine: CacheEngine, save: TransferSave, fail_key: Any, reason: str) -> bool:
-        """Count and log a failed send and publish its failure mark (best effort); returns False."""
+        for fut in puts:
+            with contextlib.suppress(Exception):
+                await asyncio.wrap_future(fut)
         logger.warning(
             "lmcache: transfer %s of request %s failed: %s; publishing a failure mark",
             save.transfer_id,
@@ -405,8 +426,10 @@ class PDWorker:
 
         ``load`` is the connector's ``LoadSpec``; ``load.transfer`` names the transfer.
 
-        Waits at most :attr:`timeout` for the transfer's completion mark, then loads the whole
-        chunks through their ordinary keys and the last chunk through the transfer key. A whole
+        Waits at most :attr:`timeout` for the transfer's completion mark (or its failure mark:
+        then nothing is loaded at once), then loads the whole chunks through their ordinary keys
+        and the last chunk through the transfer key. The gets run ahead on the engine's loop (up
+        to half the chunk buffer pool) while earlier chunks are copied into ``dst`` here. A whole
         chunk that is not there yet (another request's store of a shared prefix may still be
         landing) is waited for within the same deadline.
 
@@ -421,7 +444,7 @@ class PDWorker:
         state = self._wait_for(engine, key, fail_key, deadline)
         if state == "failed":
             logger.warning(
-                "lmcache: transfer %s failed on the producer; vLLM handles the load failure", ref.transfer_id
+                "lmcache: transfer %s failed on its producer; vLLM handles the load failure", ref.transfer_id
             )
             self._count("pd_transfers_failed", 1)
             return start
@@ -435,35 +458,54 @@ class PDWorker:
             return start
         began = time.perf_counter()
         self._count("pd_wait_us", int((began - deadline + self.timeout) * 1e6))
-        good = start
-        while good < tail.start:
-            try:
-                got = engine.retrieve(tokens[: tail.start], dst, start=good)
-            except Exception as exc:  # a failed load is vLLM's to recompute or fail
-                logger.warning("lmcache: transfer %s: loading its chunks failed: %s", ref.transfer_id, exc)
-                return good
-            good = max(good, got)
-            if good >= tail.start:
-                break
-            if time.monotonic() >= deadline or self._wait_for(engine, None, fail_key, 0.0) == "failed":
-                return good
-            time.sleep(self.poll)
-        lease = engine.pool.acquire(shape=engine.geometry.chunk_shape(tail.num_tokens))
+        todo = [(c, engine.scope.key(c.hash)) for c in engine.chunks(tokens[: tail.start]) if c.end > start]
+        todo.append((tail, key))
+        window = max(1, engine.pool.num_slots // 2)
+        inflight: collections.deque[tuple[Chunk, Any, concurrent.futures.Future[int | None]]] = collections.deque()
+        good, nxt, copy_s = start, 0, 0.0
         try:
-            view = lease.tensor()
-            try:
-                sizes = engine._run(asyncio.wait_for(engine.backend.get_into([key], [view]), self._left(deadline)))
-            except Exception as exc:
-                logger.warning("lmcache: transfer %s: loading its last chunk failed: %s", ref.transfer_id, exc)
-                return good
-            if sizes[0] != lease.nbytes:
-                return good
-            dst.scatter(tail.start, tail.end, view)
+            while nxt < len(todo) or inflight:
+                while nxt < len(todo) and len(inflight) < window:
+                    chunk, k = todo[nxt]
+                    lease = engine.pool.acquire(shape=engine.geometry.chunk_shape(chunk.num_tokens))
+                    inflight.append(
+                        (chunk, lease, engine._loop.submit(self._get(engine, k, lease, fail_key, deadline)))
+                    )
+                    nxt += 1
+                chunk, lease, fut = inflight.popleft()
+                try:
+                    size = fut.result(timeout=self._left(deadline) + engine.config.tier_timeout)
+                except Exception as exc:  # a failed load is vLLM's to recompute or fail
+                    logger.warning("lmcache: transfer %s: loading a chunk failed: %r", ref.transfer_id, exc)
+                    size = None
+                if size != lease.nbytes:
+                    lease.release()
+                    return good
+                t0 = time.perf_counter()
+                dst.scatter(chunk.start, chunk.end, lease.tensor())
+                copy_s += time.perf_counter() - t0
+                lease.release()
+                good = chunk.end
         finally:
-            lease.release()
+            for _, lease, fut in inflight:  # stopped early: no get may write into a released buffer
+                fut.cancel()
+                with contextlib.suppress(Exception):
+                    fut.result(timeout=engine.config.tier_timeout)
+                lease.release()
         self._count("pd_loaded_bytes", engine.geometry.chunk_nbytes(tail.end - start))
         self._count("pd_load_us", int((time.perf_counter() - began) * 1e6))
+        self._count("pd_load_copy_us", int(copy_s * 1e6))
         return tail.end
+
+    async def _get(self, engine: CacheEngine, key: Any, lease: Any, fail_key: Any, deadline: float) -> int | None:
+        """Read one chunk into ``lease``; a miss is retried until ``deadline`` or a failure mark."""
+        while True:
+            size = (await engine.backend.get_into([key], [lease.tensor()]))[0]
+            if size is not None or time.monotonic() >= deadline:
+                return size
+            if (await engine.backend.contains([fail_key]))[0]:
+                return None
+            await asyncio.sleep(self.poll)
 
     def _left(self, deadline: float) -> float:
         return max(0.05, deadline - time.monotonic())

@@ -30,7 +30,9 @@ Auth and resource bounds (what a client that is not trusted can cost the server)
   (meta and data) and the whole first frame must arrive within ``hello_timeout``: nothing sized
   by the client is allocated before auth.
 * Every read has a deadline: a frame that stalls mid-way (no byte for ``read_timeout``) cuts the
-  connection, and an authenticated session idle for ``idle_timeout`` is closed.
+  connection, and an authenticated session idle for ``idle_timeout`` is closed. Replies too: a
+  client that reads nothing of a reply for ``read_timeout`` is cut (it would otherwise hold its
+  staging buffer, its leases and its session forever).
 * Sessions stage socket values in buffers drawn from one server-wide :class:`StagingBudget`:
   when it is spent a request waits up to ``staging_wait`` and then gets a ``busy`` error (one
   larger than the whole budget gets ``too_large`` at once), instead of allocating more.
@@ -102,7 +104,7 @@ class ServerSettings:
     )
     read_timeout: float = setting(
         30.0,
-        doc="Seconds a frame may stall mid-way (no byte received) before the connection is cut.",
+        doc="Seconds a frame may stall mid-way (no byte received, or a reply not read) before the connection is cut.",
         parse=parse_duration,
         min=0.001,
     )
@@ -154,6 +156,10 @@ class _Disconnect(Exception):
 
 class _Stalled(Exception):
     """No byte arrived within the deadline of the read in progress."""
+
+
+class _SendStalled(_Disconnect):
+    """The peer stopped reading a reply for ``read_timeout``: the connection was shut down."""
 
 
 class _StagingRefused(Exception):
@@ -291,13 +297,18 @@ class _Session:
             raise _Stalled from None
 
     async def _send(self, op: int, rid: int, meta: dict[str, Any], data: Sequence[memoryview] = (), flags: int = 0):
-        loop = asyncio.get_running_loop()
         size = sum(d.nbytes for d in data)
         head = P.encode_frame_head(op, rid, P.encode_meta(meta), size, flags | P.FLAG_REPLY)
-        if not data:
-            await loop.sock_sendall(self.sock, head)
-            return
-        await P.sock_sendv(self.sock, [head, *data])
+        try:
+            # Bounded like reads: a client that stops reading would hold its staging buffer,
+            # its leases and this task forever.
+            await P.sock_sendv(self.sock, [head, *data], stall=self.server.settings.read_timeout)
+        except TimeoutError:
+            self.server.counters.timeouts += 1
+            logger.warning("lm server: %s read no reply bytes for read_timeout; disconnecting", self.peer)
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)  # half a frame was sent: the stream is lost
+            raise _SendStalled from None
 
     async def _send_error(self, op: int, rid: int, kind: str, message: str) -> None:
         self.server.metrics.error("server", kind)

@@ -207,13 +207,26 @@ def error_from_reply(meta: dict[str, Any]) -> Exception:
 
 _IOV_MAX = 512
 
+#: With a stall deadline, a buffer the socket cannot take at once is sent in parts this large,
+#: each within the deadline: the peer must keep reading, at least this much per deadline.
+STALL_STEP = 1 << 20
 
-async def sock_sendv(sock: socket.socket, buffers: Sequence[bytes | memoryview]) -> None:
+
+async def sock_sendv(sock: socket.socket, buffers: Sequence[bytes | memoryview], stall: float | None = None) -> None:
     """Send ``buffers`` in order on a non-blocking socket, gathered (``sendmsg``) where possible.
 
     One ``sendmsg`` moves a frame head and many values in one syscall; when the socket buffer
     fills, the rest of the current buffer goes through ``loop.sock_sendall`` (which waits for
     the socket to drain) and gathering resumes.
+
+    Args:
+        sock: A non-blocking, connected socket.
+        buffers: What to send, in order.
+        stall: Seconds each :data:`STALL_STEP` bytes may wait for the peer to read (None: no
+            limit); a peer that stops reading must not hold the sender forever.
+
+    Raises:
+        TimeoutError: The peer read nothing for ``stall`` seconds.
     """
     loop = asyncio.get_running_loop()
     views = [memoryview(b) for b in buffers if len(b)]
@@ -233,5 +246,17 @@ async def sock_sendv(sock: socket.socket, buffers: Sequence[bytes | memoryview])
                 sent = 0
         if i < len(views):
             # Partly sent or would block: wait for room through the loop, then gather again.
-            await loop.sock_sendall(sock, views[i])
+            await _send_within(loop, sock, views[i], stall)
             i += 1
+
+
+async def _send_within(loop: asyncio.AbstractEventLoop, sock: socket.socket, view: memoryview, stall: float | None):
+    """``loop.sock_sendall`` of ``view``, each :data:`STALL_STEP` part within ``stall`` seconds."""
+    if stall is None:
+        await loop.sock_sendall(sock, view)
+        return
+    while view.nbytes:
+        part = view[:STALL_STEP]
+        async with asyncio.timeout(stall):
+            await loop.sock_sendall(sock, part)
+        view = view[part.nbytes :]

@@ -129,6 +129,26 @@ def test_a_frame_that_stalls_mid_data_is_cut(tight_server: LMServer) -> None:
         assert tight_server.server_stats()["server"]["timeouts"] >= 1
 
 
+def test_a_client_that_stops_reading_replies_is_cut(tight_server: LMServer) -> None:
+    with tight_server.raw() as watch, tight_server.raw() as reader:
+        key = _key()
+        assert watch.put_frame(key, b"g" * (512 << 10)) == "stored"
+        before = watch.stats()["server"]["timeouts"]
+        # 64 replies of 512 KiB: far more than both socket buffers hold, and none is read.
+        for _ in range(64):
+            reader.send(P.Op.GET, {"keys": [key], "caps": [1 << 20]})
+        for _ in range(300):  # read_timeout is 2 s; before the fix the session waited forever
+            if watch.stats()["server"]["timeouts"] > before:
+                break
+            time.sleep(0.1)
+        assert watch.stats()["server"]["timeouts"] > before
+        reader.sock.settimeout(5)
+        with pytest.raises((ConnectionError, OSError, AssertionError)):
+            while True:  # what was sent before the cut drains, then the stream ends
+                reader.recv()
+        watch.ping()  # the server and other sessions carry on
+
+
 def test_an_idle_session_is_closed(tight_server: LMServer) -> None:
     with tight_server.raw() as c:
         c.ping()

@@ -21,7 +21,9 @@ Quantization runs in float32 torch ops on CPU (torch releases the GIL).
 
 Decoding writes straight into the destination buffer, a block of layers at a time through a
 per-thread float32 scratch (codes to float, scale in place, one converting copy into the
-chunk's dtype), so every pass but the last stays in cache: several GB/s per core.
+chunk's dtype), so every pass but the last stays in cache: several GB/s per core. Where a C
+compiler is available the loops of :mod:`lmcache.serde.dequant_native` do the same arithmetic in
+one pass (the same bytes), and the torch path is the fallback.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import numpy as np
 import torch
 
 from lmcache.errors import InvalidBufferError
+from lmcache.serde import dequant_native
 from lmcache.serde.codec import ChunkGeometry, Codec
 
 __all__ = ["Fp8Codec", "Int4Codec", "Int8Codec", "from_float", "to_float"]
@@ -141,10 +144,12 @@ class _Scaled(Codec):
         sk = _half_scales(body[:nk], self._code_factor).view(L, H, D)
         sv = _half_scales(body[nk : nk + nv], self._code_factor).view(L, T, H, 1) if P > 1 else None
         codes = np.frombuffer(body[nk + nv :], dtype=np.int8)
-        _decode_blocks(codes, _out_tensor(out, geometry), self._codes_to_float, sk=sk, sv=sv)
+        _decode_blocks(codes, _out_tensor(out, geometry), self._codes_to_float, sk=sk, sv=sv, native=self._native)
 
     #: What decoded codes are multiplied by besides their scale (fp8 decodes codes / 256).
     _code_factor = 1.0
+    #: The codes' kind for the C decode loop (:mod:`lmcache.serde.dequant_native`).
+    _native = dequant_native.CODE_INT8
 
     def _codes_to_float(self, codes: np.ndarray, tmp: torch.Tensor) -> None:
         raise NotImplementedError
@@ -164,12 +169,17 @@ def _decode_blocks(
     sk: torch.Tensor,
     sv: torch.Tensor | None,
     ck: torch.Tensor | None = None,
+    native: int | None = None,
 ) -> None:
     """``dst`` (``[L, P, T, H, D]``, any view) = codes times key scales ``sk`` (+ centres ``ck``), value scales ``sv``.
 
     Works a block of layers at a time through a per-thread float32 scratch (codes to float,
     scale in place, one converting copy into ``dst``): every pass but the last stays in cache.
+    With ``native`` (the codes' kind), the C loop of :mod:`lmcache.serde.dequant_native` does it
+    in one pass where it is available (the same bytes).
     """
+    if native is not None and dequant_native.scaled(native, codes, dst, sk=sk, sv=sv, ck=ck):
+        return
     L, P, T, H, D = dst.shape
     per_layer = P * T * H * D
     step = max(1, _BLOCK // per_layer)
@@ -215,6 +225,7 @@ class Fp8Codec(_Scaled):
     qmax = 448.0
     body_version = 1
     _code_factor = 256.0  # _fp8_bits_to_half gives code values / 256
+    _native = dequant_native.CODE_FP8
 
     def _quantize(self, y: torch.Tensor) -> np.ndarray:
         return y.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
@@ -276,7 +287,7 @@ class Fp8Codec(_Scaled):
         ).reshape(L, P, -1)
         codes = np.frombuffer(body[pos + first : pos + first + L * P * (T - 1) * H * D], dtype=np.int8)
         dst = _out_tensor(out, geometry)[:, :, 1:]
-        _decode_blocks(codes, dst, self._codes_to_float, sk=sk, sv=sv, ck=ck)
+        _decode_blocks(codes, dst, self._codes_to_float, sk=sk, sv=sv, ck=ck, native=self._native)
 
     def decode_body(self, body: memoryview, geometry: ChunkGeometry, out: memoryview) -> None:
         """Decode a body of the current version."""
@@ -397,6 +408,8 @@ class Int4Codec(Codec):
             raise ValueError(f"int4 body has {body.nbytes} bytes, expected {5 + meta_bytes + half}")
         meta = torch.from_numpy(np.frombuffer(body[5 : 5 + meta_bytes], dtype=np.float16).astype(np.float32))
         packed = np.frombuffer(body[5 + meta_bytes :], dtype=np.uint8)
+        if dequant_native.int4(packed, half, _out_tensor(out, geometry), gk=gk, gv=gv, meta=meta):
+            return  # the C loop (same bytes as below)
         q = _scratch("u8", 2 * half, np.uint8)
         np.bitwise_and(packed, 15, out=q[:half])
         np.right_shift(packed, 4, out=q[half:])

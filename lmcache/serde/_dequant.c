@@ -1,0 +1,335 @@
+/* Dequantization loops of the fp8, int8 and int4 codecs (lmcache.serde.quant), in C.
+ *
+ * Each loop turns codes into float32 (a short row at a time, in an L1-sized stack buffer), scales
+ * them (times a scale, plus a centre: separate float32 multiply and add, never fused, exactly as
+ * the torch path's mul_/add_ round) and writes the result straight into the destination chunk in
+ * its dtype (float32, float16 or bfloat16, round to nearest even, as torch's copy_ rounds). So
+ * both paths give identical bytes; tests check it.
+ *
+ * The destination is addressed as [layers, parts, tokens] rows of heads * dim contiguous elements,
+ * with byte strides for the three outer axes (the fp8 codec skips the chunk's first token, which
+ * it stores exact). An AVX2 + F16C loop runs where the CPU has them (checked at run time, so the
+ * library builds with plain flags), else a scalar loop of the same arithmetic.
+ *
+ * Built on first use by lmcache/serde/dequant_native.py (lmcache.native_build); links nothing.
+ */
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define LMC_X86 1
+#define TGT __attribute__((target("avx2,f16c")))
+#else
+#define LMC_X86 0
+#endif
+
+#if defined(__FLT16_MAX__)
+#define LMC_HAVE_F16 1
+#else
+#define LMC_HAVE_F16 0
+#endif
+
+enum { OUT_F32 = 0, OUT_F16 = 1, OUT_BF16 = 2 };
+enum { CODE_FP8 = 0, CODE_INT8 = 1 };
+
+#define SEG 512 /* floats per stack buffer: rows are cut into segments of at most this */
+
+static float fp8_table[256];
+
+static float half_bits_to_float(uint16_t h) {
+    uint32_t e = (h >> 10) & 31, m = h & 1023;
+    float v;
+    if (e == 0)
+        v = ldexpf((float)m, -24);
+    else if (e == 31)
+        v = m ? NAN : INFINITY;
+    else
+        v = ldexpf((float)(m + 1024), (int)e - 25);
+    return (h & 0x8000) ? -v : v;
+}
+
+/* The value of each e4m3 code divided by 256, as the torch path computes it: the code's bits
+ * sign-extended to 16 bits, shifted left by 7 and masked with 0xBF80 form a float16. */
+void lmc_dq_init(void) {
+    for (int c = 0; c < 256; c++) {
+        uint16_t x = (uint16_t)(int16_t)(int8_t)(uint8_t)c;
+        fp8_table[c] = half_bits_to_float((uint16_t)((uint16_t)(x << 7) & 0xBF80));
+    }
+}
+
+int lmc_dq_has_simd(void) {
+#if LMC_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
+
+/* ---- scalar helpers -------------------------------------------------------------------- */
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if (f != f)
+        return 0x7FC0;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+static void store_scalar(int out_kind, uint8_t *out, const float *y, int64_t n) {
+    if (out_kind == OUT_F32) {
+        memcpy(out, y, (size_t)n * 4);
+    } else if (out_kind == OUT_BF16) {
+        uint16_t *o = (uint16_t *)out;
+        for (int64_t i = 0; i < n; i++)
+            o[i] = f32_to_bf16(y[i]);
+    } else {
+#if LMC_HAVE_F16
+        _Float16 *o = (_Float16 *)out;
+        for (int64_t i = 0; i < n; i++)
+            o[i] = (_Float16)y[i];
+#endif
+    }
+}
+
+static void codes_scalar(int kind, const uint8_t *codes, int64_t n, float *x) {
+    if (kind == CODE_FP8)
+        for (int64_t i = 0; i < n; i++)
+            x[i] = fp8_table[codes[i]];
+    else
+        for (int64_t i = 0; i < n; i++)
+            x[i] = (float)(int8_t)codes[i];
+}
+
+/* y = x * s (+ c), s and c per element (vector) or one each (scalar, c_one used when has_c). */
+static void affine_scalar(const float *x, int64_t n, const float *s, const float *c, float s_one, float c_one,
+                          int has_c, int out_kind, uint8_t *out) {
+    float y[SEG];
+    for (int64_t i = 0; i < n; i++) {
+        float v = x[i] * (s ? s[i] : s_one);
+        if (has_c)
+            v = v + (c ? c[i] : c_one); /* built with -ffp-contract=off: never fused with the multiply */
+        y[i] = v;
+    }
+    store_scalar(out_kind, out, y, n);
+}
+
+/* ---- AVX2 + F16C helpers -------------------------------------------------------------- */
+#if LMC_X86
+TGT static inline __attribute__((always_inline)) void store8_avx2(int out_kind, uint8_t *out, __m256 y) {
+    if (out_kind == OUT_BF16) {
+        __m256i u = _mm256_castps_si256(y);
+        __m256i bias = _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), _mm256_and_si256(_mm256_srli_epi32(u, 16),
+                                                                                    _mm256_set1_epi32(1)));
+        __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
+        __m256 ord = _mm256_cmp_ps(y, y, _CMP_ORD_Q);
+        r = _mm256_blendv_epi8(_mm256_set1_epi32(0x7FC0), r, _mm256_castps_si256(ord));
+        __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+        _mm_storeu_si128((__m128i *)out, packed);
+    } else if (out_kind == OUT_F16) {
+        _mm_storeu_si128((__m128i *)out, _mm256_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    } else {
+        _mm256_storeu_ps((float *)out, y);
+    }
+}
+
+#endif
+
+/* ---- fused rows ------------------------------------------------------------------------
+ * One pass per row: load 8 codes, to float32, times the scale(s), plus the centre(s), round and
+ * store. row_fused is inlined into a call per combination of its switches (constants there), so
+ * the loop has no branches. Code kinds here: CODE_FP8, CODE_INT8, and the int4 nibble planes. */
+enum { NIB_LO = 2, NIB_HI = 3 };
+
+static void codes_any_scalar(int kind, const uint8_t *codes, int64_t n, float *x) {
+    if (kind == NIB_LO)
+        for (int64_t i = 0; i < n; i++)
+            x[i] = (float)(codes[i] & 15);
+    else if (kind == NIB_HI)
+        for (int64_t i = 0; i < n; i++)
+            x[i] = (float)(codes[i] >> 4);
+    else
+        codes_scalar(kind, codes, n, x);
+}
+
+#if LMC_X86
+TGT static inline __attribute__((always_inline)) __m256 load8(int kind, const uint8_t *p) {
+    __m128i b = _mm_loadl_epi64((const __m128i *)p);
+    if (kind == CODE_FP8)
+        return _mm256_cvtph_ps(_mm_and_si128(_mm_slli_epi16(_mm_cvtepi8_epi16(b), 7), _mm_set1_epi16((short)0xBF80)));
+    if (kind == CODE_INT8)
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+    __m256i q = _mm256_cvtepu8_epi32(b);
+    q = kind == NIB_LO ? _mm256_and_si256(q, _mm256_set1_epi32(15)) : _mm256_srli_epi32(q, 4);
+    return _mm256_cvtepi32_ps(q);
+}
+
+TGT static inline __attribute__((always_inline)) void row_fused(int kind, const uint8_t *codes, int64_t n,
+                                                                const float *s, const float *c, float s1, float c1,
+                                                                int vec, int has_c, int out_kind, uint8_t *out) {
+    const int64_t isz = out_kind == OUT_F32 ? 4 : 2;
+    const __m256 vs1 = _mm256_set1_ps(s1), vc1 = _mm256_set1_ps(c1);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 y = _mm256_mul_ps(load8(kind, codes + i), vec ? _mm256_loadu_ps(s + i) : vs1);
+        if (has_c)
+            y = _mm256_add_ps(y, vec ? _mm256_loadu_ps(c + i) : vc1);
+        store8_avx2(out_kind, out + i * isz, y);
+    }
+    if (i < n) {
+        float x[8];
+        codes_any_scalar(kind, codes + i, n - i, x);
+        affine_scalar(x, n - i, vec ? s + i : 0, vec && has_c ? c + i : 0, s1, c1, has_c, out_kind, out + i * isz);
+    }
+}
+
+#define LMC_OUTS(K, V, C)                                                                                            \
+    switch (out_kind) {                                                                                              \
+    case OUT_BF16:                                                                                                   \
+        row_fused(K, codes, n, s, c, s1, c1, V, C, OUT_BF16, out);                                                   \
+        break;                                                                                                       \
+    case OUT_F16:                                                                                                    \
+        row_fused(K, codes, n, s, c, s1, c1, V, C, OUT_F16, out);                                                    \
+        break;                                                                                                       \
+    default:                                                                                                         \
+        row_fused(K, codes, n, s, c, s1, c1, V, C, OUT_F32, out);                                                    \
+    }
+
+#define LMC_KINDS(V, C)                                                                                              \
+    switch (kind) {                                                                                                  \
+    case CODE_FP8:                                                                                                   \
+        LMC_OUTS(CODE_FP8, V, C) break;                                                                              \
+    case CODE_INT8:                                                                                                  \
+        LMC_OUTS(CODE_INT8, V, C) break;                                                                             \
+    case NIB_LO:                                                                                                     \
+        LMC_OUTS(NIB_LO, V, C) break;                                                                                \
+    default:                                                                                                         \
+        LMC_OUTS(NIB_HI, V, C)                                                                                       \
+    }
+
+TGT static void row_avx2(int kind, const uint8_t *codes, int64_t n, const float *s, const float *c, float s1, float c1,
+                         int has_c, int out_kind, uint8_t *out) {
+    if (s) {
+        if (c) {
+            LMC_KINDS(1, 1)
+        } else {
+            LMC_KINDS(1, 0)
+        }
+    } else {
+        if (has_c) {
+            LMC_KINDS(0, 1)
+        } else {
+            LMC_KINDS(0, 0) /* no add of a zero centre: -0.0 + 0.0 would turn -0.0 into +0.0 */
+        }
+    }
+}
+#endif
+
+/* Row of n codes (kind) into out: x * s (+ c) per element when s is given (c may be NULL), else
+ * x * s1 (+ c1 when has_c). */
+static void row(int simd, int kind, const uint8_t *codes, int64_t n, const float *s, const float *c, float s1,
+                float c1, int has_c, int out_kind, uint8_t *out) {
+    if (s)
+        has_c = c != 0;
+#if LMC_X86
+    if (simd) {
+        row_avx2(kind, codes, n, s, c, s1, c1, has_c, out_kind, out);
+        return;
+    }
+#endif
+    const int64_t isz = out_kind == OUT_F32 ? 4 : 2;
+    float x[SEG];
+    for (int64_t e = 0; e < n; e += SEG) {
+        int64_t k = n - e < SEG ? n - e : SEG;
+        codes_any_scalar(kind, codes + e, k, x);
+        affine_scalar(x, k, s ? s + e : 0, c ? c + e : 0, s1, c1, has_c, out_kind, out + e * isz);
+    }
+}
+
+static int check_out(int out_kind) {
+    if (out_kind != OUT_F32 && out_kind != OUT_F16 && out_kind != OUT_BF16)
+        return -1;
+    if (out_kind == OUT_F16 && !LMC_HAVE_F16)
+        return -2; /* no float16 rounding in this build's scalar path: the caller uses torch */
+    return 0;
+}
+
+/* fp8 / int8: codes [L, P, Tc, H, D] (one byte each); key scales sk and centres ck (or NULL)
+ * [L, H * D], value scales sv [L, Tc, H] (P == 2). Row (l, p, t) of the output starts at
+ * out + l * sL + p * sP + t * sT (bytes) and holds H * D contiguous elements. Returns 0, or a
+ * negative number for arguments it does not take (the caller then decodes with torch). */
+int lmc_dq_scaled(int kind, const uint8_t *codes, int64_t L, int64_t P, int64_t Tc, int64_t H, int64_t D,
+                  const float *sk, const float *ck, const float *sv, int out_kind, uint8_t *out, int64_t sL,
+                  int64_t sP, int64_t sT, int simd) {
+    if (check_out(out_kind) || (kind != CODE_FP8 && kind != CODE_INT8) || P < 1 || P > 2 || D < 1)
+        return -1;
+    const int64_t HD = H * D, isz = out_kind == OUT_F32 ? 4 : 2;
+    for (int64_t l = 0; l < L; l++) {
+        for (int64_t p = 0; p < P; p++) {
+            for (int64_t t = 0; t < Tc; t++) {
+                const uint8_t *codes_row = codes + ((l * P + p) * Tc + t) * HD;
+                uint8_t *o = out + l * sL + p * sP + t * sT;
+                if (p == 0) {
+                    row(simd, kind, codes_row, HD, sk + l * HD, ck ? ck + l * HD : 0, 0.f, 0.f, 0, out_kind, o);
+                } else {
+                    for (int64_t h = 0; h < H; h++)
+                        row(simd, kind, codes_row + h * D, D, 0, 0, sv[(l * Tc + t) * H + h], 0.f, 0, out_kind,
+                            o + h * D * isz);
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+/* Codes i0 .. i0 + n - 1 of the int4 nibble planes (code i < half: low nibble of byte i; else the
+ * high nibble of byte i - half) into out, as row() does. */
+static void nibble_row(int simd, const uint8_t *packed, int64_t half, int64_t i0, int64_t n, const float *s,
+                       const float *c, float s1, float c1, int out_kind, uint8_t *out) {
+    const int64_t isz = out_kind == OUT_F32 ? 4 : 2;
+    int64_t lo = i0 >= half ? 0 : (i0 + n <= half ? n : half - i0);
+    if (lo)
+        row(simd, NIB_LO, packed + i0, lo, s, c, s1, c1, 1, out_kind, out);
+    if (lo < n)
+        row(simd, NIB_HI, packed + i0 + lo - half, n - lo, s ? s + lo : 0, c ? c + lo : 0, s1, c1, 1, out_kind,
+            out + lo * isz);
+}
+
+/* int4 (body version 1): 4-bit codes in two nibble planes (``half`` bytes each). Keys: codes
+ * [L, ngk, gk, H, D], minimums then steps mk [2, L, ngk, H * D]; values: codes [L, T, H, ngv,
+ * gv] after the keys', mv [2, L, T, H, ngv]. Output rows as lmc_dq_scaled's. */
+int lmc_dq_int4(const uint8_t *packed, int64_t half, int64_t L, int64_t P, int64_t T, int64_t H, int64_t D,
+                int64_t gk, int64_t gv, const float *mk, const float *mv, int out_kind, uint8_t *out, int64_t sL,
+                int64_t sP, int64_t sT, int simd) {
+    if (check_out(out_kind) || gk < 1 || gv < 1 || gv > D || P < 1 || P > 2)
+        return -1;
+    const int64_t HD = H * D, isz = out_kind == OUT_F32 ? 4 : 2;
+    const int64_t ngk = (T + gk - 1) / gk, ngv = (D + gv - 1) / gv;
+    const int64_t nk_codes = L * ngk * gk * HD;
+    const int64_t nk_meta = L * ngk * HD, nv_meta = L * T * H * ngv;
+    if (2 * half < nk_codes + (P > 1 ? L * T * H * ngv * gv : 0))
+        return -1;
+    for (int64_t l = 0; l < L; l++) {
+        for (int64_t t = 0; t < T; t++) {
+            const int64_t g = t / gk, j = t % gk;
+            const float *lo = mk + (l * ngk + g) * HD, *st = mk + nk_meta + (l * ngk + g) * HD;
+            nibble_row(simd, packed, half, ((l * ngk + g) * gk + j) * HD, HD, st, lo, 0.f, 0.f, out_kind,
+                       out + l * sL + t * sT);
+        }
+        if (P < 2)
+            continue;
+        for (int64_t t = 0; t < T; t++) {
+            uint8_t *o = out + l * sL + sP + t * sT;
+            for (int64_t h = 0; h < H; h++) {
+                for (int64_t g = 0; g < ngv; g++) {
+                    const int64_t m = ((l * T + t) * H + h) * ngv + g, d0 = g * gv;
+                    nibble_row(simd, packed, half, nk_codes + m * gv, D - d0 < gv ? D - d0 : gv, 0, 0, mv[nv_meta + m],
+                               mv[m], out_kind, o + (h * D + d0) * isz);
+                }
+            }
+        }
+    }
+    return 0;
+}

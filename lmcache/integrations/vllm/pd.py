@@ -47,9 +47,12 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
+
 from lmcache.engine import CacheEngine
 from lmcache.errors import InvalidArgumentError
 from lmcache.keys import Chunk, ChunkHasher, KeyScope
+from lmcache.serde.codec import parse_codec_header
 
 __all__ = [
     "PD_TAG",
@@ -67,6 +70,8 @@ PD_TAG = "lmcache_pd"
 #: Transfer ids come from the network (a client or proxy may name one): a short, plain token.
 _TRANSFER_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 #: vLLM roles that may send (``do_remote_decode``) and receive (``do_remote_prefill``).
+#: Bytes enough to tell a codec header from raw KV at the start of a value.
+_CODEC_PEEK = 256
 #: The value of a failure mark (its presence is the message; the bytes only name it).
 _FAILURE_MARK = b"lmcache-pd-send-failed"
 _SENDERS = frozenset({"kv_producer", "kv_both"})
@@ -256,6 +261,27 @@ def _transfer_scope(scope: KeyScope, transfer_id: str) -> KeyScope:
     return KeyScope.create(scope.model, world_size=scope.world_size, rank=scope.rank, dtype=scope.dtype, tags=tags)
 
 
+def _in_place_tier(engine: CacheEngine) -> Any:
+    """The engine's only tier when it is a cache server whose pool this process maps, else None."""
+    try:
+        from lmcache.serde.layer import CodecBackend
+        from lmcache.server.client import LMServerBackend
+    except ImportError:  # pragma: no cover - the server extra is not installed
+        return None
+    backend: Any = engine.backend
+    tiers = getattr(backend, "tiers", None)
+    if tiers is not None:
+        if len(tiers) != 1:
+            return None
+        backend = tiers[0]
+    # Tiers come wrapped for codecs; only raw values are the chunk's bytes as they lie.
+    if isinstance(backend, CodecBackend):
+        if backend.codec.name != "raw":
+            return None
+        backend = backend.inner
+    return backend if isinstance(backend, LMServerBackend) and backend.pool_active else None
+
+
 def _failure_hash(tail_hash: bytes) -> bytes:
     """The chunk hash of a transfer's failure mark (beside its completion mark, same scope)."""
     return hashlib.blake2b(b"lmcache-pd-failed\0" + tail_hash, digest_size=len(tail_hash)).digest()
@@ -305,6 +331,10 @@ class PDWorker:
         n_whole = len(save.tokens) - len(save.tokens) % engine.config.chunk_size
         whole = engine.chunks(save.tokens[:n_whole]) if n_whole else []
         keys = [engine.scope.key(c.hash) for c in whole]
+        lm = _in_place_tier(engine)
+        chunks = [*zip(whole, keys, strict=True), (tail, key)]
+        if lm is not None and self._send_in_place(engine, lm, src, save, chunks=chunks, fail_key=fail_key, began=began):
+            return
         puts: list[concurrent.futures.Future[str | None]] = []
         lease = None
         try:
@@ -343,21 +373,33 @@ class PDWorker:
             finally:
                 tail_lease.release()
 
-        async def bounded() -> bool:
-            try:
-                reason = await asyncio.wait_for(finish(), self.timeout)
-            except TimeoutError:
-                reason = f"it outran pd_transfer_timeout ({self.timeout:g} s)"
-            except Exception as exc:  # the tier failed: the decoder must not wait for it
-                reason = f"{type(exc).__name__}: {exc}"
-            if reason is not None:
-                return await self._send_failed(engine, save, fail_key, reason, puts)
-            self._count("pd_sent_tokens", len(save.tokens))
-            self._count("pd_sent_bytes", engine.geometry.chunk_nbytes(len(save.tokens)))
-            self._count("pd_send_us", int((time.perf_counter() - began) * 1e6))
-            return True
+        self._sending[save.req_id] = engine._loop.submit(
+            self._bounded(engine, save, fail_key, finish(), began=began, puts=puts)
+        )
 
-        self._sending[save.req_id] = engine._loop.submit(bounded())
+    async def _bounded(
+        self,
+        engine: CacheEngine,
+        save: TransferSave,
+        fail_key: Any,
+        finish: Any,
+        *,
+        began: float,
+        puts: list[concurrent.futures.Future[str | None]],
+    ) -> bool:
+        """Run a send's ``finish`` (None, or why it failed) within the deadline; count the outcome."""
+        try:
+            reason = await asyncio.wait_for(finish, self.timeout)
+        except TimeoutError:
+            reason = f"it outran pd_transfer_timeout ({self.timeout:g} s)"
+        except Exception as exc:  # the tier failed: the decoder must not wait for it
+            reason = f"{type(exc).__name__}: {exc}"
+        if reason is not None:
+            return await self._send_failed(engine, save, fail_key, reason, puts)
+        self._count("pd_sent_tokens", len(save.tokens))
+        self._count("pd_sent_bytes", engine.geometry.chunk_nbytes(len(save.tokens)))
+        self._count("pd_send_us", int((time.perf_counter() - began) * 1e6))
+        return True
 
     @staticmethod
     async def _put(engine: CacheEngine, key: Any, lease: Any, *, release: bool = True) -> str | None:
@@ -460,9 +502,14 @@ class PDWorker:
         self._count("pd_wait_us", int((began - deadline + self.timeout) * 1e6))
         todo = [(c, engine.scope.key(c.hash)) for c in engine.chunks(tokens[: tail.start]) if c.end > start]
         todo.append((tail, key))
+        good, copy_s = start, 0.0
+        lm = _in_place_tier(engine)
+        if lm is not None:
+            good, copy_s = self._load_in_place(engine, lm, dst, todo, start=start, deadline=deadline)
+            todo = [(c, k) for c, k in todo if c.end > good]
         window = max(1, engine.pool.num_slots // 2)
         inflight: collections.deque[tuple[Chunk, Any, concurrent.futures.Future[int | None]]] = collections.deque()
-        good, nxt, copy_s = start, 0, 0.0
+        nxt = 0
         try:
             while nxt < len(todo) or inflight:
                 while nxt < len(todo) and len(inflight) < window:
@@ -506,6 +553,163 @@ class PDWorker:
             if (await engine.backend.contains([fail_key]))[0]:
                 return None
             await asyncio.sleep(self.poll)
+
+    # -- in place: the cache server's shared-memory pool (lm+unix://, lm:// on this host) --------
+
+    def _send_in_place(
+        self,
+        engine: CacheEngine,
+        lm: Any,
+        src: Any,
+        save: TransferSave,
+        *,
+        chunks: list[tuple[Chunk, Any]],
+        fail_key: Any,
+        began: float,
+    ) -> bool:
+        """Send by copying straight into blocks reserved in the server's pool; False if none could be.
+
+        One reservation holds every chunk, the completion mark (the last chunk under the
+        transfer key) last; one commit publishes them in that order, so the mark is never
+        visible before the chunks. Chunks the server could not reserve (a put of the key in
+        flight, tier 0 full) are copied into chunk buffers and put the ordinary way before the
+        commit; chunks it holds already are skipped.
+        """
+        geometry = engine.geometry
+        sizes = [geometry.chunk_nbytes(c.num_tokens) for c, _ in chunks]
+        try:
+            held = engine._run(
+                asyncio.wait_for(lm.reserve_in_place([k for _, k in chunks], sizes), engine.config.tier_timeout)
+            )
+        except Exception as exc:  # the ordinary path tries again (and reports what fails)
+            logger.debug("lmcache: no in-place transfer: %r", exc)
+            return False
+        if held is None:
+            return False
+        last = len(chunks) - 1
+        puts: list[concurrent.futures.Future[str | None]] = []
+        mark_lease = None
+        try:
+            for i, (c, k) in enumerate(chunks):
+                state = held.states[i]
+                if state == "exists":
+                    continue
+                if state == "reserved":
+                    view = torch.frombuffer(held.payload(i), dtype=geometry.torch_dtype)
+                    src.gather(c.start, c.end, view.view(geometry.chunk_shape(c.num_tokens)))
+                    continue
+                lease = engine.pool.acquire(shape=geometry.chunk_shape(c.num_tokens))
+                try:
+                    src.gather(c.start, c.end, lease.tensor())
+                except BaseException:
+                    lease.release()
+                    raise
+                if i == last:
+                    mark_lease = lease  # put after the commit
+                else:
+                    puts.append(engine._loop.submit(self._put(engine, k, lease)))
+        except Exception as exc:  # a failed send is a recompute on the decoder, never a failed step
+            if mark_lease is not None:
+                mark_lease.release()
+            reason = f"copying it out failed ({type(exc).__name__}: {exc})"
+
+            async def failed() -> bool:
+                with contextlib.suppress(Exception):
+                    await lm.commit_in_place(held, abort=True)
+                return await self._send_failed(engine, save, fail_key, reason, puts)
+
+            self._sending[save.req_id] = engine._loop.submit(failed())
+            return True
+        self._count("pd_send_copy_us", int((time.perf_counter() - began) * 1e6))
+        self._count("pd_in_place_sends", 1)
+
+        async def finish() -> str | None:
+            try:
+                for fut in puts:
+                    reason = await asyncio.wrap_future(fut)
+                    if reason is not None:
+                        await lm.commit_in_place(held, abort=True)
+                        return f"the put of a whole chunk failed ({reason})"
+                results = await lm.commit_in_place(held)
+                bad = [r for r in results if r is not None and not r.ok]
+                if bad:
+                    return f"{len(bad)} chunk(s) were not published ({bad[0].reason})"
+                if mark_lease is not None:
+                    return await self._put(engine, chunks[last][1], mark_lease, release=False)
+                return None
+            finally:
+                if mark_lease is not None:
+                    mark_lease.release()
+
+        self._sending[save.req_id] = engine._loop.submit(
+            self._bounded(engine, save, fail_key, finish(), began=began, puts=puts)
+        )
+        return True
+
+    def _load_in_place(
+        self, engine: CacheEngine, lm: Any, dst: Any, todo: list[tuple[Chunk, Any]], *, start: int, deadline: float
+    ) -> tuple[int, float]:
+        """Copy chunks into ``dst`` straight from where the server holds them, in order.
+
+        The next group of chunks is read (in place) while this one is copied. Stops at the first
+        chunk it could not read this way: the caller loads the rest the ordinary way.
+
+        Returns:
+            The end of what was loaded (``start`` when nothing was), and the seconds spent copying.
+        """
+        geometry = engine.geometry
+        limit = max(1, lm.settings.shm_size // 4)  # a get in place must fit half the segment
+        groups: list[list[tuple[Chunk, Any]]] = [[]]
+        size = 0
+        for c, k in todo:
+            n = geometry.chunk_nbytes(c.num_tokens)
+            if groups[-1] and size + n > limit:
+                groups.append([])
+                size = 0
+            groups[-1].append((c, k))
+            size += n
+
+        def read(group: list[tuple[Chunk, Any]]) -> concurrent.futures.Future[Any]:
+            nbytes = [geometry.chunk_nbytes(c.num_tokens) for c, _ in group]
+            return engine._loop.submit(lm.get_in_place([k for _, k in group], nbytes))
+
+        def release(got: Any) -> None:
+            if got is not None:
+                engine._loop.loop.call_soon_threadsafe(lm.release_in_place, got)
+
+        good, copy_s = start, 0.0
+        pending = collections.deque(read(g) for g in groups[:2])
+        nxt = len(pending)
+        try:
+            for group in groups:
+                fut = pending.popleft()
+                try:
+                    got = fut.result(timeout=self._left(deadline) + engine.config.tier_timeout)
+                except Exception as exc:  # the ordinary path tries again (and reports what fails)
+                    logger.debug("lmcache: no in-place load: %r", exc)
+                    return good, copy_s
+                if got is None:
+                    return good, copy_s
+                try:
+                    for (c, _), payload in zip(group, got.payloads, strict=True):
+                        if payload is None or parse_codec_header(payload[:_CODEC_PEEK]) is not None:
+                            return good, copy_s  # a miss, or another writer's encoded value
+                        t0 = time.perf_counter()
+                        view = torch.frombuffer(payload, dtype=geometry.torch_dtype)
+                        dst.scatter(c.start, c.end, view.view(geometry.chunk_shape(c.num_tokens)))
+                        copy_s += time.perf_counter() - t0
+                        good = c.end
+                finally:
+                    release(got)
+                if nxt < len(groups):
+                    pending.append(read(groups[nxt]))
+                    nxt += 1
+            return good, copy_s
+        finally:
+            for fut in pending:  # stopped early: hand back what was read ahead
+                fut.cancel()
+                with contextlib.suppress(Exception):
+                    release(fut.result(timeout=engine.config.tier_timeout))
 
     def _left(self, deadline: float) -> float:
         return max(0.05, deadline - time.monotonic())

@@ -8,11 +8,14 @@ the load after ``pd_transfer_timeout`` with nothing loaded.
 
 from __future__ import annotations
 
+import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from servers import start_process
 
 from lmcache.backends.base import EXISTS, PutResult, rejected
 from lmcache.config import LMCacheConfig
@@ -159,6 +162,66 @@ def test_a_failed_send_ends_the_consumers_wait_at_once(
     assert "pd_sent_tokens" not in sent.data
     assert got.data["pd_transfers_failed"] == 1
     assert "pd_transfer_timeouts" not in got.data
+
+
+@pytest.fixture(scope="module")
+def lm_tier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An ``lmcache server`` child (memory tier in shared memory) as an ``lm+unix://`` tier URL."""
+    pytest.importorskip("aiohttp", reason="the server extra is not installed (pip install 'lmcache[server]')")
+    folder = tmp_path_factory.mktemp("pd-lm")
+    sock, ready = folder / "lm.sock", folder / "ready.json"
+    argv = [sys.executable, "-m", "lmcache", "server", "--port", "0", "--http-port", "0"]
+    argv += ["--unix-socket", str(sock), "--tier", "memory://?capacity=64MiB", "--ready-file", str(ready)]
+    server = start_process("lmcache-server", argv, folder, ready.exists)
+    try:
+        yield f"lm+unix://{sock}"
+    finally:
+        server.stop()
+
+
+def _lm_engine(tier: str) -> CacheEngine:
+    cfg = LMCacheConfig.load(environ={}, chunk_size=CHUNK, tiers=[tier])
+    return CacheEngine(GEOMETRY, "pd-unit-lm", config=cfg)
+
+
+@pytest.mark.parametrize("n", [5, 48, 53])  # the tail only, ending on a chunk boundary, mid-chunk
+def test_a_transfer_through_the_cache_server_goes_in_place(lm_tier: str, n: int) -> None:
+    """Gathered straight into the server's pool, scattered straight out of it: same KV, same keys."""
+    prompt = [(i * 13 + n) % 911 + 1 for i in range(n)]
+    src = _random_kv(n, seed=100 + n)
+    sent, got = Counts(), Counts()
+    with _lm_engine(lm_tier) as prefill, _lm_engine(lm_tier) as decode:
+        sender = PDWorker(10.0, sent)
+        sender.start_save(prefill, src, TransferSave("p", prompt, [], f"lm-{n}"))
+        assert sender._sending["p"].result(30) is True
+        dst = ContiguousKV.empty(GEOMETRY, n)
+        load = types.SimpleNamespace(tokens=prompt, start=0, end=n - 1, transfer=TransferRef(f"lm-{n}", n))
+        assert PDWorker(10.0, got).load(decode, dst, load) == n
+        for a, b in zip(src.keys + src.values, dst.keys + dst.values, strict=True):
+            assert torch.equal(a[..., : n - 1, :], b[..., : n - 1, :])
+        assert decode.lookup(prompt, budget=5.0) == n - n % CHUNK  # whole chunks: ordinary hits
+        # A second send of the same prompt finds its whole chunks held: nothing copied for them.
+        sender.start_save(prefill, src, TransferSave("p2", prompt, [], f"lm2-{n}"))
+        assert sender._sending["p2"].result(30) is True
+    assert sent.data["pd_in_place_sends"] == 2 and "pd_send_failures" not in sent.data
+    assert got.data["pd_loaded_bytes"] == GEOMETRY.chunk_nbytes(n)
+
+
+def test_a_failed_in_place_send_aborts_its_reservation_and_marks_the_failure(lm_tier: str) -> None:
+    n = 40
+    prompt = [(i * 17) % 700 + 3 for i in range(n)]
+    sent, got = Counts(), Counts()
+    with _lm_engine(lm_tier) as prefill, _lm_engine(lm_tier) as decode:
+        sender = PDWorker(60.0, sent)
+        sender.start_save(prefill, _BrokenKV(_random_kv(n, 5)), TransferSave("p", prompt, [], "lm-broken"))
+        assert sender._sending["p"].result(30) is False
+        load = types.SimpleNamespace(tokens=prompt, start=0, end=n - 1, transfer=TransferRef("lm-broken", n))
+        assert PDWorker(60.0, got).load(decode, ContiguousKV.empty(GEOMETRY, n), load) == 0
+        # The aborted reservation left the chunks free: an ordinary send of them now lands.
+        sender.start_save(prefill, _random_kv(n, 5), TransferSave("p2", prompt, [], "lm-fixed"))
+        assert sender._sending["p2"].result(30) is True
+    assert sent.data["pd_failure_marks"] == 1
+    assert got.data["pd_transfers_failed"] == 1 and "pd_transfer_timeouts" not in got.data
 
 
 def test_scheduler_producer_holds_blocks_until_sent_and_hands_back_params() -> None:

@@ -51,6 +51,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -130,6 +131,13 @@ class ServerSettings:
     )
     ack_timeout: float = setting(
         20.0, doc="Seconds an ack=durable put waits for its values to persist.", parse=parse_duration, min=0.001
+    )
+    exit_when_idle: float = setting(
+        0.0,
+        doc="Seconds with no session and no live client process (Unix socket peers) before the server "
+        "stops itself (0: never).",
+        parse=parse_duration,
+        min=0,
     )
 
 
@@ -952,6 +960,8 @@ class CacheServer:
         self.metrics = metrics if metrics is not None else ServerMetrics()
         self.metrics.bind(self)
         self.sessions: set[_Session] = set()
+        #: Processes that connected over the Unix socket (SO_PEERCRED), for ``exit_when_idle``.
+        self._client_pids: set[int] = set()
         self._listeners: list[socket.socket] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._http: Any = None
@@ -1064,6 +1074,8 @@ class CacheServer:
                 peer = f"{host}:{addr[1]}"
             else:
                 local, peer = True, "unix"
+                if self.settings.exit_when_idle:
+                    self._client_pids.add(_peer_pid(conn))
             for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
                 with contextlib.suppress(OSError):
                     conn.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
@@ -1114,10 +1126,48 @@ class CacheServer:
         done = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, done.set)
+        if self.settings.exit_when_idle:
+            self._spawn(self._exit_when_idle(done))
         try:
             await done.wait()
         finally:
             await self.stop()
+
+    async def _exit_when_idle(self, done: asyncio.Event) -> None:
+        """Set ``done`` once no session is open and no client process has lived for ``exit_when_idle``.
+
+        A client process that is alive but between sessions (its idle session was closed, it
+        reconnects on its next call) keeps the server up; so does one that restarts within the limit.
+        """
+        limit = self.settings.exit_when_idle
+        idle_since = time.monotonic()
+        while not done.is_set():
+            await asyncio.sleep(min(limit / 4, 5.0))
+            self._client_pids = {pid for pid in self._client_pids if pid > 0 and _pid_alive(pid)}
+            if self.sessions or self._client_pids:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since >= limit:
+                logger.info("lm server: no client for %ss (exit_when_idle); stopping", limit)
+                done.set()
+
+
+def _peer_pid(conn: socket.socket) -> int:
+    """The process id at the other end of a Unix socket (0 when the platform does not say)."""
+    try:
+        pid, _, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    except (OSError, AttributeError, struct.error):
+        return 0
+    return int(pid)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's (a reused pid)
+    return True
 
 
 def _bind_unix(path: str) -> socket.socket:
@@ -1181,6 +1231,13 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
         help="answer a put once it is in tier 0 (memory, the default) or on the last persistent tier (durable)",
     )
     p.add_argument("--ack-timeout", default=None, help="seconds a durable put waits to persist (default 20)")
+    p.add_argument(
+        "--exit-when-idle",
+        default=None,
+        metavar="S",
+        help="stop once no session is open and no Unix-socket client process has lived for S seconds "
+        "(default 0: never; the server vLLM's `server: auto` starts uses 600)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
@@ -1201,6 +1258,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         ("ready_file", "ready_file"),
         ("ack", "ack"),
         ("ack_timeout", "ack_timeout"),
+        ("exit_when_idle", "exit_when_idle"),
     ):
         value = getattr(args, attr, None)
         if value is not None:

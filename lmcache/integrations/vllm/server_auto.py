@@ -46,6 +46,10 @@ LOCK_NAME = "server.lock"
 LOG_NAME = "server.log"
 READY_NAME = "server.ready"
 
+#: Seconds the auto-started server lives on without clients (``LMCACHE_SERVER_EXIT_WHEN_IDLE``
+#: overrides it; 0 keeps it forever).
+EXIT_WHEN_IDLE = 600.0
+
 _CHILDREN: list[subprocess.Popen[bytes]] = []
 
 
@@ -99,7 +103,7 @@ def _server_command(socket_path: Path) -> list[str]:
     # The tiers go through the environment (LMCACHE_TIERS), not argv: a tier URL may carry a
     # password, and any user sees a process's argv in ps, only its owner its environment.
     ready = str(socket_path.with_name(READY_NAME))
-    return [
+    cmd = [
         sys.executable,
         "-m",
         "lmcache",
@@ -111,6 +115,11 @@ def _server_command(socket_path: Path) -> list[str]:
         "--ready-file",
         ready,
     ]
+    if "LMCACHE_SERVER_EXIT_WHEN_IDLE" not in os.environ:
+        # Nobody stops a server that was started for them: it goes once every vLLM process that
+        # used it has exited and none came back for this long (a crashed vLLM restarts sooner).
+        cmd += ["--exit-when-idle", str(EXIT_WHEN_IDLE)]
+    return cmd
 
 
 def _log_tail(path: Path, n: int = 2000) -> str:

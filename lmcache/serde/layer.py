@@ -9,20 +9,30 @@ checksummed by it: the checksum covers the encoded bytes).
 * **put**: each value is encoded on a worker thread (never on the event loop) with the chunk
   geometry read from its key (:func:`~lmcache.serde.codec.geometry_for`), then put into the
   inner backend. ``raw`` passes the caller's buffers through untouched.
-* **get_into**: the inner backend reads the stored value straight into the caller's ``dst``
-  (an encoded value is never larger than its chunk). A value that starts with a codec header is
-  copied out and decoded into ``dst`` on a worker thread (both off the event loop); any other
-  value is a raw chunk, already in place (no extra cost for raw). A value of a codec not
-  installed here is a miss counted in ``codec_unknown`` and logged with the codec's name; one
-  that does not decode is a miss counted in ``corrupt``.
+* **get_into**, on a tier whose codec is not ``raw`` (its values are mostly encoded): a
+  pipeline. The batch is cut into groups of about :data:`READ_GROUP_BYTES` (one chunk each for
+  real KV chunks); up to :data:`READ_WINDOW` groups are in flight at once, each read by its own
+  inner ``get_into`` into reusable staging buffers, and decoded into the caller's ``dst`` on a
+  worker thread as soon as that group has landed, while later groups are still on the wire
+  (decoders release the GIL: torch ops and the C loops). A raw value found there is copied into
+  its ``dst`` on the worker too. On a ``raw`` tier the inner backend reads straight into the
+  caller's ``dst`` (no extra cost for raw values); an encoded value found there is copied out
+  into a per-thread scratch and decoded into ``dst`` on a worker. Either way nothing decodes on
+  the event loop, a value of a codec not installed here is a miss counted in ``codec_unknown``
+  and logged with the codec's name, and one that does not decode is a miss counted in
+  ``corrupt`` (that chunk only: the rest of the batch is unaffected).
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import os
+import threading
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, ClassVar
+
+import numpy as np
 
 from lmcache.backends.base import Capabilities, PutResult, StorageBackend
 from lmcache.backends.concurrency import gather_all, run_blocking
@@ -30,6 +40,7 @@ from lmcache.backends.urls import settings_query
 from lmcache.errors import IntegrityError, InvalidBufferError
 from lmcache.keys import CacheKey
 from lmcache.serde.codec import (
+    CODEC_MAGIC,
     Codec,
     UnknownCodecError,
     decode_value,
@@ -43,6 +54,13 @@ from lmcache.serde.codec import (
 __all__ = ["CodecBackend", "codec_backend_class", "codec_executor", "wrap_with_codec"]
 
 _EXECUTOR: list[concurrent.futures.ThreadPoolExecutor] = []  # made on first use
+
+#: Bytes of ``dst`` one inner ``get_into`` of a pipelined read covers (at least one value): a
+#: group is decoded as soon as it has landed, so groups are small next to a batch.
+READ_GROUP_BYTES = 4 << 20
+#: Groups of one pipelined read in flight at once (being read or decoded); also bounds the
+#: staging memory a read holds to about this many groups.
+READ_WINDOW = 8
 
 
 def codec_executor() -> concurrent.futures.ThreadPoolExecutor:
@@ -84,6 +102,7 @@ class CodecBackend(StorageBackend):
             bounded=caps.bounded,
             max_value_bytes=caps.max_value_bytes,
         )
+        self._staging = _Staging(READ_WINDOW)
         self.codec_counters = {
             "codec_encoded": 0,
             "codec_stored_raw": 0,
@@ -116,6 +135,7 @@ class CodecBackend(StorageBackend):
         await self.inner.open()
 
     async def _close(self) -> None:
+        self._staging.clear()
         await self.inner.aclose()
 
     async def _ping(self) -> None:
@@ -176,39 +196,55 @@ class CodecBackend(StorageBackend):
         return await self.inner.get_into(keys, dsts)
 
     async def _get_into(self, keys: list[CacheKey], dsts: list[memoryview]) -> list[int | None]:
+        if self.codec.name != "raw":
+            return await self._get_pipelined(keys, dsts)
         sizes = await self.inner.get_into(keys, dsts)
-        todo = []
-        for i, n in enumerate(sizes):
-            if n is None:
-                continue
-            try:
-                header = parse_codec_header(dsts[i][:n])
-            except IntegrityError as exc:
-                self.record_corrupt(keys[i], exc)
-                sizes[i] = None
-                continue
-            if header is not None:
-                if header.decoded_len > dsts[i].nbytes:
-                    raise InvalidBufferError(
-                        f"buffer of {dsts[i].nbytes} bytes is smaller than the {header.decoded_len}-byte value"
-                    )
-                todo.append((i, header))
-        if not todo:
+        jobs = [(i, dsts[i], n) for i, n in enumerate(sizes) if n is not None and _maybe_encoded(dsts[i], n)]
+        if not jobs:
             return sizes
-        # Each worker copies the encoded bytes out of dst (small next to the chunk; off the
-        # event loop) and decodes into dst.
-        jobs = [(i, sizes[i], h) for i, h in todo]
         # One worker call per value, so a batch decodes on several cores (each waits out its
         # thread on cancellation: nothing writes into a dst after we return).
         pool = codec_executor()
-        parts = await gather_all([run_blocking(pool, _decode_all, [job], dsts, self.codec) for job in jobs])
-        outcomes = [o for part in parts for o in part]
-        for (i, _h), outcome in zip(todo, outcomes, strict=True):
+        parts = await gather_all([run_blocking(pool, _land, [job], dsts, self.codec, False) for job in jobs])
+        self._settle(keys, sizes, [(job[0], out) for job, part in zip(jobs, parts, strict=True) for out in part])
+        return sizes
+
+    async def _get_pipelined(self, keys: list[CacheKey], dsts: list[memoryview]) -> list[int | None]:
+        """Read groups of values into staging buffers and decode each group as soon as it lands."""
+        sizes: list[int | None] = [None] * len(keys)
+        landed: list[tuple[int, int | Exception]] = []
+        window = asyncio.Semaphore(READ_WINDOW)
+        pool = codec_executor()
+
+        async def group(idx: list[int]) -> None:
+            async with window:
+                bufs = [self._staging.take(dsts[i].nbytes) for i in idx]
+                try:
+                    views = [memoryview(b)[: dsts[i].nbytes] for b, i in zip(bufs, idx, strict=True)]
+                    got = await self.inner.get_into([keys[i] for i in idx], views)
+                    jobs = [(i, v, n) for i, v, n in zip(idx, views, got, strict=True) if n is not None]
+                    if jobs:
+                        outs = await run_blocking(pool, _land, jobs, dsts, self.codec, True)
+                        landed.extend((job[0], out) for job, out in zip(jobs, outs, strict=True))
+                finally:  # the inner call and the worker are done with them (also on cancellation)
+                    for buf in bufs:
+                        self._staging.give(buf)
+
+        await gather_all([group(idx) for idx in _groups([d.nbytes for d in dsts], READ_GROUP_BYTES)])
+        self._settle(keys, sizes, landed)
+        return sizes
+
+    def _settle(self, keys: list[CacheKey], sizes: list[int | None], landed: list[tuple[int, int | Exception]]) -> None:
+        """Record each landed value's outcome (on the loop: workers share no state) into ``sizes``."""
+        too_small: InvalidBufferError | None = None
+        for i, outcome in landed:
             if isinstance(outcome, int):
                 sizes[i] = outcome
-                self.codec_counters["codec_decoded"] += 1
+                continue
+            sizes[i] = None
+            if isinstance(outcome, _TooSmall):
+                too_small = too_small or InvalidBufferError(str(outcome))
             elif isinstance(outcome, UnknownCodecError):
-                sizes[i] = None
                 self.codec_counters["codec_unknown"] += 1
                 self.log_once(
                     f"codec:{outcome.codec_name}",
@@ -218,19 +254,113 @@ class CodecBackend(StorageBackend):
                     outcome.codec_name,
                 )
             else:
-                sizes[i] = None
                 self.record_corrupt(keys[i], outcome)
-        return sizes
+        self.codec_counters["codec_decoded"] += sum(1 for _i, o in landed if isinstance(o, _Decoded))
+        if too_small is not None:
+            raise too_small
 
 
-def _decode_all(
-    jobs: Sequence[tuple[int, int, Any]], dsts: Sequence[memoryview], codec: Codec
+class _Decoded(int):
+    """A decoded value's size (an ``int``; its type tells it from a raw value's)."""
+
+
+class _TooSmall(Exception):
+    """An encoded value decodes into more bytes than its ``dst`` holds (the call raises)."""
+
+
+class _Staging:
+    """Reusable host buffers that pipelined reads land encoded values in (used on the event loop only).
+
+    Fresh buffers would cost a page fault per 4 KiB on every read; at most ``keep`` free buffers
+    are kept, and :meth:`clear` drops them (at close).
+    """
+
+    def __init__(self, keep: int) -> None:
+        self._free: list[np.ndarray] = []
+        self._keep = keep
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """A buffer of at least ``nbytes`` bytes (a kept one when one is large enough)."""
+        for j, buf in enumerate(self._free):
+            if buf.size >= nbytes:
+                return self._free.pop(j)
+        return np.empty(max(nbytes, 1), dtype=np.uint8)
+
+    def give(self, buf: np.ndarray) -> None:
+        """Hand ``buf`` back (kept for the next read, or dropped)."""
+        if len(self._free) < self._keep:
+            self._free.append(buf)
+        else:  # keep the larger ones: they serve any request the small ones would
+            small = min(range(len(self._free)), key=lambda j: self._free[j].size)
+            if self._free[small].size < buf.size:
+                self._free[small] = buf
+
+    def clear(self) -> None:
+        """Drop the kept buffers."""
+        self._free.clear()
+
+
+def _groups(sizes: Sequence[int], limit: int) -> list[list[int]]:
+    """Consecutive indices cut into groups of about ``limit`` bytes (at least one index each)."""
+    out: list[list[int]] = []
+    cur: list[int] = []
+    total = 0
+    for i, n in enumerate(sizes):
+        if cur and total + n > limit:
+            out.append(cur)
+            cur, total = [], 0
+        cur.append(i)
+        total += n
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _maybe_encoded(buf: memoryview, n: int) -> bool:
+    """Whether ``buf[:n]`` may start with a codec header (a cheap test before a worker looks)."""
+    return n >= 4 and buf[:4] == CODEC_MAGIC
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(nbytes: int) -> memoryview:
+    """A per-thread buffer of ``nbytes`` (reused: an encoded value copied out of its ``dst``)."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.size < nbytes:
+        buf = np.empty(nbytes, dtype=np.uint8)
+        _SCRATCH.buf = buf
+    return memoryview(buf)[:nbytes]
+
+
+def _land(
+    jobs: Sequence[tuple[int, memoryview, int]], dsts: Sequence[memoryview], codec: Codec, staged: bool
 ) -> list[int | Exception]:
+    """Worker side: each value ``src[:n]`` into ``dsts[i]``, decoded when it is encoded; its size or why not.
+
+    ``staged``: ``src`` is a staging buffer (a raw value is copied into ``dst``); else ``src`` is
+    ``dst`` itself, and an encoded value is copied out into a per-thread scratch first.
+    """
     out: list[int | Exception] = []
-    for i, size, header in jobs:
+    for i, src, n in jobs:
+        dst = dsts[i]
         try:
-            data = bytearray(dsts[i][:size])  # the encoded value, out of the buffer it decodes into
-            out.append(decode_value(memoryview(data), dsts[i], header, codec))
+            header = parse_codec_header(src[:n])
+            if header is None:
+                if staged:
+                    np.copyto(np.frombuffer(dst, np.uint8, n), np.frombuffer(src, np.uint8, n))
+                out.append(n)
+                continue
+            if header.decoded_len > dst.nbytes:
+                out.append(
+                    _TooSmall(f"buffer of {dst.nbytes} bytes is smaller than the {header.decoded_len}-byte value")
+                )
+                continue
+            encoded = src[:n]
+            if not staged:  # the encoded value, out of the buffer it decodes into
+                encoded = _scratch(n)
+                encoded[:] = src[:n]
+            out.append(_Decoded(decode_value(encoded, dst, header, codec)))
         except (IntegrityError, InvalidBufferError) as exc:
             out.append(exc)
     return out

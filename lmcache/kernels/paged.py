@@ -15,7 +15,8 @@ that each copy is one indexing op per storage, not one per layer or token:
   distinct slots (duplicate slots in a scatter are rejected).
 * on the CPU, a chunk made of whole blocks (the usual case) skips per-token rows: token-major
   blocks move as one contiguous row per block, head-major or packed ones (``vllm_cpu``,
-  ``vllm_paged``, ``vllm_cpu_vec``'s transposed K) as one strided block copy per entry.
+  ``vllm_paged``, ``vllm_cpu_vec``'s transposed K) in one C call per chunk
+  (:mod:`lmcache.kernels.native_copy`; numpy's strided copy per block and entry without a compiler).
 
 Copies move raw elements: tensors are reinterpreted as same-width integers, so every dtype (fp8
 included) is copied bit-exactly.
@@ -214,6 +215,9 @@ class PagedKV:
             raw = [_as_raw(e) for e in self.entries]
             # _widen checks the first view's strides for all: only sound when they are shared.
             self._strided_block_entries = _widen(raw) if self.shared_strides is not None else raw
+        # The C loop for those copies (kernels/native_copy.py), looked up on the first such copy.
+        self._native_plan: Any = None
+        self._native_checked = False
         self._streams: dict[int, Any] = {}
         self._lock = threading.Lock()
         logger.debug(
@@ -300,6 +304,11 @@ class PagedKV:
         (figures: docs/benchmarks.md, kernels).
         """
         assert self._strided_block_entries is not None
+        plan = self._block_copy_plan()
+        if plan is not None:
+            # One C call for every entry and block of the chunk, GIL released, no OpenMP.
+            plan.copy(op == "scatter", blocks, buf)
+            return
         first = self._strided_block_entries[0]
         bs, heads, width = first.shape[1:]
         words = buf.view(first.dtype).view(len(self.entries), blocks.numel(), bs, heads, width)
@@ -324,6 +333,18 @@ class PagedKV:
                     np.copyto(chunk_np[j], kv_np[b])
                 else:
                     np.copyto(kv_np[b], chunk_np[j])
+
+    def _block_copy_plan(self) -> Any:
+        """The native copy plan of the strided entries (built once), or None to copy with numpy."""
+        if not self._native_checked:
+            from lmcache.kernels import native_copy
+
+            lib = native_copy.library()
+            entries = self._strided_block_entries
+            if lib is not None and entries is not None and self.device.type == "cpu":
+                self._native_plan = native_copy.BlockCopyPlan(entries, lib)
+            self._native_checked = True
+        return self._native_plan
 
     def _copy_blocks(self, op: str, blocks: torch.Tensor, buf: torch.Tensor) -> None:
         """Copy whole blocks on the CPU (``blocks`` and ``buf`` are CPU tensors)."""

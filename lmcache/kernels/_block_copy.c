@@ -1,0 +1,235 @@
+/*
+ * Whole-block copies between a paged KV cache and a contiguous chunk buffer, on the CPU.
+ *
+ * Built on first use by lmcache.kernels.native_copy (lmcache.native_build). One call copies
+ * every entry (a layer's K or V) of every block of a chunk, so Python makes one call per chunk
+ * instead of one per block and entry; ctypes releases the GIL for the whole call and no OpenMP
+ * team is involved.
+ *
+ * Entry e's block b starts at entry_addrs[e] + block_ids[b] * strides[e][0] elements and holds
+ * [block_size, heads, width] elements with element strides strides[e][1..3] (token, head, dim):
+ * head-major blocks (vLLM-CPU's vllm_cpu / vllm_paged) and vLLM-CPU's transposed K
+ * (vllm_cpu_vec, dim stride = block size, token stride 1) included. The chunk side is
+ * contiguous [entries, blocks, block_size, heads, width]. Elements move as raw 1, 2, 4 or 8-byte
+ * words, so every dtype is copied bit-exactly.
+ *
+ * A transposed K is moved in 8 x 8 tiles: AVX2 shuffles for 4-byte words where the CPU has AVX2
+ * (checked at run time), SSE2 for 2-byte words (every x86-64 CPU), a scalar 16 x 16 tile
+ * otherwise. Rows with a contiguous dim are plain memcpy.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define LMC_X86 1
+#else
+#define LMC_X86 0
+#endif
+
+/* Edge of the scalar tile: a tile's rows stay in L1 on both sides. */
+#define TILE 16
+
+static int use_avx2 = 0;
+
+/* Any [tokens, dims] of one head: kv strides (kt, kd), chunk strides (ct, 1). */
+#define DEFINE_ANY(NAME, T)                                                                      \
+    static void NAME(int scatter, T *k, T *c, int64_t tokens, int64_t dims, int64_t kt,          \
+                     int64_t kd, int64_t ct)                                                     \
+    {                                                                                            \
+        for (int64_t t = 0; t < tokens; t++)                                                     \
+            for (int64_t d = 0; d < dims; d++) {                                                 \
+                if (scatter)                                                                     \
+                    k[t * kt + d * kd] = c[t * ct + d];                                          \
+                else                                                                             \
+                    c[t * ct + d] = k[t * kt + d * kd];                                          \
+            }                                                                                    \
+    }
+
+/* dst[j * ds + i] = src[i * ss + j] for an n x n tile (scalar, through an L1 buffer). */
+#define DEFINE_TILE(NAME, T)                                                                     \
+    static void NAME(const T *src, int64_t ss, T *dst, int64_t ds)                               \
+    {                                                                                            \
+        T tile[TILE][TILE];                                                                      \
+        for (int i = 0; i < TILE; i++)                                                           \
+            for (int j = 0; j < TILE; j++)                                                       \
+                tile[j][i] = src[i * ss + j];                                                    \
+        for (int j = 0; j < TILE; j++)                                                           \
+            memcpy(dst + j * ds, tile[j], sizeof(tile[j]));                                      \
+    }
+
+DEFINE_ANY(any_u8, uint8_t)
+DEFINE_ANY(any_u16, uint16_t)
+DEFINE_ANY(any_u32, uint32_t)
+DEFINE_ANY(any_u64, uint64_t)
+DEFINE_TILE(tile_u8, uint8_t)
+DEFINE_TILE(tile_u16, uint16_t)
+DEFINE_TILE(tile_u32, uint32_t)
+DEFINE_TILE(tile_u64, uint64_t)
+
+#if LMC_X86
+/* dst[j * ds + i] = src[i * ss + j], 8 x 8 words of 4 bytes. */
+__attribute__((target("avx2"))) static void tr8_u32(const uint32_t *src, int64_t ss, uint32_t *dst, int64_t ds)
+{
+    const float *s = (const float *)src;
+    float *d = (float *)dst;
+    __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + ss), r2 = _mm256_loadu_ps(s + 2 * ss),
+           r3 = _mm256_loadu_ps(s + 3 * ss), r4 = _mm256_loadu_ps(s + 4 * ss), r5 = _mm256_loadu_ps(s + 5 * ss),
+           r6 = _mm256_loadu_ps(s + 6 * ss), r7 = _mm256_loadu_ps(s + 7 * ss);
+    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3),
+           t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+           t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+           u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+           u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+           u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    /* Shuffles move bits: no float arithmetic, so NaN payloads and every bit pattern survive. */
+    _mm256_storeu_ps(d, _mm256_permute2f128_ps(u0, u4, 0x20));
+    _mm256_storeu_ps(d + ds, _mm256_permute2f128_ps(u1, u5, 0x20));
+    _mm256_storeu_ps(d + 2 * ds, _mm256_permute2f128_ps(u2, u6, 0x20));
+    _mm256_storeu_ps(d + 3 * ds, _mm256_permute2f128_ps(u3, u7, 0x20));
+    _mm256_storeu_ps(d + 4 * ds, _mm256_permute2f128_ps(u0, u4, 0x31));
+    _mm256_storeu_ps(d + 5 * ds, _mm256_permute2f128_ps(u1, u5, 0x31));
+    _mm256_storeu_ps(d + 6 * ds, _mm256_permute2f128_ps(u2, u6, 0x31));
+    _mm256_storeu_ps(d + 7 * ds, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+
+/* dst[j * ds + i] = src[i * ss + j], 8 x 8 words of 2 bytes (SSE2). */
+static void tr8_u16(const uint16_t *src, int64_t ss, uint16_t *dst, int64_t ds)
+{
+    __m128i r[8], a[8], b[8];
+    for (int i = 0; i < 8; i++)
+        r[i] = _mm_loadu_si128((const __m128i *)(src + i * ss));
+    for (int i = 0; i < 4; i++) {
+        a[2 * i] = _mm_unpacklo_epi16(r[2 * i], r[2 * i + 1]);
+        a[2 * i + 1] = _mm_unpackhi_epi16(r[2 * i], r[2 * i + 1]);
+    }
+    b[0] = _mm_unpacklo_epi32(a[0], a[2]);
+    b[1] = _mm_unpackhi_epi32(a[0], a[2]);
+    b[2] = _mm_unpacklo_epi32(a[1], a[3]);
+    b[3] = _mm_unpackhi_epi32(a[1], a[3]);
+    b[4] = _mm_unpacklo_epi32(a[4], a[6]);
+    b[5] = _mm_unpackhi_epi32(a[4], a[6]);
+    b[6] = _mm_unpacklo_epi32(a[5], a[7]);
+    b[7] = _mm_unpackhi_epi32(a[5], a[7]);
+    for (int j = 0; j < 4; j++) {
+        _mm_storeu_si128((__m128i *)(dst + (2 * j) * ds), _mm_unpacklo_epi64(b[j], b[j + 4]));
+        _mm_storeu_si128((__m128i *)(dst + (2 * j + 1) * ds), _mm_unpackhi_epi64(b[j], b[j + 4]));
+    }
+}
+#endif
+
+/* A transposed head (kv: dims are rows of stride kd, tokens contiguous): tiles, then the edges. */
+#define DEFINE_TRANSPOSED(NAME, T, ANY, TILE_FN, VEC_FN, VEC_ON)                                 \
+    static void NAME(int scatter, T *k, T *c, int64_t tokens, int64_t dims, int64_t kd,          \
+                     int64_t ct)                                                                 \
+    {                                                                                            \
+        const int vec = (VEC_ON);                                                                \
+        const int64_t e = vec ? 8 : TILE;                                                        \
+        const int64_t tt = tokens - tokens % e, dd = dims - dims % e;                            \
+        for (int64_t d0 = 0; d0 < dd; d0 += e)                                                   \
+            for (int64_t t0 = 0; t0 < tt; t0 += e) {                                             \
+                T *kp = k + d0 * kd + t0;                                                        \
+                T *cp = c + t0 * ct + d0;                                                        \
+                if (vec) {                                                                       \
+                    if (scatter)                                                                 \
+                        VEC_FN(cp, ct, kp, kd);                                                  \
+                    else                                                                         \
+                        VEC_FN(kp, kd, cp, ct);                                                  \
+                } else if (scatter) {                                                            \
+                    TILE_FN(cp, ct, kp, kd);                                                     \
+                } else {                                                                         \
+                    TILE_FN(kp, kd, cp, ct);                                                     \
+                }                                                                                \
+            }                                                                                    \
+        if (tt < tokens) /* the last tokens, every dim */                                        \
+            ANY(scatter, k + tt, c + tt * ct, tokens - tt, dims, 1, kd, ct);                     \
+        if (dd < dims) /* the last dims of the tiled tokens */                                   \
+            ANY(scatter, k + dd * kd, c + dd, tt, dims - dd, 1, kd, ct);                         \
+    }
+
+#if LMC_X86
+DEFINE_TRANSPOSED(tr_head_u16, uint16_t, any_u16, tile_u16, tr8_u16, 1)
+DEFINE_TRANSPOSED(tr_head_u32, uint32_t, any_u32, tile_u32, tr8_u32, use_avx2)
+#else
+DEFINE_TRANSPOSED(tr_head_u16, uint16_t, any_u16, tile_u16, tile_u16, 0)
+DEFINE_TRANSPOSED(tr_head_u32, uint32_t, any_u32, tile_u32, tile_u32, 0)
+#endif
+DEFINE_TRANSPOSED(tr_head_u8, uint8_t, any_u8, tile_u8, tile_u8, 0)
+DEFINE_TRANSPOSED(tr_head_u64, uint64_t, any_u64, tile_u64, tile_u64, 0)
+
+/* One block of one entry: [bs, heads, width] with kv strides (st, sh, sd), chunk contiguous. */
+#define DEFINE_BLOCK_COPY(NAME, T, ANY, TRANSPOSED)                                              \
+    static void NAME(int scatter, char *kv_block, char *chunk, int64_t bs, int64_t heads,        \
+                     int64_t width, int64_t st, int64_t sh, int64_t sd)                          \
+    {                                                                                            \
+        T *kv = (T *)kv_block;                                                                   \
+        T *ch = (T *)chunk;                                                                      \
+        const int64_t ct = heads * width; /* chunk stride of one token */                        \
+        if (sd == 1) { /* rows of width elements on both sides */                                \
+            const size_t row = (size_t)width * sizeof(T);                                        \
+            for (int64_t t = 0; t < bs; t++)                                                     \
+                for (int64_t h = 0; h < heads; h++) {                                            \
+                    T *k = kv + t * st + h * sh;                                                 \
+                    T *c = ch + t * ct + h * width;                                              \
+                    if (scatter)                                                                 \
+                        memcpy(k, c, row);                                                       \
+                    else                                                                         \
+                        memcpy(c, k, row);                                                       \
+                }                                                                                \
+            return;                                                                              \
+        }                                                                                        \
+        for (int64_t h = 0; h < heads; h++) {                                                    \
+            if (st == 1) /* transposed (vllm_cpu_vec's K): [width, bs] per head */               \
+                TRANSPOSED(scatter, kv + h * sh, ch + h * width, bs, width, sd, ct);             \
+            else /* any other strides */                                                         \
+                ANY(scatter, kv + h * sh, ch + h * width, bs, width, st, sd, ct);                \
+        }                                                                                        \
+    }
+
+DEFINE_BLOCK_COPY(copy_u8, uint8_t, any_u8, tr_head_u8)
+DEFINE_BLOCK_COPY(copy_u16, uint16_t, any_u16, tr_head_u16)
+DEFINE_BLOCK_COPY(copy_u32, uint32_t, any_u32, tr_head_u32)
+DEFINE_BLOCK_COPY(copy_u64, uint64_t, any_u64, tr_head_u64)
+
+/* Whether 4-byte tiles use AVX2 (the CPU has it); tests turn it off to check the other loops. */
+int lmc_block_copy_simd(int want)
+{
+#if LMC_X86
+    __builtin_cpu_init();
+    use_avx2 = want && __builtin_cpu_supports("avx2");
+#else
+    (void)want;
+#endif
+    return use_avx2;
+}
+
+/*
+ * scatter: 1 copies chunk -> KV blocks, 0 copies KV blocks -> chunk.
+ * strides: n_entries x 4 element strides (block, token, head, dim).
+ * Returns 0, or -1 for an element size other than 1, 2, 4 or 8.
+ */
+int lmc_block_copy(int scatter, int64_t n_entries, const int64_t *entry_addrs, const int64_t *strides,
+                   int64_t n_blocks, const int64_t *block_ids, char *chunk, int64_t bs, int64_t heads,
+                   int64_t width, int64_t esize)
+{
+    void (*copy)(int, char *, char *, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
+    switch (esize) {
+    case 1: copy = copy_u8; break;
+    case 2: copy = copy_u16; break;
+    case 4: copy = copy_u32; break;
+    case 8: copy = copy_u64; break;
+    default: return -1;
+    }
+    const int64_t part = bs * heads * width * esize; /* bytes of one block in the chunk */
+    for (int64_t e = 0; e < n_entries; e++) {
+        const int64_t *s = strides + 4 * e;
+        char *base = (char *)(intptr_t)entry_addrs[e];
+        for (int64_t b = 0; b < n_blocks; b++) {
+            char *kv_block = base + block_ids[b] * s[0] * esize;
+            char *c = chunk + (e * n_blocks + b) * part;
+            copy(scatter, kv_block, c, bs, heads, width, s[1], s[2], s[3]);
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,122 @@
+"""Whole-block copies of strided KV entries in C: ``_block_copy.c``, built on first use.
+
+:class:`~lmcache.kernels.paged.PagedKV` copies a chunk of whole blocks whose entries are not one
+contiguous run per block (vLLM-CPU's head-major ``vllm_cpu`` and ``vllm_paged`` blocks, and
+``vllm_cpu_vec``'s transposed K) with one call here per chunk: every entry and block in one C
+loop, rows with a contiguous dim by ``memcpy`` and a transposed K in 8 x 8 SIMD tiles (AVX2 for
+4-byte words where the CPU has it, SSE2 for 2-byte ones, scalar tiles otherwise). Python makes
+one call per chunk instead of one numpy copy per block and entry, ctypes releases the GIL once
+for the whole chunk, and no OpenMP team is involved: inside vLLM, where the engine loop shares
+the GIL and vLLM's pinned OpenMP threads share the cores, that keeps a load near the copy's own
+speed (docs/benchmarks.md, warm TTFT at 4k).
+
+Built with :func:`lmcache.native_build.build_shared_library`; :func:`library` returns None, with
+the reason logged once, when there is no compiler (``LMCACHE_COPY_NATIVE=0`` forces that), and
+the copies then go through numpy/torch as before. Bytes are identical either way (tests check
+it on every layout and element size).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmcache.native_build import build_shared_library
+
+__all__ = ["BlockCopyPlan", "library", "set_simd"]
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("_block_copy.c")
+_FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC"]
+
+_lock = threading.Lock()
+_state: dict[str, ctypes.CDLL | None] = {}
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))  # CDLL: the GIL is released during each call
+    vp, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.lmc_block_copy.restype = c_int
+    lib.lmc_block_copy.argtypes = [c_int, i64, vp, vp, i64, vp, vp, i64, i64, i64, i64]
+    lib.lmc_block_copy_simd.restype = c_int
+    lib.lmc_block_copy_simd.argtypes = [c_int]
+    lib.lmc_block_copy_simd(1)
+    return lib
+
+
+def set_simd(on: bool) -> bool:
+    """Use AVX2 for 4-byte transposed tiles where the CPU has it (default), or not; returns whether it does.
+
+    For tests, which check the scalar tiles give the same bytes.
+    """
+    lib = library()
+    return bool(lib.lmc_block_copy_simd(1 if on else 0)) if lib is not None else False
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled copy loop, built on first use (once per process), or None (numpy copies)."""
+    with _lock:
+        if "lib" in _state:
+            return _state["lib"]
+        lib: ctypes.CDLL | None = None
+        if os.environ.get("LMCACHE_COPY_NATIVE", "1") == "0":
+            logger.info("kernels: native block copies disabled by LMCACHE_COPY_NATIVE=0; copying with numpy")
+        else:
+            try:
+                lib = _load(build_shared_library(_SOURCE, "block_copy", "the native block copies", _FLAGS))
+            except OSError as exc:
+                logger.warning("kernels: native block copies unavailable (%s); copying with numpy (slower)", exc)
+        _state["lib"] = lib
+        return lib
+
+
+class BlockCopyPlan:
+    """The addresses and strides of a bound KV's entries, ready for :func:`lmc_block_copy` calls.
+
+    Args:
+        entries: Per entry a CPU ``[num_blocks, block_size, heads, width]`` view (any strides),
+            all of one element size and the same shape.
+        lib: The compiled library.
+    """
+
+    __slots__ = ("_addrs", "_lib", "_strides", "esize", "shape")
+
+    def __init__(self, entries: list[torch.Tensor], lib: ctypes.CDLL) -> None:
+        self._lib = lib
+        self.shape = tuple(entries[0].shape[1:])
+        self.esize = entries[0].element_size()
+        # The views must stay alive for the addresses to stay valid: PagedKV holds them.
+        self._addrs = np.array([e.data_ptr() for e in entries], dtype=np.int64)
+        self._strides = np.array([e.stride() for e in entries], dtype=np.int64).reshape(-1)
+
+    def copy(self, scatter: bool, blocks: torch.Tensor, chunk: torch.Tensor) -> None:
+        """Copy whole ``blocks`` (int64, CPU) between the entries and the contiguous ``chunk``.
+
+        ``chunk`` is ``[entries, len(blocks), block_size, heads, width]`` elements of the
+        entries' size (any dtype of that width), contiguous, on the CPU; block ids are in range
+        (the caller checked the slots).
+        """
+        ids = blocks.contiguous()
+        bs, heads, width = self.shape
+        rc = self._lib.lmc_block_copy(
+            1 if scatter else 0,
+            len(self._addrs),
+            self._addrs.ctypes.data,
+            self._strides.ctypes.data,
+            ids.numel(),
+            ids.data_ptr(),
+            chunk.data_ptr(),
+            bs,
+            heads,
+            width,
+            self.esize,
+        )
+        if rc != 0:  # only an element size the plan's caller already rules out
+            raise ValueError(f"native block copy: unsupported element size {self.esize}")

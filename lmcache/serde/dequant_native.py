@@ -3,7 +3,7 @@
 The torch decode path (:mod:`lmcache.serde.quant`) makes several passes over each block (codes to
 float32, scale, centre, convert into the chunk's dtype); the C loop makes one, from the codes
 straight into the destination chunk, a short row at a time through an L1-sized buffer, with
-AVX2 + F16C where the CPU has them (checked at run time). The arithmetic is the torch path's:
+AVX-512 or AVX2 + F16C where the CPU has them (checked at run time). The arithmetic is the torch path's:
 float32 multiply, then add (never fused), then round to nearest even into the chunk's dtype, so
 both give identical bytes (tests check it on every dtype and odd shapes).
 
@@ -37,8 +37,9 @@ _FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-ffp-contract=off", "-fno-ma
 CODE_FP8, CODE_INT8 = 0, 1
 _OUT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
-#: Use the AVX2 loop where the CPU has it (tests turn it off to check the scalar loop).
-SIMD = True
+#: The widest loop to use where the CPU has it: 2 AVX-512, 1 AVX2, 0 the scalar loop (tests
+#: lower it to check each loop against torch).
+SIMD = 2
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -70,15 +71,15 @@ def library() -> ctypes.CDLL | None:
         else:
             try:
                 lib = _load(build_shared_library(_SOURCE, "dequant", "the dequantization loops", _FLAGS))
-                _state["simd"] = bool(lib.lmc_dq_has_simd())
+                _state["simd"] = int(lib.lmc_dq_has_simd())
             except OSError as exc:
                 logger.warning("dequant: native loops unavailable (%s); decoding with torch (slower)", exc)
         _state["lib"] = lib
         return lib
 
 
-def _simd() -> bool:
-    return SIMD and bool(_state.get("simd"))
+def _simd() -> int:
+    return min(SIMD, int(_state.get("simd", 0)))  # type: ignore[call-overload]
 
 
 def _rows(dst: torch.Tensor) -> tuple[int, int, int, int] | None:

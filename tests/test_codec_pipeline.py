@@ -167,3 +167,14 @@ async def test_decode_starts_before_the_batch_has_landed_and_never_on_the_loop(m
     assert [bytes(d) for d in dsts] == [expected("int8", v, k) for v, k in zip(values, keys, strict=True)]
     assert len(threads) == 6 and threading.main_thread() not in threads
     assert all(t.name.startswith("lmcache-codec") for t in threads)
+
+
+async def test_bench_tier_reads_report_client_cpu_per_gb(redis_server: RedisServer) -> None:
+    """``lmcache bench codec``'s tier-read rows carry this process's CPU time per GB (load-robust)."""
+    from lmcache.bench.codec import _tier_reads
+
+    chunks = [kv(400 + i) for i in range(3)]
+    reads = await _tier_reads(["raw", "fp8"], redis_server.url, chunks, GEOM.key_model("bench-cpu"), 2)
+    for spec in ("raw", "fp8"):
+        assert reads[spec]["read_chunks"] == 3
+        assert reads[spec]["read_cpu_s_per_gb"] > 0

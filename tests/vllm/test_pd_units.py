@@ -164,6 +164,38 @@ def test_a_failed_send_ends_the_consumers_wait_at_once(
     assert "pd_transfer_timeouts" not in got.data
 
 
+def test_a_send_that_trips_the_tier_breaker_still_marks_its_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole chunk's put outruns ``tier_timeout``: the tiered backend suspends the tier (every
+    put to it is then rejected at once), yet the failure mark reaches the tier and the consumer
+    stops waiting (the likely cause of the transfers that never landed on a loaded host)."""
+    import asyncio
+
+    n = 40
+    prompt = [(i * 11) % 600 + 2 for i in range(n)]
+    sent, got = Counts(), Counts()
+    cfg = LMCacheConfig.load(environ={}, chunk_size=CHUNK, tiers=[f"file://{tmp_path}"], tier_timeout=0.3)
+    with CacheEngine(GEOMETRY, "pd-unit", config=cfg) as prefill, _engine(tmp_path) as decode:
+        tier = prefill.backend.tiers[0]
+        real = tier.put
+
+        async def slow_put(keys: Any, srcs: Any) -> list[PutResult]:
+            if any(_is_ordinary(k) for k in keys):
+                await asyncio.sleep(2.0)  # past tier_timeout: cancelled, the tier suspended
+            return await real(keys, srcs)
+
+        monkeypatch.setattr(tier, "put", slow_put)
+        sender = PDWorker(60.0, sent)
+        sender.start_save(prefill, _random_kv(n, 9), TransferSave("p", prompt, [], "t-breaker"))
+        assert sender._sending["p"].result(30) is False
+        assert prefill.backend.stats()["tiers"][0]["suspended"] is True
+        load = types.SimpleNamespace(tokens=prompt, start=0, end=n - 1, transfer=TransferRef("t-breaker", n))
+        assert PDWorker(60.0, got).load(decode, ContiguousKV.empty(GEOMETRY, n), load) == 0
+    assert sent.data["pd_send_failures"] == 1 and sent.data["pd_failure_marks"] == 1
+    assert got.data["pd_transfers_failed"] == 1 and "pd_transfer_timeouts" not in got.data
+
+
 @pytest.fixture(scope="module")
 def lm_tier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """An ``lmcache server`` child (memory tier in shared memory) as an ``lm+unix://`` tier URL."""

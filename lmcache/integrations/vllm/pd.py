@@ -435,17 +435,23 @@ class PDWorker:
             reason,
         )
         self._count("pd_send_failures", 1)
-        try:
-            # Bounded on its own: a tier that failed the send may hang this put too.
-            results = await asyncio.wait_for(engine.backend.put([fail_key], [_FAILURE_MARK]), min(self.timeout, 5.0))
-            if results[0].ok:
+        why = "no tier took it"
+        # Through the tiered backend first; then straight to each tier, because a tier that timed
+        # out on the send is suspended by the tiered backend's circuit breaker for a while (every
+        # put to it rejected at once), and the mark is what ends the consumer's wait.
+        for target in [engine.backend, *getattr(engine.backend, "tiers", [])]:
+            try:
+                # Bounded on its own: a tier that failed the send may hang this put too.
+                result = (await asyncio.wait_for(target.put([fail_key], [_FAILURE_MARK]), min(self.timeout, 5.0)))[0]
+            except Exception as exc:
+                why = repr(exc)
+                continue
+            if result.ok:
                 self._count("pd_failure_marks", 1)
-            else:
-                logger.warning(
-                    "lmcache: transfer %s: its failure mark was rejected (%s)", save.transfer_id, results[0].reason
-                )
-        except Exception as exc:  # the tier is gone: the decoder runs into pd_transfer_timeout instead
-            logger.warning("lmcache: transfer %s: its failure mark could not be put (%r)", save.transfer_id, exc)
+                return False
+            why = f"rejected: {result.reason}"
+        # The tier is gone: the decoder runs into pd_transfer_timeout instead.
+        logger.warning("lmcache: transfer %s: its failure mark could not be put (%s)", save.transfer_id, why)
         return False
 
     def finished_sending(self, finished_req_ids: set[str]) -> set[str]:

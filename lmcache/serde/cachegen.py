@@ -11,11 +11,12 @@ Three steps, after CacheGen:
    codec`` measures both), while keys' large per-channel offsets make the mean worth removing.
 2. **Layer-dependent quantization.** Residuals are quantized per channel (one step per layer,
    K/V part, head and channel) with the step set from the channel's spread so that a channel
-   is coded at about the planned bits per value (:func:`plan_bits`): with ``codec_bits=b``
-   (default 4), keys ``b+1``, ``b``, ``b-1`` and values ``b``, ``b-1.5``, ``b-2`` for the
-   three thirds of the layers (never under 2, never over 6): keys matter more than values to
-   the output, and deeper layers less than shallow ones. Tokens with outliers (a value 8 standard deviations from its
-   channel's mean: attention sinks) are coded like anchors, at 8 bits, instead of clipped.
+   is coded at about the planned bits per value (:func:`plan_bits`): a measured plan of bits
+   per layer for keys and for values (mean 3.2 bits per symbol at the default ``codec_bits=4``;
+   each bit of ``codec_bits`` shifts the whole plan by one bit), which gives every layer-part
+   the same share of the measured loss of quality instead of fixed thirds. Tokens with
+   outliers (a value 8 standard deviations from its channel's mean: attention sinks) are
+   coded like anchors, at 8 bits, instead of clipped.
 3. **Entropy coding.** The symbols are coded with rANS (range asymmetric numeral systems) with
    one frequency table per layer and K/V part (one for precise tokens, one for the rest). The
    symbols, in chunk order ``[layer, part, token, head, dim]``, are dealt round-robin to
@@ -86,22 +87,43 @@ def layer_bits(layers: int, base: int) -> list[int]:
     return [max(min(2, base), base - (3 * i) // max(1, layers)) for i in range(layers)]
 
 
+#: Planned bits per layer at ``codec_bits=4``, keys then values, for 30 layers by depth
+#: (SmolLM2-135M's 30 layers; other depths are sampled at the same relative depth). Measured,
+#: not assumed: from the default of the first bit plan (keys 5/4/3, values 4/2.5/2 bits by
+#: thirds), one layer-part at a time was coded with one bit less and the rise of the mean KL
+#: of the next-token distribution recorded (``lmcache bench codec``'s quality measure, 4
+#: documents of real text); with a layer-part's KL modelled as ``w * 4**-bits``, the bits that
+#: minimize the total KL at a given mean give every layer-part the same share of it
+#: (reverse water-filling), rounded to half bits, 1.5 at least (docs/codecs.md, *the bit plan*).
+#: The measurements overturned the thirds: values of layers 2-10 matter as much as keys and
+#: need more bits than the thirds gave them; keys of layers 0-8 need fewer; values past
+#: layer 11 need about 2 bits, the last few 1.5.
+_KEY_PLAN = (
+    3.5, 4.0, 4.0, 4.0, 3.5, 3.5, 4.0, 4.0, 4.5, 4.5, 4.5, 3.5, 3.5, 3.0, 3.5,
+    3.5, 3.5, 3.5, 3.5, 4.0, 4.0, 4.0, 4.0, 3.5, 3.5, 3.0, 3.0, 3.5, 3.0, 3.0,
+)  # fmt: skip
+_VALUE_PLAN = (
+    3.0, 3.5, 4.0, 4.5, 4.5, 4.5, 4.0, 4.0, 4.0, 4.0, 3.5, 2.5, 1.5, 2.0, 2.0,
+    2.0, 1.5, 2.5, 2.5, 2.5, 2.0, 2.5, 2.5, 2.5, 2.5, 2.0, 1.5, 1.5, 1.5, 1.5,
+)  # fmt: skip
+#: The fewest and most bits a layer-part is planned at: under 1.5 bits the step spans over
+#: 1.5 standard deviations; past 6, the 8-bit symbols clip values beyond about 8 (``_steps``).
+_MIN_BITS, _MAX_BITS = 1.5, 6.0
+
+
 def plan_bits(layers: int, parts: int, base: int) -> list[tuple[float, ...]]:
     """Planned bits per layer and part (keys, then values; an MLA latent is planned as keys).
 
-    By thirds of the layers: keys ``base + 1``, ``base``, ``base - 1``; values ``base``,
-    ``base - 1.5``, ``base - 2``; never under 2 (nor under ``base``'s own floor), never over 6
-    (the symbols' 8-bit range clips values past about 8 standard deviations at 6 bits). Keys get
-    the extra bit because they matter most: on SmolLM2-135M one more bit on every key layer cut
-    the mean KL 3.6x, one more on every value layer 1.1x (``lmcache bench codec``,
-    docs/codecs.md); deeper layers matter less to the output, as CacheGen observed.
+    The measured plan (``_KEY_PLAN``, ``_VALUE_PLAN``: mean 3.2 bits per symbol at ``base``
+    4) shifted by ``base - 4`` bits, sampled at each layer's relative depth for other layer
+    counts, and kept within 1.5 (1 at ``base`` 1) and 6 bits.
     """
-    floor = min(2, base)
+    floor = min(_MIN_BITS, float(base))
     rows = []
     for i in range(layers):
-        third = (3 * i) // max(1, layers)
-        key = float(min(6, max(floor, base + 1 - third)))
-        value = float(min(6.0, max(floor, base - (0.0, 1.5, 2.0)[third])))
+        j = min(len(_KEY_PLAN) - 1, (2 * i + 1) * len(_KEY_PLAN) // (2 * max(1, layers)))
+        key = min(_MAX_BITS, max(floor, _KEY_PLAN[j] + base - DEFAULT_BITS))
+        value = min(_MAX_BITS, max(floor, _VALUE_PLAN[j] + base - DEFAULT_BITS))
         rows.append((key, value) if parts == 2 else (key,))
     return rows
 

@@ -19,10 +19,19 @@ What goes where (the transfer is ordinary lmcache traffic through any tier both 
 
 The producer's save runs asynchronously after the step that computed the prompt's last token;
 ``request_finished`` returns ``True`` (vLLM keeps the blocks) and the worker reports the request
-in ``finished_sending`` once the save has landed, failed or outrun ``pd_transfer_timeout``.
+in ``finished_sending`` once the save has landed, failed or outrun ``pd_transfer_timeout``. A
+send that fails is logged with its reason and publishes a **failure mark** (a small value beside
+the transfer key, same scope), so the consumer stops waiting at once.
 
-The consumer's load waits, off the scheduler, for the completion mark (at most
-``pd_transfer_timeout`` seconds: a producer that died or a tier that went away never hangs a
+When the only tier is the cache server reached with shared memory, the transfer goes **in
+place**: the producer copies vLLM's blocks straight into tier-0 blocks it reserved in the
+server's pool (the transfer key last in the same reservation, published by one commit), and the
+consumer copies into vLLM's blocks straight from checked views of the pool. Otherwise chunks go
+through the engine's chunk buffers (the copy of chunk ``i + 1`` overlapping the put of chunk
+``i``, the gets running ahead of the copies on the consumer).
+
+The consumer's load waits, off the scheduler, for the completion mark or the failure mark (at
+most ``pd_transfer_timeout`` seconds: a producer that died or a tier that went away never hangs a
 request), then loads the whole chunks and the tail. Whatever it could not load is reported as
 failed blocks: vLLM recomputes them (``kv_load_failure_policy: recompute``) or fails the request
 (``fail``). A transfer is tried once per request; a recomputing request looks lmcache up again as

@@ -11,16 +11,17 @@ checksummed by it: the checksum covers the encoded bytes).
   inner backend. ``raw`` passes the caller's buffers through untouched.
 * **get_into**, on a tier whose codec is not ``raw`` (its values are mostly encoded): a
   pipeline. The batch is cut into groups of about :data:`READ_GROUP_BYTES` (one chunk each for
-  real KV chunks); up to :data:`READ_WINDOW` groups are in flight at once, each read by its own
-  inner ``get_into`` into reusable staging buffers, and decoded into the caller's ``dst`` on a
-  worker thread as soon as that group has landed, while later groups are still on the wire
-  (decoders release the GIL: torch ops and the C loops). A raw value found there is copied into
-  its ``dst`` on the worker too. On a ``raw`` tier the inner backend reads straight into the
-  caller's ``dst`` (no extra cost for raw values); an encoded value found there is copied out
-  into a per-thread scratch and decoded into ``dst`` on a worker. Either way nothing decodes on
-  the event loop, a value of a codec not installed here is a miss counted in ``codec_unknown``
-  and logged with the codec's name, and one that does not decode is a miss counted in
-  ``corrupt`` (that chunk only: the rest of the batch is unaffected).
+  real KV chunks); up to :data:`READ_WINDOW` groups are in flight at once (:data:`READ_FETCHES`
+  of them on the wire), each read by its own inner ``get_into`` into reusable staging buffers,
+  and decoded into the caller's ``dst`` on a worker thread as soon as that group has landed,
+  while later groups are still on the wire (decoders release the GIL: torch ops and the C
+  loops). A raw value found there is copied into its ``dst`` on the worker too.
+* **get_into** on a ``raw`` tier: the inner backend reads straight into the caller's ``dst``
+  (no extra cost for raw values); an encoded value found there is copied out into a per-thread
+  scratch and decoded into ``dst`` on a worker.
+* Either way nothing decodes on the event loop, a value of a codec not installed here is a miss
+  counted in ``codec_unknown`` and logged with the codec's name, and one that does not decode is
+  a miss counted in ``corrupt`` (that chunk only: the rest of the batch is unaffected).
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ READ_GROUP_BYTES = 4 << 20
 #: Groups of one pipelined read in flight at once (being read or decoded); also bounds the
 #: staging memory a read holds to about this many groups.
 READ_WINDOW = 8
+#: Groups of one pipelined read on the wire at once. Few, so that they land one after another
+#: and the first ones decode while later ones are still arriving (a server answering many
+#: connections at once interleaves them, and they would all land at about the same time).
+READ_FETCHES = 2
 
 
 def codec_executor() -> concurrent.futures.ThreadPoolExecutor:
@@ -213,7 +218,7 @@ class CodecBackend(StorageBackend):
         """Read groups of values into staging buffers and decode each group as soon as it lands."""
         sizes: list[int | None] = [None] * len(keys)
         landed: list[tuple[int, int | Exception]] = []
-        window = asyncio.Semaphore(READ_WINDOW)
+        window, wire = asyncio.Semaphore(READ_WINDOW), asyncio.Semaphore(READ_FETCHES)
         pool = codec_executor()
 
         async def group(idx: list[int]) -> None:
@@ -221,7 +226,8 @@ class CodecBackend(StorageBackend):
                 bufs = [self._staging.take(dsts[i].nbytes) for i in idx]
                 try:
                     views = [memoryview(b)[: dsts[i].nbytes] for b, i in zip(bufs, idx, strict=True)]
-                    got = await self.inner.get_into([keys[i] for i in idx], views)
+                    async with wire:
+                        got = await self.inner.get_into([keys[i] for i in idx], views)
                     jobs = [(i, v, n) for i, v, n in zip(idx, views, got, strict=True) if n is not None]
                     if jobs:
                         outs = await run_blocking(pool, _land, jobs, dsts, self.codec, True)

@@ -11,6 +11,7 @@ child process, as tests/test_kernels.py checks the copy kernels.
 from __future__ import annotations
 
 import base64
+import hashlib
 import importlib.util
 import os
 import subprocess
@@ -155,11 +156,96 @@ def test_a_format_1_value_is_refused_not_misread() -> None:
         cachegen.parse_body(memoryview(FORMAT_1_VALUE)[header.body_offset :], header.geometry)
 
 
-def test_values_record_body_version_1() -> None:
+def test_values_record_body_version_2() -> None:
     g = GEOMETRIES[0]
     enc = bytes(encode_value(make_codec({"codec": "cachegen"}), memoryview(chunk(g, 5)), g))
     header = parse_codec_header(enc)
-    assert header.body_version == 1 and enc[header.body_offset] == cachegen.FORMAT
+    assert header.body_version == 2 and enc[header.body_offset] == cachegen.FORMAT
+
+
+#: A value the body-version-1 cachegen wrote (format 0xC2, no RoPE field) for ``chunk(ChunkGeometry(2,
+#: 2, 16, 1, 8, "bfloat16"), 21)``, and the SHA-256 of what it decoded to.
+VERSION_1_VALUE = base64.b64decode(
+    "TE1DQwEICAECAAAAAgAAABAAAAABAAAACAAAAAAEAAAAAAAAY2FjaGVnZW5iZmxvYXQxNmgp5A6Vy6nSwgQAAAAAEADSSY7J"
+    "sMhwQsFAqUEcSs9IPsbOydnD+jTMtAVCpzlYyRbCgkU0QSRJ8EQuSADIfkczxSjM7ciuSfRAOskAyHhIdkd2R3ZHdkd2R3ZH"
+    "dkd2R8FE7UlkPUo3BjdNQJE+rEf6RfpF+kX6RfpF+kX6RfpF+kgjUAFMIFDGRSlOIEy2TQABAAAQbioAIAAAACAAAAAAAAAA"
+    "AAAAAAAAAAAAAAAAAAAAAAAAIAGAB8ACYANAAAAAAAAAAAAAQAAAAAAAIAAAAAAAIAAAAAAAAAAAACAAAAAAAAAAAAAAACAA"
+    "AAEAABBwHwBgAEAAIAAAAAAAAAAAAAAAAAAAAAAAAACAAKAAQAMgAWAHIAHAACAAAAAgAAAAAAAAAAAAAAAAAAAAIAAgAAAB"
+    "AAAQcCsAIAAAAAAAAAAAAAAAAAAAAAAAIAAAAAAAAADAAUAHwAMgAiAAAAAAACAAAAAAAAAAAAAAAAAAIAAgACAAAAAAACAA"
+    "AAAAAAAAAAAAAAAAAAAAAAAAIAAAAQAAEHoLAKAAAAAAAAAAQABgDmAAAAAAAAAAYACAUGUAh7xXFiZtAgC9KrYA/udWfd7D"
+    "AQAhxxhTBqYCAEvgygaoLIYCPq4XHLSJcwudGQ8Ad3EAKKHYAQA+Q7EQNQAAAAAAAAAxoHM/e4QYARzqXiVi9AF/vo1ZIIdQ"
+    "gLxZLUEkoeZyFB31thgzbG2177uCQaQdgJkQS4CZWr5RA0svu1IxWlwIuuHOUYu6AEJg/EfP5s8gWgDF18aAC6C+AKQgQkD+"
+    "IB7gG0DhIH2AHKAP"
+)
+VERSION_1_DECODED_SHA256 = "244be53bc5d12e4f7ca8247a314e2c04658aed04a70befca1afcd627f5a67209"
+
+
+def test_a_version_1_value_still_decodes_to_what_it_did() -> None:
+    header = parse_codec_header(VERSION_1_VALUE)
+    assert header is not None and header.body_version == 1
+    assert VERSION_1_VALUE[header.body_offset] == cachegen.FORMAT_V1
+    g = header.geometry
+    out = bytearray(g.nbytes)
+    decode_value(memoryview(VERSION_1_VALUE), memoryview(out), None, make_codec({"codec": "cachegen"}))
+    assert hashlib.sha256(bytes(out)).hexdigest() == VERSION_1_DECODED_SHA256
+    tensor = torch.empty(g.shape, dtype=torch.bfloat16)
+    cachegen.decode_into_tensor(VERSION_1_VALUE, tensor)
+    assert tensor.view(torch.uint8).numpy().tobytes() == bytes(out)
+    # a version 1 body under a version 2 header (or the reverse) is refused, not misread
+    with pytest.raises(ValueError, match="format"):
+        cachegen.parse_body(memoryview(VERSION_1_VALUE)[header.body_offset :], g, 2)
+
+
+def rope_chunk(g: ChunkGeometry, seed: int, theta: float = 1e5, start: int = 1000) -> bytes:
+    """KV whose keys are RoPE-rotated (rotate-half pairs, base ``theta``) from steady per-channel offsets."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(g.shape, generator=gen) * 0.5
+    x[:, 0] += torch.randn(g.layers, 1, g.heads, g.dim, generator=gen) * 4  # offsets before RoPE
+    h = g.dim // 2
+    inv = theta ** (-torch.arange(h, dtype=torch.float64) * 2 / g.dim)
+    ang = (torch.arange(g.tokens, dtype=torch.float64)[:, None] + start) * inv[None, :]
+    c, s = ang.cos().float()[None, :, None, :], ang.sin().float()[None, :, None, :]
+    a, b = x[:, 0, ..., :h].clone(), x[:, 0, ..., h:].clone()
+    x[:, 0, ..., :h], x[:, 0, ..., h:] = a * c - b * s, b * c + a * s
+    return x.to(_TORCH[g.dtype]).contiguous().view(torch.uint8).numpy().tobytes()
+
+
+ROPE_GEOMETRIES = [
+    ChunkGeometry(3, 2, 64, 2, 32, "bfloat16"),  # pairs of 16: the AVX-512 rotation
+    ChunkGeometry(2, 2, 40, 3, 24, "bfloat16"),  # pairs of 12: the scalar rotation
+    ChunkGeometry(2, 2, 48, 1, 16, "float32"),
+    ChunkGeometry(2, 2, 48, 2, 16, "float16"),
+]
+
+
+@pytest.mark.parametrize("g", ROPE_GEOMETRIES, ids=lambda g: "x".join(map(str, g.shape)) + g.dtype)
+def test_rope_keys_are_found_and_every_decoder_agrees(lib, g: ChunkGeometry) -> None:
+    data = rope_chunk(g, seed=g.tokens)
+    x = as_float(data, g)
+    enc = cachegen._encode(x.clone(), g, 4, 0, native=True)
+    assert enc.body == cachegen._encode(x.clone(), g, 4, 0, native=False).body
+    body = memoryview(enc.body)
+    assert cachegen.parse_body(body, g).rope_theta == 1e5
+    expected = numpy_decode(body, g)
+    assert c_decode(lib, body, g, simd=False) == expected
+    assert c_decode(lib, body, g, simd=True) == expected
+    out = bytearray(g.nbytes)
+    cachegen.CacheGenCodec().decode_body(body, g, memoryview(out))
+    assert bytes(out) == expected
+    # keys coded as they were before RoPE: a smaller error than coding them rotated, same bits
+    plain = cachegen._encode(x.clone(), g, 4, 0, rope=False).body
+    assert cachegen.parse_body(memoryview(plain), g).rope_theta == 0.0
+    err_rope = float((as_float(expected, g) - x).pow(2).mean())
+    err_plain = float((as_float(numpy_decode(memoryview(plain), g), g) - x).pow(2).mean())
+    assert err_rope < 0.5 * err_plain
+
+
+def test_keys_without_rope_structure_are_not_rotated() -> None:
+    g = GEOMETRIES[0]
+    body = cachegen._encode(as_float(chunk(g, 3), g), g, 4, 0).body
+    assert cachegen.parse_body(memoryview(body), g).rope_theta == 0.0
+    anchored = cachegen._encode(as_float(rope_chunk(g, 3), g), g, 4, 5).body  # anchors: never rotated
+    assert cachegen.parse_body(memoryview(anchored), g).rope_theta == 0.0
 
 
 async def test_a_format_1_value_in_a_store_is_a_counted_miss() -> None:
@@ -227,19 +313,19 @@ def triton_matches_cpu() -> None:
     from lmcache.kernels import cachegen_triton
 
     assert cachegen_triton.interpreted()
-    for g in GEOMETRIES[:4]:
-        for anchor in (0, 5):
-            data = chunk(g, seed=11 + anchor)
-            codec = make_codec({"codec": "cachegen", "codec_anchor": str(anchor)})
-            enc = bytes(encode_value(codec, memoryview(data), g))
-            if enc[:4] != b"LMCC":
-                assert g.tokens == 1  # too small to gain: stored raw
-                continue
-            expected = bytearray(g.nbytes)
-            decode_value(memoryview(enc), memoryview(expected), None, codec)
-            out = torch.full(g.shape, 7.0, dtype=_TORCH[g.dtype])
-            cachegen.decode_into_tensor(enc, out)
-            assert out.view(torch.uint8).numpy().tobytes() == bytes(expected), (g, anchor)
+    cases = [(g, anchor, chunk(g, seed=11 + anchor)) for g in GEOMETRIES[:4] for anchor in (0, 5)]
+    cases += [(g, 0, rope_chunk(g, seed=13)) for g in ROPE_GEOMETRIES]  # body version 2, keys rotated
+    for g, anchor, data in cases:
+        codec = make_codec({"codec": "cachegen", "codec_anchor": str(anchor)})
+        enc = bytes(encode_value(codec, memoryview(data), g))
+        if enc[:4] != b"LMCC":
+            assert g.tokens == 1  # too small to gain: stored raw
+            continue
+        expected = bytearray(g.nbytes)
+        decode_value(memoryview(enc), memoryview(expected), None, codec)
+        out = torch.full(g.shape, 7.0, dtype=_TORCH[g.dtype])
+        cachegen.decode_into_tensor(enc, out)
+        assert out.view(torch.uint8).numpy().tobytes() == bytes(expected), (g, anchor)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: pip install 'lmcache[triton]'")
@@ -273,8 +359,9 @@ def test_decode_into_a_cpu_tensor_outside_the_interpreter_uses_the_cpu_path(monk
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: pip install 'lmcache[triton]'")
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="kernels are interpreted in this process")
+@pytest.mark.parametrize("rope", [False, True])
 @pytest.mark.parametrize("out_type", ["i16", "fp16", "fp32"])
-def test_triton_dequantize_compiles_for_cuda_without_fma(out_type: str, tmp_path, monkeypatch) -> None:
+def test_triton_dequantize_compiles_for_cuda_without_fma(out_type: str, rope: bool, tmp_path, monkeypatch) -> None:
     """Ahead-of-time compile for sm_90 with fusion off (as launched): no FMA, so GPU rounding is the CPU's."""
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     import triton
@@ -285,8 +372,9 @@ def test_triton_dequantize_compiles_for_cuda_without_fma(out_type: str, tmp_path
 
     signature = {"sym": "*u8", "regular": "*u8", "pscale": "*fp32", "ref": "*fp32", "step": "*fp32"}
     signature |= {"out": f"*{out_type}", "n": "i64", "tokens": "i32", "hd": "i32", "anchor": "i32"}
-    signature |= {"ANCHORED": "constexpr", "BF16_BITS": "constexpr", "BLOCK": "constexpr"}
-    constexprs = {"ANCHORED": False, "BF16_BITS": out_type == "i16", "BLOCK": 1024}
+    signature |= {"rcos": "*fp32", "rsin": "*fp32", "parts": "i32", "dim": "i32"}
+    signature |= {"ANCHORED": "constexpr", "BF16_BITS": "constexpr", "BLOCK": "constexpr", "ROPE": "constexpr"}
+    constexprs = {"ANCHORED": False, "BF16_BITS": out_type == "i16", "BLOCK": 1024, "ROPE": rope}
     src = ASTSource(fn=_cachegen_jit.dequantize_kernel, signature=signature, constexprs=constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
     ptx = compiled.asm["ptx"]
@@ -297,9 +385,9 @@ def test_plan_is_the_measured_one_shifted_by_codec_bits_and_never_clips() -> Non
     plan = cachegen.plan_bits(30, 2, 4)
     # measured on SmolLM2-135M: values of layers 2-10 get more bits than the thirds gave them,
     # keys of the first layers fewer, the last values 1.5 bits (docs/codecs.md, the bit plan)
-    assert plan[0] == (3.5, 3.0) and plan[4] == (3.5, 4.5) and plan[15] == (3.5, 2.0) and plan[29] == (3.0, 1.5)
-    assert sum(sum(r) for r in plan) / 60 == pytest.approx(3.2, abs=0.05)
-    assert cachegen.plan_bits(30, 2, 5)[4] == (4.5, 5.5)  # codec_bits shifts the whole plan
+    assert plan[0] == (3.0, 2.5) and plan[5] == (3.0, 4.5) and plan[18] == (4.0, 2.5) and plan[29] == (3.0, 1.5)
+    assert sum(sum(r) for r in plan) / 60 == pytest.approx(3.0, abs=0.05)
+    assert cachegen.plan_bits(30, 2, 5)[5] == (4.0, 5.5)  # codec_bits shifts the whole plan
     assert cachegen.plan_bits(30, 2, 3)[29] == (2.0, 1.5)  # never under 1.5 bits (1 at codec_bits=1)
     assert min(min(r) for r in cachegen.plan_bits(30, 2, 1)) == 1.0
     assert cachegen.plan_bits(15, 2, 4) == plan[1::2]  # other depths: the same relative depth

@@ -65,6 +65,12 @@ def dequantize(sym: np.ndarray, body: ParsedBody, out: torch.Tensor) -> None:
     ]
     bf16 = out.dtype == torch.bfloat16
     flat = out.view(-1).view(torch.int16) if bf16 else out.view(-1)
+    rope = body.rope()
+    if rope is not None:  # body version 2: key rows rotated back by RoPE (the CPU decoder's tables)
+        rcos, rsin = (torch.from_numpy(np.ascontiguousarray(a)).to(dev) for a in rope[:2])
+        parts, dim = rope[2], rope[3]
+    else:
+        rcos, rsin, parts, dim = args[2], args[2], 1, 2  # unused placeholders
     grid = ((n + BLOCK - 1) // BLOCK,)
     extra = {} if interpreted() else {"enable_fp_fusion": False}  # no FMA: round like the CPU
     dequantize_kernel[grid](
@@ -74,8 +80,13 @@ def dequantize(sym: np.ndarray, body: ParsedBody, out: torch.Tensor) -> None:
         tokens,
         hd,
         max(1, body.anchor),
+        rcos,
+        rsin,
+        parts,
+        dim,
         ANCHORED=bool(body.anchor),
         BF16_BITS=bf16,
         BLOCK=BLOCK,
+        ROPE=rope is not None,
         **extra,
     )

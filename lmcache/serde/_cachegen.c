@@ -252,6 +252,70 @@ static int have_avx512(void) {
 static int have_avx512(void) { return 0; }
 #endif
 
+/*
+ * Rotate one key row back by RoPE (body version 2): r holds the row's hd dequantized values
+ * (float32), heads of dim channels, channel c paired with c + dim / 2 (the rotate-half
+ * convention); cs and sn are the token's cos and sin per pair. out gets
+ *   lo = a * cos - b * sin,  hi = b * cos + a * sin
+ * in kind's type: each product rounded, then the sum (no FMA), as numpy and Triton compute it.
+ */
+static void rope_store_scalar(const float *r, int64_t hd, int64_t dim, const float *cs, const float *sn, int kind,
+                              void *out) {
+    int64_t h2 = dim / 2;
+    for (int64_t b = 0; b < hd; b += dim) {
+        for (int64_t c = 0; c < h2; c++) {
+            float a = r[b + c], z = r[b + c + h2];
+            float lo = a * cs[c] - z * sn[c];
+            float hi = z * cs[c] + a * sn[c];
+            if (kind == OUT_F32) {
+                ((float *)out)[b + c] = lo;
+                ((float *)out)[b + c + h2] = hi;
+            } else {
+                ((uint16_t *)out)[b + c] = bf16_of(lo);
+                ((uint16_t *)out)[b + c + h2] = bf16_of(hi);
+            }
+        }
+    }
+}
+
+#ifdef LMC_X86
+static AVX512 void rope_store16(const float *r, int64_t hd, int64_t dim, const float *cs, const float *sn, int kind,
+                                void *out) {
+    int64_t h2 = dim / 2;
+    const __m512i round = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
+    for (int64_t b = 0; b < hd; b += dim) {
+        for (int64_t c = 0; c < h2; c += 16) {
+            __m512 a = _mm512_loadu_ps(r + b + c), z = _mm512_loadu_ps(r + b + c + h2);
+            __m512 co = _mm512_loadu_ps(cs + c), si = _mm512_loadu_ps(sn + c);
+            __m512 lo = _mm512_sub_ps(_mm512_mul_ps(a, co), _mm512_mul_ps(z, si));
+            __m512 hi = _mm512_add_ps(_mm512_mul_ps(z, co), _mm512_mul_ps(a, si));
+            if (kind == OUT_F32) {
+                _mm512_storeu_ps((float *)out + b + c, lo);
+                _mm512_storeu_ps((float *)out + b + c + h2, hi);
+            } else {
+                __m512i u = _mm512_castps_si512(lo), v = _mm512_castps_si512(hi);
+                u = _mm512_add_epi32(u, _mm512_add_epi32(round, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+                v = _mm512_add_epi32(v, _mm512_add_epi32(round, _mm512_and_si512(_mm512_srli_epi32(v, 16), one)));
+                _mm256_storeu_si256((__m256i *)((uint16_t *)out + b + c), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+                _mm256_storeu_si256((__m256i *)((uint16_t *)out + b + c + h2),
+                                    _mm512_cvtepi32_epi16(_mm512_srli_epi32(v, 16)));
+            }
+        }
+    }
+}
+#endif
+
+static void rope_store(const float *r, int64_t hd, int64_t dim, const float *cs, const float *sn, int kind, void *out,
+                       int simd) {
+#ifdef LMC_X86
+    if (simd && (dim / 2) % 16 == 0) {
+        rope_store16(r, hd, dim, cs, sn, kind, out);
+        return;
+    }
+#endif
+    rope_store_scalar(r, hd, dim, cs, sn, kind, out);
+}
+
 #ifdef LMC_X86
 #define row16_dispatch row16_any
 #else
@@ -274,6 +338,18 @@ static int have_avx512(void) { return 0; }
         }                                                                                                            \
     } while (0)
 
+/* A row decoded as float32 into dst_ (a key row that RoPE rotates before it is stored). */
+#define ROW_F32_INTO(dst_, mode_, mul_, add_, keep_)                                                              \
+    do {                                                                                                          \
+        if (ptr + hd > n_words) {                                                                                 \
+            if (row_checked(st, S, &s, words, n_words, &ptr, tb, hd, OUT_F32, mode_, mul_, add_, keep_, dst_)) return -1; \
+        } else if (simd) {                                                                                        \
+            row16_dispatch(st, S, &s, words, &ptr, tb, hd, OUT_F32, mode_, mul_, add_, keep_, dst_);              \
+        } else {                                                                                                  \
+            row(st, S, &s, words, &ptr, tb, hd, OUT_F32, mode_, mul_, add_, keep_, dst_);                         \
+        }                                                                                                         \
+    } while (0)
+
 /*
  * Decode the lp * T * hd symbols of S streams. Table of symbol (lp, t, c): tables[2 * lp +
  * regular[t]]. out_kind OUT_SYMBOLS writes the symbols (uint8) to out; OUT_F32 / OUT_BF16 write
@@ -281,14 +357,20 @@ static int have_avx512(void) { return 0; }
  * ref is mean[lane] (anchor == 0) or the value of the lane's last anchor token (t % anchor ==
  * 0). anc is scratch of lp * hd floats (anchor mode only); lane = lp * hd + c.
  * simd: use AVX-512 where the CPU has it (the same result; 0 for the scalar loop, as tests do).
+ * rcos, rsin (body version 2; NULL otherwise): cos and sin [T][dim / 2] of RoPE's angles at the
+ * chunk's relative positions; rows of part 0 (keys: lp % parts == 0) are rotated by them after
+ * dequantizing (rope_store), through rowbuf (hd floats). Mean mode only (anchor == 0).
  * Returns 0, -1 when the words run out, -2 when the streams do not end where they should.
  */
 int lmc_cg_decode(const uint32_t *states_in, int64_t S, const uint16_t *words, int64_t n_words, const uint32_t *tables,
                   int64_t n, int64_t T, int64_t hd, const uint8_t *regular, int64_t anchor, const float *pscale,
-                  const float *mean, const float *step, float *anc, int out_kind, void *out, int simd) {
+                  const float *mean, const float *step, float *anc, int out_kind, void *out, int simd,
+                  const float *rcos, const float *rsin, int64_t parts, int64_t dim, float *rowbuf) {
     uint32_t st[4096];
     simd = simd && have_avx512();
     if (S <= 0 || S > 4096 || T <= 0 || hd <= 0 || n % (T * hd)) return -3;
+    int rope = rcos != NULL && out_kind != OUT_SYMBOLS;
+    if (rope && (parts <= 0 || dim <= 0 || dim % 2 || hd % dim || anchor || !rowbuf)) return -3;
     memcpy(st, states_in, (size_t)S * 4);
     int64_t ptr = 0, s = 0, lps = n / (T * hd);
     int64_t esize = out_kind == OUT_SYMBOLS ? 1 : out_kind == OUT_F32 ? 4 : 2;
@@ -299,7 +381,14 @@ int lmc_cg_decode(const uint32_t *states_in, int64_t S, const uint16_t *words, i
         for (int64_t t = 0; t < T; t++) {
             int64_t i = (lp * T + t) * hd;
             const uint32_t *tb = tables + ((2 * lp + regular[t]) << PROB_BITS);
-            if (regular[t]) {
+            if (rope && lp % parts == 0) { /* a key row: decoded, then rotated back by RoPE */
+                if (regular[t])
+                    ROW_F32_INTO(rowbuf, 1, sp, ref, NULL);
+                else
+                    ROW_F32_INTO(rowbuf, 0, ps, NULL, NULL);
+                rope_store(rowbuf, hd, dim, rcos + t * (dim / 2), rsin + t * (dim / 2), out_kind,
+                           (char *)out + i * esize, simd);
+            } else if (regular[t]) {
                 ROW_ALL_KINDS(1, sp, ref, NULL);
             } else {
                 float *keep = (out_kind != OUT_SYMBOLS && anchor && t % anchor == 0) ? anc + lp * hd : NULL;

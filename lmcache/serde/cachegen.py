@@ -9,10 +9,15 @@ Three steps, after CacheGen:
    mean over the chunk: on SmolLM2-135M neighbouring tokens are barely correlated, so a delta
    against an anchor 1-15 tokens away spreads wider than the value itself (``lmcache bench
    codec`` measures both), while keys' large per-channel offsets make the mean worth removing.
+   Keys are first rotated back by RoPE (body version 2) when that explains them: RoPE turns a
+   channel pair's steady offset into a circle the mean cannot remove; the encoder tries the
+   common bases (:data:`ROPE_THETAS`, positions relative to the chunk) and keeps the one that
+   leaves the least energy after centring, if any beats none by 10%, and records it; decoding
+   rotates the keys again (on SmolLM2-135M: 1.7x less energy, 16% less KL at the same size).
 2. **Layer-dependent quantization.** Residuals are quantized per channel (one step per layer,
    K/V part, head and channel) with the step set from the channel's spread so that a channel
    is coded at about the planned bits per value (:func:`plan_bits`): a measured plan of bits
-   per layer for keys and for values (mean 3.2 bits per symbol at the default ``codec_bits=4``;
+   per layer for keys and for values (mean 3 bits per symbol at the default ``codec_bits=4``;
    each bit of ``codec_bits`` shifts the whole plan by one bit), which gives every layer-part
    the same share of the measured loss of quality instead of fixed thirds. Tokens with
    outliers (a value 8 standard deviations from its channel's mean: attention sinks) are
@@ -30,14 +35,16 @@ arithmetic: the same words and the same decoded bytes, only slower). On a GPU,
 :func:`decode_into_tensor` entropy-decodes on the CPU and dequantizes with a Triton kernel
 (:mod:`lmcache.kernels.cachegen_triton`).
 
-Body layout (body version 1 in the codec header, and a format byte 0xC2 first in the body, so
-that readers from before body versions refuse it too; the first format, body version 0, which
-began with the bits byte, is refused: a counted miss): format byte, base bits, anchor stride,
-outlier tokens, streams; the outlier token indices (uint16); per-lane scales of the precise
+Body layout (body version 2 in the codec header, and a format byte 0xC3 first in the body):
+format byte, base bits, anchor stride, outlier tokens, streams, RoPE base (float32; 0: keys not
+rotated); the outlier token indices (uint16); per-lane scales of the precise
 tokens (only when there are any), channel means (without anchors) and steps (float16 each); the
 frequency tables (first used symbol, count, uint16 frequencies); the streams' initial decoder
 states (uint32); the number of words, then the words. Lanes are ``(layer, part, head,
-channel)`` in that order.
+channel)`` in that order. Body version 1 (format byte 0xC2, written before RoPE) is the same
+without the RoPE base and is still read; the first format, body version 0, which began with
+the bits byte, is refused (a counted miss), as readers from before body versions refuse the
+later ones (their format byte is not 1-8).
 """
 
 from __future__ import annotations
@@ -68,12 +75,18 @@ PROB_BITS = 12
 M = 1 << PROB_BITS
 _LOW = 1 << 16  # the state lives in [2^16, 2^32); renormalization moves 16-bit words
 ANCHOR_BITS = 8
-FORMAT = 0xC2  # format 2; a format-1 body began with its bits (1-8)
+FORMAT = 0xC3  # format 3 (body version 2): format 2's fields and RoPE's theta
+FORMAT_V1 = 0xC2  # format 2 (body version 1); a format-1 body began with its bits (1-8)
 #: Interleaved rANS streams per chunk (fewer for tiny chunks): enough independent work per
 #: step for the C loop and for numpy, few enough that their states cost under 1% of a body.
 STREAMS = 1024
 _COUNT = struct.Struct("<Q")
-_PARAMS = struct.Struct("<BBHHH")  # format, base bits, anchor stride, outlier tokens, streams
+_PARAMS_V1 = struct.Struct("<BBHHH")  # format, base bits, anchor stride, outlier tokens, streams
+_PARAMS = struct.Struct("<BBHHHf")  # the same, then RoPE's theta (0: keys are not rotated)
+#: RoPE bases tried on a chunk's keys (Llama 2 and most others, SmolLM2, Llama 3, Qwen 2): the
+#: one that leaves the least energy after centring is used, if it beats none by ROPE_GAIN.
+ROPE_THETAS = (1e4, 1e5, 5e5, 1e6)
+ROPE_GAIN = 0.9
 _TABLE = struct.Struct("<BH")
 DEFAULT_BITS = 4
 
@@ -89,22 +102,23 @@ def layer_bits(layers: int, base: int) -> list[int]:
 
 #: Planned bits per layer at ``codec_bits=4``, keys then values, for 30 layers by depth
 #: (SmolLM2-135M's 30 layers; other depths are sampled at the same relative depth). Measured,
-#: not assumed: from the default of the first bit plan (keys 5/4/3, values 4/2.5/2 bits by
-#: thirds), one layer-part at a time was coded with one bit less and the rise of the mean KL
-#: of the next-token distribution recorded (``lmcache bench codec``'s quality measure, 4
-#: documents of real text); with a layer-part's KL modelled as ``w * 4**-bits``, the bits that
-#: minimize the total KL at a given mean give every layer-part the same share of it
-#: (reverse water-filling), rounded to half bits, 1.5 at least (docs/codecs.md, *the bit plan*).
-#: The measurements overturned the thirds: values of layers 2-10 matter as much as keys and
-#: need more bits than the thirds gave them; keys of layers 0-8 need fewer; values past
-#: layer 11 need about 2 bits, the last few 1.5.
+#: not assumed: starting from a plan, one layer-part at a time was coded with one bit less and
+#: the rise of the mean KL of the next-token distribution recorded (``lmcache bench codec``'s
+#: quality measure, 4 documents of real text); with a layer-part's KL modelled as
+#: ``w * 4**-bits``, the bits that minimize the total KL at a given mean give every
+#: layer-part the same share of it (reverse water-filling), rounded to half bits, 1.5 at
+#: least. Two rounds (from the first plan's thirds, then from the first round's plan), at a
+#: mean of 3 bits per symbol (docs/codecs.md, *the measured bit plan*). They overturned the
+#: thirds: values of layers 2-10 matter as much as keys and need more bits than the thirds
+#: gave them, keys of layers 17-25 more than those of layers 4-16, and values past layer 11
+#: need about 2 bits, the last few 1.5.
 _KEY_PLAN = (
-    3.5, 4.0, 4.0, 4.0, 3.5, 3.5, 4.0, 4.0, 4.5, 4.5, 4.5, 3.5, 3.5, 3.0, 3.5,
-    3.5, 3.5, 3.5, 3.5, 4.0, 4.0, 4.0, 4.0, 3.5, 3.5, 3.0, 3.0, 3.5, 3.0, 3.0,
+    3.0, 3.5, 4.0, 3.5, 3.0, 3.0, 3.0, 3.0, 3.5, 3.5, 3.0, 3.0, 3.0, 3.5, 2.5,
+    3.0, 3.5, 4.0, 4.0, 4.0, 3.5, 3.5, 3.5, 4.0, 3.5, 3.5, 3.0, 3.5, 3.0, 3.0,
 )  # fmt: skip
 _VALUE_PLAN = (
-    3.0, 3.5, 4.0, 4.5, 4.5, 4.5, 4.0, 4.0, 4.0, 4.0, 3.5, 2.5, 1.5, 2.0, 2.0,
-    2.0, 1.5, 2.5, 2.5, 2.5, 2.0, 2.5, 2.5, 2.5, 2.5, 2.0, 1.5, 1.5, 1.5, 1.5,
+    2.5, 3.0, 3.5, 4.0, 4.0, 4.5, 4.0, 4.0, 4.0, 4.0, 3.0, 2.0, 2.0, 2.5, 2.5,
+    2.5, 2.0, 2.5, 2.5, 2.5, 2.5, 2.0, 2.0, 2.5, 2.0, 2.0, 1.5, 1.5, 1.5, 1.5,
 )  # fmt: skip
 #: The fewest and most bits a layer-part is planned at: under 1.5 bits the step spans over
 #: 1.5 standard deviations; past 6, the 8-bit symbols clip values beyond about 8 (``_steps``).
@@ -114,7 +128,7 @@ _MIN_BITS, _MAX_BITS = 1.5, 6.0
 def plan_bits(layers: int, parts: int, base: int) -> list[tuple[float, ...]]:
     """Planned bits per layer and part (keys, then values; an MLA latent is planned as keys).
 
-    The measured plan (``_KEY_PLAN``, ``_VALUE_PLAN``: mean 3.2 bits per symbol at ``base``
+    The measured plan (``_KEY_PLAN``, ``_VALUE_PLAN``: mean 3 bits per symbol at ``base``
     4) shifted by ``base - 4`` bits, sampled at each layer's relative depth for other layer
     counts, and kept within 1.5 (1 at ``base`` 1) and 6 bits.
     """
@@ -235,6 +249,17 @@ class ParsedBody:
     words: np.ndarray
     #: ``(layer-parts, tokens, heads * dim)``.
     shape: tuple[int, int, int]
+    #: RoPE's base when the keys were rotated back before coding (body version 2), else 0.
+    rope_theta: float = 0.0
+    parts: int = 2
+    dim: int = 1
+
+    def rope(self) -> tuple[np.ndarray, np.ndarray, int, int] | None:
+        """RoPE tables: cos, sin ``[tokens, dim / 2]`` (float32), parts, head dim; None if keys are not rotated."""
+        if not self.rope_theta:
+            return None
+        cos, sin = rope_tables(self.shape[1], self.dim, self.rope_theta)
+        return cos, sin, self.parts, self.dim
 
     @property
     def ref(self) -> np.ndarray:
@@ -242,24 +267,31 @@ class ParsedBody:
         return self.mean if self.mean is not None else np.zeros_like(self.step)
 
 
-def parse_body(body: memoryview | bytes, g: ChunkGeometry) -> ParsedBody:
-    """Parse and check a cachegen body of geometry ``g``.
+def parse_body(body: memoryview | bytes, g: ChunkGeometry, version: int | None = None) -> ParsedBody:
+    """Parse and check a cachegen body of geometry ``g`` (body version 2 or 1; ``version``: the header's).
 
     Raises:
-        ValueError: A body of another format, or damaged.
+        ValueError: A body of another format (or not of ``version``), or damaged.
     """
-    if len(body) < _PARAMS.size:
+    if len(body) < _PARAMS_V1.size:
         raise ValueError("cachegen body is truncated")
-    fmt, base_bits, anchor, n_out, streams = _PARAMS.unpack_from(body, 0)
-    if fmt != FORMAT:
+    fmt = body[0]
+    if fmt not in (FORMAT, FORMAT_V1) or (version is not None and fmt != (FORMAT if version == 2 else FORMAT_V1)):
         raise ValueError(f"cachegen body of format {'1' if 1 <= fmt <= 8 else hex(fmt)} is not read by this lmcache")
+    params = _PARAMS if fmt == FORMAT else _PARAMS_V1
+    if len(body) < params.size:
+        raise ValueError("cachegen body is truncated")
+    _fmt, base_bits, anchor, n_out, streams, *rest = params.unpack_from(body, 0)
+    theta = float(rest[0]) if rest else 0.0
+    if theta and not (anchor == 0 and g.parts == 2 and g.dim % 2 == 0 and 1.0 <= theta <= 1e9):
+        raise ValueError(f"cachegen RoPE theta {theta} does not fit the body")
     if not (1 <= base_bits <= 8):
         raise ValueError(f"cachegen parameter {base_bits} bits is out of range")
     lp, hd = g.layers * g.parts, g.heads * g.dim
     lanes, n = lp * hd, lp * g.tokens * hd
     if not (1 <= streams <= min(n, cachegen_native.MAX_STREAMS)):
         raise ValueError(f"cachegen body has {streams} streams")
-    reader = _Reader(np.frombuffer(body, dtype=np.uint8), _PARAMS.size)
+    reader = _Reader(np.frombuffer(body, dtype=np.uint8), params.size)
     outliers = reader.take(n_out, np.uint16).astype(np.int64)
     if outliers.size and outliers.max() >= g.tokens:
         raise ValueError("cachegen outlier token index is out of range")
@@ -282,7 +314,10 @@ def parse_body(body: memoryview | bytes, g: ChunkGeometry) -> ParsedBody:
     if reader.off != reader.buf.size:
         raise ValueError("cachegen body has trailing bytes")
     regular = (~precise).astype(np.uint8)
-    return ParsedBody(base_bits, anchor, outliers, regular, pscale, mean, step, freq, states, words, (lp, g.tokens, hd))
+    return ParsedBody(
+        base_bits, anchor, outliers, regular, pscale, mean, step, freq, states, words, (lp, g.tokens, hd),
+        theta, g.parts, g.dim,
+    )  # fmt: skip
 
 
 def _symbol_tables(p: ParsedBody | tuple[int, int, int], regular: np.ndarray) -> np.ndarray:
@@ -307,7 +342,61 @@ def _dequantize(p: ParsedBody, sym: np.ndarray) -> np.ndarray:
     else:
         x = p.ref.reshape(lp, 1, hd) + q * step
     x[:, precise] = recon_p
+    rope = p.rope()
+    if rope is not None:
+        x[:: p.parts] = _rotate(x[:: p.parts], rope[0], rope[1], p.dim)
     return x
+
+
+def rope_tables(tokens: int, dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """RoPE's cos and sin ``[tokens, dim / 2]`` (float32) at positions ``0..tokens-1``.
+
+    Positions are relative to the chunk: a chunk that starts at position ``p`` has keys rotated
+    by ``p`` more, a constant rotation per channel pair that the channel means absorb.
+    """
+    inv = float(theta) ** (-np.arange(dim // 2, dtype=np.float64) * 2.0 / dim)
+    ang = np.arange(tokens, dtype=np.float64)[:, None] * inv[None, :]
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, dim: int) -> np.ndarray:
+    """Rows ``[n, tokens, heads * dim]`` (float32) rotated by RoPE's angles (rotate-half pairs).
+
+    ``lo = a * cos - b * sin``, ``hi = b * cos + a * sin``, each product rounded to float32:
+    the C decoder and the Triton kernel compute exactly this. With ``-sin``, the inverse.
+    """
+    n, t, hd = x.shape
+    y = x.reshape(n, t, hd // dim, dim)
+    h = dim // 2
+    a, b = y[..., :h], y[..., h:]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return np.concatenate([a * c - b * s, b * c + a * s], axis=-1).reshape(n, t, hd)
+
+
+def _pick_rope(keys: np.ndarray, dim: int) -> float:
+    """The RoPE base that best explains keys ``[layers, tokens, heads * dim]`` (float32), or 0.
+
+    Keys are RoPE-rotated by their position, so a channel pair with a steady direction before
+    RoPE circles around after it, and its channel means cannot remove it; rotated back by the
+    right base, the pairs' offsets return and centring removes them (on SmolLM2-135M the keys'
+    energy after centring falls by about 1.7x, docs/codecs.md). Tried on a few layers; the
+    base is kept only if it leaves under ``ROPE_GAIN`` of plain centring's energy.
+    """
+    t = keys.shape[1]
+    if t < 8 or dim % 2:
+        return 0.0
+    sample = keys[:: max(1, keys.shape[0] // 4)]
+
+    def energy(y: np.ndarray) -> float:
+        return float(((y - y.mean(axis=1, keepdims=True)) ** 2).mean())
+
+    best, best_e = 0.0, energy(sample) * ROPE_GAIN
+    for theta in ROPE_THETAS:
+        cos, sin = rope_tables(t, dim, theta)
+        e = energy(_rotate(sample, cos, -sin, dim))
+        if e < best_e:
+            best, best_e = theta, e
+    return best
 
 
 class CacheGenCodec(Codec):
@@ -315,8 +404,9 @@ class CacheGenCodec(Codec):
 
     name = "cachegen"
     lossless = False
-    #: 1: this format (C coder, interleaved streams); 0, the first (per-lane streams), is refused.
-    body_version = 1
+    #: 2: keys rotated back by RoPE before coding (when that helps; format 0xC3); 1 (format 0xC2,
+    #: the same without RoPE) is still read; 0, the first (per-lane streams), is refused.
+    body_version = 2
 
     def encode_body(self, data: memoryview, geometry: ChunkGeometry) -> bytes | None:
         """Parameters, precise tokens, per-lane scales, tables, states and words (module docstring)."""
@@ -327,8 +417,14 @@ class CacheGenCodec(Codec):
         return enc.body
 
     def decode_body(self, body: memoryview, geometry: ChunkGeometry, out: memoryview) -> None:
-        """Entropy-decode, then references plus dequantized residuals, in the chunk's dtype."""
-        p = parse_body(body, geometry)
+        """Decode a body of the current version (see :meth:`decode_body_version`)."""
+        self.decode_body_version(body, geometry, out, self.body_version)
+
+    def decode_body_version(self, body: memoryview, geometry: ChunkGeometry, out: memoryview, version: int) -> None:
+        """Entropy-decode, then references plus dequantized residuals (keys rotated by RoPE in version 2)."""
+        if version not in (1, 2):
+            raise ValueError(f"cachegen body version {version} is not one this lmcache reads")
+        p = parse_body(body, geometry, version)
         lib = cachegen_native.library()
         if lib is None:
             x = _dequantize(p, _decode_symbols(p, None))
@@ -361,6 +457,7 @@ def _c_decode(lib: object, p: ParsedBody, tables: np.ndarray, kind: int, out: np
         out_kind=kind,
         out=out,
         simd=simd,
+        rope=None if kind == cachegen_native.OUT_SYMBOLS else p.rope(),
     )
 
 
@@ -383,10 +480,20 @@ class _Encoded:
     side_bytes: int
 
 
-def _encode(t: torch.Tensor, g: ChunkGeometry, base_bits: int, anchor: int, native: bool | None = None) -> _Encoded:
-    """Quantize and entropy-code a float32 chunk (``g.shape``); ``native=False`` forces numpy."""
+def _encode(
+    t: torch.Tensor, g: ChunkGeometry, base_bits: int, anchor: int, native: bool | None = None, *, rope: bool = True
+) -> _Encoded:
+    """Quantize and entropy-code a float32 chunk (``g.shape``); ``native=False`` forces numpy.
+
+    ``rope=False`` never rotates the keys (the body then decodes like a version 1 body's).
+    """
     lp, hd = g.layers * g.parts, g.heads * g.dim
     x = t.reshape(lp, g.tokens, hd).numpy()
+    theta = _pick_rope(x[:: g.parts], g.dim) if rope and anchor == 0 and g.parts == 2 else 0.0
+    if theta:  # code the keys as they were before RoPE rotated them (decoding rotates them again)
+        cos, sin = rope_tables(g.tokens, g.dim, theta)
+        x = x.copy()
+        x[:: g.parts] = _rotate(x[:: g.parts], cos, -sin, g.dim)
     outliers = _outlier_tokens(x)
     precise = _anchor_mask(g.tokens, anchor)
     precise[outliers] = True
@@ -421,7 +528,7 @@ def _encode(t: torch.Tensor, g: ChunkGeometry, base_bits: int, anchor: int, nati
         states, words = rans_encode(sym, _symbol_tables((lp, g.tokens, hd), regular), freq, streams)
     head = b"".join(
         [
-            _PARAMS.pack(FORMAT, base_bits, anchor, outliers.size, streams),
+            _PARAMS.pack(FORMAT, base_bits, anchor, outliers.size, streams, theta),
             outliers.astype(np.uint16).tobytes(),
             pscale.astype(np.float16).tobytes() if precise.any() else b"",
             b"" if mean is None else mean.astype(np.float16).tobytes(),
@@ -539,7 +646,7 @@ def decode_into_tensor(encoded: memoryview | bytes, out: torch.Tensor) -> None:
     header = parse_codec_header(view)
     if header is None or header.codec != CacheGenCodec.name:
         raise IntegrityError("value is not a cachegen value")
-    if header.body_version != CacheGenCodec.body_version:
+    if header.body_version not in (1, 2):
         raise IntegrityError(f"cachegen body version {header.body_version} is not one this lmcache reads")
     g = header.geometry
     if out.numel() != g.numel or str(out.dtype).removeprefix("torch.") != g.dtype or not out.is_contiguous():
@@ -547,9 +654,10 @@ def decode_into_tensor(encoded: memoryview | bytes, out: torch.Tensor) -> None:
     try:
         if out.device.type == "cpu" and not cachegen_triton.interpreted():
             decode_out = out.view(torch.uint8).numpy().reshape(-1)
-            CacheGenCodec().decode_body(view[header.body_offset :], g, memoryview(decode_out))
+            body = view[header.body_offset :]
+            CacheGenCodec().decode_body_version(body, g, memoryview(decode_out), header.body_version)
             return
-        p = parse_body(view[header.body_offset :], g)
+        p = parse_body(view[header.body_offset :], g, header.body_version)
         sym = _decode_symbols(p, cachegen_native.library())
     except ValueError as exc:
         raise IntegrityError(f"value does not decode with codec 'cachegen': {exc}") from exc

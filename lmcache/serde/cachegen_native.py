@@ -79,6 +79,11 @@ def _load(path: Path) -> ctypes.CDLL:
         ctypes.c_int,
         vp,
         ctypes.c_int,
+        vp,
+        vp,
+        i64,
+        i64,
+        vp,
     ]
     lib.lmc_cg_encode.restype = i64
     lib.lmc_cg_encode.argtypes = [vp, i64, i64, vp, vp, i64, i64, vp, vp, vp]
@@ -152,6 +157,7 @@ def decode(
     out_kind: int,
     out: np.ndarray,
     simd: bool = True,
+    rope: tuple[np.ndarray, np.ndarray, int, int] | None = None,
 ) -> None:
     """Decode into ``out`` (symbols, float32 or bfloat16 bits; ``[lp * T * HD]`` elements).
 
@@ -168,6 +174,8 @@ def decode(
         out_kind: ``OUT_SYMBOLS``, ``OUT_F32`` or ``OUT_BF16``.
         out: Contiguous output array of the right element size.
         simd: Use the AVX-512 loop where the CPU has it (False: the scalar loop; same result).
+        rope: For a body that rotated its keys (version 2): float32 cos and sin ``[T, dim / 2]``,
+            the parts and the head dim; key rows are rotated back after dequantizing.
 
     Raises:
         ValueError: The words run out or the streams do not end where they should.
@@ -181,6 +189,14 @@ def decode(
     states = np.ascontiguousarray(states, dtype=np.uint32)
     words = np.ascontiguousarray(words, dtype=np.uint16)
     regular = np.ascontiguousarray(regular, dtype=np.uint8)
+    rcos = rsin = rowbuf = None
+    parts = dim = 0
+    if rope is not None and lane_params is not None:
+        rcos, rsin = (np.ascontiguousarray(a, dtype=np.float32) for a in rope[:2])
+        parts, dim = rope[2], rope[3]
+        if rcos.shape != (T, dim // 2) or rsin.shape != rcos.shape:
+            raise ValueError("cachegen RoPE tables do not fit the chunk")
+        rowbuf = np.empty(HD, dtype=np.float32)
     rc = lib.lmc_cg_decode(
         _ptr(states),
         states.size,
@@ -199,7 +215,14 @@ def decode(
         out_kind,
         _ptr(out),
         int(simd),
+        _ptr(rcos),
+        _ptr(rsin),
+        parts,
+        dim,
+        _ptr(rowbuf),
     )
+    if rc == -3:
+        raise ValueError("cachegen decode parameters do not fit the chunk")
     if rc == -1:
         raise ValueError("rANS stream is truncated")
     if rc != 0:

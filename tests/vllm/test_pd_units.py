@@ -196,6 +196,38 @@ def test_a_send_that_trips_the_tier_breaker_still_marks_its_failure(
     assert got.data["pd_transfers_failed"] == 1 and "pd_transfer_timeouts" not in got.data
 
 
+@pytest.mark.parametrize(("n", "blocks"), [(48, 3), (33, 2)])
+def test_the_last_chunk_is_copied_whole_into_the_requests_own_blocks(tmp_path: Path, n: int, blocks: int) -> None:
+    """vLLM plans ``n - 1`` tokens; where the request's blocks reach token ``n``, the last chunk
+    is copied whole (whole-block path), the last token's slot included (vLLM overwrites it);
+    where they do not (33 tokens: 32 planned fill two blocks of 16), it stops at ``n - 1``."""
+    from lmcache.integrations.vllm.slots import SlotMappedKV, bind_paged_kv
+    from lmcache.layouts import VLLM_CPU_VEC
+
+    block = 16
+    prompt = [(i * 5) % 300 + 1 for i in range(n)]
+    gen = torch.Generator().manual_seed(n)
+    shape = (8, GEOMETRY.num_kv_heads, block, 2 * GEOMETRY.head_dim)
+    a = [torch.randn(shape, generator=gen) for _ in range(GEOMETRY.num_layers)]
+    b = [torch.zeros(shape) for _ in range(GEOMETRY.num_layers)]
+    src = SlotMappedKV(bind_paged_kv(a, GEOMETRY, block, VLLM_CPU_VEC), [0, 1, 2])  # the producer has them all
+    paged_b = bind_paged_kv(b, GEOMETRY, block, VLLM_CPU_VEC)
+    dst = SlotMappedKV(paged_b, list(range(4, 4 + blocks)), lo=0, hi=n - 1)
+    with _engine(tmp_path) as prefill, _engine(tmp_path) as decode:
+        sender = PDWorker(10.0, Counts())
+        sender.start_save(prefill, src, TransferSave("p", prompt, [0, 1, 2], "t-whole"))
+        assert sender._sending["p"].result(30) is True
+        load = types.SimpleNamespace(tokens=prompt, start=0, end=n - 1, transfer=TransferRef("t-whole", n))
+        assert PDWorker(10.0, Counts()).load(decode, dst, load) == n
+    whole = blocks * block >= n
+    m = n if whole else n - 1  # beyond the block table there is nothing to look at
+    sent, landed = torch.empty(GEOMETRY.chunk_shape(m)), torch.empty(GEOMETRY.chunk_shape(m))
+    src.gather(0, m, sent)
+    SlotMappedKV(paged_b, list(range(4, 4 + blocks))).gather(0, m, landed)
+    assert torch.equal(sent, landed)
+    assert b[0][4 + blocks :].count_nonzero() == 0  # no block outside the table was written
+
+
 @pytest.fixture(scope="module")
 def lm_tier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """An ``lmcache server`` child (memory tier in shared memory) as an ``lm+unix://`` tier URL."""

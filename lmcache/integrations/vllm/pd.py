@@ -60,6 +60,7 @@ import torch
 
 from lmcache.engine import CacheEngine
 from lmcache.errors import InvalidArgumentError
+from lmcache.integrations.vllm.slots import SlotMappedKV
 from lmcache.keys import Chunk, ChunkHasher, KeyScope
 from lmcache.serde.codec import parse_codec_header
 
@@ -268,6 +269,26 @@ def _transfer_scope(scope: KeyScope, transfer_id: str) -> KeyScope:
     tags = dict(scope.tags)
     tags[PD_TAG] = transfer_id
     return KeyScope.create(scope.model, world_size=scope.world_size, rank=scope.rank, dtype=scope.dtype, tags=tags)
+
+
+def _unclipped_top(dst: Any, end: int) -> Any:
+    """``dst`` without its upper clip when the request's own blocks reach token ``end``.
+
+    A transfer's last chunk ends at the prompt's end, one token past what vLLM plans to load (it
+    computes the last token itself). Clipped, that chunk is copied token by token (about 20
+    times slower than whole blocks); unclipped, the last token's KV is written into its slot,
+    which lies in a block of this request's own (allocated for the load, never one shared
+    through vLLM's prefix cache: those end at ``lo``) and which vLLM's forward overwrites when
+    it computes that token. Where the block table does not reach ``end``, ``dst`` is kept.
+    """
+    if (
+        isinstance(dst, SlotMappedKV)
+        and dst.hi is not None
+        and dst.hi < end
+        and dst.block_ids.numel() * dst.block_size >= end
+    ):
+        return SlotMappedKV(dst.kv, dst.block_ids.tolist(), lo=dst.lo, hi=None)
+    return dst
 
 
 def _in_place_tier(engine: CacheEngine) -> Any:
@@ -518,6 +539,7 @@ class PDWorker:
         todo = [(c, engine.scope.key(c.hash)) for c in engine.chunks(tokens[: tail.start]) if c.end > start]
         todo.append((tail, key))
         good, copy_s = start, 0.0
+        dst = _unclipped_top(dst, tail.end)
         lm = _in_place_tier(engine)
         if lm is not None:
             good, copy_s = self._load_in_place(engine, lm, dst, todo, start=start, deadline=deadline)

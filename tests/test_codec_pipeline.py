@@ -178,3 +178,54 @@ async def test_bench_tier_reads_report_client_cpu_per_gb(redis_server: RedisServ
     for spec in ("raw", "fp8"):
         assert reads[spec]["read_chunks"] == 3
         assert reads[spec]["read_cpu_s_per_gb"] > 0
+
+
+async def test_a_cancelled_pipelined_read_writes_nothing_after_it_returns(monkeypatch) -> None:
+    """Rule 3 through the pipeline: once a cancelled ``get_into`` returns, no group lands or decodes."""
+    monkeypatch.setattr(layer, "READ_GROUP_BYTES", 1)
+    loop = asyncio.get_running_loop()
+    decoded = asyncio.Event()
+    real = layer.decode_value
+
+    def spy(*args: Any, **kwargs: Any) -> int:
+        n = real(*args, **kwargs)
+        loop.call_soon_threadsafe(decoded.set)
+        return n
+
+    monkeypatch.setattr(layer, "decode_value", spy)
+    inner = _GatedMemory.from_url("memory://?capacity=64MiB")
+    b = CodecBackend(inner, make_codec({"codec": "fp8"}))
+    keys = [key(500 + i) for i in range(5)]
+    values = [kv(500 + i) for i in range(5)]
+    async with b:
+        assert all(r.ok for r in await b.put(keys, values))
+        gate = asyncio.Event()
+        inner.held, inner.gate = keys[3], gate
+        dsts = [bytearray(len(values[0])) for _ in keys]
+        task = asyncio.ensure_future(b.get_into(keys, dsts))
+        await asyncio.wait_for(decoded.wait(), timeout=120)  # a first group decoded; the fourth is held back
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        before = [bytes(d) for d in dsts]
+        gate.set()  # what was held may now land: nothing may write into the caller's buffers
+        layer.codec_executor().submit(lambda: None).result()  # the decode pool has drained
+        await asyncio.sleep(0)
+        assert [bytes(d) for d in dsts] == before
+        assert not any(dsts[3])  # the held group never landed
+        inner.held = None
+        # The layer still reads normally afterwards (staging buffers handed back, nothing stuck).
+        got = await b.get_into(keys, [bytearray(len(values[0])) for _ in keys])
+        assert got == [len(values[0])] * 5
+
+
+def test_staging_keeps_a_bounded_number_of_buffers() -> None:
+    staging = layer._Staging(2)
+    bufs = [staging.take(n) for n in (10, 30, 20)]
+    for buf in bufs:
+        staging.give(buf)
+    assert sorted(b.size for b in staging._free) == [20, 30]  # the two largest kept
+    assert staging.take(25).size == 30 and staging.take(5).size == 20
+    assert staging.take(100).size == 100  # none large enough: a new one
+    staging.clear()
+    assert not staging._free

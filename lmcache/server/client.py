@@ -1010,6 +1010,21 @@ class LMServerBackend(StorageBackend):
             held.places.append((off, hsizes[i], sizes[i] - hsizes[i]) if off is not None else None)
         return held
 
+    def seal_in_place(self, held: InPlacePut, i: int) -> None:
+        """Checksum and frame value ``i`` of ``held`` now (its payload is written); from any thread.
+
+        :meth:`commit_in_place` frames what is not sealed yet; sealing each value as soon as it
+        is written lets the checksum passes overlap the caller's later writes. A value must not
+        be written again after it is sealed.
+        """
+        place, pool = held.places[i], held.conn.pool_view
+        if place is None or pool is None:
+            return
+        off, h, n = place
+        payload = np.frombuffer(pool, dtype=np.uint8, count=n, offset=off + h)
+        pool[off : off + h] = encode_header(held.keys[i], payload, checksum=payload_checksum(payload))
+        held.sealed.add(i)
+
     async def commit_in_place(self, held: InPlacePut, *, abort: bool = False) -> list[PutResult | None]:
         """Publish (or with ``abort``, drop) the values of :meth:`reserve_in_place`.
 
@@ -1031,6 +1046,8 @@ class LMServerBackend(StorageBackend):
         try:
             arr = np.frombuffer(pool, dtype=np.uint8)
             for i in reserved:
+                if i in held.sealed:
+                    continue
                 off, h, n = held.places[i]  # type: ignore[misc]
                 payload = arr[off + h : off + h + n]
                 pool[off : off + h] = encode_header(held.keys[i], payload, checksum=payload_checksum(payload))
@@ -1229,6 +1246,7 @@ class InPlacePut:
     keys: list[CacheKey]
     states: list[str]
     places: list[tuple[int, int, int] | None]
+    sealed: set[int] = dataclasses.field(default_factory=set)  # framed already (seal_in_place)
 
     def payload(self, i: int) -> memoryview | None:
         """The writable payload bytes of key ``i`` in the server's pool (None: not reserved)."""

@@ -38,6 +38,8 @@ async def test_a_value_written_in_place_reads_back_both_ways(lm_server: LMServer
             view = held.payload(i)
             assert view is not None and view.nbytes == v.nbytes
             np.frombuffer(view, dtype=np.uint8)[:] = v
+        backend.seal_in_place(held, 1)  # framed early (as each is written); the commit frames the rest
+        assert held.sealed == {1}
         # Reserved but not committed: nobody sees the values yet.
         assert await backend.contains(keys) == [False] * 3
         results = await backend.commit_in_place(held)

@@ -271,6 +271,10 @@ def _transfer_scope(scope: KeyScope, transfer_id: str) -> KeyScope:
     return KeyScope.create(scope.model, world_size=scope.world_size, rank=scope.rank, dtype=scope.dtype, tags=tags)
 
 
+async def _seal(lm: Any, held: Any, i: int) -> None:
+    lm.seal_in_place(held, i)
+
+
 def _unclipped_top(dst: Any, end: int) -> Any:
     """``dst`` without its upper clip when the request's own blocks reach token ``end``.
 
@@ -625,6 +629,7 @@ class PDWorker:
             return False
         last = len(chunks) - 1
         puts: list[concurrent.futures.Future[str | None]] = []
+        seals: list[concurrent.futures.Future[None]] = []
         mark_lease = None
         try:
             for i, (c, k) in enumerate(chunks):
@@ -634,6 +639,8 @@ class PDWorker:
                 if state == "reserved":
                     view = torch.frombuffer(held.payload(i), dtype=geometry.torch_dtype)
                     src.gather(c.start, c.end, view.view(geometry.chunk_shape(c.num_tokens)))
+                    # Its checksum pass runs on the engine's loop while the next chunk is copied.
+                    seals.append(engine._loop.submit(_seal(lm, held, i)))
                     continue
                 lease = engine.pool.acquire(shape=geometry.chunk_shape(c.num_tokens))
                 try:
@@ -651,6 +658,9 @@ class PDWorker:
             reason = f"copying it out failed ({type(exc).__name__}: {exc})"
 
             async def failed() -> bool:
+                for seal in seals:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wrap_future(seal)
                 with contextlib.suppress(Exception):
                     await lm.commit_in_place(held, abort=True)
                 return await self._send_failed(engine, save, fail_key, reason, puts)
@@ -662,6 +672,13 @@ class PDWorker:
 
         async def finish() -> str | None:
             try:
+                try:
+                    for seal in seals:
+                        await asyncio.wrap_future(seal)
+                except Exception:
+                    with contextlib.suppress(Exception):
+                        await lm.commit_in_place(held, abort=True)
+                    raise
                 for fut in puts:
                     reason = await asyncio.wrap_future(fut)
                     if reason is not None:

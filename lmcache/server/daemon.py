@@ -64,7 +64,7 @@ from lmcache.keys import CacheKey
 from lmcache.pool import InPlaceTier, Lease, Reservation, SharedPoolInfo
 from lmcache.server import auth as A
 from lmcache.server import protocol as P
-from lmcache.server.shm import Segment, attach_segment, shm_available, sweep_stale
+from lmcache.server.shm import Segment, attach_segment, pid_alive, shm_available, sweep_stale
 from lmcache.tiered import TieredBackend
 
 if TYPE_CHECKING:
@@ -1143,7 +1143,7 @@ class CacheServer:
         idle_since = time.monotonic()
         while not done.is_set():
             await asyncio.sleep(min(limit / 4, 5.0))
-            self._client_pids = {pid for pid in self._client_pids if pid > 0 and _pid_alive(pid)}
+            self._client_pids = {pid for pid in self._client_pids if pid > 0 and pid_alive(pid)}
             if self.sessions or self._client_pids:
                 idle_since = time.monotonic()
             elif time.monotonic() - idle_since >= limit:
@@ -1158,16 +1158,6 @@ def _peer_pid(conn: socket.socket) -> int:
     except (OSError, AttributeError, struct.error):
         return 0
     return int(pid)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, another user's (a reused pid)
-    return True
 
 
 def _bind_unix(path: str) -> socket.socket:

@@ -40,6 +40,7 @@ __all__ = [
     "attach_pool",
     "attach_segment",
     "create_segment",
+    "pid_alive",
     "populate",
     "shm_available",
     "sweep_stale",
@@ -119,7 +120,8 @@ def attach_segment(name: str, size: int, max_size: int) -> Segment:
     return seg
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (another user's counts: the pid is taken)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -160,7 +162,7 @@ def sweep_stale() -> list[str]:
         return removed
     for name in names:
         m = _STALE_RE.match(name)
-        if m is None or _pid_alive(int(m.group(1))):
+        if m is None or pid_alive(int(m.group(1))):
             continue
         with contextlib.suppress(FileNotFoundError):
             os.unlink(SHM_DIR / name)

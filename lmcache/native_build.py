@@ -1,25 +1,31 @@
 """Building lmcache's small C helpers on first use.
 
-The native NIXL lane and the cachegen coder ship as C sources (package data) and are compiled
-with the system compiler (``$CC``, else ``cc``) the first time they are needed, into a per-user
-cache folder (``$LMCACHE_NATIVE_DIR``, else ``$XDG_CACHE_HOME/lmcache/native``). The file name
-carries a hash of the source, compiler and flags, so an upgrade or another ``CC`` never loads a
-stale library, and a build is installed by rename, so concurrent builders never see half a file.
-Callers keep a pure-Python fallback for when this raises.
+The native NIXL lane, the cachegen coder, the dequantization loops and the block copies ship as
+C sources (package data) and are compiled with the system compiler (``$CC``, else ``cc``) the
+first time they are needed, into a per-user cache folder (``$LMCACHE_NATIVE_DIR``, else
+``$XDG_CACHE_HOME/lmcache/native``). The file name carries a hash of the source, compiler and
+flags, so an upgrade or another ``CC`` never loads a stale library, and a build is installed by
+rename, so concurrent builders never see half a file. Callers keep a pure-Python fallback for
+when this raises; :func:`load_once` is that pattern
+(build once per process, an environment switch to turn it off, a logged fallback).
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import logging
 import os
 import shlex
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, MutableMapping, Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["build_shared_library", "native_cache_dir"]
+__all__ = ["build_shared_library", "load_once", "native_cache_dir"]
 
 #: Seconds one compiler run may take.
 BUILD_TIMEOUT = 120
@@ -80,3 +86,49 @@ def build_shared_library(source: Path, stem: str, what: str, flags: Sequence[str
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def load_once(
+    state: MutableMapping[str, Any],
+    lock: threading.Lock,
+    *,
+    source: Path,
+    stem: str,
+    what: str,
+    flags: Sequence[str],
+    bind: Callable[[Path], ctypes.CDLL],
+    env: str,
+    fallback: str,
+    log: logging.Logger,
+) -> ctypes.CDLL | None:
+    """A helper library, built and bound on the first call of the process, else the cached answer.
+
+    Args:
+        state: The caller's cache: ``state["lib"]`` holds the answer once there is one.
+        lock: Serialises the first build of this library across threads.
+        source: The C file.
+        stem: The library's file name prefix.
+        what: What it is, for log lines ("the dequantization loops").
+        flags: Compiler flags.
+        bind: Opens the built file and declares its functions' signatures.
+        env: The variable that turns it off when ``0``.
+        fallback: What runs instead, for log lines ("decoding with torch").
+        log: The caller's logger.
+
+    Returns:
+        The library, or None when it is turned off or cannot be built (the caller falls back;
+        a warning says why).
+    """
+    with lock:
+        if "lib" in state:
+            return state["lib"]
+        lib: ctypes.CDLL | None = None
+        if os.environ.get(env, "1") == "0":
+            log.info("%s disabled by %s=0; %s", what, env, fallback)
+        else:
+            try:
+                lib = bind(build_shared_library(source, stem, what, flags))
+            except OSError as exc:
+                log.warning("%s unavailable (%s); %s (slower)", what, exc, fallback)
+        state["lib"] = lib
+        return lib

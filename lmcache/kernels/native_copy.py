@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lmcache.native_build import build_shared_library
+from lmcache.native_build import load_once
 
 __all__ = ["BlockCopyPlan", "library", "set_simd"]
 
@@ -65,19 +64,18 @@ def set_simd(on: bool) -> bool:
 
 def library() -> ctypes.CDLL | None:
     """The compiled copy loop, built on first use (once per process), or None (numpy copies)."""
-    with _lock:
-        if "lib" in _state:
-            return _state["lib"]
-        lib: ctypes.CDLL | None = None
-        if os.environ.get("LMCACHE_COPY_NATIVE", "1") == "0":
-            logger.info("kernels: native block copies disabled by LMCACHE_COPY_NATIVE=0; copying with numpy")
-        else:
-            try:
-                lib = _load(build_shared_library(_SOURCE, "block_copy", "the native block copies", _FLAGS))
-            except OSError as exc:
-                logger.warning("kernels: native block copies unavailable (%s); copying with numpy (slower)", exc)
-        _state["lib"] = lib
-        return lib
+    return load_once(
+        _state,
+        _lock,
+        source=_SOURCE,
+        stem="block_copy",
+        what="the native block copies",
+        flags=_FLAGS,
+        bind=_load,
+        env="LMCACHE_COPY_NATIVE",
+        fallback="copying with numpy",
+        log=logger,
+    )
 
 
 class BlockCopyPlan:

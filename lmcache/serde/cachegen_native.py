@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import threading
 from pathlib import Path
 
 import numpy as np
 
-from lmcache.native_build import build_shared_library
+from lmcache.native_build import load_once
 
 __all__ = [
     "OUT_BF16",
@@ -47,10 +46,6 @@ MAX_STREAMS = 4096
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
-
-
-def _compile() -> Path:
-    return build_shared_library(_SOURCE, "cachegen", "the cachegen coder", _FLAGS)
 
 
 def _load(path: Path) -> ctypes.CDLL:
@@ -94,19 +89,18 @@ def _load(path: Path) -> ctypes.CDLL:
 
 def library() -> ctypes.CDLL | None:
     """The compiled coder, built on first use (once per process), or None (numpy is used)."""
-    with _lock:
-        if "lib" in _state:
-            return _state["lib"]  # type: ignore[return-value]
-        lib: ctypes.CDLL | None = None
-        if os.environ.get("LMCACHE_CACHEGEN_NATIVE", "1") == "0":
-            logger.info("cachegen: native coder disabled by LMCACHE_CACHEGEN_NATIVE=0; using numpy")
-        else:
-            try:
-                lib = _load(_compile())
-            except OSError as exc:
-                logger.warning("cachegen: native coder unavailable (%s); using the numpy coder (slower)", exc)
-        _state["lib"] = lib
-        return lib
+    return load_once(
+        _state,
+        _lock,
+        source=_SOURCE,
+        stem="cachegen",
+        what="the cachegen coder",
+        flags=_FLAGS,
+        bind=_load,
+        env="LMCACHE_CACHEGEN_NATIVE",
+        fallback="using the numpy coder",
+        log=logger,
+    )
 
 
 def _ptr(a: np.ndarray | None) -> int | None:

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lmcache.native_build import build_shared_library
+from lmcache.native_build import load_once
 
 __all__ = ["CODE_FP8", "CODE_INT8", "int4", "library", "scaled"]
 
@@ -57,25 +56,24 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lmc_dq_int4.restype = c_int
     lib.lmc_dq_int4.argtypes = [vp, i64, i64, i64, i64, i64, i64, i64, i64, vp, vp, c_int, vp, i64, i64, i64, c_int]
     lib.lmc_dq_init()
+    _state["simd"] = int(lib.lmc_dq_has_simd())
     return lib
 
 
 def library() -> ctypes.CDLL | None:
     """The compiled loops, built on first use (once per process), or None (torch decodes)."""
-    with _lock:
-        if "lib" in _state:
-            return _state["lib"]  # type: ignore[return-value]
-        lib: ctypes.CDLL | None = None
-        if os.environ.get("LMCACHE_DEQUANT_NATIVE", "1") == "0":
-            logger.info("dequant: native loops disabled by LMCACHE_DEQUANT_NATIVE=0; decoding with torch")
-        else:
-            try:
-                lib = _load(build_shared_library(_SOURCE, "dequant", "the dequantization loops", _FLAGS))
-                _state["simd"] = int(lib.lmc_dq_has_simd())
-            except OSError as exc:
-                logger.warning("dequant: native loops unavailable (%s); decoding with torch (slower)", exc)
-        _state["lib"] = lib
-        return lib
+    return load_once(
+        _state,
+        _lock,
+        source=_SOURCE,
+        stem="dequant",
+        what="the dequantization loops",
+        flags=_FLAGS,
+        bind=_load,
+        env="LMCACHE_DEQUANT_NATIVE",
+        fallback="decoding with torch",
+        log=logger,
+    )
 
 
 def _simd() -> int:

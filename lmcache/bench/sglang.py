@@ -20,6 +20,7 @@ import: nothing here calls it), :func:`host_pool` and :func:`storage_config`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
 import importlib.abc
@@ -115,6 +116,10 @@ def _drop_torchvision() -> None:
         del sys.modules[name]
 
 
+#: The host RAM :func:`host_pool` books its pools against (bytes).
+HOST_POOL_BUDGET = 4 << 30
+
+
 def host_pool(
     kind: str,
     layout: str,
@@ -133,37 +138,47 @@ def host_pool(
     from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
     from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost
 
+    try:
+        from sglang.srt.mem_cache.pool_host.base import host_memory_budget_scope
+    except ImportError:  # an SGLang without the budget check
+        scope: Any = contextlib.nullcontext()
+    else:
+        # SGLang sizes a host pool against the RAM free right now minus a 10 GiB reserve; these
+        # pools are a few MB, and a shared host's free RAM at that moment must not decide whether
+        # they can be made. The scope books them against a fixed allowance instead.
+        scope = host_memory_budget_scope(HOST_POOL_BUDGET)
     dtype = dtype or torch.bfloat16
     tokens = pages * page_size
-    if kind == "mha":
-        dev = MHATokenToKVPool(
-            tokens, page_size, dtype, heads, head_dim, layers, "cpu", False, start_layer=0, end_layer=layers
-        )
-        return MHATokenToKVPoolHost(
-            dev.get_device_pool_infos()[0].buffer_info,
-            2.0,
-            0,
-            page_size,
-            layout,
-            pin_memory=False,
-            device_capacity_tokens=dev.size,
-            start_layer=0,
-            end_layer=layers,
-        )
-    if kind == "mla":
-        dev = MLATokenToKVPool(tokens, page_size, dtype, head_dim * 2, head_dim, layers, "cpu", False, 0, layers)
-        return MLATokenToKVPoolHost(
-            dev.get_device_pool_infos()[0].buffer_info,
-            2.0,
-            0,
-            page_size,
-            layout,
-            pin_memory=False,
-            device_capacity_tokens=dev.size,
-            start_layer=0,
-            end_layer=layers,
-            target_layer_num=layers,
-        )
+    with scope:
+        if kind == "mha":
+            dev = MHATokenToKVPool(
+                tokens, page_size, dtype, heads, head_dim, layers, "cpu", False, start_layer=0, end_layer=layers
+            )
+            return MHATokenToKVPoolHost(
+                dev.get_device_pool_infos()[0].buffer_info,
+                2.0,
+                0,
+                page_size,
+                layout,
+                pin_memory=False,
+                device_capacity_tokens=dev.size,
+                start_layer=0,
+                end_layer=layers,
+            )
+        if kind == "mla":
+            dev = MLATokenToKVPool(tokens, page_size, dtype, head_dim * 2, head_dim, layers, "cpu", False, 0, layers)
+            return MLATokenToKVPoolHost(
+                dev.get_device_pool_infos()[0].buffer_info,
+                2.0,
+                0,
+                page_size,
+                layout,
+                pin_memory=False,
+                device_capacity_tokens=dev.size,
+                start_layer=0,
+                end_layer=layers,
+                target_layer_num=layers,
+            )
     raise ValueError(f"kind must be mha or mla, got {kind!r}")
 
 

@@ -399,6 +399,14 @@ def test_pd_answers_equal_a_single_instance_and_the_decoder_prefills_nothing(
     assert decoder.get("pd_transfer_timeouts", 0) == 0, decoder
     assert decoder.get("pd_transfers_failed", 0) == 0, decoder
     assert decoder.get("load_failures", 0) == 0, decoder
+    # The PD counters reach vLLM's /metrics too (seconds from the microsecond counters).
+    received = after["vllm:lmcache_pd_transfers_received_total"] - before.get(
+        "vllm:lmcache_pd_transfers_received_total", 0.0
+    )
+    assert received >= len(PD_PROMPTS)
+    assert after["vllm:lmcache_pd_loaded_bytes_total"] > before.get("vllm:lmcache_pd_loaded_bytes_total", 0.0)
+    seconds = after["vllm:lmcache_pd_load_seconds_total"] - before.get("vllm:lmcache_pd_load_seconds_total", 0.0)
+    assert 0 < seconds < 60 * len(PD_PROMPTS), {k: v for k, v in after.items() if "lmcache_pd" in k}
 
 
 def test_instances_sharing_one_server_hit_each_others_prefixes(

@@ -59,7 +59,12 @@ from lmcache.errors import MissingDependencyError, UnsupportedOperationError
 from lmcache.integrations.vllm.events import EvictionWatch, block_removed_events, chunk_keys_of_blocks
 from lmcache.integrations.vllm.idle import IdleWait
 from lmcache.integrations.vllm.layerwise import LayerwiseKV, LayerwiseLoads, LayerwiseSaves
-from lmcache.integrations.vllm.metrics import PROM_COUNTERS, LMCacheKVConnectorStats, LMCachePromMetrics
+from lmcache.integrations.vllm.metrics import (
+    PROM_COUNTERS,
+    PROM_SECONDS,
+    LMCacheKVConnectorStats,
+    LMCachePromMetrics,
+)
 from lmcache.integrations.vllm.pd import PDScheduler, PDWorker, TransferRef, TransferSave
 from lmcache.integrations.vllm.slots import (
     ConnectorSettings,
@@ -374,8 +379,9 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
     def get_kv_connector_stats(self) -> LMCacheKVConnectorStats | None:
         """Counter increments since the last call (vLLM sums them across workers and roles)."""
         with self._count_lock:
-            delta = {k: v - self._reported.get(k, 0) for k, v in self.counters.items() if k in PROM_COUNTERS}
-            self._reported = {k: v for k, v in self.counters.items() if k in PROM_COUNTERS}
+            exported = {k: v for k, v in self.counters.items() if k in PROM_COUNTERS or k in PROM_SECONDS}
+            delta = {k: v - self._reported.get(k, 0) for k, v in exported.items()}
+            self._reported = exported
         delta = {k: v for k, v in delta.items() if v}
         return LMCacheKVConnectorStats(data=delta) if delta else None
 

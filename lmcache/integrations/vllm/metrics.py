@@ -18,7 +18,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise MissingDependencyError("vllm", "vllm", "lmcache.integrations.vllm") from exc
 
-__all__ = ["PROM_COUNTERS", "LMCacheKVConnectorStats", "LMCachePromMetrics"]
+__all__ = ["PROM_COUNTERS", "PROM_SECONDS", "LMCacheKVConnectorStats", "LMCachePromMetrics"]
 
 #: Connector counters exported as Prometheus counters ``vllm:lmcache_<name>``, with their help text.
 PROM_COUNTERS: dict[str, str] = {
@@ -37,6 +37,28 @@ PROM_COUNTERS: dict[str, str] = {
     "save_failures": "Stores that failed",
     "announced_blocks": "vLLM blocks announced in BlockStored KV events",
     "removed_blocks": "vLLM blocks announced in BlockRemoved KV events (no tier holds them any more)",
+    "async_loads_started": "Asynchronous loads started (async_loading)",
+    "idle_waits": "Steps without a forward pass that waited for an asynchronous load in flight",
+    "saves_skipped": "Stores skipped because the request's load had failed",
+    "pd_transfers_sent": "PD transfers a prefill instance sent (kv_producer)",
+    "pd_sent_bytes": "KV bytes of the PD transfers sent",
+    "pd_in_place_sends": "PD transfers written straight into the cache server's shared-memory pool",
+    "pd_send_failures": "PD transfers whose send failed (the decoder is told by a failure mark)",
+    "pd_failure_marks": "Failure marks a prefill instance published for its failed sends",
+    "pd_transfers_received": "PD transfers a decode instance loaded (kv_consumer)",
+    "pd_loaded_bytes": "KV bytes of the PD transfers loaded",
+    "pd_transfer_timeouts": "PD transfers that did not land within pd_transfer_timeout (recomputed or failed)",
+    "pd_transfers_failed": "PD transfers the decoder found marked failed (recomputed or failed at once)",
+    "pd_bad_params": "Requests whose kv_transfer_params lmcache could not use",
+}
+
+#: Connector time counters (microseconds) exported as ``vllm:lmcache_<name>_seconds`` counters.
+PROM_SECONDS: dict[str, tuple[str, str]] = {
+    "pd_send_us": ("pd_send", "Seconds PD sends took, copy out of vLLM's blocks until the completion mark landed"),
+    "pd_send_copy_us": ("pd_send_copy", "Seconds PD sends spent copying out of vLLM's blocks"),
+    "pd_wait_us": ("pd_wait", "Seconds decode instances waited for PD transfers to appear"),
+    "pd_load_us": ("pd_load", "Seconds PD loads took, gets and copies into vLLM's blocks"),
+    "pd_load_copy_us": ("pd_load_copy", "Seconds PD loads spent copying into vLLM's blocks"),
 }
 
 
@@ -64,7 +86,7 @@ class LMCacheKVConnectorStats(KVConnectorStats):
 
 
 class LMCachePromMetrics(KVConnectorPromMetrics):
-    """One Prometheus counter per :data:`PROM_COUNTERS` entry, per vLLM engine."""
+    """One Prometheus counter per :data:`PROM_COUNTERS` and :data:`PROM_SECONDS` entry, per vLLM engine."""
 
     def __init__(
         self,
@@ -75,8 +97,10 @@ class LMCachePromMetrics(KVConnectorPromMetrics):
     ) -> None:
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
         self.counters: dict[str, dict[int, Any]] = {}
-        for key, doc in PROM_COUNTERS.items():
-            metric = self._counter_cls(name=f"vllm:lmcache_{key}", documentation=doc, labelnames=labelnames)
+        series = [(key, key, doc) for key, doc in PROM_COUNTERS.items()]
+        series += [(key, f"{name}_seconds", doc) for key, (name, doc) in PROM_SECONDS.items()]
+        for key, name, doc in series:
+            metric = self._counter_cls(name=f"vllm:lmcache_{name}", documentation=doc, labelnames=labelnames)
             self.counters[key] = {idx: metric.labels(*values) for idx, values in per_engine_labelvalues.items()}
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
@@ -84,4 +108,4 @@ class LMCachePromMetrics(KVConnectorPromMetrics):
         for key, value in transfer_stats_data.items():
             per_engine = self.counters.get(key)
             if per_engine is not None and engine_idx in per_engine and isinstance(value, (int, float)) and value > 0:
-                per_engine[engine_idx].inc(value)
+                per_engine[engine_idx].inc(value / 1e6 if key in PROM_SECONDS else value)

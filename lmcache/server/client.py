@@ -1083,39 +1083,11 @@ class LMServerBackend(StorageBackend):
         region = await conn.alloc(sum(caps))
         if region is None:
             return None
-        spans, off = [], region[0]
-        for c in caps:
-            spans.append([off, c])
-            off += c
-        meta: dict[str, Any] = {"keys": skeys, "spans": spans}
-        if conn.pool_view is not None:
-            meta["lease"] = True
-        reply, _ = await conn.request(P.Op.GET, meta, flags=P.FLAG_SHM, region=region)
+        reply, frames = await _shm_get(conn, skeys, caps, region)
         got = InPlaceGet(conn, region, reply.get("lease"), [])
         try:
-            sizes = reply["sizes"]
-            if not isinstance(sizes, list) or len(sizes) != len(keys):
-                raise P.ProtocolError("a GET reply without one size per key")
-            where = reply.get("where") or ["seg"] * len(keys)
-            offsets = reply.get("offsets") or [None] * len(keys)
-            pool, seg = conn.pool_view, conn.segment
-            for (o, c), n, w, po, key, skey, want in zip(
-                spans, sizes, where, offsets, keys, skeys, nbytes, strict=True
-            ):
-                if n is None:
-                    got.payloads.append(None)
-                    continue
-                if not isinstance(n, int):
-                    raise P.ProtocolError("a GET reply size that is not a number")
-                if w == "pool" and pool is not None:
-                    if not isinstance(po, int) or po < 0 or po + n > pool.nbytes:
-                        raise P.ProtocolError("a GET reply pool span outside the pool")
-                    frame = pool[po : po + n]
-                else:
-                    if not 0 <= n <= c or seg is None:
-                        raise P.ProtocolError("a GET reply size outside its span")
-                    frame = seg.view[o : o + n]
-                got.payloads.append(self._checked_payload(key, skey, frame, int(want)))
+            for frame, key, skey, want in zip(frames, keys, skeys, nbytes, strict=True):
+                got.payloads.append(None if frame is None else self._checked_payload(key, skey, frame, int(want)))
         except BaseException:
             self.release_in_place(got)
             raise
@@ -1188,35 +1160,8 @@ class LMServerBackend(StorageBackend):
                 P.Op.GET, {"keys": skeys, "caps": caps}, keys=keys, dsts=dsts, skeys=[k.encode() for k in skeys]
             )
             return list(values)
-        spans, off = [], region[0]
-        for c in caps:
-            spans.append([off, c])
-            off += c
-        meta: dict[str, Any] = {"keys": skeys, "spans": spans}
-        pool = conn.pool_view
-        if pool is not None:
-            meta["lease"] = True  # tier-0 hits: read them straight from the server's pool
-        reply, _ = await conn.request(P.Op.GET, meta, flags=P.FLAG_SHM, region=region)
+        reply, frames = await _shm_get(conn, skeys, caps, region)
         try:
-            sizes = reply["sizes"]
-            if not isinstance(sizes, list) or len(sizes) != len(keys):
-                raise P.ProtocolError("a GET reply without one size per key")
-            where = reply.get("where") or ["seg"] * len(keys)
-            offsets = reply.get("offsets") or [None] * len(keys)
-            seg = conn.segment
-            assert seg is not None
-            frames: list[memoryview | None] = []
-            for (o, c), n, w, po in zip(spans, sizes, where, offsets, strict=True):
-                if n is None:
-                    frames.append(None)
-                elif w == "pool" and pool is not None:
-                    if not isinstance(po, int) or not isinstance(n, int) or po < 0 or po + n > pool.nbytes:
-                        raise P.ProtocolError("a GET reply pool span outside the pool")
-                    frames.append(pool[po : po + n])
-                else:
-                    if not isinstance(n, int) or not 0 <= n <= c:
-                        raise P.ProtocolError("a GET reply size outside its span")
-                    frames.append(seg.view[o : o + n])
             got = _read_frames(frames, keys, skeys, dsts)
             out: list[int | None] = []
             for key, r in zip(keys, got, strict=True):
@@ -1230,6 +1175,52 @@ class LMServerBackend(StorageBackend):
         finally:
             conn.free_region(region)
             conn.release_lease(reply.get("lease"))
+
+
+async def _shm_get(
+    conn: _Conn, skeys: list[str], caps: list[int], region: tuple[int, int]
+) -> tuple[dict[str, Any], list[memoryview | None]]:
+    """A shared-memory GET of ``skeys``: the reply, and each value's frame (None: a miss).
+
+    Values land in ``region`` of our segment, one span of ``caps`` each; tier-0 hits are leased
+    and read where they lie in the server's pool. A malformed reply gives the region and any
+    lease back before :class:`~lmcache.server.protocol.ProtocolError` is raised.
+    """
+    spans, off = [], region[0]
+    for c in caps:
+        spans.append([off, c])
+        off += c
+    meta: dict[str, Any] = {"keys": skeys, "spans": spans}
+    pool, seg = conn.pool_view, conn.segment
+    assert seg is not None
+    if pool is not None:
+        meta["lease"] = True  # tier-0 hits: read them straight from the server's pool
+    reply, _ = await conn.request(P.Op.GET, meta, flags=P.FLAG_SHM, region=region)
+    try:
+        sizes = reply["sizes"]
+        if not isinstance(sizes, list) or len(sizes) != len(skeys):
+            raise P.ProtocolError("a GET reply without one size per key")
+        where = reply.get("where") or ["seg"] * len(skeys)
+        offsets = reply.get("offsets") or [None] * len(skeys)
+        frames: list[memoryview | None] = []
+        for (o, c), n, w, po in zip(spans, sizes, where, offsets, strict=True):
+            if n is None:
+                frames.append(None)
+            elif not isinstance(n, int):
+                raise P.ProtocolError("a GET reply size that is not a number")
+            elif w == "pool" and pool is not None:
+                if not isinstance(po, int) or po < 0 or po + n > pool.nbytes:
+                    raise P.ProtocolError("a GET reply pool span outside the pool")
+                frames.append(pool[po : po + n])
+            else:
+                if not 0 <= n <= c:
+                    raise P.ProtocolError("a GET reply size outside its span")
+                frames.append(seg.view[o : o + n])
+    except BaseException:
+        conn.free_region(region)
+        conn.release_lease(reply.get("lease"))
+        raise
+    return reply, frames
 
 
 @dataclasses.dataclass(eq=False)

@@ -390,6 +390,11 @@ def test_pd_answers_equal_a_single_instance_and_the_decoder_prefills_nothing(
     # Only each prompt's last token is computed on the decoder; the rest came through lmcache.
     assert computed == len(PD_PROMPTS)
     assert external == sum(len(p) - 1 for p in PD_PROMPTS)
+    # vLLM files the transferred tokens under the p2p cache tier (another instance computed them).
+    p2p = after["vllm:prompt_tokens_cached_by_source_total[p2p]"] - before.get(
+        "vllm:prompt_tokens_cached_by_source_total[p2p]", 0.0
+    )
+    assert p2p == external
     decoder = pd.decoder.counters()
     assert decoder["pd_transfers_received"] >= len(PD_PROMPTS)
     assert pd.prefiller.counters()["pd_transfers_sent"] >= len(PD_PROMPTS)

@@ -704,8 +704,17 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         return sent if sent is not None else (False, None)
 
     def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[CacheHitSource, int]:
-        """All external hits are lmcache's (its tiers are not told apart)."""
-        return {self._cache_hit_source: num_external_tokens} if num_external_tokens else {}
+        """Where the external hit came from: ``p2p`` for a PD transfer, else lmcache's source.
+
+        A transfer's tokens were computed by another vLLM instance; lmcache's tiers are not told
+        apart. vLLM asks right after :meth:`update_state_after_alloc`, which queued the request's load.
+        """
+        if not num_external_tokens:
+            return {}
+        rid = request.request_id
+        if any(load.req_id == rid and load.transfer is not None for load in self._async_ready):
+            return {CacheHitSource.P2P: num_external_tokens}
+        return {self._cache_hit_source: num_external_tokens}
 
     # -- worker side ---------------------------------------------------------------------------
 

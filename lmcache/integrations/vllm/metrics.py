@@ -41,6 +41,7 @@ PROM_COUNTERS: dict[str, str] = {
     "idle_waits": "Steps without a forward pass that waited for an asynchronous load in flight",
     "saves_skipped": "Stores skipped because the request's load had failed",
     "pd_transfers_sent": "PD transfers a prefill instance sent (kv_producer)",
+    "pd_sent_tokens": "Prompt tokens of the PD transfers sent",
     "pd_sent_bytes": "KV bytes of the PD transfers sent",
     "pd_in_place_sends": "PD transfers written straight into the cache server's shared-memory pool",
     "pd_send_failures": "PD transfers whose send failed (the decoder is told by a failure mark)",

@@ -165,6 +165,23 @@ def test_the_workload_interleaves_hits_on_stored_documents_with_fresh_misses() -
     assert not any(m[: a.chunk_size] == tuple(d[: a.chunk_size]) for m in misses for d in docs)
 
 
+def test_each_process_starts_with_uncounted_warmup_rounds() -> None:
+    a = _args("--rounds", "3", "--slow-delay", "0.2")
+    plan = {name: (is_async, labels, delays) for name, is_async, labels, delays in vllm_mixed.process_plan(a)}
+    assert set(plan) == {"async", "sync"}
+    _, labels, delays = plan["async"]
+    assert labels == ["warmup", "fast", "slow-async", "slow-async", "fast", "fast", "slow-async"]
+    assert delays == [0.0, 0.0, 0.2, 0.2, 0.0, 0.0, 0.2]
+    _, labels, delays = plan["sync"]
+    assert labels == ["warmup"] + ["slow-sync"] * 6 and delays == [0.0] + [0.2] * 6
+    # Both processes run the same rounds (outputs are compared round by round).
+    assert len(plan["async"][1]) == len(plan["sync"][1])
+    a = _args("--warmup-rounds", "0", "--runs", "fast,slow-async")
+    assert [labels for _, _, labels, _ in vllm_mixed.process_plan(a)] == [
+        ["fast", "slow-async", "slow-async"] * 1 + ["fast", "fast", "slow-async"]
+    ]
+
+
 def _child_out(miss: list[float], hit: list[float], tokens: int = 7) -> dict[str, Any]:
     rounds = [
         [

@@ -16,8 +16,10 @@ round. Three runs:
 
 ``fast`` and ``slow-async`` are rounds of one vLLM process, alternating A B B A A B… (a shared
 host's load drifts over minutes; both see it alike); ``slow-sync`` replays the same rounds in a
-process of its own. Reported per run: p50/p90 TTFT of the misses and of the hits, the load calls
-that waited, the tokens the connector loaded (per process), and whether every request's greedy
+process of its own. Each process starts with ``--warmup-rounds`` uncounted rounds: the first round
+after the documents were stored is slow in every run, and counted it would land on ``fast``.
+Reported per run: p50/p90 TTFT of the misses and of the hits, the load calls that waited, the
+tokens the connector loaded (per process, warm-up included), and whether every request's greedy
 output equals the same request's in the other process. The goal: the misses' p50 TTFT in
 ``slow-async`` within 10% of ``fast``.
 
@@ -36,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lmcache.bench import positive_int
+from lmcache.bench import non_negative_int, positive_int
 from lmcache.bench.qa.common import (
     call_vllm_child,
     check_vllm_python,
@@ -77,6 +79,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("vllm-mixed", help=DESCRIPTION, description=__doc__)
     p.add_argument("--pairs", type=positive_int, default=2, help="hits and misses per round (P of each)")
     p.add_argument("--rounds", type=positive_int, default=3, help="rounds per run (fresh misses each round)")
+    p.add_argument(
+        "--warmup-rounds",
+        type=non_negative_int,
+        default=1,
+        help="uncounted rounds (no delay) at the start of each vLLM process: the first round after the "
+        "documents were stored is slow in every run (default 1)",
+    )
     p.add_argument("--hit-tokens", type=positive_int, default=4096, help="tokens of each cached document")
     p.add_argument("--question-tokens", type=positive_int, default=32, help="new tokens after a hit's document")
     p.add_argument("--miss-tokens", type=positive_int, default=1024, help="tokens of each fresh (missing) prompt")
@@ -272,14 +281,39 @@ def round_labels(runs: list[str], rounds: int) -> list[str]:
     return [both[0] if i % 4 in (0, 3) else both[1] for i in range(2 * rounds)]
 
 
+#: The label of the uncounted rounds each process starts with (``--warmup-rounds``).
+WARMUP = "warmup"
+
+
+def process_plan(args: argparse.Namespace) -> list[tuple[str, bool, list[str], list[float]]]:
+    """Per vLLM process: its name, whether it loads asynchronously, each round's run and delay.
+
+    Every process starts with ``--warmup-rounds`` rounds labelled :data:`WARMUP` (no delay, not
+    counted), then its counted rounds: ``fast`` and ``slow-async`` alternating in one process,
+    ``slow-sync`` in its own.
+    """
+    warm = [WARMUP] * args.warmup_rounds
+    labels = round_labels(args.runs, args.rounds)
+    plan = []
+    if any(n in args.runs for n in ("fast", "slow-async")):
+        # The tier reads its delay per load from a control file the child rewrites per round.
+        delays = [0.0 if lab == "fast" else args.slow_delay for lab in labels]
+        plan.append(("async", True, warm + labels, [0.0] * len(warm) + delays))
+    if "slow-sync" in args.runs:
+        plan.append(
+            ("sync", False, warm + ["slow-sync"] * len(labels), [0.0] * len(warm) + [args.slow_delay] * len(labels))
+        )
+    return plan
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the chosen runs on the same prompts; return the JSON-ready result."""
     from lmcache.bench.tier_faults import delay_plugin_dir, read_delay_log
 
     check_vllm_python(args.vllm_python)
     model_dir = vllm_model_dir(args.model)
-    labels = round_labels(args.runs, args.rounds)
-    docs, rounds = workload(args, model_dir, len(labels))
+    processes = process_plan(args)
+    docs, rounds = workload(args, model_dir, max(len(labels) for _, _, labels, _ in processes))
     longest = max(args.hit_tokens + args.question_tokens, args.miss_tokens)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="lmcache-bench-vllm-mixed-") as tmp:
@@ -301,13 +335,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         if model_dir is None:
             call_vllm_child(args.vllm_python, __name__, ["make-model"], base, workdir=work, name="make-model")
-        processes = []
-        if any(n in args.runs for n in ("fast", "slow-async")):
-            # The tier reads its delay per load from a control file the child rewrites per round.
-            delays = [0.0 if lab == "fast" else args.slow_delay for lab in labels]
-            processes.append(("async", True, labels, delays))
-        if "slow-sync" in args.runs:
-            processes.append(("sync", False, ["slow-sync"] * len(labels), [args.slow_delay] * len(labels)))
         for proc, async_loading, proc_labels, delays in processes:
             log, control = work / f"delay-{proc}.jsonl", work / f"delay-{proc}.control"
             stats_dir = work / f"stats-{proc}"
@@ -334,6 +361,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             stats = stats_dir_totals(stats_dir, ("matched_tokens", "loaded_tokens", "load_failures"))
             shown = tier.partition("&delay_log=")[0]
             for name in dict.fromkeys(proc_labels):
+                if name == WARMUP:
+                    continue
                 mine = [i for i, lab in enumerate(proc_labels) if lab == name]
                 slow = name != "fast"
                 part = {**out, "rounds": [out["rounds"][i] for i in mine]}

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from paged_reference import RAW, bits, reference_gather
 
 from lmcache.kernels import PagedKV, native_copy
 from lmcache.layouts import VLLM_CPU, VLLM_CPU_VEC, VLLM_PAGED, KVLayout
 
-_RAW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 if hasattr(torch, "float8_e4m3fn"):
     _DTYPES.append(torch.float8_e4m3fn)
@@ -24,24 +24,11 @@ if hasattr(torch, "float8_e4m3fn"):
 pytestmark = pytest.mark.skipif(native_copy.library() is None, reason="no C compiler for the native block copies")
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(_RAW[t.element_size()])
-
-
 def _cache(layout: KVLayout, layers: int, nb: int, bs: int, h: int, d: int, dtype: torch.dtype, seed: int):
     gen = torch.Generator().manual_seed(seed)
     shape = (2, nb, h, bs, d) if layout is VLLM_CPU else (nb, h, bs, 2 * d)
-    raw = _RAW[torch.empty((), dtype=dtype).element_size()]
+    raw = RAW[torch.empty((), dtype=dtype).element_size()]
     return [torch.randint(0, 127, shape, dtype=torch.int64, generator=gen).to(raw).view(dtype) for _ in range(layers)]
-
-
-def _reference(kv: PagedKV, slots: list[int]) -> torch.Tensor:
-    out = torch.empty(kv.geometry.chunk_shape(len(slots)), dtype=kv.dtype)
-    for e, entry in enumerate(kv.entries):
-        layer, part = divmod(e, kv.geometry.kv_parts)
-        for t, slot in enumerate(slots):
-            out[layer, part, t] = entry[slot // kv.block_size, slot % kv.block_size]
-    return out
 
 
 def _numpy_only(kv: PagedKV) -> PagedKV:
@@ -85,8 +72,8 @@ def test_the_c_copy_moves_the_bytes_numpy_and_the_views_move(layout, dtype, nb, 
     kv.gather(slots, out)
     want = torch.empty_like(out)
     _numpy_only(PagedKV(_cache(layout, 3, nb, bs, h, d, dtype, seed=1), layout=layout)).gather(slots, want)
-    assert torch.equal(_bits(out), _bits(want))
-    assert torch.equal(_bits(out), _bits(_reference(kv, slots)))
+    assert torch.equal(bits(out), bits(want))
+    assert torch.equal(bits(out), bits(reference_gather(kv, slots)))
 
     # Scatter the chunk into two fresh caches, one per path: identical caches, blocks outside untouched.
     fresh = PagedKV(_cache(layout, 3, nb, bs, h, d, dtype, seed=2), layout=layout)
@@ -95,12 +82,12 @@ def test_the_c_copy_moves_the_bytes_numpy_and_the_views_move(layout, dtype, nb, 
     numpy_fresh.scatter(torch.tensor(slots), out)
     assert calls == [False, True]  # the C path did both copies of the default PagedKVs, numpy none
     for a, b in zip(fresh.entries, numpy_fresh.entries, strict=True):
-        assert torch.equal(_bits(a), _bits(b))
-    assert torch.equal(_bits(_reference(fresh, slots)), _bits(out))
+        assert torch.equal(bits(a), bits(b))
+    assert torch.equal(bits(reference_gather(fresh, slots)), bits(out))
     untouched = PagedKV(_cache(layout, 3, nb, bs, h, d, dtype, seed=2), layout=layout)
     for blk in set(range(nb)) - set(blocks):
         for new_entry, old_entry in zip(fresh.entries, untouched.entries, strict=True):
-            assert torch.equal(_bits(new_entry[blk]), _bits(old_entry[blk]))
+            assert torch.equal(bits(new_entry[blk]), bits(old_entry[blk]))
 
 
 def test_a_scatter_from_a_read_only_buffer(monkeypatch):
@@ -117,7 +104,7 @@ def test_a_scatter_from_a_read_only_buffer(monkeypatch):
     monkeypatch.setattr(native_copy.BlockCopyPlan, "copy", lambda self, *a: calls.append(a[0]) or original(self, *a))
     kv.scatter(slots, view)
     assert calls == [True]
-    assert torch.equal(_reference(kv, slots), src)
+    assert torch.equal(reference_gather(kv, slots), src)
 
 
 def test_without_the_library_numpy_copies(monkeypatch):
@@ -130,4 +117,4 @@ def test_without_the_library_numpy_copies(monkeypatch):
     out = torch.empty(kv.geometry.chunk_shape(len(slots)), dtype=torch.bfloat16)
     kv.gather(slots, out)
     assert kv._native_plan is None
-    assert torch.equal(_bits(out), _bits(_reference(kv, slots)))
+    assert torch.equal(bits(out), bits(reference_gather(kv, slots)))

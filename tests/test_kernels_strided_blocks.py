@@ -10,31 +10,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from paged_reference import RAW, bits, reference_gather
 
 from lmcache.kernels import PagedKV
 from lmcache.layouts import VLLM_CPU, VLLM_CPU_VEC, VLLM_PAGED, KVLayout
-
-_RAW = {2: torch.int16, 4: torch.int32}
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(_RAW[t.element_size()])
 
 
 def _engine(layout: KVLayout, layers: int, nb: int, bs: int, h: int, d: int, dtype: torch.dtype, seed: int):
     gen = torch.Generator().manual_seed(seed)
     shape = (2, nb, h, bs, d) if layout is VLLM_CPU else (nb, h, bs, 2 * d)
-    raw = _RAW[torch.empty((), dtype=dtype).element_size()]
+    raw = RAW[torch.empty((), dtype=dtype).element_size()]
     return [torch.randint(-(2**15), 2**15 - 1, shape, dtype=raw, generator=gen).view(dtype) for _ in range(layers)]
-
-
-def _reference(kv: PagedKV, slots: list[int]) -> torch.Tensor:
-    out = torch.empty(kv.geometry.chunk_shape(len(slots)), dtype=kv.dtype)
-    for e, entry in enumerate(kv.entries):
-        layer, part = divmod(e, kv.geometry.kv_parts)
-        for t, slot in enumerate(slots):
-            out[layer, part, t] = entry[slot // kv.block_size, slot % kv.block_size]
-    return out
 
 
 @pytest.mark.parametrize("layout", [VLLM_CPU, VLLM_CPU_VEC, VLLM_PAGED], ids=lambda lay: lay.name)
@@ -60,19 +46,19 @@ def test_whole_blocks_take_the_block_path_and_copy_exact_bytes(layout, dtype, nb
     slots = [b * bs + o for b in blocks for o in range(bs)]
     out = torch.empty(kv.geometry.chunk_shape(len(slots)), dtype=dtype)
     kv.gather(slots, out)
-    assert torch.equal(_bits(out), _bits(_reference(kv, slots)))
+    assert torch.equal(bits(out), bits(reference_gather(kv, slots)))
 
     fresh_tensors = _engine(layout, 3, nb, bs, h, d, dtype, seed=2)
     before = [t.clone() for t in fresh_tensors]
     fresh = PagedKV(fresh_tensors, layout=layout)
     fresh.scatter(torch.tensor(slots), out)
     assert calls == ["gather", "scatter"]
-    assert torch.equal(_bits(_reference(fresh, slots)), _bits(out))
+    assert torch.equal(bits(reference_gather(fresh, slots)), bits(out))
     # Blocks outside the chunk keep their bytes.
     old = PagedKV(before, layout=layout)
     for b in set(range(nb)) - set(blocks):
         for new_entry, old_entry in zip(fresh.entries, old.entries, strict=True):
-            assert torch.equal(_bits(new_entry[b]), _bits(old_entry[b]))
+            assert torch.equal(bits(new_entry[b]), bits(old_entry[b]))
 
 
 def test_partial_blocks_still_use_per_token_rows(monkeypatch):
@@ -81,7 +67,7 @@ def test_partial_blocks_still_use_per_token_rows(monkeypatch):
     slots = [9, 10, 3, 30]
     out = torch.empty(kv.geometry.chunk_shape(len(slots)), dtype=kv.dtype)
     kv.gather(slots, out)
-    assert torch.equal(_bits(out), _bits(_reference(kv, slots)))
+    assert torch.equal(bits(out), bits(reference_gather(kv, slots)))
 
 
 def test_auto_backend_on_the_cpu_does_not_probe_for_triton(monkeypatch):
@@ -92,4 +78,4 @@ def test_auto_backend_on_the_cpu_does_not_probe_for_triton(monkeypatch):
     kv = PagedKV(_engine(VLLM_CPU, 1, 2, 4, 1, 4, torch.float32, seed=4), layout=VLLM_CPU)
     out = torch.empty(kv.geometry.chunk_shape(4), dtype=kv.dtype)
     kv.gather([4, 5, 6, 7], out)
-    assert torch.equal(_bits(out), _bits(_reference(kv, [4, 5, 6, 7])))
+    assert torch.equal(bits(out), bits(reference_gather(kv, [4, 5, 6, 7])))

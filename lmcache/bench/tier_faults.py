@@ -50,13 +50,13 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import quote, unquote
 
 from lmcache.backends.base import PutResult, StorageBackend, redact_url
 from lmcache.backends.registry import BUILTIN_BACKENDS
+from lmcache.backends.wrapper import WrappedBackend
 from lmcache.bench import positive_int, report, size_arg
 from lmcache.config import parse_duration
 from lmcache.errors import ConfigError, IntegrityError
@@ -382,7 +382,7 @@ DELAY_OPTIONS = ("get_delay", "put_delay", "contains_delay", "delay_log", "delay
 DELAY_PREFIX = "delay+"
 
 
-class DelayBackend(StorageBackend):
+class DelayBackend(WrappedBackend):
     """Any backend, made slow: each call waits a fixed time before the wrapped backend serves it.
 
     A fault-injection wrapper for tests and benchmarks (a remote tier with a long round trip),
@@ -418,17 +418,15 @@ class DelayBackend(StorageBackend):
         delay_log: str | None = None,
         delay_control: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(inner)
         for name, value in (("get_delay", get_delay), ("put_delay", put_delay), ("contains_delay", contains_delay)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name}: expected a duration of 0 seconds or more, got {value!r}")
-        self.inner = inner
         self.get_delay = float(get_delay)
         self.put_delay = float(put_delay)
         self.contains_delay = float(contains_delay)
         self.delay_log = delay_log
         self.delay_control = delay_control
-        self.secret_options = inner.secret_options  # type: ignore[misc]
         # Host buffers only: the wrapper adds latency, not a device path.
         self.capabilities = dataclasses.replace(inner.capabilities, device_buffers=False)  # type: ignore[misc]
         self.delayed_calls = {"get": 0, "put": 0, "contains": 0}
@@ -492,37 +490,12 @@ class DelayBackend(StorageBackend):
         with open(self.delay_log, "a", encoding="utf-8") as f:
             f.write(line + "\n")
 
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    async def _open(self) -> None:
-        await self.inner.open()
-
-    async def _close(self) -> None:
-        await self.inner.aclose()
-
-    async def _ping(self) -> None:
-        await self.inner.ping()
-
-    async def _register_host_memory(self, view: memoryview) -> None:
-        await self.inner.register_host_memory(view)
-
-    async def _unregister_host_memory(self, view: memoryview) -> None:
-        await self.inner.unregister_host_memory(view)
-
     def stats(self) -> dict[str, Any]:
         """The wrapped backend's stats, plus the delays and how many calls waited."""
-        out = dict(self.inner.stats())
+        out = super().stats()
         out["delays_s"] = {"get": self.get_delay, "put": self.put_delay, "contains": self.contains_delay}
         out["delayed_calls"] = dict(self.delayed_calls)
         return out
-
-    async def _list_keys(self) -> AsyncIterator[CacheKey]:
-        async for key in self.inner.list_keys():
-            yield key
-
-    async def _list_entries(self) -> AsyncIterator[tuple[CacheKey, int | None]]:
-        async for entry in self.inner.list_entries():
-            yield entry
 
     # -- data path ---------------------------------------------------------------------------
 
@@ -558,9 +531,6 @@ class DelayBackend(StorageBackend):
     async def _put(self, keys: list[CacheKey], srcs: list[memoryview]) -> list[PutResult]:
         await self._wait("put", self.put_delay)
         return await self.inner.put(keys, srcs)
-
-    async def _delete(self, keys: list[CacheKey]) -> None:
-        await self.inner.delete(keys)
 
 
 def delay_plugin_dir(folder: str | os.PathLike[str]) -> str:

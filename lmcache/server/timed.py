@@ -9,10 +9,10 @@ access.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from lmcache.backends.base import Capabilities, PutResult, StorageBackend
+from lmcache.backends.wrapper import WrappedBackend
 from lmcache.errors import InvalidArgumentError, UnsupportedOperationError
 from lmcache.keys import CacheKey
 from lmcache.pool import InPlaceTier, OffersInPlace
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["TimedTier"]
 
 
-class TimedTier(StorageBackend):
+class TimedTier(WrappedBackend):
     """A tier as the server's TieredBackend sees it: the real backend, timed per call.
 
     Every call is delegated unchanged; latency and value sizes go to ``lmcache_tier_seconds``
@@ -35,10 +35,7 @@ class TimedTier(StorageBackend):
     capabilities: ClassVar[Capabilities] = Capabilities()  # per instance: the inner backend's
 
     def __init__(self, inner: StorageBackend, metrics: ServerMetrics, index: int) -> None:
-        super().__init__()
-        self.inner = inner
-        self.capabilities = inner.capabilities  # type: ignore[misc]
-        self.secret_options = inner.secret_options  # type: ignore[misc]
+        super().__init__(inner)
         self.schemes = inner.schemes  # type: ignore[misc]
         self._m = metrics
         self._tier = str(index)
@@ -47,15 +44,8 @@ class TimedTier(StorageBackend):
     def from_url(cls, url: str, **overrides: Any) -> TimedTier:
         raise UnsupportedOperationError("TimedTier wraps a built backend; it has no URL form of its own")
 
-    @property
-    def url(self) -> str:
-        return self.inner.url
-
     def __repr__(self) -> str:
         return repr(self.inner)
-
-    def stats(self) -> dict[str, Any]:
-        return self.inner.stats()
 
     async def _timed(self, op: str, call: Any) -> Any:
         t0 = time.perf_counter()
@@ -68,12 +58,6 @@ class TimedTier(StorageBackend):
             raise
         finally:
             self._m.tier_latency.labels(self._tier, op).observe(time.perf_counter() - t0)
-
-    async def _open(self) -> None:
-        await self.inner.open()
-
-    async def _close(self) -> None:
-        await self.inner.aclose()
 
     async def _ping(self) -> None:
         await self._timed("ping", self.inner.ping())
@@ -99,14 +83,6 @@ class TimedTier(StorageBackend):
 
     async def _delete(self, keys: list[CacheKey]) -> None:
         await self._timed("delete", self.inner.delete(keys))
-
-    async def _list_entries(self) -> AsyncIterator[tuple[CacheKey, int | None]]:
-        async for entry in self.inner.list_entries():
-            yield entry
-
-    async def _list_keys(self) -> AsyncIterator[CacheKey]:
-        async for key in self.inner.list_keys():
-            yield key
 
     def in_place(self) -> InPlaceTier | None:
         """The inner backend's in-place access, untimed (the server times that path itself)."""

@@ -13,6 +13,11 @@ for the whole chunk, and no OpenMP team is involved: inside vLLM, where the engi
 the GIL and vLLM's pinned OpenMP threads share the cores, that keeps a load near the copy's own
 speed (docs/benchmarks.md, warm TTFT at 4k).
 
+:meth:`BlockCopyPlan.copy_hashed` is the PD transfer's copy (``lmcache.integrations.vllm.pd``): the
+same copy with the chunk's xxh3-64 taken in the same pass, through the ``xxhash`` package's own
+C functions (:func:`xxh3`), so a value in the cache server's pool is sealed or verified without
+reading it a second time.
+
 Built with :func:`lmcache.native_build.build_shared_library`; :func:`library` returns None, with
 the reason logged once, when there is no compiler (``LMCACHE_COPY_NATIVE=0`` forces that), and
 the copies then go through numpy/torch as before. Bytes are identical either way (tests check
@@ -31,7 +36,7 @@ import torch
 
 from lmcache.native_build import load_once
 
-__all__ = ["BlockCopyPlan", "library", "set_simd"]
+__all__ = ["BlockCopyPlan", "Xxh3", "library", "set_simd", "xxh3"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +45,7 @@ _FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC"]
 
 _lock = threading.Lock()
 _state: dict[str, ctypes.CDLL | None] = {}
+_xxh3: dict[str, Xxh3 | None] = {}
 
 
 def _load(path: Path) -> ctypes.CDLL:
@@ -49,6 +55,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lmc_block_copy.argtypes = [c_int, i64, vp, vp, i64, vp, vp, i64, i64, i64, i64]
     lib.lmc_block_copy_simd.restype = c_int
     lib.lmc_block_copy_simd.argtypes = [c_int]
+    lib.lmc_block_copy_hashed.restype = c_int
+    lib.lmc_block_copy_hashed.argtypes = [c_int, i64, vp, vp, i64, vp, vp, i64, i64, i64, i64, vp, vp, vp]
     lib.lmc_block_copy_simd(1)
     return lib
 
@@ -76,6 +84,81 @@ def library() -> ctypes.CDLL | None:
         fallback="copying with numpy",
         log=logger,
     )
+
+
+class Xxh3:
+    """xxh3-64 (seed 0, the frames' checksum) through the streaming C functions of the ``xxhash`` package.
+
+    The ``xxhash`` extension module (a dependency, the one :func:`lmcache.serde.frame.payload_checksum`
+    uses) exports the library's C API; the hashed block copies call its update function from C,
+    once per block part, so a chunk is copied and hashed in one pass without the GIL.
+
+    Args:
+        lib: The loaded ``xxhash`` extension module.
+    """
+
+    __slots__ = ("_create", "_digest", "_free", "_reset", "update")
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        vp = ctypes.c_void_p
+        self._create = lib.XXH3_createState
+        self._create.restype, self._create.argtypes = vp, []
+        self._free = lib.XXH3_freeState
+        self._free.restype, self._free.argtypes = ctypes.c_int, [vp]
+        self._reset = lib.XXH3_64bits_reset
+        self._reset.restype, self._reset.argtypes = ctypes.c_int, [vp]
+        self._digest = lib.XXH3_64bits_digest
+        self._digest.restype, self._digest.argtypes = ctypes.c_uint64, [vp]
+        #: The address of ``XXH3_64bits_update(state, data, len)``, for the C copies.
+        # The runtime-dispatched update (AVX2 where the CPU has it) where the build has one.
+        update = getattr(lib, "XXH3_64bits_update_dispatch", None) or lib.XXH3_64bits_update
+        self.update: int = ctypes.cast(update, vp).value or 0
+
+    def new_state(self) -> int:
+        """A fresh (reset) hash state; give it back with :meth:`free`.
+
+        Raises:
+            MemoryError: The library could not allocate one.
+        """
+        state = self._create()
+        if not state:
+            raise MemoryError("XXH3_createState failed")
+        self._reset(state)
+        return int(state)
+
+    def digest(self, state: int) -> int:
+        """The 64-bit hash of everything fed to ``state`` so far."""
+        return int(self._digest(state))
+
+    def free(self, state: int) -> None:
+        """Free a state from :meth:`new_state`."""
+        self._free(state)
+
+
+def xxh3() -> Xxh3 | None:
+    """The ``xxhash`` package's C xxh3 functions, or None (logged once) when they cannot be bound."""
+    with _lock:
+        if "lib" not in _xxh3:
+            try:
+                from xxhash import _xxhash
+
+                _xxh3["lib"] = Xxh3(ctypes.CDLL(_xxhash.__file__))
+            except (ImportError, OSError, AttributeError) as exc:
+                logger.info("lmcache: xxhash's C functions are not reachable (%s); hashing in a second pass", exc)
+                _xxh3["lib"] = None
+        return _xxh3["lib"]
+
+
+_bounce = threading.local()
+
+
+def _bounce_buffer(nbytes: int) -> np.ndarray:
+    """This thread's scratch buffer of at least ``nbytes`` (one block part: it stays in L2)."""
+    buf = getattr(_bounce, "buf", None)
+    if buf is None or buf.nbytes < nbytes:
+        buf = np.empty(nbytes, dtype=np.uint8)
+        _bounce.buf = buf
+    return buf
 
 
 class BlockCopyPlan:
@@ -121,3 +204,43 @@ class BlockCopyPlan:
         )
         if rc != 0:  # only an element size the plan's caller already rules out
             raise ValueError(f"native block copy: unsupported element size {self.esize}")
+
+    def copy_hashed(
+        self, scatter: bool, blocks: torch.Tensor, chunk: torch.Tensor, hasher: Xxh3, *, stream: bool = True
+    ) -> int:
+        """:meth:`copy`, and the chunk's xxh3-64 taken in the same pass; returns the hash.
+
+        A gather hashes the bytes it writes into ``chunk`` (each block part from a scratch
+        buffer in cache, then streamed into ``chunk``); a scatter hashes ``chunk`` as it is read.
+        One C call for the whole chunk (GIL released). The hash equals
+        :func:`lmcache.serde.frame.payload_checksum` of the chunk's bytes.
+
+        Raises:
+            ValueError: An unsupported element size, or the hash update failed.
+        """
+        ids = blocks.contiguous()
+        bs, heads, width = self.shape
+        bounce = None if scatter or not stream else _bounce_buffer(bs * heads * width * self.esize)
+        state = hasher.new_state()
+        try:
+            rc = self._lib.lmc_block_copy_hashed(
+                1 if scatter else 0,
+                len(self._addrs),
+                self._addrs.ctypes.data,
+                self._strides.ctypes.data,
+                ids.numel(),
+                ids.data_ptr(),
+                chunk.data_ptr(),
+                bs,
+                heads,
+                width,
+                self.esize,
+                None if bounce is None else bounce.ctypes.data,
+                hasher.update,
+                state,
+            )
+            if rc != 0:
+                raise ValueError(f"native hashed block copy failed ({rc}; element size {self.esize})")
+            return hasher.digest(state)
+        finally:
+            hasher.free(state)

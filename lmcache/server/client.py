@@ -1010,19 +1010,27 @@ class LMServerBackend(StorageBackend):
             held.places.append((off, hsizes[i], sizes[i] - hsizes[i]) if off is not None else None)
         return held
 
-    def seal_in_place(self, held: InPlacePut, i: int) -> None:
+    def seal_in_place(self, held: InPlacePut, i: int, *, checksum: int | None = None) -> None:
         """Checksum and frame value ``i`` of ``held`` now (its payload is written); from any thread.
 
         :meth:`commit_in_place` frames what is not sealed yet; sealing each value as soon as it
         is written lets the checksum passes overlap the caller's later writes. A value must not
         be written again after it is sealed.
+
+        Args:
+            held: The reservation.
+            i: Which of its values.
+            checksum: The payload's xxh3-64 when the caller took it while writing the payload
+                (a copy that hashes as it goes); otherwise the payload is read again for it.
         """
         place, pool = held.places[i], held.conn.pool_view
         if place is None or pool is None:
             return
         off, h, n = place
         payload = np.frombuffer(pool, dtype=np.uint8, count=n, offset=off + h)
-        pool[off : off + h] = encode_header(held.keys[i], payload, checksum=payload_checksum(payload))
+        if checksum is None:
+            checksum = payload_checksum(payload)
+        pool[off : off + h] = encode_header(held.keys[i], payload, checksum=checksum)
         held.sealed.add(i)
 
     async def commit_in_place(self, held: InPlacePut, *, abort: bool = False) -> list[PutResult | None]:
@@ -1060,12 +1068,19 @@ class LMServerBackend(StorageBackend):
             out[i] = PutResult(PutStatus(status), reason)
         return out
 
-    async def get_in_place(self, keys: Sequence[CacheKey], nbytes: Sequence[int]) -> InPlaceGet | None:
+    async def get_in_place(
+        self, keys: Sequence[CacheKey], nbytes: Sequence[int], *, verify: bool = True
+    ) -> InPlaceGet | None:
         """Read values where they lie: tier-0 hits in the server's pool, others in our segment.
 
         Each value's frame is checked (key, length, checksum) but not copied: the caller reads
         the payloads (:attr:`InPlaceGet.payloads`, None for a miss, a corrupt value or one of
         another size than ``nbytes``) and then must call :meth:`release_in_place`.
+
+        With ``verify`` False the payloads' checksums are not taken here: the caller checks
+        each payload against :attr:`InPlaceGet.checksums` (the stored xxh3-64) as it reads it
+        (one pass over the value instead of two) and reports a mismatch with
+        :meth:`reject_in_place` before using anything it copied.
 
         Returns:
             None when this client has no shared memory (use :meth:`get_into` then), or when
@@ -1087,14 +1102,25 @@ class LMServerBackend(StorageBackend):
         got = InPlaceGet(conn, region, reply.get("lease"), [])
         try:
             for frame, key, skey, want in zip(frames, keys, skeys, nbytes, strict=True):
-                got.payloads.append(None if frame is None else self._checked_payload(key, skey, frame, int(want)))
+                if frame is None:
+                    got.payloads.append(None)
+                    got.checksums.append(None)
+                    continue
+                checked = self._checked_payload(key, skey, frame, int(want), verify=verify)
+                got.payloads.append(None if checked is None else checked[0])
+                got.checksums.append(None if checked is None else checked[1])
         except BaseException:
             self.release_in_place(got)
             raise
         return got
 
-    def _checked_payload(self, key: CacheKey, skey: str, frame: memoryview, want: int) -> memoryview | None:
-        """The payload of ``frame`` once its header and checksum hold; None (counted) if not."""
+    def _checked_payload(
+        self, key: CacheKey, skey: str, frame: memoryview, want: int, *, verify: bool = True
+    ) -> tuple[memoryview, int] | None:
+        """The payload of ``frame`` and its stored checksum; None (counted) if a check fails.
+
+        The header is always checked; the checksum only with ``verify``.
+        """
         try:
             header = parse_header(frame)
             if header.key != skey:
@@ -1102,12 +1128,17 @@ class LMServerBackend(StorageBackend):
             if header.total_len != frame.nbytes:
                 raise IntegrityError(f"value for {key} has {frame.nbytes} bytes, its header says {header.total_len}")
             payload = frame[header.payload_offset :]
-            header.verify_checksum(payload_checksum(payload))
+            if verify:
+                header.verify_checksum(payload_checksum(payload))
         except IntegrityError as exc:
-            self.record_corrupt(key, exc)
-            self.corrupt_seen.append(key)
+            self.reject_in_place(key, exc)
             return None
-        return payload if payload.nbytes == want else None
+        return (payload, header.checksum) if payload.nbytes == want else None
+
+    def reject_in_place(self, key: CacheKey, exc: IntegrityError) -> None:
+        """Report a value read by :meth:`get_in_place` as corrupt: counted, a miss, removed on the next get."""
+        self.record_corrupt(key, exc)
+        self.corrupt_seen.append(key)
 
     def release_in_place(self, got: InPlaceGet) -> None:
         """Hand back what :meth:`get_in_place` holds (call on the backend's event loop)."""
@@ -1254,12 +1285,15 @@ class InPlaceGet:
 
     Attributes:
         payloads: Per key, the checked payload (a view of the pool or of our segment) or None.
+        checksums: Per key, the payload's stored xxh3-64 (None where the payload is None);
+            verified already unless the get was made with ``verify=False``.
     """
 
     conn: _Conn
     region: tuple[int, int] | None
     lease: Any
     payloads: list[memoryview | None]
+    checksums: list[int | None] = dataclasses.field(default_factory=list)
 
 
 def _request_bytes(conn: _Conn) -> int:

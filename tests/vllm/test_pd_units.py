@@ -360,3 +360,90 @@ def test_proxy_prefill_request_asks_for_one_token_and_a_transfer() -> None:
         "lmcache_transfer_id": "tid",
     }
     assert body["max_tokens"] == 64  # the client's request is untouched
+
+
+def _paged_pair(n: int, blocks: int) -> tuple[Any, Any]:
+    """A producer's vLLM-CPU blocks (random) and a consumer's (zero), block size = chunk size."""
+    from lmcache.integrations.vllm.slots import SlotMappedKV, bind_paged_kv
+    from lmcache.layouts import VLLM_CPU_VEC
+
+    gen = torch.Generator().manual_seed(n)
+    shape = (8, GEOMETRY.num_kv_heads, CHUNK, 2 * GEOMETRY.head_dim)
+    a = [torch.randn(shape, generator=gen) for _ in range(GEOMETRY.num_layers)]
+    b = [torch.zeros(shape) for _ in range(GEOMETRY.num_layers)]
+    src = SlotMappedKV(bind_paged_kv(a, GEOMETRY, CHUNK, VLLM_CPU_VEC), list(range(blocks)))
+    paged_b = bind_paged_kv(b, GEOMETRY, CHUNK, VLLM_CPU_VEC)
+    return src, SlotMappedKV(paged_b, list(range(4, 4 + blocks)), lo=0, hi=n - 1)
+
+
+@pytest.mark.parametrize("n", [48, 53])  # whole blocks only; a partial tail (copied and hashed apart)
+def test_an_in_place_transfer_copies_and_hashes_in_one_pass(
+    lm_tier: str, n: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM-CPU blocks go into the pool and out again by the hashed C copies: same KV, no seal pass."""
+    from lmcache.kernels import native_copy
+    from lmcache.server.client import LMServerBackend
+
+    if native_copy.library() is None or native_copy.xxh3() is None:
+        pytest.skip("no native block copies or xxh3 C functions")
+    calls: list[bool] = []
+    original = native_copy.BlockCopyPlan.copy_hashed
+
+    def spy(self: Any, scatter: bool, *args: Any, **kw: Any) -> int:
+        calls.append(scatter)
+        return original(self, scatter, *args, **kw)
+
+    monkeypatch.setattr(native_copy.BlockCopyPlan, "copy_hashed", spy)
+    hashed_seals: list[int | None] = []
+    seal = LMServerBackend.seal_in_place
+    monkeypatch.setattr(
+        LMServerBackend,
+        "seal_in_place",
+        lambda self, held, i, checksum=None: (hashed_seals.append(checksum), seal(self, held, i, checksum=checksum)),
+    )
+    blocks = -(-n // CHUNK)
+    prompt = [(i * 7 + n) % 613 + 1 for i in range(n)]
+    src, dst = _paged_pair(n, blocks)
+    with _lm_engine(lm_tier) as prefill, _lm_engine(lm_tier) as decode:
+        sender = PDWorker(10.0, Counts())
+        sender.start_save(prefill, src, TransferSave("p", prompt, list(range(blocks)), f"fused-{n}"))
+        assert sender._sending["p"].result(30) is True
+        load = types.SimpleNamespace(tokens=prompt, start=0, end=n - 1, transfer=TransferRef(f"fused-{n}", n))
+        assert PDWorker(10.0, Counts()).load(decode, dst, load) == n
+    sent, landed = torch.empty(GEOMETRY.chunk_shape(n - 1)), torch.empty(GEOMETRY.chunk_shape(n - 1))
+    src.gather(0, n - 1, sent)
+    dst.gather(0, n - 1, landed)
+    assert torch.equal(sent, landed)
+    # Sent: every whole chunk, and a whole last chunk once more under the transfer key; a partial
+    # tail is copied and hashed apart. Loaded: the whole chunks before the tail, and a whole tail.
+    whole = n // CHUNK
+    gathers = whole + (n % CHUNK == 0)
+    assert calls.count(False) == gathers and calls.count(True) == whole
+    assert sum(c is not None for c in hashed_seals) == gathers
+
+
+def test_a_corrupt_in_place_value_is_a_miss_not_loaded(lm_tier: str) -> None:
+    """A pool value whose bytes changed after it was sealed fails the scatter's hash: nothing counts as loaded."""
+    from lmcache.integrations.vllm.pd import _in_place_tier
+
+    n = 48
+    prompt = [(i * 11) % 577 + 2 for i in range(n)]
+    src, dst = _paged_pair(n, 3)
+    with _lm_engine(lm_tier) as prefill, _lm_engine(lm_tier) as decode:
+        sender = PDWorker(10.0, Counts())
+        sender.start_save(prefill, src, TransferSave("p", prompt, [0, 1, 2], "corrupt"))
+        assert sender._sending["p"].result(30) is True
+        lm = _in_place_tier(decode)
+        key = decode.scope.key(decode.chunks(prompt)[0].hash)
+
+        async def corrupt() -> None:
+            got = await lm.get_in_place([key], [GEOMETRY.chunk_nbytes(CHUNK)])
+            payload = got.payloads[0]
+            payload[100] ^= 0x40  # in the server's pool, after the value was sealed
+            lm.release_in_place(got)
+
+        decode._run(corrupt())
+        before = lm.counters.corrupt
+        load = types.SimpleNamespace(tokens=prompt, start=0, end=n - 1, transfer=TransferRef("corrupt", n))
+        assert PDWorker(10.0, Counts()).load(decode, dst, load) == 0
+        assert lm.counters.corrupt > before

@@ -59,10 +59,11 @@ from typing import Any
 import torch
 
 from lmcache.engine import CacheEngine
-from lmcache.errors import InvalidArgumentError
+from lmcache.errors import IntegrityError, InvalidArgumentError
 from lmcache.integrations.vllm.slots import SlotMappedKV
 from lmcache.keys import Chunk, ChunkHasher, KeyScope
 from lmcache.serde.codec import parse_codec_header
+from lmcache.serde.frame import payload_checksum
 
 __all__ = [
     "PD_TAG",
@@ -293,6 +294,42 @@ def _unclipped_top(dst: Any, end: int) -> Any:
     ):
         return SlotMappedKV(dst.kv, dst.block_ids.tolist(), lo=dst.lo, hi=None)
     return dst
+
+
+def _copy_hashed(view: Any, start: int, end: int, buf: torch.Tensor, *, scatter: bool) -> int | None:
+    """Copy tokens ``[start, end)`` between ``view`` and ``buf`` and hash ``buf``'s bytes, in one pass.
+
+    The in-place transfer's copies: a gather into a reserved pool block that also yields the
+    value's checksum (no second pass over the block to seal it), or a scatter out of a pool
+    value that also yields the checksum to compare with the stored one (no separate verify
+    pass). One C call per chunk (:meth:`~lmcache.kernels.native_copy.BlockCopyPlan.copy_hashed`,
+    GIL released); the hash is :func:`~lmcache.serde.frame.payload_checksum`'s.
+
+    Returns:
+        The xxh3-64 of ``buf``'s bytes, or None when this copy cannot go that way (not vLLM-CPU's
+        strided blocks, not whole blocks, a clipped scatter, no compiled copy or no xxh3 C
+        functions): nothing was copied then, and the caller copies and hashes separately.
+    """
+    if not isinstance(view, SlotMappedKV) or end <= start:
+        return None
+    kv, bs = view.kv, view.block_size
+    if start % bs or (end - start) % bs or end > view.block_ids.numel() * bs:
+        return None
+    if scatter and (start < view.lo or (view.hi is not None and end > view.hi)):
+        return None  # a clipped scatter writes part of a block: the ordinary path does that
+    if kv.device.type != "cpu" or kv._strided_block_entries is None or not buf.is_contiguous():
+        return None
+    from lmcache.kernels import native_copy
+
+    plan, hasher = kv._block_copy_plan(), native_copy.xxh3()
+    if plan is None or hasher is None:
+        return None
+    blocks = view.block_ids[start // bs : end // bs]
+    if int(blocks.min()) < 0 or int(blocks.max()) >= kv.num_blocks:
+        return None  # the ordinary copy raises the typed error for it
+    if scatter and torch.unique(blocks).numel() != blocks.numel():
+        return None
+    return plan.copy_hashed(scatter, blocks, buf, hasher)
 
 
 def _in_place_tier(engine: CacheEngine) -> Any:
@@ -638,7 +675,12 @@ class PDWorker:
                     continue
                 if state == "reserved":
                     view = torch.frombuffer(held.payload(i), dtype=geometry.torch_dtype)
-                    src.gather(c.start, c.end, view.view(geometry.chunk_shape(c.num_tokens)))
+                    view = view.view(geometry.chunk_shape(c.num_tokens))
+                    checksum = _copy_hashed(src, c.start, c.end, view, scatter=False)
+                    if checksum is not None:  # copied and hashed in one pass: only the header is left
+                        lm.seal_in_place(held, i, checksum=checksum)
+                        continue
+                    src.gather(c.start, c.end, view)
                     # Its checksum pass runs on the engine's loop while the next chunk is copied.
                     seals.append(engine._loop.submit(_seal(lm, held, i)))
                     continue
@@ -725,7 +767,8 @@ class PDWorker:
 
         def read(group: list[tuple[Chunk, Any]]) -> concurrent.futures.Future[Any]:
             nbytes = [geometry.chunk_nbytes(c.num_tokens) for c, _ in group]
-            return engine._loop.submit(lm.get_in_place([k for _, k in group], nbytes))
+            # Unverified: each payload is hashed as it is copied into dst (below), one pass.
+            return engine._loop.submit(lm.get_in_place([k for _, k in group], nbytes, verify=False))
 
         def release(got: Any) -> None:
             if got is not None:
@@ -745,13 +788,23 @@ class PDWorker:
                 if got is None:
                     return good, copy_s
                 try:
-                    for (c, _), payload in zip(group, got.payloads, strict=True):
+                    for (c, k), payload, want in zip(group, got.payloads, got.checksums, strict=True):
                         if payload is None or parse_codec_header(payload[:_CODEC_PEEK]) is not None:
                             return good, copy_s  # a miss, or another writer's encoded value
                         t0 = time.perf_counter()
                         view = torch.frombuffer(payload, dtype=geometry.torch_dtype)
-                        dst.scatter(c.start, c.end, view.view(geometry.chunk_shape(c.num_tokens)))
+                        view = view.view(geometry.chunk_shape(c.num_tokens))
+                        # The copy hashes what it reads; a mismatch leaves these blocks reported
+                        # as not loaded (vLLM recomputes them), like a corrupt value on any get.
+                        seen = _copy_hashed(dst, c.start, c.end, view, scatter=True)
+                        if seen is None:
+                            seen = payload_checksum(payload)
+                            if seen == want:
+                                dst.scatter(c.start, c.end, view)
                         copy_s += time.perf_counter() - t0
+                        if seen != want:
+                            lm.reject_in_place(k, IntegrityError(f"value for {k} failed its checksum"))
+                            return good, copy_s
                         good = c.end
                 finally:
                     release(got)

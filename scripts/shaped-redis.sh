@@ -2,7 +2,8 @@
 # A redis-server behind a rate-shaped link, for benchmarks of remote tiers (e.g. the codec
 # end-to-end rows of `lmcache bench codec --e2e-redis URL`).
 #
-#   scripts/shaped-redis.sh up [RATE]   # RATE: a tc rate, default 4gbit (about 0.5 GB/s)
+#   scripts/shaped-redis.sh up [RATE [BURST]]   # RATE: a tc rate, default 4gbit (about 0.5 GB/s);
+#                                               # BURST: tbf's bucket, default 8mb (megabytes)
 #   scripts/shaped-redis.sh url         # the redis:// URL of a running setup
 #   scripts/shaped-redis.sh down        # stop redis-server, delete the namespace and the veth pair
 #
@@ -10,8 +11,10 @@
 #   * a network namespace ($LMCACHE_SHAPED_NS, default lmcache-shaped) holding redis-server,
 #     bound to 10.213.0.2 only, with a random password (a file under the state folder);
 #   * a veth pair, lmc-shaped0 on the host (10.213.0.1/30) and lmc-shaped1 in the namespace;
-#   * `tc qdisc ... tbf rate RATE burst 8mb latency 100ms` on the namespace end, so Redis's
+#   * `tc qdisc ... tbf rate RATE burst BURST latency 100ms` on the namespace end, so Redis's
 #     replies (what a tier read waits for) leave at RATE; the host's loopback is untouched.
+#     Mind the bucket: after an idle spell, up to BURST bytes leave at full speed, so reads
+#     smaller than a few BURSTs see a faster link than RATE (use e.g. 1mb for a strict link).
 # Shaping is done by the kernel (no proxy process using the host's CPU). `up` prints the URL
 # (`redis://10.213.0.2:6379/0?password_file=...`); `down` undoes everything `up` made, also after
 # a half-finished `up`. State (password, pid file, rate) lives in $LMCACHE_SHAPED_DIR (default
@@ -57,7 +60,7 @@ down() {
 }
 
 up() {
-    local rate="${1:-4gbit}"
+    local rate="${1:-4gbit}" burst="${2:-8mb}"
     [[ "$(id -u)" == 0 ]] || die "needs root (ip netns, tc)"
     command -v redis-server >/dev/null || die "no redis-server on the PATH (apt-get install redis-server)"
     if ip netns list | grep -qw "$NS"; then
@@ -68,7 +71,7 @@ up() {
     chmod 700 "$DIR"
     head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$DIR/password"
     chmod 600 "$DIR/password"
-    echo "$rate" >"$DIR/rate"
+    echo "$rate $burst" >"$DIR/rate"
 
     ip netns add "$NS"
     ip link add "$HOST_IF" type veth peer name "$NS_IF"
@@ -79,7 +82,7 @@ up() {
     ip netns exec "$NS" ip link set "$NS_IF" up
     ip netns exec "$NS" ip link set lo up
     # Replies from Redis leave the namespace through NS_IF: shape them there.
-    ip netns exec "$NS" tc qdisc add dev "$NS_IF" root tbf rate "$rate" burst 8mb latency 100ms
+    ip netns exec "$NS" tc qdisc add dev "$NS_IF" root tbf rate "$rate" burst "$burst" latency 100ms
 
     # The password goes in through a config file on stdin, never on a command line (ps shows those).
     {
@@ -96,7 +99,7 @@ up() {
     for _ in $(seq 100); do
         if [[ -s "$DIR/redis.pid" ]] && (exec 3<>"/dev/tcp/$NS_IP/$PORT") 2>/dev/null; then
             trap - ERR
-            echo "shaped-redis: redis-server in namespace $NS behind a $rate link" >&2
+            echo "shaped-redis: redis-server in namespace $NS behind a $rate link (burst $burst)" >&2
             url
             return 0
         fi
@@ -109,11 +112,11 @@ up() {
 }
 
 case "${1:-}" in
-up) up "${2:-}" ;;
+up) up "${2:-}" "${3:-}" ;;
 down) down ;;
 url) url ;;
 *)
-    echo "usage: $0 up [RATE] | url | down" >&2
+    echo "usage: $0 up [RATE [BURST]] | url | down" >&2
     exit 2
     ;;
 esac

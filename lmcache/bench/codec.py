@@ -51,6 +51,7 @@ __all__ = [
     "add_parser",
     "bench_codecs",
     "bench_e2e",
+    "read_trace_summary",
     "local_redis",
     "parse_spec",
     "run_cli",
@@ -540,12 +541,14 @@ async def _tier_reads(
     """
     from lmcache.backends.registry import open_backend
     from lmcache.keys import CacheKey
+    from lmcache.serde.layer import CodecBackend
 
     backends = {spec: open_backend(tier_url(redis_url, spec)) for spec in specs}
     keys = {spec: [CacheKey(key_model, 1, 0, secrets.token_bytes(32), "bfloat16") for _ in chunks] for spec in specs}
     dsts = [bytearray(len(c)) for c in chunks]
     times: dict[str, list[float]] = {spec: [] for spec in specs}
     cpu: dict[str, list[float]] = {spec: [] for spec in specs}
+    traces: dict[str, list[dict[str, float]]] = {spec: [] for spec in specs}
     try:
         for spec, b in backends.items():
             await b.open()
@@ -553,12 +556,16 @@ async def _tier_reads(
                 raise RuntimeError(f"bench codec: {spec} values were not stored in {redact_url(redis_url)}")
         for _ in range(rounds):
             for spec, b in backends.items():
+                if isinstance(b, CodecBackend):
+                    b.read_trace = []  # per-group timings of pipelined reads (a raw tier has none)
                 t, c = time.perf_counter(), time.process_time()
                 got = await b.get_into(keys[spec], dsts)
                 times[spec].append(time.perf_counter() - t)
                 cpu[spec].append(time.process_time() - c)
                 if None in got:
                     raise RuntimeError(f"bench codec: a {spec} value was not read back")
+                if isinstance(b, CodecBackend) and b.read_trace:
+                    traces[spec].append(read_trace_summary(b.read_trace))
     finally:
         for spec, b in backends.items():
             with contextlib.suppress(Exception):
@@ -576,7 +583,31 @@ async def _tier_reads(
             "read_best_gbps": nbytes / best / 1e9,
             "read_cpu_s_per_gb": report.median(cpu[spec]) / (nbytes / 1e9),
         }
+        if traces[spec]:  # where a read's time went: medians over the rounds
+            out[spec]["read_trace_ms"] = {k: report.median([t[k] for t in traces[spec]]) * 1e3 for k in traces[spec][0]}
     return out
+
+
+def read_trace_summary(trace: list[dict[str, float]]) -> dict[str, float]:
+    """Where one pipelined read's time went, from its ``CodecBackend.read_trace`` (seconds).
+
+    ``first_landed``: the first group off the wire; ``wire_busy``: first fetch start to last
+    fetch end; ``decode_cpu``: worker CPU time decoding, summed over groups; ``decode_wall``:
+    the same in wall time (above ``decode_cpu`` when the workers wait for a core);
+    ``worker_wait_max``: the longest a landed group waited for a worker; ``tail``: the read's
+    end after the last fetch's (the decode left over once the wire is done); ``total``.
+    """
+    decoded = [r for r in trace if "decode_start" in r]
+    last_wire = max(r["wire_end"] for r in trace)
+    return {
+        "first_landed": min(r["wire_end"] for r in trace),
+        "wire_busy": last_wire - min(r["wire_start"] for r in trace),
+        "decode_cpu": sum(r["decode_cpu"] for r in decoded),
+        "decode_wall": sum(r["decode_end"] - r["decode_start"] for r in decoded),
+        "worker_wait_max": max((r["decode_start"] - r["wire_end"] for r in decoded), default=0.0),
+        "tail": max(r["done"] for r in trace) - last_wire,
+        "total": max(r["done"] for r in trace),
+    }
 
 
 def print_e2e_table(e2e: dict[str, Any]) -> None:
@@ -620,6 +651,12 @@ def print_e2e_table(e2e: dict[str, Any]) -> None:
         f"{e2e['doc_tokens']} tokens, {e2e['questions']} warm questions each"
     )
     print(report.render_table(headers, rows, title=title))
+    traced = {spec: r["read_trace_ms"] for spec, r in e2e["rows"].items() if r.get("read_trace_ms")}
+    if traced:
+        names = list(next(iter(traced.values())))
+        rows = [[spec, *(report.format_float(t.get(k), 1) for k in names)] for spec, t in traced.items()]
+        title = "where a tier read's time goes (ms, median over the read rounds; see read_trace_summary)"
+        print(report.render_table(["codec", *names], rows, title=title))
 
 
 def print_table(result: dict[str, Any]) -> None:

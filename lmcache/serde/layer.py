@@ -30,6 +30,7 @@ import asyncio
 import concurrent.futures
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, ClassVar
 
@@ -108,6 +109,10 @@ class CodecBackend(StorageBackend):
             max_value_bytes=caps.max_value_bytes,
         )
         self._staging = _Staging(READ_WINDOW)
+        #: Debug timings: when a list, each pipelined read appends one record per group (seconds
+        #: from the read's start: ``wire_start``/``wire_end``, ``decode_start``/``decode_end`` on
+        #: the worker, ``decode_cpu``, ``done``; ``wire_bytes``). None (the default) records nothing.
+        self.read_trace: list[dict[str, float]] | None = None
         self.codec_counters = {
             "codec_encoded": 0,
             "codec_stored_raw": 0,
@@ -220,23 +225,36 @@ class CodecBackend(StorageBackend):
         landed: list[tuple[int, int | Exception]] = []
         window, wire = asyncio.Semaphore(READ_WINDOW), asyncio.Semaphore(READ_FETCHES)
         pool = codec_executor()
+        groups = _groups([d.nbytes for d in dsts], READ_GROUP_BYTES)
+        trace = self.read_trace
+        t0 = time.perf_counter()
 
-        async def group(idx: list[int]) -> None:
+        async def group(g: int, idx: list[int]) -> None:
+            rec: dict[str, float] | None = None if trace is None else {"group": g, "values": len(idx)}
             async with window:
                 bufs = [self._staging.take(dsts[i].nbytes) for i in idx]
                 try:
                     views = [memoryview(b)[: dsts[i].nbytes] for b, i in zip(bufs, idx, strict=True)]
                     async with wire:
+                        if rec is not None:
+                            rec["wire_start"] = time.perf_counter() - t0
                         got = await self.inner.get_into([keys[i] for i in idx], views)
                     jobs = [(i, v, n) for i, v, n in zip(idx, views, got, strict=True) if n is not None]
+                    if rec is not None:
+                        rec["wire_end"] = time.perf_counter() - t0
+                        rec["wire_bytes"] = sum(n for _i, _v, n in jobs)
                     if jobs:
-                        outs = await run_blocking(pool, _land, jobs, dsts, self.codec, True)
+                        timing = None if rec is None else (rec, t0)
+                        outs = await run_blocking(pool, _land, jobs, dsts, self.codec, True, timing)
                         landed.extend((job[0], out) for job, out in zip(jobs, outs, strict=True))
                 finally:  # the inner call and the worker are done with them (also on cancellation)
                     for buf in bufs:
                         self._staging.give(buf)
+            if rec is not None:
+                rec["done"] = time.perf_counter() - t0
+                trace.append(rec)  # type: ignore[union-attr]
 
-        await gather_all([group(idx) for idx in _groups([d.nbytes for d in dsts], READ_GROUP_BYTES)])
+        await gather_all([group(g, idx) for g, idx in enumerate(groups)])
         self._settle(keys, sizes, landed)
         return sizes
 
@@ -340,13 +358,34 @@ def _scratch(nbytes: int) -> memoryview:
 
 
 def _land(
-    jobs: Sequence[tuple[int, memoryview, int]], dsts: Sequence[memoryview], codec: Codec, staged: bool
+    jobs: Sequence[tuple[int, memoryview, int]],
+    dsts: Sequence[memoryview],
+    codec: Codec,
+    staged: bool,
+    timing: tuple[dict[str, float], float] | None = None,
 ) -> list[int | Exception]:
     """Worker side: each value ``src[:n]`` into ``dsts[i]``, decoded when it is encoded; its size or why not.
 
     ``staged``: ``src`` is a staging buffer (a raw value is copied into ``dst``); else ``src`` is
     ``dst`` itself, and an encoded value is copied out into a per-thread scratch first.
+    ``timing``: a read trace's record of this group and the read's start (``decode_start`` and
+    ``decode_end`` are recorded, in seconds after it, and ``decode_cpu``, this thread's CPU seconds).
     """
+    if timing is None:
+        return _land_all(jobs, dsts, codec, staged)
+    rec, t0 = timing
+    rec["decode_start"] = time.perf_counter() - t0
+    cpu = time.thread_time()
+    try:
+        return _land_all(jobs, dsts, codec, staged)
+    finally:
+        rec["decode_end"] = time.perf_counter() - t0
+        rec["decode_cpu"] = time.thread_time() - cpu
+
+
+def _land_all(
+    jobs: Sequence[tuple[int, memoryview, int]], dsts: Sequence[memoryview], codec: Codec, staged: bool
+) -> list[int | Exception]:
     out: list[int | Exception] = []
     for i, src, n in jobs:
         dst = dsts[i]

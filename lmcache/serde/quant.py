@@ -28,6 +28,7 @@ one pass (the same bytes), and the torch path is the fallback.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 import threading
@@ -170,15 +171,19 @@ def _decode_blocks(
     sv: torch.Tensor | None,
     ck: torch.Tensor | None = None,
     native: int | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """``dst`` (``[L, P, T, H, D]``, any view) = codes times key scales ``sk`` (+ centres ``ck``), value scales ``sv``.
 
     Works a block of layers at a time through a per-thread float32 scratch (codes to float,
     scale in place, one converting copy into ``dst``): every pass but the last stays in cache.
     With ``native`` (the codes' kind), the C loop of :mod:`lmcache.serde.dequant_native` does it
-    in one pass where it is available (the same bytes).
+    in one pass where it is available (the same bytes). With ``rope`` (cos and sin ``[T, D / 2]``),
+    the keys are rotated by RoPE after centre and scale (:func:`_rotate_keys`, in float32): the C
+    loop then writes the block's float32 values into the scratch and torch rotates them, so both
+    paths give the same bytes.
     """
-    if native is not None and dequant_native.scaled(native, codes, dst, sk=sk, sv=sv, ck=ck):
+    if rope is None and native is not None and dequant_native.scaled(native, codes, dst, sk=sk, sv=sv, ck=ck):
         return
     L, P, T, H, D = dst.shape
     per_layer = P * T * H * D
@@ -187,25 +192,48 @@ def _decode_blocks(
     for l0 in range(0, L, step):
         l1 = min(L, l0 + step)
         tmp = scratch[: (l1 - l0) * per_layer]
-        to_float(codes[l0 * per_layer : l1 * per_layer], tmp)
         y = tmp.view(l1 - l0, P, T, H, D)
-        k = y[:, 0]
-        k.mul_(sk[l0:l1, None])
-        if ck is not None:
-            k.add_(ck[l0:l1, None])
-        if sv is not None:
-            y[:, 1].mul_(sv[l0:l1])
+        block = codes[l0 * per_layer : l1 * per_layer]
+        svb = None if sv is None else sv[l0:l1]
+        ckb = None if ck is None else ck[l0:l1]
+        if native is None or not dequant_native.scaled(native, block, y, sk=sk[l0:l1], sv=svb, ck=ckb):
+            to_float(block, tmp)
+            k = y[:, 0]
+            k.mul_(sk[l0:l1, None])
+            if ckb is not None:
+                k.add_(ckb[:, None])
+            if svb is not None:
+                y[:, 1].mul_(svb)
+        if rope is not None:
+            _rotate_keys(y[:, 0], rope[0], rope[1])
         dst[l0:l1].copy_(y)
 
 
+def _rotate_keys(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate keys ``[n, T, H, D]`` (float32) by RoPE in place: rotate-half pairs, ``cos``/``sin`` ``[T, D / 2]``.
+
+    ``lo = a * cos - b * sin``, ``hi = b * cos + a * sin``, every product rounded to float32 (no
+    fused multiply-add), as :func:`lmcache.serde.cachegen.rope_tables`' angles are used there.
+    With ``-sin``, the inverse rotation (up to rounding).
+    """
+    h = k.shape[-1] // 2
+    a, b = k[..., :h], k[..., h:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    lo = torch.mul(a, c).sub_(torch.mul(b, s))
+    b.mul_(c).add_(a.mul_(s))
+    a.copy_(lo)
+
+
 class Fp8Codec(_Scaled):
-    """float8 e4m3; keys centred and scaled per channel, values scaled per token and head (~1.96x).
+    """float8 e4m3; keys rotated back by RoPE, centred and scaled per channel, values per token and head (~1.96x).
 
-    Body version 1 (written since the keys are centred), in this order:
+    Body version 2 (written since keys are rotated back by RoPE), in this order:
 
-    * a version byte (1);
+    * a version byte (2);
+    * the RoPE base (float32; 0 = keys not rotated) the encoder found for the chunk's keys;
     * key centres ``[L, H, D]`` (float16: each channel's mean over the chunk's tokens but the
-      first) and key scales ``[L, H, D]`` (float16, the centred channel's absolute max / 448);
+      first, after the keys were rotated back) and key scales ``[L, H, D]`` (float16, the
+      centred channel's absolute max / 448);
     * value scale exponents ``[L, T - 1, H]`` (int8: the scale is a power of two, the smallest
       at least the absolute max / 448; float8 keeps its relative precision under any power of
       two, so one byte does what a float16 scale did);
@@ -213,17 +241,21 @@ class Fp8Codec(_Scaled):
       first token is the attention sink of most models, read by every later query);
     * the e4m3 codes of every other token, ``[L, P, T - 1, H, D]``.
 
-    Centring matters for keys: their channels carry large offsets (after RoPE too), and a
-    floating-point code's error scales with the magnitude it codes. On SmolLM2-135M both halve
-    the KL of the next-token distribution against raw KV (docs/codecs.md) at the same size.
+    Centring matters for keys: their channels carry large offsets, and a floating-point code's
+    error scales with the magnitude it codes. RoPE turns a channel pair's steady offset into a
+    circle over the chunk's tokens, which a channel mean cannot remove: rotated back by the
+    right base (found per chunk as the ``cachegen`` codec finds it, positions relative to the
+    chunk), the offsets return and centring removes them. Decoding rotates the keys again
+    (:func:`_rotate_keys`, float32). docs/codecs.md has the measurements.
 
-    Version 0 (read, no longer written): float16 key scales ``[L, H, D]``, float16 value scales
-    ``[L, T, H]``, then the codes of every token, no centres.
+    Version 1 (read, no longer written): the same without the RoPE base (keys centred as they
+    are). Version 0 (read): float16 key scales ``[L, H, D]``, float16 value scales ``[L, T, H]``,
+    then the codes of every token, no centres.
     """
 
     name = "fp8"
     qmax = 448.0
-    body_version = 1
+    body_version = 2
     _code_factor = 256.0  # _fp8_bits_to_half gives code values / 256
     _native = dequant_native.CODE_FP8
 
@@ -234,26 +266,34 @@ class Fp8Codec(_Scaled):
         tmp.copy_(_fp8_bits_to_half(codes, _scratch("i16", codes.size, np.int16)))
 
     @staticmethod
-    def _v1_size(g: ChunkGeometry) -> int:
+    def _body_size(g: ChunkGeometry, version: int) -> int:
         L, P, T, H, D = g.shape
         size = 1 + 4 * L * H * D + (L * (T - 1) * H if P > 1 else 0) + L * P * H * D * g.itemsize
-        size += L * P * (T - 1) * H * D
+        size += L * P * (T - 1) * H * D + (4 if version >= 2 else 0)
         # Never the length of a version 0 body, so a reader from before body versions (which
         # ignores the header's version byte) refuses it instead of misreading it.
         return size + (size == 2 * L * H * D + (2 * L * T * H if P > 1 else 0) + g.numel)
 
     def encode_body(self, data: memoryview, geometry: ChunkGeometry) -> bytes | None:
-        """Version 1: key centres and scales, value scale exponents, the first token, the codes."""
-        L, P, T = geometry.shape[:3]
+        """Version 2: the RoPE base, key centres and scales, value scale exponents, the first token, the codes."""
+        L, P, T, _H, D = geometry.shape
         if not geometry.is_kv or T < 2:
             return None  # one token: nothing to gain over storing it raw
         x = to_float(data, geometry)
-        k = x[:, 0, 1:]
+        k = x[:, 0, 1:].contiguous()
+        theta = _find_rope(k)
+        if theta:
+            cos, sin = _rope(T, D, theta)
+            _rotate_keys(k, cos, -sin)  # back to the keys before RoPE (positions relative to the chunk)
         ck = k.mean(dim=1, keepdim=True).clamp_(-65504.0, 65504.0).to(torch.float16).float()  # [L, 1, H, D]
-        k = k - ck
+        k = k.sub_(ck)
         sk = _f16(k.abs().amax(dim=1, keepdim=True) / self.qmax)
         parts = [k.div_(sk)]
-        side = [ck.to(torch.float16).numpy().tobytes(), sk.to(torch.float16).numpy().tobytes()]
+        side = [
+            struct.pack("<f", theta),
+            ck.to(torch.float16).numpy().tobytes(),
+            sk.to(torch.float16).numpy().tobytes(),
+        ]
         if P > 1:
             v = x[:, 1, 1:]
             ev = _pow2_exponent(v.abs().amax(dim=3, keepdim=True) / self.qmax)  # [L, T - 1, H, 1]
@@ -261,21 +301,30 @@ class Fp8Codec(_Scaled):
             side.append(ev.to(torch.int8).numpy().tobytes())
         first = np.frombuffer(data, dtype=np.uint8).reshape(L, P, T, -1)[:, :, 0]
         codes = self._quantize(torch.stack(parts, dim=1).clamp_(-self.qmax, self.qmax))
-        body = b"".join([bytes([1]), *side, first.tobytes(), codes.tobytes()])
-        return body + bytes(self._v1_size(geometry) - len(body))
+        body = b"".join([bytes([2]), *side, first.tobytes(), codes.tobytes()])
+        return body + bytes(self._body_size(geometry, 2) - len(body))
 
     def decode_body_version(self, body: memoryview, geometry: ChunkGeometry, out: memoryview, version: int) -> None:
-        """Decode a version 1 body, or a version 0 one (written before keys were centred)."""
+        """Decode a version 2 or 1 body, or a version 0 one (written before keys were centred)."""
         if version == 0:
             super().decode_body(body, geometry, out)
             return
         L, P, T, H, D = geometry.shape
-        if version != 1 or T < 2 or body.nbytes != self._v1_size(geometry) or body[0] != 1:
+        if version not in (1, 2) or T < 2 or body.nbytes != self._body_size(geometry, version) or body[0] != version:
             raise ValueError(f"fp8 body (version {version}, {body.nbytes} bytes) does not fit {geometry.shape}")
+        pos = 1
+        rope = None
+        if version >= 2:
+            (theta,) = struct.unpack_from("<f", body, 1)
+            pos = 5
+            if theta:
+                if not (math.isfinite(theta) and theta > 1.0) or D % 2:
+                    raise ValueError(f"fp8 body has a RoPE base of {theta} for a head dim of {D}")
+                rope = _rope(T, D, theta)
         n = L * H * D * 2
-        ck = _half_scales(body[1 : 1 + n], 1.0).view(L, H, D)
-        sk = _half_scales(body[1 + n : 1 + 2 * n], self._code_factor).view(L, H, D)
-        pos = 1 + 2 * n
+        ck = _half_scales(body[pos : pos + n], 1.0).view(L, H, D)
+        sk = _half_scales(body[pos + n : pos + 2 * n], self._code_factor).view(L, H, D)
+        pos += 2 * n
         sv = None
         if P > 1:
             ev = torch.from_numpy(np.frombuffer(body[pos : pos + L * (T - 1) * H], dtype=np.int8).astype(np.float32))
@@ -287,11 +336,28 @@ class Fp8Codec(_Scaled):
         ).reshape(L, P, -1)
         codes = np.frombuffer(body[pos + first : pos + first + L * P * (T - 1) * H * D], dtype=np.int8)
         dst = _out_tensor(out, geometry)[:, :, 1:]
-        _decode_blocks(codes, dst, self._codes_to_float, sk=sk, sv=sv, ck=ck, native=self._native)
+        _decode_blocks(codes, dst, self._codes_to_float, sk=sk, sv=sv, ck=ck, native=self._native, rope=rope)
 
     def decode_body(self, body: memoryview, geometry: ChunkGeometry, out: memoryview) -> None:
         """Decode a body of the current version."""
         self.decode_body_version(body, geometry, out, self.body_version)
+
+
+def _find_rope(k: torch.Tensor) -> float:
+    """The RoPE base that best explains keys ``[L, T, H, D]`` (float32), or 0 (``cachegen``'s search)."""
+    from lmcache.serde.cachegen import _pick_rope  # here: cachegen imports this module
+
+    L, T, H, D = k.shape
+    return float(np.float32(_pick_rope(k.reshape(L, T, H * D).numpy(), D)))
+
+
+@functools.lru_cache(maxsize=16)
+def _rope(tokens: int, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE's cos and sin ``[tokens - 1, dim / 2]`` of a chunk's tokens 1..tokens-1 (its first is stored exact)."""
+    from lmcache.serde.cachegen import rope_tables  # here: cachegen imports this module
+
+    cos, sin = rope_tables(tokens, dim, theta)
+    return torch.from_numpy(cos[1:].copy()), torch.from_numpy(sin[1:].copy())
 
 
 def _pow2_exponent(m: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@
 # Needs root, `ip`, `tc` and `redis-server`. `up` builds:
 #   * a network namespace ($LMCACHE_SHAPED_NS, default lmcache-shaped) holding redis-server,
 #     bound to 10.213.0.2 only, with a random password (a file under the state folder);
-#   * a veth pair, lmc-shaped0 on the host (10.213.0.1/30) and lmc-shaped1 in the namespace;
+#   * a veth pair, lmc-shaped0 on the host (10.213.0.1/30) and lmc-shaped1 (10.213.0.2/30) in
+#     the namespace;
 #   * `tc qdisc ... tbf rate RATE burst BURST latency 100ms` on the namespace end, so Redis's
 #     replies (what a tier read waits for) leave at RATE; the host's loopback is untouched.
 #     Mind the bucket: after an idle spell, up to BURST bytes leave at full speed, so reads
@@ -18,16 +19,19 @@
 # Shaping is done by the kernel (no proxy process using the host's CPU). `up` prints the URL
 # (`redis://10.213.0.2:6379/0?password_file=...`); `down` undoes everything `up` made, also after
 # a half-finished `up`. State (password, pid file, rate) lives in $LMCACHE_SHAPED_DIR (default
-# /tmp/lmcache-shaped-redis).
+# /tmp/lmcache-shaped-redis). Two setups side by side need their own LMCACHE_SHAPED_NS, _DIR,
+# _IF (veth name prefix, at most 10 characters) and _NET (first three octets of a free /30).
 set -euo pipefail
 
 NS="${LMCACHE_SHAPED_NS:-lmcache-shaped}"
 DIR="${LMCACHE_SHAPED_DIR:-/tmp/lmcache-shaped-redis}"
 PORT="${LMCACHE_SHAPED_PORT:-6379}"
-HOST_IF=lmc-shaped0
-NS_IF=lmc-shaped1
-HOST_IP=10.213.0.1
-NS_IP=10.213.0.2
+IF="${LMCACHE_SHAPED_IF:-lmc-shaped}"     # veth names: ${IF}0 on the host, ${IF}1 in the namespace
+NET="${LMCACHE_SHAPED_NET:-10.213.0}"     # a /30: .1 on the host, .2 in the namespace
+HOST_IF="${IF}0"
+NS_IF="${IF}1"
+HOST_IP="$NET.1"
+NS_IP="$NET.2"
 
 die() {
     echo "shaped-redis: $*" >&2

@@ -103,22 +103,28 @@ def test_v2_native_decode_gives_the_torch_bytes(monkeypatch: pytest.MonkeyPatch,
     header = parse_codec_header(enc)
     assert header is not None and struct.unpack_from("<f", enc, header.body_offset + 1)[0] > 0  # RoPE in play
     calls: list[bool] = []
-    real = dequant_native.scaled
+    rotated: list[bool] = []
+    real, real_rope = dequant_native.scaled, dequant_native.rope
 
     def spy(*args, **kwargs):
         calls.append(real(*args, **kwargs))
         return calls[-1]
+
+    def spy_rope(*args, **kwargs):
+        rotated.append(real_rope(*args, **kwargs))
+        return rotated[-1]
 
     outs = []
     for native, simd in ((False, 2), (True, 2), (True, 1), (True, 0)):
         with monkeypatch.context() as m:
             m.setattr(dequant_native, "SIMD", simd)
             m.setattr(dequant_native, "scaled", spy)
+            m.setattr(dequant_native, "rope", spy_rope)
             if not native:
                 m.setitem(dequant_native._state, "lib", None)
             outs.append(bytes(decode(enc, g)))
     assert outs[1:] == [outs[0]] * 3
-    assert calls.count(True) > 0  # the C loop did decode (not silently torch)
+    assert calls.count(True) > 0 and rotated.count(True) > 0  # the C loops did decode (not silently torch)
 
 
 def test_v2_native_switched_off_decodes_the_same(monkeypatch: pytest.MonkeyPatch) -> None:

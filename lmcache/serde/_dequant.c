@@ -407,3 +407,28 @@ int lmc_dq_int4(const uint8_t *packed, int64_t half, int64_t L, int64_t P, int64
     }
     return 0;
 }
+
+/* RoPE on float32 keys in place (fp8 body version 2 rotates its decoded keys again): k is
+ * [n, T, H, D] (T, H, D contiguous; sn floats between one n and the next), cos and sin [T, D / 2]; rotate-half pairs a = k[..., :D/2],
+ * b = k[..., D/2:]: a' = a*cos - b*sin, b' = b*cos + a*sin, each product rounded to float32 and
+ * never fused (-ffp-contract=off), exactly as lmcache.serde.quant._rotate_keys computes it. */
+int lmc_dq_rope(float *k, int64_t n, int64_t sn, int64_t T, int64_t H, int64_t D, const float *cos_t,
+                const float *sin_t) {
+    if (D % 2 || n < 0 || T < 0 || H < 0)
+        return -1;
+    const int64_t h = D / 2;
+    for (int64_t i = 0; i < n; i++) {
+        for (int64_t t = 0; t < T; t++) {
+            const float *c = cos_t + t * h, *s = sin_t + t * h;
+            for (int64_t j = 0; j < H; j++) {
+                float *a = k + i * sn + (t * H + j) * D, *b = a + h;
+                for (int64_t d = 0; d < h; d++) {
+                    const float ac = a[d] * c[d], bs = b[d] * s[d], bc = b[d] * c[d], as = a[d] * s[d];
+                    a[d] = ac - bs;
+                    b[d] = bc + as;
+                }
+            }
+        }
+    }
+    return 0;
+}

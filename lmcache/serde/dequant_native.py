@@ -26,7 +26,7 @@ import torch
 
 from lmcache.native_build import load_once
 
-__all__ = ["CODE_FP8", "CODE_INT8", "int4", "library", "scaled"]
+__all__ = ["CODE_FP8", "CODE_INT8", "int4", "library", "rope", "scaled"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lmc_dq_scaled.argtypes = [c_int, vp, i64, i64, i64, i64, i64, vp, vp, vp, c_int, vp, i64, i64, i64, c_int]
     lib.lmc_dq_int4.restype = c_int
     lib.lmc_dq_int4.argtypes = [vp, i64, i64, i64, i64, i64, i64, i64, i64, vp, vp, c_int, vp, i64, i64, i64, c_int]
+    lib.lmc_dq_rope.restype = c_int
+    lib.lmc_dq_rope.argtypes = [vp, i64, i64, i64, i64, i64, vp, vp]
     lib.lmc_dq_init()
     _state["simd"] = int(lib.lmc_dq_has_simd())
     return lib
@@ -194,3 +196,26 @@ def int4(
         _simd(),
     )
     return rc == 0
+
+
+def rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Rotate float32 keys ``k`` (``[n, T, H, D]``, each ``[T, H, D]`` contiguous) by RoPE in place, in C.
+
+    ``cos``/``sin`` are ``[T, D / 2]`` float32; the arithmetic is
+    :func:`lmcache.serde.quant._rotate_keys`' (each product rounded, never fused), so the bytes
+    are the same.
+
+    Returns:
+        False where the C loops are not available or do not take these arguments (the caller
+        then rotates with torch).
+    """
+    lib = library()
+    if lib is None or k.dtype != torch.float32 or k.dim() != 4 or k.device.type != "cpu":
+        return False
+    n, T, H, D = k.shape
+    if k.stride()[1:] != (H * D, D, 1) and T * H * D > 1:
+        return False
+    if cos.shape != (T, D // 2) or sin.shape != (T, D // 2) or D % 2:
+        return False
+    c, s = cos.to(torch.float32).contiguous(), sin.to(torch.float32).contiguous()
+    return lib.lmc_dq_rope(_ptr(k), n, k.stride(0), T, H, D, _ptr(c), _ptr(s)) == 0

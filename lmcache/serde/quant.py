@@ -205,17 +205,20 @@ def _decode_blocks(
             if svb is not None:
                 y[:, 1].mul_(svb)
         if rope is not None:
-            _rotate_keys(y[:, 0], rope[0], rope[1])
+            _rotate_keys(y[:, 0], rope[0], rope[1], native=native is not None)
         dst[l0:l1].copy_(y)
 
 
-def _rotate_keys(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+def _rotate_keys(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, native: bool = False) -> None:
     """Rotate keys ``[n, T, H, D]`` (float32) by RoPE in place: rotate-half pairs, ``cos``/``sin`` ``[T, D / 2]``.
 
     ``lo = a * cos - b * sin``, ``hi = b * cos + a * sin``, every product rounded to float32 (no
     fused multiply-add), as :func:`lmcache.serde.cachegen.rope_tables`' angles are used there.
-    With ``-sin``, the inverse rotation (up to rounding).
+    With ``-sin``, the inverse rotation (up to rounding). With ``native``, the C loop of
+    :mod:`lmcache.serde.dequant_native` does it where it is available (the same bytes).
     """
+    if native and dequant_native.rope(k, cos, sin):
+        return
     h = k.shape[-1] // 2
     a, b = k[..., :h], k[..., h:]
     c, s = cos[:, None, :], sin[:, None, :]

@@ -31,7 +31,7 @@ import concurrent.futures
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -39,6 +39,7 @@ import numpy as np
 from lmcache.backends.base import Capabilities, PutResult, StorageBackend
 from lmcache.backends.concurrency import gather_all, run_blocking
 from lmcache.backends.urls import settings_query
+from lmcache.backends.wrapper import WrappedBackend
 from lmcache.errors import IntegrityError, InvalidBufferError
 from lmcache.keys import CacheKey
 from lmcache.serde.codec import (
@@ -80,7 +81,7 @@ def codec_executor() -> concurrent.futures.ThreadPoolExecutor:
     return _EXECUTOR[0]
 
 
-class CodecBackend(StorageBackend):
+class CodecBackend(WrappedBackend):
     """Encodes values for ``inner`` with ``codec`` and decodes whatever it reads back.
 
     Args:
@@ -92,11 +93,9 @@ class CodecBackend(StorageBackend):
     schemes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, inner: StorageBackend, codec: Codec, *, explicit: bool = True) -> None:
-        super().__init__()
-        self.inner = inner
+        super().__init__(inner)
         self.codec = codec
         self._explicit = explicit
-        self.secret_options = inner.secret_options  # type: ignore[misc]
         caps = inner.capabilities
         # Device buffers pass through only where nothing is encoded (codecs work on host bytes).
         self.capabilities = Capabilities(  # type: ignore[misc]
@@ -141,46 +140,19 @@ class CodecBackend(StorageBackend):
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    async def _open(self) -> None:
-        await self.inner.open()
-
     async def _close(self) -> None:
         self._staging.clear()
-        await self.inner.aclose()
-
-    async def _ping(self) -> None:
-        await self.inner.ping()
-
-    async def _register_host_memory(self, view: memoryview) -> None:
-        # Forwarded: raw values are read straight into the caller's memory by the inner backend.
-        await self.inner.register_host_memory(view)
-
-    async def _unregister_host_memory(self, view: memoryview) -> None:
-        await self.inner.unregister_host_memory(view)
+        await super()._close()
 
     def stats(self) -> dict[str, Any]:
         """The inner backend's stats (capacity, used bytes… of encoded values) plus codec counters."""
-        out = dict(self.inner.stats())
+        out = super().stats()
         out["corrupt"] = out.get("corrupt", 0) + self.counters.corrupt
         out["codec"] = self.codec.name
         out.update(self.codec_counters)
         return out
 
-    async def _list_keys(self) -> AsyncIterator[CacheKey]:
-        async for key in self.inner.list_keys():
-            yield key
-
-    async def _list_entries(self) -> AsyncIterator[tuple[CacheKey, int | None]]:
-        async for entry in self.inner.list_entries():
-            yield entry
-
     # -- data path -----------------------------------------------------------------------------
-
-    async def _contains(self, keys: list[CacheKey]) -> list[bool]:
-        return await self.inner.contains(keys)
-
-    async def _delete(self, keys: list[CacheKey]) -> None:
-        await self.inner.delete(keys)
 
     async def _put(self, keys: list[CacheKey], srcs: list[memoryview]) -> list[PutResult]:
         if self.codec.name == "raw":

@@ -228,7 +228,7 @@ def _rotate_keys(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, nativ
 
 
 class Fp8Codec(_Scaled):
-    """float8 e4m3; keys rotated back by RoPE, centred and scaled per channel, values per token and head (~1.96x).
+    """float8 e4m3; keys rotated back by RoPE and centred, the worst-coded key elements exact (~1.95x).
 
     Body version 2 (written since keys are rotated back by RoPE), in this order:
 
@@ -237,23 +237,28 @@ class Fp8Codec(_Scaled):
     * key centres ``[L, H, D]`` (float16: each channel's mean over the chunk's tokens but the
       first, after the keys were rotated back) and key scales ``[L, H, D]`` (float16, the
       centred channel's absolute max / 448);
-    * value scale exponents ``[L, T - 1, H]`` (int8: the scale is a power of two, the smallest
-      at least the absolute max / 448; float8 keeps its relative precision under any power of
-      two, so one byte does what a float16 scale did);
+    * value scale exponents ``[L, T - 1]`` (int8: one power of two per layer and token, the
+      smallest at least the token's absolute max / 448: float8 keeps its relative precision
+      under any power of two, so one scale serves every head);
     * the chunk's first token, ``[L, P, H, D]`` in the chunk's own dtype (exact: a sequence's
       first token is the attention sink of most models, read by every later query);
+    * the number ``n`` of exact key elements (uint32), their indices into the keys of tokens
+      ``1..T-1`` (``[L, T - 1, H, D]`` flattened; uint32, strictly increasing) and their values
+      in the chunk's dtype: the key elements the codes reproduce worst, as many as keep the body
+      within 16-bit size / :data:`FP8_RATIO` (about 0.35% of the keys at SmolLM2's geometry);
     * the e4m3 codes of every other token, ``[L, P, T - 1, H, D]``.
 
-    Centring matters for keys: their channels carry large offsets, and a floating-point code's
-    error scales with the magnitude it codes. RoPE turns a channel pair's steady offset into a
-    circle over the chunk's tokens, which a channel mean cannot remove: rotated back by the
-    right base (found per chunk as the ``cachegen`` codec finds it, positions relative to the
-    chunk), the offsets return and centring removes them. Decoding rotates the keys again
-    (:func:`_rotate_keys`, float32). docs/codecs.md has the measurements.
+    Keys carry most of fp8's error (a floating-point code's error scales with the magnitude it
+    codes), so the body spends on them: centring removes the channels' offsets; RoPE turns a
+    channel pair's steady offset into a circle over the chunk's tokens, which a channel mean
+    cannot remove, so the keys are first rotated back by the base found per chunk (as the
+    ``cachegen`` codec finds it, positions relative to the chunk) and decoding rotates them again
+    (:func:`_rotate_keys`, float32); the few elements still coded worst are stored exact.
+    docs/codecs.md has the measurements.
 
-    Version 1 (read, no longer written): the same without the RoPE base (keys centred as they
-    are). Version 0 (read): float16 key scales ``[L, H, D]``, float16 value scales ``[L, T, H]``,
-    then the codes of every token, no centres.
+    Version 1 (read, no longer written): no RoPE base, value scale exponents ``[L, T - 1, H]``,
+    no exact elements. Version 0 (read): float16 key scales ``[L, H, D]``, float16 value scales
+    ``[L, T, H]``, then the codes of every token, no centres.
     """
 
     name = "fp8"
@@ -269,43 +274,74 @@ class Fp8Codec(_Scaled):
         tmp.copy_(_fp8_bits_to_half(codes, _scratch("i16", codes.size, np.int16)))
 
     @staticmethod
-    def _body_size(g: ChunkGeometry, version: int) -> int:
+    def _body_size(g: ChunkGeometry, version: int, exact: int = 0) -> int:
+        """Bytes of a body of ``version`` (with ``exact`` exact key elements in version 2)."""
         L, P, T, H, D = g.shape
-        size = 1 + 4 * L * H * D + (L * (T - 1) * H if P > 1 else 0) + L * P * H * D * g.itemsize
-        size += L * P * (T - 1) * H * D + (4 if version >= 2 else 0)
+        vs = (L * (T - 1) * (H if version < 2 else 1)) if P > 1 else 0
+        size = 1 + 4 * L * H * D + vs + L * P * H * D * g.itemsize + L * P * (T - 1) * H * D
+        if version >= 2:
+            size += 4 + 4 + exact * (4 + g.itemsize)
         # Never the length of a version 0 body, so a reader from before body versions (which
         # ignores the header's version byte) refuses it instead of misreading it.
         return size + (size == 2 * L * H * D + (2 * L * T * H if P > 1 else 0) + g.numel)
 
+    def _exact_budget(self, g: ChunkGeometry) -> int:
+        """How many key elements version 2 stores exact: what keeps the body within 16-bit size / FP8_RATIO."""
+        L, _P, T, H, D = g.shape
+        room = int(2 * g.numel / FP8_RATIO) - _HEADER_ROOM - self._body_size(g, 2) - 1
+        return max(0, min(L * (T - 1) * H * D // 50, room // (4 + g.itemsize)))
+
     def encode_body(self, data: memoryview, geometry: ChunkGeometry) -> bytes | None:
-        """Version 2: the RoPE base, key centres and scales, value scale exponents, the first token, the codes."""
-        L, P, T, _H, D = geometry.shape
+        """Version 2: RoPE base, key centres and scales, value scale exponents, first token, exact keys, codes."""
+        L, P, T, H, D = geometry.shape
         if not geometry.is_kv or T < 2:
             return None  # one token: nothing to gain over storing it raw
         x = to_float(data, geometry)
-        k = x[:, 0, 1:].contiguous()
+        k0 = x[:, 0, 1:].contiguous()
+        k = k0.clone()
         theta = _find_rope(k)
-        if theta:
-            cos, sin = _rope(T, D, theta)
-            _rotate_keys(k, cos, -sin)  # back to the keys before RoPE (positions relative to the chunk)
+        rope = _rope(T, D, theta) if theta else None
+        if rope is not None:
+            # back to the keys before RoPE (positions relative to the chunk)
+            _rotate_keys(k, rope[0], -rope[1], native=True)
         ck = k.mean(dim=1, keepdim=True).clamp_(-65504.0, 65504.0).to(torch.float16).float()  # [L, 1, H, D]
         k = k.sub_(ck)
         sk = _f16(k.abs().amax(dim=1, keepdim=True) / self.qmax)
-        parts = [k.div_(sk)]
+        k = k.div_(sk).clamp_(-self.qmax, self.qmax)
+        kq = k.to(torch.float8_e4m3fn)
         side = [
             struct.pack("<f", theta),
             ck.to(torch.float16).numpy().tobytes(),
             sk.to(torch.float16).numpy().tobytes(),
         ]
+        parts = [kq]
         if P > 1:
             v = x[:, 1, 1:]
-            ev = _pow2_exponent(v.abs().amax(dim=3, keepdim=True) / self.qmax)  # [L, T - 1, H, 1]
-            parts.append(v / torch.exp2(ev.float()))
+            ev = _pow2_exponent(v.abs().amax(dim=(2, 3), keepdim=True) / self.qmax)  # [L, T - 1, 1, 1]
+            parts.append((v / torch.exp2(ev.float())).clamp_(-self.qmax, self.qmax).to(torch.float8_e4m3fn))
             side.append(ev.to(torch.int8).numpy().tobytes())
+        # The key elements the codes reproduce worst (as decoding computes them) are stored exact.
+        n = self._exact_budget(geometry)
+        rec = kq.float().mul_(sk).add_(ck)
+        if rope is not None:
+            _rotate_keys(rec, rope[0], rope[1], native=True)
+        idx_np = _largest(rec.sub_(k0).abs_().view(-1), n).numpy().astype(np.uint32)
+        item = {2: np.uint16, 4: np.uint32}[geometry.itemsize]
+        keys_raw = np.frombuffer(data, dtype=item).reshape(L, P, T, H * D)[:, 0, 1:].reshape(-1)
         first = np.frombuffer(data, dtype=np.uint8).reshape(L, P, T, -1)[:, :, 0]
-        codes = self._quantize(torch.stack(parts, dim=1).clamp_(-self.qmax, self.qmax))
-        body = b"".join([bytes([2]), *side, first.tobytes(), codes.tobytes()])
-        return body + bytes(self._body_size(geometry, 2) - len(body))
+        codes = torch.stack(parts, dim=1).view(torch.uint8).numpy()
+        body = b"".join(
+            [
+                bytes([2]),
+                *side,
+                first.tobytes(),
+                struct.pack("<I", n),
+                idx_np.tobytes(),
+                keys_raw[idx_np].tobytes(),
+                codes.tobytes(),
+            ]
+        )
+        return body + bytes(self._body_size(geometry, 2, n) - len(body))
 
     def decode_body_version(self, body: memoryview, geometry: ChunkGeometry, out: memoryview, version: int) -> None:
         """Decode a version 2 or 1 body, or a version 0 one (written before keys were centred)."""
@@ -313,10 +349,9 @@ class Fp8Codec(_Scaled):
             super().decode_body(body, geometry, out)
             return
         L, P, T, H, D = geometry.shape
-        if version not in (1, 2) or T < 2 or body.nbytes != self._body_size(geometry, version) or body[0] != version:
+        if version not in (1, 2) or T < 2 or body.nbytes < 9 or body[0] != version:
             raise ValueError(f"fp8 body (version {version}, {body.nbytes} bytes) does not fit {geometry.shape}")
-        pos = 1
-        rope = None
+        pos, rope = 1, None
         if version >= 2:
             (theta,) = struct.unpack_from("<f", body, 1)
             pos = 5
@@ -330,20 +365,66 @@ class Fp8Codec(_Scaled):
         pos += 2 * n
         sv = None
         if P > 1:
-            ev = torch.from_numpy(np.frombuffer(body[pos : pos + L * (T - 1) * H], dtype=np.int8).astype(np.float32))
-            sv = torch.exp2(ev.add_(8.0)).view(L, T - 1, H, 1)  # 2**8: the code factor, exact
-            pos += L * (T - 1) * H
+            heads = H if version < 2 else 1
+            nv = L * (T - 1) * heads
+            ev = torch.from_numpy(np.frombuffer(body[pos : pos + nv], dtype=np.int8).astype(np.float32))
+            sv = torch.exp2(ev.add_(8.0)).view(L, T - 1, heads, 1)  # 2**8: the code factor, exact
+            sv = sv.expand(L, T - 1, H, 1).contiguous() if heads != H else sv
+            pos += nv
         first = L * P * H * D * geometry.itemsize
+        first_at = pos
+        pos += first
+        exact, idx = 0, None
+        if version >= 2:
+            if body.nbytes < pos + 4:
+                raise ValueError(f"fp8 body of {body.nbytes} bytes is too short for {geometry.shape}")
+            (exact,) = struct.unpack_from("<I", body, pos)
+            pos += 4
+        if exact > L * (T - 1) * H * D or body.nbytes != self._body_size(geometry, version, exact):
+            raise ValueError(f"fp8 body (version {version}, {body.nbytes} bytes) does not fit {geometry.shape}")
+        if exact:
+            idx = np.frombuffer(body[pos : pos + 4 * exact], dtype=np.uint32)
+            if idx[-1] >= L * (T - 1) * H * D or (exact > 1 and not (np.diff(idx.astype(np.int64)) > 0).all()):
+                raise ValueError("fp8 body's exact key elements are out of order or out of range")
+            pos += 4 * exact
+            vals = body[pos : pos + exact * geometry.itemsize]
+            pos += exact * geometry.itemsize
         np.frombuffer(out, dtype=np.uint8).reshape(L, P, T, -1)[:, :, 0] = np.frombuffer(
-            body[pos : pos + first], dtype=np.uint8
+            body[first_at : first_at + first], dtype=np.uint8
         ).reshape(L, P, -1)
-        codes = np.frombuffer(body[pos + first : pos + first + L * P * (T - 1) * H * D], dtype=np.int8)
+        codes = np.frombuffer(body[pos : pos + L * P * (T - 1) * H * D], dtype=np.int8)
         dst = _out_tensor(out, geometry)[:, :, 1:]
         _decode_blocks(codes, dst, self._codes_to_float, sk=sk, sv=sv, ck=ck, native=self._native, rope=rope)
+        if idx is not None:
+            item = {2: np.uint16, 4: np.uint32}[geometry.itemsize]
+            whole = np.frombuffer(out, dtype=item).reshape(L, P, T, H * D)
+            per, row = (T - 1) * H * D, H * D
+            layer, rest = np.divmod(idx, per)
+            whole[layer, 0, rest // row + 1, rest % row] = np.frombuffer(vals, dtype=item)
 
     def decode_body(self, body: memoryview, geometry: ChunkGeometry, out: memoryview) -> None:
         """Decode a body of the current version."""
         self.decode_body_version(body, geometry, out, self.body_version)
+
+
+#: fp8 version 2 stores exact key elements while its body stays within 16-bit size / this.
+FP8_RATIO = 1.952
+#: Bytes left for the codec header when sizing that budget.
+_HEADER_ROOM = 64
+
+
+def _largest(err: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices (ascending) of the ``n`` largest of ``err`` (1-D): a sample sets a bound, top-k of what passes."""
+    if n <= 0:
+        return torch.zeros(0, dtype=torch.int64)
+    sample = err[::16]
+    cand = None
+    if 2 * n // 16 + 1 < sample.numel():
+        bound = sample.topk(2 * n // 16 + 1, sorted=False).values.min()
+        cand = (err >= bound).nonzero().squeeze(1)
+    if cand is None or cand.numel() < n:
+        cand = torch.arange(err.numel())
+    return cand[err[cand].topk(n, sorted=False).indices].sort().values
 
 
 def _find_rope(k: torch.Tensor) -> float:

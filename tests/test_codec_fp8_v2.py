@@ -66,7 +66,9 @@ def test_v2_round_trip_finds_the_base_and_codes_keys_closer(monkeypatch: pytest.
     assert header is not None and header.body_version == 2
     body = enc[header.body_offset :]
     assert body[0] == 2 and struct.unpack_from("<f", body, 1)[0] == pytest.approx(1e5)
-    assert g.nbytes / len(enc) > 1.95
+    assert 1.95 < g.nbytes / len(enc) < 1.96  # the exact key elements spend what 1.95x leaves
+    (n,) = struct.unpack_from("<I", body, 5 + 4 * 3 * 2 * 64 + 3 * 255 + 3 * 2 * 2 * 64 * 2)
+    assert n > 0
     x = as_f32(data, g)
     got = as_f32(decode(enc, g), g)
     plain = as_f32(decode(without_rope(monkeypatch, g, data), g), g)
@@ -77,20 +79,42 @@ def test_v2_round_trip_finds_the_base_and_codes_keys_closer(monkeypatch: pytest.
     assert np.linalg.norm(got[:, 1] - x[:, 1]) / np.linalg.norm(x[:, 1]) < 0.05
 
 
+def fp8_v1_value(data: bytes, g: ChunkGeometry) -> bytes:
+    """An fp8 value as body version 1 wrote it: centred keys, per-(token, head) value exponents, no RoPE."""
+    L, P, T = g.shape[:3]
+    x = torch.frombuffer(bytearray(data), dtype=_TORCH[g.dtype]).float().view(g.shape)
+    k = x[:, 0, 1:]
+    ck = k.mean(dim=1, keepdim=True).half().float()
+    k = k - ck
+    sk = (k.abs().amax(dim=1, keepdim=True) / 448).clamp(2**-24, 65504).half().float()
+    v = x[:, 1, 1:]
+    ev = quant._pow2_exponent(v.abs().amax(dim=3, keepdim=True) / 448)
+    y = torch.stack([k / sk, v / torch.exp2(ev.float())], dim=1).clamp(-448, 448)
+    first = np.frombuffer(data, dtype=np.uint8).reshape(L, P, T, -1)[:, :, 0]
+    body = b"".join(
+        [
+            bytes([1]),
+            ck.half().numpy().tobytes(),
+            sk.half().numpy().tobytes(),
+            ev.to(torch.int8).numpy().tobytes(),
+            first.tobytes(),
+            y.to(torch.float8_e4m3fn).view(torch.uint8).numpy().tobytes(),
+        ]
+    )
+    return _pack_header("fp8", g, g.nbytes, 1) + body
+
+
 def test_v1_bodies_still_decode(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A version 1 body is version 2's without the RoPE base: it decodes to the same chunk."""
     g = ChunkGeometry(2, 2, 64, 2, 32, "bfloat16")
     data = roped_chunk(g.shape, seed=3)
-    v2 = without_rope(monkeypatch, g, data)
-    header = parse_codec_header(v2)
-    assert header is not None
-    body = v2[header.body_offset :]
-    assert struct.unpack_from("<f", body, 1)[0] == 0.0
-    v1 = _pack_header("fp8", g, g.nbytes, 1) + bytes([1]) + body[5:]
+    v1 = fp8_v1_value(data, g)
     got = decode(v1, g)
-    assert got == decode(v2, g)
     x = as_f32(data, g)
+    assert np.array_equal(as_f32(got, g)[:, :, 0], x[:, :, 0])
     assert np.linalg.norm(as_f32(got, g) - x) / np.linalg.norm(x) < 0.1
+    with monkeypatch.context() as m:  # the torch path reads it the same
+        m.setitem(dequant_native._state, "lib", None)
+        assert decode(v1, g) == got
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
@@ -150,12 +174,23 @@ def _damaged(enc: bytes, what: str) -> bytes:
         body[1:5] = struct.pack("<f", float("nan"))
     elif what == "negative base":
         body[1:5] = struct.pack("<f", -1e4)
+    else:  # the exact key elements: their count, or an index out of order
+        L, P, T, H, D = header.geometry.shape
+        at = 5 + 4 * L * H * D + L * (T - 1) + L * P * H * D * header.geometry.itemsize
+        (n,) = struct.unpack_from("<I", body, at)
+        assert n > 1
+        if what == "exact count":
+            struct.pack_into("<I", body, at, n + 1)
+        else:
+            struct.pack_into("<I", body, at + 4, 2**32 - 1)
     return enc[: header.body_offset] + bytes(body)
 
 
-@pytest.mark.parametrize("what", ["truncated", "version byte", "nan base", "negative base"])
+@pytest.mark.parametrize(
+    "what", ["truncated", "version byte", "nan base", "negative base", "exact count", "exact index"]
+)
 def test_a_damaged_v2_body_does_not_decode(what: str) -> None:
-    g = ChunkGeometry(2, 2, 64, 2, 32, "bfloat16")
+    g = ChunkGeometry(2, 2, 256, 2, 64, "bfloat16")
     enc = bytes(encode_value(get_codec("fp8"), memoryview(roped_chunk(g.shape, seed=11)), g))
     with pytest.raises(IntegrityError):
         decode(_damaged(enc, what), g)

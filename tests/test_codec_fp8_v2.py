@@ -211,3 +211,23 @@ async def test_a_corrupted_v2_value_in_a_file_tier_is_a_miss(tmp_path: Path) -> 
     files[0].write_bytes(bytes(raw))
     async with open_backend(f"file://{tmp_path}?codec=fp8") as b:
         assert (await b.get_into([key], [bytearray(len(data))]))[0] is None
+
+
+def test_bench_codec_counts_near_ties() -> None:
+    """The bench's quality rows say how many positions are near-ties (where top-1 can flip under any noise)."""
+    pytest.importorskip("transformers")
+    from lmcache.bench.codec import bench_codecs
+
+    result = bench_codecs(
+        ["raw", "fp8"],
+        docs=1,
+        doc_tokens=256,
+        question_tokens=8,
+        decode_steps=4,
+        repeat=1,
+        models=("random-125m",),
+        progress=False,
+    )
+    rows = result["models"]["random-125m"]["codecs"]
+    assert rows["raw"]["near_ties"] == rows["fp8"]["near_ties"]  # raw's leads: the same positions
+    assert 0 <= rows["fp8"]["near_ties"] <= rows["fp8"]["positions"] == 12

@@ -326,6 +326,7 @@ def bench_codecs(
                 row["top1"].extend(agree)
                 # raw's top-1 lead (logits) where the codec's top-1 differs: near-ties flip under any noise
                 row["flips"].extend(round(m, 4) for m, a in zip(lead, agree, strict=True) if not a)
+                row["near_ties"] = row.get("near_ties", 0) + sum(m < DECISIVE_LEAD for m in lead)
                 if d == 0:
                     row["speed"].append(_speed(codec, chunks, geometry, repeat))
         rows = {}
@@ -341,6 +342,8 @@ def bench_codecs(
                 # are near-ties that any perturbation (even another summation order) can flip.
                 "top1_agreement_decisive": 1 - sum(m >= DECISIVE_LEAD for m in row["flips"]) / max(1, len(row["top1"])),
                 "flip_margins": row["flips"],
+                # positions where raw's top-1 leads by < DECISIVE_LEAD: where top-1 can flip under any noise
+                "near_ties": row.get("near_ties", 0),
                 **speed,
                 "decode_vs_memcpy": (speed.get("decode_gbps") or 0) / (speed.get("memcpy_gbps") or 1),
             }
@@ -673,7 +676,7 @@ def print_table(result: dict[str, Any]) -> None:
                     report.format_float(r.get("decode_gbps"), 3),
                     report.format_float(r.get("memcpy_gbps"), 2),
                     f"{r['mean_kl']:.5f}",
-                    f"{100 * r['top1_agreement']:.1f}% of {r['positions']}",
+                    f"{100 * r['top1_agreement']:.1f}% of {r['positions']} ({r.get('near_ties', 0)} near-ties)",
                     f"{100 * r['top1_agreement_decisive']:.1f}%",
                 ]
             )

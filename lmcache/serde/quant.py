@@ -5,9 +5,10 @@ Keys and values have different outliers, so they get different scale layouts (KI
 (over the chunk's tokens); values have no channel structure but differ per token, so they are
 scaled per token and head. For MLA (one latent per token) the latent is treated like a key.
 
-* ``fp8``: float8 e4m3; keys centred on each channel's mean and scaled so the channel's
-  absolute max maps to 448, values scaled per (layer, token, head) by a power of two; the
-  chunk's first token is kept exact (body version 1, see :class:`Fp8Codec`).
+* ``fp8``: float8 e4m3; keys rotated back by RoPE (the base found per chunk), centred on each
+  channel's mean and scaled so the channel's absolute max maps to 448, the key elements coded
+  worst kept exact; values scaled per (layer, token) by a power of two; the chunk's first token
+  is kept exact (body version 2, see :class:`Fp8Codec`).
 * ``int8``: symmetric int8 (absmax to 127); keys one float16 scale per (layer, head, channel),
   values one per (layer, token, head).
 * ``int4``: asymmetric 4-bit (a minimum and a step per group); keys in groups of ``codec_group``

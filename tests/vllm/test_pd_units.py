@@ -448,3 +448,41 @@ def test_a_corrupt_in_place_value_is_a_miss_not_loaded(lm_tier: str, bad: int) -
         load = types.SimpleNamespace(tokens=prompt, start=0, end=n - 1, transfer=TransferRef(f"corrupt-{bad}", n))
         assert PDWorker(10.0, Counts()).load(decode, dst, load) == bad * CHUNK
         assert lm.counters.corrupt > before
+
+
+def test_an_idle_step_waits_for_a_send_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A send still landing is among what an idle step waits for (the connector's get_finished), as a load is."""
+    import asyncio
+    import concurrent.futures
+    import threading
+
+    from lmcache.integrations.vllm.idle import IdleWait
+
+    release = threading.Event()
+    prompt = [(i * 3) % 500 + 1 for i in range(20)]
+    with _engine(tmp_path) as prefill:
+        put = prefill.backend.put
+
+        async def held_put(keys: Any, values: Any) -> Any:
+            await asyncio.get_running_loop().run_in_executor(None, release.wait)
+            return await put(keys, values)
+
+        monkeypatch.setattr(prefill.backend, "put", held_put)
+        sender = PDWorker(30.0, Counts())
+        sender.start_save(prefill, _random_kv(20, 1), TransferSave("p", prompt, [], "idle-send"))
+        flying = sender.in_flight()
+        assert len(flying) == 1 and not flying[0].done()
+
+        def land() -> None:  # once the step waits on it (no timing involved)
+            while not flying[0]._waiters:  # type: ignore[attr-defined]
+                threading.Event().wait(0.001)
+            release.set()
+
+        lander = threading.Thread(target=land)
+        lander.start()
+        idle = IdleWait(timeout=60.0)  # never reached: the send's landing ends the wait
+        idle.step(types.SimpleNamespace(attn_metadata=None))
+        assert idle.wait(sender.in_flight())
+        assert concurrent.futures.wait(flying, timeout=30).done
+        assert flying[0].result() is True and sender.in_flight() == []
+        lander.join()

@@ -77,6 +77,8 @@ _COUNTERS = (
     "load_failures",
     "pd_send_copy_us",
     "pd_load_copy_us",
+    "pd_send_reserve_us",
+    "pd_load_get_us",
     "pd_in_place_sends",
     "pd_failure_marks",
     "pd_transfers_failed",

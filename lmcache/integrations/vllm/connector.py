@@ -932,10 +932,11 @@ class LMCacheConnectorV1(KVConnectorBase_V1):
         if meta is not None and meta.transfers and self.kv is not None:
             for transfer in meta.transfers:
                 self._pd_worker.start_save(self._get_engine(), SlotMappedKV(self.kv, transfer.block_ids), transfer)
-        sending = self._pd_worker.finished_sending(finished_req_ids) or None
-        # A step without a forward pass gives the load thread the GIL and a core for a moment.
-        if self._idle.wait(fut for _, fut in self._loading.values()):
+        # A step without a forward pass gives the load thread (and a PD send's commit on the
+        # engine's loop) the GIL and a core for a moment.
+        if self._idle.wait([*(fut for _, fut in self._loading.values()), *self._pd_worker.in_flight()]):
             self._count("idle_waits")
+        sending = self._pd_worker.finished_sending(finished_req_ids) or None
         done = {req_id for req_id, (_, fut) in self._loading.items() if fut.done()}
         if sending and not done:
             self._write_stats()

@@ -552,6 +552,10 @@ class PDWorker:
         """Sends not reported yet."""
         return len(self._sending)
 
+    def in_flight(self) -> list[concurrent.futures.Future[bool]]:
+        """Sends still landing (an idle step waits for them as for loads: :mod:`~lmcache.integrations.vllm.idle`)."""
+        return [fut for fut in self._sending.values() if not fut.done()]
+
     # -- consumer ------------------------------------------------------------------------------
 
     def load(self, engine: CacheEngine, dst: Any, load: Any) -> int:
@@ -678,6 +682,7 @@ class PDWorker:
             return False
         if held is None:
             return False
+        self._count("pd_send_reserve_us", int((time.perf_counter() - began) * 1e6))
         last = len(chunks) - 1
         puts: list[concurrent.futures.Future[str | None]] = []
         seals: list[concurrent.futures.Future[None]] = []
@@ -806,6 +811,7 @@ class PDWorker:
         try:
             for group in groups:
                 fut = pending.popleft()
+                t_get = time.perf_counter()
                 try:
                     got = fut.result(timeout=self._left(deadline) + engine.config.tier_timeout)
                 except Exception as exc:  # the ordinary path tries again (and reports what fails)
@@ -813,6 +819,7 @@ class PDWorker:
                     return good, copy_s
                 if got is None:
                     return good, copy_s
+                self._count("pd_load_get_us", int((time.perf_counter() - t_get) * 1e6))
                 try:
                     t0 = time.perf_counter()
                     end, whole = self._scatter_group(lm, dst, group, got, geometry)

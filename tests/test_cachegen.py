@@ -156,11 +156,11 @@ def test_a_format_1_value_is_refused_not_misread() -> None:
         cachegen.parse_body(memoryview(FORMAT_1_VALUE)[header.body_offset :], header.geometry)
 
 
-def test_values_record_body_version_2() -> None:
+def test_values_record_the_current_body_version() -> None:
     g = GEOMETRIES[0]
     enc = bytes(encode_value(make_codec({"codec": "cachegen"}), memoryview(chunk(g, 5)), g))
     header = parse_codec_header(enc)
-    assert header.body_version == 2 and enc[header.body_offset] == cachegen.FORMAT
+    assert header.body_version == 3 and enc[header.body_offset] == cachegen.FORMAT
 
 
 #: A value the body-version-1 cachegen wrote (format 0xC2, no RoPE field) for ``chunk(ChunkGeometry(2,

@@ -35,14 +35,17 @@ arithmetic: the same words and the same decoded bytes, only slower). On a GPU,
 :func:`decode_into_tensor` entropy-decodes on the CPU and dequantizes with a Triton kernel
 (:mod:`lmcache.kernels.cachegen_triton`).
 
-Body layout (body version 2 in the codec header, and a format byte 0xC3 first in the body):
+Body layout (body version 3 in the codec header, and a format byte 0xC4 first in the body):
 format byte, base bits, anchor stride, outlier tokens, streams, RoPE base (float32; 0: keys not
-rotated); the outlier token indices (uint16); per-lane scales of the precise
-tokens (only when there are any), channel means (without anchors) and steps (float16 each); the
-frequency tables (first used symbol, count, uint16 frequencies); the streams' initial decoder
-states (uint32); the number of words, then the words. Lanes are ``(layer, part, head,
-channel)`` in that order. Body version 1 (format byte 0xC2, written before RoPE) is the same
-without the RoPE base and is still read; the first format, body version 0, which began with
+rotated); the outlier token indices (uint16); per-lane scales of the precise tokens (only when
+there are any), channel means (float16; without anchors) and steps; the frequency tables
+(first used symbol, count, uint16 frequencies); the streams' initial decoder states (uint32);
+the number of words, then the words. Lanes are ``(layer, part, head, channel)`` in that order.
+Scales and steps are 8-bit log codes (16 per octave, :func:`_to_log`): an int16 base code per
+layer-part, then a byte per lane; the parser expands them to float32, so every decoder reads
+them as it read version 2's float16 ones. Body version 2 (format byte 0xC3) is the same with
+float16 scales and steps, and version 1 (0xC2, written before RoPE) the same as version 2
+without the RoPE base; both are still read. The first format, body version 0, which began with
 the bits byte, is refused (a counted miss), as readers from before body versions refuse the
 later ones (their format byte is not 1-8).
 """
@@ -75,8 +78,16 @@ PROB_BITS = 12
 M = 1 << PROB_BITS
 _LOW = 1 << 16  # the state lives in [2^16, 2^32); renormalization moves 16-bit words
 ANCHOR_BITS = 8
-FORMAT = 0xC3  # format 3 (body version 2): format 2's fields and RoPE's theta
+FORMAT = 0xC4  # format 4 (body version 3): format 3's fields, steps and scales as 8-bit log codes
+FORMAT_V2 = 0xC3  # format 3 (body version 2): format 2's fields and RoPE's theta
 FORMAT_V1 = 0xC2  # format 2 (body version 1); a format-1 body began with its bits (1-8)
+_FORMATS = {1: FORMAT_V1, 2: FORMAT_V2, 3: FORMAT}
+#: Log codes per octave of the 8-bit steps and scales (body version 3): a code ``c`` is
+#: ``2 ** (c / 16)``, with the 16 mantissas rounded to float16 so every decoder builds the same
+#: float32 values by an exact ``ldexp``; one int16 base code per layer-part, then a byte per lane.
+LOG_STEPS = 16
+_MANT = np.array([2.0 ** (i / LOG_STEPS) for i in range(LOG_STEPS)], dtype=np.float16).astype(np.float32)
+_LOG_LO, _LOG_HI = -24 * LOG_STEPS, 16 * LOG_STEPS  # float16's range: 2^-24 .. 2^16
 #: Interleaved rANS streams per chunk (fewer for tiny chunks): enough independent work per
 #: step for the C loop and for numpy, few enough that their states cost under 1% of a body.
 STREAMS = 1024
@@ -268,7 +279,7 @@ class ParsedBody:
 
 
 def parse_body(body: memoryview | bytes, g: ChunkGeometry, version: int | None = None) -> ParsedBody:
-    """Parse and check a cachegen body of geometry ``g`` (body version 2 or 1; ``version``: the header's).
+    """Parse and check a cachegen body of geometry ``g`` (body version 1-3; ``version``: the header's).
 
     Raises:
         ValueError: A body of another format (or not of ``version``), or damaged.
@@ -276,9 +287,9 @@ def parse_body(body: memoryview | bytes, g: ChunkGeometry, version: int | None =
     if len(body) < _PARAMS_V1.size:
         raise ValueError("cachegen body is truncated")
     fmt = body[0]
-    if fmt not in (FORMAT, FORMAT_V1) or (version is not None and fmt != (FORMAT if version == 2 else FORMAT_V1)):
+    if fmt not in _FORMATS.values() or (version is not None and fmt != _FORMATS.get(version)):
         raise ValueError(f"cachegen body of format {'1' if 1 <= fmt <= 8 else hex(fmt)} is not read by this lmcache")
-    params = _PARAMS if fmt == FORMAT else _PARAMS_V1
+    params = _PARAMS_V1 if fmt == FORMAT_V1 else _PARAMS
     if len(body) < params.size:
         raise ValueError("cachegen body is truncated")
     _fmt, base_bits, anchor, n_out, streams, *rest = params.unpack_from(body, 0)
@@ -297,9 +308,20 @@ def parse_body(body: memoryview | bytes, g: ChunkGeometry, version: int | None =
         raise ValueError("cachegen outlier token index is out of range")
     precise = _anchor_mask(g.tokens, anchor)
     precise[outliers] = True
-    pscale = reader.take(lanes, np.float16).astype(np.float32) if precise.any() else np.zeros(lanes, np.float32)
+    log = fmt == FORMAT  # body version 3: steps and precise scales as 8-bit log codes
+
+    def scales() -> np.ndarray:
+        if log:
+            base = reader.take(lp, np.int16).astype(np.int64)
+            if base.size and (base.min() < _LOG_LO or base.max() > _LOG_HI - 255):
+                raise ValueError("cachegen step code is out of range")
+            codes = reader.take(lanes, np.uint8).astype(np.int64).reshape(lp, hd)
+            return _from_log(base[:, None] + codes).reshape(-1)
+        return reader.take(lanes, np.float16).astype(np.float32)
+
+    pscale = scales() if precise.any() else np.zeros(lanes, np.float32)
     mean = None if anchor else reader.take(lanes, np.float16).astype(np.float32)
-    step = reader.take(lanes, np.float16).astype(np.float32)
+    step = scales()
     lib = cachegen_native.library()
     if lib is not None:  # the Python loop over tables costs as much as decoding them
         freq, used = cachegen_native.unpack_tables(lib, reader.buf[reader.off :], 2 * lp)
@@ -318,6 +340,25 @@ def parse_body(body: memoryview | bytes, g: ChunkGeometry, version: int | None =
         base_bits, anchor, outliers, regular, pscale, mean, step, freq, states, words, (lp, g.tokens, hd),
         theta, g.parts, g.dim,
     )  # fmt: skip
+
+
+def _from_log(code: np.ndarray) -> np.ndarray:
+    """float32 values of log codes (``2 ** (code / LOG_STEPS)``, exactly as every decoder has them)."""
+    return np.ldexp(_MANT[code % LOG_STEPS], code // LOG_STEPS).astype(np.float32)
+
+
+def _to_log(x: np.ndarray, *, up: bool) -> tuple[np.ndarray, np.ndarray]:
+    """8-bit log codes of positive ``x`` ``[layer-parts, lanes]``: int16 base per row, uint8 per lane.
+
+    ``up`` rounds each code up (a scale that must not clip its codes), else to nearest. A row's
+    base is its largest code less 255: a lane more than 16 octaves below its row's largest is
+    coded at the smallest code (a coarser step for a lane that is all but constant).
+    """
+    lg = np.log2(np.clip(x.astype(np.float64), 2.0**-24, 65504.0)) * LOG_STEPS
+    code = np.ceil(lg - 1e-9) if up else np.rint(lg)
+    code = np.clip(code, _LOG_LO, _LOG_HI).astype(np.int64)
+    base = np.maximum(code.max(axis=1), _LOG_LO + 255) - 255
+    return base.astype(np.int16), np.clip(code - base[:, None], 0, 255).astype(np.uint8)
 
 
 def _symbol_tables(p: ParsedBody | tuple[int, int, int], regular: np.ndarray) -> np.ndarray:
@@ -404,9 +445,10 @@ class CacheGenCodec(Codec):
 
     name = "cachegen"
     lossless = False
-    #: 2: keys rotated back by RoPE before coding (when that helps; format 0xC3); 1 (format 0xC2,
-    #: the same without RoPE) is still read; 0, the first (per-lane streams), is refused.
-    body_version = 2
+    #: 3: steps and precise scales as 8-bit log codes (format 0xC4); 2 (0xC3: float16 ones, keys
+    #: rotated back by RoPE when that helps) and 1 (0xC2, the same without RoPE) are still read;
+    #: 0, the first (per-lane streams), is refused.
+    body_version = 3
 
     def encode_body(self, data: memoryview, geometry: ChunkGeometry) -> bytes | None:
         """Parameters, precise tokens, per-lane scales, tables, states and words (module docstring)."""
@@ -422,7 +464,7 @@ class CacheGenCodec(Codec):
 
     def decode_body_version(self, body: memoryview, geometry: ChunkGeometry, out: memoryview, version: int) -> None:
         """Entropy-decode, then references plus dequantized residuals (keys rotated by RoPE in version 2)."""
-        if version not in (1, 2):
+        if version not in (1, 2, 3):
             raise ValueError(f"cachegen body version {version} is not one this lmcache reads")
         p = parse_body(body, geometry, version)
         lib = cachegen_native.library()
@@ -481,12 +523,21 @@ class _Encoded:
 
 
 def _encode(
-    t: torch.Tensor, g: ChunkGeometry, base_bits: int, anchor: int, native: bool | None = None, *, rope: bool = True
+    t: torch.Tensor,
+    g: ChunkGeometry,
+    base_bits: int,
+    anchor: int,
+    native: bool | None = None,
+    *,
+    rope: bool = True,
+    version: int = 3,
 ) -> _Encoded:
     """Quantize and entropy-code a float32 chunk (``g.shape``); ``native=False`` forces numpy.
 
     ``rope=False`` never rotates the keys (the body then decodes like a version 1 body's).
+    ``version=2`` writes a body version 2 body (float16 steps and scales), for tests.
     """
+    log = version >= 3
     lp, hd = g.layers * g.parts, g.heads * g.dim
     x = t.reshape(lp, g.tokens, hd).numpy()
     theta = _pick_rope(x[:: g.parts], g.dim) if rope and anchor == 0 and g.parts == 2 else 0.0
@@ -497,7 +548,7 @@ def _encode(
     outliers = _outlier_tokens(x)
     precise = _anchor_mask(g.tokens, anchor)
     precise[outliers] = True
-    pscale, qp = _quantize_precise(x, precise)
+    pscale, qp, pscale_code = _quantize_precise(x, precise, log=log)
     if anchor:
         recon = np.zeros_like(x)
         recon[:, precise] = qp * pscale[:, None, :]
@@ -511,6 +562,10 @@ def _encode(
     rest = resid[:, ~precise]
     std = np.sqrt((rest * rest).mean(axis=1)) if rest.size else np.zeros((lp, hd), np.float32)
     step = _steps(std, g, base_bits)
+    step_code = None
+    if log:  # quantize with the step the decoder will see
+        step_code = _to_log(step, up=False)
+        step = _from_log(step_code[0].astype(np.int64)[:, None] + step_code[1])
     q = np.clip(np.rint(resid / step[:, None, :]), -_HALF, _HALF)
     q[:, precise] = qp
     sym = (q + _HALF).astype(np.uint8).reshape(-1)
@@ -528,11 +583,11 @@ def _encode(
         states, words = rans_encode(sym, _symbol_tables((lp, g.tokens, hd), regular), freq, streams)
     head = b"".join(
         [
-            _PARAMS.pack(FORMAT, base_bits, anchor, outliers.size, streams, theta),
+            _PARAMS.pack(_FORMATS[version], base_bits, anchor, outliers.size, streams, theta),
             outliers.astype(np.uint16).tobytes(),
-            pscale.astype(np.float16).tobytes() if precise.any() else b"",
+            (_pack_scales(pscale, pscale_code) if precise.any() else b""),
             b"" if mean is None else mean.astype(np.float16).tobytes(),
-            step.astype(np.float16).tobytes(),
+            _pack_scales(step, step_code),
             _pack_tables(freq),
             states.tobytes(),
             _COUNT.pack(words.size),
@@ -565,6 +620,13 @@ def _steps(std: np.ndarray, g: ChunkGeometry, base_bits: int) -> np.ndarray:
         pooled = np.maximum(rms, k * np.exp2(kbits - 6))
         spread.reshape(g.layers, g.parts, g.heads, g.dim)[:, 0] = pooled
     return _f16(spread * _GAUSS_SPAN / np.exp2(bits))
+
+
+def _pack_scales(x: np.ndarray, code: tuple[np.ndarray, np.ndarray] | None) -> bytes:
+    """Per-lane steps or scales: float16 (body versions 1-2) or log codes (``code``, version 3)."""
+    if code is None:
+        return x.astype(np.float16).tobytes()
+    return code[0].tobytes() + code[1].tobytes()
 
 
 def _streams(n: int) -> int:
@@ -646,7 +708,7 @@ def decode_into_tensor(encoded: memoryview | bytes, out: torch.Tensor) -> None:
     header = parse_codec_header(view)
     if header is None or header.codec != CacheGenCodec.name:
         raise IntegrityError("value is not a cachegen value")
-    if header.body_version not in (1, 2):
+    if header.body_version not in (1, 2, 3):
         raise IntegrityError(f"cachegen body version {header.body_version} is not one this lmcache reads")
     g = header.geometry
     if out.numel() != g.numel or str(out.dtype).removeprefix("torch.") != g.dtype or not out.is_contiguous():
@@ -685,14 +747,25 @@ def _outlier_tokens(x: np.ndarray) -> np.ndarray:
     return np.sort(idx)
 
 
-def _quantize_precise(x: np.ndarray, precise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """8-bit codes of the precise tokens with one scale per lane (absmax over those tokens)."""
+def _quantize_precise(
+    x: np.ndarray, precise: np.ndarray, *, log: bool = True
+) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """8-bit codes of the precise tokens with one scale per lane (absmax over those tokens).
+
+    With ``log`` (body version 3) the scales are log codes rounded up, so no code clips.
+    Returns the scales (as decoded), the codes and the scales' log codes (None without ``log``).
+    """
     lp, _t, hd = x.shape
     if not precise.any():
-        return np.full((lp, hd), 2.0**-24, np.float32), np.zeros((lp, 0, hd), np.float32)
+        return np.full((lp, hd), 2.0**-24, np.float32), np.zeros((lp, 0, hd), np.float32), None
     p = x[:, precise]
-    scale = _f16(np.abs(p).max(axis=1) / _HALF)
-    return scale, np.clip(np.rint(p / scale[:, None, :]), -_HALF, _HALF)
+    code = None
+    if log:
+        code = _to_log(np.abs(p).max(axis=1) / _HALF, up=True)
+        scale = _from_log(code[0].astype(np.int64)[:, None] + code[1])
+    else:
+        scale = _f16(np.abs(p).max(axis=1) / _HALF)
+    return scale, np.clip(np.rint(p / scale[:, None, :]), -_HALF, _HALF), code
 
 
 def _f16s(x: np.ndarray) -> np.ndarray:

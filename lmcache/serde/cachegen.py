@@ -344,7 +344,13 @@ def parse_body(body: memoryview | bytes, g: ChunkGeometry, version: int | None =
 
 def _from_log(code: np.ndarray) -> np.ndarray:
     """float32 values of log codes (``2 ** (code / LOG_STEPS)``, exactly as every decoder has them)."""
-    return np.ldexp(_MANT[code % LOG_STEPS], code // LOG_STEPS).astype(np.float32)
+    return _LOG_VALUES[code - _LOG_LO]
+
+
+#: Every code's value, ``_LOG_LO`` first: one lookup per lane when a body is parsed.
+_LOG_VALUES = np.ldexp(
+    _MANT[np.arange(_LOG_LO, _LOG_HI + 1) % LOG_STEPS], np.arange(_LOG_LO, _LOG_HI + 1) // LOG_STEPS
+).astype(np.float32)
 
 
 def _to_log(x: np.ndarray, *, up: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -1114,6 +1114,16 @@ class LMServerBackend(StorageBackend):
             raise
         return got
 
+    def in_place_get_bytes(self) -> int:
+        """The most payload bytes one :meth:`get_in_place` should ask for.
+
+        What one request may carry (half the shared-memory segment, at most
+        ``_POOL_REQUEST_BYTES``), less a sixteenth for the values' headers: two such gets fit
+        in the segment at once (the next read while the last one is used). Fewer, larger gets
+        cost fewer round trips; values in the server's pool are not copied whatever the size.
+        """
+        return max(1, min(_POOL_REQUEST_BYTES, self.settings.shm_size // 2) * 15 // 16)
+
     def _checked_payload(
         self, key: CacheKey, skey: str, frame: memoryview, want: int, *, verify: bool = True
     ) -> tuple[memoryview, int] | None:

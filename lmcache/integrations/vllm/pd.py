@@ -87,6 +87,8 @@ _CODEC_PEEK = 256
 #: The value of a failure mark (its presence is the message; the bytes only name it).
 _FAILURE_MARK = b"lmcache-pd-send-failed"
 _SENDERS = frozenset({"kv_producer", "kv_both"})
+#: Longest an in-place send waits, in the step that sent it, for its commit to land (seconds).
+_COMMIT_WAIT_S = 0.05
 _RECEIVERS = frozenset({"kv_consumer", "kv_both"})
 
 
@@ -768,9 +770,13 @@ class PDWorker:
                 if mark_lease is not None:
                     mark_lease.release()
 
-        self._sending[save.req_id] = engine._loop.submit(
+        sent = self._sending[save.req_id] = engine._loop.submit(
             self._bounded(engine, save, fail_key, finish(), began=began, puts=puts)
         )
+        # The commit is one round trip: waiting for it here (GIL released) lets the engine's loop
+        # run it at once instead of contending with vLLM's next steps for the GIL. Bounded: a
+        # slow server leaves it to land in the background as before.
+        concurrent.futures.wait([sent], timeout=_COMMIT_WAIT_S)
         return True
 
     def _load_in_place(
@@ -785,7 +791,7 @@ class PDWorker:
             The end of what was loaded (``start`` when nothing was), and the seconds spent copying.
         """
         geometry = engine.geometry
-        limit = max(1, lm.settings.shm_size // 4)  # a get in place must fit half the segment
+        limit = lm.in_place_get_bytes()
         groups: list[list[tuple[Chunk, Any]]] = [[]]
         size = 0
         for c, k in todo:

@@ -231,3 +231,31 @@ def test_bench_codec_counts_near_ties() -> None:
     rows = result["models"]["random-125m"]["codecs"]
     assert rows["raw"]["near_ties"] == rows["fp8"]["near_ties"]  # raw's leads: the same positions
     assert 0 <= rows["fp8"]["near_ties"] <= rows["fp8"]["positions"] == 12
+
+
+def test_bench_codec_first_doc_picks_another_document_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--first-doc N``: the documents (and questions) after the first N, to report on a set not fitted on."""
+    pytest.importorskip("transformers")
+    from lmcache.bench import codec as bc
+    from lmcache.bench import realmodel
+
+    model, _, _ = bc._random_model_prompts(1, 1, 8, 8)
+    monkeypatch.setattr(bc, "_load_smollm2", lambda: (model, None))
+    monkeypatch.setattr(realmodel, "real_documents", lambda tok, count, n: [[i + 1] * n for i in range(count)])
+    seen: list[int] = []
+    kv_of = bc._kv_of
+    monkeypatch.setattr(bc, "_kv_of", lambda m, ids: (seen.append(ids[0]), kv_of(m, ids))[1])
+    result = bc.bench_codecs(
+        ["raw"],
+        docs=2,
+        doc_tokens=64,
+        question_tokens=4,
+        decode_steps=2,
+        chunk_size=32,
+        repeat=1,
+        models=("smollm2",),
+        progress=False,
+        first_doc=5,
+    )
+    assert seen == [6, 7]  # documents 5 and 6 (0-based); 7 and 8 are their questions
+    assert result["models"]["smollm2"]["first_doc"] == 5

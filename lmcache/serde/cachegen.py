@@ -323,11 +323,12 @@ def parse_body(body: memoryview | bytes, g: ChunkGeometry, version: int | None =
     mean = None if anchor else reader.take(lanes, np.float16).astype(np.float32)
     step = scales()
     lib = cachegen_native.library()
-    if lib is not None:  # the Python loop over tables costs as much as decoding them
-        freq, used = cachegen_native.unpack_tables(lib, reader.buf[reader.off :], 2 * lp)
-        reader.off += used
+    if log:  # the regular tokens' tables, then the precise tokens' tables shared by every layer
+        freq = np.empty((2 * lp, ALPHABET), dtype=np.uint16)
+        freq[1::2] = _take_tables(reader, lib, lp)
+        freq[0::2] = _take_tables(reader, lib, g.parts)[np.arange(lp) % g.parts]
     else:
-        freq = _unpack_tables(reader, 2 * lp)
+        freq = _take_tables(reader, lib, 2 * lp)
     states = reader.take(streams, np.uint32)
     (n_words,) = _COUNT.unpack(reader.take(8, np.uint8).tobytes())
     if n_words > n:
@@ -340,6 +341,16 @@ def parse_body(body: memoryview | bytes, g: ChunkGeometry, version: int | None =
         base_bits, anchor, outliers, regular, pscale, mean, step, freq, states, words, (lp, g.tokens, hd),
         theta, g.parts, g.dim,
     )  # fmt: skip
+
+
+def _take_tables(reader: _Reader, lib: object | None, n_tables: int) -> np.ndarray:
+    """``n_tables`` packed frequency tables from ``reader`` (in C when ``lib`` is given)."""
+    if lib is None:
+        return _unpack_tables(reader, n_tables)
+    # in C: the Python loop over tables costs as much as decoding them
+    freq, used = cachegen_native.unpack_tables(lib, reader.buf[reader.off :], n_tables)  # type: ignore[arg-type]
+    reader.off += used
+    return freq
 
 
 def _from_log(code: np.ndarray) -> np.ndarray:
@@ -581,6 +592,12 @@ def _encode(
         counts = cachegen_native.count(lib, sym, shape=(lp, g.tokens, hd), regular=regular)
     else:
         counts = _counts(sym.reshape(lp, g.tokens, hd), precise)
+    if log:  # one table per part for the precise tokens of every layer (their few symbols
+        # would not pay for a table each: up to 255 entries for a few hundred symbols)
+        by_lp = counts.reshape(lp, 2, ALPHABET).copy()
+        shared = by_lp[:, 0].reshape(g.layers, g.parts, ALPHABET).sum(axis=0)
+        by_lp[:, 0] = shared[np.arange(lp) % g.parts]
+        counts = by_lp.reshape(2 * lp, ALPHABET)
     freq = normalize_freqs(counts)
     streams = _streams(sym.size)
     if lib is not None:
@@ -594,7 +611,7 @@ def _encode(
             (_pack_scales(pscale, pscale_code) if precise.any() else b""),
             b"" if mean is None else mean.astype(np.float16).tobytes(),
             _pack_scales(step, step_code),
-            _pack_tables(freq),
+            _pack_body_tables(freq, g.parts, shared_precise=log),
             states.tobytes(),
             _COUNT.pack(words.size),
         ]
@@ -669,12 +686,16 @@ def layer_report(
     per_part = g.tokens * g.heads * g.dim
     lanes_per_layer = g.parts * g.heads * g.dim
     total_lanes = g.layers * lanes_per_layer
-    shared = _PARAMS.size + 2 * _outlier_count(enc) + 4 * _streams(enc.sym.size) + _COUNT.size
-    lane_bytes = (enc.side_bytes - shared - len(_pack_tables(enc.freq))) / total_lanes
+    v3 = enc.body[0] == FORMAT  # the precise tokens' tables are shared by the layers
+    fixed = _PARAMS.size + 2 * _outlier_count(enc) + 4 * _streams(enc.sym.size) + _COUNT.size
+    all_tables = len(_pack_body_tables(enc.freq, g.parts, shared_precise=v3))
+    lane_bytes = (enc.side_bytes - fixed - all_tables) / total_lanes
+    shared = fixed + (len(_pack_tables(enc.freq[0 : 2 * g.parts : 2])) if v3 else 0)
     plan = plan_bits(g.layers, g.parts, base_bits)
     rows = []
     for layer in range(g.layers):
-        tables = _pack_tables(enc.freq[2 * g.parts * layer : 2 * g.parts * (layer + 1)])
+        rows_of_layer = enc.freq[2 * g.parts * layer : 2 * g.parts * (layer + 1)]
+        tables = _pack_tables(rows_of_layer[1::2] if v3 else rows_of_layer)
         side = lane_bytes * lanes_per_layer + len(tables) + shared / g.layers
         rows.append(
             {
@@ -806,6 +827,17 @@ def _pack_tables(freq: np.ndarray) -> bytes:
         lo, hi = int(used[0]), int(used[-1])
         out.append(_TABLE.pack(lo, hi - lo + 1) + row[lo : hi + 1].tobytes())
     return b"".join(out)
+
+
+def _pack_body_tables(freq: np.ndarray, parts: int, *, shared_precise: bool) -> bytes:
+    """A body's tables: every row of ``freq`` (versions 1-2), or the regular tokens' then the shared.
+
+    Version 3 writes each layer-part's table for its regular tokens, then the precise tokens'
+    ``parts`` tables, which every layer shares.
+    """
+    if not shared_precise:
+        return _pack_tables(freq)
+    return _pack_tables(freq[1::2]) + _pack_tables(freq[0 : 2 * parts : 2])
 
 
 def _unpack_tables(reader: _Reader, n_tables: int) -> np.ndarray:

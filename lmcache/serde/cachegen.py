@@ -23,7 +23,9 @@ Three steps, after CacheGen:
    outliers (a value 8 standard deviations from its channel's mean: attention sinks) are
    coded like anchors, at 8 bits, instead of clipped.
 3. **Entropy coding.** The symbols are coded with rANS (range asymmetric numeral systems) with
-   one frequency table per layer and K/V part (one for precise tokens, one for the rest). The
+   one frequency table per layer and K/V part for the regular tokens, and one per K/V part for
+   the precise tokens of all layers (body version 3; their few symbols do not pay for a table
+   per layer). The
    symbols, in chunk order ``[layer, part, token, head, dim]``, are dealt round-robin to
    ``S`` interleaved streams (symbol ``i`` to stream ``i % S``; one per 512 symbols, at most 1024): one decoding
    step decodes ``S`` consecutive symbols and writes ``S`` consecutive output elements, and the
@@ -39,15 +41,17 @@ Body layout (body version 3 in the codec header, and a format byte 0xC4 first in
 format byte, base bits, anchor stride, outlier tokens, streams, RoPE base (float32; 0: keys not
 rotated); the outlier token indices (uint16); per-lane scales of the precise tokens (only when
 there are any), channel means (float16; without anchors) and steps; the frequency tables
-(first used symbol, count, uint16 frequencies); the streams' initial decoder states (uint32);
-the number of words, then the words. Lanes are ``(layer, part, head, channel)`` in that order.
-Scales and steps are 8-bit log codes (16 per octave, :func:`_to_log`): an int16 base code per
-layer-part, then a byte per lane; the parser expands them to float32, so every decoder reads
-them as it read version 2's float16 ones. Body version 2 (format byte 0xC3) is the same with
-float16 scales and steps, and version 1 (0xC2, written before RoPE) the same as version 2
-without the RoPE base; both are still read. The first format, body version 0, which began with
-the bits byte, is refused (a counted miss), as readers from before body versions refuse the
-later ones (their format byte is not 1-8).
+(first used symbol, count, uint16 frequencies): each layer-part's for its regular tokens, then
+one per part (keys, values) for the precise tokens of every layer; the streams' initial decoder
+states (uint32); the number of words, then the words. Lanes are ``(layer, part, head,
+channel)`` in that order. Scales and steps are 8-bit log codes (16 per octave,
+:func:`_to_log`): an int16 base code per layer-part, then a byte per lane; the parser expands
+them to float32 and the shared tables to one per layer-part, so every decoder reads them as it
+read version 2's. Body version 2 (format byte 0xC3) has float16 scales and steps and a table
+per layer-part for the precise tokens (before its regular tokens' table), and version 1
+(0xC2, written before RoPE) is version 2 without the RoPE base; both are still read. The first
+format, body version 0, which began with the bits byte, is refused (a counted miss), as
+readers from before body versions refuse the later ones (their format byte is not 1-8).
 """
 
 from __future__ import annotations

@@ -395,7 +395,8 @@ class PDWorker:
         self._count = count
         self._sending: dict[str, concurrent.futures.Future[bool]] = {}
         self._finished: set[str] = set()  # sending requests vLLM has finished (it awaits them)
-        self._helper_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        # Runs every other hashed chunk copy of an in-place transfer (its thread starts on first use).
+        self._helper_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lmcache-pd-copy")
 
     # -- producer ------------------------------------------------------------------------------
 
@@ -891,8 +892,6 @@ class PDWorker:
 
     def _helper(self) -> concurrent.futures.ThreadPoolExecutor:
         """The thread that runs every other hashed chunk copy of an in-place transfer (the host's second core)."""
-        if self._helper_pool is None:
-            self._helper_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lmcache-pd-copy")
         return self._helper_pool
 
     def _left(self, deadline: float) -> float:

@@ -2,7 +2,8 @@
 
 A chunk whose keys carry steady per-channel offsets *before* RoPE (as real models' keys do) is
 coded with the RoPE base found and decodes closer than the same chunk coded without rotating;
-version 1 bodies (no RoPE base) still decode; the C loop and the torch path give the same bytes
+version 1 bodies (no RoPE base; what fp8 writes by default until version 2 meets its gate)
+still decode, and the default writes them; the C loop and the torch path give the same bytes
 for version 2; a damaged version 2 body is a miss, on its own and on a file tier.
 """
 
@@ -25,6 +26,12 @@ from lmcache.serde.cachegen import rope_tables
 from lmcache.serde.codec import ChunkGeometry, _pack_header, decode_value, encode_value, get_codec, parse_codec_header
 
 _TORCH = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@pytest.fixture(autouse=True)
+def writes_v2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp8 writes version 2 here (the default writes 1 until version 2 meets its gate; both decode)."""
+    monkeypatch.setattr(quant.Fp8Codec, "body_version", 2)
 
 
 def roped_chunk(shape: tuple[int, ...], dtype: str = "bfloat16", seed: int = 0, theta: float = 1e5) -> bytes:
@@ -108,6 +115,8 @@ def test_v1_bodies_still_decode(monkeypatch: pytest.MonkeyPatch) -> None:
     g = ChunkGeometry(2, 2, 64, 2, 32, "bfloat16")
     data = roped_chunk(g.shape, seed=3)
     v1 = fp8_v1_value(data, g)
+    monkeypatch.setattr(quant.Fp8Codec, "body_version", 1)  # what fp8 writes by default: the same bytes
+    assert bytes(encode_value(get_codec("fp8"), memoryview(data), g)) == v1
     got = decode(v1, g)
     x = as_f32(data, g)
     assert np.array_equal(as_f32(got, g)[:, :, 0], x[:, :, 0])

@@ -127,3 +127,13 @@ def test_log_codes_cover_float16_scales_and_damaged_bases_are_refused() -> None:
     body[off : off + 2] = np.int16(2).tobytes()  # a base above float16's range
     with pytest.raises(ValueError, match="step code"):
         cachegen.parse_body(memoryview(bytes(body)), g)
+
+
+def test_rope_tables_are_built_once_per_geometry_and_read_only() -> None:
+    from lmcache.serde.cachegen import rope_tables
+
+    cos, sin = rope_tables(256, 64, 1e5)
+    again = rope_tables(256, 64, 1e5)
+    assert again[0] is cos and again[1] is sin  # cached: a chunk's decode no longer rebuilds them
+    with pytest.raises(ValueError):
+        cos[0, 0] = 2.0  # shared by every decode, so nobody may write into them

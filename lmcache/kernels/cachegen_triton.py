@@ -67,7 +67,7 @@ def dequantize(sym: np.ndarray, body: ParsedBody, out: torch.Tensor) -> None:
     flat = out.view(-1).view(torch.int16) if bf16 else out.view(-1)
     rope = body.rope()
     if rope is not None:  # body version 2: key rows rotated back by RoPE (the CPU decoder's tables)
-        rcos, rsin = (torch.from_numpy(np.ascontiguousarray(a)).to(dev) for a in rope[:2])
+        rcos, rsin = (torch.from_numpy(np.array(a)).to(dev) for a in rope[:2])  # copies: cached tables are read-only
         parts, dim = rope[2], rope[3]
     else:
         rcos, rsin, parts, dim = args[2], args[2], 1, 2  # unused placeholders

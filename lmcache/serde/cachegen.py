@@ -57,6 +57,7 @@ readers from before body versions refuse the later ones (their format byte is no
 from __future__ import annotations
 
 import dataclasses
+import functools
 import struct
 
 import numpy as np
@@ -410,15 +411,21 @@ def _dequantize(p: ParsedBody, sym: np.ndarray) -> np.ndarray:
     return x
 
 
+@functools.lru_cache(maxsize=64)
 def rope_tables(tokens: int, dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """RoPE's cos and sin ``[tokens, dim / 2]`` (float32) at positions ``0..tokens-1``.
+    """RoPE's cos and sin ``[tokens, dim / 2]`` (float32, read-only) at positions ``0..tokens-1``.
 
     Positions are relative to the chunk: a chunk that starts at position ``p`` has keys rotated
-    by ``p`` more, a constant rotation per channel pair that the channel means absorb.
+    by ``p`` more, a constant rotation per channel pair that the channel means absorb. Cached:
+    every chunk of a model has the same few (tokens, dim, base), and building the tables cost
+    a tenth of a chunk's decode (and the encoder's base search builds them for every candidate).
     """
     inv = float(theta) ** (-np.arange(dim // 2, dtype=np.float64) * 2.0 / dim)
     ang = np.arange(tokens, dtype=np.float64)[:, None] * inv[None, :]
-    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    cos.setflags(write=False)
+    sin.setflags(write=False)
+    return cos, sin
 
 
 def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, dim: int) -> np.ndarray:

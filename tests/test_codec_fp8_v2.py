@@ -30,7 +30,7 @@ _TORCH = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 @pytest.fixture(autouse=True)
 def writes_v2(monkeypatch: pytest.MonkeyPatch) -> None:
-    """fp8 writes version 2 here (the default writes 1 until version 2 meets its gate; both decode)."""
+    """fp8 writes version 2 here (the default; pinned so these tests keep testing version 2)."""
     monkeypatch.setattr(quant.Fp8Codec, "body_version", 2)
 
 
@@ -115,7 +115,7 @@ def test_v1_bodies_still_decode(monkeypatch: pytest.MonkeyPatch) -> None:
     g = ChunkGeometry(2, 2, 64, 2, 32, "bfloat16")
     data = roped_chunk(g.shape, seed=3)
     v1 = fp8_v1_value(data, g)
-    monkeypatch.setattr(quant.Fp8Codec, "body_version", 1)  # what fp8 writes by default: the same bytes
+    monkeypatch.setattr(quant.Fp8Codec, "body_version", 1)  # what fp8 wrote before v2: the same bytes
     assert bytes(encode_value(get_codec("fp8"), memoryview(data), g)) == v1
     got = decode(v1, g)
     x = as_f32(data, g)

@@ -10,23 +10,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from paged_reference import RAW, bits
+from paged_reference import bits, random_cache
 
 from lmcache.kernels import PagedKV, native_copy
-from lmcache.layouts import VLLM_CPU, VLLM_CPU_VEC, VLLM_PAGED, KVLayout
+from lmcache.layouts import VLLM_CPU, VLLM_CPU_VEC, VLLM_PAGED
 from lmcache.serde.frame import payload_checksum
 
 pytestmark = pytest.mark.skipif(
     native_copy.library() is None or native_copy.xxh3() is None,
     reason="no C compiler for the native block copies, or xxhash's C functions are not reachable",
 )
-
-
-def _cache(layout: KVLayout, layers: int, nb: int, bs: int, h: int, d: int, dtype: torch.dtype, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    shape = (2, nb, h, bs, d) if layout is VLLM_CPU else (nb, h, bs, 2 * d)
-    raw = RAW[torch.empty((), dtype=dtype).element_size()]
-    return [torch.randint(0, 127, shape, dtype=torch.int64, generator=gen).to(raw).view(dtype) for _ in range(layers)]
 
 
 def _plan(kv: PagedKV) -> native_copy.BlockCopyPlan:
@@ -52,7 +45,7 @@ def simd(request):
     ids=["few-blocks", "odd-tiles", "whole-tiles"],
 )
 def test_hashed_copies_move_the_plain_copys_bytes_and_hash_them(layout, dtype, nb, bs, h, d, blocks, stream):
-    kv = PagedKV(_cache(layout, 3, nb, bs, h, d, dtype, seed=1), layout=layout)
+    kv = PagedKV(random_cache(layout, 3, nb, bs, h, d, dtype, seed=1), layout=layout)
     ids = torch.tensor(blocks, dtype=torch.int64)
     shape = kv.geometry.chunk_shape(len(blocks) * bs)
     want = torch.empty(shape, dtype=dtype)
@@ -66,8 +59,8 @@ def test_hashed_copies_move_the_plain_copys_bytes_and_hash_them(layout, dtype, n
         assert digest == payload_checksum(got.contiguous().view(torch.uint8).numpy())
 
     # Scatter into two fresh caches, one per copy: the same caches, and the hash of what was read.
-    plain = PagedKV(_cache(layout, 3, nb, bs, h, d, dtype, seed=2), layout=layout)
-    hashed = PagedKV(_cache(layout, 3, nb, bs, h, d, dtype, seed=2), layout=layout)
+    plain = PagedKV(random_cache(layout, 3, nb, bs, h, d, dtype, seed=2), layout=layout)
+    hashed = PagedKV(random_cache(layout, 3, nb, bs, h, d, dtype, seed=2), layout=layout)
     _plan(plain).copy(True, ids, want)
     digest = _plan(hashed).copy_hashed(True, ids, want, native_copy.xxh3())
     assert digest == payload_checksum(want.view(torch.uint8).numpy())
@@ -77,7 +70,7 @@ def test_hashed_copies_move_the_plain_copys_bytes_and_hash_them(layout, dtype, n
 
 def test_the_hash_state_is_fresh_per_copy():
     """Two copies of the same chunk hash alike (no state carried over between calls)."""
-    kv = PagedKV(_cache(VLLM_CPU_VEC, 2, 4, 16, 2, 8, torch.float32, seed=3), layout=VLLM_CPU_VEC)
+    kv = PagedKV(random_cache(VLLM_CPU_VEC, 2, 4, 16, 2, 8, torch.float32, seed=3), layout=VLLM_CPU_VEC)
     ids = torch.tensor([1, 3])
     out = torch.empty(kv.geometry.chunk_shape(32))
     first = _plan(kv).copy_hashed(False, ids, out, native_copy.xxh3())

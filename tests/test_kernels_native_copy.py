@@ -12,23 +12,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from paged_reference import RAW, bits, reference_gather
+from paged_reference import bits, random_cache, reference_gather
 
 from lmcache.kernels import PagedKV, native_copy
-from lmcache.layouts import VLLM_CPU, VLLM_CPU_VEC, VLLM_PAGED, KVLayout
+from lmcache.layouts import VLLM_CPU, VLLM_CPU_VEC, VLLM_PAGED
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 if hasattr(torch, "float8_e4m3fn"):
     _DTYPES.append(torch.float8_e4m3fn)
 
 pytestmark = pytest.mark.skipif(native_copy.library() is None, reason="no C compiler for the native block copies")
-
-
-def _cache(layout: KVLayout, layers: int, nb: int, bs: int, h: int, d: int, dtype: torch.dtype, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    shape = (2, nb, h, bs, d) if layout is VLLM_CPU else (nb, h, bs, 2 * d)
-    raw = RAW[torch.empty((), dtype=dtype).element_size()]
-    return [torch.randint(0, 127, shape, dtype=torch.int64, generator=gen).to(raw).view(dtype) for _ in range(layers)]
 
 
 def _numpy_only(kv: PagedKV) -> PagedKV:
@@ -67,24 +60,24 @@ def test_the_c_copy_moves_the_bytes_numpy_and_the_views_move(layout, dtype, nb, 
 
     monkeypatch.setattr(native_copy.BlockCopyPlan, "copy", spy)
     slots = [b * bs + o for b in blocks for o in range(bs)]
-    kv = PagedKV(_cache(layout, 3, nb, bs, h, d, dtype, seed=1), layout=layout)
+    kv = PagedKV(random_cache(layout, 3, nb, bs, h, d, dtype, seed=1), layout=layout)
     out = torch.empty(kv.geometry.chunk_shape(len(slots)), dtype=dtype)
     kv.gather(slots, out)
     want = torch.empty_like(out)
-    _numpy_only(PagedKV(_cache(layout, 3, nb, bs, h, d, dtype, seed=1), layout=layout)).gather(slots, want)
+    _numpy_only(PagedKV(random_cache(layout, 3, nb, bs, h, d, dtype, seed=1), layout=layout)).gather(slots, want)
     assert torch.equal(bits(out), bits(want))
     assert torch.equal(bits(out), bits(reference_gather(kv, slots)))
 
     # Scatter the chunk into two fresh caches, one per path: identical caches, blocks outside untouched.
-    fresh = PagedKV(_cache(layout, 3, nb, bs, h, d, dtype, seed=2), layout=layout)
-    numpy_fresh = _numpy_only(PagedKV(_cache(layout, 3, nb, bs, h, d, dtype, seed=2), layout=layout))
+    fresh = PagedKV(random_cache(layout, 3, nb, bs, h, d, dtype, seed=2), layout=layout)
+    numpy_fresh = _numpy_only(PagedKV(random_cache(layout, 3, nb, bs, h, d, dtype, seed=2), layout=layout))
     fresh.scatter(torch.tensor(slots), out)
     numpy_fresh.scatter(torch.tensor(slots), out)
     assert calls == [False, True]  # the C path did both copies of the default PagedKVs, numpy none
     for a, b in zip(fresh.entries, numpy_fresh.entries, strict=True):
         assert torch.equal(bits(a), bits(b))
     assert torch.equal(bits(reference_gather(fresh, slots)), bits(out))
-    untouched = PagedKV(_cache(layout, 3, nb, bs, h, d, dtype, seed=2), layout=layout)
+    untouched = PagedKV(random_cache(layout, 3, nb, bs, h, d, dtype, seed=2), layout=layout)
     for blk in set(range(nb)) - set(blocks):
         for new_entry, old_entry in zip(fresh.entries, untouched.entries, strict=True):
             assert torch.equal(bits(new_entry[blk]), bits(old_entry[blk]))
@@ -93,7 +86,7 @@ def test_the_c_copy_moves_the_bytes_numpy_and_the_views_move(layout, dtype, nb, 
 def test_a_scatter_from_a_read_only_buffer(monkeypatch):
     """The engine scatters straight from a memory tier's pool, which torch may see as read-only."""
     layout, nb, bs, h, d = VLLM_CPU_VEC, 4, 8, 2, 4
-    kv = PagedKV(_cache(layout, 2, nb, bs, h, d, torch.float32, seed=3), layout=layout)
+    kv = PagedKV(random_cache(layout, 2, nb, bs, h, d, torch.float32, seed=3), layout=layout)
     src = torch.arange(kv.geometry.chunk_numel(2 * bs), dtype=torch.float32).view(kv.geometry.chunk_shape(2 * bs))
     frozen = bytes(src.numpy().tobytes())
     with pytest.warns(UserWarning, match="not writable"):
@@ -112,7 +105,7 @@ def test_without_the_library_numpy_copies(monkeypatch):
     monkeypatch.setattr(native_copy, "_state", {})
     assert native_copy.library() is None
     layout, nb, bs, h, d = VLLM_CPU_VEC, 4, 8, 2, 4
-    kv = PagedKV(_cache(layout, 2, nb, bs, h, d, torch.bfloat16, seed=4), layout=layout)
+    kv = PagedKV(random_cache(layout, 2, nb, bs, h, d, torch.bfloat16, seed=4), layout=layout)
     slots = [b * bs + o for b in (3, 1) for o in range(bs)]
     out = torch.empty(kv.geometry.chunk_shape(len(slots)), dtype=torch.bfloat16)
     kv.gather(slots, out)

@@ -187,9 +187,15 @@ class BlockCopyPlan:
         entries' size (any dtype of that width), contiguous, on the CPU; block ids are in range
         (the caller checked the slots).
         """
-        ids = blocks.contiguous()
+        ids = blocks.contiguous()  # held until the call returns: its pointer is an argument
+        rc = self._lib.lmc_block_copy(*self._call_args(scatter, ids, chunk))
+        if rc != 0:  # only an element size the plan's caller already rules out
+            raise ValueError(f"native block copy: unsupported element size {self.esize}")
+
+    def _call_args(self, scatter: bool, ids: torch.Tensor, chunk: torch.Tensor) -> tuple[int, ...]:
+        """The arguments ``lmc_block_copy`` and ``lmc_block_copy_hashed`` share, in their order."""
         bs, heads, width = self.shape
-        rc = self._lib.lmc_block_copy(
+        return (
             1 if scatter else 0,
             len(self._addrs),
             self._addrs.ctypes.data,
@@ -202,8 +208,6 @@ class BlockCopyPlan:
             width,
             self.esize,
         )
-        if rc != 0:  # only an element size the plan's caller already rules out
-            raise ValueError(f"native block copy: unsupported element size {self.esize}")
 
     def copy_hashed(
         self, scatter: bool, blocks: torch.Tensor, chunk: torch.Tensor, hasher: Xxh3, *, stream: bool = True
@@ -218,23 +222,13 @@ class BlockCopyPlan:
         Raises:
             ValueError: An unsupported element size, or the hash update failed.
         """
-        ids = blocks.contiguous()
+        ids = blocks.contiguous()  # held until the call returns: its pointer is an argument
         bs, heads, width = self.shape
         bounce = None if scatter or not stream else _bounce_buffer(bs * heads * width * self.esize)
         state = hasher.new_state()
         try:
             rc = self._lib.lmc_block_copy_hashed(
-                1 if scatter else 0,
-                len(self._addrs),
-                self._addrs.ctypes.data,
-                self._strides.ctypes.data,
-                ids.numel(),
-                ids.data_ptr(),
-                chunk.data_ptr(),
-                bs,
-                heads,
-                width,
-                self.esize,
+                *self._call_args(scatter, ids, chunk),
                 None if bounce is None else bounce.ctypes.data,
                 hasher.update,
                 state,

@@ -271,6 +271,20 @@ int lmc_block_copy_simd(int want)
     return use_avx2;
 }
 
+/* One block's copy for elements of esize bytes; NULL for a size other than 1, 2, 4 or 8. */
+typedef void (*block_copy_fn)(int, char *, char *, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
+
+static block_copy_fn copy_for(int64_t esize)
+{
+    switch (esize) {
+    case 1: return copy_u8;
+    case 2: return copy_u16;
+    case 4: return copy_u32;
+    case 8: return copy_u64;
+    default: return NULL;
+    }
+}
+
 /*
  * scatter: 1 copies chunk -> KV blocks, 0 copies KV blocks -> chunk.
  * strides: n_entries x 4 element strides (block, token, head, dim).
@@ -280,14 +294,9 @@ int lmc_block_copy(int scatter, int64_t n_entries, const int64_t *entry_addrs, c
                    int64_t n_blocks, const int64_t *block_ids, char *chunk, int64_t bs, int64_t heads,
                    int64_t width, int64_t esize)
 {
-    void (*copy)(int, char *, char *, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
-    switch (esize) {
-    case 1: copy = copy_u8; break;
-    case 2: copy = copy_u16; break;
-    case 4: copy = copy_u32; break;
-    case 8: copy = copy_u64; break;
-    default: return -1;
-    }
+    const block_copy_fn copy = copy_for(esize);
+    if (copy == NULL)
+        return -1;
     const int64_t part = bs * heads * width * esize; /* bytes of one block in the chunk */
     for (int64_t e = 0; e < n_entries; e++) {
         const int64_t *s = strides + 4 * e;
@@ -332,14 +341,9 @@ int lmc_block_copy_hashed(int scatter, int64_t n_entries, const int64_t *entry_a
                           int64_t n_blocks, const int64_t *block_ids, char *chunk, int64_t bs, int64_t heads,
                           int64_t width, int64_t esize, char *bounce, lmc_hash_update update, void *state)
 {
-    void (*copy)(int, char *, char *, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
-    switch (esize) {
-    case 1: copy = copy_u8; break;
-    case 2: copy = copy_u16; break;
-    case 4: copy = copy_u32; break;
-    case 8: copy = copy_u64; break;
-    default: return -1;
-    }
+    const block_copy_fn copy = copy_for(esize);
+    if (copy == NULL)
+        return -1;
     const int64_t part = bs * heads * width * esize;
     const int stream = bounce != NULL && use_sse2 && !(((uintptr_t)chunk | (uintptr_t)part) & 15);
     for (int64_t e = 0; e < n_entries; e++) {

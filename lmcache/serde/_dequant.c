@@ -322,6 +322,156 @@ static void row(int simd, int kind, const uint8_t *codes, int64_t n, const float
     }
 }
 
+/* ---- keys with RoPE, fused ---------------------------------------------------------------
+ * One head of one key row: the D codes to float32, times the scale, plus the centre (as row()),
+ * then rotate-half RoPE on the pairs a = x[:h], b = x[h:] (h = D / 2): a' = a*cos - b*sin,
+ * b' = b*cos + a*sin, each product rounded to float32 and never fused (-ffp-contract=off), then
+ * round into the output dtype. All in registers: the same float32 values lmc_dq_rope computes
+ * from the same float32 keys (and torch's _rotate_keys), so the same bytes. */
+
+static inline float code_value(int kind, uint8_t c) {
+    return kind == CODE_FP8 ? fp8_table[c] : (float)(int8_t)c;
+}
+
+static void store1(int out_kind, uint8_t *out, int64_t i, float y) {
+    store_scalar(out_kind, out + i * (out_kind == OUT_F32 ? 4 : 2), &y, 1);
+}
+
+/* Pairs d0 .. h - 1 of one head, one element at a time (the SIMD loops' tails, and simd 0). */
+static void rope_head_scalar(int kind, const uint8_t *codes, int64_t h, int64_t d0, const float *s, const float *c,
+                             const float *cs, const float *sn, int out_kind, uint8_t *out) {
+    for (int64_t d = d0; d < h; d++) {
+        float a = code_value(kind, codes[d]) * s[d], b = code_value(kind, codes[h + d]) * s[h + d];
+        if (c) {
+            a = a + c[d];
+            b = b + c[h + d];
+        }
+        const float ac = a * cs[d], bs = b * sn[d], bc = b * cs[d], as = a * sn[d];
+        store1(out_kind, out, d, ac - bs);
+        store1(out_kind, out, h + d, bc + as);
+    }
+}
+
+#if LMC_X86
+TGT static inline __attribute__((always_inline)) void rope_fused(int kind, const uint8_t *codes, int64_t h,
+                                                                 const float *s, const float *c, const float *cs,
+                                                                 const float *sn, int has_c, int out_kind,
+                                                                 uint8_t *out) {
+    const int64_t isz = out_kind == OUT_F32 ? 4 : 2;
+    int64_t d = 0;
+    for (; d + 8 <= h; d += 8) {
+        __m256 a = _mm256_mul_ps(load8(kind, codes + d), _mm256_loadu_ps(s + d));
+        __m256 b = _mm256_mul_ps(load8(kind, codes + h + d), _mm256_loadu_ps(s + h + d));
+        if (has_c) {
+            a = _mm256_add_ps(a, _mm256_loadu_ps(c + d));
+            b = _mm256_add_ps(b, _mm256_loadu_ps(c + h + d));
+        }
+        const __m256 vc = _mm256_loadu_ps(cs + d), vs = _mm256_loadu_ps(sn + d);
+        store8_avx2(out_kind, out + d * isz, _mm256_sub_ps(_mm256_mul_ps(a, vc), _mm256_mul_ps(b, vs)));
+        store8_avx2(out_kind, out + (h + d) * isz, _mm256_add_ps(_mm256_mul_ps(b, vc), _mm256_mul_ps(a, vs)));
+    }
+    if (d < h)
+        rope_head_scalar(kind, codes, h, d, s, has_c ? c : 0, cs, sn, out_kind, out);
+}
+
+TGT512 static inline __attribute__((always_inline)) void rope512_fused(int kind, const uint8_t *codes, int64_t h,
+                                                                       const float *s, const float *c,
+                                                                       const float *cs, const float *sn, int has_c,
+                                                                       int out_kind, uint8_t *out) {
+    const int64_t isz = out_kind == OUT_F32 ? 4 : 2;
+    int64_t d = 0;
+    for (; d + 16 <= h; d += 16) {
+        __m512 a = _mm512_mul_ps(load16(kind, codes + d), _mm512_loadu_ps(s + d));
+        __m512 b = _mm512_mul_ps(load16(kind, codes + h + d), _mm512_loadu_ps(s + h + d));
+        if (has_c) {
+            a = _mm512_add_ps(a, _mm512_loadu_ps(c + d));
+            b = _mm512_add_ps(b, _mm512_loadu_ps(c + h + d));
+        }
+        const __m512 vc = _mm512_loadu_ps(cs + d), vs = _mm512_loadu_ps(sn + d);
+        store16(out_kind, out + d * isz, _mm512_sub_ps(_mm512_mul_ps(a, vc), _mm512_mul_ps(b, vs)));
+        store16(out_kind, out + (h + d) * isz, _mm512_add_ps(_mm512_mul_ps(b, vc), _mm512_mul_ps(a, vs)));
+    }
+    for (; d + 8 <= h; d += 8) { /* an 8-pair step in AVX2 before the scalar tail */
+        __m256 a = _mm256_mul_ps(load8(kind, codes + d), _mm256_loadu_ps(s + d));
+        __m256 b = _mm256_mul_ps(load8(kind, codes + h + d), _mm256_loadu_ps(s + h + d));
+        if (has_c) {
+            a = _mm256_add_ps(a, _mm256_loadu_ps(c + d));
+            b = _mm256_add_ps(b, _mm256_loadu_ps(c + h + d));
+        }
+        const __m256 vc = _mm256_loadu_ps(cs + d), vs = _mm256_loadu_ps(sn + d);
+        store8_avx2(out_kind, out + d * isz, _mm256_sub_ps(_mm256_mul_ps(a, vc), _mm256_mul_ps(b, vs)));
+        store8_avx2(out_kind, out + (h + d) * isz, _mm256_add_ps(_mm256_mul_ps(b, vc), _mm256_mul_ps(a, vs)));
+    }
+    if (d < h)
+        rope_head_scalar(kind, codes, h, d, s, has_c ? c : 0, cs, sn, out_kind, out);
+}
+
+/* The keys of one layer: Tc rows of H heads (codes [Tc, H, 2h], rows of the output sT bytes
+ * apart), scale s and centre c (or NULL) [H, 2h], cos and sin [Tc, h]. F (a fused head, inlined)
+ * runs inside the loops, so the switches below pick one branch-free loop per call. */
+#define LMC_ROPE_LOOP(F, K, C, O)                                                                                    \
+    for (int64_t t = 0; t < Tc; t++)                                                                                 \
+        for (int64_t j = 0; j < H; j++)                                                                              \
+            F(K, codes + (t * H + j) * 2 * h, h, s + j * 2 * h, C ? c + j * 2 * h : 0, cos_t + t * h, sin_t + t * h,    \
+              C, O, out + t * sT + j * 2 * h * (O == OUT_F32 ? 4 : 2));
+#define LMC_ROPE_OUTS(F, K, C)                                                                                       \
+    switch (out_kind) {                                                                                              \
+    case OUT_BF16:                                                                                                   \
+        LMC_ROPE_LOOP(F, K, C, OUT_BF16) break;                                                                      \
+    case OUT_F16:                                                                                                    \
+        LMC_ROPE_LOOP(F, K, C, OUT_F16) break;                                                                       \
+    default:                                                                                                         \
+        LMC_ROPE_LOOP(F, K, C, OUT_F32)                                                                              \
+    }
+#define LMC_ROPE_ALL(F)                                                                                              \
+    if (kind == CODE_FP8) {                                                                                          \
+        if (c) {                                                                                                     \
+            LMC_ROPE_OUTS(F, CODE_FP8, 1)                                                                            \
+        } else {                                                                                                     \
+            LMC_ROPE_OUTS(F, CODE_FP8, 0)                                                                            \
+        }                                                                                                            \
+    } else {                                                                                                         \
+        if (c) {                                                                                                     \
+            LMC_ROPE_OUTS(F, CODE_INT8, 1)                                                                           \
+        } else {                                                                                                     \
+            LMC_ROPE_OUTS(F, CODE_INT8, 0)                                                                           \
+        }                                                                                                            \
+    }
+
+TGT static void rope_keys_avx2(int kind, const uint8_t *codes, int64_t Tc, int64_t H, int64_t h, const float *s,
+                               const float *c, const float *cos_t, const float *sin_t, int out_kind, uint8_t *out,
+                               int64_t sT) {
+    LMC_ROPE_ALL(rope_fused)
+}
+
+TGT512 static void rope_keys_avx512(int kind, const uint8_t *codes, int64_t Tc, int64_t H, int64_t h, const float *s,
+                                    const float *c, const float *cos_t, const float *sin_t, int out_kind,
+                                    uint8_t *out, int64_t sT) {
+    LMC_ROPE_ALL(rope512_fused)
+}
+#endif
+
+/* The keys of one layer with RoPE (arguments as rope_keys_avx2's). */
+static void rope_keys(int simd, int kind, const uint8_t *codes, int64_t Tc, int64_t H, int64_t h, const float *s,
+                      const float *c, const float *cos_t, const float *sin_t, int out_kind, uint8_t *out,
+                      int64_t sT) {
+#if LMC_X86
+    if (simd >= 2) {
+        rope_keys_avx512(kind, codes, Tc, H, h, s, c, cos_t, sin_t, out_kind, out, sT);
+        return;
+    }
+    if (simd == 1) {
+        rope_keys_avx2(kind, codes, Tc, H, h, s, c, cos_t, sin_t, out_kind, out, sT);
+        return;
+    }
+#endif
+    const int64_t isz = out_kind == OUT_F32 ? 4 : 2;
+    for (int64_t t = 0; t < Tc; t++)
+        for (int64_t j = 0; j < H; j++)
+            rope_head_scalar(kind, codes + (t * H + j) * 2 * h, h, 0, s + j * 2 * h, c ? c + j * 2 * h : 0,
+                             cos_t + t * h, sin_t + t * h, out_kind, out + t * sT + j * 2 * h * isz);
+}
+
 static int check_out(int out_kind) {
     if (out_kind != OUT_F32 && out_kind != OUT_F16 && out_kind != OUT_BF16)
         return -1;
@@ -331,22 +481,35 @@ static int check_out(int out_kind) {
 }
 
 /* fp8 / int8: codes [L, P, Tc, H, D] (one byte each); key scales sk and centres ck (or NULL)
- * [L, H * D], value scales sv [L, Tc, H] (P == 2). Row (l, p, t) of the output starts at
- * out + l * sL + p * sP + t * sT (bytes) and holds H * D contiguous elements. Returns 0, or a
- * negative number for arguments it does not take (the caller then decodes with torch). */
+ * [L, H * D], value scales sv [L, Tc, Hs] (P == 2; Hs is H, or 1: one per token). With cos_t and sin_t ([Tc, D / 2], or both
+ * NULL) the keys are rotated by RoPE after centre and scale, in the same pass (rope_keys). Row
+ * (l, p, t) of the output starts at out + l * sL + p * sP + t * sT (bytes) and holds H * D
+ * contiguous elements. Returns 0, or a negative number for arguments it does not take (the
+ * caller then decodes with torch). */
 int lmc_dq_scaled(int kind, const uint8_t *codes, int64_t L, int64_t P, int64_t Tc, int64_t H, int64_t D,
-                  const float *sk, const float *ck, const float *sv, int out_kind, uint8_t *out, int64_t sL,
-                  int64_t sP, int64_t sT, int simd) {
+                  const float *sk, const float *ck, const float *sv, int64_t Hs, const float *cos_t,
+                  const float *sin_t, int out_kind, uint8_t *out, int64_t sL, int64_t sP, int64_t sT, int simd) {
     if (check_out(out_kind) || (kind != CODE_FP8 && kind != CODE_INT8) || P < 1 || P > 2 || D < 1)
+        return -1;
+    if (P == 2 && Hs != 1 && Hs != H)
+        return -1;
+    if ((cos_t != 0) != (sin_t != 0) || (cos_t && D % 2))
         return -1;
     const int64_t HD = H * D, isz = out_kind == OUT_F32 ? 4 : 2;
     for (int64_t l = 0; l < L; l++) {
         for (int64_t p = 0; p < P; p++) {
+            if (p == 0 && cos_t) {
+                rope_keys(simd, kind, codes + l * P * Tc * HD, Tc, H, D / 2, sk + l * HD, ck ? ck + l * HD : 0, cos_t,
+                          sin_t, out_kind, out + l * sL, sT);
+                continue;
+            }
             for (int64_t t = 0; t < Tc; t++) {
                 const uint8_t *codes_row = codes + ((l * P + p) * Tc + t) * HD;
                 uint8_t *o = out + l * sL + p * sP + t * sT;
                 if (p == 0) {
                     row(simd, kind, codes_row, HD, sk + l * HD, ck ? ck + l * HD : 0, 0.f, 0.f, 0, out_kind, o);
+                } else if (Hs == 1) { /* one scale for the whole row: one run, the same products */
+                    row(simd, kind, codes_row, HD, 0, 0, sv[l * Tc + t], 0.f, 0, out_kind, o);
                 } else {
                     for (int64_t h = 0; h < H; h++)
                         row(simd, kind, codes_row + h * D, D, 0, 0, sv[(l * Tc + t) * H + h], 0.f, 0, out_kind,
@@ -429,6 +592,26 @@ int lmc_dq_rope(float *k, int64_t n, int64_t sn, int64_t T, int64_t H, int64_t D
                 }
             }
         }
+    }
+    return 0;
+}
+
+
+/* fp8 body version 2's exact key elements: n elements (isz bytes each, vals) at strictly
+ * increasing indices idx into the keys [L, Tc, H * D] (HD = H * D); the key row of layer l,
+ * token t starts at out + l * sL + t * sT. Returns -1, writing nothing, if an index is out of
+ * order or out of range. */
+int lmc_dq_exact(uint8_t *out, const uint32_t *idx, const uint8_t *vals, int64_t n, int64_t isz, int64_t L,
+                 int64_t Tc, int64_t HD, int64_t sL, int64_t sT) {
+    const int64_t per = Tc * HD;
+    if ((isz != 2 && isz != 4) || n < 0)
+        return -1;
+    for (int64_t i = 0; i < n; i++)
+        if ((int64_t)idx[i] >= L * per || (i && idx[i] <= idx[i - 1]))
+            return -1;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t l = idx[i] / per, rest = idx[i] % per;
+        memcpy(out + l * sL + (rest / HD) * sT + (rest % HD) * isz, vals + i * isz, (size_t)isz);
     }
     return 0;
 }

@@ -26,7 +26,7 @@ import torch
 
 from lmcache.native_build import load_once
 
-__all__ = ["CODE_FP8", "CODE_INT8", "int4", "library", "rope", "scaled"]
+__all__ = ["CODE_FP8", "CODE_INT8", "exact", "int4", "library", "rope", "scaled"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,11 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lmc_dq_has_simd.restype = c_int
     lib.lmc_dq_has_simd.argtypes = []
     lib.lmc_dq_scaled.restype = c_int
-    lib.lmc_dq_scaled.argtypes = [c_int, vp, i64, i64, i64, i64, i64, vp, vp, vp, c_int, vp, i64, i64, i64, c_int]
+    lib.lmc_dq_scaled.argtypes = [
+        c_int, vp, i64, i64, i64, i64, i64, vp, vp, vp, i64, vp, vp, c_int, vp, i64, i64, i64, c_int
+    ]  # fmt: skip
+    lib.lmc_dq_exact.restype = c_int
+    lib.lmc_dq_exact.argtypes = [vp, vp, vp, i64, i64, i64, i64, i64, i64, i64]
     lib.lmc_dq_int4.restype = c_int
     lib.lmc_dq_int4.argtypes = [vp, i64, i64, i64, i64, i64, i64, i64, i64, vp, vp, c_int, vp, i64, i64, i64, c_int]
     lib.lmc_dq_rope.restype = c_int
@@ -112,12 +116,17 @@ def scaled(
     sk: torch.Tensor,
     sv: torch.Tensor | None,
     ck: torch.Tensor | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> bool:
     """``dst`` = codes times key scales ``sk`` (plus centres ``ck``) and value scales ``sv``, in C.
 
     The arguments are those of :func:`lmcache.serde.quant._decode_blocks`: ``codes`` are one
     byte each in ``dst``'s order ``[L, P, T, H, D]`` (``dst`` may be a view that skips tokens);
-    ``sk``/``ck`` are ``[L, H, D]``, ``sv`` ``[L, T, H, 1]``.
+    ``sk``/``ck`` are ``[L, H, D]``, ``sv`` ``[L, T, H, 1]`` or ``[L, T, 1, 1]`` (one scale per
+    token, as fp8 body version 2 stores them). With ``rope`` (cos and sin
+    ``[T, D / 2]``) the keys are then rotated by RoPE in the same pass, in registers, with
+    :func:`lmcache.serde.quant._rotate_keys`' arithmetic (each product rounded, never fused):
+    the bytes of decoding into float32, rotating and converting, without that float32 pass.
 
     Returns:
         False where the C loops are not available or do not take these arguments (the caller
@@ -131,10 +140,36 @@ def scaled(
     codes = np.ascontiguousarray(codes)
     if codes.size != dst.numel() or codes.dtype.itemsize != 1 or P not in (1, 2) or (P == 2 and sv is None):
         return False
+    sv_heads = H if sv is None or sv.numel() != L * T else 1
+    if sv is not None and sv.numel() != L * T * sv_heads:
+        return False
+    cos = sin = None
+    if rope is not None:
+        if D % 2 or tuple(rope[0].shape) != (T, D // 2) or tuple(rope[1].shape) != (T, D // 2):
+            return False
+        cos, sin = _f32(rope[0]), _f32(rope[1])
     sk32, ck32, sv32 = _f32(sk), _f32(ck), _f32(sv)
     out_kind, sL, sP, sT = rows
     rc = lib.lmc_dq_scaled(
-        kind, _ptr(codes), L, P, T, H, D, _ptr(sk32), _ptr(ck32), _ptr(sv32), out_kind, _ptr(dst), sL, sP, sT, _simd()
+        kind,
+        _ptr(codes),
+        L,
+        P,
+        T,
+        H,
+        D,
+        _ptr(sk32),
+        _ptr(ck32),
+        _ptr(sv32),
+        sv_heads,
+        _ptr(cos),
+        _ptr(sin),
+        out_kind,
+        _ptr(dst),
+        sL,
+        sP,
+        sT,
+        _simd(),
     )
     return rc == 0
 
@@ -219,3 +254,27 @@ def rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
         return False
     c, s = cos.to(torch.float32).contiguous(), sin.to(torch.float32).contiguous()
     return lib.lmc_dq_rope(_ptr(k), n, k.stride(0), T, H, D, _ptr(c), _ptr(s)) == 0
+
+
+def exact(dst: torch.Tensor, idx: np.ndarray, vals: memoryview) -> bool:
+    """Write fp8 body version 2's exact key elements into the keys ``dst[:, 0]`` (``dst`` ``[L, P, T, H, D]``), in C.
+
+    Args:
+        dst: The chunk's tokens after the first (a view), written in place.
+        idx: Strictly increasing indices (uint32) into the keys ``[L, T, H * D]`` flattened.
+        vals: The elements' bytes, in ``dst``'s dtype.
+
+    Returns:
+        False where the C loops are not available or do not take these arguments (the caller
+        then writes them with numpy); also False, with nothing written, for an index out of
+        order or out of range.
+    """
+    lib = library()
+    rows = _rows(dst) if lib is not None else None
+    if lib is None or rows is None or idx.dtype != np.uint32 or vals.nbytes != idx.size * dst.element_size():
+        return False
+    L, _P, T, H, D = dst.shape
+    _kind, sL, _sP, sT = rows
+    idx = np.ascontiguousarray(idx)
+    v = np.frombuffer(vals, dtype=np.uint8)
+    return lib.lmc_dq_exact(_ptr(dst), _ptr(idx), _ptr(v), idx.size, dst.element_size(), L, T, H * D, sL, sT) == 0

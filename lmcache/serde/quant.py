@@ -182,10 +182,11 @@ def _decode_blocks(
     With ``native`` (the codes' kind), the C loop of :mod:`lmcache.serde.dequant_native` does it
     in one pass where it is available (the same bytes). With ``rope`` (cos and sin ``[T, D / 2]``),
     the keys are rotated by RoPE after centre and scale (:func:`_rotate_keys`, in float32): the C
-    loop then writes the block's float32 values into the scratch and torch rotates them, so both
-    paths give the same bytes.
+    loop does that in the same pass too (in registers, the same arithmetic); where it cannot, the
+    block's float32 values go through the scratch and are rotated there, so every path gives
+    the same bytes.
     """
-    if rope is None and native is not None and dequant_native.scaled(native, codes, dst, sk=sk, sv=sv, ck=ck):
+    if native is not None and dequant_native.scaled(native, codes, dst, sk=sk, sv=sv, ck=ck, rope=rope):
         return
     L, P, T, H, D = dst.shape
     per_layer = P * T * H * D
@@ -393,8 +394,8 @@ class Fp8Codec(_Scaled):
             heads = H if version < 2 else 1
             nv = L * (T - 1) * heads
             ev = torch.from_numpy(np.frombuffer(body[pos : pos + nv], dtype=np.int8).astype(np.float32))
-            sv = torch.exp2(ev.add_(8.0)).view(L, T - 1, heads, 1)  # 2**8: the code factor, exact
-            sv = sv.expand(L, T - 1, H, 1).contiguous() if heads != H else sv
+            # 2**8: the code factor, exact. One scale per token (version 2) broadcasts over the heads.
+            sv = torch.exp2(ev.add_(8.0)).view(L, T - 1, heads, 1)
             pos += nv
         first = L * P * H * D * geometry.itemsize
         first_at = pos
@@ -420,7 +421,7 @@ class Fp8Codec(_Scaled):
         codes = np.frombuffer(body[pos : pos + L * P * (T - 1) * H * D], dtype=np.int8)
         dst = _out_tensor(out, geometry)[:, :, 1:]
         _decode_blocks(codes, dst, self._codes_to_float, sk=sk, sv=sv, ck=ck, native=self._native, rope=rope)
-        if idx is not None:
+        if idx is not None and not dequant_native.exact(dst, idx, vals):
             item = {2: np.uint16, 4: np.uint32}[geometry.itemsize]
             whole = np.frombuffer(out, dtype=item).reshape(L, P, T, H * D)
             per, row = (T - 1) * H * D, H * D

@@ -5,7 +5,8 @@ chunk's dtype, all in registers) must give exactly the bytes of the torch path a
 two-pass native path it replaces (float32 keys in a scratch, then ``lmc_dq_rope``): one ulp
 anywhere fails these tests. Shapes with odd token counts, several heads, D = 64 and 128 and
 dims whose half is no multiple of 16 or 8 (the AVX-512 and AVX2 tails), all three dtypes,
-several RoPE bases including 0 (no RoPE), and each SIMD level.
+several RoPE bases including 0 (no RoPE), and each SIMD level (3: AVX-512 with the AVX512-BF16
+rounding instruction, whose NaN and denormal lanes must still round as torch does).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def decode_every_way(enc: bytes, g: ChunkGeometry, monkeypatch: pytest.MonkeyPat
     with monkeypatch.context() as m:
         m.setattr(dequant_native, "scaled", two_pass_scaled)
         outs["two-pass"] = decode(enc, g)
-    for simd in (2, 1, 0):
+    for simd in (3, 2, 1, 0):
         with monkeypatch.context() as m:
             m.setattr(dequant_native, "SIMD", simd)
             outs[f"fused simd {simd}"] = decode(enc, g)
@@ -150,32 +151,69 @@ def test_version_2_keys_take_the_fused_loop(lib, monkeypatch: pytest.MonkeyPatch
     g = ChunkGeometry(3, 2, 256, 2, 64, "bfloat16")  # big enough for exact key elements
     enc = encoded(monkeypatch, g, 1e4, seed=2)
     calls: list[str] = []
-    real_scaled, real_exact = dequant_native.scaled, dequant_native.exact
 
     def scaled(*args, **kwargs):
-        done = real_scaled(*args, **kwargs)
-        calls.append(f"scaled{'+rope' if kwargs.get('rope') is not None else ''}:{done}")
-        return done
-
-    def exact(*args, **kwargs):
-        done = real_exact(*args, **kwargs)
-        calls.append(f"exact:{done}")
+        done = _REAL_SCALED(*args, **kwargs)
+        extras = "".join(f"+{k}" for k in ("rope", "exact") if kwargs.get(k) is not None)
+        calls.append(f"scaled{extras}:{done}")
         return done
 
     monkeypatch.setattr(dequant_native, "scaled", scaled)
-    monkeypatch.setattr(dequant_native, "exact", exact)
     monkeypatch.setattr(dequant_native, "rope", lambda *a, **k: calls.append("rope") or False)
     decode(enc, g)
-    assert calls == ["scaled+rope:True", "exact:True"]
+    assert calls == ["scaled+rope+exact:True"]
 
 
-def test_exact_refuses_indices_out_of_order_or_range(lib) -> None:
-    """The C writer of exact key elements checks every index before it writes any."""
-    dst = torch.zeros(2, 2, 5, 3, 4, dtype=torch.bfloat16)
+def test_exact_elements_out_of_order_or_range_are_refused(lib) -> None:
+    """The C loop checks every exact index before it writes anything."""
+    L, P, T, H, D = 2, 2, 5, 3, 4
+    dst = torch.zeros(L, P, T, H, D, dtype=torch.bfloat16)
+    codes = np.zeros(dst.numel(), dtype=np.int8)
+    sk, sv = torch.ones(L, H, D), torch.ones(L, T, 1, 1)
     vals = memoryview(torch.ones(3, dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes())
-    for idx in ([4, 2, 9], [1, 1, 9], [0, 5, 2 * 5 * 12]):
-        assert dequant_native.exact(dst, np.array(idx, dtype=np.uint32), vals) is False
-        assert not dst.any()
-    assert dequant_native.exact(dst, np.array([0, 13, 5 * 12 + 11], dtype=np.uint32), vals) is True
+
+    def put(idx: list[int]) -> bool:
+        exact = (np.array(idx, dtype=np.uint32), vals)
+        return dequant_native.scaled(dequant_native.CODE_INT8, codes, dst, sk=sk, sv=sv, exact=exact)
+
+    for idx in ([4, 2, 9], [1, 1, 9], [0, 5, L * T * H * D]):
+        dst.fill_(7)
+        assert put(idx) is False
+        assert (dst == 7).all()  # nothing written
+    assert put([0, 13, T * H * D + 11]) is True
     assert dst[0, 0, 0, 0, 0] == 1 and dst[0, 0, 1, 0, 1] == 1 and dst[1, 0, 0, 2, 3] == 1
     assert int(dst.count_nonzero()) == 3 and not dst[:, 1].any()
+
+
+def test_nan_and_denormal_lanes_round_as_torch(lib, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoded NaN (either sign) and float32 denormals give torch's bytes at every SIMD level.
+
+    A version 2 body with some key scales NaN or infinite (NaN products, and inf times a zero
+    code) and value scale exponents at the bottom of their range (products below 2**-126): the
+    AVX512-BF16 instruction would give another NaN and flush the denormals, so those steps must
+    round with integers; and torch's float32 -> bfloat16 copy_ (the end of the two-pass path)
+    writes NaN as 0xFFFF, so the fused loop does too.
+    """
+    g = ChunkGeometry(2, 2, 64, 2, 64, "bfloat16")
+    enc = bytearray(encoded(monkeypatch, g, 1e4, seed=4))
+    header = parse_codec_header(bytes(enc))
+    assert header is not None
+    L, _P, T, H, D = g.shape
+    at = header.body_offset + 5
+    ck = np.frombuffer(enc, dtype=np.uint16, count=L * H * D, offset=at).reshape(L, H, D).copy()
+    sk = np.frombuffer(enc, dtype=np.uint16, count=L * H * D, offset=at + 2 * L * H * D).reshape(L, H, D).copy()
+    ev = np.frombuffer(enc, dtype=np.int8, count=L * (T - 1), offset=at + 4 * L * H * D).reshape(L, T - 1).copy()
+    sk[0, 0, 3], sk[0, 1, 40], sk[1, 0, 9] = 0xFE00, 0x7E00, 0x7C00  # -NaN, NaN, inf
+    ck[1, 1, 17] = 0xFC00  # -inf centre: -inf, or NaN where the product is +inf
+    ev[:, ::3] = -128
+    ev[0, 1:3] = -125
+    enc[at : at + 2 * L * H * D] = ck.tobytes()
+    enc[at + 2 * L * H * D : at + 4 * L * H * D] = sk.tobytes()
+    enc[at + 4 * L * H * D : at + 4 * L * H * D + ev.size] = ev.tobytes()
+    outs = decode_every_way(bytes(enc), g, monkeypatch)
+    got = np.frombuffer(outs["torch"], dtype=np.uint16)
+    assert (((got & 0x7F80) == 0x7F80) & ((got & 0x7F) != 0)).any()  # NaN decoded
+    assert ((got & 0x7FFF) == 0x7F80).any()  # and infinities
+    assert (((got & 0x7F80) == 0) & ((got & 0x7F) != 0)).any()  # bfloat16 denormals decoded
+    differ = {way: ulps_apart(out, outs["torch"], "bfloat16") for way, out in outs.items()}
+    assert differ == dict.fromkeys(outs, 0)

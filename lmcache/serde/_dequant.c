@@ -31,7 +31,12 @@
 #define LMC_HAVE_F16 0
 #endif
 
-enum { OUT_F32 = 0, OUT_F16 = 1, OUT_BF16 = 2 };
+/* OUT_BF16T: bfloat16 with NaN written 0xFFFF, as torch's vectorised float32 -> bfloat16 copy_
+ * writes it (OUT_BF16 writes 0x7FC0, as c10::BFloat16 does): the fp8 version 2 path that rotated
+ * keys in a float32 scratch ended in that copy_, and the fused loop keeps its bytes. */
+enum { OUT_F32 = 0, OUT_F16 = 1, OUT_BF16 = 2, OUT_BF16T = 3 };
+#define IS_BF16(k) ((k) == OUT_BF16 || (k) == OUT_BF16T)
+#define BF16_NAN(k) ((k) == OUT_BF16T ? 0xFFFF : 0x7FC0)
 enum { CODE_FP8 = 0, CODE_INT8 = 1 };
 
 #define SEG 512 /* floats per stack buffer: rows are cut into segments of at most this */
@@ -59,13 +64,21 @@ void lmc_dq_init(void) {
     }
 }
 
-/* The widest loop this CPU runs: 2 (AVX-512 F+BW), 1 (AVX2 + F16C) or 0 (scalar). */
+/* The widest loop this CPU runs: 3 (AVX-512 F+BW+DQ and BF16), 2 (AVX-512 F+BW+DQ), 1 (AVX2 +
+ * F16C) or 0 (scalar). */
 int lmc_dq_has_simd(void) {
 #if LMC_X86
     __builtin_cpu_init();
     if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("f16c"))
         return 0;
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") ? 2 : 1;
+    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+        !__builtin_cpu_supports("avx512dq"))
+        return 1;
+#if (defined(__clang__) && __clang_major__ >= 11) || (!defined(__clang__) && __GNUC__ >= 10)
+    if (__builtin_cpu_supports("avx512bf16"))
+        return 3;
+#endif
+    return 2;
 #else
     return 0;
 #endif
@@ -73,21 +86,21 @@ int lmc_dq_has_simd(void) {
 
 /* ---- scalar helpers -------------------------------------------------------------------- */
 
-static inline uint16_t f32_to_bf16(float f) {
+static inline uint16_t f32_to_bf16(float f, uint16_t nan) {
     uint32_t u;
     memcpy(&u, &f, 4);
     if (f != f)
-        return 0x7FC0;
+        return nan;
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
 static void store_scalar(int out_kind, uint8_t *out, const float *y, int64_t n) {
     if (out_kind == OUT_F32) {
         memcpy(out, y, (size_t)n * 4);
-    } else if (out_kind == OUT_BF16) {
+    } else if (IS_BF16(out_kind)) {
         uint16_t *o = (uint16_t *)out;
         for (int64_t i = 0; i < n; i++)
-            o[i] = f32_to_bf16(y[i]);
+            o[i] = f32_to_bf16(y[i], BF16_NAN(out_kind));
     } else {
 #if LMC_HAVE_F16
         _Float16 *o = (_Float16 *)out;
@@ -122,13 +135,13 @@ static void affine_scalar(const float *x, int64_t n, const float *s, const float
 /* ---- AVX2 + F16C helpers -------------------------------------------------------------- */
 #if LMC_X86
 TGT static inline __attribute__((always_inline)) void store8_avx2(int out_kind, uint8_t *out, __m256 y) {
-    if (out_kind == OUT_BF16) {
+    if (IS_BF16(out_kind)) {
         __m256i u = _mm256_castps_si256(y);
         __m256i bias = _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), _mm256_and_si256(_mm256_srli_epi32(u, 16),
                                                                                     _mm256_set1_epi32(1)));
         __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
         __m256 ord = _mm256_cmp_ps(y, y, _CMP_ORD_Q);
-        r = _mm256_blendv_epi8(_mm256_set1_epi32(0x7FC0), r, _mm256_castps_si256(ord));
+        r = _mm256_blendv_epi8(_mm256_set1_epi32(BF16_NAN(out_kind)), r, _mm256_castps_si256(ord));
         __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
         _mm_storeu_si128((__m128i *)out, packed);
     } else if (out_kind == OUT_F16) {
@@ -193,6 +206,9 @@ TGT static inline __attribute__((always_inline)) void row_fused(int kind, const 
     case OUT_BF16:                                                                                                   \
         row_fused(K, codes, n, s, c, s1, c1, V, C, OUT_BF16, out);                                                   \
         break;                                                                                                       \
+    case OUT_BF16T:                                                                                                  \
+        row_fused(K, codes, n, s, c, s1, c1, V, C, OUT_BF16T, out);                                                  \
+        break;                                                                                                       \
     case OUT_F16:                                                                                                    \
         row_fused(K, codes, n, s, c, s1, c1, V, C, OUT_F16, out);                                                    \
         break;                                                                                                       \
@@ -229,8 +245,19 @@ TGT static void row_avx2(int kind, const uint8_t *codes, int64_t n, const float 
     }
 }
 
-/* ---- AVX-512 (F + BW): 16 elements a step, the rest through the AVX2 row ----------------- */
-#define TGT512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,f16c")))
+/* ---- AVX-512 (F + BW + DQ): 16 elements a step, the rest through the AVX2 row ------------
+ * Where the CPU has AVX512-BF16 too (simd level 3), float32 -> bfloat16 is one instruction,
+ * vcvtneps2bf16: round to nearest even, as torch, except for NaN (we write 0x7FC0 or 0xFFFF,
+ * the instruction keeps sign and payload) and float32 denormals (it reads them as zero), so a step
+ * with any such lane (one fpclass test) rounds with integers instead. bf, a constant once
+ * inlined, picks that; the build takes the bf16 target only from compilers that know it. */
+#if (defined(__clang__) && __clang_major__ >= 11) || (!defined(__clang__) && __GNUC__ >= 10)
+#define LMC_BF16 1
+#define TGT512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,f16c")))
+#else
+#define LMC_BF16 0
+#define TGT512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c")))
+#endif
 
 TGT512 static inline __attribute__((always_inline)) __m512 load16(int kind, const uint8_t *p) {
     __m128i b = _mm_loadu_si128((const __m128i *)p);
@@ -244,13 +271,21 @@ TGT512 static inline __attribute__((always_inline)) __m512 load16(int kind, cons
     return _mm512_cvtepi32_ps(q);
 }
 
-TGT512 static inline __attribute__((always_inline)) void store16(int out_kind, uint8_t *out, __m512 y) {
-    if (out_kind == OUT_BF16) {
+TGT512 static inline __attribute__((always_inline)) void store16(int out_kind, uint8_t *out, __m512 y, int bf) {
+    if (IS_BF16(out_kind)) {
+#if LMC_BF16
+        if (bf && !_mm512_fpclass_ps_mask(y, 0x01 | 0x20 | 0x80)) { /* no QNaN, denormal or SNaN lane */
+            _mm256_storeu_si256((__m256i *)out, (__m256i)_mm512_cvtneps_pbh(y));
+            return;
+        }
+#else
+        (void)bf;
+#endif
         __m512i u = _mm512_castps_si512(y);
         __m512i bias =
             _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
         __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
-        r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7FC0));
+        r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), r, _mm512_set1_epi32(BF16_NAN(out_kind)));
         _mm256_storeu_si256((__m256i *)out, _mm512_cvtepi32_epi16(r));
     } else if (out_kind == OUT_F16) {
         _mm256_storeu_si256((__m256i *)out, _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
@@ -262,7 +297,7 @@ TGT512 static inline __attribute__((always_inline)) void store16(int out_kind, u
 TGT512 static inline __attribute__((always_inline)) void row512_fused(int kind, const uint8_t *codes, int64_t n,
                                                                       const float *s, const float *c, float s1,
                                                                       float c1, int vec, int has_c, int out_kind,
-                                                                      uint8_t *out) {
+                                                                      uint8_t *out, int bf) {
     const int64_t isz = out_kind == OUT_F32 ? 4 : 2;
     const __m512 vs1 = _mm512_set1_ps(s1), vc1 = _mm512_set1_ps(c1);
     int64_t i = 0;
@@ -270,30 +305,39 @@ TGT512 static inline __attribute__((always_inline)) void row512_fused(int kind, 
         __m512 y = _mm512_mul_ps(load16(kind, codes + i), vec ? _mm512_loadu_ps(s + i) : vs1);
         if (has_c)
             y = _mm512_add_ps(y, vec ? _mm512_loadu_ps(c + i) : vc1);
-        store16(out_kind, out + i * isz, y);
+        store16(out_kind, out + i * isz, y, bf);
     }
     if (i < n)
         row_avx2(kind, codes + i, n - i, vec ? s + i : 0, vec && has_c ? c + i : 0, s1, c1, has_c, out_kind,
                  out + i * isz);
 }
 
-TGT512 static void row_avx512(int kind, const uint8_t *codes, int64_t n, const float *s, const float *c, float s1,
-                              float c1, int has_c, int out_kind, uint8_t *out) {
-#define row_fused row512_fused
-    if (s) {
-        if (c) {
-            LMC_KINDS(1, 1)
-        } else {
-            LMC_KINDS(1, 0)
-        }
-    } else {
-        if (has_c) {
-            LMC_KINDS(0, 1)
-        } else {
-            LMC_KINDS(0, 0)
-        }
+#define LMC_ROW_SWITCHES                                                                                             \
+    if (s) {                                                                                                         \
+        if (c) {                                                                                                     \
+            LMC_KINDS(1, 1)                                                                                          \
+        } else {                                                                                                     \
+            LMC_KINDS(1, 0)                                                                                          \
+        }                                                                                                            \
+    } else {                                                                                                         \
+        if (has_c) {                                                                                                 \
+            LMC_KINDS(0, 1)                                                                                          \
+        } else {                                                                                                     \
+            LMC_KINDS(0, 0)                                                                                          \
+        }                                                                                                            \
     }
+
+TGT512 static void row_avx512(int kind, const uint8_t *codes, int64_t n, const float *s, const float *c, float s1,
+                              float c1, int has_c, int out_kind, uint8_t *out, int bf) {
+    if (bf) {
+#define row_fused(...) row512_fused(__VA_ARGS__, 1)
+        LMC_ROW_SWITCHES
 #undef row_fused
+    } else {
+#define row_fused(...) row512_fused(__VA_ARGS__, 0)
+        LMC_ROW_SWITCHES
+#undef row_fused
+    }
 }
 #endif
 
@@ -305,7 +349,7 @@ static void row(int simd, int kind, const uint8_t *codes, int64_t n, const float
         has_c = c != 0;
 #if LMC_X86
     if (simd >= 2) {
-        row_avx512(kind, codes, n, s, c, s1, c1, has_c, out_kind, out);
+        row_avx512(kind, codes, n, s, c, s1, c1, has_c, out_kind, out, simd >= 3);
         return;
     }
     if (simd == 1) {
@@ -377,7 +421,7 @@ TGT static inline __attribute__((always_inline)) void rope_fused(int kind, const
 TGT512 static inline __attribute__((always_inline)) void rope512_fused(int kind, const uint8_t *codes, int64_t h,
                                                                        const float *s, const float *c,
                                                                        const float *cs, const float *sn, int has_c,
-                                                                       int out_kind, uint8_t *out) {
+                                                                       int out_kind, uint8_t *out, int bf) {
     const int64_t isz = out_kind == OUT_F32 ? 4 : 2;
     int64_t d = 0;
     for (; d + 16 <= h; d += 16) {
@@ -388,8 +432,8 @@ TGT512 static inline __attribute__((always_inline)) void rope512_fused(int kind,
             b = _mm512_add_ps(b, _mm512_loadu_ps(c + h + d));
         }
         const __m512 vc = _mm512_loadu_ps(cs + d), vs = _mm512_loadu_ps(sn + d);
-        store16(out_kind, out + d * isz, _mm512_sub_ps(_mm512_mul_ps(a, vc), _mm512_mul_ps(b, vs)));
-        store16(out_kind, out + (h + d) * isz, _mm512_add_ps(_mm512_mul_ps(b, vc), _mm512_mul_ps(a, vs)));
+        store16(out_kind, out + d * isz, _mm512_sub_ps(_mm512_mul_ps(a, vc), _mm512_mul_ps(b, vs)), bf);
+        store16(out_kind, out + (h + d) * isz, _mm512_add_ps(_mm512_mul_ps(b, vc), _mm512_mul_ps(a, vs)), bf);
     }
     for (; d + 8 <= h; d += 8) { /* an 8-pair step in AVX2 before the scalar tail */
         __m256 a = _mm256_mul_ps(load8(kind, codes + d), _mm256_loadu_ps(s + d));
@@ -418,6 +462,8 @@ TGT512 static inline __attribute__((always_inline)) void rope512_fused(int kind,
     switch (out_kind) {                                                                                              \
     case OUT_BF16:                                                                                                   \
         LMC_ROPE_LOOP(F, K, C, OUT_BF16) break;                                                                      \
+    case OUT_BF16T:                                                                                                  \
+        LMC_ROPE_LOOP(F, K, C, OUT_BF16T) break;                                                                     \
     case OUT_F16:                                                                                                    \
         LMC_ROPE_LOOP(F, K, C, OUT_F16) break;                                                                       \
     default:                                                                                                         \
@@ -444,10 +490,17 @@ TGT static void rope_keys_avx2(int kind, const uint8_t *codes, int64_t Tc, int64
     LMC_ROPE_ALL(rope_fused)
 }
 
+#define rope512_bf0(...) rope512_fused(__VA_ARGS__, 0)
+#define rope512_bf1(...) rope512_fused(__VA_ARGS__, 1)
+
 TGT512 static void rope_keys_avx512(int kind, const uint8_t *codes, int64_t Tc, int64_t H, int64_t h, const float *s,
                                     const float *c, const float *cos_t, const float *sin_t, int out_kind,
-                                    uint8_t *out, int64_t sT) {
-    LMC_ROPE_ALL(rope512_fused)
+                                    uint8_t *out, int64_t sT, int bf) {
+    if (bf) {
+        LMC_ROPE_ALL(rope512_bf1)
+    } else {
+        LMC_ROPE_ALL(rope512_bf0)
+    }
 }
 #endif
 
@@ -457,7 +510,7 @@ static void rope_keys(int simd, int kind, const uint8_t *codes, int64_t Tc, int6
                       int64_t sT) {
 #if LMC_X86
     if (simd >= 2) {
-        rope_keys_avx512(kind, codes, Tc, H, h, s, c, cos_t, sin_t, out_kind, out, sT);
+        rope_keys_avx512(kind, codes, Tc, H, h, s, c, cos_t, sin_t, out_kind, out, sT, simd >= 3);
         return;
     }
     if (simd == 1) {
@@ -473,22 +526,46 @@ static void rope_keys(int simd, int kind, const uint8_t *codes, int64_t Tc, int6
 }
 
 static int check_out(int out_kind) {
-    if (out_kind != OUT_F32 && out_kind != OUT_F16 && out_kind != OUT_BF16)
+    if (out_kind != OUT_F32 && out_kind != OUT_F16 && !IS_BF16(out_kind))
         return -1;
     if (out_kind == OUT_F16 && !LMC_HAVE_F16)
         return -2; /* no float16 rounding in this build's scalar path: the caller uses torch */
     return 0;
 }
 
+/* Whether n indices are strictly increasing and below total (fp8 version 2's exact elements). */
+static int exact_ok(const uint32_t *idx, int64_t n, int64_t total) {
+    for (int64_t i = 0; i < n; i++)
+        if ((int64_t)idx[i] >= total || (i && idx[i] <= idx[i - 1]))
+            return 0;
+    return 1;
+}
+
+/* Write exact elements e, e + 1, ... whose index is below end (the next layer's first) into one
+ * layer's key rows: index idx - start is element (idx - start) % HD of row (idx - start) / HD,
+ * rows sT bytes apart from out. Returns the first element not written. */
+static int64_t put_exact(uint8_t *out, int64_t sT, const uint32_t *idx, const uint8_t *vals, int64_t e, int64_t n,
+                         int64_t start, int64_t end, int64_t HD, int64_t isz) {
+    for (; e < n && (int64_t)idx[e] < end; e++) {
+        const int64_t rest = (int64_t)idx[e] - start;
+        memcpy(out + (rest / HD) * sT + (rest % HD) * isz, vals + e * isz, (size_t)isz);
+    }
+    return e;
+}
+
 /* fp8 / int8: codes [L, P, Tc, H, D] (one byte each); key scales sk and centres ck (or NULL)
- * [L, H * D], value scales sv [L, Tc, Hs] (P == 2; Hs is H, or 1: one per token). With cos_t and sin_t ([Tc, D / 2], or both
- * NULL) the keys are rotated by RoPE after centre and scale, in the same pass (rope_keys). Row
- * (l, p, t) of the output starts at out + l * sL + p * sP + t * sT (bytes) and holds H * D
- * contiguous elements. Returns 0, or a negative number for arguments it does not take (the
- * caller then decodes with torch). */
+ * [L, H * D], value scales sv [L, Tc, Hs] (P == 2; Hs is H, or 1: one per token). With cos_t
+ * and sin_t ([Tc, D / 2], or both NULL) the keys are rotated by RoPE after centre and scale, in
+ * the same pass (rope_keys). Row (l, p, t) of the output starts at out + l * sL + p * sP +
+ * t * sT (bytes) and holds H * D contiguous elements. ex_n exact key elements (fp8 version 2:
+ * strictly increasing indices ex_idx into the keys [L, Tc, H * D], values ex_vals in the output
+ * dtype) then replace decoded ones, a layer at a time while its keys are still in cache.
+ * Returns 0, or a negative number, having written nothing, for arguments it does not take (an
+ * exact index out of order or range among them; the caller then decodes with torch). */
 int lmc_dq_scaled(int kind, const uint8_t *codes, int64_t L, int64_t P, int64_t Tc, int64_t H, int64_t D,
                   const float *sk, const float *ck, const float *sv, int64_t Hs, const float *cos_t,
-                  const float *sin_t, int out_kind, uint8_t *out, int64_t sL, int64_t sP, int64_t sT, int simd) {
+                  const float *sin_t, const uint32_t *ex_idx, const uint8_t *ex_vals, int64_t ex_n, int out_kind,
+                  uint8_t *out, int64_t sL, int64_t sP, int64_t sT, int simd) {
     if (check_out(out_kind) || (kind != CODE_FP8 && kind != CODE_INT8) || P < 1 || P > 2 || D < 1)
         return -1;
     if (P == 2 && Hs != 1 && Hs != H)
@@ -496,26 +573,31 @@ int lmc_dq_scaled(int kind, const uint8_t *codes, int64_t L, int64_t P, int64_t 
     if ((cos_t != 0) != (sin_t != 0) || (cos_t && D % 2))
         return -1;
     const int64_t HD = H * D, isz = out_kind == OUT_F32 ? 4 : 2;
+    if (ex_n < 0 || (ex_n && !exact_ok(ex_idx, ex_n, L * Tc * HD)))
+        return -1;
+    int64_t e = 0;
     for (int64_t l = 0; l < L; l++) {
         for (int64_t p = 0; p < P; p++) {
             if (p == 0 && cos_t) {
                 rope_keys(simd, kind, codes + l * P * Tc * HD, Tc, H, D / 2, sk + l * HD, ck ? ck + l * HD : 0, cos_t,
                           sin_t, out_kind, out + l * sL, sT);
-                continue;
-            }
-            for (int64_t t = 0; t < Tc; t++) {
-                const uint8_t *codes_row = codes + ((l * P + p) * Tc + t) * HD;
-                uint8_t *o = out + l * sL + p * sP + t * sT;
-                if (p == 0) {
-                    row(simd, kind, codes_row, HD, sk + l * HD, ck ? ck + l * HD : 0, 0.f, 0.f, 0, out_kind, o);
-                } else if (Hs == 1) { /* one scale for the whole row: one run, the same products */
-                    row(simd, kind, codes_row, HD, 0, 0, sv[l * Tc + t], 0.f, 0, out_kind, o);
-                } else {
-                    for (int64_t h = 0; h < H; h++)
-                        row(simd, kind, codes_row + h * D, D, 0, 0, sv[(l * Tc + t) * H + h], 0.f, 0, out_kind,
-                            o + h * D * isz);
+            } else {
+                for (int64_t t = 0; t < Tc; t++) {
+                    const uint8_t *codes_row = codes + ((l * P + p) * Tc + t) * HD;
+                    uint8_t *o = out + l * sL + p * sP + t * sT;
+                    if (p == 0) {
+                        row(simd, kind, codes_row, HD, sk + l * HD, ck ? ck + l * HD : 0, 0.f, 0.f, 0, out_kind, o);
+                    } else if (Hs == 1) { /* one scale for the whole row: one run, the same products */
+                        row(simd, kind, codes_row, HD, 0, 0, sv[l * Tc + t], 0.f, 0, out_kind, o);
+                    } else {
+                        for (int64_t h = 0; h < H; h++)
+                            row(simd, kind, codes_row + h * D, D, 0, 0, sv[(l * Tc + t) * H + h], 0.f, 0, out_kind,
+                                o + h * D * isz);
+                    }
                 }
             }
+            if (p == 0 && ex_n)
+                e = put_exact(out + l * sL, sT, ex_idx, ex_vals, e, ex_n, l * Tc * HD, (l + 1) * Tc * HD, HD, isz);
         }
     }
     return 0;
@@ -596,22 +678,3 @@ int lmc_dq_rope(float *k, int64_t n, int64_t sn, int64_t T, int64_t H, int64_t D
     return 0;
 }
 
-
-/* fp8 body version 2's exact key elements: n elements (isz bytes each, vals) at strictly
- * increasing indices idx into the keys [L, Tc, H * D] (HD = H * D); the key row of layer l,
- * token t starts at out + l * sL + t * sT. Returns -1, writing nothing, if an index is out of
- * order or out of range. */
-int lmc_dq_exact(uint8_t *out, const uint32_t *idx, const uint8_t *vals, int64_t n, int64_t isz, int64_t L,
-                 int64_t Tc, int64_t HD, int64_t sL, int64_t sT) {
-    const int64_t per = Tc * HD;
-    if ((isz != 2 && isz != 4) || n < 0)
-        return -1;
-    for (int64_t i = 0; i < n; i++)
-        if ((int64_t)idx[i] >= L * per || (i && idx[i] <= idx[i - 1]))
-            return -1;
-    for (int64_t i = 0; i < n; i++) {
-        const int64_t l = idx[i] / per, rest = idx[i] % per;
-        memcpy(out + l * sL + (rest / HD) * sT + (rest % HD) * isz, vals + i * isz, (size_t)isz);
-    }
-    return 0;
-}

@@ -3,9 +3,10 @@
 The torch decode path (:mod:`lmcache.serde.quant`) makes several passes over each block (codes to
 float32, scale, centre, convert into the chunk's dtype); the C loop makes one, from the codes
 straight into the destination chunk, a short row at a time through an L1-sized buffer, with
-AVX-512 or AVX2 + F16C where the CPU has them (checked at run time). The arithmetic is the torch path's:
-float32 multiply, then add (never fused), then round to nearest even into the chunk's dtype, so
-both give identical bytes (tests check it on every dtype and odd shapes).
+AVX-512 (and AVX512-BF16) or AVX2 + F16C where the CPU has them (checked at run time). The
+arithmetic is the torch path's: float32 multiply, then add (never fused), then round to
+nearest even into the chunk's dtype, so both give identical bytes (tests check it on every
+dtype and odd shapes). fp8 body version 2 also rotates its keys by RoPE in that one pass.
 
 Built like the cachegen coder (:mod:`lmcache.serde.cachegen_native`) with
 :func:`lmcache.native_build.build_shared_library`; :func:`library` returns None, with the reason
@@ -26,7 +27,7 @@ import torch
 
 from lmcache.native_build import load_once
 
-__all__ = ["CODE_FP8", "CODE_INT8", "exact", "int4", "library", "rope", "scaled"]
+__all__ = ["CODE_FP8", "CODE_INT8", "int4", "library", "rope", "scaled"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +36,14 @@ _SOURCE = Path(__file__).with_name("_dequant.c")
 _FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno"]
 CODE_FP8, CODE_INT8 = 0, 1
 _OUT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+#: bfloat16 output whose NaN is 0xFFFF (torch's vectorised float32 -> bfloat16 copy_) instead of
+#: 0x7FC0 (c10::BFloat16's, what the other bfloat16 loops write).
+_BF16_TORCH_NAN = 3
 
-#: The widest loop to use where the CPU has it: 2 AVX-512, 1 AVX2, 0 the scalar loop (tests
-#: lower it to check each loop against torch).
-SIMD = 2
+#: The widest loop to use where the CPU has it: 3 AVX-512 with bfloat16 rounding in one
+#: instruction (AVX512-BF16), 2 AVX-512, 1 AVX2, 0 the scalar loop (tests lower it to check each
+#: loop against torch).
+SIMD = 3
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -53,10 +58,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.lmc_dq_has_simd.argtypes = []
     lib.lmc_dq_scaled.restype = c_int
     lib.lmc_dq_scaled.argtypes = [
-        c_int, vp, i64, i64, i64, i64, i64, vp, vp, vp, i64, vp, vp, c_int, vp, i64, i64, i64, c_int
+        c_int, vp, i64, i64, i64, i64, i64, vp, vp, vp, i64, vp, vp, vp, vp, i64, c_int, vp, i64, i64, i64, c_int
     ]  # fmt: skip
-    lib.lmc_dq_exact.restype = c_int
-    lib.lmc_dq_exact.argtypes = [vp, vp, vp, i64, i64, i64, i64, i64, i64, i64]
     lib.lmc_dq_int4.restype = c_int
     lib.lmc_dq_int4.argtypes = [vp, i64, i64, i64, i64, i64, i64, i64, i64, vp, vp, c_int, vp, i64, i64, i64, c_int]
     lib.lmc_dq_rope.restype = c_int
@@ -117,6 +120,7 @@ def scaled(
     sv: torch.Tensor | None,
     ck: torch.Tensor | None = None,
     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    exact: tuple[np.ndarray, memoryview] | None = None,
 ) -> bool:
     """``dst`` = codes times key scales ``sk`` (plus centres ``ck``) and value scales ``sv``, in C.
 
@@ -127,6 +131,9 @@ def scaled(
     ``[T, D / 2]``) the keys are then rotated by RoPE in the same pass, in registers, with
     :func:`lmcache.serde.quant._rotate_keys`' arithmetic (each product rounded, never fused):
     the bytes of decoding into float32, rotating and converting, without that float32 pass.
+    With ``exact`` (fp8 body version 2's exact key elements: strictly increasing uint32 indices
+    into the keys ``[L, T, H * D]`` and their bytes in ``dst``'s dtype) those then replace the
+    decoded elements, a layer at a time while its keys are in cache.
 
     Returns:
         False where the C loops are not available or do not take these arguments (the caller
@@ -148,8 +155,16 @@ def scaled(
         if D % 2 or tuple(rope[0].shape) != (T, D // 2) or tuple(rope[1].shape) != (T, D // 2):
             return False
         cos, sin = _f32(rope[0]), _f32(rope[1])
+    ex_idx = ex_vals = None
+    if exact is not None:
+        ex_idx, ex_vals = np.ascontiguousarray(exact[0]), np.frombuffer(exact[1], dtype=np.uint8)
+        if ex_idx.dtype != np.uint32 or ex_vals.size != ex_idx.size * dst.element_size():
+            return False
     sk32, ck32, sv32 = _f32(sk), _f32(ck), _f32(sv)
     out_kind, sL, sP, sT = rows
+    if rope is not None and out_kind == _OUT[torch.bfloat16]:
+        # bfloat16 NaN as 0xFFFF: torch's vectorised float32 copy_, which ended the two-pass path, writes that
+        out_kind = _BF16_TORCH_NAN
     rc = lib.lmc_dq_scaled(
         kind,
         _ptr(codes),
@@ -164,6 +179,9 @@ def scaled(
         sv_heads,
         _ptr(cos),
         _ptr(sin),
+        _ptr(ex_idx),
+        _ptr(ex_vals),
+        0 if ex_idx is None else ex_idx.size,
         out_kind,
         _ptr(dst),
         sL,
@@ -254,27 +272,3 @@ def rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
         return False
     c, s = cos.to(torch.float32).contiguous(), sin.to(torch.float32).contiguous()
     return lib.lmc_dq_rope(_ptr(k), n, k.stride(0), T, H, D, _ptr(c), _ptr(s)) == 0
-
-
-def exact(dst: torch.Tensor, idx: np.ndarray, vals: memoryview) -> bool:
-    """Write fp8 body version 2's exact key elements into the keys ``dst[:, 0]`` (``dst`` ``[L, P, T, H, D]``), in C.
-
-    Args:
-        dst: The chunk's tokens after the first (a view), written in place.
-        idx: Strictly increasing indices (uint32) into the keys ``[L, T, H * D]`` flattened.
-        vals: The elements' bytes, in ``dst``'s dtype.
-
-    Returns:
-        False where the C loops are not available or do not take these arguments (the caller
-        then writes them with numpy); also False, with nothing written, for an index out of
-        order or out of range.
-    """
-    lib = library()
-    rows = _rows(dst) if lib is not None else None
-    if lib is None or rows is None or idx.dtype != np.uint32 or vals.nbytes != idx.size * dst.element_size():
-        return False
-    L, _P, T, H, D = dst.shape
-    _kind, sL, _sP, sT = rows
-    idx = np.ascontiguousarray(idx)
-    v = np.frombuffer(vals, dtype=np.uint8)
-    return lib.lmc_dq_exact(_ptr(dst), _ptr(idx), _ptr(v), idx.size, dst.element_size(), L, T, H * D, sL, sT) == 0

@@ -174,7 +174,8 @@ def _decode_blocks(
     ck: torch.Tensor | None = None,
     native: int | None = None,
     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> None:
+    exact: tuple[np.ndarray, memoryview] | None = None,
+) -> bool:
     """``dst`` (``[L, P, T, H, D]``, any view) = codes times key scales ``sk`` (+ centres ``ck``), value scales ``sv``.
 
     Works a block of layers at a time through a per-thread float32 scratch (codes to float,
@@ -184,10 +185,14 @@ def _decode_blocks(
     the keys are rotated by RoPE after centre and scale (:func:`_rotate_keys`, in float32): the C
     loop does that in the same pass too (in registers, the same arithmetic); where it cannot, the
     block's float32 values go through the scratch and are rotated there, so every path gives
-    the same bytes.
+    the same bytes. ``exact`` (fp8 version 2's exact key elements, see
+    :func:`lmcache.serde.dequant_native.scaled`) is written by that one C pass too.
+
+    Returns:
+        Whether the ``exact`` elements were written (else the caller writes them).
     """
-    if native is not None and dequant_native.scaled(native, codes, dst, sk=sk, sv=sv, ck=ck, rope=rope):
-        return
+    if native is not None and dequant_native.scaled(native, codes, dst, sk=sk, sv=sv, ck=ck, rope=rope, exact=exact):
+        return exact is not None
     L, P, T, H, D = dst.shape
     per_layer = P * T * H * D
     step = max(1, _BLOCK // per_layer)
@@ -210,6 +215,7 @@ def _decode_blocks(
         if rope is not None:
             _rotate_keys(y[:, 0], rope[0], rope[1], native=native is not None)
         dst[l0:l1].copy_(y)
+    return False
 
 
 def _rotate_keys(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, native: bool = False) -> None:
@@ -420,8 +426,11 @@ class Fp8Codec(_Scaled):
         ).reshape(L, P, -1)
         codes = np.frombuffer(body[pos : pos + L * P * (T - 1) * H * D], dtype=np.int8)
         dst = _out_tensor(out, geometry)[:, :, 1:]
-        _decode_blocks(codes, dst, self._codes_to_float, sk=sk, sv=sv, ck=ck, native=self._native, rope=rope)
-        if idx is not None and not dequant_native.exact(dst, idx, vals):
+        put = None if idx is None else (idx, vals)
+        done = _decode_blocks(
+            codes, dst, self._codes_to_float, sk=sk, sv=sv, ck=ck, native=self._native, rope=rope, exact=put
+        )
+        if idx is not None and not done:
             item = {2: np.uint16, 4: np.uint32}[geometry.itemsize]
             whole = np.frombuffer(out, dtype=item).reshape(L, P, T, H * D)
             per, row = (T - 1) * H * D, H * D

@@ -217,3 +217,30 @@ def test_nan_and_denormal_lanes_round_as_torch(lib, monkeypatch: pytest.MonkeyPa
     assert (((got & 0x7F80) == 0) & ((got & 0x7F) != 0)).any()  # bfloat16 denormals decoded
     differ = {way: ulps_apart(out, outs["torch"], "bfloat16") for way, out in outs.items()}
     assert differ == dict.fromkeys(outs, 0)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("codec", ["fp8 v1", "int8", "int4", "int4?24"])
+def test_every_codec_gives_the_torch_bytes_at_each_simd_level(lib, monkeypatch, codec: str, dtype: str) -> None:
+    """The other codecs' loops (fp8 version 1, int8, int4) also round bfloat16 with AVX512-BF16 at level 3."""
+    from lmcache.serde.codec import make_codec
+
+    name, _, group = codec.partition("?")
+    if name == "fp8 v1":
+        monkeypatch.setattr(quant.Fp8Codec, "body_version", 1)
+        name = "fp8"
+    c = make_codec({"codec": name, "codec_group": group}) if group else get_codec(name)
+    for shape in [(3, 2, 37, 3, 20), (2, 1, 19, 1, 600), (2, 2, 255, 2, 128)]:
+        g = ChunkGeometry(*shape, dtype)
+        enc = bytes(encode_value(c, chunk(shape, dtype, 0.0, 3), g))
+        assert parse_codec_header(enc) is not None
+        outs = {}
+        with monkeypatch.context() as m:
+            m.setitem(dequant_native._state, "lib", None)
+            outs["torch"] = decode(enc, g)
+        for simd in (3, 2, 1, 0):
+            with monkeypatch.context() as m:
+                m.setattr(dequant_native, "SIMD", simd)
+                outs[f"simd {simd}"] = decode(enc, g)
+        differ = {way: ulps_apart(out, outs["torch"], dtype) for way, out in outs.items()}
+        assert differ == dict.fromkeys(outs, 0), shape

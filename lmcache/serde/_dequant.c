@@ -397,12 +397,12 @@ static void rope_head_scalar(int kind, const uint8_t *codes, int64_t h, int64_t 
 }
 
 #if LMC_X86
-TGT static inline __attribute__((always_inline)) void rope_fused(int kind, const uint8_t *codes, int64_t h,
+/* Heads' pairs from d on, 8 at a time in AVX2, then the scalar tail (also the AVX-512 loop's tail). */
+TGT static inline __attribute__((always_inline)) void rope8_from(int kind, const uint8_t *codes, int64_t h, int64_t d,
                                                                  const float *s, const float *c, const float *cs,
                                                                  const float *sn, int has_c, int out_kind,
                                                                  uint8_t *out) {
     const int64_t isz = out_kind == OUT_F32 ? 4 : 2;
-    int64_t d = 0;
     for (; d + 8 <= h; d += 8) {
         __m256 a = _mm256_mul_ps(load8(kind, codes + d), _mm256_loadu_ps(s + d));
         __m256 b = _mm256_mul_ps(load8(kind, codes + h + d), _mm256_loadu_ps(s + h + d));
@@ -416,6 +416,13 @@ TGT static inline __attribute__((always_inline)) void rope_fused(int kind, const
     }
     if (d < h)
         rope_head_scalar(kind, codes, h, d, s, has_c ? c : 0, cs, sn, out_kind, out);
+}
+
+TGT static inline __attribute__((always_inline)) void rope_fused(int kind, const uint8_t *codes, int64_t h,
+                                                                 const float *s, const float *c, const float *cs,
+                                                                 const float *sn, int has_c, int out_kind,
+                                                                 uint8_t *out) {
+    rope8_from(kind, codes, h, 0, s, c, cs, sn, has_c, out_kind, out);
 }
 
 TGT512 static inline __attribute__((always_inline)) void rope512_fused(int kind, const uint8_t *codes, int64_t h,
@@ -435,19 +442,7 @@ TGT512 static inline __attribute__((always_inline)) void rope512_fused(int kind,
         store16(out_kind, out + d * isz, _mm512_sub_ps(_mm512_mul_ps(a, vc), _mm512_mul_ps(b, vs)), bf);
         store16(out_kind, out + (h + d) * isz, _mm512_add_ps(_mm512_mul_ps(b, vc), _mm512_mul_ps(a, vs)), bf);
     }
-    for (; d + 8 <= h; d += 8) { /* an 8-pair step in AVX2 before the scalar tail */
-        __m256 a = _mm256_mul_ps(load8(kind, codes + d), _mm256_loadu_ps(s + d));
-        __m256 b = _mm256_mul_ps(load8(kind, codes + h + d), _mm256_loadu_ps(s + h + d));
-        if (has_c) {
-            a = _mm256_add_ps(a, _mm256_loadu_ps(c + d));
-            b = _mm256_add_ps(b, _mm256_loadu_ps(c + h + d));
-        }
-        const __m256 vc = _mm256_loadu_ps(cs + d), vs = _mm256_loadu_ps(sn + d);
-        store8_avx2(out_kind, out + d * isz, _mm256_sub_ps(_mm256_mul_ps(a, vc), _mm256_mul_ps(b, vs)));
-        store8_avx2(out_kind, out + (h + d) * isz, _mm256_add_ps(_mm256_mul_ps(b, vc), _mm256_mul_ps(a, vs)));
-    }
-    if (d < h)
-        rope_head_scalar(kind, codes, h, d, s, has_c ? c : 0, cs, sn, out_kind, out);
+    rope8_from(kind, codes, h, d, s, c, cs, sn, has_c, out_kind, out); /* an AVX2 step, then the scalar tail */
 }
 
 /* The keys of one layer: Tc rows of H heads (codes [Tc, H, 2h], rows of the output sT bytes

@@ -74,10 +74,9 @@ def numpy_decode(body: memoryview, g: ChunkGeometry) -> bytes:
 def c_decode(lib, body: memoryview, g: ChunkGeometry, simd: bool) -> bytes:
     """The C decoder's output, AVX-512 or scalar, straight in the chunk's dtype where it can."""
     p = cachegen.parse_body(body, g)
-    tables = cachegen_native.build_tables(lib, p.freq)
     tmp = np.empty(g.numel, dtype=np.uint16 if g.dtype == "bfloat16" else np.float32)
     kind = cachegen_native.OUT_BF16 if g.dtype == "bfloat16" else cachegen_native.OUT_F32
-    cachegen._c_decode(lib, p, tables, kind, tmp, simd=simd)
+    cachegen._c_decode(lib, p, kind, tmp, simd=simd)
     if g.dtype != "float16":
         return tmp.tobytes()
     out = bytearray(g.nbytes)

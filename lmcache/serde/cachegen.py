@@ -500,26 +500,28 @@ class CacheGenCodec(Codec):
             x = _dequantize(p, _decode_symbols(p, None))
             from_float(torch.from_numpy(x), geometry, out)
             return
-        tables = cachegen_native.build_tables(lib, p.freq, regular_only=bool(p.regular.all()))
         if geometry.dtype == "bfloat16":
             dst = np.frombuffer(out, dtype=np.uint16)
-            _c_decode(lib, p, tables, cachegen_native.OUT_BF16, dst)
+            _c_decode(lib, p, cachegen_native.OUT_BF16, dst)
         elif geometry.dtype == "float32":
             dst = np.frombuffer(out, dtype=np.float32)
-            _c_decode(lib, p, tables, cachegen_native.OUT_F32, dst)
+            _c_decode(lib, p, cachegen_native.OUT_F32, dst)
         else:  # float16: float32 first, rounded by torch exactly as the numpy path rounds
             tmp = np.empty(geometry.numel, dtype=np.float32)
-            _c_decode(lib, p, tables, cachegen_native.OUT_F32, tmp)
+            _c_decode(lib, p, cachegen_native.OUT_F32, tmp)
             from_float(torch.from_numpy(tmp), geometry, out)
 
 
-def _c_decode(lib: object, p: ParsedBody, tables: np.ndarray, kind: int, out: np.ndarray, *, simd: bool = True) -> None:
-    """Run the C decoder on a parsed body: symbols (``OUT_SYMBOLS``) or values into ``out``."""
+def _c_decode(lib: object, p: ParsedBody, kind: int, out: np.ndarray, *, simd: int = cachegen_native.SIMD_AUTO) -> None:
+    """Run the C decoder on a parsed body: symbols (``OUT_SYMBOLS``) or values into ``out``.
+
+    ``simd``: the loop (``cachegen_native.SIMD_*``; every one writes the same bytes, tests run each).
+    """
     cachegen_native.decode(
         lib,  # type: ignore[arg-type]
         p.states,
         p.words,
-        tables,
+        p.freq,
         shape=p.shape,
         regular=p.regular,
         anchor=p.anchor,
@@ -536,8 +538,7 @@ def _decode_symbols(p: ParsedBody, lib: object | None) -> np.ndarray:
     if lib is None:
         return rans_decode(p.states, p.words, _symbol_tables(p, p.regular), p.freq)
     out = np.empty(int(np.prod(p.shape)), dtype=np.uint8)
-    tables = cachegen_native.build_tables(lib, p.freq)  # type: ignore[arg-type]
-    _c_decode(lib, p, tables, cachegen_native.OUT_SYMBOLS, out)  # type: ignore[arg-type]
+    _c_decode(lib, p, cachegen_native.OUT_SYMBOLS, out)
     return out
 
 

@@ -27,7 +27,11 @@ __all__ = [
     "OUT_BF16",
     "OUT_F32",
     "OUT_SYMBOLS",
-    "build_tables",
+    "SIMD_AUTO",
+    "SIMD_GATHER",
+    "SIMD_LEVELS",
+    "SIMD_LOADS",
+    "SIMD_SCALAR",
     "count",
     "decode",
     "encode",
@@ -41,6 +45,13 @@ _SOURCE = Path(__file__).with_name("_cachegen.c")
 #: No fused multiply-add: the C arithmetic must round exactly as numpy's does.
 _FLAGS = ["-O2", "-std=gnu11", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno"]
 OUT_SYMBOLS, OUT_F32, OUT_BF16 = 0, 1, 2
+#: ``simd`` levels of :func:`decode`: the CPU's best (AVX-512 with scalar-load table fetches on
+#: AMD, whose ``vpgatherdd`` is slow; with ``vpgatherdd`` elsewhere; the scalar loop without
+#: AVX-512F), the scalar loop, and the two AVX-512 loops (the scalar loop where the CPU lacks
+#: AVX-512F). Every level writes the same bytes.
+SIMD_AUTO, SIMD_SCALAR, SIMD_GATHER, SIMD_LOADS = -1, 0, 1, 2
+#: The levels a test runs (each one's bytes must equal the others').
+SIMD_LEVELS = (SIMD_SCALAR, SIMD_GATHER, SIMD_LOADS)
 #: Most streams a body may have (the C coder keeps their states on its stack).
 MAX_STREAMS = 4096
 
@@ -51,8 +62,6 @@ _state: dict[str, object] = {}
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     vp, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.lmc_cg_build_tables.restype = ctypes.c_int
-    lib.lmc_cg_build_tables.argtypes = [vp, i64, vp, ctypes.c_int]
     lib.lmc_cg_unpack_tables.restype = i64
     lib.lmc_cg_unpack_tables.argtypes = [vp, i64, i64, vp]
     lib.lmc_cg_decode.restype = ctypes.c_int
@@ -123,26 +132,11 @@ def unpack_tables(lib: ctypes.CDLL, buf: np.ndarray, n_tables: int) -> tuple[np.
     return freq, int(used)
 
 
-def build_tables(lib: ctypes.CDLL, freq: np.ndarray, regular_only: bool = False) -> np.ndarray:
-    """Decode tables ``[n_tables, 4096]`` (uint32 entries) of frequency tables ``[n_tables, 256]``.
-
-    With ``regular_only`` the tables of precise tokens (even indices) are left unset.
-
-    Raises:
-        ValueError: A table does not sum to 4096.
-    """
-    freq = np.ascontiguousarray(freq, dtype=np.uint16)
-    out = np.empty((freq.shape[0], 4096), dtype=np.uint32)
-    if lib.lmc_cg_build_tables(_ptr(freq), freq.shape[0], _ptr(out), int(regular_only)) != 0:
-        raise ValueError("cachegen frequency tables are damaged")
-    return out
-
-
 def decode(
     lib: ctypes.CDLL,
     states: np.ndarray,
     words: np.ndarray,
-    tables: np.ndarray,
+    freq: np.ndarray,
     *,
     shape: tuple[int, int, int],
     regular: np.ndarray,
@@ -150,7 +144,7 @@ def decode(
     lane_params: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
     out_kind: int,
     out: np.ndarray,
-    simd: bool = True,
+    simd: int = SIMD_AUTO,
     rope: tuple[np.ndarray, np.ndarray, int, int] | None = None,
 ) -> None:
     """Decode into ``out`` (symbols, float32 or bfloat16 bits; ``[lp * T * HD]`` elements).
@@ -159,7 +153,9 @@ def decode(
         lib: :func:`library`.
         states: Initial states, one per stream (uint32).
         words: The 16-bit words.
-        tables: :func:`build_tables`.
+        freq: Frequency tables ``[2 * layer-parts, 256]`` (uint16; per layer-part, the precise
+            tokens' then the regular ones'); the C loop builds each layer-part's decode tables
+            as it reaches it.
         shape: ``(layer-parts, tokens, heads * dim)``.
         regular: Per token, 1 for tokens coded against their reference, 0 for precise ones (uint8).
         anchor: Anchor stride, or 0 (references are channel means).
@@ -167,12 +163,14 @@ def decode(
             step; None with ``OUT_SYMBOLS``.
         out_kind: ``OUT_SYMBOLS``, ``OUT_F32`` or ``OUT_BF16``.
         out: Contiguous output array of the right element size.
-        simd: Use the AVX-512 loop where the CPU has it (False: the scalar loop; same result).
+        simd: The loop to use (``SIMD_AUTO``, ``SIMD_SCALAR``, ``SIMD_GATHER``, ``SIMD_LOADS``);
+            every level writes the same bytes.
         rope: For a body that rotated its keys (version 2): float32 cos and sin ``[T, dim / 2]``,
             the parts and the head dim; key rows are rotated back after dequantizing.
 
     Raises:
-        ValueError: The words run out or the streams do not end where they should.
+        ValueError: The words run out, the streams do not end where they should, or a frequency
+            table is damaged.
     """
     lp, T, HD = shape
     n = lp * T * HD
@@ -183,6 +181,9 @@ def decode(
     states = np.ascontiguousarray(states, dtype=np.uint32)
     words = np.ascontiguousarray(words, dtype=np.uint16)
     regular = np.ascontiguousarray(regular, dtype=np.uint8)
+    freq = np.ascontiguousarray(freq, dtype=np.uint16)
+    if freq.shape != (2 * lp, 256):
+        raise ValueError("cachegen frequency tables do not fit the chunk")
     rcos = rsin = rowbuf = None
     parts = dim = 0
     if rope is not None and lane_params is not None:
@@ -196,7 +197,7 @@ def decode(
         states.size,
         _ptr(words),
         words.size,
-        _ptr(tables),
+        _ptr(freq),
         n,
         T,
         HD,
@@ -219,6 +220,8 @@ def decode(
         raise ValueError("cachegen decode parameters do not fit the chunk")
     if rc == -1:
         raise ValueError("rANS stream is truncated")
+    if rc == -4:
+        raise ValueError("cachegen frequency tables are damaged")
     if rc != 0:
         raise ValueError("rANS stream does not end where it should")
 

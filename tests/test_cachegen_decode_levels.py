@@ -1,0 +1,135 @@
+"""cachegen's C decode loops write the reference path's bytes at every SIMD level (issue 21, stop 22).
+
+The C decoder has three loops (``cachegen_native.SIMD_LEVELS``: scalar, AVX-512 fetching the
+table entries with ``vpgatherdd``, AVX-512 fetching them with scalar loads) and builds each
+layer-part's decode tables as it reaches it (reusing a precise tokens' table that an earlier
+layer-part had). Each must decode every body version (1, 2, 3), dtype, with and without RoPE
+and anchors, on rows that are not whole vectors and streams that wrap inside rows, to exactly
+the numpy fallback's bytes: one element one ulp off fails these tests.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_cachegen import as_float, chunk, numpy_decode, rope_chunk
+
+from lmcache.serde import cachegen, cachegen_native
+from lmcache.serde.codec import ChunkGeometry
+from lmcache.serde.quant import from_float
+
+LEVELS = cachegen_native.SIMD_LEVELS
+_PARAMS_SIZE = 8  # format, bits, anchor, outliers, streams: what version 1 has before version 2's theta
+
+#: Odd token and head counts (at least 97 tokens, so a sink token counts as an outlier: precise
+#: rows); rows of 30 (a vector and a tail), 192 (whole vectors) and 21; RoPE pairs of 32 (the
+#: AVX-512 rotation) and of 5 (the scalar one); MLA (one part).
+GEOMETRIES = [
+    ChunkGeometry(3, 2, 97, 3, 10, "bfloat16"),
+    ChunkGeometry(2, 2, 101, 3, 64, "bfloat16"),
+    ChunkGeometry(2, 2, 99, 3, 64, "float16"),
+    ChunkGeometry(2, 2, 103, 3, 64, "float32"),
+    ChunkGeometry(2, 2, 301, 3, 7, "bfloat16"),  # 1024 streams wrap inside rows of 21
+    ChunkGeometry(2, 1, 107, 1, 80, "float16"),
+    ChunkGeometry(2, 2, 109, 1, 10, "float32"),
+]
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = cachegen_native.library()
+    if lib is None:
+        pytest.fail("the C coder did not build (is cc installed?)")
+    return lib
+
+
+def _ids(g: ChunkGeometry) -> str:
+    return "x".join(map(str, g.shape)) + g.dtype
+
+
+def body_of(g: ChunkGeometry, version: int, rope: bool, anchor: int) -> bytes:
+    """A body of ``version`` (1: version 2's without the RoPE base) on KV with a sink token."""
+    seed = g.tokens * 7 + version + 3 * anchor
+    data = rope_chunk(g, seed) if rope else chunk(g, seed)
+    x = as_float(data, g)
+    if rope:
+        x[:, 1, 2] *= 40  # a sink token in the values (precise in keys too; RoPE still explains the keys)
+    body = cachegen._encode(x, g, 4, anchor, rope=rope and version > 1, version=max(2, version)).body
+    if version == 1:
+        assert body[_PARAMS_SIZE : _PARAMS_SIZE + 4] == b"\0\0\0\0"  # theta 0: keys not rotated
+        body = bytes([cachegen.FORMAT_V1]) + body[1:_PARAMS_SIZE] + body[_PARAMS_SIZE + 4 :]
+    return body
+
+
+def c_decode(lib, body: bytes, g: ChunkGeometry, simd: int) -> bytes:
+    """The C decoder's bytes at ``simd``, in the chunk's dtype (float16 rounded by torch, as the codec does)."""
+    p = cachegen.parse_body(memoryview(body), g)
+    if g.dtype == "bfloat16":
+        out = np.empty(g.numel, dtype=np.uint16)
+        cachegen._c_decode(lib, p, cachegen_native.OUT_BF16, out, simd=simd)
+        return out.tobytes()
+    tmp = np.empty(g.numel, dtype=np.float32)
+    cachegen._c_decode(lib, p, cachegen_native.OUT_F32, tmp, simd=simd)
+    if g.dtype == "float32":
+        return tmp.tobytes()
+    out16 = bytearray(g.nbytes)
+    from_float(torch.from_numpy(tmp), g, memoryview(out16))
+    return bytes(out16)
+
+
+def first_difference(a: bytes, b: bytes) -> str:
+    idx = next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
+    return f"first differing byte {idx} of {len(a)}"
+
+
+@pytest.mark.parametrize("anchor", [0, 5])
+@pytest.mark.parametrize("rope", [False, True], ids=["plain", "rope"])
+@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("g", GEOMETRIES, ids=_ids)
+def test_every_level_decodes_the_reference_bytes(lib, g: ChunkGeometry, version: int, rope: bool, anchor: int) -> None:
+    if rope and (anchor or version == 1 or g.parts == 1 or g.dim % 2):
+        pytest.skip("RoPE is used for mean-mode keys only (version 2 and later, K and V parts, even dims)")
+    body = body_of(g, version, rope, anchor)
+    p = cachegen.parse_body(memoryview(body), g)
+    assert bool(p.rope_theta) == rope
+    assert p.outliers.size or anchor  # precise rows: their tables are built (and shared in version 3)
+    expected = numpy_decode(memoryview(body), g)
+    for simd in LEVELS:
+        got = c_decode(lib, body, g, simd)
+        assert got == expected, f"simd level {simd}: {first_difference(got, expected)}"
+    out = bytearray(g.nbytes)
+    cachegen.CacheGenCodec().decode_body_version(memoryview(body), g, memoryview(out), version)
+    assert bytes(out) == expected
+
+
+@pytest.mark.parametrize("simd", LEVELS)
+def test_every_level_decodes_the_reference_symbols(lib, simd: int) -> None:
+    g = GEOMETRIES[0]
+    p = cachegen.parse_body(memoryview(body_of(g, 3, False, 5)), g)
+    out = np.empty(g.numel, dtype=np.uint8)
+    cachegen._c_decode(lib, p, cachegen_native.OUT_SYMBOLS, out, simd=simd)
+    assert np.array_equal(out, cachegen._decode_symbols(p, None))
+
+
+@pytest.mark.parametrize("simd", LEVELS)
+def test_a_frequency_table_not_summing_to_4096_is_refused_at_every_level(lib, simd: int) -> None:
+    g = GEOMETRIES[0]
+    p = cachegen.parse_body(memoryview(body_of(g, 3, False, 0)), g)
+    bad = p.freq.copy()
+    bad[5, int(np.argmax(bad[5]))] += 1  # sums to 4097: a table the builder would overrun
+    out = np.empty(g.numel, dtype=np.uint16)
+    with pytest.raises(ValueError, match="frequency tables"):
+        cachegen_native.decode(
+            lib,
+            p.states,
+            p.words,
+            bad,
+            shape=p.shape,
+            regular=p.regular,
+            anchor=p.anchor,
+            lane_params=(p.pscale, p.ref, p.step),
+            out_kind=cachegen_native.OUT_BF16,
+            out=out,
+            simd=simd,
+        )

@@ -164,11 +164,26 @@ static int row_checked(uint32_t *st, int64_t S, int64_t *s_io, const uint16_t *w
                      (int)(tb)[(sx)[3] & 4095], 3)
 
 /*
+ * The table entries of the 16 states at sx: by vpgatherdd, or (loads) by scalar loads (the same
+ * entries; on AMD Zen 4, whose vpgatherdd is microcoded, a chunk decodes about 1.3x faster so).
+ */
+static inline __attribute__((always_inline)) AVX512 __m512i fetch16(const uint32_t *tb, const uint32_t *sx, int loads) {
+    if (!loads) {
+        __m512i slot = _mm512_and_si512(_mm512_loadu_si512((const void *)sx), _mm512_set1_epi32(PROB_SCALE - 1));
+        return _mm512_i32gather_epi32(slot, (const void *)tb, 4);
+    }
+    __m512i e = _mm512_inserti32x4(_mm512_castsi128_si512(LOAD4(tb, sx)), LOAD4(tb, sx + 4), 1);
+    return _mm512_inserti32x4(_mm512_inserti32x4(e, LOAD4(tb, sx + 8), 2), LOAD4(tb, sx + 12), 3);
+}
+
+/*
  * row() for 16 streams at a time (AVX-512F): the same arithmetic lane by lane. The words the
  * 16 streams need are the next popcount(need) words, expanded into the lanes that renormalize
- * in stream order, which is the order the scalar loop reads them in. loads: fetch the 16 table
- * entries by scalar loads instead of vpgatherdd (the same entries; on AMD Zen 4, whose
- * vpgatherdd is microcoded, a chunk decodes about 1.3x faster so).
+ * in stream order, which is the order the scalar loop reads them in. A stretch of whole vectors
+ * (up to the row's end or the streams' wrap) is software-pipelined: the next vector's table
+ * entries are fetched before this one renormalizes, which keeps more fetches in flight than
+ * the out-of-order window alone does (bfloat16 rows about 1.15x faster on Zen 4).
+ * loads: see fetch16().
  */
 static inline __attribute__((always_inline)) AVX512 void row16(uint32_t *st, int64_t S, int64_t *s_io,
                                                                 const uint16_t *words, int64_t *ptr_io,
@@ -180,43 +195,43 @@ static inline __attribute__((always_inline)) AVX512 void row16(uint32_t *st, int
     const __m512i low = _mm512_set1_epi32(RANS_LOW), half = _mm512_set1_epi32(HALF);
     const __m512i round = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
     while (c < hd) {
-        if (c + 16 <= hd && s + 16 <= S) {
-            __m512i x = _mm512_loadu_si512((const void *)(st + s));
-            __m512i e;
-            if (loads) {
-                const uint32_t *sx = st + s;
-                e = _mm512_inserti32x4(_mm512_castsi128_si512(LOAD4(tb, sx)), LOAD4(tb, sx + 4), 1);
-                e = _mm512_inserti32x4(_mm512_inserti32x4(e, LOAD4(tb, sx + 8), 2), LOAD4(tb, sx + 12), 3);
-            } else {
-                e = _mm512_i32gather_epi32(_mm512_and_si512(x, mask12), (const void *)tb, 4);
-            }
-            __m512i sym = _mm512_and_si512(e, m8);
-            __m512i f1 = _mm512_and_si512(_mm512_srli_epi32(e, 8), mask12);
-            __m512i xs = _mm512_srli_epi32(x, PROB_BITS);
-            x = _mm512_add_epi32(_mm512_add_epi32(_mm512_mullo_epi32(f1, xs), xs), _mm512_srli_epi32(e, 20));
-            __mmask16 need = _mm512_cmplt_epu32_mask(x, low);
-            __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(words + ptr)));
-            w = _mm512_maskz_expand_epi32(need, w);
-            x = _mm512_mask_or_epi32(x, need, _mm512_slli_epi32(x, 16), w);
-            ptr += __builtin_popcount((unsigned)need);
-            _mm512_storeu_si512((void *)(st + s), x);
-            if (kind == OUT_SYMBOLS) {
-                _mm_storeu_si128((__m128i *)((uint8_t *)out + c), _mm512_cvtepi32_epi8(sym));
-            } else {
-                __m512 q = _mm512_cvtepi32_ps(_mm512_sub_epi32(sym, half));
-                __m512 v = _mm512_mul_ps(q, _mm512_loadu_ps(mul + c));
-                if (mode) v = _mm512_add_ps(_mm512_loadu_ps(add + c), v);
-                if (keep) _mm512_storeu_ps(keep + c, v);
-                if (kind == OUT_F32) {
-                    _mm512_storeu_ps((float *)out + c, v);
+        int64_t nv = (hd - c) / 16, room = (S - s) / 16;
+        if (room < nv) nv = room;
+        if (nv > 0) {
+            /* the next vector's table entries are fetched before this one renormalizes */
+            __m512i e_next = fetch16(tb, st + s, loads);
+            for (int64_t j = 0; j < nv; j++) {
+                __m512i x = _mm512_loadu_si512((const void *)(st + s));
+                __m512i e = e_next;
+                if (j + 1 < nv) e_next = fetch16(tb, st + s + 16, loads);
+                __m512i sym = _mm512_and_si512(e, m8);
+                __m512i f1 = _mm512_and_si512(_mm512_srli_epi32(e, 8), mask12);
+                __m512i xs = _mm512_srli_epi32(x, PROB_BITS);
+                x = _mm512_add_epi32(_mm512_add_epi32(_mm512_mullo_epi32(f1, xs), xs), _mm512_srli_epi32(e, 20));
+                __mmask16 need = _mm512_cmplt_epu32_mask(x, low);
+                __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(words + ptr)));
+                w = _mm512_maskz_expand_epi32(need, w);
+                x = _mm512_mask_or_epi32(x, need, _mm512_slli_epi32(x, 16), w);
+                ptr += __builtin_popcount((unsigned)need);
+                _mm512_storeu_si512((void *)(st + s), x);
+                if (kind == OUT_SYMBOLS) {
+                    _mm_storeu_si128((__m128i *)((uint8_t *)out + c), _mm512_cvtepi32_epi8(sym));
                 } else {
-                    __m512i u = _mm512_castps_si512(v);
-                    u = _mm512_add_epi32(u, _mm512_add_epi32(round, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
-                    _mm256_storeu_si256((__m256i *)((uint16_t *)out + c), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+                    __m512 q = _mm512_cvtepi32_ps(_mm512_sub_epi32(sym, half));
+                    __m512 v = _mm512_mul_ps(q, _mm512_loadu_ps(mul + c));
+                    if (mode) v = _mm512_add_ps(_mm512_loadu_ps(add + c), v);
+                    if (keep) _mm512_storeu_ps(keep + c, v);
+                    if (kind == OUT_F32) {
+                        _mm512_storeu_ps((float *)out + c, v);
+                    } else {
+                        __m512i u = _mm512_castps_si512(v);
+                        u = _mm512_add_epi32(u, _mm512_add_epi32(round, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+                        _mm256_storeu_si256((__m256i *)((uint16_t *)out + c), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+                    }
                 }
+                c += 16;
+                s += 16;
             }
-            c += 16;
-            s += 16;
             if (s == S) s = 0;
         } else { /* a row's tail or a stream wrap: one symbol the scalar way */
             uint32_t x = st[s], sym1;

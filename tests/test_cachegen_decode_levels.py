@@ -133,3 +133,20 @@ def test_a_frequency_table_not_summing_to_4096_is_refused_at_every_level(lib, si
             out=out,
             simd=simd,
         )
+
+
+def test_c_half_to_float_is_numpys_for_every_float16(lib) -> None:
+    """The parser's C float16 conversion (means, version 1-2 steps) is numpy's for all 65536 bit patterns."""
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    got = cachegen_native.half_to_float(lib, halves)
+    assert np.array_equal(got.view(np.uint32), halves.astype(np.float32).view(np.uint32))
+
+
+def test_c_log_values_are_the_numpy_parsers(lib) -> None:
+    """Version 3's log codes expand to the same float32 in C as in numpy, at both ends of the base range."""
+    base = np.array([cachegen._LOG_LO, cachegen._LOG_HI - 255, 0, -37], dtype=np.int16)
+    codes = np.random.default_rng(5).integers(0, 256, (base.size, 301)).astype(np.uint8)
+    codes[:, :2] = (0, 255)
+    got = cachegen_native.log_values(lib, base, codes, cachegen._LOG_VALUES, cachegen._LOG_LO)
+    want = cachegen._from_log(base.astype(np.int64)[:, None] + codes.astype(np.int64)).reshape(-1)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))

@@ -69,6 +69,44 @@ static int build_table_scalar(const uint16_t *f, uint32_t *o) {
     return cum == PROB_SCALE ? 0 : -1;
 }
 
+/*
+ * float16 bits to float32, exactly as numpy's astype (subnormals normalized; NaN payloads kept,
+ * signalling ones too): the per-lane means, steps and scales of a body (numpy's float16 loop
+ * cost a tenth of a chunk's decode).
+ */
+void lmc_cg_half_to_float(const uint16_t *h, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t x = h[i], sign = (x & 0x8000u) << 16, e = (x >> 10) & 0x1F, m = x & 0x3FF, u;
+        if (e == 0x1F) {
+            u = sign | 0x7F800000u | (m << 13);
+        } else if (e != 0) {
+            u = sign | ((e + 112) << 23) | (m << 13);
+        } else if (m == 0) {
+            u = sign;
+        } else { /* subnormal: normalize */
+            uint32_t k = 0;
+            while (!(m & 0x400)) {
+                m <<= 1;
+                k++;
+            }
+            u = sign | ((113 - k) << 23) | ((m & 0x3FF) << 13);
+        }
+        memcpy(out + i, &u, 4);
+    }
+}
+
+/*
+ * Log codes to float32 (body version 3): out[r * cols + c] = values[base[r] - lo + codes[r *
+ * cols + c]], values being every code's value from code lo; the caller checked each base.
+ */
+void lmc_cg_log_values(const int16_t *base, const uint8_t *codes, int64_t rows, int64_t cols, const float *values,
+                       int64_t lo, float *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *v = values + (base[r] - lo);
+        for (int64_t c = 0; c < cols; c++) out[r * cols + c] = v[codes[r * cols + c]];
+    }
+}
+
 static inline uint16_t bf16_of(float v) {
     uint32_t u;
     memcpy(&u, &v, 4);

@@ -35,7 +35,9 @@ __all__ = [
     "count",
     "decode",
     "encode",
+    "half_to_float",
     "library",
+    "log_values",
     "unpack_tables",
 ]
 
@@ -62,6 +64,10 @@ _state: dict[str, object] = {}
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     vp, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.lmc_cg_half_to_float.restype = None
+    lib.lmc_cg_half_to_float.argtypes = [vp, i64, vp]
+    lib.lmc_cg_log_values.restype = None
+    lib.lmc_cg_log_values.argtypes = [vp, vp, i64, i64, vp, i64, vp]
     lib.lmc_cg_unpack_tables.restype = i64
     lib.lmc_cg_unpack_tables.argtypes = [vp, i64, i64, vp]
     lib.lmc_cg_decode.restype = ctypes.c_int
@@ -130,6 +136,32 @@ def unpack_tables(lib: ctypes.CDLL, buf: np.ndarray, n_tables: int) -> tuple[np.
     if used < 0:
         raise ValueError("cachegen frequency tables are damaged")
     return freq, int(used)
+
+
+def half_to_float(lib: ctypes.CDLL, h: np.ndarray) -> np.ndarray:
+    """float16 values (any shape) as float32, flat: the same values (and bits) as numpy's ``astype``."""
+    h = np.ascontiguousarray(h, dtype=np.float16).reshape(-1)
+    out = np.empty(h.size, dtype=np.float32)
+    lib.lmc_cg_half_to_float(_ptr(h), h.size, _ptr(out))
+    return out
+
+
+def log_values(lib: ctypes.CDLL, base: np.ndarray, codes: np.ndarray, values: np.ndarray, lo: int) -> np.ndarray:
+    """``values[base[r] - lo + codes[r, c]]`` flat (float32): body version 3's per-lane log codes.
+
+    Args:
+        lib: :func:`library`.
+        base: int16 base code per row, each within ``[lo, lo + values.size - 256]`` (checked by the caller).
+        codes: uint8 ``[rows, cols]``.
+        values: float32 value of every code from ``lo``.
+        lo: The first code of ``values``.
+    """
+    base = np.ascontiguousarray(base, dtype=np.int16)
+    codes = np.ascontiguousarray(codes, dtype=np.uint8).reshape(base.size, -1)
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    out = np.empty(codes.size, dtype=np.float32)
+    lib.lmc_cg_log_values(_ptr(base), _ptr(codes), base.size, codes.shape[1], _ptr(values), lo, _ptr(out))
+    return out
 
 
 def decode(

@@ -1,7 +1,7 @@
 """cachegen's C decode loops write the reference path's bytes at every SIMD level (issue 21, stop 22).
 
-The C decoder has three loops (``cachegen_native.SIMD_LEVELS``: scalar, AVX-512 fetching the
-table entries with ``vpgatherdd``, AVX-512 fetching them with scalar loads) and builds each
+The C decoder has four loops (``cachegen_native.SIMD_LEVELS``: scalar, AVX-512 fetching the
+table entries with ``vpgatherdd``, AVX-512 fetching them with scalar loads, AVX2) and builds each
 layer-part's decode tables as it reaches it (reusing a precise tokens' table that an earlier
 layer-part had). Each must decode every body version (1, 2, 3), dtype, with and without RoPE
 and anchors, on rows that are not whole vectors and streams that wrap inside rows, to exactly
@@ -24,7 +24,7 @@ _PARAMS_SIZE = 8  # format, bits, anchor, outliers, streams: what version 1 has 
 
 #: Odd token and head counts (at least 97 tokens, so a sink token counts as an outlier: precise
 #: rows); rows of 30 (a vector and a tail), 192 (whole vectors) and 21; RoPE pairs of 32 (the
-#: AVX-512 rotation) and of 5 (the scalar one); MLA (one part).
+#: AVX-512 and AVX2 rotations) and of 5 (the scalar one); MLA (one part).
 GEOMETRIES = [
     ChunkGeometry(3, 2, 97, 3, 10, "bfloat16"),
     ChunkGeometry(2, 2, 101, 3, 64, "bfloat16"),
@@ -33,6 +33,7 @@ GEOMETRIES = [
     ChunkGeometry(2, 2, 301, 3, 7, "bfloat16"),  # 1024 streams wrap inside rows of 21
     ChunkGeometry(2, 1, 107, 1, 80, "float16"),
     ChunkGeometry(2, 2, 109, 1, 10, "float32"),
+    ChunkGeometry(2, 2, 113, 3, 48, "bfloat16"),  # RoPE pairs of 24: the AVX2 rotation, AVX-512's scalar one
 ]
 
 

@@ -20,8 +20,8 @@
 #define HALF 127
 
 enum { OUT_SYMBOLS = 0, OUT_F32 = 1, OUT_BF16 = 2 };
-/* simd levels of lmc_cg_decode: the CPU's best, scalar, AVX-512 with vpgatherdd, with scalar loads */
-enum { SIMD_AUTO = -1, SIMD_SCALAR = 0, SIMD_GATHER = 1, SIMD_LOADS = 2 };
+/* simd levels of lmc_cg_decode: the CPU's best, scalar, AVX-512 with vpgatherdd or scalar loads, AVX2 */
+enum { SIMD_AUTO = -1, SIMD_SCALAR = 0, SIMD_GATHER = 1, SIMD_LOADS = 2, SIMD_AVX2 = 3 };
 
 /*
  * Frequency tables [n_tables][256] from their packed form (per table: first used symbol,
@@ -338,17 +338,122 @@ static AVX512 int build_table16(const uint16_t *f, uint32_t *o) {
     return cum == PROB_SCALE ? 0 : -1;
 }
 
+#define AVX2 __attribute__((target("avx2,popcnt")))
+
+/* Per renormalization mask of 8 lanes: lane i takes word popcount(mask & ((1 << i) - 1)). */
+static _Alignas(32) uint32_t expand8[256][8];
+
+static void init_expand8(void) {
+    for (int m = 0; m < 256; m++)
+        for (int i = 0; i < 8; i++) expand8[m][i] = (uint32_t)__builtin_popcount((unsigned)m & ((1u << i) - 1));
+}
+
 /*
- * The SIMD level a decode uses when not told (SIMD_AUTO): 0 without AVX-512F; with it, 2 (table
- * entries by scalar loads) on AMD CPUs, whose vpgatherdd is slow, else 1 (vpgatherdd).
+ * row() for 8 streams at a time with AVX2 (CPUs without AVX-512F): the same arithmetic lane by
+ * lane; table entries by scalar loads, the words expanded into the lanes that renormalize by a
+ * permutation looked up by their mask (AVX2 has no vpexpandd).
+ */
+static inline __attribute__((always_inline)) AVX2 void row8(uint32_t *st, int64_t S, int64_t *s_io,
+                                                             const uint16_t *words, int64_t *ptr_io,
+                                                             const uint32_t *tb, int64_t hd, int kind, int mode,
+                                                             const float *mul, const float *add, float *keep,
+                                                             void *out) {
+    int64_t s = *s_io, ptr = *ptr_io, c = 0;
+    const __m256i mask12 = _mm256_set1_epi32(PROB_SCALE - 1), m8 = _mm256_set1_epi32(0xFF);
+    const __m256i bias = _mm256_set1_epi32((int)0x80000000u), low = _mm256_set1_epi32((int)(RANS_LOW ^ 0x80000000u));
+    const __m256i half = _mm256_set1_epi32(HALF), round = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1);
+    while (c < hd) {
+        if (c + 8 <= hd && s + 8 <= S) {
+            const uint32_t *sx = st + s;
+            __m256i x = _mm256_loadu_si256((const __m256i *)sx);
+            __m256i e = _mm256_inserti128_si256(_mm256_castsi128_si256(LOAD4(tb, sx)), LOAD4(tb, sx + 4), 1);
+            __m256i sym = _mm256_and_si256(e, m8);
+            __m256i f1 = _mm256_and_si256(_mm256_srli_epi32(e, 8), mask12);
+            __m256i xs = _mm256_srli_epi32(x, PROB_BITS);
+            x = _mm256_add_epi32(_mm256_add_epi32(_mm256_mullo_epi32(f1, xs), xs), _mm256_srli_epi32(e, 20));
+            __m256i need = _mm256_cmpgt_epi32(low, _mm256_xor_si256(x, bias)); /* x < RANS_LOW, unsigned */
+            unsigned m = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(need));
+            __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(words + ptr)));
+            w = _mm256_permutevar8x32_epi32(w, _mm256_load_si256((const __m256i *)expand8[m]));
+            x = _mm256_blendv_epi8(x, _mm256_or_si256(_mm256_slli_epi32(x, 16), w), need);
+            ptr += __builtin_popcount(m);
+            _mm256_storeu_si256((__m256i *)sx, x);
+            if (kind == OUT_SYMBOLS) {
+                __m128i p = _mm_packus_epi32(_mm256_castsi256_si128(sym), _mm256_extracti128_si256(sym, 1));
+                _mm_storel_epi64((__m128i *)((uint8_t *)out + c), _mm_packus_epi16(p, p));
+            } else {
+                __m256 q = _mm256_cvtepi32_ps(_mm256_sub_epi32(sym, half));
+                __m256 v = _mm256_mul_ps(q, _mm256_loadu_ps(mul + c));
+                if (mode) v = _mm256_add_ps(_mm256_loadu_ps(add + c), v);
+                if (keep) _mm256_storeu_ps(keep + c, v);
+                if (kind == OUT_F32) {
+                    _mm256_storeu_ps((float *)out + c, v);
+                } else {
+                    __m256i u = _mm256_castps_si256(v);
+                    u = _mm256_add_epi32(u, _mm256_add_epi32(round, _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
+                    u = _mm256_srli_epi32(u, 16);
+                    __m128i p = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+                    _mm_storeu_si128((__m128i *)((uint16_t *)out + c), p);
+                }
+            }
+            c += 8;
+            s += 8;
+            if (s == S) s = 0;
+        } else { /* a row's tail or a stream wrap: one symbol the scalar way */
+            uint32_t x = st[s], sym1;
+            DECODE_ONE(x, tb, sym1);
+            if (x < RANS_LOW) x = (x << 16) | words[ptr++];
+            st[s] = x;
+            if (++s == S) s = 0;
+            if (kind == OUT_SYMBOLS) {
+                ((uint8_t *)out)[c] = (uint8_t)sym1;
+            } else {
+                float q = (float)((int)sym1 - HALF);
+                float v = mode ? add[c] + q * mul[c] : q * mul[c];
+                if (keep) keep[c] = v;
+                if (kind == OUT_F32)
+                    ((float *)out)[c] = v;
+                else
+                    ((uint16_t *)out)[c] = bf16_of(v);
+            }
+            c++;
+        }
+    }
+    *s_io = s;
+    *ptr_io = ptr;
+}
+
+#define ROW8_AS(kind_, mode_) row8(st, S, s_io, words, ptr_io, tb, hd, kind_, mode_, mul, add, keep, out)
+
+static AVX2 void row8_any(uint32_t *st, int64_t S, int64_t *s_io, const uint16_t *words, int64_t *ptr_io,
+                          const uint32_t *tb, int64_t hd, int kind, int mode, const float *mul, const float *add,
+                          float *keep, void *out) {
+    if (kind == OUT_SYMBOLS)
+        ROW8_AS(OUT_SYMBOLS, 0);
+    else if (kind == OUT_F32)
+        mode ? ROW8_AS(OUT_F32, 1) : ROW8_AS(OUT_F32, 0);
+    else
+        mode ? ROW8_AS(OUT_BF16, 1) : ROW8_AS(OUT_BF16, 0);
+}
+
+/*
+ * The SIMD level a decode uses when not told (SIMD_AUTO): with AVX-512F, 2 (table entries by
+ * scalar loads) on AMD CPUs, whose vpgatherdd is slow, else 1 (vpgatherdd); without it, 3 where
+ * the CPU has AVX2, else 0.
  */
 static int simd_level(void) {
-    static int level = -1; /* a benign race: every thread computes the same value */
-    if (level < 0) {
+    static int level = -1; /* a benign race: every thread computes the same values */
+    int l = __atomic_load_n(&level, __ATOMIC_ACQUIRE);
+    if (l < 0) {
         __builtin_cpu_init();
-        level = !__builtin_cpu_supports("avx512f") ? 0 : __builtin_cpu_is("amd") ? 2 : 1;
+        init_expand8();
+        if (__builtin_cpu_supports("avx512f"))
+            l = __builtin_cpu_is("amd") ? SIMD_LOADS : SIMD_GATHER;
+        else
+            l = __builtin_cpu_supports("avx2") ? SIMD_AVX2 : SIMD_SCALAR;
+        __atomic_store_n(&level, l, __ATOMIC_RELEASE); /* after expand8 is filled */
     }
-    return level;
+    return l;
 }
 #else
 static int simd_level(void) { return 0; }
@@ -415,11 +520,47 @@ static AVX512 void rope_store16(const float *r, int64_t hd, int64_t dim, const f
 }
 #endif
 
+#ifdef LMC_X86
+/* rope_store_scalar() 8 pairs at a time (AVX2; no FMA: the target has none). */
+static AVX2 void rope_store8(const float *r, int64_t hd, int64_t dim, const float *cs, const float *sn, int kind,
+                             void *out) {
+    int64_t h2 = dim / 2;
+    const __m256i round = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1);
+    for (int64_t b = 0; b < hd; b += dim) {
+        for (int64_t c = 0; c < h2; c += 8) {
+            __m256 a = _mm256_loadu_ps(r + b + c), z = _mm256_loadu_ps(r + b + c + h2);
+            __m256 co = _mm256_loadu_ps(cs + c), si = _mm256_loadu_ps(sn + c);
+            __m256 lo = _mm256_sub_ps(_mm256_mul_ps(a, co), _mm256_mul_ps(z, si));
+            __m256 hi = _mm256_add_ps(_mm256_mul_ps(z, co), _mm256_mul_ps(a, si));
+            if (kind == OUT_F32) {
+                _mm256_storeu_ps((float *)out + b + c, lo);
+                _mm256_storeu_ps((float *)out + b + c + h2, hi);
+            } else {
+                __m256i u = _mm256_castps_si256(lo), v = _mm256_castps_si256(hi);
+                u = _mm256_srli_epi32(
+                    _mm256_add_epi32(u, _mm256_add_epi32(round, _mm256_and_si256(_mm256_srli_epi32(u, 16), one))), 16);
+                v = _mm256_srli_epi32(
+                    _mm256_add_epi32(v, _mm256_add_epi32(round, _mm256_and_si256(_mm256_srli_epi32(v, 16), one))), 16);
+                _mm_storeu_si128((__m128i *)((uint16_t *)out + b + c),
+                                 _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1)));
+                _mm_storeu_si128((__m128i *)((uint16_t *)out + b + c + h2),
+                                 _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
+            }
+        }
+    }
+}
+#endif
+
+/* simd: SIMD_* level of the decode (AVX-512 and AVX2 rotate 16 or 8 pairs a step where they fit). */
 static void rope_store(const float *r, int64_t hd, int64_t dim, const float *cs, const float *sn, int kind, void *out,
                        int simd) {
 #ifdef LMC_X86
-    if (simd && (dim / 2) % 16 == 0) {
+    if ((simd == SIMD_GATHER || simd == SIMD_LOADS) && (dim / 2) % 16 == 0) {
         rope_store16(r, hd, dim, cs, sn, kind, out);
+        return;
+    }
+    if (simd == SIMD_AVX2 && (dim / 2) % 8 == 0) {
+        rope_store8(r, hd, dim, cs, sn, kind, out);
         return;
     }
 #endif
@@ -428,8 +569,10 @@ static void rope_store(const float *r, int64_t hd, int64_t dim, const float *cs,
 
 #ifdef LMC_X86
 #define row16_dispatch row16_any
+#define row8_dispatch row8_any
 #else
 #define row16_dispatch(...) ((void)0)
+#define row8_dispatch(...) ((void)0)
 #endif
 
 #define ROW_ALL_KINDS(mode_, mul_, add_, keep_)                                                                      \
@@ -437,8 +580,10 @@ static void rope_store(const float *r, int64_t hd, int64_t dim, const float *cs,
         void *o_ = (char *)out + i * esize;                                                                          \
         if (ptr + hd > n_words) {                                                                                    \
             if (row_checked(st, S, &s, words, n_words, &ptr, tb, hd, out_kind, mode_, mul_, add_, keep_, o_)) return -1; \
-        } else if (simd) {                                                                                           \
-            row16_dispatch(st, S, &s, words, &ptr, tb, hd, out_kind, mode_, loads, mul_, add_, keep_, o_);               \
+        } else if (avx512) {                                                                                         \
+            row16_dispatch(st, S, &s, words, &ptr, tb, hd, out_kind, mode_, loads, mul_, add_, keep_, o_);           \
+        } else if (simd == SIMD_AVX2) {                                                                              \
+            row8_dispatch(st, S, &s, words, &ptr, tb, hd, out_kind, mode_, mul_, add_, keep_, o_);                   \
         } else if (out_kind == OUT_SYMBOLS) {                                                                        \
             row(st, S, &s, words, &ptr, tb, hd, OUT_SYMBOLS, mode_, mul_, add_, keep_, o_);                          \
         } else if (out_kind == OUT_F32) {                                                                            \
@@ -453,8 +598,10 @@ static void rope_store(const float *r, int64_t hd, int64_t dim, const float *cs,
     do {                                                                                                          \
         if (ptr + hd > n_words) {                                                                                 \
             if (row_checked(st, S, &s, words, n_words, &ptr, tb, hd, OUT_F32, mode_, mul_, add_, keep_, dst_)) return -1; \
-        } else if (simd) {                                                                                        \
-            row16_dispatch(st, S, &s, words, &ptr, tb, hd, OUT_F32, mode_, loads, mul_, add_, keep_, dst_);           \
+        } else if (avx512) {                                                                                      \
+            row16_dispatch(st, S, &s, words, &ptr, tb, hd, OUT_F32, mode_, loads, mul_, add_, keep_, dst_);       \
+        } else if (simd == SIMD_AVX2) {                                                                           \
+            row8_dispatch(st, S, &s, words, &ptr, tb, hd, OUT_F32, mode_, mul_, add_, keep_, dst_);               \
         } else {                                                                                                  \
             row(st, S, &s, words, &ptr, tb, hd, OUT_F32, mode_, mul_, add_, keep_, dst_);                         \
         }                                                                                                         \
@@ -469,8 +616,8 @@ static void rope_store(const float *r, int64_t hd, int64_t dim, const float *cs,
  * OUT_BF16 write the dequantized values: precise tokens q * pscale[lane], the rest ref + q *
  * step[lane], where ref is mean[lane] (anchor == 0) or the value of the lane's last anchor
  * token (t % anchor == 0). anc is scratch of lp * hd floats (anchor mode only); lane = lp * hd
- * + c. simd: SIMD_AUTO (the CPU's best), SIMD_SCALAR, SIMD_GATHER or SIMD_LOADS (AVX-512 levels
- * fall back to the scalar loop without AVX-512F); every level writes the same bytes (tests).
+ * + c. simd: SIMD_AUTO (the CPU's best), SIMD_SCALAR, SIMD_GATHER or SIMD_LOADS (AVX-512), or
+ * SIMD_AVX2; a level the CPU lacks falls back to its best; every level writes the same bytes.
  * rcos, rsin (body version 2; NULL otherwise): cos and sin [T][dim / 2] of RoPE's angles at the
  * chunk's relative positions; rows of part 0 (keys: lp % parts == 0) are rotated by them after
  * dequantizing (rope_store), through rowbuf (hd floats). Mean mode only (anchor == 0).
@@ -487,8 +634,13 @@ int lmc_cg_decode(const uint32_t *states_in, int64_t S, const uint16_t *words, i
     const uint16_t *ptab_of[2] = {NULL, NULL};
     int victim = 0;
     int level = simd_level();
-    simd = simd < 0 ? level : !level ? SIMD_SCALAR : simd > SIMD_LOADS ? SIMD_LOADS : simd;
-    int loads = simd == SIMD_LOADS;
+    if (simd < 0 || simd > SIMD_AVX2)
+        simd = level;
+    else if ((simd == SIMD_GATHER || simd == SIMD_LOADS) && level != SIMD_GATHER && level != SIMD_LOADS)
+        simd = level; /* no AVX-512F here: AVX2 or scalar */
+    else if (simd == SIMD_AVX2 && level == SIMD_SCALAR)
+        simd = SIMD_SCALAR;
+    int avx512 = simd == SIMD_GATHER || simd == SIMD_LOADS, loads = simd == SIMD_LOADS;
     if (S <= 0 || S > 4096 || T <= 0 || hd <= 0 || n % (T * hd)) return -3;
     int rope = rcos != NULL && out_kind != OUT_SYMBOLS;
     if (rope && (parts <= 0 || dim <= 0 || dim % 2 || hd % dim || anchor || !rowbuf)) return -3;
@@ -505,7 +657,7 @@ int lmc_cg_decode(const uint32_t *states_in, int64_t S, const uint16_t *words, i
         const float *ref = NULL;
         const uint32_t *tables[2] = {NULL, NULL}; /* precise, regular */
         if (any_regular) {
-            if (build_table(freq + (2 * lp + 1) * 256, tabs[0], simd)) return -4;
+            if (build_table(freq + (2 * lp + 1) * 256, tabs[0], avx512)) return -4;
             tables[1] = tabs[0];
         }
         if (any_precise) {
@@ -514,7 +666,7 @@ int lmc_cg_decode(const uint32_t *states_in, int64_t S, const uint16_t *words, i
             if (k < 0) {
                 k = victim;
                 victim ^= 1;
-                if (build_table(f, tabs[1 + k], simd)) return -4;
+                if (build_table(f, tabs[1 + k], avx512)) return -4;
                 ptab_of[k] = f;
             }
             tables[0] = tabs[1 + k];

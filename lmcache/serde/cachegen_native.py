@@ -28,6 +28,7 @@ __all__ = [
     "OUT_F32",
     "OUT_SYMBOLS",
     "SIMD_AUTO",
+    "SIMD_AVX2",
     "SIMD_GATHER",
     "SIMD_LEVELS",
     "SIMD_LOADS",
@@ -48,12 +49,12 @@ _SOURCE = Path(__file__).with_name("_cachegen.c")
 _FLAGS = ["-O2", "-std=gnu11", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno"]
 OUT_SYMBOLS, OUT_F32, OUT_BF16 = 0, 1, 2
 #: ``simd`` levels of :func:`decode`: the CPU's best (AVX-512 with scalar-load table fetches on
-#: AMD, whose ``vpgatherdd`` is slow; with ``vpgatherdd`` elsewhere; the scalar loop without
-#: AVX-512F), the scalar loop, and the two AVX-512 loops (the scalar loop where the CPU lacks
-#: AVX-512F). Every level writes the same bytes.
-SIMD_AUTO, SIMD_SCALAR, SIMD_GATHER, SIMD_LOADS = -1, 0, 1, 2
+#: AMD, whose ``vpgatherdd`` is slow, with ``vpgatherdd`` elsewhere; AVX2 without AVX-512F; the
+#: scalar loop without either), the scalar loop, the two AVX-512 loops and the AVX2 loop (a
+#: level the CPU lacks runs its best instead). Every level writes the same bytes.
+SIMD_AUTO, SIMD_SCALAR, SIMD_GATHER, SIMD_LOADS, SIMD_AVX2 = -1, 0, 1, 2, 3
 #: The levels a test runs (each one's bytes must equal the others').
-SIMD_LEVELS = (SIMD_SCALAR, SIMD_GATHER, SIMD_LOADS)
+SIMD_LEVELS = (SIMD_SCALAR, SIMD_GATHER, SIMD_LOADS, SIMD_AVX2)
 #: Most streams a body may have (the C coder keeps their states on its stack).
 MAX_STREAMS = 4096
 
@@ -195,8 +196,8 @@ def decode(
             step; None with ``OUT_SYMBOLS``.
         out_kind: ``OUT_SYMBOLS``, ``OUT_F32`` or ``OUT_BF16``.
         out: Contiguous output array of the right element size.
-        simd: The loop to use (``SIMD_AUTO``, ``SIMD_SCALAR``, ``SIMD_GATHER``, ``SIMD_LOADS``);
-            every level writes the same bytes.
+        simd: The loop to use (``SIMD_AUTO``, ``SIMD_SCALAR``, ``SIMD_GATHER``, ``SIMD_LOADS``,
+            ``SIMD_AVX2``); every level writes the same bytes.
         rope: For a body that rotated its keys (version 2): float32 cos and sin ``[T, dim / 2]``,
             the parts and the head dim; key rows are rotated back after dequantizing.
 

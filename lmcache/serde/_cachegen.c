@@ -575,37 +575,30 @@ static void rope_store(const float *r, int64_t hd, int64_t dim, const float *cs,
 #define row8_dispatch(...) ((void)0)
 #endif
 
-#define ROW_ALL_KINDS(mode_, mul_, add_, keep_)                                                                      \
+/* One row of hd symbols into o_ as ok_ (the loop the level picks; a constant ok_ folds the
+ * scalar loop's switch away). */
+#define ROW_INTO(o_, ok_, mode_, mul_, add_, keep_)                                                                  \
     do {                                                                                                             \
-        void *o_ = (char *)out + i * esize;                                                                          \
         if (ptr + hd > n_words) {                                                                                    \
-            if (row_checked(st, S, &s, words, n_words, &ptr, tb, hd, out_kind, mode_, mul_, add_, keep_, o_)) return -1; \
+            if (row_checked(st, S, &s, words, n_words, &ptr, tb, hd, ok_, mode_, mul_, add_, keep_, o_)) return -1;  \
         } else if (avx512) {                                                                                         \
-            row16_dispatch(st, S, &s, words, &ptr, tb, hd, out_kind, mode_, loads, mul_, add_, keep_, o_);           \
+            row16_dispatch(st, S, &s, words, &ptr, tb, hd, ok_, mode_, loads, mul_, add_, keep_, o_);                \
         } else if (simd == SIMD_AVX2) {                                                                              \
-            row8_dispatch(st, S, &s, words, &ptr, tb, hd, out_kind, mode_, mul_, add_, keep_, o_);                   \
-        } else if (out_kind == OUT_SYMBOLS) {                                                                        \
+            row8_dispatch(st, S, &s, words, &ptr, tb, hd, ok_, mode_, mul_, add_, keep_, o_);                        \
+        } else if ((ok_) == OUT_SYMBOLS) {                                                                           \
             row(st, S, &s, words, &ptr, tb, hd, OUT_SYMBOLS, mode_, mul_, add_, keep_, o_);                          \
-        } else if (out_kind == OUT_F32) {                                                                            \
+        } else if ((ok_) == OUT_F32) {                                                                               \
             row(st, S, &s, words, &ptr, tb, hd, OUT_F32, mode_, mul_, add_, keep_, o_);                              \
         } else {                                                                                                     \
             row(st, S, &s, words, &ptr, tb, hd, OUT_BF16, mode_, mul_, add_, keep_, o_);                             \
         }                                                                                                            \
     } while (0)
 
+/* A row straight into the output, in its kind. */
+#define ROW_ALL_KINDS(mode_, mul_, add_, keep_) ROW_INTO((char *)out + i * esize, out_kind, mode_, mul_, add_, keep_)
+
 /* A row decoded as float32 into dst_ (a key row that RoPE rotates before it is stored). */
-#define ROW_F32_INTO(dst_, mode_, mul_, add_, keep_)                                                              \
-    do {                                                                                                          \
-        if (ptr + hd > n_words) {                                                                                 \
-            if (row_checked(st, S, &s, words, n_words, &ptr, tb, hd, OUT_F32, mode_, mul_, add_, keep_, dst_)) return -1; \
-        } else if (avx512) {                                                                                      \
-            row16_dispatch(st, S, &s, words, &ptr, tb, hd, OUT_F32, mode_, loads, mul_, add_, keep_, dst_);       \
-        } else if (simd == SIMD_AVX2) {                                                                           \
-            row8_dispatch(st, S, &s, words, &ptr, tb, hd, OUT_F32, mode_, mul_, add_, keep_, dst_);               \
-        } else {                                                                                                  \
-            row(st, S, &s, words, &ptr, tb, hd, OUT_F32, mode_, mul_, add_, keep_, dst_);                         \
-        }                                                                                                         \
-    } while (0)
+#define ROW_F32_INTO(dst_, mode_, mul_, add_, keep_) ROW_INTO(dst_, OUT_F32, mode_, mul_, add_, keep_)
 
 /*
  * Decode the lp * T * hd symbols of S streams. Symbol (lp, t, c) is coded with frequency table
